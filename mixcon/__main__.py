@@ -1,0 +1,5 @@
+import sys
+
+from mixcon.cli import main
+
+sys.exit(main())
