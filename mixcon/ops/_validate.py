@@ -5,11 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """fp64 stays fp64; everything else is computed in fp32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def check_scan_inputs(
     x: torch.Tensor,
     k: torch.Tensor,

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixcon.ops._validate import check_scan_inputs, compute_dtype
+from mixcon.ops._validate import check_scan_inputs
+from mixcon.ops.dtypes import compute_dtype
 
 
 def _chunks(t: torch.Tensor, T_pad: int, C: int) -> torch.Tensor:

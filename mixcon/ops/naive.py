@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mixcon.ops._validate import check_scan_inputs, compute_dtype
+from mixcon.ops._validate import check_scan_inputs
+from mixcon.ops.dtypes import compute_dtype
 
 
 def conba_scan_reference(

@@ -1,0 +1,1 @@
+"""Decoding cache and generation."""

@@ -1,0 +1,161 @@
+"""Hybrid decoding cache (DESIGN.md §4): K/V for attention layers, state + conv tail for Conba.
+
+Allocation and the memory formula share one set of shape functions, so `cache_nbytes(config, ...)`
+is what `MixConCache(...).nbytes()` allocates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixcon.config import MixConConfig
+
+
+def attention_cache_shape(config: MixConConfig, batch_size: int, capacity: int) -> tuple[int, ...]:
+    """Shape of K (and of V) for one attention layer: (B, n_kv_heads, capacity, head_dim)."""
+    return (batch_size, config.n_kv_heads, capacity, config.attn_head_dim)
+
+
+def conba_conv_shape(config: MixConConfig, batch_size: int) -> tuple[int, ...]:
+    """The conv tail: the last (conv - 1) steps of x, k, q: (B, conv - 1, H·P + 2·G·N)."""
+    channels = config.conba_inner + 2 * config.conba_groups * config.conba_state
+    return (batch_size, config.conba_conv - 1, channels)
+
+
+def conba_states_shape(config: MixConConfig, batch_size: int) -> tuple[int, ...]:
+    """S_{t-tau+1} .. S_t (the current state and the tau - 1 before it; one when tau = 0)."""
+    R = max(config.conba_delay, 1)
+    return (batch_size, R, config.conba_heads, config.conba_head_dim, config.conba_state)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Conba states are kept in fp32 (fp64 for an fp64 model)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def layer_cache_nbytes(
+    config: MixConConfig, mixer: str, batch_size: int, context: int, dtype: torch.dtype = torch.float32
+) -> int:
+    """Bytes one layer's cache holds for `context` tokens."""
+    item = torch.empty((), dtype=dtype).element_size()
+    if mixer == "attention":
+        return 2 * _numel(attention_cache_shape(config, batch_size, context)) * item
+    state_item = torch.empty((), dtype=state_dtype(dtype)).element_size()
+    return (_numel(conba_conv_shape(config, batch_size)) * item
+            + _numel(conba_states_shape(config, batch_size)) * state_item)
+
+
+def cache_nbytes(config: MixConConfig, batch_size: int, context: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the whole decoding cache for `context` tokens (the formula the cache allocates)."""
+    return sum(layer_cache_nbytes(config, mixer, batch_size, context, dtype) for mixer, _ in config.layout())
+
+
+class AttentionCache:
+    """K and V of one attention layer, (B, n_kv, capacity, head_dim), grown by doubling."""
+
+    def __init__(self, config: MixConConfig, batch_size: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        shape = attention_cache_shape(config, batch_size, capacity)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def reserve(self, length: int) -> None:
+        capacity = self.k.shape[2]
+        if length <= capacity:
+            return
+        new = max(length, 2 * capacity)
+        pad = [0, 0, 0, new - capacity]
+        self.k = torch.nn.functional.pad(self.k, pad)
+        self.v = torch.nn.functional.pad(self.v, pad)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, n_kv, T, hd) at `offset`; return all keys and values so far."""
+        end = offset + k.shape[2]
+        self.k[:, :, offset:end] = k
+        self.v[:, :, offset:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class ConbaCache:
+    """Conv tail and the ring of the most recent max(tau, 1) states of one Conba layer."""
+
+    def __init__(self, config: MixConConfig, batch_size: int, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        self.conv = torch.zeros(conba_conv_shape(config, batch_size), dtype=dtype, device=device)
+        self.states = torch.zeros(conba_states_shape(config, batch_size), dtype=state_dtype(dtype), device=device)
+        self.ptr = 0  # ring slot of the oldest state; the newest is at ptr - 1
+
+    @property
+    def state(self) -> torch.Tensor:
+        """S_t: (B, H, P, N)."""
+        return self.states[:, (self.ptr - 1) % self.states.shape[1]]
+
+    @property
+    def delayed_state(self) -> torch.Tensor:
+        """S_{t+1-tau}, which the next step reads: (B, H, P, N)."""
+        return self.states[:, self.ptr % self.states.shape[1]]
+
+    def push(self, state: torch.Tensor) -> None:
+        """Overwrite the oldest slot with the newest state."""
+        self.states[:, self.ptr % self.states.shape[1]] = state
+        self.ptr += 1
+
+    def ordered(self) -> torch.Tensor:
+        """The ring oldest first: (B, R, H, P, N)."""
+        return self.states.roll(-(self.ptr % self.states.shape[1]), dims=1)
+
+    def set_ordered(self, states: torch.Tensor) -> None:
+        self.states.copy_(states)
+        self.ptr = 0
+
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.states.nbytes
+
+
+class MixConCache:
+    """Decoding state of a batch: one entry per layer, plus which positions hold real tokens."""
+
+    def __init__(self, config: MixConConfig, batch_size: int, max_length: int = 256,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"MixConCache: batch_size={batch_size} and max_length={max_length} must be >= 1")
+        self.config = config
+        self.layers: list[AttentionCache | ConbaCache] = [
+            AttentionCache(config, batch_size, max_length, dtype, device) if mixer == "attention"
+            else ConbaCache(config, batch_size, dtype, device)
+            for mixer, _ in config.layout()
+        ]
+        self.seqlen = 0  # positions written so far, pads included
+        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_mask.shape[0]
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions in every attention layer (no-op when there is room)."""
+        capacity = self.key_mask.shape[1]
+        if length > capacity:
+            new = max(length, 2 * capacity)
+            self.key_mask = torch.nn.functional.pad(self.key_mask, [0, new - capacity])
+        for layer in self.layers:
+            if isinstance(layer, AttentionCache):
+                layer.reserve(length)
+
+    def layer_nbytes(self) -> list[int]:
+        return [layer.nbytes() for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes held by the per-layer tensors (K/V, conv tails, states)."""
+        return sum(self.layer_nbytes())

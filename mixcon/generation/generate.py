@@ -1,0 +1,111 @@
+"""Autoregressive generation: one prefill, then one cached step per token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from mixcon.models.mixcon import MixConForCausalLM
+
+
+def sample_next(
+    logits: torch.Tensor,  # (B, V)
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Greedy argmax, or a sample after temperature, top-k and top-p (nucleus) filtering: (B,)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_left_padded(mask: torch.Tensor) -> None:
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        raise ValueError("attention_mask must be left-padded (zeros before the prompt) for generation")
+    if not bool(mask[:, -1].all()):
+        raise ValueError("attention_mask: every prompt needs at least one real token at the end")
+
+
+@torch.no_grad()
+def generate(
+    model: MixConForCausalLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Continue (B, T) prompts by up to `max_new_tokens`; returns (B, T + generated).
+
+    Prompts of different lengths are left-padded with `attention_mask` (0 = pad): pads never reach
+    the Conba states nor attention keys, so each row equals its prompt generated alone. Rows that
+    produced `eos_token_id` are continued with `pad_token_id` (default: the EOS id). `streamer` is
+    called with each step's new tokens (B,).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling (use do_sample=False for greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if attention_mask is not None:
+        _check_left_padded(attention_mask)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    fill = pad_token_id if pad_token_id is not None else eos_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        B, T = input_ids.shape
+        cache = model.new_cache(B, max_length=T + max_new_tokens)
+        logits = model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        new_tokens: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, fill)
+                finished |= token == eos_token_id
+            new_tokens.append(token)
+            if streamer is not None:
+                streamer(token)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            logits = model(token[:, None], cache=cache).logits[:, -1]
+    finally:
+        model.train(was_training)
+    if not new_tokens:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -1,0 +1,1 @@
+"""Modules: Conba, attention, MoE, SwiGLU MLP, norms."""

@@ -1,0 +1,50 @@
+"""Causal grouped-query attention via scaled_dot_product_attention, optional RoPE, KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixcon.config import MixConConfig
+from mixcon.generation.cache import AttentionCache
+from mixcon.layers.context import ForwardContext
+from mixcon.ops.dtypes import compute_dtype
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate (B, heads, T, hd) by positions (B, T) (rotate-half convention)."""
+    hd, f32 = x.shape[-1], compute_dtype(x)
+    inv_freq = theta ** (-torch.arange(0, hd, 2, device=x.device, dtype=f32) / hd)  # (hd/2,)
+    angles = positions.to(f32)[:, None, :, None] * inv_freq  # (B, 1, T, hd/2)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.to(f32).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MixConConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = config.n_heads, config.n_kv_heads, config.attn_head_dim
+        self.rope_theta = config.rope_theta if config.attn_rope else None
+        self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * self.hd, config.d_model, bias=False)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = h.shape
+        q, k, v = self.qkv(h).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.rope_theta is not None:
+            q = apply_rope(q, ctx.positions, self.rope_theta)
+            k = apply_rope(k, ctx.positions, self.rope_theta)
+        if ctx.cache is not None:
+            layer_cache = ctx.cache.layers[self.layer_idx]
+            assert isinstance(layer_cache, AttentionCache)
+            k, v = layer_cache.update(k, v, ctx.offset)
+        is_causal = ctx.attn_mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))

@@ -1,0 +1,149 @@
+"""Conba: a selective state-space layer with feedback control (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixcon.config import MixConConfig
+from mixcon.generation.cache import ConbaCache
+from mixcon.layers.context import ForwardContext
+from mixcon.layers.mlp import SwiGLU
+from mixcon.layers.norm import GatedRMSNorm
+from mixcon.ops import conba_scan, conba_scan_step
+from mixcon.ops.dtypes import compute_dtype
+
+
+class Conba(nn.Module):
+    """u -> in_proj -> causal conv + SiLU on (x, k, q) -> Conba scan -> gated RMSNorm -> out_proj.
+
+    Switches (all from the config): `conba_selective` ("swiglu": Δ from a small SwiGLU Sel(u);
+    "linear": Δ from the input projection, Mamba-2), `conba_state_scaling` (a second forget gate s_t),
+    `conba_control` (delta-rule feedback with gain β, L2-normalised keys and queries),
+    `conba_delay` (τ: the readout adds g_h · S_{t-τ} q_t), and training-only process and
+    observation noise.
+    """
+
+    def __init__(self, config: MixConConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.H, self.P, self.N, self.G = (config.conba_heads, config.conba_head_dim, config.conba_state,
+                                          config.conba_groups)
+        self.inner = self.H * self.P
+        self.selective = config.conba_selective
+        self.control = config.conba_control
+        self.scaling = config.conba_state_scaling
+        self.tau = config.conba_delay
+        self.beta_max = config.conba_beta_max
+        self.chunk = config.conba_chunk
+        self.process_noise = config.conba_process_noise
+        self.observation_noise = config.conba_observation_noise
+        # in_proj: z (H·P), x (H·P), k (G·N), q (G·N), then per-head logits as enabled:
+        # dt (linear Sel), beta (control), rho (state scaling).
+        self.split = [self.inner, self.inner + 2 * self.G * self.N]
+        self.split += [self.H] * (int(self.selective == "linear") + int(self.control) + int(self.scaling))
+        self.in_proj = nn.Linear(config.d_model, sum(self.split), bias=False)
+        conv_dim = self.split[1]
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.conba_conv, groups=conv_dim, bias=True)
+        self.sel = SwiGLU(config.d_model, config.conba_sel_hidden, self.H) if self.selective == "swiglu" else None
+        self.dt_bias = nn.Parameter(torch.empty(self.H))
+        self.A_log = nn.Parameter(torch.empty(self.H))
+        self.D = nn.Parameter(torch.empty(self.H))
+        self.rho_bias = nn.Parameter(torch.empty(self.H)) if self.scaling else None
+        self.delay_gain = nn.Parameter(torch.empty(self.H)) if self.tau > 0 else None
+        self.norm = GatedRMSNorm(self.inner, groups=self.G, eps=config.norm_eps)
+        self.out_proj = nn.Linear(self.inner, config.d_model, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """Mamba-2 initialisation: A ~ U[1, 16], Δ log-uniform in [dt_min, dt_max], D = 1; s ≈ 1; g = 0."""
+        if self.A_log.is_meta:
+            return
+        self.A_log.copy_(torch.empty(self.H).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand(self.H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.D.fill_(1.0)
+        if self.rho_bias is not None:
+            self.rho_bias.fill_(5.0)  # σ(5) ≈ 0.993
+        if self.delay_gain is not None:
+            self.delay_gain.zero_()
+
+    def _conv(self, xkq: torch.Tensor, cache: ConbaCache | None) -> torch.Tensor:
+        """Depthwise causal conv + SiLU over time: (B, T, C) -> (B, T, C); updates the cache's tail."""
+        B, T, C = xkq.shape
+        width = self.conv1d.kernel_size[0]
+        tail = cache.conv if cache is not None else xkq.new_zeros(B, width - 1, C)
+        full = torch.cat([tail.to(xkq.dtype), xkq], dim=1)  # (B, width - 1 + T, C)
+        if cache is not None:
+            cache.conv.copy_(full[:, -(width - 1):])
+        if T == 1:  # decode: one dot product per channel
+            out = torch.einsum("btc,ct->bc", full, self.conv1d.weight[:, 0]) + self.conv1d.bias
+            return F.silu(out)[:, None]
+        return F.silu(F.conv1d(full.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=C)).transpose(1, 2)
+
+    def forward(self, u: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = u.shape
+        H, P, G, N = self.H, self.P, self.G, self.N
+        cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        assert cache is None or isinstance(cache, ConbaCache)
+        z, xkq, *logits = self.in_proj(u).split(self.split, dim=-1)
+        mask = ctx.token_mask  # pads never touch the conv tail or the state
+        if mask is not None:
+            xkq = xkq * mask[..., None].to(xkq.dtype)
+        xkq = self._conv(xkq, cache)
+        x, k, q = xkq.split([self.inner, G * N, G * N], dim=-1)
+        x = x.view(B, T, H, P)
+        k = k.view(B, T, G, N)
+        q = q.view(B, T, G, N)
+
+        # Selective state function -> step size Δ (fp32).
+        f32 = compute_dtype(u)
+        dt_raw = self.sel(u) if self.sel is not None else logits.pop(0)
+        delta = F.softplus(dt_raw.to(f32) + self.dt_bias.to(f32))  # (B, T, H)
+        log_decay = -delta * self.A_log.to(f32).exp()  # log α_t
+        if self.control:
+            beta = self.beta_max * torch.sigmoid(logits.pop(0).to(f32))  # gain β_t
+            k, q = F.normalize(k, dim=-1), F.normalize(q, dim=-1)
+        else:
+            beta = delta  # open-loop write Δ_t x_t k_tᵀ (Mamba-2)
+        if self.scaling:
+            log_decay = log_decay + F.logsigmoid(logits.pop(0).to(f32) + self.rho_bias.to(f32))  # log s_t
+        if mask is not None:
+            log_decay = log_decay.masked_fill(~mask[..., None], 0.0)
+            beta = beta.masked_fill(~mask[..., None], 0.0)
+
+        x_write = x
+        if self.training and self.process_noise > 0:
+            x_write = x + self.process_noise * torch.randn_like(x)
+        o = self._scan(x_write, k, q, log_decay, beta, cache)  # (B, T, H, P)
+        o = o + self.D.to(o.dtype)[:, None] * x
+        if self.training and self.observation_noise > 0:
+            o = o + self.observation_noise * torch.randn_like(o)
+        return self.out_proj(self.norm(o.reshape(B, T, self.inner), z))
+
+    def _scan(self, x: torch.Tensor, k: torch.Tensor, q: torch.Tensor, log_decay: torch.Tensor,
+              beta: torch.Tensor, cache: ConbaCache | None) -> torch.Tensor:
+        """The Conba scan: chunked for sequences, the step form for one cached token."""
+        tau, gain = self.tau, self.delay_gain
+        if cache is not None and x.shape[1] == 1:
+            y, state = conba_scan_step(
+                x[:, 0], k[:, 0], q[:, 0], log_decay[:, 0], beta[:, 0], cache.state,
+                delta_rule=self.control, delay_gain=gain, delayed_state=cache.delayed_state if tau else None,
+            )
+            cache.push(state)
+            return y[:, None]
+        if cache is None:
+            y, _ = conba_scan(x, k, q, log_decay, beta, delta_rule=self.control, tau=tau, delay_gain=gain,
+                              chunk_size=self.chunk)
+            return y
+        y, state, past = conba_scan(
+            x, k, q, log_decay, beta, delta_rule=self.control, tau=tau, delay_gain=gain,
+            initial_state=cache.state, initial_past_states=cache.ordered() if tau else None,
+            chunk_size=self.chunk, return_past_states=True,
+        )
+        cache.set_ordered(past if tau else state[:, None])
+        return y

@@ -1,0 +1,51 @@
+"""What every layer of one forward call needs to know besides its input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixcon.generation.cache import MixConCache
+
+
+@dataclass
+class ForwardContext:
+    token_mask: torch.Tensor | None  # (B, T) bool: True for real tokens, False for padding; None = all real
+    positions: torch.Tensor  # (B, T) long: position of each token in its own sequence (RoPE)
+    attn_mask: torch.Tensor | None  # (B, 1, T, T_keys) bool for SDPA; None = plain causal
+    cache: MixConCache | None = None
+    offset: int = 0  # positions already in the cache
+
+    @classmethod
+    def build(cls, token_mask: torch.Tensor | None, B: int, T: int, cache: MixConCache | None,
+              device: torch.device) -> ForwardContext:
+        """Positions and the attention mask for T new tokens after what `cache` holds.
+
+        With a cache, its `key_mask` must already mark the T new positions.
+        """
+        offset = cache.seqlen if cache is not None else 0
+        if token_mask is not None and bool(token_mask.all()):
+            token_mask = None
+        start = cache.positions[:, None] if cache is not None else 0
+        if token_mask is None:
+            positions = start + torch.arange(T, device=device)[None, :]
+        else:
+            positions = start + (token_mask.long().cumsum(1) - 1).clamp(min=0)
+        if cache is not None:
+            key_valid = cache.key_mask[:, : offset + T]
+            padded = not bool(key_valid[:, :offset].all()) or token_mask is not None
+        else:
+            key_valid = token_mask
+            padded = token_mask is not None
+        if not padded and (offset == 0 or T == 1):
+            attn_mask = None  # SDPA's own causal mask (or none for one new token) is exact
+        else:
+            rows = torch.arange(T, device=device)[:, None] + offset  # absolute query positions
+            cols = torch.arange(offset + T, device=device)[None, :]
+            allowed = (cols <= rows)[None]  # (1, T, Tk)
+            if key_valid is not None:
+                # Pad keys are never seen; a pad query sees itself so that no row is empty.
+                allowed = allowed & (key_valid[:, None, :] | (cols == rows)[None])
+            attn_mask = allowed[:, None]  # (B or 1, 1, T, Tk)
+        return cls(token_mask, positions.expand(B, T), attn_mask, cache, offset)

@@ -1,0 +1,65 @@
+"""Mixture-of-experts feed-forward (DESIGN.md §3): softmax router, top-K, SwiGLU experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixcon.ops.dtypes import compute_dtype
+
+
+@dataclass
+class RouterStats:
+    """What one MoE call reports besides its output."""
+
+    aux_loss: torch.Tensor  # n · Σ_i f_i P_i: 1 for a uniform router, n for a collapsed one
+    z_loss: torch.Tensor  # mean logsumexp(router logits)^2
+    counts: torch.Tensor  # (n,) tokens routed to each expert
+
+
+class MoE(nn.Module):
+    """n SwiGLU experts; each token goes to its top-K experts, weights renormalised over the K."""
+
+    def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        # Experts stored as stacked weights: (n, d, 2·hidden) and (n, hidden, d).
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M, d) -> logits and probabilities (M, n), top-K weights (M, K) summing to 1, expert ids (M, K)."""
+        logits = self.router(h).to(compute_dtype(h))
+        probs = logits.softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return logits, probs, weights / weights.sum(-1, keepdim=True), experts
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        shape = h.shape
+        h = h.reshape(-1, shape[-1])  # (M, d)
+        M = h.shape[0]
+        logits, probs, weights, experts = self.route(h)
+        # Group the M·K (token, expert) assignments by expert: one sort, no per-token loop.
+        flat_expert = experts.reshape(-1)  # (M·K,)
+        order = flat_expert.argsort(stable=True)
+        token_of = order // self.top_k  # token index of each sorted assignment
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)  # (n,)
+        out = torch.zeros_like(h)
+        start = 0
+        for e, n_e in enumerate(counts.tolist()):
+            if n_e == 0:
+                continue
+            idx = token_of[start:start + n_e]
+            gate, up = (h[idx] @ self.w_gate_up[e]).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ self.w_down[e]  # (n_e, d)
+            w = weights.reshape(-1)[order[start:start + n_e]].to(y.dtype)
+            out.index_add_(0, idx, y * w[:, None])
+            start += n_e
+        fraction = counts.to(probs.dtype) / (M * self.top_k)  # f_i
+        aux = self.n_experts * (fraction * probs.mean(0)).sum()
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        return out.reshape(shape), RouterStats(aux, z, counts)

@@ -1,0 +1,36 @@
+"""RMSNorm, plain and gated (Mamba-2's norm of o ⊙ SiLU(z), per key group)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixcon.ops.dtypes import compute_dtype
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(o ⊙ SiLU(z)), normalised over `groups` equal slices of the last dimension."""
+
+    def __init__(self, dim: int, groups: int = 1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.groups = groups
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype, f32 = o.dtype, compute_dtype(o)
+        h = o.to(f32) * F.silu(z.to(f32))
+        h = h.unflatten(-1, (self.groups, -1))
+        h = F.rms_norm(h, (h.shape[-1],), eps=self.eps).flatten(-2)
+        return self.weight * h.to(dtype)

@@ -1,0 +1,217 @@
+"""MixCon language model: embeddings, n_blocks × L pre-norm layers, tied LM head (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixcon.config import MixConConfig
+from mixcon.generation.cache import MixConCache
+from mixcon.layers.attention import Attention
+from mixcon.layers.conba import Conba
+from mixcon.layers.context import ForwardContext
+from mixcon.layers.mlp import SwiGLU
+from mixcon.layers.moe import MoE, RouterStats
+from mixcon.layers.norm import RMSNorm
+from mixcon.ops.dtypes import compute_dtype
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class MixConOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # lm_loss + aux coefficient × aux_loss + z coefficient × z_loss
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # load balancing, mean over MoE layers (0 without MoE)
+    z_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None  # (n_moe_layers, n_experts) tokens routed
+
+
+class MixConLayer(nn.Module):
+    """x = x + mixer(norm(x)); x = x + ffn(norm(x)), mixer ∈ {attention, Conba}, ffn ∈ {MLP, MoE}."""
+
+    def __init__(self, config: MixConConfig, layer_idx: int, mixer: str, ffn: str) -> None:
+        super().__init__()
+        self.mixer_kind, self.ffn_kind = mixer, ffn
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = Attention(config, layer_idx) if mixer == "attention" else Conba(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = (MoE(config.d_model, config.expert_hidden_size, config.n_experts, config.top_k)
+                    if ffn == "moe" else SwiGLU(config.d_model, config.mlp_hidden))
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, RouterStats | None]:
+        h = h + self.mixer(self.mixer_norm(h), ctx)
+        f = self.ffn(self.ffn_norm(h))
+        stats = None
+        if isinstance(f, tuple):
+            f, stats = f
+        return h + f, stats
+
+
+class MixConForCausalLM(nn.Module):
+    def __init__(self, config: MixConConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(
+            MixConLayer(config, i, mixer, ffn) for i, (mixer, ffn) in enumerate(config.layout())
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2·n_layers), SSM init for Conba."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
+                is_out = name.endswith(("out_proj", "down")) and ".sel." not in name
+                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+            elif isinstance(module, MoE) and not module.w_down.is_meta:
+                nn.init.normal_(module.w_gate_up, 0.0, std)
+                nn.init.normal_(module.w_down, 0.0, out_std)
+            elif isinstance(module, Conba):
+                module.reset_ssm_parameters()
+                if not module.conv1d.weight.is_meta:
+                    module.conv1d.reset_parameters()
+
+    # ------------------------------------------------------------------ sizes
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count; with active=True, those one token uses (top_k of n experts per MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            for layer in self.layers:
+                if isinstance(layer.ffn, MoE):
+                    per_expert = (layer.ffn.w_gate_up.numel() + layer.ffn.w_down.numel()) // layer.ffn.n_experts
+                    total -= (layer.ffn.n_experts - layer.ffn.top_k) * per_expert
+        return total
+
+    def summary(self) -> str:
+        """Block layout and parameter counts."""
+        c = self.config
+        lines = [f"MixCon: {c.n_blocks} blocks × {c.layers_per_block} layers, d_model={c.d_model}, "
+                 f"vocab={c.vocab_size}",
+                 f"layout (A=attention C=Conba / D=dense MLP M=MoE): {c.layout_string()}"]
+        for i, layer in enumerate(self.layers):
+            n = sum(p.numel() for p in layer.parameters())
+            lines.append(f"  layer {i:3d}: {layer.mixer_kind:9s} + {layer.ffn_kind:3s}  {n:,} params")
+        lines.append(f"parameters: {self.num_parameters():,} total, {self.num_parameters(active=True):,} "
+                     f"active per token")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ forward
+    def new_cache(self, batch_size: int, max_length: int = 256) -> MixConCache:
+        """An empty decoding cache on the model's device and dtype."""
+        p = self.embed.weight
+        return MixConCache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: MixConCache | None = None,
+    ) -> MixConOutput:
+        """input_ids (B, T); labels (B, T) are the targets of each position (already shifted, -100 =
+        ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache, the call
+        continues from it and updates it."""
+        B, T = self._check_inputs(input_ids, labels, attention_mask, cache)
+        token_mask = attention_mask.bool() if attention_mask is not None else None
+        if cache is not None:
+            cache.reserve(cache.seqlen + T)
+            cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
+        ctx = ForwardContext.build(token_mask, B, T, cache, input_ids.device)
+        h = self.embed(input_ids)
+        stats: list[RouterStats] = []
+        for layer in self.layers:
+            h, s = layer(h, ctx)
+            if s is not None:
+                stats.append(s)
+        logits = self.lm_head(self.norm(h))
+        if cache is not None:
+            cache.seqlen += T
+            cache.positions += T if token_mask is None else token_mask.sum(1)
+        return self._output(logits, labels, stats)
+
+    def _output(self, logits: torch.Tensor, labels: torch.Tensor | None, stats: list[RouterStats]) -> MixConOutput:
+        zero = logits.new_zeros((), dtype=compute_dtype(logits))
+        aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
+        z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
+        counts = torch.stack([s.counts for s in stats]) if stats else None
+        out = MixConOutput(logits=logits, aux_loss=aux, z_loss=z, expert_counts=counts)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits.flatten(0, 1).to(compute_dtype(logits)), labels.flatten(),
+                                          ignore_index=-100)
+            out.loss = out.lm_loss + self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
+        return out
+
+    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None, cache: MixConCache | None) -> tuple[int, int]:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T == 0:
+            raise ValueError("input_ids must hold at least one token (T >= 1)")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                             f"got values in [{lo}, {hi}]")
+        if labels is not None and labels.shape != (B, T):
+            raise ValueError(f"labels must have the shape of input_ids {(B, T)}, got {tuple(labels.shape)}")
+        if attention_mask is not None and attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache was made for batch_size={cache.batch_size}, input_ids has B={B}")
+        return B, T
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        """Prefill, then one O(1) Conba step per token; see `mixcon.generation.generate`."""
+        from mixcon.generation.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write model.safetensors and config.json into `directory`."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(directory / WEIGHTS_NAME))
+        (directory / CONFIG_NAME).write_text(self.config.to_json())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MixConForCausalLM:
+        """Load a model written by `save_pretrained`; missing or mismatched weights are an error."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found: not a MixCon model directory")
+        config = MixConConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        return model

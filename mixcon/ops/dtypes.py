@@ -1,0 +1,8 @@
+"""Precision policy: numerically sensitive parts run in fp32, or fp64 when the input is fp64."""
+
+import torch
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64; everything else is computed in fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
