@@ -87,6 +87,8 @@ class MixConConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "must be a positive integer")
+        if self.conba_conv < 2:
+            _fail("conba_conv", self.conba_conv, "must be >= 2 (a causal conv width; 4 in Mamba)")
         L = self.layers_per_block
         a = self.attn_per_block
         if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a <= L:

@@ -31,8 +31,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
         self.out_proj = nn.Linear(self.n_heads * self.hd, config.d_model, bias=False)
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
         B, T, _ = h.shape
+        if ctx is None:
+            ctx = ForwardContext.build(None, B, T, None, h.device)
         q, k, v = self.qkv(h).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)

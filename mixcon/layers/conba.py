@@ -85,8 +85,11 @@ class Conba(nn.Module):
             return F.silu(out)[:, None]
         return F.silu(F.conv1d(full.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=C)).transpose(1, 2)
 
-    def forward(self, u: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
         B, T, _ = u.shape
+        if ctx is None:
+            ctx = ForwardContext.build(None, B, T, None, u.device)
         H, P, G, N = self.H, self.P, self.G, self.N
         cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         assert cache is None or isinstance(cache, ConbaCache)

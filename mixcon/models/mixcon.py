@@ -211,7 +211,7 @@ class MixConForCausalLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
-        if config.tie_embeddings:
+        if config.tie_embeddings:  # to_empty gives shared parameters separate storage
             model.lm_head.weight = model.embed.weight
+        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
         return model

@@ -1,0 +1,114 @@
+"""Conba layer: equals transformers' Mamba2 mixer with every extra off; switches do what they say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixcon import MixConConfig
+from mixcon.layers.conba import Conba
+
+mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2", reason="transformers not installed")
+
+SSD = dict(conba_selective="linear", conba_state_scaling=False, conba_control=False, conba_delay=0)
+
+
+def conba_config(**overrides) -> MixConConfig:
+    base = dict(d_model=32, conba_expand=2, conba_head_dim=8, conba_state=16, conba_groups=2, conba_chunk=16,
+                n_heads=4, n_kv_heads=2)
+    return MixConConfig.preset("tiny", **{**base, **overrides})
+
+
+def mamba2_twin(cfg: MixConConfig, conba: Conba) -> torch.nn.Module:
+    """transformers' Mamba2Mixer (torch path) holding the same weights as `conba`."""
+    mcfg = mamba2.Mamba2Config(
+        hidden_size=cfg.d_model, num_heads=cfg.conba_heads, head_dim=cfg.conba_head_dim, state_size=cfg.conba_state,
+        n_groups=cfg.conba_groups, expand=cfg.conba_expand, conv_kernel=cfg.conba_conv, chunk_size=cfg.conba_chunk,
+        use_conv_bias=True, use_bias=False, layer_norm_epsilon=cfg.norm_eps, num_hidden_layers=1,
+    )
+    mixer = mamba2.Mamba2Mixer(mcfg, layer_idx=0)
+    with torch.no_grad():
+        mixer.in_proj.weight.copy_(conba.in_proj.weight)
+        mixer.conv1d.weight.copy_(conba.conv1d.weight)
+        mixer.conv1d.bias.copy_(conba.conv1d.bias)
+        for name in ("dt_bias", "A_log", "D"):
+            getattr(mixer, name).copy_(getattr(conba, name))
+        mixer.norm.weight.copy_(conba.norm.weight)
+        mixer.out_proj.weight.copy_(conba.out_proj.weight)
+    return mixer
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("T", [1, 37, 64])
+def test_ssd_mode_equals_transformers_mamba2(T):
+    """transformers' torch path computes the scan in fp32 whatever the input dtype (it calls .float()),
+    so the comparison is at fp32 precision: relative error <= 1e-5 against our fp64 and fp32 runs."""
+    torch.manual_seed(0)
+    cfg = conba_config(**SSD)
+    conba = Conba(cfg, 0).eval()
+    with torch.no_grad():  # non-trivial values everywhere
+        conba.norm.weight.uniform_(0.5, 1.5)
+        conba.D.uniform_(-1, 1)
+    mixer = mamba2_twin(cfg, conba).eval()
+    u = torch.randn(2, T, cfg.d_model)
+    with torch.no_grad():
+        theirs = mixer(u)
+        ours32 = conba(u)
+        ours64 = conba.double()(u.double())
+    assert rel_err(ours32, theirs) < 1e-5
+    assert rel_err(ours64, theirs) < 1e-5
+    assert rel_err(ours64, theirs) > 0  # a real comparison of two computations
+
+
+def test_every_switch_changes_the_layer():
+    """Turning any one mechanism on makes the output differ from the SSD baseline."""
+    torch.manual_seed(0)
+    u = torch.randn(1, 20, 32, dtype=torch.float64)
+    base_cfg = conba_config(**SSD)
+    torch.manual_seed(1)
+    base = Conba(base_cfg, 0).double().eval()
+    y0 = base(u)
+    for override in (dict(conba_selective="swiglu"), dict(conba_state_scaling=True), dict(conba_control=True),
+                     dict(conba_delay=2)):
+        torch.manual_seed(1)
+        layer = Conba(conba_config(**{**SSD, **override}), 0).double().eval()
+        if layer.delay_gain is not None:
+            with torch.no_grad():
+                layer.delay_gain.fill_(0.5)  # initialised to 0: the delay starts switched off
+        with torch.no_grad():
+            y = layer(u)
+        assert not torch.allclose(y, y0, atol=1e-6), override
+
+
+def test_noise_only_in_training_and_seeded():
+    cfg = conba_config(conba_process_noise=0.1, conba_observation_noise=0.1)
+    layer = Conba(cfg, 0)
+    u = torch.randn(2, 10, 32)
+    layer.eval()
+    torch.testing.assert_close(layer(u), layer(u), rtol=0, atol=0)
+    layer.train()
+    torch.manual_seed(3)
+    a = layer(u)
+    torch.manual_seed(3)
+    b = layer(u)
+    c = layer(u)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+    quiet = Conba(cfg.replace(conba_process_noise=0.0, conba_observation_noise=0.0), 0)
+    quiet.load_state_dict(layer.state_dict())
+    quiet.eval()
+    layer.eval()
+    torch.testing.assert_close(layer(u), quiet(u))
+
+
+def test_mamba2_initialisation_ranges():
+    layer = Conba(conba_config(), 0)
+    A = layer.A_log.exp()
+    assert bool(((A >= 1) & (A <= 16)).all())
+    dt = torch.nn.functional.softplus(layer.dt_bias)
+    assert bool(((dt >= 1e-3 * 0.99) & (dt <= 0.1 * 1.01)).all())
+    assert bool((layer.D == 1).all()) and bool((layer.delay_gain == 0).all())
+    assert bool((torch.sigmoid(layer.rho_bias) > 0.99).all())

@@ -1,0 +1,67 @@
+"""MoE: exactly K experts per token, weights sum to 1, grouped compute equals a per-token loop,
+load-balancing loss ≈ 1 for a uniform router and larger for a collapsed one."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mixcon.layers.moe import MoE
+
+
+def make_moe(n=8, k=2, d=16, hidden=24) -> MoE:
+    torch.manual_seed(0)
+    moe = MoE(d, hidden, n, k).double()
+    with torch.no_grad():
+        moe.w_gate_up.normal_(0, 0.3)
+        moe.w_down.normal_(0, 0.3)
+    return moe
+
+
+def test_routing_picks_k_distinct_experts_with_weights_summing_to_one():
+    moe = make_moe()
+    h = torch.randn(50, 16, dtype=torch.float64)
+    _, probs, weights, experts = moe.route(h)
+    assert experts.shape == (50, 2)
+    assert bool((experts[:, 0] != experts[:, 1]).all())
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50, dtype=torch.float64))
+    torch.testing.assert_close(probs.gather(1, experts).argmax(-1), torch.zeros(50, dtype=torch.long))
+
+
+def test_grouped_compute_equals_a_per_token_loop():
+    moe = make_moe()
+    h = torch.randn(3, 7, 16, dtype=torch.float64)
+    out, stats = moe(h)
+    _, _, weights, experts = moe.route(h.reshape(-1, 16))
+    expected = torch.zeros(21, 16, dtype=torch.float64)
+    for t, x in enumerate(h.reshape(-1, 16)):
+        for w, e in zip(weights[t], experts[t], strict=True):
+            gate, up = (x @ moe.w_gate_up[e]).chunk(2)
+            expected[t] += w * ((F.silu(gate) * up) @ moe.w_down[e])
+    torch.testing.assert_close(out.reshape(-1, 16), expected)
+    assert int(stats.counts.sum()) == 21 * 2
+    torch.testing.assert_close(stats.counts, torch.bincount(experts.reshape(-1), minlength=8))
+
+
+def test_load_balancing_loss_uniform_vs_collapsed():
+    moe = make_moe(n=4, k=1, d=4)
+    # A near-zero router: probabilities ≈ uniform, and one-hot inputs send 25 tokens to each expert.
+    h = torch.eye(4, dtype=torch.float64).repeat(25, 1)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4) * 1e-6)
+        _, stats = moe(h)
+    assert abs(float(stats.aux_loss) - 1.0) < 1e-4
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0].fill_(20.0)  # every token to expert 0 with p ≈ 1
+        _, collapsed = moe(h + 1)
+    assert float(collapsed.aux_loss) > 3.9  # → n = 4
+    assert float(collapsed.z_loss) > float(stats.z_loss)
+
+
+def test_gradients_reach_router_and_experts():
+    moe = make_moe()
+    out, stats = moe(torch.randn(20, 16, dtype=torch.float64))
+    (out.sum() + stats.aux_loss).backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    assert moe.w_gate_up.grad.abs().sum() > 0 and moe.w_down.grad.abs().sum() > 0

@@ -1,0 +1,152 @@
+"""The assembled model: causality, cached decoding == full forward, save/load, sizes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixcon import MixConConfig, MixConForCausalLM, cache_nbytes
+
+LAYOUTS = {
+    "mixcon": {},
+    "transformer": dict(attn_per_block=4),
+    "conba": dict(attn_per_block=0),
+    "jamba": dict(layers_per_block=8, n_blocks=1, attn_per_block=1),
+    "dense": dict(moe_every=0),
+    "rope": dict(attn_rope=True),
+    "ssd-linear": dict(conba_selective="linear", conba_state_scaling=False, conba_control=False, conba_delay=0),
+}
+
+
+def tiny_model(dtype=torch.float64, seed=0, **overrides) -> MixConForCausalLM:
+    torch.manual_seed(seed)
+    model = MixConForCausalLM(MixConConfig.preset("tiny", **overrides)).to(dtype).eval()
+    with torch.no_grad():  # the delay gain starts at 0; make it count
+        for layer in model.layers:
+            if getattr(layer.mixer, "delay_gain", None) is not None:
+                layer.mixer.delay_gain.uniform_(-1, 1)
+    return model
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_full_forward_equals_prefill_then_decode(layout):
+    model = tiny_model(**LAYOUTS[layout])
+    ids = torch.randint(0, model.config.vocab_size, (2, 23))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, max_length=4)  # grows as needed
+        pieces = [model(ids[:, :13], cache=cache).logits]
+        pieces.append(model(ids[:, 13:17], cache=cache).logits)  # a chunked continuation
+        pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(17, 23)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_fp32_decode_within_tolerance():
+    model = tiny_model(dtype=torch.float32)
+    ids = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(1)
+        pieces = [model(ids[:, :20], cache=cache).logits]
+        pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(20, 40)]
+    inc = torch.cat(pieces, 1)
+    assert float((inc - full).norm() / full.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["mixcon", "transformer", "conba"])
+def test_causality(layout):
+    model = tiny_model(**LAYOUTS[layout])
+    ids = torch.randint(0, 300, (1, 30))
+    changed = ids.clone()
+    changed[0, 17] = (ids[0, 17] + 1) % 300
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :17], b[:, :17], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 17:], b[:, 17:])
+
+
+def test_loss_and_aux_terms():
+    model = tiny_model(dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 16))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    out = model(ids, labels=labels)
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 300), labels[:, :-1].reshape(-1))
+    torch.testing.assert_close(out.lm_loss, ce)
+    coef = model.config.router_aux_loss_coef
+    torch.testing.assert_close(out.loss, out.lm_loss + coef * out.aux_loss)
+    n_moe = sum(f == "moe" for _, f in model.config.layout())
+    assert out.expert_counts.shape == (n_moe, 4)
+    assert bool((out.expert_counts.sum(1) == 2 * 16 * model.config.top_k).all())
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "delay_gain" not in n)
+
+
+def test_padding_in_training_changes_nothing_for_real_tokens():
+    """Right padding with attention_mask: the real tokens' logits equal the unpadded run's."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (1, 12))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 12), torch.zeros(1, 5)], 1).long()
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, :12], model(ids).logits)
+
+
+def test_save_load_identical_logits(tmp_path):
+    for tied in (True, False):
+        model = tiny_model(dtype=torch.float32, tie_embeddings=tied)
+        model.save_pretrained(tmp_path / str(tied))
+        loaded = MixConForCausalLM.from_pretrained(tmp_path / str(tied)).eval()
+        assert loaded.config == model.config
+        assert (loaded.lm_head.weight is loaded.embed.weight) == tied
+        ids = torch.randint(0, 300, (2, 9))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_load_refuses_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a MixCon model directory"):
+        MixConForCausalLM.from_pretrained(tmp_path)
+
+
+def test_out_of_vocabulary_ids_raise():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"vocab_size=300"):
+        model(torch.tensor([[1, 300]]))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.tensor([[-1, 3]]))
+
+
+def test_paper_preset_builds_on_meta_and_counts_parameters():
+    config = MixConConfig.preset("mixcon-paper")
+    with torch.device("meta"):
+        model = MixConForCausalLM(config)
+    total, active = model.num_parameters(), model.num_parameters(active=True)
+    assert 40e9 < total < 80e9 and 10e9 < active < 25e9 and active < total
+    assert "CCACCCAC/DMDMDMDM" in model.summary()
+
+
+def test_parameter_counts_by_hand():
+    config = MixConConfig.preset("tiny")
+    model = MixConForCausalLM(config)
+    moe = next(layer.ffn for layer in model.layers if layer.ffn_kind == "moe")
+    per_expert = 3 * config.d_model * config.expert_hidden_size
+    n_moe = sum(f == "moe" for _, f in config.layout())
+    assert model.num_parameters() - model.num_parameters(active=True) == n_moe * 2 * per_expert
+    assert moe.w_gate_up.numel() + moe.w_down.numel() == 4 * per_expert
+
+
+@pytest.mark.parametrize("layout", ["mixcon", "transformer", "conba"])
+def test_cache_bytes_formula_equals_allocation(layout):
+    model = tiny_model(dtype=torch.float32, **LAYOUTS[layout])
+    cache = model.new_cache(3, max_length=100)
+    assert cache.nbytes() == cache_nbytes(model.config, 3, 100)
+    with torch.no_grad():
+        model(torch.randint(0, 300, (3, 100)), cache=cache)
+    assert cache.nbytes() == cache_nbytes(model.config, 3, 100)  # no growth when it fits
+    c = model.config
+    conba_layer = (c.conba_conv - 1) * (c.conba_inner + 2 * c.conba_groups * c.conba_state) * 4 * 3 + \
+        max(c.conba_delay, 1) * c.conba_heads * c.conba_head_dim * c.conba_state * 4 * 3
+    attn_layer = 2 * 100 * c.n_kv_heads * c.attn_head_dim * 4 * 3
+    expected = [attn_layer if m == "attention" else conba_layer for m, _ in c.layout()]
+    assert cache.layer_nbytes() == expected

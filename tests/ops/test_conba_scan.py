@@ -1,0 +1,151 @@
+"""The three implementations of the Conba scan contract agree: chunked == reference == step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixcon.ops import conba_scan, conba_scan_reference, conba_scan_step
+
+
+def make_inputs(B=2, T=37, H=4, P=5, G=2, N=6, dtype=torch.float64, seed=0, normalize=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, P, dtype=dtype, generator=g)
+    k = torch.randn(B, T, G, N, dtype=dtype, generator=g)
+    if normalize:
+        k = torch.nn.functional.normalize(k, dim=-1)
+    q = torch.randn(B, T, G, N, dtype=dtype, generator=g)
+    log_decay = -torch.rand(B, T, H, dtype=dtype, generator=g) * 0.5
+    beta = torch.rand(B, T, H, dtype=dtype, generator=g)
+    gain = torch.randn(H, dtype=dtype, generator=g)
+    S0 = torch.randn(B, H, P, N, dtype=dtype, generator=g)
+    return x, k, q, log_decay, beta, gain, S0
+
+
+def run_steps(x, k, q, log_decay, beta, *, delta_rule, tau, gain, S0):
+    """Drive conba_scan_step token by token, keeping the last tau states as a decoder would."""
+    B, T, H, P = x.shape
+    N = k.shape[-1]
+    S = S0 if S0 is not None else x.new_zeros(B, H, P, N)
+    history = [S] * tau
+    ys = []
+    for t in range(T):
+        y, S = conba_scan_step(x[:, t], k[:, t], q[:, t], log_decay[:, t], beta[:, t], S, delta_rule=delta_rule,
+                               delay_gain=gain if tau else None, delayed_state=history[0] if tau else None)
+        if tau:
+            history = [*history[1:], S]
+        ys.append(y)
+    return torch.stack(ys, 1), S
+
+
+CASES = [
+    # (T, chunk, G, tau, initial state)
+    (37, 8, 2, 0, False),
+    (37, 8, 2, 2, True),
+    (1, 8, 2, 2, True),
+    (64, 16, 4, 1, False),  # T a multiple of the chunk, G == H
+    (20, 64, 1, 3, True),  # one chunk longer than T, G < H
+    (9, 4, 2, 5, True),  # tau longer than a chunk
+]
+
+
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+@pytest.mark.parametrize("T,chunk,G,tau,init", CASES)
+def test_chunked_equals_reference_and_step_fp64(delta_rule, T, chunk, G, tau, init):
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=T, G=G)
+    S0 = S0 if init else None
+    kw = dict(delta_rule=delta_rule, tau=tau, delay_gain=gain if tau else None, initial_state=S0)
+    y_ref, s_ref, past_ref = conba_scan_reference(x, k, q, ld, beta, return_past_states=True, **kw)
+    y, s, past = conba_scan(x, k, q, ld, beta, chunk_size=chunk, return_past_states=True, **kw)
+    y_step, s_step = run_steps(x, k, q, ld, beta, delta_rule=delta_rule, tau=tau, gain=gain, S0=S0)
+    assert y.shape == (2, T, 4, 5) and s.shape == (2, 4, 5, 6) and past.shape == (2, tau, 4, 5, 6)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(past, past_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(y_step, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s_step, s_ref, rtol=1e-9, atol=1e-9)
+    if tau:
+        torch.testing.assert_close(past[:, -1], s_ref)
+
+
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+def test_gradients_match_reference_fp64(delta_rule):
+    inputs = [t.requires_grad_() for t in make_inputs(T=19, G=2)]
+    x, k, q, ld, beta, gain, S0 = inputs
+    kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0)
+    w = torch.randn(2, 19, 4, 5, dtype=torch.float64)
+    grads = []
+    for fn, extra in ((conba_scan_reference, {}), (conba_scan, {"chunk_size": 8})):
+        y, s = fn(x, k, q, ld, beta, **kw, **extra)
+        loss = (y * w).sum() + s.square().sum()
+        grads.append(torch.autograd.grad(loss, inputs))
+    for g_ref, g in zip(*grads, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+def test_fp32_within_tolerance(delta_rule):
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=150, G=2)
+    kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0)
+    y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, **kw)
+    f = [t.float() for t in (x, k, q, ld, beta)]
+    y, s = conba_scan(*f, chunk_size=64, **{**kw, "delay_gain": gain.float(), "initial_state": S0.float()})
+    assert y.dtype == torch.float32
+    rel = (y.double() - y_ref).norm() / y_ref.norm()
+    assert rel < 1e-4, rel
+    assert (s.double() - s_ref).norm() / s_ref.norm() < 1e-4
+
+
+def test_initial_past_states_continue_a_split_sequence():
+    """Scanning [a, b] equals scanning a, then b from a's final and past states."""
+    x, k, q, ld, beta, gain, _ = make_inputs(T=30)
+    kw = dict(delta_rule=True, tau=3, delay_gain=gain, chunk_size=8)
+    y_full, s_full = conba_scan(x, k, q, ld, beta, **kw)
+    cut = 11
+    y1, s1, past1 = conba_scan(x[:, :cut], k[:, :cut], q[:, :cut], ld[:, :cut], beta[:, :cut],
+                               return_past_states=True, **kw)
+    y2, s2 = conba_scan(x[:, cut:], k[:, cut:], q[:, cut:], ld[:, cut:], beta[:, cut:], initial_state=s1,
+                        initial_past_states=past1, **kw)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s2, s_full, rtol=1e-9, atol=1e-9)
+
+
+def test_delay_term_uses_the_state_tau_steps_back():
+    """With a nonzero gain the output changes, and exactly as g · S_{t-tau} q_t."""
+    x, k, q, ld, beta, gain, _ = make_inputs(T=12)
+    y0, _ = conba_scan_reference(x, k, q, ld, beta, delta_rule=False)
+    y2, _ = conba_scan(x, k, q, ld, beta, delta_rule=False, tau=2, delay_gain=gain, chunk_size=4)
+    # S_t for every t from the reference at tau=0, read with q_t.
+    states = [torch.zeros(2, 4, 5, 6, dtype=torch.float64)]
+    for t in range(12):
+        _, s = conba_scan_reference(x[:, : t + 1], k[:, : t + 1], q[:, : t + 1], ld[:, : t + 1], beta[:, : t + 1],
+                                    delta_rule=False)
+        states.append(s)
+    kh = q.repeat_interleave(2, dim=2)
+    for t in range(12):
+        S_delayed = states[max(t + 1 - 2, 0)]
+        expect = y0[:, t] + gain[:, None] * torch.einsum("bhpn,bhn->bhp", S_delayed, kh[:, t])
+        torch.testing.assert_close(y2[:, t], expect, rtol=1e-9, atol=1e-9)
+
+
+def test_delta_rule_stores_a_key_value_association():
+    """With beta = 1, no decay and orthonormal keys, S k_i recovers x_i exactly."""
+    N = P = 4
+    keys = torch.eye(N, dtype=torch.float64)[None, :, None, :]  # (1, T=4, G=1, N)
+    x = torch.randn(1, 4, 1, P, dtype=torch.float64)
+    zeros = torch.zeros(1, 4, 1, dtype=torch.float64)
+    _, S = conba_scan(x, keys, keys, zeros, zeros + 1, delta_rule=True)
+    torch.testing.assert_close(S[0, 0] @ keys[0, :, 0].T, x[0, :, 0].T)
+
+
+def test_bad_shapes_raise_clear_errors():
+    x, k, q, ld, beta, gain, S0 = make_inputs()
+    with pytest.raises(ValueError, match="delay_gain"):
+        conba_scan(x, k, q, ld, beta, delta_rule=False, tau=2)
+    with pytest.raises(ValueError, match="must divide"):
+        conba_scan(x, k[:, :, :1].expand(-1, -1, 3, -1), q[:, :, :1].expand(-1, -1, 3, -1), ld, beta,
+                   delta_rule=False)
+    with pytest.raises(ValueError, match="initial_state"):
+        conba_scan(x, k, q, ld, beta, delta_rule=False, initial_state=S0[:1])
+    with pytest.raises(ValueError, match="log_decay"):
+        conba_scan(x, k, q, ld[:, :-1], beta, delta_rule=False)

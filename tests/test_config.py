@@ -1,0 +1,73 @@
+"""MixConConfig: presets, layout, JSON round trip, and a clear error for every impossible value."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixcon import MixConConfig
+
+
+def test_presets_and_twins():
+    small = MixConConfig.preset("small")
+    assert small.layout_string() == "CCACCCAC/DMDMDMDM | CCACCCAC/DMDMDMDM"
+    assert MixConConfig.preset("small", attn_per_block=1).layout()[:8] == [
+        ("conba", "mlp"), ("conba", "moe"), ("conba", "mlp"), ("conba", "moe"),
+        ("attention", "mlp"), ("conba", "moe"), ("conba", "mlp"), ("conba", "moe")]
+    assert {m for m, _ in MixConConfig.preset("small", attn_per_block=8).layout()} == {"attention"}
+    assert {m for m, _ in MixConConfig.preset("small", attn_per_block=0).layout()} == {"conba"}
+    assert {f for _, f in MixConConfig.preset("small", moe_every=0).layout()} == {"mlp"}
+    paper = MixConConfig.preset("mixcon-paper")
+    assert (paper.n_layers, paper.vocab_size, paper.conba_heads, paper.conba_delay) == (32, 256000, 128, 2)
+
+
+def test_explicit_patterns_override_the_default_placement():
+    cfg = MixConConfig.preset("small", attn_per_block=1, layer_pattern="CCCCCCCA", moe_pattern="MDDDDDDD")
+    assert cfg.layout()[7] == ("attention", "mlp") and cfg.layout()[0] == ("conba", "moe")
+    full = "A" * 8 + "C" * 8
+    cfg = MixConConfig.preset("small", attn_per_block=1, layer_pattern=full)
+    assert [m for m, _ in cfg.layout()] == ["attention"] * 8 + ["conba"] * 8
+
+
+def test_json_round_trip(tmp_path):
+    cfg = MixConConfig.preset("tiny", conba_delay=3, layer_pattern="CACC", attn_per_block=1)
+    assert MixConConfig.from_json(cfg.to_json()) == cfg
+    cfg.save(tmp_path / "c.json")
+    assert MixConConfig.load(tmp_path / "c.json") == cfg
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(attn_per_block=9), "attn_per_block"),
+    (dict(attn_per_block=-1), "attn_per_block"),
+    (dict(attn_per_block=3), "attn_per_block"),  # does not divide L = 8
+    (dict(conba_per_block=5), "conba_per_block"),  # a + c != L
+    (dict(top_k=9), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(n_kv_heads=3), "n_kv_heads"),
+    (dict(n_heads=3, n_kv_heads=1), "n_heads"),
+    (dict(conba_head_dim=48), "conba_head_dim"),
+    (dict(conba_groups=3), "conba_groups"),
+    (dict(layer_pattern="CCAC"), "layer_pattern"),  # wrong length
+    (dict(layer_pattern="CCACCCXC"), "layer_pattern"),  # unknown letter
+    (dict(layer_pattern="CCCCCCCC"), "layer_pattern"),  # 0 'A' but attn_per_block = 2
+    (dict(moe_pattern="DMDMDMDQ"), "moe_pattern"),
+    (dict(conba_process_noise=-0.1), "conba_process_noise"),
+    (dict(conba_observation_noise=float("nan")), "conba_observation_noise"),
+    (dict(conba_delay=-1), "conba_delay"),
+    (dict(conba_selective="mlp"), "conba_selective"),
+    (dict(conba_beta_max=3.0), "conba_beta_max"),
+    (dict(d_model=0), "d_model"),
+    (dict(moe_every=-2), "moe_every"),
+    (dict(conba_conv=1), "conba_conv"),
+    (dict(eos_token_id=10**6), "eos_token_id"),
+    (dict(conba_control="yes"), "conba_control"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"MixConConfig\.{field}="):
+        MixConConfig.preset("small", **overrides)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="unknown preset"):
+        MixConConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown fields"):
+        MixConConfig.from_dict({"d_modle": 3})
