@@ -139,7 +139,7 @@ def test_delta_rule_stores_a_key_value_association():
 
 
 def test_bad_shapes_raise_clear_errors():
-    x, k, q, ld, beta, gain, S0 = make_inputs()
+    x, k, q, ld, beta, _, S0 = make_inputs()
     with pytest.raises(ValueError, match="delay_gain"):
         conba_scan(x, k, q, ld, beta, delta_rule=False, tau=2)
     with pytest.raises(ValueError, match="must divide"):
