@@ -1,0 +1,74 @@
+"""Arguments shared by sub-commands: a config from a preset or file plus `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from mixcon.config import PRESETS, MixConConfig
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str = "small") -> None:
+    parser.add_argument("--config", default=default,
+                        help=f"preset ({', '.join(sorted(PRESETS))}) or a JSON/YAML config file (default: {default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set d_model=384 --set attn_per_block=0 (repeatable)")
+
+
+def parse_value(text: str) -> Any:
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, 'none' -> None, anything else stays a string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(MixConConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        if key not in fields:
+            raise SystemExit(f"--set {item!r}: unknown config field {key!r}; fields: {', '.join(sorted(fields))}")
+        out[key] = parse_value(value)
+    return out
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise SystemExit(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from e
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def config_from_args(args: argparse.Namespace) -> MixConConfig:
+    """The config named by --config with the --set overrides applied (errors exit with the message)."""
+    overrides = parse_overrides(args.overrides)
+    try:
+        if args.config in PRESETS:
+            return MixConConfig.preset(args.config, **overrides)
+        path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"--config {args.config!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a file")
+        data = load_config_file(path)
+        if "preset" in data:  # {"preset": "small", "d_model": 384, ...}
+            return MixConConfig.preset(data.pop("preset"), **{**data, **overrides})
+        return MixConConfig.from_dict({**data, **overrides})
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
