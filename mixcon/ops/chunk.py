@@ -118,11 +118,12 @@ def conba_scan(
     D = Ut.transpose(-1, -2) @ Kd  # (B, H, nc, P, N)
 
     # Sequential pass over chunk states.
+    # unbind once: indexing inside the loop would make autograd build a full-size gradient per chunk.
     S = S0
     starts = []
-    for c in range(nc):
+    for M_c, D_c in zip(transition.unbind(2), D.unbind(2), strict=True):
         starts.append(S)
-        S = (S @ transition[:, :, c] if delta_rule else S * transition[:, :, c]) + D[:, :, c]
+        S = (S @ M_c if delta_rule else S * M_c) + D_c
     starts_t = torch.stack(starts, dim=2)  # (B, H, nc, P, N)
 
     y = _unchunk(_readout(Qc, Kc, decay_mat, eb, Ut, W, starts_t), T)  # (B, T, H, P)
