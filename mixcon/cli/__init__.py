@@ -9,6 +9,7 @@ import sys
 # Each module defines `register(subparsers)`, which adds its sub-command(s) with `func=` defaults.
 COMMAND_MODULES = [
     "mixcon.cli.info",
+    "mixcon.cli.bench",
 ]
 
 

@@ -27,6 +27,9 @@ class Conba(nn.Module):
     observation noise.
     """
 
+    # The sequence form of the scan contract; `conba_scan_reference` has the same signature.
+    scan_fn = staticmethod(conba_scan)
+
     def __init__(self, config: MixConConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -140,10 +143,10 @@ class Conba(nn.Module):
             cache.push(state)
             return y[:, None]
         if cache is None:
-            y, _ = conba_scan(x, k, q, log_decay, beta, delta_rule=self.control, tau=tau, delay_gain=gain,
+            y, _ = self.scan_fn(x, k, q, log_decay, beta, delta_rule=self.control, tau=tau, delay_gain=gain,
                               chunk_size=self.chunk)
             return y
-        y, state, past = conba_scan(
+        y, state, past = self.scan_fn(
             x, k, q, log_decay, beta, delta_rule=self.control, tau=tau, delay_gain=gain,
             initial_state=cache.state, initial_past_states=cache.ordered() if tau else None,
             chunk_size=self.chunk, return_past_states=True,

@@ -1,0 +1,101 @@
+"""Timing, machine peaks and result files shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
+    """Median wall time of `fn` after warm-up (repeats more while under min_seconds in total)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < min_seconds:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(n: int = 2048, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Measured throughput of one n×n matmul: the machine's practical FLOP peak."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, repeats=5, warmup=2)
+    return 2 * n**3 / seconds / 1e9
+
+
+def copy_bandwidth_gbs(mbytes: int = 256, device: str = "cpu") -> float:
+    """Measured bandwidth of a large copy (bytes read + bytes written per second)."""
+    src = torch.empty(mbytes * 2**20 // 4, device=device).normal_()
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), repeats=5, warmup=2)
+    return 2 * src.nbytes / seconds / 1e9
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward: the activation memory of a training step."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self._seen: set[int] = set()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.nbytes += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3f}"
+    return "-" if v is None else str(v)
+
+
+def write_results(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path

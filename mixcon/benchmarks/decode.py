@@ -1,0 +1,129 @@
+"""Decode latency and cache memory vs context length, side by side in one process.
+
+Models: the `small` preset (MixCon) by default, its Transformer and pure-Conba twins (same widths), and
+transformers' JambaForCausalLM and LlamaForCausalLM at the same width and depth. Per-token latency
+is (time to generate n + 1 tokens − time to generate 1) / n after a prompt of the given length;
+the bandwidth bound is the bytes one token must read (active weights + cache) over the measured
+copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixcon.benchmarks.common import copy_bandwidth_gbs, machine, median_seconds, print_table, write_results
+from mixcon.config import MixConConfig
+from mixcon.models.mixcon import MixConForCausalLM
+
+
+def twins(base: MixConConfig) -> dict[str, MixConConfig]:
+    """MixCon and its pure Transformer and pure Conba twins (same widths)."""
+    return {"mixcon": base, "transformer-twin": base.replace(attn_per_block=base.layers_per_block),
+            "conba-twin": base.replace(attn_per_block=0)}
+
+
+def hf_models(config: MixConConfig) -> dict[str, torch.nn.Module]:
+    """transformers' Jamba and Llama at the width and depth of `config` (empty if not installed)."""
+    try:
+        from transformers import JambaConfig, JambaForCausalLM, LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return {}
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.mlp_hidden,
+                  num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                  num_key_value_heads=config.n_kv_heads)
+    jamba = JambaConfig(**common, num_experts=config.n_experts, num_experts_per_tok=config.top_k,
+                        expert_layer_period=2, expert_layer_offset=1, attn_layer_period=8, attn_layer_offset=4,
+                        mamba_d_state=16, mamba_expand=2, use_mamba_kernels=False)
+    return {"transformers-jamba": JambaForCausalLM(jamba).eval(),
+            "transformers-llama": LlamaForCausalLM(LlamaConfig(**common)).eval()}
+
+
+def time_generation(model: torch.nn.Module, context: int, new_tokens: int, vocab: int, repeats: int) -> tuple[float,
+                                                                                                               float]:
+    """(prefill seconds, seconds per decoded token) at a prompt of `context` tokens."""
+    ids = torch.randint(0, vocab, (1, context))
+    is_ours = isinstance(model, MixConForCausalLM)
+
+    def gen(n: int) -> None:
+        with torch.no_grad():
+            if is_ours:
+                model.generate(ids, n)
+            else:
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    prefill = median_seconds(lambda: gen(1), repeats=repeats, warmup=0)
+    total = median_seconds(lambda: gen(new_tokens + 1), repeats=repeats, warmup=0)
+    return prefill, max(total - prefill, 0.0) / new_tokens
+
+
+def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int, out_dir: Path | None,
+        base: MixConConfig | None = None) -> list[dict[str, Any]]:
+    """Time every model at every context (transformers' models up to hf_max_context); base: `small`."""
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth_gbs() / 2  # bytes read per second (a copy reads and writes)
+    print(f"read bandwidth: {bandwidth:.1f} GB/s, {torch.get_num_threads()} threads")
+    base = base or MixConConfig.preset("small")
+    models: dict[str, torch.nn.Module] = {name: MixConForCausalLM(c).eval() for name, c in twins(base).items()}
+    models.update(hf_models(base))
+    rows = []
+    for context in contexts:
+        for name, model in models.items():
+            ours = isinstance(model, MixConForCausalLM)
+            if not ours and context > hf_max_context:
+                continue
+            prefill, per_token = time_generation(model, context, new_tokens, base.vocab_size, repeats)
+            row = dict(model=name, context=context, prefill_tok_s=context / prefill, decode_ms=per_token * 1e3,
+                       decode_tok_s=1 / per_token if per_token else None, cache_MiB=None, bound_ms=None)
+            if ours:
+                cache = model.new_cache(1, max_length=context + 1)
+                weights = model.num_parameters(active=True) * 4
+                row["cache_MiB"] = cache.nbytes() / 2**20
+                row["bound_ms"] = (weights + cache.nbytes()) / (bandwidth * 1e9) * 1e3
+            rows.append(row)
+        print_table([r for r in rows if r["context"] == context], list(rows[0]))
+        print()
+    if out_dir is not None:
+        path = write_results(out_dir, "decode", dict(machine=machine(), read_bandwidth_gbs=bandwidth, rows=rows))
+        _plot(rows, out_dir / "decode.png")
+        print(f"wrote {path} and {out_dir / 'decode.png'}")
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, mem) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        pts = sorted((r["context"], r["decode_ms"], r["cache_MiB"]) for r in rows if r["model"] == name)
+        lat.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        if pts[0][2] is not None:
+            mem.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
+    lat.set(xscale="log", xlabel="context (tokens)", ylabel="ms per decoded token", title="decode latency")
+    mem.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="cache MiB", title="decoding cache (fp32)")
+    for ax in (lat, mem):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--contexts", default="1024,4096,16384,32768", help="prompt lengths (default: %(default)s)")
+    p.add_argument("--hf-max-context", type=int, default=4096,
+                   help="longest prompt for the transformers models (their CPU prefill is slow)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per measurement")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+
+
+def main(args: argparse.Namespace) -> int:
+    run([int(c) for c in args.contexts.split(",")], args.hf_max_context, args.new_tokens, args.repeats, args.out)
+    return 0

@@ -1,0 +1,170 @@
+"""Layer speed, side by side in one process: Conba variants vs transformers' Mamba2 mixer vs the loop.
+
+Shapes default to the issue's: hidden 512, 16 heads × 64, state 128, chunk 64, fp32.
+FLOPs are counted from the shapes (matmuls of the projections and of the chunked algorithm; the
+backward pass as twice the forward) and reported against the measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixcon.benchmarks.common import (
+    SavedBytes,
+    machine,
+    matmul_peak_gflops,
+    median_seconds,
+    print_table,
+    write_results,
+)
+from mixcon.config import MixConConfig
+from mixcon.layers.conba import Conba
+from mixcon.ops import conba_scan_reference
+
+SSD = dict(conba_selective="linear", conba_state_scaling=False, conba_control=False, conba_delay=0)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "conba-ssd": SSD,  # control off, tau = 0: Mamba-2's SSD
+    "conba-ssd-tau2": {**SSD, "conba_delay": 2},
+    "conba-control": {**SSD, "conba_control": True},
+    "conba-control-tau2": {**SSD, "conba_control": True, "conba_delay": 2},
+    "conba-full": {},  # every mechanism: SwiGLU Sel, scaling, control, tau = 2
+}
+
+
+def layer_config(d_model: int = 512, **overrides: Any) -> MixConConfig:
+    return MixConConfig.preset("small", d_model=d_model, conba_expand=2, conba_head_dim=64, conba_state=128,
+                               conba_groups=1, conba_chunk=64, **overrides)
+
+
+def conba_flops(config: MixConConfig, B: int, T: int, backward: bool) -> float:
+    """Matmul FLOPs of one Conba layer call (chunked algorithm), from the shapes."""
+    d, H, P, N, C = config.d_model, config.conba_heads, config.conba_head_dim, config.conba_state, config.conba_chunk
+    proj = 2 * B * T * d * (2 * H * P + 2 * config.conba_groups * N + 3 * H) + 2 * B * T * H * P * d
+    reads = 2 if config.conba_delay > 0 else 1
+    per_chunk = reads * (2 * C * C * N + 2 * C * C * P + 2 * C * N * P)  # QKᵀ, A·U, Q_eff·Sᵀ per readout
+    per_chunk += 2 * C * P * N + 2 * P * N  # state update
+    if config.conba_control:
+        per_chunk += 2 * C * C * N + C * C * (P + N) + reads * 2 * C * C * N + 2 * C * N * N + 2 * P * N * N
+    scan = B * H * -(-T // C) * per_chunk
+    return (proj + scan) * (3 if backward else 1)
+
+
+def mamba2_mixer(config: MixConConfig) -> torch.nn.Module | None:
+    """transformers' Mamba2Mixer at the same shapes, or None when transformers is absent."""
+    try:
+        from transformers.models.mamba2.modeling_mamba2 import Mamba2Config, Mamba2Mixer
+    except ImportError:
+        return None
+    mcfg = Mamba2Config(hidden_size=config.d_model, num_heads=config.conba_heads, head_dim=config.conba_head_dim,
+                        state_size=config.conba_state, n_groups=config.conba_groups, expand=config.conba_expand,
+                        chunk_size=config.conba_chunk, num_hidden_layers=1)
+    return Mamba2Mixer(mcfg, layer_idx=0)
+
+
+def reference_layer(config: MixConConfig) -> torch.nn.Module:
+    """The Conba SSD layer with the sequential reference loop in place of the chunked scan."""
+    layer = Conba(config, 0)
+    layer.scan_fn = conba_scan_reference
+    return layer
+
+
+def measure(module: torch.nn.Module, B: int, T: int, d: int, backward: bool, repeats: int) -> tuple[float, int]:
+    """(median seconds, bytes saved for backward) of one call."""
+    u = torch.randn(B, T, d, requires_grad=backward)
+
+    def step() -> None:
+        if backward:
+            module(u).sum().backward()
+        else:
+            with torch.no_grad():
+                module(u)
+
+    seconds = median_seconds(step, repeats=repeats)
+    saved = 0
+    if backward:
+        with SavedBytes() as counter:
+            module(u).sum()
+        saved = counter.nbytes
+    return seconds, saved
+
+
+def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: int,
+        out_dir: Path | None) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    peak = matmul_peak_gflops()
+    print(f"matmul peak: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    base = layer_config()
+    modules: dict[str, torch.nn.Module] = {"transformers-mamba2": mamba2_mixer(base.replace(**SSD))}
+    modules.update({name: Conba(base.replace(**over), 0) for name, over in VARIANTS.items()})
+    modules["reference-loop"] = reference_layer(base.replace(**SSD))
+    rows = []
+    for T in lengths:
+        for B in batches:
+            for name, module in modules.items():
+                if module is None or (name == "reference-loop" and T > reference_max_T):
+                    continue
+                config = base.replace(**VARIANTS.get(name, SSD))
+                for backward in (False, True):
+                    seconds, saved = measure(module, B, T, base.d_model, backward, repeats)
+                    gflops = conba_flops(config, B, T, backward) / seconds / 1e9
+                    rows.append(dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd",
+                                     tokens_per_s=B * T / seconds, ms=seconds * 1e3, gflops=gflops,
+                                     peak_frac=gflops / peak, saved_MiB=saved / 2**20 if backward else None))
+            print_table([r for r in rows if r["T"] == T and r["B"] in batches], list(rows[0]))
+            print()
+    _ratios(rows)
+    if out_dir is not None:
+        path = write_results(out_dir, "speed", dict(machine=machine(), matmul_peak_gflops=peak, rows=rows))
+        _plot(rows, out_dir / "speed.png")
+        print(f"wrote {path} and {out_dir / 'speed.png'}")
+    return rows
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """Throughput of each Conba variant over transformers' Mamba2 at the same shape."""
+    base = {(r["T"], r["B"], r["mode"]): r["tokens_per_s"] for r in rows if r["layer"] == "transformers-mamba2"}
+    for r in rows:
+        key = (r["T"], r["B"], r["mode"])
+        if r["layer"].startswith("conba") and key in base:
+            print(f"{r['layer']:20s} T={r['T']:5d} B={r['B']} {r['mode']:8s} {r['tokens_per_s'] / base[key]:.2f}x "
+                  f"transformers-mamba2")
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd"), strict=True):
+        for layer in dict.fromkeys(r["layer"] for r in rows):
+            pts = sorted((r["T"], r["tokens_per_s"]) for r in rows if r["layer"] == layer and r["mode"] == mode
+                         and r["B"] == 1)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=layer)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length T (batch 1)", ylabel="tokens/s", title=mode)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default="512,2048,8192", help="sequence lengths (default: %(default)s)")
+    p.add_argument("--batches", default="1,4", help="batch sizes (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up (median)")
+    p.add_argument("--reference-max-T", type=int, default=512,
+                   help="longest T for the sequential reference loop (it is slow)")
+    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+
+
+def main(args: argparse.Namespace) -> int:
+    run([int(t) for t in args.lengths.split(",")], [int(b) for b in args.batches.split(",")], args.repeats,
+        args.reference_max_T, args.out)
+    return 0

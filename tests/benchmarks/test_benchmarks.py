@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end at toy sizes and report what they claim to."""
+
+from __future__ import annotations
+
+import json
+
+from mixcon.benchmarks import decode, speed
+from mixcon.config import MixConConfig
+
+
+def test_speed_benchmark_rows_and_files(tmp_path):
+    rows = speed.run([64], [1], repeats=1, reference_max_T=64, out_dir=tmp_path)
+    layers = {r["layer"] for r in rows}
+    assert {"conba-ssd", "conba-full", "reference-loop", "transformers-mamba2"} <= layers
+    assert all(r["tokens_per_s"] > 0 and r["gflops"] > 0 for r in rows)
+    assert all(r["saved_MiB"] > 0 for r in rows if r["mode"] == "fwd+bwd")
+    assert len(json.loads((tmp_path / "speed.json").read_text())["rows"]) == len(rows)
+    assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def test_flop_count_grows_with_control_and_delay():
+    base = speed.layer_config().replace(**speed.SSD)
+    ssd = speed.conba_flops(base, 1, 2048, backward=False)
+    assert speed.conba_flops(base.replace(conba_control=True), 1, 2048, backward=False) > ssd
+    assert speed.conba_flops(base.replace(conba_delay=2), 1, 2048, backward=False) > ssd
+    assert speed.conba_flops(base, 1, 2048, backward=True) == 3 * ssd
+    assert speed.conba_flops(base, 1, 4096, backward=False) == 2 * ssd
+
+
+def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
+    base = MixConConfig.preset("small", d_model=64, vocab_size=512, n_blocks=1, n_experts=4, mlp_hidden=128,
+                               conba_head_dim=16, conba_state=16)
+    rows = decode.run([16], hf_max_context=16, new_tokens=2, repeats=1, out_dir=tmp_path, base=base)
+    assert {r["model"] for r in rows} == {"mixcon", "transformer-twin", "conba-twin", "transformers-jamba",
+                                           "transformers-llama"}
+    ours = next(r for r in rows if r["model"] == "mixcon")
+    assert ours["cache_MiB"] > 0 and ours["bound_ms"] > 0 and ours["decode_ms"] >= 0
+    assert (tmp_path / "decode.png").stat().st_size > 0
