@@ -5,11 +5,11 @@ Within a chunk starting from state S0, with cumulative log decay b_t, every stat
 where u_s = beta_s x_s (open loop, SSD) or, for the delta rule, the solution of the unit lower
 triangular system (I + diag(beta) M) U = diag(beta) (X - diag(exp b) K S0^T), M[t, s] =
 exp(b_t - b_s) k_t.k_s for s < t (the UT / WY transform of Gated DeltaNet). Writing
-U = Ut - W S0^T with Ut, W independent of S0 puts all heavy work outside the sequential loop:
-    Y  = (A Ut) + (exp(b) Q - A W) S0^T,      A[t, s] = exp(b_t - b_s) q_t.k_s  (s <= t)
-    S_C = S0 (exp(b_C) I - W^T Kd) + Ut^T Kd,  Kd = exp(b_C - b) K
-so that the pass over chunks is one (P x N)(N x N) product per chunk (a scalar decay without
-the delta rule). The delayed readout S_{t-tau} q_t is the same readout with queries shifted by tau.
+U = Ut - W S0^T with Ut, W independent of S0 leaves two small products per chunk for the
+sequential pass; everything else is batched over all chunks:
+    U  = Ut - W S0^T,   S_C = exp(b_C) S0 + U^T Kd,   Kd = exp(b_C - b) K
+    Y  = A U + diag(exp b) Q S0^T,   A[t, s] = exp(b_t - b_s) q_t.k_s  (s <= t)
+The delayed readout S_{t-tau} q_t is the same readout with queries shifted by tau.
 """
 
 from __future__ import annotations
@@ -21,36 +21,33 @@ from mixcon.ops._validate import check_scan_inputs
 from mixcon.ops.dtypes import compute_dtype
 
 
-def _chunks(t: torch.Tensor, T_pad: int, C: int) -> torch.Tensor:
-    """(B, T, H, *D) -> (B, H, n_chunks, C, *D), zero-padded along T."""
+def _chunks(t: torch.Tensor, T_pad: int, C: int, groups: int) -> torch.Tensor:
+    """(B, T, H, *D) -> (B, G, H/G, n_chunks, C, *D), zero-padded along T (heads split into groups)."""
     B, T, H = t.shape[:3]
     if T_pad != T:
         t = F.pad(t, [0, 0] * (t.dim() - 3) + [0, 0, 0, T_pad - T])
-    t = t.reshape(B, T_pad // C, C, H, *t.shape[3:])
-    return t.movedim(3, 1)
+    t = t.reshape(B, T_pad // C, C, H, *t.shape[3:]).movedim(3, 1)  # (B, H, nc, C, *D)
+    return t.unflatten(1, (groups, H // groups))
 
 
 def _unchunk(t: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, H, n_chunks, C, D) -> (B, T, H, D)."""
+    """(B, G, H/G, n_chunks, C, D) -> (B, T, H, D)."""
+    t = t.flatten(1, 2)
     B, H, nc, C, D = t.shape
     return t.movedim(1, 3).reshape(B, nc * C, H, D)[:, :T]
 
 
 def _readout(
-    Qc: torch.Tensor,  # (B, H, nc, C, N) queries
-    Kc: torch.Tensor,  # (B, H, nc, C, N) keys
-    decay_mat: torch.Tensor,  # (B, H, nc, C, C) exp(b_t - b_s), 0 above the diagonal
-    eb: torch.Tensor,  # (B, H, nc, C) exp(b_t)
-    Ut: torch.Tensor,  # (B, H, nc, C, P)
-    W: torch.Tensor | None,  # (B, H, nc, C, N)
-    starts: torch.Tensor,  # (B, H, nc, P, N) state at each chunk start
+    Qc: torch.Tensor,  # (B, G, 1, nc, C, N) queries, shared by the heads of a group
+    Kc: torch.Tensor,  # (B, G, 1, nc, C, N) keys
+    decay_mat: torch.Tensor,  # (B, G, hg, nc, C, C) exp(b_t - b_s), 0 above the diagonal
+    eb: torch.Tensor,  # (B, G, hg, nc, C) exp(b_t)
+    U: torch.Tensor,  # (B, G, hg, nc, C, P) what each step writes
+    starts: torch.Tensor,  # (B, G, hg, nc, P, N) state at each chunk start
 ) -> torch.Tensor:
-    """y_t = S_t q_t for every t, from chunk-start states: (B, H, nc, C, P)."""
-    A = (Qc @ Kc.transpose(-1, -2)) * decay_mat
-    Q_eff = eb.unsqueeze(-1) * Qc
-    if W is not None:
-        Q_eff = Q_eff - A @ W
-    return A @ Ut + Q_eff @ starts.transpose(-1, -2)
+    """y_t = S_t q_t for every t, from chunk-start states: (B, G, hg, nc, C, P)."""
+    A = (Qc @ Kc.transpose(-1, -2)) * decay_mat  # one QKᵀ per group, decayed per head
+    return A @ U + (eb.unsqueeze(-1) * Qc) @ starts.transpose(-1, -2)
 
 
 def conba_scan(
@@ -87,67 +84,69 @@ def conba_scan(
 
     C = max(1, min(chunk_size, T))
     T_pad = -(-T // C) * C
-    nc = T_pad // C
-    if G != H:  # heads share keys/queries within a group
-        k = k.repeat_interleave(H // G, dim=2)
-        q = q.repeat_interleave(H // G, dim=2)
-    Xc = _chunks(x.to(dt), T_pad, C)  # (B, H, nc, C, P)
-    Kc = _chunks(k.to(dt), T_pad, C)  # (B, H, nc, C, N)
-    Qc = _chunks(q.to(dt), T_pad, C)
-    ld = _chunks(log_decay.to(dt), T_pad, C)  # (B, H, nc, C); padding: no decay...
-    bt = _chunks(beta.to(dt), T_pad, C)  # ... and no write, so the state passes through unchanged
+    hg = H // G
+    Xc = _chunks(x.to(dt), T_pad, C, G)  # (B, G, hg, nc, C, P)
+    Kc = _chunks(k.to(dt), T_pad, C, G)  # (B, G, 1, nc, C, N)
+    Qc = _chunks(q.to(dt), T_pad, C, G)
+    ld = _chunks(log_decay.to(dt), T_pad, C, G)  # (B, G, hg, nc, C); padding: no decay...
+    bt = _chunks(beta.to(dt), T_pad, C, G)  # ... and no write, so the state passes through unchanged
 
-    b = ld.cumsum(-1)  # (B, H, nc, C)
+    b = ld.cumsum(-1)  # (B, G, hg, nc, C)
     eb = b.exp()
     causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
-    diff = b.unsqueeze(-1) - b.unsqueeze(-2)  # (B, H, nc, C, C): b_t - b_s
+    diff = b.unsqueeze(-1) - b.unsqueeze(-2)  # (B, G, hg, nc, C, C): b_t - b_s
     decay_mat = torch.where(causal, diff, float("-inf")).exp()
-    b_last = b[..., -1:]  # (B, H, nc, 1)
-    Kd = (b_last - b).exp().unsqueeze(-1) * Kc  # (B, H, nc, C, N)
+    b_last = b[..., -1:]  # (B, G, hg, nc, 1)
+    Kd = (b_last - b).exp().unsqueeze(-1) * Kc  # (B, G, hg, nc, C, N)
 
+    decays = b_last.exp().unsqueeze(-1).unbind(3)  # nc × (B, G, hg, 1, 1)
+    S = S0.view(B, G, hg, P, N)
+    starts = []
+    # The sequential pass over chunks; tensors are unbound once, since indexing inside the loop
+    # would make autograd build a full-size gradient per chunk.
     if delta_rule:
         strict = (Kc @ Kc.transpose(-1, -2)) * decay_mat.tril(-1)
         system = torch.eye(C, dtype=dt, device=x.device) + bt.unsqueeze(-1) * strict
         rhs = torch.cat([bt.unsqueeze(-1) * Xc, (bt * eb).unsqueeze(-1) * Kc], dim=-1)
         sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-        Ut, W = sol.split([P, N], dim=-1)  # (B, H, nc, C, P), (B, H, nc, C, N)
-        transition = torch.diag_embed(b_last.exp().expand(B, H, nc, N)) - W.transpose(-1, -2) @ Kd
+        Ut, W = sol.split([P, N], dim=-1)  # (B, G, hg, nc, C, P), (B, G, hg, nc, C, N)
+        writes = []
+        for Ut_c, W_c, Kd_c, g_c in zip(Ut.unbind(3), W.unbind(3), Kd.unbind(3), decays, strict=True):
+            starts.append(S)
+            U_c = Ut_c - W_c @ S.transpose(-1, -2)  # (B, G, hg, C, P)
+            writes.append(U_c)
+            S = g_c * S + U_c.transpose(-1, -2) @ Kd_c
+        U = torch.stack(writes, dim=3)
     else:
-        Ut, W = bt.unsqueeze(-1) * Xc, None
-        transition = b_last.exp().unsqueeze(-1)  # (B, H, nc, 1, 1): a scalar decay per chunk
-    D = Ut.transpose(-1, -2) @ Kd  # (B, H, nc, P, N)
+        U = bt.unsqueeze(-1) * Xc
+        for D_c, g_c in zip((U.transpose(-1, -2) @ Kd).unbind(3), decays, strict=True):
+            starts.append(S)
+            S = g_c * S + D_c
+    starts_t = torch.stack(starts, dim=3)  # (B, G, hg, nc, P, N)
+    final = S.reshape(B, H, P, N)
 
-    # Sequential pass over chunk states.
-    # unbind once: indexing inside the loop would make autograd build a full-size gradient per chunk.
-    S = S0
-    starts = []
-    for M_c, D_c in zip(transition.unbind(2), D.unbind(2), strict=True):
-        starts.append(S)
-        S = (S @ M_c if delta_rule else S * M_c) + D_c
-    starts_t = torch.stack(starts, dim=2)  # (B, H, nc, P, N)
-
-    y = _unchunk(_readout(Qc, Kc, decay_mat, eb, Ut, W, starts_t), T)  # (B, T, H, P)
+    y = _unchunk(_readout(Qc, Kc, decay_mat, eb, U, starts_t), T)  # (B, T, H, P)
     if tau > 0:
         # S_{t-tau} q_t: the readout at step t - tau with queries shifted forward by tau.
-        Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C)
-        r = _unchunk(_readout(Q2c, Kc, decay_mat, eb, Ut, W, starts_t), T)
+        Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C, G)
+        r = _unchunk(_readout(Q2c, Kc, decay_mat, eb, U, starts_t), T)
         head = min(tau, T)  # the first tau steps read the initial past states
-        early = torch.einsum("bthpn,bthn->bthp", past0[:, :head], q[:, :head].to(dt))
+        qh = q[:, :head].to(dt).repeat_interleave(hg, dim=2)  # (B, head, H, N)
+        early = torch.einsum("bthpn,bthn->bthp", past0[:, :head], qh)
         delayed = torch.cat([early, r[:, : T - head]], dim=1)
         y = y + delay_gain.to(dt)[:, None] * delayed
     y = y.to(out_dtype)
     if not return_past_states:
-        return y, S
-    return y, S, _past_states(S, past0, starts_t, Ut, W, Kc, b, T, tau, C)
+        return y, final
+    return y, final, _past_states(final, past0, starts_t, U, Kc, b, T, tau, C)
 
 
 def _past_states(
-    final: torch.Tensor,
-    past0: torch.Tensor,
-    starts: torch.Tensor,
-    Ut: torch.Tensor,
-    W: torch.Tensor | None,
-    Kc: torch.Tensor,
+    final: torch.Tensor,  # (B, H, P, N)
+    past0: torch.Tensor,  # (B, tau, H, P, N)
+    starts: torch.Tensor,  # (B, G, hg, nc, P, N)
+    U: torch.Tensor,  # (B, G, hg, nc, C, P)
+    Kc: torch.Tensor,  # (B, G, 1, nc, C, N)
     b: torch.Tensor,
     T: int,
     tau: int,
@@ -164,11 +163,10 @@ def _past_states(
             out.append(final)
         else:
             c, m = (p - 1) // C, (p - 1) % C  # chunk and last position inside it
-            S0 = starts[:, :, c]  # (B, H, P, N)
-            U = Ut[:, :, c, : m + 1]
-            if W is not None:
-                U = U - W[:, :, c, : m + 1] @ S0.transpose(-1, -2)
-            bc = b[:, :, c, : m + 1]  # (B, H, m+1)
-            w = (bc[..., -1:] - bc).exp().unsqueeze(-1)  # (B, H, m+1, 1)
-            out.append(bc[..., -1, None, None].exp() * S0 + U.transpose(-1, -2) @ (w * Kc[:, :, c, : m + 1]))
+            S0 = starts[:, :, :, c]  # (B, G, hg, P, N)
+            Uc = U[:, :, :, c, : m + 1]
+            bc = b[:, :, :, c, : m + 1]  # (B, G, hg, m+1)
+            w = (bc[..., -1:] - bc).exp().unsqueeze(-1)  # (B, G, hg, m+1, 1)
+            S = bc[..., -1, None, None].exp() * S0 + Uc.transpose(-1, -2) @ (w * Kc[:, :, :, c, : m + 1])
+            out.append(S.reshape(final.shape))
     return torch.stack(out, dim=1)

@@ -61,7 +61,8 @@ def test_causality(layout):
     changed[0, 17] = (ids[0, 17] + 1) % 300
     with torch.no_grad():
         a, b = model(ids).logits, model(changed).logits
-    torch.testing.assert_close(a[:, :17], b[:, :17], rtol=0, atol=0)
+    # fp64 noise only (a batched matmul over other rows may round differently); a leak would be O(1)
+    torch.testing.assert_close(a[:, :17], b[:, :17], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
