@@ -1,0 +1,236 @@
+"""Checkpoints in a run directory: written atomically, hashed, last k kept, refused when corrupt or mismatched.
+
+Layout of `RUN/checkpoints/step-00000100/`:
+    config.json, model.safetensors   the model (loadable with `MixConForCausalLM.from_pretrained`)
+    tokenizer/                       the tokenizer the model was trained with
+    optimizer.pt                     full (unsharded) optimizer state, keyed by parameter name
+    trainer_state.pt                 step, schedule, data-loader position, RNG states, training options
+    manifest.json                    written last: sha256 and size of every file above
+
+A checkpoint is first written to `.tmp-…` and renamed into place, so a crash mid-write leaves the previous
+checkpoints untouched; a directory without a manifest is never a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mixcon.config import MixConConfig
+
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.pt"
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupt, or does not match the run it should continue."""
+
+
+class SavableTokenizer(Protocol):
+    def save(self, directory: str | Path) -> Any: ...
+    def fingerprint(self) -> str: ...
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    config: MixConConfig
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+    tokenizer_fingerprint: str | None
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Completed checkpoints of a run (those with a manifest), oldest step first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint (no {MANIFEST}) nor a run directory with "
+                              f"completed checkpoints under {CHECKPOINTS}/")
+    return latest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    config: MixConConfig,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    tokenizer: SavableTokenizer | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write the checkpoint of `step` atomically, then delete all but the `keep_last` newest. Call on one rank."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a crash mid-write; one writer per run
+        shutil.rmtree(stale, ignore_errors=True)
+    final = checkpoint_path(run_dir, step)
+    tmp = root / f".tmp-{final.name}"
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    (tmp / CONFIG_FILE).write_text(config.to_json())
+    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    torch.save(trainer_state, tmp / STATE_FILE)
+    fingerprint = None
+    if tokenizer is not None:
+        tokenizer.save(tmp / TOKENIZER_DIR)
+        fingerprint = tokenizer.fingerprint()
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for p in files:
+        _fsync(p)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "tokenizer_fingerprint": fingerprint,
+        "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in files},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _fsync(tmp / MANIFEST)
+    if final.exists():  # the same step saved again (e.g. after a resume): swap, then delete the old copy
+        old = root / f".tmp-old-{final.name}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(root)
+    for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(stale)
+    return final
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST}; an incomplete (interrupted) or foreign checkpoint")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{manifest_file}: corrupt ({e})") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{manifest_file}: format_version {manifest.get('format_version')!r}, "
+                              f"this version of mixcon reads {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file listed in the manifest exists with its recorded size and sha256."""
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing from the checkpoint")
+        if file.stat().st_size != meta["size"] or _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{file}: corrupt (size or sha256 differs from {MANIFEST}); refusing to load it")
+
+
+def config_differences(a: MixConConfig, b: MixConConfig) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]!r} != {db[k]!r}" for k in sorted(da) if da[k] != db[k]]
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    expected_config: MixConConfig | None = None,
+    expected_tokenizer: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Load and verify a checkpoint (or a run directory's latest): hashes, config and tokenizer must match."""
+    path = resolve_checkpoint(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    try:
+        config = MixConConfig.load(path / CONFIG_FILE)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid config ({e})") from e
+    if expected_config is not None and (diff := config_differences(config, expected_config)):
+        raise CheckpointError(f"{path}: model config differs from the requested one (checkpoint != requested): "
+                              + "; ".join(diff))
+    fingerprint = manifest.get("tokenizer_fingerprint")
+    if expected_tokenizer is not None and fingerprint != expected_tokenizer:
+        raise CheckpointError(f"{path}: trained with tokenizer {fingerprint!r}, but this run uses "
+                              f"{expected_tokenizer!r}")
+    try:
+        model_state = load_file(str(path / MODEL_FILE), device=str(map_location))
+        optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
+        trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({e})") from e
+    return Checkpoint(path, int(manifest["step"]), config, model_state, optimizer_state, trainer_state, fingerprint)
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint (options, step, …) without loading the weights."""
+    path = resolve_checkpoint(path)
+    read_manifest(path)
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({e})") from e
+
+
+def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: Path) -> None:
+    """The weights in `state` have exactly the names and shapes of the model (`expected`)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(expected[k])}"
+             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{source / MODEL_FILE}: weights do not match the model; missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")

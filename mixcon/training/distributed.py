@@ -1,0 +1,171 @@
+"""Parallelism on PyTorch's own engines: torchrun process groups, DDP or FSDP2 (`fully_shard` per MixCon
+layer), activation checkpointing, torch.compile, and full (unsharded) state dicts for checkpoints, so that a
+checkpoint loads at any world size. The model code itself stays single-device."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+
+Parallelism = Literal["ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank, world size, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(device: str | None = None) -> DistEnv:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group: NCCL on CUDA,
+    gloo on CPU. Without torchrun, a single process on `device` (default: CUDA when available)."""
+    kind = torch.device(device or default_device()).type
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistEnv(device=torch.device(device or default_device()))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(kind)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistEnv(rank, world, local_rank, dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: Literal["sum", "mean", "max"] = "sum") -> torch.Tensor:
+    """In-place all-reduce over all ranks (a no-op in one process); "mean" is a sum divided by the world size."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            tensor /= dist.get_world_size()
+    return tensor
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (on every rank)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def parallelize(
+    model: nn.Module,
+    env: DistEnv,
+    *,
+    mode: Parallelism = "ddp",
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+) -> nn.Module:
+    """Apply activation checkpointing and torch.compile per layer of `model.layers`, then DDP or FSDP2 when
+    there is more than one process. Returns the module to call in training: the DDP wrapper, or `model` itself
+    (FSDP2 shards it in place). Parameter names are kept, so full state dicts are the same in every case."""
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(layer)
+    if compile:
+        for layer in model.layers:
+            layer.compile()
+    if not env.distributed:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+
+@contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter for all but the last micro-batch of an accumulation."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        with module.no_sync() if isinstance(module, DistributedDataParallel) and not enabled else nullcontext():
+            yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (inf: measure only); returns the total norm before clipping as a plain tensor."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Names of parameters that are another parameter (tied embeddings) -> the first name. Checkpoints store
+    each tensor once, as `save_pretrained` does."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+_FULL_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_FULL_LOAD = StateDictOptions(full_state_dict=True)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+               aliases: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Unsharded model and optimizer state on the CPU of rank 0 (empty on other ranks); a collective."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_FULL_SAVE)
+    return {k: v for k, v in model_state.items() if k not in aliases}, optimizer_state
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any], aliases: dict[str, str]) -> None:
+    """Load unsharded states (as `full_state` returns them, read by every rank) into a model of any parallelism."""
+    model_state = {**model_state, **{alias: model_state[name] for alias, name in aliases.items()}}
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=_FULL_LOAD)

@@ -1,0 +1,96 @@
+"""Training metrics: a JSON Lines file, a loss-curve PNG and, when installed, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to `RUN/metrics.jsonl` (train records have "loss", validation
+    records "val_loss"), mirrors scalars to TensorBoard when asked, and plots the loss curves."""
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.exists():
+            # Keep the history up to the checkpoint; what a crashed run logged after it is redone.
+            self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.tb = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def plot(self) -> Path:
+        return plot_losses(self.records, self.run_dir / PLOT_FILE)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard_writer(log_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
+    return SummaryWriter(str(log_dir))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Train loss (raw and smoothed) and validation loss against step, with bits per byte on a twin axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if train:
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss")
+        ax.plot(steps, _ema(losses), color="tab:blue", linewidth=1.5, label="train loss (EMA)")
+    if val:
+        steps, losses = zip(*val, strict=True)
+        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=1.5, markersize=3, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    bpb = [(r["step"], r["val_bpb"]) for r in records if r.get("val_bpb") is not None]
+    if bpb:
+        ax.set_title(f"final validation: {bpb[-1][1]:.3f} bits per byte")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _ema(values: tuple[float, ...], alpha: float = 0.1) -> list[float]:
+    out, avg = [], values[0]
+    for v in values:
+        avg = (1 - alpha) * avg + alpha * v
+        out.append(avg)
+    return out

@@ -1,0 +1,44 @@
+"""AdamW with weight decay on matrices only, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices (ndim >= 2: linear, embedding, expert weights) decay; vectors do not
+    (norm weights, biases, A_log, dt_bias, D and every other 1-D parameter). Tied weights appear once."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # deduplicates shared (tied) parameters
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    """torch AdamW over `param_groups`; the fused kernel on CUDA."""
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def lr_at(step: int, *, peak: float, warmup: int, total: int | None, min_ratio: float) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup over `warmup` steps to `peak`, then a
+    cosine decay to `min_ratio * peak` at `total`, constant after. `total=None` (not yet known) holds `peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if total is None:
+        return peak
+    if step >= total:
+        return peak * min_ratio
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

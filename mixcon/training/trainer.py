@@ -1,0 +1,457 @@
+"""The training loop: gradient accumulation, clipping, mixed precision, periodic validation and checkpoints,
+a non-finite-loss guard, clean stops on SIGINT/SIGTERM or a time budget, and exact resumption."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.training import checkpoint as ckpt
+from mixcon.training.distributed import (
+    DistEnv,
+    Parallelism,
+    all_reduce,
+    clip_grad_norm,
+    full_state,
+    gather_objects,
+    gradient_sync,
+    load_full_state,
+    parallelize,
+    tied_aliases,
+)
+from mixcon.training.metrics import PLOT_FILE, MetricsLogger
+from mixcon.training.optim import build_optimizer, lr_at, set_lr
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), each (B, T) int64
+
+
+class StatefulLoader(Protocol):
+    def __next__(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient norm; nothing of that step was applied or saved."""
+
+    def __init__(self, step: int, what: str, value: float, last_checkpoint: Path | None) -> None:
+        kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+        super().__init__(f"non-finite {what} ({value}) at step {step}; training stopped before applying it, "
+                         f"{kept}")
+        self.step, self.last_checkpoint = step, last_checkpoint
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a training run besides the model config (saved in every checkpoint)."""
+
+    # schedule and batch
+    steps: int | None = None  # optimizer steps; None: as many as the time budget allows
+    time_budget: float | None = None  # seconds for the whole command (the CLI turns it into a deadline)
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+    micro_batch_size: int | None = None  # sequences per forward pass per process; None: batch_size / world size
+    seq_len: int = 256
+    # optimizer
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: no clipping
+    # observation and checkpoints
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_last: int = 2
+    log_every: int = 1
+    # engine
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    parallel: Parallelism = "ddp"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # data (used by the CLI to rebuild the same data on --resume)
+    corpus: str | None = None
+    max_bytes: int | None = 4_000_000
+    tokenizer: str = "bpe"
+    val_fraction: float = 0.01
+
+    def check(self) -> None:
+        for name in ("batch_size", "seq_len", "eval_every", "save_every", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainOptions.{name}={getattr(self, name)} must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"TrainOptions.steps={self.steps} must be >= 1 (or None to fill the time budget)")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"TrainOptions.time_budget={self.time_budget} must be > 0 seconds")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"TrainOptions.precision={self.precision!r} must be 'auto', 'fp32' or 'bf16'")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"TrainOptions.parallel={self.parallel!r} must be 'ddp' or 'fsdp'")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainOptions:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    tokens: int
+    wall_time: float
+    tokens_per_s: float
+    stopped_by: str
+    train_loss: float | None
+    val_loss: float | None
+    val_ppl: float | None
+    val_bpb: float | None
+    checkpoint: Path | None
+    plot: Path | None
+    metrics: Path | None
+
+    def format(self) -> str:
+        lines = [f"stopped by {self.stopped_by} after {self.steps} steps, {self.tokens:,} tokens in "
+                 f"{self.wall_time:.0f} s ({self.tokens_per_s:,.0f} tokens/s)"]
+        if self.train_loss is not None:
+            lines.append(f"train loss {self.train_loss:.4f}")
+        if self.val_loss is not None:
+            bpb = f", {self.val_bpb:.4f} bits per byte" if self.val_bpb is not None else ""
+            lines.append(f"validation loss {self.val_loss:.4f}, perplexity {self.val_ppl:.2f}{bpb}")
+        return "\n".join(lines)
+
+
+class Trainer:
+    """Trains `model` on batches from `loader` and writes checkpoints, metrics and plots into `run_dir`.
+
+    `loader` yields global batches (batch_size sequences); process r of W trains on rows [r·B/W, (r+1)·B/W),
+    so any world size sees the same data and a run continues exactly at another world size. `eval_data()`
+    yields validation batches; `bytes_per_token` (validation text bytes / tokens) turns loss into bits per byte.
+    Only rank 0 logs and writes.
+    """
+
+    def __init__(
+        self,
+        model: MixConForCausalLM,
+        options: TrainOptions,
+        run_dir: str | Path,
+        *,
+        loader: StatefulLoader,
+        eval_data: Callable[[], Iterable[Batch]] | None = None,
+        bytes_per_token: float | None = None,
+        tokenizer: ckpt.SavableTokenizer | None = None,
+        env: DistEnv | None = None,
+        progress: bool = True,
+        tensorboard: bool = False,
+    ) -> None:
+        options.check()
+        self.env = env or DistEnv()
+        world = self.env.world_size
+        if options.batch_size % world:
+            raise ValueError(f"batch_size={options.batch_size} must be divisible by the world size {world}")
+        self.local_batch = options.batch_size // world
+        self.micro = options.micro_batch_size or self.local_batch
+        if self.local_batch % self.micro:
+            raise ValueError(f"micro_batch_size={self.micro} must divide the per-process batch "
+                             f"batch_size / world size = {self.local_batch}")
+        self.model, self.options, self.run_dir = model, options, Path(run_dir)
+        self.loader, self.eval_data, self.bytes_per_token = loader, eval_data, bytes_per_token
+        self.tokenizer, self.progress, self.tensorboard = tokenizer, progress, tensorboard
+        self.aliases = tied_aliases(model)
+        self.shapes = {k: v.shape for k, v in model.state_dict().items() if k not in self.aliases}
+        model.to(self.env.device)
+        self.module = parallelize(model, self.env, mode=options.parallel,
+                                  activation_checkpointing=options.activation_checkpointing, compile=options.compile)
+        self.optimizer = build_optimizer(model, lr=options.lr, weight_decay=options.weight_decay,
+                                         betas=(options.beta1, options.beta2))
+        self.step = 0
+        self.tokens = 0
+        self.total_steps = options.steps
+        self.last_checkpoint: Path | None = None
+        self.saved_step: int | None = None
+        self.last_val: dict[str, float] = {}
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides model and optimizer that a resumed run needs (a collective: gathers RNG states)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.env.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
+        return {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
+                "loader": self.loader.state_dict(), "rng": gather_objects(rng), "world_size": self.env.world_size,
+                "options": dataclasses.asdict(self.options), "last_val": self.last_val}
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (all ranks take part; rank 0 writes)."""
+        model_state, optimizer_state = full_state(self.model, self.optimizer, self.aliases)
+        state = self.state_dict()
+        if self.env.is_main:
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.run_dir, self.step, config=self.model.config, model_state=model_state,
+                optimizer_state=optimizer_state, trainer_state=state, tokenizer=self.tokenizer,
+                keep_last=self.options.keep_last)
+        else:
+            self.last_checkpoint = ckpt.checkpoint_path(self.run_dir, self.step)
+        self.saved_step = self.step
+        return self.last_checkpoint
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint (or a run directory's latest): weights, optimizer, schedule, data
+        position, RNG. Refuses corrupt checkpoints and those of another config or tokenizer."""
+        fingerprint = self.tokenizer.fingerprint() if self.tokenizer is not None else None
+        c = ckpt.load_checkpoint(path, expected_config=self.model.config, expected_tokenizer=fingerprint)
+        ckpt.check_model_state(c.model_state, self.shapes, c.path)
+        load_full_state(self.model, self.optimizer, c.model_state, c.optimizer_state, self.aliases)
+        s = c.trainer_state
+        self.step, self.tokens, self.last_val = s["step"], s["tokens"], s["last_val"]
+        if self.options.steps is None:  # keep the schedule length the interrupted run settled on
+            self.total_steps = s["total_steps"]
+        self.loader.load_state_dict(s["loader"])
+        if s["world_size"] == self.env.world_size:
+            rng = s["rng"][self.env.rank]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.env.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.env.device)
+        else:  # another world size: per-process RNG streams (only training noise uses them) are new
+            torch.manual_seed(self.options.seed + 7919 * self.step + self.env.rank)
+        self.last_checkpoint, self.saved_step = c.path, self.step
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self) -> Any:
+        p = self.options.precision
+        if p == "bf16" or (p == "auto" and self.env.device.type == "cuda"):
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _local_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.tensor_split(self.env.world_size)[self.env.rank].to(self.env.device, non_blocking=True)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over one global batch; returns its metrics (identical on every rank)."""
+        input_ids, labels = next(self.loader)
+        if input_ids.shape[0] != self.options.batch_size:
+            raise ValueError(f"the loader gave a batch of {input_ids.shape[0]} sequences, "
+                             f"expected batch_size={self.options.batch_size}")
+        x, y = self._local_rows(input_ids), self._local_rows(labels)
+        accum = self.local_batch // self.micro
+        sums = torch.zeros(3, device=self.env.device)  # loss, lm_loss, aux_loss (means over micro-batches)
+        counts = None
+        for i in range(accum):
+            rows = slice(i * self.micro, (i + 1) * self.micro)
+            with gradient_sync(self.module, i == accum - 1):
+                with self._autocast():
+                    out = self.module(x[rows], labels=y[rows])
+                (out.loss / accum).backward()
+            sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float() / accum
+            if out.expert_counts is not None:
+                counts = out.expert_counts.detach() + (0 if counts is None else counts)
+        all_reduce(sums, "mean")
+        loss, lm_loss, aux_loss = sums.tolist()
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(self.step + 1, "loss", loss, self.last_checkpoint)
+        lr = lr_at(self.step, peak=self.options.lr, warmup=self.options.warmup_steps, total=self.total_steps,
+                   min_ratio=self.options.min_lr_ratio)
+        set_lr(self.optimizer, lr)
+        grad_norm = clip_grad_norm(self.model, self.options.grad_clip or math.inf).item()
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(self.step + 1, "gradient norm", grad_norm, self.last_checkpoint)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += input_ids.numel()
+        record = {"step": self.step, "loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm,
+                  "lr": lr, "tokens": self.tokens}
+        if counts is not None:
+            counts = all_reduce(counts.float(), "sum")
+            record["expert_load"] = [[round(v, 4) for v in row] for row in (counts / counts.sum(1, keepdim=True))
+                                     .tolist()]
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats/token), perplexity and, given bytes_per_token, bits per byte."""
+        if self.eval_data is None:
+            return {}
+        self.module.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # summed loss, tokens
+        for input_ids, labels in self.eval_data():
+            x, y = self._local_rows(input_ids), self._local_rows(labels)
+            if x.shape[0] == 0:  # fewer rows than processes: run one fully ignored row (sharded models need all)
+                x, y = input_ids[:1].to(self.env.device), torch.full_like(labels[:1], -100).to(self.env.device)
+            with self._autocast():
+                logits = self.module(x).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+            total += torch.stack([loss.double(), (y != -100).sum().double()])
+        self.module.train()
+        loss_sum, n = all_reduce(total, "sum").tolist()
+        val_loss = loss_sum / max(n, 1)
+        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+        if self.bytes_per_token:
+            out["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume_from: str | Path | None = None, deadline: float | None = None) -> RunSummary:
+        """Train until `options.steps`, the `deadline` (a `time.monotonic()` value for the whole run: the
+        final validation and checkpoint are done before it), or SIGINT/SIGTERM; save and summarise."""
+        if self.total_steps is None and deadline is None:
+            raise ValueError("TrainOptions.steps is None: give a deadline (time budget) or a number of steps")
+        start = time.monotonic()
+        if resume_from is not None:
+            self.resume(resume_from)
+        else:
+            torch.manual_seed(self.options.seed + self.env.rank)
+        metrics = (MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
+                                 tensorboard=self.tensorboard) if self.env.is_main else None)
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and self.env.is_main))
+        timer = _Timer()
+        self.module.train()
+        stopped_by = "steps"
+        previous = self._install_signal_handlers()
+        try:
+            if resume_from is None and self.eval_data is not None:
+                timer.eval_seconds = timer.exclude(lambda: self._validate(metrics, bar))
+            while self.total_steps is None or self.step < self.total_steps:
+                if (reason := self._should_stop(deadline, timer)) is not None:
+                    stopped_by = reason
+                    break
+                record = self.train_step()
+                timer.tick(self.options.batch_size * self.options.seq_len)
+                record["tokens_per_s"] = round(timer.tokens_per_s, 1)
+                record["elapsed"] = round(time.monotonic() - start, 3)
+                if metrics is not None and self.step % self.options.log_every == 0:
+                    metrics.log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{timer.tokens_per_s:,.0f}", refresh=False)
+                if self.total_steps is None and timer.steps_timed >= self._estimate_after:
+                    self.total_steps = self._budget_steps(deadline, timer)
+                    bar.total = self.total_steps
+                if self.step % self.options.eval_every == 0 and self.eval_data is not None:
+                    timer.eval_seconds = timer.exclude(lambda: self._validate(metrics, bar))
+                if self.step % self.options.save_every == 0:
+                    timer.save_seconds = timer.exclude(self.save)
+            interrupted = stopped_by.startswith("SIG")
+            if not interrupted and self.eval_data is not None and self.last_val.get("step") != self.step:
+                self._validate(metrics, bar)
+            if self.saved_step != self.step:
+                self.save()
+        finally:
+            bar.close()
+            self._restore_signal_handlers(previous)
+            if metrics is not None:
+                metrics.plot()
+                metrics.close()
+        last_train = next((r["loss"] for r in reversed(metrics.records) if "loss" in r), None) if metrics else None
+        return RunSummary(
+            steps=self.step, tokens=self.tokens, wall_time=time.monotonic() - start, tokens_per_s=timer.tokens_per_s,
+            stopped_by=stopped_by, train_loss=last_train, val_loss=self.last_val.get("val_loss"),
+            val_ppl=self.last_val.get("val_ppl"), val_bpb=self.last_val.get("val_bpb"),
+            checkpoint=self.last_checkpoint, plot=metrics.run_dir / PLOT_FILE if metrics else None,
+            metrics=metrics.path if metrics else None)
+
+    def _validate(self, metrics: MetricsLogger | None, bar: Any) -> None:
+        result = self.evaluate()
+        self.last_val = {"step": self.step, **result}
+        if metrics is not None:
+            metrics.log({"step": self.step, **result})
+            metrics.plot()
+        bpb = f", {result['val_bpb']:.4f} bits/byte" if "val_bpb" in result else ""
+        if self.env.is_main and self.progress:
+            bar.write(f"step {self.step}: validation loss {result['val_loss']:.4f}, "
+                      f"perplexity {result['val_ppl']:.2f}{bpb}")
+
+    @property
+    def _estimate_after(self) -> int:
+        """Steps to time before fixing the schedule length from the budget (within warmup, where lr ignores it)."""
+        return max(2, min(self.options.warmup_steps, 20))
+
+    @staticmethod
+    def _reserve(timer: _Timer) -> float:
+        """Seconds to keep for the final validation and checkpoint."""
+        return timer.eval_seconds + timer.save_seconds + 1.0
+
+    def _budget_steps(self, deadline: float, timer: _Timer) -> int:
+        """The schedule length that fits the deadline, decided by rank 0 for everyone."""
+        per_step = timer.seconds_per_step + timer.eval_seconds / self.options.eval_every
+        left = deadline - time.monotonic() - self._reserve(timer)
+        total = torch.tensor([self.step + max(1, int(0.97 * left / per_step)) if self.env.is_main else 0])
+        return int(all_reduce(total, "max").item())
+
+    def _should_stop(self, deadline: float | None, timer: _Timer) -> str | None:
+        """'SIGINT'/'SIGTERM' or 'time budget' when any rank (signals) or rank 0 (time) says so."""
+        time_up = (deadline is not None and self.env.is_main
+                   and time.monotonic() + timer.seconds_per_step + self._reserve(timer) > deadline)
+        flags = torch.tensor([self._signal or 0, int(time_up)])
+        signum, time_up = all_reduce(flags, "max").tolist()
+        if signum:
+            return signal.Signals(signum).name
+        return "time budget" if time_up else None
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._signal = signum
+            self._restore_signal_handlers(previous)  # a second Ctrl-C stops at once
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                previous[s] = signal.signal(s, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _Timer:
+    """Training throughput (validation and checkpoint time excluded, and the first step with its one-off
+    costs) and the durations the time budget must reserve."""
+
+    def __init__(self) -> None:
+        self.mark = time.monotonic()
+        self.first = True
+        self.train_seconds, self.steps_timed, self.tokens_timed = 0.0, 0, 0
+        self.eval_seconds, self.save_seconds = 0.0, 2.0
+
+    def tick(self, tokens: int) -> None:
+        now = time.monotonic()
+        if not self.first:
+            self.train_seconds += now - self.mark
+            self.steps_timed += 1
+            self.tokens_timed += tokens
+        self.first, self.mark = False, now
+
+    def exclude(self, fn: Callable[[], Any]) -> float:
+        """Run `fn` off the training clock; returns its duration."""
+        t0 = time.monotonic()
+        fn()
+        seconds = time.monotonic() - t0
+        self.mark += seconds
+        return seconds
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.train_seconds / self.steps_timed if self.steps_timed else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_timed / self.train_seconds if self.train_seconds else 0.0

@@ -1,0 +1,52 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from mixcon import MixConConfig, MixConForCausalLM
+from mixcon.training.optim import build_optimizer, lr_at, param_groups
+
+
+def test_weight_decay_on_matrices_only():
+    model = MixConForCausalLM(MixConConfig.preset("tiny"))
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    plain = {names[id(p)] for p in no_decay["params"]}
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    for suffix in ("A_log", "dt_bias", "mixer.D", "mixer_norm.weight", "ffn_norm.weight", "conv1d.bias", "rho_bias"):
+        assert any(n.endswith(suffix) for n in plain), suffix
+        assert not any(n.endswith(suffix) for n in decayed), suffix
+    for suffix in ("in_proj.weight", "out_proj.weight", "w_gate_up", "router.weight", "embed.weight"):
+        assert any(n.endswith(suffix) for n in decayed), suffix
+    # every parameter exactly once, the tied embedding / LM head included
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_optimizer_is_adamw_with_both_groups():
+    model = MixConForCausalLM(MixConConfig.preset("tiny"))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_schedule_warmup_then_cosine():
+    kw = dict(peak=1.0, warmup=10, total=110, min_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(4, **kw) == pytest.approx(0.5)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lr_at(35, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(500, **kw) == pytest.approx(0.1)
+    values = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_schedule_without_total_holds_peak_after_warmup():
+    assert lr_at(5, peak=2.0, warmup=10, total=None, min_ratio=0.1) == pytest.approx(1.2)
+    assert lr_at(1000, peak=2.0, warmup=10, total=None, min_ratio=0.1) == 2.0
+    assert lr_at(0, peak=2.0, warmup=0, total=100, min_ratio=0.0) == 2.0
