@@ -1,0 +1,312 @@
+"""Token shards: a corpus tokenised once into memory-mapped uint16/uint32 arrays plus a JSON index.
+
+A folder holds `index.json` and one `.bin` file per split (`train`, `val`): the token ids of that split's
+documents in corpus order, each document followed by EOS. Documents go to a split by a seeded hash of
+their content, so the split is deterministic. Rebuilds happen only when the key (tokenizer, corpus
+content, split settings) changes, and are atomic: new shards get new names and the index that names
+them replaces the old one last, so an interrupted build leaves the previous index (or none) in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mixcon.data.corpus import Corpus
+from mixcon.data.tokenizer import AnyTokenizer
+
+FORMAT = 1
+INDEX = "index.json"
+SPLITS = ("train", "val")
+BATCH_BYTES = 1 << 20  # text per worker task
+
+Batch = tuple[str, list[str], int]  # (split, documents, UTF-8 bytes)
+
+
+class ShardError(RuntimeError):
+    """Shards that are missing, incomplete or corrupt."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+class ShardDataset:
+    """The `train` and `val` token streams of a shard folder (read-only np.memmap) and its `index`."""
+
+    def __init__(self, directory: str | os.PathLike, verify: bool = True):
+        """Open and check the shards: sizes always, content checksums when `verify`."""
+        self.directory = Path(directory)
+        self.reused = False  # set by prepare_shards when it found these shards already built
+        path = self.directory / INDEX
+        if not path.is_file():
+            raise ShardError(f"{self.directory}: no {INDEX}, so no complete shards (never built, or the build was "
+                             f"interrupted); build them with prepare_shards or `mixcon data prepare`")
+        try:
+            self.index: dict[str, Any] = json.loads(path.read_text())
+            if self.index["format"] != FORMAT:
+                raise ShardError(f"{path}: shard format {self.index['format']}, this mixcon reads {FORMAT}; rebuild")
+            self.dtype = np.dtype(self.index["dtype"])
+            self.train = self._open("train", verify)
+            self.val = self._open("val", verify)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ShardError(f"{path}: corrupt index ({type(e).__name__}: {e}); rebuild the shards") from e
+
+    def _open(self, split: str, verify: bool) -> np.ndarray:
+        info = self.index["splits"][split]
+        path = self.directory / info["file"]
+        if not path.is_file():
+            raise ShardError(f"{path}: missing ({split} shard named in {INDEX}); rebuild the shards")
+        expected = info["tokens"] * self.dtype.itemsize
+        size = path.stat().st_size
+        if size != expected:
+            raise ShardError(f"{path}: {size} bytes, expected {expected} ({info['tokens']} {self.dtype} tokens): "
+                             f"truncated or corrupt; rebuild the shards")
+        tokens = np.memmap(path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
+        if verify and _checksum(tokens) != info["checksum"]:
+            raise ShardError(f"{path}: content does not match the checksum in {INDEX}: corrupt; rebuild the shards")
+        return tokens
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The token stream (N,) of 'train' or 'val'."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+        return self.train if split == "train" else self.val
+
+    @property
+    def vocab_size(self) -> int:
+        return self.index["tokenizer"]["vocab_size"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.index["tokenizer"]["eos_id"]
+
+    def bytes_per_token(self, split: str = "train") -> float:
+        """UTF-8 bytes of text per token (EOS included): converts nats per token to bits per byte."""
+        info = self.index["splits"][split]
+        return info["bytes"] / max(info["tokens"], 1)
+
+    def summary(self) -> str:
+        """Corpus, skipped files, tokenizer and per-split documents / bytes / tokens, one line each."""
+        ix, tok = self.index, self.index["tokenizer"]
+        lines = [f"corpus     {ix['corpus']}",
+                 f"skipped    {ix['skipped']} files or records (unreadable or not UTF-8)",
+                 f"tokenizer  {tok['name']}, vocab {tok['vocab_size']}, fingerprint {tok['fingerprint'][:12]}"]
+        for split in SPLITS:
+            s = ix["splits"][split]
+            lines.append(f"{split:<10} {s['documents']:,} documents, {s['bytes']:,} bytes, {s['tokens']:,} tokens, "
+                         f"{self.bytes_per_token(split):.3f} bytes/token")
+        total = sum(ix["splits"][s]["bytes"] for s in SPLITS)
+        how = "reused" if self.reused else f"built in {ix['seconds']:.1f} s ({total / 1e6 / ix['seconds']:.2f} MB/s)"
+        lines.append(f"shards     {self.directory} ({self.dtype}), {how}")
+        return "\n".join(lines)
+
+
+def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike, val_fraction: float = 0.01,
+                   seed: int = 0, workers: int | None = None, max_bytes: int | None = None,
+                   progress: bool = True) -> ShardDataset:
+    """Tokenise `corpus` (its first `max_bytes` bytes when given) into shards in `out_dir`, or reuse the shards
+    there when tokenizer, corpus content, `val_fraction` and `seed` are unchanged.
+
+    `workers` processes tokenise in parallel (default: one per CPU).
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    start = time.perf_counter()
+    out = Path(out_dir)
+    hashes, n_bytes = [], 0
+    with tqdm(desc="reading corpus", unit="B", unit_scale=True, disable=not progress) as bar:
+        for doc in corpus.documents(max_bytes):
+            data = doc.encode("utf-8")
+            hashes.append(hashlib.blake2b(data, digest_size=16).digest())
+            n_bytes += len(data)
+            bar.update(len(data))
+    if not hashes:
+        raise ValueError(f"empty corpus: no documents in {corpus.describe()}")
+    val_docs = _val_documents(hashes, val_fraction, seed)
+    key = _key(tok, hashes, val_fraction, seed)
+    if (out / INDEX).is_file():
+        try:
+            existing = ShardDataset(out)
+        except ShardError as e:
+            print(f"rebuilding shards: {e}")
+        else:
+            if existing.index["key"] == key:
+                existing.reused = True
+                return existing
+
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
+    files = {split: f"{split}.{key[:16]}.bin" for split in SPLITS}
+    writers = {split: _ShardWriter(out / f"{files[split]}.{os.getpid()}.tmp") for split in SPLITS}
+    stats = {split: {"documents": 0, "bytes": 0} for split in SPLITS}
+    workers = min(workers or os.cpu_count() or 1, math.ceil(n_bytes / BATCH_BYTES))
+    try:
+        batches = _batches(corpus.documents(max_bytes), val_docs)
+        with tqdm(total=n_bytes, desc=f"tokenising ({tok.name})", unit="B", unit_scale=True,
+                  disable=not progress) as bar:
+            for (split, docs, size), tokens in _encode_all(batches, tok, dtype, workers):
+                writers[split].write(tokens)
+                stats[split]["documents"] += len(docs)
+                stats[split]["bytes"] += size
+                bar.update(size)
+        documents, read = (sum(s[field] for s in stats.values()) for field in ("documents", "bytes"))
+        if (documents, read) != (len(hashes), n_bytes):
+            raise RuntimeError(f"the corpus changed while the shards were being built: {corpus.describe()}")
+        for split in SPLITS:
+            writers[split].commit(out / files[split])
+    finally:
+        for writer in writers.values():
+            writer.discard()
+    index = {
+        "format": FORMAT, "key": key, "dtype": dtype.name,
+        "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
+                      "eos_id": tok.eos_id},
+        "corpus": corpus.describe(), "skipped": len(corpus.skipped),
+        "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes,
+        "splits": {split: {"file": files[split], **stats[split], "tokens": writers[split].tokens,
+                           "checksum": writers[split].checksum} for split in SPLITS},
+        "seconds": time.perf_counter() - start,
+    }
+    _write_atomic(out / INDEX, json.dumps(index, indent=2) + "\n")
+    for split in SPLITS:  # shards of earlier builds, and leftovers of interrupted ones
+        for path in out.glob(f"{split}.*.bin*"):
+            if path.name != files[split]:
+                path.unlink()
+    return ShardDataset(out)
+
+
+def _val_documents(hashes: list[bytes], val_fraction: float, seed: int) -> set[int]:
+    """Indices of the validation documents: the round(val_fraction * n) whose seeded content hash is lowest,
+    at least one (and never all) when val_fraction > 0."""
+    n = len(hashes)
+    if val_fraction == 0:
+        return set()
+    if n < 2:
+        raise ValueError(f"val_fraction={val_fraction}: the corpus has a single document and the split is by "
+                         f"document; use val_fraction=0, or a corpus of many documents (a folder, JSON Lines)")
+    k = min(max(round(val_fraction * n), 1), n - 1)
+    salt = str(seed).encode()
+    order = sorted(range(n), key=lambda i: hashlib.blake2b(hashes[i], digest_size=16, key=salt).digest())
+    return set(order[:k])
+
+
+def _key(tok: AnyTokenizer, hashes: list[bytes], val_fraction: float, seed: int) -> str:
+    """Hash of everything the shards depend on."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([FORMAT, tok.fingerprint(), val_fraction, seed]).encode())
+    for digest in hashes:
+        h.update(digest)
+    return h.hexdigest()
+
+
+def _batches(docs: Iterable[str], val_docs: set[int]) -> Iterator[Batch]:
+    """Consecutive documents of one split, about BATCH_BYTES of text per batch, in corpus order."""
+    pending: dict[str, list[str]] = {split: [] for split in SPLITS}
+    sizes = dict.fromkeys(SPLITS, 0)
+    for i, doc in enumerate(docs):
+        split = "val" if i in val_docs else "train"
+        pending[split].append(doc)
+        sizes[split] += len(doc.encode("utf-8"))
+        if sizes[split] >= BATCH_BYTES:
+            yield split, pending[split], sizes[split]
+            pending[split], sizes[split] = [], 0
+    for split in SPLITS:
+        if pending[split]:
+            yield split, pending[split], sizes[split]
+
+
+def _encode_docs(tok: AnyTokenizer, docs: list[str], dtype: np.dtype) -> np.ndarray:
+    """The token ids of each document followed by EOS, concatenated."""
+    ids: list[int] = []
+    for doc in docs:
+        ids += tok.encode(doc)
+        ids.append(tok.eos_id)
+    return np.array(ids, dtype=dtype)
+
+
+_worker_tokenizer: AnyTokenizer | None = None
+
+
+def _init_worker(tok: AnyTokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tok
+
+
+def _encode_in_worker(docs: list[str], dtype: np.dtype) -> np.ndarray:
+    return _encode_docs(_worker_tokenizer, docs, dtype)
+
+
+def _encode_all(batches: Iterator[Batch], tok: AnyTokenizer, dtype: np.dtype,
+                workers: int) -> Iterator[tuple[Batch, np.ndarray]]:
+    """(batch, tokens) in batch order, tokenised by `workers` processes (in this one when workers == 1)."""
+    if workers <= 1:
+        for batch in batches:
+            yield batch, _encode_docs(tok, batch[1], dtype)
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tok,)) as pool:
+        in_flight: deque = deque()
+        for batch in batches:
+            in_flight.append((batch, pool.apply_async(_encode_in_worker, (batch[1], dtype))))
+            if len(in_flight) >= 2 * workers:  # bounded: the corpus is never all in memory
+                batch, result = in_flight.popleft()
+                yield batch, result.get()
+        for batch, result in in_flight:
+            yield batch, result.get()
+
+
+class _ShardWriter:
+    """Appends token arrays to a temporary file, hashing them; `commit` renames it into place."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = path.open("wb")
+        self.hash = hashlib.blake2b(digest_size=16)
+        self.tokens = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        data = tokens.tobytes()
+        self.file.write(data)
+        self.hash.update(data)
+        self.tokens += len(tokens)
+
+    @property
+    def checksum(self) -> str:
+        return self.hash.hexdigest()
+
+    def commit(self, final: Path) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.path, final)
+
+    def discard(self) -> None:
+        """Close and delete the temporary file if it was not committed."""
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _checksum(tokens: np.ndarray) -> str:
+    return hashlib.blake2b(memoryview(tokens).cast("B"), digest_size=16).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

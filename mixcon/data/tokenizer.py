@@ -1,0 +1,164 @@
+"""Tokenizers: a byte-level BPE with split digits (Hugging Face `tokenizers`) and raw UTF-8 bytes.
+
+Both share one interface: `encode` (plain text only, never specials), `decode` (skips specials),
+`vocab_size`, `bos_id` / `eos_id` / `pad_id`, `name`, `fingerprint()` and `save(directory)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD)
+FILENAME = "tokenizer.json"
+_BYTES_MARKER = "mixcon_bytes_tokenizer"  # key of the small JSON that ByteTokenizer.save writes
+
+
+class ByteTokenizer:
+    """Tokenizer-free modelling: ids 0-255 are UTF-8 bytes, then BOS, EOS, PAD."""
+
+    name = "bytes"
+    bos_id, eos_id, pad_id = 256, 257, 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        data = bytearray()
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the bytes vocabulary [0, {self.vocab_size})")
+            if i < 256:
+                data.append(i)
+        return data.decode("utf-8", errors="replace")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self._config()).encode()).hexdigest()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self._config(), indent=2) + "\n")
+        return path
+
+    def _config(self) -> dict[str, int]:
+        return {_BYTES_MARKER: 1, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=259)"
+
+
+class BPETokenizer:
+    """A byte-level BPE from a `tokenizers.Tokenizer` that has the BOS / EOS / PAD special tokens."""
+
+    name = "bpe"
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = Tokenizer.from_str(tokenizer.to_str())  # a private copy: we change a setting below
+        ids = {token: self._tok.token_to_id(token) for token in SPECIAL_TOKENS}
+        missing = [token for token, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special token(s) {', '.join(missing)}; "
+                             f"mixcon needs {', '.join(SPECIAL_TOKENS)} (train one with train_bpe_tokenizer)")
+        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # Text that spells "<|eos|>" is encoded as ordinary characters, never as the special id.
+        self._tok.encode_special_tokens = True
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the BPE vocabulary [0, {self.vocab_size})")
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(path))
+        return path
+
+    def __getstate__(self) -> str:  # pickling (parallel shard workers) goes through the JSON
+        return self._tok.to_str()
+
+    def __setstate__(self, state: str) -> None:
+        self.__init__(Tokenizer.from_str(state))
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """Train a byte-level BPE (every digit its own token, BOS/EOS/PAD) of at most `vocab_size` tokens.
+
+    The result is smaller than `vocab_size` when the text runs out of pairs to merge.
+    """
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size}: a byte-level BPE needs at least {minimum} "
+                         f"(256 bytes + {len(SPECIAL_TOKENS)} specials)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    seen = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal seen
+        for text in texts:
+            seen += len(text)
+            yield text
+
+    tok.train_from_iterator(counted(), trainer)
+    if seen == 0:
+        raise ValueError("no text to train the tokenizer on: the texts are empty")
+    return BPETokenizer(tok)
+
+
+AnyTokenizer = ByteTokenizer | BPETokenizer
+
+
+def load_tokenizer(spec: str | os.PathLike) -> AnyTokenizer:
+    """'bytes', a tokenizer.json (BPE or the bytes marker that ByteTokenizer.save writes), or a directory with one."""
+    if str(spec) == "bytes":
+        return ByteTokenizer()
+    path = Path(spec)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {str(spec)!r}: expected 'bytes', a {FILENAME} file, "
+                                f"or a directory containing {FILENAME}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a tokenizer JSON file ({e})") from e
+    if isinstance(data, dict) and _BYTES_MARKER in data:
+        return ByteTokenizer()
+    try:
+        tokenizer = Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from e
+    try:
+        return BPETokenizer(tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e

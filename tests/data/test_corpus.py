@@ -1,0 +1,138 @@
+"""Corpora: text files, folders and globs, JSON Lines, `datasets`, the stdlib default; skips and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import sysconfig
+import types
+from pathlib import Path
+
+import pytest
+
+from mixcon.data import Corpus, default_corpus, train_bpe_tokenizer
+
+
+def test_text_file_is_one_document_kept_exactly(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes("line one\r\n  indented é\n\n".encode())
+    corpus = Corpus.from_spec(str(path))
+    assert list(corpus) == ["line one\r\n  indented é\n\n"]
+    assert str(path) in corpus.describe()
+
+
+def test_folder_is_recursive_txt_and_globs_pick_other_files(tmp_path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "b.txt").write_text("B")
+    (tmp_path / "sub" / "deeper" / "a.txt").write_text("A")
+    (tmp_path / "sub" / "c.md").write_text("C")
+    assert list(Corpus.from_spec(str(tmp_path))) == ["B", "A"]  # sorted paths: b.txt < sub/deeper/a.txt
+    assert list(Corpus.from_spec(f"{tmp_path}/**/*.md")) == ["C"]
+    assert list(Corpus.from_spec(f"{tmp_path}/**/*")) == ["B", "C", "A"]
+    assert "3 files" in Corpus.from_spec(f"{tmp_path}/**/*").describe()
+
+
+def test_unreadable_and_non_utf8_files_are_skipped_and_counted(tmp_path, monkeypatch):
+    for name, data in [("1.txt", b"good one"), ("2.txt", b"\xff\xfe latin-1 \xe9"), ("3.txt", b"locked"),
+                       ("4.txt", b"good two")]:
+        (tmp_path / name).write_bytes(data)
+    read_bytes = Path.read_bytes
+
+    def deny(self):  # root can read any file, so refuse one by hand
+        if self.name == "3.txt":
+            raise PermissionError(13, "Permission denied")
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    corpus = Corpus.from_spec(str(tmp_path))
+    assert list(corpus) == ["good one", "good two"]
+    assert [s.rsplit("/", 1)[-1] for s in corpus.skipped] == ["2.txt: not UTF-8",
+                                                              "3.txt: unreadable (Permission denied)"]
+    assert "skipped 2" in corpus.describe()
+    assert list(corpus) == ["good one", "good two"] and len(corpus.skipped) == 2  # counts restart each pass
+
+
+def test_json_lines_with_a_named_field(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": "first", "id": 1}).encode(), b"", b"{broken", b'{"text": "caf\xe9"}',
+             json.dumps({"text": "東京 😀\nline", "id": 2}).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    corpus = Corpus.from_spec(str(path))
+    assert list(corpus) == ["first", "東京 😀\nline"]
+    assert [s.rsplit("/", 1)[-1] for s in corpus.skipped] == ["d.jsonl:3: not JSON", "d.jsonl:4: not UTF-8"]
+    other = tmp_path / "e.jsonl"
+    other.write_text(json.dumps({"content": "x"}) + "\n")
+    assert list(Corpus.from_spec(f"{other}:content")) == ["x"]
+    assert list(Corpus.from_spec(f"{tmp_path}/e*.jsonl:content")) == ["x"]  # a glob of JSON Lines files
+    with pytest.raises(ValueError, match=r"e.jsonl:1: no field 'text' \(found: content\)"):
+        list(Corpus.from_spec(str(other)))
+    other.write_text(json.dumps({"text": 3}) + "\n")
+    with pytest.raises(ValueError, match=r"e.jsonl:1: field 'text' is int, expected a string"):
+        list(Corpus.from_spec(str(other)))
+
+
+def test_max_bytes_caps_the_text_at_a_character_boundary(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "1.txt").write_text("abc")
+    (folder / "2.txt").write_text("éééé")  # 8 bytes
+    (folder / "3.txt").write_text("never read")
+    corpus = Corpus.from_spec(str(folder))
+    assert list(corpus.documents(max_bytes=3)) == ["abc"]
+    assert list(corpus.documents(max_bytes=8)) == ["abc", "éé"]  # 5 bytes left: two whole characters
+    assert list(corpus.documents(max_bytes=11)) == ["abc", "éééé"]
+    with pytest.raises(ValueError, match=r"max_bytes=0: must be a positive number"):
+        list(corpus.documents(max_bytes=0))
+
+
+def test_default_corpus_is_the_standard_library():
+    corpus = Corpus.from_spec(None)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert len(corpus.paths) > 500 and all(p.suffix == ".py" and stdlib in p.parents for p in corpus.paths)
+    assert not any("site-packages" in p.parts for p in corpus.paths)
+    assert corpus.paths == default_corpus().paths == Corpus.from_spec("stdlib").paths
+    docs = list(corpus.documents(max_bytes=300_000))
+    assert 300_000 - 3 <= sum(len(d.encode()) for d in docs) <= 300_000
+    assert any("def " in d for d in docs)
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    corpus = Corpus.from_spec(str(tmp_path))
+    assert list(corpus) == [] and len(corpus.skipped) == 1
+    with pytest.raises(ValueError, match=r"no text to train the tokenizer on"):
+        train_bpe_tokenizer(corpus, vocab_size=300)
+
+
+def test_spec_errors_name_the_spec_and_the_forms(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"corpus '.*nope': no such file or folder\ncorpus specs:"):
+        Corpus.from_spec(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=r"no files match the glob"):
+        Corpus.from_spec(f"{tmp_path}/**/*.md")
+    with pytest.raises(FileNotFoundError, match=r"no \*.txt files in the folder; name other files with a glob"):
+        Corpus.from_spec(str(tmp_path))
+
+
+class FakeDataset(list):
+    column_names = ("text", "id")
+
+
+def test_huggingface_datasets_from_disk_and_cache(tmp_path, monkeypatch):
+    rows = FakeDataset([{"text": "one", "id": 1}, {"text": "two", "id": 2}])
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_from_disk = lambda path: calls.append(("disk", path)) or {"train": rows, "test": rows[:1]}
+    fake.load_dataset = lambda name, split: calls.append(("cache", name, split)) or rows
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert list(Corpus.from_spec(f"hf:{tmp_path}")) == ["one", "two"]
+    assert list(Corpus.from_spec("hf:someone/corpus:text")) == ["one", "two"]
+    assert calls == [("disk", str(tmp_path)), ("cache", "someone/corpus", "train")]
+    with pytest.raises(ValueError, match=r"no column 'body' \(columns: text, id\); name one as hf:x:COLUMN"):
+        Corpus.from_spec("hf:x:body")
+
+
+def test_huggingface_corpus_without_datasets_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"needs the `datasets` library \(pip install datasets\)"):
+        Corpus.from_spec("hf:wikitext")

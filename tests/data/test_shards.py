@@ -1,0 +1,193 @@
+"""Token shards: same stream as direct encoding, deterministic document split, reuse, atomic and checked builds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mixcon.data import ByteTokenizer, Corpus, ShardDataset, ShardError, prepare_shards, train_bpe_tokenizer
+from mixcon.data import shards as shards_module
+from mixcon.data.shards import token_dtype
+
+
+def build(corpus, tok, out, **kwargs) -> ShardDataset:
+    return prepare_shards(corpus, tok, out, progress=False, **kwargs)
+
+
+def documents_of(ds: ShardDataset, split: str, tok) -> list[str]:
+    """Cut a split's stream at EOS and decode each piece."""
+    stream = np.asarray(ds.tokens(split)).tolist()
+    assert not stream or stream[-1] == tok.eos_id
+    pieces, start = [], 0
+    for i, t in enumerate(stream):
+        if t == tok.eos_id:
+            pieces.append(tok.decode(stream[start:i]))
+            start = i + 1
+    return pieces
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_shakespeare_shards_equal_encoding_the_file(shakespeare_path, tmp_path, kind):
+    text = shakespeare_path.read_bytes().decode("utf-8")
+    tok = ByteTokenizer() if kind == "bytes" else train_bpe_tokenizer([text[:200_000]], vocab_size=2048)
+    ds = build(Corpus.from_spec(str(shakespeare_path)), tok, tmp_path, val_fraction=0, workers=2)
+    assert np.array_equal(ds.train, np.array([*tok.encode(text), tok.eos_id]))
+    assert len(ds.val) == 0 and ds.train.dtype == np.uint16
+    split = ds.index["splits"]["train"]
+    assert (split["documents"], split["bytes"], split["tokens"]) == (1, len(text.encode()), len(ds.train))
+
+
+def test_documents_are_split_whole_in_order_with_eos_after_each(tmp_path, bpe, random_documents, write_documents):
+    docs = random_documents(200)
+    ds = build(Corpus.from_spec(str(write_documents(tmp_path / "c", docs))), bpe, tmp_path / "s", val_fraction=0.1)
+    train, val = documents_of(ds, "train", bpe), documents_of(ds, "val", bpe)
+    assert len(val) == 20 and sorted(train + val) == sorted(docs)
+    assert train == [d for d in docs if d in set(train)] and val == [d for d in docs if d in set(val)]
+    for split, pieces in (("train", train), ("val", val)):
+        info = ds.index["splits"][split]
+        assert info["documents"] == len(pieces) and info["tokens"] == len(ds.tokens(split))
+        assert info["bytes"] == sum(len(d.encode()) for d in pieces)
+        assert ds.bytes_per_token(split) == info["bytes"] / info["tokens"]
+
+
+def test_split_is_deterministic_and_follows_the_seed(tmp_path, random_documents, write_documents):
+    corpus = Corpus.from_spec(str(write_documents(tmp_path / "c", random_documents(100))))
+    tok = ByteTokenizer()
+    a, b = build(corpus, tok, tmp_path / "a", seed=1), build(corpus, tok, tmp_path / "b", seed=1)
+    c = build(corpus, tok, tmp_path / "c2", seed=2)
+    assert a.index["splits"] == b.index["splits"]
+    assert np.array_equal(a.val, b.val) and np.array_equal(a.train, b.train)
+    assert documents_of(a, "val", tok) != documents_of(c, "val", tok)
+    assert a.index["splits"]["val"]["documents"] == 1  # round(0.01 * 100)
+
+
+def test_parallel_workers_give_the_same_shards(tmp_path, bpe, monkeypatch, random_documents, write_documents):
+    monkeypatch.setattr(shards_module, "BATCH_BYTES", 2_000)  # many small batches across the processes
+    corpus = Corpus.from_spec(str(write_documents(tmp_path / "c", random_documents(150))))
+    one, two = build(corpus, bpe, tmp_path / "one", workers=1), build(corpus, bpe, tmp_path / "two", workers=2)
+    assert one.index["splits"] == two.index["splits"]
+    assert np.array_equal(one.train, two.train) and np.array_equal(one.val, two.val)
+
+
+def test_reuse_if_unchanged_rebuild_if_tokenizer_or_corpus_changes(tmp_path, bpe, random_documents, write_documents):
+    folder = write_documents(tmp_path / "c", random_documents(30))
+    out = tmp_path / "s"
+    first = build(Corpus.from_spec(str(folder)), ByteTokenizer(), out)
+    shard = out / first.index["splits"]["train"]["file"]
+    stamp = (shard.stat().st_ino, shard.stat().st_mtime_ns)
+    again = build(Corpus.from_spec(str(folder)), ByteTokenizer(), out)
+    assert again.reused and not first.reused
+    assert (shard.stat().st_ino, shard.stat().st_mtime_ns) == stamp
+
+    changed_tok = build(Corpus.from_spec(str(folder)), bpe, out)
+    assert not changed_tok.reused and changed_tok.index["tokenizer"]["fingerprint"] == bpe.fingerprint()
+    assert not shard.exists()  # the old build's shards are gone
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["index.json", changed_tok.index["splits"]["train"]["file"], changed_tok.index["splits"]["val"]["file"]])
+
+    (folder / "00003.txt").write_text("an edited document")
+    changed_corpus = build(Corpus.from_spec(str(folder)), bpe, out)
+    assert not changed_corpus.reused and changed_corpus.index["key"] != changed_tok.index["key"]
+    assert "an edited document" in documents_of(changed_corpus, "train", bpe) + documents_of(changed_corpus, "val", bpe)
+    assert not build(Corpus.from_spec(str(folder)), bpe, out, seed=5).reused
+
+
+def test_corrupt_or_truncated_shards_are_detected(tmp_path, random_documents, write_documents):
+    corpus = Corpus.from_spec(str(write_documents(tmp_path / "c", random_documents(30))))
+    out = tmp_path / "s"
+    ds = build(corpus, ByteTokenizer(), out)
+    shard = out / ds.index["splits"]["train"]["file"]
+    data = bytearray(shard.read_bytes())
+    del ds
+
+    data[100] ^= 0xFF
+    shard.write_bytes(data)
+    with pytest.raises(ShardError, match=r"train\..*\.bin: content does not match the checksum in index.json"):
+        ShardDataset(out)
+    assert len(ShardDataset(out, verify=False).train) == len(data) // 2  # sizes are still right
+    rebuilt = build(corpus, ByteTokenizer(), out)  # prepare rebuilds rather than reuses
+    assert not rebuilt.reused and len(rebuilt.train) == len(data) // 2
+
+    shard = out / rebuilt.index["splits"]["train"]["file"]
+    shard.write_bytes(shard.read_bytes()[:-6])
+    with pytest.raises(ShardError, match=r"train\..*\.bin: \d+ bytes, expected \d+ \(\d+ uint16 tokens\): truncated"):
+        ShardDataset(out)
+
+    (out / "index.json").write_text('{"format": 1, "dtype"')
+    with pytest.raises(ShardError, match=r"index.json: corrupt index"):
+        ShardDataset(out)
+    (out / "index.json").unlink()
+    with pytest.raises(ShardError, match=r"no index.json, so no complete shards"):
+        ShardDataset(out)
+
+
+def test_an_interrupted_build_never_loads_as_complete(tmp_path, monkeypatch, random_documents, write_documents):
+    folder = write_documents(tmp_path / "c", random_documents(30))
+    out = tmp_path / "s"
+    old = build(Corpus.from_spec(str(folder)), ByteTokenizer(), out)
+    calls = []
+
+    def interrupted(tok, docs, dtype):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return np.array([1, 2, 3], dtype=dtype)
+
+    monkeypatch.setattr(shards_module, "BATCH_BYTES", 500)
+    monkeypatch.setattr(shards_module, "_encode_docs", interrupted)
+    (folder / "00000.txt").write_text("changed, so a rebuild starts")
+    for target in (out, tmp_path / "fresh"):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            build(Corpus.from_spec(str(folder)), ByteTokenizer(), target, workers=1)
+    survivor = ShardDataset(out)  # the previous build, whole and verified
+    assert survivor.index == old.index and np.array_equal(survivor.train, old.train)
+    assert not list(out.glob("*.tmp")) and not list((tmp_path / "fresh").glob("*.tmp"))
+    with pytest.raises(ShardError, match=r"no index.json"):
+        ShardDataset(tmp_path / "fresh")
+
+
+class WideTokenizer(ByteTokenizer):
+    """Bytes, but with a vocabulary too large for uint16 and EOS at its top."""
+
+    vocab_size, eos_id = 70_000, 69_999
+
+    def fingerprint(self) -> str:
+        return "wide"
+
+
+def test_large_vocabularies_use_uint32(tmp_path):
+    assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32
+    (tmp_path / "a.txt").write_text("hi")
+    ds = build(Corpus.from_spec(str(tmp_path / "a.txt")), WideTokenizer(), tmp_path / "s", val_fraction=0)
+    assert ds.train.dtype == np.uint32 and ds.train.tolist() == [104, 105, 69_999]
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "empty" / "b.txt").write_bytes(b"\xff")
+    with pytest.raises(ValueError, match=r"empty corpus: no documents in text .*skipped 1 \(.*b.txt: not UTF-8\)"):
+        build(Corpus.from_spec(str(tmp_path / "empty")), ByteTokenizer(), tmp_path / "s")
+    (tmp_path / "one.txt").write_text("one document")
+    one = Corpus.from_spec(str(tmp_path / "one.txt"))
+    with pytest.raises(ValueError, match=r"val_fraction=0.01: the corpus has a single document"):
+        build(one, ByteTokenizer(), tmp_path / "s")
+    with pytest.raises(ValueError, match=r"val_fraction=1: must be in \[0, 1\)"):
+        build(one, ByteTokenizer(), tmp_path / "s", val_fraction=1)
+    assert not (tmp_path / "s").exists()
+
+
+def test_max_bytes_and_index_contents(tmp_path, random_documents, write_documents):
+    corpus = Corpus.from_spec(str(write_documents(tmp_path / "c", random_documents(50))))
+    ds = build(corpus, ByteTokenizer(), tmp_path / "s", max_bytes=5_000, seed=3)
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert index == ds.index
+    assert sum(s["bytes"] for s in index["splits"].values()) == 5_000
+    assert index["tokenizer"] == {"name": "bytes", "fingerprint": ByteTokenizer().fingerprint(), "vocab_size": 259,
+                                  "eos_id": 257}
+    assert (index["seed"], index["max_bytes"], index["val_fraction"], index["dtype"]) == (3, 5_000, 0.01, "uint16")
+    assert ds.vocab_size == 259 and ds.eos_id == 257
+    assert "train" in ds.summary() and "bytes/token" in ds.summary()

@@ -1,0 +1,134 @@
+"""BPE and bytes tokenizers: round trips, split digits, specials, tokenizer.json compatibility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tokenizers
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from mixcon.data import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe_tokenizer
+
+# Any Unicode scalar value, with emoji (incl. modifiers and ZWJ), CJK, control characters and spaces over-weighted.
+SAMPLES = list("😀👍🏽\u200d中文字東京\x00\x07\x1b\x7f\t\r\n \u00a0\ufeff2")
+TEXT = st.text(st.one_of(st.characters(codec="utf-8"), st.sampled_from(SAMPLES)))
+SPECIAL_SPELLINGS = "<|bos|>hello<|eos|> <|pad|><|eos|>"
+
+
+def specials(tok) -> set[int]:
+    return {tok.bos_id, tok.eos_id, tok.pad_id}
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT)
+@example("")
+@example(" leading space")
+@example("  two\n\n  spaces  ")
+@example(SPECIAL_SPELLINGS)
+def test_bytes_round_trip_and_no_specials(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert not specials(tok) & set(ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT)
+@example("")
+@example(" leading space")
+@example("  two\n\n  spaces  ")
+@example(SPECIAL_SPELLINGS)
+def test_bpe_round_trip_and_no_specials(bpe, text):
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text
+    assert not specials(bpe) & set(ids)
+    assert all(0 <= i < bpe.vocab_size for i in ids)
+
+
+def test_bytes_ids_and_specials():
+    tok = ByteTokenizer()
+    assert tok.encode("é") == [0xC3, 0xA9]
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.name) == (259, 256, 257, 258, "bytes")
+    assert tok.decode([tok.bos_id, *tok.encode("hi"), tok.eos_id, tok.pad_id]) == "hi"
+    with pytest.raises(ValueError, match=r"token id 259 is outside the bytes vocabulary \[0, 259\)"):
+        tok.decode([259])
+
+
+def test_bpe_decode_skips_specials_and_rejects_unknown_ids(bpe):
+    assert bpe.decode([bpe.bos_id, *bpe.encode("x = 1"), bpe.eos_id, bpe.pad_id]) == "x = 1"
+    with pytest.raises(ValueError, match=r"outside the BPE vocabulary"):
+        bpe.decode([bpe.vocab_size])
+
+
+def test_every_digit_is_its_own_token():
+    # Text where a plain BPE would certainly merge "2024" and "12345": the split must come from the pre-tokenizer.
+    tok = train_bpe_tokenizer(["in 2024 and 1999, x=12345 y=2024 z=2024\n"] * 300, vocab_size=400)
+    assert [tok.decode([i]) for i in tok.encode("2024")] == ["2", "0", "2", "4"]
+    assert [tok.decode([i]) for i in tok.encode("x=12345")][-5:] == list("12345")
+
+
+def test_bpe_vocabulary_has_no_multi_character_token_with_a_digit(bpe, tmp_path):
+    vocab = json.loads(bpe.save(tmp_path).read_text())["model"]["vocab"]
+    with_digits = [t for t in vocab if any(c.isdigit() for c in t) and len(t) > 1]
+    assert with_digits == []
+    assert len(vocab) == bpe.vocab_size
+
+
+def test_bpe_specials_and_size(bpe):
+    assert bpe.name == "bpe" and bpe.vocab_size == 1024
+    assert len(specials(bpe)) == 3 and max(specials(bpe)) < bpe.vocab_size
+
+
+def test_bpe_tokenizer_json_loads_unchanged_in_tokenizers_and_transformers(bpe, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = bpe.save(tmp_path)
+    assert path == tmp_path / "tokenizer.json"
+    text = "def f(x):\n    return 2024 * x  # 東京 😀 <|eos|>\n"
+    plain = text.replace("<|eos|>", "")  # loaded elsewhere, specials spelled in text are matched as specials
+    raw = tokenizers.Tokenizer.from_file(str(path))
+    assert raw.encode(plain, add_special_tokens=False).ids == bpe.encode(plain)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    assert hf.encode(plain, add_special_tokens=False) == bpe.encode(plain)
+    assert hf.decode(bpe.encode(text), clean_up_tokenization_spaces=False) == text
+    assert hf.convert_tokens_to_ids(["<|bos|>", "<|eos|>", "<|pad|>"]) == [bpe.bos_id, bpe.eos_id, bpe.pad_id]
+
+
+def test_load_tokenizer_by_name_file_or_directory(bpe, tmp_path):
+    assert isinstance(load_tokenizer("bytes"), ByteTokenizer)
+    for spec in (bpe.save(tmp_path / "bpe"), tmp_path / "bpe", str(tmp_path / "bpe")):
+        loaded = load_tokenizer(spec)
+        assert isinstance(loaded, BPETokenizer)
+        assert loaded.fingerprint() == bpe.fingerprint()
+        assert loaded.encode("return 2024") == bpe.encode("return 2024")
+    path = ByteTokenizer().save(tmp_path / "bytes")
+    assert isinstance(load_tokenizer(path), ByteTokenizer)
+    assert isinstance(load_tokenizer(tmp_path / "bytes"), ByteTokenizer)
+
+
+def test_fingerprints_tell_tokenizers_apart(bpe):
+    other = train_bpe_tokenizer(["some other text, quite different\n"] * 50, vocab_size=300)
+    prints = {bpe.fingerprint(), other.fingerprint(), ByteTokenizer().fingerprint()}
+    assert len(prints) == 3
+    assert ByteTokenizer().fingerprint() == ByteTokenizer().fingerprint()
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"expected 'bytes', a tokenizer.json file, or a directory"):
+        load_tokenizer(tmp_path / "nope")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad.json: not a tokenizer JSON file"):
+        load_tokenizer(tmp_path / "bad.json")
+    foreign = tokenizers.Tokenizer(tokenizers.models.BPE())
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"tokenizer.json: tokenizer lacks special token\(s\) <\|bos\|>"):
+        load_tokenizer(tmp_path)
+
+
+def test_train_errors():
+    with pytest.raises(ValueError, match=r"vocab_size=100: a byte-level BPE needs at least 259"):
+        train_bpe_tokenizer(["text"], vocab_size=100)
+    with pytest.raises(ValueError, match=r"no text to train the tokenizer on"):
+        train_bpe_tokenizer([], vocab_size=300)
