@@ -10,6 +10,8 @@ import sys
 COMMAND_MODULES = [
     "mixcon.cli.info",
     "mixcon.cli.bench",
+    "mixcon.cli.tokenizer",
+    "mixcon.cli.data",
 ]
 
 

@@ -1,0 +1,45 @@
+"""`mixcon data prepare`: tokenise a corpus into memory-mapped token shards (reused when unchanged)."""
+
+from __future__ import annotations
+
+import argparse
+
+from mixcon.data.corpus import SPEC_FORMS, Corpus
+from mixcon.data.shards import prepare_shards
+from mixcon.data.tokenizer import load_tokenizer
+
+PREPARE_DESCRIPTION = """\
+Tokenise a corpus into memory-mapped uint16/uint32 shards with a JSON index (OUT/index.json), split into
+train and validation by document, EOS after each document. Shards already built from the same tokenizer,
+corpus and split settings are reused. Prints documents, bytes, tokens and bytes per token per split."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="tokenise a corpus into token shards",
+                       description="Data. `mixcon data prepare --help` for the options.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    d = actions.add_parser("prepare", help="tokenise a corpus into train/val token shards",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SPEC_FORMS,
+                           description=PREPARE_DESCRIPTION)
+    d.add_argument("--corpus", default=None, help="corpus spec (default: the Python standard library; see below)")
+    d.add_argument("--tokenizer", default="bytes",
+                   help="'bytes', a tokenizer.json, or a folder containing one (default: %(default)s)")
+    d.add_argument("--out", required=True, help="folder for the shards and index.json")
+    d.add_argument("--val-fraction", type=float, default=0.01,
+                   help="fraction of documents for validation, in [0, 1) (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: %(default)s)")
+    d.add_argument("--workers", type=int, default=None, help="tokenising processes (default: one per CPU)")
+    d.add_argument("--max-bytes", type=int, default=None, help="read only this much text, e.g. 5_000_000")
+    d.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        corpus = Corpus.from_spec(args.corpus)
+        ds = prepare_shards(corpus, tok, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                            workers=args.workers, max_bytes=args.max_bytes)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"mixcon data prepare: {e}") from e
+    print(ds.summary())
+    return 0

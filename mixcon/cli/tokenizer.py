@@ -1,0 +1,56 @@
+"""`mixcon tokenizer train`: a byte-level BPE with split digits and BOS/EOS/PAD, saved as tokenizer.json."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from mixcon.data.corpus import SPEC_FORMS, Corpus
+from mixcon.data.tokenizer import train_bpe_tokenizer
+
+TRAIN_DESCRIPTION = """\
+Train a byte-level BPE (no unknown tokens, every digit its own token, specials <|bos|> <|eos|> <|pad|>)
+and save it as OUT/tokenizer.json, which `tokenizers` and transformers' PreTrainedTokenizerFast load.
+Prints documents, bytes, tokens and bytes per token of the corpus."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a BPE tokenizer on a corpus",
+                       description="Tokenizers. `mixcon tokenizer train --help` for the options.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = actions.add_parser("train", help="train a byte-level BPE and save tokenizer.json",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SPEC_FORMS,
+                           description=TRAIN_DESCRIPTION)
+    t.add_argument("--corpus", default=None, help="corpus spec (default: the Python standard library; see below)")
+    t.add_argument("--vocab-size", type=int, default=8192,
+                   help="vocabulary size with the 3 specials, at least 259 (default: %(default)s; 256000 in the paper)")
+    t.add_argument("--max-bytes", type=int, default=None, help="read only this much text, e.g. 5_000_000")
+    t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    t.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        corpus = Corpus.from_spec(args.corpus)
+        start = time.perf_counter()
+        tok = train_bpe_tokenizer(corpus.documents(args.max_bytes), args.vocab_size)
+        train_s = time.perf_counter() - start
+        path = tok.save(args.out)
+        documents = n_bytes = tokens = 0
+        start = time.perf_counter()
+        for doc in corpus.documents(args.max_bytes):
+            documents += 1
+            n_bytes += len(doc.encode("utf-8"))
+            tokens += len(tok.encode(doc))
+        encode_s = time.perf_counter() - start
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"mixcon tokenizer train: {e}") from e
+    print(f"corpus       {corpus.describe()}")
+    print(f"documents    {documents:,} ({len(corpus.skipped)} files or records skipped)")
+    print(f"bytes        {n_bytes:,}")
+    print(f"tokens       {tokens:,}")
+    print(f"bytes/token  {n_bytes / tokens:.3f} (the bytes tokenizer: 1.000)")
+    print(f"vocabulary   {tok.vocab_size:,} (asked for {args.vocab_size:,})")
+    print(f"time         training {train_s:.1f} s, encoding {encode_s:.1f} s ({n_bytes / 1e6 / encode_s:.2f} MB/s)")
+    print(f"saved        {path}")
+    return 0

@@ -1,0 +1,63 @@
+"""`mixcon tokenizer train` and `mixcon data prepare`: help, summaries, reuse, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixcon.cli import main
+from mixcon.data import BPETokenizer, ShardDataset, load_tokenizer
+
+
+@pytest.mark.parametrize("command", [["tokenizer", "train"], ["data", "prepare"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: mixcon {' '.join(command)}" in out and "--corpus" in out and "corpus specs:" in out
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"{i:02d}.txt").write_text(f"Document {i}: the year {2000 + i}, 東京 and naïve text.\n" * 40)
+    (folder / "bad.txt").write_bytes(b"caf\xe9")
+    return folder
+
+
+def test_train_a_tokenizer_then_prepare_shards_and_reuse_them(corpus_dir, tmp_path, capsys):
+    assert main(["tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok")]) == 0
+    out = capsys.readouterr().out
+    for line in ("documents    20 (1 files or records skipped)", "bytes/token", "(asked for 300)", "MB/s",
+                 f"saved        {tmp_path / 'tok' / 'tokenizer.json'}"):
+        assert line in out
+    assert isinstance(load_tokenizer(tmp_path / "tok"), BPETokenizer)
+
+    argv = ["data", "prepare", "--corpus", str(corpus_dir), "--tokenizer", str(tmp_path / "tok"),
+            "--out", str(tmp_path / "shards"), "--val-fraction", "0.1", "--workers", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    ds = ShardDataset(tmp_path / "shards")
+    assert f"train      18 documents, {ds.index['splits']['train']['bytes']:,} bytes, {len(ds.train):,} tokens" in out
+    assert "val        2 documents" in out and "skipped    1 files" in out and "built in" in out
+    assert main(argv) == 0
+    assert ", reused" in capsys.readouterr().out
+
+
+def test_data_prepare_defaults_to_bytes(corpus_dir, tmp_path, capsys):
+    assert main(["data", "prepare", "--corpus", str(corpus_dir), "--out", str(tmp_path / "s")]) == 0
+    assert "tokenizer  bytes, vocab 259" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["data", "prepare", "--corpus", "/no/such/corpus", "--out", "x"], "mixcon data prepare: corpus '/no/such/corpus'"),
+    (["data", "prepare", "--tokenizer", "/no/such/tok", "--out", "x"], "expected 'bytes', a tokenizer.json file"),
+    (["tokenizer", "train", "--vocab-size", "10", "--out", "x"], "mixcon tokenizer train: vocab_size=10"),
+])
+def test_errors_exit_with_the_message(argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert message in str(exit_info.value)
