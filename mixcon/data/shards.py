@@ -34,8 +34,8 @@ BATCH_BYTES = 1 << 20  # text per worker task
 Batch = tuple[str, list[str], int]  # (split, documents, UTF-8 bytes)
 
 
-class ShardError(RuntimeError):
-    """Shards that are missing, incomplete or corrupt."""
+class ShardError(ValueError):
+    """Shards that are missing, incomplete or corrupt (a ValueError: bad data on disk)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -126,26 +126,12 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
         raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
     start = time.perf_counter()
     out = Path(out_dir)
-    hashes, n_bytes = [], 0
-    with tqdm(desc="reading corpus", unit="B", unit_scale=True, disable=not progress) as bar:
-        for doc in corpus.documents(max_bytes):
-            data = doc.encode("utf-8")
-            hashes.append(hashlib.blake2b(data, digest_size=16).digest())
-            n_bytes += len(data)
-            bar.update(len(data))
-    if not hashes:
-        raise ValueError(f"empty corpus: no documents in {corpus.describe()}")
+    hashes, n_bytes = _scan(corpus, max_bytes, progress)
     val_docs = _val_documents(hashes, val_fraction, seed)
     key = _key(tok, hashes, val_fraction, seed)
-    if (out / INDEX).is_file():
-        try:
-            existing = ShardDataset(out)
-        except ShardError as e:
-            print(f"rebuilding shards: {e}")
-        else:
-            if existing.index["key"] == key:
-                existing.reused = True
-                return existing
+    existing = _existing(out, key)
+    if existing is not None:
+        return existing
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
@@ -186,6 +172,33 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
             if path.name != files[split]:
                 path.unlink()
     return ShardDataset(out)
+
+
+def _scan(corpus: Corpus, max_bytes: int | None, progress: bool) -> tuple[list[bytes], int]:
+    """A content hash per document, and the total UTF-8 bytes."""
+    hashes, n_bytes = [], 0
+    with tqdm(desc="reading corpus", unit="B", unit_scale=True, disable=not progress) as bar:
+        for doc in corpus.documents(max_bytes):
+            data = doc.encode("utf-8")
+            hashes.append(hashlib.blake2b(data, digest_size=16).digest())
+            n_bytes += len(data)
+            bar.update(len(data))
+    if not hashes:
+        raise ValueError(f"empty corpus: no documents in {corpus.describe()}")
+    return hashes, n_bytes
+
+
+def _existing(out: Path, key: str) -> ShardDataset | None:
+    """The shards in `out` if they are complete, intact and built for `key`."""
+    if not (out / INDEX).is_file():
+        return None
+    try:
+        ds = ShardDataset(out)
+    except ShardError as e:
+        print(f"rebuilding shards: {e}")
+        return None
+    ds.reused = ds.index["key"] == key
+    return ds if ds.reused else None
 
 
 def _val_documents(hashes: list[bytes], val_fraction: float, seed: int) -> set[int]:

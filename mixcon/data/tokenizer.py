@@ -54,7 +54,7 @@ class ByteTokenizer:
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
     def __repr__(self) -> str:
-        return "ByteTokenizer(vocab_size=259)"
+        return f"ByteTokenizer(vocab_size={self.vocab_size})"
 
 
 class BPETokenizer:
