@@ -12,6 +12,8 @@ COMMAND_MODULES = [
     "mixcon.cli.bench",
     "mixcon.cli.tokenizer",
     "mixcon.cli.data",
+    "mixcon.cli.train",
+    "mixcon.cli.generate",
 ]
 
 

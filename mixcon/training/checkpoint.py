@@ -79,7 +79,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its latest checkpoint)."""
     path = Path(path)
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST).is_file() or (path / MODEL_FILE).is_file():  # a checkpoint, complete or not
         return path
     latest = latest_checkpoint(path)
     if latest is None:

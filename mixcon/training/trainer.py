@@ -320,7 +320,7 @@ class Trainer:
                                  tensorboard=self.tensorboard) if self.env.is_main else None)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.env.is_main))
-        timer = _Timer()
+        timer = _Timer(save_seconds=1.0 + 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e8)
         self.module.train()
         stopped_by = "steps"
         previous = self._install_signal_handlers()
@@ -426,11 +426,11 @@ class _Timer:
     """Training throughput (validation and checkpoint time excluded, and the first step with its one-off
     costs) and the durations the time budget must reserve."""
 
-    def __init__(self) -> None:
+    def __init__(self, save_seconds: float) -> None:
         self.mark = time.monotonic()
         self.first = True
         self.train_seconds, self.steps_timed, self.tokens_timed = 0.0, 0, 0
-        self.eval_seconds, self.save_seconds = 0.0, 2.0
+        self.eval_seconds, self.save_seconds = 0.0, save_seconds  # until measured: weights + 2 AdamW moments
 
     def tick(self, tokens: int) -> None:
         now = time.monotonic()

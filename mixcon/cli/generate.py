@@ -1,0 +1,109 @@
+"""`mixcon generate`: stream text from a checkpoint, token by token."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from mixcon.data import load_tokenizer
+from mixcon.data.tokenizer import AnyTokenizer
+from mixcon.models.mixcon import CONFIG_NAME, WEIGHTS_NAME, MixConForCausalLM
+from mixcon.training.checkpoint import (
+    MANIFEST,
+    TOKENIZER_DIR,
+    CheckpointError,
+    read_manifest,
+    resolve_checkpoint,
+    verify_files,
+)
+
+
+class TextStreamer:
+    """Prints the text of generated tokens as they arrive. The whole continuation is decoded each time, so
+    tokens that only form characters together (bytes of one UTF-8 character, BPE pieces) print correctly;
+    a trailing incomplete character is held back until it is complete."""
+
+    def __init__(self, tokenizer: AnyTokenizer, out: TextIO | None = None) -> None:
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        self.ids.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        self._emit(text)
+
+    def end(self) -> str:
+        """Print what is left and a newline; returns the whole text."""
+        text = self.tokenizer.decode(self.ids)
+        self._emit(text)
+        self.out.write("\n")
+        self.out.flush()
+        return text
+
+    def _emit(self, text: str) -> None:
+        if len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+
+def load_for_generation(path: str | Path, device: str = "cpu",
+                        tokenizer: str | None = None) -> tuple[MixConForCausalLM, AnyTokenizer]:
+    """Model and tokenizer from a run directory (its latest checkpoint), a checkpoint (verified against its
+    manifest) or a `save_pretrained` directory (then `tokenizer` must name one unless it has tokenizer/)."""
+    path = Path(path)
+    plain_model = (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file() and not (path / MANIFEST).is_file()
+    if not plain_model:
+        path = resolve_checkpoint(path)
+        verify_files(path, read_manifest(path))
+    model = MixConForCausalLM.from_pretrained(path, device=device)
+    if tokenizer is None and not (path / TOKENIZER_DIR).is_dir():
+        raise FileNotFoundError(f"{path} has no {TOKENIZER_DIR}/; name the tokenizer with --tokenizer")
+    return model, load_tokenizer(tokenizer or path / TOKENIZER_DIR)
+
+
+def stream(model: MixConForCausalLM, tok: AnyTokenizer, prompt: str, max_new_tokens: int, *, greedy: bool = False,
+           temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
+           out: TextIO | None = None) -> str:
+    """Print `prompt`, then its continuation as it is generated; returns the continuation. The prompt follows an
+    EOS token, which is how every document starts in training."""
+    device = model.embed.weight.device
+    out = out or sys.stdout
+    ids = torch.tensor([[tok.eos_id, *tok.encode(prompt)]], device=device)
+    out.write(prompt)
+    streamer = TextStreamer(tok, out)
+    model.generate(ids, max_new_tokens, do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_token_id=tok.eos_id, seed=seed, streamer=streamer)
+    return streamer.end()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream text from a checkpoint",
+                       description="Load a model (a run directory's latest checkpoint, a checkpoint directory, or a "
+                                   "save_pretrained directory) and print a continuation of --prompt token by token.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory, checkpoint or model directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model, tok = load_for_generation(args.checkpoint, args.device, args.tokenizer)
+        stream(model, tok, args.prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"mixcon generate: {e}") from e
+    return 0

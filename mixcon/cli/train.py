@@ -1,0 +1,246 @@
+"""`mixcon train`: tokenizer, shards, training with checkpoints and metrics, then a sample. Runs as is on a
+laptop CPU, and under `torchrun --nproc_per_node N` with DDP or FSDP2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixcon.cli.common import add_config_args, config_from_args
+from mixcon.cli.generate import stream
+from mixcon.config import MixConConfig
+from mixcon.data import Corpus, ShardDataset, TrainLoader, eval_batches, load_tokenizer, prepare_shards
+from mixcon.data.corpus import SPEC_FORMS
+from mixcon.data.tokenizer import AnyTokenizer, train_bpe_tokenizer
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.training import checkpoint as ckpt
+from mixcon.training.distributed import DistEnv, barrier, init_distributed, shutdown
+from mixcon.training.metrics import METRICS_FILE, PLOT_FILE
+from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions
+
+DEFAULT_TIME_BUDGET = 480.0  # seconds, when neither --steps nor --time-budget is given
+SAMPLE_SECONDS = 15.0  # kept from the time budget for loading the final checkpoint and printing a sample
+DEFAULTS = TrainOptions()
+
+# (flag, type or "flag" for a switch, help); the TrainOptions field is the flag's name with underscores.
+OPTION_FLAGS: list[tuple[str, Any, str]] = [
+    ("--steps", int, f"optimizer steps (default: as many as the time budget allows, {DEFAULT_TIME_BUDGET:.0f} s "
+                     "unless --time-budget is given)"),
+    ("--time-budget", float, "seconds for the whole command, data preparation and sample included; training stops "
+                             "in time to validate, save and sample"),
+    ("--batch-size", int, "sequences per optimizer step over all processes"),
+    ("--micro-batch-size", int, "sequences per forward pass per process; gradients accumulate over the rest "
+                                "(default: batch size / world size)"),
+    ("--seq-len", int, "tokens per training sequence"),
+    ("--lr", float, "peak learning rate"),
+    ("--min-lr-ratio", float, "final learning rate as a fraction of the peak (cosine decay)"),
+    ("--warmup-steps", int, "linear warmup steps"),
+    ("--weight-decay", float, "AdamW weight decay of matrices (never of norms, biases, A_log, dt_bias, D)"),
+    ("--grad-clip", float, "clip the global gradient norm (0: off)"),
+    ("--eval-every", int, "validate every N steps"),
+    ("--eval-batches", int, "validation batches (of --batch-size sequences)"),
+    ("--save-every", int, "checkpoint every N steps (and at the end)"),
+    ("--keep-last", int, "checkpoints to keep"),
+    ("--log-every", int, "write a metrics record every N steps"),
+    ("--seed", int, "seed of initialisation, data order and split"),
+    ("--precision", ["auto", "fp32", "bf16"], "auto: bf16 autocast on CUDA, fp32 on CPU"),
+    ("--parallel", ["ddp", "fsdp"], "under torchrun: DDP, or FSDP2 (fully_shard per layer)"),
+    ("--activation-checkpointing", "flag", "recompute each layer's activations in the backward pass"),
+    ("--compile", "flag", "torch.compile each layer"),
+    ("--corpus", str, "corpus spec (default: Python's standard library sources); see below"),
+    ("--max-bytes", int, "use the first N bytes of the corpus (0: all)"),
+    ("--tokenizer", str, "'bpe' (train a byte-level BPE of the config's vocab_size on the corpus), 'bytes', or a "
+                         "tokenizer path"),
+    ("--val-fraction", float, "fraction of the corpus's documents held out for validation"),
+]
+
+
+def _field(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model (CPU or torchrun DDP/FSDP2), resumable", epilog=SPEC_FORMS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a MixCon model: tokenizer and shards from the corpus, AdamW with warmup + cosine, "
+                    "validation (loss, perplexity, bits per byte), checkpoints, metrics.jsonl and loss.png in --out, "
+                    "then a sample. Ctrl-C or SIGTERM saves and exits; --resume continues exactly. Several "
+                    "processes: torchrun --nproc_per_node N -m mixcon train ...")
+    add_config_args(p)
+    p.set_defaults(config=None)  # None: "small" for a new run, the checkpoint's config on --resume
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue the latest checkpoint in --out, or the given checkpoint / run directory; options "
+                        "not given again keep their saved values")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that has checkpoints")
+    for flag, kind, text in OPTION_FLAGS:
+        default = getattr(DEFAULTS, _field(flag))
+        text = text if "default:" in text else f"{text} (default: {default})"
+        if kind == "flag":
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+        elif isinstance(kind, list):
+            p.add_argument(flag, choices=kind, default=argparse.SUPPRESS, help=text)
+        else:
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--sample-tokens", type=int, default=200, help="tokens to sample at the end (default: 200; 0: none)")
+    p.add_argument("--prompt", default=None, help="prompt of the final sample (default: the start of the validation "
+                                                  "text)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    env = init_distributed(args.device)
+    try:
+        return _train(args, env, start)
+    except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"mixcon train: {e}") from e
+    finally:
+        shutdown()
+
+
+def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
+    say = print if env.is_main else _quiet
+    resume = None
+    if args.resume is not None:
+        resume = ckpt.resolve_checkpoint(args.resume or _out_dir(args))
+    out = Path(args.out) if args.out else (resume.parent.parent if resume else _out_dir(args))
+    options = _options(args, resume, say)
+    if resume is None:
+        _check_fresh(out, args.overwrite, env)
+    tok = _tokenizer(options, resume, out, args, env)
+    config = _config(args, resume, tok)
+    ds = _dataset(options, tok, out, env)
+    torch.manual_seed(options.seed)  # the same initial weights in every process
+    model = MixConForCausalLM(config)
+    say(model.summary())
+    say(ds.summary())
+    loader = TrainLoader(ds, options.seq_len, options.batch_size, seed=options.seed)
+    has_val = len(ds.tokens("val")) > options.seq_len
+
+    def eval_data() -> Any:
+        return eval_batches(ds, options.seq_len, options.batch_size, max_batches=options.eval_batches)
+
+    trainer = Trainer(model, options, out, loader=loader, eval_data=eval_data if has_val else None,
+                      bytes_per_token=ds.bytes_per_token("val") if has_val else None, tokenizer=tok, env=env,
+                      progress=not args.no_progress, tensorboard=args.tensorboard)
+    deadline = None
+    if options.time_budget is not None:
+        deadline = start + options.time_budget - (SAMPLE_SECONDS if args.sample_tokens > 0 else 0.0)
+    say(f"training {'from ' + str(resume) if resume else 'from scratch'} in {out}: {options.batch_size} x "
+        f"{options.seq_len} tokens per step, " + (f"{options.steps} steps" if options.steps else
+                                                  f"as many steps as fit {options.time_budget:.0f} s"))
+    try:
+        summary = trainer.fit(resume_from=resume, deadline=deadline)
+    except NonFiniteLossError as e:
+        say(f"mixcon train: {e}")
+        return 1
+    say("\n" + summary.format())
+    if env.is_main and args.sample_tokens > 0 and not summary.stopped_by.startswith("SIG"):
+        prompt = args.prompt if args.prompt is not None else _default_prompt(ds, tok)
+        say(f"\nsample ({args.sample_tokens} tokens, temperature 0.8):\n" + "-" * 60)
+        sample_model = MixConForCausalLM.from_pretrained(summary.checkpoint, device=str(env.device))
+        stream(sample_model, tok, prompt, args.sample_tokens, seed=options.seed)
+        say("-" * 60)
+    say(f"\ncheckpoint: {summary.checkpoint}\nloss plot:  {out / PLOT_FILE}\nmetrics:    {out / METRICS_FILE}\n"
+        f"more text:  mixcon generate --checkpoint {out} --prompt '...'\n"
+        f"continue:   mixcon train --out {out} --resume")
+    return 0
+
+
+def _quiet(*_args: Any, **_kwargs: Any) -> None:
+    pass
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path("runs") / Path(args.config or "small").stem
+
+
+def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOptions:
+    """Saved options of the resumed run (or the defaults), updated with the flags given on this command line."""
+    given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in OPTION_FLAGS if hasattr(args, _field(flag))}
+    if given.get("max_bytes") == 0:
+        given["max_bytes"] = None
+    if resume is None:
+        options = dataclasses.replace(DEFAULTS, **given)
+        if options.steps is None and options.time_budget is None:
+            options.time_budget = DEFAULT_TIME_BUDGET
+    else:
+        saved = TrainOptions.from_dict(ckpt.read_trainer_state(resume)["options"])
+        for key, value in given.items():
+            if getattr(saved, key) != value:
+                say(f"resume: {key} changes from {getattr(saved, key)!r} to {value!r}")
+        options = dataclasses.replace(saved, **given)
+    options.check()
+    return options
+
+
+def _check_fresh(out: Path, overwrite: bool, env: DistEnv) -> None:
+    latest = ckpt.latest_checkpoint(out)
+    if latest is None:
+        return
+    if not overwrite:
+        raise SystemExit(f"mixcon train: {out} already holds a run (latest checkpoint {latest.name}); continue it "
+                         f"with --resume, start afresh with --overwrite, or choose another --out")
+    barrier()  # every process has seen the old checkpoints before rank 0 removes them
+    if env.is_main:
+        shutil.rmtree(out / ckpt.CHECKPOINTS)
+        for name in (METRICS_FILE, PLOT_FILE):
+            (out / name).unlink(missing_ok=True)
+
+
+def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argparse.Namespace,
+               env: DistEnv) -> AnyTokenizer:
+    """The resumed checkpoint's tokenizer; or 'bytes', a saved one, or a BPE trained here (by rank 0)."""
+    if resume is not None:
+        return load_tokenizer(resume / ckpt.TOKENIZER_DIR)
+    if options.tokenizer != "bpe":
+        return load_tokenizer(options.tokenizer)
+    trained = out / "tokenizer"
+    if env.is_main:
+        vocab = _requested_config(args).vocab_size
+        print(f"training a byte-level BPE tokenizer ({vocab} tokens) on the corpus...")
+        corpus = Corpus.from_spec(options.corpus)
+        train_bpe_tokenizer(corpus.documents(options.max_bytes), vocab).save(trained)
+    barrier()
+    return load_tokenizer(trained)
+
+
+def _requested_config(args: argparse.Namespace) -> MixConConfig:
+    return config_from_args(argparse.Namespace(config=args.config or "small", overrides=args.overrides))
+
+
+def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer) -> MixConConfig:
+    """The config asked for (vocabulary and special tokens from the tokenizer), or the resumed checkpoint's when
+    neither --config nor --set is given."""
+    if resume is not None and args.config is None and not args.overrides:
+        return MixConConfig.load(resume / ckpt.CONFIG_FILE)
+    return _requested_config(args).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+
+
+def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv) -> ShardDataset:
+    """Shards in RUN/data, built (or reused when unchanged) by rank 0."""
+    if env.is_main:
+        prepare_shards(Corpus.from_spec(options.corpus), tok, out / "data", val_fraction=options.val_fraction,
+                       seed=options.seed, max_bytes=options.max_bytes)
+    barrier()
+    return ShardDataset(out / "data", verify=env.is_main)
+
+
+def _default_prompt(ds: ShardDataset, tok: AnyTokenizer, n_tokens: int = 12) -> str:
+    """The first tokens of the validation text (or of the training text)."""
+    tokens = ds.tokens("val") if len(ds.tokens("val")) else ds.tokens("train")
+    return tok.decode(tokens[:n_tokens].tolist())

@@ -1,0 +1,83 @@
+"""`mixcon train` and `mixcon generate` end to end on a tiny model and corpus."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from mixcon.cli import main
+from mixcon.data import load_tokenizer
+from mixcon.training.metrics import read_metrics
+
+
+@pytest.mark.parametrize(("command", "flags"), [
+    ("train", ["--config", "--set", "--out", "--resume", "--time-budget", "--steps", "--batch-size",
+               "--micro-batch-size", "--parallel", "--activation-checkpointing", "--compile", "--precision",
+               "--corpus", "--tokenizer", "--max-bytes", "torchrun"]),
+    ("generate", ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--greedy"]),
+])
+def test_help(command, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    missing = [f for f in flags if f not in text]
+    assert not missing
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    rng = random.Random(0)
+    words = ["the", "king", "said", "to", "his", "queen", "we", "shall", "go", "now", "and", "sing"]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(12):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(60)]
+        (folder / f"{i:02d}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_train_sample_generate_and_resume(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--set", "vocab_size=320", "--corpus", str(corpus), "--val-fraction", "0.2",
+            "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
+            "--sample-tokens", "8", "--prompt", "the king", "--no-progress", "--out", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    last = run / "checkpoints" / "step-00000003"
+    assert "training a byte-level BPE tokenizer (320 tokens)" in out
+    assert "sample (8 tokens" in out and "\nthe king" in out
+    assert f"checkpoint: {last}" in out and f"loss plot:  {run / 'loss.png'}" in out
+    assert (run / "loss.png").is_file()
+    tok = load_tokenizer(last / "tokenizer")
+    config = json.loads((last / "config.json").read_text())
+    assert config["vocab_size"] == tok.vocab_size <= 320 and config["eos_token_id"] == tok.eos_id
+
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "the", "--max-new-tokens", "5", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("the")
+
+    with pytest.raises(SystemExit, match=r"already holds a run.*--resume"):
+        main(args)
+    with pytest.raises(SystemExit, match=r"config differs.*d_model: 32 != 64"):
+        main([*args, "--resume", "--set", "d_model=64"])
+
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--sample-tokens", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: steps changes from 3 to 5" in out
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
+    assert json.loads((run / "checkpoints" / "step-00000005" / "config.json").read_text()) == config
+
+
+def test_generate_refuses_a_corrupt_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--val-fraction", "0.2",
+                 "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0", "--no-progress",
+                 "--out", str(run)]) == 0
+    weights = run / "checkpoints" / "step-00000001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(SystemExit, match=r"model\.safetensors: corrupt"):
+        main(["generate", "--checkpoint", str(run), "--max-new-tokens", "2"])

@@ -1,0 +1,132 @@
+"""Checkpoints: atomic writes, last-k, and refusal of corrupt, incomplete or mismatched checkpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from mixcon.data import ByteTokenizer, load_tokenizer
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.training import checkpoint as ckpt
+from mixcon.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+
+
+@pytest.fixture
+def trained(make_trainer, tmp_path):
+    """A run directory with checkpoints at steps 2 and 4 (and its trainer)."""
+    trainer = make_trainer(tmp_path, steps=4, save_every=2, keep_last=5, eval_every=100)
+    trainer.fit()
+    return trainer, tmp_path
+
+
+def test_checkpoint_holds_everything_and_loads_as_a_model(trained):
+    trainer, run = trained
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+    c = load_checkpoint(run, expected_config=trainer.model.config,
+                        expected_tokenizer=ByteTokenizer().fingerprint())
+    assert c.step == 4 and c.path == latest_checkpoint(run)
+    assert c.trainer_state["step"] == 4 and c.trainer_state["loader"] == {"seed": 0, "step": 4}
+    assert c.trainer_state["options"]["lr"] == 3e-3 and "torch" in c.trainer_state["rng"][0]
+    assert len(c.optimizer_state["state"]) == len(list(trainer.model.parameters()))
+    assert "lm_head.weight" not in c.model_state  # tied to embed.weight: stored once
+    for name, value in trainer.model.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(c.model_state[name], value), name
+    model = MixConForCausalLM.from_pretrained(c.path)
+    assert torch.equal(model.lm_head.weight, trainer.model.embed.weight)
+    assert isinstance(load_tokenizer(c.path / ckpt.TOKENIZER_DIR), ByteTokenizer)
+
+
+def test_only_the_last_k_are_kept(make_trainer, tmp_path):
+    make_trainer(tmp_path, steps=5, save_every=1, keep_last=2, eval_every=100).fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(trained, monkeypatch):
+    trainer, run = trained
+    real_save = torch.save
+
+    def crash_after_partial_write(obj, f, *args, **kwargs):
+        if str(f).endswith(ckpt.STATE_FILE):
+            f.write_bytes(b"partial")
+            raise OSError("disk full (simulated crash mid-write)")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", crash_after_partial_write)
+    trainer.step = 6
+    with pytest.raises(OSError, match="simulated"):
+        trainer.save()
+    monkeypatch.undo()
+    assert (run / ckpt.CHECKPOINTS / ".tmp-step-00000006").is_dir()  # the debris of the crash
+    assert latest_checkpoint(run).name == "step-00000004"
+    assert load_checkpoint(run).step == 4
+    trainer.save()  # the next save succeeds and clears the debris
+    assert latest_checkpoint(run).name == "step-00000006"
+    assert not list((run / ckpt.CHECKPOINTS).glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("name", [ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, "tokenizer/tokenizer.json"])
+def test_corrupt_file_is_refused(trained, name):
+    _, run = trained
+    path = latest_checkpoint(run) / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: corrupt"):
+        load_checkpoint(run)
+
+
+def test_truncated_or_missing_files_are_refused(trained):
+    _, run = trained
+    path = latest_checkpoint(run)
+    (path / ckpt.MODEL_FILE).write_bytes((path / ckpt.MODEL_FILE).read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt"):
+        load_checkpoint(path)
+    (path / ckpt.OPTIMIZER_FILE).unlink()
+    (path / ckpt.MANIFEST).write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"manifest\.json: corrupt"):
+        load_checkpoint(path)
+    (path / ckpt.MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(path)
+    assert latest_checkpoint(run).name == "step-00000002"  # without a manifest it is not a checkpoint
+
+
+def test_mismatched_config_or_tokenizer_is_refused(trained, make_trainer, tmp_path):
+    trainer, run = trained
+    other = trainer.model.config.replace(d_model=48, conba_delay=1)
+    with pytest.raises(CheckpointError, match=r"config differs.*conba_delay: 2 != 1.*d_model: 32 != 48"):
+        load_checkpoint(run, expected_config=other)
+    with pytest.raises(CheckpointError, match="trained with tokenizer"):
+        load_checkpoint(run, expected_tokenizer="another-fingerprint")
+    wider = make_trainer(tmp_path / "wider", config=other)
+    with pytest.raises(CheckpointError, match="d_model"):
+        wider.fit(resume_from=run)
+
+
+def test_weights_of_the_wrong_shape_are_refused(trained):
+    _, run = trained
+    c = load_checkpoint(run)
+    expected = {k: v.shape for k, v in c.model_state.items()}
+    expected["embed.weight"] = torch.Size([7, 7])
+    del expected["norm.weight"]
+    with pytest.raises(CheckpointError, match=r"unexpected \['norm.weight'\].*embed.weight"):
+        ckpt.check_model_state(c.model_state, expected, c.path)
+
+
+def test_unknown_format_version_is_refused(trained):
+    _, run = trained
+    manifest_file = latest_checkpoint(run) / ckpt.MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    manifest["format_version"] = 99
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        load_checkpoint(run)
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        load_checkpoint(tmp_path)

@@ -1,0 +1,78 @@
+"""`torchrun --nproc_per_node 2 -m mixcon train` on CPU (gloo): DDP and FSDP2 agree with one process at the same
+global batch, only rank 0 writes, and a checkpoint written by two processes continues in one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixcon.cli import main
+from mixcon.training.checkpoint import list_checkpoints
+from mixcon.training.metrics import read_metrics
+
+TOLERANCE = 1e-5
+
+
+def train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    # The MoE load-balancing loss is a statistic of each process's batch (as in Megatron and torchtitan), so it
+    # differs between 1 and 2 processes; without it both optimise exactly the same function.
+    return ["train", "--config", "tiny", "--set", "router_aux_loss_coef=0", "--tokenizer", "bytes",
+            "--corpus", str(corpus), "--val-fraction", "0.1", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+            "--warmup-steps", "2", "--eval-every", "3", "--eval-batches", "2", "--save-every", "3",
+            "--sample-tokens", "0", "--no-progress", "--out", str(out), *extra]
+
+
+def metric(run: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run / "metrics.jsonl") if key in r}
+
+
+def assert_close(a: dict[int, float], b: dict[int, float]) -> None:
+    assert a.keys() == b.keys()
+    worst = max(abs(a[k] - b[k]) for k in a)
+    assert worst <= TOLERANCE, (worst, a, b)
+
+
+@pytest.fixture(scope="module")
+def single(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, 2 micro-batches of 2 sequences per step."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main(train_args(text_corpus, out, "--micro-batch-size", "2")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """DDP and FSDP2 runs of 2 processes, 2 micro-batches of 1 sequence per process per step."""
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        out = tmp_path_factory.mktemp(parallel) / "run"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mixcon", *train_args(text_corpus, out, "--micro-batch-size", "1", "--parallel", parallel)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.stdout.count("stopped by steps after 6 steps") == 1  # only rank 0 reports
+        runs[parallel] = out
+    return runs
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(single, two_processes, parallel):
+    run = two_processes[parallel]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert_close(metric(run, "loss"), metric(single, "loss"))
+    assert_close(metric(run, "val_loss"), metric(single, "val_loss"))
+    assert metric(run, "tokens")[6] == metric(single, "tokens")[6] == 6 * 4 * 32
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000003", "step-00000006"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_checkpoint_of_two_processes_continues_in_one(single, two_processes, parallel, text_corpus, tmp_path):
+    start = list_checkpoints(two_processes[parallel])[0]  # step 3
+    out = tmp_path / "continued"
+    assert main(train_args(text_corpus, out, "--micro-batch-size", "2", "--resume", str(start))) == 0
+    continued, reference = metric(out, "loss"), metric(single, "loss")
+    assert sorted(continued) == [4, 5, 6]
+    assert_close(continued, {k: reference[k] for k in continued})
