@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     env = init_distributed(args.device)
     try:
         return _train(args, env, start)
-    except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ckpt.CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"mixcon train: {e}") from e
     finally:
         shutdown()

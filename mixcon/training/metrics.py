@@ -47,7 +47,7 @@ def _tensorboard_writer(log_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
+        raise ImportError("TensorBoard logging needs the tensorboard package (pip install tensorboard)") from e
     return SummaryWriter(str(log_dir))
 
 

@@ -61,19 +61,19 @@ class TrainOptions:
     # schedule and batch
     steps: int | None = None  # optimizer steps; None: as many as the time budget allows
     time_budget: float | None = None  # seconds for the whole command (the CLI turns it into a deadline)
-    batch_size: int = 16  # sequences per optimizer step, over all processes
+    batch_size: int = 8  # sequences per optimizer step, over all processes
     micro_batch_size: int | None = None  # sequences per forward pass per process; None: batch_size / world size
     seq_len: int = 256
     # optimizer
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0: no clipping
     # observation and checkpoints
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 200
     keep_last: int = 2

@@ -105,6 +105,16 @@ def test_gradient_accumulation_matches_full_batch(make_trainer, tiny_config, tmp
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
 
 
+def test_activation_checkpointing_trains_the_same(make_trainer, tmp_path):
+    make_trainer(tmp_path / "plain", steps=3).fit()
+    trainer = make_trainer(tmp_path / "recompute", steps=3, activation_checkpointing=True)
+    assert all(type(layer).__name__ == "CheckpointWrapper" for layer in trainer.model.layers)
+    trainer.fit()
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "recompute")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-6 for k in a)
+    MixConForCausalLM.from_pretrained(latest_checkpoint(tmp_path / "recompute"))  # clean parameter names
+
+
 def test_metrics_and_plot_are_written(make_trainer, shards, tmp_path):
     summary = make_trainer(tmp_path, steps=4).fit()
     records = read_metrics(tmp_path / "metrics.jsonl")
