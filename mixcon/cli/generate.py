@@ -60,7 +60,7 @@ def load_for_generation(path: str | Path, device: str = "cpu",
     plain_model = (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file() and not (path / MANIFEST).is_file()
     if not plain_model:
         path = resolve_checkpoint(path)
-        verify_files(path, read_manifest(path))
+        verify_files(path, read_manifest(path), prefixes=(CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR))
     model = MixConForCausalLM.from_pretrained(path, device=device)
     if tokenizer is None and not (path / TOKENIZER_DIR).is_dir():
         raise FileNotFoundError(f"{path} has no {TOKENIZER_DIR}/; name the tokenizer with --tokenizer")

@@ -33,7 +33,8 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--steps", int, f"optimizer steps (default: as many as the time budget allows, {DEFAULT_TIME_BUDGET:.0f} s "
                      "unless --time-budget is given)"),
     ("--time-budget", float, "seconds for the whole command, data preparation and sample included; training stops "
-                             "in time to validate, save and sample"),
+                             f"in time to validate, save and sample (default: {DEFAULT_TIME_BUDGET:.0f} without "
+                             "--steps, else none)"),
     ("--batch-size", int, "sequences per optimizer step over all processes"),
     ("--micro-batch-size", int, "sequences per forward pass per process; gradients accumulate over the rest "
                                 "(default: batch size / world size)"),
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that has checkpoints")
     for flag, kind, text in OPTION_FLAGS:
         default = getattr(DEFAULTS, _field(flag))
-        text = text if "default:" in text else f"{text} (default: {default})"
+        text = text if "default:" in text or kind == "flag" else f"{text} (default: {default})"
         if kind == "flag":
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         elif isinstance(kind, list):

@@ -169,9 +169,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(path: Path, manifest: dict[str, Any]) -> None:
-    """Every file listed in the manifest exists with its recorded size and sha256."""
+def verify_files(path: Path, manifest: dict[str, Any], prefixes: tuple[str, ...] = ("",)) -> None:
+    """Every file listed in the manifest (whose name starts with one of `prefixes`) exists with its recorded size
+    and sha256."""
     for name, meta in manifest["files"].items():
+        if not name.startswith(prefixes):
+            continue
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from the checkpoint")

@@ -95,9 +95,10 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
 ) -> nn.Module:
-    """Apply activation checkpointing and torch.compile per layer of `model.layers`, then DDP or FSDP2 when
-    there is more than one process. Returns the module to call in training: the DDP wrapper, or `model` itself
-    (FSDP2 shards it in place). Parameter names are kept, so full state dicts are the same in every case."""
+    """Apply activation checkpointing and torch.compile per layer of `model.layers`, move the model to the
+    device, then wrap it in DDP or shard it with FSDP2 when there is more than one process. Returns the module
+    to call in training: the DDP wrapper, or `model` itself (FSDP2 shards it in place). Parameter names are
+    kept, so full state dicts are the same in every case."""
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -106,9 +107,7 @@ def parallelize(
     if compile:
         for layer in model.layers:
             layer.compile()
-    if not env.distributed:
-        return model
-    if mode == "fsdp":
+    if env.distributed and mode == "fsdp":  # each process moves only its shards to its device
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -116,6 +115,9 @@ def parallelize(
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        return model
+    model.to(env.device)
+    if not env.distributed:
         return model
     return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 

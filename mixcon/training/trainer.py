@@ -117,6 +117,7 @@ class RunSummary:
     tokens_per_s: float
     stopped_by: str
     train_loss: float | None
+    val_step: int | None
     val_loss: float | None
     val_ppl: float | None
     val_bpb: float | None
@@ -131,7 +132,8 @@ class RunSummary:
             lines.append(f"train loss {self.train_loss:.4f}")
         if self.val_loss is not None:
             bpb = f", {self.val_bpb:.4f} bits per byte" if self.val_bpb is not None else ""
-            lines.append(f"validation loss {self.val_loss:.4f}, perplexity {self.val_ppl:.2f}{bpb}")
+            lines.append(f"validation (step {self.val_step}): loss {self.val_loss:.4f}, "
+                         f"perplexity {self.val_ppl:.2f}{bpb}")
         return "\n".join(lines)
 
 
@@ -173,7 +175,6 @@ class Trainer:
         self.tokenizer, self.progress, self.tensorboard = tokenizer, progress, tensorboard
         self.aliases = tied_aliases(model)
         self.shapes = {k: v.shape for k, v in model.state_dict().items() if k not in self.aliases}
-        model.to(self.env.device)
         self.module = parallelize(model, self.env, mode=options.parallel,
                                   activation_checkpointing=options.activation_checkpointing, compile=options.compile)
         self.optimizer = build_optimizer(model, lr=options.lr, weight_decay=options.weight_decay,
@@ -361,7 +362,8 @@ class Trainer:
         last_train = next((r["loss"] for r in reversed(metrics.records) if "loss" in r), None) if metrics else None
         return RunSummary(
             steps=self.step, tokens=self.tokens, wall_time=time.monotonic() - start, tokens_per_s=timer.tokens_per_s,
-            stopped_by=stopped_by, train_loss=last_train, val_loss=self.last_val.get("val_loss"),
+            stopped_by=stopped_by, train_loss=last_train, val_step=self.last_val.get("step"),
+            val_loss=self.last_val.get("val_loss"),
             val_ppl=self.last_val.get("val_ppl"), val_bpb=self.last_val.get("val_bpb"),
             checkpoint=self.last_checkpoint, plot=metrics.run_dir / PLOT_FILE if metrics else None,
             metrics=metrics.path if metrics else None)

@@ -72,11 +72,14 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys):
     assert json.loads((run / "checkpoints" / "step-00000005" / "config.json").read_text()) == config
 
 
-def test_generate_refuses_a_corrupt_checkpoint(corpus, tmp_path):
-    run = tmp_path / "run"
-    assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--val-fraction", "0.2",
-                 "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0", "--no-progress",
-                 "--out", str(run)]) == 0
+def test_config_file_and_corrupt_checkpoint_refused_by_generate(corpus, tmp_path):
+    run, config_file = tmp_path / "run", tmp_path / "model.json"
+    config_file.write_text(json.dumps({"preset": "tiny", "d_model": 48}))
+    assert main(["train", "--config", str(config_file), "--set", "moe_every=0", "--tokenizer", "bytes",
+                 "--corpus", str(corpus), "--val-fraction", "0.2", "--steps", "1", "--batch-size", "2",
+                 "--seq-len", "16", "--sample-tokens", "0", "--no-progress", "--out", str(run)]) == 0
+    config = json.loads((run / "checkpoints" / "step-00000001" / "config.json").read_text())
+    assert (config["d_model"], config["moe_every"], config["vocab_size"]) == (48, 0, 259)
     weights = run / "checkpoints" / "step-00000001" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(SystemExit, match=r"model\.safetensors: corrupt"):
