@@ -47,7 +47,7 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--eval-every", int, "validate every N steps"),
     ("--eval-batches", int, "validation batches (of --batch-size sequences)"),
     ("--save-every", int, "checkpoint every N steps (and at the end)"),
-    ("--keep-last", int, "checkpoints to keep"),
+    ("--keep-last", int, "checkpoints to keep (0: all)"),
     ("--log-every", int, "write a metrics record every N steps"),
     ("--seed", int, "seed of initialisation, data order and split"),
     ("--precision", ["auto", "fp32", "bf16"], "auto: bf16 autocast on CUDA, fp32 on CPU"),

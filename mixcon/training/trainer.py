@@ -393,14 +393,15 @@ class Trainer:
         """The schedule length that fits the deadline, decided by rank 0 for everyone."""
         per_step = timer.seconds_per_step + timer.eval_seconds / self.options.eval_every
         left = deadline - time.monotonic() - self._reserve(timer)
-        total = torch.tensor([self.step + max(1, int(0.97 * left / per_step)) if self.env.is_main else 0])
+        total = torch.tensor([self.step + max(1, int(0.97 * left / per_step)) if self.env.is_main else 0],
+                             device=self.env.device)  # NCCL reduces device tensors only
         return int(all_reduce(total, "max").item())
 
     def _should_stop(self, deadline: float | None, timer: _Timer) -> str | None:
         """'SIGINT'/'SIGTERM' or 'time budget' when any rank (signals) or rank 0 (time) says so."""
         time_up = (deadline is not None and self.env.is_main
                    and time.monotonic() + timer.seconds_per_step + self._reserve(timer) > deadline)
-        flags = torch.tensor([self._signal or 0, int(time_up)])
+        flags = torch.tensor([self._signal or 0, int(time_up)], device=self.env.device)
         signum, time_up = all_reduce(flags, "max").tolist()
         if signum:
             return signal.Signals(signum).name
