@@ -8,6 +8,7 @@ import math
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -341,11 +342,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{timer.tokens_per_s:,.0f}", refresh=False)
-                if self.total_steps is None and timer.steps_timed >= self._estimate_after:
+                validate = self.step % self.options.eval_every == 0 and self.eval_data is not None
+                if validate:
+                    timer.eval_seconds = timer.exclude(lambda: self._validate(metrics, bar))
+                if self._refit_schedule(deadline, timer, validate):
                     self.total_steps = self._budget_steps(deadline, timer)
                     bar.total = self.total_steps
-                if self.step % self.options.eval_every == 0 and self.eval_data is not None:
-                    timer.eval_seconds = timer.exclude(lambda: self._validate(metrics, bar))
                 if self.step % self.options.save_every == 0:
                     timer.save_seconds = timer.exclude(self.save)
             interrupted = stopped_by.startswith("SIG")
@@ -379,10 +381,15 @@ class Trainer:
             bar.write(f"step {self.step}: validation loss {result['val_loss']:.4f}, "
                       f"perplexity {result['val_ppl']:.2f}{bpb}")
 
-    @property
-    def _estimate_after(self) -> int:
-        """Steps to time before fixing the schedule length from the budget (within warmup, where lr ignores it)."""
-        return max(2, min(self.options.warmup_steps, 20))
+    def _refit_schedule(self, deadline: float | None, timer: _Timer, validated: bool) -> bool:
+        """Without `options.steps`, the schedule length is fitted to the deadline once enough steps are timed
+        (within warmup, where the learning rate does not depend on it), then refitted at each validation, so
+        that a machine that gets faster or slower still ends its cosine at the deadline."""
+        if self.options.steps is not None or deadline is None:
+            return False
+        if self.total_steps is None:
+            return timer.steps_timed >= max(2, min(self.options.warmup_steps, 20))
+        return validated
 
     @staticmethod
     def _reserve(timer: _Timer) -> float:
@@ -433,6 +440,7 @@ class _Timer:
         self.mark = time.monotonic()
         self.first = True
         self.train_seconds, self.steps_timed, self.tokens_timed = 0.0, 0, 0
+        self.recent: deque[float] = deque(maxlen=20)  # the latest step durations
         self.eval_seconds, self.save_seconds = 0.0, save_seconds  # until measured: weights + 2 AdamW moments
 
     def tick(self, tokens: int) -> None:
@@ -441,6 +449,7 @@ class _Timer:
             self.train_seconds += now - self.mark
             self.steps_timed += 1
             self.tokens_timed += tokens
+            self.recent.append(now - self.mark)
         self.first, self.mark = False, now
 
     def exclude(self, fn: Callable[[], Any]) -> float:
@@ -453,7 +462,8 @@ class _Timer:
 
     @property
     def seconds_per_step(self) -> float:
-        return self.train_seconds / self.steps_timed if self.steps_timed else 0.0
+        """Mean duration of the latest steps (the machine's load may change)."""
+        return sum(self.recent) / len(self.recent) if self.recent else 0.0
 
     @property
     def tokens_per_s(self) -> float:
