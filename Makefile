@@ -16,7 +16,7 @@ setup: $(BIN)/mixcon
 # Train the `small` preset on the default corpus (Python's own standard library) for a bounded
 # time, then print a sample and where the checkpoint and loss plot are.
 train: setup
-	$(BIN)/mixcon train --config small --time-budget 480 --out runs/small
+	$(BIN)/mixcon train --config small --time-budget 480 --out runs/small --overwrite
 
 test: setup
 	$(BIN)/ruff check mixcon tests

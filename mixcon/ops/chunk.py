@@ -7,7 +7,7 @@ triangular system (I + diag(beta) M) U = diag(beta) (X - diag(exp b) K S0^T), M[
 exp(b_t - b_s) k_t.k_s for s < t (the UT / WY transform of Gated DeltaNet). Writing
 U = Ut - W S0^T with Ut, W independent of S0 leaves two small products per chunk for the
 sequential pass; everything else is batched over all chunks:
-    U  = Ut - W S0^T,   S_C = exp(b_C) S0 + U^T Kd,   Kd = exp(b_C - b) K
+    U  = Ut - W S0^T,   S_C = exp(b_C) S0 + (w U)^T K,   w = exp(b_C - b)
     Y  = A U + diag(exp b) Q S0^T,   A[t, s] = exp(b_t - b_s) q_t.k_s  (s <= t)
 The delayed readout S_{t-tau} q_t is the same readout with queries shifted by tau.
 """
@@ -38,16 +38,23 @@ def _unchunk(t: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def _readout(
-    Qc: torch.Tensor,  # (B, G, 1, nc, C, N) queries, shared by the heads of a group
-    Kc: torch.Tensor,  # (B, G, 1, nc, C, N) keys
+    Qc: torch.Tensor,  # (B, G, nc, C, N) queries, shared by the heads of a group
+    Kc: torch.Tensor,  # (B, G, nc, C, N) keys
     decay_mat: torch.Tensor,  # (B, G, hg, nc, C, C) exp(b_t - b_s), 0 above the diagonal
     eb: torch.Tensor,  # (B, G, hg, nc, C) exp(b_t)
     U: torch.Tensor,  # (B, G, hg, nc, C, P) what each step writes
     starts: torch.Tensor,  # (B, G, hg, nc, P, N) state at each chunk start
 ) -> torch.Tensor:
     """y_t = S_t q_t for every t, from chunk-start states: (B, G, hg, nc, C, P)."""
-    A = (Qc @ Kc.transpose(-1, -2)) * decay_mat  # one QKᵀ per group, decayed per head
-    return A @ U + (eb.unsqueeze(-1) * Qc) @ starts.transpose(-1, -2)
+    A = (Qc @ Kc.transpose(-1, -2)).unsqueeze(2) * decay_mat  # one QKᵀ per group, decayed per head
+    # The heads of a group share Q: one (C, N) x (N, hg·P) product per chunk, scaled by exp(b_t) after.
+    inter = torch.einsum("bgcsn,bghcpn->bghcsp", Qc, starts)
+    return A @ U + eb.unsqueeze(-1) * inter
+
+
+def _chunk_writes(U: torch.Tensor, w: torch.Tensor, Kc: torch.Tensor) -> torch.Tensor:
+    """sum_s w_s u_s k_sᵀ per chunk: (B, G, hg, nc, C, P), (..., C), (B, G, nc, C, N) -> (B, G, hg, nc, P, N)."""
+    return torch.einsum("bghcsp,bgcsn->bghcpn", w.unsqueeze(-1) * U, Kc)
 
 
 def conba_scan(
@@ -86,8 +93,8 @@ def conba_scan(
     T_pad = -(-T // C) * C
     hg = H // G
     Xc = _chunks(x.to(dt), T_pad, C, G)  # (B, G, hg, nc, C, P)
-    Kc = _chunks(k.to(dt), T_pad, C, G)  # (B, G, 1, nc, C, N)
-    Qc = _chunks(q.to(dt), T_pad, C, G)
+    Kc = _chunks(k.to(dt), T_pad, C, G).squeeze(2)  # (B, G, nc, C, N)
+    Qc = _chunks(q.to(dt), T_pad, C, G).squeeze(2)
     ld = _chunks(log_decay.to(dt), T_pad, C, G)  # (B, G, hg, nc, C); padding: no decay...
     bt = _chunks(beta.to(dt), T_pad, C, G)  # ... and no write, so the state passes through unchanged
 
@@ -97,7 +104,7 @@ def conba_scan(
     diff = b.unsqueeze(-1) - b.unsqueeze(-2)  # (B, G, hg, nc, C, C): b_t - b_s
     decay_mat = torch.where(causal, diff, float("-inf")).exp()
     b_last = b[..., -1:]  # (B, G, hg, nc, 1)
-    Kd = (b_last - b).exp().unsqueeze(-1) * Kc  # (B, G, hg, nc, C, N)
+    w = (b_last - b).exp()  # (B, G, hg, nc, C): decay from each step to the chunk end
 
     decays = b_last.exp().unsqueeze(-1).unbind(3)  # nc × (B, G, hg, 1, 1)
     S = S0.view(B, G, hg, P, N)
@@ -105,21 +112,22 @@ def conba_scan(
     # The sequential pass over chunks; tensors are unbound once, since indexing inside the loop
     # would make autograd build a full-size gradient per chunk.
     if delta_rule:
-        strict = (Kc @ Kc.transpose(-1, -2)) * decay_mat.tril(-1)
+        strict = (Kc @ Kc.transpose(-1, -2)).unsqueeze(2) * decay_mat.tril(-1)
         system = torch.eye(C, dtype=dt, device=x.device) + bt.unsqueeze(-1) * strict
-        rhs = torch.cat([bt.unsqueeze(-1) * Xc, (bt * eb).unsqueeze(-1) * Kc], dim=-1)
+        rhs = torch.cat([bt.unsqueeze(-1) * Xc, (bt * eb).unsqueeze(-1) * Kc.unsqueeze(2)], dim=-1)
         sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
         Ut, W = sol.split([P, N], dim=-1)  # (B, G, hg, nc, C, P), (B, G, hg, nc, C, N)
         writes = []
-        for Ut_c, W_c, Kd_c, g_c in zip(Ut.unbind(3), W.unbind(3), Kd.unbind(3), decays, strict=True):
+        for Ut_c, W_c, w_c, K_c, g_c in zip(Ut.unbind(3), W.unbind(3), w.unbind(3), Kc.unbind(2), decays,
+                                           strict=True):
             starts.append(S)
             U_c = Ut_c - W_c @ S.transpose(-1, -2)  # (B, G, hg, C, P)
             writes.append(U_c)
-            S = g_c * S + U_c.transpose(-1, -2) @ Kd_c
+            S = g_c * S + torch.einsum("bghsp,bgsn->bghpn", w_c.unsqueeze(-1) * U_c, K_c)
         U = torch.stack(writes, dim=3)
     else:
         U = bt.unsqueeze(-1) * Xc
-        for D_c, g_c in zip((U.transpose(-1, -2) @ Kd).unbind(3), decays, strict=True):
+        for D_c, g_c in zip(_chunk_writes(U, w, Kc).unbind(3), decays, strict=True):
             starts.append(S)
             S = g_c * S + D_c
     starts_t = torch.stack(starts, dim=3)  # (B, G, hg, nc, P, N)
@@ -128,7 +136,7 @@ def conba_scan(
     y = _unchunk(_readout(Qc, Kc, decay_mat, eb, U, starts_t), T)  # (B, T, H, P)
     if tau > 0:
         # S_{t-tau} q_t: the readout at step t - tau with queries shifted forward by tau.
-        Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C, G)
+        Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C, G).squeeze(2)
         r = _unchunk(_readout(Q2c, Kc, decay_mat, eb, U, starts_t), T)
         head = min(tau, T)  # the first tau steps read the initial past states
         qh = q[:, :head].to(dt).repeat_interleave(hg, dim=2)  # (B, head, H, N)
@@ -146,7 +154,7 @@ def _past_states(
     past0: torch.Tensor,  # (B, tau, H, P, N)
     starts: torch.Tensor,  # (B, G, hg, nc, P, N)
     U: torch.Tensor,  # (B, G, hg, nc, C, P)
-    Kc: torch.Tensor,  # (B, G, 1, nc, C, N)
+    Kc: torch.Tensor,  # (B, G, nc, C, N)
     b: torch.Tensor,
     T: int,
     tau: int,
@@ -167,6 +175,6 @@ def _past_states(
             Uc = U[:, :, :, c, : m + 1]
             bc = b[:, :, :, c, : m + 1]  # (B, G, hg, m+1)
             w = (bc[..., -1:] - bc).exp().unsqueeze(-1)  # (B, G, hg, m+1, 1)
-            S = bc[..., -1, None, None].exp() * S0 + Uc.transpose(-1, -2) @ (w * Kc[:, :, :, c, : m + 1])
+            S = bc[..., -1, None, None].exp() * S0 + Uc.transpose(-1, -2) @ (w * Kc[:, :, None, c, : m + 1])
             out.append(S.reshape(final.shape))
     return torch.stack(out, dim=1)
