@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -30,6 +31,36 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, shared by the benchmarks."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="parameter and activation dtype (Conba states stay fp32; default: %(default)s)")
+
+
+class TokenClock:
+    """A generation streamer that stamps the wall time at which each token is ready.
+
+    Works as mixcon's `streamer=` callback and as a transformers streamer (`put`/`end`).
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value: object) -> None:
+        sync()
+        self.stamps.append(time.perf_counter())
+
+    __call__ = put
+
+    def end(self) -> None:
+        pass
 
 
 def matmul_peak_gflops(n: int = 2048, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:

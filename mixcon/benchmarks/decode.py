@@ -1,8 +1,8 @@
 """Decode latency and cache memory vs context length, side by side in one process.
 
 Models: the `small` preset (MixCon) by default, its Transformer and pure-Conba twins (same widths), and
-transformers' JambaForCausalLM and LlamaForCausalLM at the same width and depth. Per-token latency
-is (time to generate n + 1 tokens − time to generate 1) / n after a prompt of the given length;
+transformers' JambaForCausalLM and LlamaForCausalLM at the same width and depth. A streamer stamps
+each generated token: prefill is the time to the first, per-token latency the median gap after it;
 the bandwidth bound is the bytes one token must read (active weights + cache) over the measured
 copy bandwidth.
 """
@@ -10,12 +10,24 @@ copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mixcon.benchmarks.common import copy_bandwidth_gbs, machine, median_seconds, print_table, write_results
+from mixcon.benchmarks.common import (
+    DTYPES,
+    TokenClock,
+    add_device_arguments,
+    copy_bandwidth_gbs,
+    machine,
+    print_table,
+    sync,
+    write_results,
+)
 from mixcon.config import MixConConfig
 from mixcon.models.mixcon import MixConForCausalLM
 
@@ -42,52 +54,66 @@ def hf_models(config: MixConConfig) -> dict[str, torch.nn.Module]:
             "transformers-llama": LlamaForCausalLM(LlamaConfig(**common)).eval()}
 
 
-def time_generation(model: torch.nn.Module, context: int, new_tokens: int, vocab: int, repeats: int) -> tuple[float,
-                                                                                                               float]:
-    """(prefill seconds, seconds per decoded token) at a prompt of `context` tokens."""
-    ids = torch.randint(0, vocab, (1, context))
-    is_ours = isinstance(model, MixConForCausalLM)
+def time_generation(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(prefill seconds, median seconds per decoded token) of greedy `generate` after the prompt `ids`.
 
-    def gen(n: int) -> None:
+    Each token's arrival is stamped by a streamer: prefill is the time to the first new token,
+    per-token latency the median gap between later ones.
+    """
+    prefills: list[float] = []
+    steps: list[float] = []
+    for _ in range(repeats):
+        clock = TokenClock()
+        sync()
+        start = time.perf_counter()
         with torch.no_grad():
-            if is_ours:
-                model.generate(ids, n)
-            else:
-                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-    prefill = median_seconds(lambda: gen(1), repeats=repeats, warmup=0)
-    total = median_seconds(lambda: gen(new_tokens + 1), repeats=repeats, warmup=0)
-    return prefill, max(total - prefill, 0.0) / new_tokens
+            if isinstance(model, MixConForCausalLM):
+                model.generate(ids, new_tokens + 1, streamer=clock)
+            else:  # transformers also streams the prompt first: stamp it as the start
+                model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
+                               streamer=clock, pad_token_id=0)
+                start = clock.stamps.pop(0)
+        prefills.append(clock.stamps[0] - start)
+        steps += [b - a for a, b in itertools.pairwise(clock.stamps)]
+    return statistics.median(prefills), statistics.median(steps)
 
 
 def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int, out_dir: Path | None,
-        base: MixConConfig | None = None) -> list[dict[str, Any]]:
+        base: MixConConfig | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        ) -> list[dict[str, Any]]:
     """Time every model at every context (transformers' models up to hf_max_context); base: `small`."""
     torch.manual_seed(0)
-    bandwidth = copy_bandwidth_gbs() / 2  # bytes read per second (a copy reads and writes)
-    print(f"read bandwidth: {bandwidth:.1f} GB/s, {torch.get_num_threads()} threads")
+    bandwidth = copy_bandwidth_gbs(device=device) / 2  # bytes read per second (a copy reads and writes)
+    print(f"read bandwidth: {bandwidth:.1f} GB/s on {device}, {torch.get_num_threads()} threads")
     base = base or MixConConfig.preset("small")
-    models: dict[str, torch.nn.Module] = {name: MixConForCausalLM(c).eval() for name, c in twins(base).items()}
+    models: dict[str, torch.nn.Module] = {name: MixConForCausalLM(c) for name, c in twins(base).items()}
     models.update(hf_models(base))
+    for model in models.values():
+        model.to(device=device, dtype=dtype).eval()
+    warm = torch.randint(0, base.vocab_size, (1, 8), device=device)
+    for model in models.values():
+        time_generation(model, warm, 2, 1)
     rows = []
     for context in contexts:
+        ids = torch.randint(0, base.vocab_size, (1, context), device=device)
         for name, model in models.items():
             ours = isinstance(model, MixConForCausalLM)
             if not ours and context > hf_max_context:
                 continue
-            prefill, per_token = time_generation(model, context, new_tokens, base.vocab_size, repeats)
+            prefill, per_token = time_generation(model, ids, new_tokens, repeats)
             row = dict(model=name, context=context, prefill_tok_s=context / prefill, decode_ms=per_token * 1e3,
-                       decode_tok_s=1 / per_token if per_token else None, cache_MiB=None, bound_ms=None)
+                       decode_tok_s=1 / per_token, cache_MiB=None, bound_ms=None)
             if ours:
                 cache = model.new_cache(1, max_length=context + 1)
-                weights = model.num_parameters(active=True) * 4
+                weights = model.num_parameters(active=True) * torch.finfo(dtype).bits // 8
                 row["cache_MiB"] = cache.nbytes() / 2**20
                 row["bound_ms"] = (weights + cache.nbytes()) / (bandwidth * 1e9) * 1e3
             rows.append(row)
         print_table([r for r in rows if r["context"] == context], list(rows[0]))
         print()
     if out_dir is not None:
-        path = write_results(out_dir, "decode", dict(machine=machine(), read_bandwidth_gbs=bandwidth, rows=rows))
+        payload = dict(machine=machine(), device=device, dtype=str(dtype), read_bandwidth_gbs=bandwidth, rows=rows)
+        path = write_results(out_dir, "decode", payload)
         _plot(rows, out_dir / "decode.png")
         print(f"wrote {path} and {out_dir / 'decode.png'}")
     return rows
@@ -106,7 +132,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         if pts[0][2] is not None:
             mem.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
     lat.set(xscale="log", xlabel="context (tokens)", ylabel="ms per decoded token", title="decode latency")
-    mem.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="cache MiB", title="decoding cache (fp32)")
+    mem.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="cache MiB", title="decoding cache")
     for ax in (lat, mem):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -122,8 +148,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per measurement")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+    add_device_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
-    run([int(c) for c in args.contexts.split(",")], args.hf_max_context, args.new_tokens, args.repeats, args.out)
+    run([int(c) for c in args.contexts.split(",")], args.hf_max_context, args.new_tokens, args.repeats, args.out,
+        device=args.device, dtype=DTYPES[args.dtype])
     return 0

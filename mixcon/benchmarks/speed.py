@@ -1,6 +1,7 @@
 """Layer speed, side by side in one process: Conba variants vs transformers' Mamba2 mixer vs the loop.
 
-Shapes default to the issue's: hidden 512, 16 heads × 64, state 128, chunk 64, fp32.
+Shapes default to the issue's: hidden 512, 16 heads × 64, state 128, chunk 64 (fp32 on a CPU;
+`--device cuda --dtype bf16` on a GPU).
 FLOPs are counted from the shapes (matmuls of the projections and of the chunked algorithm; the
 backward pass as twice the forward) and reported against the measured matmul peak.
 """
@@ -8,13 +9,18 @@ backward pass as twice the forward) and reported against the measured matmul pea
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from mixcon.benchmarks.common import (
+    DTYPES,
     SavedBytes,
+    add_device_arguments,
     machine,
     matmul_peak_gflops,
     median_seconds,
@@ -23,6 +29,7 @@ from mixcon.benchmarks.common import (
 )
 from mixcon.config import MixConConfig
 from mixcon.layers.conba import Conba
+from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops import conba_scan_reference
 
 SSD = dict(conba_selective="linear", conba_state_scaling=False, conba_control=False, conba_delay=0)
@@ -33,6 +40,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "conba-control-tau2": {**SSD, "conba_control": True, "conba_delay": 2},
     "conba-full": {},  # every mechanism: SwiGLU Sel, scaling, control, tau = 2
 }
+
+
+COLUMNS = ["layer", "T", "B", "mode", "tokens_per_s", "ms", "gflops", "peak_frac", "saved_MiB", "note"]
 
 
 def layer_config(d_model: int = 512, **overrides: Any) -> MixConConfig:
@@ -72,9 +82,9 @@ def reference_layer(config: MixConConfig) -> torch.nn.Module:
     return layer
 
 
-def measure(module: torch.nn.Module, B: int, T: int, d: int, backward: bool, repeats: int) -> tuple[float, int]:
-    """(median seconds, bytes saved for backward) of one call."""
-    u = torch.randn(B, T, d, requires_grad=backward)
+def measure(module: torch.nn.Module, u: torch.Tensor, backward: bool, repeats: int) -> tuple[float, int]:
+    """(median seconds, bytes saved for backward) of one call on the input `u` (B, T, d)."""
+    u = u.detach().requires_grad_(backward)
 
     def step() -> None:
         if backward:
@@ -92,33 +102,80 @@ def measure(module: torch.nn.Module, B: int, T: int, d: int, backward: bool, rep
     return seconds, saved
 
 
-def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: int,
-        out_dir: Path | None) -> list[dict[str, Any]]:
+def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """One AdamW training step of the `small` preset (bf16 autocast when dtype is bf16): achieved FLOP/s.
+
+    FLOPs are those PyTorch's FlopCounterMode counts in the step (matmuls, attention), not a formula.
+    """
     torch.manual_seed(0)
-    peak = matmul_peak_gflops()
-    print(f"matmul peak: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    config = MixConConfig.preset("small")
+    model = MixConForCausalLM(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (batch, T + 1), device=device)
+    amp = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def step() -> None:
+        with amp:
+            loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # The math attention backend decomposes into matmuls that the counter knows at any head grouping.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        step()
+    seconds = median_seconds(step, repeats=repeats)
+    gflops = counter.get_total_flops() / seconds / 1e9
+    return dict(layer="small train step", T=T, B=batch, mode="train", tokens_per_s=batch * T / seconds,
+                ms=seconds * 1e3, gflops=gflops, peak_frac=gflops / peak)
+
+
+def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: int, out_dir: Path | None,
+        device: str = "cpu", dtype: torch.dtype = torch.float32, compiled: bool = False,
+        train_shape: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """Time every layer at every (T, B); `compiled` adds torch.compile'd Conba variants."""
+    torch.manual_seed(0)
+    peak = matmul_peak_gflops(n=8192 if device.startswith("cuda") else 2048, device=device, dtype=dtype)
+    print(f"matmul peak: {peak:.1f} GFLOP/s on {device} {dtype} ({torch.get_num_threads()} threads)")
     base = layer_config()
-    modules: dict[str, torch.nn.Module] = {"transformers-mamba2": mamba2_mixer(base.replace(**SSD))}
+    modules: dict[str, torch.nn.Module | None] = {"transformers-mamba2": mamba2_mixer(base.replace(**SSD))}
     modules.update({name: Conba(base.replace(**over), 0) for name, over in VARIANTS.items()})
+    if compiled:  # five modules share Conba.forward: let each (module, shape) keep its own graph
+        torch._dynamo.config.cache_size_limit = 64
+        modules.update({f"{name}+compile": torch.compile(Conba(base.replace(**over), 0))
+                        for name, over in VARIANTS.items()})
     modules["reference-loop"] = reference_layer(base.replace(**SSD))
+    for module in modules.values():
+        if module is not None:
+            module.to(device=device, dtype=dtype)
     rows = []
     for T in lengths:
         for B in batches:
+            u = torch.randn(B, T, base.d_model, device=device, dtype=dtype)
             for name, module in modules.items():
                 if module is None or (name == "reference-loop" and T > reference_max_T):
                     continue
-                config = base.replace(**VARIANTS.get(name, SSD))
+                config = base.replace(**VARIANTS.get(name.removesuffix("+compile"), SSD))
                 for backward in (False, True):
-                    seconds, saved = measure(module, B, T, base.d_model, backward, repeats)
+                    row: dict[str, Any] = dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd")
+                    try:
+                        seconds, saved = measure(module, u, backward, repeats)
+                    except torch.OutOfMemoryError:  # recorded as a result: the layer does not fit here
+                        rows.append({**row, "tokens_per_s": None, "note": "out of memory"})
+                        torch.cuda.empty_cache()
+                        continue
                     gflops = conba_flops(config, B, T, backward) / seconds / 1e9
-                    rows.append(dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd",
-                                     tokens_per_s=B * T / seconds, ms=seconds * 1e3, gflops=gflops,
-                                     peak_frac=gflops / peak, saved_MiB=saved / 2**20 if backward else None))
-            print_table([r for r in rows if r["T"] == T and r["B"] in batches], list(rows[0]))
+                    rows.append({**row, "tokens_per_s": B * T / seconds, "ms": seconds * 1e3, "gflops": gflops,
+                                 "peak_frac": gflops / peak, "saved_MiB": saved / 2**20 if backward else None})
+            print_table([r for r in rows if r["T"] == T and r["B"] == B], COLUMNS)
             print()
+    if train_shape is not None:
+        rows.append(train_step_row(*train_shape, repeats, peak, device, dtype))
+        print_table(rows[-1:], COLUMNS)
     _ratios(rows)
     if out_dir is not None:
-        path = write_results(out_dir, "speed", dict(machine=machine(), matmul_peak_gflops=peak, rows=rows))
+        payload = dict(machine=machine(), device=device, dtype=str(dtype), matmul_peak_gflops=peak, rows=rows)
+        path = write_results(out_dir, "speed", payload)
         _plot(rows, out_dir / "speed.png")
         print(f"wrote {path} and {out_dir / 'speed.png'}")
     return rows
@@ -126,10 +183,11 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
     """Throughput of each Conba variant over transformers' Mamba2 at the same shape."""
-    base = {(r["T"], r["B"], r["mode"]): r["tokens_per_s"] for r in rows if r["layer"] == "transformers-mamba2"}
+    base = {(r["T"], r["B"], r["mode"]): r["tokens_per_s"] for r in rows
+            if r["layer"] == "transformers-mamba2" and r["tokens_per_s"]}
     for r in rows:
         key = (r["T"], r["B"], r["mode"])
-        if r["layer"].startswith("conba") and key in base:
+        if r["layer"].startswith("conba") and key in base and r["tokens_per_s"]:
             print(f"{r['layer']:20s} T={r['T']:5d} B={r['B']} {r['mode']:8s} {r['tokens_per_s'] / base[key]:.2f}x "
                   f"transformers-mamba2")
 
@@ -144,7 +202,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, mode in zip(axes, ("fwd", "fwd+bwd"), strict=True):
         for layer in dict.fromkeys(r["layer"] for r in rows):
             pts = sorted((r["T"], r["tokens_per_s"]) for r in rows if r["layer"] == layer and r["mode"] == mode
-                         and r["B"] == 1)
+                         and r["B"] == 1 and r["tokens_per_s"])
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=layer)
         ax.set(xscale="log", yscale="log", xlabel="sequence length T (batch 1)", ylabel="tokens/s", title=mode)
@@ -162,9 +220,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-max-T", type=int, default=512,
                    help="longest T for the sequential reference loop (it is slow)")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd Conba variants")
+    p.add_argument("--train-step", default="4x512", metavar="BxT",
+                   help="also time a training step of the small preset at this batch x length ('' = skip; "
+                        "default: %(default)s)")
+    add_device_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     run([int(t) for t in args.lengths.split(",")], [int(b) for b in args.batches.split(",")], args.repeats,
-        args.reference_max_T, args.out)
+        args.reference_max_T, args.out, device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile,
+        train_shape=_shape(args.train_step))
+
+
+def _shape(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        batch, T = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--train-step={text!r}: expected BxT, e.g. 4x512") from None
+    return batch, T
     return 0

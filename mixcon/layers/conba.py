@@ -96,7 +96,8 @@ class Conba(nn.Module):
         H, P, G, N = self.H, self.P, self.G, self.N
         cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         assert cache is None or isinstance(cache, ConbaCache)
-        z, xkq, *logits = self.in_proj(u).split(self.split, dim=-1)
+        z, xkq, *rest = self.in_proj(u).split(self.split, dim=-1)
+        logits = iter(rest)  # the per-head logits that are enabled, in `self.split` order
         mask = ctx.token_mask  # pads never touch the conv tail or the state
         if mask is not None:
             xkq = xkq * mask[..., None].to(xkq.dtype)
@@ -108,16 +109,16 @@ class Conba(nn.Module):
 
         # Selective state function -> step size Δ (fp32).
         f32 = compute_dtype(u)
-        dt_raw = self.sel(u) if self.sel is not None else logits.pop(0)
+        dt_raw = self.sel(u) if self.sel is not None else next(logits)
         delta = F.softplus(dt_raw.to(f32) + self.dt_bias.to(f32))  # (B, T, H)
         log_decay = -delta * self.A_log.to(f32).exp()  # log α_t
         if self.control:
-            beta = self.beta_max * torch.sigmoid(logits.pop(0).to(f32))  # gain β_t
+            beta = self.beta_max * torch.sigmoid(next(logits).to(f32))  # gain β_t
             k, q = F.normalize(k, dim=-1), F.normalize(q, dim=-1)
         else:
             beta = delta  # open-loop write Δ_t x_t k_tᵀ (Mamba-2)
         if self.scaling:
-            log_decay = log_decay + F.logsigmoid(logits.pop(0).to(f32) + self.rho_bias.to(f32))  # log s_t
+            log_decay = log_decay + F.logsigmoid(next(logits).to(f32) + self.rho_bias.to(f32))  # log s_t
         if mask is not None:
             log_decay = log_decay.masked_fill(~mask[..., None], 0.0)
             beta = beta.masked_fill(~mask[..., None], 0.0)

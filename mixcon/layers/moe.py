@@ -57,7 +57,7 @@ class MoE(nn.Module):
             gate, up = (h[idx] @ self.w_gate_up[e]).chunk(2, dim=-1)
             y = (F.silu(gate) * up) @ self.w_down[e]  # (n_e, d)
             w = weights.reshape(-1)[order[start:start + n_e]].to(y.dtype)
-            out.index_add_(0, idx, y * w[:, None])
+            out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))  # bf16 under autocast
             start += n_e
         fraction = counts.to(probs.dtype) / (M * self.top_k)  # f_i
         aux = self.n_experts * (fraction * probs.mean(0)).sum()

@@ -50,6 +50,9 @@ def init_distributed(device: str | None = None) -> DistEnv:
         return DistEnv(device=torch.device(device or default_device()))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA device(s): "
+                             "start at most that many processes per node, or pass --device cpu (gloo)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

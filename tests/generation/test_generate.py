@@ -97,3 +97,14 @@ def test_generate_validates_arguments():
         model.generate(prompt, 3, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="top_p"):
         model.generate(prompt, 3, do_sample=True, top_p=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batched_greedy_equals_cpu():
+    model = model_for()
+    prompts = [torch.randint(3, 300, (n,)) for n in (3, 11, 7)]
+    ids, mask = left_pad(prompts, pad=5)
+    on_cpu = model.generate(ids, 12, attention_mask=mask)
+    on_gpu = model.cuda().generate(ids.cuda(), 12, attention_mask=mask.cuda())
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), on_cpu)

@@ -65,3 +65,14 @@ def test_gradients_reach_router_and_experts():
     (out.sum() + stats.aux_loss).backward()
     assert moe.router.weight.grad.abs().sum() > 0
     assert moe.w_gate_up.grad.abs().sum() > 0 and moe.w_down.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_keeps_the_residual_dtype():
+    """Under autocast the experts' matmuls run in bf16; the combined output keeps the input's dtype."""
+    moe = make_moe().float()
+    h = torch.randn(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = moe(h)
+    assert out.dtype == torch.float32
+    ref, _ = moe(h)
+    assert float((out - ref).norm() / ref.norm()) < 3e-2

@@ -151,3 +151,34 @@ def test_cache_bytes_formula_equals_allocation(layout):
     attn_layer = 2 * 100 * c.n_kv_heads * c.attn_head_dim * 4 * 3
     expected = [attn_layer if m == "attention" else conba_layer for m, _ in c.layout()]
     assert cache.layer_nbytes() == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["mixcon", "conba"])
+def test_cuda_forward_and_cached_decode_match_the_cpu_fp64_model(layout, dtype, tol):
+    model = tiny_model(**LAYOUTS[layout])
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.to("cuda", dtype)
+        ids = ids.cuda()
+        full = model(ids).logits
+        cache = model.new_cache(2)
+        pieces = [model(ids[:, :24], cache=cache).logits]
+        pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(24, 40)]
+    for logits in (full, torch.cat(pieces, 1)):
+        assert logits.dtype == dtype
+        assert float((logits.double().cpu() - ref).norm() / ref.norm()) < tol
+
+
+@pytest.mark.parametrize("layout", ["mixcon", "dense"])
+def test_bf16_autocast_training_step(layout):
+    """The mixed-precision step the trainer takes on a GPU (here on the CPU): finite loss, every grad fp32."""
+    model = tiny_model(dtype=torch.float32, **LAYOUTS[layout]).train()
+    ids = torch.randint(0, 300, (2, 33))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

@@ -149,3 +149,27 @@ def test_bad_shapes_raise_clear_errors():
         conba_scan(x, k, q, ld, beta, delta_rule=False, initial_state=S0[:1])
     with pytest.raises(ValueError, match="log_decay"):
         conba_scan(x, k, q, ld[:, :-1], beta, delta_rule=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+def test_cuda_matches_fp64_reference_forward_and_backward(delta_rule, dtype, tol):
+    """On a GPU, x/k/q in `dtype` (decays, gains and states in fp32, as the layer passes them)."""
+    inputs = [t.requires_grad_() for t in make_inputs(T=150, G=2)]
+    x, k, q, ld, beta, gain, S0 = inputs
+    kw = dict(delta_rule=delta_rule, tau=2)
+    y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, delay_gain=gain, initial_state=S0, **kw)
+    w = torch.randn_like(y_ref)
+    g_ref = torch.autograd.grad((y_ref * w).sum() + s_ref.sum(), inputs)
+    dev = [t.detach().to("cuda", dtype if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(inputs)]
+    y, s = conba_scan(*dev[:5], delay_gain=dev[5], initial_state=dev[6], chunk_size=64, **kw)
+    assert y.dtype == dtype and y.device.type == "cuda"
+    g = torch.autograd.grad((y.double() * w.cuda()).sum() + s.double().sum(), dev)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double().cpu() - b).norm() / b.norm())
+
+    assert rel(y, y_ref) < tol and rel(s, s_ref) < tol
+    for name, a, b in zip(("x", "k", "q", "log_decay", "beta", "gain", "S0"), g, g_ref, strict=True):
+        assert rel(a, b) < 10 * tol, name

@@ -22,7 +22,7 @@ def train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--config", "tiny", "--set", "router_aux_loss_coef=0", "--tokenizer", "bytes",
             "--corpus", str(corpus), "--val-fraction", "0.1", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
             "--warmup-steps", "2", "--eval-every", "3", "--eval-batches", "2", "--save-every", "3",
-            "--sample-tokens", "0", "--no-progress", "--out", str(out), *extra]
+            "--sample-tokens", "0", "--no-progress", "--device", "cpu", "--out", str(out), *extra]
 
 
 def metric(run: Path, key: str) -> dict[int, float]:
