@@ -125,8 +125,11 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def write_results(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
+def write_results(out_dir: Path, name: str, payload: dict[str, Any],
+                  plot: Callable[[list[dict[str, Any]], Path], None]) -> None:
+    """Write NAME.json (the payload, rows included) and NAME.png (drawn by `plot`) into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
-    return path
+    plot(payload["rows"], out_dir / f"{name}.png")
+    print(f"wrote {path} and {out_dir / f'{name}.png'}")

@@ -113,9 +113,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
         print()
     if out_dir is not None:
         payload = dict(machine=machine(), device=device, dtype=str(dtype), read_bandwidth_gbs=bandwidth, rows=rows)
-        path = write_results(out_dir, "decode", payload)
-        _plot(rows, out_dir / "decode.png")
-        print(f"wrote {path} and {out_dir / 'decode.png'}")
+        write_results(out_dir, "decode", payload, _plot)
     return rows
 
 

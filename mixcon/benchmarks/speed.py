@@ -148,7 +148,13 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
     for module in modules.values():
         if module is not None:
             module.to(device=device, dtype=dtype)
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:
+        if out_dir is not None:
+            payload = dict(machine=machine(), device=device, dtype=str(dtype), matmul_peak_gflops=peak, rows=rows)
+            write_results(out_dir, "speed", payload, _plot)
+
     for T in lengths:
         for B in batches:
             u = torch.randn(B, T, base.d_model, device=device, dtype=dtype)
@@ -169,15 +175,12 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
                                  "peak_frac": gflops / peak, "saved_MiB": saved / 2**20 if backward else None})
             print_table([r for r in rows if r["T"] == T and r["B"] == B], COLUMNS)
             print()
+            save()  # after every shape, so that a run stopped early keeps what it measured
     if train_shape is not None:
         rows.append(train_step_row(*train_shape, repeats, peak, device, dtype))
         print_table(rows[-1:], COLUMNS)
+        save()
     _ratios(rows)
-    if out_dir is not None:
-        payload = dict(machine=machine(), device=device, dtype=str(dtype), matmul_peak_gflops=peak, rows=rows)
-        path = write_results(out_dir, "speed", payload)
-        _plot(rows, out_dir / "speed.png")
-        print(f"wrote {path} and {out_dir / 'speed.png'}")
     return rows
 
 

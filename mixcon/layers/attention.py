@@ -47,7 +47,13 @@ class Attention(nn.Module):
             layer_cache = ctx.cache.layers[self.layer_idx]
             assert isinstance(layer_cache, AttentionCache)
             k, v = layer_cache.update(k, v, ctx.offset)
-        is_causal = ctx.attn_mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        if T == 1 and self.n_kv != self.n_heads:
+            # Decoding: the query heads of a KV group become that group's query rows, so K and V are
+            # read once rather than expanded to every head. (B, nkv, nh/nkv, hd)
+            qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.hd)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=ctx.attn_mask).reshape(B, self.n_heads, 1, self.hd)
+        else:
+            is_causal = ctx.attn_mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=is_causal,
+                                               enable_gqa=self.n_kv != self.n_heads)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))

@@ -17,16 +17,18 @@ TEXT = st.text(st.one_of(st.characters(codec="utf-8"), st.sampled_from(SAMPLES))
 SPECIAL_SPELLINGS = "<|bos|>hello<|eos|> <|pad|><|eos|>"
 
 
+def text_cases(test):
+    """Hypothesis text plus the edge cases every round-trip test must see."""
+    for text in ("", " leading space", "  two\n\n  spaces  ", SPECIAL_SPELLINGS):
+        test = example(text)(test)
+    return settings(max_examples=300, deadline=None)(given(TEXT)(test))
+
+
 def specials(tok) -> set[int]:
     return {tok.bos_id, tok.eos_id, tok.pad_id}
 
 
-@settings(max_examples=300, deadline=None)
-@given(TEXT)
-@example("")
-@example(" leading space")
-@example("  two\n\n  spaces  ")
-@example(SPECIAL_SPELLINGS)
+@text_cases
 def test_bytes_round_trip_and_no_specials(text):
     tok = ByteTokenizer()
     ids = tok.encode(text)
@@ -35,12 +37,7 @@ def test_bytes_round_trip_and_no_specials(text):
     assert not specials(tok) & set(ids)
 
 
-@settings(max_examples=300, deadline=None)
-@given(TEXT)
-@example("")
-@example(" leading space")
-@example("  two\n\n  spaces  ")
-@example(SPECIAL_SPELLINGS)
+@text_cases
 def test_bpe_round_trip_and_no_specials(bpe, text):
     ids = bpe.encode(text)
     assert bpe.decode(ids) == text
