@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mixcon.config import PRESETS, MixConConfig
+from mixcon.data.corpus import SPEC_FORMS
 
 
 def add_config_args(parser: argparse.ArgumentParser, default: str = "small") -> None:
@@ -72,3 +73,15 @@ def config_from_args(args: argparse.Namespace) -> MixConConfig:
         return MixConConfig.from_dict({**data, **overrides})
     except ValueError as e:
         raise SystemExit(str(e)) from e
+
+
+def add_corpus_command(sub: argparse._SubParsersAction, command: str, title: str, command_help: str,
+                       action: str, action_help: str, description: str) -> argparse.ArgumentParser:
+    """`mixcon COMMAND ACTION` reading a corpus: returns ACTION's parser, with --corpus and the spec forms."""
+    p = sub.add_parser(command, help=command_help,
+                       description=f"{title}. `mixcon {command} {action} --help` for the options.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = actions.add_parser(action, help=action_help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=SPEC_FORMS, description=description)
+    a.add_argument("--corpus", default=None, help="corpus spec (default: the Python standard library; see below)")
+    return a

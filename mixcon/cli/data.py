@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from mixcon.data.corpus import SPEC_FORMS, Corpus
+from mixcon.cli.common import add_corpus_command
+from mixcon.data.corpus import Corpus
 from mixcon.data.shards import prepare_shards
 from mixcon.data.tokenizer import load_tokenizer
 
@@ -15,13 +16,8 @@ corpus and split settings are reused. Prints documents, bytes, tokens and bytes 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="tokenise a corpus into token shards",
-                       description="Data. `mixcon data prepare --help` for the options.")
-    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    d = actions.add_parser("prepare", help="tokenise a corpus into train/val token shards",
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SPEC_FORMS,
-                           description=PREPARE_DESCRIPTION)
-    d.add_argument("--corpus", default=None, help="corpus spec (default: the Python standard library; see below)")
+    d = add_corpus_command(sub, "data", "Data", "tokenise a corpus into token shards", "prepare",
+                           "tokenise a corpus into train/val token shards", PREPARE_DESCRIPTION)
     d.add_argument("--tokenizer", default="bytes",
                    help="'bytes', a tokenizer.json, or a folder containing one (default: %(default)s)")
     d.add_argument("--out", required=True, help="folder for the shards and index.json")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from mixcon.data.corpus import SPEC_FORMS, Corpus
+from mixcon.cli.common import add_corpus_command
+from mixcon.data.corpus import Corpus
 from mixcon.data.tokenizer import train_bpe_tokenizer
 
 TRAIN_DESCRIPTION = """\
@@ -15,13 +16,8 @@ Prints documents, bytes, tokens and bytes per token of the corpus."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="train a BPE tokenizer on a corpus",
-                       description="Tokenizers. `mixcon tokenizer train --help` for the options.")
-    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = actions.add_parser("train", help="train a byte-level BPE and save tokenizer.json",
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SPEC_FORMS,
-                           description=TRAIN_DESCRIPTION)
-    t.add_argument("--corpus", default=None, help="corpus spec (default: the Python standard library; see below)")
+    t = add_corpus_command(sub, "tokenizer", "Tokenizers", "train a BPE tokenizer on a corpus", "train",
+                           "train a byte-level BPE and save tokenizer.json", TRAIN_DESCRIPTION)
     t.add_argument("--vocab-size", type=int, default=8192,
                    help="vocabulary size with the 3 specials, at least 259 (default: %(default)s; 256000 in the paper)")
     t.add_argument("--max-bytes", type=int, default=None, help="read only this much text, e.g. 5_000_000")
