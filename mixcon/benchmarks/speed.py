@@ -224,24 +224,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest T for the sequential reference loop (it is slow)")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd Conba variants")
-    p.add_argument("--train-step", default="4x512", metavar="BxT",
+    p.add_argument("--train-step", type=_shape, default="4x512", metavar="BxT",
                    help="also time a training step of the small preset at this batch x length ('' = skip; "
                         "default: %(default)s)")
     add_device_arguments(p)
 
 
-def main(args: argparse.Namespace) -> int:
-    run([int(t) for t in args.lengths.split(",")], [int(b) for b in args.batches.split(",")], args.repeats,
-        args.reference_max_T, args.out, device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile,
-        train_shape=_shape(args.train_step))
-
-
 def _shape(text: str) -> tuple[int, int] | None:
+    """'BxT' -> (B, T); '' -> None."""
     if not text:
         return None
     try:
         batch, T = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--train-step={text!r}: expected BxT, e.g. 4x512") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BxT, e.g. 4x512") from None
     return batch, T
+
+
+def main(args: argparse.Namespace) -> int:
+    run([int(t) for t in args.lengths.split(",")], [int(b) for b in args.batches.split(",")], args.repeats,
+        args.reference_max_T, args.out, device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile,
+        train_shape=args.train_step)
     return 0

@@ -39,7 +39,9 @@ def decode_attention(
     B, nh, _, hd = q.shape
     nkv = k.shape[1]
     qg = q.reshape(B, nkv, nh // nkv, hd)
-    if use_sdpa if use_sdpa is not None else q.device.type != "cuda":
+    if use_sdpa is None:
+        use_sdpa = q.device.type != "cuda"
+    if use_sdpa:
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, nh, 1, hd)
     scores = (qg @ k.transpose(-1, -2)).to(compute_dtype(q)) * hd**-0.5  # (B, nkv, nh/nkv, Tk)
     if mask is not None:
@@ -75,7 +77,6 @@ class Attention(nn.Module):
         if T == 1:
             y = decode_attention(q, k, v, ctx.attn_mask)
         else:
-            is_causal = ctx.attn_mask is None and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=is_causal,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None,
                                                enable_gqa=self.n_kv != self.n_heads)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
