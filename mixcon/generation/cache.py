@@ -23,9 +23,9 @@ def conba_conv_shape(config: MixConConfig, batch_size: int) -> tuple[int, ...]:
 
 
 def conba_states_shape(config: MixConConfig, batch_size: int) -> tuple[int, ...]:
-    """S_{t-tau+1} .. S_t (the current state and the tau - 1 before it; one when tau = 0)."""
+    """The ring of S_{t-tau+1} .. S_t (one state when tau = 0): (R, B, H, P, N), each slot contiguous."""
     R = max(config.conba_delay, 1)
-    return (batch_size, R, config.conba_heads, config.conba_head_dim, config.conba_state)
+    return (R, batch_size, config.conba_heads, config.conba_head_dim, config.conba_state)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,7 +87,10 @@ class AttentionCache:
 
 
 class ConbaCache:
-    """Conv tail and the ring of the most recent max(tau, 1) states of one Conba layer."""
+    """Conv tail and the ring of the most recent R = max(tau, 1) states of one Conba layer.
+
+    A decoding step reads S_t and the oldest slot, then writes S_{t+1} over the oldest slot.
+    """
 
     def __init__(self, config: MixConConfig, batch_size: int, dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
@@ -98,24 +101,24 @@ class ConbaCache:
     @property
     def state(self) -> torch.Tensor:
         """S_t: (B, H, P, N)."""
-        return self.states[:, (self.ptr - 1) % self.states.shape[1]]
+        return self.states[(self.ptr - 1) % self.states.shape[0]]
 
     @property
-    def delayed_state(self) -> torch.Tensor:
-        """S_{t+1-tau}, which the next step reads: (B, H, P, N)."""
-        return self.states[:, self.ptr % self.states.shape[1]]
+    def oldest(self) -> torch.Tensor:
+        """The oldest slot, S_{t+1-R}: the delayed state the next step reads (tau = R), then overwrites."""
+        return self.states[self.ptr % self.states.shape[0]]
 
-    def push(self, state: torch.Tensor) -> None:
-        """Overwrite the oldest slot with the newest state."""
-        self.states[:, self.ptr % self.states.shape[1]] = state
+    def advance(self) -> None:
+        """Make the oldest slot, just overwritten with S_{t+1}, the newest."""
         self.ptr += 1
 
     def ordered(self) -> torch.Tensor:
         """The ring oldest first: (B, R, H, P, N)."""
-        return self.states.roll(-(self.ptr % self.states.shape[1]), dims=1)
+        return self.states.roll(-(self.ptr % self.states.shape[0]), dims=0).transpose(0, 1)
 
     def set_ordered(self, states: torch.Tensor) -> None:
-        self.states.copy_(states)
+        """Replace the ring by (B, R, H, P, N) states, oldest first."""
+        self.states.copy_(states.transpose(0, 1))
         self.ptr = 0
 
     def nbytes(self) -> int:

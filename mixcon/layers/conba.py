@@ -84,8 +84,8 @@ class Conba(nn.Module):
         if cache is not None:
             cache.conv.copy_(full[:, -(width - 1):])
         if T == 1:  # decode: one dot product per channel
-            out = torch.einsum("btc,ct->bc", full, self.conv1d.weight[:, 0]) + self.conv1d.bias
-            return F.silu(out)[:, None]
+            out = (full * self.conv1d.weight[:, 0].t()).sum(1, keepdim=True) + self.conv1d.bias  # (B, 1, C)
+            return F.silu(out)
         return F.silu(F.conv1d(full.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=C)).transpose(1, 2)
 
     def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
@@ -137,11 +137,11 @@ class Conba(nn.Module):
         """The Conba scan: chunked for sequences, the step form for one cached token."""
         tau, gain = self.tau, self.delay_gain
         if cache is not None and x.shape[1] == 1:
-            y, state = conba_scan_step(
-                x[:, 0], k[:, 0], q[:, 0], log_decay[:, 0], beta[:, 0], cache.state,
-                delta_rule=self.control, delay_gain=gain, delayed_state=cache.delayed_state if tau else None,
+            y, _ = conba_scan_step(  # writes S_t over the ring's oldest slot, S_{t-tau} (or S_{t-1})
+                x[:, 0], k[:, 0], q[:, 0], log_decay[:, 0], beta[:, 0], cache.state, delta_rule=self.control,
+                delay_gain=gain, delayed_state=cache.oldest if tau else None, out=cache.oldest,
             )
-            cache.push(state)
+            cache.advance()
             return y[:, None]
         if cache is None:
             y, _ = self.scan_fn(x, k, q, log_decay, beta, delta_rule=self.control, tau=tau, delay_gain=gain,

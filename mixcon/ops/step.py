@@ -16,28 +16,39 @@ def conba_scan_step(
     delta_rule: bool,
     delay_gain: torch.Tensor | None = None,  # (H,)
     delayed_state: torch.Tensor | None = None,  # (B, H, P, N): S_{t-tau}, when tau > 0
+    out: torch.Tensor | None = None,  # (B, H, P, N): where S_t goes; may be `state` or `delayed_state`
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the recurrence; returns (y (B, H, P), S_t (B, H, P, N))."""
+    """One step of the recurrence; returns (y (B, H, P), S_t (B, H, P, N)).
+
+    Decoding is dispatch-bound, so the step is a handful of kernels: the state enters three
+    matrix-vector products (S k, S_t q, S_{t-tau} q) and one decay-plus-rank-one update.
+    """
     B, H, P = x.shape
     G, N = k.shape[1:]
     if state.shape != (B, H, P, N):
         raise ValueError(f"conba_scan_step: state must be {(B, H, P, N)}, got {tuple(state.shape)}")
     if (delay_gain is None) != (delayed_state is None):
         raise ValueError("conba_scan_step: delay_gain and delayed_state go together")
+    if out is not None and (out.shape != state.shape or not out.is_contiguous()):
+        raise ValueError(f"conba_scan_step: out must be a contiguous {(B, H, P, N)} tensor")
     dt = state.dtype
     hg = H // G
-    # View heads as (G, H/G) so that keys and queries broadcast without copies.
-    S = state.view(B, G, hg, P, N)
-    xg = x.to(dt).view(B, G, hg, P)
-    kg = k.to(dt).view(B, G, 1, N)
-    qg = q.to(dt).view(B, G, 1, N)
-    decay = log_decay.to(dt).exp().view(B, G, hg, 1, 1)
-    b = beta.to(dt).view(B, G, hg, 1)
-    Sbar = decay * S
-    write = xg - (Sbar @ kg.unsqueeze(-1)).squeeze(-1) if delta_rule else xg  # (B, G, hg, P)
-    S_new = Sbar + (b * write).unsqueeze(-1) * kg.unsqueeze(-2)  # (B, G, hg, P, N)
-    y = (S_new @ qg.unsqueeze(-1)).squeeze(-1)  # (B, G, hg, P)
+    # Heads grouped by key group: each group's (H/G · P, N) block of rows shares one key and query.
+    S = state.view(B * G, hg * P, N)
+    kc = k.to(dt).reshape(B * G, N, 1)
+    qc = q.to(dt).reshape(B * G, N, 1)
+    decay = log_decay.to(dt).exp()[..., None]  # (B, H, 1)
+    b = beta.to(dt)[..., None]  # (B, H, 1)
+    # Every read of the old states comes before `out` (which may alias them) is written.
+    delayed = None
     if delayed_state is not None:
-        delayed = (delayed_state.view(B, G, hg, P, N) @ qg.unsqueeze(-1)).squeeze(-1)
-        y = y + delay_gain.to(dt).view(1, G, hg, 1) * delayed
-    return y.reshape(B, H, P).to(x.dtype), S_new.reshape(B, H, P, N)
+        delayed = torch.bmm(delayed_state.view(B * G, hg * P, N), qc).view(B, H, P)
+    write = x.to(dt)
+    if delta_rule:  # x_t - (α_t S_{t-1}) k_t
+        write = write - decay * torch.bmm(S, kc).view(B, H, P)
+    S_new = torch.mul(state, decay[..., None], out=out) if out is not None else state * decay[..., None]
+    S_new.view(B * G, hg * P, N).baddbmm_((b * write).view(B * G, hg * P, 1), kc.view(B * G, 1, N))
+    y = torch.bmm(S_new.view(B * G, hg * P, N), qc).view(B, H, P)
+    if delayed is not None:
+        y = y + delay_gain.to(dt)[:, None] * delayed
+    return y.to(x.dtype), S_new
