@@ -138,6 +138,23 @@ def test_delta_rule_stores_a_key_value_association():
     torch.testing.assert_close(S[0, 0] @ keys[0, :, 0].T, x[0, :, 0].T)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("target", ["state", "delayed"])
+def test_step_writes_into_out_even_when_it_aliases_an_input(target, grad):
+    """A decoder writes S_t over the slot it reads (S_{t-1}, or S_{t-tau} of its ring): same result."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=1)
+    delayed = S0.flip(0).contiguous()
+    args = (x[:, 0], k[:, 0], q[:, 0], ld[:, 0], beta[:, 0])
+    y_ref, s_ref = conba_scan_step(*args, S0, delta_rule=True, delay_gain=gain, delayed_state=delayed)
+    state, old = S0.clone(), delayed.clone()
+    out = state if target == "state" else old
+    with torch.set_grad_enabled(grad):
+        y, s = conba_scan_step(*args, state, delta_rule=True, delay_gain=gain, delayed_state=old, out=out)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, s_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_shapes_raise_clear_errors():
     x, k, q, ld, beta, _, S0 = make_inputs()
     with pytest.raises(ValueError, match="delay_gain"):
