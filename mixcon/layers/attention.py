@@ -12,13 +12,16 @@ from mixcon.layers.context import ForwardContext
 from mixcon.ops.dtypes import compute_dtype
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate (B, heads, T, hd) by positions (B, T) (rotate-half convention)."""
-    hd, f32 = x.shape[-1], compute_dtype(x)
-    inv_freq = theta ** (-torch.arange(0, hd, 2, device=x.device, dtype=f32) / hd)  # (hd/2,)
-    angles = positions.to(f32)[:, None, :, None] * inv_freq  # (B, 1, T, hd/2)
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.to(f32).chunk(2, dim=-1)
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin of the rotation angles at positions (B, T): each (B, 1, T, head_dim / 2)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    angles = positions.to(dtype)[:, None, :, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, hd) by `rope_angles` (rotate-half convention)."""
+    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
@@ -67,9 +70,10 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        if self.rope_theta is not None:
-            q = apply_rope(q, ctx.positions, self.rope_theta)
-            k = apply_rope(k, ctx.positions, self.rope_theta)
+        if self.rope_theta is not None:  # q and k rotated together, by angles shared across layers
+            cos, sin = ctx.memo(("rope", self.hd, self.rope_theta), lambda: rope_angles(
+                ctx.positions, self.hd, self.rope_theta, compute_dtype(h)))
+            q, k = apply_rope(torch.cat([q, k], dim=1), cos, sin).split([self.n_heads, self.n_kv], dim=1)
         if ctx.cache is not None:
             layer_cache = ctx.cache.layers[self.layer_idx]
             assert isinstance(layer_cache, AttentionCache)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -16,6 +18,13 @@ class ForwardContext:
     attn_mask: torch.Tensor | None  # (B, 1, T, T_keys) bool for SDPA; None = plain causal
     cache: MixConCache | None = None
     offset: int = 0  # positions already in the cache
+    _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """`make()`, computed once per forward call and shared by the layers that ask with `key`."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     @classmethod
     def build(cls, token_mask: torch.Tensor | None, B: int, T: int, cache: MixConCache | None,

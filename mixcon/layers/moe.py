@@ -38,27 +38,34 @@ class MoE(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         return logits, probs, weights / weights.sum(-1, keepdim=True), experts
 
+    def expert(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's SwiGLU on (m, d) -> (m, d)."""
+        gate, up = (h @ self.w_gate_up[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.w_down[e]
+
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = h.shape
         h = h.reshape(-1, shape[-1])  # (M, d)
         M = h.shape[0]
         logits, probs, weights, experts = self.route(h)
-        # Group the M·K (token, expert) assignments by expert: one sort, no per-token loop.
         flat_expert = experts.reshape(-1)  # (M·K,)
-        order = flat_expert.argsort(stable=True)
-        token_of = order // self.top_k  # token index of each sorted assignment
         counts = torch.bincount(flat_expert, minlength=self.n_experts)  # (n,)
-        out = torch.zeros_like(h)
-        start = 0
-        for e, n_e in enumerate(counts.tolist()):
-            if n_e == 0:
-                continue
-            idx = token_of[start:start + n_e]
-            gate, up = (h[idx] @ self.w_gate_up[e]).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ self.w_down[e]  # (n_e, d)
-            w = weights.reshape(-1)[order[start:start + n_e]].to(y.dtype)
-            out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))  # bf16 under autocast
-            start += n_e
+        if M == 1:  # one token (decoding): its K experts, nothing to group
+            ys = torch.cat([self.expert(h, e) for e in flat_expert.tolist()])  # (K, d)
+            out = (weights.reshape(-1, 1).to(ys.dtype) * ys).sum(0, keepdim=True).to(h.dtype)
+        else:  # group the M·K (token, expert) assignments by expert: one sort, no per-token loop
+            order = flat_expert.argsort(stable=True)
+            token_of = order // self.top_k  # token index of each sorted assignment
+            out = torch.zeros_like(h)
+            start = 0
+            for e, n_e in enumerate(counts.tolist()):
+                if n_e == 0:
+                    continue
+                idx = token_of[start:start + n_e]
+                y = self.expert(h[idx], e)  # (n_e, d)
+                w = weights.reshape(-1)[order[start:start + n_e]].to(y.dtype)
+                out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))  # bf16 under autocast
+                start += n_e
         fraction = counts.to(probs.dtype) / (M * self.top_k)  # f_i
         aux = self.n_experts * (fraction * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).square().mean()

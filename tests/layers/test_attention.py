@@ -1,4 +1,4 @@
-"""Attention for one new token: both decode paths equal SDPA with per-head expanded K/V."""
+"""Attention: both one-token decode paths equal SDPA with per-head expanded K/V; RoPE turns pairs by angle."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixcon.layers.attention import decode_attention
+from mixcon.layers.attention import apply_rope, decode_attention, rope_angles
 
 
 @pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "matmul"])
@@ -25,3 +25,23 @@ def test_decode_attention_equals_expanded_sdpa(use_sdpa, masked):
     out = decode_attention(q, k, v, mask, use_sdpa=use_sdpa)
     assert out.shape == (B, nh, 1, hd)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_rope_rotates_pairs_by_position_times_frequency():
+    """Each (x_i, x_{i+hd/2}) pair turns like a complex number by position · theta^(-2i/hd)."""
+    B, T, hd, theta = 2, 5, 8, 100.0
+    x = torch.randn(B, 3, T, hd, dtype=torch.float64)
+    positions = torch.randint(0, 1000, (B, T))
+    cos, sin = rope_angles(positions, hd, theta, torch.float64)
+    y = apply_rope(x, cos, sin)
+    freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    turn = torch.polar(torch.ones(B, 1, T, hd // 2, dtype=torch.float64), positions[:, None, :, None] * freq)
+    expected = torch.complex(*x.chunk(2, dim=-1)) * turn
+    torch.testing.assert_close(y, torch.cat([expected.real, expected.imag], dim=-1))
+    # Scores depend on relative position only.
+    q, k = torch.randn(2, 1, 1, 1, hd, dtype=torch.float64)
+    def score(m: int, n: int) -> torch.Tensor:
+        qm = apply_rope(q, *rope_angles(torch.tensor([[m]]), hd, theta, torch.float64))
+        kn = apply_rope(k, *rope_angles(torch.tensor([[n]]), hd, theta, torch.float64))
+        return (qm * kn).sum()
+    torch.testing.assert_close(score(7, 3), score(107, 103))

@@ -43,6 +43,18 @@ def test_grouped_compute_equals_a_per_token_loop():
     torch.testing.assert_close(stats.counts, torch.bincount(experts.reshape(-1), minlength=8))
 
 
+def test_one_token_path_equals_the_grouped_path():
+    """Decoding (one token per call) takes its own path; it gives each token what the batch gave it."""
+    moe = make_moe()
+    h = torch.randn(9, 16, dtype=torch.float64, requires_grad=True)
+    out, stats = moe(h)
+    singles = [moe(x[None]) for x in h]
+    torch.testing.assert_close(torch.cat([o for o, _ in singles]), out)
+    torch.testing.assert_close(sum(s.counts for _, s in singles), stats.counts)
+    torch.testing.assert_close(singles[0][1].z_loss, torch.logsumexp(moe.router(h[:1]), -1).square().mean())
+    torch.autograd.grad(singles[0][0].sum(), moe.w_gate_up)  # differentiable too
+
+
 def test_load_balancing_loss_uniform_vs_collapsed():
     moe = make_moe(n=4, k=1, d=4)
     # A near-zero router: probabilities ≈ uniform, and one-hot inputs send 25 tokens to each expert.
