@@ -89,7 +89,7 @@ def generate(
     try:
         B, T = input_ids.shape
         cache = model.new_cache(B, max_length=T + max_new_tokens)
-        logits = model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]
+        logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens: list[torch.Tensor] = []
         for step in range(max_new_tokens):

@@ -12,7 +12,8 @@ from mixcon.layers.context import ForwardContext
 from mixcon.ops.dtypes import compute_dtype
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles at positions (B, T): each (B, 1, T, head_dim / 2)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
     angles = positions.to(dtype)[:, None, :, None] * inv_freq

@@ -125,11 +125,15 @@ class MixConForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: MixConCache | None = None,
+        logits_to_keep: int = 0,
     ) -> MixConOutput:
         """input_ids (B, T); labels (B, T) are the targets of each position (already shifted, -100 =
         ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache, the call
-        continues from it and updates it."""
+        continues from it and updates it. `logits_to_keep` > 0 computes logits for the last that many
+        positions only (a prefill needs one); 0 keeps all."""
         B, T = self._check_inputs(input_ids, labels, attention_mask, cache)
+        if logits_to_keep < 0 or (logits_to_keep and labels is not None):
+            raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0, and 0 when labels are given")
         token_mask = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
             cache.reserve(cache.seqlen + T)
@@ -141,7 +145,7 @@ class MixConForCausalLM(nn.Module):
             h, s = layer(h, ctx)
             if s is not None:
                 stats.append(s)
-        logits = self.lm_head(self.norm(h))
+        logits = self.lm_head(self.norm(h[:, -logits_to_keep:]))  # h[:, -0:] is all of h
         if cache is not None:
             cache.seqlen += T
             cache.positions += T if token_mask is None else token_mask.sum(1)

