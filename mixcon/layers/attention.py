@@ -67,14 +67,14 @@ class Attention(nn.Module):
         B, T, _ = h.shape
         if ctx is None:
             ctx = ForwardContext.build(None, B, T, None, h.device)
-        q, k, v = self.qkv(h).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        qk, v = self.qkv(h).split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
+        qk = qk.view(B, T, self.n_heads + self.n_kv, self.hd).transpose(1, 2)  # (B, nh + nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.rope_theta is not None:  # q and k rotated together, by angles shared across layers
             cos, sin = ctx.memo(("rope", self.hd, self.rope_theta), lambda: rope_angles(
                 ctx.positions, self.hd, self.rope_theta, compute_dtype(h)))
-            q, k = apply_rope(torch.cat([q, k], dim=1), cos, sin).split([self.n_heads, self.n_kv], dim=1)
+            qk = apply_rope(qk, cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
         if ctx.cache is not None:
             layer_cache = ctx.cache.layers[self.layer_idx]
             assert isinstance(layer_cache, AttentionCache)

@@ -137,9 +137,10 @@ class Conba(nn.Module):
         """The Conba scan: chunked for sequences, the step form for one cached token."""
         tau, gain = self.tau, self.delay_gain
         if cache is not None and x.shape[1] == 1:
-            y, _ = conba_scan_step(  # writes S_t over the ring's oldest slot, S_{t-tau} (or S_{t-1})
+            oldest = cache.oldest  # S_{t-tau} (or S_{t-1}): read, then overwritten with S_t
+            y, _ = conba_scan_step(
                 x[:, 0], k[:, 0], q[:, 0], log_decay[:, 0], beta[:, 0], cache.state, delta_rule=self.control,
-                delay_gain=gain, delayed_state=cache.oldest if tau else None, out=cache.oldest,
+                delay_gain=gain, delayed_state=oldest if tau else None, out=oldest,
             )
             cache.advance()
             return y[:, None]

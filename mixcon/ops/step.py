@@ -34,7 +34,7 @@ def conba_scan_step(
     dt = state.dtype
     hg = H // G
     # Heads grouped by key group: each group's (H/G · P, N) block of rows shares one key and query.
-    S = state.view(B * G, hg * P, N)
+    S = state.reshape(B * G, hg * P, N)  # a view unless the batch is strided
     kc = k.to(dt).reshape(B * G, N, 1)
     qc = q.to(dt).reshape(B * G, N, 1)
     decay = log_decay.to(dt).exp()[..., None]  # (B, H, 1)
@@ -42,7 +42,7 @@ def conba_scan_step(
     # Every read of the old states comes before `out` (which may alias them) is written.
     delayed = None
     if delayed_state is not None:
-        delayed = torch.bmm(delayed_state.view(B * G, hg * P, N), qc).view(B, H, P)
+        delayed = torch.bmm(delayed_state.reshape(B * G, hg * P, N), qc).view(B, H, P)
     write = x.to(dt)
     if delta_rule:  # x_t - (α_t S_{t-1}) k_t
         write = write - decay * torch.bmm(S, kc).view(B, H, P)

@@ -155,6 +155,18 @@ def test_step_writes_into_out_even_when_it_aliases_an_input(target, grad):
     torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
 
 
+def test_step_reads_states_with_a_strided_batch():
+    """States sliced out of a (B, R, H, P, N) stack (batch stride R·H·P·N) are read as they are."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=1)
+    ring = torch.stack([S0, S0.flip(0)], dim=1)  # (B, 2, H, P, N)
+    args = (x[:, 0], k[:, 0], q[:, 0], ld[:, 0], beta[:, 0])
+    y_ref, s_ref = conba_scan_step(*args, S0, delta_rule=True, delay_gain=gain,
+                                   delayed_state=S0.flip(0).contiguous())
+    y, s = conba_scan_step(*args, ring[:, 0], delta_rule=True, delay_gain=gain, delayed_state=ring[:, 1])
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_shapes_raise_clear_errors():
     x, k, q, ld, beta, _, S0 = make_inputs()
     with pytest.raises(ValueError, match="delay_gain"):
