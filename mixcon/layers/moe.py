@@ -43,30 +43,59 @@ class MoE(nn.Module):
         gate, up = (h @ self.w_gate_up[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.w_down[e]
 
+    def combine(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Σ_k weight_k · expert_k(h) for each token, the M·K (token, expert) pairs grouped by expert:
+        (M, d), (M, K), (M, K) -> (M, d). One sort, no per-token loop."""
+        flat_expert = experts.reshape(-1)  # (M·K,)
+        order = flat_expert.argsort(stable=True)
+        token_of = order // self.top_k  # token index of each sorted assignment
+        out = torch.zeros_like(h)
+        start = 0
+        for e, n_e in enumerate(torch.bincount(flat_expert, minlength=self.n_experts).tolist()):
+            if n_e == 0:
+                continue
+            idx = token_of[start:start + n_e]
+            y = self.expert(h[idx], e)  # (n_e, d)
+            w = weights.reshape(-1)[order[start:start + n_e]].to(y.dtype)
+            out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))  # bf16 under autocast
+            start += n_e
+        return out
+
+    def combine_gathered(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """`combine` for a few tokens (M·K ≤ n): each pair's expert weights gathered, two batched products."""
+        M, K = experts.shape
+        e = experts.reshape(-1)  # (M·K,)
+        x = h.repeat_interleave(K, dim=0)[:, None]  # (M·K, 1, d)
+        gate, up = torch.bmm(x, self.w_gate_up[e]).chunk(2, dim=-1)  # (M·K, 1, hidden)
+        ys = torch.bmm(F.silu(gate) * up, self.w_down[e])[:, 0]  # (M·K, d)
+        return (weights.reshape(-1, 1).to(ys.dtype) * ys).view(M, K, -1).sum(1).to(h.dtype)
+
+    def combine_dense(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """`combine` with every expert on every token, weighted by the sparse (M, n) routing matrix: each
+        expert read once and no data-dependent shapes (a compiled decoding step)."""
+        gate, up = torch.einsum("md,nde->nme", h, self.w_gate_up).chunk(2, dim=-1)  # (n, M, hidden)
+        ys = (F.silu(gate) * up) @ self.w_down  # (n, M, d)
+        routing = torch.zeros(h.shape[0], self.n_experts, dtype=ys.dtype, device=h.device)
+        routing = routing.scatter(1, experts, weights.to(ys.dtype))  # (M, n)
+        return torch.einsum("nmd,mn->md", ys, routing).to(h.dtype)
+
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        """The MoE output alone, (..., d) -> (..., d), without router statistics: the decoding step,
+        free of data-dependent shapes (gathered experts for a few tokens, all experts for more)."""
+        flat = h.reshape(-1, h.shape[-1])
+        _, _, weights, experts = self.route(flat)
+        few = experts.numel() <= self.n_experts
+        out = (self.combine_gathered if few else self.combine_dense)(flat, weights, experts)
+        return out.reshape(h.shape)
+
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = h.shape
         h = h.reshape(-1, shape[-1])  # (M, d)
-        M = h.shape[0]
         logits, probs, weights, experts = self.route(h)
-        flat_expert = experts.reshape(-1)  # (M·K,)
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)  # (n,)
-        if M == 1:  # one token (decoding): its K experts, nothing to group
-            ys = torch.cat([self.expert(h, e) for e in flat_expert.tolist()])  # (K, d)
-            out = (weights.reshape(-1, 1).to(ys.dtype) * ys).sum(0, keepdim=True).to(h.dtype)
-        else:  # group the M·K (token, expert) assignments by expert: one sort, no per-token loop
-            order = flat_expert.argsort(stable=True)
-            token_of = order // self.top_k  # token index of each sorted assignment
-            out = torch.zeros_like(h)
-            start = 0
-            for e, n_e in enumerate(counts.tolist()):
-                if n_e == 0:
-                    continue
-                idx = token_of[start:start + n_e]
-                y = self.expert(h[idx], e)  # (n_e, d)
-                w = weights.reshape(-1)[order[start:start + n_e]].to(y.dtype)
-                out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))  # bf16 under autocast
-                start += n_e
-        fraction = counts.to(probs.dtype) / (M * self.top_k)  # f_i
+        few = experts.numel() <= self.n_experts  # e.g. one token
+        out = (self.combine_gathered if few else self.combine)(h, weights, experts)
+        counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts)  # (n,)
+        fraction = counts.to(probs.dtype) / experts.numel()  # f_i
         aux = self.n_experts * (fraction * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).square().mean()
         return out.reshape(shape), RouterStats(aux, z, counts)

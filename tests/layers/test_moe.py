@@ -3,6 +3,7 @@ load-balancing loss ≈ 1 for a uniform router and larger for a collapsed one.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,18 @@ def test_one_token_path_equals_the_grouped_path():
     torch.testing.assert_close(sum(s.counts for _, s in singles), stats.counts)
     torch.testing.assert_close(singles[0][1].z_loss, torch.logsumexp(moe.router(h[:1]), -1).square().mean())
     torch.autograd.grad(singles[0][0].sum(), moe.w_gate_up)  # differentiable too
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 9])
+def test_grouped_gathered_and_dense_combine_agree(M):
+    """The three ways to apply the routed experts give the same output, and `mix` is forward's output."""
+    moe = make_moe()
+    h = torch.randn(M, 16, dtype=torch.float64)
+    _, _, weights, experts = moe.route(h)
+    grouped = moe.combine(h, weights, experts)
+    torch.testing.assert_close(moe.combine_gathered(h, weights, experts), grouped)
+    torch.testing.assert_close(moe.combine_dense(h, weights, experts), grouped)
+    torch.testing.assert_close(moe.mix(h[None]), moe(h[None])[0])
 
 
 def test_load_balancing_loss_uniform_vs_collapsed():
