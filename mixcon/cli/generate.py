@@ -96,12 +96,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (pays off after ~100 tokens; the first step compiles)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         model, tok = load_for_generation(args.checkpoint, args.device, args.tokenizer)
+        if args.compile:
+            model.compile_decode()
         stream(model, tok, args.prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except (CheckpointError, FileNotFoundError, ValueError) as e:

@@ -82,6 +82,10 @@ class AttentionCache:
         self.v[:, :, offset:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What a decoding step reads and writes: (K, V)."""
+        return self.k, self.v
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
@@ -89,24 +93,26 @@ class AttentionCache:
 class ConbaCache:
     """Conv tail and the ring of the most recent R = max(tau, 1) states of one Conba layer.
 
-    A decoding step reads S_t and the oldest slot, then writes S_{t+1} over the oldest slot.
+    A decoding step reads S_t and the oldest slot, then writes S_{t+1} over the oldest slot. The
+    slots are separate tensors, so that a compiled step sees no aliasing between its inputs.
     """
 
     def __init__(self, config: MixConConfig, batch_size: int, dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
         self.conv = torch.zeros(conba_conv_shape(config, batch_size), dtype=dtype, device=device)
-        self.states = torch.zeros(conba_states_shape(config, batch_size), dtype=state_dtype(dtype), device=device)
+        R, *shape = conba_states_shape(config, batch_size)
+        self.slots = [torch.zeros(shape, dtype=state_dtype(dtype), device=device) for _ in range(R)]
         self.ptr = 0  # ring slot of the oldest state; the newest is at ptr - 1
 
     @property
     def state(self) -> torch.Tensor:
         """S_t: (B, H, P, N)."""
-        return self.states[(self.ptr - 1) % self.states.shape[0]]
+        return self.slots[(self.ptr - 1) % len(self.slots)]
 
     @property
     def oldest(self) -> torch.Tensor:
         """The oldest slot, S_{t+1-R}: the delayed state the next step reads (tau = R), then overwrites."""
-        return self.states[self.ptr % self.states.shape[0]]
+        return self.slots[self.ptr % len(self.slots)]
 
     def advance(self) -> None:
         """Make the oldest slot, just overwritten with S_{t+1}, the newest."""
@@ -114,15 +120,21 @@ class ConbaCache:
 
     def ordered(self) -> torch.Tensor:
         """The ring oldest first: (B, R, H, P, N)."""
-        return self.states.roll(-(self.ptr % self.states.shape[0]), dims=0).transpose(0, 1)
+        R = len(self.slots)
+        return torch.stack([self.slots[(self.ptr + i) % R] for i in range(R)], dim=1)
 
     def set_ordered(self, states: torch.Tensor) -> None:
         """Replace the ring by (B, R, H, P, N) states, oldest first."""
-        self.states.copy_(states.transpose(0, 1))
+        for slot, s in zip(self.slots, states.unbind(1), strict=True):
+            slot.copy_(s)
         self.ptr = 0
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What a decoding step reads and writes: (conv tail, S_t, oldest slot)."""
+        return self.conv, self.state, self.oldest
+
     def nbytes(self) -> int:
-        return self.conv.nbytes + self.states.nbytes
+        return self.conv.nbytes + sum(s.nbytes for s in self.slots)
 
 
 class MixConCache:

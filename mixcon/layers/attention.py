@@ -8,7 +8,7 @@ from torch import nn
 
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import AttentionCache
-from mixcon.layers.context import ForwardContext
+from mixcon.layers.context import DecodeStep, ForwardContext
 from mixcon.ops.dtypes import compute_dtype
 
 
@@ -62,19 +62,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
         self.out_proj = nn.Linear(self.n_heads * self.hd, config.d_model, bias=False)
 
+    def _project(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, d_model) -> q (B, nh, T, hd), k and v (B, nkv, T, hd); q and k rotated together."""
+        B, T, _ = h.shape
+        qk, v = self.qkv(h).split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
+        qk = qk.view(B, T, self.n_heads + self.n_kv, self.hd).transpose(1, 2)  # (B, nh + nkv, T, hd)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        return q, k, v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+
     def forward(self, h: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
         B, T, _ = h.shape
         if ctx is None:
             ctx = ForwardContext.build(None, B, T, None, h.device)
-        qk, v = self.qkv(h).split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
-        qk = qk.view(B, T, self.n_heads + self.n_kv, self.hd).transpose(1, 2)  # (B, nh + nkv, T, hd)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        if self.rope_theta is not None:  # q and k rotated together, by angles shared across layers
-            cos, sin = ctx.memo(("rope", self.hd, self.rope_theta), lambda: rope_angles(
+        rope = None
+        if self.rope_theta is not None:  # angles shared across layers
+            rope = ctx.memo(("rope", self.hd, self.rope_theta), lambda: rope_angles(
                 ctx.positions, self.hd, self.rope_theta, compute_dtype(h)))
-            qk = apply_rope(qk, cos, sin)
-        q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
+        q, k, v = self._project(h, rope)
         if ctx.cache is not None:
             layer_cache = ctx.cache.layers[self.layer_idx]
             assert isinstance(layer_cache, AttentionCache)
@@ -85,3 +93,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None,
                                                enable_gqa=self.n_kv != self.n_heads)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def decode(self, h: torch.Tensor, cache: tuple[torch.Tensor, ...], step: DecodeStep) -> torch.Tensor:
+        """One new token per row, (B, 1, d_model) -> (B, 1, d_model): K, V written at `step.index` of
+        the cache (K, V), then attention over the cache's whole capacity under `step.key_mask`."""
+        k_cache, v_cache = cache
+        q, k, v = self._project(h, step.rope)
+        k_cache.index_copy_(2, step.index, k)
+        v_cache.index_copy_(2, step.index, v)
+        y = decode_attention(q, k_cache, v_cache, step.key_mask)  # (B, nh, 1, hd)
+        return self.out_proj(y.reshape(h.shape[0], 1, self.n_heads * self.hd))

@@ -10,7 +10,7 @@ from torch import nn
 
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import ConbaCache
-from mixcon.layers.context import ForwardContext
+from mixcon.layers.context import DecodeStep, ForwardContext
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.norm import GatedRMSNorm
 from mixcon.ops import conba_scan, conba_scan_step
@@ -75,37 +75,33 @@ class Conba(nn.Module):
         if self.delay_gain is not None:
             self.delay_gain.zero_()
 
-    def _conv(self, xkq: torch.Tensor, cache: ConbaCache | None) -> torch.Tensor:
-        """Depthwise causal conv + SiLU over time: (B, T, C) -> (B, T, C); updates the cache's tail."""
+    def _conv(self, xkq: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+        """Depthwise causal conv + SiLU over time: (B, T, C) -> (B, T, C); `tail` (B, width - 1, C), the
+        previous steps' inputs (zeros when None), is updated in place."""
         B, T, C = xkq.shape
         width = self.conv1d.kernel_size[0]
-        tail = cache.conv if cache is not None else xkq.new_zeros(B, width - 1, C)
-        full = torch.cat([tail.to(xkq.dtype), xkq], dim=1)  # (B, width - 1 + T, C)
-        if cache is not None:
-            cache.conv.copy_(full[:, -(width - 1):])
+        full = torch.cat([xkq.new_zeros(B, width - 1, C) if tail is None else tail.to(xkq.dtype), xkq], dim=1)
+        if tail is not None:
+            tail.copy_(full[:, -(width - 1):])
         if T == 1:  # decode: one dot product per channel
             out = (full * self.conv1d.weight[:, 0].t()).sum(1, keepdim=True) + self.conv1d.bias  # (B, 1, C)
             return F.silu(out)
         return F.silu(F.conv1d(full.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=C)).transpose(1, 2)
 
-    def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
+    def _scan_inputs(self, u: torch.Tensor, mask: torch.Tensor | None, conv_tail: torch.Tensor | None,
+                     ) -> tuple[torch.Tensor, ...]:
+        """(B, T, d_model) -> the gate z (B, T, H·P) and the scan's x (B, T, H, P), k, q (B, T, G, N),
+        log decay and gain (B, T, H); pads (`mask` False) neither decay nor write."""
         B, T, _ = u.shape
-        if ctx is None:
-            ctx = ForwardContext.build(None, B, T, None, u.device)
-        H, P, G, N = self.H, self.P, self.G, self.N
-        cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
-        assert cache is None or isinstance(cache, ConbaCache)
         z, xkq, *rest = self.in_proj(u).split(self.split, dim=-1)
         logits = iter(rest)  # the per-head logits that are enabled, in `self.split` order
-        mask = ctx.token_mask  # pads never touch the conv tail or the state
-        if mask is not None:
+        if mask is not None:  # pads never touch the conv tail or the state
             xkq = xkq * mask[..., None].to(xkq.dtype)
-        xkq = self._conv(xkq, cache)
-        x, k, q = xkq.split([self.inner, G * N, G * N], dim=-1)
-        x = x.view(B, T, H, P)
-        k = k.view(B, T, G, N)
-        q = q.view(B, T, G, N)
+        xkq = self._conv(xkq, conv_tail)
+        x, k, q = xkq.split([self.inner, self.G * self.N, self.G * self.N], dim=-1)
+        x = x.view(B, T, self.H, self.P)
+        k = k.view(B, T, self.G, self.N)
+        q = q.view(B, T, self.G, self.N)
 
         # Selective state function -> step size Δ (fp32).
         f32 = compute_dtype(u)
@@ -122,36 +118,44 @@ class Conba(nn.Module):
         if mask is not None:
             log_decay = log_decay.masked_fill(~mask[..., None], 0.0)
             beta = beta.masked_fill(~mask[..., None], 0.0)
+        return z, x, k, q, log_decay, beta
 
-        x_write = x
-        if self.training and self.process_noise > 0:
-            x_write = x + self.process_noise * torch.randn_like(x)
-        o = self._scan(x_write, k, q, log_decay, beta, cache)  # (B, T, H, P)
+    def _finish(self, o: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Scan output (B, T, H, P) + D skip -> gated RMSNorm -> out_proj: (B, T, d_model)."""
         o = o + self.D.to(o.dtype)[:, None] * x
         if self.training and self.observation_noise > 0:
             o = o + self.observation_noise * torch.randn_like(o)
-        return self.out_proj(self.norm(o.reshape(B, T, self.inner), z))
+        return self.out_proj(self.norm(o.flatten(2), z))
 
-    def _scan(self, x: torch.Tensor, k: torch.Tensor, q: torch.Tensor, log_decay: torch.Tensor,
-              beta: torch.Tensor, cache: ConbaCache | None) -> torch.Tensor:
-        """The Conba scan: chunked for sequences, the step form for one cached token."""
-        tau, gain = self.tau, self.delay_gain
-        if cache is not None and x.shape[1] == 1:
-            oldest = cache.oldest  # S_{t-tau} (or S_{t-1}): read, then overwritten with S_t
-            y, _ = conba_scan_step(
-                x[:, 0], k[:, 0], q[:, 0], log_decay[:, 0], beta[:, 0], cache.state, delta_rule=self.control,
-                delay_gain=gain, delayed_state=oldest if tau else None, out=oldest,
-            )
-            cache.advance()
-            return y[:, None]
+    def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
+        if ctx is None:
+            ctx = ForwardContext.build(None, u.shape[0], u.shape[1], None, u.device)
+        cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        assert cache is None or isinstance(cache, ConbaCache)
+        z, x, k, q, log_decay, beta = self._scan_inputs(u, ctx.token_mask, cache.conv if cache is not None else None)
+        x_write = x
+        if self.training and self.process_noise > 0:
+            x_write = x + self.process_noise * torch.randn_like(x)
+        kw = dict(delta_rule=self.control, tau=self.tau, delay_gain=self.delay_gain, chunk_size=self.chunk)
         if cache is None:
-            y, _ = self.scan_fn(x, k, q, log_decay, beta, delta_rule=self.control, tau=tau, delay_gain=gain,
-                              chunk_size=self.chunk)
-            return y
-        y, state, past = self.scan_fn(
-            x, k, q, log_decay, beta, delta_rule=self.control, tau=tau, delay_gain=gain,
-            initial_state=cache.state, initial_past_states=cache.ordered() if tau else None,
-            chunk_size=self.chunk, return_past_states=True,
+            o, _ = self.scan_fn(x_write, k, q, log_decay, beta, **kw)
+        else:
+            o, state, past = self.scan_fn(
+                x_write, k, q, log_decay, beta, initial_state=cache.state,
+                initial_past_states=cache.ordered() if self.tau else None, return_past_states=True, **kw)
+            cache.set_ordered(past if self.tau else state[:, None])
+        return self._finish(o, x, z)  # o: (B, T, H, P)
+
+    def decode(self, u: torch.Tensor, cache: tuple[torch.Tensor, ...], step: DecodeStep) -> torch.Tensor:
+        """One new token per row, (B, 1, d_model) -> (B, 1, d_model), by the step form of the scan.
+
+        `cache` is (conv tail, S_t, oldest ring slot): the tail is updated in place, S_{t-tau} is read
+        from the oldest slot (tau > 0), and S_{t+1} is written over it."""
+        conv, state, oldest = cache
+        z, x, k, q, log_decay, beta = self._scan_inputs(u, None, conv)
+        o, _ = conba_scan_step(
+            x[:, 0], k[:, 0], q[:, 0], log_decay[:, 0], beta[:, 0], state, delta_rule=self.control,
+            delay_gain=self.delay_gain, delayed_state=oldest if self.tau else None, out=oldest,
         )
-        cache.set_ordered(past if tau else state[:, None])
-        return y
+        return self._finish(o[:, None], x, z)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,3 +58,12 @@ class ForwardContext:
                 allowed = allowed & (key_valid[:, None, :] | (cols == rows)[None])
             attn_mask = allowed[:, None]  # (B or 1, 1, T, Tk)
         return cls(token_mask, positions.expand(B, T), attn_mask, cache, offset)
+
+
+class DecodeStep(NamedTuple):
+    """What every layer of one decoding step (one new token per row) needs; tensors only, so that a
+    compiled step does not specialise on Python values."""
+
+    index: torch.Tensor  # (1,) long: the cache position the new token is written to
+    key_mask: torch.Tensor  # (B, 1, 1, capacity) bool: cache positions the new token may attend to
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin at the new positions: (B, 1, 1, hd / 2)

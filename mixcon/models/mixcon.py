@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixcon.config import MixConConfig
-from mixcon.generation.cache import MixConCache
-from mixcon.layers.attention import Attention
+from mixcon.generation.cache import ConbaCache, MixConCache
+from mixcon.layers.attention import Attention, rope_angles
 from mixcon.layers.conba import Conba
-from mixcon.layers.context import ForwardContext
+from mixcon.layers.context import DecodeStep, ForwardContext
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import RMSNorm
@@ -56,6 +57,12 @@ class MixConLayer(nn.Module):
             f, stats = f
         return h + f, stats
 
+    def decode(self, h: torch.Tensor, cache: tuple[torch.Tensor, ...], step: DecodeStep) -> torch.Tensor:
+        """One new token per row through the layer, (B, 1, d) -> (B, 1, d); updates its cache tensors."""
+        h = h + self.mixer.decode(self.mixer_norm(h), cache, step)
+        f = self.ffn_norm(h)
+        return h + (self.ffn.mix(f) if isinstance(self.ffn, MoE) else self.ffn(f))
+
 
 class MixConForCausalLM(nn.Module):
     def __init__(self, config: MixConConfig) -> None:
@@ -66,6 +73,7 @@ class MixConForCausalLM(nn.Module):
             MixConLayer(config, i, mixer, ffn) for i, (mixer, ffn) in enumerate(config.layout())
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self._decode_step: Callable[..., torch.Tensor] | None = None  # set by compile_decode
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -135,6 +143,9 @@ class MixConForCausalLM(nn.Module):
         if logits_to_keep < 0 or (logits_to_keep and labels is not None):
             raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0, and 0 when labels are given")
         token_mask = attention_mask.bool() if attention_mask is not None else None
+        if cache is not None and T == 1 and labels is None and not self.training and (
+                token_mask is None or bool(token_mask.all())):
+            return self._output(self._decode(input_ids, cache), None, [])
         if cache is not None:
             cache.reserve(cache.seqlen + T)
             cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
@@ -150,6 +161,45 @@ class MixConForCausalLM(nn.Module):
             cache.seqlen += T
             cache.positions += T if token_mask is None else token_mask.sum(1)
         return self._output(logits, labels, stats)
+
+    def _decode(self, input_ids: torch.Tensor, cache: MixConCache) -> torch.Tensor:
+        """One new token per row after `cache` (B, 1) -> logits (B, 1, V), by `decode_step`; the cache's
+        counters (positions, ring slots) move here, outside what a compiler traces."""
+        cache.reserve(cache.seqlen + 1)
+        cache.key_mask[:, cache.seqlen] = True
+        index = torch.full((1,), cache.seqlen, dtype=torch.long, device=input_ids.device)
+        step = self._decode_step or self.decode_step
+        logits = step(input_ids, cache.positions, cache.key_mask, index, [layer.tensors() for layer in cache.layers])
+        for layer in cache.layers:
+            if isinstance(layer, ConbaCache):
+                layer.advance()
+        cache.seqlen += 1
+        cache.positions += 1
+        return logits
+
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                    index: torch.Tensor, caches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """One decoding step as a function of tensors only (what `compile_decode` compiles).
+
+        input_ids (B, 1); positions (B,) of the new tokens; key_mask (B, capacity) with the new
+        position already set; index (1,) the new position in the cache; per layer, its cache tensors
+        (`AttentionCache.tensors()` / `ConbaCache.tensors()`), updated in place. Returns (B, 1, V).
+        """
+        c = self.config
+        rope = None
+        if c.attn_rope and any(kind == "attention" for kind, _ in c.layout()):
+            rope = rope_angles(positions[:, None], c.attn_head_dim, c.rope_theta, compute_dtype(self.embed.weight))
+        step = DecodeStep(index, key_mask[:, None, None, :], rope)
+        h = self.embed(input_ids)  # (B, 1, d)
+        for layer, tensors in zip(self.layers, caches, strict=True):
+            h = layer.decode(h, tensors, step)
+        return self.lm_head(self.norm(h))
+
+    def compile_decode(self, **compile_kwargs: Any) -> None:
+        """Decode through `torch.compile(self.decode_step, **compile_kwargs)` from now on: one graph
+        for all layers, compiled on the first step (per batch size; capacity becomes dynamic after
+        the first change). Decoding is dispatch-bound in eager mode; see docs/benchmarks.md."""
+        self._decode_step = torch.compile(self.decode_step, **compile_kwargs)
 
     def _output(self, logits: torch.Tensor, labels: torch.Tensor | None, stats: list[RouterStats]) -> MixConOutput:
         zero = logits.new_zeros((), dtype=compute_dtype(logits))

@@ -108,3 +108,37 @@ def test_cuda_batched_greedy_equals_cpu():
     on_gpu = model.cuda().generate(ids.cuda(), 12, attention_mask=mask.cuda())
     assert on_gpu.device.type == "cuda"
     assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+def _have_compiler() -> bool:
+    import shutil
+
+    return shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile's CPU backend needs a C/C++ compiler")
+def test_compiled_decode_equals_eager_with_one_graph():
+    """`compile_decode`: the same logits and cache as the eager step, from one graph for every step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = model_for(dtype=torch.float32, attn_rope=True)
+    prompts = [torch.randint(3, 300, (n,)) for n in (4, 9)]
+    ids, mask = left_pad(prompts)
+    caches, logits = [], []
+    with torch.no_grad():
+        for compiled in (False, True):
+            if compiled:
+                model.compile_decode(dynamic=False)
+            cache = model.new_cache(2, max_length=ids.shape[1] + 5)
+            out = [model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits]
+            for _ in range(5):
+                out.append(model(out[-1][:, -1].argmax(-1, keepdim=True), cache=cache).logits)
+            caches.append(cache)
+            logits.append(torch.cat(out, 1))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    for eager, compiled in zip(caches[0].layers, caches[1].layers, strict=True):
+        for a, b in zip(eager.tensors(), compiled.tensors(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # no graph breaks, no recompiles
