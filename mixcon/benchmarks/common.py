@@ -79,6 +79,16 @@ def copy_bandwidth_gbs(mbytes: int = 256, device: str = "cpu") -> float:
     return 2 * src.nbytes / seconds / 1e9
 
 
+def stream_read_gbs(mbytes: int = 256, device: str = "cpu") -> float:
+    """Measured bandwidth of a matrix-vector product over a large matrix (bytes read per second): how
+    fast a decoding step can stream its weights."""
+    n = int((mbytes * 2**20 // 4) ** 0.5)
+    w = torch.empty(n, n, device=device).normal_()
+    v = torch.randn(n, device=device)
+    seconds = median_seconds(lambda: w @ v, repeats=7, warmup=2)
+    return w.nbytes / seconds / 1e9
+
+
 class SavedBytes:
     """Counts the bytes autograd saves for backward: the activation memory of a training step."""
 
