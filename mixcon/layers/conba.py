@@ -77,16 +77,20 @@ class Conba(nn.Module):
 
     def _conv(self, xkq: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over time: (B, T, C) -> (B, T, C); `tail` (B, width - 1, C), the
-        previous steps' inputs (zeros when None), is updated in place."""
+        previous steps' inputs (zeros when None), is updated in place.
+
+        Written as `width` shifted multiply-adds in the (B, T, C) layout: no transposes around conv1d,
+        and elementwise work that torch.compile fuses (forward and backward); one token is the same sum."""
         B, T, C = xkq.shape
         width = self.conv1d.kernel_size[0]
         full = torch.cat([xkq.new_zeros(B, width - 1, C) if tail is None else tail.to(xkq.dtype), xkq], dim=1)
         if tail is not None:
             tail.copy_(full[:, -(width - 1):])
-        if T == 1:  # decode: one dot product per channel
-            out = (full * self.conv1d.weight[:, 0].t()).sum(1, keepdim=True) + self.conv1d.bias  # (B, 1, C)
-            return F.silu(out)
-        return F.silu(F.conv1d(full.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=C)).transpose(1, 2)
+        w = self.conv1d.weight[:, 0].t()  # (width, C)
+        out = torch.addcmul(self.conv1d.bias, full[:, :T], w[0])
+        for j in range(1, width):
+            out = out.addcmul_(full[:, j:j + T], w[j])
+        return F.silu(out)
 
     def _scan_inputs(self, u: torch.Tensor, mask: torch.Tensor | None, conv_tail: torch.Tensor | None,
                      ) -> tuple[torch.Tensor, ...]:

@@ -137,7 +137,8 @@ class MixConForCausalLM(nn.Module):
     ) -> MixConOutput:
         """input_ids (B, T); labels (B, T) are the targets of each position (already shifted, -100 =
         ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache, the call
-        continues from it and updates it. `logits_to_keep` > 0 computes logits for the last that many
+        continues from it and updates it; one new token per row in eval mode is one `decode_step`
+        (compiled after `compile_decode`). `logits_to_keep` > 0 computes logits for the last that many
         positions only (a prefill needs one); 0 keeps all."""
         B, T = self._check_inputs(input_ids, labels, attention_mask, cache)
         if logits_to_keep < 0 or (logits_to_keep and labels is not None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from mixcon.training.metrics import read_metrics
     ("train", ["--config", "--set", "--out", "--resume", "--time-budget", "--steps", "--batch-size",
                "--micro-batch-size", "--parallel", "--activation-checkpointing", "--compile", "--precision",
                "--corpus", "--tokenizer", "--max-bytes", "torchrun"]),
-    ("generate", ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--greedy"]),
+    ("generate", ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--greedy",
+                  "--compile"]),
 ])
 def test_help(command, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -56,8 +58,13 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys):
     config = json.loads((last / "config.json").read_text())
     assert config["vocab_size"] == tok.vocab_size <= 320 and config["eos_token_id"] == tok.eos_id
 
-    assert main(["generate", "--checkpoint", str(run), "--prompt", "the", "--max-new-tokens", "5", "--greedy"]) == 0
-    assert capsys.readouterr().out.startswith("the")
+    generate = ["generate", "--checkpoint", str(run), "--prompt", "the", "--max-new-tokens", "5", "--greedy"]
+    assert main(generate) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the")
+    if shutil.which("cc") or shutil.which("gcc"):  # torch.compile's CPU backend needs a C compiler
+        assert main([*generate, "--compile"]) == 0
+        assert capsys.readouterr().out == text
 
     with pytest.raises(SystemExit, match=r"already holds a run.*--resume"):
         main(args)
