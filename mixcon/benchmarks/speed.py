@@ -25,6 +25,7 @@ from mixcon.benchmarks.common import (
     matmul_peak_gflops,
     median_seconds,
     print_table,
+    release_memory,
     write_results,
 )
 from mixcon.config import MixConConfig
@@ -168,8 +169,9 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
                         seconds, saved = measure(module, u, backward, repeats)
                     except torch.OutOfMemoryError:  # recorded as a result: the layer does not fit here
                         rows.append({**row, "tokens_per_s": None, "note": "out of memory"})
-                        torch.cuda.empty_cache()
                         continue
+                    finally:
+                        release_memory()
                     gflops = conba_flops(config, B, T, backward) / seconds / 1e9
                     rows.append({**row, "tokens_per_s": B * T / seconds, "ms": seconds * 1e3, "gflops": gflops,
                                  "peak_frac": gflops / peak, "saved_MiB": saved / 2**20 if backward else None})

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import weakref
+
+import torch
 
 from mixcon.benchmarks import decode, speed
+from mixcon.benchmarks.common import SavedBytes
 from mixcon.config import MixConConfig
 
 
@@ -37,3 +41,14 @@ def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
     assert ours["cache_MiB"] > 0 and ours["decode_ms"] > 0 and ours["prefill_tok_s"] > 0
     assert ours["bound_ms"] > 0 and ours["stream_bound_ms"] > 0
     assert (tmp_path / "decode.png").stat().st_size > 0
+
+
+def test_saved_bytes_counter_frees_what_it_counted():
+    """Counting saved activations must not keep the counted graph alive (a leak of GBs at T = 8192)."""
+    x = torch.randn(100, requires_grad=True)
+    with SavedBytes() as counter:
+        y = x.exp()  # exp saves its own output for backward
+    assert counter.nbytes == y.nbytes
+    ref = weakref.ref(y)
+    del y
+    assert ref() is None
