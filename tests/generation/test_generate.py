@@ -110,17 +110,12 @@ def test_cuda_batched_greedy_equals_cpu():
     assert torch.equal(on_gpu.cpu(), on_cpu)
 
 
-def _have_compiler() -> bool:
-    import shutil
-
-    return shutil.which("cc") is not None or shutil.which("gcc") is not None
-
-
-@pytest.mark.skipif(not _have_compiler(), reason="torch.compile's CPU backend needs a C/C++ compiler")
-def test_compiled_decode_equals_eager_with_one_graph():
+def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler):
     """`compile_decode`: the same logits and cache as the eager step, from one graph for every step."""
     from torch._dynamo.utils import counters
 
+    if not have_c_compiler:
+        pytest.skip("torch.compile's CPU backend needs a C/C++ compiler")
     torch._dynamo.reset()
     counters.clear()
     model = model_for(dtype=torch.float32, attn_rope=True)
