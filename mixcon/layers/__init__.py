@@ -1,1 +1,1 @@
-"""Modules: Conba, attention, MoE, SwiGLU MLP, norms."""
+"""Modules: Conba, attention, MoE, SwiGLU MLP, norms, linear."""

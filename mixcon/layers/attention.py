@@ -9,6 +9,7 @@ from torch import nn
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import AttentionCache
 from mixcon.layers.context import DecodeStep, ForwardContext
+from mixcon.layers.linear import Linear
 from mixcon.ops.dtypes import compute_dtype
 
 
@@ -59,8 +60,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = config.n_heads, config.n_kv_heads, config.attn_head_dim
         self.rope_theta = config.rope_theta if config.attn_rope else None
-        self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
-        self.out_proj = nn.Linear(self.n_heads * self.hd, config.d_model, bias=False)
+        self.qkv = Linear(config.d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
+        self.out_proj = Linear(self.n_heads * self.hd, config.d_model, bias=False)
 
     def _project(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

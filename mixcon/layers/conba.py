@@ -11,6 +11,7 @@ from torch import nn
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import ConbaCache
 from mixcon.layers.context import DecodeStep, ForwardContext
+from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.norm import GatedRMSNorm
 from mixcon.ops import conba_scan, conba_scan_step
@@ -48,7 +49,7 @@ class Conba(nn.Module):
         # dt (linear Sel), beta (control), rho (state scaling).
         self.split = [self.inner, self.inner + 2 * self.G * self.N]
         self.split += [self.H] * (int(self.selective == "linear") + int(self.control) + int(self.scaling))
-        self.in_proj = nn.Linear(config.d_model, sum(self.split), bias=False)
+        self.in_proj = Linear(config.d_model, sum(self.split), bias=False)
         conv_dim = self.split[1]
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.conba_conv, groups=conv_dim, bias=True)
         self.sel = SwiGLU(config.d_model, config.conba_sel_hidden, self.H) if self.selective == "swiglu" else None
@@ -58,7 +59,7 @@ class Conba(nn.Module):
         self.rho_bias = nn.Parameter(torch.empty(self.H)) if self.scaling else None
         self.delay_gain = nn.Parameter(torch.empty(self.H)) if self.tau > 0 else None
         self.norm = GatedRMSNorm(self.inner, groups=self.G, eps=config.norm_eps)
-        self.out_proj = nn.Linear(self.inner, config.d_model, bias=False)
+        self.out_proj = Linear(self.inner, config.d_model, bias=False)
         self.reset_ssm_parameters()
 
     @torch.no_grad()

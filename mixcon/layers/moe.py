@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixcon.layers.linear import Linear
 from mixcon.ops.dtypes import compute_dtype
 
 
@@ -26,7 +27,7 @@ class MoE(nn.Module):
     def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int) -> None:
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
-        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.router = Linear(d_model, n_experts, bias=False)
         # Experts stored as stacked weights: (n, d, 2·hidden) and (n, hidden, d).
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))

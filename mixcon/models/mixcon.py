@@ -18,6 +18,7 @@ from mixcon.generation.cache import ConbaCache, MixConCache
 from mixcon.layers.attention import Attention, rope_angles
 from mixcon.layers.conba import Conba
 from mixcon.layers.context import DecodeStep, ForwardContext
+from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import RMSNorm
@@ -74,7 +75,7 @@ class MixConForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self._decode_step: Callable[..., torch.Tensor] | None = None  # set by compile_decode
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()

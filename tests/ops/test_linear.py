@@ -1,0 +1,45 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixcon.layers.linear import Linear
+from mixcon.ops.linear import FEW_ROWS, linear
+
+
+def traced_ops(fn, *args) -> set[str]:
+    """The call targets in the FX graph torch.compile captures for fn(*args)."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return {getattr(n.target, "__name__", str(n.target)) for g in graphs for n in g.graph.nodes
+            if n.op in ("call_function", "call_method")}
+
+
+@pytest.mark.parametrize("rows", [1, 3, FEW_ROWS])
+def test_compiled_few_rows_is_a_multiply_sum_equal_to_f_linear(rows):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, 1, 24), torch.randn(40, 24), torch.randn(40)
+    ops = traced_ops(linear, x, w, b)
+    assert "linear" not in ops and "sum" in ops
+    torch._dynamo.reset()
+    compiled = torch.compile(linear, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b), F.linear(x, w, b))
+    torch.testing.assert_close(compiled(x, w), F.linear(x, w))
+
+
+def test_eager_and_many_rows_use_f_linear():
+    x, w = torch.randn(FEW_ROWS + 1, 24), torch.randn(40, 24)
+    assert "linear" in traced_ops(linear, x, w)
+    assert torch.equal(linear(x[:1], w), F.linear(x[:1], w))
+
+
+def test_linear_module_keeps_nn_linear_parameters():
+    layer = Linear(8, 5, bias=False)
+    assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight"]
+    x = torch.randn(2, 8)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
