@@ -95,13 +95,11 @@ def copy_bandwidth_gbs(mbytes: int = 256, device: str = "cpu") -> float:
 
 
 def stream_read_gbs(mbytes: int = 256, device: str = "cpu") -> float:
-    """Measured bandwidth of a matrix-vector product over a large matrix (bytes read per second): how
-    fast a decoding step can stream its weights."""
-    n = int((mbytes * 2**20 // 4) ** 0.5)
-    w = torch.empty(n, n, device=device).normal_()
-    v = torch.randn(n, device=device)
-    seconds = median_seconds(lambda: w @ v, repeats=7, warmup=2)
-    return w.nbytes / seconds / 1e9
+    """Measured read bandwidth of a sum over a large tensor (bytes read per second, all threads): the
+    fastest a decoding step could stream its weights and cache."""
+    x = torch.empty(mbytes * 2**20 // 4, device=device).normal_()
+    seconds = median_seconds(x.sum, repeats=7, warmup=2)
+    return x.nbytes / seconds / 1e9
 
 
 class SavedBytes:

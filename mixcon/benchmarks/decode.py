@@ -5,7 +5,7 @@ transformers' JambaForCausalLM and LlamaForCausalLM at the same width and depth.
 each generated token: prefill is the time to the first, per-token latency the median gap after it;
 the bandwidth bound is the bytes one token must read (active weights + cache) over the measured
 copy bandwidth (the issue's definition); the stream bound divides by the measured read bandwidth of a
-large matrix-vector product instead, which on a CPU is ~2× higher. `--compile` adds our models
+sum over a large tensor instead (all threads; ~2× the copy's on a CPU). `--compile` adds our models
 decoding through `compile_decode` (torch.compile of the whole step).
 """
 
@@ -89,7 +89,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device=device) / 2  # bytes read per second (a copy reads and writes)
     stream = stream_read_gbs(device=device)
-    print(f"copy bandwidth: {bandwidth:.1f} GB/s, matrix-vector read: {stream:.1f} GB/s on {device}, "
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s, stream read: {stream:.1f} GB/s on {device}, "
           f"{torch.get_num_threads()} threads")
     base = base or MixConConfig.preset("small")
     models: dict[str, torch.nn.Module] = {name: MixConForCausalLM(c) for name, c in twins(base).items()}

@@ -1,10 +1,10 @@
-"""`mixcon bench speed|decode`: benchmarks against reference implementations, side by side."""
+"""`mixcon bench speed|decode|matvec`: benchmarks against reference implementations, side by side."""
 
 from __future__ import annotations
 
 import argparse
 
-from mixcon.benchmarks import decode, speed
+from mixcon.benchmarks import decode, matvec, speed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,3 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=decode.__doc__)
     decode.add_arguments(d)
     d.set_defaults(func=decode.main)
+    m = bench.add_parser("matvec", help="few-row products (decoding): ops.linear vs F.linear",
+                         description=matvec.__doc__)
+    matvec.add_arguments(m)
+    m.set_defaults(func=matvec.main)

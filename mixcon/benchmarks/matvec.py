@@ -1,0 +1,98 @@
+"""Few-row products x Wᵀ as in a decoding step: `mixcon.ops.linear` vs F.linear, side by side.
+
+One compiled function chains products through a set of weight matrices too large for the caches
+(by default the shapes of one `small` decoding step, repeated to ~70 MB), so every weight comes from
+memory as in decoding. Rows are the decoding batch. Timed: F.linear eager, F.linear compiled (the
+BLAS call inductor keeps) and `ops.linear` compiled (the multiply-sum loop it uses up to FEW_ROWS
+rows); GB/s = weight bytes / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mixcon.benchmarks.common import machine, median_seconds, print_table, release_memory, write_results
+from mixcon.ops.linear import FEW_ROWS, linear
+
+# (N, K) of the products in one `small` decoding step: Conba in/out, MLP gate-up/down, attention qkv/out.
+SMALL_STEP = [(1168, 256), (256, 512), (1280, 256), (256, 640), (512, 256), (256, 256)]
+
+
+def chain(weights: list[torch.Tensor], product: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (M, K0) -> every product in turn, each input cut or tiled from the last output (M, 8·n)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for w in weights:
+            k = w.shape[1]
+            x = x.repeat(1, -(-k // x.shape[1]))[:, :k]
+            x = torch.tanh(product(x, w))  # (M, N)
+            outs.append(x[:, :8])
+        return torch.cat(outs, dim=1)
+
+    return run
+
+
+def run(rows: list[int], megabytes: int, repeats: int, out_dir: Path | None) -> list[dict[str, Any]]:
+    """Time the three forms for each row count over ~`megabytes` of fp32 weights."""
+    torch.manual_seed(0)
+    per_step = sum(n * k for n, k in SMALL_STEP) * 4 / 2**20
+    shapes = SMALL_STEP * max(1, round(megabytes / per_step))
+    weights = [torch.randn(n, k) * k**-0.5 for n, k in shapes]
+    nbytes = sum(w.nbytes for w in weights)
+    print(f"{len(weights)} weight matrices, {nbytes / 2**20:.0f} MiB, {torch.get_num_threads()} threads, "
+          f"few-row form up to {FEW_ROWS} rows")
+    results = []
+    for m in rows:
+        torch._dynamo.reset()  # the forms share one code object: a fresh cache per row count, no limit
+        forms = {"F.linear eager": chain(weights, F.linear),
+                 "F.linear compiled": torch.compile(chain(weights, F.linear), dynamic=False),
+                 "ops.linear compiled": torch.compile(chain(weights, linear), dynamic=False)}
+        x = torch.randn(m, shapes[0][1])
+        row: dict[str, Any] = {"rows": m}
+        for name, fn in forms.items():
+            seconds = median_seconds(lambda fn=fn, x=x: fn(x), repeats=repeats, warmup=2)
+            row[f"{name} ms"] = seconds * 1e3
+            row[f"{name} GB/s"] = nbytes / seconds / 1e9
+            release_memory()
+        row["speed-up"] = row["F.linear compiled ms"] / row["ops.linear compiled ms"]
+        results.append(row)
+        print_table(results[-1:], list(row))
+    if out_dir is not None:
+        write_results(out_dir, "matvec", dict(machine=machine(), weight_MiB=nbytes / 2**20, rows=results), _plot)
+    return results
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("F.linear eager", "F.linear compiled", "ops.linear compiled"):
+        ax.plot([r["rows"] for r in rows], [r[f"{name} GB/s"] for r in rows], marker="o", label=name)
+    ax.set(xscale="log", xlabel="rows (decoding batch)", ylabel="weight GB/s", title="few-row products")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", default="1,2,4,8,16,32", help="rows per product (default: %(default)s)")
+    p.add_argument("--megabytes", type=int, default=70, help="total weight size (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+
+
+def main(args: argparse.Namespace) -> int:
+    run([int(r) for r in args.rows.split(",")], args.megabytes, args.repeats, args.out)
+    return 0
