@@ -150,6 +150,26 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def new_figure(ncols: int = 1, width: float = 6.0) -> tuple[Any, list[Any]]:
+    """A headless matplotlib figure with `ncols` axes side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, 4), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write and close a figure from `new_figure`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_results(out_dir: Path, name: str, payload: dict[str, Any],
                   plot: Callable[[list[dict[str, Any]], Path], None]) -> None:
     """Write NAME.json (the payload, rows included) and NAME.png (drawn by `plot`) into out_dir."""

@@ -26,7 +26,9 @@ from mixcon.benchmarks.common import (
     add_device_arguments,
     copy_bandwidth_gbs,
     machine,
+    new_figure,
     print_table,
+    save_figure,
     stream_read_gbs,
     sync,
     write_results,
@@ -133,12 +135,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (lat, mem) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (lat, mem) = new_figure(2, width=11)
     for name in dict.fromkeys(r["model"] for r in rows):
         pts = sorted((r["context"], r["decode_ms"], r["cache_MiB"]) for r in rows if r["model"] == name)
         lat.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
@@ -149,9 +146,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in (lat, mem):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

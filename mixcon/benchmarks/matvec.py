@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mixcon.benchmarks.common import machine, median_seconds, print_table, release_memory, write_results
+from mixcon.benchmarks import common
 from mixcon.ops.linear import FEW_ROWS, linear
 
 # (N, K) of the products in one `small` decoding step: Conba in/out, MLP gate-up/down, attention qkv/out.
@@ -57,33 +57,27 @@ def run(rows: list[int], megabytes: int, repeats: int, out_dir: Path | None) -> 
         x = torch.randn(m, shapes[0][1])
         row: dict[str, Any] = {"rows": m}
         for name, fn in forms.items():
-            seconds = median_seconds(lambda fn=fn, x=x: fn(x), repeats=repeats, warmup=2)
+            seconds = common.median_seconds(lambda fn=fn, x=x: fn(x), repeats=repeats, warmup=2)
             row[f"{name} ms"] = seconds * 1e3
             row[f"{name} GB/s"] = nbytes / seconds / 1e9
-            release_memory()
+            common.release_memory()
         row["speed-up"] = row["F.linear compiled ms"] / row["ops.linear compiled ms"]
         results.append(row)
-        print_table(results[-1:], list(row))
+        common.print_table(results[-1:], list(row))
     if out_dir is not None:
-        write_results(out_dir, "matvec", dict(machine=machine(), weight_MiB=nbytes / 2**20, rows=results), _plot)
+        payload = dict(machine=common.machine(), weight_MiB=nbytes / 2**20, rows=results)
+        common.write_results(out_dir, "matvec", payload, _plot)
     return results
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax,) = common.new_figure()
     for name in ("F.linear eager", "F.linear compiled", "ops.linear compiled"):
         ax.plot([r["rows"] for r in rows], [r[f"{name} GB/s"] for r in rows], marker="o", label=name)
     ax.set(xscale="log", xlabel="rows (decoding batch)", ylabel="weight GB/s", title="few-row products")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,8 +24,10 @@ from mixcon.benchmarks.common import (
     machine,
     matmul_peak_gflops,
     median_seconds,
+    new_figure,
     print_table,
     release_memory,
+    save_figure,
     write_results,
 )
 from mixcon.config import MixConConfig
@@ -198,12 +200,7 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(2, width=11)
     for ax, mode in zip(axes, ("fwd", "fwd+bwd"), strict=True):
         for layer in dict.fromkeys(r["layer"] for r in rows):
             pts = sorted((r["T"], r["tokens_per_s"]) for r in rows if r["layer"] == layer and r["mode"] == mode
@@ -213,9 +210,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="sequence length T (batch 1)", ylabel="tokens/s", title=mode)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
