@@ -44,15 +44,19 @@ class MoE(nn.Module):
         gate, up = (h @ self.w_gate_up[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.w_down[e]
 
-    def combine(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def combine(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_k weight_k · expert_k(h) for each token, the M·K (token, expert) pairs grouped by expert:
-        (M, d), (M, K), (M, K) -> (M, d). One sort, no per-token loop."""
+        (M, d), (M, K), (M, K) -> (M, d); `counts` (n,) pairs per expert, if already known. One sort,
+        no per-token loop."""
         flat_expert = experts.reshape(-1)  # (M·K,)
         order = flat_expert.argsort(stable=True)
         token_of = order // self.top_k  # token index of each sorted assignment
+        if counts is None:
+            counts = torch.bincount(flat_expert, minlength=self.n_experts)
         out = torch.zeros_like(h)
         start = 0
-        for e, n_e in enumerate(torch.bincount(flat_expert, minlength=self.n_experts).tolist()):
+        for e, n_e in enumerate(counts.tolist()):
             if n_e == 0:
                 continue
             idx = token_of[start:start + n_e]
@@ -93,9 +97,11 @@ class MoE(nn.Module):
         shape = h.shape
         h = h.reshape(-1, shape[-1])  # (M, d)
         logits, probs, weights, experts = self.route(h)
-        few = experts.numel() <= self.n_experts  # e.g. one token
-        out = (self.combine_gathered if few else self.combine)(h, weights, experts)
         counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts)  # (n,)
+        if experts.numel() <= self.n_experts:  # e.g. one token
+            out = self.combine_gathered(h, weights, experts)
+        else:
+            out = self.combine(h, weights, experts, counts)
         fraction = counts.to(probs.dtype) / experts.numel()  # f_i
         aux = self.n_experts * (fraction * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).square().mean()
