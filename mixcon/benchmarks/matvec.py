@@ -27,7 +27,7 @@ SMALL_STEP = [(1168, 256), (256, 512), (1280, 256), (256, 640), (512, 256), (256
 def chain(weights: list[torch.Tensor], product: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """x (M, K0) -> every product in turn, each input cut or tiled from the last output (M, 8·n)."""
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def products(x: torch.Tensor) -> torch.Tensor:
         outs = []
         for w in weights:
             k = w.shape[1]
@@ -36,7 +36,7 @@ def chain(weights: list[torch.Tensor], product: Callable[..., torch.Tensor]) -> 
             outs.append(x[:, :8])
         return torch.cat(outs, dim=1)
 
-    return run
+    return products
 
 
 def run(rows: list[int], megabytes: int, repeats: int, out_dir: Path | None) -> list[dict[str, Any]]:

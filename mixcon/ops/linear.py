@@ -14,7 +14,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear: (..., K) @ (N, K)ᵀ (+ bias) -> (..., N).
 
     Compiled on a CPU with at most `FEW_ROWS` rows, the product is written as Σ_k x_k W_nk, which
-    inductor emits as one vectorised reduction over both cores; a CPU BLAS runs such a
+    inductor emits as one vectorised reduction over all cores; a CPU BLAS runs such a
     matrix-vector product on one core at a fraction of the memory bandwidth. Eager calls, GPUs and
     more rows use F.linear.
     """
