@@ -102,14 +102,14 @@ class Conba(nn.Module):
         logits = iter(rest)  # the per-head logits that are enabled, in `self.split` order
         if mask is not None:  # pads never touch the conv tail or the state
             xkq = xkq * mask[..., None].to(xkq.dtype)
-        xkq = self._conv(xkq, conv_tail)
+        f32 = compute_dtype(u)
+        xkq = self._conv(xkq.to(f32), conv_tail)  # in fp32: the scan reads x, k, q in fp32
         x, k, q = xkq.split([self.inner, self.G * self.N, self.G * self.N], dim=-1)
         x = x.view(B, T, self.H, self.P)
         k = k.view(B, T, self.G, self.N)
         q = q.view(B, T, self.G, self.N)
 
         # Selective state function -> step size Δ (fp32).
-        f32 = compute_dtype(u)
         dt_raw = self.sel(u) if self.sel is not None else next(logits)
         delta = F.softplus(dt_raw.to(f32) + self.dt_bias.to(f32))  # (B, T, H)
         log_decay = -delta * self.A_log.to(f32).exp()  # log α_t

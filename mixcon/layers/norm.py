@@ -20,7 +20,7 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(o ⊙ SiLU(z)), normalised over `groups` equal slices of the last dimension."""
+    """RMSNorm(o ⊙ SiLU(z)), normalised over `groups` equal slices of the last dimension; in z's dtype."""
 
     def __init__(self, dim: int, groups: int = 1, eps: float = 1e-5) -> None:
         super().__init__()
@@ -29,8 +29,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype, f32 = o.dtype, compute_dtype(o)
+        f32 = compute_dtype(z)
         h = o.to(f32) * F.silu(z.to(f32))
         h = h.unflatten(-1, (self.groups, -1))
         h = F.rms_norm(h, (h.shape[-1],), eps=self.eps).flatten(-2)
-        return self.weight * h.to(dtype)
+        return self.weight * h.to(z.dtype)

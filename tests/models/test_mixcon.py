@@ -166,16 +166,19 @@ def test_cache_bytes_formula_equals_allocation(layout):
     assert cache.layer_nbytes() == expected
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["mixcon", "conba"])
-def test_cuda_forward_and_cached_decode_match_the_cpu_fp64_model(layout, dtype, tol):
+def test_forward_and_cached_decode_in_fp32_and_bf16_match_the_fp64_model(layout, dtype, tol, device):
     model = tiny_model(**LAYOUTS[layout])
     ids = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
         ref = model(ids).logits
-        model.to("cuda", dtype)
-        ids = ids.cuda()
+        model.to(device, dtype)
+        ids = ids.to(device)
         full = model(ids).logits
         cache = model.new_cache(2)
         pieces = [model(ids[:, :24], cache=cache).logits]
