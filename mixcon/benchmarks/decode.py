@@ -115,6 +115,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
             ours = isinstance(model, MixConForCausalLM)
             if not ours and context > hf_max_context:
                 continue
+            time_generation(model, ids, 1, 1)  # warm-up at this length: first-touch of its activations
             prefill, per_token = time_generation(model, ids, new_tokens, repeats)
             row = dict(model=name, context=context, prefill_tok_s=context / prefill, decode_ms=per_token * 1e3,
                        decode_tok_s=1 / per_token, cache_MiB=None, bound_ms=None, stream_bound_ms=None)
