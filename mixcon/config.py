@@ -66,6 +66,9 @@ class MixConConfig:
     conba_delay: int = 2  # tau
     conba_process_noise: float = 0.0  # sigma_w
     conba_observation_noise: float = 0.0  # sigma_v
+    # "triton": forwards without autograd on CUDA (inference, prefill) run the Triton kernel
+    # (ops/triton_chunk.py); everything else, and "torch", the PyTorch chunked scan.
+    conba_kernel: Literal["torch", "triton"] = "torch"
     # model
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -140,6 +143,12 @@ class MixConConfig:
             _fail("conba_beta_max", self.conba_beta_max, "must be in (0, 2] (the delta rule is stable for beta <= 2)")
         if isinstance(self.conba_delay, bool) or not isinstance(self.conba_delay, int) or self.conba_delay < 0:
             _fail("conba_delay", self.conba_delay, "must be an integer >= 0 (0 = no delayed state)")
+        if self.conba_kernel not in ("torch", "triton"):
+            _fail("conba_kernel", self.conba_kernel, "must be 'torch' or 'triton'")
+        chunk = self.conba_chunk
+        if self.conba_kernel == "triton" and (chunk < 16 or chunk & (chunk - 1) or chunk < self.conba_delay):
+            _fail("conba_chunk", chunk, f"must be a power of two >= 16 and >= conba_delay={self.conba_delay} "
+                  "with conba_kernel='triton'")
         for name in ("conba_process_noise", "conba_observation_noise", "router_aux_loss_coef",
                      "router_z_loss_coef"):
             value = getattr(self, name)

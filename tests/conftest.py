@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels can only run in Triton's interpreter; it is chosen when triton is
+# imported, so the switch is set here, before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

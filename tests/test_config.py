@@ -60,6 +60,8 @@ def test_json_round_trip(tmp_path):
     (dict(conba_conv=1), "conba_conv"),
     (dict(eos_token_id=10**6), "eos_token_id"),
     (dict(conba_control="yes"), "conba_control"),
+    (dict(conba_kernel="cuda"), "conba_kernel"),
+    (dict(conba_kernel="triton", conba_chunk=48), "conba_chunk"),  # the kernel's chunk is a power of two
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"MixConConfig\.{field}="):

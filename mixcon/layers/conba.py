@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ class Conba(nn.Module):
         self.tau = config.conba_delay
         self.beta_max = config.conba_beta_max
         self.chunk = config.conba_chunk
+        self.kernel = config.conba_kernel
         self.process_noise = config.conba_process_noise
         self.observation_noise = config.conba_observation_noise
         # in_proj: z (H·P), x (H·P), k (G·N), q (G·N), then per-head logits as enabled:
@@ -132,6 +134,11 @@ class Conba(nn.Module):
             o = o + self.observation_noise * torch.randn_like(o)
         return self.out_proj(self.norm(o.flatten(2), z))
 
+    def _use_triton(self, u: torch.Tensor) -> bool:
+        """The Triton kernel when asked for, without autograd, on CUDA (or in Triton's CPU interpreter)."""
+        on_device = u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        return self.kernel == "triton" and on_device and not torch.is_grad_enabled()
+
     def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
         if ctx is None:
@@ -143,10 +150,15 @@ class Conba(nn.Module):
         if self.training and self.process_noise > 0:
             x_write = x + self.process_noise * torch.randn_like(x)
         kw = dict(delta_rule=self.control, tau=self.tau, delay_gain=self.delay_gain, chunk_size=self.chunk)
+        scan = self.scan_fn
+        if self._use_triton(u):
+            from mixcon.ops.triton_chunk import conba_scan_triton
+
+            scan = conba_scan_triton
         if cache is None:
-            o, _ = self.scan_fn(x_write, k, q, log_decay, beta, **kw)
+            o, _ = scan(x_write, k, q, log_decay, beta, **kw)
         else:
-            o, state, past = self.scan_fn(
+            o, state, past = scan(
                 x_write, k, q, log_decay, beta, initial_state=cache.state,
                 initial_past_states=cache.ordered() if self.tau else None, return_past_states=True, **kw)
             cache.set_ordered(past if self.tau else state[:, None])

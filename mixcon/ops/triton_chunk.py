@@ -1,0 +1,177 @@
+"""The chunked Conba scan (DESIGN.md §2.1) as one Triton kernel, forward only (inference and prefill).
+
+One program per (batch, head) walks the chunks in order with the state S (P, N) in registers; within
+a chunk everything is (C, C) / (C, P) / (C, N) tile products, as in `ops/chunk.py`:
+    open loop:  U = diag(beta) X
+    delta rule: (I + diag(beta) M) U = diag(beta) (X - diag(exp b) K Sᵀ), solved by forward
+                substitution over the C rows (M[t, s] = exp(b_t - b_s) k_t.k_s, s < t)
+    Y = (Q Kᵀ ∘ L) U + diag(exp b) Q Sᵀ,   S <- exp(b_C) S + (w ∘ U)ᵀ K
+The delayed readout S_{t-tau} q_t is the same readout with the decays of step t - tau: from this
+chunk's start state and writes, or, for its first tau - 1 rows, from the previous chunk's. The first
+tau rows of the sequence read `initial_past_states`; that term is added here, outside the kernel.
+Needs `triton`; runs on CUDA tensors, and on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mixcon.ops._validate import check_scan_inputs
+
+
+@triton.jit
+def _readout(Q, K, U, S, b_row, b_col, limit, cols, prec: tl.constexpr):
+    """sum_{s <= limit_t} exp(b_row_t - b_col_s) (q_t.k_s) u_s + exp(b_row_t) S q_t, for every row t."""
+    L = tl.where(cols[None, :] <= limit[:, None], tl.exp(b_row[:, None] - b_col[None, :]), 0.0)
+    A = tl.dot(Q, tl.trans(K), input_precision=prec) * L
+    inter = tl.dot(Q, tl.trans(S), input_precision=prec)
+    return tl.dot(A, U, input_precision=prec) + tl.exp(b_row)[:, None] * inter
+
+
+@triton.jit
+def _shifted_cumsum(ld, limit, cols):
+    """sum_{s <= limit_t} ld_s for every row t (0 where limit_t < 0)."""
+    return tl.sum(tl.where(cols[None, :] <= limit[:, None], ld[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _conba_scan_kernel(
+    x_ptr, k_ptr, q_ptr, ld_ptr, beta_ptr, gain_ptr, s0_ptr, y_ptr, final_ptr, past_ptr,
+    T, H, P, N, hpg,
+    sxb, sxt, sxh, skb, skt, skg, slb, slt, syb, syt, syh,
+    DELTA: tl.constexpr, TAU: tl.constexpr, PAST: tl.constexpr,
+    C: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // hpg
+    rows = tl.arange(0, C)
+    p_idx = tl.arange(0, BP)
+    n_idx = tl.arange(0, BN)
+    pn_mask = (p_idx[:, None] < P) & (n_idx[None, :] < N)
+    state_off = ((pid_b * H + h) * P + p_idx[:, None]) * N + n_idx[None, :]  # into (B, H, P, N)
+    S = tl.load(s0_ptr + state_off, mask=pn_mask, other=0.0).to(tl.float32)
+    # The previous chunk, for the delayed readout of a chunk's first rows.
+    K_prev = tl.zeros((C, BN), dtype=tl.float32)
+    U_prev = tl.zeros((C, BP), dtype=tl.float32)
+    ld_prev = tl.zeros((C,), dtype=tl.float32)
+    S_prev = tl.zeros((BP, BN), dtype=tl.float32)
+    for c0 in range(0, T, C):
+        t = c0 + rows
+        live = t < T  # padding rows neither decay nor write
+        xm = live[:, None] & (p_idx[None, :] < P)
+        km = live[:, None] & (n_idx[None, :] < N)
+        X = tl.load(x_ptr + pid_b * sxb + t[:, None] * sxt + h * sxh + p_idx[None, :], mask=xm, other=0.0)
+        X = X.to(tl.float32)
+        kq_off = pid_b * skb + t[:, None] * skt + g * skg + n_idx[None, :]
+        K = tl.load(k_ptr + kq_off, mask=km, other=0.0).to(tl.float32)
+        Q = tl.load(q_ptr + kq_off, mask=km, other=0.0).to(tl.float32)
+        ld = tl.load(ld_ptr + pid_b * slb + t * slt + h, mask=live, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + pid_b * slb + t * slt + h, mask=live, other=0.0).to(tl.float32)
+
+        b = tl.cumsum(ld, axis=0)  # (C,) log decay from the chunk start through each row
+        if DELTA:
+            KS = tl.dot(K, tl.trans(S), input_precision=PREC)  # (C, BP): S0 k_t
+            U = beta[:, None] * (X - tl.exp(b)[:, None] * KS)
+            strict = rows[None, :] < rows[:, None]
+            decay = tl.where(strict, tl.exp(b[:, None] - b[None, :]), 0.0)
+            M = beta[:, None] * tl.dot(K, tl.trans(K), input_precision=PREC) * decay
+            for i in range(C):  # forward substitution: row i once the rows above it are final
+                m_i = tl.sum(tl.where(rows[:, None] == i, M, 0.0), axis=0)  # (C,) row i of M
+                u_i = tl.sum(m_i[:, None] * U, axis=0)  # (BP,)
+                U = tl.where(rows[:, None] == i, U - u_i[None, :], U)
+        else:
+            U = beta[:, None] * X
+        Y = _readout(Q, K, U, S, b, b, rows, rows, PREC)
+        if TAU > 0:
+            # Rows t >= tau - 1 read S_{t - tau} of this chunk (its start state when t = tau - 1) ...
+            lim = rows - TAU
+            b_sh = _shifted_cumsum(ld, lim, rows)
+            delayed = _readout(Q, K, U, S, b_sh, b, lim, rows, PREC)
+            # ... rows t < tau - 1 a state of the previous chunk.
+            lim_p = rows + C - TAU
+            b_shp = _shifted_cumsum(ld_prev, lim_p, rows)
+            b_prev = tl.cumsum(ld_prev, axis=0)
+            from_prev = _readout(Q, K_prev, U_prev, S_prev, b_shp, b_prev, lim_p, rows, PREC)
+            delayed = tl.where(rows[:, None] < TAU - 1, from_prev, delayed)
+            delayed = tl.where(t[:, None] >= TAU, delayed, 0.0)  # the sequence's first tau rows: outside
+            Y += tl.load(gain_ptr + h).to(tl.float32) * delayed
+            K_prev, U_prev, ld_prev, S_prev = K, U, ld, S
+        tl.store(y_ptr + pid_b * syb + t[:, None] * syt + h * syh + p_idx[None, :], Y, mask=xm)
+        if PAST:  # the states S_{T-tau+1} .. S_T that fall in this chunk
+            for j in range(TAU):
+                i = T - TAU + j - c0  # row of state S_{T-tau+1+j} in this chunk
+                if (i >= 0) & (i < C):
+                    b_i = tl.sum(tl.where(rows == i, b, 0.0))
+                    w = tl.where(rows <= i, tl.exp(b_i - b), 0.0)
+                    S_i = tl.exp(b_i) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=PREC)
+                    past_off = (((pid_b * TAU + j) * H + h) * P + p_idx[:, None]) * N + n_idx[None, :]
+                    tl.store(past_ptr + past_off, S_i, mask=pn_mask)
+        b_last = tl.sum(tl.where(rows == C - 1, b, 0.0))
+        w = tl.exp(b_last - b)
+        S = tl.exp(b_last) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=PREC)
+    tl.store(final_ptr + state_off, S, mask=pn_mask)
+
+
+def conba_scan_triton(
+    x: torch.Tensor,  # (B, T, H, P) values
+    k: torch.Tensor,  # (B, T, G, N) keys
+    q: torch.Tensor,  # (B, T, G, N) queries
+    log_decay: torch.Tensor,  # (B, T, H), <= 0
+    beta: torch.Tensor,  # (B, T, H) write strength
+    *,
+    delta_rule: bool,
+    tau: int = 0,
+    delay_gain: torch.Tensor | None = None,  # (H,)
+    initial_state: torch.Tensor | None = None,  # (B, H, P, N)
+    initial_past_states: torch.Tensor | None = None,  # (B, tau, H, P, N): S_{1-tau} .. S_0
+    chunk_size: int = 64,
+    return_past_states: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """`conba_scan` in one Triton kernel, without autograd; returns (y, final_state[, past_states]).
+
+    chunk_size must be a power of two >= 16 and >= tau; fp32 inputs are multiplied in full fp32
+    precision, others in TF32 (states and decays are fp32 either way)."""
+    B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
+                                         initial_past_states)
+    if chunk_size < 16 or chunk_size & (chunk_size - 1) or chunk_size < tau:
+        raise ValueError(f"conba_scan_triton: chunk_size={chunk_size} must be a power of two >= 16 and >= tau={tau}")
+    if x.dtype == torch.float64:
+        raise ValueError("conba_scan_triton: fp64 is not supported; use conba_scan")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, k, q, log_decay, beta, delay_gain, initial_state)):
+        raise RuntimeError("conba_scan_triton has no backward; use conba_scan for training")
+    f32 = torch.float32
+    x, k, q, log_decay, beta = (t.contiguous() for t in (x, k, q, log_decay, beta))
+    S0 = x.new_zeros(B, H, P, N, dtype=f32) if initial_state is None else initial_state.to(f32).contiguous()
+    past0 = S0.unsqueeze(1).expand(B, tau, H, P, N) if initial_past_states is None else initial_past_states.to(f32)
+    gain = delay_gain.to(f32).contiguous() if tau > 0 else S0  # unread when tau == 0
+    y = torch.empty(B, T, H, P, dtype=f32, device=x.device)
+    final = torch.empty_like(S0)
+    past = x.new_empty(B, tau, H, P, N, dtype=f32)
+    if T > 0:
+        grid = (B, H)
+        _conba_scan_kernel[grid](
+            x, k, q, log_decay, beta, gain, S0, y, final, past,
+            T, H, P, N, H // G,
+            x.stride(0), x.stride(1), x.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            log_decay.stride(0), log_decay.stride(1), y.stride(0), y.stride(1), y.stride(2),
+            DELTA=delta_rule, TAU=tau, PAST=return_past_states and tau > 0, C=chunk_size,
+            BP=max(16, triton.next_power_of_2(P)), BN=max(16, triton.next_power_of_2(N)),
+            PREC="ieee" if x.dtype == f32 else "tf32",
+        )
+    else:
+        final = S0
+    if tau > 0 and T > 0:  # the first tau rows read the initial past states S_{1-tau} .. S_0
+        head = min(tau, T)
+        qh = q[:, :head].to(f32).repeat_interleave(H // G, dim=2)  # (B, head, H, N)
+        early = torch.einsum("bthpn,bthn->bthp", past0[:, :head], qh)
+        y[:, :head] += delay_gain.to(f32)[:, None] * early
+    y = y.to(x.dtype)
+    if not return_past_states:
+        return y, final
+    if tau > T:  # S_{T-tau+1} .. S_0 are initial past states
+        past[:, : tau - T] = past0[:, T:]
+    return y, final, past

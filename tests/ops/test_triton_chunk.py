@@ -1,0 +1,89 @@
+"""The Triton chunked scan equals the sequential reference: on a GPU when there is one, else in Triton's
+interpreter on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_conba_scan import make_inputs  # tests/ops is on sys.path (pytest rootdir-less import)
+
+from mixcon.ops import conba_scan_reference
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'mixcon[triton]')")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, conftest.py set TRITON_INTERPRET=1
+from mixcon.ops.triton_chunk import conba_scan_triton  # noqa: E402  (only with triton installed)
+
+CASES = [
+    # (T, chunk, G, tau, initial state, P, N)
+    (37, 16, 2, 0, False, 5, 6),
+    (37, 16, 2, 2, True, 5, 6),  # P, N below a 16-wide tile
+    (1, 16, 2, 2, True, 5, 6),  # T < tau: past states come partly from the initial ones
+    (64, 16, 4, 1, False, 16, 16),  # T a multiple of the chunk, G == H
+    (50, 16, 1, 3, True, 20, 8),  # several chunks, G < H, tau 3
+    (20, 32, 1, 2, True, 5, 6),  # one chunk longer than T
+]
+
+
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+@pytest.mark.parametrize("T,chunk,G,tau,init,P,N", CASES)
+def test_triton_equals_reference(delta_rule, T, chunk, G, tau, init, P, N):
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=T, G=G, P=P, N=N)
+    past0 = torch.randn(2, tau, 4, P, N, dtype=torch.float64) if init else None
+    kw = dict(delta_rule=delta_rule, tau=tau, delay_gain=gain if tau else None,
+              initial_state=S0 if init else None, initial_past_states=past0)
+    y_ref, s_ref, past_ref = conba_scan_reference(x, k, q, ld, beta, return_past_states=True, **kw)
+    dev = {name: (v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v) for name, v in kw.items()}
+    args = [t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)]
+    y, s, past = conba_scan_triton(*args, chunk_size=chunk, return_past_states=True, **dev)
+    assert y.dtype == torch.float32 and y.shape == (2, T, 4, P)
+    for got, ref in ((y, y_ref), (s, s_ref), (past, past_ref)):
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_inputs_come_back_in_bf16():
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=40, G=2, P=16, N=16)
+    y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, delta_rule=True, tau=2, delay_gain=gain, initial_state=S0)
+    low = [t.to(DEVICE, torch.bfloat16 if i < 3 else torch.float32) for i, t in enumerate((x, k, q, ld, beta))]
+    y, s = conba_scan_triton(*low, delta_rule=True, tau=2, delay_gain=gain.to(DEVICE, torch.float32),
+                             initial_state=S0.to(DEVICE, torch.float32), chunk_size=16)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert float((y.double().cpu() - y_ref).norm() / y_ref.norm()) < 3e-2
+    assert float((s.double().cpu() - s_ref).norm() / s_ref.norm()) < 3e-2
+
+
+def test_bad_arguments_raise_clear_errors():
+    x, k, q, ld, beta, *_ = (t.float() for t in make_inputs(T=8))
+    with pytest.raises(ValueError, match="power of two"):
+        conba_scan_triton(x, k, q, ld, beta, delta_rule=False, chunk_size=24)
+    with pytest.raises(ValueError, match="fp64"):
+        conba_scan_triton(x.double(), k, q, ld, beta, delta_rule=False, chunk_size=16)
+    with pytest.raises(RuntimeError, match="no backward"):
+        conba_scan_triton(x.requires_grad_(), k, q, ld, beta, delta_rule=False, chunk_size=16)
+
+
+def test_model_with_the_triton_kernel_equals_the_torch_one(monkeypatch):
+    """Full forward and prefill + cached decode of a tiny MixCon, conba_kernel 'triton' vs 'torch'."""
+    from mixcon import MixConConfig, MixConForCausalLM
+    from mixcon.ops import triton_chunk
+
+    calls = []
+    monkeypatch.setattr(triton_chunk, "conba_scan_triton",
+                        lambda *a, **kw: calls.append(1) or conba_scan_triton(*a, **kw))
+    torch.manual_seed(0)
+    config = MixConConfig.preset("tiny", conba_chunk=16)
+    ref = MixConForCausalLM(config).to(DEVICE).eval()
+    fast = MixConForCausalLM(config.replace(conba_kernel="triton")).to(DEVICE).eval()
+    fast.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, config.vocab_size, (2, 40), device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+        cache = fast.new_cache(2, max_length=40)
+        pieces = [fast(ids[:, :23], cache=cache).logits]
+        pieces += [fast(ids[:, t:t + 1], cache=cache).logits for t in range(23, 40)]
+        torch.testing.assert_close(torch.cat(pieces, 1), ref(ids).logits, rtol=1e-4, atol=1e-4)
+    n_conba = sum(layer.mixer_kind == "conba" for layer in fast.layers)
+    assert len(calls) == 2 * n_conba  # the full forward and the prefill; decoding takes the step form
+    fast(ids, labels=ids).loss.backward()  # with autograd: the PyTorch chunked scan
+    assert len(calls) == 2 * n_conba
+    conba = [layer.mixer for layer in fast.layers if layer.mixer_kind == "conba"]
+    assert all(p.grad is not None for m in conba for p in m.parameters())
