@@ -3,12 +3,14 @@
 Shapes default to the issue's: hidden 512, 16 heads × 64, state 128, chunk 64 (fp32 on a CPU;
 `--device cuda --dtype bf16` on a GPU).
 FLOPs are counted from the shapes (matmuls of the projections and of the chunked algorithm; the
-backward pass as twice the forward) and reported against the measured matmul peak.
+backward pass as twice the forward) and reported against the measured matmul peak. On CUDA with
+triton installed, `+triton` rows time the forward of the Triton kernel (`conba_kernel="triton"`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -135,8 +137,9 @@ def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, d
 
 def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: int, out_dir: Path | None,
         device: str = "cpu", dtype: torch.dtype = torch.float32, compiled: bool = False,
-        train_shape: tuple[int, int] | None = None) -> list[dict[str, Any]]:
-    """Time every layer at every (T, B); `compiled` adds torch.compile'd Conba variants."""
+        train_shape: tuple[int, int] | None = None, triton: bool | None = None) -> list[dict[str, Any]]:
+    """Time every layer at every (T, B); `compiled` adds torch.compile'd Conba variants, `triton` (default:
+    on CUDA when triton is installed) the forwards of `conba_kernel="triton"` variants."""
     torch.manual_seed(0)
     peak = matmul_peak_gflops(n=8192 if device.startswith("cuda") else 2048, device=device, dtype=dtype)
     print(f"matmul peak: {peak:.1f} GFLOP/s on {device} {dtype} ({torch.get_num_threads()} threads)")
@@ -146,6 +149,11 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
     if compiled:  # five modules share Conba.forward: let each (module, shape) keep its own graph
         torch._dynamo.config.cache_size_limit = 64
         modules.update({f"{name}+compile": torch.compile(Conba(base.replace(**over), 0))
+                        for name, over in VARIANTS.items()})
+    if triton is None:
+        triton = device.startswith("cuda") and importlib.util.find_spec("triton") is not None
+    if triton:
+        modules.update({f"{name}+triton": Conba(base.replace(**over, conba_kernel="triton"), 0)
                         for name, over in VARIANTS.items()})
     modules["reference-loop"] = reference_layer(base.replace(**SSD))
     for module in modules.values():
@@ -164,8 +172,8 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
             for name, module in modules.items():
                 if module is None or (name == "reference-loop" and T > reference_max_T):
                     continue
-                config = base.replace(**VARIANTS.get(name.removesuffix("+compile"), SSD))
-                for backward in (False, True):
+                config = base.replace(**VARIANTS.get(name.split("+")[0], SSD))
+                for backward in (False,) if name.endswith("+triton") else (False, True):  # no Triton backward
                     row: dict[str, Any] = dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd")
                     try:
                         seconds, saved = measure(module, u, backward, repeats)

@@ -23,6 +23,14 @@ def test_speed_benchmark_rows_and_files(tmp_path):
     assert (tmp_path / "speed.png").stat().st_size > 0
 
 
+def test_speed_benchmark_times_the_triton_kernel_forward(tmp_path):
+    pytest.importorskip("triton", reason="triton is not installed")  # on a CPU: its interpreter (conftest.py)
+    rows = speed.run([64], [1], repeats=1, reference_max_T=0, out_dir=None, train_shape=None, triton=True)
+    triton_rows = [r for r in rows if r["layer"].endswith("+triton")]
+    assert {r["layer"] for r in triton_rows} == {f"{name}+triton" for name in speed.VARIANTS}
+    assert all(r["mode"] == "fwd" and r["tokens_per_s"] > 0 for r in triton_rows)
+
+
 def test_flop_count_grows_with_control_and_delay():
     base = speed.layer_config().replace(**speed.SSD)
     ssd = speed.conba_flops(base, 1, 2048, backward=False)
