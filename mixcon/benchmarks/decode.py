@@ -1,7 +1,8 @@
 """Decode latency and cache memory vs context length, side by side in one process.
 
-Models: the `small` preset (MixCon) by default, its Transformer and pure-Conba twins (same widths), and
-transformers' JambaForCausalLM and LlamaForCausalLM at the same width and depth. A streamer stamps
+Models: the `small` preset (MixCon; any config with --config / --set, e.g. --set conba_kernel=triton on
+a GPU), its Transformer and pure-Conba twins (same widths), and transformers' JambaForCausalLM and
+LlamaForCausalLM at the same width and depth. A streamer stamps
 each generated token: prefill is the time to the first, per-token latency the median gap after it;
 the bandwidth bound is the bytes one token must read (active weights + cache) over the measured
 copy bandwidth (the issue's definition); the stream bound divides by the measured read bandwidth of a
@@ -162,7 +163,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, base: MixConConfig | None = None) -> int:
     run([int(c) for c in args.contexts.split(",")], args.hf_max_context, args.new_tokens, args.repeats, args.out,
-        device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile)
+        base=base, device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile)
     return 0

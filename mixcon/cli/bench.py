@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mixcon.benchmarks import decode, matvec, speed
+from mixcon.cli.common import add_config_args, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +18,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=speed.main)
     d = bench.add_parser("decode", help="generation latency and cache memory vs context length",
                          description=decode.__doc__)
+    add_config_args(d)
     decode.add_arguments(d)
-    d.set_defaults(func=decode.main)
+    d.set_defaults(func=_decode)
     m = bench.add_parser("matvec", help="few-row products (decoding): ops.linear vs F.linear",
                          description=matvec.__doc__)
     matvec.add_arguments(m)
     m.set_defaults(func=matvec.main)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    """The decode benchmark on the model of --config / --set (its twins and transformers' at its widths)."""
+    return decode.main(args, base=config_from_args(args))

@@ -10,7 +10,9 @@ import torch
 
 from mixcon.benchmarks import decode, matvec, speed
 from mixcon.benchmarks.common import SavedBytes
+from mixcon.cli import main
 from mixcon.config import MixConConfig
+from mixcon.models.mixcon import MixConForCausalLM
 
 
 def test_speed_benchmark_rows_and_files(tmp_path):
@@ -50,6 +52,16 @@ def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
     assert ours["cache_MiB"] > 0 and ours["decode_ms"] > 0 and ours["prefill_tok_s"] > 0
     assert ours["bound_ms"] > 0 and ours["stream_bound_ms"] > 0
     assert (tmp_path / "decode.png").stat().st_size > 0
+
+
+def test_decode_benchmark_command_takes_a_config(tmp_path):
+    argv = ["bench", "decode", "--config", "tiny", "--set", "attn_per_block=2", "--contexts", "8",
+            "--hf-max-context", "0", "--new-tokens", "2", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["mixcon", "transformer-twin", "conba-twin"]
+    tiny = MixConForCausalLM(MixConConfig.preset("tiny", attn_per_block=2))
+    assert rows[0]["cache_MiB"] == tiny.new_cache(1, max_length=9).nbytes() / 2**20
 
 
 def test_saved_bytes_counter_frees_what_it_counted():
