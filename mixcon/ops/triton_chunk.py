@@ -161,6 +161,7 @@ def conba_scan_triton(
             DELTA=delta_rule, TAU=tau, PAST=return_past_states and tau > 0, C=chunk_size,
             BP=max(16, triton.next_power_of_2(P)), BN=max(16, triton.next_power_of_2(N)),
             PREC="ieee" if x.dtype == f32 else "tf32",
+            num_warps=8,  # a dozen (C, 64)-sized fp32 tiles are live at once; 4 warps would spill them
         )
     else:
         final = S0
