@@ -152,8 +152,11 @@ class Conba(nn.Module):
         kw = dict(delta_rule=self.control, tau=self.tau, delay_gain=self.delay_gain, chunk_size=self.chunk)
         scan = self.scan_fn
         if self._use_triton(u):
-            from mixcon.ops.triton_chunk import conba_scan_triton
-
+            try:
+                from mixcon.ops.triton_chunk import conba_scan_triton
+            except ImportError as e:
+                raise ImportError("conba_kernel='triton' needs the triton package: pip install 'mixcon[triton]' "
+                                  "(or conba_kernel='torch')") from e
             scan = conba_scan_triton
         if cache is None:
             o, _ = scan(x_write, k, q, log_decay, beta, **kw)

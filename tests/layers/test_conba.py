@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -128,3 +129,14 @@ def test_torch_compile_matches_eager():
         eager = conba(u)
         compiled = torch.compile(conba, fullgraph=True)(u)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_kernel_without_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the layer takes the kernel on a CPU
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "mixcon.ops.triton_chunk", raising=False)
+    layer = Conba(MixConConfig.preset("tiny", conba_chunk=16, conba_kernel="triton"), 0)
+    u = torch.randn(1, 5, 32)
+    with torch.no_grad(), pytest.raises(ImportError, match=r"pip install 'mixcon\[triton\]'"):
+        layer(u)
+    assert layer(u).shape == (1, 5, 32)  # with autograd: the PyTorch chunked scan, no triton needed
