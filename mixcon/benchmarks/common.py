@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from mixcon.ops.dtypes import DTYPES
+
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
     """Median wall time of `fn` after warm-up (repeats more while under min_seconds in total)."""
@@ -46,9 +48,6 @@ def release_memory() -> None:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from mixcon.benchmarks.common import (
-    DTYPES,
     TokenClock,
     add_device_arguments,
     copy_bandwidth_gbs,
@@ -36,6 +35,7 @@ from mixcon.benchmarks.common import (
 )
 from mixcon.config import MixConConfig
 from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.ops.dtypes import DTYPES
 
 
 def twins(base: MixConConfig) -> dict[str, MixConConfig]:

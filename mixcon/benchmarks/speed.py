@@ -20,7 +20,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mixcon.benchmarks.common import (
-    DTYPES,
     SavedBytes,
     add_device_arguments,
     machine,
@@ -36,6 +35,7 @@ from mixcon.config import MixConConfig
 from mixcon.layers.conba import Conba
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops import conba_scan_reference
+from mixcon.ops.dtypes import DTYPES
 
 SSD = dict(conba_selective="linear", conba_state_scaling=False, conba_control=False, conba_delay=0)
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -12,6 +12,7 @@ import torch
 from mixcon.data import load_tokenizer
 from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.models.mixcon import CONFIG_NAME, WEIGHTS_NAME, MixConForCausalLM
+from mixcon.ops.dtypes import DTYPES
 from mixcon.training.checkpoint import (
     MANIFEST,
     TOKENIZER_DIR,
@@ -96,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="parameter and activation dtype (Conba states stay fp32; default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (pays off after ~100 tokens; the first step compiles)")
     p.set_defaults(func=run)
@@ -104,6 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         model, tok = load_for_generation(args.checkpoint, args.device, args.tokenizer)
+        model.to(DTYPES[args.dtype])
         if args.compile:
             model.compile_decode()
         stream(model, tok, args.prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,

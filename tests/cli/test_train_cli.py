@@ -18,7 +18,7 @@ from mixcon.training.metrics import read_metrics
                "--micro-batch-size", "--parallel", "--activation-checkpointing", "--compile", "--precision",
                "--corpus", "--tokenizer", "--max-bytes", "torchrun"]),
     ("generate", ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--greedy",
-                  "--compile"]),
+                  "--dtype", "--compile"]),
 ])
 def test_help(command, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -64,6 +64,8 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     if have_c_compiler:
         assert main([*generate, "--compile"]) == 0
         assert capsys.readouterr().out == text
+    assert main([*generate, "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.startswith("the")
 
     with pytest.raises(SystemExit, match=r"already holds a run.*--resume"):
         main(args)
