@@ -24,7 +24,7 @@ from mixcon.ops._validate import check_scan_inputs
 @triton.jit
 def _readout(Q, K, U, S, b_row, b_col, limit, cols, prec: tl.constexpr):
     """sum_{s <= limit_t} exp(b_row_t - b_col_s) (q_t.k_s) u_s + exp(b_row_t) S q_t, for every row t."""
-    L = tl.where(cols[None, :] <= limit[:, None], tl.exp(b_row[:, None] - b_col[None, :]), 0.0)
+    L = tl.exp(tl.where(cols[None, :] <= limit[:, None], b_row[:, None] - b_col[None, :], float("-inf")))
     A = tl.dot(Q, tl.trans(K), input_precision=prec) * L
     inter = tl.dot(Q, tl.trans(S), input_precision=prec)
     return tl.dot(A, U, input_precision=prec) + tl.exp(b_row)[:, None] * inter
@@ -76,7 +76,7 @@ def _conba_scan_kernel(
             KS = tl.dot(K, tl.trans(S), input_precision=PREC)  # (C, BP): S0 k_t
             U = beta[:, None] * (X - tl.exp(b)[:, None] * KS)
             strict = rows[None, :] < rows[:, None]
-            decay = tl.where(strict, tl.exp(b[:, None] - b[None, :]), 0.0)
+            decay = tl.exp(tl.where(strict, b[:, None] - b[None, :], float("-inf")))
             M = beta[:, None] * tl.dot(K, tl.trans(K), input_precision=PREC) * decay
             for i in range(C):  # forward substitution: row i once the rows above it are final
                 m_i = tl.sum(tl.where(rows[:, None] == i, M, 0.0), axis=0)  # (C,) row i of M
@@ -105,7 +105,7 @@ def _conba_scan_kernel(
                 i = T - TAU + j - c0  # row of state S_{T-tau+1+j} in this chunk
                 if (i >= 0) & (i < C):
                     b_i = tl.sum(tl.where(rows == i, b, 0.0))
-                    w = tl.where(rows <= i, tl.exp(b_i - b), 0.0)
+                    w = tl.exp(tl.where(rows <= i, b_i - b, float("-inf")))
                     S_i = tl.exp(b_i) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=PREC)
                     past_off = (((pid_b * TAU + j) * H + h) * P + p_idx[:, None]) * N + n_idx[None, :]
                     tl.store(past_ptr + past_off, S_i, mask=pn_mask)
