@@ -57,6 +57,30 @@ def _chunk_writes(U: torch.Tensor, w: torch.Tensor, Kc: torch.Tensor) -> torch.T
     return torch.einsum("bghcsp,bgcsn->bghcpn", w.unsqueeze(-1) * U, Kc)
 
 
+def initial_states(
+    x: torch.Tensor,  # (B, T, H, P)
+    N: int,
+    tau: int,
+    initial_state: torch.Tensor | None,  # (B, H, P, N)
+    initial_past_states: torch.Tensor | None,  # (B, tau, H, P, N)
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_0 (B, H, P, N) and S_{1-tau} .. S_0 (B, tau, H, P, N) in `dtype`: zeros, and S_0 repeated, unless given."""
+    B, _, H, P = x.shape
+    S0 = x.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    if initial_past_states is None:
+        return S0, S0.unsqueeze(1).expand(B, tau, H, P, N)
+    return S0, initial_past_states.to(dtype)
+
+
+def early_delayed_readout(q: torch.Tensor, past0: torch.Tensor, heads_per_group: int) -> torch.Tensor:
+    """S_{t-tau} q_t for the first min(tau, T) steps, which read the initial past states:
+    q (B, T, G, N), past0 (B, tau, H, P, N) -> (B, min(tau, T), H, P)."""
+    head = min(past0.shape[1], q.shape[1])
+    qh = q[:, :head].to(past0.dtype).repeat_interleave(heads_per_group, dim=2)  # (B, head, H, N)
+    return torch.einsum("bthpn,bthn->bthp", past0[:, :head], qh)
+
+
 def conba_scan(
     x: torch.Tensor,  # (B, T, H, P) values
     k: torch.Tensor,  # (B, T, G, N) keys
@@ -80,11 +104,7 @@ def conba_scan(
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
                                          initial_past_states)
     out_dtype, dt = x.dtype, compute_dtype(x)
-    S0 = x.new_zeros(B, H, P, N, dtype=dt) if initial_state is None else initial_state.to(dt)
-    if initial_past_states is None:
-        past0 = S0.unsqueeze(1).expand(B, tau, H, P, N)
-    else:
-        past0 = initial_past_states.to(dt)
+    S0, past0 = initial_states(x, N, tau, initial_state, initial_past_states, dt)
     if T == 0:
         y = x.new_zeros(B, 0, H, P, dtype=out_dtype)
         return (y, S0, past0) if return_past_states else (y, S0)
@@ -141,10 +161,8 @@ def conba_scan(
         # S_{t-tau} q_t: the readout at step t - tau with queries shifted forward by tau.
         Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C, G).squeeze(2)
         r = _unchunk(_readout(Q2c, Kc, decay_mat, eb, U, starts_t), T)
-        head = min(tau, T)  # the first tau steps read the initial past states
-        qh = q[:, :head].to(dt).repeat_interleave(hg, dim=2)  # (B, head, H, N)
-        early = torch.einsum("bthpn,bthn->bthp", past0[:, :head], qh)
-        delayed = torch.cat([early, r[:, : T - head]], dim=1)
+        early = early_delayed_readout(q, past0, hg)  # the first tau steps read the initial past states
+        delayed = torch.cat([early, r[:, : T - early.shape[1]]], dim=1)
         y = y + delay_gain.to(dt)[:, None] * delayed
     y = y.to(out_dtype)
     if not return_past_states:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from mixcon.ops._validate import check_scan_inputs
+from mixcon.ops.chunk import early_delayed_readout, initial_states
 
 
 @triton.jit
@@ -145,31 +146,28 @@ def conba_scan_triton(
         raise RuntimeError("conba_scan_triton has no backward; use conba_scan for training")
     f32 = torch.float32
     x, k, q, log_decay, beta = (t.contiguous() for t in (x, k, q, log_decay, beta))
-    S0 = x.new_zeros(B, H, P, N, dtype=f32) if initial_state is None else initial_state.to(f32).contiguous()
-    past0 = S0.unsqueeze(1).expand(B, tau, H, P, N) if initial_past_states is None else initial_past_states.to(f32)
+    S0, past0 = initial_states(x, N, tau, initial_state, initial_past_states, f32)
+    if T == 0:
+        y = x.new_zeros(B, 0, H, P)
+        return (y, S0, past0) if return_past_states else (y, S0)
+    S0 = S0.contiguous()
     gain = delay_gain.to(f32).contiguous() if tau > 0 else S0  # unread when tau == 0
     y = torch.empty(B, T, H, P, dtype=f32, device=x.device)
     final = torch.empty_like(S0)
     past = x.new_empty(B, tau, H, P, N, dtype=f32)
-    if T > 0:
-        grid = (B, H)
-        _conba_scan_kernel[grid](
-            x, k, q, log_decay, beta, gain, S0, y, final, past,
-            T, H, P, N, H // G,
-            x.stride(0), x.stride(1), x.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            log_decay.stride(0), log_decay.stride(1), y.stride(0), y.stride(1), y.stride(2),
-            DELTA=delta_rule, TAU=tau, PAST=return_past_states and tau > 0, C=chunk_size,
-            BP=max(16, triton.next_power_of_2(P)), BN=max(16, triton.next_power_of_2(N)),
-            PREC="ieee" if x.dtype == f32 else "tf32",
-            num_warps=8,  # a dozen (C, 64)-sized fp32 tiles are live at once; 4 warps would spill them
-        )
-    else:
-        final = S0
-    if tau > 0 and T > 0:  # the first tau rows read the initial past states S_{1-tau} .. S_0
-        head = min(tau, T)
-        qh = q[:, :head].to(f32).repeat_interleave(H // G, dim=2)  # (B, head, H, N)
-        early = torch.einsum("bthpn,bthn->bthp", past0[:, :head], qh)
-        y[:, :head] += delay_gain.to(f32)[:, None] * early
+    _conba_scan_kernel[(B, H)](
+        x, k, q, log_decay, beta, gain, S0, y, final, past,
+        T, H, P, N, H // G,
+        x.stride(0), x.stride(1), x.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        log_decay.stride(0), log_decay.stride(1), y.stride(0), y.stride(1), y.stride(2),
+        DELTA=delta_rule, TAU=tau, PAST=return_past_states and tau > 0, C=chunk_size,
+        BP=max(16, triton.next_power_of_2(P)), BN=max(16, triton.next_power_of_2(N)),
+        PREC="ieee" if x.dtype == f32 else "tf32",
+        num_warps=8,  # a dozen (C, 64)-sized fp32 tiles are live at once; 4 warps would spill them
+    )
+    if tau > 0:  # the first tau rows read the initial past states S_{1-tau} .. S_0
+        early = early_delayed_readout(q, past0, H // G)
+        y[:, : early.shape[1]] += delay_gain.to(f32)[:, None] * early
     y = y.to(x.dtype)
     if not return_past_states:
         return y, final
