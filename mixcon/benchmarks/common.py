@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mixcon.ops.dtypes import DTYPES
+from mixcon.cli.common import add_dtype_argument
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
@@ -54,8 +54,7 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     """--device and --dtype, shared by the benchmarks."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="parameter and activation dtype (Conba states stay fp32; default: %(default)s)")
+    add_dtype_argument(p)
 
 
 class TokenClock:

@@ -10,6 +10,7 @@ from typing import Any
 
 from mixcon.config import PRESETS, MixConConfig
 from mixcon.data.corpus import SPEC_FORMS
+from mixcon.ops.dtypes import DTYPES
 
 
 def add_config_args(parser: argparse.ArgumentParser, default: str = "small") -> None:
@@ -17,6 +18,12 @@ def add_config_args(parser: argparse.ArgumentParser, default: str = "small") -> 
                         help=f"preset ({', '.join(sorted(PRESETS))}) or a JSON/YAML config file (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set d_model=384 --set attn_per_block=0 (repeatable)")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """--dtype: a name in DTYPES for the parameters and activations."""
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="parameter and activation dtype (Conba states stay fp32; default: %(default)s)")
 
 
 def parse_value(text: str) -> Any:

@@ -9,6 +9,7 @@ from typing import TextIO
 
 import torch
 
+from mixcon.cli.common import add_dtype_argument
 from mixcon.data import load_tokenizer
 from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.models.mixcon import CONFIG_NAME, WEIGHTS_NAME, MixConForCausalLM
@@ -97,8 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="parameter and activation dtype (Conba states stay fp32; default: %(default)s)")
+    add_dtype_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (pays off after ~100 tokens; the first step compiles)")
     p.set_defaults(func=run)
