@@ -7,7 +7,8 @@ each generated token: prefill is the time to the first, per-token latency the me
 the bandwidth bound is the bytes one token must read (active weights + cache) over the measured
 copy bandwidth (the issue's definition); the stream bound divides by the measured read bandwidth of a
 sum over a large tensor instead (all threads; ~2× the copy's on a CPU). `--compile` adds our models
-decoding through `compile_decode` (torch.compile of the whole step).
+decoding through `compile_decode` (torch.compile of the whole step) and prefilling through
+`compile_prefill` (the Conba scans compiled, in segments of 256 steps).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
         base: MixConConfig | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
         compiled: bool = False) -> list[dict[str, Any]]:
     """Time every model at every context (transformers' models up to hf_max_context); base: `small`;
-    `compiled` adds our models with a compiled decoding step."""
+    `compiled` adds our models with a compiled decoding step and compiled prefill scans."""
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device=device) / 2  # bytes read per second (a copy reads and writes)
     stream = stream_read_gbs(device=device)
@@ -101,6 +102,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
             twin = MixConForCausalLM(c)
             twin.load_state_dict(models[name].state_dict())
             twin.compile_decode()
+            twin.compile_prefill()
             models[f"{name}+compile"] = twin
     models.update(hf_models(base))
     for model in models.values():
@@ -159,7 +161,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
     p.add_argument("--compile", action="store_true",
-                   help="also time our models decoding through torch.compile (compile_decode)")
+                   help="also time our models decoding and prefilling through torch.compile "
+                        "(compile_decode, compile_prefill)")
     add_device_arguments(p)
 
 

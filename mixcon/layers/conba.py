@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,8 @@ class Conba(nn.Module):
 
     # The sequence form of the scan contract; `conba_scan_reference` has the same signature.
     scan_fn = staticmethod(conba_scan)
+    # The scan of forwards without autograd, when set (`MixConForCausalLM.compile_prefill`).
+    prefill_scan_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
     def __init__(self, config: MixConConfig, layer_idx: int) -> None:
         super().__init__()
@@ -151,6 +154,8 @@ class Conba(nn.Module):
             x_write = x + self.process_noise * torch.randn_like(x)
         kw = dict(delta_rule=self.control, tau=self.tau, delay_gain=self.delay_gain, chunk_size=self.chunk)
         scan = self.scan_fn
+        if self.prefill_scan_fn is not None and not torch.is_grad_enabled():
+            scan = self.prefill_scan_fn
         if self._use_triton(u):
             try:
                 from mixcon.ops.triton_chunk import conba_scan_triton

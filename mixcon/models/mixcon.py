@@ -22,6 +22,7 @@ from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import RMSNorm
+from mixcon.ops import conba_scan, segmented_scan
 from mixcon.ops.dtypes import compute_dtype
 
 WEIGHTS_NAME = "model.safetensors"
@@ -202,6 +203,20 @@ class MixConForCausalLM(nn.Module):
         for all layers, compiled on the first step (per batch size; capacity becomes dynamic after
         the first change). Decoding is dispatch-bound in eager mode; see docs/benchmarks.md."""
         self._decode_step = torch.compile(self.decode_step, **compile_kwargs)
+
+    def compile_prefill(self, segment: int = 256, **compile_kwargs: Any) -> None:
+        """Run the Conba scans of forwards without autograd (prefill, evaluation) through one
+        `torch.compile(conba_scan, dynamic=False, **compile_kwargs)`, `segment` steps at a time, chained
+        through the state (`ops.segmented_scan`): one static shape for every prompt length, compiled on the
+        first prompt of at least `segment` tokens; shorter remainders run eager. Training is unchanged."""
+        chunk = self.config.conba_chunk
+        if segment < chunk or segment % chunk:
+            raise ValueError(f"compile_prefill: segment={segment} must be a positive multiple of "
+                             f"conba_chunk={chunk}")
+        scan = segmented_scan(torch.compile(conba_scan, **{"dynamic": False, **compile_kwargs}), segment)
+        for layer in self.layers:
+            if isinstance(layer.mixer, Conba):
+                layer.mixer.prefill_scan_fn = scan
 
     def _output(self, logits: torch.Tensor, labels: torch.Tensor | None, stats: list[RouterStats]) -> MixConOutput:
         zero = logits.new_zeros((), dtype=compute_dtype(logits))

@@ -1,9 +1,11 @@
 """Functional kernels. The Conba scan contract (DESIGN.md §2.1) in three implementations:
 `conba_scan` (chunked: training and prefill), `conba_scan_reference` (sequential loop, for tests)
-and `conba_scan_step` (one token: decoding)."""
+and `conba_scan_step` (one token: decoding); `segmented_scan` chains any of the sequence forms over
+fixed-length segments (a compiled prefill)."""
 
 from mixcon.ops.chunk import conba_scan
 from mixcon.ops.naive import conba_scan_reference
+from mixcon.ops.segmented import segmented_scan
 from mixcon.ops.step import conba_scan_step
 
-__all__ = ["conba_scan", "conba_scan_reference", "conba_scan_step"]
+__all__ = ["conba_scan", "conba_scan_reference", "conba_scan_step", "segmented_scan"]

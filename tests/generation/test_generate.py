@@ -137,3 +137,35 @@ def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler):
         for a, b in zip(eager.tensors(), compiled.tensors(), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1  # no graph breaks, no recompiles
+
+
+def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler):
+    """`compile_prefill`: the same logits and cache as the eager prefill for prompts of any length, from
+    one static graph; forwards with autograd keep the eager scan."""
+    from torch._dynamo.utils import counters
+
+    if not have_c_compiler:
+        pytest.skip("torch.compile's CPU backend needs a C/C++ compiler")
+    torch._dynamo.reset()
+    counters.clear()
+    model = model_for(dtype=torch.float32)
+    eager = model_for(dtype=torch.float32)
+    model.compile_prefill(segment=16)
+    for lengths in [(5, 16), (37, 40), (3, 70)]:  # one segment, several plus a rest, shorter than a segment
+        ids, mask = left_pad([torch.randint(3, 300, (n,)) for n in lengths])
+        caches, logits = [], []
+        with torch.no_grad():
+            for m in (eager, model):
+                cache = m.new_cache(2, max_length=ids.shape[1] + 1)
+                logits.append(m(ids, attention_mask=mask, cache=cache).logits)
+                caches.append(cache)
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+        for a_layer, b_layer in zip(caches[0].layers, caches[1].layers, strict=True):
+            for a, b in zip(a_layer.tensors(), b_layer.tensors(), strict=True):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # every layer and length: one graph
+    ids = torch.randint(3, 300, (1, 40))
+    torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)  # with autograd: eager
+    assert counters["stats"]["unique_graphs"] == 1
+    with pytest.raises(ValueError, match="segment=12 must be a positive multiple of conba_chunk=8"):
+        model.compile_prefill(segment=12)
