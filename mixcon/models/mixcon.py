@@ -204,12 +204,14 @@ class MixConForCausalLM(nn.Module):
         the first change). Decoding is dispatch-bound in eager mode; see docs/benchmarks.md."""
         self._decode_step = torch.compile(self.decode_step, **compile_kwargs)
 
-    def compile_prefill(self, segment: int = 256, **compile_kwargs: Any) -> None:
+    def compile_prefill(self, segment: int | None = None, **compile_kwargs: Any) -> None:
         """Run the Conba scans of forwards without autograd (prefill, evaluation) through one
-        `torch.compile(conba_scan, dynamic=False, **compile_kwargs)`, `segment` steps at a time, chained
-        through the state (`ops.segmented_scan`): one static shape for every prompt length, compiled on the
-        first prompt of at least `segment` tokens; shorter remainders run eager. Training is unchanged."""
+        `torch.compile(conba_scan, dynamic=False, **compile_kwargs)`, `segment` steps at a time (default:
+        4 chunks, 256 steps in `small`), chained through the state (`ops.segmented_scan`): one static
+        shape for every prompt length, compiled on the first prompt of at least `segment` tokens;
+        shorter remainders run eager. Training is unchanged."""
         chunk = self.config.conba_chunk
+        segment = 4 * chunk if segment is None else segment
         if segment < chunk or segment % chunk:
             raise ValueError(f"compile_prefill: segment={segment} must be a positive multiple of "
                              f"conba_chunk={chunk}")

@@ -150,7 +150,7 @@ def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler):
     counters.clear()
     model = model_for(dtype=torch.float32)
     eager = model_for(dtype=torch.float32)
-    model.compile_prefill(segment=16)
+    model.compile_prefill(segment=16)  # 2 chunks (the default is 4)
     for lengths in [(5, 16), (37, 40), (3, 70)]:  # one segment, several plus a rest, shorter than a segment
         ids, mask = left_pad([torch.randint(3, 300, (n,)) for n in lengths])
         caches, logits = [], []
@@ -169,3 +169,6 @@ def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler):
     assert counters["stats"]["unique_graphs"] == 1
     with pytest.raises(ValueError, match="segment=12 must be a positive multiple of conba_chunk=8"):
         model.compile_prefill(segment=12)
+    odd = model_for(dtype=torch.float32, conba_chunk=24)
+    odd.compile_prefill()  # the default segment, 4 chunks, suits any chunk size
+    assert all(layer.mixer.prefill_scan_fn is not None for layer in odd.layers if layer.mixer_kind == "conba")
