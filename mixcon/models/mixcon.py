@@ -208,8 +208,8 @@ class MixConForCausalLM(nn.Module):
         """Run the Conba scans of forwards without autograd (prefill, evaluation) through one
         `torch.compile(conba_scan, dynamic=False, **compile_kwargs)`, `segment` steps at a time (default:
         4 chunks, 256 steps in `small`), chained through the state (`ops.segmented_scan`): one static
-        shape for every prompt length, compiled on the first prompt of at least `segment` tokens;
-        shorter remainders run eager. Training is unchanged."""
+        shape for every prompt length (per batch size), compiled on the first prompt of at least
+        `segment` tokens; shorter remainders run eager. Training is unchanged."""
         chunk = self.config.conba_chunk
         segment = 4 * chunk if segment is None else segment
         if segment < chunk or segment % chunk:
