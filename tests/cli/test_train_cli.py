@@ -64,6 +64,11 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     if have_c_compiler:
         assert main([*generate, "--compile"]) == 0
         assert capsys.readouterr().out == text
+        long = ["generate", "--checkpoint", str(run), "--prompt", "the king " * 30, "--max-new-tokens", "5", "--greedy"]
+        assert main(long) == 0
+        eager = capsys.readouterr().out
+        assert main([*long, "--compile"]) == 0  # a prompt longer than a segment: compiled prefill
+        assert capsys.readouterr().out == eager
     assert main([*generate, "--dtype", "bf16"]) == 0
     assert capsys.readouterr().out.startswith("the")
 
