@@ -2,8 +2,9 @@
 
 Models: the `small` preset (MixCon; any config with --config / --set, e.g. --set conba_kernel=triton on
 a GPU), its Transformer and pure-Conba twins (same widths), and transformers' JambaForCausalLM and
-LlamaForCausalLM at the same width and depth. A streamer stamps
-each generated token: prefill is the time to the first, per-token latency the median gap after it;
+LlamaForCausalLM at the same width and depth. A streamer stamps each generated token: prefill is the
+time to the first, per-token latency the median gap after it; at each context the models take turns,
+one `generate` each per repeat, so that a slow phase of the machine hits all of them alike;
 the bandwidth bound is the bytes one token must read (active weights + cache) over the measured
 copy bandwidth (the issue's definition); the stream bound divides by the measured read bandwidth of a
 sum over a large tensor instead (all threads; ~2× the copy's on a CPU). `--compile` adds our models
@@ -61,28 +62,22 @@ def hf_models(config: MixConConfig) -> dict[str, torch.nn.Module]:
             "transformers-llama": LlamaForCausalLM(LlamaConfig(**common)).eval()}
 
 
-def time_generation(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill seconds, median seconds per decoded token) of greedy `generate` after the prompt `ids`.
+def time_generation(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+    """(prefill seconds, seconds between each later token) of one greedy `generate` after the prompt `ids`.
 
-    Each token's arrival is stamped by a streamer: prefill is the time to the first new token,
-    per-token latency the median gap between later ones.
+    Each token's arrival is stamped by a streamer: prefill is the time to the first new token.
     """
-    prefills: list[float] = []
-    steps: list[float] = []
-    for _ in range(repeats):
-        clock = TokenClock()
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            if isinstance(model, MixConForCausalLM):
-                model.generate(ids, new_tokens + 1, streamer=clock)
-            else:  # transformers also streams the prompt first: stamp it as the start
-                model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
-                               streamer=clock, pad_token_id=0)
-                start = clock.stamps.pop(0)
-        prefills.append(clock.stamps[0] - start)
-        steps += [b - a for a, b in itertools.pairwise(clock.stamps)]
-    return statistics.median(prefills), statistics.median(steps)
+    clock = TokenClock()
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        if isinstance(model, MixConForCausalLM):
+            model.generate(ids, new_tokens + 1, streamer=clock)
+        else:  # transformers also streams the prompt first: stamp it as the start
+            model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
+                           streamer=clock, pad_token_id=0)
+            start = clock.stamps.pop(0)
+    return clock.stamps[0] - start, [b - a for a, b in itertools.pairwise(clock.stamps)]
 
 
 def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int, out_dir: Path | None,
@@ -110,16 +105,24 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
     for n in (8, 16):  # a compiled step compiles for the first capacity, then once more with it dynamic
         warm = torch.randint(0, base.vocab_size, (1, n), device=device)
         for model in models.values():
-            time_generation(model, warm, 2, 1)
+            time_generation(model, warm, 2)
     rows = []
     for context in contexts:
         ids = torch.randint(0, base.vocab_size, (1, context), device=device)
-        for name, model in models.items():
+        timed = {name: model for name, model in models.items()
+                 if isinstance(model, MixConForCausalLM) or context <= hf_max_context}
+        for model in timed.values():
+            time_generation(model, ids, 1)  # warm-up at this length: first-touch of its activations, compiles
+        prefills: dict[str, list[float]] = {name: [] for name in timed}
+        gaps: dict[str, list[float]] = {name: [] for name in timed}
+        for _ in range(repeats):  # the models interleaved: a slow phase of the machine hits all alike
+            for name, model in timed.items():
+                prefill, later = time_generation(model, ids, new_tokens)
+                prefills[name].append(prefill)
+                gaps[name] += later
+        for name, model in timed.items():
             ours = isinstance(model, MixConForCausalLM)
-            if not ours and context > hf_max_context:
-                continue
-            time_generation(model, ids, 1, 1)  # warm-up at this length: first-touch of its activations
-            prefill, per_token = time_generation(model, ids, new_tokens, repeats)
+            prefill, per_token = statistics.median(prefills[name]), statistics.median(gaps[name])
             row = dict(model=name, context=context, prefill_tok_s=context / prefill, decode_ms=per_token * 1e3,
                        decode_tok_s=1 / per_token, cache_MiB=None, bound_ms=None, stream_bound_ms=None)
             if ours:
