@@ -137,10 +137,19 @@ class Conba(nn.Module):
             o = o + self.observation_noise * torch.randn_like(o)
         return self.out_proj(self.norm(o.flatten(2), z))
 
-    def _use_triton(self, u: torch.Tensor) -> bool:
-        """The Triton kernel when asked for, without autograd, on CUDA (or in Triton's CPU interpreter)."""
-        on_device = u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-        return self.kernel == "triton" and on_device and not torch.is_grad_enabled()
+    def _scan_for(self, u: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """The scan of this forward: `scan_fn` under autograd; without it, the Triton kernel when asked for
+        on CUDA (or in Triton's CPU interpreter), else `prefill_scan_fn` when set, else `scan_fn`."""
+        if torch.is_grad_enabled():
+            return self.scan_fn
+        if self.kernel == "triton" and (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            try:
+                from mixcon.ops.triton_chunk import conba_scan_triton
+            except ImportError as e:
+                raise ImportError("conba_kernel='triton' needs the triton package: pip install 'mixcon[triton]' "
+                                  "(or conba_kernel='torch')") from e
+            return conba_scan_triton
+        return self.prefill_scan_fn or self.scan_fn
 
     def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
@@ -153,16 +162,7 @@ class Conba(nn.Module):
         if self.training and self.process_noise > 0:
             x_write = x + self.process_noise * torch.randn_like(x)
         kw = dict(delta_rule=self.control, tau=self.tau, delay_gain=self.delay_gain, chunk_size=self.chunk)
-        scan = self.scan_fn
-        if self.prefill_scan_fn is not None and not torch.is_grad_enabled():
-            scan = self.prefill_scan_fn
-        if self._use_triton(u):
-            try:
-                from mixcon.ops.triton_chunk import conba_scan_triton
-            except ImportError as e:
-                raise ImportError("conba_kernel='triton' needs the triton package: pip install 'mixcon[triton]' "
-                                  "(or conba_kernel='torch')") from e
-            scan = conba_scan_triton
+        scan = self._scan_for(u)
         if cache is None:
             o, _ = scan(x_write, k, q, log_decay, beta, **kw)
         else:
