@@ -1,18 +1,23 @@
 """The chunked Conba scan (DESIGN.md §2.1) as one Triton kernel, forward only (inference and prefill).
 
-One program per (batch, head) walks the chunks in order with the state S (P, N) in registers; within
-a chunk everything is (C, C) / (C, P) / (C, N) tile products, as in `ops/chunk.py`:
+One program per (batch, head) walks the sequence in chunks of C steps (`kernel_block`: the model's
+chunk, at most 32 steps) with the state S (P, N) in registers; within a chunk everything is
+(C, C) / (C, P) / (C, N) tile products, as in `ops/chunk.py`:
     open loop:  U = diag(beta) X
     delta rule: (I + diag(beta) M) U = diag(beta) (X - diag(exp b) K Sᵀ), solved by forward
                 substitution over the C rows (M[t, s] = exp(b_t - b_s) k_t.k_s, s < t)
     Y = (Q Kᵀ ∘ L) U + diag(exp b) Q Sᵀ,   S <- exp(b_C) S + (w ∘ U)ᵀ K
 The delayed readout S_{t-tau} q_t is the same readout with the decays of step t - tau: from this
-chunk's start state and writes, or, for its first tau - 1 rows, from the previous chunk's. The first
-tau rows of the sequence read `initial_past_states`; that term is added here, outside the kernel.
+chunk's start state and writes, or, for its first tau - 1 rows, from the previous chunk's, read out
+while that chunk is at hand (with these rows' queries loaded one chunk early) and carried over as one
+(C, P) tile. The first tau rows of the sequence read `initial_past_states`; that term is added here,
+outside the kernel.
 Needs `triton`; runs on CUDA tensors, and on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
@@ -20,6 +25,24 @@ import triton.language as tl
 
 from mixcon.ops._validate import check_scan_inputs
 from mixcon.ops.chunk import early_delayed_readout, initial_states
+
+# Steps per block of the kernel's walk over time, whatever the model's chunk: with 64-step tiles the
+# kernel as Triton 3.9 compiles it for sm_80 / sm_90 spills registers (`mixcon bench kernel`).
+BLOCK = 32
+
+
+def kernel_block(chunk_size: int, tau: int) -> int:
+    """Steps per block: the chunk, at most BLOCK unless tau needs more (a block holds >= tau steps)."""
+    return min(chunk_size, max(BLOCK, triton.next_power_of_2(tau)))
+
+
+def launch_options(dtype: torch.dtype, P: int, N: int, block: int) -> dict[str, Any]:
+    """The kernel's compile-time options for x, k, q in `dtype`: tiles, and the products' precision —
+    TF32 unless the inputs are fp32 and `torch.get_float32_matmul_precision()` is "highest" (the default)."""
+    exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dict(C=block, BP=max(16, triton.next_power_of_2(P)), BN=max(16, triton.next_power_of_2(N)),
+                PREC="ieee" if exact else "tf32",
+                num_warps=8)  # a dozen (C, 64)-sized fp32 tiles are live at once; 4 warps spill more
 
 
 @triton.jit
@@ -54,11 +77,8 @@ def _conba_scan_kernel(
     pn_mask = (p_idx[:, None] < P) & (n_idx[None, :] < N)
     state_off = ((pid_b * H + h) * P + p_idx[:, None]) * N + n_idx[None, :]  # into (B, H, P, N)
     S = tl.load(s0_ptr + state_off, mask=pn_mask, other=0.0).to(tl.float32)
-    # The previous chunk, for the delayed readout of a chunk's first rows.
-    K_prev = tl.zeros((C, BN), dtype=tl.float32)
-    U_prev = tl.zeros((C, BP), dtype=tl.float32)
-    ld_prev = tl.zeros((C,), dtype=tl.float32)
-    S_prev = tl.zeros((BP, BN), dtype=tl.float32)
+    # The delayed readout of the next chunk's first tau - 1 rows, which read states of this one.
+    carry = tl.zeros((C, BP), dtype=tl.float32)
     for c0 in range(0, T, C):
         t = c0 + rows
         live = t < T  # padding rows neither decay nor write
@@ -91,15 +111,17 @@ def _conba_scan_kernel(
             lim = rows - TAU
             b_sh = _shifted_cumsum(ld, lim, rows)
             delayed = _readout(Q, K, U, S, b_sh, b, lim, rows, PREC)
-            # ... rows t < tau - 1 a state of the previous chunk.
-            lim_p = rows + C - TAU
-            b_shp = _shifted_cumsum(ld_prev, lim_p, rows)
-            b_prev = tl.cumsum(ld_prev, axis=0)
-            from_prev = _readout(Q, K_prev, U_prev, S_prev, b_shp, b_prev, lim_p, rows, PREC)
-            delayed = tl.where(rows[:, None] < TAU - 1, from_prev, delayed)
+            if TAU > 1:  # ... rows t < tau - 1 a state of the previous chunk, read out there
+                delayed = tl.where(rows[:, None] < TAU - 1, carry, delayed)
+                # The same for the next chunk's first tau - 1 rows, from this chunk's states.
+                t_next = t + C
+                m_next = ((rows < TAU - 1) & (t_next < T))[:, None] & (n_idx[None, :] < N)
+                Q_next = tl.load(q_ptr + pid_b * skb + t_next[:, None] * skt + g * skg + n_idx[None, :],
+                                 mask=m_next, other=0.0).to(tl.float32)
+                lim_p = rows + C - TAU
+                carry = _readout(Q_next, K, U, S, _shifted_cumsum(ld, lim_p, rows), b, lim_p, rows, PREC)
             delayed = tl.where(t[:, None] >= TAU, delayed, 0.0)  # the sequence's first tau rows: outside
             Y += tl.load(gain_ptr + h).to(tl.float32) * delayed
-            K_prev, U_prev, ld_prev, S_prev = K, U, ld, S
         tl.store(y_ptr + pid_b * syb + t[:, None] * syt + h * syh + p_idx[None, :], Y, mask=xm)
         if PAST:  # the states S_{T-tau+1} .. S_T that fall in this chunk
             for j in range(TAU):
@@ -133,8 +155,9 @@ def conba_scan_triton(
 ) -> tuple[torch.Tensor, ...]:
     """`conba_scan` in one Triton kernel, without autograd; returns (y, final_state[, past_states]).
 
-    chunk_size must be a power of two >= 16 and >= tau; fp32 inputs are multiplied in full fp32
-    precision, others in TF32 (states and decays are fp32 either way)."""
+    chunk_size must be a power of two >= 16 and >= tau; the kernel walks blocks of `kernel_block` steps.
+    Products: full fp32 for fp32 inputs unless torch's float32 matmul precision allows TF32, else TF32
+    (states and decays are fp32 either way)."""
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
                                          initial_past_states)
     if chunk_size < 16 or chunk_size & (chunk_size - 1) or chunk_size < tau:
@@ -160,10 +183,8 @@ def conba_scan_triton(
         T, H, P, N, H // G,
         x.stride(0), x.stride(1), x.stride(2), k.stride(0), k.stride(1), k.stride(2),
         log_decay.stride(0), log_decay.stride(1), y.stride(0), y.stride(1), y.stride(2),
-        DELTA=delta_rule, TAU=tau, PAST=return_past_states and tau > 0, C=chunk_size,
-        BP=max(16, triton.next_power_of_2(P)), BN=max(16, triton.next_power_of_2(N)),
-        PREC="ieee" if x.dtype == f32 else "tf32",
-        num_warps=8,  # a dozen (C, 64)-sized fp32 tiles are live at once; 4 warps would spill them
+        DELTA=delta_rule, TAU=tau, PAST=return_past_states and tau > 0,
+        **launch_options(x.dtype, P, N, kernel_block(chunk_size, tau)),
     )
     if tau > 0:  # the first tau rows read the initial past states S_{1-tau} .. S_0
         early = early_delayed_readout(q, past0, H // G)

@@ -11,7 +11,7 @@ from mixcon.ops import conba_scan_reference
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'mixcon[triton]')")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, conftest.py set TRITON_INTERPRET=1
-from mixcon.ops.triton_chunk import conba_scan_triton  # noqa: E402  (only with triton installed)
+from mixcon.ops.triton_chunk import conba_scan_triton, kernel_block, launch_options  # noqa: E402  (only with triton)
 
 CASES = [
     # (T, chunk, G, tau, initial state, P, N)
@@ -21,6 +21,8 @@ CASES = [
     (64, 16, 4, 1, False, 16, 16),  # T a multiple of the chunk, G == H
     (50, 16, 1, 3, True, 20, 8),  # several chunks, G < H, tau 3
     (20, 32, 1, 2, True, 5, 6),  # one chunk longer than T
+    (100, 64, 2, 2, True, 5, 6),  # a chunk above the kernel's block: it walks 32 steps at a time
+    (80, 64, 1, 33, True, 5, 6),  # tau above the block: the block grows to the chunk
 ]
 
 
@@ -59,6 +61,22 @@ def test_bad_arguments_raise_clear_errors():
         conba_scan_triton(x.double(), k, q, ld, beta, delta_rule=False, chunk_size=16)
     with pytest.raises(RuntimeError, match="no backward"):
         conba_scan_triton(x.requires_grad_(), k, q, ld, beta, delta_rule=False, chunk_size=16)
+
+
+def test_launch_options_follow_the_chunk_tau_and_torch_matmul_precision():
+    assert [kernel_block(c, tau) for c, tau in ((16, 2), (32, 2), (64, 2), (128, 0), (64, 33), (128, 40))] == \
+        [16, 32, 32, 32, 64, 64]
+    assert launch_options(torch.float32, 5, 64, 32) | {"PREC": None} == \
+        dict(C=32, BP=16, BN=64, PREC=None, num_warps=8)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert launch_options(torch.float32, 64, 64, 32)["PREC"] == "ieee"
+        assert launch_options(torch.bfloat16, 64, 64, 32)["PREC"] == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert launch_options(torch.float32, 64, 64, 32)["PREC"] == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_model_with_the_triton_kernel_equals_the_torch_one(monkeypatch):
