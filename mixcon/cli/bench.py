@@ -1,10 +1,10 @@
-"""`mixcon bench speed|decode|matvec`: benchmarks against reference implementations, side by side."""
+"""`mixcon bench speed|decode|matvec|kernel`: benchmarks against reference implementations, side by side."""
 
 from __future__ import annotations
 
 import argparse
 
-from mixcon.benchmarks import decode, matvec, speed
+from mixcon.benchmarks import decode, kernel, matvec, speed
 from mixcon.cli.common import add_config_args, config_from_args
 
 
@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=matvec.__doc__)
     matvec.add_arguments(m)
     m.set_defaults(func=matvec.main)
+    k = bench.add_parser("kernel", help="registers and spills of the Triton scan kernel, compiled for GPUs",
+                         description=kernel.__doc__)
+    kernel.add_arguments(k)
+    k.set_defaults(func=kernel.main)
 
 
 def _decode(args: argparse.Namespace) -> int:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +87,30 @@ def test_matvec_benchmark_times_three_forms(tmp_path, have_c_compiler):
     assert all(rows[0][f"{form} GB/s"] > 0 for form in ("F.linear eager", "F.linear compiled", "ops.linear compiled"))
     assert rows[0]["speed-up"] == rows[0]["F.linear compiled ms"] / rows[0]["ops.linear compiled ms"]
     assert (tmp_path / "matvec.png").stat().st_size > 0
+
+
+def test_kernel_report_compiles_the_triton_kernel_for_a_gpu(tmp_path):
+    """The real compiler (not the interpreter the other Triton tests use on a CPU) takes the kernel to
+    sm_90 machine code, fp32 and bf16, and ptxas's figures come back."""
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia").is_dir():
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile afresh
+    done = subprocess.run([sys.executable, "-m", "mixcon", "bench", "kernel", "--arch", "90", "--dtypes", "fp32,bf16",
+                           "--blocks", "32", "--out", str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernel.json").read_text())["rows"]
+    assert [(r["arch"], r["dtype"], r["block"], r["precision"]) for r in rows] == \
+        [("sm_90", "fp32", 32, "ieee"), ("sm_90", "bf16", 32, "tf32")]
+    assert all(0 < r["registers"] <= 255 and r["spill_stores"] >= 0 and r["shared_KiB"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--blocks", "24"], "powers of two"),
+    (["--blocks", "16", "--tau", "20"], ">= --tau"),
+    (["--dtypes", "fp8"], "unknown"),
+])
+def test_kernel_report_rejects_bad_arguments(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "kernel", *argv])
