@@ -102,11 +102,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="where kernel.json and kernel.png go")
 
 
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.dtypes.split(",")) - set(DTYPES))
     if unknown:
         raise SystemExit(f"--dtypes: unknown {unknown}; allowed: {sorted(DTYPES)}")
-    blocks = [int(b) for b in args.blocks.split(",")]
+    archs, blocks = _ints("--arch", args.arch), _ints("--blocks", args.blocks)
     bad = [b for b in blocks if b < 16 or b & (b - 1) or b < args.tau]
     if bad:
         raise SystemExit(f"--blocks: {bad} must be powers of two >= 16 and >= --tau={args.tau}")
@@ -116,6 +123,5 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("mixcon bench kernel needs triton: pip install 'mixcon[triton]'") from None
     if args.fp32_precision is not None:
         torch.set_float32_matmul_precision(args.fp32_precision)
-    run([int(a) for a in args.arch.split(",")], [DTYPES[d] for d in args.dtypes.split(",")], blocks,
-        args.head_dim, args.state, args.tau, args.out)
+    run(archs, [DTYPES[d] for d in args.dtypes.split(",")], blocks, args.head_dim, args.state, args.tau, args.out)
     return 0

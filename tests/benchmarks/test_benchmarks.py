@@ -110,6 +110,7 @@ def test_kernel_report_compiles_the_triton_kernel_for_a_gpu(tmp_path):
     (["--blocks", "24"], "powers of two"),
     (["--blocks", "16", "--tau", "20"], ">= --tau"),
     (["--dtypes", "fp8"], "unknown"),
+    (["--arch", "h100"], "comma-separated integers"),
 ])
 def test_kernel_report_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message):
