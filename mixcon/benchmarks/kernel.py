@@ -41,7 +41,7 @@ def compile_kernel(arch: int, dtype: torch.dtype, block: int, P: int = 64, N: in
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("mixcon bench kernel compiles with Triton's compiler: unset TRITON_INTERPRET")
     options = launch_options(dtype, P, N, block)
-    num_warps = options.pop("num_warps")
+    compile_options = {name: options.pop(name) for name in ("num_warps", "enable_fp_fusion")}
     constants = dict(options, DELTA=delta_rule, TAU=tau, PAST=tau > 0)
     element = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     signature, constexprs = {}, {}
@@ -53,7 +53,7 @@ def compile_kernel(arch: int, dtype: torch.dtype, block: int, P: int = 64, N: in
         else:
             signature[param.name] = "i32"
     source = ASTSource(fn=_conba_scan_kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=compile_options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
@@ -61,7 +61,7 @@ def compile_kernel(arch: int, dtype: torch.dtype, block: int, P: int = 64, N: in
                                  f"--gpu-name={sm_arch_from_capability(arch)}", str(ptx), "-o", str(ptx) + ".o"],
                                 capture_output=True, text=True, check=True).stderr
     row: dict[str, Any] = {"arch": f"sm_{arch}", "dtype": element, "block": block, "precision": options["PREC"],
-                           "warps": num_warps}
+                           "warps": compile_options["num_warps"]}
     for name, pattern in PTXAS_STATS.items():
         found = re.search(pattern, report)
         row[name] = int(found.group(1)) if found else 0

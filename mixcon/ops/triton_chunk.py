@@ -37,12 +37,14 @@ def kernel_block(chunk_size: int, tau: int) -> int:
 
 
 def launch_options(dtype: torch.dtype, P: int, N: int, block: int) -> dict[str, Any]:
-    """The kernel's compile-time options for x, k, q in `dtype`: tiles, and the products' precision —
-    TF32 unless the inputs are fp32 and `torch.get_float32_matmul_precision()` is "highest" (the default)."""
+    """The kernel's constexprs and compile options for x, k, q in `dtype`: tiles, and the products'
+    precision — TF32 unless the inputs are fp32 and `torch.get_float32_matmul_precision()` is "highest"
+    (the default)."""
     exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     return dict(C=block, BP=max(16, triton.next_power_of_2(P)), BN=max(16, triton.next_power_of_2(N)),
                 PREC="ieee" if exact else "tf32",
-                num_warps=8)  # a dozen (C, 64)-sized fp32 tiles are live at once; 4 warps spill more
+                num_warps=8,  # a dozen (C, 64)-sized fp32 tiles are live at once; 4 warps spill more
+                enable_fp_fusion=True)  # fused multiply-adds, stated: Triton 3.10 changes the default
 
 
 @triton.jit

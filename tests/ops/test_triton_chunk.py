@@ -67,7 +67,7 @@ def test_launch_options_follow_the_chunk_tau_and_torch_matmul_precision():
     assert [kernel_block(c, tau) for c, tau in ((16, 2), (32, 2), (64, 2), (128, 0), (64, 33), (128, 40))] == \
         [16, 32, 32, 32, 64, 64]
     assert launch_options(torch.float32, 5, 64, 32) | {"PREC": None} == \
-        dict(C=32, BP=16, BN=64, PREC=None, num_warps=8)
+        dict(C=32, BP=16, BN=64, PREC=None, num_warps=8, enable_fp_fusion=True)
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
