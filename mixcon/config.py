@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mixcon.ops._validate import triton_chunk_ok
+
 MIXER_LETTERS = {"A": "attention", "C": "conba"}
 FFN_LETTERS = {"D": "mlp", "M": "moe"}
 
@@ -145,10 +147,9 @@ class MixConConfig:
             _fail("conba_delay", self.conba_delay, "must be an integer >= 0 (0 = no delayed state)")
         if self.conba_kernel not in ("torch", "triton"):
             _fail("conba_kernel", self.conba_kernel, "must be 'torch' or 'triton'")
-        chunk = self.conba_chunk
-        if self.conba_kernel == "triton" and (chunk < 16 or chunk & (chunk - 1) or chunk < self.conba_delay):
-            _fail("conba_chunk", chunk, f"must be a power of two >= 16 and >= conba_delay={self.conba_delay} "
-                  "with conba_kernel='triton'")
+        if self.conba_kernel == "triton" and not triton_chunk_ok(self.conba_chunk, self.conba_delay):
+            _fail("conba_chunk", self.conba_chunk, f"must be a power of two >= 16 and >= conba_delay="
+                  f"{self.conba_delay} with conba_kernel='triton'")
         for name in ("conba_process_noise", "conba_observation_noise", "router_aux_loss_coef",
                      "router_z_loss_coef"):
             value = getattr(self, name)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mixcon.benchmarks import common
+from mixcon.ops._validate import triton_chunk_ok
 from mixcon.ops.dtypes import DTYPES
 
 PTXAS_STATS = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
@@ -43,7 +44,7 @@ def compile_kernel(arch: int, dtype: torch.dtype, block: int, P: int = 64, N: in
     options = launch_options(dtype, P, N, block)
     compile_options = {name: options.pop(name) for name in ("num_warps", "enable_fp_fusion")}
     constants = dict(options, DELTA=delta_rule, TAU=tau, PAST=tau > 0)
-    element = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    element = next(name for name, d in DTYPES.items() if d == dtype)  # Triton's names are the same
     signature, constexprs = {}, {}
     for i, param in enumerate(_conba_scan_kernel.params):
         if param.is_constexpr:
@@ -114,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"--dtypes: unknown {unknown}; allowed: {sorted(DTYPES)}")
     archs, blocks = _ints("--arch", args.arch), _ints("--blocks", args.blocks)
-    bad = [b for b in blocks if b < 16 or b & (b - 1) or b < args.tau]
+    bad = [b for b in blocks if not triton_chunk_ok(b, args.tau)]
     if bad:
         raise SystemExit(f"--blocks: {bad} must be powers of two >= 16 and >= --tau={args.tau}")
     try:

@@ -1,4 +1,4 @@
-"""Shape checks shared by the three implementations of the Conba scan contract."""
+"""Input checks shared by the implementations of the Conba scan contract."""
 
 from __future__ import annotations
 
@@ -40,3 +40,8 @@ def check_scan_inputs(
         raise ValueError(f"conba_scan: initial_past_states must be (B, tau, H, P, N)={(B, tau, H, P, N)}, "
                          f"got {tuple(initial_past_states.shape)}")
     return B, T, H, P, G, N
+
+
+def triton_chunk_ok(chunk_size: int, tau: int) -> bool:
+    """Whether the Triton kernel takes this chunk size: a power of two >= 16 and >= tau."""
+    return chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0 and chunk_size >= tau

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixcon.ops._validate import check_scan_inputs
+from mixcon.ops._validate import check_scan_inputs, triton_chunk_ok
 from mixcon.ops.chunk import early_delayed_readout, initial_states
 
 # Steps per block of the kernel's walk over time, whatever the model's chunk: with 64-step tiles the
@@ -162,7 +162,7 @@ def conba_scan_triton(
     (states and decays are fp32 either way)."""
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
                                          initial_past_states)
-    if chunk_size < 16 or chunk_size & (chunk_size - 1) or chunk_size < tau:
+    if not triton_chunk_ok(chunk_size, tau):
         raise ValueError(f"conba_scan_triton: chunk_size={chunk_size} must be a power of two >= 16 and >= tau={tau}")
     if x.dtype == torch.float64:
         raise ValueError("conba_scan_triton: fp64 is not supported; use conba_scan")
