@@ -4,17 +4,53 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from mixcon import MixConForCausalLM
 
 # Without a GPU, Triton kernels can only run in Triton's interpreter; it is chosen when triton is
 # imported, so the switch is set here, before any test imports it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    """The real text in ../shared/data/tinyshakespeare.txt; skips the test when it is absent."""
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"real text not present: {path} (the shared data folder beside the checkout)")
+    return path
+
 
 @pytest.fixture(scope="session")
 def have_c_compiler() -> bool:
     """Whether torch.compile's CPU backend (inductor's C++ kernels) can build here."""
     return shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., MixConForCausalLM]:
+    """Builds the `tiny` preset (any field overridden) in eval mode, seeded, with the delay gain made to count
+    (it starts at 0)."""
+
+    from mixcon import MixConConfig, MixConForCausalLM  # after TRITON_INTERPRET is set
+
+    def build(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides: Any) -> MixConForCausalLM:
+        torch.manual_seed(seed)
+        model = MixConForCausalLM(MixConConfig.preset("tiny", **overrides)).to(dtype).eval()
+        with torch.no_grad():
+            for layer in model.layers:
+                if getattr(layer.mixer, "delay_gain", None) is not None:
+                    layer.mixer.delay_gain.uniform_(-1, 1)
+        return model
+
+    return build

@@ -1,4 +1,4 @@
-"""Shared fixtures: real text from ../shared/data (skipped when absent), small BPEs, synthetic corpora."""
+"""Data fixtures: small BPEs, synthetic corpora."""
 
 from __future__ import annotations
 
@@ -10,17 +10,8 @@ import pytest
 
 from mixcon.data import BPETokenizer, default_corpus, train_bpe_tokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "def", "return", "self", "2024", "über",
          "naïve", "東京", "😀", "x1", "y2"]
-
-
-@pytest.fixture(scope="session")
-def shakespeare_path() -> Path:
-    path = SHARED_DATA / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.skip(f"real text not present: {path} (the shared data folder beside the checkout)")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -5,18 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixcon import MixConConfig, MixConForCausalLM
 from mixcon.generation.generate import sample_next
-
-
-def model_for(dtype=torch.float64, **overrides) -> MixConForCausalLM:
-    torch.manual_seed(0)
-    model = MixConForCausalLM(MixConConfig.preset("tiny", **overrides)).to(dtype).eval()
-    with torch.no_grad():
-        for layer in model.layers:
-            if getattr(layer.mixer, "delay_gain", None) is not None:
-                layer.mixer.delay_gain.uniform_(-1, 1)
-    return model
 
 
 def left_pad(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,8 +19,8 @@ def left_pad(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, t
 
 
 @pytest.mark.parametrize("layout", [{}, dict(attn_per_block=0), dict(attn_per_block=4, attn_rope=True)])
-def test_batched_greedy_equals_each_prompt_alone(layout):
-    model = model_for(**layout)
+def test_batched_greedy_equals_each_prompt_alone(layout, tiny_model):
+    model = tiny_model(**layout)
     prompts = [torch.randint(3, 300, (n,)) for n in (3, 11, 7)]
     ids, mask = left_pad(prompts, pad=5)
     batched = model.generate(ids, 12, attention_mask=mask)
@@ -40,8 +29,8 @@ def test_batched_greedy_equals_each_prompt_alone(layout):
         assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(p):]), i
 
 
-def test_padding_value_does_not_matter():
-    model = model_for()
+def test_padding_value_does_not_matter(tiny_model):
+    model = tiny_model()
     prompts = [torch.randint(3, 300, (n,)) for n in (2, 9)]
     ids0, mask = left_pad(prompts, pad=0)
     ids1, _ = left_pad(prompts, pad=299)
@@ -52,8 +41,8 @@ def test_padding_value_does_not_matter():
     torch.testing.assert_close(a[real], b[real], rtol=1e-12, atol=1e-12)
 
 
-def test_sampling_is_seeded_and_respects_top_k():
-    model = model_for(dtype=torch.float32)
+def test_sampling_is_seeded_and_respects_top_k(tiny_model):
+    model = tiny_model(dtype=torch.float32)
     prompt = torch.randint(0, 300, (2, 5))
     a = model.generate(prompt, 10, do_sample=True, temperature=1.5, seed=7)
     b = model.generate(prompt, 10, do_sample=True, temperature=1.5, seed=7)
@@ -76,8 +65,8 @@ def test_top_p_keeps_the_nucleus():
     assert int(sample_next(logits, do_sample=True, temperature=1.0, top_k=None, top_p=0.5, generator=g)) == 0
 
 
-def test_eos_stops_and_pads():
-    model = model_for(dtype=torch.float32)
+def test_eos_stops_and_pads(tiny_model):
+    model = tiny_model(dtype=torch.float32)
     prompt = torch.randint(0, 300, (1, 4))
     free = model.generate(prompt, 6)
     eos = int(free[0, 5])  # the second generated token
@@ -88,8 +77,8 @@ def test_eos_stops_and_pads():
     assert streamed == free[0, 4:].tolist()
 
 
-def test_generate_validates_arguments():
-    model = model_for(dtype=torch.float32)
+def test_generate_validates_arguments(tiny_model):
+    model = tiny_model(dtype=torch.float32)
     prompt = torch.randint(0, 300, (2, 4))
     with pytest.raises(ValueError, match="temperature"):
         model.generate(prompt, 3, do_sample=True, temperature=0)
@@ -100,8 +89,8 @@ def test_generate_validates_arguments():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_batched_greedy_equals_cpu():
-    model = model_for()
+def test_cuda_batched_greedy_equals_cpu(tiny_model):
+    model = tiny_model()
     prompts = [torch.randint(3, 300, (n,)) for n in (3, 11, 7)]
     ids, mask = left_pad(prompts, pad=5)
     on_cpu = model.generate(ids, 12, attention_mask=mask)
@@ -110,7 +99,7 @@ def test_cuda_batched_greedy_equals_cpu():
     assert torch.equal(on_gpu.cpu(), on_cpu)
 
 
-def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler):
+def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler, tiny_model):
     """`compile_decode`: the same logits and cache as the eager step, from one graph for every step."""
     from torch._dynamo.utils import counters
 
@@ -118,7 +107,7 @@ def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler):
         pytest.skip("torch.compile's CPU backend needs a C/C++ compiler")
     torch._dynamo.reset()
     counters.clear()
-    model = model_for(dtype=torch.float32, attn_rope=True)
+    model = tiny_model(dtype=torch.float32, attn_rope=True)
     prompts = [torch.randint(3, 300, (n,)) for n in (4, 9)]
     ids, mask = left_pad(prompts)
     caches, logits = [], []
@@ -139,7 +128,7 @@ def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler):
     assert counters["stats"]["unique_graphs"] == 1  # no graph breaks, no recompiles
 
 
-def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler):
+def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler, tiny_model):
     """`compile_prefill`: the same logits and cache as the eager prefill for prompts of any length, from
     one static graph; forwards with autograd keep the eager scan."""
     from torch._dynamo.utils import counters
@@ -148,8 +137,8 @@ def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler):
         pytest.skip("torch.compile's CPU backend needs a C/C++ compiler")
     torch._dynamo.reset()
     counters.clear()
-    model = model_for(dtype=torch.float32)
-    eager = model_for(dtype=torch.float32)
+    model = tiny_model(dtype=torch.float32)
+    eager = tiny_model(dtype=torch.float32)
     model.compile_prefill(segment=16)  # 2 chunks (the default is 4)
     for lengths in [(5, 16), (37, 40), (3, 70)]:  # one segment, several plus a rest, shorter than a segment
         ids, mask = left_pad([torch.randint(3, 300, (n,)) for n in lengths])
@@ -169,6 +158,6 @@ def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler):
     assert counters["stats"]["unique_graphs"] == 1
     with pytest.raises(ValueError, match="segment=12 must be a positive multiple of conba_chunk=8"):
         model.compile_prefill(segment=12)
-    odd = model_for(dtype=torch.float32, conba_chunk=24)
+    odd = tiny_model(dtype=torch.float32, conba_chunk=24)
     odd.compile_prefill()  # the default segment, 4 chunks, suits any chunk size
     assert all(layer.mixer.prefill_scan_fn is not None for layer in odd.layers if layer.mixer_kind == "conba")

@@ -18,18 +18,8 @@ LAYOUTS = {
 }
 
 
-def tiny_model(dtype=torch.float64, seed=0, **overrides) -> MixConForCausalLM:
-    torch.manual_seed(seed)
-    model = MixConForCausalLM(MixConConfig.preset("tiny", **overrides)).to(dtype).eval()
-    with torch.no_grad():  # the delay gain starts at 0; make it count
-        for layer in model.layers:
-            if getattr(layer.mixer, "delay_gain", None) is not None:
-                layer.mixer.delay_gain.uniform_(-1, 1)
-    return model
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_full_forward_equals_prefill_then_decode(layout):
+def test_full_forward_equals_prefill_then_decode(layout, tiny_model):
     model = tiny_model(**LAYOUTS[layout])
     ids = torch.randint(0, model.config.vocab_size, (2, 23))
     with torch.no_grad():
@@ -41,7 +31,7 @@ def test_full_forward_equals_prefill_then_decode(layout):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
 
 
-def test_logits_to_keep_gives_the_last_positions():
+def test_logits_to_keep_gives_the_last_positions(tiny_model):
     model = tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
@@ -54,7 +44,7 @@ def test_logits_to_keep_gives_the_last_positions():
         model(ids, labels=ids, logits_to_keep=1)
 
 
-def test_fp32_decode_within_tolerance():
+def test_fp32_decode_within_tolerance(tiny_model):
     model = tiny_model(dtype=torch.float32)
     ids = torch.randint(0, 300, (1, 40))
     with torch.no_grad():
@@ -67,7 +57,7 @@ def test_fp32_decode_within_tolerance():
 
 
 @pytest.mark.parametrize("layout", ["mixcon", "transformer", "conba"])
-def test_causality(layout):
+def test_causality(layout, tiny_model):
     model = tiny_model(**LAYOUTS[layout])
     ids = torch.randint(0, 300, (1, 30))
     changed = ids.clone()
@@ -79,7 +69,7 @@ def test_causality(layout):
     assert not torch.allclose(a[:, 17:], b[:, 17:])
 
 
-def test_loss_and_aux_terms():
+def test_loss_and_aux_terms(tiny_model):
     model = tiny_model(dtype=torch.float32)
     ids = torch.randint(0, 300, (2, 16))
     labels = ids.roll(-1, dims=1)
@@ -96,7 +86,7 @@ def test_loss_and_aux_terms():
     assert all(p.grad is not None for n, p in model.named_parameters() if "delay_gain" not in n)
 
 
-def test_padding_in_training_changes_nothing_for_real_tokens():
+def test_padding_in_training_changes_nothing_for_real_tokens(tiny_model):
     """Right padding with attention_mask: the real tokens' logits equal the unpadded run's."""
     model = tiny_model()
     ids = torch.randint(0, 300, (1, 12))
@@ -106,7 +96,7 @@ def test_padding_in_training_changes_nothing_for_real_tokens():
         torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, :12], model(ids).logits)
 
 
-def test_save_load_identical_logits(tmp_path):
+def test_save_load_identical_logits(tmp_path, tiny_model):
     for tied in (True, False):
         model = tiny_model(dtype=torch.float32, tie_embeddings=tied)
         model.save_pretrained(tmp_path / str(tied))
@@ -123,7 +113,7 @@ def test_load_refuses_missing_files(tmp_path):
         MixConForCausalLM.from_pretrained(tmp_path)
 
 
-def test_out_of_vocabulary_ids_raise():
+def test_out_of_vocabulary_ids_raise(tiny_model):
     model = tiny_model()
     with pytest.raises(ValueError, match=r"vocab_size=300"):
         model(torch.tensor([[1, 300]]))
@@ -151,7 +141,7 @@ def test_parameter_counts_by_hand():
 
 
 @pytest.mark.parametrize("layout", ["mixcon", "transformer", "conba"])
-def test_cache_bytes_formula_equals_allocation(layout):
+def test_cache_bytes_formula_equals_allocation(layout, tiny_model):
     model = tiny_model(dtype=torch.float32, **LAYOUTS[layout])
     cache = model.new_cache(3, max_length=100)
     assert cache.nbytes() == cache_nbytes(model.config, 3, 100)
@@ -172,7 +162,7 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["mixcon", "conba"])
-def test_forward_and_cached_decode_in_fp32_and_bf16_match_the_fp64_model(layout, dtype, tol, device):
+def test_forward_and_cached_decode_in_fp32_and_bf16_match_the_fp64_model(layout, dtype, tol, device, tiny_model):
     model = tiny_model(**LAYOUTS[layout])
     ids = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
@@ -189,7 +179,7 @@ def test_forward_and_cached_decode_in_fp32_and_bf16_match_the_fp64_model(layout,
 
 
 @pytest.mark.parametrize("layout", ["mixcon", "dense"])
-def test_bf16_autocast_training_step(layout):
+def test_bf16_autocast_training_step(layout, tiny_model):
     """The mixed-precision step the trainer takes on a GPU (here on the CPU): finite loss, every grad fp32."""
     model = tiny_model(dtype=torch.float32, **LAYOUTS[layout]).train()
     ids = torch.randint(0, 300, (2, 33))
