@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "mixcon.cli.data",
     "mixcon.cli.train",
     "mixcon.cli.generate",
+    "mixcon.cli.eval",
 ]
 
 

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TextIO
 
 import torch
 
 from mixcon.cli.common import add_dtype_argument
-from mixcon.data import load_tokenizer
 from mixcon.data.tokenizer import AnyTokenizer
-from mixcon.models.mixcon import CONFIG_NAME, WEIGHTS_NAME, MixConForCausalLM
+from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
-from mixcon.training.checkpoint import (
-    MANIFEST,
-    TOKENIZER_DIR,
-    CheckpointError,
-    read_manifest,
-    resolve_checkpoint,
-    verify_files,
-)
+from mixcon.training.checkpoint import CheckpointError, load_model_and_tokenizer
 
 
 class TextStreamer:
@@ -52,21 +43,6 @@ class TextStreamer:
             self.out.write(text[self.printed:])
             self.out.flush()
             self.printed = len(text)
-
-
-def load_for_generation(path: str | Path, device: str = "cpu",
-                        tokenizer: str | None = None) -> tuple[MixConForCausalLM, AnyTokenizer]:
-    """Model and tokenizer from a run directory (its latest checkpoint), a checkpoint (verified against its
-    manifest) or a `save_pretrained` directory (then `tokenizer` must name one unless it has tokenizer/)."""
-    path = Path(path)
-    plain_model = (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file() and not (path / MANIFEST).is_file()
-    if not plain_model:
-        path = resolve_checkpoint(path)
-        verify_files(path, read_manifest(path), prefixes=(CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR))
-    model = MixConForCausalLM.from_pretrained(path, device=device)
-    if tokenizer is None and not (path / TOKENIZER_DIR).is_dir():
-        raise FileNotFoundError(f"{path} has no {TOKENIZER_DIR}/; name the tokenizer with --tokenizer")
-    return model, load_tokenizer(tokenizer or path / TOKENIZER_DIR)
 
 
 def stream(model: MixConForCausalLM, tok: AnyTokenizer, prompt: str, max_new_tokens: int, *, greedy: bool = False,
@@ -107,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        model, tok = load_for_generation(args.checkpoint, args.device, args.tokenizer)
+        model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer)
         model.to(DTYPES[args.dtype])
         if args.compile:
             model.compile_decode()

@@ -26,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mixcon.config import MixConConfig
+from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
+from mixcon.models.mixcon import MixConForCausalLM
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -237,3 +239,18 @@ def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.
     if missing or unexpected or wrong:
         raise CheckpointError(f"{source / MODEL_FILE}: weights do not match the model; missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+
+
+def load_model_and_tokenizer(path: str | Path, device: str = "cpu",
+                             tokenizer: str | None = None) -> tuple[MixConForCausalLM, AnyTokenizer]:
+    """Model and tokenizer from a run directory (its latest checkpoint), a checkpoint (verified against its
+    manifest) or a `save_pretrained` directory (then `tokenizer` must name one unless it has tokenizer/)."""
+    path = Path(path)
+    plain_model = (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file() and not (path / MANIFEST).is_file()
+    if not plain_model:
+        path = resolve_checkpoint(path)
+        verify_files(path, read_manifest(path), prefixes=(CONFIG_FILE, MODEL_FILE, TOKENIZER_DIR))
+    model = MixConForCausalLM.from_pretrained(path, device=device)
+    if tokenizer is None and not (path / TOKENIZER_DIR).is_dir():
+        raise FileNotFoundError(f"{path} has no {TOKENIZER_DIR}/; name the tokenizer with --tokenizer")
+    return model, load_tokenizer(tokenizer or path / TOKENIZER_DIR)

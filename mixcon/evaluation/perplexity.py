@@ -1,0 +1,174 @@
+"""Perplexity and bits per byte of a MixCon model on documents.
+
+Each document is scored as training sees it: an EOS token, then the document's tokens, every one of which
+is predicted from what precedes it. Two ways to bound the compute:
+
+- "window": sliding windows of at most `context` tokens, `stride` apart; each window scores only the tokens
+  the previous one did not, so every token is predicted from at least `context - stride` tokens (or all
+  before it). Comparable with any causal LM.
+- "stream": the whole document in chunks of `context` tokens through the decoding cache, so every token is
+  predicted from the whole document before it, exactly as one full forward would, in bounded activation
+  memory (Conba layers carry a fixed-size state; attention layers a growing K/V cache).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mixcon.data.tokenizer import AnyTokenizer
+from mixcon.models.mixcon import MixConForCausalLM
+
+MODES = ("window", "stream")
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TextScore:
+    """Summed negative log-likelihood of the scored tokens and what it was summed over."""
+
+    nll: float  # nats
+    tokens: int
+    bytes: int  # UTF-8 bytes of the documents
+    documents: int
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        """Mean negative log-likelihood per token (nats)."""
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Tokenizer-independent: the same text costs the same bits whatever its tokenization."""
+        return self.nll / math.log(2) / max(self.bytes, 1)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0}
+
+
+def _check_stride(context: int, stride: int) -> None:
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride={stride} must be in [1, context={context}]")
+
+
+def window_spans(n: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, scored) for the windows over `n` predictions: inputs [begin, end) predict their next
+    tokens, of which the last `scored` are new (not scored by an earlier window)."""
+    _check_stride(context, stride)
+    previous_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        yield begin, end, end - previous_end
+        previous_end = end
+        if end == n:
+            return
+
+
+def _rows(docs: Sequence[list[int]], mode: str, context: int,
+          stride: int) -> Iterator[tuple[int, list[int], list[int]]]:
+    """(document index, inputs, targets) per forward row; IGNORE marks targets scored in another row."""
+    for d, ids in enumerate(docs):
+        inputs, targets = ids[:-1], ids[1:]
+        if mode == "stream":
+            yield d, inputs, targets
+            continue
+        for begin, end, scored in window_spans(len(inputs), context, stride):
+            yield d, inputs[begin:end], [IGNORE] * (end - begin - scored) + targets[end - scored:end]
+
+
+def right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
+              device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) inputs padded with `pad_id` and targets padded with IGNORE, both on the right: in a causal
+    model a pad never reaches an earlier position."""
+    T = max(len(x) for x, _ in rows)
+    inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        inputs[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        targets[i, :len(y)] = torch.tensor(y, dtype=torch.long)
+    return inputs.to(device), targets.to(device)
+
+
+def row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) targets -> (B,) summed negative log-likelihood per row in float64 (computed
+    in fp32, fp64 for an fp64 model)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    nll = F.cross_entropy(logits.transpose(1, 2).to(dtype), targets, ignore_index=IGNORE, reduction="none")
+    return nll.double().sum(1)
+
+
+@torch.no_grad()
+def _score_batch(model: MixConForCausalLM, inputs: torch.Tensor, targets: torch.Tensor, mode: str,
+                 context: int) -> torch.Tensor:
+    """(B,) summed NLL of each row's targets."""
+    if mode == "window":
+        first = (targets != IGNORE).int().argmax(1)  # first scored position of each row
+        keep = inputs.shape[1] - int(first.min())
+        return row_nll(model(inputs, logits_to_keep=keep).logits, targets[:, -keep:])
+    cache = model.new_cache(inputs.shape[0], max_length=min(inputs.shape[1], 4 * context))
+    total = torch.zeros(inputs.shape[0], dtype=torch.float64, device=inputs.device)
+    for begin in range(0, inputs.shape[1], context):
+        chunk = slice(begin, begin + context)
+        total += row_nll(model(inputs[:, chunk], cache=cache).logits, targets[:, chunk])
+    return total
+
+
+def document_nll(model: MixConForCausalLM, docs: Sequence[list[int]], *, pad_id: int, context: int = 1024,
+                 stride: int | None = None, mode: str = "window", batch_size: int = 8,
+                 progress: bool = False) -> list[float]:
+    """Summed negative log-likelihood (nats) of each document's tokens after its first (ids[1:] given what
+    precedes them); see the module docstring for the modes. `stride` (window mode; default `context`, i.e.
+    disjoint windows) is the step between windows; in stream mode `context` is the chunk fed at a time.
+    `batch_size` rows (windows or documents) run side by side, right-padded with `pad_id`."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
+    if context < 1 or batch_size < 1:
+        raise ValueError(f"context={context} and batch_size={batch_size} must be >= 1")
+    stride = context if stride is None else stride
+    if mode == "window":
+        _check_stride(context, stride)
+    if any(len(ids) < 2 for ids in docs):
+        raise ValueError("every document needs a first token and at least one token to score")
+    rows = sorted(_rows(docs, mode, context, stride), key=lambda r: len(r[1]), reverse=True)  # less padding
+    device = model.embed.weight.device
+    totals = torch.zeros(len(docs), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=sum(len(ids) - 1 for ids in docs), unit="tok", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for i in range(0, len(rows), batch_size):
+                batch = rows[i:i + batch_size]
+                inputs, targets = right_pad([(x, y) for _, x, y in batch], pad_id, device)
+                index = torch.tensor([d for d, _, _ in batch], device=device)
+                totals.index_add_(0, index, _score_batch(model, inputs, targets, mode, context))
+                bar.update(int((targets != IGNORE).sum()))
+    finally:
+        model.train(was_training)
+    return totals.tolist()
+
+
+def evaluate_texts(model: MixConForCausalLM, tokenizer: AnyTokenizer, texts: Iterable[str], *,
+                   context: int = 1024, stride: int | None = None, mode: str = "window", batch_size: int = 8,
+                   progress: bool = False) -> TextScore:
+    """Score every non-empty text as one document (an EOS token, then its tokens) with `document_nll`."""
+    texts = [t for t in texts if t]
+    docs = [[tokenizer.eos_id, *tokenizer.encode(t)] for t in texts]
+    start = time.perf_counter()
+    nll = document_nll(model, docs, pad_id=tokenizer.pad_id, context=context, stride=stride, mode=mode,
+                       batch_size=batch_size, progress=progress)
+    return TextScore(nll=math.fsum(nll), tokens=sum(len(ids) - 1 for ids in docs),
+                     bytes=sum(len(t.encode("utf-8")) for t in texts), documents=len(docs),
+                     seconds=time.perf_counter() - start)

@@ -1,0 +1,84 @@
+"""`mixcon eval perplexity` on a saved tiny model: the numbers of `evaluate_texts`, JSON, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixcon import MixConForCausalLM
+from mixcon.cli import main
+from mixcon.data import ByteTokenizer, Corpus
+from mixcon.evaluation import evaluate_texts
+
+TEXTS = ["To be, or not to be, that is the question:\n", "Whether 'tis nobler in the mind to suffer\n" * 3,
+         "The slings and arrows of outrageous fortune\n"]
+
+
+@pytest.fixture
+def saved(tmp_path: Path, tiny_model) -> tuple[Path, Path]:
+    model = tiny_model(dtype=torch.float32, vocab_size=ByteTokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "model")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TEXTS):
+        (corpus / f"{i}.txt").write_text(text)
+    return tmp_path / "model", corpus
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "perplexity", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--checkpoint", "--corpus", "--max-bytes", "--mode", "--context", "--stride", "--batch-size",
+                 "--tokenizer", "--device", "--dtype", "--compile", "--json", "corpus specs"]:
+        assert flag in text
+
+
+@pytest.mark.parametrize("mode", ["window", "stream"])
+def test_prints_and_writes_the_scores_of_evaluate_texts(saved, tmp_path, capsys, mode):
+    model_dir, corpus = saved
+    out = tmp_path / "eval.json"
+    args = ["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", str(corpus),
+            "--mode", mode, "--context", "16", "--batch-size", "2", "--json", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    docs = list(Corpus.from_spec(str(corpus)).documents())
+    want = evaluate_texts(MixConForCausalLM.from_pretrained(model_dir), ByteTokenizer(), docs, context=16, mode=mode)
+    n_bytes = sum(len(t.encode()) for t in TEXTS)
+    assert (result["documents"], result["tokens"], result["bytes"]) == (3, n_bytes, n_bytes)
+    assert result["nll"] == pytest.approx(want.nll, rel=1e-6)
+    assert result["bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-6)
+    assert result["mode"] == mode and result["context"] == 16
+    assert f"3 documents, {n_bytes:,} tokens" in printed and f"{want.bits_per_byte:.4f} bits/byte" in printed
+
+
+def test_max_bytes_limits_the_text(saved, tmp_path, capsys):
+    model_dir, corpus = saved
+    out = tmp_path / "eval.json"
+    assert main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus",
+                 str(corpus), "--max-bytes", "50", "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert result["bytes"] == 50 and result["documents"] == 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--stride", "32", "--context", "16"], r"stride=32 must be in \[1, context=16\]"),
+    (["--context", "0"], "context=0"),
+    (["--max-bytes", "0"], "max_bytes=0"),
+])
+def test_bad_arguments_exit_with_the_reason(saved, extra, message):
+    model_dir, corpus = saved
+    with pytest.raises(SystemExit, match=f"mixcon eval perplexity: .*{message}"):
+        main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", str(corpus),
+              "--no-progress", *extra])
+
+
+def test_a_missing_checkpoint_is_a_clear_error(tmp_path, saved):
+    _, corpus = saved
+    with pytest.raises(SystemExit, match=r"mixcon eval perplexity: .*nothing"):
+        main(["eval", "perplexity", "--checkpoint", str(tmp_path / "nothing"), "--corpus", str(corpus)])
