@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -54,3 +55,55 @@ def tiny_model() -> Callable[..., MixConForCausalLM]:
         return model
 
     return build
+
+
+LOCAL_TASKS = {
+    "mixcon_choice.yaml": """\
+task: mixcon_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""",
+    "mixcon_text.yaml": """\
+task: mixcon_text
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""",
+}
+LOCAL_DOCS = [
+    {"question": "2 + 2 =", "choices": [" 4", " 5", " 22"], "answer": 0, "text": "Two and two make four.\n"},
+    {"question": "The sky is", "choices": [" blue", " loud"], "answer": 0, "text": "The sky is blue today."},
+    {"question": "Cats say", "choices": [" woof", " meow"], "answer": 1, "text": "Cats say meow; dogs woof."},
+]
+
+
+@pytest.fixture
+def local_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[dict[str, Any]]]:
+    """A folder of two `lm-eval` task YAMLs over three local JSON Lines documents (multiple choice: mixcon_choice;
+    rolling log-likelihood: mixcon_text), the documents, and the Hugging Face hub switched off."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in LOCAL_DOCS))
+    for name, text in LOCAL_TASKS.items():
+        (folder / name).write_text(text.format(data=data))
+    return folder, LOCAL_DOCS

@@ -82,12 +82,17 @@ def config_from_args(args: argparse.Namespace) -> MixConConfig:
         raise SystemExit(str(e)) from e
 
 
-def add_corpus_command(sub: argparse._SubParsersAction, command: str, title: str, command_help: str,
-                       action: str, action_help: str, description: str) -> argparse.ArgumentParser:
-    """`mixcon COMMAND ACTION` reading a corpus: returns ACTION's parser, with --corpus and the spec forms."""
+def add_command(sub: argparse._SubParsersAction, command: str, title: str,
+                command_help: str) -> argparse._SubParsersAction:
+    """`mixcon COMMAND ACTION`: adds COMMAND; returns the parsers of its actions."""
     p = sub.add_parser(command, help=command_help,
-                       description=f"{title}. `mixcon {command} {action} --help` for the options.")
-    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+                       description=f"{title}. `mixcon {command} ACTION --help` for the options of an action.")
+    return p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+
+def add_corpus_action(actions: argparse._SubParsersAction, action: str, action_help: str,
+                      description: str) -> argparse.ArgumentParser:
+    """An ACTION reading a corpus: its parser, with --corpus and the spec forms."""
     a = actions.add_parser(action, help=action_help, formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=SPEC_FORMS, description=description)
     a.add_argument("--corpus", default=None, help="corpus spec (default: the Python standard library; see below)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixcon.cli.common import add_corpus_command
+from mixcon.cli.common import add_command, add_corpus_action
 from mixcon.data.corpus import Corpus
 from mixcon.data.shards import prepare_shards
 from mixcon.data.tokenizer import load_tokenizer
@@ -16,8 +16,8 @@ corpus and split settings are reused. Prints documents, bytes, tokens and bytes 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = add_corpus_command(sub, "data", "Data", "tokenise a corpus into token shards", "prepare",
-                           "tokenise a corpus into train/val token shards", PREPARE_DESCRIPTION)
+    actions = add_command(sub, "data", "Data", "tokenise a corpus into token shards")
+    d = add_corpus_action(actions, "prepare", "tokenise a corpus into train/val token shards", PREPARE_DESCRIPTION)
     d.add_argument("--tokenizer", default="bytes",
                    help="'bytes', a tokenizer.json, or a folder containing one (default: %(default)s)")
     d.add_argument("--out", required=True, help="folder for the shards and index.json")

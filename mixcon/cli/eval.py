@@ -1,4 +1,4 @@
-"""`mixcon eval perplexity`: loss, perplexity and bits per byte of a checkpoint on a corpus."""
+"""`mixcon eval perplexity|tasks`: a checkpoint's perplexity on a corpus, or its scores on `lm-eval` tasks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mixcon.cli.common import add_corpus_command, add_dtype_argument
+from mixcon.cli.common import add_command, add_corpus_action, add_dtype_argument
 from mixcon.data.corpus import Corpus
 from mixcon.evaluation import MODES, evaluate_texts
 from mixcon.ops.dtypes import DTYPES
@@ -21,22 +21,47 @@ corpus is the one `mixcon train` trains on by default; for held-out numbers name
 seen, e.g. ../shared/data/wikitext2_test.txt."""
 
 
+TASKS_DESCRIPTION = """\
+Run tasks of EleutherAI's lm-eval harness (needs `pip install 'mixcon[eval]'`) on a model through
+mixcon.integrations.lm_eval.MixConLM: contexts start with EOS, as training documents do; log-likelihoods
+are exact (no truncation unless --max-length). The harness's own tasks download their datasets from the
+Hugging Face hub; --include-path adds task YAML files of your own (e.g. over local JSON Lines)."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_corpus_command(sub, "eval", "Evaluation", "evaluate a checkpoint", "perplexity",
-                           "loss, perplexity and bits per byte on a corpus", DESCRIPTION)
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory, checkpoint or model directory")
+    actions = add_command(sub, "eval", "Evaluation", "evaluate a checkpoint (perplexity, lm-eval tasks)")
+    p = add_corpus_action(actions, "perplexity", "loss, perplexity and bits per byte on a corpus", DESCRIPTION)
+    _add_model_arguments(p)
     p.add_argument("--max-bytes", type=int, default=None, help="score only the first N bytes of the corpus")
     p.add_argument("--mode", choices=MODES, default="window", help="see above (default: %(default)s)")
     p.add_argument("--context", type=int, default=1024, help="window or chunk length in tokens (default: %(default)s)")
     p.add_argument("--stride", type=int, default=None, help="tokens between windows (default: --context)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows or documents side by side (default: %(default)s)")
-    p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    add_dtype_argument(p)
-    p.add_argument("--compile", action="store_true", help="run the Conba scans through the compiled prefill")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_perplexity)
+    t = actions.add_parser("tasks", help="scores on lm-eval harness tasks", description=TASKS_DESCRIPTION)
+    _add_model_arguments(t)
+    t.add_argument("--tasks", required=True, help="comma-separated task names, e.g. hellaswag,arc_easy")
+    t.add_argument("--include-path", default=None, metavar="DIR", help="folder of extra task YAML files")
+    t.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    t.add_argument("--limit", type=float, default=None,
+                   help="documents per task (a fraction when < 1; default: all)")
+    t.add_argument("--max-length", type=int, default=None,
+                   help="keep only the last N tokens of each input (default: no truncation)")
+    t.add_argument("--context", type=int, default=1024,
+                   help="chunk length when streaming whole documents (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling and generation (default: 0)")
+    t.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to FILE")
+    t.set_defaults(func=run_tasks)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory, checkpoint or model directory")
+    p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences side by side (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_dtype_argument(p)
+    p.add_argument("--compile", action="store_true", help="run the Conba scans through the compiled prefill")
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
@@ -62,4 +87,35 @@ def run_perplexity(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+
+        from mixcon.integrations.lm_eval import MixConLM
+    except ImportError as e:
+        raise SystemExit(f"mixcon eval tasks: needs the lm-eval harness: pip install 'mixcon[eval]' ({e})") from e
+    try:
+        lm = MixConLM(args.checkpoint, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                      batch_size=args.batch_size, max_length=args.max_length, context=args.context,
+                      compile=args.compile)
+        tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+        manager = TaskManager(include_path=args.include_path)
+        if unknown := [name for name in tasks if not manager.match_tasks([name])]:
+            raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)}")
+        out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
+                              limit=args.limit, log_samples=False, random_seed=args.seed,
+                              numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                              fewshot_random_seed=args.seed)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise SystemExit(f"mixcon eval tasks: {e}") from e
+    print(make_table(out))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "results": out["results"],
+                                         "config": out.get("config", {})}, indent=2, default=str) + "\n")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mixcon.cli.common import add_corpus_command
+from mixcon.cli.common import add_command, add_corpus_action
 from mixcon.data.corpus import Corpus
 from mixcon.data.tokenizer import train_bpe_tokenizer
 
@@ -16,8 +16,8 @@ Prints documents, bytes, tokens and bytes per token of the corpus."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    t = add_corpus_command(sub, "tokenizer", "Tokenizers", "train a BPE tokenizer on a corpus", "train",
-                           "train a byte-level BPE and save tokenizer.json", TRAIN_DESCRIPTION)
+    actions = add_command(sub, "tokenizer", "Tokenizers", "train a BPE tokenizer on a corpus")
+    t = add_corpus_action(actions, "train", "train a byte-level BPE and save tokenizer.json", TRAIN_DESCRIPTION)
     t.add_argument("--vocab-size", type=int, default=8192,
                    help="vocabulary size with the 3 specials, at least 259 (default: %(default)s; 256000 in the paper)")
     t.add_argument("--max-bytes", type=int, default=None, help="read only this much text, e.g. 5_000_000")

@@ -1,0 +1,168 @@
+"""MixCon models in EleutherAI's `lm-eval` harness (`pip install mixcon[eval]`).
+
+Importing this module registers the model type "mixcon", so that
+`lm_eval.simple_evaluate(model="mixcon", model_args="pretrained=runs/small", tasks=[...])` works, as does
+`simple_evaluate(model=MixConLM(...))`; `mixcon eval tasks` is the command line. Every context starts with
+an EOS token, as every training document does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+
+from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
+from mixcon.evaluation.perplexity import IGNORE, document_nll, right_pad
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.ops.dtypes import DTYPES, compute_dtype
+from mixcon.training.checkpoint import load_model_and_tokenizer
+
+Request = tuple[tuple[str, str], list[int], list[int]]  # (context, continuation), their token ids
+
+
+@register_model("mixcon")
+class MixConLM(TemplateLM):
+    """`lm-eval`'s LM interface over a MixCon model: log-likelihoods (exact: no truncation unless
+    `max_length` is given; rolling ones stream each document through the cache `context` tokens at a time)
+    and greedy or sampled generation with stop strings."""
+
+    def __init__(self, pretrained: str | MixConForCausalLM, tokenizer: str | AnyTokenizer | None = None,
+                 device: str | None = None, dtype: str | None = None, batch_size: int | str | None = 8,
+                 max_length: int | str | None = None, context: int | str = 1024, compile: bool | str = False,
+                 **_ignored: Any) -> None:
+        super().__init__()
+        if isinstance(pretrained, MixConForCausalLM):
+            if not isinstance(tokenizer, (str, type(None))):
+                self.model, self.tok = pretrained, tokenizer
+            elif tokenizer is None:
+                raise ValueError("MixConLM: give the tokenizer of a model passed as an object")
+            else:
+                self.model, self.tok = pretrained, load_tokenizer(tokenizer)
+        else:
+            if tokenizer is not None and not isinstance(tokenizer, str):
+                raise ValueError("MixConLM: with pretrained=PATH, tokenizer must be None, 'bytes' or a path")
+            self.model, self.tok = load_model_and_tokenizer(pretrained, device or "cpu", tokenizer)
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"MixConLM: dtype={dtype!r}; one of {', '.join(sorted(DTYPES))} (default: as loaded)")
+        self.model.to(device=device, dtype=DTYPES.get(dtype)).eval()
+        self.batch_size = _positive_int("batch_size", 8 if batch_size in (None, "auto") else batch_size)
+        self.max_length = None if max_length in (None, "None", "") else _positive_int("max_length", max_length)
+        self.context = _positive_int("context", context)
+        if compile in (True, "True", "true"):
+            self.model.compile_prefill()
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tok.encode(string)
+
+    def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
+        return self.tok.decode(tokens)
+
+    # ------------------------------------------------------------------ log-likelihoods
+    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        """(log-probability of the continuation, whether greedy decoding would produce it) per request."""
+        rows = []
+        for _, context, continuation in requests:
+            prefix = self._with_eos(context)
+            inputs, targets = (prefix + continuation)[:-1], [IGNORE] * (len(prefix) - 1) + continuation
+            if self.max_length is not None:  # keep the last max_length predictions
+                inputs, targets = inputs[-self.max_length:], targets[-self.max_length:]
+            rows.append((inputs, targets))
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)  # an empty continuation is certain
+        order = sorted((i for i, (_, _, cont) in enumerate(requests) if cont), key=lambda i: len(rows[i][0]),
+                       reverse=True)
+        for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood"):
+            batch = order[start:start + self.batch_size]
+            for i, result in zip(batch, self._score([rows[i] for i in batch]), strict=True):
+                results[i] = result
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+        return results
+
+    @torch.no_grad()
+    def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        inputs, targets = right_pad(rows, self.tok.pad_id, self.device)
+        keep = inputs.shape[1] - int((targets != IGNORE).int().argmax(1).min())
+        logits = self.model(inputs, logits_to_keep=keep).logits
+        logits = logits.to(compute_dtype(logits))
+        targets = targets[:, -keep:]
+        scored = targets != IGNORE
+        logprobs = F.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        greedy = (logits.argmax(-1) == targets) | ~scored
+        return [(float(lp), bool(g)) for lp, g in zip((logprobs * scored).double().sum(1).tolist(),
+                                                       greedy.all(1).tolist(), strict=True)]
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole string after an EOS token: streamed through the cache (exact), or in
+        disjoint windows of `max_length` tokens when that is set."""
+        docs = [[self.eot_token_id, *self.tok_encode(req.args[0])] for req in requests]
+        scored = [i for i, ids in enumerate(docs) if len(ids) > 1]
+        mode, context = ("stream", self.context) if self.max_length is None else ("window", self.max_length)
+        nll = document_nll(self.model, [docs[i] for i in scored], pad_id=self.tok.pad_id, context=context,
+                           mode=mode, batch_size=self.batch_size, progress=not disable_tqdm)
+        out = [0.0] * len(docs)  # an empty string has probability 1
+        for i, value in zip(scored, nll, strict=True):
+            out[i] = -value
+            self.cache_hook.add_partial("loglikelihood_rolling", (requests[i].args[0],), -value)
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """Continue each context until one of its `until` strings (cut there), EOS or `max_gen_toks`."""
+        out: list[str] = []
+        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+            context, gen_kwargs = req.args
+            text = self._generate(context, dict(gen_kwargs))
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", req.args, text)
+        return out
+
+    def _generate(self, context: str, kwargs: dict[str, Any]) -> str:
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.pop("max_gen_toks", 256))
+        temperature = float(kwargs.pop("temperature", 0.0))
+        do_sample = bool(kwargs.pop("do_sample", temperature > 0)) and temperature > 0
+        ids = self._with_eos(self.tok_encode(context))
+        if self.max_length is not None:
+            ids = ids[-self.max_length:]
+        sampling = dict(temperature=temperature, top_k=kwargs.pop("top_k", None), top_p=kwargs.pop("top_p", None),
+                        seed=int(kwargs.pop("seed", 0))) if do_sample else {}
+        if unused := sorted(set(kwargs) - {"top_k", "top_p", "seed"}):
+            warnings.warn(f"MixConLM.generate_until ignores the generation arguments {unused}", stacklevel=2)
+        tokens = self.model.generate(torch.tensor([ids], device=self.device), max_new, do_sample=do_sample,
+                                     eos_token_id=self.eot_token_id, **sampling)[0, len(ids):].tolist()
+        if self.eot_token_id in tokens:
+            tokens = tokens[:tokens.index(self.eot_token_id)]
+        text = self.tok_decode(tokens)
+        for stop in until:
+            if stop and stop in text:
+                text = text[:text.index(stop)]
+        return text
+
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        return ids if ids[:1] == [self.eot_token_id] else [self.eot_token_id, *ids]
+
+
+def _positive_int(name: str, value: int | str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ValueError(f"MixConLM: {name}={value!r} must be a positive integer")
+    return number

@@ -1,0 +1,161 @@
+"""The `lm-eval` adapter against plain forwards and `generate`, and the harness end to end on local tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("lm_eval", reason="the lm-eval harness is not installed (pip install 'mixcon[eval]')")
+
+from lm_eval.api.instance import Instance
+
+from mixcon.data import ByteTokenizer
+from mixcon.evaluation import evaluate_texts
+from mixcon.integrations.lm_eval import MixConLM
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture
+def lm(tiny_model) -> MixConLM:
+    return MixConLM(tiny_model(vocab_size=TOK.vocab_size), tokenizer=TOK, batch_size=3)
+
+
+def request(kind: str, *args) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def logprob(model, context: str, continuation: str) -> tuple[float, bool]:
+    """One forward over EOS + context + continuation: the continuation's log-probability and greediness."""
+    ids = [TOK.eos_id, *TOK.encode(context + continuation)]
+    n = len(TOK.encode(continuation))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]])).logits[0, -n:]
+    target = torch.tensor(ids[-n:])
+    return (float(-F.cross_entropy(logits, target, reduction="sum")), bool((logits.argmax(-1) == target).all()))
+
+
+def greedy_text(model, context: str, n: int) -> str:
+    ids = torch.tensor([[TOK.eos_id, *TOK.encode(context)]])
+    return TOK.decode(model.generate(ids, n)[0, ids.shape[1]:].tolist())
+
+
+def test_loglikelihood_equals_one_forward_per_request_in_request_order(lm):
+    greedy = greedy_text(lm.model, "abc", 4)
+    pairs = [("The cat", " sat"), ("", "hello"), ("abc", greedy), ("a longer context, with more bytes", " x"),
+             ("q", "")]
+    got = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs], disable_tqdm=True)
+    want = [logprob(lm.model, c, x) if x else (0.0, True) for c, x in pairs]
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [v for v, _ in got] == pytest.approx([v for v, _ in want], rel=1e-10)
+    assert got[2][1] and not got[0][1]  # the model's own greedy continuation, and (almost surely) not " sat"
+
+
+def test_rolling_loglikelihood_is_the_whole_document_and_matches_an_empty_context(lm):
+    texts = ["First document.\n" * 5, "", "second"]
+    rolling = lm.loglikelihood_rolling([request("loglikelihood_rolling", t) for t in texts], disable_tqdm=True)
+    assert rolling[1] == 0.0
+    assert rolling[0] == pytest.approx(-evaluate_texts(lm.model, TOK, texts[:1]).nll, rel=1e-10)
+    assert rolling[2] == pytest.approx(logprob(lm.model, "", texts[2])[0], rel=1e-10)
+    lm.context = 7  # streamed in 7-token chunks: still exact
+    assert lm.loglikelihood_rolling([request("loglikelihood_rolling", texts[0])], disable_tqdm=True) == \
+        pytest.approx(rolling[:1], rel=1e-10)
+
+
+def test_max_length_truncates_the_context_from_the_left(tiny_model):
+    model = tiny_model(vocab_size=TOK.vocab_size)
+    lm = MixConLM(model, tokenizer=TOK, max_length=6)
+    (got, _), = lm.loglikelihood([request("loglikelihood", "0123456789", "ab")], disable_tqdm=True)
+    ids = [TOK.eos_id, *TOK.encode("0123456789ab")][-7:]  # 6 inputs predict the last 6 tokens
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]])).logits[0, -2:]
+    assert got == pytest.approx(float(-F.cross_entropy(logits, torch.tensor(ids[-2:]), reduction="sum")), rel=1e-10)
+
+
+def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(lm):
+    full = greedy_text(lm.model, "Once", 12)
+    stop = full[5:7]
+    requests = [request("generate_until", "Once", {"until": [stop], "max_gen_toks": 12}),
+                request("generate_until", "Once", {"until": "never", "max_gen_toks": 12, "do_sample": False}),
+                request("generate_until", "Once", {"max_gen_toks": 3})]
+    got = lm.generate_until(requests, disable_tqdm=True)
+    assert got == [full[:full.index(stop)], full, greedy_text(lm.model, "Once", 3)]
+    with pytest.warns(UserWarning, match=r"ignores the generation arguments \['num_beams'\]"):
+        lm.generate_until([request("generate_until", "x", {"max_gen_toks": 1, "num_beams": 1})], disable_tqdm=True)
+
+
+def test_sampling_with_temperature_is_seeded(lm):
+    kwargs = {"max_gen_toks": 8, "temperature": 1.0, "do_sample": True}
+    a = lm.generate_until([request("generate_until", "x", dict(kwargs))], disable_tqdm=True)
+    b = lm.generate_until([request("generate_until", "x", {**kwargs, "seed": 0})], disable_tqdm=True)
+    assert a == b
+
+
+def test_loads_a_saved_model_from_arguments_and_rejects_bad_ones(tiny_model, tmp_path):
+    model = tiny_model(dtype=torch.float32, vocab_size=TOK.vocab_size)
+    model.save_pretrained(tmp_path)
+    lm = MixConLM.create_from_arg_string(f"pretrained={tmp_path},tokenizer=bytes,dtype=bf16,max_length=64",
+                                         {"batch_size": 4, "max_batch_size": None, "device": "cpu"})
+    assert lm.model.embed.weight.dtype == torch.bfloat16 and (lm.batch_size, lm.max_length) == (4, 64)
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        MixConLM(model, tokenizer=TOK, dtype="fp8")
+    with pytest.raises(ValueError, match="batch_size='many' must be a positive integer"):
+        MixConLM(model, tokenizer=TOK, batch_size="many")
+    with pytest.raises(ValueError, match="give the tokenizer"):
+        MixConLM(model)
+
+
+@pytest.mark.slow
+def test_the_harness_scores_local_tasks_as_the_adapter_and_evaluate_texts_do(lm, local_tasks):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    folder, DOCS = local_tasks
+    tasks = TaskManager(include_path=str(folder))
+    out = simple_evaluate(model=lm, tasks=["mixcon_choice", "mixcon_text"], task_manager=tasks, log_samples=False,
+                          bootstrap_iters=0)
+    results = out["results"]
+    correct = []
+    for d in DOCS:
+        scores = [logprob(lm.model, d["question"], " " + c)[0] for c in d["choices"]]  # the default delimiter
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == d["answer"])
+    assert results["mixcon_choice"]["acc,none"] == pytest.approx(sum(correct) / len(DOCS))
+    ours = evaluate_texts(lm.model, TOK, [d["text"] for d in DOCS], mode="stream")
+    assert results["mixcon_text"]["bits_per_byte,none"] == pytest.approx(ours.bits_per_byte, rel=1e-9)
+    words = sum(len(re.split(r"\s+", d["text"])) for d in DOCS)  # lm-eval's word count
+    assert results["mixcon_text"]["word_perplexity,none"] == pytest.approx(math.exp(ours.nll / words), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_the_command_line_prints_and_writes_the_harness_results(tiny_model, local_tasks, tmp_path, capsys):
+    from mixcon.cli import main
+
+    tiny_model(dtype=torch.float32, vocab_size=TOK.vocab_size).save_pretrained(tmp_path / "model")
+    folder, _ = local_tasks
+    out = tmp_path / "results.json"
+    args = ["eval", "tasks", "--checkpoint", str(tmp_path / "model"), "--tokenizer", "bytes", "--tasks",
+            "mixcon_choice, mixcon_text", "--include-path", str(folder), "--limit", "2", "--json", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"mixcon_choice", "mixcon_text"}
+    assert "|mixcon_choice|" in printed.replace(" ", "") and "bits_per_byte" in printed
+    with pytest.raises(SystemExit, match=r"mixcon eval tasks: --tasks: unknown task.*no_such_task"):
+        main([*args[:6], "--tasks", "no_such_task", "--include-path", str(folder)])
+
+
+def test_the_command_line_help_lists_every_option(capsys):
+    from mixcon.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "tasks", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--checkpoint", "--tasks", "--include-path", "--num-fewshot", "--limit", "--max-length",
+                 "--context", "--batch-size", "--dtype", "--device", "--compile", "--seed", "--json"]:
+        assert flag in text
