@@ -66,8 +66,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_perplexity(args: argparse.Namespace) -> int:
     try:
-        model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer)
-        model.to(DTYPES[args.dtype])
+        model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer, DTYPES[args.dtype])
         if args.compile:
             model.compile_prefill()
         corpus = Corpus.from_spec(args.corpus)

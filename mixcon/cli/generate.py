@@ -83,8 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer)
-        model.to(DTYPES[args.dtype])
+        model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer, DTYPES[args.dtype])
         if args.compile:
             model.compile_decode()
             model.compile_prefill()
