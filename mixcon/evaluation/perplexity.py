@@ -110,18 +110,24 @@ def row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _score_batch(model: MixConForCausalLM, inputs: torch.Tensor, targets: torch.Tensor, mode: str,
-                 context: int) -> torch.Tensor:
-    """(B,) summed NLL of each row's targets."""
+def _score_batch(model: MixConForCausalLM, inputs: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
+                 mode: str, context: int) -> torch.Tensor:
+    """(B,) summed NLL of each row's targets; `lengths` (B,) are the rows' unpadded lengths."""
     if mode == "window":
         first = (targets != IGNORE).int().argmax(1)  # first scored position of each row
         keep = inputs.shape[1] - int(first.min())
         return row_nll(model(inputs, logits_to_keep=keep).logits, targets[:, -keep:])
     cache = model.new_cache(inputs.shape[0], max_length=min(inputs.shape[1], 4 * context))
     total = torch.zeros(inputs.shape[0], dtype=torch.float64, device=inputs.device)
+    rows = torch.arange(inputs.shape[0], device=inputs.device)  # the rows still running
     for begin in range(0, inputs.shape[1], context):
-        chunk = slice(begin, begin + context)
-        total += row_nll(model(inputs[:, chunk], cache=cache).logits, targets[:, chunk])
+        running = lengths[rows] > begin
+        if not bool(running.all()):  # finished documents leave the batch
+            cache.select_rows(running.nonzero()[:, 0])
+            rows = rows[running]
+        end = min(begin + context, int(lengths[rows].max()))
+        logits = model(inputs[rows, begin:end], cache=cache).logits
+        total.index_add_(0, rows, row_nll(logits, targets[rows, begin:end]))
     return total
 
 
@@ -153,7 +159,8 @@ def document_nll(model: MixConForCausalLM, docs: Sequence[list[int]], *, pad_id:
                 batch = rows[i:i + batch_size]
                 inputs, targets = right_pad([(x, y) for _, x, y in batch], pad_id, device)
                 index = torch.tensor([d for d, _, _ in batch], device=device)
-                totals.index_add_(0, index, _score_batch(model, inputs, targets, mode, context))
+                lengths = torch.tensor([len(x) for _, x, _ in batch], device=device)
+                totals.index_add_(0, index, _score_batch(model, inputs, targets, lengths, mode, context))
                 bar.update(int((targets != IGNORE).sum()))
     finally:
         model.train(was_training)

@@ -86,6 +86,9 @@ class AttentionCache:
         """What a decoding step reads and writes: (K, V)."""
         return self.k, self.v
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
@@ -133,6 +136,10 @@ class ConbaCache:
         """What a decoding step reads and writes: (conv tail, S_t, oldest slot)."""
         return self.conv, self.state, self.oldest
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.conv = self.conv.index_select(0, index)
+        self.slots = [s.index_select(0, index) for s in self.slots]
+
     def nbytes(self) -> int:
         return self.conv.nbytes + sum(s.nbytes for s in self.slots)
 
@@ -167,6 +174,13 @@ class MixConCache:
         for layer in self.layers:
             if isinstance(layer, AttentionCache):
                 layer.reserve(length)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (B',), in that order: e.g. drop finished sequences."""
+        for layer in self.layers:
+            layer.select_rows(index)
+        self.key_mask = self.key_mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
 
     def layer_nbytes(self) -> list[int]:
         return [layer.nbytes() for layer in self.layers]

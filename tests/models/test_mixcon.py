@@ -31,6 +31,22 @@ def test_full_forward_equals_prefill_then_decode(layout, tiny_model):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["mixcon", "conba", "transformer"])
+def test_cache_select_rows_continues_the_kept_rows(layout, tiny_model):
+    model = tiny_model(**LAYOUTS[layout])
+    ids = torch.randint(0, model.config.vocab_size, (3, 15))
+    kept = torch.tensor([2, 0])
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(3, max_length=4)
+        model(ids[:, :9], cache=cache)
+        cache.select_rows(kept)
+        chunk = model(ids[kept, 9:12], cache=cache).logits
+        step = model(ids[kept, 12:13], cache=cache).logits  # one decoding step
+    assert cache.batch_size == 2
+    torch.testing.assert_close(torch.cat([chunk, step], 1), full[kept, 9:13], rtol=1e-9, atol=1e-9)
+
+
 def test_logits_to_keep_gives_the_last_positions(tiny_model):
     model = tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
