@@ -8,6 +8,7 @@ an EOS token, as every training document does.
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -122,37 +123,47 @@ class MixConLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Continue each context until one of its `until` strings (cut there), EOS or `max_gen_toks`."""
-        out: list[str] = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
-            context, gen_kwargs = req.args
-            text = self._generate(context, dict(gen_kwargs))
-            out.append(text)
-            self.cache_hook.add_partial("generate_until", req.args, text)
+        """Continue each context until one of its `until` strings (cut there), EOS or `max_gen_toks`.
+        Requests with the same generation arguments run `batch_size` at a time, left-padded (greedy results
+        equal one request at a time; sampled ones depend on the batch, seeded by `seed`, default 0)."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        out = [""] * len(requests)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until") as bar:
+            for indices in groups.values():
+                options = _generation_options(dict(requests[indices[0]].args[1]))
+                for start in range(0, len(indices), self.batch_size):
+                    batch = indices[start:start + self.batch_size]
+                    for i, text in zip(batch, self._generate([requests[i].args[0] for i in batch], **options),
+                                       strict=True):
+                        out[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    bar.update(len(batch))
         return out
 
-    def _generate(self, context: str, kwargs: dict[str, Any]) -> str:
-        until = kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = int(kwargs.pop("max_gen_toks", 256))
-        temperature = float(kwargs.pop("temperature", 0.0))
-        do_sample = bool(kwargs.pop("do_sample", temperature > 0)) and temperature > 0
-        ids = self._with_eos(self.tok_encode(context))
+    def _generate(self, contexts: list[str], until: list[str], max_new_tokens: int,
+                  **sampling: Any) -> list[str]:
+        prompts = [self._with_eos(self.tok_encode(c)) for c in contexts]
         if self.max_length is not None:
-            ids = ids[-self.max_length:]
-        sampling = dict(temperature=temperature, top_k=kwargs.pop("top_k", None), top_p=kwargs.pop("top_p", None),
-                        seed=int(kwargs.pop("seed", 0))) if do_sample else {}
-        if unused := sorted(set(kwargs) - {"top_k", "top_p", "seed"}):
-            warnings.warn(f"MixConLM.generate_until ignores the generation arguments {unused}", stacklevel=2)
-        tokens = self.model.generate(torch.tensor([ids], device=self.device), max_new, do_sample=do_sample,
-                                     eos_token_id=self.eot_token_id, **sampling)[0, len(ids):].tolist()
-        if self.eot_token_id in tokens:
-            tokens = tokens[:tokens.index(self.eot_token_id)]
-        text = self.tok_decode(tokens)
-        for stop in until:
-            if stop and stop in text:
-                text = text[:text.index(stop)]
-        return text
+            prompts = [p[-self.max_length:] for p in prompts]
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), self.tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), T, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
+        generated = self.model.generate(ids.to(self.device), max_new_tokens, attention_mask=mask.to(self.device),
+                                        eos_token_id=self.eot_token_id, **sampling)[:, T:].tolist()
+        texts = []
+        for tokens in generated:
+            if self.eot_token_id in tokens:
+                tokens = tokens[:tokens.index(self.eot_token_id)]
+            text = self.tok_decode(tokens)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[:text.index(stop)]
+            texts.append(text)
+        return texts
 
     def _with_eos(self, ids: list[int]) -> list[int]:
         return ids if ids[:1] == [self.eot_token_id] else [self.eot_token_id, *ids]
@@ -166,3 +177,17 @@ def _positive_int(name: str, value: int | str) -> int:
     if number < 1:
         raise ValueError(f"MixConLM: {name}={value!r} must be a positive integer")
     return number
+
+
+def _generation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's generation arguments as `_generate`'s: stop strings, token budget, sampling."""
+    until = kwargs.pop("until", None) or []
+    options: dict[str, Any] = {"until": [until] if isinstance(until, str) else list(until),
+                               "max_new_tokens": int(kwargs.pop("max_gen_toks", 256))}
+    temperature = float(kwargs.pop("temperature", 0.0))
+    if bool(kwargs.pop("do_sample", temperature > 0)) and temperature > 0:
+        options.update(do_sample=True, temperature=temperature, top_k=kwargs.pop("top_k", None),
+                       top_p=kwargs.pop("top_p", None), seed=int(kwargs.pop("seed", 0)))
+    if unused := sorted(set(kwargs) - {"top_k", "top_p", "seed"}):
+        warnings.warn(f"MixConLM.generate_until ignores the generation arguments {unused}", stacklevel=3)
+    return options

@@ -89,6 +89,17 @@ def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(lm):
         lm.generate_until([request("generate_until", "x", {"max_gen_toks": 1, "num_beams": 1})], disable_tqdm=True)
 
 
+def test_batched_generation_equals_one_request_at_a_time(lm):
+    contexts = ["a", "a much longer context than the others", "mid length", "", "zz", "The end"]
+    requests = [request("generate_until", c, {"max_gen_toks": 6 + 2 * (i % 2), "until": ["never"]})
+                for i, c in enumerate(contexts)]
+    lm.batch_size = 4  # two groups of arguments, one of them in two batches
+    batched = lm.generate_until(requests, disable_tqdm=True)
+    assert batched == [greedy_text(lm.model, c, 6 + 2 * (i % 2)) for i, c in enumerate(contexts)]
+    lm.batch_size = 1
+    assert lm.generate_until(requests, disable_tqdm=True) == batched
+
+
 def test_sampling_with_temperature_is_seeded(lm):
     kwargs = {"max_gen_toks": 8, "temperature": 1.0, "do_sample": True}
     a = lm.generate_until([request("generate_until", "x", dict(kwargs))], disable_tqdm=True)
