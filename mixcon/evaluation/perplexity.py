@@ -142,6 +142,8 @@ def document_nll(model: MixConForCausalLM, docs: Sequence[list[int]], *, pad_id:
         raise ValueError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
     if context < 1 or batch_size < 1:
         raise ValueError(f"context={context} and batch_size={batch_size} must be >= 1")
+    if mode == "stream" and stride is not None:
+        raise ValueError(f"stride={stride}: windows only (mode='window'); mode='stream' scores whole documents")
     stride = context if stride is None else stride
     if mode == "window":
         _check_stride(context, stride)

@@ -119,6 +119,8 @@ def test_bad_arguments_name_the_field(tiny_model):
         document_nll(model, docs, pad_id=0, context=0)
     with pytest.raises(ValueError, match=r"stride=9 must be in \[1, context=8\]"):
         document_nll(model, docs, pad_id=0, context=8, stride=9)
+    with pytest.raises(ValueError, match=r"stride=4: windows only \(mode='window'\)"):
+        document_nll(model, docs, pad_id=0, mode="stream", stride=4)
     with pytest.raises(ValueError, match="at least one token to score"):
         document_nll(model, [[3]], pad_id=0)
 
