@@ -37,15 +37,16 @@ class MixConLM(TemplateLM):
     def __init__(self, pretrained: str | MixConForCausalLM, tokenizer: str | AnyTokenizer | None = None,
                  device: str | None = None, dtype: str | None = None, batch_size: int | str | None = 8,
                  max_length: int | str | None = None, context: int | str = 1024, compile: bool | str = False,
-                 **_ignored: Any) -> None:
+                 max_batch_size: int | None = None) -> None:
+        """`pretrained`: a model, or a run / checkpoint / `save_pretrained` directory; `tokenizer`: a tokenizer,
+        'bytes' or a path (default for a directory: its own); `dtype`: fp32, bf16 or fp16 (default: as
+        loaded); `batch_size` "auto" means 8 and `max_batch_size` (lm-eval passes it) is not used."""
         super().__init__()
         if isinstance(pretrained, MixConForCausalLM):
-            if not isinstance(tokenizer, (str, type(None))):
-                self.model, self.tok = pretrained, tokenizer
-            elif tokenizer is None:
+            if tokenizer is None:
                 raise ValueError("MixConLM: give the tokenizer of a model passed as an object")
-            else:
-                self.model, self.tok = pretrained, load_tokenizer(tokenizer)
+            self.model = pretrained
+            self.tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         else:
             if tokenizer is not None and not isinstance(tokenizer, str):
                 raise ValueError("MixConLM: with pretrained=PATH, tokenizer must be None, 'bytes' or a path")

@@ -119,6 +119,9 @@ def test_loads_a_saved_model_from_arguments_and_rejects_bad_ones(tiny_model, tmp
         MixConLM(model, tokenizer=TOK, batch_size="many")
     with pytest.raises(ValueError, match="give the tokenizer"):
         MixConLM(model)
+    with pytest.raises(TypeError, match="dtpye"):
+        MixConLM.create_from_arg_string(f"pretrained={tmp_path},dtpye=bf16")
+    assert MixConLM(model, tokenizer="bytes").tok.vocab_size == TOK.vocab_size
 
 
 @pytest.mark.slow
