@@ -77,36 +77,63 @@ class MixConLM(TemplateLM):
     # ------------------------------------------------------------------ log-likelihoods
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:
-        """(log-probability of the continuation, whether greedy decoding would produce it) per request."""
-        rows = []
-        for _, context, continuation in requests:
-            prefix = self._with_eos(context)
-            inputs, targets = (prefix + continuation)[:-1], [IGNORE] * (len(prefix) - 1) + continuation
-            if self.max_length is not None:  # keep the last max_length predictions
-                inputs, targets = inputs[-self.max_length:], targets[-self.max_length:]
-            rows.append((inputs, targets))
-        results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)  # an empty continuation is certain
-        order = sorted((i for i, (_, _, cont) in enumerate(requests) if cont), key=lambda i: len(rows[i][0]),
-                       reverse=True)
-        for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood"):
-            batch = order[start:start + self.batch_size]
-            for i, result in zip(batch, self._score([rows[i] for i in batch]), strict=True):
-                results[i] = result
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+        """(log-probability of the continuation, whether greedy decoding would produce it) per request.
+        Continuations of one context (multiple choice) share one prefill of it, branched in the cache."""
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)  # an empty continuation is certain
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            if continuation:
+                groups.setdefault(tuple(self._with_eos(context)), []).append(i)
+        shared = {prefix: members for prefix, members in groups.items()
+                  if len(members) > 1 and self.max_length is None}
+        alone = sorted((i for prefix, members in groups.items() if prefix not in shared for i in members),
+                       key=lambda i: len(requests[i][1]) + len(requests[i][2]), reverse=True)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood") as bar:
+            for prefix, members in shared.items():
+                for start in range(0, len(members), self.batch_size):
+                    batch = members[start:start + self.batch_size]
+                    self._record(requests, results, batch, self._score_shared(list(prefix),
+                                                                              [requests[i][2] for i in batch]))
+                bar.update(len(members))
+            for start in range(0, len(alone), self.batch_size):
+                batch = alone[start:start + self.batch_size]
+                self._record(requests, results, batch, self._score([self._row(*requests[i][1:]) for i in batch]))
+                bar.update(len(batch))
         return results
+
+    def _record(self, requests: list[Request], results: list[tuple[float, bool]], batch: list[int],
+                scores: list[tuple[float, bool]]) -> None:
+        for i, result in zip(batch, scores, strict=True):
+            results[i] = result
+            self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+
+    def _row(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+        """Inputs and targets (IGNORE where not scored) of one request."""
+        prefix = self._with_eos(context)
+        inputs, targets = (prefix + continuation)[:-1], [IGNORE] * (len(prefix) - 1) + continuation
+        if self.max_length is not None:  # keep the last max_length predictions
+            inputs, targets = inputs[-self.max_length:], targets[-self.max_length:]
+        return inputs, targets
 
     @torch.no_grad()
     def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         inputs, targets = right_pad(rows, self.tok.pad_id, self.device)
         keep = inputs.shape[1] - int((targets != IGNORE).int().argmax(1).min())
-        logits = self.model(inputs, logits_to_keep=keep).logits
-        logits = logits.to(compute_dtype(logits))
-        targets = targets[:, -keep:]
-        scored = targets != IGNORE
-        logprobs = F.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        greedy = (logits.argmax(-1) == targets) | ~scored
-        return [(float(lp), bool(g)) for lp, g in zip((logprobs * scored).double().sum(1).tolist(),
-                                                       greedy.all(1).tolist(), strict=True)]
+        return _logprob_greedy(self.model(inputs, logits_to_keep=keep).logits, targets[:, -keep:])
+
+    @torch.no_grad()
+    def _score_shared(self, prefix: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """Prefill `prefix` once, copy its cache to one row per continuation, and score them side by side."""
+        cache = self.model.new_cache(1, max_length=len(prefix) + max(len(c) for c in continuations))
+        first = self.model(torch.tensor([prefix], device=self.device), cache=cache, logits_to_keep=1).logits
+        logits = first.expand(len(continuations), -1, -1)  # (n, 1, V): predicts each continuation's first token
+        targets = torch.tensor([[c[0]] for c in continuations], device=self.device)
+        if max(len(c) for c in continuations) > 1:
+            cache.select_rows(torch.zeros(len(continuations), dtype=torch.long, device=self.device))
+            inputs, rest = right_pad([(c[:-1], c[1:]) for c in continuations], self.tok.pad_id, self.device)
+            logits = torch.cat([logits, self.model(inputs, cache=cache).logits], 1)
+            targets = torch.cat([targets, rest], 1)
+        return _logprob_greedy(logits, targets)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole string after an EOS token: streamed through the cache (exact), or in
@@ -192,3 +219,14 @@ def _generation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     if unused := sorted(set(kwargs) - {"top_k", "top_p", "seed"}):
         warnings.warn(f"MixConLM.generate_until ignores the generation arguments {unused}", stacklevel=3)
     return options
+
+
+def _logprob_greedy(logits: torch.Tensor, targets: torch.Tensor) -> list[tuple[float, bool]]:
+    """Per row of (B, T, V) logits and (B, T) targets (IGNORE = not scored): the targets' summed
+    log-probability and whether each is the argmax."""
+    logits = logits.to(compute_dtype(logits))
+    scored = targets != IGNORE
+    logprobs = F.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    greedy = (logits.argmax(-1) == targets) | ~scored
+    return [(float(lp), bool(g)) for lp, g in zip((logprobs * scored).double().sum(1).tolist(),
+                                                   greedy.all(1).tolist(), strict=True)]

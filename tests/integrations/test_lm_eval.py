@@ -56,6 +56,23 @@ def test_loglikelihood_equals_one_forward_per_request_in_request_order(lm):
     assert got[2][1] and not got[0][1]  # the model's own greedy continuation, and (almost surely) not " sat"
 
 
+def test_continuations_of_one_context_share_its_prefill_and_score_as_alone(lm, monkeypatch):
+    context = "Q: a or b?"  # its greedy continuation is valid UTF-8: "[[["
+    greedy = greedy_text(lm.model, context, 3)
+    pairs = [(context, " yes"), ("other", " x"), (context, "!"), (context, greedy), (context, " no, not at all"),
+             ("", "a"), ("", "bc")]
+    prefills = []
+    monkeypatch.setattr(lm, "_score_shared", lambda prefix, conts, f=lm._score_shared: prefills.append(prefix)
+                        or f(prefix, conts))
+    lm.batch_size = 2  # the four continuations of `context` in two branches of one prefill each
+    got = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs], disable_tqdm=True)
+    want = [logprob(lm.model, c, x) for c, x in pairs]
+    assert [g for _, g in got] == [g for _, g in want] and got[3][1]
+    assert [v for v, _ in got] == pytest.approx([v for v, _ in want], rel=1e-10)
+    eos_context = [TOK.eos_id, *TOK.encode(context)]
+    assert prefills == [eos_context, eos_context, [TOK.eos_id]]
+
+
 def test_rolling_loglikelihood_is_the_whole_document_and_matches_an_empty_context(lm):
     texts = ["First document.\n" * 5, "", "second"]
     rolling = lm.loglikelihood_rolling([request("loglikelihood_rolling", t) for t in texts], disable_tqdm=True)
