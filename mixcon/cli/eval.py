@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from mixcon.cli.common import add_command, add_corpus_action, add_dtype_argument
 from mixcon.data.corpus import Corpus
@@ -83,9 +84,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
           f"context {args.context}" + (f", stride {result['stride']}" if args.mode == "window" else "") + "\n"
           f"loss {score.loss:.4f} nats/token, perplexity {score.perplexity:.3f}, "
           f"{score.bits_per_byte:.4f} bits/byte ({result['tokens_per_s']:,.0f} tokens/s)")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.json, result)
     return 0
 
 
@@ -113,8 +112,13 @@ def run_tasks(args: argparse.Namespace) -> int:
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"mixcon eval tasks: {e}") from e
     print(make_table(out))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "results": out["results"],
-                                         "config": out.get("config", {})}, indent=2, default=str) + "\n")
+    _write_json(args.json, {"checkpoint": str(args.checkpoint), "results": out["results"],
+                            "config": out.get("config", {})})
     return 0
+
+
+def _write_json(path: Path | None, data: dict[str, Any]) -> None:
+    """--json FILE: the results, when asked for."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")

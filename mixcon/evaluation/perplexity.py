@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.ops.dtypes import compute_dtype
 
 MODES = ("window", "stream")
 IGNORE = -100
@@ -104,9 +105,17 @@ def right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
 def row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B, T, V) logits, (B, T) targets -> (B,) summed negative log-likelihood per row in float64 (computed
     in fp32, fp64 for an fp64 model)."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    nll = F.cross_entropy(logits.transpose(1, 2).to(dtype), targets, ignore_index=IGNORE, reduction="none")
+    nll = F.cross_entropy(logits.transpose(1, 2).to(compute_dtype(logits)), targets, ignore_index=IGNORE,
+                          reduction="none")
     return nll.double().sum(1)
+
+
+def scored_logits(model: MixConForCausalLM, inputs: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of right-padded rows whose scored targets end each row: the logits from the first scored
+    position of any row on, and the targets they predict."""
+    keep = inputs.shape[1] - int((targets != IGNORE).int().argmax(1).min())
+    return model(inputs, logits_to_keep=keep).logits, targets[:, -keep:]
 
 
 @torch.no_grad()
@@ -114,9 +123,7 @@ def _score_batch(model: MixConForCausalLM, inputs: torch.Tensor, targets: torch.
                  mode: str, context: int) -> torch.Tensor:
     """(B,) summed NLL of each row's targets; `lengths` (B,) are the rows' unpadded lengths."""
     if mode == "window":
-        first = (targets != IGNORE).int().argmax(1)  # first scored position of each row
-        keep = inputs.shape[1] - int(first.min())
-        return row_nll(model(inputs, logits_to_keep=keep).logits, targets[:, -keep:])
+        return row_nll(*scored_logits(model, inputs, targets))
     cache = model.new_cache(inputs.shape[0], max_length=min(inputs.shape[1], 4 * context))
     total = torch.zeros(inputs.shape[0], dtype=torch.float64, device=inputs.device)
     rows = torch.arange(inputs.shape[0], device=inputs.device)  # the rows still running

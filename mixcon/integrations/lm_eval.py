@@ -13,16 +13,15 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
-from mixcon.evaluation.perplexity import IGNORE, document_nll, right_pad
+from mixcon.evaluation.perplexity import IGNORE, document_nll, right_pad, row_nll, scored_logits
 from mixcon.models.mixcon import MixConForCausalLM
-from mixcon.ops.dtypes import DTYPES, compute_dtype
+from mixcon.ops.dtypes import DTYPES
 from mixcon.training.checkpoint import load_model_and_tokenizer
 
 Request = tuple[tuple[str, str], list[int], list[int]]  # (context, continuation), their token ids
@@ -117,9 +116,7 @@ class MixConLM(TemplateLM):
 
     @torch.no_grad()
     def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        inputs, targets = right_pad(rows, self.tok.pad_id, self.device)
-        keep = inputs.shape[1] - int((targets != IGNORE).int().argmax(1).min())
-        return _logprob_greedy(self.model(inputs, logits_to_keep=keep).logits, targets[:, -keep:])
+        return _logprob_greedy(*scored_logits(self.model, *right_pad(rows, self.tok.pad_id, self.device)))
 
     @torch.no_grad()
     def _score_shared(self, prefix: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
@@ -224,9 +221,5 @@ def _generation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _logprob_greedy(logits: torch.Tensor, targets: torch.Tensor) -> list[tuple[float, bool]]:
     """Per row of (B, T, V) logits and (B, T) targets (IGNORE = not scored): the targets' summed
     log-probability and whether each is the argmax."""
-    logits = logits.to(compute_dtype(logits))
-    scored = targets != IGNORE
-    logprobs = F.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    greedy = (logits.argmax(-1) == targets) | ~scored
-    return [(float(lp), bool(g)) for lp, g in zip((logprobs * scored).double().sum(1).tolist(),
-                                                   greedy.all(1).tolist(), strict=True)]
+    greedy = (logits.argmax(-1) == targets) | (targets == IGNORE)
+    return [(-nll, bool(g)) for nll, g in zip(row_nll(logits, targets).tolist(), greedy.all(1).tolist(), strict=True)]
