@@ -6,6 +6,8 @@ is what `MixConCache(...).nbytes()` allocates.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from mixcon.config import MixConConfig
@@ -181,6 +183,14 @@ class MixConCache:
             layer.select_rows(index)
         self.key_mask = self.key_mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
+
+    def branch(self, index: torch.Tensor) -> MixConCache:
+        """A new cache holding the rows in `index` (B',), repeats allowed, of this one, which is left as it
+        is: e.g. one prefilled prompt continued several ways."""
+        new = copy.copy(self)
+        new.layers = [copy.copy(layer) for layer in self.layers]
+        new.select_rows(index)  # every layer's select_rows assigns new tensors, so the two share none
+        return new
 
     def layer_nbytes(self) -> list[int]:
         return [layer.nbytes() for layer in self.layers]

@@ -89,10 +89,8 @@ class MixConLM(TemplateLM):
                        key=lambda i: len(requests[i][1]) + len(requests[i][2]), reverse=True)
         with tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood") as bar:
             for prefix, members in shared.items():
-                for start in range(0, len(members), self.batch_size):
-                    batch = members[start:start + self.batch_size]
-                    self._record(requests, results, batch, self._score_shared(list(prefix),
-                                                                              [requests[i][2] for i in batch]))
+                self._record(requests, results, members,
+                             self._score_shared(list(prefix), [requests[i][2] for i in members]))
                 bar.update(len(members))
             for start in range(0, len(alone), self.batch_size):
                 batch = alone[start:start + self.batch_size]
@@ -120,17 +118,22 @@ class MixConLM(TemplateLM):
 
     @torch.no_grad()
     def _score_shared(self, prefix: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        """Prefill `prefix` once, copy its cache to one row per continuation, and score them side by side."""
+        """Prefill `prefix` once, then score its continuations `batch_size` at a time side by side, each
+        batch in its own branch of the prefilled cache (one row per continuation)."""
         cache = self.model.new_cache(1, max_length=len(prefix) + max(len(c) for c in continuations))
         first = self.model(torch.tensor([prefix], device=self.device), cache=cache, logits_to_keep=1).logits
-        logits = first.expand(len(continuations), -1, -1)  # (n, 1, V): predicts each continuation's first token
-        targets = torch.tensor([[c[0]] for c in continuations], device=self.device)
-        if max(len(c) for c in continuations) > 1:
-            cache.select_rows(torch.zeros(len(continuations), dtype=torch.long, device=self.device))
-            inputs, rest = right_pad([(c[:-1], c[1:]) for c in continuations], self.tok.pad_id, self.device)
-            logits = torch.cat([logits, self.model(inputs, cache=cache).logits], 1)
-            targets = torch.cat([targets, rest], 1)
-        return _logprob_greedy(logits, targets)
+        scores: list[tuple[float, bool]] = []
+        for start in range(0, len(continuations), self.batch_size):
+            batch = continuations[start:start + self.batch_size]
+            logits = first.expand(len(batch), -1, -1)  # (n, 1, V): predicts each continuation's first token
+            targets = torch.tensor([[c[0]] for c in batch], device=self.device)
+            if max(len(c) for c in batch) > 1:
+                branch = cache.branch(torch.zeros(len(batch), dtype=torch.long, device=self.device))
+                inputs, rest = right_pad([(c[:-1], c[1:]) for c in batch], self.tok.pad_id, self.device)
+                logits = torch.cat([logits, self.model(inputs, cache=branch).logits], 1)
+                targets = torch.cat([targets, rest], 1)
+            scores += _logprob_greedy(logits, targets)
+        return scores
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole string after an EOS token: streamed through the cache (exact), or in

@@ -14,6 +14,7 @@ pytest.importorskip("lm_eval", reason="the lm-eval harness is not installed (pip
 
 from lm_eval.api.instance import Instance
 
+from mixcon import MixConCache
 from mixcon.data import ByteTokenizer
 from mixcon.evaluation import evaluate_texts
 from mixcon.integrations.lm_eval import MixConLM
@@ -61,16 +62,18 @@ def test_continuations_of_one_context_share_its_prefill_and_score_as_alone(lm, m
     greedy = greedy_text(lm.model, context, 3)
     pairs = [(context, " yes"), ("other", " x"), (context, "!"), (context, greedy), (context, " no, not at all"),
              ("", "a"), ("", "bc")]
-    prefills = []
+    prefills, branches = [], []
     monkeypatch.setattr(lm, "_score_shared", lambda prefix, conts, f=lm._score_shared: prefills.append(prefix)
                         or f(prefix, conts))
-    lm.batch_size = 2  # the four continuations of `context` in two branches of one prefill each
+    monkeypatch.setattr(MixConCache, "branch", lambda cache, index, f=MixConCache.branch: branches.append(len(index))
+                        or f(cache, index))
+    lm.batch_size = 2  # the four continuations of `context`: one prefill, two branches of it
     got = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs], disable_tqdm=True)
     want = [logprob(lm.model, c, x) for c, x in pairs]
     assert [g for _, g in got] == [g for _, g in want] and got[3][1]
     assert [v for v, _ in got] == pytest.approx([v for v, _ in want], rel=1e-10)
     eos_context = [TOK.eos_id, *TOK.encode(context)]
-    assert prefills == [eos_context, eos_context, [TOK.eos_id]]
+    assert prefills == [eos_context, [TOK.eos_id]] and branches == [2, 2, 2]
 
 
 def test_rolling_loglikelihood_is_the_whole_document_and_matches_an_empty_context(lm):

@@ -47,6 +47,25 @@ def test_cache_select_rows_continues_the_kept_rows(layout, tiny_model):
     torch.testing.assert_close(torch.cat([chunk, step], 1), full[kept, 9:13], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["mixcon", "conba", "transformer"])
+def test_cache_branch_continues_copies_of_rows_and_leaves_the_cache_as_is(layout, tiny_model):
+    model = tiny_model(**LAYOUTS[layout])
+    ids = torch.randint(0, model.config.vocab_size, (2, 14))
+    rows = torch.tensor([1, 1, 0])
+    futures = torch.randint(0, model.config.vocab_size, (3, 5))  # a different continuation per branch row
+    with torch.no_grad():
+        cache = model.new_cache(2, max_length=4)
+        model(ids[:, :9], cache=cache)
+        branch = cache.branch(rows)
+        got = torch.cat([model(futures[:, :3], cache=branch).logits, model(futures[:, 3:4], cache=branch).logits], 1)
+        want = model(torch.cat([ids[rows, :9], futures], 1)).logits[:, 9:13]
+        rest = model(ids[:, 9:], cache=cache).logits  # the original cache goes on as if never branched
+        full = model(ids).logits[:, 9:]
+    assert branch.batch_size == 3 and cache.batch_size == 2
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rest, full, rtol=1e-9, atol=1e-9)
+
+
 def test_logits_to_keep_gives_the_last_positions(tiny_model):
     model = tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
