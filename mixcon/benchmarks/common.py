@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mixcon.cli.common import add_dtype_argument
+from mixcon.config import MixConConfig
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
@@ -32,6 +33,12 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def twins(base: MixConConfig) -> dict[str, MixConConfig]:
+    """MixCon and its pure Transformer and pure Conba twins (same widths)."""
+    return {"mixcon": base, "transformer-twin": base.replace(attn_per_block=base.layers_per_block),
+            "conba-twin": base.replace(attn_per_block=0)}
 
 
 def release_memory() -> None:

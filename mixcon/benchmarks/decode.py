@@ -33,17 +33,12 @@ from mixcon.benchmarks.common import (
     save_figure,
     stream_read_gbs,
     sync,
+    twins,
     write_results,
 )
 from mixcon.config import MixConConfig
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
-
-
-def twins(base: MixConConfig) -> dict[str, MixConConfig]:
-    """MixCon and its pure Transformer and pure Conba twins (same widths)."""
-    return {"mixcon": base, "transformer-twin": base.replace(attn_per_block=base.layers_per_block),
-            "conba-twin": base.replace(attn_per_block=0)}
 
 
 def hf_models(config: MixConConfig) -> dict[str, torch.nn.Module]:

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mixcon.data.tokenizer import AnyTokenizer
-from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.ops.dtypes import compute_dtype
 
 MODES = ("window", "stream")
-IGNORE = -100
 
 
 @dataclass(frozen=True)

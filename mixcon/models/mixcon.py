@@ -27,6 +27,7 @@ from mixcon.ops.dtypes import compute_dtype
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+IGNORE = -100  # the label of a position that is not scored
 
 
 @dataclass
@@ -228,7 +229,7 @@ class MixConForCausalLM(nn.Module):
         out = MixConOutput(logits=logits, aux_loss=aux, z_loss=z, expert_counts=counts)
         if labels is not None:
             out.lm_loss = F.cross_entropy(logits.flatten(0, 1).to(compute_dtype(logits)), labels.flatten(),
-                                          ignore_index=-100)
+                                          ignore_index=IGNORE)
             out.loss = out.lm_loss + self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
         return out
 
