@@ -1,10 +1,10 @@
-"""`mixcon bench speed|decode|matvec|kernel`: benchmarks against reference implementations, side by side."""
+"""`mixcon bench speed|decode|recall|matvec|kernel`: benchmarks against reference implementations, side by side."""
 
 from __future__ import annotations
 
 import argparse
 
-from mixcon.benchmarks import decode, kernel, matvec, speed
+from mixcon.benchmarks import decode, kernel, matvec, recall, speed
 from mixcon.cli.common import add_config_args, config_from_args
 
 
@@ -21,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(d)
     decode.add_arguments(d)
     d.set_defaults(func=_decode)
+    r = bench.add_parser("recall", help="associative recall: MixCon vs its Transformer and Conba twins, trained",
+                         description=recall.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(r, default="tiny")
+    recall.add_arguments(r)
+    r.set_defaults(func=_recall)
     m = bench.add_parser("matvec", help="few-row products (decoding): ops.linear vs F.linear",
                          description=matvec.__doc__)
     matvec.add_arguments(m)
@@ -34,3 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _decode(args: argparse.Namespace) -> int:
     """The decode benchmark on the model of --config / --set (its twins and transformers' at its widths)."""
     return decode.main(args, base=config_from_args(args))
+
+
+def _recall(args: argparse.Namespace) -> int:
+    """The recall benchmark on the model of --config / --set and its twins."""
+    return recall.main(args, base=config_from_args(args))

@@ -68,6 +68,35 @@ def test_decode_benchmark_command_takes_a_config(tmp_path):
     assert rows[0]["cache_MiB"] == tiny.new_cache(1, max_length=9).nbytes() / 2**20
 
 
+def test_recall_benchmark_trains_and_scores_the_three_twins(tmp_path):
+    argv = ["bench", "recall", "--set", "d_model=16", "--pairs", "4,2", "--seq-len", "16", "--vocab", "16",
+            "--steps", "2", "--batch-size", "4", "--sequences", "6", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "recall.json").read_text())
+    rows = payload["rows"]
+    assert [r["model"] for r in rows] == ["mixcon", "transformer-twin", "conba-twin"]
+    assert [r["layout"].count("A") for r in rows] == [2, 8, 0]
+    assert payload["pairs"] == [2, 4] and payload["task"]["vocab_size"] == 16
+    # 6 sequences x 2 or 4 asked keys: accuracies are multiples of 1/12 or 1/24 in [0, 1]
+    assert all(0 <= r["acc@2"] <= 1 and (r["acc@2"] * 12) % 1 < 1e-9 for r in rows)
+    assert all(0 <= r["acc@4"] <= 1 and (r["acc@4"] * 24) % 1 < 1e-9 for r in rows)
+    assert (tmp_path / "recall.png").stat().st_size > 0
+    assert main([*argv, "--models", "conba-twin", "--out", str(tmp_path / "one")]) == 0
+    assert [r["model"] for r in json.loads((tmp_path / "one" / "recall.json").read_text())["rows"]] == ["conba-twin"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--pairs", "2,5", "--seq-len", "16"], r"--pairs 2,5: each must be in \[1, 4\]"),
+    (["--pairs", "two"], "comma-separated integers"),
+    (["--steps", "0"], "--steps 0"),
+    (["--vocab", "2"], "vocab_size=2"),
+    (["--models", "mixcon,llama"], "unknown llama"),
+])
+def test_recall_benchmark_rejects_bad_arguments(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "recall", *argv])
+
+
 def test_saved_bytes_counter_frees_what_it_counted():
     """Counting saved activations must not keep the counted graph alive (a leak of GBs at T = 8192)."""
     x = torch.randn(100, requires_grad=True)

@@ -1,0 +1,137 @@
+"""Multi-query associative recall (MQAR): MixCon and its Transformer and Conba twins, trained side by side.
+
+Trains the model of --config and its Transformer and pure-Conba twins (same widths, vocabulary = the
+task's) on one stream of MQAR batches, each with a pair count drawn from --pairs, then scores every
+model on the same held-out sequences at each pair count: the fraction of asked keys whose value is
+the model's top prediction. Attention can look any key up at a cost that grows with the context; a
+Conba layer must hold every pair in its fixed (heads × P × N) state. Prints a table; writes
+recall.json and recall.png (accuracy vs pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixcon.benchmarks import common
+from mixcon.config import MixConConfig
+from mixcon.data.synthetic import RecallTask
+from mixcon.evaluation.recall import recall_accuracy
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.training.optim import build_optimizer, lr_at, set_lr
+
+TWINS = ("mixcon", "transformer-twin", "conba-twin")  # the names common.twins gives
+
+
+def train_on_recall(model: MixConForCausalLM, task: RecallTask, pairs: list[int], *, steps: int, batch_size: int,
+                    lr: float, seed: int = 0) -> list[float]:
+    """AdamW (warmup + cosine) on freshly drawn MQAR batches, the pair count of each drawn from `pairs`;
+    returns the loss of every step."""
+    generator = torch.Generator().manual_seed(seed)
+    device = model.embed.weight.device
+    optimizer = build_optimizer(model, lr=lr, weight_decay=0.1)
+    model.train()
+    losses = []
+    for step in range(steps):
+        set_lr(optimizer, lr_at(step, peak=lr, warmup=max(1, steps // 10), total=steps, min_ratio=0.1))
+        num_pairs = pairs[int(torch.randint(len(pairs), (), generator=generator))]
+        ids, labels = task.sample(batch_size, num_pairs, generator)
+        loss = model(ids.to(device), labels=labels.to(device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batch_size: int, lr: float,
+        sequences: int, seed: int, out_dir: Path | None, device: str = "cpu",
+        models: list[str] | None = None) -> list[dict[str, Any]]:
+    """Train each twin of `base` (those named in `models`, default all) on `task`, then score it at every
+    pair count."""
+    rows = []
+    for name, config in common.twins(base.replace(vocab_size=task.vocab_size)).items():
+        if models is not None and name not in models:
+            continue
+        torch.manual_seed(seed)
+        model = MixConForCausalLM(config).to(device)
+        start = time.perf_counter()
+        losses = train_on_recall(model, task, pairs, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        seconds = time.perf_counter() - start
+        row: dict[str, Any] = dict(model=name, layout=config.layout_string(), params=model.num_parameters(),
+                                   conba_state_floats=config.conba_heads * config.conba_head_dim
+                                   * config.conba_state, train_s=seconds, final_loss=sum(losses[-20:]) / 20)
+        for num_pairs in pairs:  # the held-out sequences come from another seed than training
+            row[f"acc@{num_pairs}"] = recall_accuracy(model, task, num_pairs, sequences=sequences,
+                                                      seed=seed + 1)
+        rows.append(row)
+        common.print_table(rows[-1:], list(row))
+    if out_dir is not None:
+        payload = dict(machine=common.machine(), task=dict(vocab_size=task.vocab_size, seq_len=task.seq_len,
+                                                           keys=task.keys, values=task.values),
+                       pairs=pairs, steps=steps, batch_size=batch_size, lr=lr, sequences=sequences, seed=seed,
+                       base=base.to_dict(), rows=rows)
+        common.write_results(out_dir, "recall", payload, _plot)
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, (ax,) = common.new_figure()
+    counts = [int(k.removeprefix("acc@")) for k in rows[0] if k.startswith("acc@")]
+    for row in rows:
+        ax.plot(counts, [row[f"acc@{n}"] for n in counts], marker="o", label=row["model"])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.set(xlabel="key-value pairs per sequence", ylabel="recall accuracy", ylim=(0, 1.02),
+           title="multi-query associative recall")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    common.save_figure(fig, path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", default="2,4,8,16",
+                   help="pair counts, trained on and scored at (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=64,
+                   help="task vocabulary: filler, keys, values (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps per model (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--sequences", type=int, default=512,
+                   help="held-out sequences per pair count (default: %(default)s)")
+    p.add_argument("--models", default=",".join(TWINS),
+                   help="which of the twins to train (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+
+
+def main(args: argparse.Namespace, base: MixConConfig) -> int:
+    try:
+        pairs = sorted({int(n) for n in args.pairs.split(",")})
+    except ValueError as e:
+        raise SystemExit(f"--pairs {args.pairs!r}: expected comma-separated integers") from e
+    try:
+        task = RecallTask(vocab_size=args.vocab, seq_len=args.seq_len)
+        if pairs[0] < 1 or pairs[-1] > task.max_pairs():
+            raise ValueError(f"--pairs {args.pairs}: each must be in [1, {task.max_pairs()}] for --vocab "
+                             f"{args.vocab} and --seq-len {args.seq_len}")
+        for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                            ("--sequences", args.sequences)):
+            if value < 1:
+                raise ValueError(f"{name} {value}: must be >= 1")
+        models = args.models.split(",")
+        if unknown := sorted(set(models) - set(TWINS)):
+            raise ValueError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(TWINS)}")
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    run(base, task, pairs, args.steps, args.batch_size, args.lr, args.sequences, args.seed, args.out, args.device,
+        models)
+    return 0

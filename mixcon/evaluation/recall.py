@@ -1,0 +1,32 @@
+"""Recall accuracy on multi-query associative recall (MQAR, `mixcon.data.synthetic.RecallTask`)."""
+
+from __future__ import annotations
+
+import torch
+
+from mixcon.data.synthetic import RecallTask
+from mixcon.models.mixcon import IGNORE, MixConForCausalLM
+
+
+@torch.no_grad()
+def recall_accuracy(model: MixConForCausalLM, task: RecallTask, num_pairs: int, *, sequences: int = 256,
+                    batch_size: int = 64, seed: int = 0) -> float:
+    """Fraction of queried keys whose value is the model's most likely next token, over `sequences`
+    held-out sequences (drawn from `seed`) with `num_pairs` pairs each."""
+    if model.config.vocab_size < task.vocab_size:
+        raise ValueError(f"recall_accuracy: the model's vocab_size={model.config.vocab_size} is smaller than "
+                         f"the task's {task.vocab_size}")
+    generator = torch.Generator().manual_seed(seed)
+    device = model.embed.weight.device
+    was_training = model.training
+    model.eval()
+    hits = total = 0
+    for start in range(0, sequences, batch_size):
+        ids, labels = task.sample(min(batch_size, sequences - start), num_pairs, generator)
+        ids, labels = ids.to(device), labels.to(device)
+        scored = labels != IGNORE  # (B, T)
+        predicted = model(ids).logits.argmax(-1)  # (B, T)
+        hits += int((predicted[scored] == labels[scored]).sum())
+        total += int(scored.sum())
+    model.train(was_training)
+    return hits / total

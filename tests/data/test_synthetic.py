@@ -1,0 +1,60 @@
+"""MQAR sequences: their layout, and every label read back from the listing by a plain lookup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixcon.data.synthetic import RecallTask
+from mixcon.models.mixcon import IGNORE
+
+
+def lookup_labels(ids: list[int], num_pairs: int) -> list[int]:
+    """What a perfect recaller is asked for: after the listing, each key's value; IGNORE elsewhere."""
+    table = dict(zip(ids[0:2 * num_pairs:2], ids[1:2 * num_pairs:2], strict=True))
+    return [table[t] if i >= 2 * num_pairs and t in table else IGNORE for i, t in enumerate(ids)]
+
+
+@pytest.mark.parametrize("vocab_size,seq_len,num_pairs", [(64, 64, 8), (32, 40, 10), (16, 100, 7), (5, 8, 2)])
+def test_sequences_list_the_pairs_then_ask_each_key_once(vocab_size, seq_len, num_pairs):
+    task = RecallTask(vocab_size=vocab_size, seq_len=seq_len)
+    ids, labels = task.sample(16, num_pairs, torch.Generator().manual_seed(0))
+    assert ids.shape == labels.shape == (16, seq_len)
+    for row, row_labels in zip(ids.tolist(), labels.tolist(), strict=True):
+        keys, values = row[0:2 * num_pairs:2], row[1:2 * num_pairs:2]
+        assert len(set(keys)) == num_pairs and all(1 <= k <= task.keys for k in keys)
+        assert all(task.keys < v < vocab_size for v in values)
+        asked = [i for i in range(2 * num_pairs, seq_len) if row[i] != 0]
+        assert sorted(row[i] for i in asked[0::2]) == sorted(keys)  # every key once, each followed by its value
+        assert [row[i + 1] for i in asked[0::2]] == [dict(zip(keys, values, strict=True))[row[i]] for i in asked[0::2]]
+        assert asked[1::2] == [i + 1 for i in asked[0::2]]
+        assert row_labels == lookup_labels(row, num_pairs)
+
+
+def test_draws_follow_the_generator_and_vary():
+    task = RecallTask(vocab_size=64, seq_len=64)
+    a = task.sample(8, 6, torch.Generator().manual_seed(1))
+    b = task.sample(8, 6, torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], task.sample(8, 6, torch.Generator().manual_seed(2))[0])
+    assert len({tuple(r) for r in a[0].tolist()}) == 8  # rows differ
+    queried = (a[1] != IGNORE).nonzero()[:, 1]
+    assert queried.min() >= 12 and len(set(queried.tolist())) > 20  # the queries land at many places
+
+
+def test_key_and_value_split():
+    assert (RecallTask(64, 32).keys, RecallTask(64, 32).values) == (31, 32)
+    assert (RecallTask(64, 32, n_keys=10).keys, RecallTask(64, 32, n_keys=10).values) == (10, 53)
+    assert RecallTask(64, 32).max_pairs() == 8 and RecallTask(10, 400).max_pairs() == 4
+
+
+@pytest.mark.parametrize("kwargs,num_pairs,message", [
+    (dict(vocab_size=2, seq_len=8), 1, "vocab_size=2"),
+    (dict(vocab_size=10, seq_len=8, n_keys=9), 1, "n_keys=9"),
+    (dict(vocab_size=10, seq_len=8, n_keys=0), 1, "n_keys=0"),
+    (dict(vocab_size=64, seq_len=32), 9, r"num_pairs=9 must be in \[1, 8\]"),
+    (dict(vocab_size=64, seq_len=32), 0, "num_pairs=0"),
+])
+def test_impossible_tasks_are_errors_that_name_the_field(kwargs, num_pairs, message):
+    with pytest.raises(ValueError, match=message):
+        RecallTask(**kwargs).sample(2, num_pairs)
