@@ -63,9 +63,11 @@ def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batc
         start = time.perf_counter()
         losses = train_on_recall(model, task, pairs, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
         seconds = time.perf_counter() - start
+        has_conba = config.attn_per_block < config.layers_per_block
+        state = config.conba_heads * config.conba_head_dim * config.conba_state if has_conba else None
+        last = losses[-20:]
         row: dict[str, Any] = dict(model=name, layout=config.layout_string(), params=model.num_parameters(),
-                                   conba_state_floats=config.conba_heads * config.conba_head_dim
-                                   * config.conba_state, train_s=seconds, final_loss=sum(losses[-20:]) / 20)
+                                   conba_state_floats=state, train_s=seconds, final_loss=sum(last) / len(last))
         for num_pairs in pairs:  # the held-out sequences come from another seed than training
             row[f"acc@{num_pairs}"] = recall_accuracy(model, task, num_pairs, sequences=sequences,
                                                       seed=seed + 1)

@@ -76,6 +76,8 @@ def test_recall_benchmark_trains_and_scores_the_three_twins(tmp_path):
     rows = payload["rows"]
     assert [r["model"] for r in rows] == ["mixcon", "transformer-twin", "conba-twin"]
     assert [r["layout"].count("A") for r in rows] == [2, 8, 0]
+    assert [r["conba_state_floats"] for r in rows] == [2 * 16 * 8, None, 2 * 16 * 8]  # H x P x N per layer
+    assert all(r["final_loss"] > 2 for r in rows)  # the mean of 2 steps' losses, near ln 16
     assert payload["pairs"] == [2, 4] and payload["task"]["vocab_size"] == 16
     # 6 sequences x 2 or 4 asked keys: accuracies are multiples of 1/12 or 1/24 in [0, 1]
     assert all(0 <= r["acc@2"] <= 1 and (r["acc@2"] * 12) % 1 < 1e-9 for r in rows)
