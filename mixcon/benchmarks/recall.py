@@ -24,7 +24,7 @@ from mixcon.evaluation.recall import recall_accuracy
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.training.optim import build_optimizer, lr_at, set_lr
 
-TWINS = ("mixcon", "transformer-twin", "conba-twin")  # the names common.twins gives
+TWINS = tuple(common.twins(MixConConfig.preset("tiny")))  # their names: mixcon, transformer-twin, conba-twin
 
 
 def train_on_recall(model: MixConForCausalLM, task: RecallTask, pairs: list[int], *, steps: int, batch_size: int,
@@ -63,7 +63,7 @@ def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batc
         start = time.perf_counter()
         losses = train_on_recall(model, task, pairs, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
         seconds = time.perf_counter() - start
-        has_conba = config.attn_per_block < config.layers_per_block
+        has_conba = any(mixer == "conba" for mixer, _ in config.layout())
         state = config.conba_heads * config.conba_head_dim * config.conba_state if has_conba else None
         last = losses[-20:]
         row: dict[str, Any] = dict(model=name, layout=config.layout_string(), params=model.num_parameters(),

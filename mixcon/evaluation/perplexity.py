@@ -158,20 +158,15 @@ def document_nll(model: MixConForCausalLM, docs: Sequence[list[int]], *, pad_id:
     rows = sorted(_rows(docs, mode, context, stride), key=lambda r: len(r[1]), reverse=True)  # less padding
     device = model.embed.weight.device
     totals = torch.zeros(len(docs), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=sum(len(ids) - 1 for ids in docs), unit="tok", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for i in range(0, len(rows), batch_size):
-                batch = rows[i:i + batch_size]
-                inputs, targets = right_pad([(x, y) for _, x, y in batch], pad_id, device)
-                index = torch.tensor([d for d, _, _ in batch], device=device)
-                lengths = torch.tensor([len(x) for _, x, _ in batch], device=device)
-                totals.index_add_(0, index, _score_batch(model, inputs, targets, lengths, mode, context))
-                bar.update(int((targets != IGNORE).sum()))
-    finally:
-        model.train(was_training)
+    bar = tqdm(total=sum(len(ids) - 1 for ids in docs), unit="tok", disable=not progress, dynamic_ncols=True)
+    with model.evaluating(), bar:
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            inputs, targets = right_pad([(x, y) for _, x, y in batch], pad_id, device)
+            index = torch.tensor([d for d, _, _ in batch], device=device)
+            lengths = torch.tensor([len(x) for _, x, _ in batch], device=device)
+            totals.index_add_(0, index, _score_batch(model, inputs, targets, lengths, mode, context))
+            bar.update(int((targets != IGNORE).sum()))
     return totals.tolist()
 
 

@@ -18,15 +18,13 @@ def recall_accuracy(model: MixConForCausalLM, task: RecallTask, num_pairs: int, 
                          f"the task's {task.vocab_size}")
     generator = torch.Generator().manual_seed(seed)
     device = model.embed.weight.device
-    was_training = model.training
-    model.eval()
     hits = total = 0
-    for start in range(0, sequences, batch_size):
-        ids, labels = task.sample(min(batch_size, sequences - start), num_pairs, generator)
-        ids, labels = ids.to(device), labels.to(device)
-        scored = labels != IGNORE  # (B, T)
-        predicted = model(ids).logits.argmax(-1)  # (B, T)
-        hits += int((predicted[scored] == labels[scored]).sum())
-        total += int(scored.sum())
-    model.train(was_training)
+    with model.evaluating():
+        for start in range(0, sequences, batch_size):
+            ids, labels = task.sample(min(batch_size, sequences - start), num_pairs, generator)
+            ids, labels = ids.to(device), labels.to(device)
+            scored = labels != IGNORE  # (B, T)
+            predicted = model(ids).logits.argmax(-1)  # (B, T)
+            hits += int((predicted[scored] == labels[scored]).sum())
+            total += int(scored.sum())
     return hits / total

@@ -84,9 +84,7 @@ def generate(
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
     fill = pad_token_id if pad_token_id is not None else eos_token_id
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         B, T = input_ids.shape
         cache = model.new_cache(B, max_length=T + max_new_tokens)
         logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
@@ -104,8 +102,6 @@ def generate(
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             logits = model(token[:, None], cache=cache).logits[:, -1]
-    finally:
-        model.train(was_training)
     if not new_tokens:
         return input_ids
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,16 @@ class MixConForCausalLM(nn.Module):
         lines.append(f"parameters: {self.num_parameters():,} total, {self.num_parameters(active=True):,} "
                      f"active per token")
         return "\n".join(lines)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[MixConForCausalLM]:
+        """Eval mode inside the block; then the mode the model had, also after an exception."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     # ------------------------------------------------------------------ forward
     def new_cache(self, batch_size: int, max_length: int = 256) -> MixConCache:

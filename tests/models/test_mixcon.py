@@ -66,6 +66,19 @@ def test_cache_branch_continues_copies_of_rows_and_leaves_the_cache_as_is(layout
     torch.testing.assert_close(rest, full, rtol=1e-9, atol=1e-9)
 
 
+def test_evaluating_restores_the_mode_the_model_had(tiny_model):
+    model = tiny_model()
+    for mode in (True, False):
+        model.train(mode)
+        with model.evaluating():
+            assert not model.training and not model.layers[0].training
+        assert model.training is mode and model.layers[0].training is mode
+    model.train()
+    with pytest.raises(RuntimeError, match="inside"), model.evaluating():
+        raise RuntimeError("inside")
+    assert model.training
+
+
 def test_logits_to_keep_gives_the_last_positions(tiny_model):
     model = tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
