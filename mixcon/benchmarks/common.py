@@ -36,9 +36,11 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min
 
 
 def twins(base: MixConConfig) -> dict[str, MixConConfig]:
-    """MixCon and its pure Transformer and pure Conba twins (same widths)."""
-    return {"mixcon": base, "transformer-twin": base.replace(attn_per_block=base.layers_per_block),
-            "conba-twin": base.replace(attn_per_block=0)}
+    """MixCon and its pure Transformer and pure Conba twins (same widths; a pure layout has one placement,
+    so the twins drop any `layer_pattern`)."""
+    return {"mixcon": base,
+            "transformer-twin": base.replace(attn_per_block=base.layers_per_block, layer_pattern=None),
+            "conba-twin": base.replace(attn_per_block=0, layer_pattern=None)}
 
 
 def release_memory() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixcon.benchmarks import decode, matvec, speed
+from mixcon.benchmarks import common, decode, matvec, speed
 from mixcon.benchmarks.common import SavedBytes
 from mixcon.cli import main
 from mixcon.config import MixConConfig
@@ -97,6 +97,13 @@ def test_recall_benchmark_trains_and_scores_the_three_twins(tmp_path):
 def test_recall_benchmark_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["bench", "recall", *argv])
+
+
+def test_twins_of_a_model_with_a_layer_pattern_are_pure():
+    base = MixConConfig.preset("tiny", layer_pattern="ACCC")
+    assert {name: c.layout_string() for name, c in common.twins(base).items()} == {
+        "mixcon": "ACCC/DMDM | ACCC/DMDM", "transformer-twin": "AAAA/DMDM | AAAA/DMDM",
+        "conba-twin": "CCCC/DMDM | CCCC/DMDM"}
 
 
 def test_saved_bytes_counter_frees_what_it_counted():
