@@ -40,7 +40,7 @@ def train_on_recall(model: MixConForCausalLM, task: RecallTask, pairs: list[int]
         set_lr(optimizer, lr_at(step, peak=lr, warmup=max(1, steps // 10), total=steps, min_ratio=0.1))
         num_pairs = pairs[int(torch.randint(len(pairs), (), generator=generator))]
         ids, labels = task.sample(batch_size, num_pairs, generator)
-        loss = model(ids.to(device), labels=labels.to(device)).loss
+        loss = model(ids.to(device), labels=labels.to(device), return_logits=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

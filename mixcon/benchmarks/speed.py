@@ -107,8 +107,10 @@ def measure(module: torch.nn.Module, u: torch.Tensor, backward: bool, repeats: i
     return seconds, saved
 
 
-def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    """One AdamW training step of the `small` preset (bf16 autocast when dtype is bf16): achieved FLOP/s.
+def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, dtype: torch.dtype,
+                   compiled: bool = False) -> dict[str, Any]:
+    """One AdamW training step of the `small` preset as the trainer takes it (bf16 autocast when dtype is
+    bf16; `compiled`: each layer torch.compile'd, as `mixcon train --compile`): achieved FLOP/s.
 
     FLOPs are those PyTorch's FlopCounterMode counts in the step (matmuls, attention), not a formula.
     """
@@ -121,18 +123,21 @@ def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, d
 
     def step() -> None:
         with amp:
-            loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+            loss = model(ids[:, :-1], labels=ids[:, 1:], return_logits=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     # The math attention backend decomposes into matmuls that the counter knows at any head grouping.
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        step()
-    seconds = median_seconds(step, repeats=repeats)
+        step()  # eager: what the counter sees
+    if compiled:
+        for layer in model.layers:
+            layer.compile()
+    seconds = median_seconds(step, repeats=repeats, warmup=2 if compiled else 1)
     gflops = counter.get_total_flops() / seconds / 1e9
-    return dict(layer="small train step", T=T, B=batch, mode="train", tokens_per_s=batch * T / seconds,
-                ms=seconds * 1e3, gflops=gflops, peak_frac=gflops / peak)
+    return dict(layer="small train step" + ("+compile" if compiled else ""), T=T, B=batch, mode="train",
+                tokens_per_s=batch * T / seconds, ms=seconds * 1e3, gflops=gflops, peak_frac=gflops / peak)
 
 
 def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: int, out_dir: Path | None,
@@ -189,9 +194,10 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
             print()
             save()  # after every shape, so that a run stopped early keeps what it measured
     if train_shape is not None:
-        rows.append(train_step_row(*train_shape, repeats, peak, device, dtype))
-        print_table(rows[-1:], COLUMNS)
-        save()
+        for compile_layers in (False, True) if compiled else (False,):
+            rows.append(train_step_row(*train_shape, repeats, peak, device, dtype, compile_layers))
+            print_table(rows[-1:], COLUMNS)
+            save()
     _ratios(rows)
     return rows
 
@@ -228,7 +234,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-max-T", type=int, default=512,
                    help="longest T for the sequential reference loop (it is slow)")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd Conba variants")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd Conba variants and train step")
     p.add_argument("--train-step", type=_shape, default="4x512", metavar="BxT",
                    help="also time a training step of the small preset at this batch x length ('' = skip; "
                         "default: %(default)s)")

@@ -24,16 +24,16 @@ from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import RMSNorm
 from mixcon.ops import conba_scan, segmented_scan
+from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
 from mixcon.ops.dtypes import compute_dtype
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-IGNORE = -100  # the label of a position that is not scored
 
 
 @dataclass
 class MixConOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when asked not to return them
     loss: torch.Tensor | None = None  # lm_loss + aux coefficient × aux_loss + z coefficient × z_loss
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # load balancing, mean over MoE layers (0 without MoE)
@@ -148,15 +148,19 @@ class MixConForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: MixConCache | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> MixConOutput:
         """input_ids (B, T); labels (B, T) are the targets of each position (already shifted, -100 =
         ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache, the call
         continues from it and updates it; one new token per row in eval mode is one `decode_step`
         (compiled after `compile_decode`). `logits_to_keep` > 0 computes logits for the last that many
-        positions only (a prefill needs one); 0 keeps all."""
+        positions only (a prefill needs one); 0 keeps all. `return_logits=False` (with labels) computes the
+        loss chunk by chunk without ever holding all the logits (`ops.linear_cross_entropy`; training)."""
         B, T = self._check_inputs(input_ids, labels, attention_mask, cache)
         if logits_to_keep < 0 or (logits_to_keep and labels is not None):
             raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0, and 0 when labels are given")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False needs labels (the loss is then all the forward returns)")
         token_mask = attention_mask.bool() if attention_mask is not None else None
         if cache is not None and T == 1 and labels is None and not self.training and (
                 token_mask is None or bool(token_mask.all())):
@@ -171,10 +175,12 @@ class MixConForCausalLM(nn.Module):
             h, s = layer(h, ctx)
             if s is not None:
                 stats.append(s)
-        logits = self.lm_head(self.norm(h[:, -logits_to_keep:]))  # h[:, -0:] is all of h
         if cache is not None:
             cache.seqlen += T
             cache.positions += T if token_mask is None else token_mask.sum(1)
+        if not return_logits:
+            return self._output(None, labels, stats, h=self.norm(h))
+        logits = self.lm_head(self.norm(h[:, -logits_to_keep:]))  # h[:, -0:] is all of h
         return self._output(logits, labels, stats)
 
     def _decode(self, input_ids: torch.Tensor, cache: MixConCache) -> torch.Tensor:
@@ -232,15 +238,19 @@ class MixConForCausalLM(nn.Module):
             if isinstance(layer.mixer, Conba):
                 layer.mixer.prefill_scan_fn = scan
 
-    def _output(self, logits: torch.Tensor, labels: torch.Tensor | None, stats: list[RouterStats]) -> MixConOutput:
-        zero = logits.new_zeros((), dtype=compute_dtype(logits))
+    def _output(self, logits: torch.Tensor | None, labels: torch.Tensor | None, stats: list[RouterStats],
+                h: torch.Tensor | None = None) -> MixConOutput:
+        """The output; the loss from the logits, or from the final hidden states `h` through the fused head."""
+        ref = logits if logits is not None else h
+        zero = ref.new_zeros((), dtype=compute_dtype(ref))
         aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
         z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
         counts = torch.stack([s.counts for s in stats]) if stats else None
         out = MixConOutput(logits=logits, aux_loss=aux, z_loss=z, expert_counts=counts)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits.flatten(0, 1).to(compute_dtype(logits)), labels.flatten(),
-                                          ignore_index=IGNORE)
+            out.lm_loss = (linear_cross_entropy(h, self.lm_head.weight, labels) if logits is None else
+                           F.cross_entropy(logits.flatten(0, 1).to(compute_dtype(logits)), labels.flatten(),
+                                           ignore_index=IGNORE))
             out.loss = out.lm_loss + self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
         return out
 

@@ -257,7 +257,7 @@ class Trainer:
             rows = slice(i * self.micro, (i + 1) * self.micro)
             with gradient_sync(self.module, i == accum - 1):
                 with self._autocast():
-                    out = self.module(x[rows], labels=y[rows])
+                    out = self.module(x[rows], labels=y[rows], return_logits=False)
                 (out.loss / accum).backward()
             sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float() / accum
             if out.expert_counts is not None:

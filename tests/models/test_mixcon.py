@@ -134,6 +134,32 @@ def test_loss_and_aux_terms(tiny_model):
     assert all(p.grad is not None for n, p in model.named_parameters() if "delay_gain" not in n)
 
 
+def test_loss_without_logits_equals_loss_from_logits(tiny_model):
+    """return_logits=False (the fused, chunked head + loss): same losses and the same gradients of every
+    parameter, the tied embedding included."""
+    model = tiny_model().train()
+    ids = torch.randint(0, 300, (3, 20))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+
+    def run(**kwargs):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=labels, **kwargs)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, want_grads = run()
+    got, got_grads = run(return_logits=False)
+    assert got.logits is None
+    for name in ("loss", "lm_loss", "aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-12)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="return_logits=False needs labels"):
+        model(ids, return_logits=False)
+
+
 def test_padding_in_training_changes_nothing_for_real_tokens(tiny_model):
     """Right padding with attention_mask: the real tokens' logits equal the unpadded run's."""
     model = tiny_model()

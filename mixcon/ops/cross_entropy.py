@@ -1,0 +1,72 @@
+"""The LM head and its cross-entropy in one pass over row chunks: the (N, V) logits never exist whole.
+
+With autograd, the gradients are computed chunk by chunk during the forward (softmax − one-hot is at
+hand there) and only scaled in the backward, so the head's matmul runs once per chunk, as in
+`F.cross_entropy(F.linear(h, W).float(), labels)`. Each chunk's logits stay below glibc's mmap
+threshold, so their memory is reused rather than freshly faulted in at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixcon.ops.dtypes import compute_dtype
+
+IGNORE = -100  # the label of a position that is not scored
+CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MiB in fp32
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits h Wᵀ at `labels` (IGNORE positions left out) -> scalar (fp32).
+
+    h (..., d); weight (V, d); labels (...). The matmuls run in h's dtype (or autocast's), the
+    softmax in fp32 (fp64 for fp64 inputs). `chunk_rows` rows at a time (default: CHUNK_ELEMENTS / V).
+    """
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, labels, rows)
+    return _chunks(h, weight, labels, rows, grads=False)[0]
+
+
+def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int, grads: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mean loss, ∂loss/∂h, ∂loss/∂weight), the gradients only when `grads`."""
+    dtype = compute_dtype(h)
+    scored = labels != IGNORE  # (N,)
+    count = scored.sum().to(dtype)  # 0 gives nan, as F.cross_entropy's mean
+    total = torch.zeros((), dtype=dtype, device=h.device)
+    grad_h = torch.empty_like(h) if grads else None
+    grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if grads else None
+    for start in range(0, h.shape[0], rows):
+        hc, yc, keep = h[start: start + rows], labels[start: start + rows], scored[start: start + rows]
+        logits = (hc @ weight.t()).to(dtype)  # (r, V)
+        lse = logits.logsumexp(-1)  # (r,)
+        target = yc.masked_fill(~keep, 0)[:, None]  # (r, 1)
+        total += ((lse - logits.gather(1, target)[:, 0]) * keep).sum()
+        if grads:
+            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            p.scatter_add_(1, target, -torch.ones_like(target, dtype=dtype))
+            p.mul_((keep / count)[:, None])  # (r, V) ∂loss/∂logits
+            p = p.to(hc.dtype)
+            grad_h[start: start + rows] = p @ weight.to(hc.dtype)
+            grad_w += (p.t() @ hc).to(dtype)
+    return total / count, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, h: torch.Tensor, weight: torch.Tensor,
+                labels: torch.Tensor, rows: int) -> torch.Tensor:
+        loss, grad_h, grad_w = _chunks(h, weight, labels, rows, grads=True)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None

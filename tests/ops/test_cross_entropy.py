@@ -1,0 +1,82 @@
+"""The fused, chunked LM-head cross-entropy against F.cross_entropy over the whole logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
+
+
+def reference(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(h, weight).flatten(0, -2)
+    return F.cross_entropy(logits.to(torch.float64 if h.dtype == torch.float64 else torch.float32),
+                           labels.flatten(), ignore_index=IGNORE)
+
+
+def inputs(shape: tuple[int, ...], V: int, d: int, dtype: torch.dtype, ignored: float = 0.3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, d, generator=g, dtype=dtype).requires_grad_()
+    weight = torch.randn(V, d, generator=g, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, V, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignored] = IGNORE
+    return h, weight, labels
+
+
+def grads(loss_fn, h, weight, labels, scale: float = 1.0):
+    h.grad = weight.grad = None
+    loss = loss_fn(h, weight, labels)
+    (loss * scale).backward()
+    return loss.detach(), h.grad.clone(), weight.grad.clone()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64, None])
+@pytest.mark.parametrize("shape", [(2, 9), (13,)])
+def test_matches_cross_entropy_fp64(chunk_rows, shape):
+    h, weight, labels = inputs(shape, V=11, d=5, dtype=torch.float64)
+    want = grads(reference, h, weight, labels, scale=2.5)
+    got = grads(lambda *a: linear_cross_entropy(*a, chunk_rows=chunk_rows), h, weight, labels, scale=2.5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_fp32_default_chunks_and_no_grad():
+    h, weight, labels = inputs((4, 300), V=9000, d=16, dtype=torch.float32)  # 1200 rows: 3 default chunks
+    want = grads(reference, h, weight, labels)
+    got = grads(linear_cross_entropy, h, weight, labels)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, weight, labels), want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_matches_autocast_reference():
+    h, weight, labels = inputs((3, 40), V=50, d=32, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = grads(reference, h, weight, labels)
+        got = grads(lambda *a: linear_cross_entropy(*a, chunk_rows=16), h, weight, labels)
+    assert got[0].dtype == torch.float32 and got[1].dtype == h.dtype and got[2].dtype == weight.dtype
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-3)
+
+
+def test_only_the_weight_needs_grad():
+    h, weight, labels = inputs((20,), V=7, d=4, dtype=torch.float64)
+    h = h.detach()
+    weight.grad = None
+    reference(h, weight, labels).backward()
+    want = weight.grad.clone()
+    weight.grad = None
+    linear_cross_entropy(h, weight, labels, chunk_rows=6).backward()
+    torch.testing.assert_close(weight.grad, want, rtol=1e-12, atol=1e-12)
+
+
+def test_all_ignored_is_nan_like_cross_entropy():
+    h, weight, labels = inputs((5,), V=7, d=4, dtype=torch.float64, ignored=1.0)
+    assert reference(h, weight, labels).isnan()
+    assert linear_cross_entropy(h, weight, labels).isnan()
+
+
+def test_bad_chunk_rows():
+    h, weight, labels = inputs((5,), V=7, d=4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        linear_cross_entropy(h, weight, labels, chunk_rows=0)
