@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixcon.models.mixcon import IGNORE
+from mixcon.ops.cross_entropy import IGNORE
 
 
 @dataclass(frozen=True)

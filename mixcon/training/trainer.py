@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import (
     DistEnv,
@@ -294,11 +294,11 @@ class Trainer:
         for input_ids, labels in self.eval_data():
             x, y = self._local_rows(input_ids), self._local_rows(labels)
             if x.shape[0] == 0:  # fewer rows than processes: run one fully ignored row (sharded models need all)
-                x, y = input_ids[:1].to(self.env.device), torch.full_like(labels[:1], -100).to(self.env.device)
+                x, y = input_ids[:1].to(self.env.device), torch.full_like(labels[:1], IGNORE).to(self.env.device)
             with self._autocast():
                 logits = self.module(x).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
-            total += torch.stack([loss.double(), (y != -100).sum().double()])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
+            total += torch.stack([loss.double(), (y != IGNORE).sum().double()])
         self.module.train()
         loss_sum, n = all_reduce(total, "sum").tolist()
         val_loss = loss_sum / max(n, 1)
