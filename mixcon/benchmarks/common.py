@@ -21,8 +21,8 @@ from mixcon.cli.common import add_dtype_argument
 from mixcon.config import MixConConfig
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
-    """Median wall time of `fn` after warm-up (repeats more while under min_seconds in total)."""
+def wall_times(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> list[float]:
+    """Wall times of `fn` after warm-up (repeats more while under min_seconds in total)."""
     for _ in range(warmup):
         fn()
     times: list[float] = []
@@ -32,7 +32,12 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
+    """Median wall time of `fn` after warm-up (repeats more while under min_seconds in total)."""
+    return statistics.median(wall_times(fn, repeats, warmup, min_seconds))
 
 
 def twins(base: MixConConfig) -> dict[str, MixConConfig]:
@@ -86,11 +91,11 @@ class TokenClock:
 
 
 def matmul_peak_gflops(n: int = 2048, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """Measured throughput of one n×n matmul: the machine's practical FLOP peak."""
+    """Measured throughput of one n×n matmul: the machine's practical FLOP peak, the best of 10 (a cloud VM's
+    slow phases would otherwise lower the peak and flatter every fraction of it)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = median_seconds(lambda: a @ b, repeats=5, warmup=2)
-    return 2 * n**3 / seconds / 1e9
+    return 2 * n**3 / min(wall_times(lambda: a @ b, repeats=10, warmup=2)) / 1e9
 
 
 def copy_bandwidth_gbs(mbytes: int = 256, device: str = "cpu") -> float:

@@ -180,21 +180,24 @@ def test_bad_shapes_raise_clear_errors():
         conba_scan(x, k, q, ld[:, :-1], beta, delta_rule=False)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
-def test_cuda_matches_fp64_reference_forward_and_backward(delta_rule, dtype, tol):
-    """On a GPU, x/k/q in `dtype` (decays, gains and states in fp32, as the layer passes them)."""
+def test_fp32_and_bf16_match_fp64_reference_forward_and_backward(delta_rule, dtype, tol, device):
+    """x/k/q in `dtype` (decays, gains and states in fp32, as the layer passes them), on the CPU and a GPU."""
     inputs = [t.requires_grad_() for t in make_inputs(T=150, G=2)]
     x, k, q, ld, beta, gain, S0 = inputs
     kw = dict(delta_rule=delta_rule, tau=2)
     y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, delay_gain=gain, initial_state=S0, **kw)
     w = torch.randn_like(y_ref)
     g_ref = torch.autograd.grad((y_ref * w).sum() + s_ref.sum(), inputs)
-    dev = [t.detach().to("cuda", dtype if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(inputs)]
+    dev = [t.detach().to(device, dtype if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(inputs)]
     y, s = conba_scan(*dev[:5], delay_gain=dev[5], initial_state=dev[6], chunk_size=64, **kw)
-    assert y.dtype == dtype and y.device.type == "cuda"
-    g = torch.autograd.grad((y.double() * w.cuda()).sum() + s.double().sum(), dev)
+    assert y.dtype == dtype and y.device.type == device
+    g = torch.autograd.grad((y.double() * w.to(device)).sum() + s.double().sum(), dev)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.double().cpu() - b).norm() / b.norm())
