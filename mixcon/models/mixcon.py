@@ -190,7 +190,10 @@ class MixConForCausalLM(nn.Module):
         cache.key_mask[:, cache.seqlen] = True
         index = torch.full((1,), cache.seqlen, dtype=torch.long, device=input_ids.device)
         step = self._decode_step or self.decode_step
-        logits = step(input_ids, cache.positions, cache.key_mask, index, [layer.tensors() for layer in cache.layers])
+        # Standard strides: a compiled step guards on them, and a prompt's last column ((B, 1) with stride T)
+        # differs from a sampled token's, which would recompile the step with dynamic shapes (slower).
+        ids = input_ids.clone(memory_format=torch.contiguous_format)
+        logits = step(ids, cache.positions, cache.key_mask, index, [layer.tensors() for layer in cache.layers])
         for layer in cache.layers:
             if isinstance(layer, ConbaCache):
                 layer.advance()

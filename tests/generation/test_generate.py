@@ -100,7 +100,8 @@ def test_cuda_batched_greedy_equals_cpu(tiny_model):
 
 
 def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler, tiny_model):
-    """`compile_decode`: the same logits and cache as the eager step, from one graph for every step."""
+    """`compile_decode`: the same logits and cache as the eager step, from one graph for every step, whatever
+    the strides of the token column."""
     from torch._dynamo.utils import counters
 
     if not have_c_compiler:
@@ -117,8 +118,11 @@ def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler, tiny_model
                 model.compile_decode(dynamic=False)
             cache = model.new_cache(2, max_length=ids.shape[1] + 5)
             out = [model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits]
-            for _ in range(5):
-                out.append(model(out[-1][:, -1].argmax(-1, keepdim=True), cache=cache).logits)
+            for step in range(5):
+                token = out[-1][:, -1].argmax(-1, keepdim=True)  # (2, 1), strides (1, 1)
+                if step == 0:  # a column of a wider tensor, as a prompt's last token: strides (2, 1)
+                    token = token.repeat(1, 2)[:, :1]
+                out.append(model(token, cache=cache).logits)
             caches.append(cache)
             logits.append(torch.cat(out, 1))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
