@@ -10,6 +10,7 @@ from torch import nn
 
 from mixcon.layers.linear import Linear
 from mixcon.ops.dtypes import compute_dtype
+from mixcon.ops.linear import batched_linear
 
 
 @dataclass
@@ -28,9 +29,10 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.router = Linear(d_model, n_experts, bias=False)
-        # Experts stored as stacked weights: (n, d, 2·hidden) and (n, hidden, d).
-        self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
-        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        # Experts stored as stacked nn.Linear weights (out, in): (n, 2·hidden, d) and (n, d, hidden). Weights
+        # saved before this layout held (n, in, out): `models.mixcon.upgrade_expert_layout` converts them.
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, 2 * hidden, d_model))
+        self.w_down = nn.Parameter(torch.empty(n_experts, d_model, hidden))
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M, d) -> logits and probabilities (M, n), top-K weights (M, K) summing to 1, expert ids (M, K)."""
@@ -41,8 +43,8 @@ class MoE(nn.Module):
 
     def expert(self, h: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's SwiGLU on (m, d) -> (m, d)."""
-        gate, up = (h @ self.w_gate_up[e]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.w_down[e]
+        gate, up = F.linear(h, self.w_gate_up[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w_down[e])
 
     def combine(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,15 +73,15 @@ class MoE(nn.Module):
         M, K = experts.shape
         e = experts.reshape(-1)  # (M·K,)
         x = h.repeat_interleave(K, dim=0)[:, None]  # (M·K, 1, d)
-        gate, up = torch.bmm(x, self.w_gate_up[e]).chunk(2, dim=-1)  # (M·K, 1, hidden)
-        ys = torch.bmm(F.silu(gate) * up, self.w_down[e])[:, 0]  # (M·K, d)
+        gate, up = batched_linear(x, self.w_gate_up[e]).chunk(2, dim=-1)  # (M·K, 1, hidden)
+        ys = batched_linear(F.silu(gate) * up, self.w_down[e])[:, 0]  # (M·K, d)
         return (weights.reshape(-1, 1).to(ys.dtype) * ys).view(M, K, -1).sum(1).to(h.dtype)
 
     def combine_dense(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """`combine` with every expert on every token, weighted by the sparse (M, n) routing matrix: each
         expert read once and no data-dependent shapes (a compiled decoding step)."""
-        gate, up = torch.einsum("md,nde->nme", h, self.w_gate_up).chunk(2, dim=-1)  # (n, M, hidden)
-        ys = (F.silu(gate) * up) @ self.w_down  # (n, M, d)
+        gate, up = torch.einsum("md,ned->nme", h, self.w_gate_up).chunk(2, dim=-1)  # (n, M, hidden)
+        ys = (F.silu(gate) * up) @ self.w_down.transpose(1, 2)  # (n, M, d)
         routing = torch.zeros(h.shape[0], self.n_experts, dtype=ys.dtype, device=h.device)
         routing = routing.scatter(1, experts, weights.to(ys.dtype))  # (M, n)
         return torch.einsum("nmd,mn->md", ys, routing).to(h.dtype)

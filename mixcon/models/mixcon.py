@@ -29,6 +29,24 @@ from mixcon.ops.dtypes import compute_dtype
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# Safetensors metadata of weights whose stacked MoE experts are stored (n, out, in), like nn.Linear's; files
+# without it hold them (n, in, out), as mixcon wrote them before.
+WEIGHTS_METADATA = {"format": "pt", "mixcon_expert_layout": "out_in"}
+EXPERT_WEIGHTS = (".w_gate_up", ".w_down")
+
+
+def upgrade_expert_layout(state: dict[str, Any], metadata: dict[str, str] | None) -> dict[str, Any]:
+    """`state` (parameter name -> tensor, or -> optimizer state of that parameter) as this version stores it:
+    the stacked experts of weights saved without WEIGHTS_METADATA's layout are transposed to (n, out, in)."""
+    if (metadata or {}).get("mixcon_expert_layout") == WEIGHTS_METADATA["mixcon_expert_layout"]:
+        return state
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        return value.transpose(-1, -2).contiguous() if isinstance(value, torch.Tensor) and value.dim() == 3 else value
+
+    return {k: swap(v) if k.endswith(EXPERT_WEIGHTS) else v for k, v in state.items()}
 
 
 @dataclass
@@ -292,14 +310,16 @@ class MixConForCausalLM(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / WEIGHTS_NAME))
+        save_model(self, str(directory / WEIGHTS_NAME), metadata=WEIGHTS_METADATA)
         (directory / CONFIG_NAME).write_text(self.config.to_json())
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MixConForCausalLM:
-        """Load a model written by `save_pretrained`; missing or mismatched weights are an error."""
-        from safetensors.torch import load_model
+        """Load a model written by `save_pretrained` (or a training checkpoint's model); missing or mismatched
+        weights are an error."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
 
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -311,5 +331,13 @@ class MixConForCausalLM(nn.Module):
         model.to_empty(device=device)
         if config.tie_embeddings:  # to_empty gives shared parameters separate storage
             model.lm_head.weight = model.embed.weight
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
+        weights = str(directory / WEIGHTS_NAME)
+        with safe_open(weights, "pt") as f:
+            metadata = f.metadata()
+        state = upgrade_expert_layout(load_file(weights, device=str(device)), metadata)
+        if config.tie_embeddings:  # the file holds one name of the shared tensor
+            shared = state.get("embed.weight", state.get("lm_head.weight"))
+            if shared is not None:
+                state = {**state, "embed.weight": shared, "lm_head.weight": shared}
+        model.load_state_dict(state, strict=True)
         return model

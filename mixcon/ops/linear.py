@@ -22,3 +22,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = (x[..., None, :] * weight).sum(-1)  # (..., N)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A weight per batch entry (gathered experts): (B, M, K) @ (B, N, K)ᵀ -> (B, M, N).
+
+    Compiled on a CPU with at most `FEW_ROWS` rows per entry, the multiply-sum form of `linear`: one
+    pass over each weight, read along K as stored; otherwise `torch.bmm`.
+    """
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[1] <= FEW_ROWS:
+        return (x[:, :, None, :] * weight[:, None]).sum(-1)
+    return torch.bmm(x, weight.transpose(1, 2))

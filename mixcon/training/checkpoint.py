@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
-from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.models.mixcon import WEIGHTS_METADATA, MixConForCausalLM, upgrade_expert_layout
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -125,7 +125,7 @@ def save_checkpoint(
     final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE), metadata=WEIGHTS_METADATA)
     (tmp / CONFIG_FILE).write_text(config.to_json())
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     torch.save(trainer_state, tmp / STATE_FILE)
@@ -212,8 +212,11 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: trained with tokenizer {fingerprint!r}, but this run uses "
                               f"{expected_tokenizer!r}")
     try:
-        model_state = load_file(str(path / MODEL_FILE), device=str(map_location))
+        with safe_open(str(path / MODEL_FILE), "pt") as f:
+            metadata = f.metadata()
+        model_state = upgrade_expert_layout(load_file(str(path / MODEL_FILE), device=str(map_location)), metadata)
         optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
+        optimizer_state = {**optimizer_state, "state": upgrade_expert_layout(optimizer_state["state"], metadata)}
         trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint file ({e})") from e

@@ -37,8 +37,8 @@ def test_grouped_compute_equals_a_per_token_loop():
     expected = torch.zeros(21, 16, dtype=torch.float64)
     for t, x in enumerate(h.reshape(-1, 16)):
         for w, e in zip(weights[t], experts[t], strict=True):
-            gate, up = (x @ moe.w_gate_up[e]).chunk(2)
-            expected[t] += w * ((F.silu(gate) * up) @ moe.w_down[e])
+            gate, up = (moe.w_gate_up[e] @ x).chunk(2)  # (out, in) weights
+            expected[t] += w * (moe.w_down[e] @ (F.silu(gate) * up))
     torch.testing.assert_close(out.reshape(-1, 16), expected)
     assert int(stats.counts.sum()) == 21 * 2
     torch.testing.assert_close(stats.counts, torch.bincount(experts.reshape(-1), minlength=8))

@@ -182,6 +182,27 @@ def test_save_load_identical_logits(tmp_path, tiny_model):
             torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_weights_saved_with_the_old_expert_layout_load_converted(tmp_path, tiny_model):
+    """Files without the layout mark hold the stacked experts (n, in, out), as mixcon saved them before: they
+    load transposed, to identical logits; new files carry the mark."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(dtype=torch.float32)
+    assert any(n.endswith(".w_gate_up") for n, _ in model.named_parameters())
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata()["mixcon_expert_layout"] == "out_in"
+    old = {k: v.transpose(-1, -2).contiguous() if k.endswith((".w_gate_up", ".w_down")) else v
+           for k, v in load_file(str(weights)).items()}
+    save_file(old, str(weights), metadata={"format": "pt"})
+    loaded = MixConForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_load_refuses_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a MixCon model directory"):
         MixConForCausalLM.from_pretrained(tmp_path)

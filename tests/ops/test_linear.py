@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mixcon.layers.linear import Linear
-from mixcon.ops.linear import FEW_ROWS, linear
+from mixcon.ops.linear import FEW_ROWS, batched_linear, linear
 
 
 def traced_ops(fn, *args) -> set[str]:
@@ -43,3 +43,15 @@ def test_linear_module_keeps_nn_linear_parameters():
     assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight"]
     x = torch.randn(2, 8)
     assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+@pytest.mark.parametrize("rows", [1, FEW_ROWS])
+def test_batched_linear_compiled_few_rows_is_a_multiply_sum_equal_to_bmm(rows):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, rows, 24), torch.randn(3, 40, 24)
+    want = torch.bmm(x, w.transpose(1, 2))
+    torch.testing.assert_close(batched_linear(x, w), want)
+    ops = traced_ops(batched_linear, x, w)
+    assert "bmm" not in ops and "sum" in ops
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(batched_linear, backend="eager", fullgraph=True)(x, w), want)

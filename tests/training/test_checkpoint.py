@@ -40,6 +40,40 @@ def test_checkpoint_holds_everything_and_loads_as_a_model(trained):
     assert isinstance(load_tokenizer(c.path / ckpt.TOKENIZER_DIR), ByteTokenizer)
 
 
+def test_checkpoint_with_the_old_expert_layout_loads_converted(trained):
+    """A checkpoint written before the experts were stored (n, out, in): its model and optimizer moments load
+    transposed, equal to what this version writes."""
+    from safetensors.torch import load_file, save_file
+
+    _, run = trained
+    want = load_checkpoint(run)
+    path = latest_checkpoint(run)
+    experts = [k for k in want.model_state if k.endswith((".w_gate_up", ".w_down"))]
+    assert experts
+
+    def old(tensors, names):
+        return {k: v.transpose(-1, -2).contiguous() if k in names else v for k, v in tensors.items()}
+
+    save_file(old(load_file(str(path / ckpt.MODEL_FILE)), experts), str(path / ckpt.MODEL_FILE),
+              metadata={"format": "pt"})
+    optimizer = torch.load(path / ckpt.OPTIMIZER_FILE, weights_only=True)
+    optimizer["state"] = {k: old(v, ("exp_avg", "exp_avg_sq")) if k in experts else v
+                          for k, v in optimizer["state"].items()}
+    torch.save(optimizer, path / ckpt.OPTIMIZER_FILE)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    for name in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE):  # as that version's manifest would have them
+        file = path / name
+        manifest["files"][name] = {"sha256": ckpt._sha256(file), "size": file.stat().st_size}
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    got = load_checkpoint(run)
+    assert got.model_state.keys() == want.model_state.keys()
+    for name, value in want.model_state.items():
+        assert torch.equal(got.model_state[name], value), name
+    for name, moments in want.optimizer_state["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(got.optimizer_state["state"][name][key], value), (name, key)
+
+
 def test_only_the_last_k_are_kept(make_trainer, tmp_path):
     make_trainer(tmp_path, steps=5, save_every=1, keep_last=2, eval_every=100).fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
