@@ -31,14 +31,15 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # Safetensors metadata of weights whose stacked MoE experts are stored (n, out, in), like nn.Linear's; files
 # without it hold them (n, in, out), as mixcon wrote them before.
-WEIGHTS_METADATA = {"format": "pt", "mixcon_expert_layout": "out_in"}
+LAYOUT_KEY = "mixcon_expert_layout"
+WEIGHTS_METADATA = {"format": "pt", LAYOUT_KEY: "out_in"}
 EXPERT_WEIGHTS = (".w_gate_up", ".w_down")
 
 
 def upgrade_expert_layout(state: dict[str, Any], metadata: dict[str, str] | None) -> dict[str, Any]:
     """`state` (parameter name -> tensor, or -> optimizer state of that parameter) as this version stores it:
     the stacked experts of weights saved without WEIGHTS_METADATA's layout are transposed to (n, out, in)."""
-    if (metadata or {}).get("mixcon_expert_layout") == WEIGHTS_METADATA["mixcon_expert_layout"]:
+    if (metadata or {}).get(LAYOUT_KEY) == WEIGHTS_METADATA[LAYOUT_KEY]:
         return state
 
     def swap(value: Any) -> Any:
@@ -47,6 +48,17 @@ def upgrade_expert_layout(state: dict[str, Any], metadata: dict[str, str] | None
         return value.transpose(-1, -2).contiguous() if isinstance(value, torch.Tensor) and value.dim() == 3 else value
 
     return {k: swap(v) if k.endswith(EXPERT_WEIGHTS) else v for k, v in state.items()}
+
+
+def read_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor],
+                                                                              dict[str, str] | None]:
+    """A safetensors file's tensors in this version's layout (`upgrade_expert_layout`), and its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    return upgrade_expert_layout(load_file(str(path), device=str(device)), metadata), metadata
 
 
 @dataclass
@@ -318,9 +330,6 @@ class MixConForCausalLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MixConForCausalLM:
         """Load a model written by `save_pretrained` (or a training checkpoint's model); missing or mismatched
         weights are an error."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
@@ -331,10 +340,7 @@ class MixConForCausalLM(nn.Module):
         model.to_empty(device=device)
         if config.tie_embeddings:  # to_empty gives shared parameters separate storage
             model.lm_head.weight = model.embed.weight
-        weights = str(directory / WEIGHTS_NAME)
-        with safe_open(weights, "pt") as f:
-            metadata = f.metadata()
-        state = upgrade_expert_layout(load_file(weights, device=str(device)), metadata)
+        state, _ = read_weights(directory / WEIGHTS_NAME, device)
         if config.tie_embeddings:  # the file holds one name of the shared tensor
             shared = state.get("embed.weight", state.get("lm_head.weight"))
             if shared is not None:

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
-from mixcon.models.mixcon import WEIGHTS_METADATA, MixConForCausalLM, upgrade_expert_layout
+from mixcon.models.mixcon import WEIGHTS_METADATA, MixConForCausalLM, read_weights, upgrade_expert_layout
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -212,9 +212,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: trained with tokenizer {fingerprint!r}, but this run uses "
                               f"{expected_tokenizer!r}")
     try:
-        with safe_open(str(path / MODEL_FILE), "pt") as f:
-            metadata = f.metadata()
-        model_state = upgrade_expert_layout(load_file(str(path / MODEL_FILE), device=str(map_location)), metadata)
+        model_state, metadata = read_weights(path / MODEL_FILE, map_location)
         optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
         optimizer_state = {**optimizer_state, "state": upgrade_expert_layout(optimizer_state["state"], metadata)}
         trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
