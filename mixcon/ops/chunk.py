@@ -38,18 +38,23 @@ def _unchunk(t: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def _readout(
-    Qc: torch.Tensor,  # (B, G, nc, C, N) queries, shared by the heads of a group
+    Qc: torch.Tensor,  # (B, G, nc, R, C, N) R sets of queries, shared by the heads of a group
     Kc: torch.Tensor,  # (B, G, nc, C, N) keys
     decay_mat: torch.Tensor,  # (B, G, hg, nc, C, C) exp(b_t - b_s), 0 above the diagonal
     eb: torch.Tensor,  # (B, G, hg, nc, C) exp(b_t)
     U: torch.Tensor,  # (B, G, hg, nc, C, P) what each step writes
     starts: torch.Tensor,  # (B, G, hg, nc, P, N) state at each chunk start
 ) -> torch.Tensor:
-    """y_t = S_t q_t for every t, from chunk-start states: (B, G, hg, nc, C, P)."""
-    A = (Qc @ Kc.transpose(-1, -2)).unsqueeze(2) * decay_mat  # one QKᵀ per group, decayed per head
-    # The heads of a group share Q: one (C, N) x (N, hg·P) product per chunk, scaled by exp(b_t) after.
-    inter = torch.einsum("bgcsn,bghcpn->bghcsp", Qc, starts)
-    return A @ U + eb.unsqueeze(-1) * inter
+    """y_t = S_t q_t for every t and each query set, from chunk-start states: (B, G, hg, nc, R, C, P).
+
+    The query sets (the readout and the delayed readout's shifted queries) share every product."""
+    B, G, nc, R, C, _ = Qc.shape
+    Qf = Qc.flatten(3, 4)  # (B, G, nc, R·C, N)
+    # One QKᵀ per group, decayed per head.
+    A = (Qf @ Kc.transpose(-1, -2)).view(B, G, 1, nc, R, C, C) * decay_mat.unsqueeze(-3)
+    # The heads of a group share Q: one (R·C, N) x (N, hg·P) product per chunk, scaled by exp(b_t) after.
+    inter = torch.einsum("bgcsn,bghcpn->bghcsp", Qf, starts).unflatten(4, (R, C))
+    return (A.flatten(4, 5) @ U).unflatten(4, (R, C)) + eb[..., None, :, None] * inter
 
 
 def _chunk_writes(U: torch.Tensor, w: torch.Tensor, Kc: torch.Tensor) -> torch.Tensor:
@@ -156,11 +161,14 @@ def conba_scan(
     starts_t = torch.stack(starts, dim=3)  # (B, G, hg, nc, P, N)
     final = S.reshape(B, H, P, N)
 
-    y = _unchunk(_readout(Qc, Kc, decay_mat, eb, U, starts_t), T)  # (B, T, H, P)
-    if tau > 0:
-        # S_{t-tau} q_t: the readout at step t - tau with queries shifted forward by tau.
+    if tau == 0:
+        y = _unchunk(_readout(Qc.unsqueeze(3), Kc, decay_mat, eb, U, starts_t)[..., 0, :, :], T)  # (B, T, H, P)
+    else:
+        # S_{t-tau} q_t: the readout at step t - tau with queries shifted forward by tau, read out
+        # together with y_t = S_t q_t.
         Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C, G).squeeze(2)
-        r = _unchunk(_readout(Q2c, Kc, decay_mat, eb, U, starts_t), T)
+        both = _readout(torch.stack([Qc, Q2c], dim=3), Kc, decay_mat, eb, U, starts_t)
+        y, r = (_unchunk(t, T) for t in both.unbind(4))
         early = early_delayed_readout(q, past0, hg)  # the first tau steps read the initial past states
         delayed = torch.cat([early, r[:, : T - early.shape[1]]], dim=1)
         y = y + delay_gain.to(dt)[:, None] * delayed
