@@ -1,7 +1,11 @@
 """In-process A/B: a training step of `small` (8 x 512, fp32, eager) with the loss from whole logits vs
 return_logits=False (ops.linear_cross_entropy); the two alternate, medians of 5 each."""
-import resource, statistics, time
+import resource
+import statistics
+import time
+
 import torch
+
 from mixcon.config import MixConConfig
 from mixcon.models.mixcon import MixConForCausalLM
 
