@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,18 @@ from mixcon.ops import conba_scan, conba_scan_step
 from mixcon.ops.dtypes import compute_dtype
 
 
+@dataclass(frozen=True)
+class SegmentedPrefill:
+    """How Conba layers run forwards without autograd after `MixConForCausalLM.compile_prefill`: every
+    whole `segment` steps through `layer_fn` (one compiled `Conba.mix`, shared by all layers), chained
+    through the conv tail and the states; the rest of a sequence eager. `chunk`: the scan's chunk
+    length there (the contract's result does not depend on it)."""
+
+    layer_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    segment: int
+    chunk: int
+
+
 class Conba(nn.Module):
     """u -> in_proj -> causal conv + SiLU on (x, k, q) -> Conba scan -> gated RMSNorm -> out_proj.
 
@@ -32,8 +45,8 @@ class Conba(nn.Module):
 
     # The sequence form of the scan contract; `conba_scan_reference` has the same signature.
     scan_fn = staticmethod(conba_scan)
-    # The scan of forwards without autograd, when set (`MixConForCausalLM.compile_prefill`).
-    prefill_scan_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    # Forwards without autograd in compiled segments, when set (`MixConForCausalLM.compile_prefill`).
+    prefill: SegmentedPrefill | None = None
 
     def __init__(self, config: MixConConfig, layer_idx: int) -> None:
         super().__init__()
@@ -81,25 +94,31 @@ class Conba(nn.Module):
         if self.delay_gain is not None:
             self.delay_gain.zero_()
 
-    def _conv(self, xkq: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+    def conv_taps(self) -> torch.Tensor:
+        """The depthwise conv's weights as (width, C), one row per tap, contiguous."""
+        return self.conv1d.weight[:, 0].t().contiguous()
+
+    def _conv(self, xkq: torch.Tensor, tail: torch.Tensor | None, taps: torch.Tensor | None = None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over time: (B, T, C) -> (B, T, C); `tail` (B, width - 1, C), the
-        previous steps' inputs (zeros when None), is updated in place.
+        previous steps' inputs (zeros when None), is updated in place; `taps`: `conv_taps()`, if at hand.
 
         Written as `width` shifted multiply-adds in the (B, T, C) layout: no transposes around conv1d,
-        and elementwise work that torch.compile fuses (forward and backward); one token is the same sum."""
+        and elementwise work that torch.compile fuses (forward and backward); one token is the same sum.
+        A compiled graph gets `taps` as an input: inside it, the transposed copy is fused away and the
+        loop over C reads the weights with a stride, which inductor does not vectorise."""
         B, T, C = xkq.shape
         width = self.conv1d.kernel_size[0]
         full = torch.cat([xkq.new_zeros(B, width - 1, C) if tail is None else tail.to(xkq.dtype), xkq], dim=1)
         if tail is not None:
             tail.copy_(full[:, -(width - 1):])
-        w = self.conv1d.weight[:, 0].t()  # (width, C)
+        w = self.conv_taps() if taps is None else taps  # (width, C)
         out = torch.addcmul(self.conv1d.bias, full[:, :T], w[0])
         for j in range(1, width):
             out = out.addcmul_(full[:, j:j + T], w[j])
         return F.silu(out)
 
     def _scan_inputs(self, u: torch.Tensor, mask: torch.Tensor | None, conv_tail: torch.Tensor | None,
-                     ) -> tuple[torch.Tensor, ...]:
+                     taps: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(B, T, d_model) -> the gate z (B, T, H·P) and the scan's x (B, T, H, P), k, q (B, T, G, N),
         log decay and gain (B, T, H); pads (`mask` False) neither decay nor write."""
         B, T, _ = u.shape
@@ -108,7 +127,7 @@ class Conba(nn.Module):
         if mask is not None:  # pads never touch the conv tail or the state
             xkq = xkq * mask[..., None].to(xkq.dtype)
         f32 = compute_dtype(u)
-        xkq = self._conv(xkq.to(f32), conv_tail)  # in fp32: the scan reads x, k, q in fp32
+        xkq = self._conv(xkq.to(f32), conv_tail, taps)  # in fp32: the scan reads x, k, q in fp32
         x, k, q = xkq.split([self.inner, self.G * self.N, self.G * self.N], dim=-1)
         x = x.view(B, T, self.H, self.P)
         k = k.view(B, T, self.G, self.N)
@@ -137,40 +156,84 @@ class Conba(nn.Module):
             o = o + self.observation_noise * torch.randn_like(o)
         return self.out_proj(self.norm(o.flatten(2), z))
 
-    def _scan_for(self, u: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
-        """The scan of this forward: `scan_fn` under autograd; without it, the Triton kernel when asked for
-        on CUDA (or in Triton's CPU interpreter), else `prefill_scan_fn` when set, else `scan_fn`."""
-        if torch.is_grad_enabled():
-            return self.scan_fn
-        if self.kernel == "triton" and (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            try:
-                from mixcon.ops.triton_chunk import conba_scan_triton
-            except ImportError as e:
-                raise ImportError("conba_kernel='triton' needs the triton package: pip install 'mixcon[triton]' "
-                                  "(or conba_kernel='torch')") from e
-            return conba_scan_triton
-        return self.prefill_scan_fn or self.scan_fn
+    def _triton(self, u: torch.Tensor) -> bool:
+        """Whether forwards without autograd scan with the Triton kernel: asked for, on CUDA (or in
+        Triton's CPU interpreter)."""
+        return self.kernel == "triton" and (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
-    def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
-        if ctx is None:
-            ctx = ForwardContext.build(None, u.shape[0], u.shape[1], None, u.device)
-        cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
-        assert cache is None or isinstance(cache, ConbaCache)
-        z, x, k, q, log_decay, beta = self._scan_inputs(u, ctx.token_mask, cache.conv if cache is not None else None)
+    def _scan_for(self, u: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """The scan of this forward: `scan_fn`, or the Triton kernel without autograd when `_triton`."""
+        if torch.is_grad_enabled() or not self._triton(u):
+            return self.scan_fn
+        try:
+            from mixcon.ops.triton_chunk import conba_scan_triton
+        except ImportError as e:
+            raise ImportError("conba_kernel='triton' needs the triton package: pip install 'mixcon[triton]' "
+                              "(or conba_kernel='torch')") from e
+        return conba_scan_triton
+
+    def mix(self, u: torch.Tensor, mask: torch.Tensor | None, conv_tail: torch.Tensor | None,
+            state: torch.Tensor | None, past: torch.Tensor | None, chunk: int, taps: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The layer on (B, T, d_model) after a conv tail (updated in place), S_0 (B, H, P, N) and the tau
+        past states (B, tau, H, P, N) (all None: zeros, no cache). Returns the output (B, T, d_model),
+        S_T, and the tau most recent states (None when `state` is None). `taps`: `conv_taps()`, if at hand."""
+        z, x, k, q, log_decay, beta = self._scan_inputs(u, mask, conv_tail, taps)
         x_write = x
         if self.training and self.process_noise > 0:
             x_write = x + self.process_noise * torch.randn_like(x)
-        kw = dict(delta_rule=self.control, tau=self.tau, delay_gain=self.delay_gain, chunk_size=self.chunk)
+        kw = dict(delta_rule=self.control, tau=self.tau, delay_gain=self.delay_gain, chunk_size=chunk)
         scan = self._scan_for(u)
-        if cache is None:
-            o, _ = scan(x_write, k, q, log_decay, beta, **kw)
+        if state is None:
+            o, final = scan(x_write, k, q, log_decay, beta, **kw)
+            past_out = None
         else:
-            o, state, past = scan(
-                x_write, k, q, log_decay, beta, initial_state=cache.state,
-                initial_past_states=cache.ordered() if self.tau else None, return_past_states=True, **kw)
+            o, final, past_out = scan(x_write, k, q, log_decay, beta, initial_state=state,
+                                      initial_past_states=past, return_past_states=True, **kw)
+        return self._finish(o, x, z), final, past_out  # o: (B, T, H, P)
+
+    def _mix_segments(self, u: torch.Tensor, mask: torch.Tensor | None, conv_tail: torch.Tensor,
+                      state: torch.Tensor, past: torch.Tensor | None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`mix` by `self.prefill`: whole segments through its compiled function, the rest eager."""
+        p = self.prefill
+        assert p is not None
+        outs, taps = [], self.conv_taps()
+        for start in range(0, u.shape[1], p.segment):
+            end = min(start + p.segment, u.shape[1])
+            # Dense copies: a compiled graph guards on strides, which differ for slices of different lengths.
+            piece = u[:, start:end].clone(memory_format=torch.contiguous_format)
+            m = None if mask is None else mask[:, start:end].clone(memory_format=torch.contiguous_format)
+            fn = p.layer_fn if end - start == p.segment else Conba.mix
+            out, state, past = fn(self, piece, m, conv_tail, state, past, p.chunk, taps)
+            state, past = state.contiguous(), None if past is None else past.contiguous()
+            outs.append(out)
+        return torch.cat(outs, dim=1), state, past
+
+    def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
+        B, T, _ = u.shape
+        if ctx is None:
+            ctx = ForwardContext.build(None, B, T, None, u.device)
+        cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        assert cache is None or isinstance(cache, ConbaCache)
+        segmented = (self.prefill is not None and T >= self.prefill.segment and not torch.is_grad_enabled()
+                     and not self._triton(u))
+        if cache is not None:
+            tail, state, past = cache.conv, cache.state, cache.ordered() if self.tau else None
+        elif segmented:  # chained from zeros, as a cache-less forward starts
+            tail = u.new_zeros(B, self.conv1d.kernel_size[0] - 1, self.split[1])
+            state = u.new_zeros(B, self.H, self.P, self.N, dtype=compute_dtype(u))
+            past = state.new_zeros(B, self.tau, *state.shape[1:]) if self.tau else None
+        else:
+            return self.mix(u, ctx.token_mask, None, None, None, self.chunk)[0]
+        if segmented:
+            out, state, past = self._mix_segments(u, ctx.token_mask, tail, state, past)
+        else:
+            out, state, past = self.mix(u, ctx.token_mask, tail, state, past, self.chunk)
+        if cache is not None:
             cache.set_ordered(past if self.tau else state[:, None])
-        return self._finish(o, x, z)  # o: (B, T, H, P)
+        return out
 
     def decode(self, u: torch.Tensor, cache: tuple[torch.Tensor, ...], step: DecodeStep) -> torch.Tensor:
         """One new token per row, (B, 1, d_model) -> (B, 1, d_model), by the step form of the scan.

@@ -17,13 +17,12 @@ from torch import nn
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import ConbaCache, MixConCache
 from mixcon.layers.attention import Attention, rope_angles
-from mixcon.layers.conba import Conba
+from mixcon.layers.conba import Conba, SegmentedPrefill
 from mixcon.layers.context import DecodeStep, ForwardContext
 from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import RMSNorm
-from mixcon.ops import conba_scan, segmented_scan
 from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
 from mixcon.ops.dtypes import compute_dtype
 
@@ -255,21 +254,20 @@ class MixConForCausalLM(nn.Module):
         the first change). Decoding is dispatch-bound in eager mode; see docs/benchmarks.md."""
         self._decode_step = torch.compile(self.decode_step, **compile_kwargs)
 
-    def compile_prefill(self, segment: int | None = None, **compile_kwargs: Any) -> None:
-        """Run the Conba scans of forwards without autograd (prefill, evaluation) through one
-        `torch.compile(conba_scan, dynamic=False, **compile_kwargs)`, `segment` steps at a time (default:
-        4 chunks, 256 steps in `small`), chained through the state (`ops.segmented_scan`): one static
-        shape for every prompt length (per batch size), compiled on the first prompt of at least
-        `segment` tokens; shorter remainders run eager. Training is unchanged."""
-        chunk = self.config.conba_chunk
-        segment = 4 * chunk if segment is None else segment
-        if segment < chunk or segment % chunk:
-            raise ValueError(f"compile_prefill: segment={segment} must be a positive multiple of "
-                             f"conba_chunk={chunk}")
-        scan = segmented_scan(torch.compile(conba_scan, **{"dynamic": False, **compile_kwargs}), segment)
+    def compile_prefill(self, segment: int = 512, chunk: int | None = None, **compile_kwargs: Any) -> None:
+        """Run the Conba layers of forwards without autograd (prefill, evaluation) `segment` steps at a
+        time through one `torch.compile(Conba.mix, dynamic=False, **compile_kwargs)` shared by every layer,
+        chained through the conv tails and states: one static shape for every prompt length (per batch
+        size and padding or not), compiled on the first prompt of at least `segment` tokens; the rest
+        of a prompt shorter than a segment runs eager. `chunk`: the scan's chunk length there (default
+        min(conba_chunk, 32), the faster on the CPUs of docs/benchmarks.md §6). Training is unchanged."""
+        chunk = min(self.config.conba_chunk, 32) if chunk is None else chunk
+        if chunk < 1 or segment < 1:
+            raise ValueError(f"compile_prefill: segment={segment} and chunk={chunk} must be >= 1")
+        prefill = SegmentedPrefill(torch.compile(Conba.mix, **{"dynamic": False, **compile_kwargs}), segment, chunk)
         for layer in self.layers:
             if isinstance(layer.mixer, Conba):
-                layer.mixer.prefill_scan_fn = scan
+                layer.mixer.prefill = prefill
 
     def _output(self, logits: torch.Tensor | None, labels: torch.Tensor | None, stats: list[RouterStats],
                 h: torch.Tensor | None = None) -> MixConOutput:

@@ -1,13 +1,11 @@
 """Functional kernels. The Conba scan contract (DESIGN.md §2.1) in three implementations:
 `conba_scan` (chunked: training and prefill), `conba_scan_reference` (sequential loop, for tests)
-and `conba_scan_step` (one token: decoding); `segmented_scan` chains any of the sequence forms over
-fixed-length segments (a compiled prefill). Beside them, `linear_cross_entropy`: the LM head and its
+and `conba_scan_step` (one token: decoding). Beside them, `linear_cross_entropy`: the LM head and its
 loss over row chunks."""
 
 from mixcon.ops.chunk import conba_scan
 from mixcon.ops.cross_entropy import linear_cross_entropy
 from mixcon.ops.naive import conba_scan_reference
-from mixcon.ops.segmented import segmented_scan
 from mixcon.ops.step import conba_scan_step
 
-__all__ = ["conba_scan", "conba_scan_reference", "conba_scan_step", "linear_cross_entropy", "segmented_scan"]
+__all__ = ["conba_scan", "conba_scan_reference", "conba_scan_step", "linear_cross_entropy"]

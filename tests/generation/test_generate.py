@@ -133,8 +133,9 @@ def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler, tiny_model
 
 
 def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler, tiny_model):
-    """`compile_prefill`: the same logits and cache as the eager prefill for prompts of any length, from
-    one static graph; forwards with autograd keep the eager scan."""
+    """`compile_prefill`: the same logits and cache as the eager prefill for prompts of any length, with
+    the Conba layers run by one static graph (per padding or not, shared by all layers), with or without a
+    cache; forwards with autograd stay eager."""
     from torch._dynamo.utils import counters
 
     if not have_c_compiler:
@@ -143,8 +144,9 @@ def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler, tiny_mode
     counters.clear()
     model = tiny_model(dtype=torch.float32)
     eager = tiny_model(dtype=torch.float32)
-    model.compile_prefill(segment=16)  # 2 chunks (the default is 4)
-    for lengths in [(5, 16), (37, 40), (3, 70)]:  # one segment, several plus a rest, shorter than a segment
+    model.compile_prefill(segment=12, chunk=5)  # segments and chunks that divide nothing in sight
+    assert all(layer.mixer.prefill.segment == 12 for layer in model.layers if layer.mixer_kind == "conba")
+    for lengths in [(5, 12), (37, 40), (3, 70)]:  # one segment, several plus a rest, shorter than a segment
         ids, mask = left_pad([torch.randint(3, 300, (n,)) for n in lengths])
         caches, logits = [], []
         with torch.no_grad():
@@ -157,11 +159,15 @@ def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler, tiny_mode
             for a, b in zip(a_layer.tensors(), b_layer.tensors(), strict=True):
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1  # every layer and length: one graph
-    ids = torch.randint(3, 300, (1, 40))
-    torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)  # with autograd: eager
+    with torch.no_grad():  # no cache: tails and states chained from zeros, through the same graph
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
-    with pytest.raises(ValueError, match="segment=12 must be a positive multiple of conba_chunk=8"):
-        model.compile_prefill(segment=12)
-    odd = tiny_model(dtype=torch.float32, conba_chunk=24)
-    odd.compile_prefill()  # the default segment, 4 chunks, suits any chunk size
-    assert all(layer.mixer.prefill_scan_fn is not None for layer in odd.layers if layer.mixer_kind == "conba")
+    ids = torch.randint(3, 300, (1, 40))
+    with torch.no_grad():  # no padding: the second graph
+        torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)  # with autograd: eager
+    assert counters["stats"]["unique_graphs"] == 2
+    with pytest.raises(ValueError, match="segment=12 and chunk=0 must be >= 1"):
+        model.compile_prefill(segment=12, chunk=0)
