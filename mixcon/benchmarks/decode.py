@@ -9,7 +9,7 @@ the bandwidth bound is the bytes one token must read (active weights + cache) ov
 copy bandwidth (the issue's definition); the stream bound divides by the measured read bandwidth of a
 sum over a large tensor instead (all threads; ~2× the copy's on a CPU). `--compile` adds our models
 decoding through `compile_decode` (torch.compile of the whole step) and prefilling through
-`compile_prefill` (the Conba scans compiled, in segments of 4 chunks).
+`compile_prefill` (whole Conba layers compiled, 512 steps at a time).
 """
 
 from __future__ import annotations

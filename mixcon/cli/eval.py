@@ -62,7 +62,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences side by side (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     add_dtype_argument(p)
-    p.add_argument("--compile", action="store_true", help="run the Conba scans through the compiled prefill")
+    p.add_argument("--compile", action="store_true", help="run the Conba layers through the compiled prefill")
 
 
 def run_perplexity(args: argparse.Namespace) -> int:

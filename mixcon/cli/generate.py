@@ -76,8 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     add_dtype_argument(p)
     p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile, and prefill long prompts through a compiled "
-                        "scan (pays off after ~100 tokens or a long prompt; the first call compiles)")
+                   help="decode through torch.compile, and prefill prompts of 512+ tokens through compiled "
+                        "Conba layers (pays off after ~100 tokens or a long prompt; the first call compiles)")
     p.set_defaults(func=run)
 
 
