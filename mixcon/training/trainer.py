@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
@@ -295,10 +294,11 @@ class Trainer:
             x, y = self._local_rows(input_ids), self._local_rows(labels)
             if x.shape[0] == 0:  # fewer rows than processes: run one fully ignored row (sharded models need all)
                 x, y = input_ids[:1].to(self.env.device), torch.full_like(labels[:1], IGNORE).to(self.env.device)
-            with self._autocast():
-                logits = self.module(x).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
-            total += torch.stack([loss.double(), (y != IGNORE).sum().double()])
+            with self._autocast():  # the fused head: no (rows, T, V) logits, as in training
+                mean = self.module(x, labels=y, return_logits=False).lm_loss
+            n = (y != IGNORE).sum()
+            if n > 0:  # an all-ignored batch has a nan mean and adds nothing
+                total += torch.stack([mean.double() * n, n.double()])
         self.module.train()
         loss_sum, n = all_reduce(total, "sum").tolist()
         val_loss = loss_sum / max(n, 1)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mixcon.training.metrics import read_metrics
 from mixcon.training.trainer import NonFiniteLossError, Trainer
@@ -131,6 +132,28 @@ def test_metrics_and_plot_are_written(make_trainer, shards, tmp_path):
     assert 0.99 < shards.bytes_per_token("val") < 1  # bytes tokenizer: 1 byte per token, plus one EOS per document
     assert val[-1]["val_ppl"] == pytest.approx(math.exp(val[-1]["val_loss"]))
     assert summary.plot.is_file() and summary.plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_validation_equals_cross_entropy_over_whole_logits(make_trainer, shards, tmp_path):
+    """evaluate() (the fused head) == token-weighted F.cross_entropy over whole logits, ignored labels and an
+    all-ignored batch included."""
+    trainer = make_trainer(tmp_path)
+    batches = list(trainer.eval_data())
+    x, y = batches[0]
+    y = y.clone()
+    y[0, :5], y[1] = IGNORE, IGNORE
+    batches = [(x, y), batches[1], (x, torch.full_like(y, IGNORE))]
+    trainer.eval_data = lambda: iter(batches)
+    total, n = 0.0, 0
+    with torch.no_grad(), trainer.model.evaluating():
+        for x, y in batches:
+            logits = trainer.model(x).logits.double()
+            total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
+            n += int((y != IGNORE).sum())
+    out = trainer.evaluate()
+    assert out["val_loss"] == pytest.approx(total / n, rel=1e-6)
+    assert out["val_bpb"] == pytest.approx(total / n / math.log(2) / shards.bytes_per_token("val"), rel=1e-6)
+    assert trainer.model.training  # back in training mode
 
 
 @pytest.mark.slow
