@@ -9,12 +9,14 @@ the bandwidth bound is the bytes one token must read (active weights + cache) ov
 copy bandwidth (the issue's definition); the stream bound divides by the measured read bandwidth of a
 sum over a large tensor instead (all threads; ~2× the copy's on a CPU). `--compile` adds our models
 decoding through `compile_decode` (torch.compile of the whole step) and prefilling through
-`compile_prefill` (whole Conba layers compiled, 512 steps at a time).
+`compile_prefill` (whole Conba layers compiled, 512 steps at a time). On CUDA with triton installed,
+`+triton` rows prefill through the Triton kernel (`conba_kernel="triton"`; decoding takes the step form).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import statistics
 import time
@@ -77,9 +79,10 @@ def time_generation(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) 
 
 def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int, out_dir: Path | None,
         base: MixConConfig | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-        compiled: bool = False) -> list[dict[str, Any]]:
+        compiled: bool = False, triton: bool | None = None) -> list[dict[str, Any]]:
     """Time every model at every context (transformers' models up to hf_max_context); base: `small`;
-    `compiled` adds our models with a compiled decoding step and compiled prefill scans."""
+    `compiled` adds our models with a compiled decoding step and compiled prefill scans, `triton` (default:
+    on CUDA when triton is installed) our models with Conba layers prefilling through the Triton kernel."""
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device=device) / 2  # bytes read per second (a copy reads and writes)
     stream = stream_read_gbs(device=device)
@@ -87,13 +90,18 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
           f"{torch.get_num_threads()} threads")
     base = base or MixConConfig.preset("small")
     models: dict[str, torch.nn.Module] = {name: MixConForCausalLM(c) for name, c in twins(base).items()}
-    if compiled:
-        for name, c in twins(base).items():
-            twin = MixConForCausalLM(c)
+    if triton is None:
+        triton = device.startswith("cuda") and importlib.util.find_spec("triton") is not None
+    for name, c in twins(base).items():  # variants with the same weights
+        variants = ["compile"] if compiled else []
+        variants += ["triton"] if triton and any(m == "conba" for m, _ in c.layout()) else []
+        for variant in variants:
+            twin = MixConForCausalLM(c.replace(conba_kernel="triton") if variant == "triton" else c)
             twin.load_state_dict(models[name].state_dict())
-            twin.compile_decode()
-            twin.compile_prefill()
-            models[f"{name}+compile"] = twin
+            if variant == "compile":
+                twin.compile_decode()
+                twin.compile_prefill()
+            models[f"{name}+{variant}"] = twin
     models.update(hf_models(base))
     for model in models.values():
         model.to(device=device, dtype=dtype).eval()

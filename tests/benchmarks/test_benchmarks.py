@@ -68,6 +68,24 @@ def test_decode_benchmark_command_takes_a_config(tmp_path):
     assert rows[0]["cache_MiB"] == tiny.new_cache(1, max_length=9).nbytes() / 2**20
 
 
+def test_decode_benchmark_times_the_triton_kernel_beside_the_torch_scan(monkeypatch):
+    """`+triton` rows for the models with Conba layers, prefilling through the kernel (here in Triton's CPU
+    interpreter)."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'mixcon[triton]')")
+    from mixcon.ops import triton_chunk
+
+    calls = []
+    kernel = triton_chunk.conba_scan_triton
+    monkeypatch.setattr(triton_chunk, "conba_scan_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    base = MixConConfig.preset("tiny", conba_chunk=16)
+    rows = decode.run([8], hf_max_context=0, new_tokens=2, repeats=1, out_dir=None, base=base, triton=True)
+    assert [r["model"] for r in rows] == ["mixcon", "transformer-twin", "conba-twin", "mixcon+triton",
+                                          "conba-twin+triton"]
+    assert all(r["prefill_tok_s"] > 0 and r["decode_ms"] > 0 for r in rows)
+    n_conba = sum(m == "conba" for m, _ in base.layout()) + base.n_layers  # mixcon's layers, the twin's
+    assert len(calls) == 4 * n_conba  # 2 warm-up prompts, the warm-up at the context, 1 repeat
+
+
 def test_recall_benchmark_trains_and_scores_the_three_twins(tmp_path):
     argv = ["bench", "recall", "--set", "d_model=16", "--pairs", "4,2", "--seq-len", "16", "--vocab", "16",
             "--steps", "2", "--batch-size", "4", "--sequences", "6", "--out", str(tmp_path)]
