@@ -59,6 +59,35 @@ def release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _status_kib(key: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: resident peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> int | None:
+    """Bytes of memory one call of `fn` holds at its peak above what was held before it: the CUDA caching
+    allocator's peak on a GPU; on Linux, the process's resident peak (VmHWM, reset through
+    /proc/self/clear_refs) over its resident size before the call; None where neither can be read."""
+    release_memory()
+    if device.startswith("cuda"):
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+        before = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - before) * 1024
+    except OSError:
+        return None
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -3,8 +3,10 @@
 Shapes default to the issue's: hidden 512, 16 heads × 64, state 128, chunk 64 (fp32 on a CPU;
 `--device cuda --dtype bf16` on a GPU).
 FLOPs are counted from the shapes (matmuls of the projections and of the chunked algorithm; the
-backward pass as twice the forward) and reported against the measured matmul peak. On CUDA with
-triton installed, `+triton` rows time the forward of the Triton kernel (`conba_kernel="triton"`).
+backward pass as twice the forward) and reported against the measured matmul peak. Memory: `peak_MiB`
+is the most one call holds above what was in use before it (CUDA's allocator peak; on Linux CPUs the
+resident peak), `saved_MiB` what autograd saves for backward. On CUDA with triton installed,
+`+triton` rows time the forward of the Triton kernel (`conba_kernel="triton"`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mixcon.benchmarks.common import (
     matmul_peak_gflops,
     median_seconds,
     new_figure,
+    peak_memory,
     print_table,
     release_memory,
     save_figure,
@@ -47,7 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-COLUMNS = ["layer", "T", "B", "mode", "tokens_per_s", "ms", "gflops", "peak_frac", "saved_MiB", "note"]
+COLUMNS = ["layer", "T", "B", "mode", "tokens_per_s", "ms", "gflops", "peak_frac", "peak_MiB", "saved_MiB", "note"]
 
 
 def layer_config(d_model: int = 512, **overrides: Any) -> MixConConfig:
@@ -87,8 +90,10 @@ def reference_layer(config: MixConConfig) -> torch.nn.Module:
     return layer
 
 
-def measure(module: torch.nn.Module, u: torch.Tensor, backward: bool, repeats: int) -> tuple[float, int]:
-    """(median seconds, bytes saved for backward) of one call on the input `u` (B, T, d)."""
+def measure(module: torch.nn.Module, u: torch.Tensor, backward: bool, repeats: int
+            ) -> tuple[float, int, int | None]:
+    """(median seconds, bytes saved for backward, peak bytes above the memory in use before: `peak_memory`)
+    of one call on the input `u` (B, T, d)."""
     u = u.detach().requires_grad_(backward)
 
     def step() -> None:
@@ -99,12 +104,13 @@ def measure(module: torch.nn.Module, u: torch.Tensor, backward: bool, repeats: i
                 module(u)
 
     seconds = median_seconds(step, repeats=repeats)
+    peak = peak_memory(step, str(u.device))
     saved = 0
     if backward:
         with SavedBytes() as counter:
             module(u).sum()
         saved = counter.nbytes
-    return seconds, saved
+    return seconds, saved, peak
 
 
 def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, dtype: torch.dtype,
@@ -137,7 +143,12 @@ def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, d
     seconds = median_seconds(step, repeats=repeats, warmup=2 if compiled else 1)
     gflops = counter.get_total_flops() / seconds / 1e9
     return dict(layer="small train step" + ("+compile" if compiled else ""), T=T, B=batch, mode="train",
-                tokens_per_s=batch * T / seconds, ms=seconds * 1e3, gflops=gflops, peak_frac=gflops / peak)
+                tokens_per_s=batch * T / seconds, ms=seconds * 1e3, gflops=gflops, peak_frac=gflops / peak,
+                peak_MiB=mib(peak_memory(step, device)))
+
+
+def mib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
 
 
 def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: int, out_dir: Path | None,
@@ -182,7 +193,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
                 for backward in (False,) if name.endswith("+triton") else (False, True):  # no Triton backward
                     row: dict[str, Any] = dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd")
                     try:
-                        seconds, saved = measure(module, u, backward, repeats)
+                        seconds, saved, peak_bytes = measure(module, u, backward, repeats)
                     except torch.OutOfMemoryError:  # recorded as a result: the layer does not fit here
                         rows.append({**row, "tokens_per_s": None, "note": "out of memory"})
                         continue
@@ -190,7 +201,8 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
                         release_memory()
                     gflops = conba_flops(config, B, T, backward) / seconds / 1e9
                     rows.append({**row, "tokens_per_s": B * T / seconds, "ms": seconds * 1e3, "gflops": gflops,
-                                 "peak_frac": gflops / peak, "saved_MiB": saved / 2**20 if backward else None})
+                                 "peak_frac": gflops / peak, "peak_MiB": mib(peak_bytes),
+                                 "saved_MiB": saved / 2**20 if backward else None})
             print_table([r for r in rows if r["T"] == T and r["B"] == B], COLUMNS)
             print()
             save()  # after every shape, so that a run stopped early keeps what it measured

@@ -25,6 +25,8 @@ def test_speed_benchmark_rows_and_files(tmp_path):
     assert {"conba-ssd", "conba-full", "reference-loop", "transformers-mamba2", "small train step"} <= layers
     assert all(r["tokens_per_s"] > 0 and r["gflops"] > 0 for r in rows)
     assert all(r["saved_MiB"] > 0 for r in rows if r["mode"] == "fwd+bwd")
+    if sys.platform.startswith("linux"):
+        assert all(r["peak_MiB"] >= 0 for r in rows)
     assert len(json.loads((tmp_path / "speed.json").read_text())["rows"]) == len(rows)
     assert (tmp_path / "speed.png").stat().st_size > 0
 
@@ -122,6 +124,21 @@ def test_twins_of_a_model_with_a_layer_pattern_are_pure():
     assert {name: c.layout_string() for name, c in common.twins(base).items()} == {
         "mixcon": "ACCC/DMDM | ACCC/DMDM", "transformer-twin": "AAAA/DMDM | AAAA/DMDM",
         "conba-twin": "CCCC/DMDM | CCCC/DMDM"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+def test_peak_memory_is_what_a_call_holds_at_most_above_before():
+    held = torch.ones(16 * 2**18)  # 16 MiB in use before: not counted
+
+    def transient(mib: int) -> None:
+        a = torch.ones(mib * 2**18)  # touched: resident
+        b = torch.ones(mib * 2**18)
+        del a, b
+
+    peak = common.peak_memory(lambda: transient(32), "cpu")
+    assert 60 * 2**20 <= peak <= 72 * 2**20  # both 32 MiB tensors at once, nothing of `held`
+    assert common.peak_memory(lambda: None, "cpu") < 4 * 2**20
+    assert held.sum() > 0
 
 
 def test_saved_bytes_counter_frees_what_it_counted():
