@@ -271,11 +271,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         conba_expand=2, conba_head_dim=64, conba_state=128, conba_groups=8, conba_delay=2,
         conba_sel_hidden=256, tie_embeddings=False,
     ),
-    # Trains on a CPU in minutes.
+    # Trains on a CPU in minutes. Chunks of 32 steps: at its shapes the faster on CPUs, eager and compiled
+    # (docs/benchmarks.md §8).
     "small": dict(
         d_model=256, vocab_size=8192, n_blocks=2, layers_per_block=8, attn_per_block=2, moe_every=2,
         n_experts=8, top_k=2, n_heads=4, n_kv_heads=2, mlp_hidden=640, conba_expand=2, conba_head_dim=64,
-        conba_state=64, conba_groups=1, conba_delay=2, conba_sel_hidden=32,
+        conba_state=64, conba_groups=1, conba_delay=2, conba_chunk=32, conba_sel_hidden=32,
     ),
     # For tests: every kind of layer in a few thousand parameters.
     "tiny": dict(
