@@ -148,6 +148,7 @@ def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, d
 
 
 def mib(nbytes: int | None) -> float | None:
+    """Bytes in MiB (None stays None)."""
     return None if nbytes is None else nbytes / 2**20
 
 
@@ -202,7 +203,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
                     gflops = conba_flops(config, B, T, backward) / seconds / 1e9
                     rows.append({**row, "tokens_per_s": B * T / seconds, "ms": seconds * 1e3, "gflops": gflops,
                                  "peak_frac": gflops / peak, "peak_MiB": mib(peak_bytes),
-                                 "saved_MiB": saved / 2**20 if backward else None})
+                                 "saved_MiB": mib(saved) if backward else None})
             print_table([r for r in rows if r["T"] == T and r["B"] == B], COLUMNS)
             print()
             save()  # after every shape, so that a run stopped early keeps what it measured
