@@ -137,9 +137,10 @@ def conba_scan(
     # The sequential pass over chunks; tensors are unbound once, since indexing inside the loop
     # would make autograd build a full-size gradient per chunk.
     if delta_rule:
-        strict = (Kc @ Kc.transpose(-1, -2)).unsqueeze(2) * decay_mat.tril(-1)
+        # The strictly lower triangle masked on the groups' K Kᵀ, before it is decayed per head.
+        strict = (Kc @ Kc.transpose(-1, -2)).tril(-1).unsqueeze(2) * decay_mat
         eye = torch.eye(C, dtype=dt, device=x.device)
-        system = eye + bt.unsqueeze(-1) * strict
+        system = torch.addcmul(eye, bt.unsqueeze(-1), strict)  # I + diag(beta) M
         # One triangular solve for the (C, C) inverse, then two batched products: on a CPU that is
         # 2-3x faster than solving for the P + N right-hand sides directly.
         inv = torch.linalg.solve_triangular(system, eye.expand_as(system), upper=False, unitriangular=True)
