@@ -187,6 +187,8 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
+        if v and abs(v) < 1e-3:
+            return f"{v:.1e}"
         return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3f}"
     return "-" if v is None else str(v)
 

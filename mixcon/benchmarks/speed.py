@@ -58,16 +58,21 @@ def layer_config(d_model: int = 512, **overrides: Any) -> MixConConfig:
                                conba_groups=1, conba_chunk=64, **overrides)
 
 
+def scan_flops(B: int, T: int, H: int, P: int, N: int, C: int, delta_rule: bool, tau: int) -> float:
+    """Matmul FLOPs of the chunked Conba scan's forward (chunks of C steps), from the shapes."""
+    reads = 2 if tau > 0 else 1
+    per_chunk = reads * (2 * C * C * N + 2 * C * C * P + 2 * C * N * P)  # QKᵀ, A·U, Q_eff·Sᵀ per readout
+    per_chunk += 2 * C * P * N + 2 * P * N  # state update
+    if delta_rule:
+        per_chunk += 2 * C * C * N + C * C * (P + N) + reads * 2 * C * C * N + 2 * C * N * N + 2 * P * N * N
+    return B * H * -(-T // C) * per_chunk
+
+
 def conba_flops(config: MixConConfig, B: int, T: int, backward: bool) -> float:
     """Matmul FLOPs of one Conba layer call (chunked algorithm), from the shapes."""
     d, H, P, N, C = config.d_model, config.conba_heads, config.conba_head_dim, config.conba_state, config.conba_chunk
     proj = 2 * B * T * d * (2 * H * P + 2 * config.conba_groups * N + 3 * H) + 2 * B * T * H * P * d
-    reads = 2 if config.conba_delay > 0 else 1
-    per_chunk = reads * (2 * C * C * N + 2 * C * C * P + 2 * C * N * P)  # QKᵀ, A·U, Q_eff·Sᵀ per readout
-    per_chunk += 2 * C * P * N + 2 * P * N  # state update
-    if config.conba_control:
-        per_chunk += 2 * C * C * N + C * C * (P + N) + reads * 2 * C * C * N + 2 * C * N * N + 2 * P * N * N
-    scan = B * H * -(-T // C) * per_chunk
+    scan = scan_flops(B, T, H, P, N, C, config.conba_control, config.conba_delay)
     return (proj + scan) * (3 if backward else 1)
 
 

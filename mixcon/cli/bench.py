@@ -1,10 +1,10 @@
-"""`mixcon bench speed|decode|recall|matvec|kernel`: benchmarks against reference implementations, side by side."""
+"""`mixcon bench speed|scan|decode|recall|matvec|kernel`: benchmarks against reference implementations, side by side."""
 
 from __future__ import annotations
 
 import argparse
 
-from mixcon.benchmarks import decode, kernel, matvec, recall, speed
+from mixcon.benchmarks import decode, kernel, matvec, recall, scan, speed
 from mixcon.cli.common import add_config_args, config_from_args
 
 
@@ -16,6 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=speed.__doc__)
     speed.add_arguments(s)
     s.set_defaults(func=speed.main)
+    c = bench.add_parser("scan", help="the Conba scan alone vs its roofline: PyTorch chunked form, Triton kernel",
+                         description=scan.__doc__)
+    scan.add_arguments(c)
+    c.set_defaults(func=scan.main)
     d = bench.add_parser("decode", help="generation latency and cache memory vs context length",
                          description=decode.__doc__)
     add_config_args(d)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixcon.benchmarks import common, decode, matvec, speed
+from mixcon.benchmarks import common, decode, matvec, scan, speed
 from mixcon.benchmarks.common import SavedBytes
 from mixcon.cli import main
 from mixcon.config import MixConConfig
@@ -37,6 +37,52 @@ def test_speed_benchmark_times_the_triton_kernel_forward(tmp_path):
     triton_rows = [r for r in rows if r["layer"].endswith("+triton")]
     assert {r["layer"] for r in triton_rows} == {f"{name}+triton" for name in speed.VARIANTS}
     assert all(r["mode"] == "fwd" and r["tokens_per_s"] > 0 for r in triton_rows)
+
+
+SCAN_SHAPE = dict(heads=4, head_dim=8, state=8, groups=2)
+
+
+def test_scan_benchmark_rows_against_the_roofline(tmp_path):
+    rows = scan.run([40], [2], repeats=1, out_dir=tmp_path, chunks=(16, 32), triton=False, **SCAN_SHAPE)
+    assert [(r["variant"], r["form"]) for r in rows] == [(v, f"torch c{c}") for v in scan.VARIANTS for c in (16, 32)]
+    assert all(r["ms"] > 0 and r["gflops"] > 0 and r["gbs"] > 0 and r["x_roofline"] > 0 for r in rows)
+    # the forms compute one function: each chunk length against the first
+    assert all(r["max_err"] == 0 if r["form"] == "torch c16" else r["max_err"] < 1e-5 for r in rows)
+    flops = speed.scan_flops(2, 40, 4, 8, 8, 32, True, 2)
+    control = next(r for r in rows if (r["variant"], r["form"]) == ("control-tau2", "torch c32"))
+    assert control["gflops"] == pytest.approx(flops / control["ms"] * 1e3 / 1e9)
+    assert json.loads((tmp_path / "scan.json").read_text())["rows"] == rows
+    assert (tmp_path / "scan.png").stat().st_size > 0
+
+
+def test_scan_benchmark_times_the_triton_kernel_beside_the_torch_scan():
+    """In Triton's interpreter on a CPU: the kernel's rows within its limits (chunks >= 16), equal to torch's."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'mixcon[triton]')")
+    rows = scan.run([40], [1], repeats=1, out_dir=None, chunks=(8, 16), variants=("control-tau2",), triton=True,
+                    **SCAN_SHAPE)
+    assert [r["form"] for r in rows] == ["torch c8", "torch c16", "triton c16"]
+    assert rows[-1]["max_err"] < 1e-4
+
+
+def test_scan_benchmark_compiled_form(have_c_compiler):
+    if not have_c_compiler:
+        pytest.skip("torch.compile's CPU backend needs a C compiler")
+    rows = scan.run([24], [1], repeats=1, out_dir=None, chunks=(8,), variants=("ssd-tau2",), compiled=True,
+                    triton=False, **SCAN_SHAPE)
+    assert [r["form"] for r in rows] == ["torch c8", "torch+compile c8"]
+    assert rows[-1]["max_err"] < 1e-5
+
+
+def test_scan_benchmark_command(tmp_path):
+    argv = ["bench", "scan", "--lengths", "24", "--batches", "1", "--heads", "2", "--head-dim", "4", "--state", "4",
+            "--chunks", "8", "--variants", "ssd,control", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "scan.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["ssd", "control"]
+    with pytest.raises(SystemExit, match="--variants bogus unknown"):
+        main([*argv[:-2], "--variants", "bogus"])
+    with pytest.raises(SystemExit, match="multiple of --groups"):
+        main([*argv, "--groups", "3"])
 
 
 def test_flop_count_grows_with_control_and_delay():

@@ -1,0 +1,162 @@
+"""The Conba scan alone, forward without autograd, against its roofline: the PyTorch chunked form
+(eager; compiled with --compile) and, on CUDA with triton installed, the Triton kernel, at each chunk
+length, on the same inputs in one process.
+
+Shapes default to issue #5's layer: 16 heads × 64, state 128, one key group. Variants: open loop (SSD)
+or delta rule, τ = 0 or 2. Per row: median ms; GFLOP/s from the chunked algorithm's matmuls (counted
+from the shapes, as in `bench speed`) and its fraction of the measured matmul peak; GB/s of the bytes
+the scan must move (x, k, q, decays and gains read; y and the final state written) and its fraction
+of the measured copy bandwidth; `x_roofline`, the time over max(FLOPs / peak, bytes / bandwidth); and
+`max_err`, the largest difference from the first form's output (the forms compute one function).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mixcon.benchmarks import common
+from mixcon.benchmarks.speed import scan_flops
+from mixcon.ops import conba_scan
+from mixcon.ops.dtypes import DTYPES
+
+VARIANTS = {"ssd": (False, 0), "ssd-tau2": (False, 2), "control": (True, 0), "control-tau2": (True, 2)}
+COLUMNS = ["variant", "T", "B", "form", "ms", "gflops", "peak_frac", "gbs", "bw_frac", "x_roofline", "max_err"]
+
+Scan = Callable[..., tuple[torch.Tensor, ...]]
+
+
+def scan_inputs(B: int, T: int, H: int, P: int, G: int, N: int, device: str, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, ...]:
+    """x (B, T, H, P), k, q (B, T, G, N) in `dtype` (keys and queries of unit norm, as with control);
+    log decays and gains (B, T, H) in fp32, as a Conba layer makes them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, H, P, generator=g)
+    k = F.normalize(torch.randn(B, T, G, N, generator=g), dim=-1)
+    q = F.normalize(torch.randn(B, T, G, N, generator=g), dim=-1)
+    log_decay = -F.softplus(torch.randn(B, T, H, generator=g) - 3)  # mild decays, as Mamba-2's init gives
+    beta = torch.rand(B, T, H, generator=g)
+    return (*(t.to(device, dtype) for t in (x, k, q)), log_decay.to(device), beta.to(device))
+
+
+def forms(chunks: list[int], compiled: bool, triton: bool) -> dict[str, Scan]:
+    """The scan's implementations, one per chunk length: `torch` (ops.conba_scan), `torch+compile`,
+    `triton` (ops.triton_chunk.conba_scan_triton)."""
+    out: dict[str, Scan] = {}
+    for C in chunks:
+        def chunked(*args: Any, C: int = C, **kw: Any) -> tuple[torch.Tensor, ...]:
+            return conba_scan(*args, chunk_size=C, **kw)
+
+        out[f"torch c{C}"] = chunked
+        if compiled:
+            out[f"torch+compile c{C}"] = torch.compile(chunked, dynamic=False)
+        if triton:
+            from mixcon.ops.triton_chunk import conba_scan_triton
+
+            def kernel(*args: Any, C: int = C, **kw: Any) -> tuple[torch.Tensor, ...]:
+                return conba_scan_triton(*args, chunk_size=C, **kw)
+
+            out[f"triton c{C}"] = kernel
+    return out
+
+
+def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | None, *, heads: int = 16,
+        head_dim: int = 64, state: int = 128, groups: int = 1, chunks: tuple[int, ...] = (32, 64),
+        variants: tuple[str, ...] = tuple(VARIANTS), device: str = "cpu", dtype: torch.dtype = torch.float32,
+        compiled: bool = False, triton: bool | None = None) -> list[dict[str, Any]]:
+    """Time every form on every (variant, T, B); `triton` defaults to: on CUDA with triton installed."""
+    if triton is None:
+        triton = device.startswith("cuda") and importlib.util.find_spec("triton") is not None
+    if compiled:  # one code object per chunk length, recompiled per variant and shape
+        torch._dynamo.config.cache_size_limit = 64
+    peak = common.matmul_peak_gflops(n=8192 if device.startswith("cuda") else 2048, device=device, dtype=dtype)
+    bandwidth = common.copy_bandwidth_gbs(device=device)
+    print(f"matmul peak {peak:.1f} GFLOP/s, copy {bandwidth:.1f} GB/s on {device} {dtype} "
+          f"({torch.get_num_threads()} threads)")
+    H, P, N, G = heads, head_dim, state, groups
+    implementations = forms(list(chunks), compiled, triton)
+    rows: list[dict[str, Any]] = []
+    for T in lengths:
+        for B in batches:
+            inputs = scan_inputs(B, T, H, P, G, N, device, dtype)
+            moved = sum(t.nbytes for t in (inputs[0], *inputs)) + B * H * P * N * 4  # y as x; S_T in fp32
+            for variant in variants:
+                delta_rule, tau = VARIANTS[variant]
+                kw = dict(delta_rule=delta_rule, tau=tau,
+                          delay_gain=torch.full((H,), 0.5, device=device) if tau else None)
+                first = None
+                for name, scan in implementations.items():
+                    C = int(name.rsplit("c", 1)[1])
+                    if name.startswith("triton") and (C < 16 or C < tau):  # the kernel's limits
+                        continue
+                    call = lambda scan=scan, inputs=inputs, kw=kw: scan(*inputs, **kw)  # noqa: E731
+                    with torch.no_grad():
+                        y = call()[0]
+                        seconds = common.median_seconds(call, repeats=repeats, warmup=2)
+                    first = y if first is None else first
+                    flops = scan_flops(B, T, H, P, N, C, delta_rule, tau)
+                    roofline = max(flops / (peak * 1e9), moved / (bandwidth * 1e9))
+                    rows.append(dict(variant=variant, T=T, B=B, form=name, ms=seconds * 1e3,
+                                     gflops=flops / seconds / 1e9, peak_frac=flops / seconds / 1e9 / peak,
+                                     gbs=moved / seconds / 1e9, bw_frac=moved / seconds / 1e9 / bandwidth,
+                                     x_roofline=seconds / roofline,
+                                     max_err=float((y.float() - first.float()).abs().max())))
+                    common.release_memory()
+                common.print_table([r for r in rows if (r["variant"], r["T"], r["B"]) == (variant, T, B)], COLUMNS)
+            print()
+            if out_dir is not None:  # after every shape, so that a run stopped early keeps what it measured
+                payload = dict(machine=common.machine(), device=device, dtype=str(dtype), matmul_peak_gflops=peak,
+                               copy_gbs=bandwidth, heads=H, head_dim=P, state=N, groups=G, rows=rows)
+                common.write_results(out_dir, "scan", payload, _plot)
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, (ax,) = common.new_figure(width=9)
+    cases = list(dict.fromkeys((r["variant"], r["T"], r["B"]) for r in rows))
+    for form in dict.fromkeys(r["form"] for r in rows):
+        points = [(cases.index((r["variant"], r["T"], r["B"])), r["x_roofline"]) for r in rows if r["form"] == form]
+        ax.plot(*zip(*points, strict=True), marker="o", label=form)
+    ax.set_xticks(range(len(cases)), [f"{v}\nT={t} B={b}" for v, t, b in cases], fontsize=7)
+    ax.set(yscale="log", ylabel="time / roofline time", title="Conba scan forward vs its roofline")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    common.save_figure(fig, path)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default="2048,8192", help="sequence lengths (default: %(default)s)")
+    p.add_argument("--batches", default="1,4", help="batch sizes (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=16, help="H (default: %(default)s)")
+    p.add_argument("--head-dim", type=int, default=64, help="P (default: %(default)s)")
+    p.add_argument("--state", type=int, default=128, help="N (default: %(default)s)")
+    p.add_argument("--groups", type=int, default=1, help="G, key/query groups (default: %(default)s)")
+    p.add_argument("--chunks", default="32,64", help="chunk lengths (default: %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {list(VARIANTS)} (default: all)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls after two warm-ups (median)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd chunked scans")
+    p.add_argument("--out", type=Path, default=None, help="where scan.json and scan.png go")
+    common.add_device_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"bench scan: --variants {','.join(unknown)} unknown; choose from {list(VARIANTS)}")
+    if args.heads % args.groups:
+        raise SystemExit(f"bench scan: --heads {args.heads} must be a multiple of --groups {args.groups}")
+    run(_ints(args.lengths), _ints(args.batches), args.repeats, args.out, heads=args.heads, head_dim=args.head_dim,
+        state=args.state, groups=args.groups, chunks=tuple(_ints(args.chunks)), variants=variants,
+        device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile)
+    return 0
