@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Issue #5's GPU checks in one command of under 10 minutes (H100 / H200, bf16): the CUDA tests with
-# the Triton kernel compiled (not interpreted), then the speed and decode benchmarks, the `+triton`
-# rows beside the PyTorch scan. For a machine with torch, triton and transformers but no package
-# index: mixcon runs from this checkout with the system python3.
+# the Triton kernel compiled (not interpreted), then the scan, speed and decode benchmarks, the
+# Triton kernel beside the PyTorch scan in each. For a machine with torch, triton and transformers
+# but no package index: mixcon runs from this checkout with the system python3.
 #
 #   scripts/gpu_check.sh OUT_DIR
 #
-# Writes OUT_DIR/check.log (everything printed), OUT_DIR/speed/speed.{json,png} (after every shape)
-# and OUT_DIR/decode/decode.{json,png}. Each step has its own time limit, so that a slow one leaves
-# the others' results.
+# Writes OUT_DIR/check.log (everything printed), OUT_DIR/scan/scan.{json,png} and
+# OUT_DIR/speed/speed.{json,png} (after every shape), OUT_DIR/decode/decode.{json,png}. Each step
+# has its own time limit, so that a slow one leaves the others' results.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -29,9 +29,10 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())" || exit 2
 python3 -c "import torch; raise SystemExit(not torch.cuda.is_available())" || { echo "no CUDA device"; exit 2; }
 
-step 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_chunk.py tests/ops/test_conba_scan.py \
+step 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_chunk.py tests/ops/test_conba_scan.py \
     tests/models/test_mixcon.py tests/generation/test_generate.py -k "cuda or triton"
-step 200 python3 -m mixcon bench speed --device cuda --dtype bf16 --lengths 2048,8192 --batches 1,4 --repeats 10 \
+step 90 python3 -m mixcon bench scan --device cuda --dtype bf16 --chunks 16,32,64 --repeats 10 --out "$out/scan"
+step 160 python3 -m mixcon bench speed --device cuda --dtype bf16 --lengths 2048,8192 --batches 1,4 --repeats 10 \
     --reference-max-T 0 --train-step 16x2048 --out "$out/speed"
-step 220 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,4096,16384 --hf-max-context 4096 \
+step 200 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,4096,16384 --hf-max-context 4096 \
     --new-tokens 32 --repeats 2 --compile --out "$out/decode"
