@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from mixcon.benchmarks import common
 from mixcon.benchmarks.speed import scan_flops
 from mixcon.ops import conba_scan
+from mixcon.ops._validate import triton_chunk_ok
 from mixcon.ops.dtypes import DTYPES
 
 VARIANTS = {"ssd": (False, 0), "ssd-tau2": (False, 2), "control": (True, 0), "control-tau2": (True, 2)}
@@ -45,24 +46,24 @@ def scan_inputs(B: int, T: int, H: int, P: int, G: int, N: int, device: str, dty
     return (*(t.to(device, dtype) for t in (x, k, q)), log_decay.to(device), beta.to(device))
 
 
-def forms(chunks: list[int], compiled: bool, triton: bool) -> dict[str, Scan]:
-    """The scan's implementations, one per chunk length: `torch` (ops.conba_scan), `torch+compile`,
-    `triton` (ops.triton_chunk.conba_scan_triton)."""
-    out: dict[str, Scan] = {}
+def forms(chunks: list[int], compiled: bool, triton: bool) -> list[tuple[str, int, Scan]]:
+    """(name, chunk length, scan) of each implementation at each chunk length: `torch` (ops.conba_scan),
+    `torch+compile`, `triton` (ops.triton_chunk.conba_scan_triton)."""
+    out: list[tuple[str, int, Scan]] = []
     for C in chunks:
         def chunked(*args: Any, C: int = C, **kw: Any) -> tuple[torch.Tensor, ...]:
             return conba_scan(*args, chunk_size=C, **kw)
 
-        out[f"torch c{C}"] = chunked
+        out.append((f"torch c{C}", C, chunked))
         if compiled:
-            out[f"torch+compile c{C}"] = torch.compile(chunked, dynamic=False)
+            out.append((f"torch+compile c{C}", C, torch.compile(chunked, dynamic=False)))
         if triton:
             from mixcon.ops.triton_chunk import conba_scan_triton
 
             def kernel(*args: Any, C: int = C, **kw: Any) -> tuple[torch.Tensor, ...]:
                 return conba_scan_triton(*args, chunk_size=C, **kw)
 
-            out[f"triton c{C}"] = kernel
+            out.append((f"triton c{C}", C, kernel))
     return out
 
 
@@ -91,9 +92,8 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
                 kw = dict(delta_rule=delta_rule, tau=tau,
                           delay_gain=torch.full((H,), 0.5, device=device) if tau else None)
                 first = None
-                for name, scan in implementations.items():
-                    C = int(name.rsplit("c", 1)[1])
-                    if name.startswith("triton") and (C < 16 or C < tau):  # the kernel's limits
+                for name, C, scan in implementations:
+                    if name.startswith("triton") and not triton_chunk_ok(C, tau):
                         continue
                     call = lambda scan=scan, inputs=inputs, kw=kw: scan(*inputs, **kw)  # noqa: E731
                     with torch.no_grad():
