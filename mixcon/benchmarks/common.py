@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import json
 import platform
 import statistics
@@ -86,6 +87,19 @@ def peak_memory(fn: Callable[[], Any], device: str) -> int | None:
         return (_status_kib("VmHWM") - before) * 1024
     except OSError:
         return None
+
+
+def triton_default(device: str) -> bool:
+    """Whether the benchmarks time the Triton kernel unless told: on CUDA, with triton installed."""
+    return device.startswith("cuda") and importlib.util.find_spec("triton") is not None
+
+
+def int_list(flag: str, text: str) -> list[int]:
+    """A comma-separated list of integers given to `flag`; a clear error otherwise."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
 
 
 def sync() -> None:

@@ -16,7 +16,6 @@ decoding through `compile_decode` (torch.compile of the whole step) and prefilli
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import statistics
 import time
@@ -35,6 +34,7 @@ from mixcon.benchmarks.common import (
     save_figure,
     stream_read_gbs,
     sync,
+    triton_default,
     twins,
     write_results,
 )
@@ -91,7 +91,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
     base = base or MixConConfig.preset("small")
     models: dict[str, torch.nn.Module] = {name: MixConForCausalLM(c) for name, c in twins(base).items()}
     if triton is None:
-        triton = device.startswith("cuda") and importlib.util.find_spec("triton") is not None
+        triton = triton_default(device)
     for name, c in twins(base).items():  # variants with the same weights
         variants = ["compile"] if compiled else []
         variants += ["triton"] if triton and any(m == "conba" for m, _ in c.layout()) else []

@@ -103,18 +103,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="where kernel.json and kernel.png go")
 
 
-def _ints(flag: str, text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
-
-
 def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.dtypes.split(",")) - set(DTYPES))
     if unknown:
         raise SystemExit(f"--dtypes: unknown {unknown}; allowed: {sorted(DTYPES)}")
-    archs, blocks = _ints("--arch", args.arch), _ints("--blocks", args.blocks)
+    archs, blocks = common.int_list("--arch", args.arch), common.int_list("--blocks", args.blocks)
     bad = [b for b in blocks if not triton_chunk_ok(b, args.tau)]
     if bad:
         raise SystemExit(f"--blocks: {bad} must be powers of two >= 16 and >= --tau={args.tau}")

@@ -13,7 +13,6 @@ of the measured copy bandwidth; `x_roofline`, the time over max(FLOPs / peak, by
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
         compiled: bool = False, triton: bool | None = None) -> list[dict[str, Any]]:
     """Time every form on every (variant, T, B); `triton` defaults to: on CUDA with triton installed."""
     if triton is None:
-        triton = device.startswith("cuda") and importlib.util.find_spec("triton") is not None
+        triton = common.triton_default(device)
     if compiled:  # one code object per chunk length, recompiled per variant and shape
         torch._dynamo.config.cache_size_limit = 64
     peak = common.matmul_peak_gflops(n=8192 if device.startswith("cuda") else 2048, device=device, dtype=dtype)
@@ -100,12 +99,11 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
                         y = call()[0]
                         seconds = common.median_seconds(call, repeats=repeats, warmup=2)
                     first = y if first is None else first
-                    flops = scan_flops(B, T, H, P, N, C, delta_rule, tau)
-                    roofline = max(flops / (peak * 1e9), moved / (bandwidth * 1e9))
-                    rows.append(dict(variant=variant, T=T, B=B, form=name, ms=seconds * 1e3,
-                                     gflops=flops / seconds / 1e9, peak_frac=flops / seconds / 1e9 / peak,
-                                     gbs=moved / seconds / 1e9, bw_frac=moved / seconds / 1e9 / bandwidth,
-                                     x_roofline=seconds / roofline,
+                    gflops = scan_flops(B, T, H, P, N, C, delta_rule, tau) / seconds / 1e9
+                    gbs = moved / seconds / 1e9
+                    rows.append(dict(variant=variant, T=T, B=B, form=name, ms=seconds * 1e3, gflops=gflops,
+                                     peak_frac=gflops / peak, gbs=gbs, bw_frac=gbs / bandwidth,
+                                     x_roofline=min(peak / gflops, bandwidth / gbs),
                                      max_err=float((y.float() - first.float()).abs().max())))
                     common.release_memory()
                 common.print_table([r for r in rows if (r["variant"], r["T"], r["B"]) == (variant, T, B)], COLUMNS)
@@ -130,10 +128,6 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     common.save_figure(fig, path)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="2048,8192", help="sequence lengths (default: %(default)s)")
     p.add_argument("--batches", default="1,4", help="batch sizes (default: %(default)s)")
@@ -156,7 +150,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench scan: --variants {','.join(unknown)} unknown; choose from {list(VARIANTS)}")
     if args.heads % args.groups:
         raise SystemExit(f"bench scan: --heads {args.heads} must be a multiple of --groups {args.groups}")
-    run(_ints(args.lengths), _ints(args.batches), args.repeats, args.out, heads=args.heads, head_dim=args.head_dim,
-        state=args.state, groups=args.groups, chunks=tuple(_ints(args.chunks)), variants=variants,
+    run(common.int_list("--lengths", args.lengths), common.int_list("--batches", args.batches), args.repeats,
+        args.out, heads=args.heads, head_dim=args.head_dim, state=args.state, groups=args.groups,
+        chunks=tuple(common.int_list("--chunks", args.chunks)), variants=variants,
         device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile)
     return 0

@@ -12,7 +12,6 @@ resident peak), `saved_MiB` what autograd saves for backward. On CUDA with trito
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from mixcon.benchmarks.common import (
     print_table,
     release_memory,
     save_figure,
+    triton_default,
     write_results,
 )
 from mixcon.config import MixConConfig
@@ -174,7 +174,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
         modules.update({f"{name}+compile": torch.compile(Conba(base.replace(**over), 0))
                         for name, over in VARIANTS.items()})
     if triton is None:
-        triton = device.startswith("cuda") and importlib.util.find_spec("triton") is not None
+        triton = triton_default(device)
     if triton:
         modules.update({f"{name}+triton": Conba(base.replace(**over, conba_kernel="triton"), 0)
                         for name, over in VARIANTS.items()})
