@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/mixcon: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,yaml,triton,eval]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,yaml,triton,eval,hf]"
 	touch $(BIN)/mixcon
 
 setup: $(BIN)/mixcon

@@ -93,6 +93,12 @@ class BPETokenizer:
         self._tok.save(str(path))
         return path
 
+    def to_tokenizers(self) -> Tokenizer:
+        """A copy as a `tokenizers.Tokenizer` (special-token text encoded as ordinary characters)."""
+        copy = Tokenizer.from_str(self._tok.to_str())
+        copy.encode_special_tokens = True
+        return copy
+
     def __getstate__(self) -> str:  # pickling (parallel shard workers) goes through the JSON
         return self._tok.to_str()
 

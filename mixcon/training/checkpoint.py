@@ -242,16 +242,23 @@ def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.
                               f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
 
 
+def model_directory(path: str | Path) -> Path:
+    """The directory of a `save_pretrained` model as given, or of a run's latest checkpoint or a given
+    checkpoint, verified against its manifest."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file() and not (path / MANIFEST).is_file():
+        return path
+    path = resolve_checkpoint(path)
+    verify_files(path, read_manifest(path), prefixes=(CONFIG_FILE, MODEL_FILE, TOKENIZER_DIR))
+    return path
+
+
 def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: str | None = None,
                              dtype: torch.dtype | None = None) -> tuple[MixConForCausalLM, AnyTokenizer]:
     """Model (in eval mode, cast to `dtype` unless None) and tokenizer from a run directory (its latest
     checkpoint), a checkpoint (verified against its manifest) or a `save_pretrained` directory (then
     `tokenizer` must name one unless it has tokenizer/)."""
-    path = Path(path)
-    plain_model = (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file() and not (path / MANIFEST).is_file()
-    if not plain_model:
-        path = resolve_checkpoint(path)
-        verify_files(path, read_manifest(path), prefixes=(CONFIG_FILE, MODEL_FILE, TOKENIZER_DIR))
+    path = model_directory(path)
     model = MixConForCausalLM.from_pretrained(path, device=device).to(dtype).eval()
     if tokenizer is None and not (path / TOKENIZER_DIR).is_dir():
         raise FileNotFoundError(f"{path} has no {TOKENIZER_DIR}/; name the tokenizer with --tokenizer")

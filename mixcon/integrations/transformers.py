@@ -1,0 +1,170 @@
+"""MixCon models as Hugging Face `transformers` models (`pip install mixcon[hf]`, transformers >= 5).
+
+Importing this module registers the model type "mixcon" with `AutoConfig` and `AutoModelForCausalLM`, so
+that a directory written by `MixConHFForCausalLM.save_pretrained` loads with
+`AutoModelForCausalLM.from_pretrained(path)`, and `generate` (greedy, sampling, beam search), `pipeline` and
+the Trainer work as for any causal LM. The MixCon model itself is `.model` (a `MixConForCausalLM`), the
+cache is `MixConCache`; `MixConHFForCausalLM.from_mixcon` wraps a model, run or checkpoint of this
+library, and `hf_tokenizer` gives its BPE tokenizer as a `PreTrainedTokenizerFast`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import transformers
+from tokenizers.processors import TemplateProcessing
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from mixcon.config import MixConConfig
+from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, BPETokenizer, load_tokenizer
+from mixcon.evaluation.perplexity import IGNORE
+from mixcon.generation.cache import MixConCache
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.training.checkpoint import model_directory
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"mixcon.integrations.transformers needs transformers >= 5, found {transformers.__version__}: "
+                      "pip install 'mixcon[hf]'")
+
+
+class MixConHFConfig(PretrainedConfig):
+    """A `MixConConfig` (validated, stored whole under `mixcon`) as a transformers config; the special
+    token ids and `tie_word_embeddings` follow it. `use_cache`: whether forwards return a cache by default."""
+
+    model_type = "mixcon"
+
+    def __init__(self, mixcon: MixConConfig | dict[str, Any] | None = None, use_cache: bool = True,
+                 **kwargs: Any) -> None:
+        config = mixcon if isinstance(mixcon, MixConConfig) else MixConConfig.from_dict(mixcon or {})
+        self.mixcon = config.to_dict()
+        self.use_cache = use_cache
+        kwargs["tie_word_embeddings"] = config.tie_embeddings
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kwargs[name] = getattr(config, name)
+        super().__init__(**kwargs)
+
+    def to_mixcon(self) -> MixConConfig:
+        return MixConConfig.from_dict(self.mixcon)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.mixcon["vocab_size"]
+
+
+class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
+    """`MixConForCausalLM` behind transformers' interface: `labels` are the inputs (shifted inside, -100 =
+    ignored), `past_key_values` a `MixConCache` (made by a first call with `use_cache`, the default), the loss
+    the model's (language modelling + router losses), `aux_loss` the router's load-balancing loss."""
+
+    config_class = MixConHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"model.lm_head.weight": "model.embed.weight"}
+    _no_split_modules: ClassVar[list[str]] = ["MixConLayer"]
+
+    def __init__(self, config: MixConHFConfig, model: MixConForCausalLM | None = None) -> None:
+        super().__init__(config)
+        self.model = model if model is not None else MixConForCausalLM(config.to_mixcon())
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Nothing: `MixConForCausalLM` initialises its own parameters (its `reset_parameters`)."""
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the cache is a MixConCache, made in `forward`
+
+    @classmethod
+    def from_mixcon(cls, model: MixConForCausalLM | str | Path, device: str = "cpu") -> MixConHFForCausalLM:
+        """Wrap a `MixConForCausalLM` (sharing its parameters), or load one from a run directory, a
+        checkpoint or a `MixConForCausalLM.save_pretrained` directory."""
+        if not isinstance(model, MixConForCausalLM):
+            model = MixConForCausalLM.from_pretrained(model_directory(model), device=device)
+        return cls(MixConHFConfig(model.config), model)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `from_pretrained`, with every CPU parameter copied out of the safetensors file it
+        may still be a view of: an unaligned view changes the BLAS kernels' rounding, and the logits
+        would then differ from the saved model's in the last bit."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) when asked
+        with torch.no_grad():
+            for param in model.parameters():  # tied parameters once: they stay tied
+                if param.device.type == "cpu":
+                    param.data = param.data.clone()
+        return loaded
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.embed
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: MixConCache | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
+        """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
+        1 for real tokens; labels (B, T) the inputs themselves (the next token is each position's target)."""
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+        if unsupported:
+            raise ValueError(f"MixConHFForCausalLM.forward does not take {unsupported}; it takes input_ids, "
+                             "attention_mask, past_key_values, labels, use_cache, logits_to_keep, return_dict")
+        if past_key_values is not None and not isinstance(past_key_values, MixConCache):
+            raise TypeError(f"past_key_values must be a MixConCache (or None), got {type(past_key_values).__name__}")
+        B, T = input_ids.shape
+        cache = past_key_values
+        if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None:
+            cache = self.model.new_cache(B, max_length=T)
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
+        targets = None
+        if labels is not None:
+            targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+        out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
+                         logits_to_keep=logits_to_keep)
+        result = MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss if labels is not None else None,
+                                           logits=out.logits, past_key_values=cache)
+        use_dict = return_dict if return_dict is not None else self.config.return_dict
+        return result if use_dict else result.to_tuple()
+
+    def _reorder_cache(self, cache: MixConCache, beam_idx: torch.Tensor) -> MixConCache:
+        """Beam search: the cache rows of the kept beams, in their order."""
+        cache.select_rows(beam_idx.to(cache.key_mask.device))
+        return cache
+
+
+def hf_tokenizer(tokenizer: AnyTokenizer | str | Path) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer of this library (or its tokenizer.json, or the directory holding that, e.g. a run's
+    tokenizer/) as a `PreTrainedTokenizerFast` that starts every text with EOS, as training documents start."""
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)
+    if not isinstance(tokenizer, BPETokenizer):
+        raise ValueError(f"hf_tokenizer: only BPE tokenizers have a transformers form, got {tokenizer!r}")
+    backend = tokenizer.to_tokenizers()
+    backend.post_processor = TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, tokenizer.eos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   padding_side="left", split_special_tokens=True)
+
+
+AutoConfig.register(MixConHFConfig.model_type, MixConHFConfig, exist_ok=True)
+AutoModelForCausalLM.register(MixConHFConfig, MixConHFForCausalLM, exist_ok=True)

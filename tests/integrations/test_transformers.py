@@ -1,0 +1,120 @@
+"""The transformers wrapper against the MixCon model itself: forward, loss, generate (greedy, sampled, beam
+search), save and load through the Auto classes, the tokenizer and a text-generation pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
+
+from transformers import AutoModelForCausalLM, DynamicCache, pipeline
+
+from mixcon.data import ByteTokenizer
+from mixcon.data.tokenizer import train_bpe_tokenizer
+from mixcon.integrations.transformers import MixConHFConfig, MixConHFForCausalLM, hf_tokenizer
+
+EOS, PAD = 299, 298  # of the `tiny` preset's 300 ids
+
+
+@pytest.fixture
+def pair(tiny_model):
+    """A tiny MixCon model (fp64) and its transformers wrapper, which share parameters."""
+    model = tiny_model(eos_token_id=EOS, pad_token_id=PAD)
+    return model, MixConHFForCausalLM.from_mixcon(model).eval()
+
+
+def left_padded() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 290, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4], mask[2, :7] = 0, 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def test_forward_logits_and_loss_are_the_models(pair):
+    model, hf = pair
+    ids, mask = left_padded()
+    out = hf(ids, attention_mask=mask, labels=ids)
+    ref = model(ids, attention_mask=mask, labels=F.pad(ids[:, 1:], (0, 1), value=-100))
+    assert torch.equal(out.logits, ref.logits)
+    assert torch.equal(out.loss, ref.loss) and torch.equal(out.aux_loss, ref.aux_loss)
+    # HF's own convention: the mean cross-entropy of each position's logits against the next input.
+    lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(ref.lm_loss, lm)
+    assert hf(ids, return_dict=False)[0].shape == (3, 11, 300)
+
+
+def test_greedy_generate_is_mixcon_generate(pair):
+    model, hf = pair
+    ids, mask = left_padded()
+    ours = model.generate(ids, 12, attention_mask=mask, eos_token_id=EOS, pad_token_id=PAD)
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(theirs, ours)
+
+
+@pytest.mark.parametrize("options", [dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)])
+def test_generate_through_the_cache_equals_full_forwards(pair, options):
+    """Sampling and beam search (rows of the cache reordered by beam) against recomputing every step."""
+    _, hf = pair
+    ids, mask = left_padded()
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        runs.append(hf.generate(ids, attention_mask=mask, max_new_tokens=10, use_cache=use_cache, **options))
+    assert runs[0].shape[1] > ids.shape[1]
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_pretrained_loads_through_the_auto_class(tiny_model, tmp_path, tie):
+    hf = MixConHFForCausalLM.from_mixcon(tiny_model(tie_embeddings=tie)).eval()
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mixcon"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(back, MixConHFForCausalLM) and back.model.config == hf.model.config
+    assert (back.model.lm_head.weight is back.model.embed.weight) == tie
+    ids, _ = left_padded()
+    assert torch.equal(back(ids).logits, hf(ids).logits)
+
+
+def test_from_mixcon_loads_a_saved_mixcon_model(tiny_model, tmp_path):
+    model = tiny_model(dtype=torch.float32)  # MixConForCausalLM.from_pretrained loads fp32
+    hf = MixConHFForCausalLM.from_mixcon(model).eval()
+    model.save_pretrained(tmp_path)
+    loaded = MixConHFForCausalLM.from_mixcon(tmp_path).eval()
+    ids, mask = left_padded()
+    assert torch.equal(loaded(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
+
+
+def test_forward_rejects_what_it_does_not_take(pair):
+    _, hf = pair
+    ids, _ = left_padded()
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        hf(ids, inputs_embeds=torch.zeros(3, 11, 32))
+    with pytest.raises(TypeError, match="MixConCache"):
+        hf(ids, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="d_model"):
+        MixConHFConfig({"d_model": 0})
+
+
+def test_tokenizer_and_text_generation_pipeline(tiny_model):
+    text = "def add(a, b):\n    return a + b\n" * 20 + "class Point:\n    x: int = 0\n" * 20
+    tok = train_bpe_tokenizer([text], vocab_size=300)
+    htok = hf_tokenizer(tok)
+    prompt = "def add(a, <|eos|>"
+    assert htok(prompt).input_ids == [tok.eos_id, *tok.encode(prompt)]  # EOS first, as in training
+    assert htok.decode(htok(prompt).input_ids, skip_special_tokens=True) == tok.decode(tok.encode(prompt))
+
+    model = tiny_model(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    hf = MixConHFForCausalLM.from_mixcon(model).eval()
+    generator = pipeline("text-generation", model=hf, tokenizer=htok)
+    out = generator("class Point", max_new_tokens=8, do_sample=False, return_full_text=False)
+    new = model.generate(torch.tensor([[tok.eos_id, *tok.encode("class Point")]]), 8, eos_token_id=tok.eos_id)
+    assert out[0]["generated_text"] == tok.decode(new[0, 1 + len(tok.encode("class Point")):].tolist())
+
+    with pytest.raises(ValueError, match="only BPE"):
+        hf_tokenizer(ByteTokenizer())
