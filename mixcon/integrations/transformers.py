@@ -72,6 +72,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _tied_weights_keys: ClassVar[dict[str, str]] = {"model.lm_head.weight": "model.embed.weight"}
     _no_split_modules: ClassVar[list[str]] = ["MixConLayer"]
+    accepts_loss_kwargs = False  # the Trainer: the loss is each batch's mean; no `num_items_in_batch`
 
     def __init__(self, config: MixConHFConfig, model: MixConForCausalLM | None = None) -> None:
         super().__init__(config)

@@ -118,3 +118,46 @@ def test_tokenizer_and_text_generation_pipeline(tiny_model):
 
     with pytest.raises(ValueError, match="only BPE"):
         hf_tokenizer(ByteTokenizer())
+
+
+@pytest.fixture
+def trainer_args(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (in mixcon's test extra)")
+    from transformers import TrainingArguments
+
+    def make(**options):
+        return TrainingArguments(str(tmp_path / "trainer"), per_device_train_batch_size=2, report_to=[],
+                                 logging_steps=1, use_cpu=True, save_strategy="no", **options)
+    return make
+
+
+def test_trainer_logs_the_models_loss_with_gradient_accumulation(tiny_model, trainer_args):
+    """With the learning rate at 0, every logged loss is the model's loss on (copies of) one sequence."""
+    from transformers import Trainer
+
+    model = tiny_model(dtype=torch.float32)
+    ids = torch.randint(0, 290, (16,), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids, "labels": ids}] * 8
+    args = trainer_args(max_steps=2, learning_rate=0.0, gradient_accumulation_steps=2)
+    trainer = Trainer(model=MixConHFForCausalLM.from_mixcon(model), args=args, train_dataset=data)
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    with torch.no_grad():
+        expected = MixConHFForCausalLM.from_mixcon(model)(ids[None], labels=ids[None]).loss.item()
+    assert logged == pytest.approx([expected] * 2, rel=1e-5)
+
+
+def test_trainer_trains_and_saves_a_loadable_model(tiny_model, trainer_args, tmp_path):
+    from transformers import Trainer
+
+    ids = torch.randint(0, 290, (16,), generator=torch.Generator().manual_seed(0))
+    hf = MixConHFForCausalLM.from_mixcon(tiny_model(dtype=torch.float32))
+    trainer = Trainer(model=hf, args=trainer_args(max_steps=8, learning_rate=1e-2),
+                      train_dataset=[{"input_ids": ids, "labels": ids}] * 8)
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged[-1] < logged[0] - 0.5
+    trainer.save_model(str(tmp_path / "trained"))
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "trained").eval()
+    assert torch.equal(back(ids[None]).logits, hf.eval()(ids[None]).logits)
+
