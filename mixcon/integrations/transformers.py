@@ -28,9 +28,8 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, BPETokenizer, load_tokenizer
-from mixcon.evaluation.perplexity import IGNORE
 from mixcon.generation.cache import MixConCache
-from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training.checkpoint import model_directory
 
 if int(transformers.__version__.split(".")[0]) < 5:
