@@ -77,12 +77,21 @@ def time_generation(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) 
     return clock.stamps[0] - start, [b - a for a, b in itertools.pairwise(clock.stamps)]
 
 
+def _mixcon(model: torch.nn.Module) -> MixConForCausalLM | None:
+    """The MixCon model that `model` is or wraps (transformers' wrapper), else None."""
+    inner = getattr(model, "model", model)
+    return inner if isinstance(inner, MixConForCausalLM) else None
+
+
 def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int, out_dir: Path | None,
         base: MixConConfig | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-        compiled: bool = False, triton: bool | None = None) -> list[dict[str, Any]]:
+        compiled: bool = False, triton: bool | None = None, via_transformers: bool = False,
+        ) -> list[dict[str, Any]]:
     """Time every model at every context (transformers' models up to hf_max_context); base: `small`;
     `compiled` adds our models with a compiled decoding step and compiled prefill scans, `triton` (default:
-    on CUDA when triton is installed) our models with Conba layers prefilling through the Triton kernel."""
+    on CUDA when triton is installed) our models with Conba layers prefilling through the Triton kernel,
+    `via_transformers` MixCon (and MixCon+compile) again, wrapped as a transformers model and decoded by
+    transformers' `generate` (`mixcon.integrations.transformers`)."""
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device=device) / 2  # bytes read per second (a copy reads and writes)
     stream = stream_read_gbs(device=device)
@@ -102,6 +111,11 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
                 twin.compile_decode()
                 twin.compile_prefill()
             models[f"{name}+{variant}"] = twin
+    if via_transformers:
+        from mixcon.integrations.transformers import MixConHFForCausalLM
+
+        for name in [n for n in models if n in ("mixcon", "mixcon+compile")]:  # the same modules, wrapped
+            models[f"{name} via transformers"] = MixConHFForCausalLM.from_mixcon(models[name])
     models.update(hf_models(base))
     for model in models.values():
         model.to(device=device, dtype=dtype).eval()
@@ -113,7 +127,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
     for context in contexts:
         ids = torch.randint(0, base.vocab_size, (1, context), device=device)
         timed = {name: model for name, model in models.items()
-                 if isinstance(model, MixConForCausalLM) or context <= hf_max_context}
+                 if _mixcon(model) is not None or context <= hf_max_context}
         for model in timed.values():
             time_generation(model, ids, 1)  # warm-up at this length: first-touch of its activations, compiles
         prefills: dict[str, list[float]] = {name: [] for name in timed}
@@ -124,13 +138,13 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
                 prefills[name].append(prefill)
                 gaps[name] += later
         for name, model in timed.items():
-            ours = isinstance(model, MixConForCausalLM)
+            ours = _mixcon(model)
             prefill, per_token = statistics.median(prefills[name]), statistics.median(gaps[name])
             row = dict(model=name, context=context, prefill_tok_s=context / prefill, decode_ms=per_token * 1e3,
                        decode_tok_s=1 / per_token, cache_MiB=None, bound_ms=None, stream_bound_ms=None)
-            if ours:
-                cache = model.new_cache(1, max_length=context + 1)
-                read = model.num_parameters(active=True) * torch.finfo(dtype).bits // 8 + cache.nbytes()
+            if ours is not None:
+                cache = ours.new_cache(1, max_length=context + 1)
+                read = ours.num_parameters(active=True) * torch.finfo(dtype).bits // 8 + cache.nbytes()
                 row["cache_MiB"] = cache.nbytes() / 2**20
                 row["bound_ms"] = read / (bandwidth * 1e9) * 1e3
                 row["stream_bound_ms"] = read / (stream * 1e9) * 1e3
@@ -169,10 +183,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time our models decoding and prefilling through torch.compile "
                         "(compile_decode, compile_prefill)")
+    p.add_argument("--via-transformers", action="store_true",
+                   help="also time MixCon wrapped as a transformers model, decoded by transformers' generate "
+                        "(needs transformers >= 5)")
     add_device_arguments(p)
 
 
 def main(args: argparse.Namespace, base: MixConConfig | None = None) -> int:
     run([int(c) for c in args.contexts.split(",")], args.hf_max_context, args.new_tokens, args.repeats, args.out,
-        base=base, device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile)
+        base=base, device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile,
+        via_transformers=args.via_transformers)
     return 0

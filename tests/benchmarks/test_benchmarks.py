@@ -116,6 +116,18 @@ def test_decode_benchmark_command_takes_a_config(tmp_path):
     assert rows[0]["cache_MiB"] == tiny.new_cache(1, max_length=9).nbytes() / 2**20
 
 
+def test_decode_benchmark_times_mixcon_through_transformers_generate(tmp_path):
+    pytest.importorskip("transformers", minversion="5", reason="the transformers wrapper needs transformers >= 5")
+    argv = ["bench", "decode", "--config", "tiny", "--contexts", "8", "--hf-max-context", "0", "--new-tokens", "2",
+            "--repeats", "1", "--via-transformers", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = {r["model"]: r for r in json.loads((tmp_path / "decode.json").read_text())["rows"]}
+    assert list(rows) == ["mixcon", "transformer-twin", "conba-twin", "mixcon via transformers"]
+    wrapped, ours = rows["mixcon via transformers"], rows["mixcon"]
+    assert wrapped["decode_ms"] > 0 and wrapped["prefill_tok_s"] > 0
+    assert wrapped["cache_MiB"] == ours["cache_MiB"] and wrapped["bound_ms"] == ours["bound_ms"]
+
+
 def test_decode_benchmark_times_the_triton_kernel_beside_the_torch_scan(monkeypatch):
     """`+triton` rows for the models with Conba layers, prefilling through the kernel (here in Triton's CPU
     interpreter)."""
