@@ -57,13 +57,21 @@ class ByteTokenizer:
         return f"ByteTokenizer(vocab_size={self.vocab_size})"
 
 
+def _literal_copy(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` that encodes text spelling a special token ("<|eos|>") as ordinary characters,
+    never as the special id."""
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.encode_special_tokens = True
+    return copy
+
+
 class BPETokenizer:
     """A byte-level BPE from a `tokenizers.Tokenizer` that has the BOS / EOS / PAD special tokens."""
 
     name = "bpe"
 
     def __init__(self, tokenizer: Tokenizer):
-        self._tok = Tokenizer.from_str(tokenizer.to_str())  # a private copy: we change a setting below
+        self._tok = _literal_copy(tokenizer)  # a private copy, with a setting changed
         ids = {token: self._tok.token_to_id(token) for token in SPECIAL_TOKENS}
         missing = [token for token, i in ids.items() if i is None]
         if missing:
@@ -71,8 +79,6 @@ class BPETokenizer:
                              f"mixcon needs {', '.join(SPECIAL_TOKENS)} (train one with train_bpe_tokenizer)")
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        # Text that spells "<|eos|>" is encoded as ordinary characters, never as the special id.
-        self._tok.encode_special_tokens = True
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -95,9 +101,7 @@ class BPETokenizer:
 
     def to_tokenizers(self) -> Tokenizer:
         """A copy as a `tokenizers.Tokenizer` (special-token text encoded as ordinary characters)."""
-        copy = Tokenizer.from_str(self._tok.to_str())
-        copy.encode_special_tokens = True
-        return copy
+        return _literal_copy(self._tok)
 
     def __getstate__(self) -> str:  # pickling (parallel shard workers) goes through the JSON
         return self._tok.to_str()
