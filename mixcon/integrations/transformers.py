@@ -10,6 +10,7 @@ library, and `hf_tokenizer` gives its BPE tokenizer as a `PreTrainedTokenizerFas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, BPETokenizer, loa
 from mixcon.generation.cache import MixConCache
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training.checkpoint import model_directory
+from mixcon.training.distributed import checkpoint_layers
 
 if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"mixcon.integrations.transformers needs transformers >= 5, found {transformers.__version__}: "
@@ -72,11 +74,26 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     _tied_weights_keys: ClassVar[dict[str, str]] = {"model.lm_head.weight": "model.embed.weight"}
     _no_split_modules: ClassVar[list[str]] = ["MixConLayer"]
     accepts_loss_kwargs = False  # the Trainer: the loss is each batch's mean; no `num_items_in_batch`
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: MixConHFConfig, model: MixConForCausalLM | None = None) -> None:
         super().__init__(config)
         self.model = model if model is not None else MixConForCausalLM(config.to_mixcon())
+        self.gradient_checkpointing = False
         self.post_init()
+
+    def _set_gradient_checkpointing(self, enable: bool = True,
+                                    gradient_checkpointing_func: Callable[..., Any] | None = None,
+                                    every_n_layers: int = 1) -> None:
+        """transformers' activation checkpointing (`activation_checkpointing_enable`, the Trainer's
+        `activation_checkpointing=True`): every `every_n_layers`-th MixCon layer is recomputed in the backward
+        while training (`training.distributed.checkpoint_layers`). Reentrant checkpointing is refused: it would
+        cut the router losses, which a layer returns beside its output, out of the graph."""
+        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
+            raise ValueError("activation checkpointing of MixCon layers needs use_reentrant=False (the default): "
+                             "reentrant checkpointing would drop the gradient of the router losses")
+        checkpoint_layers(self.model, enable, checkpoint_fn=gradient_checkpointing_func, every_n_layers=every_n_layers)
+        self.gradient_checkpointing = enable
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Nothing: `MixConForCausalLM` initialises its own parameters (its `reset_parameters`)."""
@@ -124,7 +141,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
         """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
-        1 for real tokens; labels (B, T) the inputs themselves (the next token is each position's target)."""
+        1 for real tokens; labels (B, T) the inputs themselves (the next token is each position's target).
+        No cache is made with labels, nor while training with activation checkpointing."""
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
         if unsupported:
             raise ValueError(f"MixConHFForCausalLM.forward does not take {unsupported}; it takes input_ids, "
@@ -132,8 +150,13 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         if past_key_values is not None and not isinstance(past_key_values, MixConCache):
             raise TypeError(f"past_key_values must be a MixConCache (or None), got {type(past_key_values).__name__}")
         B, T = input_ids.shape
+        recomputing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if recomputing and past_key_values is not None:
+            raise ValueError("past_key_values: no cache while training with activation checkpointing (the layers "
+                             "recomputed in the backward would advance it a second time)")
         cache = past_key_values
-        if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None:
+        if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None \
+                and not recomputing:
             cache = self.model.new_cache(B, max_length=T)
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far

@@ -5,9 +5,10 @@ checkpoint loads at any world size. The model code itself stays single-device.""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 Parallelism = Literal["ddp", "fsdp"]
 
@@ -103,10 +105,7 @@ def parallelize(
     to call in training: the DDP wrapper, or `model` itself (FSDP2 shards it in place). Parameter names are
     kept, so full state dicts are the same in every case."""
     if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for i, layer in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(layer)
+        checkpoint_layers(model)
     if compile:
         for layer in model.layers:
             layer.compile()
@@ -123,6 +122,31 @@ def parallelize(
     if not env.distributed:
         return model
     return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+
+def checkpoint_layers(model: nn.Module, enable: bool = True, *, checkpoint_fn: Callable[..., Any] | None = None,
+                      every_n_layers: int = 1) -> None:
+    """Activation checkpointing of `model.layers`: the 1st, (1 + every_n_layers)-th, ... layer keeps only its
+    inputs and is recomputed in the backward, through `checkpoint_fn(layer, *inputs)` (default: torch's
+    non-reentrant checkpoint), in training mode with gradients on; elsewhere (evaluation, decoding) layers run
+    plainly. enable=False unwraps every layer. Parameter and state-dict names stay those of the plain model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+
+    if every_n_layers < 1:
+        raise ValueError(f"every_n_layers={every_n_layers} must be >= 1")
+    recompute = partial(_when_training, checkpoint_fn or partial(checkpoint, use_reentrant=False))
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, CheckpointWrapper):
+            layer = layer._checkpoint_wrapped_module
+        wrap = enable and i % every_n_layers == 0
+        model.layers[i] = checkpoint_wrapper(layer, checkpoint_fn=recompute) if wrap else layer
+
+
+def _when_training(checkpoint_fn: Callable[..., Any], layer: nn.Module, *args: Any) -> Any:
+    """`checkpoint_fn(layer, *args)` when training with gradients on, else `layer(*args)`."""
+    if layer.training and torch.is_grad_enabled():
+        return checkpoint_fn(layer, *args)
+    return layer(*args)
 
 
 @contextmanager

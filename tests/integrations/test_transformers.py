@@ -101,6 +101,70 @@ def test_forward_rejects_what_it_does_not_take(pair):
         MixConHFConfig({"d_model": 0})
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_recomputes_layers_with_the_same_gradients(pair, every):
+    """Every `every`-th layer runs twice in a training step (forward, then recomputed in the backward), the
+    loss and every gradient (the router's, from its load-balancing loss, too) stay those of the plain model;
+    evaluation and cached generation run each layer once; disabling restores the plain layers."""
+    model, hf = pair
+    ids, mask = left_padded()
+    names, keys = [n for n, _ in hf.named_parameters()], list(hf.state_dict())
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hf.zero_grad()
+        loss = hf.train()(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in zip(names, hf.parameters(), strict=True)}
+
+    plain_loss, plain_grads = step()
+    calls = [0] * len(model.layers)
+    for i, layer in enumerate(model.layers):  # counted in forward itself: the recomputation skips module hooks
+        def counted(*args, i=i, forward=layer.forward):
+            calls[i] += 1
+            return forward(*args)
+        layer.forward = counted
+    hf.activation_checkpointing_enable(every_n_layers=every)
+    assert hf.is_activation_checkpointing
+    assert [type(layer).__name__ == "CheckpointWrapper" for layer in model.layers] == \
+        [i % every == 0 for i in range(len(model.layers))]
+    assert list(hf.state_dict()) == keys  # saved models do not see the wrappers
+
+    loss, grads = step()
+    assert calls == [2 if i % every == 0 else 1 for i in range(len(calls))]
+    assert torch.equal(loss, plain_loss)
+    router = next(n for n in names if n.endswith("router.weight"))
+    assert plain_grads[router].abs().sum() > 0
+    for name in names:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-12, atol=1e-14, msg=name)
+
+    calls[:] = [0] * len(calls)
+    hf.eval()
+    out = hf(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()  # gradients on, but evaluating: no recomputation
+    assert calls == [1] * len(calls)
+    with torch.no_grad():
+        generated = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, model.generate(ids, 5, attention_mask=mask, eos_token_id=EOS, pad_token_id=PAD))
+
+    hf.train()
+    assert hf(ids).past_key_values is None  # a cache would be advanced again by the recomputation
+    with pytest.raises(ValueError, match="past_key_values"):
+        hf(ids, past_key_values=model.new_cache(3))
+
+    hf.activation_checkpointing_disable()
+    assert not hf.is_activation_checkpointing
+    assert all(type(layer).__name__ == "MixConLayer" for layer in model.layers)
+    assert hf(ids).past_key_values is not None
+
+
+def test_activation_checkpointing_refuses_what_would_be_wrong(pair):
+    _, hf = pair
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="every_n_layers=0"):
+        hf.activation_checkpointing_enable(every_n_layers=0)
+
+
 def test_tokenizer_and_text_generation_pipeline(tiny_model):
     text = "def add(a, b):\n    return a + b\n" * 20 + "class Point:\n    x: int = 0\n" * 20
     tok = train_bpe_tokenizer([text], vocab_size=300)
@@ -131,16 +195,19 @@ def trainer_args(tmp_path):
     return make
 
 
-def test_trainer_logs_the_models_loss_with_gradient_accumulation(tiny_model, trainer_args):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_trainer_logs_the_models_loss_with_gradient_accumulation(tiny_model, trainer_args, checkpointing):
     """With the learning rate at 0, every logged loss is the model's loss on (copies of) one sequence."""
     from transformers import Trainer
 
     model = tiny_model(dtype=torch.float32)
     ids = torch.randint(0, 290, (16,), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": ids, "labels": ids}] * 8
-    args = trainer_args(max_steps=2, learning_rate=0.0, gradient_accumulation_steps=2)
+    args = trainer_args(max_steps=2, learning_rate=0.0, gradient_accumulation_steps=2,
+                        activation_checkpointing=checkpointing)
     trainer = Trainer(model=MixConHFForCausalLM.from_mixcon(model), args=args, train_dataset=data)
     trainer.train()
+    assert trainer.model.is_activation_checkpointing == checkpointing
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     with torch.no_grad():
         expected = MixConHFForCausalLM.from_mixcon(model)(ids[None], labels=ids[None]).loss.item()
