@@ -30,6 +30,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, BPETokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
+from mixcon.layers.linear import Linear
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training.checkpoint import model_directory
 from mixcon.training.distributed import checkpoint_layers
@@ -61,6 +62,10 @@ class MixConHFConfig(PretrainedConfig):
     @property
     def vocab_size(self) -> int:
         return self.mixcon["vocab_size"]
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:  # transformers' resize_token_embeddings sets it
+        self.mixcon = MixConConfig.from_dict({**self.mixcon, "vocab_size": value}).to_dict()
 
 
 class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
@@ -95,8 +100,16 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         checkpoint_layers(self.model, enable, checkpoint_fn=gradient_checkpointing_func, every_n_layers=every_n_layers)
         self.gradient_checkpointing = enable
 
+    @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """Nothing: `MixConForCausalLM` initialises its own parameters (its `reset_parameters`)."""
+        """An embedding or linear map that transformers makes anew, not yet part of the model
+        (`resize_token_embeddings(..., mean_resizing=False)`): Normal(0, init_std), as `MixConForCausalLM` starts
+        its embedding and LM head. The model's own modules keep the initialisation `MixConForCausalLM` gave them
+        (transformers calls this on each of them when wrapping)."""
+        if isinstance(module, (torch.nn.Embedding, torch.nn.Linear)) and all(module is not m for m in self.modules()):
+            module.weight.normal_(0.0, self.config.to_mixcon().init_std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -128,6 +141,18 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.lm_head
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        """The new embedding, and its number of rows as `vocab_size` of both configs (`resize_token_embeddings`)."""
+        self.config.vocab_size = value.num_embeddings
+        self.model.config = self.model.config.replace(vocab_size=value.num_embeddings)
+        self.model.embed = value
+
+    def set_output_embeddings(self, value: torch.nn.Linear) -> None:
+        """The LM head's new weight, kept in MixCon's `Linear` (its fused few-row products when decoding)."""
+        head = Linear(value.in_features, value.out_features, bias=False, device="meta")
+        head.weight = value.weight
+        self.model.lm_head = head
 
     def forward(
         self,

@@ -165,6 +165,44 @@ def test_activation_checkpointing_refuses_what_would_be_wrong(pair):
         hf.activation_checkpointing_enable(every_n_layers=0)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("mean_resizing", [True, False])
+def test_resize_token_embeddings(tiny_model, tmp_path, tie, mean_resizing):
+    """New rows come at the end (the old logits unchanged), both configs take the new vocab_size, the head stays
+    MixCon's Linear (tied or not), and the resized model saves and loads; shrinking cuts rows at the end."""
+    from mixcon.layers.linear import Linear
+
+    hf = MixConHFForCausalLM.from_mixcon(tiny_model(tie_embeddings=tie, eos_token_id=EOS, pad_token_id=PAD)).eval()
+    ids, mask = left_padded()
+    before = hf(ids, attention_mask=mask).logits
+    old_head = hf.model.lm_head.weight.detach().clone()
+    with pytest.raises(ValueError, match="vocab_size=300"):
+        hf(torch.tensor([[305]]))
+
+    hf.resize_token_embeddings(310, mean_resizing=mean_resizing)
+    model = hf.model
+    assert hf.config.vocab_size == model.config.vocab_size == 310 == hf.config.to_mixcon().vocab_size
+    assert isinstance(model.lm_head, Linear) and model.lm_head.weight.shape == (310, 32)
+    assert (model.lm_head.weight is model.embed.weight) == tie
+    assert torch.equal(model.lm_head.weight[:300], old_head)
+    new_rows = model.embed.weight[300:]
+    assert torch.isfinite(new_rows).all() and 0 < new_rows.std() < 0.1  # at the scale of init_std=0.02
+    after = hf(ids, attention_mask=mask).logits
+    assert after.shape == (3, 11, 310) and torch.equal(after[..., :300], before)
+    assert hf(torch.tensor([[305]])).logits.shape == (1, 1, 310)
+
+    hf.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.model.config.vocab_size == 310
+    assert torch.equal(back(ids, attention_mask=mask).logits, after)
+
+    hf.resize_token_embeddings(301, pad_to_multiple_of=8)  # up to 304 rows
+    assert model.config.vocab_size == 304 and torch.equal(hf(ids, attention_mask=mask).logits[..., :300], before)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        hf.resize_token_embeddings(EOS)  # the EOS id would fall outside the vocabulary
+    assert model.config.vocab_size == 304
+
+
 def test_tokenizer_and_text_generation_pipeline(tiny_model):
     text = "def add(a, b):\n    return a + b\n" * 20 + "class Point:\n    x: int = 0\n" * 20
     tok = train_bpe_tokenizer([text], vocab_size=300)
