@@ -1,7 +1,8 @@
 """Tokenizers: a byte-level BPE with split digits (Hugging Face `tokenizers`) and raw UTF-8 bytes.
 
 Both share one interface: `encode` (plain text only, never specials), `decode` (skips specials),
-`vocab_size`, `bos_id` / `eos_id` / `pad_id`, `name`, `fingerprint()` and `save(directory)`.
+`vocab_size`, `bos_id` / `eos_id` / `pad_id`, `name`, `fingerprint()`, `save(directory)` and
+`to_tokenizers()` (the same ids as a `tokenizers.Tokenizer`, the form transformers builds on).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
 FILENAME = "tokenizer.json"
 _BYTES_MARKER = "mixcon_bytes_tokenizer"  # key of the small JSON that ByteTokenizer.save writes
+
+
+def _byte_level_chars() -> list[str]:
+    """The character that `tokenizers`' ByteLevel pre-tokenizer writes for each byte 0-255: printable Latin-1
+    bytes stand for themselves, the other 68 for the code points from 256 up, in byte order."""
+    printable = {b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
 
 
 class ByteTokenizer:
@@ -48,6 +57,17 @@ class ByteTokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self._config(), indent=2) + "\n")
         return path
+
+    def to_tokenizers(self) -> Tokenizer:
+        """The same ids as a `tokenizers.Tokenizer`: a ByteLevel BPE without merges, so each byte is its own
+        token, then BOS / EOS / PAD (special-token text encoded as ordinary bytes)."""
+        vocab = {char: byte for byte, char in enumerate(_byte_level_chars())}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(list(SPECIAL_TOKENS))  # ids 256, 257, 258 in this order
+        tok.encode_special_tokens = True
+        return tok
 
     def _config(self) -> dict[str, int]:
         return {_BYTES_MARKER: 1, "vocab_size": self.vocab_size,

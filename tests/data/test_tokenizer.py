@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import random
 
 import pytest
 import tokenizers
@@ -10,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mixcon.data import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe_tokenizer
+from mixcon.data.tokenizer import SPECIAL_TOKENS, _byte_level_chars
 
 # Any Unicode scalar value, with emoji (incl. modifiers and ZWJ), CJK, control characters and spaces over-weighted.
 SAMPLES = list("😀👍🏽\u200d中文字東京\x00\x07\x1b\x7f\t\r\n \u00a0\ufeff2")
@@ -52,6 +55,42 @@ def test_bytes_ids_and_specials():
     assert tok.decode([tok.bos_id, *tok.encode("hi"), tok.eos_id, tok.pad_id]) == "hi"
     with pytest.raises(ValueError, match=r"token id 259 is outside the bytes vocabulary \[0, 259\)"):
         tok.decode([259])
+
+
+@functools.cache
+def bytes_as_tokenizers() -> tokenizers.Tokenizer:
+    return ByteTokenizer().to_tokenizers()
+
+
+def test_byte_level_chars_are_those_of_the_byte_level_pre_tokenizer():
+    chars = _byte_level_chars()
+    assert len(set(chars)) == 256 and set(chars) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    # Text whose UTF-8 holds every byte that UTF-8 can hold (all but C0, C1, F5-FF): ASCII, every 2-byte lead and
+    # continuation byte, every 3- and 4-byte lead.
+    text = "".join(map(chr, range(0x800))) + "".join(chr(0x1000 * k + 0x100) for k in range(1, 16))
+    text += "".join(map(chr, (0x800, 0x10000, 0x40000, 0x80000, 0xC0000, 0x100000)))
+    data = text.encode("utf-8")
+    assert set(range(256)) - set(data) == {0xC0, 0xC1, *range(0xF5, 0x100)}
+    byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    [(written, _)] = byte_level.pre_tokenize_str(text)
+    assert written == "".join(chars[b] for b in data)
+
+
+@text_cases
+def test_bytes_as_a_tokenizers_tokenizer_has_the_same_ids(text):
+    tok, backend = ByteTokenizer(), bytes_as_tokenizers()
+    assert backend.encode(text, add_special_tokens=False).ids == tok.encode(text)  # specials' spellings as bytes
+    assert backend.decode(tok.encode(text)) == text
+
+
+def test_bytes_as_a_tokenizers_tokenizer_decodes_any_ids_as_bytes_do():
+    tok, backend = ByteTokenizer(), bytes_as_tokenizers()
+    assert backend.get_vocab_size() == tok.vocab_size
+    assert [backend.token_to_id(t) for t in SPECIAL_TOKENS] == [tok.bos_id, tok.eos_id, tok.pad_id]
+    rng = random.Random(0)
+    for _ in range(500):  # mostly invalid UTF-8, with specials among the bytes
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 12))]
+        assert backend.decode(ids, skip_special_tokens=True) == tok.decode(ids)
 
 
 def test_bpe_decode_skips_specials_and_rejects_unknown_ids(bpe):
