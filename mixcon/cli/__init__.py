@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "mixcon.cli.train",
     "mixcon.cli.generate",
     "mixcon.cli.eval",
+    "mixcon.cli.export",
 ]
 
 

@@ -5,11 +5,13 @@ that a directory written by `MixConHFForCausalLM.save_pretrained` loads with
 `AutoModelForCausalLM.from_pretrained(path)`, and `generate` (greedy, sampling, beam search), `pipeline` and
 the Trainer work as for any causal LM. The MixCon model itself is `.model` (a `MixConForCausalLM`), the
 cache is `MixConCache`; `MixConHFForCausalLM.from_mixcon` wraps a model, run or checkpoint of this
-library, and `hf_tokenizer` gives its BPE tokenizer as a `PreTrainedTokenizerFast`.
+library, `hf_tokenizer` gives its tokenizer as a `PreTrainedTokenizerFast`, and `export_hf` writes both as
+one directory.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,11 +30,11 @@ from transformers import (
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from mixcon.config import MixConConfig
-from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, BPETokenizer, load_tokenizer
+from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.layers.linear import Linear
-from mixcon.models.mixcon import IGNORE, MixConForCausalLM
-from mixcon.training.checkpoint import model_directory
+from mixcon.models.mixcon import HF_MODEL_TYPE, IGNORE, MixConForCausalLM
+from mixcon.training.checkpoint import load_model_and_tokenizer, model_directory, publish_directory
 from mixcon.training.distributed import checkpoint_layers
 
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -44,12 +46,12 @@ class MixConHFConfig(PretrainedConfig):
     """A `MixConConfig` (validated, stored whole under `mixcon`) as a transformers config; the special
     token ids and `tie_word_embeddings` follow it. `use_cache`: whether forwards return a cache by default."""
 
-    model_type = "mixcon"
+    model_type = HF_MODEL_TYPE
 
     def __init__(self, mixcon: MixConConfig | dict[str, Any] | None = None, use_cache: bool = True,
                  **kwargs: Any) -> None:
         config = mixcon if isinstance(mixcon, MixConConfig) else MixConConfig.from_dict(mixcon or {})
-        self.mixcon = config.to_dict()
+        self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
         self.use_cache = use_cache
         kwargs["tie_word_embeddings"] = config.tie_embeddings
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -202,16 +204,35 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def hf_tokenizer(tokenizer: AnyTokenizer | str | Path) -> PreTrainedTokenizerFast:
-    """A BPE tokenizer of this library (or its tokenizer.json, or the directory holding that, e.g. a run's
-    tokenizer/) as a `PreTrainedTokenizerFast` that starts every text with EOS, as training documents start."""
+    """A tokenizer of this library (BPE or bytes; or a spec `load_tokenizer` reads: 'bytes', a tokenizer.json,
+    a directory holding one such as a run's tokenizer/) as a `PreTrainedTokenizerFast` with the same ids that
+    starts every text with EOS, as training documents start."""
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
-    if not isinstance(tokenizer, BPETokenizer):
-        raise ValueError(f"hf_tokenizer: only BPE tokenizers have a transformers form, got {tokenizer!r}")
     backend = tokenizer.to_tokenizers()
     backend.post_processor = TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, tokenizer.eos_id)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    padding_side="left", split_special_tokens=True)
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
+              dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write a run, checkpoint or model directory of this library (and its tokenizer, or `tokenizer`) as one
+    transformers directory: `save_pretrained`'s config.json, model.safetensors and generation_config.json,
+    and the `hf_tokenizer` files, so that `AutoModelForCausalLM` and `AutoTokenizer.from_pretrained(out)` load
+    it, and so do this library's loaders. Written beside `out`, then renamed into place."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not an empty directory; pass overwrite=True (--overwrite) "
+                              "to replace it")
+    model, tok = load_model_and_tokenizer(checkpoint, tokenizer=tokenizer, dtype=dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    MixConHFForCausalLM.from_mixcon(model).save_pretrained(tmp)
+    hf_tokenizer(tok).save_pretrained(tmp)
+    publish_directory(tmp, out)
+    return out
 
 
 AutoConfig.register(MixConHFConfig.model_type, MixConHFConfig, exist_ok=True)

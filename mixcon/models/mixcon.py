@@ -28,6 +28,7 @@ from mixcon.ops.dtypes import compute_dtype
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+HF_MODEL_TYPE = "mixcon"  # the transformers wrapper's model_type; its config.json holds the MixConConfig under it
 # Safetensors metadata of weights whose stacked MoE experts are stored (n, out, in), like nn.Linear's; files
 # without it hold them (n, in, out), as mixcon wrote them before.
 LAYOUT_KEY = "mixcon_expert_layout"
@@ -326,19 +327,26 @@ class MixConForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MixConForCausalLM:
-        """Load a model written by `save_pretrained` (or a training checkpoint's model); missing or mismatched
-        weights are an error."""
+        """Load a model written by `save_pretrained` (or a training checkpoint's model, or the transformers
+        wrapper's `save_pretrained`); missing or mismatched weights are an error."""
+        from safetensors.torch import load_file
+
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found: not a MixCon model directory")
-        config = MixConConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+        wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
+        config = MixConConfig.from_dict(raw[HF_MODEL_TYPE] if wrapped else raw)
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)
         if config.tie_embeddings:  # to_empty gives shared parameters separate storage
             model.lm_head.weight = model.embed.weight
-        state, _ = read_weights(directory / WEIGHTS_NAME, device)
+        if wrapped:  # MixConHFForCausalLM's weights: this version's layout, under its `model.` attribute
+            state = {k.removeprefix("model."): v for k, v in load_file(directory / WEIGHTS_NAME, str(device)).items()}
+        else:
+            state, _ = read_weights(directory / WEIGHTS_NAME, device)
         if config.tie_embeddings:  # the file holds one name of the shared tensor
             shared = state.get("embed.weight", state.get("lm_head.weight"))
             if shared is not None:

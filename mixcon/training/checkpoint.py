@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from mixcon.config import MixConConfig
+from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
 from mixcon.models.mixcon import WEIGHTS_METADATA, MixConForCausalLM, read_weights, upgrade_expert_layout
 
@@ -106,6 +107,23 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def publish_directory(tmp: Path, final: Path) -> None:
+    """Make the finished directory `tmp` appear as `final` at once: its files are synced to disk, then it is
+    renamed into place; a `final` already there is swapped out first and deleted after."""
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            _fsync(p)
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(final.parent)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -134,8 +152,6 @@ def save_checkpoint(
         tokenizer.save(tmp / TOKENIZER_DIR)
         fingerprint = tokenizer.fingerprint()
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    for p in files:
-        _fsync(p)
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -143,15 +159,7 @@ def save_checkpoint(
         "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in files},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    _fsync(tmp / MANIFEST)
-    if final.exists():  # the same step saved again (e.g. after a resume): swap, then delete the old copy
-        old = root / f".tmp-old-{final.name}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync(root)
+    publish_directory(tmp, final)  # the same step saved again (e.g. after a resume) replaces the old copy
     for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(stale)
     return final
@@ -253,13 +261,21 @@ def model_directory(path: str | Path) -> Path:
     return path
 
 
-def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: str | None = None,
+def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: str | Path | None = None,
                              dtype: torch.dtype | None = None) -> tuple[MixConForCausalLM, AnyTokenizer]:
     """Model (in eval mode, cast to `dtype` unless None) and tokenizer from a run directory (its latest
     checkpoint), a checkpoint (verified against its manifest) or a `save_pretrained` directory (then
-    `tokenizer` must name one unless it has tokenizer/)."""
+    `tokenizer` must name one unless it has tokenizer/ or, as `mixcon export hf` writes, a tokenizer.json)."""
     path = model_directory(path)
     model = MixConForCausalLM.from_pretrained(path, device=device).to(dtype).eval()
-    if tokenizer is None and not (path / TOKENIZER_DIR).is_dir():
-        raise FileNotFoundError(f"{path} has no {TOKENIZER_DIR}/; name the tokenizer with --tokenizer")
-    return model, load_tokenizer(tokenizer or path / TOKENIZER_DIR)
+    if tokenizer is None:
+        found = [p for p in (path / TOKENIZER_DIR, path / TOKENIZER_FILE) if p.exists()]
+        if not found:
+            raise FileNotFoundError(f"{path} has no {TOKENIZER_DIR}/ nor {TOKENIZER_FILE}; "
+                                    "name the tokenizer with --tokenizer")
+        tokenizer = found[0]
+    tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {str(tokenizer)!r} has {tok.vocab_size} ids, more than the model's vocab_size "
+                         f"{model.config.vocab_size}: not the tokenizer this model was trained with")
+    return model, tok

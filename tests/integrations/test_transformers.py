@@ -13,9 +13,11 @@ pytest.importorskip("transformers", minversion="5", reason="needs transformers >
 
 from transformers import AutoModelForCausalLM, DynamicCache, pipeline
 
+from mixcon import MixConForCausalLM
 from mixcon.data import ByteTokenizer
 from mixcon.data.tokenizer import train_bpe_tokenizer
-from mixcon.integrations.transformers import MixConHFConfig, MixConHFForCausalLM, hf_tokenizer
+from mixcon.integrations.transformers import MixConHFConfig, MixConHFForCausalLM, export_hf, hf_tokenizer
+from mixcon.training.checkpoint import load_model_and_tokenizer, save_checkpoint
 
 EOS, PAD = 299, 298  # of the `tiny` preset's 300 ids
 
@@ -218,8 +220,18 @@ def test_tokenizer_and_text_generation_pipeline(tiny_model):
     new = model.generate(torch.tensor([[tok.eos_id, *tok.encode("class Point")]]), 8, eos_token_id=tok.eos_id)
     assert out[0]["generated_text"] == tok.decode(new[0, 1 + len(tok.encode("class Point")):].tolist())
 
-    with pytest.raises(ValueError, match="only BPE"):
-        hf_tokenizer(ByteTokenizer())
+
+
+def test_byte_tokenizer_as_a_transformers_tokenizer():
+    tok = ByteTokenizer()
+    htok = hf_tokenizer("bytes")
+    texts = ["héllo <|eos|>", "😀\n"]
+    batch = htok(texts, padding=True).input_ids
+    assert batch[0] == [tok.eos_id, *tok.encode(texts[0])]
+    short = [tok.eos_id, *tok.encode(texts[1])]
+    assert batch[1] == [tok.pad_id] * (len(batch[0]) - len(short)) + short  # padded on the left
+    assert htok.batch_decode(batch, skip_special_tokens=True) == texts
+    assert len(htok) == tok.vocab_size
 
 
 @pytest.fixture
@@ -265,4 +277,66 @@ def test_trainer_trains_and_saves_a_loadable_model(tiny_model, trainer_args, tmp
     trainer.save_model(str(tmp_path / "trained"))
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "trained").eval()
     assert torch.equal(back(ids[None]).logits, hf.eval()(ids[None]).logits)
+    mixcon = MixConForCausalLM.from_pretrained(tmp_path / "trained").eval()  # and back in this library
+    assert torch.equal(mixcon(ids[None]).logits, hf(ids[None]).logits)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_mixcon_loads_what_the_wrapper_saved(tiny_model, tmp_path, tie):
+    hf = MixConHFForCausalLM.from_mixcon(tiny_model(dtype=torch.float32, tie_embeddings=tie)).eval()
+    hf.save_pretrained(tmp_path)
+    model = MixConForCausalLM.from_pretrained(tmp_path).eval()
+    assert model.config == hf.model.config and (model.lm_head.weight is model.embed.weight) == tie
+    ids, mask = left_padded()
+    assert torch.equal(model(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_model):
+    """A run of this library with a BPE tokenizer: its model (fp32) and tokenizer, and the run directory."""
+    text = "def add(a, b):\n    return a + b\n" * 20 + "class Point:\n    x: int = 0\n" * 20
+    tok = train_bpe_tokenizer([text], vocab_size=300)
+    model = tiny_model(dtype=torch.float32, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                       pad_token_id=tok.pad_id)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: once, as training saves
+    save_checkpoint(tmp_path / "run", 5, config=model.config, model_state=state, optimizer_state={}, trainer_state={},
+                    tokenizer=tok)
+    return model, tok, tmp_path / "run"
+
+
+def test_export_hf_loads_through_the_auto_classes_and_back(run_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model, tok, run = run_dir
+    out = export_hf(run, tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                    "tokenizer.json", "tokenizer_config.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    htok = AutoTokenizer.from_pretrained(out)
+    prompts = ["class Point", "def add(a, <|eos|>"]
+    batch = htok(prompts, return_tensors="pt", padding=True)
+    assert htok.padding_side == "left" and batch.input_ids[1].tolist() == [tok.eos_id, *tok.encode(prompts[1])]
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = model.generate(batch.input_ids, 6, attention_mask=batch.attention_mask, eos_token_id=tok.eos_id,
+                              pad_token_id=tok.pad_id)
+    assert torch.equal(hf.generate(**batch, max_new_tokens=6, do_sample=False), expected)
+    again, again_tok = load_model_and_tokenizer(out)  # `mixcon generate` / `eval` read the export
+    assert torch.equal(again(batch.input_ids).logits, model(batch.input_ids).logits)
+    assert again_tok.encode(prompts[1]) == tok.encode(prompts[1])
+
+
+def test_export_hf_in_bf16_and_over_an_existing_directory(run_dir, tmp_path):
+    model, _, run = run_dir
+    (tmp_path / "hf").mkdir()  # empty: fine
+    export_hf(run, tmp_path / "hf")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_hf(run, tmp_path / "hf", dtype=torch.bfloat16)
+    out = export_hf(run, tmp_path / "hf", tokenizer="bytes", dtype=torch.bfloat16, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    back, back_tok = load_model_and_tokenizer(out)
+    assert back_tok.vocab_size == 259 and back_tok.encode("é") == [0xC3, 0xA9]  # the tokenizer given, not the run's
+    ids = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(back(ids).logits, model.to(torch.bfloat16).float()(ids).logits)
 

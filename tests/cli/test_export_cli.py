@@ -1,0 +1,60 @@
+"""`mixcon export hf`: the written directory generates what the checkpoint does; clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
+
+from mixcon.cli import main
+from mixcon.data import ByteTokenizer, train_bpe_tokenizer
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, tiny_model) -> Path:
+    """A saved tiny model with its byte tokenizer in tokenizer/."""
+    tok = ByteTokenizer()
+    model = tiny_model(dtype=torch.float32, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    model.save_pretrained(tmp_path / "model")
+    tok.save(tmp_path / "model" / "tokenizer")
+    return tmp_path / "model"
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "hf", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--checkpoint", "--out", "--tokenizer", "--dtype", "--overwrite", "AutoTokenizer"]:
+        assert flag in text
+
+
+def test_the_export_generates_what_the_checkpoint_does(model_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main(["export", "hf", "--checkpoint", str(model_dir), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    texts = []
+    for source in (model_dir, out):
+        assert main(["generate", "--checkpoint", str(source), "--prompt", "ROMEO:", "--greedy",
+                     "--max-new-tokens", "12"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("ROMEO:") and len(texts[0]) > len("ROMEO:\n")
+
+
+def test_errors_exit_with_the_reason(model_dir, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("not ours")
+    with pytest.raises(SystemExit, match=r"mixcon export hf: .*not an empty directory.*--overwrite"):
+        main(["export", "hf", "--checkpoint", str(model_dir), "--out", str(out)])
+    assert (out / "keep.txt").read_text() == "not ours"
+    bpe = train_bpe_tokenizer(["some text to merge, some text to merge\n"] * 50, vocab_size=300)
+    bpe.save(tmp_path / "bpe")
+    with pytest.raises(SystemExit, match=r"mixcon export hf: .*has 2\d\d ids, more than the model's vocab_size 259"):
+        main(["export", "hf", "--checkpoint", str(model_dir), "--out", str(tmp_path / "x"),
+              "--tokenizer", str(tmp_path / "bpe")])
+    with pytest.raises(SystemExit, match=r"mixcon export hf: .*nothing"):
+        main(["export", "hf", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")])
