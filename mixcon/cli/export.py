@@ -11,9 +11,10 @@ from mixcon.training.checkpoint import CheckpointError
 DESCRIPTION = """\
 Write a model with its tokenizer as a transformers directory: config.json (model_type "mixcon"),
 model.safetensors, generation_config.json, tokenizer.json and tokenizer_config.json (texts start with EOS,
-as training documents do; padding on the left). After `import mixcon.integrations.transformers`,
-AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT) load it; `mixcon generate`
-and `mixcon eval` read it too. Needs `pip install 'mixcon[hf]'`."""
+as training documents do; padding on the left), and modeling_mixcon.py. AutoTokenizer.from_pretrained(OUT)
+loads the tokenizer; AutoModelForCausalLM.from_pretrained(OUT) the model after `import
+mixcon.integrations.transformers`, or with trust_remote_code=True wherever mixcon is installed (e.g. tools
+that take a model path); `mixcon generate` and `mixcon eval` read it too. Needs `pip install 'mixcon[hf]'`."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +36,6 @@ def run_hf(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite)
     except (CheckpointError, ImportError, OSError, ValueError) as e:
         raise SystemExit(f"mixcon export hf: {e}") from e
-    print(f"wrote {out}: AutoModelForCausalLM / AutoTokenizer.from_pretrained load it once "
-          "mixcon.integrations.transformers is imported")
+    print(f"wrote {out}: AutoTokenizer.from_pretrained loads it, and AutoModelForCausalLM.from_pretrained after "
+          "`import mixcon.integrations.transformers` or with trust_remote_code=True")
     return 0

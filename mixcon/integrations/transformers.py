@@ -215,12 +215,24 @@ def hf_tokenizer(tokenizer: AnyTokenizer | str | Path) -> PreTrainedTokenizerFas
                                    padding_side="left", split_special_tokens=True)
 
 
+REMOTE_CODE_MODULE = "modeling_mixcon"
+REMOTE_CODE = f'''"""This model's code is the mixcon library's (`pip install "mixcon[hf]"`): this file lets transformers
+load it with trust_remote_code=True in a program that does not import mixcon itself."""
+
+from {__name__} import MixConHFConfig, MixConHFForCausalLM
+
+__all__ = ["MixConHFConfig", "MixConHFForCausalLM"]
+'''
+
+
 def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
               dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write a run, checkpoint or model directory of this library (and its tokenizer, or `tokenizer`) as one
     transformers directory: `save_pretrained`'s config.json, model.safetensors and generation_config.json,
-    and the `hf_tokenizer` files, so that `AutoModelForCausalLM` and `AutoTokenizer.from_pretrained(out)` load
-    it, and so do this library's loaders. Written beside `out`, then renamed into place."""
+    the `hf_tokenizer` files, and modeling_mixcon.py (named by the config's `auto_map`), so that
+    `AutoModelForCausalLM.from_pretrained(out)` loads it once this module is imported, or wherever mixcon is
+    installed with `trust_remote_code=True`; `AutoTokenizer.from_pretrained(out)` and this library's loaders
+    load it too. Written beside `out`, then renamed into place."""
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not an empty directory; pass overwrite=True (--overwrite) "
@@ -229,7 +241,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    MixConHFForCausalLM.from_mixcon(model).save_pretrained(tmp)
+    hf_model = MixConHFForCausalLM.from_mixcon(model)
+    hf_model.config.auto_map = {"AutoConfig": f"{REMOTE_CODE_MODULE}.MixConHFConfig",
+                                "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.MixConHFForCausalLM"}
+    hf_model.save_pretrained(tmp)
+    (tmp / f"{REMOTE_CODE_MODULE}.py").write_text(REMOTE_CODE)
     hf_tokenizer(tok).save_pretrained(tmp)
     publish_directory(tmp, out)
     return out

@@ -4,6 +4,8 @@ search), save and load through the Auto classes, the tokenizer and a text-genera
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -310,7 +312,7 @@ def test_export_hf_loads_through_the_auto_classes_and_back(run_dir, tmp_path):
     model, tok, run = run_dir
     out = export_hf(run, tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                    "tokenizer.json", "tokenizer_config.json"]
+                                                    "modeling_mixcon.py", "tokenizer.json", "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     htok = AutoTokenizer.from_pretrained(out)
     prompts = ["class Point", "def add(a, <|eos|>"]
@@ -323,6 +325,30 @@ def test_export_hf_loads_through_the_auto_classes_and_back(run_dir, tmp_path):
     again, again_tok = load_model_and_tokenizer(out)  # `mixcon generate` / `eval` read the export
     assert torch.equal(again(batch.input_ids).logits, model(batch.input_ids).logits)
     assert again_tok.encode(prompts[1]) == tok.encode(prompts[1])
+
+
+def test_export_hf_loads_with_remote_code_where_mixcon_is_not_imported(run_dir, tmp_path):
+    """A fresh interpreter that imports only transformers: trust_remote_code=True loads the export through its
+    modeling_mixcon.py, and without it transformers refuses rather than guessing."""
+    model, tok, run = run_dir
+    out = export_hf(run, tmp_path / "hf")
+    ids = [tok.eos_id, *tok.encode("class Point")]
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained({str(out)!r})
+    sys.exit("loaded without trust_remote_code")
+except ValueError as e:
+    assert "trust_remote_code" in str(e), e
+assert "mixcon" not in sys.modules
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+assert type(model).__module__ == "mixcon.integrations.transformers"
+torch.save(model(torch.tensor([{ids}])).logits, {str(tmp_path / "logits.pt")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), model(torch.tensor([ids])).logits)
 
 
 def test_export_hf_in_bf16_and_over_an_existing_directory(run_dir, tmp_path):
