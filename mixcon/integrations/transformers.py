@@ -29,6 +29,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+import mixcon
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
@@ -225,11 +226,41 @@ __all__ = ["MixConHFConfig", "MixConHFForCausalLM"]
 '''
 
 
+def model_card(model: MixConForCausalLM, source: str | Path, out: str | Path) -> str:
+    """The README.md of an export: Hub metadata, the model's layout and size, and how to load it."""
+    summary = model.summary().splitlines()
+    return f'''---
+library_name: mixcon
+pipeline_tag: text-generation
+tags: [mixcon, conba, state-space-model, mixture-of-experts]
+---
+
+# MixCon model
+
+Exported by mixcon {mixcon.__version__} from `{source}`.
+
+{summary[0]}; {summary[1]}; {summary[-1]}.
+
+```python
+import mixcon.integrations.transformers  # registers the "mixcon" model type (pip install "mixcon[hf]")
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({str(out)!r})  # starts every text with EOS, as in training
+model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+batch = tokenizer(["def "], return_tensors="pt")
+print(tokenizer.batch_decode(model.generate(**batch, max_new_tokens=20), skip_special_tokens=True))
+```
+
+Without the first import, `from_pretrained(..., trust_remote_code=True)` loads the model through the
+bundled `{REMOTE_CODE_MODULE}.py`, which imports mixcon.
+'''
+
+
 def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
               dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write a run, checkpoint or model directory of this library (and its tokenizer, or `tokenizer`) as one
     transformers directory: `save_pretrained`'s config.json, model.safetensors and generation_config.json,
-    the `hf_tokenizer` files, and modeling_mixcon.py (named by the config's `auto_map`), so that
+    the `hf_tokenizer` files, modeling_mixcon.py (named by the config's `auto_map`) and a model card, so that
     `AutoModelForCausalLM.from_pretrained(out)` loads it once this module is imported, or wherever mixcon is
     installed with `trust_remote_code=True`; `AutoTokenizer.from_pretrained(out)` and this library's loaders
     load it too. Written beside `out`, then renamed into place."""
@@ -247,6 +278,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     hf_model.save_pretrained(tmp)
     (tmp / f"{REMOTE_CODE_MODULE}.py").write_text(REMOTE_CODE)
     hf_tokenizer(tok).save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(model, checkpoint, out))
     publish_directory(tmp, out)
     return out
 

@@ -311,8 +311,9 @@ def test_export_hf_loads_through_the_auto_classes_and_back(run_dir, tmp_path):
 
     model, tok, run = run_dir
     out = export_hf(run, tmp_path / "hf")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                    "modeling_mixcon.py", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                    "model.safetensors", "modeling_mixcon.py", "tokenizer.json",
+                                                    "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     htok = AutoTokenizer.from_pretrained(out)
     prompts = ["class Point", "def add(a, <|eos|>"]
@@ -325,6 +326,18 @@ def test_export_hf_loads_through_the_auto_classes_and_back(run_dir, tmp_path):
     again, again_tok = load_model_and_tokenizer(out)  # `mixcon generate` / `eval` read the export
     assert torch.equal(again(batch.input_ids).logits, model(batch.input_ids).logits)
     assert again_tok.encode(prompts[1]) == tok.encode(prompts[1])
+
+
+def test_export_hf_model_card_has_hub_metadata_and_code_that_runs(run_dir, tmp_path, capsys):
+    model, tok, run = run_dir
+    out = export_hf(run, tmp_path / "exported 'model'")  # a path that needs quoting in the card's code
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: mixcon\npipeline_tag: text-generation\n")
+    assert model.summary().splitlines()[-1] in card and str(run) in card
+    code = card.split("```python\n")[1].split("```")[0]
+    exec(code, {})
+    expected = model.generate(torch.tensor([[tok.eos_id, *tok.encode("def ")]]), 20, eos_token_id=tok.eos_id)
+    assert capsys.readouterr().out.strip() == str([tok.decode(expected[0].tolist())])
 
 
 def test_export_hf_loads_with_remote_code_where_mixcon_is_not_imported(run_dir, tmp_path):
