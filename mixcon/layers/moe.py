@@ -86,21 +86,18 @@ class MoE(nn.Module):
         routing = routing.scatter(1, experts, weights.to(ys.dtype))  # (M, n)
         return torch.einsum("nmd,mn->md", ys, routing).to(h.dtype)
 
-    def mix(self, h: torch.Tensor) -> torch.Tensor:
-        """The MoE output alone, (..., d) -> (..., d), without router statistics: the decoding step,
-        free of data-dependent shapes (gathered experts for a few tokens, all experts for more)."""
-        flat = h.reshape(-1, h.shape[-1])
-        _, _, weights, experts = self.route(flat)
-        few = experts.numel() <= self.n_experts
-        out = (self.combine_gathered if few else self.combine_dense)(flat, weights, experts)
-        return out.reshape(h.shape)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, h: torch.Tensor, stats: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
+        """(..., d) -> (..., d) and the router statistics. stats=False: the output alone (and None), free of
+        data-dependent shapes, for the decoding step (gathered experts for a few tokens, all experts for more)."""
         shape = h.shape
         h = h.reshape(-1, shape[-1])  # (M, d)
         logits, probs, weights, experts = self.route(h)
+        few = experts.numel() <= self.n_experts  # e.g. one token
+        if not stats:
+            out = (self.combine_gathered if few else self.combine_dense)(h, weights, experts)
+            return out.reshape(shape), None
         counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts)  # (n,)
-        if experts.numel() <= self.n_experts:  # e.g. one token
+        if few:
             out = self.combine_gathered(h, weights, experts)
         else:
             out = self.combine(h, weights, experts, counts)

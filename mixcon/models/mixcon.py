@@ -95,7 +95,7 @@ class MixConLayer(nn.Module):
         """One new token per row through the layer, (B, 1, d) -> (B, 1, d); updates its cache tensors."""
         h = h + self.mixer.decode(self.mixer_norm(h), cache, step)
         f = self.ffn_norm(h)
-        return h + (self.ffn.mix(f) if isinstance(self.ffn, MoE) else self.ffn(f))
+        return h + (self.ffn(f, stats=False)[0] if self.ffn_kind == "moe" else self.ffn(f))  # ffn may be wrapped
 
 
 class MixConForCausalLM(nn.Module):
