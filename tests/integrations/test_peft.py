@@ -1,0 +1,99 @@
+"""LoRA with PEFT on the transformers wrapper: adapters on the projections (Conba, attention, MLPs) and on the
+stacked experts (`target_parameters`) change the model, decode through the cache as the full forward does,
+save and load, merge into a plain model that this library loads, and train while the base stays frozen."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
+pytest.importorskip("peft", minversion="0.17", reason="needs peft >= 0.17 (target_parameters)")
+
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from mixcon import MixConForCausalLM
+from mixcon.integrations.transformers import MixConHFForCausalLM
+
+EOS, PAD = 299, 298  # of the `tiny` preset's 300 ids
+PROJECTIONS = ["in_proj", "out_proj", "qkv", "gate_up", "down"]  # Conba, attention, dense MLP (nn.Linear)
+EXPERTS = ["ffn.w_gate_up", "ffn.w_down"]  # the MoE layers' stacked (n, out, in) expert weights
+TARGETS = {"projections": dict(target_modules=PROJECTIONS), "experts": dict(target_parameters=EXPERTS)}
+
+
+@pytest.fixture
+def base(tiny_model) -> MixConForCausalLM:
+    return tiny_model(eos_token_id=EOS, pad_token_id=PAD)  # fp64
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 290, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def wrapped(model: MixConForCausalLM, **lora: object) -> PeftModel:
+    """A copy of `model` behind transformers' interface with LoRA adapters of rank 4."""
+    torch.manual_seed(2)
+    return get_peft_model(MixConHFForCausalLM.from_mixcon(copy.deepcopy(model)), LoraConfig(r=4, **lora))
+
+
+@pytest.mark.parametrize("targets", TARGETS)
+def test_adapters_decode_save_and_merge(base, targets, tmp_path):
+    ids, mask = inputs()
+    model = wrapped(base, init_lora_weights=False, **TARGETS[targets]).eval()  # random adapters, not the B = 0 start
+    with torch.no_grad():
+        adapted = model(input_ids=ids, attention_mask=mask).logits
+        assert (adapted - base(ids, attention_mask=mask).logits).abs().max() > 1e-2
+    runs = [model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=use)
+            for use in (True, False)]
+    assert torch.equal(runs[0], runs[1])  # the decoding step sees the adapters as the full forward does
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(MixConHFForCausalLM.from_mixcon(copy.deepcopy(base)), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids, attention_mask=mask).logits, adapted)
+
+    merged = model.merge_and_unload()
+    assert isinstance(merged, MixConHFForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, attention_mask=mask).logits, adapted, rtol=1e-9, atol=1e-9)
+    merged.save_pretrained(tmp_path / "merged")
+    back = MixConForCausalLM.from_pretrained(tmp_path / "merged").double().eval()  # loads in fp32
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, attention_mask=mask).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def lora_training(base: MixConForCausalLM, ids: torch.Tensor, checkpointing: bool) -> list[float]:
+    """Losses of 8 AdamW steps on LoRA adapters of projections and experts; checks that only adapters move."""
+    model = wrapped(base, target_modules=PROJECTIONS, target_parameters=EXPERTS)
+    with torch.no_grad():  # LoRA's B starts at 0: the base model's outputs
+        assert torch.equal(model.eval()(input_ids=ids).logits, base(ids).logits)
+    if checkpointing:
+        model.activation_checkpointing_enable()
+        assert any(type(m).__name__ == "CheckpointWrapper" for m in model.modules())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=2e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    return losses
+
+
+def test_training_moves_only_the_adapters_with_or_without_activation_checkpointing(base):
+    ids, _ = inputs()
+    losses = lora_training(base, ids, checkpointing=False)
+    assert losses[-1] < losses[0] - 0.1
+    assert lora_training(base, ids, checkpointing=True) == pytest.approx(losses, rel=1e-12)
