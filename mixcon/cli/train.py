@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mixcon.cli.common import add_config_args, config_from_args
+from mixcon.cli.common import add_config_args, config_from_args, parse_overrides
 from mixcon.cli.generate import stream
 from mixcon.config import MixConConfig
 from mixcon.data import Corpus, ShardDataset, TrainLoader, eval_batches, load_tokenizer, prepare_shards
@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a MixCon model: tokenizer and shards from the corpus, AdamW with warmup + cosine, "
                     "validation (loss, perplexity, bits per byte), checkpoints, metrics.jsonl and loss.png in --out, "
-                    "then a sample. Ctrl-C or SIGTERM saves and exits; --resume continues exactly. Several "
+                    "then a sample. Ctrl-C or SIGTERM saves and exits; --resume continues exactly; --init-from "
+                    "starts a new run (e.g. fine-tuning on another corpus) from a model's weights. Several "
                     "processes: torchrun --nproc_per_node N -m mixcon train ...")
     add_config_args(p)
     p.set_defaults(config=None)  # None: "small" for a new run, the checkpoint's config on --resume
@@ -80,6 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue the latest checkpoint in --out, or the given checkpoint / run directory; options "
                         "not given again keep their saved values")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from the weights (and tokenizer) of a run directory, checkpoint, save_pretrained or "
+                        "`mixcon export hf` directory: a new run at step 0 with a fresh optimizer; its config is the "
+                        "model's, --set may change fields that keep the weights' shapes")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that has checkpoints")
     for flag, kind, text in OPTION_FLAGS:
         default = getattr(DEFAULTS, _field(flag))
@@ -112,18 +117,26 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
     say = print if env.is_main else _quiet
+    if args.init_from is not None and args.resume is not None:
+        raise SystemExit("mixcon train: --resume continues a run, --init-from starts a new one from a model's "
+                         "weights; give one of them")
     resume = None
     if args.resume is not None:
         resume = ckpt.resolve_checkpoint(args.resume or _out_dir(args))
     out = Path(args.out) if args.out else (resume.parent.parent if resume else _out_dir(args))
     options = _options(args, resume, say)
+    initial = _initial_model(args, out)  # (its directory, model, tokenizer) or None
     if resume is None:
         _check_fresh(out, args.overwrite, env)
-    tok = _tokenizer(options, resume, out, args, env)
-    config = _config(args, resume, tok)
+    tok = initial[2] if initial else _tokenizer(options, resume, out, args, env)
+    config = _config(args, resume, tok, initial[1].config if initial else None)
     ds = _dataset(options, tok, out, env)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
+    if initial:
+        state = initial[1].state_dict()
+        ckpt.check_model_state(state, {k: v.shape for k, v in model.state_dict().items()}, initial[0])
+        model.load_state_dict(state)
     say(model.summary())
     say(ds.summary())
     loader = TrainLoader(ds, options.seq_len, options.batch_size, seed=options.seed)
@@ -138,7 +151,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
     deadline = None
     if options.time_budget is not None:
         deadline = start + options.time_budget - (SAMPLE_SECONDS if args.sample_tokens > 0 else 0.0)
-    say(f"training {'from ' + str(resume) if resume else 'from scratch'} in {out}: {options.batch_size} x "
+    origin = f"from {resume}" if resume else f"from the weights of {initial[0]}" if initial else "from scratch"
+    say(f"training {origin} in {out}: {options.batch_size} x "
         f"{options.seq_len} tokens per step, " + (f"{options.steps} steps" if options.steps else
                                                   f"as many steps as fit {options.time_budget:.0f} s"))
     try:
@@ -188,6 +202,23 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOp
     return options
 
 
+def _initial_model(args: argparse.Namespace, out: Path) -> tuple[Path, MixConForCausalLM, AnyTokenizer] | None:
+    """The model directory of --init-from, its model and tokenizer (its own unless --tokenizer names one), or None."""
+    if args.init_from is None:
+        return None
+    if args.config is not None:
+        raise SystemExit("mixcon train: --init-from takes the model's config; --config cannot change it (--set can "
+                         "change fields that keep the weights' shapes)")
+    tokenizer = getattr(args, "tokenizer", None)
+    if tokenizer == "bpe":
+        raise SystemExit("mixcon train: --init-from keeps the model's tokenizer; --tokenizer bpe would train a new "
+                         "one (name 'bytes' or a tokenizer path, or leave --tokenizer out)")
+    source = ckpt.model_directory(args.init_from)
+    if source.resolve().is_relative_to(out.resolve()):
+        raise SystemExit(f"mixcon train: --init-from {args.init_from} lies in --out {out}; choose another --out")
+    return source, *ckpt.load_model_and_tokenizer(source, tokenizer=tokenizer)
+
+
 def _check_fresh(out: Path, overwrite: bool, env: DistEnv) -> None:
     latest = ckpt.latest_checkpoint(out)
     if latest is None:
@@ -223,13 +254,20 @@ def _requested_config(args: argparse.Namespace) -> MixConConfig:
     return config_from_args(argparse.Namespace(config=args.config or "small", overrides=args.overrides))
 
 
-def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer) -> MixConConfig:
+def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
+            initial: MixConConfig | None) -> MixConConfig:
     """The config asked for (vocabulary and special tokens from the tokenizer), or the resumed checkpoint's when
-    neither --config nor --set is given."""
+    neither --config nor --set is given; from --init-from, the model's with the --set changes (the vocabulary
+    stays the model's, the special tokens are the tokenizer's)."""
     if resume is not None and args.config is None and not args.overrides:
         return MixConConfig.load(resume / ckpt.CONFIG_FILE)
-    return _requested_config(args).replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    specials = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    if initial is not None:
+        try:
+            return initial.replace(**{**parse_overrides(args.overrides), **specials})
+        except ValueError as e:
+            raise SystemExit(f"mixcon train: --set: {e}") from e
+    return _requested_config(args).replace(vocab_size=tok.vocab_size, **specials)
 
 
 def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv) -> ShardDataset:

@@ -9,8 +9,9 @@ import torch
 
 pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
 
+from mixcon import MixConForCausalLM
 from mixcon.cli import main
-from mixcon.data import ByteTokenizer, train_bpe_tokenizer
+from mixcon.data import ByteTokenizer, load_tokenizer, train_bpe_tokenizer
 
 
 @pytest.fixture
@@ -58,3 +59,17 @@ def test_errors_exit_with_the_reason(model_dir, tmp_path):
               "--tokenizer", str(tmp_path / "bpe")])
     with pytest.raises(SystemExit, match=r"mixcon export hf: .*nothing"):
         main(["export", "hf", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")])
+
+
+def test_training_starts_from_an_export(model_dir, tmp_path):
+    """A model that went out to transformers comes back as the start of a new run (learning rate 0: unchanged)."""
+    out = tmp_path / "hf"
+    assert main(["export", "hf", "--checkpoint", str(model_dir), "--out", str(out)]) == 0
+    (tmp_path / "c.txt").write_text("To be, or not to be, that is the question.\n" * 40)
+    assert main(["train", "--init-from", str(out), "--corpus", str(tmp_path / "c.txt"), "--val-fraction", "0",
+                 "--steps", "1", "--lr", "0", "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0",
+                 "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    run = MixConForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-00000001")
+    source = MixConForCausalLM.from_pretrained(model_dir)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in run.state_dict().items())
+    assert load_tokenizer(tmp_path / "run" / "checkpoints" / "step-00000001" / "tokenizer").encode("é") == [0xC3, 0xA9]

@@ -7,16 +7,19 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
+from mixcon import MixConForCausalLM
 from mixcon.cli import main
 from mixcon.data import load_tokenizer
+from mixcon.training.checkpoint import read_trainer_state
 from mixcon.training.metrics import read_metrics
 
 
 @pytest.mark.parametrize(("command", "flags"), [
     ("train", ["--config", "--set", "--out", "--resume", "--time-budget", "--steps", "--batch-size",
                "--micro-batch-size", "--parallel", "--activation-checkpointing", "--compile", "--precision",
-               "--corpus", "--tokenizer", "--max-bytes", "torchrun"]),
+               "--corpus", "--tokenizer", "--max-bytes", "--init-from", "torchrun"]),
     ("generate", ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--greedy",
                   "--dtype", "--compile"]),
 ])
@@ -97,3 +100,61 @@ def test_config_file_and_corrupt_checkpoint_refused_by_generate(corpus, tmp_path
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(SystemExit, match=r"model\.safetensors: corrupt"):
         main(["generate", "--checkpoint", str(run), "--max-new-tokens", "2"])
+
+
+def test_init_from_starts_a_new_run_from_a_models_weights(corpus, tmp_path, capsys):
+    common = ["--corpus", str(corpus), "--val-fraction", "0.2", "--batch-size", "2", "--seq-len", "16",
+              "--eval-batches", "1", "--sample-tokens", "0", "--no-progress"]
+    first = tmp_path / "first"
+    assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--steps", "4", "--out", str(first),
+                 *common]) == 0
+    source = first / "checkpoints" / "step-00000004"
+    trained = MixConForCausalLM.from_pretrained(source)
+
+    # At learning rate 0 the new run keeps the weights it starts from, under a config changed by --set.
+    still = tmp_path / "still"
+    capsys.readouterr()
+    assert main(["train", "--init-from", str(first), "--steps", "2", "--lr", "0", "--set", "router_aux_loss_coef=0.05",
+                 "--out", str(still), *common]) == 0
+    assert f"training from the weights of {source} in {still}" in capsys.readouterr().out
+    kept = MixConForCausalLM.from_pretrained(still / "checkpoints" / "step-00000002")
+    assert kept.config == trained.config.replace(router_aux_loss_coef=0.05)
+    assert kept.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in kept.state_dict().items())
+    assert [r["step"] for r in read_metrics(still / "metrics.jsonl") if "loss" in r] == [1, 2]  # a new run
+
+    # A model directory without a tokenizer (named by --tokenizer), trained on: a fresh optimizer at step 1.
+    trained.save_pretrained(tmp_path / "model")
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--init-from", str(tmp_path / "model"), "--tokenizer", "bytes", "--steps", "2",
+                 "--out", str(tuned), *common]) == 0
+    moved = MixConForCausalLM.from_pretrained(tuned / "checkpoints" / "step-00000002")
+    assert not torch.equal(moved.embed.weight, trained.embed.weight)
+    assert read_trainer_state(tuned / "checkpoints" / "step-00000002")["step"] == 2
+    resume = ["train", "--out", str(tuned), "--resume", "--steps", "3", "--no-progress", "--sample-tokens", "0"]
+    assert main(resume) == 0
+    assert [r["step"] for r in read_metrics(tuned / "metrics.jsonl") if "loss" in r] == [1, 2, 3]  # resumes as any run
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--resume"], r"--resume continues a run, --init-from starts a new one"),
+    (["--config", "tiny"], r"--init-from takes the model's config"),
+    (["--tokenizer", "bpe"], r"--tokenizer bpe would train a new one"),
+    (["--set", "d_model=64"], r"weights do not match the model.*wrong shape"),
+    (["--set", "top_k=9"], r"--set: .*top_k"),
+])
+def test_init_from_refuses_what_cannot_work(tmp_path, tiny_model, extra, message):
+    model = tiny_model(dtype=torch.float32, vocab_size=259)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "c.txt").write_text("some text\n" * 50)
+    tokenizer = [] if "--tokenizer" in extra else ["--tokenizer", "bytes"]
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--init-from", str(tmp_path / "model"), *tokenizer, "--corpus", str(tmp_path / "c.txt"),
+              "--val-fraction", "0", "--steps", "1", "--out", str(tmp_path / "run"), *extra])
+
+
+def test_init_from_refuses_its_own_run_as_out(tmp_path, tiny_model):
+    tiny_model(dtype=torch.float32, vocab_size=259).save_pretrained(tmp_path / "run" / "model")
+    with pytest.raises(SystemExit, match=r"lies in --out"):
+        main(["train", "--init-from", str(tmp_path / "run" / "model"), "--tokenizer", "bytes", "--steps", "1",
+              "--out", str(tmp_path / "run"), "--overwrite"])
