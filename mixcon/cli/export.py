@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (renamed into place when done)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
     add_dtype_argument(p)
+    p.add_argument("--max-shard-size", default="50GB",
+                   help="largest weights file; bigger models are sharded as transformers shards them, e.g. 5GB "
+                        "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.set_defaults(func=run_hf)
 
@@ -34,7 +37,7 @@ def run_hf(args: argparse.Namespace) -> int:
         from mixcon.integrations.transformers import export_hf
 
         out = export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=DTYPES[args.dtype],
-                        overwrite=args.overwrite)
+                        max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     except (CheckpointError, ImportError, OSError, ValueError) as e:
         raise SystemExit(f"mixcon export hf: {e}") from e
     print(f"wrote {out}: AutoTokenizer.from_pretrained loads it, and AutoModelForCausalLM.from_pretrained after "

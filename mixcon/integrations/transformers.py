@@ -257,13 +257,14 @@ bundled `{REMOTE_CODE_MODULE}.py`, which imports mixcon.
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
-              dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+              dtype: torch.dtype | None = None, max_shard_size: int | str = "50GB", overwrite: bool = False) -> Path:
     """Write a run, checkpoint or model directory of this library (and its tokenizer, or `tokenizer`) as one
     transformers directory: `save_pretrained`'s config.json, model.safetensors and generation_config.json,
     the `hf_tokenizer` files, modeling_mixcon.py (named by the config's `auto_map`) and a model card, so that
     `AutoModelForCausalLM.from_pretrained(out)` loads it once this module is imported, or wherever mixcon is
     installed with `trust_remote_code=True`; `AutoTokenizer.from_pretrained(out)` and this library's loaders
-    load it too. Written beside `out`, then renamed into place."""
+    load it too. Weights over `max_shard_size` are sharded as transformers shards them. Written beside `out`,
+    then renamed into place."""
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not an empty directory; pass overwrite=True (--overwrite) "
@@ -275,7 +276,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     hf_model = MixConHFForCausalLM.from_mixcon(model)
     hf_model.config.auto_map = {"AutoConfig": f"{REMOTE_CODE_MODULE}.MixConHFConfig",
                                 "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.MixConHFForCausalLM"}
-    hf_model.save_pretrained(tmp)
+    hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
     (tmp / f"{REMOTE_CODE_MODULE}.py").write_text(REMOTE_CODE)
     hf_tokenizer(tok).save_pretrained(tmp)
     (tmp / "README.md").write_text(model_card(model, checkpoint, out))

@@ -27,6 +27,7 @@ from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
 from mixcon.ops.dtypes import compute_dtype
 
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # of a sharded model: which shard holds each tensor
 CONFIG_NAME = "config.json"
 HF_MODEL_TYPE = "mixcon"  # the transformers wrapper's model_type; its config.json holds the MixConConfig under it
 # Safetensors metadata of weights whose stacked MoE experts are stored (n, out, in), like nn.Linear's; files
@@ -59,6 +60,20 @@ def read_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     return upgrade_expert_layout(load_file(str(path), device=str(device)), metadata), metadata
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory: model.safetensors, or the shards its index names (as
+    transformers writes models over `max_shard_size`); none when it has neither."""
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    if (directory / WEIGHTS_INDEX_NAME).is_file():
+        shards = sorted(set(json.loads((directory / WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory / WEIGHTS_INDEX_NAME} names shards that are missing: {missing[:3]}")
+        return [directory / name for name in shards]
+    return []
 
 
 @dataclass
@@ -328,13 +343,14 @@ class MixConForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MixConForCausalLM:
         """Load a model written by `save_pretrained` (or a training checkpoint's model, or the transformers
-        wrapper's `save_pretrained`); missing or mismatched weights are an error."""
+        wrapper's `save_pretrained`, sharded or not); missing or mismatched weights are an error."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found: not a MixCon model directory")
+        files = weight_files(directory)
+        if not (directory / CONFIG_NAME).is_file() or not files:
+            raise FileNotFoundError(f"{directory}: not a MixCon model directory (needs {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} with its shards)")
         raw = json.loads((directory / CONFIG_NAME).read_text())
         wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
         config = MixConConfig.from_dict(raw[HF_MODEL_TYPE] if wrapped else raw)
@@ -343,10 +359,12 @@ class MixConForCausalLM(nn.Module):
         model.to_empty(device=device)
         if config.tie_embeddings:  # to_empty gives shared parameters separate storage
             model.lm_head.weight = model.embed.weight
-        if wrapped:  # MixConHFForCausalLM's weights: this version's layout, under its `model.` attribute
-            state = {k.removeprefix("model."): v for k, v in load_file(directory / WEIGHTS_NAME, str(device)).items()}
-        else:
-            state, _ = read_weights(directory / WEIGHTS_NAME, device)
+        state = {}
+        for path in files:
+            if wrapped:  # MixConHFForCausalLM's weights: this version's layout, under its `model.` attribute
+                state.update({k.removeprefix("model."): v for k, v in load_file(path, str(device)).items()})
+            else:
+                state.update(read_weights(path, device)[0])
         if config.tie_embeddings:  # the file holds one name of the shared tensor
             shared = state.get("embed.weight", state.get("lm_head.weight"))
             if shared is not None:

@@ -28,7 +28,13 @@ from safetensors.torch import save_file
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
-from mixcon.models.mixcon import WEIGHTS_METADATA, MixConForCausalLM, read_weights, upgrade_expert_layout
+from mixcon.models.mixcon import (
+    WEIGHTS_METADATA,
+    MixConForCausalLM,
+    read_weights,
+    upgrade_expert_layout,
+    weight_files,
+)
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -254,7 +260,7 @@ def model_directory(path: str | Path) -> Path:
     """The directory of a `save_pretrained` model as given, or of a run's latest checkpoint or a given
     checkpoint, verified against its manifest."""
     path = Path(path)
-    if (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file() and not (path / MANIFEST).is_file():
+    if (path / CONFIG_FILE).is_file() and weight_files(path) and not (path / MANIFEST).is_file():
         return path
     path = resolve_checkpoint(path)
     verify_files(path, read_manifest(path), prefixes=(CONFIG_FILE, MODEL_FILE, TOKENIZER_DIR))

@@ -29,7 +29,7 @@ def test_help_lists_every_option(capsys):
         main(["export", "hf", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ["--checkpoint", "--out", "--tokenizer", "--dtype", "--overwrite", "AutoTokenizer"]:
+    for flag in ["--checkpoint", "--out", "--tokenizer", "--dtype", "--max-shard-size", "--overwrite", "AutoTokenizer"]:
         assert flag in text
 
 

@@ -364,6 +364,20 @@ torch.save(model(torch.tensor([{ids}])).logits, {str(tmp_path / "logits.pt")!r})
     assert torch.equal(torch.load(tmp_path / "logits.pt"), model(torch.tensor([ids])).logits)
 
 
+def test_a_sharded_export_loads_everywhere(run_dir, tmp_path):
+    model, tok, run = run_dir
+    out = export_hf(run, tmp_path / "hf", max_shard_size="100KB")  # a ~0.8 MB model in shards
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 3 and not (out / "model.safetensors").exists()
+    ids = torch.tensor([[tok.eos_id, *tok.encode("class Point")]])
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits, model(ids).logits)
+    assert torch.equal(MixConForCausalLM.from_pretrained(out).eval()(ids).logits, model(ids).logits)
+    assert torch.equal(load_model_and_tokenizer(out)[0](ids).logits, model(ids).logits)
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match=f"names shards that are missing: .*{shards[1].name}"):
+        MixConForCausalLM.from_pretrained(out)
+
+
 def test_export_hf_in_bf16_and_over_an_existing_directory(run_dir, tmp_path):
     model, _, run = run_dir
     (tmp_path / "hf").mkdir()  # empty: fine
