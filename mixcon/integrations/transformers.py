@@ -273,14 +273,18 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf_model = MixConHFForCausalLM.from_mixcon(model)
-    hf_model.config.auto_map = {"AutoConfig": f"{REMOTE_CODE_MODULE}.MixConHFConfig",
-                                "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.MixConHFForCausalLM"}
-    hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    (tmp / f"{REMOTE_CODE_MODULE}.py").write_text(REMOTE_CODE)
-    hf_tokenizer(tok).save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(model, checkpoint, out))
-    publish_directory(tmp, out)
+    try:
+        hf_model = MixConHFForCausalLM.from_mixcon(model)
+        hf_model.config.auto_map = {"AutoConfig": f"{REMOTE_CODE_MODULE}.MixConHFConfig",
+                                    "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.MixConHFForCausalLM"}
+        hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        (tmp / f"{REMOTE_CODE_MODULE}.py").write_text(REMOTE_CODE)
+        hf_tokenizer(tok).save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(model, checkpoint, out))
+        publish_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind; `out` is as it was
+        raise
     return out
 
 

@@ -378,6 +378,21 @@ def test_a_sharded_export_loads_everywhere(run_dir, tmp_path):
         MixConForCausalLM.from_pretrained(out)
 
 
+def test_a_failed_export_leaves_the_previous_one(run_dir, tmp_path, monkeypatch):
+    _, _, run = run_dir
+    out = export_hf(run, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("mixcon.integrations.transformers.model_card", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_hf(run, out, dtype=torch.bfloat16, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_export_hf_in_bf16_and_over_an_existing_directory(run_dir, tmp_path):
     model, _, run = run_dir
     (tmp_path / "hf").mkdir()  # empty: fine
