@@ -100,4 +100,4 @@ def test_bf16_autocast_keeps_the_residual_dtype():
         out, _ = moe(h)
     assert out.dtype == torch.float32
     ref, _ = moe(h)
-    assert float((out - ref).norm() / ref.norm()) < 3e-2
+    assert float((out - ref).detach().norm() / ref.detach().norm()) < 3e-2
