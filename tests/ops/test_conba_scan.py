@@ -200,7 +200,7 @@ def test_fp32_and_bf16_match_fp64_reference_forward_and_backward(delta_rule, dty
     g = torch.autograd.grad((y.double() * w.to(device)).sum() + s.double().sum(), dev)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.double().cpu() - b).norm() / b.norm())
+        return float((a.detach().double().cpu() - b.detach()).norm() / b.detach().norm())
 
     assert rel(y, y_ref) < tol and rel(s, s_ref) < tol
     for name, a, b in zip(("x", "k", "q", "log_decay", "beta", "gain", "S0"), g, g_ref, strict=True):
