@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -38,6 +39,19 @@ def test_checkpoint_holds_everything_and_loads_as_a_model(trained):
     model = MixConForCausalLM.from_pretrained(c.path)
     assert torch.equal(model.lm_head.weight, trainer.model.embed.weight)
     assert isinstance(load_tokenizer(c.path / ckpt.TOKENIZER_DIR), ByteTokenizer)
+
+
+def test_checkpoint_files_get_the_permissions_of_the_umask(make_trainer, tmp_path):
+    """safetensors writes through a temporary file (owner-only); a checkpoint is as readable as any file the
+    user writes, e.g. by the group on a shared cluster."""
+    old = os.umask(0o022)
+    try:
+        trainer = make_trainer(tmp_path / "run", steps=1)
+        trainer.fit()
+        modes = {p.name: p.stat().st_mode & 0o777 for p in trainer.last_checkpoint.rglob("*") if p.is_file()}
+    finally:
+        os.umask(old)
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}
 
 
 def test_checkpoint_with_the_old_expert_layout_loads_converted(trained):
