@@ -12,10 +12,10 @@ DESCRIPTION = """\
 Write a model with its tokenizer as a transformers directory: config.json (model_type "mixcon"),
 model.safetensors, generation_config.json, tokenizer.json and tokenizer_config.json (texts start with EOS,
 as training documents do; padding on the left), modeling_mixcon.py and a model card (README.md, with
-Hugging Face Hub metadata and loading code). AutoTokenizer.from_pretrained(OUT)
-loads the tokenizer; AutoModelForCausalLM.from_pretrained(OUT) the model after `import
-mixcon.integrations.transformers`, or with trust_remote_code=True wherever mixcon is installed (e.g. tools
-that take a model path); `mixcon generate` and `mixcon eval` read it too. Needs `pip install 'mixcon[hf]'`."""
+Hugging Face Hub metadata and loading code). AutoTokenizer and AutoModelForCausalLM.from_pretrained(OUT)
+load it after `import mixcon.integrations.transformers`, or with trust_remote_code=True wherever mixcon is
+installed (e.g. tools that take a model path); `mixcon generate` and `mixcon eval` read it too. Needs
+`pip install 'mixcon[hf]'`."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +40,6 @@ def run_hf(args: argparse.Namespace) -> int:
                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     except (CheckpointError, ImportError, OSError, ValueError) as e:
         raise SystemExit(f"mixcon export hf: {e}") from e
-    print(f"wrote {out}: AutoTokenizer.from_pretrained loads it, and AutoModelForCausalLM.from_pretrained after "
-          "`import mixcon.integrations.transformers` or with trust_remote_code=True")
+    print(f"wrote {out}: AutoModelForCausalLM / AutoTokenizer.from_pretrained load it after "
+          "`import mixcon.integrations.transformers`, or with trust_remote_code=True")
     return 0

@@ -251,8 +251,8 @@ batch = tokenizer(["def "], return_tensors="pt")
 print(tokenizer.batch_decode(model.generate(**batch, max_new_tokens=20), skip_special_tokens=True))
 ```
 
-Without the first import, `from_pretrained(..., trust_remote_code=True)` loads the model through the
-bundled `{REMOTE_CODE_MODULE}.py`, which imports mixcon.
+Without the first import, pass `trust_remote_code=True` to both `from_pretrained` calls: the model then
+loads through the bundled `{REMOTE_CODE_MODULE}.py`, which imports mixcon.
 '''
 
 
@@ -261,9 +261,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     """Write a run, checkpoint or model directory of this library (and its tokenizer, or `tokenizer`) as one
     transformers directory: `save_pretrained`'s config.json, model.safetensors and generation_config.json,
     the `hf_tokenizer` files, modeling_mixcon.py (named by the config's `auto_map`) and a model card, so that
-    `AutoModelForCausalLM.from_pretrained(out)` loads it once this module is imported, or wherever mixcon is
-    installed with `trust_remote_code=True`; `AutoTokenizer.from_pretrained(out)` and this library's loaders
-    load it too. Weights over `max_shard_size` are sharded as transformers shards them. Written beside `out`,
+    `AutoModelForCausalLM` and `AutoTokenizer.from_pretrained(out)` load it once this module is imported, or
+    wherever mixcon is installed with `trust_remote_code=True` (given to both); this library's loaders load it
+    too. Weights over `max_shard_size` are sharded as transformers shards them. Written beside `out`,
     then renamed into place."""
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:

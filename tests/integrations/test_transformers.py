@@ -348,19 +348,24 @@ def test_export_hf_loads_with_remote_code_where_mixcon_is_not_imported(run_dir, 
     ids = [tok.eos_id, *tok.encode("class Point")]
     script = f"""
 import sys, torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 try:
     AutoModelForCausalLM.from_pretrained({str(out)!r})
     sys.exit("loaded without trust_remote_code")
 except ValueError as e:
     assert "trust_remote_code" in str(e), e
 assert "mixcon" not in sys.modules
+print("trusted from here", flush=True)
+tokenizer = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
+assert tokenizer("class Point").input_ids == {ids}
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 assert type(model).__module__ == "mixcon.integrations.transformers"
 torch.save(model(torch.tensor([{ids}])).logits, {str(tmp_path / "logits.pt")!r})
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "Do you wish to run the custom code" not in done.stdout.split("trusted from here")[1]  # no prompt
     assert torch.equal(torch.load(tmp_path / "logits.pt"), model(torch.tensor([ids])).logits)
 
 
