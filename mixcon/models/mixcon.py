@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,14 @@ def read_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     return upgrade_expert_layout(load_file(str(path), device=str(device)), metadata), metadata
+
+
+def umask_permissions(path: Path) -> None:
+    """Give a written file the permissions a plain `open` gives under the umask: safetensors writes through a
+    temporary file, which leaves it readable by its owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -337,6 +346,7 @@ class MixConForCausalLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / WEIGHTS_NAME), metadata=WEIGHTS_METADATA)
+        umask_permissions(directory / WEIGHTS_NAME)
         (directory / CONFIG_NAME).write_text(self.config.to_json())
         return directory
 

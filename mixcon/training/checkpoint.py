@@ -32,6 +32,7 @@ from mixcon.models.mixcon import (
     WEIGHTS_METADATA,
     MixConForCausalLM,
     read_weights,
+    umask_permissions,
     upgrade_expert_layout,
     weight_files,
 )
@@ -114,15 +115,12 @@ def _fsync(path: Path) -> None:
 
 
 def publish_directory(tmp: Path, final: Path) -> None:
-    """Make the finished directory `tmp` appear as `final` at once: its files get the permissions a plain
-    `open` gives under the umask (writers that go through a temporary file, as safetensors does, leave them
-    readable by their owner only) and are synced to disk, then it is renamed into place; a `final` already
-    there is swapped out first and deleted after."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Make the finished directory `tmp` appear as `final` at once: its files get the permissions of the umask
+    (`umask_permissions`) and are synced to disk, then it is renamed into place; a `final` already there is
+    swapped out first and deleted after."""
     for p in tmp.rglob("*"):
         if p.is_file():
-            p.chmod(0o666 & ~umask)
+            umask_permissions(p)
             _fsync(p)
     if final.exists():
         old = final.with_name(f".tmp-old-{final.name}")

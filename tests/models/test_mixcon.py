@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -180,6 +182,16 @@ def test_save_load_identical_logits(tmp_path, tiny_model):
         ids = torch.randint(0, 300, (2, 9))
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_saved_files_get_the_permissions_of_the_umask(tmp_path, tiny_model):
+    old = os.umask(0o027)
+    try:
+        tiny_model(dtype=torch.float32).save_pretrained(tmp_path)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"model.safetensors": 0o640,
+                                                                             "config.json": 0o640}
 
 
 def test_weights_saved_with_the_old_expert_layout_load_converted(tmp_path, tiny_model):
