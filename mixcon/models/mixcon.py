@@ -63,6 +63,14 @@ def read_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     return upgrade_expert_layout(load_file(str(path), device=str(device)), metadata), metadata
 
 
+def read_config(directory: Path) -> tuple[MixConConfig, bool]:
+    """The config.json of a model directory, and whether the transformers wrapper wrote it (the MixConConfig
+    then sits under its "mixcon" entry)."""
+    raw = json.loads((directory / CONFIG_NAME).read_text())
+    wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
+    return MixConConfig.from_dict(raw[HF_MODEL_TYPE] if wrapped else raw), wrapped
+
+
 def umask_permissions(path: Path) -> None:
     """Give a written file the permissions a plain `open` gives under the umask: safetensors writes through a
     temporary file, which leaves it readable by its owner only."""
@@ -361,9 +369,7 @@ class MixConForCausalLM(nn.Module):
         if not (directory / CONFIG_NAME).is_file() or not files:
             raise FileNotFoundError(f"{directory}: not a MixCon model directory (needs {CONFIG_NAME} and "
                                     f"{WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} with its shards)")
-        raw = json.loads((directory / CONFIG_NAME).read_text())
-        wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
-        config = MixConConfig.from_dict(raw[HF_MODEL_TYPE] if wrapped else raw)
+        config, wrapped = read_config(directory)
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)

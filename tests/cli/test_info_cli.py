@@ -1,13 +1,18 @@
-"""`mixcon info` and the shared config arguments."""
+"""`mixcon info` (of a config or a checkpoint), the shared config arguments, and the command line's exits."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from mixcon.cli import main
 from mixcon.cli.common import parse_value
+from mixcon.data import ByteTokenizer
+from mixcon.training.checkpoint import save_checkpoint
 
 
 def test_info_prints_layout_params_and_cache(capsys):
@@ -47,3 +52,33 @@ def test_every_command_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0
+
+
+def test_info_of_a_checkpoint_shows_where_training_stands(tmp_path, tiny_model, capsys):
+    model = tiny_model(dtype=torch.float32, attn_per_block=0, vocab_size=259)
+    state = {"step": 7, "tokens": 1234, "last_val": {"step": 6, "val_loss": 1.5, "val_bpb": 2.25}}
+    weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    save_checkpoint(tmp_path / "run", 7, config=model.config, model_state=weights, optimizer_state={},
+                    trainer_state=state, tokenizer=ByteTokenizer())
+    assert main(["info", "--checkpoint", str(tmp_path / "run"), "--context", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step-00000007'}" in out
+    assert "trained: 7 steps, 1,234 tokens; validation at step 6: loss 1.5000, 2.2500 bits per byte" in out
+    assert "CCCC/DMDM" in out and model.summary().splitlines()[-1] in out
+
+    model.save_pretrained(tmp_path / "model")  # no training state: the model alone
+    assert main(["info", "--checkpoint", str(tmp_path / "model"), "--context", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "trained:" not in out and "CCCC/DMDM" in out
+    with pytest.raises(SystemExit, match="--checkpoint names the model; drop --config / --set"):
+        main(["info", "--checkpoint", str(tmp_path / "model"), "--set", "d_model=64"])
+    with pytest.raises(SystemExit, match=r"mixcon info: .*nothing"):
+        main(["info", "--checkpoint", str(tmp_path / "nothing")])
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    """`mixcon info | head -1`: the reader leaves early; no traceback."""
+    contexts = ",".join(map(str, range(1, 6001)))  # ~200 KB of output, more than a pipe holds
+    done = subprocess.run(f"{sys.executable} -m mixcon info --context {contexts} | head -1", shell=True,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.stdout.startswith("MixCon:") and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
