@@ -18,7 +18,7 @@ from mixcon.config import MixConConfig
 from mixcon.data import Corpus, ShardDataset, TrainLoader, eval_batches, load_tokenizer, prepare_shards
 from mixcon.data.corpus import SPEC_FORMS
 from mixcon.data.tokenizer import AnyTokenizer, train_bpe_tokenizer
-from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.models.mixcon import MixConForCausalLM, read_config
 from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import DistEnv, barrier, init_distributed, shutdown
 from mixcon.training.metrics import METRICS_FILE, PLOT_FILE
@@ -125,18 +125,19 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
         resume = ckpt.resolve_checkpoint(args.resume or _out_dir(args))
     out = Path(args.out) if args.out else (resume.parent.parent if resume else _out_dir(args))
     options = _options(args, resume, say)
-    initial = _initial_model(args, out)  # (its directory, model, tokenizer) or None
+    initial = _initial_model(args, out)  # (its directory, config, tokenizer) or None
     if resume is None:
         _check_fresh(out, args.overwrite, env)
     tok = initial[2] if initial else _tokenizer(options, resume, out, args, env)
-    config = _config(args, resume, tok, initial[1].config if initial else None)
+    config = _config(args, resume, tok, initial[1] if initial else None)
     ds = _dataset(options, tok, out, env)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
-    if initial:
-        state = initial[1].state_dict()
+    if initial:  # the weights are read here, into the model, and not kept beside it
+        state = MixConForCausalLM.from_pretrained(initial[0]).state_dict()
         ckpt.check_model_state(state, {k: v.shape for k, v in model.state_dict().items()}, initial[0])
         model.load_state_dict(state)
+        del state
     say(model.summary())
     say(ds.summary())
     loader = TrainLoader(ds, options.seq_len, options.batch_size, seed=options.seed)
@@ -202,8 +203,9 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOp
     return options
 
 
-def _initial_model(args: argparse.Namespace, out: Path) -> tuple[Path, MixConForCausalLM, AnyTokenizer] | None:
-    """The model directory of --init-from, its model and tokenizer (its own unless --tokenizer names one), or None."""
+def _initial_model(args: argparse.Namespace, out: Path) -> tuple[Path, MixConConfig, AnyTokenizer] | None:
+    """The model directory of --init-from (verified once), its config and tokenizer (its own unless --tokenizer
+    names one), or None."""
     if args.init_from is None:
         return None
     if args.config is not None:
@@ -216,7 +218,8 @@ def _initial_model(args: argparse.Namespace, out: Path) -> tuple[Path, MixConFor
     source = ckpt.model_directory(args.init_from)
     if source.resolve().is_relative_to(out.resolve()):
         raise SystemExit(f"mixcon train: --init-from {args.init_from} lies in --out {out}; choose another --out")
-    return source, *ckpt.load_model_and_tokenizer(source, tokenizer=tokenizer)
+    config, _ = read_config(source)
+    return source, config, ckpt.model_tokenizer(source, config.vocab_size, tokenizer)
 
 
 def _check_fresh(out: Path, overwrite: bool, env: DistEnv) -> None:

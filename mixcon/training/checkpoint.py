@@ -277,14 +277,20 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: s
     `tokenizer` must name one unless it has tokenizer/ or, as `mixcon export hf` writes, a tokenizer.json)."""
     path = model_directory(path)
     model = MixConForCausalLM.from_pretrained(path, device=device).to(dtype).eval()
+    return model, model_tokenizer(path, model.config.vocab_size, tokenizer)
+
+
+def model_tokenizer(directory: Path, vocab_size: int, tokenizer: str | Path | None = None) -> AnyTokenizer:
+    """The tokenizer of the model in `directory` (its tokenizer/ or tokenizer.json), or `tokenizer` when given;
+    one with more ids than the model's `vocab_size` is refused."""
     if tokenizer is None:
-        found = [p for p in (path / TOKENIZER_DIR, path / TOKENIZER_FILE) if p.exists()]
+        found = [p for p in (directory / TOKENIZER_DIR, directory / TOKENIZER_FILE) if p.exists()]
         if not found:
-            raise FileNotFoundError(f"{path} has no {TOKENIZER_DIR}/ nor {TOKENIZER_FILE}; "
+            raise FileNotFoundError(f"{directory} has no {TOKENIZER_DIR}/ nor {TOKENIZER_FILE}; "
                                     "name the tokenizer with --tokenizer")
         tokenizer = found[0]
     tok = load_tokenizer(tokenizer)
-    if tok.vocab_size > model.config.vocab_size:
+    if tok.vocab_size > vocab_size:
         raise ValueError(f"tokenizer {str(tokenizer)!r} has {tok.vocab_size} ids, more than the model's vocab_size "
-                         f"{model.config.vocab_size}: not the tokenizer this model was trained with")
-    return model, tok
+                         f"{vocab_size}: not the tokenizer this model was trained with")
+    return tok
