@@ -12,8 +12,10 @@ from mixcon.config import PRESETS, MixConConfig
 from mixcon.data.corpus import SPEC_FORMS
 from mixcon.ops.dtypes import DTYPES
 
+DEFAULT_CONFIG = "small"
 
-def add_config_args(parser: argparse.ArgumentParser, default: str = "small") -> None:
+
+def add_config_args(parser: argparse.ArgumentParser, default: str = DEFAULT_CONFIG) -> None:
     parser.add_argument("--config", default=default,
                         help=f"preset ({', '.join(sorted(PRESETS))}) or a JSON/YAML config file (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -66,14 +68,16 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> MixConConfig:
-    """The config named by --config with the --set overrides applied (errors exit with the message)."""
+    """The config named by --config (DEFAULT_CONFIG when None) with the --set overrides applied (errors exit with
+    the message)."""
     overrides = parse_overrides(args.overrides)
+    name = args.config or DEFAULT_CONFIG
     try:
-        if args.config in PRESETS:
-            return MixConConfig.preset(args.config, **overrides)
-        path = Path(args.config)
+        if name in PRESETS:
+            return MixConConfig.preset(name, **overrides)
+        path = Path(name)
         if not path.is_file():
-            raise SystemExit(f"--config {args.config!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a file")
+            raise SystemExit(f"--config {name!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a file")
         data = load_config_file(path)
         if "preset" in data:  # {"preset": "small", "d_model": 384, ...}
             return MixConConfig.preset(data.pop("preset"), **{**data, **overrides})

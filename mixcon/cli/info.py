@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "parameter counts (total and active per token) and the decoding cache's size; "
                                    "with --checkpoint, of a saved model, and where it stands in training.")
     add_config_args(p)
-    p.set_defaults(config=None)  # None: "small", or the checkpoint's
+    p.set_defaults(config=None)  # None: DEFAULT_CONFIG, or the checkpoint's
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="a run directory, checkpoint, save_pretrained or export directory instead of --config")
     p.add_argument("--context", default="1024,4096,16384,32768,262144",
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
-        config = config_from_args(argparse.Namespace(config=args.config or "small", overrides=args.overrides))
+        config = config_from_args(args)
     elif args.config is not None or args.overrides:
         raise SystemExit("mixcon info: --checkpoint names the model; drop --config / --set")
     else:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mixcon.cli.common import add_config_args, config_from_args, parse_overrides
+from mixcon.cli.common import DEFAULT_CONFIG, add_config_args, config_from_args, parse_overrides
 from mixcon.cli.generate import stream
 from mixcon.config import MixConConfig
 from mixcon.data import Corpus, ShardDataset, TrainLoader, eval_batches, load_tokenizer, prepare_shards
@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "starts a new run (e.g. fine-tuning on another corpus) from a model's weights. Several "
                     "processes: torchrun --nproc_per_node N -m mixcon train ...")
     add_config_args(p)
-    p.set_defaults(config=None)  # None: "small" for a new run, the checkpoint's config on --resume
+    p.set_defaults(config=None)  # None: DEFAULT_CONFIG for a new run, the checkpoint's config on --resume
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue the latest checkpoint in --out, or the given checkpoint / run directory; options "
@@ -181,7 +181,7 @@ def _quiet(*_args: Any, **_kwargs: Any) -> None:
 def _out_dir(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
-    return Path("runs") / Path(args.config or "small").stem
+    return Path("runs") / Path(args.config or DEFAULT_CONFIG).stem
 
 
 def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOptions:
@@ -245,16 +245,12 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
         return load_tokenizer(options.tokenizer)
     trained = out / "tokenizer"
     if env.is_main:
-        vocab = _requested_config(args).vocab_size
+        vocab = config_from_args(args).vocab_size
         print(f"training a byte-level BPE tokenizer ({vocab} tokens) on the corpus...")
         corpus = Corpus.from_spec(options.corpus)
         train_bpe_tokenizer(corpus.documents(options.max_bytes), vocab).save(trained)
     barrier()
     return load_tokenizer(trained)
-
-
-def _requested_config(args: argparse.Namespace) -> MixConConfig:
-    return config_from_args(argparse.Namespace(config=args.config or "small", overrides=args.overrides))
 
 
 def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
@@ -270,7 +266,7 @@ def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
             return initial.replace(**{**parse_overrides(args.overrides), **specials})
         except ValueError as e:
             raise SystemExit(f"mixcon train: --set: {e}") from e
-    return _requested_config(args).replace(vocab_size=tok.vocab_size, **specials)
+    return config_from_args(args).replace(vocab_size=tok.vocab_size, **specials)
 
 
 def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv) -> ShardDataset:
