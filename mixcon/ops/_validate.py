@@ -15,8 +15,9 @@ def check_scan_inputs(
     delay_gain: torch.Tensor | None,
     initial_state: torch.Tensor | None,
     initial_past_states: torch.Tensor | None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[int, int, int, int, int, int]:
-    """Validate (B,T,H,P) / (B,T,G,N) / (B,T,H) shapes; return (B, T, H, P, G, N)."""
+    """Validate (B,T,H,P) / (B,T,G,N) / (B,T,H) shapes and seq_idx (B,T); return (B, T, H, P, G, N)."""
     if x.dim() != 4:
         raise ValueError(f"conba_scan: x must be (B, T, H, P), got shape {tuple(x.shape)}")
     B, T, H, P = x.shape
@@ -39,7 +40,26 @@ def check_scan_inputs(
     if initial_past_states is not None and initial_past_states.shape != (B, tau, H, P, N):
         raise ValueError(f"conba_scan: initial_past_states must be (B, tau, H, P, N)={(B, tau, H, P, N)}, "
                          f"got {tuple(initial_past_states.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, (B, T), "conba_scan: seq_idx")
     return B, T, H, P, G, N
+
+
+def check_seq_idx(seq_idx: torch.Tensor, shape: tuple[int, int], name: str = "seq_idx") -> None:
+    """seq_idx must be an integer (B, T) tensor, non-decreasing along T (a document index per token)."""
+    if seq_idx.shape != shape:
+        raise ValueError(f"{name} must be (B, T)={shape}, got {tuple(seq_idx.shape)}")
+    if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer document indices, got dtype {seq_idx.dtype}")
+    if shape[1] > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing along T: each document's tokens are contiguous")
+
+
+def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True where a token's document differs from the previous token's (never at t = 0)."""
+    starts = torch.zeros_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
 
 
 def triton_chunk_ok(chunk_size: int, tau: int) -> bool:

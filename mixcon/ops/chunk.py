@@ -10,9 +10,13 @@ sequential pass; everything else is batched over all chunks:
     U  = Ut - W S0^T,   S_C = exp(b_C) S0 + (w U)^T K,   w = exp(b_C - b)
     Y  = A U + diag(exp b) Q S0^T,   A[t, s] = exp(b_t - b_s) q_t.k_s  (s <= t)
 The delayed readout S_{t-tau} q_t is the same readout with queries shifted by tau.
+Packed documents (`seq_idx`) zero every decay factor exp(b_t - b_s) whose two ends lie in
+different documents, and the delayed readout where t - tau lies before its document.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,23 @@ def _unchunk(t: torch.Tensor, T: int) -> torch.Tensor:
     t = t.flatten(1, 2)
     B, H, nc, C, D = t.shape
     return t.movedim(1, 3).reshape(B, nc * C, H, D)[:, :T]
+
+
+class _Documents(NamedTuple):
+    """Document indices of a chunked sequence, relative to the first token's (0: the document that
+    the initial state belongs to), all (B, 1, 1, ...) to broadcast against (B, G, hg, nc, ...)."""
+
+    seg: torch.Tensor  # (B, 1, 1, nc, C): each step's document (padding continues the last)
+    start: torch.Tensor  # (B, 1, 1, nc, 1): the document of the state each chunk starts from
+    last: torch.Tensor  # (B, 1, 1): the last token's document
+
+    @classmethod
+    def build(cls, seq_idx: torch.Tensor, T_pad: int, C: int) -> _Documents:
+        B, T = seq_idx.shape
+        seg = seq_idx - seq_idx[:, :1]
+        seg = torch.cat([seg, seg[:, -1:].expand(B, T_pad - T)], dim=1).view(B, 1, 1, T_pad // C, C)
+        start = torch.cat([seg.new_zeros(B, 1, 1, 1), seg[..., :-1, -1]], dim=-1).unsqueeze(-1)
+        return cls(seg, start, seg[..., -1, -1])
 
 
 def _readout(
@@ -100,14 +121,16 @@ def conba_scan(
     initial_past_states: torch.Tensor | None = None,  # (B, tau, H, P, N): S_{1-tau} .. S_0
     chunk_size: int = 64,
     return_past_states: bool = False,
+    seq_idx: torch.Tensor | None = None,  # (B, T) document of each token, non-decreasing
 ) -> tuple[torch.Tensor, ...]:
     """Chunked Conba scan; returns (y (B,T,H,P), final_state (B,H,P,N)[, past_states (B,tau,H,P,N)]).
 
     `past_states` are the tau most recent states S_{T-tau+1} .. S_T (S_j = S_0 for j <= 0, or taken
-    from `initial_past_states`), which the decode cache needs when tau > 0.
+    from `initial_past_states`), which the decode cache needs when tau > 0. A token whose `seq_idx`
+    differs from the previous token's starts a document from zero states, as if scanned alone.
     """
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
-                                         initial_past_states)
+                                         initial_past_states, seq_idx)
     out_dtype, dt = x.dtype, compute_dtype(x)
     S0, past0 = initial_states(x, N, tau, initial_state, initial_past_states, dt)
     if T == 0:
@@ -127,11 +150,18 @@ def conba_scan(
     eb = b.exp()
     causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
     diff = b.unsqueeze(-1) - b.unsqueeze(-2)  # (B, G, hg, nc, C, C): b_t - b_s
-    decay_mat = torch.where(causal, diff, float("-inf")).exp()
     b_last = b[..., -1:]  # (B, G, hg, nc, 1)
     w = (b_last - b).exp()  # (B, G, hg, nc, C): decay from each step to the chunk end
+    g = b_last.exp()  # decay across the whole chunk
+    docs = _Documents.build(seq_idx, T_pad, C) if seq_idx is not None else None
+    if docs is not None:  # no decay path crosses a document start
+        causal = causal & (docs.seg.unsqueeze(-1) == docs.seg.unsqueeze(-2))
+        eb = eb * (docs.seg == docs.start)
+        w = w * (docs.seg == docs.seg[..., -1:])
+        g = g * (docs.seg[..., -1:] == docs.start)
+    decay_mat = torch.where(causal, diff, float("-inf")).exp()
 
-    decays = b_last.exp().unsqueeze(-1).unbind(3)  # nc × (B, G, hg, 1, 1)
+    decays = g.unsqueeze(-1).unbind(3)  # nc × (B, G, hg, 1, 1)
     S = S0.view(B, G, hg, P, N)
     starts = []
     # The sequential pass over chunks; tensors are unbound once, since indexing inside the loop
@@ -172,11 +202,15 @@ def conba_scan(
         y, r = (_unchunk(t, T) for t in both.unbind(4))
         early = early_delayed_readout(q, past0, hg)  # the first tau steps read the initial past states
         delayed = torch.cat([early, r[:, : T - early.shape[1]]], dim=1)
+        if seq_idx is not None:  # S_{t-tau} is zero when t - tau lies before t's document
+            seg = seq_idx - seq_idx[:, :1]
+            same = seg == F.pad(seg, (tau, 0))[:, :T]  # (B, T)
+            delayed = delayed * same[..., None, None].to(dt)
         y = y + delay_gain.to(dt)[:, None] * delayed
     y = y.to(out_dtype)
     if not return_past_states:
         return y, final
-    return y, final, _past_states(final, past0, starts_t, U, Kc, b, T, tau, C)
+    return y, final, _past_states(final, past0, starts_t, U, Kc, b, T, tau, C, docs)
 
 
 def _past_states(
@@ -189,22 +223,34 @@ def _past_states(
     T: int,
     tau: int,
     C: int,
+    docs: _Documents | None,
 ) -> torch.Tensor:
-    """S_{T-tau+1} .. S_T as (B, tau, H, P, N), from the chunk-start states."""
+    """S_{T-tau+1} .. S_T as (B, tau, H, P, N), from the chunk-start states; with `docs`, states
+    before the last token's document are zero (that document's S_j for j <= 0)."""
     if tau == 0:
         return past0
     out = []
     for p in range(T - tau + 1, T + 1):  # 1-indexed step
-        if p <= 0:
-            out.append(past0[:, p + tau - 1])
-        elif p == T:
+        if p == T:
             out.append(final)
+            continue
+        if p <= 0:
+            S = past0[:, p + tau - 1]
+            seg = torch.zeros_like(docs.last) if docs is not None else None
         else:
             c, m = (p - 1) // C, (p - 1) % C  # chunk and last position inside it
-            S0 = starts[:, :, :, c]  # (B, G, hg, P, N)
             Uc = U[:, :, :, c, : m + 1]
             bc = b[:, :, :, c, : m + 1]  # (B, G, hg, m+1)
-            w = (bc[..., -1:] - bc).exp().unsqueeze(-1)  # (B, G, hg, m+1, 1)
-            S = bc[..., -1, None, None].exp() * S0 + Uc.transpose(-1, -2) @ (w * Kc[:, :, None, c, : m + 1])
-            out.append(S.reshape(final.shape))
+            w = (bc[..., -1:] - bc).exp()  # (B, G, hg, m+1)
+            g = bc[..., -1, None, None].exp()
+            if docs is not None:
+                segs = docs.seg[..., c, : m + 1]  # (B, 1, 1, m+1)
+                seg = segs[..., -1]
+                w = w * (segs == seg[..., None])
+                g = g * (seg == docs.start[..., c, 0])[..., None, None]
+            S = g * starts[:, :, :, c] + Uc.transpose(-1, -2) @ (w.unsqueeze(-1) * Kc[:, :, None, c, : m + 1])
+            S = S.reshape(final.shape)
+        if docs is not None:
+            S = S * (seg == docs.last).view(-1, 1, 1, 1).to(S.dtype)
+        out.append(S)
     return torch.stack(out, dim=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mixcon.ops._validate import check_scan_inputs
+from mixcon.ops._validate import check_scan_inputs, document_starts
 from mixcon.ops.dtypes import compute_dtype
 
 
@@ -22,10 +22,13 @@ def conba_scan_reference(
     initial_past_states: torch.Tensor | None = None,  # (B, tau, H, P, N): S_{1-tau} .. S_0
     chunk_size: int = 64,  # unused: the loop has no chunks
     return_past_states: bool = False,
+    seq_idx: torch.Tensor | None = None,  # (B, T) document of each token, non-decreasing
 ) -> tuple[torch.Tensor, ...]:
-    """Token-by-token loop; returns (y, final_state[, past_states])."""
+    """Token-by-token loop; returns (y, final_state[, past_states]). A token whose `seq_idx` differs
+    from the previous token's starts a document: the state and the delayed states are zero before it."""
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
-                                         initial_past_states)
+                                         initial_past_states, seq_idx)
+    starts = document_starts(seq_idx) if seq_idx is not None else None
     out_dtype, dt = x.dtype, compute_dtype(x)
     x, log_decay, beta = x.to(dt), log_decay.to(dt), beta.to(dt)
     k = k.to(dt).repeat_interleave(H // G, dim=2)  # (B, T, H, N)
@@ -37,6 +40,9 @@ def conba_scan_reference(
         history = [S] * tau
     ys = []
     for t in range(T):
+        if starts is not None:
+            keep = (~starts[:, t]).to(dt)[:, None, None, None]  # (B, 1, 1, 1)
+            S, history = S * keep, [h * keep for h in history]
         Sbar = log_decay[:, t, :, None, None].exp() * S
         write = x[:, t]  # (B, H, P)
         if delta_rule:
