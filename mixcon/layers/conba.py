@@ -98,9 +98,11 @@ class Conba(nn.Module):
         """The depthwise conv's weights as (width, C), one row per tap, contiguous."""
         return self.conv1d.weight[:, 0].t().contiguous()
 
-    def _conv(self, xkq: torch.Tensor, tail: torch.Tensor | None, taps: torch.Tensor | None = None) -> torch.Tensor:
+    def _conv(self, xkq: torch.Tensor, tail: torch.Tensor | None, taps: torch.Tensor | None = None,
+              seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over time: (B, T, C) -> (B, T, C); `tail` (B, width - 1, C), the
-        previous steps' inputs (zeros when None), is updated in place; `taps`: `conv_taps()`, if at hand.
+        previous steps' inputs (zeros when None), is updated in place; `taps`: `conv_taps()`, if at hand;
+        `seq_idx` (B, T): no tap reads a step of an earlier document (a document sees zeros before it).
 
         Written as `width` shifted multiply-adds in the (B, T, C) layout: no transposes around conv1d,
         and elementwise work that torch.compile fuses (forward and backward); one token is the same sum.
@@ -112,13 +114,20 @@ class Conba(nn.Module):
         if tail is not None:
             tail.copy_(full[:, -(width - 1):])
         w = self.conv_taps() if taps is None else taps  # (width, C)
-        out = torch.addcmul(self.conv1d.bias, full[:, :T], w[0])
-        for j in range(1, width):
-            out = out.addcmul_(full[:, j:j + T], w[j])
+        if seq_idx is not None:
+            seg = seq_idx - seq_idx[:, :1]
+            before = F.pad(seg, (width - 1, 0))  # (B, width - 1 + T): the tail belongs to the first document
+        out = None
+        for j in range(width):
+            inp = full[:, j:j + T]
+            if seq_idx is not None and j < width - 1:  # tap j reads the step width - 1 - j back
+                inp = inp * (before[:, j:j + T] == seg)[..., None].to(inp.dtype)
+            out = torch.addcmul(self.conv1d.bias, inp, w[j]) if out is None else out.addcmul_(inp, w[j])
         return F.silu(out)
 
     def _scan_inputs(self, u: torch.Tensor, mask: torch.Tensor | None, conv_tail: torch.Tensor | None,
-                     taps: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                     taps: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, ...]:
         """(B, T, d_model) -> the gate z (B, T, H·P) and the scan's x (B, T, H, P), k, q (B, T, G, N),
         log decay and gain (B, T, H); pads (`mask` False) neither decay nor write."""
         B, T, _ = u.shape
@@ -127,7 +136,7 @@ class Conba(nn.Module):
         if mask is not None:  # pads never touch the conv tail or the state
             xkq = xkq * mask[..., None].to(xkq.dtype)
         f32 = compute_dtype(u)
-        xkq = self._conv(xkq.to(f32), conv_tail, taps)  # in fp32: the scan reads x, k, q in fp32
+        xkq = self._conv(xkq.to(f32), conv_tail, taps, seq_idx)  # in fp32: the scan reads x, k, q in fp32
         x, k, q = xkq.split([self.inner, self.G * self.N, self.G * self.N], dim=-1)
         x = x.view(B, T, self.H, self.P)
         k = k.view(B, T, self.G, self.N)
@@ -161,9 +170,10 @@ class Conba(nn.Module):
         Triton's CPU interpreter)."""
         return self.kernel == "triton" and (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
-    def _scan_for(self, u: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
-        """The scan of this forward: `scan_fn`, or the Triton kernel without autograd when `_triton`."""
-        if torch.is_grad_enabled() or not self._triton(u):
+    def _scan_for(self, u: torch.Tensor, packed: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """The scan of this forward: `scan_fn`, or the Triton kernel without autograd when `_triton`
+        (not for packed documents, which the kernel does not take)."""
+        if torch.is_grad_enabled() or packed or not self._triton(u):
             return self.scan_fn
         try:
             from mixcon.ops.triton_chunk import conba_scan_triton
@@ -174,16 +184,19 @@ class Conba(nn.Module):
 
     def mix(self, u: torch.Tensor, mask: torch.Tensor | None, conv_tail: torch.Tensor | None,
             state: torch.Tensor | None, past: torch.Tensor | None, chunk: int, taps: torch.Tensor | None = None,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The layer on (B, T, d_model) after a conv tail (updated in place), S_0 (B, H, P, N) and the tau
         past states (B, tau, H, P, N) (all None: zeros, no cache). Returns the output (B, T, d_model),
-        S_T, and the tau most recent states (None when `state` is None). `taps`: `conv_taps()`, if at hand."""
-        z, x, k, q, log_decay, beta = self._scan_inputs(u, mask, conv_tail, taps)
+        S_T, and the tau most recent states (None when `state` is None). `taps`: `conv_taps()`, if at hand;
+        `seq_idx` (B, T): packed documents (the conv and the scan restart at each)."""
+        z, x, k, q, log_decay, beta = self._scan_inputs(u, mask, conv_tail, taps, seq_idx)
         x_write = x
         if self.training and self.process_noise > 0:
             x_write = x + self.process_noise * torch.randn_like(x)
         kw = dict(delta_rule=self.control, tau=self.tau, delay_gain=self.delay_gain, chunk_size=chunk)
-        scan = self._scan_for(u)
+        if seq_idx is not None:
+            kw["seq_idx"] = seq_idx
+        scan = self._scan_for(u, seq_idx is not None)
         if state is None:
             o, final = scan(x_write, k, q, log_decay, beta, **kw)
             past_out = None
@@ -218,7 +231,7 @@ class Conba(nn.Module):
         cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         assert cache is None or isinstance(cache, ConbaCache)
         segmented = (self.prefill is not None and T >= self.prefill.segment and not torch.is_grad_enabled()
-                     and not self._triton(u))
+                     and not self._triton(u) and ctx.seq_idx is None)
         if cache is not None:
             tail, state, past = cache.conv, cache.state, cache.ordered() if self.tau else None
         elif segmented:  # chained from zeros, as a cache-less forward starts
@@ -226,7 +239,7 @@ class Conba(nn.Module):
             state = u.new_zeros(B, self.H, self.P, self.N, dtype=compute_dtype(u))
             past = state.new_zeros(B, self.tau, *state.shape[1:]) if self.tau else None
         else:
-            return self.mix(u, ctx.token_mask, None, None, None, self.chunk)[0]
+            return self.mix(u, ctx.token_mask, None, None, None, self.chunk, seq_idx=ctx.seq_idx)[0]
         if segmented:
             out, state, past = self._mix_segments(u, ctx.token_mask, tail, state, past)
         else:

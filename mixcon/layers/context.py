@@ -18,6 +18,7 @@ class ForwardContext:
     attn_mask: torch.Tensor | None  # (B, 1, T, T_keys) bool for SDPA; None = plain causal
     cache: MixConCache | None = None
     offset: int = 0  # positions already in the cache
+    seq_idx: torch.Tensor | None = None  # (B, T) long: document of each token (packed rows); None = one
     _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
@@ -28,11 +29,21 @@ class ForwardContext:
 
     @classmethod
     def build(cls, token_mask: torch.Tensor | None, B: int, T: int, cache: MixConCache | None,
-              device: torch.device) -> ForwardContext:
+              device: torch.device, seq_idx: torch.Tensor | None = None) -> ForwardContext:
         """Positions and the attention mask for T new tokens after what `cache` holds.
 
-        With a cache, its `key_mask` must already mark the T new positions.
+        With a cache, its `key_mask` must already mark the T new positions. `seq_idx` (packed
+        documents; no cache, no padding) masks attention across documents.
         """
+        if seq_idx is not None and bool((seq_idx == seq_idx[:, :1]).all()):
+            seq_idx = None  # one document per row: the plain causal forward
+        if seq_idx is not None:
+            if cache is not None or (token_mask is not None and not bool(token_mask.all())):
+                raise ValueError("seq_idx (packed documents) needs a forward without cache and padding")
+            # RoPE needs no restart at a document start: attention scores depend on relative positions only.
+            t = torch.arange(T, device=device)
+            same = (seq_idx[:, :, None] == seq_idx[:, None, :]) & (t[None, :] <= t[:, None])  # (B, T, T)
+            return cls(None, t[None].expand(B, T), same[:, None], seq_idx=seq_idx)
         offset = cache.seqlen if cache is not None else 0
         if token_mask is not None and bool(token_mask.all()):
             token_mask = None

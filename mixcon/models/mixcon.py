@@ -24,6 +24,7 @@ from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import RMSNorm
+from mixcon.ops._validate import check_seq_idx
 from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
 from mixcon.ops.dtypes import compute_dtype
 
@@ -211,14 +212,18 @@ class MixConForCausalLM(nn.Module):
         cache: MixConCache | None = None,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        seq_idx: torch.Tensor | None = None,
     ) -> MixConOutput:
         """input_ids (B, T); labels (B, T) are the targets of each position (already shifted, -100 =
         ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache, the call
         continues from it and updates it; one new token per row in eval mode is one `decode_step`
         (compiled after `compile_decode`). `logits_to_keep` > 0 computes logits for the last that many
         positions only (a prefill needs one); 0 keeps all. `return_logits=False` (with labels) computes the
-        loss chunk by chunk without ever holding all the logits (`ops.linear_cross_entropy`; training)."""
-        B, T = self._check_inputs(input_ids, labels, attention_mask, cache)
+        loss chunk by chunk without ever holding all the logits (`ops.linear_cross_entropy`; training).
+        `seq_idx` (B, T), non-decreasing integers, packs documents into a row (as in mamba_ssm and
+        flash-linear-attention): no state, conv tap or attention crosses from one document to the next;
+        only without a cache and without padding."""
+        B, T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx)
         if logits_to_keep < 0 or (logits_to_keep and labels is not None):
             raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0, and 0 when labels are given")
         if not return_logits and labels is None:
@@ -230,7 +235,7 @@ class MixConForCausalLM(nn.Module):
         if cache is not None:
             cache.reserve(cache.seqlen + T)
             cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
-        ctx = ForwardContext.build(token_mask, B, T, cache, input_ids.device)
+        ctx = ForwardContext.build(token_mask, B, T, cache, input_ids.device, seq_idx)
         h = self.embed(input_ids)
         stats: list[RouterStats] = []
         for layer in self.layers:
@@ -319,7 +324,8 @@ class MixConForCausalLM(nn.Module):
         return out
 
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
-                      attention_mask: torch.Tensor | None, cache: MixConCache | None) -> tuple[int, int]:
+                      attention_mask: torch.Tensor | None, cache: MixConCache | None,
+                      seq_idx: torch.Tensor | None) -> tuple[int, int]:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
@@ -337,6 +343,14 @@ class MixConForCausalLM(nn.Module):
                              f"got {tuple(attention_mask.shape)}")
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache was made for batch_size={cache.batch_size}, input_ids has B={B}")
+        if seq_idx is not None:
+            check_seq_idx(seq_idx, (B, T))
+            if cache is not None:
+                raise ValueError("seq_idx (packed documents) is for forwards without a cache (training, "
+                                 "scoring); give each document its own row to decode it")
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise ValueError("seq_idx cannot be combined with padding (zeros in attention_mask): give pad "
+                                 "tokens a document index of their own and labels -100")
         return B, T
 
     # ------------------------------------------------------------------ generation

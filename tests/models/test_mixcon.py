@@ -295,3 +295,60 @@ def test_bf16_autocast_training_step(layout, tiny_model):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def _documents_alone(model, ids, lengths):
+    """Logits of each row's documents run one by one, concatenated: (B, T, V)."""
+    rows = []
+    for b, row in enumerate(lengths):
+        spans = torch.tensor(row).cumsum(0).tolist()
+        rows.append(torch.cat([model(ids[b:b + 1, s - n:s]).logits for s, n in zip(spans, row, strict=True)], 1))
+    return torch.cat(rows)
+
+
+PACKED = [[4, 1, 9, 6], [11, 9]]  # document lengths per row: a one-token document, starts mid-chunk
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_documents_equal_each_document_alone(layout, tiny_model):
+    model = tiny_model(**LAYOUTS[layout])
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in PACKED])
+    with torch.no_grad():
+        packed = model(ids, seq_idx=seq_idx + 5).logits
+        alone = _documents_alone(model, ids, PACKED)
+        whole = model(ids).logits
+    torch.testing.assert_close(packed, alone, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(packed[:, 4:], whole[:, 4:])  # documents do see each other without seq_idx
+
+
+def test_packed_gradients_equal_each_document_alone(tiny_model):
+    model = tiny_model(attn_rope=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in PACKED])
+    w = torch.randn(2, 20, model.config.vocab_size, dtype=torch.float64)
+    grads = []
+    for logits in (lambda: model(ids, seq_idx=seq_idx).logits, lambda: _documents_alone(model, ids, PACKED)):
+        model.zero_grad()
+        (logits() * w).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_seq_idx_errors_name_the_problem(tiny_model):
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    with pytest.raises(ValueError, match=r"seq_idx must be \(B, T\)=\(2, 6\)"):
+        model(ids, seq_idx=docs[:, :5])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        model(ids, seq_idx=docs.flip(1))
+    with pytest.raises(ValueError, match="without a cache"):
+        model(ids, seq_idx=docs, cache=model.new_cache(2))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    model(ids, seq_idx=docs, attention_mask=mask)  # no padding: fine
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="cannot be combined with padding"):
+        model(ids, seq_idx=docs, attention_mask=mask)
