@@ -54,6 +54,8 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--parallel", ["ddp", "fsdp"], "under torchrun: DDP, or FSDP2 (fully_shard per layer)"),
     ("--activation-checkpointing", "flag", "recompute each layer's activations in the backward pass"),
     ("--compile", "flag", "torch.compile each layer"),
+    ("--document-mask", "flag", "documents packed into a training row do not see each other: Conba states, convs "
+                                "and attention restart at each EOS (as evaluation scores documents)"),
     ("--corpus", str, "corpus spec (default: Python's standard library sources); see below"),
     ("--max-bytes", int, "use the first N bytes of the corpus (0: all)"),
     ("--tokenizer", str, "'bpe' (train a byte-level BPE of the config's vocab_size on the corpus), 'bytes', or a "

@@ -84,6 +84,7 @@ class TrainOptions:
     parallel: Parallelism = "ddp"
     activation_checkpointing: bool = False
     compile: bool = False
+    document_mask: bool = False  # documents in a row do not see each other (each starts at its EOS)
     # data (used by the CLI to rebuild the same data on --resume)
     corpus: str | None = None
     max_bytes: int | None = 4_000_000
@@ -170,6 +171,9 @@ class Trainer:
         if self.local_batch % self.micro:
             raise ValueError(f"micro_batch_size={self.micro} must divide the per-process batch "
                              f"batch_size / world size = {self.local_batch}")
+        if options.document_mask and model.config.eos_token_id is None:
+            raise ValueError("TrainOptions.document_mask needs the model config's eos_token_id (documents are "
+                             "separated by EOS)")
         self.model, self.options, self.run_dir = model, options, Path(run_dir)
         self.loader, self.eval_data, self.bytes_per_token = loader, eval_data, bytes_per_token
         self.tokenizer, self.progress, self.tensorboard = tokenizer, progress, tensorboard
@@ -242,6 +246,12 @@ class Trainer:
     def _local_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.tensor_split(self.env.world_size)[self.env.rank].to(self.env.device, non_blocking=True)
 
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        """The loss forward (the fused head) of rows x (B, T) with targets y; with `document_mask`, each
+        EOS starts a document that sees nothing before it, as evaluation scores documents (EOS, then text)."""
+        seq_idx = (x == self.model.config.eos_token_id).cumsum(1) if self.options.document_mask else None
+        return self.module(x, labels=y, return_logits=False, seq_idx=seq_idx)
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over one global batch; returns its metrics (identical on every rank)."""
         input_ids, labels = next(self.loader)
@@ -256,7 +266,7 @@ class Trainer:
             rows = slice(i * self.micro, (i + 1) * self.micro)
             with gradient_sync(self.module, i == accum - 1):
                 with self._autocast():
-                    out = self.module(x[rows], labels=y[rows], return_logits=False)
+                    out = self._forward(x[rows], y[rows])
                 (out.loss / accum).backward()
             sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float() / accum
             if out.expert_counts is not None:
@@ -295,7 +305,7 @@ class Trainer:
             if x.shape[0] == 0:  # fewer rows than processes: run one fully ignored row (sharded models need all)
                 x, y = input_ids[:1].to(self.env.device), torch.full_like(labels[:1], IGNORE).to(self.env.device)
             with self._autocast():  # the fused head: no (rows, T, V) logits, as in training
-                mean = self.module(x, labels=y, return_logits=False).lm_loss
+                mean = self._forward(x, y).lm_loss
             n = (y != IGNORE).sum()
             if n > 0:  # an all-ignored batch has a nan mean and adds nothing
                 total += torch.stack([mean.double() * n, n.double()])

@@ -19,7 +19,7 @@ from mixcon.training.metrics import read_metrics
 @pytest.mark.parametrize(("command", "flags"), [
     ("train", ["--config", "--set", "--out", "--resume", "--time-budget", "--steps", "--batch-size",
                "--micro-batch-size", "--parallel", "--activation-checkpointing", "--compile", "--precision",
-               "--corpus", "--tokenizer", "--max-bytes", "--init-from", "torchrun"]),
+               "--corpus", "--tokenizer", "--max-bytes", "--init-from", "--document-mask", "torchrun"]),
     ("generate", ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--greedy",
                   "--dtype", "--compile"]),
 ])

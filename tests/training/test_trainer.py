@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mixcon import MixConConfig
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mixcon.training.metrics import read_metrics
@@ -154,6 +155,38 @@ def test_validation_equals_cross_entropy_over_whole_logits(make_trainer, shards,
     assert out["val_loss"] == pytest.approx(total / n, rel=1e-6)
     assert out["val_bpb"] == pytest.approx(total / n / math.log(2) / shards.bytes_per_token("val"), rel=1e-6)
     assert trainer.model.training  # back in training mode
+
+
+def test_document_mask_scores_each_document_alone(make_trainer, tiny_config, tmp_path):
+    """With document_mask, training and validation losses are those of each document (from its EOS on) run
+    alone; without it, documents see each other."""
+    config = tiny_config(router_aux_loss_coef=0.0)
+    trainer = make_trainer(tmp_path, config=config, document_mask=True)
+    eos = config.eos_token_id
+    x, y = next(trainer.loader)
+    x, y = x.clone(), y.clone()
+    x[:, [5, 6, 20]] = eos  # documents [0, 5), [5, 6) (EOS alone), [6, 20), [20, 32)
+    y[:3, :4] = IGNORE
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for a, b in ((0, 5), (5, 6), (6, 20), (20, 32)):
+            logits = trainer.model(x[:, a:b]).logits.double()
+            total += float(F.cross_entropy(logits.flatten(0, 1), y[:, a:b].flatten(), ignore_index=IGNORE,
+                                           reduction="sum"))
+            n += int((y[:, a:b] != IGNORE).sum())
+    trainer.eval_data = lambda: iter([(x, y)])
+    assert trainer.evaluate()["val_loss"] == pytest.approx(total / n, rel=1e-6)
+    trainer.loader = iter([(x, y)])
+    assert trainer.train_step()["lm_loss"] == pytest.approx(total / n, rel=1e-6)
+
+    plain = make_trainer(tmp_path / "plain", config=config)
+    plain.eval_data = lambda: iter([(x, y)])
+    assert plain.evaluate()["val_loss"] != pytest.approx(total / n, rel=1e-5)  # untrained: near-uniform either way
+
+
+def test_document_mask_needs_an_eos_id(make_trainer, tmp_path):
+    with pytest.raises(ValueError, match="document_mask needs the model config's eos_token_id"):
+        make_trainer(tmp_path, config=MixConConfig.preset("tiny", vocab_size=259), document_mask=True)
 
 
 @pytest.mark.slow
