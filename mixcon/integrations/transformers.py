@@ -166,25 +166,34 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        position_ids: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
         """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
         1 for real tokens; labels (B, T) the inputs themselves (the next token is each position's target).
-        No cache is made with labels, nor while training with activation checkpointing."""
+        No cache is made with labels, nor while training with activation checkpointing. Packed documents
+        (padding-free batches, `DataCollatorWithFlattening`): `seq_idx` (B, T), or `position_ids` (B, T)
+        that restart where a document starts; no cache is made then. Otherwise position_ids are not
+        needed: positions follow from the attention mask and the cache."""
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
         if unsupported:
             raise ValueError(f"MixConHFForCausalLM.forward does not take {unsupported}; it takes input_ids, "
-                             "attention_mask, past_key_values, labels, use_cache, logits_to_keep, return_dict")
+                             "attention_mask, past_key_values, labels, use_cache, logits_to_keep, return_dict, "
+                             "position_ids, seq_idx")
         if past_key_values is not None and not isinstance(past_key_values, MixConCache):
             raise TypeError(f"past_key_values must be a MixConCache (or None), got {type(past_key_values).__name__}")
         B, T = input_ids.shape
+        if seq_idx is None and position_ids is not None and past_key_values is None and (
+                attention_mask is None or bool(attention_mask.bool().all())):
+            seq_idx = _documents_from_positions(position_ids, (B, T))
         recomputing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if recomputing and past_key_values is not None:
             raise ValueError("past_key_values: no cache while training with activation checkpointing (the layers "
                              "recomputed in the backward would advance it a second time)")
         cache = past_key_values
         if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None \
-                and not recomputing:
+                and not recomputing and seq_idx is None:
             cache = self.model.new_cache(B, max_length=T)
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
@@ -192,7 +201,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
         out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
-                         logits_to_keep=logits_to_keep)
+                         logits_to_keep=logits_to_keep, seq_idx=seq_idx)
         result = MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss if labels is not None else None,
                                            logits=out.logits, past_key_values=cache)
         use_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -202,6 +211,16 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         """Beam search: the cache rows of the kept beams, in their order."""
         cache.select_rows(beam_idx.to(cache.key_mask.device))
         return cache
+
+
+def _documents_from_positions(position_ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor | None:
+    """seq_idx (B, T) of packed documents from position ids that restart at each (None if they never do)."""
+    if position_ids.shape != shape:
+        raise ValueError(f"position_ids must have the shape of input_ids {shape}, got {tuple(position_ids.shape)}")
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1  # (B, T - 1)
+    if not bool(restarts.any()):
+        return None
+    return torch.nn.functional.pad(restarts.long().cumsum(1), (1, 0))
 
 
 def hf_tokenizer(tokenizer: AnyTokenizer | str | Path) -> PreTrainedTokenizerFast:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
 
-from transformers import AutoModelForCausalLM, DynamicCache, pipeline
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, DynamicCache, pipeline
 
 from mixcon import MixConForCausalLM
 from mixcon.data import ByteTokenizer
@@ -92,6 +92,26 @@ def test_from_mixcon_loads_a_saved_mixcon_model(tiny_model, tmp_path):
     loaded = MixConHFForCausalLM.from_mixcon(tmp_path).eval()
     ids, mask = left_padded()
     assert torch.equal(loaded(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("collate", [dict(), dict(return_seq_idx=True, return_position_ids=False)],
+                         ids=["position_ids", "seq_idx"])
+def test_padding_free_batches_score_each_document_alone(pair, collate):
+    """transformers' DataCollatorWithFlattening packs documents into one row: loss and logits are those of
+    each document run alone."""
+    model, hf = pair
+    torch.manual_seed(2)
+    docs = [torch.randint(0, 290, (n,)) for n in (7, 1, 12, 5)]
+    batch = DataCollatorWithFlattening(**collate)([{"input_ids": d.tolist()} for d in docs])
+    assert ("seq_idx" in batch) == bool(collate) and "attention_mask" not in batch
+    out = hf(**batch)
+    alone = [model(d[None]).logits[0] for d in docs]
+    torch.testing.assert_close(out.logits[0], torch.cat(alone), rtol=1e-9, atol=1e-9)
+    nll = torch.cat([F.cross_entropy(lg[:-1], d[1:], reduction="none") for lg, d in zip(alone, docs, strict=True)])
+    torch.testing.assert_close(out.loss - model.config.router_aux_loss_coef * out.aux_loss, nll.mean())
+    assert out.past_key_values is None
+    with pytest.raises(ValueError, match="position_ids must have the shape of input_ids"):
+        hf(batch["input_ids"], position_ids=torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_forward_rejects_what_it_does_not_take(pair):
