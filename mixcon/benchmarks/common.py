@@ -20,6 +20,8 @@ import torch
 
 from mixcon.cli.common import add_dtype_argument
 from mixcon.config import MixConConfig
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.training.optim import build_optimizer, lr_at, set_lr
 
 
 def wall_times(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> list[float]:
@@ -47,6 +49,28 @@ def twins(base: MixConConfig) -> dict[str, MixConConfig]:
     return {"mixcon": base,
             "transformer-twin": base.replace(attn_per_block=base.layers_per_block, layer_pattern=None),
             "conba-twin": base.replace(attn_per_block=0, layer_pattern=None)}
+
+
+def train_briefly(model: MixConForCausalLM, next_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+                  *, steps: int, lr: float, seed: int = 0) -> list[float]:
+    """AdamW (warmup over the first tenth, cosine to lr / 10, weight decay 0.1, gradients clipped at 1) on
+    `next_batch(generator)` -> (ids, labels) batches drawn from one generator seeded with `seed`; returns
+    the loss of every step."""
+    generator = torch.Generator().manual_seed(seed)
+    device = model.embed.weight.device
+    optimizer = build_optimizer(model, lr=lr, weight_decay=0.1)
+    model.train()
+    losses = []
+    for step in range(steps):
+        set_lr(optimizer, lr_at(step, peak=lr, warmup=max(1, steps // 10), total=steps, min_ratio=0.1))
+        ids, labels = next_batch(generator)
+        loss = model(ids.to(device), labels=labels.to(device), return_logits=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def release_memory() -> None:

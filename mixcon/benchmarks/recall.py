@@ -22,31 +22,20 @@ from mixcon.config import MixConConfig
 from mixcon.data.synthetic import RecallTask
 from mixcon.evaluation.recall import recall_accuracy
 from mixcon.models.mixcon import MixConForCausalLM
-from mixcon.training.optim import build_optimizer, lr_at, set_lr
 
 TWINS = tuple(common.twins(MixConConfig.preset("tiny")))  # their names: mixcon, transformer-twin, conba-twin
 
 
 def train_on_recall(model: MixConForCausalLM, task: RecallTask, pairs: list[int], *, steps: int, batch_size: int,
                     lr: float, seed: int = 0) -> list[float]:
-    """AdamW (warmup + cosine) on freshly drawn MQAR batches, the pair count of each drawn from `pairs`;
+    """`common.train_briefly` on freshly drawn MQAR batches, the pair count of each drawn from `pairs`;
     returns the loss of every step."""
-    generator = torch.Generator().manual_seed(seed)
-    device = model.embed.weight.device
-    optimizer = build_optimizer(model, lr=lr, weight_decay=0.1)
-    model.train()
-    losses = []
-    for step in range(steps):
-        set_lr(optimizer, lr_at(step, peak=lr, warmup=max(1, steps // 10), total=steps, min_ratio=0.1))
+
+    def batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         num_pairs = pairs[int(torch.randint(len(pairs), (), generator=generator))]
-        ids, labels = task.sample(batch_size, num_pairs, generator)
-        loss = model(ids.to(device), labels=labels.to(device), return_logits=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+        return task.sample(batch_size, num_pairs, generator)
+
+    return common.train_briefly(model, batch, steps=steps, lr=lr, seed=seed)
 
 
 def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batch_size: int, lr: float,

@@ -1,10 +1,10 @@
-"""`mixcon bench speed|scan|decode|recall|matvec|kernel`: benchmarks against reference implementations, side by side."""
+"""`mixcon bench speed|scan|decode|recall|filler|matvec|kernel`: benchmarks against baselines, side by side."""
 
 from __future__ import annotations
 
 import argparse
 
-from mixcon.benchmarks import decode, kernel, matvec, recall, scan, speed
+from mixcon.benchmarks import decode, filler, kernel, matvec, recall, scan, speed
 from mixcon.cli.common import add_config_args, config_from_args
 
 
@@ -30,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(r, default="tiny")
     recall.add_arguments(r)
     r.set_defaults(func=_recall)
+    f = bench.add_parser("filler", help="uninformative tokens: MixCon vs its twins on text with fillers inserted",
+                         description=filler.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(f, default="tiny")
+    filler.add_arguments(f)
+    f.set_defaults(func=_filler)
     m = bench.add_parser("matvec", help="few-row products (decoding): ops.linear vs F.linear",
                          description=matvec.__doc__)
     matvec.add_arguments(m)
@@ -48,3 +53,8 @@ def _decode(args: argparse.Namespace) -> int:
 def _recall(args: argparse.Namespace) -> int:
     """The recall benchmark on the model of --config / --set and its twins."""
     return recall.main(args, base=config_from_args(args))
+
+
+def _filler(args: argparse.Namespace) -> int:
+    """The filler benchmark on the model of --config / --set and its twins."""
+    return filler.main(args, base=config_from_args(args))

@@ -1,9 +1,13 @@
-"""Synthetic tasks that probe what a sequence mixer can remember: multi-query associative recall (MQAR).
+"""Synthetic probes of what a sequence mixer remembers and what it can ignore.
 
 MQAR (Arora et al., "Zoology", 2023): a sequence first lists `num_pairs` key-value pairs, then asks for
 every key again, at random places among filler tokens; after each queried key the model must emit
 its value. Attention solves it at any length by looking the key up; a recurrent layer must hold all the
 pairs in its state, so its accuracy falls once the pairs outgrow the state.
+
+Uninformative tokens (Gu, "On the Tradeoffs of SSMs and Transformers", 2025): `insert_filler` puts
+tokens that carry nothing at random places among real ones; a model that ignored them perfectly would
+predict each next real token as well as without them.
 """
 
 from __future__ import annotations
@@ -64,3 +68,23 @@ class RecallTask:
         labels = torch.full((B, T), IGNORE, dtype=torch.long)
         labels.scatter_(1, where, values.gather(1, order))
         return ids, labels
+
+
+def insert_filler(ids: torch.Tensor, ratio: float, filler_id: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of R real tokens (B, R) with round(ratio · R) `filler_id` tokens inserted at random places
+    (the real tokens keep their order): inputs (B, T) and labels (B, T), the next real token at every
+    real token but the last, IGNORE at the fillers (they are never targets)."""
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"insert_filler: ids must be (B, R) with R >= 2 real tokens, got {tuple(ids.shape)}")
+    if not 0 <= ratio < float("inf"):
+        raise ValueError(f"insert_filler: ratio={ratio} must be a finite number >= 0 (fillers per real token)")
+    if bool((ids == filler_id).any()):
+        raise ValueError(f"insert_filler: filler_id={filler_id} occurs among the real tokens; use an id they "
+                         "never take")
+    B, R = ids.shape
+    T = R + round(ratio * R)
+    real = torch.rand(B, T, generator=generator).argsort(1)[:, :R].sort(1).values  # (B, R) places of the real tokens
+    inputs = torch.full((B, T), filler_id, dtype=ids.dtype).scatter_(1, real, ids)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long).scatter_(1, real[:, :-1], ids[:, 1:].long())
+    return inputs, labels

@@ -246,3 +246,32 @@ def test_kernel_report_compiles_the_triton_kernel_for_a_gpu(tmp_path):
 def test_kernel_report_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["bench", "kernel", *argv])
+
+
+def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(tmp_path):
+    corpus = tmp_path / "text.txt"
+    text = "the king said to the queen that we shall go now\n" * 40
+    corpus.write_text(text)
+    argv = ["bench", "filler", "--set", "d_model=16", "--corpus", str(corpus), "--ratios", "1.5,0", "--real-len", "8",
+            "--steps", "2", "--batch-size", "3", "--eval-windows", "5", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "out" / "filler.json").read_text())
+    rows = payload["rows"]
+    assert [(r["model"], r["ratio"], r["seq_len"]) for r in rows] == [
+        (name, ratio, length) for ratio, length in ((0.0, 8), (1.5, 20))
+        for name in ("mixcon", "transformer-twin", "conba-twin")]
+    assert all(6 < r["bits_per_byte"] < 10 for r in rows)  # barely trained: near a uniform guess, log2(259) = 8.0
+    assert payload["bytes"] == len(text) + 1  # every byte and one EOS
+    assert (tmp_path / "out" / "filler.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ratios", "1,-2"], "each must be a finite number >= 0"),
+    (["--ratios", "one"], "comma-separated numbers"),
+    (["--real-len", "1"], "--real-len 1: must be >= 2"),
+    (["--models", "llama"], "unknown llama"),
+    (["--max-bytes", "1000", "--eval-windows", "64"], "needs at least 8,192"),
+])
+def test_filler_benchmark_rejects_bad_arguments(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "filler", "--steps", "1", *argv])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixcon.data.synthetic import RecallTask
+from mixcon.data.synthetic import RecallTask, insert_filler
 from mixcon.models.mixcon import IGNORE
 
 
@@ -58,3 +58,38 @@ def test_key_and_value_split():
 def test_impossible_tasks_are_errors_that_name_the_field(kwargs, num_pairs, message):
     with pytest.raises(ValueError, match=message):
         RecallTask(**kwargs).sample(2, num_pairs)
+
+
+@pytest.mark.parametrize("ratio,R", [(0, 5), (1, 6), (2.5, 4), (0.3, 10)])
+def test_insert_filler_keeps_the_real_tokens_in_order_and_targets_the_next_real_one(ratio, R):
+    ids = torch.randint(0, 50, (6, R), generator=torch.Generator().manual_seed(0))
+    inputs, labels = insert_filler(ids, ratio, 99, torch.Generator().manual_seed(1))
+    assert inputs.shape == labels.shape == (6, R + round(ratio * R))
+    for row, got, targets in zip(ids.tolist(), inputs.tolist(), labels.tolist(), strict=True):
+        assert [t for t in got if t != 99] == row and got.count(99) == round(ratio * R)
+        places = [i for i, t in enumerate(got) if t != 99]
+        assert [targets[i] for i in places] == [*row[1:], IGNORE]
+        assert all(targets[i] == IGNORE for i, t in enumerate(got) if t == 99)
+    if ratio == 0:
+        assert torch.equal(inputs, ids)
+    again = insert_filler(ids, ratio, 99, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
+
+
+def test_insert_filler_places_differ_between_rows_and_draws():
+    ids = torch.arange(8).repeat(4, 1)
+    generator = torch.Generator().manual_seed(0)
+    first, _ = insert_filler(ids, 2, 99, generator)
+    second, _ = insert_filler(ids, 2, 99, generator)
+    assert len({tuple(r) for r in first.tolist()}) > 1 and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("ids,ratio,match", [
+    (torch.zeros(2, 1, dtype=torch.long), 1, r"R >= 2"),
+    (torch.zeros(2, 4, dtype=torch.long), -1, "ratio=-1"),
+    (torch.zeros(2, 4, dtype=torch.long), float("inf"), "finite"),
+    (torch.full((2, 4), 99), 1, "filler_id=99 occurs among the real tokens"),
+])
+def test_insert_filler_rejects_bad_input(ids, ratio, match):
+    with pytest.raises(ValueError, match=match):
+        insert_filler(ids, ratio, 99)

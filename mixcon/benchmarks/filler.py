@@ -1,0 +1,140 @@
+"""Uninformative tokens: MixCon and its Transformer and Conba twins on text with filler tokens inserted.
+
+Gu ("On the Tradeoffs of SSMs and Transformers", 2025) asks how sequence models cope with tokens that
+carry nothing. At each --ratios value, each twin of --config (same widths, the bytes tokenizer's
+vocabulary) is trained from scratch on windows of --real-len bytes of --corpus with round(ratio ×
+real-len) filler tokens (the tokenizer's PAD id, which text never yields) inserted at random places;
+every real byte's target is the next real byte, fillers are never targets. The held-out loss over the
+same real bytes with fillers at the same ratio follows, in bits per byte: a model that ignored the
+fillers perfectly would score the same at every ratio. A Conba layer can learn to neither decay nor
+write on a filler; attention must learn to put no weight on one. Prints a table; writes filler.json and
+filler.png (bits per byte vs ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixcon.benchmarks import common
+from mixcon.config import MixConConfig
+from mixcon.data.corpus import Corpus
+from mixcon.data.synthetic import insert_filler
+from mixcon.data.tokenizer import ByteTokenizer
+from mixcon.evaluation.filler import filler_loss
+from mixcon.models.mixcon import MixConForCausalLM
+
+TWINS = tuple(common.twins(MixConConfig.preset("tiny")))  # their names: mixcon, transformer-twin, conba-twin
+
+
+def byte_stream(spec: str | None, max_bytes: int) -> torch.Tensor:
+    """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long."""
+    tok = ByteTokenizer()
+    ids: list[int] = []
+    for doc in Corpus.from_spec(spec).documents(max_bytes):
+        ids += tok.encode(doc)
+        ids.append(tok.eos_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_windows(stream: torch.Tensor, real_len: int, eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream cut in two: the training part (to draw windows from) and `eval_windows` disjoint held-out
+    windows (eval_windows, real_len) from its end."""
+    held = eval_windows * real_len
+    if stream.numel() < 2 * held:
+        raise ValueError(f"the corpus gives {stream.numel():,} bytes; --eval-windows {eval_windows} x --real-len "
+                         f"{real_len} needs at least {2 * held:,} (raise --max-bytes or lower them)")
+    return stream[:-held], stream[-held:].view(eval_windows, real_len)
+
+
+def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_len: int, steps: int,
+        batch_size: int, lr: float, eval_windows: int, seed: int, out_dir: Path | None, device: str = "cpu",
+        models: list[str] | None = None) -> list[dict[str, Any]]:
+    """Train each twin of `base` (those in `models`, default all) at every ratio, then score it there."""
+    tok = ByteTokenizer()
+    train, held_out = split_windows(stream, real_len, eval_windows)
+    rows = []
+    for ratio in ratios:
+        for name, config in common.twins(base.replace(vocab_size=tok.vocab_size)).items():
+            if models is not None and name not in models:
+                continue
+
+            def batch(generator: torch.Generator, ratio: float = ratio) -> tuple[torch.Tensor, torch.Tensor]:
+                starts = torch.randint(0, train.numel() - real_len + 1, (batch_size,), generator=generator)
+                windows = train[starts[:, None] + torch.arange(real_len)]  # (batch_size, real_len)
+                return insert_filler(windows, ratio, tok.pad_id, generator)
+
+            torch.manual_seed(seed)
+            model = MixConForCausalLM(config).to(device)
+            start = time.perf_counter()
+            losses = common.train_briefly(model, batch, steps=steps, lr=lr, seed=seed)
+            seconds = time.perf_counter() - start
+            nats = filler_loss(model, held_out, ratio, tok.pad_id, seed=seed + 1)
+            last = losses[-20:]
+            rows.append(dict(model=name, ratio=ratio, seq_len=real_len + round(ratio * real_len), train_s=seconds,
+                             final_loss=sum(last) / len(last), bits_per_byte=nats / math.log(2)))
+            common.print_table(rows[-1:], list(rows[-1]))
+    if out_dir is not None:
+        payload = dict(machine=common.machine(), ratios=ratios, real_len=real_len, steps=steps,
+                       batch_size=batch_size, lr=lr, eval_windows=eval_windows, seed=seed, bytes=stream.numel(),
+                       base=base.to_dict(), rows=rows)
+        common.write_results(out_dir, "filler", payload, _plot)
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, (ax,) = common.new_figure()
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        ax.plot([r["ratio"] for r in mine], [r["bits_per_byte"] for r in mine], marker="o", label=name)
+    ax.set(xlabel="filler tokens per real byte", ylabel="held-out bits per byte (real bytes)",
+           title="next-byte loss among uninformative tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    common.save_figure(fig, path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ratios", default="0,1,3", help="filler tokens per real byte (default: %(default)s)")
+    p.add_argument("--corpus", default=None, help="corpus spec, as for `mixcon train` (default: stdlib sources)")
+    p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the corpus to use (default: %(default)s)")
+    p.add_argument("--real-len", type=int, default=64, help="real bytes per window (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=600, help="training steps per model and ratio (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=256,
+                   help="held-out windows from the end of the corpus (default: %(default)s)")
+    p.add_argument("--models", default=",".join(TWINS), help="which of the twins to train (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+
+
+def main(args: argparse.Namespace, base: MixConConfig) -> int:
+    try:
+        try:
+            ratios = sorted({float(r) for r in args.ratios.split(",")})
+        except ValueError as e:
+            raise ValueError(f"--ratios {args.ratios!r}: expected comma-separated numbers") from e
+        if not all(0 <= r < float("inf") for r in ratios):
+            raise ValueError(f"--ratios {args.ratios}: each must be a finite number >= 0")
+        for name, value, low in (("--real-len", args.real_len, 2), ("--steps", args.steps, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--eval-windows", args.eval_windows, 1),
+                                 ("--max-bytes", args.max_bytes, 1)):
+            if value < low:
+                raise ValueError(f"{name} {value}: must be >= {low}")
+        models = args.models.split(",")
+        if unknown := sorted(set(models) - set(TWINS)):
+            raise ValueError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(TWINS)}")
+        stream = byte_stream(args.corpus, args.max_bytes)
+        run(base, stream, ratios, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            eval_windows=args.eval_windows, seed=args.seed, out_dir=args.out, device=args.device, models=models)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"mixcon bench filler: {e}") from e
+    return 0

@@ -1,0 +1,45 @@
+"""The next-real-token loss among fillers, against an oracle that ignores fillers by construction."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from mixcon.evaluation.filler import filler_loss
+from mixcon.models.mixcon import MixConOutput
+
+V, FILLER = 12, 11
+
+
+def bigram_oracle(table: torch.Tensor):
+    """A forward whose log-probabilities at each position are table[last real token up to there]."""
+    def forward(ids, **_):
+        logits = torch.zeros(*ids.shape, V)
+        for b, row in enumerate(ids.tolist()):
+            last = None
+            for t, token in enumerate(row):
+                last = token if token != FILLER else last
+                if last is not None:
+                    logits[b, t] = table[last]
+        return MixConOutput(logits=logits)
+    return forward
+
+
+@pytest.mark.parametrize("ratio", [0, 0.5, 3])
+def test_a_model_that_ignores_fillers_scores_the_same_at_every_ratio(tiny_model, monkeypatch, ratio):
+    table = torch.randn(V, V).log_softmax(-1)
+    windows = torch.randint(0, FILLER, (7, 9), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(vocab_size=V)
+    monkeypatch.setattr(model, "forward", bigram_oracle(table))
+    nll = -sum(float(table[a, b]) for row in windows.tolist() for a, b in itertools.pairwise(row)) / (7 * 8)
+    assert filler_loss(model, windows, ratio, FILLER, batch_size=3) == pytest.approx(nll, rel=1e-6)
+
+
+def test_fillers_change_a_real_models_loss(tiny_model):
+    windows = torch.randint(0, FILLER, (4, 10), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(vocab_size=V)
+    plain, padded = (filler_loss(model, windows, r, FILLER) for r in (0, 2))
+    assert math.isfinite(plain) and abs(plain - padded) > 1e-6
