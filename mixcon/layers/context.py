@@ -35,18 +35,17 @@ class ForwardContext:
         With a cache, its `key_mask` must already mark the T new positions. `seq_idx` (packed
         documents; no cache, no padding) masks attention across documents.
         """
+        if token_mask is not None and bool(token_mask.all()):
+            token_mask = None
         if seq_idx is not None and bool((seq_idx == seq_idx[:, :1]).all()):
             seq_idx = None  # one document per row: the plain causal forward
         if seq_idx is not None:
-            if cache is not None or (token_mask is not None and not bool(token_mask.all())):
-                raise ValueError("seq_idx (packed documents) needs a forward without cache and padding")
+            assert cache is None and token_mask is None, "seq_idx: no cache, no padding (the model checks)"
             # RoPE needs no restart at a document start: attention scores depend on relative positions only.
             t = torch.arange(T, device=device)
             same = (seq_idx[:, :, None] == seq_idx[:, None, :]) & (t[None, :] <= t[:, None])  # (B, T, T)
             return cls(None, t[None].expand(B, T), same[:, None], seq_idx=seq_idx)
         offset = cache.seqlen if cache is not None else 0
-        if token_mask is not None and bool(token_mask.all()):
-            token_mask = None
         start = cache.positions[:, None] if cache is not None else 0
         if token_mask is None:
             positions = start + torch.arange(T, device=device)[None, :]
