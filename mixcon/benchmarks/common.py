@@ -51,6 +51,30 @@ def twins(base: MixConConfig) -> dict[str, MixConConfig]:
             "conba-twin": base.replace(attn_per_block=0, layer_pattern=None)}
 
 
+TWIN_NAMES = ("mixcon", "transformer-twin", "conba-twin")  # the keys of `twins`
+
+
+def add_twin_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size: int, unit: str) -> None:
+    """--steps, --batch-size (of `unit`), --lr, --models, --seed, --device, --out: the probes that train
+    MixCon and its twins (`train_briefly`)."""
+    p.add_argument("--steps", type=int, default=steps, help="training steps per model (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"{unit} per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--models", default=",".join(TWIN_NAMES), help="which of the twins to train (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+
+
+def twin_names(models: str) -> list[str]:
+    """The --models list, checked against the twins' names."""
+    names = models.split(",")
+    if unknown := sorted(set(names) - set(TWIN_NAMES)):
+        raise ValueError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(TWIN_NAMES)}")
+    return names
+
+
 def train_briefly(model: MixConForCausalLM, next_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]],
                   *, steps: int, lr: float, seed: int = 0) -> list[float]:
     """AdamW (warmup over the first tenth, cosine to lr / 10, weight decay 0.1, gradients clipped at 1) on

@@ -29,8 +29,6 @@ from mixcon.data.tokenizer import ByteTokenizer
 from mixcon.evaluation.filler import filler_loss
 from mixcon.models.mixcon import MixConForCausalLM
 
-TWINS = tuple(common.twins(MixConConfig.preset("tiny")))  # their names: mixcon, transformer-twin, conba-twin
-
 
 def byte_stream(spec: str | None, max_bytes: int) -> torch.Tensor:
     """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long."""
@@ -104,16 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default=None, help="corpus spec, as for `mixcon train` (default: stdlib sources)")
     p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the corpus to use (default: %(default)s)")
     p.add_argument("--real-len", type=int, default=64, help="real bytes per window (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=600, help="training steps per model and ratio (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--eval-windows", type=int, default=256,
                    help="held-out windows from the end of the corpus (default: %(default)s)")
-    p.add_argument("--models", default=",".join(TWINS), help="which of the twins to train (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+    common.add_twin_training_arguments(p, steps=600, batch_size=16, unit="windows")
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:
@@ -129,9 +120,7 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
                                  ("--max-bytes", args.max_bytes, 1)):
             if value < low:
                 raise ValueError(f"{name} {value}: must be >= {low}")
-        models = args.models.split(",")
-        if unknown := sorted(set(models) - set(TWINS)):
-            raise ValueError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(TWINS)}")
+        models = common.twin_names(args.models)
         stream = byte_stream(args.corpus, args.max_bytes)
         run(base, stream, ratios, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             eval_windows=args.eval_windows, seed=args.seed, out_dir=args.out, device=args.device, models=models)

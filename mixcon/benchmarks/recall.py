@@ -23,8 +23,6 @@ from mixcon.data.synthetic import RecallTask
 from mixcon.evaluation.recall import recall_accuracy
 from mixcon.models.mixcon import MixConForCausalLM
 
-TWINS = tuple(common.twins(MixConConfig.preset("tiny")))  # their names: mixcon, transformer-twin, conba-twin
-
 
 def train_on_recall(model: MixConForCausalLM, task: RecallTask, pairs: list[int], *, steps: int, batch_size: int,
                     lr: float, seed: int = 0) -> list[float]:
@@ -91,17 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=64,
                    help="task vocabulary: filler, keys, values (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=3000, help="training steps per model (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--sequences", type=int, default=512,
                    help="held-out sequences per pair count (default: %(default)s)")
-    p.add_argument("--models", default=",".join(TWINS),
-                   help="which of the twins to train (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+    common.add_twin_training_arguments(p, steps=3000, batch_size=32, unit="sequences")
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:
@@ -118,9 +108,7 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
                             ("--sequences", args.sequences)):
             if value < 1:
                 raise ValueError(f"{name} {value}: must be >= 1")
-        models = args.models.split(",")
-        if unknown := sorted(set(models) - set(TWINS)):
-            raise ValueError(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(TWINS)}")
+        models = common.twin_names(args.models)
     except ValueError as e:
         raise SystemExit(str(e)) from e
     run(base, task, pairs, args.steps, args.batch_size, args.lr, args.sequences, args.seed, args.out, args.device,
