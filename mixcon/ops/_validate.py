@@ -51,7 +51,8 @@ def check_seq_idx(seq_idx: torch.Tensor, shape: tuple[int, int], name: str = "se
         raise ValueError(f"{name} must be (B, T)={shape}, got {tuple(seq_idx.shape)}")
     if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer document indices, got dtype {seq_idx.dtype}")
-    if shape[1] > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+    # Not inside a compiled graph (a data-dependent branch would break it): the model checks at its boundary.
+    if shape[1] > 1 and not torch.compiler.is_compiling() and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
         raise ValueError(f"{name} must be non-decreasing along T: each document's tokens are contiguous")
 
 

@@ -98,3 +98,14 @@ def test_bad_seq_idx_raises_clear_errors(fn):
                        (torch.tensor([[0, 0, 1, 1, 0, 0]] * 2), "non-decreasing")):
         with pytest.raises(ValueError, match=match):
             fn(x, k, q, ld, beta, delta_rule=True, seq_idx=bad)
+
+
+def test_packed_scan_compiles_into_one_graph(have_c_compiler):
+    if not have_c_compiler:
+        pytest.skip("torch.compile needs a C compiler")
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=20, G=2, dtype=torch.float32)
+    seq_idx = seq_idx_for([[5, 1, 14], [20]])
+    kw = dict(delta_rule=True, tau=2, delay_gain=gain, initial_state=S0, seq_idx=seq_idx, chunk_size=8)
+    compiled = torch.compile(conba_scan, fullgraph=True, dynamic=False)
+    for a, b in zip(compiled(x, k, q, ld, beta, **kw), conba_scan(x, k, q, ld, beta, **kw), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
