@@ -286,6 +286,26 @@ def test_trainer_logs_the_models_loss_with_gradient_accumulation(tiny_model, tra
     assert logged == pytest.approx([expected] * 2, rel=1e-5)
 
 
+def test_trainer_with_padding_free_batches_keeps_documents_apart(tiny_model, trainer_args):
+    """transformers' Trainer with DataCollatorWithFlattening: the position_ids reach the model, so the logged
+    loss is that of the documents kept apart, not of one row where they see each other."""
+    from transformers import Trainer
+
+    hf = MixConHFForCausalLM.from_mixcon(tiny_model(dtype=torch.float32))
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 290, (n,), generator=generator).tolist()} for n in (9, 14)]
+    collator = DataCollatorWithFlattening()
+    trainer = Trainer(model=hf, args=trainer_args(max_steps=1, learning_rate=0.0), train_dataset=data,
+                      data_collator=collator)
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    batch = collator(data)
+    with torch.no_grad():
+        apart = hf(**batch).loss.item()
+        together = hf(batch["input_ids"], labels=batch["labels"]).loss.item()
+    assert logged == pytest.approx([apart], rel=1e-5) and apart != pytest.approx(together, rel=1e-3)
+
+
 def test_trainer_trains_and_saves_a_loadable_model(tiny_model, trainer_args, tmp_path):
     from transformers import Trainer
 
