@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mixcon.benchmarks import common
 from mixcon.config import MixConConfig
 from mixcon.data.corpus import Corpus
+from mixcon.data.shards import encode_documents
 from mixcon.data.synthetic import insert_filler
 from mixcon.data.tokenizer import ByteTokenizer
 from mixcon.evaluation.filler import filler_loss
@@ -32,12 +34,8 @@ from mixcon.models.mixcon import MixConForCausalLM
 
 def byte_stream(spec: str | None, max_bytes: int) -> torch.Tensor:
     """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long."""
-    tok = ByteTokenizer()
-    ids: list[int] = []
-    for doc in Corpus.from_spec(spec).documents(max_bytes):
-        ids += tok.encode(doc)
-        ids.append(tok.eos_id)
-    return torch.tensor(ids, dtype=torch.long)
+    docs = list(Corpus.from_spec(spec).documents(max_bytes))
+    return torch.from_numpy(encode_documents(ByteTokenizer(), docs, np.dtype(np.int64)))
 
 
 def split_windows(stream: torch.Tensor, real_len: int, eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -241,7 +241,7 @@ def _batches(docs: Iterable[str], val_docs: set[int]) -> Iterator[Batch]:
             yield split, pending[split], sizes[split]
 
 
-def _encode_docs(tok: AnyTokenizer, docs: list[str], dtype: np.dtype) -> np.ndarray:
+def encode_documents(tok: AnyTokenizer, docs: list[str], dtype: np.dtype) -> np.ndarray:
     """The token ids of each document followed by EOS, concatenated."""
     ids: list[int] = []
     for doc in docs:
@@ -259,7 +259,7 @@ def _init_worker(tok: AnyTokenizer) -> None:
 
 
 def _encode_in_worker(docs: list[str], dtype: np.dtype) -> np.ndarray:
-    return _encode_docs(_worker_tokenizer, docs, dtype)
+    return encode_documents(_worker_tokenizer, docs, dtype)
 
 
 def _encode_all(batches: Iterator[Batch], tok: AnyTokenizer, dtype: np.dtype,
@@ -267,7 +267,7 @@ def _encode_all(batches: Iterator[Batch], tok: AnyTokenizer, dtype: np.dtype,
     """(batch, tokens) in batch order, tokenised by `workers` processes (in this one when workers == 1)."""
     if workers <= 1:
         for batch in batches:
-            yield batch, _encode_docs(tok, batch[1], dtype)
+            yield batch, encode_documents(tok, batch[1], dtype)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tok,)) as pool:

@@ -202,8 +202,8 @@ def conba_scan(
         y, r = (_unchunk(t, T) for t in both.unbind(4))
         early = early_delayed_readout(q, past0, hg)  # the first tau steps read the initial past states
         delayed = torch.cat([early, r[:, : T - early.shape[1]]], dim=1)
-        if seq_idx is not None:  # S_{t-tau} is zero when t - tau lies before t's document
-            seg = seq_idx - seq_idx[:, :1]
+        if docs is not None:  # S_{t-tau} is zero when t - tau lies before t's document
+            seg = docs.seg.reshape(B, T_pad)[:, :T]
             same = seg == F.pad(seg, (tau, 0))[:, :T]  # (B, T)
             delayed = delayed * same[..., None, None].to(dt)
         y = y + delay_gain.to(dt)[:, None] * delayed

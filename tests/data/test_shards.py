@@ -136,7 +136,7 @@ def test_an_interrupted_build_never_loads_as_complete(tmp_path, monkeypatch, ran
         return np.array([1, 2, 3], dtype=dtype)
 
     monkeypatch.setattr(shards_module, "BATCH_BYTES", 500)
-    monkeypatch.setattr(shards_module, "_encode_docs", interrupted)
+    monkeypatch.setattr(shards_module, "encode_documents", interrupted)
     (folder / "00000.txt").write_text("changed, so a rebuild starts")
     for target in (out, tmp_path / "fresh"):
         calls.clear()
