@@ -54,17 +54,22 @@ def twins(base: MixConConfig) -> dict[str, MixConConfig]:
 TWIN_NAMES = ("mixcon", "transformer-twin", "conba-twin")  # the keys of `twins`
 
 
-def add_twin_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size: int, unit: str) -> None:
-    """--steps, --batch-size (of `unit`), --lr, --models, --seed, --device, --out: the probes that train
-    MixCon and its twins (`train_briefly`)."""
+def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size: int, unit: str) -> None:
+    """--steps, --batch-size (of `unit`), --lr, --device, --out: the probes that train models briefly
+    (`train_briefly`)."""
     p.add_argument("--steps", type=int, default=steps, help="training steps per model (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"{unit} per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--models", default=",".join(TWIN_NAMES), help="which of the twins to train (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+
+
+def add_twin_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size: int, unit: str) -> None:
+    """The training arguments plus --models and --seed: the probes that train MixCon and its twins."""
+    add_training_arguments(p, steps=steps, batch_size=batch_size, unit=unit)
+    p.add_argument("--models", default=",".join(TWIN_NAMES), help="which of the twins to train (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def twin_names(models: str) -> list[str]:

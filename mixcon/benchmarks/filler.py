@@ -14,67 +14,31 @@ filler.png (bits per byte vs ratio).
 from __future__ import annotations
 
 import argparse
-import math
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from mixcon.benchmarks import common
+from mixcon.benchmarks import bytes_lm, common
 from mixcon.config import MixConConfig
-from mixcon.data.corpus import Corpus
-from mixcon.data.shards import encode_documents
-from mixcon.data.synthetic import insert_filler
-from mixcon.data.tokenizer import ByteTokenizer
-from mixcon.evaluation.filler import filler_loss
-from mixcon.models.mixcon import MixConForCausalLM
 
-
-def byte_stream(spec: str | None, max_bytes: int) -> torch.Tensor:
-    """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long."""
-    docs = list(Corpus.from_spec(spec).documents(max_bytes))
-    return torch.from_numpy(encode_documents(ByteTokenizer(), docs, np.dtype(np.int64)))
-
-
-def split_windows(stream: torch.Tensor, real_len: int, eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stream cut in two: the training part (to draw windows from) and `eval_windows` disjoint held-out
-    windows (eval_windows, real_len) from its end."""
-    held = eval_windows * real_len
-    if stream.numel() < 2 * held:
-        raise ValueError(f"the corpus gives {stream.numel():,} bytes; --eval-windows {eval_windows} x --real-len "
-                         f"{real_len} needs at least {2 * held:,} (raise --max-bytes or lower them)")
-    return stream[:-held], stream[-held:].view(eval_windows, real_len)
+COLUMNS = ["model", "ratio", "seq_len", "train_s", "final_loss", "bits_per_byte"]
 
 
 def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_len: int, steps: int,
         batch_size: int, lr: float, eval_windows: int, seed: int, out_dir: Path | None, device: str = "cpu",
         models: list[str] | None = None) -> list[dict[str, Any]]:
     """Train each twin of `base` (those in `models`, default all) at every ratio, then score it there."""
-    tok = ByteTokenizer()
-    train, held_out = split_windows(stream, real_len, eval_windows)
+    train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
     rows = []
     for ratio in ratios:
-        for name, config in common.twins(base.replace(vocab_size=tok.vocab_size)).items():
+        for name, config in common.twins(base).items():
             if models is not None and name not in models:
                 continue
-
-            def batch(generator: torch.Generator, ratio: float = ratio) -> tuple[torch.Tensor, torch.Tensor]:
-                starts = torch.randint(0, train.numel() - real_len + 1, (batch_size,), generator=generator)
-                windows = train[starts[:, None] + torch.arange(real_len)]  # (batch_size, real_len)
-                return insert_filler(windows, ratio, tok.pad_id, generator)
-
-            torch.manual_seed(seed)
-            model = MixConForCausalLM(config).to(device)
-            start = time.perf_counter()
-            losses = common.train_briefly(model, batch, steps=steps, lr=lr, seed=seed)
-            seconds = time.perf_counter() - start
-            nats = filler_loss(model, held_out, ratio, tok.pad_id, seed=seed + 1)
-            last = losses[-20:]
-            rows.append(dict(model=name, ratio=ratio, seq_len=real_len + round(ratio * real_len), train_s=seconds,
-                             final_loss=sum(last) / len(last), bits_per_byte=nats / math.log(2)))
-            common.print_table(rows[-1:], list(rows[-1]))
+            row = bytes_lm.train_and_score(config, train, held_out, ratio=ratio, steps=steps,
+                                           batch_size=batch_size, lr=lr, seed=seed, device=device)
+            rows.append(dict(model=name, ratio=ratio, seq_len=real_len + round(ratio * real_len), **row))
+            common.print_table(rows[-1:], COLUMNS)
     if out_dir is not None:
         payload = dict(machine=common.machine(), ratios=ratios, real_len=real_len, steps=steps,
                        batch_size=batch_size, lr=lr, eval_windows=eval_windows, seed=seed, bytes=stream.numel(),
@@ -119,7 +83,7 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
             if value < low:
                 raise ValueError(f"{name} {value}: must be >= {low}")
         models = common.twin_names(args.models)
-        stream = byte_stream(args.corpus, args.max_bytes)
+        stream = bytes_lm.byte_stream(args.corpus, args.max_bytes)
         run(base, stream, ratios, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             eval_windows=args.eval_windows, seed=args.seed, out_dir=args.out, device=args.device, models=models)
     except (ValueError, FileNotFoundError) as e:

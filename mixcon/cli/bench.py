@@ -1,10 +1,10 @@
-"""`mixcon bench speed|scan|decode|recall|filler|matvec|kernel`: benchmarks against baselines, side by side."""
+"""`mixcon bench speed|scan|decode|recall|filler|ablate|matvec|kernel`: benchmarks against baselines, side by side."""
 
 from __future__ import annotations
 
 import argparse
 
-from mixcon.benchmarks import decode, filler, kernel, matvec, recall, scan, speed
+from mixcon.benchmarks import ablate, decode, filler, kernel, matvec, recall, scan, speed
 from mixcon.cli.common import add_config_args, config_from_args
 
 
@@ -35,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(f, default="tiny")
     filler.add_arguments(f)
     f.set_defaults(func=_filler)
+    a = bench.add_parser("ablate", help="ablations: variants of a model trained on the same bytes, over seeds",
+                         description=ablate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(a, default="tiny")
+    ablate.add_arguments(a)
+    a.set_defaults(func=_ablate)
     m = bench.add_parser("matvec", help="few-row products (decoding): ops.linear vs F.linear",
                          description=matvec.__doc__)
     matvec.add_arguments(m)
@@ -58,3 +63,8 @@ def _recall(args: argparse.Namespace) -> int:
 def _filler(args: argparse.Namespace) -> int:
     """The filler benchmark on the model of --config / --set and its twins."""
     return filler.main(args, base=config_from_args(args))
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    """The ablation benchmark on the model of --config / --set and its variants."""
+    return ablate.main(args, base=config_from_args(args))

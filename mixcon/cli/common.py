@@ -43,15 +43,16 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """KEY=VALUE items (given to `flag`) -> {field: parsed value}; unknown fields and bad items exit."""
     fields = {f.name for f in dataclasses.fields(MixConConfig)}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
         if key not in fields:
-            raise SystemExit(f"--set {item!r}: unknown config field {key!r}; fields: {', '.join(sorted(fields))}")
+            raise SystemExit(f"{flag} {item!r}: unknown config field {key!r}; fields: {', '.join(sorted(fields))}")
         out[key] = parse_value(value)
     return out
 

@@ -275,3 +275,68 @@ def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(tmp_path):
 def test_filler_benchmark_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["bench", "filler", "--steps", "1", *argv])
+
+
+def test_ablate_benchmark_pairs_variants_by_seed(tmp_path):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the king said to the queen that we shall go now\n" * 40)
+    argv = ["bench", "ablate", "--set", "d_model=16", "--corpus", str(corpus), "--real-len", "8", "--steps", "2",
+            "--batch-size", "3", "--eval-windows", "5", "--seeds", "3,4", "--variant", "no-control",
+            "--variant", "again:conba_control=false", "--variant", "pure:attn_per_block=0,conba_delay=1",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "out" / "ablate.json").read_text())
+    runs = {(r["variant"], r["seed"]): r for r in payload["runs"]}
+    assert list(runs) == [(v, s) for s in (3, 4) for v in ("base", "no-control", "again", "pure")]
+    assert payload["variants"]["pure"] == {"attn_per_block": 0, "conba_delay": 1}
+    assert runs["pure", 3]["layout"] == "CCCC/DMDM | CCCC/DMDM" and runs["base", 3]["layout"] == "CCAC/DMDM | CCAC/DMDM"
+    for seed in (3, 4):  # a built-in and the same change spelled out: the same runs
+        assert runs["no-control", seed]["bits_per_byte"] == runs["again", seed]["bits_per_byte"]
+    assert runs["base", 3]["bits_per_byte"] != runs["base", 4]["bits_per_byte"]
+    assert runs["base", 3]["bits_per_byte"] != runs["no-control", 3]["bits_per_byte"]
+    assert all(6 < r["bits_per_byte"] < 10 for r in runs.values())  # barely trained: near log2(259) = 8.0
+    rows = {r["variant"]: r for r in payload["rows"]}
+    for name, row in rows.items():
+        bits = [runs[name, s]["bits_per_byte"] for s in (3, 4)]
+        deltas = [runs[name, s]["bits_per_byte"] - runs["base", s]["bits_per_byte"] for s in (3, 4)]
+        assert row["seeds"] == 2 and row["bits_per_byte"] == pytest.approx(sum(bits) / 2)
+        assert row["std"] == pytest.approx(abs(bits[0] - bits[1]) / 2**0.5)
+        assert row["delta"] == pytest.approx(sum(deltas) / 2)
+        assert row["delta_std"] == pytest.approx(abs(deltas[0] - deltas[1]) / 2**0.5)
+    assert rows["base"]["delta"] == 0 and rows["base"]["delta_std"] == 0
+    assert rows["pure"]["params"] > rows["base"]["params"] > rows["base"]["active_params"]
+    assert (tmp_path / "out" / "ablate.png").stat().st_size > 0
+
+
+def test_ablate_benchmark_runs_the_builtins_that_change_the_model():
+    from mixcon.benchmarks import ablate
+
+    tiny = MixConConfig.preset("tiny")
+    builtin = ablate.builtin_variants(tiny)
+    assert all(f"\n  {name} " in ablate.__doc__ for name in builtin)  # the --help lists every built-in
+    assert all(ablate.changes_model(tiny, tiny.replace(**fields)) for fields in builtin.values())
+    mamba2 = tiny.replace(**builtin["mamba2-mixer"])
+    assert (mamba2.conba_control, mamba2.conba_delay, mamba2.conba_selective, mamba2.conba_state_scaling) == (
+        False, 0, "linear", False)
+    transformer = tiny.replace(attn_per_block=4)
+    assert [n for n, f in builtin.items() if ablate.changes_model(transformer, transformer.replace(**f))] == [
+        "dense-ffn", "conba-twin"]  # its Conba switches and its own layout change nothing
+    with pytest.raises(ValueError, match="changes nothing in the model"):
+        ablate.variant_configs(transformer, {"no-delay": {"conba_delay": 0}})
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--variant", "no-such"], "not a built-in variant"),
+    (["--variant", "base:d_model=8"], "needs a name other than 'base'"),
+    (["--variant", "w:widht=3"], "unknown config field 'widht'"),
+    (["--variant", "w:d_model"], "expected KEY=VALUE"),
+    (["--variant", "h:n_heads=3"], r"--variant h: MixConConfig\.n_kv_heads=2 is invalid"),
+    (["--variant", "same:d_model=32"], "changes nothing"),
+    (["--variant", "no-delay", "--variant", "no-delay"], "each name once"),
+    (["--seeds", "1,1"], "each seed once"),
+    (["--seeds", "x"], "comma-separated integers"),
+    (["--real-len", "1"], "--real-len 1: must be >= 2"),
+])
+def test_ablate_benchmark_rejects_bad_arguments(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "ablate", "--steps", "1", *argv])

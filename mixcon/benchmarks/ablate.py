@@ -1,0 +1,197 @@
+"""Ablations: the model of --config and variants of it, each trained from scratch on the same bytes, over seeds.
+
+Every mechanism of Conba and of the MixCon layout is a config switch (DESIGN.md §2), so an ablation is a
+run, not a code edit. Each variant is --config with some fields changed; all are trained with the same
+recipe on the same random windows of --real-len bytes of --corpus (the bytes tokenizer's vocabulary) and
+scored on the same held-out windows from its end, once per seed (the seed fixes the init and the order
+of the windows, so seeds pair the variants). Without --variant, the built-in set below runs: Conba's
+mechanisms one at a time off, all of them off at once (a Mamba-2 mixer), dense feed-forward layers
+instead of MoE, and the pure Conba and pure Transformer layouts. Prints per-variant means over seeds:
+held-out bits per byte, its spread across seeds, the paired difference to the base (negative = better),
+parameters (total / active per token) and training seconds; writes ablate.json (every run) and
+ablate.png.
+
+variants:
+  NAME                        a built-in variant, e.g. --variant no-control
+  NAME:KEY=VALUE[,KEY=VALUE]  your own: config fields to change, e.g. --variant wide:d_model=48,n_heads=4
+
+built-in variants (run when they change the model of --config):
+  no-control        conba_control=false: open-loop state write, Mamba-2's SSD update
+  no-delay          conba_delay=0: no delayed-state readout
+  linear-selective  conba_selective=linear: the step size from one linear map, as Mamba-2's dt
+  no-state-scaling  conba_state_scaling=false: no second forget gate
+  mamba2-mixer      all four above: every Conba layer a Mamba-2 mixer
+  dense-ffn         moe_every=0: dense SwiGLU MLPs instead of MoE
+  conba-twin        attn_per_block=0: no attention
+  transformer-twin  attn_per_block=layers_per_block: no Conba
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixcon.benchmarks import bytes_lm, common
+from mixcon.cli.common import parse_overrides
+from mixcon.config import MixConConfig
+
+CONBA_MECHANISMS = {  # variant name -> (the field, its value with the mechanism off)
+    "no-control": ("conba_control", False),
+    "no-delay": ("conba_delay", 0),
+    "linear-selective": ("conba_selective", "linear"),
+    "no-state-scaling": ("conba_state_scaling", False),
+}
+BASE = "base"
+
+
+def builtin_variants(base: MixConConfig) -> dict[str, dict[str, Any]]:
+    """The built-in ablations of `base` (this module's doc says what each is): name -> the fields they change."""
+    return {
+        **{name: {key: value} for name, (key, value) in CONBA_MECHANISMS.items()},
+        "mamba2-mixer": dict(CONBA_MECHANISMS.values()),
+        "dense-ffn": {"moe_every": 0},
+        "conba-twin": {"attn_per_block": 0, "layer_pattern": None},
+        "transformer-twin": {"attn_per_block": base.layers_per_block, "layer_pattern": None},
+    }
+
+
+def parse_variant(text: str, builtin: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """'NAME' (a built-in) or 'NAME:KEY=VALUE[,KEY=VALUE...]' -> (name, fields to change)."""
+    name, sep, spec = text.partition(":")
+    if not name or name == BASE:
+        raise ValueError(f"--variant {text!r}: needs a name other than {BASE!r} (the unchanged --config)")
+    if not sep:
+        if name not in builtin:
+            raise ValueError(f"--variant {text!r}: not a built-in variant ({', '.join(builtin)}); give your own "
+                             "as NAME:KEY=VALUE[,KEY=VALUE...]")
+        return name, builtin[name]
+    return name, parse_overrides(spec.split(","), flag=f"--variant {name}:")
+
+
+def changes_model(base: MixConConfig, config: MixConConfig) -> bool:
+    """Whether `config` builds another model than `base`: some field differs, and not only Conba's when
+    neither has a Conba layer."""
+    old, new = base.to_dict(), config.to_dict()
+    changed = {key for key in old if old[key] != new[key]}
+    has_conba = any(mixer == "conba" for c in (base, config) for mixer, _ in c.layout())
+    return bool(changed) and (has_conba or any(not key.startswith("conba_") for key in changed))
+
+
+def variant_configs(base: MixConConfig, variants: dict[str, dict[str, Any]]) -> dict[str, MixConConfig]:
+    """The base and each variant's config (validated); a variant that changes nothing in the model is an error."""
+    configs = {BASE: base}
+    for name, fields in variants.items():
+        try:
+            config = base.replace(**fields)
+        except ValueError as e:
+            raise ValueError(f"--variant {name}: {e}") from e
+        if not changes_model(base, config):
+            raise ValueError(f"--variant {name}: {fields} changes nothing in the model of --config")
+        configs[name] = config
+    return configs
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant (in order of first appearance), means over its seeds; `delta` is the mean over seeds of its
+    bits per byte minus the base's at the same seed, `delta_std` the spread of those differences."""
+    base = {r["seed"]: r["bits_per_byte"] for r in runs if r["variant"] == BASE}
+    rows = []
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == name]
+        bits = [r["bits_per_byte"] for r in mine]
+        deltas = [r["bits_per_byte"] - base[r["seed"]] for r in mine if r["seed"] in base]
+        first = mine[0]
+        rows.append(dict(variant=name, layout=first["layout"], params=first["params"],
+                         active_params=first["active_params"], seeds=len(mine),
+                         train_s=statistics.fmean(r["train_s"] for r in mine),
+                         bits_per_byte=statistics.fmean(bits),
+                         std=statistics.stdev(bits) if len(bits) > 1 else None,
+                         delta=statistics.fmean(deltas) if deltas else None,
+                         delta_std=statistics.stdev(deltas) if len(deltas) > 1 else None))
+    return rows
+
+
+COLUMNS = ["variant", "layout", "params", "active_params", "seeds", "train_s", "bits_per_byte", "std", "delta",
+           "delta_std"]
+
+
+def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.Tensor, seeds: list[int], *,
+        real_len: int, steps: int, batch_size: int, lr: float, eval_windows: int, out_dir: Path | None,
+        device: str = "cpu") -> list[dict[str, Any]]:
+    """Train and score the base and every variant at every seed; returns the per-variant summary."""
+    configs = variant_configs(base, variants)
+    train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
+    runs = []
+    for seed in seeds:
+        for name, config in configs.items():
+            row = bytes_lm.train_and_score(config, train, held_out, ratio=0.0, steps=steps, batch_size=batch_size,
+                                           lr=lr, seed=seed, device=device)
+            runs.append(dict(variant=name, seed=seed, **row))
+            common.print_table(runs[-1:], list(runs[-1]))
+    summary = summarize(runs)
+    print(f"\nmeans over seeds {', '.join(map(str, seeds))} (delta: bits/byte minus the base's at the same seed)")
+    common.print_table(summary, COLUMNS)
+    if out_dir is not None:
+        payload = dict(machine=common.machine(), seeds=seeds, real_len=real_len, steps=steps, batch_size=batch_size,
+                       lr=lr, eval_windows=eval_windows, bytes=stream.numel(), base=base.to_dict(),
+                       variants=variants, runs=runs, rows=summary)
+        common.write_results(out_dir, "ablate", payload, _plot)
+    return summary
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, (ax,) = common.new_figure(width=7.0)
+    names = [r["variant"] for r in rows]
+    ax.barh(names, [r["bits_per_byte"] for r in rows], xerr=[r["std"] or 0.0 for r in rows], capsize=3,
+            color=["tab:gray" if n == BASE else "tab:blue" for n in names])
+    ax.axvline(rows[0]["bits_per_byte"], color="black", lw=0.8, ls="--")
+    low = min(r["bits_per_byte"] - (r["std"] or 0.0) for r in rows)
+    ax.set_xlim(left=max(0.0, low - 0.1))
+    ax.invert_yaxis()
+    ax.set(xlabel="held-out bits per byte (mean over seeds, ± std)", title="ablations")
+    ax.grid(alpha=0.3, axis="x")
+    common.save_figure(fig, path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", dest="variants", action="append", default=[], metavar="SPEC",
+                   help="a variant to run beside the base: NAME or NAME:KEY=VALUE[,...] (repeatable; "
+                        "default: every built-in)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds, each a run of every variant (default: %(default)s)")
+    p.add_argument("--corpus", default=None, help="corpus spec, as for `mixcon train` (default: stdlib sources)")
+    p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the corpus to use (default: %(default)s)")
+    p.add_argument("--real-len", type=int, default=64, help="bytes per window (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=256,
+                   help="held-out windows from the end of the corpus (default: %(default)s)")
+    common.add_training_arguments(p, steps=600, batch_size=16, unit="windows")
+
+
+def main(args: argparse.Namespace, base: MixConConfig) -> int:
+    try:
+        seeds = common.int_list("--seeds", args.seeds)
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds {args.seeds}: each seed once")
+        for name, value, low in (("--real-len", args.real_len, 2), ("--steps", args.steps, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--eval-windows", args.eval_windows, 1),
+                                 ("--max-bytes", args.max_bytes, 1)):
+            if value < low:
+                raise ValueError(f"{name} {value}: must be >= {low}")
+        builtin = builtin_variants(base)
+        if args.variants:
+            variants = dict(parse_variant(v, builtin) for v in args.variants)
+            if len(variants) != len(args.variants):
+                raise ValueError("--variant: each name once")
+        else:  # the built-ins that change this model
+            variants = {name: fields for name, fields in builtin.items()
+                        if changes_model(base, base.replace(**fields))}
+        variant_configs(base, variants)  # fail on a bad variant before any training
+        stream = bytes_lm.byte_stream(args.corpus, args.max_bytes)
+        run(base, variants, stream, seeds, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size,
+            lr=args.lr, eval_windows=args.eval_windows, out_dir=args.out, device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"mixcon bench ablate: {e}") from e
+    return 0

@@ -1,0 +1,63 @@
+"""Byte-level language modelling for the probes that train models briefly (`bench filler`, `bench ablate`):
+a corpus as one byte stream, held-out windows from its end, and one config trained and scored on them."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mixcon.benchmarks import common
+from mixcon.config import MixConConfig
+from mixcon.data.corpus import Corpus
+from mixcon.data.shards import encode_documents
+from mixcon.data.synthetic import insert_filler
+from mixcon.data.tokenizer import ByteTokenizer
+from mixcon.evaluation.filler import filler_loss
+from mixcon.models.mixcon import MixConForCausalLM
+
+TOKENIZER = ByteTokenizer()
+
+
+def byte_stream(spec: str | None, max_bytes: int) -> torch.Tensor:
+    """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long."""
+    docs = list(Corpus.from_spec(spec).documents(max_bytes))
+    return torch.from_numpy(encode_documents(TOKENIZER, docs, np.dtype(np.int64)))
+
+
+def split_windows(stream: torch.Tensor, real_len: int, eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream cut in two: the training part (to draw windows from) and `eval_windows` disjoint held-out
+    windows (eval_windows, real_len) from its end."""
+    held = eval_windows * real_len
+    if stream.numel() < 2 * held:
+        raise ValueError(f"the corpus gives {stream.numel():,} bytes; --eval-windows {eval_windows} x --real-len "
+                         f"{real_len} needs at least {2 * held:,} (raise --max-bytes or lower them)")
+    return stream[:-held], stream[-held:].view(eval_windows, real_len)
+
+
+def train_and_score(config: MixConConfig, train: torch.Tensor, held_out: torch.Tensor, *, ratio: float, steps: int,
+                    batch_size: int, lr: float, seed: int, device: str) -> dict[str, Any]:
+    """Train `config` (with the bytes tokenizer's vocabulary) from the init of `seed` on random windows of
+    `train` (the length of `held_out`'s rows) with round(ratio × length) fillers (PAD) inserted, then score the
+    next real bytes of `held_out` (fillers placed from seed + 1): train seconds, the mean loss of the last
+    20 steps (nats), held-out bits per byte and the parameter counts."""
+    real_len = held_out.shape[1]
+
+    def batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, train.numel() - real_len + 1, (batch_size,), generator=generator)
+        windows = train[starts[:, None] + torch.arange(real_len)]  # (batch_size, real_len)
+        return insert_filler(windows, ratio, TOKENIZER.pad_id, generator)
+
+    torch.manual_seed(seed)
+    model = MixConForCausalLM(config.replace(vocab_size=TOKENIZER.vocab_size)).to(device)
+    start = time.perf_counter()
+    losses = common.train_briefly(model, batch, steps=steps, lr=lr, seed=seed)
+    seconds = time.perf_counter() - start
+    nats = filler_loss(model, held_out, ratio, TOKENIZER.pad_id, seed=seed + 1)
+    last = losses[-20:]
+    return dict(layout=model.config.layout_string(), params=model.num_parameters(),
+                active_params=model.num_parameters(active=True), train_s=seconds,
+                final_loss=sum(last) / len(last), bits_per_byte=nats / math.log(2))
