@@ -29,6 +29,7 @@ built-in variants (run when they change the model of --config):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -121,26 +122,53 @@ COLUMNS = ["variant", "layout", "params", "active_params", "seeds", "train_s", "
 
 def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.Tensor, seeds: list[int], *,
         real_len: int, steps: int, batch_size: int, lr: float, eval_windows: int, out_dir: Path | None,
-        device: str = "cpu") -> list[dict[str, Any]]:
-    """Train and score the base and every variant at every seed; returns the per-variant summary."""
+        device: str = "cpu", resume: bool = False) -> list[dict[str, Any]]:
+    """Train and score the base and every variant at every seed; returns the per-variant summary. With
+    `out_dir`, ablate.json holds every finished run as soon as it ends; `resume` reuses those of an earlier
+    call with the same settings."""
     configs = variant_configs(base, variants)
     train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
+    settings = dict(real_len=real_len, steps=steps, batch_size=batch_size, lr=lr, eval_windows=eval_windows,
+                    bytes=stream.numel(), base=base.to_dict(), variants=variants)
+    done = finished_runs(out_dir, settings) if resume else {}
     runs = []
     for seed in seeds:
         for name, config in configs.items():
+            if (name, seed) in done:
+                runs.append(done[name, seed])
+                continue
             row = bytes_lm.train_and_score(config, train, held_out, ratio=0.0, steps=steps, batch_size=batch_size,
                                            lr=lr, seed=seed, device=device)
             runs.append(dict(variant=name, seed=seed, **row))
             common.print_table(runs[-1:], list(runs[-1]))
+            if out_dir is not None:
+                common.write_results(out_dir, "ablate", _payload(settings, seeds, runs), plot=None)
     summary = summarize(runs)
     print(f"\nmeans over seeds {', '.join(map(str, seeds))} (delta: bits/byte minus the base's at the same seed)")
     common.print_table(summary, COLUMNS)
     if out_dir is not None:
-        payload = dict(machine=common.machine(), seeds=seeds, real_len=real_len, steps=steps, batch_size=batch_size,
-                       lr=lr, eval_windows=eval_windows, bytes=stream.numel(), base=base.to_dict(),
-                       variants=variants, runs=runs, rows=summary)
-        common.write_results(out_dir, "ablate", payload, _plot)
+        common.write_results(out_dir, "ablate", _payload(settings, seeds, runs), _plot)
     return summary
+
+
+def _payload(settings: dict[str, Any], seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(machine=common.machine(), seeds=seeds, **settings, runs=runs, rows=summarize(runs))
+
+
+def finished_runs(out_dir: Path | None, settings: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The runs in out_dir/ablate.json by (variant, seed), when it was written with the same `settings`."""
+    if out_dir is None:
+        raise ValueError("--resume needs --out (the folder of the run to resume)")
+    path = out_dir / "ablate.json"
+    if not path.is_file():
+        print(f"--resume: no {path} yet, starting afresh")
+        return {}
+    saved = json.loads(path.read_text())
+    expected = json.loads(json.dumps(settings))  # as JSON stores them (tuples as lists, None as null)
+    if differ := [key for key in expected if saved.get(key) != expected[key]]:
+        raise ValueError(f"--resume: {path} was written with other {', '.join(differ)}; drop --resume to start "
+                         "afresh there, or give another --out")
+    return {(r["variant"], r["seed"]): r for r in saved["runs"]}
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -168,6 +196,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=256,
                    help="held-out windows from the end of the corpus (default: %(default)s)")
     common.add_training_arguments(p, steps=600, batch_size=16, unit="windows")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished runs in --out/ablate.json (written as each run ends) when its settings "
+                        "match")
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:
@@ -191,7 +222,8 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
         variant_configs(base, variants)  # fail on a bad variant before any training
         stream = bytes_lm.byte_stream(args.corpus, args.max_bytes)
         run(base, variants, stream, seeds, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size,
-            lr=args.lr, eval_windows=args.eval_windows, out_dir=args.out, device=args.device)
+            lr=args.lr, eval_windows=args.eval_windows, out_dir=args.out, device=args.device,
+            resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"mixcon bench ablate: {e}") from e
     return 0

@@ -20,6 +20,7 @@ import torch
 
 from mixcon.cli.common import add_dtype_argument
 from mixcon.config import MixConConfig
+from mixcon.io import write_text_atomic
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.training.optim import build_optimizer, lr_at, set_lr
 
@@ -281,10 +282,12 @@ def save_figure(fig: Any, path: Path) -> None:
 
 
 def write_results(out_dir: Path, name: str, payload: dict[str, Any],
-                  plot: Callable[[list[dict[str, Any]], Path], None]) -> None:
-    """Write NAME.json (the payload, rows included) and NAME.png (drawn by `plot`) into out_dir."""
+                  plot: Callable[[list[dict[str, Any]], Path], None] | None) -> None:
+    """Write NAME.json (the payload, rows included; atomically) and NAME.png (drawn by `plot`, unless None)
+    into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2))
-    plot(payload["rows"], out_dir / f"{name}.png")
-    print(f"wrote {path} and {out_dir / f'{name}.png'}")
+    write_text_atomic(path, json.dumps(payload, indent=2))
+    if plot is not None:
+        plot(payload["rows"], out_dir / f"{name}.png")
+        print(f"wrote {path} and {out_dir / f'{name}.png'}")

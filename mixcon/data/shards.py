@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from mixcon.data.corpus import Corpus
 from mixcon.data.tokenizer import AnyTokenizer
+from mixcon.io import write_text_atomic
 
 FORMAT = 1
 INDEX = "index.json"
@@ -166,7 +167,7 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
                            "checksum": writers[split].checksum} for split in SPLITS},
         "seconds": time.perf_counter() - start,
     }
-    _write_atomic(out / INDEX, json.dumps(index, indent=2) + "\n")
+    write_text_atomic(out / INDEX, json.dumps(index, indent=2) + "\n")
     for split in SPLITS:  # shards of earlier builds, and leftovers of interrupted ones
         for path in out.glob(f"{split}.*.bin*"):
             if path.name != files[split]:
@@ -314,12 +315,3 @@ class _ShardWriter:
 
 def _checksum(tokens: np.ndarray) -> str:
     return hashlib.blake2b(memoryview(tokens).cast("B"), digest_size=16).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -340,3 +340,44 @@ def test_ablate_benchmark_runs_the_builtins_that_change_the_model():
 def test_ablate_benchmark_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["bench", "ablate", "--steps", "1", *argv])
+
+
+def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeypatch):
+    from mixcon.benchmarks import ablate, bytes_lm
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the king said to the queen that we shall go now\n" * 40)
+    argv = ["bench", "ablate", "--set", "d_model=16", "--corpus", str(corpus), "--real-len", "8", "--steps", "2",
+            "--batch-size", "3", "--eval-windows", "5", "--variant", "no-control", "--variant", "dense-ffn"]
+    assert main([*argv, "--seeds", "0,1", "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "ablate.json").read_text())
+
+    trained, interrupt = [], True
+    train_and_score = bytes_lm.train_and_score
+
+    def counted(config, *args, **kwargs):  # and, while `interrupt`, Ctrl-C in the fifth run
+        if interrupt and len(trained) == 4:
+            raise KeyboardInterrupt
+        trained.append(kwargs["seed"])
+        return train_and_score(config, *args, **kwargs)
+
+    monkeypatch.setattr(bytes_lm, "train_and_score", counted)
+    out = ["--out", str(tmp_path / "cut")]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--seeds", "0,1", *out])
+    partial = json.loads((tmp_path / "cut" / "ablate.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in partial["runs"]] == [
+        ("base", 0), ("no-control", 0), ("dense-ffn", 0), ("base", 1)]
+    assert not (tmp_path / "cut" / "ablate.png").exists()
+
+    with pytest.raises(SystemExit, match=r"--resume: .* was written with other steps"):
+        main([*argv, "--seeds", "0,1", *out, "--resume", "--steps", "3"])
+    trained, interrupt = [], False
+    assert main([*argv, "--seeds", "0,1", *out, "--resume"]) == 0
+    assert trained == [1, 1]  # only the two runs the interruption left
+    resumed = json.loads((tmp_path / "cut" / "ablate.json").read_text())
+    strip = [{k: v for k, v in r.items() if k != "train_s"} for r in whole["runs"]]
+    assert [{k: v for k, v in r.items() if k != "train_s"} for r in resumed["runs"]] == strip
+    assert (tmp_path / "cut" / "ablate.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="--resume needs --out"):
+        ablate.finished_runs(None, {})
