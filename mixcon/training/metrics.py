@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mixcon.io import write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -23,7 +25,7 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             # Keep the history up to the checkpoint; what a crashed run logged after it is redone.
             self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.tb = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
 
     def log(self, record: dict[str, Any]) -> None:
@@ -52,7 +54,21 @@ def _tensorboard_writer(log_dir: Path) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics file. A last line cut short (a run killed while appending it) is left out:
+    a resumed run redoes every step after its checkpoint anyway."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({e.msg}): {line[:80]!r}") from e
+    return records
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:

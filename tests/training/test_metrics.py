@@ -1,0 +1,30 @@
+"""The metrics file survives a run killed at any moment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mixcon.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    records = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "val_loss": 4.5},
+               {"step": 3, "loss": 3.0}]
+    lines = [json.dumps(r) + "\n" for r in records]
+    (tmp_path / METRICS_FILE).write_text("".join(lines) + '{"step": 4, "lo')  # killed mid-append
+    assert read_metrics(tmp_path / METRICS_FILE) == records
+    logger = MetricsLogger(tmp_path, resume_step=2)  # resumed from the checkpoint of step 2
+    logger.log({"step": 3, "loss": 2.5})
+    assert read_metrics(tmp_path / METRICS_FILE) == [*records[:3], {"step": 3, "loss": 2.5}]
+    assert (tmp_path / METRICS_FILE).read_text() == "".join(lines[:3]) + json.dumps({"step": 3, "loss": 2.5}) + "\n"
+
+
+def test_a_damaged_record_before_the_end_is_an_error(tmp_path):
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo\n{"step": 3, "loss": 3.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        read_metrics(tmp_path / METRICS_FILE)
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo\n')  # complete lines: not torn
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        read_metrics(tmp_path / METRICS_FILE)
