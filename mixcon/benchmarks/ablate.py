@@ -172,15 +172,28 @@ def finished_runs(out_dir: Path | None, settings: dict[str, Any]) -> dict[tuple[
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Each variant's paired difference to the base (mean ± std over seeds); bars far longer than the
+    typical one are cut at the axis and labelled with their value."""
     fig, (ax,) = common.new_figure(width=7.0)
     names = [r["variant"] for r in rows]
-    ax.barh(names, [r["bits_per_byte"] for r in rows], xerr=[r["std"] or 0.0 for r in rows], capsize=3,
-            color=["tab:gray" if n == BASE else "tab:blue" for n in names])
-    ax.axvline(rows[0]["bits_per_byte"], color="black", lw=0.8, ls="--")
-    low = min(r["bits_per_byte"] - (r["std"] or 0.0) for r in rows)
-    ax.set_xlim(left=max(0.0, low - 0.1))
+    deltas = [r["delta"] or 0.0 for r in rows]
+    errors = [r["delta_std"] or 0.0 for r in rows]
+    reach = [abs(d) + e for d, e in zip(deltas, errors, strict=True)]
+    typical = sorted(reach)[len(reach) // 2]
+    limit = 1.2 * max((v for v in reach if v <= 4 * typical), default=0.0) or 1.2 * max(reach) or 1.0
+    cut = [abs(d) + e > limit for d, e in zip(deltas, errors, strict=True)]
+    shown = [max(-limit, min(limit, d)) if c else d for d, c in zip(deltas, cut, strict=True)]
+    ax.barh(names, shown, xerr=[0.0 if c else e for e, c in zip(errors, cut, strict=True)], capsize=3,
+            color=["tab:green" if d < 0 else "tab:red" for d in deltas])
+    for y, (d, c) in enumerate(zip(deltas, cut, strict=True)):
+        if c:
+            ax.text(0.97 * (limit if d > 0 else -limit), y, f"{d:+.3f}", va="center", ha="right" if d > 0 else "left",
+                    color="white", fontsize=8)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlim(-limit, limit)
     ax.invert_yaxis()
-    ax.set(xlabel="held-out bits per byte (mean over seeds, ± std)", title="ablations")
+    ax.set(xlabel="bits per byte minus the base's at the same seed (mean ± std; < 0: better)",
+           title=f"ablations of the base ({rows[0]['bits_per_byte']:.3f} held-out bits per byte)")
     ax.grid(alpha=0.3, axis="x")
     common.save_figure(fig, path)
 
