@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mixcon.cli.common import add_dtype_argument
+from mixcon.cli.common import add_device_argument, add_dtype_argument
 from mixcon.config import MixConConfig
 from mixcon.io import write_text_atomic
 from mixcon.models.mixcon import MixConForCausalLM
@@ -61,8 +61,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size
     p.add_argument("--steps", type=int, default=steps, help="training steps per model (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"{unit} per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
+    add_device_argument(p, "cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
 
 
@@ -163,8 +162,7 @@ def sync() -> None:
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
     """--device and --dtype, shared by the benchmarks."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
+    add_device_argument(p, "cuda" if torch.cuda.is_available() else "cpu")
     add_dtype_argument(p)
 
 

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mixcon.config import PRESETS, MixConConfig
 from mixcon.data.corpus import SPEC_FORMS
 from mixcon.ops.dtypes import DTYPES
@@ -26,6 +28,35 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     """--dtype: a name in DTYPES for the parameters and activations."""
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="parameter and activation dtype (Conba states stay fp32; default: %(default)s)")
+
+
+def device_type(text: str) -> str:
+    """argparse type of --device: a torch device that this machine has (else a clear usage error)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)") from e
+    if device.type == "cpu":
+        return text
+    if device.type == "mps":
+        count = int(torch.backends.mps.is_available())
+    elif hasattr(getattr(torch, device.type, None), "device_count"):  # cuda, xpu, ...
+        count = getattr(torch, device.type).device_count()
+    else:
+        return text  # a backend torch cannot count: let it fail or work
+    if count == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no {device.type} device (torch "
+                                         f"{torch.__version__}); use cpu")
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {device.type} device(s), "
+                                         f"{device.type}:0 to {device.type}:{count - 1}")
+    return text
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str | None, shown: str | None = None) -> None:
+    """--device, checked by `device_type`; `shown` describes a None default in the help."""
+    parser.add_argument("--device", type=device_type, default=default,
+                        help=f"torch device (default: {shown or default})")
 
 
 def parse_value(text: str) -> Any:

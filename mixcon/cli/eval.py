@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixcon.cli.common import add_command, add_corpus_action, add_dtype_argument
+from mixcon.cli.common import add_command, add_corpus_action, add_device_argument, add_dtype_argument
 from mixcon.data.corpus import Corpus
 from mixcon.evaluation import MODES, evaluate_texts
 from mixcon.ops.dtypes import DTYPES
@@ -60,7 +60,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory, checkpoint or model directory")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences side by side (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_device_argument(p, "cpu")
     add_dtype_argument(p)
     p.add_argument("--compile", action="store_true", help="run the Conba layers through the compiled prefill")
 

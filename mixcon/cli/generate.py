@@ -8,7 +8,7 @@ from typing import TextIO
 
 import torch
 
-from mixcon.cli.common import add_dtype_argument
+from mixcon.cli.common import add_device_argument, add_dtype_argument
 from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_device_argument(p, "cpu")
     add_dtype_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile, and prefill prompts of 512+ tokens through compiled "

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from mixcon.cli.common import DEFAULT_CONFIG, add_config_args, config_from_args, parse_overrides
+from mixcon.cli.common import (
+    DEFAULT_CONFIG,
+    add_config_args,
+    add_device_argument,
+    config_from_args,
+    parse_overrides,
+)
 from mixcon.cli.generate import stream
 from mixcon.config import MixConConfig
 from mixcon.data import Corpus, ShardDataset, TrainLoader, eval_batches, load_tokenizer, prepare_shards
@@ -97,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, choices=kind, default=argparse.SUPPRESS, help=text)
         else:
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add_device_argument(p, None, shown="cuda when available, else cpu")
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens to sample at the end (default: 200; 0: none)")
     p.add_argument("--prompt", default=None, help="prompt of the final sample (default: the start of the validation "
                                                   "text)")
