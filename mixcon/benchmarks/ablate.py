@@ -203,12 +203,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a variant to run beside the base: NAME or NAME:KEY=VALUE[,...] (repeatable; "
                         "default: every built-in)")
     p.add_argument("--seeds", default="0,1,2", help="seeds, each a run of every variant (default: %(default)s)")
-    p.add_argument("--corpus", default=None, help="corpus spec, as for `mixcon train` (default: stdlib sources)")
-    p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the corpus to use (default: %(default)s)")
-    p.add_argument("--real-len", type=int, default=64, help="bytes per window (default: %(default)s)")
-    p.add_argument("--eval-windows", type=int, default=256,
-                   help="held-out windows from the end of the corpus (default: %(default)s)")
-    common.add_training_arguments(p, steps=600, batch_size=16, unit="windows")
+    bytes_lm.add_arguments(p, window="bytes per window")
     p.add_argument("--resume", action="store_true",
                    help="reuse the finished runs in --out/ablate.json (written as each run ends) when its settings "
                         "match")
@@ -219,11 +214,7 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
         seeds = common.int_list("--seeds", args.seeds)
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"--seeds {args.seeds}: each seed once")
-        for name, value, low in (("--real-len", args.real_len, 2), ("--steps", args.steps, 1),
-                                 ("--batch-size", args.batch_size, 1), ("--eval-windows", args.eval_windows, 1),
-                                 ("--max-bytes", args.max_bytes, 1)):
-            if value < low:
-                raise ValueError(f"{name} {value}: must be >= {low}")
+        bytes_lm.check_arguments(args)
         builtin = builtin_variants(base)
         if args.variants:
             variants = dict(parse_variant(v, builtin) for v in args.variants)

@@ -3,6 +3,7 @@ a corpus as one byte stream, held-out windows from its end, and one config train
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from typing import Any
@@ -26,6 +27,26 @@ def byte_stream(spec: str | None, max_bytes: int) -> torch.Tensor:
     """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long."""
     docs = list(Corpus.from_spec(spec).documents(max_bytes))
     return torch.from_numpy(encode_documents(TOKENIZER, docs, np.dtype(np.int64)))
+
+
+def add_arguments(p: argparse.ArgumentParser, window: str) -> None:
+    """--corpus, --max-bytes, --real-len (`window` says what it counts), --eval-windows and the training
+    arguments (`common.add_training_arguments`)."""
+    p.add_argument("--corpus", default=None, help="corpus spec, as for `mixcon train` (default: stdlib sources)")
+    p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the corpus to use (default: %(default)s)")
+    p.add_argument("--real-len", type=int, default=64, help=f"{window} (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=256,
+                   help="held-out windows from the end of the corpus (default: %(default)s)")
+    common.add_training_arguments(p, steps=600, batch_size=16, unit="windows")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """ValueError naming the first of the sizes of `add_arguments` that is too small."""
+    for name, value, low in (("--real-len", args.real_len, 2), ("--steps", args.steps, 1),
+                             ("--batch-size", args.batch_size, 1), ("--eval-windows", args.eval_windows, 1),
+                             ("--max-bytes", args.max_bytes, 1)):
+        if value < low:
+            raise ValueError(f"{name} {value}: must be >= {low}")
 
 
 def split_windows(stream: torch.Tensor, real_len: int, eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,9 +65,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
 
 
-def add_twin_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size: int, unit: str) -> None:
-    """The training arguments plus --models and --seed: the probes that train MixCon and its twins."""
-    add_training_arguments(p, steps=steps, batch_size=batch_size, unit=unit)
+def add_twin_arguments(p: argparse.ArgumentParser) -> None:
+    """--models and --seed: the probes that train MixCon and its twins."""
     p.add_argument("--models", default=",".join(TWIN_NAMES), help="which of the twins to train (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
 

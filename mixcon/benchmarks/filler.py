@@ -61,12 +61,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", default="0,1,3", help="filler tokens per real byte (default: %(default)s)")
-    p.add_argument("--corpus", default=None, help="corpus spec, as for `mixcon train` (default: stdlib sources)")
-    p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the corpus to use (default: %(default)s)")
-    p.add_argument("--real-len", type=int, default=64, help="real bytes per window (default: %(default)s)")
-    p.add_argument("--eval-windows", type=int, default=256,
-                   help="held-out windows from the end of the corpus (default: %(default)s)")
-    common.add_twin_training_arguments(p, steps=600, batch_size=16, unit="windows")
+    bytes_lm.add_arguments(p, window="real bytes per window")
+    common.add_twin_arguments(p)
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:
@@ -77,11 +73,7 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
             raise ValueError(f"--ratios {args.ratios!r}: expected comma-separated numbers") from e
         if not all(0 <= r < float("inf") for r in ratios):
             raise ValueError(f"--ratios {args.ratios}: each must be a finite number >= 0")
-        for name, value, low in (("--real-len", args.real_len, 2), ("--steps", args.steps, 1),
-                                 ("--batch-size", args.batch_size, 1), ("--eval-windows", args.eval_windows, 1),
-                                 ("--max-bytes", args.max_bytes, 1)):
-            if value < low:
-                raise ValueError(f"{name} {value}: must be >= {low}")
+        bytes_lm.check_arguments(args)
         models = common.twin_names(args.models)
         stream = bytes_lm.byte_stream(args.corpus, args.max_bytes)
         run(base, stream, ratios, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

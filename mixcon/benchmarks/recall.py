@@ -91,7 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="task vocabulary: filler, keys, values (default: %(default)s)")
     p.add_argument("--sequences", type=int, default=512,
                    help="held-out sequences per pair count (default: %(default)s)")
-    common.add_twin_training_arguments(p, steps=3000, batch_size=32, unit="sequences")
+    common.add_training_arguments(p, steps=3000, batch_size=32, unit="sequences")
+    common.add_twin_arguments(p)
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:
