@@ -29,6 +29,7 @@ built-in variants (run when they change the model of --config):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -129,7 +130,8 @@ def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.T
     configs = variant_configs(base, variants)
     train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
     settings = dict(real_len=real_len, steps=steps, batch_size=batch_size, lr=lr, eval_windows=eval_windows,
-                    bytes=stream.numel(), base=base.to_dict(), variants=variants)
+                    bytes=stream.numel(), corpus_sha256=hashlib.sha256(stream.numpy().tobytes()).hexdigest(),
+                    device=device, base=base.to_dict(), variants=variants)
     done = finished_runs(out_dir, settings) if resume else {}
     runs = []
     for seed in seeds:

@@ -372,6 +372,10 @@ def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeyp
 
     with pytest.raises(SystemExit, match=r"--resume: .* was written with other steps"):
         main([*argv, "--seeds", "0,1", *out, "--resume", "--steps", "3"])
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text().replace("king", "kong"))  # as many bytes, other text
+    with pytest.raises(SystemExit, match=r"--resume: .* was written with other corpus_sha256"):
+        main([*argv[:5], str(other), *argv[6:], "--seeds", "0,1", *out, "--resume"])
     trained, interrupt = [], False
     assert main([*argv, "--seeds", "0,1", *out, "--resume"]) == 0
     assert trained == [1, 1]  # only the two runs the interruption left
