@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mixcon.cli import build_parser
 
@@ -30,7 +31,8 @@ def test_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-def test_its_mixcon_commands_parse(tmp_path):
+def test_its_mixcon_commands_parse(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # --device cuda is checked: as on the GPU machine
     commands = [argv[3:] for argv in steps() if argv[:3] == ["python3", "-m", "mixcon"]]
     assert [c[:2] for c in commands] == [["bench", "scan"], ["bench", "speed"], ["bench", "decode"]]
     parser = build_parser()
