@@ -38,10 +38,11 @@ def device_type(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)") from e
     if device.type == "cpu":
         return text
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
     if device.type == "mps":
         count = int(torch.backends.mps.is_available())
-    elif hasattr(getattr(torch, device.type, None), "device_count"):  # cuda, xpu, ...
-        count = getattr(torch, device.type).device_count()
+    elif hasattr(backend, "device_count"):
+        count = backend.device_count()
     else:
         return text  # a backend torch cannot count: let it fail or work
     if count == 0:
