@@ -29,8 +29,6 @@ built-in variants (run when they change the model of --config):
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -130,9 +128,8 @@ def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.T
     configs = variant_configs(base, variants)
     train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
     settings = dict(real_len=real_len, steps=steps, batch_size=batch_size, lr=lr, eval_windows=eval_windows,
-                    bytes=stream.numel(), corpus_sha256=hashlib.sha256(stream.numpy().tobytes()).hexdigest(),
-                    device=device, base=base.to_dict(), variants=variants)
-    done = finished_runs(out_dir, settings) if resume else {}
+                    **bytes_lm.stream_settings(stream), device=device, base=base.to_dict(), variants=variants)
+    done = common.finished_runs(out_dir, "ablate", settings, key=("variant", "seed"), field="runs") if resume else {}
     runs = []
     for seed in seeds:
         for name, config in configs.items():
@@ -155,22 +152,6 @@ def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.T
 
 def _payload(settings: dict[str, Any], seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
     return dict(machine=common.machine(), seeds=seeds, **settings, runs=runs, rows=summarize(runs))
-
-
-def finished_runs(out_dir: Path | None, settings: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
-    """The runs in out_dir/ablate.json by (variant, seed), when it was written with the same `settings`."""
-    if out_dir is None:
-        raise ValueError("--resume needs --out (the folder of the run to resume)")
-    path = out_dir / "ablate.json"
-    if not path.is_file():
-        print(f"--resume: no {path} yet, starting afresh")
-        return {}
-    saved = json.loads(path.read_text())
-    expected = json.loads(json.dumps(settings))  # as JSON stores them (tuples as lists, None as null)
-    if differ := [key for key in expected if saved.get(key) != expected[key]]:
-        raise ValueError(f"--resume: {path} was written with other {', '.join(differ)}; drop --resume to start "
-                         "afresh there, or give another --out")
-    return {(r["variant"], r["seed"]): r for r in saved["runs"]}
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -206,9 +187,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: every built-in)")
     p.add_argument("--seeds", default="0,1,2", help="seeds, each a run of every variant (default: %(default)s)")
     bytes_lm.add_arguments(p, window="bytes per window")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the finished runs in --out/ablate.json (written as each run ends) when its settings "
-                        "match")
+    common.add_resume_argument(p, "ablate")
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:

@@ -4,6 +4,7 @@ a corpus as one byte stream, held-out windows from its end, and one config train
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import time
 from typing import Any
@@ -27,6 +28,11 @@ def byte_stream(spec: str | None, max_bytes: int) -> torch.Tensor:
     """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long."""
     docs = list(Corpus.from_spec(spec).documents(max_bytes))
     return torch.from_numpy(encode_documents(TOKENIZER, docs, np.dtype(np.int64)))
+
+
+def stream_settings(stream: torch.Tensor) -> dict[str, Any]:
+    """What identifies a byte stream in a benchmark's settings: its length and SHA-256."""
+    return dict(bytes=stream.numel(), corpus_sha256=hashlib.sha256(stream.numpy().tobytes()).hexdigest())
 
 
 def add_arguments(p: argparse.ArgumentParser, window: str) -> None:

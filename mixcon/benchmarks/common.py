@@ -288,3 +288,28 @@ def write_results(out_dir: Path, name: str, payload: dict[str, Any],
     if plot is not None:
         plot(payload["rows"], out_dir / f"{name}.png")
         print(f"wrote {path} and {out_dir / f'{name}.png'}")
+
+
+def add_resume_argument(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help=f"reuse the finished runs in --out/{name}.json (written as each run ends) when its settings "
+                        "match")
+
+
+def finished_runs(out_dir: Path | None, name: str, settings: dict[str, Any], key: tuple[str, ...],
+                  field: str = "rows") -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The runs in out_dir/NAME.json (its list `field`) by their values of `key`, when the file was written
+    with the same `settings` (each a top-level entry there); ValueError when they differ."""
+    if out_dir is None:
+        raise ValueError("--resume needs --out (the folder of the run to resume)")
+    path = out_dir / f"{name}.json"
+    if not path.is_file():
+        print(f"--resume: no {path} yet, starting afresh")
+        return {}
+    saved = json.loads(path.read_text())
+    expected = json.loads(json.dumps(settings))  # as JSON stores them (tuples as lists, None as null)
+    if differ := [k for k in expected if saved.get(k) != expected[k]]:
+        raise ValueError(f"--resume: {path} was written with other {', '.join(differ)}; drop --resume to start "
+                         "afresh there, or give another --out")
+    return {tuple(r[k] for k in key): r for r in saved[field]}
+

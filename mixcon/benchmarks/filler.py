@@ -7,8 +7,8 @@ real-len) filler tokens (the tokenizer's PAD id, which text never yields) insert
 every real byte's target is the next real byte, fillers are never targets. The held-out loss over the
 same real bytes with fillers at the same ratio follows, in bits per byte: a model that ignored the
 fillers perfectly would score the same at every ratio. A Conba layer can learn to neither decay nor
-write on a filler; attention must learn to put no weight on one. Prints a table; writes filler.json and
-filler.png (bits per byte vs ratio).
+write on a filler; attention must learn to put no weight on one. Prints a table; writes filler.json
+(after each run, so --resume can continue an interrupted sweep) and filler.png (bits per byte vs ratio).
 """
 
 from __future__ import annotations
@@ -27,24 +27,35 @@ COLUMNS = ["model", "ratio", "seq_len", "train_s", "final_loss", "bits_per_byte"
 
 def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_len: int, steps: int,
         batch_size: int, lr: float, eval_windows: int, seed: int, out_dir: Path | None, device: str = "cpu",
-        models: list[str] | None = None) -> list[dict[str, Any]]:
-    """Train each twin of `base` (those in `models`, default all) at every ratio, then score it there."""
+        models: list[str] | None = None, resume: bool = False) -> list[dict[str, Any]]:
+    """Train each twin of `base` (those in `models`, default all) at every ratio, then score it there. With
+    `out_dir`, filler.json holds every finished run as soon as it ends; `resume` reuses those of an earlier
+    call with the same settings (ratios and models may differ)."""
     train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
+    settings = dict(real_len=real_len, steps=steps, batch_size=batch_size, lr=lr, eval_windows=eval_windows,
+                    seed=seed, **bytes_lm.stream_settings(stream), device=device, base=base.to_dict())
+    done = common.finished_runs(out_dir, "filler", settings, key=("model", "ratio")) if resume else {}
     rows = []
     for ratio in ratios:
         for name, config in common.twins(base).items():
             if models is not None and name not in models:
                 continue
+            if (name, ratio) in done:
+                rows.append(done[name, ratio])
+                continue
             row = bytes_lm.train_and_score(config, train, held_out, ratio=ratio, steps=steps,
                                            batch_size=batch_size, lr=lr, seed=seed, device=device)
             rows.append(dict(model=name, ratio=ratio, seq_len=real_len + round(ratio * real_len), **row))
             common.print_table(rows[-1:], COLUMNS)
+            if out_dir is not None:
+                common.write_results(out_dir, "filler", _payload(settings, ratios, rows), plot=None)
     if out_dir is not None:
-        payload = dict(machine=common.machine(), ratios=ratios, real_len=real_len, steps=steps,
-                       batch_size=batch_size, lr=lr, eval_windows=eval_windows, seed=seed, bytes=stream.numel(),
-                       base=base.to_dict(), rows=rows)
-        common.write_results(out_dir, "filler", payload, _plot)
+        common.write_results(out_dir, "filler", _payload(settings, ratios, rows), _plot)
     return rows
+
+
+def _payload(settings: dict[str, Any], ratios: list[float], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(machine=common.machine(), ratios=ratios, **settings, rows=rows)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -63,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", default="0,1,3", help="filler tokens per real byte (default: %(default)s)")
     bytes_lm.add_arguments(p, window="real bytes per window")
     common.add_twin_arguments(p)
+    common.add_resume_argument(p, "filler")
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:
@@ -77,7 +89,8 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
         models = common.twin_names(args.models)
         stream = bytes_lm.byte_stream(args.corpus, args.max_bytes)
         run(base, stream, ratios, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-            eval_windows=args.eval_windows, seed=args.seed, out_dir=args.out, device=args.device, models=models)
+            eval_windows=args.eval_windows, seed=args.seed, out_dir=args.out, device=args.device, models=models,
+            resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"mixcon bench filler: {e}") from e
     return 0

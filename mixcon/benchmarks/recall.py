@@ -5,7 +5,8 @@ task's) on one stream of MQAR batches, each with a pair count drawn from --pairs
 model on the same held-out sequences at each pair count: the fraction of asked keys whose value is
 the model's top prediction. Attention can look any key up at a cost that grows with the context; a
 Conba layer must hold every pair in its fixed (heads × P × N) state. Prints a table; writes
-recall.json and recall.png (accuracy vs pairs).
+recall.json (after each model, so --resume can continue an interrupted run) and recall.png (accuracy vs
+pairs).
 """
 
 from __future__ import annotations
@@ -38,12 +39,20 @@ def train_on_recall(model: MixConForCausalLM, task: RecallTask, pairs: list[int]
 
 def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batch_size: int, lr: float,
         sequences: int, seed: int, out_dir: Path | None, device: str = "cpu",
-        models: list[str] | None = None) -> list[dict[str, Any]]:
+        models: list[str] | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Train each twin of `base` (those named in `models`, default all) on `task`, then score it at every
-    pair count."""
+    pair count. With `out_dir`, recall.json holds every finished model as soon as it is scored; `resume`
+    reuses those of an earlier call with the same settings (the models may differ)."""
+    settings = dict(task=dict(vocab_size=task.vocab_size, seq_len=task.seq_len, keys=task.keys, values=task.values),
+                    pairs=pairs, steps=steps, batch_size=batch_size, lr=lr, sequences=sequences, seed=seed,
+                    device=device, base=base.to_dict())
+    done = common.finished_runs(out_dir, "recall", settings, key=("model",)) if resume else {}
     rows = []
     for name, config in common.twins(base.replace(vocab_size=task.vocab_size)).items():
         if models is not None and name not in models:
+            continue
+        if (name,) in done:
+            rows.append(done[name,])
             continue
         torch.manual_seed(seed)
         model = MixConForCausalLM(config).to(device)
@@ -60,12 +69,10 @@ def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batc
                                                       seed=seed + 1)
         rows.append(row)
         common.print_table(rows[-1:], list(row))
+        if out_dir is not None:
+            common.write_results(out_dir, "recall", dict(machine=common.machine(), **settings, rows=rows), plot=None)
     if out_dir is not None:
-        payload = dict(machine=common.machine(), task=dict(vocab_size=task.vocab_size, seq_len=task.seq_len,
-                                                           keys=task.keys, values=task.values),
-                       pairs=pairs, steps=steps, batch_size=batch_size, lr=lr, sequences=sequences, seed=seed,
-                       base=base.to_dict(), rows=rows)
-        common.write_results(out_dir, "recall", payload, _plot)
+        common.write_results(out_dir, "recall", dict(machine=common.machine(), **settings, rows=rows), _plot)
     return rows
 
 
@@ -93,13 +100,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out sequences per pair count (default: %(default)s)")
     common.add_training_arguments(p, steps=3000, batch_size=32, unit="sequences")
     common.add_twin_arguments(p)
+    common.add_resume_argument(p, "recall")
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:
     try:
         pairs = sorted({int(n) for n in args.pairs.split(",")})
     except ValueError as e:
-        raise SystemExit(f"--pairs {args.pairs!r}: expected comma-separated integers") from e
+        raise SystemExit(f"mixcon bench recall: --pairs {args.pairs!r}: expected comma-separated integers") from e
     try:
         task = RecallTask(vocab_size=args.vocab, seq_len=args.seq_len)
         if pairs[0] < 1 or pairs[-1] > task.max_pairs():
@@ -110,8 +118,8 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
             if value < 1:
                 raise ValueError(f"{name} {value}: must be >= 1")
         models = common.twin_names(args.models)
+        run(base, task, pairs, args.steps, args.batch_size, args.lr, args.sequences, args.seed, args.out,
+            args.device, models, resume=args.resume)
     except ValueError as e:
-        raise SystemExit(str(e)) from e
-    run(base, task, pairs, args.steps, args.batch_size, args.lr, args.sequences, args.seed, args.out, args.device,
-        models)
+        raise SystemExit(f"mixcon bench recall: {e}") from e
     return 0

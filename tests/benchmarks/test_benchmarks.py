@@ -277,6 +277,55 @@ def test_filler_benchmark_rejects_bad_arguments(argv, message):
         main(["bench", "filler", "--steps", "1", *argv])
 
 
+@pytest.mark.parametrize("bench", ["filler", "recall"])
+def test_filler_and_recall_benchmarks_resume_an_interrupted_run_exactly(bench, tmp_path, monkeypatch):
+    from mixcon.benchmarks import bytes_lm, recall
+
+    if bench == "filler":
+        corpus = tmp_path / "text.txt"
+        corpus.write_text("the king said to the queen that we shall go now\n" * 40)
+        argv = ["bench", "filler", "--set", "d_model=16", "--corpus", str(corpus), "--ratios", "0,1",
+                "--real-len", "8", "--steps", "2", "--batch-size", "3", "--eval-windows", "5"]
+        module, trainer, runs = bytes_lm, "train_and_score", 6  # 3 twins x 2 ratios
+    else:
+        argv = ["bench", "recall", "--set", "d_model=16", "--pairs", "2,4", "--seq-len", "16", "--vocab", "16",
+                "--steps", "2", "--batch-size", "4", "--sequences", "6"]
+        module, trainer, runs = recall, "train_on_recall", 3  # 3 twins
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / f"{bench}.json").read_text())
+
+    trained, interrupt = [], True
+    train = getattr(module, trainer)
+
+    def counted(*args, **kwargs):  # and, while `interrupt`, Ctrl-C in the last but one run
+        if interrupt and len(trained) == runs - 2:
+            raise KeyboardInterrupt
+        trained.append(kwargs["seed"])
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(module, trainer, counted)
+    out = ["--out", str(tmp_path / "cut")]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, *out])
+    def timeless(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "train_s"} for r in rows]
+
+    partial = json.loads((tmp_path / "cut" / f"{bench}.json").read_text())
+    assert timeless(partial["rows"]) == timeless(whole["rows"][:runs - 2])
+    assert not (tmp_path / "cut" / f"{bench}.png").exists()
+
+    with pytest.raises(SystemExit, match=rf"mixcon bench {bench}: --resume: .* was written with other steps"):
+        main([*argv, *out, "--resume", "--steps", "3"])
+    trained, interrupt = [], False
+    assert main([*argv, *out, "--resume"]) == 0
+    assert len(trained) == 2  # only the runs the interruption left
+    resumed = json.loads((tmp_path / "cut" / f"{bench}.json").read_text())
+    assert timeless(resumed["rows"]) == timeless(whole["rows"])
+    assert (tmp_path / "cut" / f"{bench}.png").stat().st_size > 0
+    trained = []  # fewer models than the saved run: theirs are reused, nothing trains
+    assert main([*argv, *out, "--resume", "--models", "conba-twin,mixcon"]) == 0 and trained == []
+
+
 def test_ablate_benchmark_pairs_variants_by_seed(tmp_path):
     corpus = tmp_path / "text.txt"
     corpus.write_text("the king said to the queen that we shall go now\n" * 40)
@@ -343,7 +392,7 @@ def test_ablate_benchmark_rejects_bad_arguments(argv, message):
 
 
 def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeypatch):
-    from mixcon.benchmarks import ablate, bytes_lm
+    from mixcon.benchmarks import bytes_lm, common
 
     corpus = tmp_path / "text.txt"
     corpus.write_text("the king said to the queen that we shall go now\n" * 40)
@@ -384,4 +433,4 @@ def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeyp
     assert [{k: v for k, v in r.items() if k != "train_s"} for r in resumed["runs"]] == strip
     assert (tmp_path / "cut" / "ablate.png").stat().st_size > 0
     with pytest.raises(ValueError, match="--resume needs --out"):
-        ablate.finished_runs(None, {})
+        common.finished_runs(None, "ablate", {}, key=("variant", "seed"))
