@@ -255,6 +255,12 @@ class MixConConfig:
         """A validated copy with some fields changed."""
         return self.from_dict({**self.to_dict(), **overrides})
 
+    @staticmethod
+    def placement(attn_per_block: int) -> dict[str, Any]:
+        """The fields that give `attn_per_block` (a) attention layers per block at the default placement:
+        a, and no `layer_pattern` or `conba_per_block` (which would have to agree with a)."""
+        return {"attn_per_block": attn_per_block, "layer_pattern": None, "conba_per_block": None}
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MixConConfig:
         """A named size ("mixcon-paper", "small", "tiny") with any field overridden."""

@@ -54,8 +54,8 @@ def builtin_variants(base: MixConConfig) -> dict[str, dict[str, Any]]:
         **{name: {key: value} for name, (key, value) in CONBA_MECHANISMS.items()},
         "mamba2-mixer": dict(CONBA_MECHANISMS.values()),
         "dense-ffn": {"moe_every": 0},
-        "conba-twin": {"attn_per_block": 0, "layer_pattern": None},
-        "transformer-twin": {"attn_per_block": base.layers_per_block, "layer_pattern": None},
+        "conba-twin": base.placement(0),
+        "transformer-twin": base.placement(base.layers_per_block),
     }
 
 

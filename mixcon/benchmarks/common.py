@@ -48,8 +48,8 @@ def twins(base: MixConConfig) -> dict[str, MixConConfig]:
     """MixCon and its pure Transformer and pure Conba twins (same widths; a pure layout has one placement,
     so the twins drop any `layer_pattern`)."""
     return {"mixcon": base,
-            "transformer-twin": base.replace(attn_per_block=base.layers_per_block, layer_pattern=None),
-            "conba-twin": base.replace(attn_per_block=0, layer_pattern=None)}
+            "transformer-twin": base.replace(**base.placement(base.layers_per_block)),
+            "conba-twin": base.replace(**base.placement(0))}
 
 
 TWIN_NAMES = ("mixcon", "transformer-twin", "conba-twin")  # the keys of `twins`

@@ -178,7 +178,7 @@ def test_recall_benchmark_rejects_bad_arguments(argv, message):
 
 
 def test_twins_of_a_model_with_a_layer_pattern_are_pure():
-    base = MixConConfig.preset("tiny", layer_pattern="ACCC")
+    base = MixConConfig.preset("tiny", layer_pattern="ACCC", conba_per_block=3)
     assert {name: c.layout_string() for name, c in common.twins(base).items()} == {
         "mixcon": "ACCC/DMDM | ACCC/DMDM", "transformer-twin": "AAAA/DMDM | AAAA/DMDM",
         "conba-twin": "CCCC/DMDM | CCCC/DMDM"}
