@@ -1,14 +1,17 @@
 """`mixcon info`: a config's (or a saved model's) layout, parameter counts and decoding-cache memory by context
-length."""
+length; with --compare, beside a dense Transformer, Mixtral-like, Jamba-like and pure Conba models of its widths."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 import torch
 
 from mixcon.cli.common import add_config_args, config_from_args
 from mixcon.generation.cache import cache_nbytes
+from mixcon.generation.footprint import THIS_MODEL, Footprint, comparison_configs, footprint
 from mixcon.models.mixcon import MixConForCausalLM, read_config
 from mixcon.training import checkpoint as ckpt
 
@@ -26,7 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated context lengths for the cache table (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
-                   help="dtype of K/V and conv tails (Conba states are fp32)")
+                   help="dtype of K/V and conv tails (Conba states are fp32), and of the weights for --compare")
+    p.add_argument("--compare", action="store_true",
+                   help="a table of this model beside a dense Transformer, a Mixtral-like, a Jamba-like and a pure "
+                        "Conba model of its widths: parameters, weight and cache memory, and the longest context "
+                        "that fits in --memory-gib (the MixCon paper's Table 1 and 80 GB figure)")
+    p.add_argument("--weight-bits", type=int, choices=[32, 16, 8, 4], default=16,
+                   help="bits per weight for --compare (8 or 4: quantised; default: %(default)s)")
+    p.add_argument("--memory-gib", type=float, default=80.0,
+                   help="device memory for --compare's longest context (default: %(default)s)")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                   help="with --compare, also draw cache memory vs context and the longest contexts to FILE (PNG)")
     p.set_defaults(func=run)
 
 
@@ -51,11 +64,80 @@ def run(args: argparse.Namespace) -> int:
                 if val.get("val_bpb") is not None:
                     line += f", {val['val_bpb']:.4f} bits per byte"
             print(line)
+    try:
+        contexts = [int(c) for c in args.context.split(",")]
+    except ValueError:
+        raise SystemExit(f"mixcon info: --context {args.context!r}: expected comma-separated integers") from None
+    if min(contexts) < 1 or args.batch_size < 1:
+        raise SystemExit(f"mixcon info: --context {args.context} and --batch-size {args.batch_size} must be >= 1")
+    if not args.memory_gib > 0:
+        raise SystemExit(f"mixcon info: --memory-gib {args.memory_gib}: must be > 0")
+    if args.plot is not None and not args.compare:
+        raise SystemExit("mixcon info: --plot draws the --compare table; add --compare")
     with torch.device("meta"):
         model = MixConForCausalLM(config)
     print(model.summary())
     dtype = getattr(torch, args.dtype)
     print(f"\ndecoding cache, batch {args.batch_size}, {args.dtype}:")
-    for context in (int(c) for c in args.context.split(",")):
+    for context in contexts:
         print(f"  {context:>8d} tokens: {cache_nbytes(config, args.batch_size, context, dtype) / 2**30:10.3f} GiB")
+    if args.compare:
+        try:
+            configs = comparison_configs(config)
+        except ValueError as e:
+            raise SystemExit(f"mixcon info: --compare: {e}") from e
+        rows = {name: footprint(c, contexts, memory_bytes=int(args.memory_gib * 2**30), batch_size=args.batch_size,
+                                dtype=dtype, weight_bytes=args.weight_bits / 8) for name, c in configs.items()}
+        print(f"\nbeside other architectures of its widths ({args.weight_bits}-bit weights, K/V in {args.dtype}, batch "
+              f"{args.batch_size}, {args.memory_gib:g} GiB):")
+        _print_comparison(rows, contexts, args.memory_gib)
+        if args.plot is not None:
+            _plot(rows, contexts, args.memory_gib, args.plot)
+            print(f"wrote {args.plot}")
     return 0
+
+
+def _context(n: float) -> str:
+    return "no limit" if math.isinf(n) else f"{n:,}"
+
+
+def _print_comparison(rows: dict[str, Footprint], contexts: list[int], memory_gib: float) -> None:
+    header = ["model", "layout", "params", "active", "weights GiB", *(f"cache@{n} GiB" for n in contexts),
+              f"max context ({memory_gib:g} GiB)"]
+    table = [[name, f.layout, f"{f.params / 1e9:.2f}B" if f.params >= 1e8 else f"{f.params / 1e6:.2f}M",
+              f"{f.active_params / 1e9:.2f}B" if f.active_params >= 1e8 else f"{f.active_params / 1e6:.2f}M",
+              f"{f.weight_bytes / 2**30:.2f}", *(f"{f.cache_bytes[n] / 2**30:.3f}" for n in contexts),
+              _context(f.max_context)] for name, f in rows.items()]
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    for r in [header, *table]:
+        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
+
+
+def _plot(rows: dict[str, Footprint], contexts: list[int], memory_gib: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for (name, f), style in zip(rows.items(), ["-", "--", ":", "-.", (0, (1, 3))], strict=False):
+        left.plot(contexts, [f.cache_bytes[n] / 2**30 for n in contexts], marker="o", linestyle=style, label=name)
+    left.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decoding cache (GiB)",
+             title="cache memory vs context")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    finite = [f.max_context for f in rows.values() if math.isfinite(f.max_context)]
+    top = 1.25 * max(finite, default=1) or 1  # where a cache that does not grow ends its bar
+    names = list(rows)
+    right.barh(names, [min(f.max_context, top) for f in rows.values()],
+               color=["tab:blue" if n == THIS_MODEL else "tab:gray" for n in names])
+    for y, f in enumerate(rows.values()):
+        right.text(min(f.max_context, top), y, f" {_context(f.max_context)}", va="center",
+                   ha="right" if math.isinf(f.max_context) else "left", fontsize=8,
+                   color="white" if math.isinf(f.max_context) else "black")
+    right.set(xlim=(0, 1.15 * top), xlabel="tokens",
+              title=f"longest context in {memory_gib:g} GiB (weights + cache)")
+    right.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,88 @@
+"""Serving memory beside other architectures (`mixcon.generation.footprint`, `mixcon info --compare`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mixcon import MixConCache, MixConConfig, cache_nbytes
+from mixcon.cli import main
+from mixcon.generation.footprint import comparison_configs, footprint, max_context
+
+GIB = 2**30
+
+
+def test_comparison_configs_keep_the_widths_and_change_the_layout():
+    small = MixConConfig.preset("small")
+    configs = comparison_configs(small)
+    assert {name: c.layout_string().split(" | ")[0] for name, c in configs.items()} == {
+        "this model": "CCACCCAC/DMDMDMDM", "transformer": "AAAAAAAA/DDDDDDDD", "mixtral-like": "AAAAAAAA/MMMMMMMM",
+        "jamba-like": "CCCCACCC/DMDMDMDM", "conba": "CCCCCCCC/DMDMDMDM"}
+    assert (configs["mixtral-like"].n_experts, configs["mixtral-like"].top_k) == (8, 2)
+    assert all(c.d_model == small.d_model and c.n_kv_heads == small.n_kv_heads for c in configs.values())
+    # a layout given by pattern and conba_per_block: the others take the default placement
+    patterned = small.replace(layer_pattern="CACCCCAC", conba_per_block=6, moe_pattern="MDMDMDMD")
+    configs = comparison_configs(patterned)
+    assert configs["this model"].layout_string().startswith("CACCCCAC/MDMDMDMD")
+    assert configs["jamba-like"].layout_string().startswith("CCCCACCC/MDMDMDMD")
+    assert configs["mixtral-like"].layout_string().startswith("AAAAAAAA/MMMMMMMM")
+
+
+def test_footprint_of_the_paper_model_by_hand():
+    """The paper's model at 256K tokens in bf16: 8 attention layers' K and V, 24 Conba layers' fp32 states
+    (tau = 2 of them) and bf16 conv tails; 8-bit weights."""
+    paper = MixConConfig.preset("mixcon-paper")
+    f = footprint(paper, [262144], memory_bytes=80 * GIB, weight_bytes=1)
+    kv = 8 * 2 * 262144 * paper.n_kv_heads * paper.attn_head_dim * 2
+    assert kv == 8 * GIB
+    heads = 2 * 4096 // 64
+    conba = 24 * (2 * heads * 64 * 128 * 4 + 3 * (heads * 64 + 2 * 8 * 128) * 2)
+    assert f.cache_bytes == {262144: kv + conba}
+    assert f.layout == "CCACCCAC/DMDMDMDM x4" and f.weight_bytes == f.params
+    assert 50e9 < f.params < 56e9 and 12e9 < f.active_params < 15e9  # Jamba's 52B / 12B class
+    budget = 80 * GIB - f.weight_bytes
+    assert f.max_context == (budget - conba) // (kv // 262144)
+
+
+@pytest.mark.parametrize("name", ["this model", "transformer", "jamba-like"])
+def test_max_context_is_the_longest_whose_allocated_cache_fits(name):
+    config = comparison_configs(MixConConfig.preset("tiny"))[name]
+    budget = 3_000_000
+    n = max_context(config, budget, batch_size=2, dtype=torch.float32)
+    assert cache_nbytes(config, 2, n, torch.float32) <= budget < cache_nbytes(config, 2, n + 1, torch.float32)
+    assert MixConCache(config, 2, max_length=n, dtype=torch.float32).nbytes() <= budget
+    assert max_context(config, cache_nbytes(config, 2, 1, torch.float32) - 1, batch_size=2, dtype=torch.float32) == 0
+
+
+def test_a_cache_that_does_not_grow_has_no_context_limit():
+    conba = comparison_configs(MixConConfig.preset("tiny"))["conba"]
+    assert max_context(conba, 10**6) == math.inf
+    assert max_context(conba, cache_nbytes(conba, 1, 1, torch.bfloat16) - 1) == 0
+    assert footprint(conba, [8], memory_bytes=1000).max_context == 0  # the weights alone do not fit
+
+
+def test_info_compare_prints_the_table_and_draws_it(tmp_path, capsys):
+    plot = tmp_path / "footprint.png"
+    assert main(["info", "--config", "tiny", "--context", "8,64", "--compare", "--memory-gib", "0.001",
+                 "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out.split("beside other architectures")[1]
+    lines = {line.split()[0]: line for line in out.splitlines()[2:-1]}  # the last: "wrote FILE"
+    assert list(lines) == ["this", "transformer", "mixtral-like", "jamba-like", "conba"]
+    assert lines["conba"].endswith("no limit") and "cache@64 GiB" in out
+    transformer = comparison_configs(MixConConfig.preset("tiny"))["transformer"]
+    weights = footprint(transformer, [], memory_bytes=0).weight_bytes
+    assert lines["transformer"].split()[-1] == f"{max_context(transformer, int(0.001 * GIB) - weights):,}"
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--plot", "x.png"], "add --compare"),
+    (["--compare", "--memory-gib", "0"], "--memory-gib 0.0: must be > 0"),
+    (["--context", "1k"], "expected comma-separated integers"),
+    (["--context", "0"], "must be >= 1"),
+])
+def test_info_rejects_bad_arguments(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["info", "--config", "tiny", *argv])
