@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated context lengths for the cache table (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
-                   help="dtype of K/V and conv tails (Conba states are fp32), and of the weights for --compare")
+                   help="dtype of K/V and conv tails (Conba states are fp32)")
     p.add_argument("--compare", action="store_true",
                    help="a table of this model beside a dense Transformer, a Mixtral-like, a Jamba-like and a pure "
                         "Conba model of its widths: parameters, weight and cache memory, and the longest context "
@@ -44,6 +44,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        contexts = [int(c) for c in args.context.split(",")]
+    except ValueError:
+        raise SystemExit(f"mixcon info: --context {args.context!r}: expected comma-separated integers") from None
+    if min(contexts) < 1 or args.batch_size < 1:
+        raise SystemExit(f"mixcon info: --context {args.context} and --batch-size {args.batch_size} must be >= 1")
+    if not args.memory_gib > 0:
+        raise SystemExit(f"mixcon info: --memory-gib {args.memory_gib}: must be > 0")
+    if args.plot is not None and not args.compare:
+        raise SystemExit("mixcon info: --plot draws the --compare table; add --compare")
     if args.checkpoint is None:
         config = config_from_args(args)
     elif args.config is not None or args.overrides:
@@ -64,16 +74,6 @@ def run(args: argparse.Namespace) -> int:
                 if val.get("val_bpb") is not None:
                     line += f", {val['val_bpb']:.4f} bits per byte"
             print(line)
-    try:
-        contexts = [int(c) for c in args.context.split(",")]
-    except ValueError:
-        raise SystemExit(f"mixcon info: --context {args.context!r}: expected comma-separated integers") from None
-    if min(contexts) < 1 or args.batch_size < 1:
-        raise SystemExit(f"mixcon info: --context {args.context} and --batch-size {args.batch_size} must be >= 1")
-    if not args.memory_gib > 0:
-        raise SystemExit(f"mixcon info: --memory-gib {args.memory_gib}: must be > 0")
-    if args.plot is not None and not args.compare:
-        raise SystemExit("mixcon info: --plot draws the --compare table; add --compare")
     with torch.device("meta"):
         model = MixConForCausalLM(config)
     print(model.summary())
