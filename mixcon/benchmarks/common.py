@@ -312,4 +312,3 @@ def finished_runs(out_dir: Path | None, name: str, settings: dict[str, Any], key
         raise ValueError(f"--resume: {path} was written with other {', '.join(differ)}; drop --resume to start "
                          "afresh there, or give another --out")
     return {tuple(r[k] for k in key): r for r in saved[field]}
-

@@ -1,9 +1,9 @@
 """Serving memory of a config beside the architectures it is compared with (DESIGN.md §4; the MixCon paper's
 Table 1 and its "longest context on one 80 GB GPU" figure, after Jamba's).
 
-Weights are the parameter count (of the model built on the meta device) times the dtype's size; the cache
-is `cache_nbytes`, the formula `MixConCache` allocates. Activations are left out: at batch 1 in decoding
-they are small beside both.
+Weights are the parameter count (of the model built on the meta device) times the bytes per weight (2 in
+bf16, 1 or 0.5 quantised to 8 or 4 bits); the cache is `cache_nbytes`, the formula `MixConCache`
+allocates. Activations are left out: at batch 1 in decoding they are small beside both.
 """
 
 from __future__ import annotations
