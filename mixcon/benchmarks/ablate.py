@@ -151,7 +151,7 @@ def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.T
 
 
 def _payload(settings: dict[str, Any], seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return dict(machine=common.machine(), seeds=seeds, **settings, runs=runs, rows=summarize(runs))
+    return dict(seeds=seeds, **settings, runs=runs, rows=summarize(runs))
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

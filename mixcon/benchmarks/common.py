@@ -280,11 +280,11 @@ def save_figure(fig: Any, path: Path) -> None:
 
 def write_results(out_dir: Path, name: str, payload: dict[str, Any],
                   plot: Callable[[list[dict[str, Any]], Path], None] | None) -> None:
-    """Write NAME.json (the payload, rows included; atomically) and NAME.png (drawn by `plot`, unless None)
-    into out_dir."""
+    """Write NAME.json (`machine()`, then the payload, rows included; atomically) and NAME.png (drawn by
+    `plot`, unless None) into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    write_text_atomic(path, json.dumps(payload, indent=2))
+    write_text_atomic(path, json.dumps({"machine": machine(), **payload}, indent=2))
     if plot is not None:
         plot(payload["rows"], out_dir / f"{name}.png")
         print(f"wrote {path} and {out_dir / f'{name}.png'}")

@@ -28,7 +28,6 @@ from mixcon.benchmarks.common import (
     TokenClock,
     add_device_arguments,
     copy_bandwidth_gbs,
-    machine,
     new_figure,
     print_table,
     save_figure,
@@ -152,7 +151,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
         print_table([r for r in rows if r["context"] == context], list(rows[0]))
         print()
     if out_dir is not None:
-        payload = dict(machine=machine(), device=device, dtype=str(dtype), read_bandwidth_gbs=bandwidth,
+        payload = dict(device=device, dtype=str(dtype), read_bandwidth_gbs=bandwidth,
                        stream_read_gbs=stream, rows=rows)
         write_results(out_dir, "decode", payload, _plot)
     return rows

@@ -48,14 +48,10 @@ def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_l
             rows.append(dict(model=name, ratio=ratio, seq_len=real_len + round(ratio * real_len), **row))
             common.print_table(rows[-1:], COLUMNS)
             if out_dir is not None:
-                common.write_results(out_dir, "filler", _payload(settings, ratios, rows), plot=None)
+                common.write_results(out_dir, "filler", dict(ratios=ratios, **settings, rows=rows), plot=None)
     if out_dir is not None:
-        common.write_results(out_dir, "filler", _payload(settings, ratios, rows), _plot)
+        common.write_results(out_dir, "filler", dict(ratios=ratios, **settings, rows=rows), _plot)
     return rows
-
-
-def _payload(settings: dict[str, Any], ratios: list[float], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return dict(machine=common.machine(), ratios=ratios, **settings, rows=rows)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -76,7 +76,7 @@ def run(archs: list[int], dtypes: list[torch.dtype], blocks: list[int], P: int, 
     rows = [compile_kernel(arch, dtype, block, P, N, tau) for arch in archs for dtype in dtypes for block in blocks]
     common.print_table(rows, list(rows[0]))
     if out_dir is not None:
-        payload = dict(machine=common.machine(), P=P, N=N, tau=tau, rows=rows)
+        payload = dict(P=P, N=N, tau=tau, rows=rows)
         common.write_results(out_dir, "kernel", payload, _plot)
     return rows
 

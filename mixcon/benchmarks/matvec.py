@@ -65,7 +65,7 @@ def run(rows: list[int], megabytes: int, repeats: int, out_dir: Path | None) -> 
         results.append(row)
         common.print_table(results[-1:], list(row))
     if out_dir is not None:
-        payload = dict(machine=common.machine(), weight_MiB=nbytes / 2**20, rows=results)
+        payload = dict(weight_MiB=nbytes / 2**20, rows=results)
         common.write_results(out_dir, "matvec", payload, _plot)
     return results
 

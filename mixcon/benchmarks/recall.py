@@ -70,9 +70,9 @@ def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batc
         rows.append(row)
         common.print_table(rows[-1:], list(row))
         if out_dir is not None:
-            common.write_results(out_dir, "recall", dict(machine=common.machine(), **settings, rows=rows), plot=None)
+            common.write_results(out_dir, "recall", dict(**settings, rows=rows), plot=None)
     if out_dir is not None:
-        common.write_results(out_dir, "recall", dict(machine=common.machine(), **settings, rows=rows), _plot)
+        common.write_results(out_dir, "recall", dict(**settings, rows=rows), _plot)
     return rows
 
 

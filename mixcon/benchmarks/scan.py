@@ -109,7 +109,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
                 common.print_table([r for r in rows if (r["variant"], r["T"], r["B"]) == (variant, T, B)], COLUMNS)
             print()
             if out_dir is not None:  # after every shape, so that a run stopped early keeps what it measured
-                payload = dict(machine=common.machine(), device=device, dtype=str(dtype), matmul_peak_gflops=peak,
+                payload = dict(device=device, dtype=str(dtype), matmul_peak_gflops=peak,
                                copy_gbs=bandwidth, heads=H, head_dim=P, state=N, groups=G, rows=rows)
                 common.write_results(out_dir, "scan", payload, _plot)
     return rows

@@ -23,7 +23,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from mixcon.benchmarks.common import (
     SavedBytes,
     add_device_arguments,
-    machine,
     matmul_peak_gflops,
     median_seconds,
     new_figure,
@@ -186,7 +185,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
 
     def save() -> None:
         if out_dir is not None:
-            payload = dict(machine=machine(), device=device, dtype=str(dtype), matmul_peak_gflops=peak, rows=rows)
+            payload = dict(device=device, dtype=str(dtype), matmul_peak_gflops=peak, rows=rows)
             write_results(out_dir, "speed", payload, _plot)
 
     for T in lengths:

@@ -157,6 +157,7 @@ def test_recall_benchmark_trains_and_scores_the_three_twins(tmp_path):
     assert [r["conba_state_floats"] for r in rows] == [2 * 16 * 8, None, 2 * 16 * 8]  # H x P x N per layer
     assert all(r["final_loss"] > 2 for r in rows)  # the mean of 2 steps' losses, near ln 16
     assert payload["pairs"] == [2, 4] and payload["task"]["vocab_size"] == 16
+    assert payload["machine"]["torch"] == torch.__version__  # every result file says where it was measured
     # 6 sequences x 2 or 4 asked keys: accuracies are multiples of 1/12 or 1/24 in [0, 1]
     assert all(0 <= r["acc@2"] <= 1 and (r["acc@2"] * 12) % 1 < 1e-9 for r in rows)
     assert all(0 <= r["acc@4"] <= 1 and (r["acc@4"] * 24) % 1 < 1e-9 for r in rows)
