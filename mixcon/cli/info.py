@@ -101,25 +101,25 @@ def _context(n: float) -> str:
     return "no limit" if math.isinf(n) else f"{n:,}"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def _print_comparison(rows: dict[str, Footprint], contexts: list[int], memory_gib: float) -> None:
-    header = ["model", "layout", "params", "active", "weights GiB", *(f"cache@{n} GiB" for n in contexts),
-              f"max context ({memory_gib:g} GiB)"]
-    table = [[name, f.layout, f"{f.params / 1e9:.2f}B" if f.params >= 1e8 else f"{f.params / 1e6:.2f}M",
-              f"{f.active_params / 1e9:.2f}B" if f.active_params >= 1e8 else f"{f.active_params / 1e6:.2f}M",
-              f"{f.weight_bytes / 2**30:.2f}", *(f"{f.cache_bytes[n] / 2**30:.3f}" for n in contexts),
-              _context(f.max_context)] for name, f in rows.items()]
-    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    for r in [header, *table]:
-        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
+    from mixcon.benchmarks.common import print_table
+
+    limit = f"max context ({memory_gib:g} GiB)"
+    table = [{"model": name, "layout": f.layout, "params": _count(f.params), "active": _count(f.active_params),
+              "weights GiB": f"{f.weight_bytes / 2**30:.2f}",
+              **{f"cache@{n} GiB": f"{f.cache_bytes[n] / 2**30:.3f}" for n in contexts},
+              limit: _context(f.max_context)} for name, f in rows.items()]
+    print_table(table, list(table[0]))
 
 
 def _plot(rows: dict[str, Footprint], contexts: list[int], memory_gib: float, path: Path) -> None:
-    import matplotlib
+    from mixcon.benchmarks.common import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = new_figure(ncols=2, width=11.0)
     for (name, f), style in zip(rows.items(), ["-", "--", ":", "-.", (0, (1, 3))], strict=False):
         left.plot(contexts, [f.cache_bytes[n] / 2**30 for n in contexts], marker="o", linestyle=style, label=name)
     left.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decoding cache (GiB)",
@@ -138,6 +138,4 @@ def _plot(rows: dict[str, Footprint], contexts: list[int], memory_gib: float, pa
     right.set(xlim=(0, 1.15 * top), xlabel="tokens",
               title=f"longest context in {memory_gib:g} GiB (weights + cache)")
     right.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
