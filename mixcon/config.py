@@ -87,31 +87,38 @@ class MixConConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and what is allowed."""
         for name in ("d_model", "vocab_size", "n_blocks", "layers_per_block", "n_heads", "n_kv_heads",
-                     "mlp_hidden", "conba_expand", "conba_head_dim", "conba_state", "conba_groups",
-                     "conba_conv", "conba_chunk", "conba_sel_hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                _fail(name, value, "must be a positive integer")
-        if self.conba_conv < 2:
-            _fail("conba_conv", self.conba_conv, "must be >= 2 (a causal conv width; 4 in Mamba)")
+                     "mlp_hidden", "n_experts", "top_k", "conba_expand", "conba_head_dim", "conba_state",
+                     "conba_groups", "conba_chunk", "conba_sel_hidden"):
+            self._integer(name, 1)
+        self._integer("conba_conv", 2, "a causal conv width; 4 in Mamba")
+        for name in ("head_dim", "expert_hidden"):
+            self._integer(name, 1, optional=True)
+        self._integer("moe_every", 0, "0 = no MoE")
+        self._integer("conba_delay", 0, "0 = no delayed state")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            self._integer(name, 0, optional=True, maximum=self.vocab_size - 1)
+        for name in ("conba_state_scaling", "conba_control", "attn_rope", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be a bool")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            self._number(name, 0.0, strict=True)
+        for name in ("conba_process_noise", "conba_observation_noise", "router_aux_loss_coef",
+                     "router_z_loss_coef"):
+            self._number(name, 0.0, strict=False)
+        self._number("conba_beta_max", 0.0, strict=True, maximum=2.0,
+                     note="the delta rule is stable for beta <= 2")
         L = self.layers_per_block
         a = self.attn_per_block
-        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a <= L:
-            _fail("attn_per_block", a, f"must be an integer in [0, layers_per_block={L}]")
+        self._integer("attn_per_block", 0, maximum=L)
+        self._integer("conba_per_block", 0, optional=True)
         if self.conba_per_block is not None and self.conba_per_block != L - a:
             _fail("conba_per_block", self.conba_per_block,
                   f"attn_per_block + conba_per_block must equal layers_per_block={L}, so it must be {L - a}")
         if self.layer_pattern is None and a not in (0, L) and L % a != 0:
             _fail("attn_per_block", a,
                   f"must divide layers_per_block={L} for the default placement, or give layer_pattern")
-        if self.moe_every < 0:
-            _fail("moe_every", self.moe_every, "must be >= 0 (0 = no MoE)")
-        if self.n_experts < 1:
-            _fail("n_experts", self.n_experts, "must be >= 1")
-        if not 1 <= self.top_k <= self.n_experts:
+        if self.top_k > self.n_experts:
             _fail("top_k", self.top_k, f"must be in [1, n_experts={self.n_experts}]")
-        if self.expert_hidden is not None and self.expert_hidden < 1:
-            _fail("expert_hidden", self.expert_hidden, "must be a positive integer or None")
         self._validate_pattern("layer_pattern", self.layer_pattern, MIXER_LETTERS)
         self._validate_pattern("moe_pattern", self.moe_pattern, FFN_LETTERS)
         if self.layer_pattern is not None:
@@ -124,12 +131,8 @@ class MixConConfig:
             _fail("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.head_dim is None and self.d_model % self.n_heads != 0:
             _fail("n_heads", self.n_heads, f"must divide d_model={self.d_model} (or set head_dim)")
-        if self.head_dim is not None and self.head_dim < 1:
-            _fail("head_dim", self.head_dim, "must be a positive integer or None")
         if self.attn_rope and self.attn_head_dim % 2 != 0:
             _fail("head_dim", self.attn_head_dim, "must be even when attn_rope=True")
-        if self.rope_theta <= 0:
-            _fail("rope_theta", self.rope_theta, "must be > 0")
         # Conba
         if (self.conba_expand * self.d_model) % self.conba_head_dim != 0:
             _fail("conba_head_dim", self.conba_head_dim,
@@ -138,31 +141,36 @@ class MixConConfig:
             _fail("conba_groups", self.conba_groups, f"must divide the number of Conba heads {self.conba_heads}")
         if self.conba_selective not in ("swiglu", "linear"):
             _fail("conba_selective", self.conba_selective, "must be 'swiglu' or 'linear'")
-        for name in ("conba_state_scaling", "conba_control", "attn_rope", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "must be a bool")
-        if not 0 < self.conba_beta_max <= 2:
-            _fail("conba_beta_max", self.conba_beta_max, "must be in (0, 2] (the delta rule is stable for beta <= 2)")
-        if isinstance(self.conba_delay, bool) or not isinstance(self.conba_delay, int) or self.conba_delay < 0:
-            _fail("conba_delay", self.conba_delay, "must be an integer >= 0 (0 = no delayed state)")
         if self.conba_kernel not in ("torch", "triton"):
             _fail("conba_kernel", self.conba_kernel, "must be 'torch' or 'triton'")
         if self.conba_kernel == "triton" and not triton_chunk_ok(self.conba_chunk, self.conba_delay):
             _fail("conba_chunk", self.conba_chunk, f"must be a power of two >= 16 and >= conba_delay="
                   f"{self.conba_delay} with conba_kernel='triton'")
-        for name in ("conba_process_noise", "conba_observation_noise", "router_aux_loss_coef",
-                     "router_z_loss_coef"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                _fail(name, value, "must be a finite number >= 0")
-        if self.norm_eps <= 0:
-            _fail("norm_eps", self.norm_eps, "must be > 0")
-        if self.init_std <= 0:
-            _fail("init_std", self.init_std, "must be > 0")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                _fail(name, value, f"must be None or in [0, vocab_size={self.vocab_size})")
+        if not isinstance(self.extra, dict):
+            _fail("extra", self.extra, "must be a mapping of metadata (a dict)")
+
+    def _integer(self, name: str, minimum: int, note: str = "", *, optional: bool = False,
+                 maximum: int | None = None) -> None:
+        """The field is an int (not a bool) in [minimum, maximum], or None when `optional`."""
+        value = getattr(self, name)
+        if optional and value is None:
+            return
+        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                or (maximum is not None and value > maximum)):
+            allowed = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+            _fail(name, value, f"must be an integer {allowed}" + (" or None" if optional else "") +
+                  (f" ({note})" if note else ""))
+
+    def _number(self, name: str, minimum: float, *, strict: bool, maximum: float | None = None,
+                note: str = "") -> None:
+        """The field is a finite int or float above `minimum` (`strict`) or at least it, at most `maximum`."""
+        value = getattr(self, name)
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+              and (value > minimum if strict else value >= minimum) and (maximum is None or value <= maximum))
+        if not ok:
+            low = f"> {minimum:g}" if strict else f">= {minimum:g}"
+            _fail(name, value, f"must be a finite number {low}" + (f" and <= {maximum:g}" if maximum is not None
+                                                                       else "") + (f" ({note})" if note else ""))
 
     def _validate_pattern(self, name: str, pattern: str | None, letters: dict[str, str]) -> None:
         if pattern is None:

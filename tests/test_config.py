@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixcon import MixConConfig
+from mixcon import MixConConfig, MixConForCausalLM
 
 
 def test_presets_and_twins():
@@ -62,10 +62,34 @@ def test_json_round_trip(tmp_path):
     (dict(conba_control="yes"), "conba_control"),
     (dict(conba_kernel="cuda"), "conba_kernel"),
     (dict(conba_kernel="triton", conba_chunk=48), "conba_chunk"),  # the kernel's chunk is a power of two
+    # Types: a float, bool or string where an int or a number belongs is named, not passed on to torch.
+    (dict(moe_every=1.5), "moe_every"),
+    (dict(moe_every=True), "moe_every"),
+    (dict(top_k=2.0), "top_k"),
+    (dict(n_experts=8.0), "n_experts"),
+    (dict(head_dim=64.0), "head_dim"),
+    (dict(expert_hidden=0), "expert_hidden"),
+    (dict(norm_eps="1e-5"), "norm_eps"),
+    (dict(norm_eps=float("nan")), "norm_eps"),
+    (dict(rope_theta=float("nan")), "rope_theta"),
+    (dict(init_std=float("inf")), "init_std"),
+    (dict(conba_beta_max="1"), "conba_beta_max"),
+    (dict(eos_token_id=1.5), "eos_token_id"),
+    (dict(eos_token_id=True), "eos_token_id"),
+    (dict(pad_token_id=-1), "pad_token_id"),
+    (dict(attn_per_block=8, conba_per_block=1), "conba_per_block"),
+    (dict(extra=5), "extra"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"MixConConfig\.{field}="):
         MixConConfig.preset("small", **overrides)
+
+
+def test_a_config_changed_after_construction_is_checked_again_by_the_model():
+    cfg = MixConConfig.preset("tiny")
+    cfg.n_kv_heads = 3
+    with pytest.raises(ValueError, match=r"MixConConfig\.n_kv_heads=3"):
+        MixConForCausalLM(cfg)
 
 
 def test_unknown_preset_and_field():
