@@ -167,6 +167,21 @@ class MixConCache:
     def batch_size(self) -> int:
         return self.key_mask.shape[0]
 
+    def fits(self, config: MixConConfig) -> bool:
+        """Whether this cache has the layers, in order, and the per-row shapes that `config`'s model uses."""
+        layout = config.layout()
+        if len(layout) != len(self.layers):
+            return False
+        B = self.batch_size
+        for (mixer, _), layer in zip(layout, self.layers, strict=True):
+            if isinstance(layer, AttentionCache):
+                if mixer != "attention" or layer.k.shape != attention_cache_shape(config, B, layer.k.shape[2]):
+                    return False
+            elif mixer != "conba" or layer.conv.shape != conba_conv_shape(config, B) or (
+                    (len(layer.slots), *layer.state.shape) != conba_states_shape(config, B)):
+                return False
+        return True
+
     def reserve(self, length: int) -> None:
         """Make room for `length` positions in every attention layer (no-op when there is room)."""
         capacity = self.key_mask.shape[1]

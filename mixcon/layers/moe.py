@@ -86,22 +86,34 @@ class MoE(nn.Module):
         routing = routing.scatter(1, experts, weights.to(ys.dtype))  # (M, n)
         return torch.einsum("nmd,mn->md", ys, routing).to(h.dtype)
 
-    def forward(self, h: torch.Tensor, stats: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
-        """(..., d) -> (..., d) and the router statistics. stats=False: the output alone (and None), free of
-        data-dependent shapes, for the decoding step (gathered experts for a few tokens, all experts for more)."""
+    def forward(self, h: torch.Tensor, stats: bool = True, token_mask: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        """(..., d) -> (..., d) and the router statistics. `token_mask` (...) True for real tokens: pads skip
+        the experts (their output is 0) and count in no statistic. stats=False: the output alone (and None),
+        free of data-dependent shapes, for the decoding step (gathered experts for a few tokens, all experts
+        for more)."""
         shape = h.shape
         h = h.reshape(-1, shape[-1])  # (M, d)
+        if token_mask is None:
+            out, router = self._tokens(h, stats)
+            return out.reshape(shape), router
+        real = token_mask.reshape(-1).nonzero().squeeze(1)  # (M_real,)
+        out, router = self._tokens(h[real], stats)
+        return torch.zeros_like(h).index_copy(0, real, out.to(h.dtype)).reshape(shape), router
+
+    def _tokens(self, h: torch.Tensor, stats: bool) -> tuple[torch.Tensor, RouterStats | None]:
+        """`forward` on (M, d) tokens."""
         logits, probs, weights, experts = self.route(h)
-        few = experts.numel() <= self.n_experts  # e.g. one token
+        few = 0 < experts.numel() <= self.n_experts  # e.g. one token
         if not stats:
-            out = (self.combine_gathered if few else self.combine_dense)(h, weights, experts)
-            return out.reshape(shape), None
+            return (self.combine_gathered if few else self.combine_dense)(h, weights, experts), None
         counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts)  # (n,)
         if few:
             out = self.combine_gathered(h, weights, experts)
         else:
             out = self.combine(h, weights, experts, counts)
-        fraction = counts.to(probs.dtype) / experts.numel()  # f_i
-        aux = self.n_experts * (fraction * probs.mean(0)).sum()
-        z = torch.logsumexp(logits, dim=-1).square().mean()
-        return out.reshape(shape), RouterStats(aux, z, counts)
+        M = max(h.shape[0], 1)  # no token (all padding): zero statistics
+        fraction = counts.to(probs.dtype) / (M * self.top_k)  # f_i
+        aux = self.n_experts * (fraction * probs.sum(0) / M).sum()
+        z = torch.logsumexp(logits, dim=-1).square().sum() / M
+        return out, RouterStats(aux, z, counts)

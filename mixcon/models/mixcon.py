@@ -59,17 +59,35 @@ def read_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    return upgrade_expert_layout(load_file(str(path), device=str(device)), metadata), metadata
+    with readable_weights(path):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        return upgrade_expert_layout(load_file(str(path), device=str(device)), metadata), metadata
+
+
+@contextlib.contextmanager
+def readable_weights(path: str | Path) -> Iterator[None]:
+    """Turn safetensors' error for a truncated or foreign file into a ValueError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def read_config(directory: Path) -> tuple[MixConConfig, bool]:
     """The config.json of a model directory, and whether the transformers wrapper wrote it (the MixConConfig
-    then sits under its "mixcon" entry)."""
-    raw = json.loads((directory / CONFIG_NAME).read_text())
-    wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
-    return MixConConfig.from_dict(raw[HF_MODEL_TYPE] if wrapped else raw), wrapped
+    then sits under its "mixcon" entry); a ValueError naming the file when it holds no valid config."""
+    path = directory / CONFIG_NAME
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"a JSON object of config fields is expected, not {type(raw).__name__}")
+        wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
+        return MixConConfig.from_dict(raw[HF_MODEL_TYPE] if wrapped else raw), wrapped
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a valid model config ({e})") from e
 
 
 def umask_permissions(path: Path) -> None:
@@ -92,6 +110,25 @@ def weight_files(directory: Path) -> list[Path]:
             raise FileNotFoundError(f"{directory / WEIGHTS_INDEX_NAME} names shards that are missing: {missing[:3]}")
         return [directory / name for name in shards]
     return []
+
+
+def _check_padding(mask: torch.Tensor, cache: MixConCache | None) -> None:
+    """Padding (mask (B, T) False) that the Conba layers step over exactly: before a row's first real token
+    (left padding) or, without a cache to continue, after its last (right padding). A pad between real
+    tokens would still take a place in the conv window and the delay's τ steps."""
+    m = mask.long()
+    starts = (m.diff(dim=1, prepend=m.new_zeros(m.shape[0], 1)) == 1).sum(1)  # runs of real tokens per row
+    bad = starts > 1
+    if cache is not None:  # the cache continues: no pad after a real token, in this call or before it
+        bad |= (m.diff(dim=1) == -1).any(1)
+        bad |= cache.key_mask[:, : cache.seqlen].any(1) & ~mask.all(1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask: row {row} has padding after a real token"
+            + (" (in this call or in the cache it continues)" if cache is not None else " and a real token after it")
+            + "; the Conba layers take pads out only before a row's first token (left padding, as generate "
+            "uses) or, without a cache, after its last (right padding)")
 
 
 @dataclass
@@ -118,10 +155,9 @@ class MixConLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, RouterStats | None]:
         h = h + self.mixer(self.mixer_norm(h), ctx)
-        f = self.ffn(self.ffn_norm(h))
-        stats = None
-        if isinstance(f, tuple):
-            f, stats = f
+        if self.ffn_kind == "mlp":
+            return h + self.ffn(self.ffn_norm(h)), None
+        f, stats = self.ffn(self.ffn_norm(h), token_mask=ctx.token_mask)  # pads count in no router statistic
         return h + f, stats
 
     def decode(self, h: torch.Tensor, cache: tuple[torch.Tensor, ...], step: DecodeStep) -> torch.Tensor:
@@ -134,6 +170,7 @@ class MixConLayer(nn.Module):
 class MixConForCausalLM(nn.Module):
     def __init__(self, config: MixConConfig) -> None:
         super().__init__()
+        config.validate()  # again: a dataclass's fields may have been changed since it was made
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(
@@ -318,7 +355,7 @@ class MixConForCausalLM(nn.Module):
         out = MixConOutput(logits=logits, aux_loss=aux, z_loss=z, expert_counts=counts)
         if labels is not None:
             out.lm_loss = (linear_cross_entropy(h, self.lm_head.weight, labels) if logits is None else
-                           F.cross_entropy(logits.flatten(0, 1).to(compute_dtype(logits)), labels.flatten(),
+                           F.cross_entropy(logits.flatten(0, 1).to(compute_dtype(logits)), labels.flatten().long(),
                                            ignore_index=IGNORE))
             out.loss = out.lm_loss + self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
         return out
@@ -330,19 +367,31 @@ class MixConForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        if T == 0:
-            raise ValueError("input_ids must hold at least one token (T >= 1)")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
-                             f"got values in [{lo}, {hi}]")
-        if labels is not None and labels.shape != (B, T):
-            raise ValueError(f"labels must have the shape of input_ids {(B, T)}, got {tuple(labels.shape)}")
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids must hold at least one row and one token (B, T >= 1), got {(B, T)}")
+        V = self.config.vocab_size
+        lo, hi = (int(v) for v in input_ids.aminmax())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
+        if labels is not None:
+            if labels.shape != (B, T) or labels.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"labels must be an integer tensor of the shape of input_ids {(B, T)}, got "
+                                 f"{labels.dtype} {tuple(labels.shape)}")
+            lo, hi = (int(v) for v in labels.masked_fill(labels == IGNORE, 0).aminmax())
+            if lo < 0 or hi >= V:
+                raise ValueError(f"labels must lie in [0, vocab_size={V}) or be {IGNORE} (ignored), "
+                                 f"got values in [{lo}, {hi}]")
         if attention_mask is not None and attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, "
                              f"got {tuple(attention_mask.shape)}")
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"cache was made for batch_size={cache.batch_size}, input_ids has B={B}")
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache was made for batch_size={cache.batch_size}, input_ids has B={B}")
+            if not cache.fits(self.config):
+                raise ValueError("cache was made for another model (its layers or their shapes differ from "
+                                 "this model's): make it with model.new_cache")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            _check_padding(attention_mask.bool(), cache)
         if seq_idx is not None:
             check_seq_idx(seq_idx, (B, T))
             if cache is not None:
@@ -373,9 +422,11 @@ class MixConForCausalLM(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> MixConForCausalLM:
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
+                        dtype: torch.dtype | None = None) -> MixConForCausalLM:
         """Load a model written by `save_pretrained` (or a training checkpoint's model, or the transformers
-        wrapper's `save_pretrained`, sharded or not); missing or mismatched weights are an error."""
+        wrapper's `save_pretrained`, sharded or not); missing or mismatched weights are an error. `dtype`:
+        the parameters' dtype; by default the one the weights were saved in (fp32 if they mix several)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -384,20 +435,24 @@ class MixConForCausalLM(nn.Module):
             raise FileNotFoundError(f"{directory}: not a MixCon model directory (needs {CONFIG_NAME} and "
                                     f"{WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} with its shards)")
         config, wrapped = read_config(directory)
-        with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device=device)
-        if config.tie_embeddings:  # to_empty gives shared parameters separate storage
-            model.lm_head.weight = model.embed.weight
         state = {}
         for path in files:
             if wrapped:  # MixConHFForCausalLM's weights: this version's layout, under its `model.` attribute
-                state.update({k.removeprefix("model."): v for k, v in load_file(path, str(device)).items()})
+                with readable_weights(path):
+                    state.update({k.removeprefix("model."): v for k, v in load_file(path, str(device)).items()})
             else:
                 state.update(read_weights(path, device)[0])
         if config.tie_embeddings:  # the file holds one name of the shared tensor
             shared = state.get("embed.weight", state.get("lm_head.weight"))
             if shared is not None:
                 state = {**state, "embed.weight": shared, "lm_head.weight": shared}
+        if dtype is None:
+            saved = {t.dtype for t in state.values() if t.is_floating_point()}
+            dtype = saved.pop() if len(saved) == 1 else torch.float32
+        with torch.device("meta"):
+            model = cls(config).to(dtype)
+        model.to_empty(device=device)
+        if config.tie_embeddings:  # to_empty gives shared parameters separate storage
+            model.lm_head.weight = model.embed.weight
         model.load_state_dict(state, strict=True)
         return model

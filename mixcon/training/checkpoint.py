@@ -272,11 +272,11 @@ def model_directory(path: str | Path) -> Path:
 
 def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: str | Path | None = None,
                              dtype: torch.dtype | None = None) -> tuple[MixConForCausalLM, AnyTokenizer]:
-    """Model (in eval mode, cast to `dtype` unless None) and tokenizer from a run directory (its latest
+    """Model (in eval mode, in `dtype`, by default the saved one) and tokenizer from a run directory (its latest
     checkpoint), a checkpoint (verified against its manifest) or a `save_pretrained` directory (then
     `tokenizer` must name one unless it has tokenizer/ or, as `mixcon export hf` writes, a tokenizer.json)."""
     path = model_directory(path)
-    model = MixConForCausalLM.from_pretrained(path, device=device).to(dtype).eval()
+    model = MixConForCausalLM.from_pretrained(path, device=device, dtype=dtype).eval()
     return model, model_tokenizer(path, model.config.vocab_size, tokenizer)
 
 

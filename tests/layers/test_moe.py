@@ -84,6 +84,25 @@ def test_load_balancing_loss_uniform_vs_collapsed():
     assert float(collapsed.z_loss) > float(stats.z_loss)
 
 
+
+def test_pads_skip_the_experts_and_count_in_no_statistic():
+    """With a token mask, the real tokens' outputs and the statistics are those of the real tokens alone
+    (as transformers' load-balancing loss takes the attention mask); pads get 0."""
+    moe = make_moe()
+    h = torch.randn(2, 9, 16, dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :5] = False
+    mask[1, 7:] = False
+    out, stats = moe(h, token_mask=mask)
+    alone, expected = moe(h[mask])
+    torch.testing.assert_close(out[mask], alone)
+    assert not out[~mask].any()
+    assert torch.equal(stats.counts, expected.counts) and int(stats.counts.sum()) == 2 * int(mask.sum())
+    torch.testing.assert_close(stats.aux_loss, expected.aux_loss)
+    torch.testing.assert_close(stats.z_loss, expected.z_loss)
+    _, empty = moe(h, token_mask=torch.zeros(2, 9, dtype=torch.bool))
+    assert not empty.counts.any() and float(empty.aux_loss) == 0 and float(empty.z_loss) == 0
+
 def test_gradients_reach_router_and_experts():
     moe = make_moe()
     out, stats = moe(torch.randn(20, 16, dtype=torch.float64))

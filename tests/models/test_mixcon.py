@@ -162,16 +162,6 @@ def test_loss_without_logits_equals_loss_from_logits(tiny_model):
         model(ids, return_logits=False)
 
 
-def test_padding_in_training_changes_nothing_for_real_tokens(tiny_model):
-    """Right padding with attention_mask: the real tokens' logits equal the unpadded run's."""
-    model = tiny_model()
-    ids = torch.randint(0, 300, (1, 12))
-    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1)
-    mask = torch.cat([torch.ones(1, 12), torch.zeros(1, 5)], 1).long()
-    with torch.no_grad():
-        torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, :12], model(ids).logits)
-
-
 def test_save_load_identical_logits(tmp_path, tiny_model):
     for tied in (True, False):
         model = tiny_model(dtype=torch.float32, tie_embeddings=tied)
@@ -182,6 +172,20 @@ def test_save_load_identical_logits(tmp_path, tiny_model):
         ids = torch.randint(0, 300, (2, 9))
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_load_keeps_the_saved_dtype_unless_told(tmp_path, tiny_model):
+    model = tiny_model(dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = MixConForCausalLM.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    widened = MixConForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert {p.dtype for p in widened.parameters()} == {torch.float32}
+    for (name, a), b in zip(widened.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b.float()), name
 
 
 def test_saved_files_get_the_permissions_of_the_umask(tmp_path, tiny_model):
@@ -220,6 +224,21 @@ def test_load_refuses_missing_files(tmp_path):
         MixConForCausalLM.from_pretrained(tmp_path)
 
 
+def test_load_names_a_truncated_weights_file_or_a_bad_config(tmp_path, tiny_model):
+    tiny_model().save_pretrained(tmp_path)
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    good = config.read_text()
+    for text, reason in (("", "Expecting value"), ("[1, 2]", "a JSON object of config fields is expected, not list"),
+                         (good.replace('"d_model": 32', '"d_model": 0'), r"MixConConfig\.d_model=0")):
+        config.write_text(text)
+        with pytest.raises(ValueError, match=rf"config\.json: not a valid model config \(.*{reason}"):
+            MixConForCausalLM.from_pretrained(tmp_path)
+    config.write_text(good)
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        MixConForCausalLM.from_pretrained(tmp_path)
+
+
 def test_out_of_vocabulary_ids_raise(tiny_model):
     model = tiny_model()
     with pytest.raises(ValueError, match=r"vocab_size=300"):
@@ -227,6 +246,69 @@ def test_out_of_vocabulary_ids_raise(tiny_model):
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.tensor([[-1, 3]]))
 
+
+
+def test_padding_on_both_sides_equals_the_row_alone_and_padding_inside_raises(tiny_model):
+    """Pads before and after a row's tokens leave its logits as the row's alone; a pad between real tokens
+    would still take a place in the conv window and the delay, so it is refused."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (1, 10))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids, torch.zeros(1, 4, dtype=torch.long)], 1)
+    mask = torch.zeros(1, 17, dtype=torch.long)
+    mask[:, 3:13] = 1
+    with torch.no_grad():
+        padded_out, alone = model(padded, attention_mask=mask), model(ids)
+    torch.testing.assert_close(padded_out.logits[:, 3:13], alone.logits)
+    # The pads count in no router statistic (transformers' load-balancing loss takes the mask too).
+    assert torch.equal(padded_out.expert_counts, alone.expert_counts)
+    torch.testing.assert_close(padded_out.aux_loss, alone.aux_loss)
+    mask[0, 6] = 0
+    with pytest.raises(ValueError, match="row 0 has padding after a real token and a real token after it"):
+        model(padded, attention_mask=mask)
+
+
+def test_a_cache_continues_left_padding_only(tiny_model):
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 6))
+    cache = model.new_cache(2)
+    with torch.no_grad():  # row 0: pads only so far, then its first tokens; row 1: six real tokens
+        model(ids[:, :3], attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]]), cache=cache)
+        last = model(ids[:, 3:], attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), cache=cache).logits[:, -1]
+        torch.testing.assert_close(last[0], model(ids[:1, 4:]).logits[0, -1])
+        torch.testing.assert_close(last[1], model(ids[1:]).logits[0, -1])
+    for mask in (torch.tensor([[1, 1], [0, 1]]), torch.tensor([[1, 1], [1, 0]]), torch.tensor([[1], [0]])):
+        with pytest.raises(ValueError, match=r"row 1 has padding after a real token \(in this call or in the cache"):
+            model(ids[:, : mask.shape[1]], attention_mask=mask, cache=cache)
+    assert cache.seqlen == 6  # the refused calls left the cache as it was
+
+
+def test_labels_are_checked_before_the_cache_moves(tiny_model):
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 6))
+    loss = model(ids, labels=ids).loss
+    torch.testing.assert_close(model(ids, labels=ids.int()).loss, loss)
+    torch.testing.assert_close(model(ids, labels=ids.int(), return_logits=False).loss, loss)
+    cache = model.new_cache(2)
+    for labels, match in [(torch.full((2, 6), 300), r"labels must lie in \[0, vocab_size=300\) or be -100 "
+                                                    r"\(ignored\), got values in \[300, 300\]"),
+                          (torch.full((2, 6), -2), r"labels must lie in .* in \[-2, -2\]"),
+                          (ids.double(), "labels must be an integer tensor"),
+                          (ids[:, :5], r"of the shape of input_ids \(2, 6\)")]:
+        with pytest.raises(ValueError, match=match):
+            model(ids, labels=labels, cache=cache)
+    assert cache.seqlen == 0
+
+
+def test_an_empty_batch_and_a_cache_of_another_model_raise(tiny_model):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"at least one row and one token \(B, T >= 1\), got \(0, 4\)"):
+        model(torch.zeros(0, 4, dtype=torch.long))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    for other in (tiny_model(n_blocks=1), tiny_model(conba_state=16), tiny_model(n_kv_heads=4),
+                  tiny_model(attn_per_block=2)):
+        with pytest.raises(ValueError, match="cache was made for another model"):
+            model(ids, cache=other.new_cache(1))
+    model(ids, cache=tiny_model(seed=1).new_cache(1))  # another model of the same config: fine
 
 def test_paper_preset_builds_on_meta_and_counts_parameters():
     config = MixConConfig.preset("mixcon-paper")
