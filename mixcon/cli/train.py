@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shutil
 import time
 from pathlib import Path
@@ -132,13 +133,16 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
     if args.resume is not None:
         resume = ckpt.resolve_checkpoint(args.resume or _out_dir(args))
     out = Path(args.out) if args.out else (resume.parent.parent if resume else _out_dir(args))
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"mixcon train: --out {out} is a file; give a run directory")
     options = _options(args, resume, say)
     initial = _initial_model(args, out)  # (its directory, config, tokenizer) or None
-    if resume is None:
-        _check_fresh(out, args.overwrite, env)
+    replace = resume is None and _check_fresh(out, args.overwrite)
     tok = initial[2] if initial else _tokenizer(options, resume, out, args, env)
     config = _config(args, resume, tok, initial[1] if initial else None)
     ds = _dataset(options, tok, out, env)
+    if replace:  # only now that the new run's config, tokenizer and data are good
+        _remove_run(out, env)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
     if initial:  # the weights are read here, into the model, and not kept beside it
@@ -203,11 +207,19 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOp
             options.time_budget = DEFAULT_TIME_BUDGET
     else:
         saved = TrainOptions.from_dict(ckpt.read_trainer_state(resume)["options"])
+        if given.get("tokenizer", saved.tokenizer) != saved.tokenizer:
+            raise SystemExit(f"mixcon train: --resume keeps the run's tokenizer ({saved.tokenizer!r}); --tokenizer "
+                             f"{given['tokenizer']!r} would change the model's vocabulary (start a new run with "
+                             f"--init-from to change it)")
         for key, value in given.items():
             if getattr(saved, key) != value:
                 say(f"resume: {key} changes from {getattr(saved, key)!r} to {value!r}")
         options = dataclasses.replace(saved, **given)
-    options.check()
+    try:
+        options.check()
+    except ValueError as e:  # named by the flag that sets the field
+        raise SystemExit("mixcon train: " + re.sub(r"TrainOptions\.(\w+)", lambda m: "--" + m[1].replace("_", "-"),
+                                                   str(e))) from e
     return options
 
 
@@ -230,13 +242,19 @@ def _initial_model(args: argparse.Namespace, out: Path) -> tuple[Path, MixConCon
     return source, config, ckpt.model_tokenizer(source, config.vocab_size, tokenizer)
 
 
-def _check_fresh(out: Path, overwrite: bool, env: DistEnv) -> None:
+def _check_fresh(out: Path, overwrite: bool) -> bool:
+    """Whether `out` holds a run that --overwrite replaces; without --overwrite, such a run is an error."""
     latest = ckpt.latest_checkpoint(out)
     if latest is None:
-        return
+        return False
     if not overwrite:
         raise SystemExit(f"mixcon train: {out} already holds a run (latest checkpoint {latest.name}); continue it "
                          f"with --resume, start afresh with --overwrite, or choose another --out")
+    return True
+
+
+def _remove_run(out: Path, env: DistEnv) -> None:
+    """Delete the checkpoints, metrics and plot of the run in `out` that a new one replaces."""
     barrier()  # every process has seen the old checkpoints before rank 0 removes them
     if env.is_main:
         shutil.rmtree(out / ckpt.CHECKPOINTS)
@@ -263,15 +281,18 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
 
 def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
             initial: MixConConfig | None) -> MixConConfig:
-    """The config asked for (vocabulary and special tokens from the tokenizer), or the resumed checkpoint's when
-    neither --config nor --set is given; from --init-from, the model's with the --set changes (the vocabulary
-    stays the model's, the special tokens are the tokenizer's)."""
-    if resume is not None and args.config is None and not args.overrides:
-        return MixConConfig.load(resume / ckpt.CONFIG_FILE)
+    """The config asked for (vocabulary and special tokens from the tokenizer); on --resume without --config, the
+    checkpoint's; from --init-from, the model's (the vocabulary stays the model's, the special tokens are the
+    tokenizer's); either with the --set changes."""
+    saved = initial
+    if resume is not None and args.config is None:
+        saved = MixConConfig.load(resume / ckpt.CONFIG_FILE)
+        if not args.overrides:
+            return saved
     specials = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    if initial is not None:
+    if saved is not None:  # the resumed or initial model's config with the --set changes
         try:
-            return initial.replace(**{**parse_overrides(args.overrides), **specials})
+            return saved.replace(**{**parse_overrides(args.overrides), **specials})
         except ValueError as e:
             raise SystemExit(f"mixcon train: --set: {e}") from e
     return config_from_args(args).replace(vocab_size=tok.vocab_size, **specials)

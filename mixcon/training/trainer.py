@@ -92,17 +92,36 @@ class TrainOptions:
     val_fraction: float = 0.01
 
     def check(self) -> None:
+        """Raise ValueError naming the first option out of its range."""
+        def need(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainOptions.{name}={getattr(self, name)!r} must be {allowed}")
+
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         for name in ("batch_size", "seq_len", "eval_every", "save_every", "log_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainOptions.{name}={getattr(self, name)} must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"TrainOptions.steps={self.steps} must be >= 1 (or None to fill the time budget)")
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"TrainOptions.time_budget={self.time_budget} must be > 0 seconds")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"TrainOptions.precision={self.precision!r} must be 'auto', 'fp32' or 'bf16'")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"TrainOptions.parallel={self.parallel!r} must be 'ddp' or 'fsdp'")
+            need(name, integer(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        for name in ("warmup_steps", "keep_last", "seed"):
+            need(name, integer(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
+        for name, what in (("steps", "None to fill the time budget"), ("micro_batch_size", "None for batch_size / "
+                           "world size"), ("max_bytes", "None for the whole corpus")):
+            value = getattr(self, name)
+            need(name, value is None or (integer(value) and value >= 1), f"an integer >= 1 (or {what})")
+        need("time_budget", self.time_budget is None or (number(self.time_budget) and self.time_budget > 0),
+             "> 0 seconds (or None)")
+        need("lr", number(self.lr) and self.lr > 0, "a finite number > 0")
+        for name in ("weight_decay", "grad_clip"):
+            need(name, number(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
+        need("min_lr_ratio", number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        for name in ("beta1", "beta2"):
+            need(name, number(getattr(self, name)) and 0 <= getattr(self, name) < 1, "in [0, 1)")
+        need("val_fraction", number(self.val_fraction) and 0 <= self.val_fraction < 1, "in [0, 1)")
+        need("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'")
+        need("parallel", self.parallel in ("ddp", "fsdp"), "'ddp' or 'fsdp'")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainOptions:

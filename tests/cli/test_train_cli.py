@@ -79,6 +79,13 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
         main(args)
     with pytest.raises(SystemExit, match=r"config differs.*d_model: 32 != 64"):
         main([*args, "--resume", "--set", "d_model=64"])
+    # --set on --resume changes the checkpoint's config (which a resumed run must keep), not a preset's.
+    with pytest.raises(SystemExit, match=r"config differs[^\n]*: router_aux_loss_coef: 0\.01 != 0\.02$"):
+        main(["train", "--out", str(run), "--resume", "--set", "router_aux_loss_coef=0.02", "--no-progress"])
+    with pytest.raises(SystemExit, match=r"--resume keeps the run's tokenizer \('bpe'\); --tokenizer 'bytes'"):
+        main(["train", "--out", str(run), "--resume", "--tokenizer", "bytes"])
+    with pytest.raises(SystemExit, match=r"^mixcon train: --grad-clip=-1\.0 must be a finite number >= 0$"):
+        main(["train", "--out", str(run), "--resume", "--grad-clip", "-1"])
 
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--sample-tokens", "0", "--no-progress"]) == 0
@@ -87,6 +94,22 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     assert json.loads((run / "checkpoints" / "step-00000005" / "config.json").read_text()) == config
 
+
+
+def test_overwrite_removes_the_old_run_only_once_the_new_one_is_ready(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--val-fraction", "0.2",
+            "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0", "--no-progress",
+            "--out", str(run)]
+    assert main(args) == 0
+    for bad, message in ((["--set", "bogus=1"], "bogus"), (["--corpus", str(tmp_path / "missing")], "no such file"),
+                         (["--lr", "-1"], r"--lr=-1\.0 must be a finite number > 0")):
+        with pytest.raises(SystemExit, match=message):
+            main([*args, "--overwrite", *bad])
+        assert (run / "checkpoints" / "step-00000001").is_dir(), bad
+    (tmp_path / "file").write_text("not a run")
+    with pytest.raises(SystemExit, match=r"--out .*file is a file; give a run directory"):
+        main([*args, "--out", str(tmp_path / "file")])
 
 def test_config_file_and_corrupt_checkpoint_refused_by_generate(corpus, tmp_path):
     run, config_file = tmp_path / "run", tmp_path / "model.json"

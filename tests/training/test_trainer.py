@@ -16,7 +16,7 @@ from mixcon import MixConConfig
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mixcon.training.metrics import read_metrics
-from mixcon.training.trainer import NonFiniteLossError, Trainer
+from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions
 
 
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
@@ -188,6 +188,19 @@ def test_document_mask_needs_an_eos_id(make_trainer, tmp_path):
     with pytest.raises(ValueError, match="document_mask needs the model config's eos_token_id"):
         make_trainer(tmp_path, config=MixConConfig.preset("tiny", vocab_size=259), document_mask=True)
 
+
+
+@pytest.mark.parametrize("field,value", [
+    ("grad_clip", -1.0),  # would flip every gradient's sign
+    ("micro_batch_size", -1), ("micro_batch_size", 0), ("warmup_steps", -5), ("keep_last", -1),
+    ("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.1), ("min_lr_ratio", 1.5), ("beta2", 1.0),
+    ("steps", 0), ("time_budget", 0.0), ("batch_size", 2.5), ("seq_len", True), ("val_fraction", 1.0),
+    ("max_bytes", 0), ("precision", "fp16"), ("parallel", "tp"),
+])
+def test_options_out_of_range_are_refused_naming_the_field(field, value):
+    TrainOptions().check()  # the defaults pass
+    with pytest.raises(ValueError, match=rf"TrainOptions\.{field}={value!r} must be"):
+        TrainOptions(**{field: value}).check()
 
 @pytest.mark.slow
 def test_hundred_steps_on_tinyshakespeare_lower_validation_loss(make_trainer, byte_shards, shakespeare_corpus,
