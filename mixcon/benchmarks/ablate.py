@@ -120,10 +120,10 @@ COLUMNS = ["variant", "layout", "params", "active_params", "seeds", "train_s", "
 
 
 def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.Tensor, seeds: list[int], *,
-        real_len: int, steps: int, batch_size: int, lr: float, eval_windows: int, out_dir: Path | None,
+        real_len: int, steps: int, batch_size: int, lr: float, eval_windows: int, out_dir: Path,
         device: str = "cpu", resume: bool = False) -> list[dict[str, Any]]:
-    """Train and score the base and every variant at every seed; returns the per-variant summary. With
-    `out_dir`, ablate.json holds every finished run as soon as it ends; `resume` reuses those of an earlier
+    """Train and score the base and every variant at every seed; returns the per-variant summary.
+    out_dir/ablate.json holds every finished run as soon as it ends; `resume` reuses those of an earlier
     call with the same settings."""
     configs = variant_configs(base, variants)
     train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
@@ -140,13 +140,11 @@ def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.T
                                            lr=lr, seed=seed, device=device)
             runs.append(dict(variant=name, seed=seed, **row))
             common.print_table(runs[-1:], list(runs[-1]))
-            if out_dir is not None:
-                common.write_results(out_dir, "ablate", _payload(settings, seeds, runs), plot=None)
+            common.write_results(out_dir, "ablate", _payload(settings, seeds, runs), plot=None)
     summary = summarize(runs)
     print(f"\nmeans over seeds {', '.join(map(str, seeds))} (delta: bits/byte minus the base's at the same seed)")
     common.print_table(summary, COLUMNS)
-    if out_dir is not None:
-        common.write_results(out_dir, "ablate", _payload(settings, seeds, runs), _plot)
+    common.write_results(out_dir, "ablate", _payload(settings, seeds, runs), _plot)
     return summary
 
 
@@ -185,17 +183,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", dest="variants", action="append", default=[], metavar="SPEC",
                    help="a variant to run beside the base: NAME or NAME:KEY=VALUE[,...] (repeatable; "
                         "default: every built-in)")
-    p.add_argument("--seeds", default="0,1,2", help="seeds, each a run of every variant (default: %(default)s)")
+    p.add_argument("--seeds", type=common.int_type(many=True), default="0,1,2",
+                   help="seeds, each a run of every variant (default: %(default)s)")
     bytes_lm.add_arguments(p, window="bytes per window")
     common.add_resume_argument(p, "ablate")
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:
     try:
-        seeds = common.int_list("--seeds", args.seeds)
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"--seeds {args.seeds}: each seed once")
-        bytes_lm.check_arguments(args)
+        if len(set(args.seeds)) != len(args.seeds):
+            raise ValueError(f"--seeds {','.join(map(str, args.seeds))}: each seed once")
         builtin = builtin_variants(base)
         if args.variants:
             variants = dict(parse_variant(v, builtin) for v in args.variants)
@@ -206,7 +203,7 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
                         if changes_model(base, base.replace(**fields))}
         variant_configs(base, variants)  # fail on a bad variant before any training
         stream = bytes_lm.byte_stream(args.corpus, args.max_bytes)
-        run(base, variants, stream, seeds, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size,
+        run(base, variants, stream, args.seeds, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, eval_windows=args.eval_windows, out_dir=args.out, device=args.device,
             resume=args.resume)
     except (ValueError, FileNotFoundError) as e:

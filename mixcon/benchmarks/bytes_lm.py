@@ -39,20 +39,12 @@ def add_arguments(p: argparse.ArgumentParser, window: str) -> None:
     """--corpus, --max-bytes, --real-len (`window` says what it counts), --eval-windows and the training
     arguments (`common.add_training_arguments`)."""
     p.add_argument("--corpus", default=None, help="corpus spec, as for `mixcon train` (default: stdlib sources)")
-    p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the corpus to use (default: %(default)s)")
-    p.add_argument("--real-len", type=int, default=64, help=f"{window} (default: %(default)s)")
-    p.add_argument("--eval-windows", type=int, default=256,
+    p.add_argument("--max-bytes", type=common.int_type(1), default=2_000_000,
+                   help="bytes of the corpus to use (default: %(default)s)")
+    p.add_argument("--real-len", type=common.int_type(2), default=64, help=f"{window} (default: %(default)s)")
+    p.add_argument("--eval-windows", type=common.int_type(1), default=256,
                    help="held-out windows from the end of the corpus (default: %(default)s)")
     common.add_training_arguments(p, steps=600, batch_size=16, unit="windows")
-
-
-def check_arguments(args: argparse.Namespace) -> None:
-    """ValueError naming the first of the sizes of `add_arguments` that is too small."""
-    for name, value, low in (("--real-len", args.real_len, 2), ("--steps", args.steps, 1),
-                             ("--batch-size", args.batch_size, 1), ("--eval-windows", args.eval_windows, 1),
-                             ("--max-bytes", args.max_bytes, 1)):
-        if value < low:
-            raise ValueError(f"{name} {value}: must be >= {low}")
 
 
 def split_windows(stream: torch.Tensor, real_len: int, eval_windows: int) -> tuple[torch.Tensor, torch.Tensor]:

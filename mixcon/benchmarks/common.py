@@ -8,6 +8,7 @@ import ctypes
 import gc
 import importlib.util
 import json
+import math
 import platform
 import statistics
 import sys
@@ -55,14 +56,24 @@ def twins(base: MixConConfig) -> dict[str, MixConConfig]:
 TWIN_NAMES = ("mixcon", "transformer-twin", "conba-twin")  # the keys of `twins`
 
 
+DEFAULT_OUT = Path("docs/bench")  # where the benchmarks that keep their results write them
+
+
 def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size: int, unit: str) -> None:
     """--steps, --batch-size (of `unit`), --lr, --device, --out: the probes that train models briefly
     (`train_briefly`)."""
-    p.add_argument("--steps", type=int, default=steps, help="training steps per model (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"{unit} per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--steps", type=int_type(1), default=steps, help="training steps per model (default: %(default)s)")
+    p.add_argument("--batch-size", type=int_type(1), default=batch_size,
+                   help=f"{unit} per step (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (default: %(default)s)")
     add_device_argument(p, "cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+    add_out_argument(p)
+
+
+def add_out_argument(p: argparse.ArgumentParser, default: Path | None = DEFAULT_OUT) -> None:
+    """--out: the folder of a benchmark's JSON and PNG (None: none written unless given)."""
+    p.add_argument("--out", type=Path, default=default,
+                   help=f"folder of the JSON and PNG results (default: {default or 'none, nothing written'})")
 
 
 def add_twin_arguments(p: argparse.ArgumentParser) -> None:
@@ -146,12 +157,49 @@ def triton_default(device: str) -> bool:
     return device.startswith("cuda") and importlib.util.find_spec("triton") is not None
 
 
-def int_list(flag: str, text: str) -> list[int]:
-    """A comma-separated list of integers given to `flag`; a clear error otherwise."""
+def int_type(low: int | None = None, *, many: bool = False) -> Callable[[str], Any]:
+    """argparse type of an integer flag (`many`: comma-separated integers, a list), each >= `low` when given;
+    otherwise a usage error naming the flag and what it allows."""
+    allowed = ("comma-separated integers" if many else "an integer") + ("" if low is None else f" >= {low}")
+
+    def parse(text: str) -> int | list[int]:
+        try:
+            values = [int(v) for v in text.split(",")] if many else [int(text)]
+        except ValueError:
+            values = []
+        if not values or (low is not None and min(values) < low):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return values if many else values[0]
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a finite number > 0 (else a usage error naming the flag)."""
     try:
-        return [int(v) for v in text.split(",")]
+        value = float(text)
     except ValueError:
-        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def plot_file(text: str) -> Path:
+    """argparse type of a figure to write: its folder exists and matplotlib (imported only here, it is
+    optional) writes its suffix; checked before any work, so that a long run does not fail at its end."""
+    path = Path(text)
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise argparse.ArgumentTypeError("drawing needs matplotlib (pip install matplotlib)") from None
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.suffix.lower().removeprefix(".") not in formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: the suffix must be one of matplotlib's formats: "
+                                         f"{', '.join('.' + f for f in formats)}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: no folder {path.parent}")
+    return path
 
 
 def sync() -> None:
@@ -292,20 +340,18 @@ def write_results(out_dir: Path, name: str, payload: dict[str, Any],
 
 def add_resume_argument(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--resume", action="store_true",
-                   help=f"reuse the finished runs in --out/{name}.json (written as each run ends) when its settings "
-                        "match")
+                   help=f"continue the run in --out: reuse the finished runs in --out/{name}.json (written as each "
+                        "run ends) when its settings match; an error when there is none")
 
 
-def finished_runs(out_dir: Path | None, name: str, settings: dict[str, Any], key: tuple[str, ...],
+def finished_runs(out_dir: Path, name: str, settings: dict[str, Any], key: tuple[str, ...],
                   field: str = "rows") -> dict[tuple[Any, ...], dict[str, Any]]:
-    """The runs in out_dir/NAME.json (its list `field`) by their values of `key`, when the file was written
-    with the same `settings` (each a top-level entry there); ValueError when they differ."""
-    if out_dir is None:
-        raise ValueError("--resume needs --out (the folder of the run to resume)")
+    """The runs in out_dir/NAME.json (its list `field`) by their values of `key`; ValueError when there is no
+    such file or it was written with other `settings` (each a top-level entry there)."""
     path = out_dir / f"{name}.json"
     if not path.is_file():
-        print(f"--resume: no {path} yet, starting afresh")
-        return {}
+        raise ValueError(f"--resume: no earlier run in {out_dir} (no {path.name} there); give --out the folder of "
+                         "the run to resume, or drop --resume to start afresh")
     saved = json.loads(path.read_text())
     expected = json.loads(json.dumps(settings))  # as JSON stores them (tuples as lists, None as null)
     if differ := [k for k in expected if saved.get(k) != expected[k]]:

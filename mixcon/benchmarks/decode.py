@@ -27,7 +27,9 @@ import torch
 from mixcon.benchmarks.common import (
     TokenClock,
     add_device_arguments,
+    add_out_argument,
     copy_bandwidth_gbs,
+    int_type,
     new_figure,
     print_table,
     save_figure,
@@ -173,12 +175,16 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--contexts", default="1024,4096,16384,32768", help="prompt lengths (default: %(default)s)")
-    p.add_argument("--hf-max-context", type=int, default=4096,
-                   help="longest prompt for the transformers models (their CPU prefill is slow)")
-    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per measurement")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+    p.add_argument("--contexts", type=int_type(1, many=True), default="1024,4096,16384,32768",
+                   help="prompt lengths (default: %(default)s)")
+    p.add_argument("--hf-max-context", type=int_type(0), default=4096,
+                   help="longest prompt for the transformers models (their CPU prefill is slow; 0: none; "
+                        "default: %(default)s)")
+    p.add_argument("--new-tokens", type=int_type(1), default=32,
+                   help="decoded tokens per measurement (default: %(default)s)")
+    p.add_argument("--repeats", type=int_type(1), default=2, help="generations per model and context (default: "
+                   "%(default)s)")
+    add_out_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="also time our models decoding and prefilling through torch.compile "
                         "(compile_decode, compile_prefill)")
@@ -189,7 +195,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, base: MixConConfig | None = None) -> int:
-    run([int(c) for c in args.contexts.split(",")], args.hf_max_context, args.new_tokens, args.repeats, args.out,
-        base=base, device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile,
-        via_transformers=args.via_transformers)
+    run(args.contexts, args.hf_max_context, args.new_tokens, args.repeats, args.out, base=base, device=args.device,
+        dtype=DTYPES[args.dtype], compiled=args.compile, via_transformers=args.via_transformers)
     return 0

@@ -26,10 +26,10 @@ COLUMNS = ["model", "ratio", "seq_len", "train_s", "final_loss", "bits_per_byte"
 
 
 def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_len: int, steps: int,
-        batch_size: int, lr: float, eval_windows: int, seed: int, out_dir: Path | None, device: str = "cpu",
+        batch_size: int, lr: float, eval_windows: int, seed: int, out_dir: Path, device: str = "cpu",
         models: list[str] | None = None, resume: bool = False) -> list[dict[str, Any]]:
-    """Train each twin of `base` (those in `models`, default all) at every ratio, then score it there. With
-    `out_dir`, filler.json holds every finished run as soon as it ends; `resume` reuses those of an earlier
+    """Train each twin of `base` (those in `models`, default all) at every ratio, then score it there.
+    out_dir/filler.json holds every finished run as soon as it ends; `resume` reuses those of an earlier
     call with the same settings (ratios and models may differ)."""
     train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
     settings = dict(real_len=real_len, steps=steps, batch_size=batch_size, lr=lr, eval_windows=eval_windows,
@@ -47,10 +47,8 @@ def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_l
                                            batch_size=batch_size, lr=lr, seed=seed, device=device)
             rows.append(dict(model=name, ratio=ratio, seq_len=real_len + round(ratio * real_len), **row))
             common.print_table(rows[-1:], COLUMNS)
-            if out_dir is not None:
-                common.write_results(out_dir, "filler", dict(ratios=ratios, **settings, rows=rows), plot=None)
-    if out_dir is not None:
-        common.write_results(out_dir, "filler", dict(ratios=ratios, **settings, rows=rows), _plot)
+            common.write_results(out_dir, "filler", dict(ratios=ratios, **settings, rows=rows), plot=None)
+    common.write_results(out_dir, "filler", dict(ratios=ratios, **settings, rows=rows), _plot)
     return rows
 
 
@@ -81,7 +79,6 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
             raise ValueError(f"--ratios {args.ratios!r}: expected comma-separated numbers") from e
         if not all(0 <= r < float("inf") for r in ratios):
             raise ValueError(f"--ratios {args.ratios}: each must be a finite number >= 0")
-        bytes_lm.check_arguments(args)
         models = common.twin_names(args.models)
         stream = bytes_lm.byte_stream(args.corpus, args.max_bytes)
         run(base, stream, ratios, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -91,24 +91,24 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="80,90", help="compute capabilities, e.g. 80 (A100), 90 (H100) "
-                   "(default: %(default)s)")
+    p.add_argument("--arch", type=common.int_type(1, many=True), default="80,90",
+                   help="compute capabilities, e.g. 80 (A100), 90 (H100) (default: %(default)s)")
     p.add_argument("--dtypes", default="bf16,fp32", help=f"of x, k, q; of {sorted(DTYPES)} (default: %(default)s)")
-    p.add_argument("--blocks", default="32,64", help="steps per chunk of the kernel (default: %(default)s)")
-    p.add_argument("--head-dim", type=int, default=64, help="P (default: %(default)s)")
-    p.add_argument("--state", type=int, default=64, help="N (default: %(default)s)")
-    p.add_argument("--tau", type=int, default=2, help="readout delay (default: %(default)s)")
+    p.add_argument("--blocks", type=common.int_type(1, many=True), default="32,64",
+                   help="steps per chunk of the kernel (default: %(default)s)")
+    p.add_argument("--head-dim", type=common.int_type(1), default=64, help="P (default: %(default)s)")
+    p.add_argument("--state", type=common.int_type(1), default=64, help="N (default: %(default)s)")
+    p.add_argument("--tau", type=common.int_type(0), default=2, help="readout delay (default: %(default)s)")
     p.add_argument("--fp32-precision", choices=["highest", "high"], default=None,
                    help="torch.set_float32_matmul_precision first (high: fp32 inputs multiplied in TF32)")
-    p.add_argument("--out", type=Path, default=None, help="where kernel.json and kernel.png go")
+    common.add_out_argument(p, default=None)
 
 
 def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.dtypes.split(",")) - set(DTYPES))
     if unknown:
         raise SystemExit(f"--dtypes: unknown {unknown}; allowed: {sorted(DTYPES)}")
-    archs, blocks = common.int_list("--arch", args.arch), common.int_list("--blocks", args.blocks)
-    bad = [b for b in blocks if not triton_chunk_ok(b, args.tau)]
+    bad = [b for b in args.blocks if not triton_chunk_ok(b, args.tau)]
     if bad:
         raise SystemExit(f"--blocks: {bad} must be powers of two >= 16 and >= --tau={args.tau}")
     try:
@@ -117,5 +117,6 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("mixcon bench kernel needs triton: pip install 'mixcon[triton]'") from None
     if args.fp32_precision is not None:
         torch.set_float32_matmul_precision(args.fp32_precision)
-    run(archs, [DTYPES[d] for d in args.dtypes.split(",")], blocks, args.head_dim, args.state, args.tau, args.out)
+    run(args.arch, [DTYPES[d] for d in args.dtypes.split(",")], args.blocks, args.head_dim, args.state, args.tau,
+        args.out)
     return 0

@@ -81,12 +81,15 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rows", default="1,2,4,8,16,32", help="rows per product (default: %(default)s)")
-    p.add_argument("--megabytes", type=int, default=70, help="total weight size (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+    p.add_argument("--rows", type=common.int_type(1, many=True), default="1,2,4,8,16,32",
+                   help="rows per product (default: %(default)s)")
+    p.add_argument("--megabytes", type=common.int_type(1), default=70,
+                   help="total weight size (default: %(default)s)")
+    p.add_argument("--repeats", type=common.int_type(1), default=20,
+                   help="timed calls after two warm-ups (median; default: %(default)s)")
+    common.add_out_argument(p)
 
 
 def main(args: argparse.Namespace) -> int:
-    run([int(r) for r in args.rows.split(",")], args.megabytes, args.repeats, args.out)
+    run(args.rows, args.megabytes, args.repeats, args.out)
     return 0

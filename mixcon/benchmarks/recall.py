@@ -38,10 +38,10 @@ def train_on_recall(model: MixConForCausalLM, task: RecallTask, pairs: list[int]
 
 
 def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batch_size: int, lr: float,
-        sequences: int, seed: int, out_dir: Path | None, device: str = "cpu",
+        sequences: int, seed: int, out_dir: Path, device: str = "cpu",
         models: list[str] | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Train each twin of `base` (those named in `models`, default all) on `task`, then score it at every
-    pair count. With `out_dir`, recall.json holds every finished model as soon as it is scored; `resume`
+    pair count. out_dir/recall.json holds every finished model as soon as it is scored; `resume`
     reuses those of an earlier call with the same settings (the models may differ)."""
     settings = dict(task=dict(vocab_size=task.vocab_size, seq_len=task.seq_len, keys=task.keys, values=task.values),
                     pairs=pairs, steps=steps, batch_size=batch_size, lr=lr, sequences=sequences, seed=seed,
@@ -69,10 +69,8 @@ def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batc
                                                       seed=seed + 1)
         rows.append(row)
         common.print_table(rows[-1:], list(row))
-        if out_dir is not None:
-            common.write_results(out_dir, "recall", dict(**settings, rows=rows), plot=None)
-    if out_dir is not None:
-        common.write_results(out_dir, "recall", dict(**settings, rows=rows), _plot)
+        common.write_results(out_dir, "recall", dict(**settings, rows=rows), plot=None)
+    common.write_results(out_dir, "recall", dict(**settings, rows=rows), _plot)
     return rows
 
 
@@ -91,12 +89,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pairs", default="2,4,8,16",
+    p.add_argument("--pairs", type=common.int_type(1, many=True), default="2,4,8,16",
                    help="pair counts, trained on and scored at (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=64,
                    help="task vocabulary: filler, keys, values (default: %(default)s)")
-    p.add_argument("--sequences", type=int, default=512,
+    p.add_argument("--sequences", type=common.int_type(1), default=512,
                    help="held-out sequences per pair count (default: %(default)s)")
     common.add_training_arguments(p, steps=3000, batch_size=32, unit="sequences")
     common.add_twin_arguments(p)
@@ -104,19 +102,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, base: MixConConfig) -> int:
-    try:
-        pairs = sorted({int(n) for n in args.pairs.split(",")})
-    except ValueError as e:
-        raise SystemExit(f"mixcon bench recall: --pairs {args.pairs!r}: expected comma-separated integers") from e
+    pairs = sorted(set(args.pairs))
     try:
         task = RecallTask(vocab_size=args.vocab, seq_len=args.seq_len)
-        if pairs[0] < 1 or pairs[-1] > task.max_pairs():
-            raise ValueError(f"--pairs {args.pairs}: each must be in [1, {task.max_pairs()}] for --vocab "
-                             f"{args.vocab} and --seq-len {args.seq_len}")
-        for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
-                            ("--sequences", args.sequences)):
-            if value < 1:
-                raise ValueError(f"{name} {value}: must be >= 1")
+        if pairs[-1] > task.max_pairs():
+            raise ValueError(f"--pairs {','.join(map(str, args.pairs))}: each must be in [1, {task.max_pairs()}] "
+                             f"for --vocab {args.vocab} and --seq-len {args.seq_len}")
         models = common.twin_names(args.models)
         run(base, task, pairs, args.steps, args.batch_size, args.lr, args.sequences, args.seed, args.out,
             args.device, models, resume=args.resume)

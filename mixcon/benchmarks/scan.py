@@ -129,29 +129,31 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", default="2048,8192", help="sequence lengths (default: %(default)s)")
-    p.add_argument("--batches", default="1,4", help="batch sizes (default: %(default)s)")
-    p.add_argument("--heads", type=int, default=16, help="H (default: %(default)s)")
-    p.add_argument("--head-dim", type=int, default=64, help="P (default: %(default)s)")
-    p.add_argument("--state", type=int, default=128, help="N (default: %(default)s)")
-    p.add_argument("--groups", type=int, default=1, help="G, key/query groups (default: %(default)s)")
-    p.add_argument("--chunks", default="32,64", help="chunk lengths (default: %(default)s)")
+    positive, positive_list = common.int_type(1), common.int_type(1, many=True)
+    p.add_argument("--lengths", type=positive_list, default="2048,8192", help="sequence lengths (default: %(default)s)")
+    p.add_argument("--batches", type=positive_list, default="1,4", help="batch sizes (default: %(default)s)")
+    p.add_argument("--heads", type=positive, default=16, help="H (default: %(default)s)")
+    p.add_argument("--head-dim", type=positive, default=64, help="P (default: %(default)s)")
+    p.add_argument("--state", type=positive, default=128, help="N (default: %(default)s)")
+    p.add_argument("--groups", type=positive, default=1, help="G, key/query groups (default: %(default)s)")
+    p.add_argument("--chunks", type=positive_list, default="32,64", help="chunk lengths (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {list(VARIANTS)} (default: all)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls after two warm-ups (median)")
+    p.add_argument("--repeats", type=positive, default=5,
+                   help="timed calls after two warm-ups (median; default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd chunked scans")
-    p.add_argument("--out", type=Path, default=None, help="where scan.json and scan.png go")
+    common.add_out_argument(p, default=None)
     common.add_device_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"bench scan: --variants {','.join(unknown)} unknown; choose from {list(VARIANTS)}")
+    if unknown or not variants:
+        raise SystemExit(f"bench scan: --variants {','.join(unknown) or repr(args.variants)} unknown; choose from "
+                         f"{list(VARIANTS)}")
     if args.heads % args.groups:
         raise SystemExit(f"bench scan: --heads {args.heads} must be a multiple of --groups {args.groups}")
-    run(common.int_list("--lengths", args.lengths), common.int_list("--batches", args.batches), args.repeats,
-        args.out, heads=args.heads, head_dim=args.head_dim, state=args.state, groups=args.groups,
-        chunks=tuple(common.int_list("--chunks", args.chunks)), variants=variants,
-        device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile)
+    run(args.lengths, args.batches, args.repeats, args.out, heads=args.heads, head_dim=args.head_dim,
+        state=args.state, groups=args.groups, chunks=tuple(args.chunks), variants=variants, device=args.device,
+        dtype=DTYPES[args.dtype], compiled=args.compile)
     return 0

@@ -23,6 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mixcon.benchmarks.common import (
     SavedBytes,
     add_device_arguments,
+    add_out_argument,
+    int_type,
     matmul_peak_gflops,
     median_seconds,
     new_figure,
@@ -248,12 +250,14 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", default="512,2048,8192", help="sequence lengths (default: %(default)s)")
-    p.add_argument("--batches", default="1,4", help="batch sizes (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up (median)")
-    p.add_argument("--reference-max-T", type=int, default=512,
-                   help="longest T for the sequential reference loop (it is slow)")
-    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="where JSON and PNG go")
+    p.add_argument("--lengths", type=int_type(1, many=True), default="512,2048,8192",
+                   help="sequence lengths (default: %(default)s)")
+    p.add_argument("--batches", type=int_type(1, many=True), default="1,4", help="batch sizes (default: %(default)s)")
+    p.add_argument("--repeats", type=int_type(1), default=3,
+                   help="timed repetitions after one warm-up (median; default: %(default)s)")
+    p.add_argument("--reference-max-T", type=int_type(0), default=512,
+                   help="longest T for the sequential reference loop (it is slow; default: %(default)s)")
+    add_out_argument(p)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd Conba variants and train step")
     p.add_argument("--train-step", type=_shape, default="4x512", metavar="BxT",
                    help="also time a training step of the small preset at this batch x length ('' = skip; "
@@ -262,18 +266,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _shape(text: str) -> tuple[int, int] | None:
-    """'BxT' -> (B, T); '' -> None."""
+    """'BxT' -> (B, T), both >= 1; '' -> None."""
     if not text:
         return None
     try:
         batch, T = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected BxT, e.g. 4x512") from None
+        batch = T = 0
+    if min(batch, T) < 1:
+        raise argparse.ArgumentTypeError(f"expected BxT of integers >= 1, e.g. 4x512; got {text!r}")
     return batch, T
 
 
 def main(args: argparse.Namespace) -> int:
-    run([int(t) for t in args.lengths.split(",")], [int(b) for b in args.batches.split(",")], args.repeats,
-        args.reference_max_T, args.out, device=args.device, dtype=DTYPES[args.dtype], compiled=args.compile,
-        train_shape=args.train_step)
+    run(args.lengths, args.batches, args.repeats, args.reference_max_T, args.out, device=args.device,
+        dtype=DTYPES[args.dtype], compiled=args.compile, train_shape=args.train_step)
     return 0

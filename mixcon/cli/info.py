@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from mixcon.benchmarks.common import int_type, new_figure, plot_file, positive_float, print_table, save_figure
 from mixcon.cli.common import add_config_args, config_from_args
 from mixcon.generation.cache import cache_nbytes
 from mixcon.generation.footprint import THIS_MODEL, Footprint, comparison_configs, footprint
 from mixcon.models.mixcon import MixConForCausalLM, read_config
+from mixcon.ops.dtypes import DTYPES
 from mixcon.training import checkpoint as ckpt
 
 
@@ -25,33 +27,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(config=None)  # None: DEFAULT_CONFIG, or the checkpoint's
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="a run directory, checkpoint, save_pretrained or export directory instead of --config")
-    p.add_argument("--context", default="1024,4096,16384,32768,262144",
+    p.add_argument("--context", type=int_type(1, many=True), default="1024,4096,16384,32768,262144",
                    help="comma-separated context lengths for the cache table (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
-                   help="dtype of K/V and conv tails (Conba states are fp32)")
+    p.add_argument("--batch-size", type=int_type(1), default=1, help="sequences decoded at once (default: "
+                   "%(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="dtype of K/V and conv tails (Conba states are fp32; default: %(default)s)")
     p.add_argument("--compare", action="store_true",
                    help="a table of this model beside a dense Transformer, a Mixtral-like, a Jamba-like and a pure "
                         "Conba model of its widths: parameters, weight and cache memory, and the longest context "
                         "that fits in --memory-gib (the MixCon paper's Table 1 and 80 GB figure)")
     p.add_argument("--weight-bits", type=int, choices=[32, 16, 8, 4], default=16,
                    help="bits per weight for --compare (8 or 4: quantised; default: %(default)s)")
-    p.add_argument("--memory-gib", type=float, default=80.0,
+    p.add_argument("--memory-gib", type=positive_float, default=80.0,
                    help="device memory for --compare's longest context (default: %(default)s)")
-    p.add_argument("--plot", type=Path, default=None, metavar="FILE",
-                   help="with --compare, also draw cache memory vs context and the longest contexts to FILE (PNG)")
+    p.add_argument("--plot", type=plot_file, default=None, metavar="FILE",
+                   help="with --compare, also draw cache memory vs context and the longest contexts to FILE "
+                        "(.png, .svg, .pdf, ...: a format matplotlib writes)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        contexts = [int(c) for c in args.context.split(",")]
-    except ValueError:
-        raise SystemExit(f"mixcon info: --context {args.context!r}: expected comma-separated integers") from None
-    if min(contexts) < 1 or args.batch_size < 1:
-        raise SystemExit(f"mixcon info: --context {args.context} and --batch-size {args.batch_size} must be >= 1")
-    if not args.memory_gib > 0:
-        raise SystemExit(f"mixcon info: --memory-gib {args.memory_gib}: must be > 0")
     if args.plot is not None and not args.compare:
         raise SystemExit("mixcon info: --plot draws the --compare table; add --compare")
     if args.checkpoint is None:
@@ -62,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             directory = ckpt.model_directory(args.checkpoint)
             config, _ = read_config(directory)
+            state = ckpt.read_trainer_state(directory) if (directory / ckpt.STATE_FILE).is_file() else None
         except (ckpt.CheckpointError, OSError, ValueError) as e:
             raise SystemExit(f"mixcon info: {e}") from e
         print(f"checkpoint: {directory}")
-        if (directory / ckpt.STATE_FILE).is_file():
-            state = ckpt.read_trainer_state(directory)
+        if state is not None:
             val = state.get("last_val") or {}
             line = f"trained: {state['step']} steps, {state['tokens']:,} tokens"
             if "val_loss" in val:
@@ -77,22 +73,22 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         model = MixConForCausalLM(config)
     print(model.summary())
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
     print(f"\ndecoding cache, batch {args.batch_size}, {args.dtype}:")
-    for context in contexts:
+    for context in args.context:
         print(f"  {context:>8d} tokens: {cache_nbytes(config, args.batch_size, context, dtype) / 2**30:10.3f} GiB")
     if args.compare:
         try:
             configs = comparison_configs(config)
         except ValueError as e:
             raise SystemExit(f"mixcon info: --compare: {e}") from e
-        rows = {name: footprint(c, contexts, memory_bytes=int(args.memory_gib * 2**30), batch_size=args.batch_size,
+        rows = {name: footprint(c, args.context, memory_bytes=int(args.memory_gib * 2**30), batch_size=args.batch_size,
                                 dtype=dtype, weight_bytes=args.weight_bits / 8) for name, c in configs.items()}
         print(f"\nbeside other architectures of its widths ({args.weight_bits}-bit weights, K/V in {args.dtype}, batch "
               f"{args.batch_size}, {args.memory_gib:g} GiB):")
-        _print_comparison(rows, contexts, args.memory_gib)
+        _print_comparison(rows, args.context, args.memory_gib)
         if args.plot is not None:
-            _plot(rows, contexts, args.memory_gib, args.plot)
+            _plot(rows, args.context, args.memory_gib, args.plot)
             print(f"wrote {args.plot}")
     return 0
 
@@ -106,8 +102,6 @@ def _count(n: int) -> str:
 
 
 def _print_comparison(rows: dict[str, Footprint], contexts: list[int], memory_gib: float) -> None:
-    from mixcon.benchmarks.common import print_table
-
     limit = f"max context ({memory_gib:g} GiB)"
     table = [{"model": name, "layout": f.layout, "params": _count(f.params), "active": _count(f.active_params),
               "weights GiB": f"{f.weight_bytes / 2**30:.2f}",
@@ -117,8 +111,6 @@ def _print_comparison(rows: dict[str, Footprint], contexts: list[int], memory_gi
 
 
 def _plot(rows: dict[str, Footprint], contexts: list[int], memory_gib: float, path: Path) -> None:
-    from mixcon.benchmarks.common import new_figure, save_figure
-
     fig, (left, right) = new_figure(ncols=2, width=11.0)
     for (name, f), style in zip(rows.items(), ["-", "--", ":", "-.", (0, (1, 3))], strict=False):
         left.plot(contexts, [f.cache_bytes[n] / 2**30 for n in contexts], marker="o", linestyle=style, label=name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -168,8 +169,6 @@ def test_recall_benchmark_trains_and_scores_the_three_twins(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--pairs", "2,5", "--seq-len", "16"], r"--pairs 2,5: each must be in \[1, 4\]"),
-    (["--pairs", "two"], "comma-separated integers"),
-    (["--steps", "0"], "--steps 0"),
     (["--vocab", "2"], "vocab_size=2"),
     (["--models", "mixcon,llama"], "unknown llama"),
 ])
@@ -242,7 +241,6 @@ def test_kernel_report_compiles_the_triton_kernel_for_a_gpu(tmp_path):
     (["--blocks", "24"], "powers of two"),
     (["--blocks", "16", "--tau", "20"], ">= --tau"),
     (["--dtypes", "fp8"], "unknown"),
-    (["--arch", "h100"], "comma-separated integers"),
 ])
 def test_kernel_report_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -269,7 +267,6 @@ def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--ratios", "1,-2"], "each must be a finite number >= 0"),
     (["--ratios", "one"], "comma-separated numbers"),
-    (["--real-len", "1"], "--real-len 1: must be >= 2"),
     (["--models", "llama"], "unknown llama"),
     (["--max-bytes", "1000", "--eval-windows", "64"], "needs at least 8,192"),
 ])
@@ -384,8 +381,6 @@ def test_ablate_benchmark_runs_the_builtins_that_change_the_model():
     (["--variant", "same:d_model=32"], "changes nothing"),
     (["--variant", "no-delay", "--variant", "no-delay"], "each name once"),
     (["--seeds", "1,1"], "each seed once"),
-    (["--seeds", "x"], "comma-separated integers"),
-    (["--real-len", "1"], "--real-len 1: must be >= 2"),
 ])
 def test_ablate_benchmark_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -393,7 +388,7 @@ def test_ablate_benchmark_rejects_bad_arguments(argv, message):
 
 
 def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeypatch):
-    from mixcon.benchmarks import bytes_lm, common
+    from mixcon.benchmarks import bytes_lm
 
     corpus = tmp_path / "text.txt"
     corpus.write_text("the king said to the queen that we shall go now\n" * 40)
@@ -433,5 +428,71 @@ def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeyp
     strip = [{k: v for k, v in r.items() if k != "train_s"} for r in whole["runs"]]
     assert [{k: v for k, v in r.items() if k != "train_s"} for r in resumed["runs"]] == strip
     assert (tmp_path / "cut" / "ablate.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="--resume needs --out"):
-        common.finished_runs(None, "ablate", {}, key=("variant", "seed"))
+
+
+@pytest.mark.parametrize("argv,flag,allowed", [
+    (["speed", "--lengths", "abc"], "--lengths", "comma-separated integers >= 1"),
+    (["speed", "--lengths", "512,0"], "--lengths", "comma-separated integers >= 1"),
+    (["speed", "--batches", "0"], "--batches", "comma-separated integers >= 1"),
+    (["speed", "--repeats", "0"], "--repeats", "an integer >= 1"),
+    (["speed", "--reference-max-T", "-1"], "--reference-max-T", "an integer >= 0"),
+    (["speed", "--train-step", "0x512"], "--train-step", "BxT of integers >= 1"),
+    (["scan", "--lengths", "2k"], "--lengths", "comma-separated integers >= 1"),
+    (["scan", "--batches", "0"], "--batches", "comma-separated integers >= 1"),
+    (["scan", "--chunks", "0"], "--chunks", "comma-separated integers >= 1"),
+    (["scan", "--heads", "0"], "--heads", "an integer >= 1"),
+    (["scan", "--head-dim", "0"], "--head-dim", "an integer >= 1"),
+    (["scan", "--state", "0"], "--state", "an integer >= 1"),
+    (["scan", "--groups", "0"], "--groups", "an integer >= 1"),
+    (["scan", "--repeats", "0"], "--repeats", "an integer >= 1"),
+    (["decode", "--contexts", "abc"], "--contexts", "comma-separated integers >= 1"),
+    (["decode", "--contexts", "0"], "--contexts", "comma-separated integers >= 1"),
+    (["decode", "--new-tokens", "0"], "--new-tokens", "an integer >= 1"),
+    (["decode", "--repeats", "0"], "--repeats", "an integer >= 1"),
+    (["decode", "--hf-max-context", "-1"], "--hf-max-context", "an integer >= 0"),
+    (["matvec", "--rows", "abc"], "--rows", "comma-separated integers >= 1"),
+    (["matvec", "--rows", "0"], "--rows", "comma-separated integers >= 1"),
+    (["matvec", "--megabytes", "0"], "--megabytes", "an integer >= 1"),
+    (["matvec", "--repeats", "0"], "--repeats", "an integer >= 1"),
+    (["kernel", "--arch", "h100"], "--arch", "comma-separated integers >= 1"),
+    (["kernel", "--blocks", "x"], "--blocks", "comma-separated integers >= 1"),
+    (["kernel", "--head-dim", "0"], "--head-dim", "an integer >= 1"),
+    (["kernel", "--tau", "-1"], "--tau", "an integer >= 0"),
+    (["recall", "--pairs", "two"], "--pairs", "comma-separated integers >= 1"),
+    (["recall", "--pairs", "0,2"], "--pairs", "comma-separated integers >= 1"),
+    (["recall", "--sequences", "0"], "--sequences", "an integer >= 1"),
+    (["recall", "--steps", "0"], "--steps", "an integer >= 1"),
+    (["recall", "--batch-size", "0"], "--batch-size", "an integer >= 1"),
+    (["recall", "--lr", "nan"], "--lr", "a finite number > 0"),
+    (["filler", "--real-len", "1"], "--real-len", "an integer >= 2"),
+    (["filler", "--max-bytes", "0"], "--max-bytes", "an integer >= 1"),
+    (["filler", "--eval-windows", "0"], "--eval-windows", "an integer >= 1"),
+    (["filler", "--lr", "0"], "--lr", "a finite number > 0"),
+    (["ablate", "--seeds", "x"], "--seeds", "comma-separated integers, got 'x'"),
+    (["ablate", "--real-len", "1"], "--real-len", "an integer >= 2"),
+    (["ablate", "--steps", "0"], "--steps", "an integer >= 1"),
+])
+def test_every_benchmark_rejects_bad_sizes_and_lists_before_any_work(argv, flag, allowed, capsys):
+    """A usage error naming the flag and what it allows (exit 2), from argparse: nothing runs."""
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *argv])
+    assert e.value.code == 2
+    assert f"mixcon bench {argv[0]}: error: argument {flag}: expected {allowed}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bench", ["speed", "decode", "recall", "filler", "ablate", "matvec", "scan", "kernel"])
+def test_benchmark_help_says_where_results_go(bench, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", bench, "--help"])
+    written = "docs/bench" if bench not in ("scan", "kernel") else "none, nothing written"
+    assert f"(default: {written})" in " ".join(capsys.readouterr().out.split())
+
+
+def test_resume_without_an_earlier_run_says_where_it_looked(tmp_path, monkeypatch):
+    from mixcon.benchmarks import recall
+
+    monkeypatch.setattr(recall, "train_on_recall", lambda *a, **kw: pytest.fail("trained with nothing to resume"))
+    looked = re.escape(str(tmp_path))
+    with pytest.raises(SystemExit, match=f"mixcon bench recall: --resume: no earlier run in {looked} "):
+        main(["bench", "recall", "--set", "d_model=16", "--pairs", "2", "--seq-len", "16", "--vocab", "16",
+              "--out", str(tmp_path), "--resume"])

@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+from mixcon import MixConConfig, cache_nbytes
 from mixcon.cli import main
 from mixcon.cli.common import parse_value
 from mixcon.data import ByteTokenizer
-from mixcon.training.checkpoint import save_checkpoint
+from mixcon.ops.dtypes import DTYPES
+from mixcon.training.checkpoint import STATE_FILE, save_checkpoint
 
 
 def test_info_prints_layout_params_and_cache(capsys):
@@ -74,6 +76,28 @@ def test_info_of_a_checkpoint_shows_where_training_stands(tmp_path, tiny_model, 
         main(["info", "--checkpoint", str(tmp_path / "model"), "--set", "d_model=64"])
     with pytest.raises(SystemExit, match=r"mixcon info: .*nothing"):
         main(["info", "--checkpoint", str(tmp_path / "nothing")])
+
+
+def test_info_of_a_checkpoint_with_a_truncated_trainer_state_exits_with_a_message(tmp_path, tiny_model, capsys):
+    model = tiny_model(dtype=torch.float32)
+    weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    save_checkpoint(tmp_path / "run", 3, config=model.config, model_state=weights, optimizer_state={},
+                    trainer_state={"step": 3, "tokens": 10})
+    (state_file,) = (tmp_path / "run").rglob(STATE_FILE)
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=rf"^mixcon info: .*{STATE_FILE}: unreadable"):
+        main(["info", "--checkpoint", str(tmp_path / "run"), "--context", "8"])
+    assert "trained:" not in capsys.readouterr().out
+
+
+def test_info_takes_the_dtype_names_of_the_other_commands(capsys):
+    assert main(["info", "--config", "tiny", "--context", "8", "--dtype", "fp32"]) == 0
+    expected = cache_nbytes(MixConConfig.preset("tiny"), 1, 8, torch.float32) / 2**30
+    assert f"batch 1, fp32:\n         8 tokens: {expected:10.3f} GiB" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"--dtype {{{','.join(sorted(DTYPES))}}}" in shown and "Conba states are fp32; default: bf16)" in shown
 
 
 def test_a_closed_pipe_ends_a_command_quietly(tmp_path):

@@ -77,12 +77,27 @@ def test_info_compare_prints_the_table_and_draws_it(tmp_path, capsys):
     assert plot.stat().st_size > 0
 
 
+def test_info_plot_needs_compare():
+    with pytest.raises(SystemExit, match="add --compare"):
+        main(["info", "--config", "tiny", "--plot", "x.png"])
+
+
 @pytest.mark.parametrize("argv,message", [
-    (["--plot", "x.png"], "add --compare"),
-    (["--compare", "--memory-gib", "0"], "--memory-gib 0.0: must be > 0"),
-    (["--context", "1k"], "expected comma-separated integers"),
-    (["--context", "0"], "must be >= 1"),
+    (["--compare", "--memory-gib", "0"], "argument --memory-gib: expected a finite number > 0, got '0'"),
+    (["--compare", "--memory-gib", "inf"], "argument --memory-gib: expected a finite number > 0, got 'inf'"),
+    (["--compare", "--memory-gib", "nan"], "argument --memory-gib: expected a finite number > 0, got 'nan'"),
+    (["--compare", "--plot", "/no/such/dir/x.png"], "argument --plot: '/no/such/dir/x.png': no folder /no/such/dir"),
+    (["--compare", "--plot", "out.txt"], "argument --plot: 'out.txt': the suffix must be one of matplotlib's formats"),
+    (["--context", "1k"], "argument --context: expected comma-separated integers >= 1, got '1k'"),
+    (["--context", "8,0"], "argument --context: expected comma-separated integers >= 1, got '8,0'"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (["--dtype", "float32"], "argument --dtype: invalid choice: 'float32'"),
 ])
-def test_info_rejects_bad_arguments(argv, message):
-    with pytest.raises(SystemExit, match=message):
+def test_info_rejects_bad_arguments_before_any_work(argv, message, capsys, monkeypatch):
+    """Usage errors (exit 2) naming the flag and what it allows; the plot's path is checked before the table."""
+    if "--plot" in argv:
+        pytest.importorskip("matplotlib")  # without it, --plot says that it needs it
+    monkeypatch.setattr("mixcon.cli.info.footprint", lambda *a, **kw: pytest.fail("computed the table"))
+    with pytest.raises(SystemExit) as e:
         main(["info", "--config", "tiny", *argv])
+    assert e.value.code == 2 and f"mixcon info: error: {message}" in capsys.readouterr().err
