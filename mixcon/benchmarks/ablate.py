@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from mixcon.benchmarks import bytes_lm, common
-from mixcon.cli.common import parse_overrides
+from mixcon.cli.common import number_type, parse_overrides
 from mixcon.config import MixConConfig
 
 CONBA_MECHANISMS = {  # variant name -> (the field, its value with the mechanism off)
@@ -183,7 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", dest="variants", action="append", default=[], metavar="SPEC",
                    help="a variant to run beside the base: NAME or NAME:KEY=VALUE[,...] (repeatable; "
                         "default: every built-in)")
-    p.add_argument("--seeds", type=common.int_type(many=True), default="0,1,2",
+    p.add_argument("--seeds", type=number_type(int, many=True), default="0,1,2",
                    help="seeds, each a run of every variant (default: %(default)s)")
     bytes_lm.add_arguments(p, window="bytes per window")
     common.add_resume_argument(p, "ablate")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mixcon.benchmarks import common
+from mixcon.cli.common import number_type
 from mixcon.config import MixConConfig
 from mixcon.data.corpus import Corpus
 from mixcon.data.shards import encode_documents
@@ -39,10 +40,10 @@ def add_arguments(p: argparse.ArgumentParser, window: str) -> None:
     """--corpus, --max-bytes, --real-len (`window` says what it counts), --eval-windows and the training
     arguments (`common.add_training_arguments`)."""
     p.add_argument("--corpus", default=None, help="corpus spec, as for `mixcon train` (default: stdlib sources)")
-    p.add_argument("--max-bytes", type=common.int_type(1), default=2_000_000,
+    p.add_argument("--max-bytes", type=number_type(int, 1), default=2_000_000,
                    help="bytes of the corpus to use (default: %(default)s)")
-    p.add_argument("--real-len", type=common.int_type(2), default=64, help=f"{window} (default: %(default)s)")
-    p.add_argument("--eval-windows", type=common.int_type(1), default=256,
+    p.add_argument("--real-len", type=number_type(int, 2), default=64, help=f"{window} (default: %(default)s)")
+    p.add_argument("--eval-windows", type=number_type(int, 1), default=256,
                    help="held-out windows from the end of the corpus (default: %(default)s)")
     common.add_training_arguments(p, steps=600, batch_size=16, unit="windows")
 

@@ -8,7 +8,6 @@ import ctypes
 import gc
 import importlib.util
 import json
-import math
 import platform
 import statistics
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mixcon.cli.common import add_device_argument, add_dtype_argument
+from mixcon.cli.common import add_device_argument, add_dtype_argument, number_type
 from mixcon.config import MixConConfig
 from mixcon.io import write_text_atomic
 from mixcon.models.mixcon import MixConForCausalLM
@@ -62,10 +61,12 @@ DEFAULT_OUT = Path("docs/bench")  # where the benchmarks that keep their results
 def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size: int, unit: str) -> None:
     """--steps, --batch-size (of `unit`), --lr, --device, --out: the probes that train models briefly
     (`train_briefly`)."""
-    p.add_argument("--steps", type=int_type(1), default=steps, help="training steps per model (default: %(default)s)")
-    p.add_argument("--batch-size", type=int_type(1), default=batch_size,
+    p.add_argument("--steps", type=number_type(int, 1), default=steps,
+                   help="training steps per model (default: %(default)s)")
+    p.add_argument("--batch-size", type=number_type(int, 1), default=batch_size,
                    help=f"{unit} per step (default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=number_type(float, 0, above=True), default=3e-3,
+                   help="peak learning rate (default: %(default)s)")
     add_device_argument(p, "cuda" if torch.cuda.is_available() else "cpu")
     add_out_argument(p)
 
@@ -155,34 +156,6 @@ def peak_memory(fn: Callable[[], Any], device: str) -> int | None:
 def triton_default(device: str) -> bool:
     """Whether the benchmarks time the Triton kernel unless told: on CUDA, with triton installed."""
     return device.startswith("cuda") and importlib.util.find_spec("triton") is not None
-
-
-def int_type(low: int | None = None, *, many: bool = False) -> Callable[[str], Any]:
-    """argparse type of an integer flag (`many`: comma-separated integers, a list), each >= `low` when given;
-    otherwise a usage error naming the flag and what it allows."""
-    allowed = ("comma-separated integers" if many else "an integer") + ("" if low is None else f" >= {low}")
-
-    def parse(text: str) -> int | list[int]:
-        try:
-            values = [int(v) for v in text.split(",")] if many else [int(text)]
-        except ValueError:
-            values = []
-        if not values or (low is not None and min(values) < low):
-            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
-        return values if many else values[0]
-
-    return parse
-
-
-def positive_float(text: str) -> float:
-    """argparse type of a finite number > 0 (else a usage error naming the flag)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def plot_file(text: str) -> Path:

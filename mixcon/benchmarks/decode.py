@@ -29,7 +29,6 @@ from mixcon.benchmarks.common import (
     add_device_arguments,
     add_out_argument,
     copy_bandwidth_gbs,
-    int_type,
     new_figure,
     print_table,
     save_figure,
@@ -39,6 +38,7 @@ from mixcon.benchmarks.common import (
     twins,
     write_results,
 )
+from mixcon.cli.common import number_type
 from mixcon.config import MixConConfig
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
@@ -175,14 +175,14 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--contexts", type=int_type(1, many=True), default="1024,4096,16384,32768",
+    p.add_argument("--contexts", type=number_type(int, 1, many=True), default="1024,4096,16384,32768",
                    help="prompt lengths (default: %(default)s)")
-    p.add_argument("--hf-max-context", type=int_type(0), default=4096,
+    p.add_argument("--hf-max-context", type=number_type(int, 0), default=4096,
                    help="longest prompt for the transformers models (their CPU prefill is slow; 0: none; "
                         "default: %(default)s)")
-    p.add_argument("--new-tokens", type=int_type(1), default=32,
+    p.add_argument("--new-tokens", type=number_type(int, 1), default=32,
                    help="decoded tokens per measurement (default: %(default)s)")
-    p.add_argument("--repeats", type=int_type(1), default=2, help="generations per model and context (default: "
+    p.add_argument("--repeats", type=number_type(int, 1), default=2, help="generations per model and context (default: "
                    "%(default)s)")
     add_out_argument(p)
     p.add_argument("--compile", action="store_true",

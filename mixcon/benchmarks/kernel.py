@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mixcon.benchmarks import common
+from mixcon.cli.common import number_type
 from mixcon.ops._validate import triton_chunk_ok
 from mixcon.ops.dtypes import DTYPES
 
@@ -91,14 +92,14 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", type=common.int_type(1, many=True), default="80,90",
+    p.add_argument("--arch", type=number_type(int, 1, many=True), default="80,90",
                    help="compute capabilities, e.g. 80 (A100), 90 (H100) (default: %(default)s)")
     p.add_argument("--dtypes", default="bf16,fp32", help=f"of x, k, q; of {sorted(DTYPES)} (default: %(default)s)")
-    p.add_argument("--blocks", type=common.int_type(1, many=True), default="32,64",
+    p.add_argument("--blocks", type=number_type(int, 1, many=True), default="32,64",
                    help="steps per chunk of the kernel (default: %(default)s)")
-    p.add_argument("--head-dim", type=common.int_type(1), default=64, help="P (default: %(default)s)")
-    p.add_argument("--state", type=common.int_type(1), default=64, help="N (default: %(default)s)")
-    p.add_argument("--tau", type=common.int_type(0), default=2, help="readout delay (default: %(default)s)")
+    p.add_argument("--head-dim", type=number_type(int, 1), default=64, help="P (default: %(default)s)")
+    p.add_argument("--state", type=number_type(int, 1), default=64, help="N (default: %(default)s)")
+    p.add_argument("--tau", type=number_type(int, 0), default=2, help="readout delay (default: %(default)s)")
     p.add_argument("--fp32-precision", choices=["highest", "high"], default=None,
                    help="torch.set_float32_matmul_precision first (high: fp32 inputs multiplied in TF32)")
     common.add_out_argument(p, default=None)

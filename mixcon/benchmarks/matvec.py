@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mixcon.benchmarks import common
+from mixcon.cli.common import number_type
 from mixcon.ops.linear import FEW_ROWS, linear
 
 # (N, K) of the products in one `small` decoding step: Conba in/out, MLP gate-up/down, attention qkv/out.
@@ -81,11 +82,11 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rows", type=common.int_type(1, many=True), default="1,2,4,8,16,32",
+    p.add_argument("--rows", type=number_type(int, 1, many=True), default="1,2,4,8,16,32",
                    help="rows per product (default: %(default)s)")
-    p.add_argument("--megabytes", type=common.int_type(1), default=70,
+    p.add_argument("--megabytes", type=number_type(int, 1), default=70,
                    help="total weight size (default: %(default)s)")
-    p.add_argument("--repeats", type=common.int_type(1), default=20,
+    p.add_argument("--repeats", type=number_type(int, 1), default=20,
                    help="timed calls after two warm-ups (median; default: %(default)s)")
     common.add_out_argument(p)
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from mixcon.benchmarks import common
+from mixcon.cli.common import number_type
 from mixcon.config import MixConConfig
 from mixcon.data.synthetic import RecallTask
 from mixcon.evaluation.recall import recall_accuracy
@@ -89,12 +90,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pairs", type=common.int_type(1, many=True), default="2,4,8,16",
+    p.add_argument("--pairs", type=number_type(int, 1, many=True), default="2,4,8,16",
                    help="pair counts, trained on and scored at (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=64,
                    help="task vocabulary: filler, keys, values (default: %(default)s)")
-    p.add_argument("--sequences", type=common.int_type(1), default=512,
+    p.add_argument("--sequences", type=number_type(int, 1), default=512,
                    help="held-out sequences per pair count (default: %(default)s)")
     common.add_training_arguments(p, steps=3000, batch_size=32, unit="sequences")
     common.add_twin_arguments(p)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from mixcon.benchmarks import common
 from mixcon.benchmarks.speed import scan_flops
+from mixcon.cli.common import number_type
 from mixcon.ops import conba_scan
 from mixcon.ops._validate import triton_chunk_ok
 from mixcon.ops.dtypes import DTYPES
@@ -129,7 +130,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    positive, positive_list = common.int_type(1), common.int_type(1, many=True)
+    positive, positive_list = number_type(int, 1), number_type(int, 1, many=True)
     p.add_argument("--lengths", type=positive_list, default="2048,8192", help="sequence lengths (default: %(default)s)")
     p.add_argument("--batches", type=positive_list, default="1,4", help="batch sizes (default: %(default)s)")
     p.add_argument("--heads", type=positive, default=16, help="H (default: %(default)s)")

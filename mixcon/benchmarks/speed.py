@@ -24,7 +24,6 @@ from mixcon.benchmarks.common import (
     SavedBytes,
     add_device_arguments,
     add_out_argument,
-    int_type,
     matmul_peak_gflops,
     median_seconds,
     new_figure,
@@ -35,6 +34,7 @@ from mixcon.benchmarks.common import (
     triton_default,
     write_results,
 )
+from mixcon.cli.common import number_type
 from mixcon.config import MixConConfig
 from mixcon.layers.conba import Conba
 from mixcon.models.mixcon import MixConForCausalLM
@@ -250,12 +250,13 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", type=int_type(1, many=True), default="512,2048,8192",
+    p.add_argument("--lengths", type=number_type(int, 1, many=True), default="512,2048,8192",
                    help="sequence lengths (default: %(default)s)")
-    p.add_argument("--batches", type=int_type(1, many=True), default="1,4", help="batch sizes (default: %(default)s)")
-    p.add_argument("--repeats", type=int_type(1), default=3,
+    p.add_argument("--batches", type=number_type(int, 1, many=True), default="1,4",
+                   help="batch sizes (default: %(default)s)")
+    p.add_argument("--repeats", type=number_type(int, 1), default=3,
                    help="timed repetitions after one warm-up (median; default: %(default)s)")
-    p.add_argument("--reference-max-T", type=int_type(0), default=512,
+    p.add_argument("--reference-max-T", type=number_type(int, 0), default=512,
                    help="longest T for the sequential reference loop (it is slow; default: %(default)s)")
     add_out_argument(p)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd Conba variants and train step")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
+import reprlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,47 @@ def device_type(text: str) -> str:
     return text
 
 
+def number_type(kind: type[int] | type[float], minimum: float | None = None, *, above: bool = False,
+                maximum: float | None = None, many: bool = False, hint: str = "") -> Callable[[str], Any]:
+    """argparse type: a `kind` (int, or a finite float) >= `minimum` (> when `above`) and <= `maximum`, each when
+    given (`many`: comma-separated, a list); else a usage error that names the flag and the allowed values (then
+    `hint`), before any work."""
+    bounds = ("" if minimum is None else f" {'>' if above else '>='} {minimum}" if maximum is None
+              else f" in {'(' if above else '['}{minimum}, {maximum}]")
+    noun = {(int, False): "an integer", (int, True): "integers", (float, False): "a finite number",
+            (float, True): "finite numbers"}[kind, many]
+    allowed = ("comma-separated " if many else "") + noun + bounds
+
+    def fits(value: float) -> bool:
+        return (math.isfinite(value) and (minimum is None or (value > minimum if above else value >= minimum))
+                and (maximum is None or value <= maximum))
+
+    def parse(text: str) -> Any:
+        try:
+            values = [kind(v) for v in (text.split(",") if many else [text])]
+        except ValueError:
+            values = []
+        if not values or not all(fits(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}{hint}")
+        return values if many else values[0]
+
+    return parse
+
+
+def output_file(text: str) -> Path:
+    """argparse type of a FILE to write results to: not a directory, in a directory that exists or can be made
+    (checked before any work, so that the results are not lost at the end)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; name a file to write")
+    folder = next(p for p in path.absolute().parents if p.exists())  # the nearest existing one
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {folder}")
+    return path
+
+
 def add_device_argument(parser: argparse.ArgumentParser, default: str | None, shown: str | None = None) -> None:
     """--device, checked by `device_type`; `shown` describes a None default in the help."""
     parser.add_argument("--device", type=device_type, default=default,
@@ -85,19 +130,37 @@ def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
             raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
         if key not in fields:
             raise SystemExit(f"{flag} {item!r}: unknown config field {key!r}; fields: {', '.join(sorted(fields))}")
+        if key == "extra":  # parse_value never gives a mapping
+            raise SystemExit(f"{flag} {item!r}: extra must be a mapping (free-form metadata); give it in a "
+                             "--config file")
         out[key] = parse_value(value)
     return out
 
 
+CONFIG_FILE_HOLDS = 'it must hold a mapping of config fields, e.g. {"preset": "small", "d_model": 384}'
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
-    text = path.read_text()
+    """The mapping of config fields in a JSON or YAML (.yaml, .yml) file; anything else exits naming the file."""
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as e:
-            raise SystemExit(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from e
-        return yaml.safe_load(text)
-    return json.loads(text)
+            raise SystemExit(f"--config {str(path)!r}: reading YAML needs PyYAML (pip install pyyaml)") from e
+        kind, parse, errors = "YAML", yaml.safe_load, yaml.YAMLError
+    else:
+        kind, parse, errors = "JSON", json.loads, ValueError
+    try:
+        text = path.read_text()
+        data = parse(text) if text.strip() else None
+    except (UnicodeDecodeError, errors) as e:
+        mark = getattr(e, "problem_mark", None)  # where YAML found it (its message spans lines)
+        reason = f"{e.problem}, line {mark.line + 1} column {mark.column + 1}" if mark else str(e)
+        raise SystemExit(f"--config {str(path)!r}: not valid {kind} ({reason}); {CONFIG_FILE_HOLDS}") from e
+    if not isinstance(data, dict):
+        what = "nothing" if data is None else reprlib.repr(data)
+        raise SystemExit(f"--config {str(path)!r}: holds {what}; {CONFIG_FILE_HOLDS}")
+    return data
 
 
 def config_from_args(args: argparse.Namespace) -> MixConConfig:

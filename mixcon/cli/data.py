@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixcon.cli.common import add_command, add_corpus_action
+from mixcon.cli.common import add_command, add_corpus_action, number_type
 from mixcon.data.corpus import Corpus
 from mixcon.data.shards import prepare_shards
 from mixcon.data.tokenizer import load_tokenizer
@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--val-fraction", type=float, default=0.01,
                    help="fraction of documents for validation, in [0, 1) (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: %(default)s)")
-    d.add_argument("--workers", type=int, default=None, help="tokenising processes (default: one per CPU)")
+    d.add_argument("--workers", type=number_type(int, 1), default=None,
+                   help="tokenising processes (default: one per CPU)")
     d.add_argument("--max-bytes", type=int, default=None, help="read only this much text, e.g. 5_000_000")
     d.set_defaults(func=run_prepare)
 

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixcon.cli.common import add_command, add_corpus_action, add_device_argument, add_dtype_argument
+from mixcon.cli.common import (
+    add_command,
+    add_corpus_action,
+    add_device_argument,
+    add_dtype_argument,
+    number_type,
+    output_file,
+)
 from mixcon.data.corpus import Corpus
 from mixcon.evaluation import MODES, evaluate_texts
 from mixcon.ops.dtypes import DTYPES
@@ -37,22 +44,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default="window", help="see above (default: %(default)s)")
     p.add_argument("--context", type=int, default=1024, help="window or chunk length in tokens (default: %(default)s)")
     p.add_argument("--stride", type=int, default=None, help="tokens between windows (default: --context)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to FILE")
+    p.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the results to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_perplexity)
     t = actions.add_parser("tasks", help="scores on lm-eval harness tasks", description=TASKS_DESCRIPTION)
     _add_model_arguments(t)
     t.add_argument("--tasks", required=True, help="comma-separated task names, e.g. hellaswag,arc_easy")
     t.add_argument("--include-path", default=None, metavar="DIR", help="folder of extra task YAML files")
-    t.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
-    t.add_argument("--limit", type=float, default=None,
-                   help="documents per task (a fraction when < 1; default: all)")
+    t.add_argument("--num-fewshot", type=number_type(int, 0), default=None,
+                   help="few-shot examples (default: each task's own)")
+    t.add_argument("--limit", type=number_type(float, 0, above=True, hint=" (a fraction of each task's documents "
+                                                                        "when < 1, else a number of them)"),
+                   default=None, help="documents per task (a fraction when < 1; default: all)")
     t.add_argument("--max-length", type=int, default=None,
                    help="keep only the last N tokens of each input (default: no truncation)")
     t.add_argument("--context", type=int, default=1024,
                    help="chunk length when streaming whole documents (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling and generation (default: 0)")
-    t.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results to FILE")
+    t.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the results to FILE")
     t.set_defaults(func=run_tasks)
 
 
@@ -67,13 +76,15 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_perplexity(args: argparse.Namespace) -> int:
     try:
+        corpus = Corpus.from_spec(args.corpus)
+        texts = list(corpus.documents(args.max_bytes))  # read before the model is loaded: an empty one is refused
+        if not texts:
+            raise ValueError(f"--corpus: no text to score in {corpus.describe()}")
         model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer, DTYPES[args.dtype])
         if args.compile:
             model.compile_prefill()
-        corpus = Corpus.from_spec(args.corpus)
-        score = evaluate_texts(model, tok, corpus.documents(args.max_bytes), context=args.context,
-                               stride=args.stride, mode=args.mode, batch_size=args.batch_size,
-                               progress=not args.no_progress)
+        score = evaluate_texts(model, tok, texts, context=args.context, stride=args.stride, mode=args.mode,
+                               batch_size=args.batch_size, progress=not args.no_progress)
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"mixcon eval perplexity: {e}") from e
     result = {"checkpoint": str(args.checkpoint), "corpus": corpus.describe(), "mode": args.mode,

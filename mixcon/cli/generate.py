@@ -8,7 +8,7 @@ from typing import TextIO
 
 import torch
 
-from mixcon.cli.common import add_device_argument, add_dtype_argument
+from mixcon.cli.common import add_device_argument, add_dtype_argument, number_type
 from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
@@ -66,11 +66,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "save_pretrained directory) and print a continuation of --prompt token by token.")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory, checkpoint or model directory")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=number_type(int, 0), default=200,
+                   help="tokens to generate (default: %(default)s)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--temperature", type=number_type(float, 0, above=True, hint="; --greedy for argmax decoding"),
+                   default=0.8, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--top-k", type=number_type(int, 1), default=50,
+                   help="sample from the k most likely tokens (default: %(default)s)")
+    p.add_argument("--top-p", type=number_type(float, 0, above=True, maximum=1), default=0.95,
+                   help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
     add_device_argument(p, "cpu")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from mixcon.benchmarks.common import int_type, new_figure, plot_file, positive_float, print_table, save_figure
-from mixcon.cli.common import add_config_args, config_from_args
+from mixcon.benchmarks.common import new_figure, plot_file, print_table, save_figure
+from mixcon.cli.common import add_config_args, config_from_args, number_type
 from mixcon.generation.cache import cache_nbytes
 from mixcon.generation.footprint import THIS_MODEL, Footprint, comparison_configs, footprint
 from mixcon.models.mixcon import MixConForCausalLM, read_config
@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(config=None)  # None: DEFAULT_CONFIG, or the checkpoint's
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="a run directory, checkpoint, save_pretrained or export directory instead of --config")
-    p.add_argument("--context", type=int_type(1, many=True), default="1024,4096,16384,32768,262144",
+    p.add_argument("--context", type=number_type(int, 1, many=True), default="1024,4096,16384,32768,262144",
                    help="comma-separated context lengths for the cache table (default: %(default)s)")
-    p.add_argument("--batch-size", type=int_type(1), default=1, help="sequences decoded at once (default: "
+    p.add_argument("--batch-size", type=number_type(int, 1), default=1, help="sequences decoded at once (default: "
                    "%(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="dtype of K/V and conv tails (Conba states are fp32; default: %(default)s)")
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "that fits in --memory-gib (the MixCon paper's Table 1 and 80 GB figure)")
     p.add_argument("--weight-bits", type=int, choices=[32, 16, 8, 4], default=16,
                    help="bits per weight for --compare (8 or 4: quantised; default: %(default)s)")
-    p.add_argument("--memory-gib", type=positive_float, default=80.0,
+    p.add_argument("--memory-gib", type=number_type(float, 0, above=True), default=80.0,
                    help="device memory for --compare's longest context (default: %(default)s)")
     p.add_argument("--plot", type=plot_file, default=None, metavar="FILE",
                    help="with --compare, also draw cache memory vs context and the longest contexts to FILE "

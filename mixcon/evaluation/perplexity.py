@@ -41,17 +41,17 @@ class TextScore:
 
     @property
     def loss(self) -> float:
-        """Mean negative log-likelihood per token (nats)."""
-        return self.nll / max(self.tokens, 1)
+        """Mean negative log-likelihood per token (nats); nan over no tokens."""
+        return self.nll / self.tokens if self.tokens else math.nan
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 700.0))
+        return math.exp(min(self.loss, 700.0)) if self.tokens else math.nan
 
     @property
     def bits_per_byte(self) -> float:
-        """Tokenizer-independent: the same text costs the same bits whatever its tokenization."""
-        return self.nll / math.log(2) / max(self.bytes, 1)
+        """Tokenizer-independent: the same text costs the same bits whatever its tokenization; nan over no bytes."""
+        return self.nll / math.log(2) / self.bytes if self.bytes else math.nan
 
     def as_dict(self) -> dict[str, float | int]:
         return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
@@ -173,8 +173,11 @@ def document_nll(model: MixConForCausalLM, docs: Sequence[list[int]], *, pad_id:
 def evaluate_texts(model: MixConForCausalLM, tokenizer: AnyTokenizer, texts: Iterable[str], *,
                    context: int = 1024, stride: int | None = None, mode: str = "window", batch_size: int = 8,
                    progress: bool = False) -> TextScore:
-    """Score every non-empty text as one document (an EOS token, then its tokens) with `document_nll`."""
+    """Score every non-empty text as one document (an EOS token, then its tokens) with `document_nll`; there must
+    be one at least."""
     texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("evaluate_texts: no text to score (no texts, or only empty ones)")
     docs = [[tokenizer.eos_id, *tokenizer.encode(t)] for t in texts]
     start = time.perf_counter()
     nll = document_nll(model, docs, pad_id=tokenizer.pad_id, context=context, stride=stride, mode=mode,

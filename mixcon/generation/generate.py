@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,10 @@ import torch
 
 if TYPE_CHECKING:
     from mixcon.models.mixcon import MixConForCausalLM
+
+# Cache room made up front for new tokens (one allocation, one shape for a compiled decoding step); a longer
+# generation grows the cache as it goes (`MixConCache.reserve` doubles it), so no absurd size is allocated.
+PREALLOCATED_NEW_TOKENS = 4096
 
 
 def sample_next(
@@ -67,26 +72,38 @@ def generate(
     produced `eos_token_id` are continued with `pad_token_id` (default: the EOS id). `streamer` is
     called with each step's new tokens (B,).
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 when sampling (use do_sample=False for greedy)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if do_sample and not 0 < temperature < math.inf:  # nan fails too
+        raise ValueError(f"temperature={temperature} must be a finite number > 0 when sampling (use do_sample=False "
+                         "for greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:  # nan fails too
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if input_ids.dim() == 1:
+    if input_ids.dim() == 1:  # one prompt (and its mask)
         input_ids = input_ids[None]
+        if attention_mask is not None and attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be (T,) or (B, T) with B, T >= 1, got {tuple(input_ids.shape)}")
     if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
         _check_left_padded(attention_mask)
     if generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
     fill = pad_token_id if pad_token_id is not None else eos_token_id
+    V = model.config.vocab_size
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < V):
+            raise ValueError(f"{name}={value!r} must be None or an integer in [0, vocab_size={V})")
     with model.evaluating():
         B, T = input_ids.shape
-        cache = model.new_cache(B, max_length=T + max_new_tokens)
+        cache = model.new_cache(B, max_length=T + min(max_new_tokens, PREALLOCATED_NEW_TOKENS))
         logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens: list[torch.Tensor] = []

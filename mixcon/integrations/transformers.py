@@ -35,7 +35,12 @@ from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.layers.linear import Linear
 from mixcon.models.mixcon import HF_MODEL_TYPE, IGNORE, MixConForCausalLM
-from mixcon.training.checkpoint import load_model_and_tokenizer, model_directory, publish_directory
+from mixcon.training.checkpoint import (
+    latest_checkpoint,
+    load_model_and_tokenizer,
+    model_directory,
+    publish_directory,
+)
 from mixcon.training.distributed import checkpoint_layers
 
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -283,11 +288,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     `AutoModelForCausalLM` and `AutoTokenizer.from_pretrained(out)` load it once this module is imported, or
     wherever mixcon is installed with `trust_remote_code=True` (given to both); this library's loaders load it
     too. Weights over `max_shard_size` are sharded as transformers shards them. Written beside `out`,
-    then renamed into place."""
+    then renamed into place; an `out` that is a file, or the source's directory, inside it or holding it, is
+    refused before anything is read."""
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not an empty directory; pass overwrite=True (--overwrite) "
-                              "to replace it")
+    _check_export_directory(out, Path(checkpoint), overwrite)
     model, tok = load_model_and_tokenizer(checkpoint, tokenizer=tokenizer, dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
@@ -305,6 +309,22 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind; `out` is as it was
         raise
     return out
+
+
+def _check_export_directory(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuse an `out` that is not a directory, a non-empty one without `overwrite`, or one that is, is inside
+    or holds the `checkpoint` given or the checkpoint it reads (a run's latest): replacing it would lose it."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out={str(out)!r} (--out) exists and is not a directory; name a directory to write")
+    target = out.resolve()
+    for source in [p.resolve() for p in (latest_checkpoint(checkpoint), checkpoint) if p is not None]:
+        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+            where = "is" if target == source else "is inside" if target.is_relative_to(source) else "holds"
+            raise ValueError(f"out={str(out)!r} (--out) {where} {source}, which the export reads: writing there "
+                             "would replace it; name a directory outside it")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not an empty directory; pass overwrite=True (--overwrite) "
+                              "to replace it")
 
 
 AutoConfig.register(MixConHFConfig.model_type, MixConHFConfig, exist_ok=True)

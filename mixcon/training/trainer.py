@@ -113,8 +113,7 @@ class TrainOptions:
             need(name, value is None or (integer(value) and value >= 1), f"an integer >= 1 (or {what})")
         need("time_budget", self.time_budget is None or (number(self.time_budget) and self.time_budget > 0),
              "> 0 seconds (or None)")
-        need("lr", number(self.lr) and self.lr > 0, "a finite number > 0")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("lr", "weight_decay", "grad_clip"):
             need(name, number(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
         need("min_lr_ratio", number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
         for name in ("beta1", "beta2"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixcon.cli import main
-from mixcon.cli.common import device_type
+from mixcon.cli.common import config_from_args, device_type
 
 
 def test_device_type_takes_the_devices_this_machine_has(monkeypatch):
@@ -38,3 +38,31 @@ def test_every_device_flag_rejects_a_device_the_machine_lacks(argv, monkeypatch,
         main([*argv, "--device", "cuda"])
     assert exit_info.value.code == 2  # a usage error, before any work
     assert "argument --device: 'cuda': this machine has no cuda device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "text", "problem"), [
+    ("c.json", "[1, 2]", r"holds \[1, 2\]"),
+    ("c.json", "5", "holds 5"),
+    ("c.json", "", "holds nothing"),
+    ("c.json", "{bad", r"not valid JSON \(Expecting property name enclosed in double quotes: line 1 column 2 "
+                       r"\(char 1\)\)"),
+    ("c.yaml", "", "holds nothing"),
+    ("c.yaml", "# only a comment\n", "holds nothing"),
+    ("c.yml", "- 1\n- 2\n", r"holds \[1, 2\]"),
+    ("c.yaml", "a: [1\nb: 2\n", r"not valid YAML \(expected ',' or '\]', but got ':', line 2 column 2\)"),
+])
+def test_a_config_file_must_hold_a_mapping(tmp_path, name, text, problem):
+    pytest.importorskip("yaml")
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=rf"^--config '{path}': {problem}; it must hold a mapping of config fields, "):
+        config_from_args(argparse.Namespace(config=str(path), overrides=[]))
+
+
+def test_a_config_file_gives_the_fields_and_set_overrides_them(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"preset": "tiny", "d_model": 64, "extra": {"note": "x"}}')
+    config = config_from_args(argparse.Namespace(config=str(path), overrides=["n_heads=8"]))
+    assert (config.d_model, config.n_heads, config.extra) == (64, 8, {"note": "x"})
+    with pytest.raises(SystemExit, match=r"--set 'extra=5': extra must be a mapping"):
+        config_from_args(argparse.Namespace(config="tiny", overrides=["extra=5"]))

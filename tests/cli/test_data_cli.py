@@ -61,3 +61,11 @@ def test_errors_exit_with_the_message(argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert message in str(exit_info.value)
+
+
+@pytest.mark.parametrize("workers", ["-2", "0", "two"])
+def test_workers_must_be_a_positive_integer(workers, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "prepare", "--out", "x", "--workers", workers])
+    assert exit_info.value.code == 2
+    assert f"argument --workers: expected an integer >= 1, got '{workers}'" in capsys.readouterr().err

@@ -78,6 +78,35 @@ def test_bad_arguments_exit_with_the_reason(saved, extra, message):
               "--no-progress", *extra])
 
 
+def test_a_corpus_with_no_text_is_an_error_naming_it(saved, tmp_path, capsys):
+    model_dir, _ = saved
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "skipped.jsonl").write_text('{"text": ""}\nnot json\n')
+    for corpus, named in [("empty.txt", r"text .*empty.txt \(1 file\)"),
+                          ("skipped.jsonl", r"JSON Lines .*skipped.jsonl .*; skipped 1 \(.*jsonl:2: not JSON\)")]:
+        with pytest.raises(SystemExit, match=f"mixcon eval perplexity: --corpus: no text to score in {named}"):
+            main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes",
+                  "--corpus", str(tmp_path / corpus), "--no-progress"])
+    assert "perplexity" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("action", "extra", "message"), [
+    *[(action, ["--json", "{tmp}"], "argument --json: '{tmp}' is a directory; name a file to write")
+      for action in ("perplexity", "tasks")],
+    ("perplexity", ["--json", "{tmp}/a.txt/out.json"], "argument --json: '{tmp}/a.txt/out.json': {tmp}/a.txt is not"),
+    ("tasks", ["--limit", "-1"], "argument --limit: expected a finite number > 0, got '-1' (a fraction of each task's"),
+    ("tasks", ["--limit", "0"], "argument --limit: expected a finite number > 0, got '0'"),
+    ("tasks", ["--limit", "nan"], "argument --limit: expected a finite number > 0, got 'nan'"),
+    ("tasks", ["--num-fewshot", "-1"], "argument --num-fewshot: expected an integer >= 0, got '-1'"),
+])
+def test_bad_options_are_usage_errors_before_any_work(tmp_path, capsys, action, extra, message):
+    (tmp_path / "a.txt").write_text("")
+    argv = ["eval", action, "--checkpoint", str(tmp_path / "nothing"), *[x.format(tmp=tmp_path) for x in extra]]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--tasks", "t"] if action == "tasks" else argv)
+    assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path, saved):
     _, corpus = saved
     with pytest.raises(SystemExit, match=r"mixcon eval perplexity: .*nothing"):

@@ -61,6 +61,20 @@ def test_errors_exit_with_the_reason(model_dir, tmp_path):
         main(["export", "hf", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")])
 
 
+def test_an_out_that_is_the_source_or_a_file_is_refused(model_dir, tmp_path):
+    weights = (model_dir / "model.safetensors").read_bytes()
+    for out in (model_dir, model_dir / "tokenizer"):
+        with pytest.raises(SystemExit, match=r"mixcon export hf: out=.* \(--out\) is.* which the export reads"):
+            main(["export", "hf", "--checkpoint", str(model_dir), "--out", str(out), "--overwrite"])
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+    (tmp_path / "somefile.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"mixcon export hf: out=.*somefile.txt' \(--out\) exists and is not a "
+                                         "directory; name a directory"):
+        main(["export", "hf", "--checkpoint", str(model_dir), "--out", str(tmp_path / "somefile.txt"), "--overwrite"])
+    assert (tmp_path / "somefile.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_training_starts_from_an_export(model_dir, tmp_path):
     """A model that went out to transformers comes back as the start of a new run (learning rate 0: unchanged)."""
     out = tmp_path / "hf"

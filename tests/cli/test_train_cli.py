@@ -103,7 +103,7 @@ def test_overwrite_removes_the_old_run_only_once_the_new_one_is_ready(corpus, tm
             "--out", str(run)]
     assert main(args) == 0
     for bad, message in ((["--set", "bogus=1"], "bogus"), (["--corpus", str(tmp_path / "missing")], "no such file"),
-                         (["--lr", "-1"], r"--lr=-1\.0 must be a finite number > 0")):
+                         (["--lr", "-1"], r"--lr=-1\.0 must be a finite number >= 0")):
         with pytest.raises(SystemExit, match=message):
             main([*args, "--overwrite", *bad])
         assert (run / "checkpoints" / "step-00000001").is_dir(), bad

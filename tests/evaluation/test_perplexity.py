@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mixcon.data.tokenizer import ByteTokenizer
-from mixcon.evaluation import document_nll, evaluate_texts, window_spans
+from mixcon.evaluation import TextScore, document_nll, evaluate_texts, window_spans
 
 LAYOUTS = {"mixcon": {}, "conba": dict(attn_per_block=0), "transformer": dict(attn_per_block=4)}
 
@@ -123,6 +123,15 @@ def test_bad_arguments_name_the_field(tiny_model):
         document_nll(model, docs, pad_id=0, mode="stream", stride=4)
     with pytest.raises(ValueError, match="at least one token to score"):
         document_nll(model, [[3]], pad_id=0)
+
+
+def test_nothing_to_score_is_an_error_not_a_perfect_score(tiny_model):
+    model = tiny_model(vocab_size=ByteTokenizer.vocab_size)
+    for texts in ([], ["", ""]):
+        with pytest.raises(ValueError, match=r"evaluate_texts: no text to score"):
+            evaluate_texts(model, ByteTokenizer(), texts)
+    empty = TextScore(nll=0.0, tokens=0, bytes=0, documents=0, seconds=0.0)
+    assert all(math.isnan(x) for x in (empty.loss, empty.perplexity, empty.bits_per_byte))
 
 
 def test_real_text_window_and_stream_agree_when_the_window_holds_everything(tiny_model, shakespeare_path):

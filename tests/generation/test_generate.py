@@ -80,12 +80,55 @@ def test_eos_stops_and_pads(tiny_model):
 def test_generate_validates_arguments(tiny_model):
     model = tiny_model(dtype=torch.float32)
     prompt = torch.randint(0, 300, (2, 4))
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(prompt, 3, do_sample=True, temperature=0)
+    for bad in (0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"temperature=.* must be a finite number > 0 when sampling"):
+            model.generate(prompt, 3, do_sample=True, temperature=bad)
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(prompt, 3, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
-    with pytest.raises(ValueError, match="top_p"):
-        model.generate(prompt, 3, do_sample=True, top_p=1.5)
+    for bad in (1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"top_p=.* must be in \(0, 1\]"):
+            model.generate(prompt, 3, do_sample=True, top_p=bad)
+    for bad in (2.0, -1, True):
+        with pytest.raises(ValueError, match=rf"max_new_tokens={bad!r} must be an integer >= 0"):
+            model.generate(prompt, bad)
+    with pytest.raises(ValueError, match=r"input_ids must be \(T,\) or \(B, T\) with B, T >= 1, got \(0, 4\)"):
+        model.generate(prompt[:0], 3)
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(2, 4\), got \(2, 3\)"):
+        model.generate(prompt, 3, attention_mask=torch.ones(2, 3, dtype=torch.long))
+    for name, value in (("eos_token_id", 300), ("pad_token_id", -1), ("eos_token_id", 1.0)):
+        with pytest.raises(ValueError, match=rf"{name}={value!r} must be None or an integer in \[0, vocab_size=300\)"):
+            model.generate(prompt, 3, **{name: value})
+
+
+def test_the_cache_is_not_allocated_for_a_huge_max_new_tokens_but_grows(tiny_model, monkeypatch):
+    """Room for PREALLOCATED_NEW_TOKENS new tokens is made up front; beyond it the cache grows, with the same
+    tokens as a cache made big enough at once."""
+    model = tiny_model()
+    prompt = torch.randint(3, 300, (2, 5))
+
+    class Enough(Exception):
+        pass
+
+    seen: list[torch.Tensor] = []
+
+    def stop_after_three(token: torch.Tensor) -> None:
+        seen.append(token)
+        if len(seen) == 3:
+            raise Enough
+
+    with pytest.raises(Enough):  # not an allocation of 10**15 positions
+        model.generate(prompt, 10**15, streamer=stop_after_three)
+    whole = model.generate(prompt, 12)
+    monkeypatch.setattr("mixcon.generation.generate.PREALLOCATED_NEW_TOKENS", 2)
+    assert torch.equal(model.generate(prompt, 12), whole)
+
+
+def test_one_prompt_may_come_without_a_batch_dimension(tiny_model):
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.randint(0, 300, (6,))
+    expected = model.generate(prompt[None], 4)
+    assert torch.equal(model.generate(prompt, 4), expected)
+    assert torch.equal(model.generate(prompt, 4, attention_mask=torch.ones(6, dtype=torch.long)), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -438,6 +438,24 @@ def test_a_failed_export_leaves_the_previous_one(run_dir, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_export_hf_refuses_to_write_over_what_it_reads_or_over_a_file(run_dir, tmp_path):
+    _, _, run = run_dir
+    checkpoint = run / "checkpoints" / "step-00000005"
+    (tmp_path / "alias").symlink_to(checkpoint)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    before = [p.read_bytes() for p in files]
+    for source, out, where in [(run, checkpoint, "is"), (run, tmp_path / "alias", "is"), (run, run, "holds"),
+                               (run, run / "checkpoints", "holds"), (checkpoint, run, "holds"),
+                               (checkpoint, checkpoint / "tokenizer", "is inside"), (run, run / "hf", "is inside")]:
+        with pytest.raises(ValueError, match=rf"\(--out\) {where} .*, which the export reads: writing there would"):
+            export_hf(source, out, overwrite=True)
+    (tmp_path / "somefile.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"somefile.txt' \(--out\) exists and is not a directory"):
+        export_hf(run, tmp_path / "somefile.txt", overwrite=True)
+    assert [p.read_bytes() for p in files] == before and (tmp_path / "somefile.txt").read_text() == "mine"
+    assert not (run / "hf").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_export_hf_in_bf16_and_over_an_existing_directory(run_dir, tmp_path):
     model, _, run = run_dir
     (tmp_path / "hf").mkdir()  # empty: fine
