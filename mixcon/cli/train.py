@@ -94,7 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start from the weights (and tokenizer) of a run directory, checkpoint, save_pretrained or "
                         "`mixcon export hf` directory: a new run at step 0 with a fresh optimizer; its config is the "
                         "model's, --set may change fields that keep the weights' shapes")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that has checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that has checkpoints; with "
+                   "--resume CHECKPOINT, discard the run's checkpoints after that one")
     for flag, kind, text in OPTION_FLAGS:
         default = getattr(DEFAULTS, _field(flag))
         text = text if "default:" in text or kind == "flag" else f"{text} (default: {default})"
@@ -154,6 +155,9 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
     say(ds.summary())
     loader = TrainLoader(ds, options.seq_len, options.batch_size, seed=options.seed)
     has_val = len(ds.tokens("val")) > options.seq_len
+    if not has_val and len(ds.tokens("val")):
+        say(f"no validation: the validation split's {len(ds.tokens('val')):,} tokens do not fill one sequence of "
+            f"--seq-len {options.seq_len} + 1; raise --val-fraction or lower --seq-len")
 
     def eval_data() -> Any:
         return eval_batches(ds, options.seq_len, options.batch_size, max_batches=options.eval_batches)
@@ -169,7 +173,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
         f"{options.seq_len} tokens per step, " + (f"{options.steps} steps" if options.steps else
                                                   f"as many steps as fit {options.time_budget:.0f} s"))
     try:
-        summary = trainer.fit(resume_from=resume, deadline=deadline)
+        summary = trainer.fit(resume_from=resume, deadline=deadline, discard_later=args.overwrite)
     except NonFiniteLossError as e:
         say(f"mixcon train: {e}")
         return 1

@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from mixcon.config import MixConConfig
@@ -72,13 +72,19 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory, from its name."""
+    return int(path.name[len(PREFIX):])
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Completed checkpoints of a run (those with a manifest), oldest step first."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and (p / MANIFEST).is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -180,8 +186,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no {MANIFEST}; an incomplete (interrupted) or foreign checkpoint")
     try:
         manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{manifest_file}: corrupt ({e})") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        raise CheckpointError(f"{manifest_file}: corrupt (not a manifest: a JSON object with 'step' and 'files')")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{manifest_file}: format_version {manifest.get('format_version')!r}, "
                               f"this version of mixcon reads {FORMAT_VERSION}")
@@ -233,7 +241,7 @@ def load_checkpoint(
         optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
         optimizer_state = {**optimizer_state, "state": upgrade_expert_layout(optimizer_state["state"], metadata)}
         trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # read_weights: ValueError
         raise CheckpointError(f"{path}: unreadable checkpoint file ({e})") from e
     return Checkpoint(path, int(manifest["step"]), config, model_state, optimizer_state, trainer_state, fingerprint)
 
@@ -244,7 +252,7 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     read_manifest(path)
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # EOFError: an empty file
         raise CheckpointError(f"{path / STATE_FILE}: unreadable ({e})") from e
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from mixcon.training.distributed import (
     DistEnv,
     Parallelism,
     all_reduce,
+    barrier,
     clip_grad_norm,
     full_state,
     gather_objects,
@@ -254,6 +256,22 @@ class Trainer:
             torch.manual_seed(self.options.seed + 7919 * self.step + self.env.rank)
         self.last_checkpoint, self.saved_step = c.path, self.step
 
+    def _clear_later_checkpoints(self, discard: bool) -> None:
+        """Delete (`discard`) or refuse the run directory's checkpoints after the current step: left there, they
+        would stay the run's latest and keep_last would prune the new ones first."""
+        later = [p for p in ckpt.list_checkpoints(self.run_dir) if ckpt.checkpoint_step(p) > self.step]
+        if not later:
+            return
+        if not discard:
+            names = ", ".join(p.name for p in later[:3]) + (", ..." if len(later) > 3 else "")
+            raise ValueError(f"{self.run_dir} holds checkpoints after step {self.step} ({names}) of the run this one "
+                             "would replace; discard them (discard_later=True; mixcon train --overwrite) or use "
+                             "another run directory")
+        barrier()  # every process has listed them before rank 0 deletes them
+        if self.env.is_main:
+            for path in later:
+                shutil.rmtree(path)
+
     # ------------------------------------------------------------------ steps
     def _autocast(self) -> Any:
         p = self.options.precision
@@ -329,16 +347,22 @@ class Trainer:
                 total += torch.stack([mean.double() * n, n.double()])
         self.module.train()
         loss_sum, n = all_reduce(total, "sum").tolist()
-        val_loss = loss_sum / max(n, 1)
+        if n == 0:
+            raise ValueError("the validation data scored no token (no batches, or every label ignored)")
+        val_loss = loss_sum / n
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
         if self.bytes_per_token:
             out["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
         return out
 
     # ------------------------------------------------------------------ loop
-    def fit(self, resume_from: str | Path | None = None, deadline: float | None = None) -> RunSummary:
+    def fit(self, resume_from: str | Path | None = None, deadline: float | None = None,
+            discard_later: bool = False) -> RunSummary:
         """Train until `options.steps`, the `deadline` (a `time.monotonic()` value for the whole run: the
-        final validation and checkpoint are done before it), or SIGINT/SIGTERM; save and summarise."""
+        final validation and checkpoint are done before it), or SIGINT/SIGTERM; save and summarise.
+
+        Checkpoints in the run directory after the starting step (all of them for a new run) belong to a
+        run this one replaces: an error, unless `discard_later` deletes them first."""
         if self.total_steps is None and deadline is None:
             raise ValueError("TrainOptions.steps is None: give a deadline (time budget) or a number of steps")
         start = time.monotonic()
@@ -346,6 +370,7 @@ class Trainer:
             self.resume(resume_from)
         else:
             torch.manual_seed(self.options.seed + self.env.rank)
+        self._clear_later_checkpoints(discard_later)
         metrics = (MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
                                  tensorboard=self.tensorboard) if self.env.is_main else None)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,

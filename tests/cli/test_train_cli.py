@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from mixcon import MixConForCausalLM
 from mixcon.cli import main
 from mixcon.data import load_tokenizer
-from mixcon.training.checkpoint import read_trainer_state
+from mixcon.training.checkpoint import list_checkpoints, read_trainer_state
 from mixcon.training.metrics import read_metrics
 
 
@@ -94,6 +95,14 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     assert json.loads((run / "checkpoints" / "step-00000005" / "config.json").read_text()) == config
 
+    # Back to an earlier checkpoint: the later ones are the abandoned run's, discarded only with --overwrite.
+    back = ["train", "--out", str(run), "--resume", str(run / "checkpoints" / "step-00000003"), "--steps", "4",
+            "--sample-tokens", "0", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"after step 3 \(step-00000005\) of the run this one would replace"):
+        main(back)
+    assert main([*back, "--overwrite"]) == 0
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000003", "step-00000004"]
+
 
 
 def test_overwrite_removes_the_old_run_only_once_the_new_one_is_ready(corpus, tmp_path):
@@ -110,6 +119,14 @@ def test_overwrite_removes_the_old_run_only_once_the_new_one_is_ready(corpus, tm
     (tmp_path / "file").write_text("not a run")
     with pytest.raises(SystemExit, match=r"--out .*file is a file; give a run directory"):
         main([*args, "--out", str(tmp_path / "file")])
+
+
+def test_a_validation_split_shorter_than_a_sequence_is_reported(corpus, tmp_path, capsys):
+    assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--val-fraction",
+                 "0.1", "--steps", "1", "--batch-size", "1", "--seq-len", "4096", "--sample-tokens", "0",
+                 "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert re.search(r"no validation: the validation split's [\d,]+ tokens do not fill one sequence of --seq-len "
+                     r"4096 \+ 1", capsys.readouterr().out)
 
 def test_config_file_and_corrupt_checkpoint_refused_by_generate(corpus, tmp_path):
     run, config_file = tmp_path / "run", tmp_path / "model.json"

@@ -29,7 +29,8 @@ def test_checkpoint_holds_everything_and_loads_as_a_model(trained):
     c = load_checkpoint(run, expected_config=trainer.model.config,
                         expected_tokenizer=ByteTokenizer().fingerprint())
     assert c.step == 4 and c.path == latest_checkpoint(run)
-    assert c.trainer_state["step"] == 4 and c.trainer_state["loader"] == {"seed": 0, "step": 4}
+    assert c.trainer_state["step"] == 4
+    assert c.trainer_state["loader"] == {"seed": 0, "step": 4, "data": trainer.loader.data}
     assert c.trainer_state["options"]["lr"] == 3e-3 and "torch" in c.trainer_state["rng"][0]
     assert len(c.optimizer_state["state"]) == len(list(trainer.model.parameters()))
     assert "lm_head.weight" not in c.model_state  # tied to embed.weight: stored once
@@ -142,6 +143,19 @@ def test_truncated_or_missing_files_are_refused(trained):
         load_checkpoint(path)
     assert latest_checkpoint(run).name == "step-00000002"  # without a manifest it is not a checkpoint
 
+
+
+def test_a_manifest_of_the_wrong_shape_or_an_empty_state_is_named(trained):
+    _, run = trained
+    path = latest_checkpoint(run)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    (path / ckpt.STATE_FILE).write_bytes(b"")  # the manifest still lists it: read_trainer_state reads it first
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: unreadable"):
+        ckpt.read_trainer_state(run)
+    for broken in ([1, 2], {k: v for k, v in manifest.items() if k != "files"}):
+        (path / ckpt.MANIFEST).write_text(json.dumps(broken))
+        with pytest.raises(CheckpointError, match=r"manifest\.json: corrupt \(not a manifest"):
+            load_checkpoint(path)
 
 def test_mismatched_config_or_tokenizer_is_refused(trained, make_trainer, tmp_path):
     trainer, run = trained

@@ -59,6 +59,31 @@ def test_resume_after_interrupt_equals_uninterrupted_run(make_trainer, tmp_path)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
+
+def test_resuming_an_earlier_checkpoint_discards_the_later_ones_only_when_told(make_trainer, tmp_path):
+    """Checkpoints after the starting step belong to the run being replaced: left in place they stayed the
+    run's latest, and keep_last pruned the new run's checkpoints before them."""
+    make_trainer(tmp_path, steps=6, save_every=2, keep_last=0).fit()
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step-00000002", "step-00000004", "step-00000006"]
+    earlier = tmp_path / "checkpoints" / "step-00000002"
+    with pytest.raises(ValueError, match=r"after step 2 \(step-00000004, step-00000006\) of the run this one"):
+        make_trainer(tmp_path, steps=5, save_every=2, keep_last=2).fit(resume_from=earlier)
+    with pytest.raises(ValueError, match=r"after step 0 \(step-00000002, step-00000004, step-00000006\)"):
+        make_trainer(tmp_path, steps=5).fit()  # a new run over an old one
+    assert [p.name for p in list_checkpoints(tmp_path)] == names  # nothing lost by the refusals
+    summary = make_trainer(tmp_path, steps=5, save_every=2, keep_last=2).fit(resume_from=earlier, discard_later=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
+    assert summary.checkpoint == latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-00000005"
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5]
+
+
+def test_validation_that_scores_no_token_is_an_error_not_a_perfect_score(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.eval_data = lambda: []
+    with pytest.raises(ValueError, match="the validation data scored no token"):
+        trainer.evaluate()
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(make_trainer, tmp_path):
     trainer = make_trainer(tmp_path, steps=8, save_every=2)
 
