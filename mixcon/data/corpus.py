@@ -141,7 +141,13 @@ class JsonLines(Corpus):
             fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{where}: no field {self.field!r} (found: {fields}); "
                              f"name the text field as FILE.jsonl:FIELD")
-        return _text(where, self.field, record[self.field])
+        text = _text(where, self.field, record[self.field])
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape (\ud800): JSON allows it, UTF-8 text does not
+            self._skip(where, "not UTF-8 (a lone surrogate)")
+            return None
+        return text
 
 
 class HFDataset(Corpus):

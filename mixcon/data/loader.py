@@ -29,7 +29,8 @@ def _split_tokens(ds: ShardDataset, split: str, seq_len: int, batch_size: int) -
 class TrainLoader:
     """Endless batches of `batch_size` windows at random positions of a split.
 
-    Batch i depends only on (seed, i), so `state_dict()` (seed and step) resumes the stream exactly.
+    Batch i depends only on (seed, i) and the shards, so `state_dict()` (seed, step and the shards' key)
+    resumes the stream exactly, and refuses other shards.
     """
 
     def __init__(self, ds: ShardDataset, seq_len: int, batch_size: int, seed: int = 0, split: str = "train"):
@@ -37,6 +38,7 @@ class TrainLoader:
             raise ValueError(f"seed={seed}: must be a non-negative integer")
         self.tokens = _split_tokens(ds, split, seq_len, batch_size)  # (N,)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.data = str(ds.index["key"])  # tokenizer, corpus content and split of the shards
         self.step = 0
 
     def __iter__(self) -> TrainLoader:
@@ -50,13 +52,19 @@ class TrainLoader:
         windows = torch.from_numpy(windows)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "step": self.step}
+    def state_dict(self) -> dict[str, int | str]:
+        return {"seed": self.seed, "step": self.step, "data": self.data}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a `state_dict()`: the next batch is the one that followed it."""
-        if set(state) != {"seed", "step"}:
-            raise ValueError(f"loader state has keys {sorted(state)}, expected ['seed', 'step']")
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        """Continue from a `state_dict()`: the next batch is the one that followed it (in the same shards; a
+        state saved before the key was recorded has none to check)."""
+        if set(state) not in ({"seed", "step"}, {"seed", "step", "data"}):
+            raise ValueError(f"loader state has keys {sorted(state)}, expected ['data', 'seed', 'step']")
+        if state.get("data", self.data) != self.data:
+            raise ValueError(f"the checkpoint's data position is in other shards (key {str(state['data'])[:16]}, "
+                             f"these are {self.data[:16]}): the corpus, tokenizer, validation split or max_bytes "
+                             "changed since it was saved; resuming would continue on other text (to train on new "
+                             "text, start a new run from the weights: mixcon train --init-from)")
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
 

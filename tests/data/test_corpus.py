@@ -55,11 +55,12 @@ def test_unreadable_and_non_utf8_files_are_skipped_and_counted(tmp_path, monkeyp
 def test_json_lines_with_a_named_field(tmp_path):
     path = tmp_path / "d.jsonl"
     lines = [json.dumps({"text": "first", "id": 1}).encode(), b"", b"{broken", b'{"text": "caf\xe9"}',
-             json.dumps({"text": "東京 😀\nline", "id": 2}).encode()]
+             json.dumps({"text": "東京 😀\nline", "id": 2}).encode(), b'{"text": "bad \\ud800 x"}']
     path.write_bytes(b"\n".join(lines) + b"\n")
     corpus = Corpus.from_spec(str(path))
     assert list(corpus) == ["first", "東京 😀\nline"]
-    assert [s.rsplit("/", 1)[-1] for s in corpus.skipped] == ["d.jsonl:3: not JSON", "d.jsonl:4: not UTF-8"]
+    assert [s.rsplit("/", 1)[-1] for s in corpus.skipped] == ["d.jsonl:3: not JSON", "d.jsonl:4: not UTF-8",
+                                                              "d.jsonl:6: not UTF-8 (a lone surrogate)"]
     other = tmp_path / "e.jsonl"
     other.write_text(json.dumps({"content": "x"}) + "\n")
     assert list(Corpus.from_spec(f"{other}:content")) == ["x"]

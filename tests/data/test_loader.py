@@ -68,8 +68,20 @@ def test_resume_equals_uninterrupted(ds):
     for want in expected[3:]:
         got = next(resumed)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    with pytest.raises(ValueError, match=r"loader state has keys \['step'\], expected \['seed', 'step'\]"):
+    with pytest.raises(ValueError, match=r"loader state has keys \['step'\], expected \['data', 'seed', 'step'\]"):
         resumed.load_state_dict({"step": 1})
+    resumed.load_state_dict({"seed": 7, "step": 3})  # saved before the shards' key was recorded: unchecked
+
+
+def test_a_position_in_other_shards_is_refused(ds, tmp_path):
+    """Resuming on shards built from another corpus (or tokenizer, or split) would continue on other text."""
+    (tmp_path / "a.txt").write_text("another corpus " * 200)
+    (tmp_path / "b.txt").write_text("and its second document " * 100)
+    other = prepare_shards(Corpus.from_spec(str(tmp_path)), ByteTokenizer(), tmp_path / "shards", val_fraction=0.5,
+                           progress=False)
+    state = TrainLoader(ds, seq_len=16, batch_size=4).state_dict()
+    with pytest.raises(ValueError, match="the checkpoint's data position is in other shards"):
+        TrainLoader(other, seq_len=16, batch_size=4).load_state_dict(state)
 
 
 def test_eval_batches_walk_the_split_in_order(ds):
