@@ -41,7 +41,8 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
                      "unless --time-budget is given)"),
     ("--time-budget", float, "seconds for the whole command, data preparation and sample included; training stops "
                              f"in time to validate, save and sample (default: {DEFAULT_TIME_BUDGET:.0f} without "
-                             "--steps, else none)"),
+                             "--steps, else none); with --resume, a budget for this command, to whose end the "
+                             "cosine schedule is refitted"),
     ("--batch-size", int, "sequences per optimizer step over all processes"),
     ("--micro-batch-size", int, "sequences per forward pass per process; gradients accumulate over the rest "
                                 "(default: batch size / world size)"),
@@ -303,12 +304,13 @@ def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
 
 
 def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv) -> ShardDataset:
-    """Shards in RUN/data, built (or reused when unchanged) by rank 0."""
+    """Shards in RUN/data, built (or reused when unchanged) by rank 0, then opened by the others."""
+    ds = None
     if env.is_main:
-        prepare_shards(Corpus.from_spec(options.corpus), tok, out / "data", val_fraction=options.val_fraction,
-                       seed=options.seed, max_bytes=options.max_bytes)
+        ds = prepare_shards(Corpus.from_spec(options.corpus), tok, out / "data", val_fraction=options.val_fraction,
+                            seed=options.seed, max_bytes=options.max_bytes)
     barrier()
-    return ShardDataset(out / "data", verify=env.is_main)
+    return ds if ds is not None else ShardDataset(out / "data", verify=False)
 
 
 def _default_prompt(ds: ShardDataset, tok: AnyTokenizer, n_tokens: int = 12) -> str:

@@ -92,6 +92,7 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--sample-tokens", "0", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "resume: steps changes from 3 to 5" in out
+    assert re.search(r"^shards .*, reused$", out, re.M)  # the same corpus and tokenizer: not built again
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     assert json.loads((run / "checkpoints" / "step-00000005" / "config.json").read_text()) == config
 
