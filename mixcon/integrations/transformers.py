@@ -212,6 +212,15 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         use_dict = return_dict if return_dict is not None else self.config.return_dict
         return result if use_dict else result.to_tuple()
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `generate`, from the prompt: a `MixConCache` from an earlier call cannot be continued here
+        (it lacks transformers' `Cache` interface); continue one with `forward`, or `model.generate`."""
+        if isinstance(kwargs.get("past_key_values"), MixConCache):
+            raise ValueError("past_key_values: generate starts from the prompt and makes its own cache; pass the "
+                             "whole sequence as input_ids (a MixConCache continues through forward calls, or "
+                             "through MixConForCausalLM.generate)")
+        return super().generate(*args, **kwargs)
+
     def _reorder_cache(self, cache: MixConCache, beam_idx: torch.Tensor) -> MixConCache:
         """Beam search: the cache rows of the kept beams, in their order."""
         cache.select_rows(beam_idx.to(cache.key_mask.device))

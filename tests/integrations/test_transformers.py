@@ -58,6 +58,9 @@ def test_greedy_generate_is_mixcon_generate(pair):
     ours = model.generate(ids, 12, attention_mask=mask, eos_token_id=EOS, pad_token_id=PAD)
     theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     assert torch.equal(theirs, ours)
+    first = hf.generate(ids, attention_mask=mask, max_new_tokens=2, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="past_key_values: generate starts from the prompt"):
+        hf.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("options", [dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)])
