@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -139,12 +138,11 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
         raise SystemExit(f"mixcon train: --out {out} is a file; give a run directory")
     options = _options(args, resume, say)
     initial = _initial_model(args, out)  # (its directory, config, tokenizer) or None
-    replace = resume is None and _check_fresh(out, args.overwrite)
+    if resume is None:  # the old run's checkpoints go when training starts (Trainer.fit's discard_later)
+        _check_fresh(out, args.overwrite)
     tok = initial[2] if initial else _tokenizer(options, resume, out, args, env)
     config = _config(args, resume, tok, initial[1] if initial else None)
     ds = _dataset(options, tok, out, env)
-    if replace:  # only now that the new run's config, tokenizer and data are good
-        _remove_run(out, env)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
     if initial:  # the weights are read here, into the model, and not kept beside it
@@ -247,24 +245,12 @@ def _initial_model(args: argparse.Namespace, out: Path) -> tuple[Path, MixConCon
     return source, config, ckpt.model_tokenizer(source, config.vocab_size, tokenizer)
 
 
-def _check_fresh(out: Path, overwrite: bool) -> bool:
-    """Whether `out` holds a run that --overwrite replaces; without --overwrite, such a run is an error."""
+def _check_fresh(out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that holds a run, unless --overwrite replaces it."""
     latest = ckpt.latest_checkpoint(out)
-    if latest is None:
-        return False
-    if not overwrite:
+    if latest is not None and not overwrite:
         raise SystemExit(f"mixcon train: {out} already holds a run (latest checkpoint {latest.name}); continue it "
                          f"with --resume, start afresh with --overwrite, or choose another --out")
-    return True
-
-
-def _remove_run(out: Path, env: DistEnv) -> None:
-    """Delete the checkpoints, metrics and plot of the run in `out` that a new one replaces."""
-    barrier()  # every process has seen the old checkpoints before rank 0 removes them
-    if env.is_main:
-        shutil.rmtree(out / ckpt.CHECKPOINTS)
-        for name in (METRICS_FILE, PLOT_FILE):
-            (out / name).unlink(missing_ok=True)
 
 
 def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argparse.Namespace,

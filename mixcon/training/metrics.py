@@ -25,6 +25,8 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             # Keep the history up to the checkpoint; what a crashed run logged after it is redone.
             self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        elif resume_step is None:  # a new run: no plot of another run's records is left beside its log
+            (self.run_dir / PLOT_FILE).unlink(missing_ok=True)
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.tb = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
 

@@ -111,12 +111,16 @@ def test_overwrite_removes_the_old_run_only_once_the_new_one_is_ready(corpus, tm
     args = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--val-fraction", "0.2",
             "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0", "--no-progress",
             "--out", str(run)]
-    assert main(args) == 0
+    assert main([*args, "--steps", "2", "--save-every", "1"]) == 0
     for bad, message in ((["--set", "bogus=1"], "bogus"), (["--corpus", str(tmp_path / "missing")], "no such file"),
                          (["--lr", "-1"], r"--lr=-1\.0 must be a finite number >= 0")):
         with pytest.raises(SystemExit, match=message):
             main([*args, "--overwrite", *bad])
         assert (run / "checkpoints" / "step-00000001").is_dir(), bad
+    assert main([*args, "--overwrite"]) == 0  # one step: the old run's step 2 goes with it
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000001"]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1]
+    assert (run / "loss.png").is_file()
     (tmp_path / "file").write_text("not a run")
     with pytest.raises(SystemExit, match=r"--out .*file is a file; give a run directory"):
         main([*args, "--out", str(tmp_path / "file")])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mixcon.training.metrics import METRICS_FILE, MetricsLogger, read_metrics
+from mixcon.training.metrics import METRICS_FILE, PLOT_FILE, MetricsLogger, read_metrics
 
 
 def test_a_record_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
@@ -28,3 +28,12 @@ def test_a_damaged_record_before_the_end_is_an_error(tmp_path):
     (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo\n')  # complete lines: not torn
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         read_metrics(tmp_path / METRICS_FILE)
+
+
+def test_a_new_log_leaves_no_plot_of_the_run_it_replaces(tmp_path):
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 5.0}\n')
+    (tmp_path / PLOT_FILE).write_bytes(b"old plot")
+    MetricsLogger(tmp_path, resume_step=1)  # resuming: the run's plot stays until it is redrawn
+    assert (tmp_path / PLOT_FILE).is_file()
+    MetricsLogger(tmp_path)
+    assert not (tmp_path / PLOT_FILE).exists() and read_metrics(tmp_path / METRICS_FILE) == []
