@@ -169,6 +169,8 @@ class MixConCache:
 
     def fits(self, config: MixConConfig) -> bool:
         """Whether this cache has the layers, in order, and the per-row shapes that `config`'s model uses."""
+        if config is self.config:  # made for it (`new_cache`): checked on every decoding step, so no layer walk
+            return True
         layout = config.layout()
         if len(layout) != len(self.layers):
             return False
