@@ -203,9 +203,9 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
                         if changes_model(base, base.replace(**fields))}
         variant_configs(base, variants)  # fail on a bad variant before any training
         stream = bytes_lm.byte_stream(args.corpus, args.max_bytes)
-        run(base, variants, stream, args.seeds, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size,
-            lr=args.lr, eval_windows=args.eval_windows, out_dir=args.out, device=args.device,
-            resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"mixcon bench ablate: {e}") from e
+    common.run_or_exit("ablate", lambda: run(
+        base, variants, stream, args.seeds, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, eval_windows=args.eval_windows, out_dir=args.out, device=args.device, resume=args.resume))
     return 0

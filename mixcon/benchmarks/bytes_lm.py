@@ -53,8 +53,8 @@ def split_windows(stream: torch.Tensor, real_len: int, eval_windows: int) -> tup
     windows (eval_windows, real_len) from its end."""
     held = eval_windows * real_len
     if stream.numel() < 2 * held:
-        raise ValueError(f"the corpus gives {stream.numel():,} bytes; --eval-windows {eval_windows} x --real-len "
-                         f"{real_len} needs at least {2 * held:,} (raise --max-bytes or lower them)")
+        raise common.UsageError(f"the corpus gives {stream.numel():,} bytes; --eval-windows {eval_windows} x "
+                                f"--real-len {real_len} needs at least {2 * held:,} (raise --max-bytes or lower them)")
     return stream[:-held], stream[-held:].view(eval_windows, real_len)
 
 

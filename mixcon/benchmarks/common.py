@@ -311,6 +311,11 @@ def write_results(out_dir: Path, name: str, payload: dict[str, Any],
         print(f"wrote {path} and {out_dir / f'{name}.png'}")
 
 
+class UsageError(ValueError):
+    """The command's arguments cannot work, found once it runs: a --resume with no earlier run of the
+    same settings in --out, a corpus too short for the windows asked."""
+
+
 def add_resume_argument(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--resume", action="store_true",
                    help=f"continue the run in --out: reuse the finished runs in --out/{name}.json (written as each "
@@ -319,15 +324,23 @@ def add_resume_argument(p: argparse.ArgumentParser, name: str) -> None:
 
 def finished_runs(out_dir: Path, name: str, settings: dict[str, Any], key: tuple[str, ...],
                   field: str = "rows") -> dict[tuple[Any, ...], dict[str, Any]]:
-    """The runs in out_dir/NAME.json (its list `field`) by their values of `key`; ValueError when there is no
+    """The runs in out_dir/NAME.json (its list `field`) by their values of `key`; UsageError when there is no
     such file or it was written with other `settings` (each a top-level entry there)."""
     path = out_dir / f"{name}.json"
     if not path.is_file():
-        raise ValueError(f"--resume: no earlier run in {out_dir} (no {path.name} there); give --out the folder of "
+        raise UsageError(f"--resume: no earlier run in {out_dir} (no {path.name} there); give --out the folder of "
                          "the run to resume, or drop --resume to start afresh")
     saved = json.loads(path.read_text())
     expected = json.loads(json.dumps(settings))  # as JSON stores them (tuples as lists, None as null)
     if differ := [k for k in expected if saved.get(k) != expected[k]]:
-        raise ValueError(f"--resume: {path} was written with other {', '.join(differ)}; drop --resume to start "
+        raise UsageError(f"--resume: {path} was written with other {', '.join(differ)}; drop --resume to start "
                          "afresh there, or give another --out")
     return {tuple(r[k] for k in key): r for r in saved[field]}
+
+
+def run_or_exit(command: str, run: Callable[[], Any]) -> None:
+    """`run()`, with a UsageError as a one-line exit; any other error keeps its traceback."""
+    try:
+        run()
+    except UsageError as e:
+        raise SystemExit(f"mixcon bench {command}: {e}") from e

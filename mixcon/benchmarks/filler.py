@@ -81,9 +81,10 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
             raise ValueError(f"--ratios {args.ratios}: each must be a finite number >= 0")
         models = common.twin_names(args.models)
         stream = bytes_lm.byte_stream(args.corpus, args.max_bytes)
-        run(base, stream, ratios, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-            eval_windows=args.eval_windows, seed=args.seed, out_dir=args.out, device=args.device, models=models,
-            resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"mixcon bench filler: {e}") from e
+    common.run_or_exit("filler", lambda: run(
+        base, stream, ratios, real_len=args.real_len, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        eval_windows=args.eval_windows, seed=args.seed, out_dir=args.out, device=args.device, models=models,
+        resume=args.resume))
     return 0

@@ -110,8 +110,8 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
             raise ValueError(f"--pairs {','.join(map(str, args.pairs))}: each must be in [1, {task.max_pairs()}] "
                              f"for --vocab {args.vocab} and --seq-len {args.seq_len}")
         models = common.twin_names(args.models)
-        run(base, task, pairs, args.steps, args.batch_size, args.lr, args.sequences, args.seed, args.out,
-            args.device, models, resume=args.resume)
     except ValueError as e:
         raise SystemExit(f"mixcon bench recall: {e}") from e
+    common.run_or_exit("recall", lambda: run(base, task, pairs, args.steps, args.batch_size, args.lr, args.sequences,
+                                             args.seed, args.out, args.device, models, resume=args.resume))
     return 0

@@ -488,6 +488,25 @@ def test_benchmark_help_says_where_results_go(bench, capsys):
     assert f"(default: {written})" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.parametrize("bench", ["recall", "filler", "ablate"])
+def test_an_error_inside_a_training_benchmark_keeps_its_traceback(bench, tmp_path, monkeypatch):
+    """Only argument errors become one-line exits: a ValueError raised while running (a bug) propagates."""
+    from mixcon.benchmarks import bytes_lm, recall
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug deep inside")
+
+    module, trainer = (recall, "train_on_recall") if bench == "recall" else (bytes_lm, "train_and_score")
+    monkeypatch.setattr(module, trainer, broken)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the king said to the queen that we shall go now\n" * 40)
+    argv = {"recall": ["--pairs", "2", "--seq-len", "16", "--vocab", "16"],
+            "filler": ["--corpus", str(corpus), "--ratios", "0", "--real-len", "8", "--eval-windows", "5"],
+            "ablate": ["--corpus", str(corpus), "--real-len", "8", "--eval-windows", "5", "--seeds", "0"]}[bench]
+    with pytest.raises(ValueError, match="a bug deep inside"):
+        main(["bench", bench, "--set", "d_model=16", "--steps", "1", *argv, "--out", str(tmp_path / "out")])
+
+
 def test_resume_without_an_earlier_run_says_where_it_looked(tmp_path, monkeypatch):
     from mixcon.benchmarks import recall
 
