@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mixcon.checks import is_integer, is_number, within
 from mixcon.ops._validate import triton_chunk_ok
 
 MIXER_LETTERS = {"A": "attention", "C": "conba"}
@@ -155,8 +155,7 @@ class MixConConfig:
         value = getattr(self, name)
         if optional and value is None:
             return
-        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
-                or (maximum is not None and value > maximum)):
+        if not (is_integer(value) and within(value, minimum, maximum)):
             allowed = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
             _fail(name, value, f"must be an integer {allowed}" + (" or None" if optional else "") +
                   (f" ({note})" if note else ""))
@@ -165,9 +164,7 @@ class MixConConfig:
                 note: str = "") -> None:
         """The field is a finite int or float above `minimum` (`strict`) or at least it, at most `maximum`."""
         value = getattr(self, name)
-        ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-              and (value > minimum if strict else value >= minimum) and (maximum is None or value <= maximum))
-        if not ok:
+        if not (is_number(value) and within(value, minimum, maximum, above=strict)):
             low = f"> {minimum:g}" if strict else f">= {minimum:g}"
             _fail(name, value, f"must be a finite number {low}" + (f" and <= {maximum:g}" if maximum is not None
                                                                        else "") + (f" ({note})" if note else ""))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import reprlib
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mixcon.checks import is_number, within
 from mixcon.config import PRESETS, MixConConfig
 from mixcon.data.corpus import SPEC_FORMS
 from mixcon.ops.dtypes import DTYPES
@@ -70,8 +70,7 @@ def number_type(kind: type[int] | type[float], minimum: float | None = None, *, 
     allowed = ("comma-separated " if many else "") + noun + bounds
 
     def fits(value: float) -> bool:
-        return (math.isfinite(value) and (minimum is None or (value > minimum if above else value >= minimum))
-                and (maximum is None or value <= maximum))
+        return is_number(value) and within(value, minimum, maximum, above=above)
 
     def parse(text: str) -> Any:
         try:

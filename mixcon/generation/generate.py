@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mixcon.checks import is_integer
+
 if TYPE_CHECKING:
     from mixcon.models.mixcon import MixConForCausalLM
 
@@ -72,13 +74,13 @@ def generate(
     produced `eos_token_id` are continued with `pad_token_id` (default: the EOS id). `streamer` is
     called with each step's new tokens (B,).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not (is_integer(max_new_tokens) and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     if do_sample and not 0 < temperature < math.inf:  # nan fails too
         raise ValueError(f"temperature={temperature} must be a finite number > 0 when sampling (use do_sample=False "
                          "for greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
+    if top_k is not None and not (is_integer(top_k) and top_k >= 1):
+        raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
     if top_p is not None and not 0 < top_p <= 1:  # nan fails too
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if input_ids.dim() == 1:  # one prompt (and its mask)
@@ -99,7 +101,7 @@ def generate(
     fill = pad_token_id if pad_token_id is not None else eos_token_id
     V = model.config.vocab_size
     for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < V):
+        if value is not None and not (is_integer(value) and 0 <= value < V):
             raise ValueError(f"{name}={value!r} must be None or an integer in [0, vocab_size={V})")
     with model.evaluating():
         B, T = input_ids.shape

@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from mixcon.checks import is_integer, is_number
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import (
@@ -99,28 +100,22 @@ class TrainOptions:
             if not ok:
                 raise ValueError(f"TrainOptions.{name}={getattr(self, name)!r} must be {allowed}")
 
-        def integer(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
         for name in ("batch_size", "seq_len", "eval_every", "save_every", "log_every", "eval_batches"):
-            need(name, integer(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+            need(name, is_integer(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
         for name in ("warmup_steps", "keep_last", "seed"):
-            need(name, integer(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
+            need(name, is_integer(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
         for name, what in (("steps", "None to fill the time budget"), ("micro_batch_size", "None for batch_size / "
                            "world size"), ("max_bytes", "None for the whole corpus")):
             value = getattr(self, name)
-            need(name, value is None or (integer(value) and value >= 1), f"an integer >= 1 (or {what})")
-        need("time_budget", self.time_budget is None or (number(self.time_budget) and self.time_budget > 0),
+            need(name, value is None or (is_integer(value) and value >= 1), f"an integer >= 1 (or {what})")
+        need("time_budget", self.time_budget is None or (is_number(self.time_budget) and self.time_budget > 0),
              "> 0 seconds (or None)")
         for name in ("lr", "weight_decay", "grad_clip"):
-            need(name, number(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
-        need("min_lr_ratio", number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+            need(name, is_number(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
+        need("min_lr_ratio", is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
         for name in ("beta1", "beta2"):
-            need(name, number(getattr(self, name)) and 0 <= getattr(self, name) < 1, "in [0, 1)")
-        need("val_fraction", number(self.val_fraction) and 0 <= self.val_fraction < 1, "in [0, 1)")
+            need(name, is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1, "in [0, 1)")
+        need("val_fraction", is_number(self.val_fraction) and 0 <= self.val_fraction < 1, "in [0, 1)")
         need("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'")
         need("parallel", self.parallel in ("ddp", "fsdp"), "'ddp' or 'fsdp'")
 

@@ -88,6 +88,9 @@ def test_generate_validates_arguments(tiny_model):
     for bad in (1.5, float("nan")):
         with pytest.raises(ValueError, match=r"top_p=.* must be in \(0, 1\]"):
             model.generate(prompt, 3, do_sample=True, top_p=bad)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"top_k={bad!r} must be None or an integer >= 1"):
+            model.generate(prompt, 3, do_sample=True, top_k=bad)
     for bad in (2.0, -1, True):
         with pytest.raises(ValueError, match=rf"max_new_tokens={bad!r} must be an integer >= 0"):
             model.generate(prompt, bad)

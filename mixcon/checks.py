@@ -1,0 +1,22 @@
+"""Predicates for values checked at the library's boundary (configs, options, arguments)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def is_integer(value: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def within(value: float, minimum: float | None = None, maximum: float | None = None, *, above: bool = False) -> bool:
+    """minimum <= value (minimum < value when `above`) and value <= maximum, for each bound given."""
+    low = minimum is None or (value > minimum if above else value >= minimum)
+    return low and (maximum is None or value <= maximum)

@@ -1,0 +1,25 @@
+"""The shared predicates of mixcon.checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mixcon.checks import is_integer, is_number, within
+
+
+@pytest.mark.parametrize("value,integer,number", [
+    (3, True, True), (0, True, True), (-2, True, True), (True, False, False), (False, False, False),
+    (2.0, False, True), (-0.5, False, True), (math.nan, False, False), (math.inf, False, False),
+    (-math.inf, False, False), ("3", False, False), (None, False, False),
+])
+def test_integers_and_numbers_exclude_bools_and_non_finite_values(value, integer, number):
+    assert is_integer(value) is integer
+    assert is_number(value) is number
+
+
+def test_within_checks_each_bound_given():
+    assert within(5) and within(5, 5) and not within(5, 5, above=True) and within(5, 4, above=True)
+    assert within(5, maximum=5) and not within(5.1, maximum=5) and not within(4, 5)
+    assert within(0.5, 0, 1) and not within(0, 0, 1, above=True) and not within(2, 0, 1)
