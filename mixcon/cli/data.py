@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: %(default)s)")
     d.add_argument("--workers", type=number_type(int, 1), default=None,
                    help="tokenising processes (default: one per CPU)")
-    d.add_argument("--max-bytes", type=int, default=None, help="read only this much text, e.g. 5_000_000")
+    d.add_argument("--max-bytes", type=number_type(int, 1), default=None,
+                   help="read only this much text, e.g. 5_000_000")
     d.set_defaults(func=run_prepare)
 
 

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = add_command(sub, "eval", "Evaluation", "evaluate a checkpoint (perplexity, lm-eval tasks)")
     p = add_corpus_action(actions, "perplexity", "loss, perplexity and bits per byte on a corpus", DESCRIPTION)
     _add_model_arguments(p)
-    p.add_argument("--max-bytes", type=int, default=None, help="score only the first N bytes of the corpus")
+    p.add_argument("--max-bytes", type=number_type(int, 1), default=None,
+                   help="score only the first N bytes of the corpus")
     p.add_argument("--mode", choices=MODES, default="window", help="see above (default: %(default)s)")
     p.add_argument("--context", type=int, default=1024, help="window or chunk length in tokens (default: %(default)s)")
     p.add_argument("--stride", type=int, default=None, help="tokens between windows (default: --context)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mixcon.cli.common import add_command, add_corpus_action
+from mixcon.cli.common import add_command, add_corpus_action, number_type
 from mixcon.data.corpus import Corpus
 from mixcon.data.tokenizer import train_bpe_tokenizer
 
@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = add_corpus_action(actions, "train", "train a byte-level BPE and save tokenizer.json", TRAIN_DESCRIPTION)
     t.add_argument("--vocab-size", type=int, default=8192,
                    help="vocabulary size with the 3 specials, at least 259 (default: %(default)s; 256000 in the paper)")
-    t.add_argument("--max-bytes", type=int, default=None, help="read only this much text, e.g. 5_000_000")
+    t.add_argument("--max-bytes", type=number_type(int, 1), default=None,
+                   help="read only this much text, e.g. 5_000_000")
     t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
     t.set_defaults(func=run_train)
 

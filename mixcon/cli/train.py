@@ -209,7 +209,8 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOp
         if options.steps is None and options.time_budget is None:
             options.time_budget = DEFAULT_TIME_BUDGET
     else:
-        saved = TrainOptions.from_dict(ckpt.read_trainer_state(resume)["options"])
+        state = ckpt.read_trainer_state(resume)
+        saved = TrainOptions.from_dict(state["options"])
         if given.get("tokenizer", saved.tokenizer) != saved.tokenizer:
             raise SystemExit(f"mixcon train: --resume keeps the run's tokenizer ({saved.tokenizer!r}); --tokenizer "
                              f"{given['tokenizer']!r} would change the model's vocabulary (start a new run with "
@@ -223,6 +224,9 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOp
     except ValueError as e:  # named by the flag that sets the field
         raise SystemExit("mixcon train: " + re.sub(r"TrainOptions\.(\w+)", lambda m: "--" + m[1].replace("_", "-"),
                                                    str(e))) from e
+    if resume is not None and options.steps is not None and state["step"] >= options.steps:
+        raise SystemExit(f"mixcon train: --steps {options.steps}: the run resumed from {resume} is at step "
+                         f"{state['step']} already; give more --steps to continue it")
     return options
 
 

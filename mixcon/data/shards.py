@@ -210,7 +210,8 @@ def _val_documents(hashes: list[bytes], val_fraction: float, seed: int) -> set[i
         return set()
     if n < 2:
         raise ValueError(f"val_fraction={val_fraction}: the corpus has a single document and the split is by "
-                         f"document; use val_fraction=0, or a corpus of many documents (a folder, JSON Lines)")
+                         f"document; use val_fraction=0 (--val-fraction 0), or a corpus of many documents (a folder, "
+                         "JSON Lines)")
     k = min(max(round(val_fraction * n), 1), n - 1)
     salt = str(seed).encode()
     order = sorted(range(n), key=lambda i: hashlib.blake2b(hashes[i], digest_size=16, key=salt).digest())

@@ -205,6 +205,7 @@ class Trainer:
         self.saved_step: int | None = None
         self.last_val: dict[str, float] = {}
         self._signal: int | None = None
+        self._refit_pending = False  # a resumed run fits its schedule to this fit's deadline
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -251,17 +252,18 @@ class Trainer:
             torch.manual_seed(self.options.seed + 7919 * self.step + self.env.rank)
         self.last_checkpoint, self.saved_step = c.path, self.step
 
-    def _clear_later_checkpoints(self, discard: bool) -> None:
-        """Delete (`discard`) or refuse the run directory's checkpoints after the current step: left there, they
-        would stay the run's latest and keep_last would prune the new ones first."""
-        later = [p for p in ckpt.list_checkpoints(self.run_dir) if ckpt.checkpoint_step(p) > self.step]
+    def _clear_later_checkpoints(self, discard: bool, new_run: bool) -> None:
+        """Delete (`discard`) or refuse the run directory's checkpoints after the current step (every one, for a
+        `new_run`): left there, they would stay the run's latest and keep_last would prune the new ones first."""
+        later = [p for p in ckpt.list_checkpoints(self.run_dir) if new_run or ckpt.checkpoint_step(p) > self.step]
         if not later:
             return
         if not discard:
             names = ", ".join(p.name for p in later[:3]) + (", ..." if len(later) > 3 else "")
-            raise ValueError(f"{self.run_dir} holds checkpoints after step {self.step} ({names}) of the run this one "
-                             "would replace; discard them (discard_later=True; mixcon train --overwrite) or use "
-                             "another run directory")
+            where = "" if new_run else f" after step {self.step}"
+            raise ValueError(f"{self.run_dir} holds checkpoints{where} ({names}) of the run this one would "
+                             "replace; discard them (discard_later=True; mixcon train --overwrite) or use another "
+                             "run directory")
         barrier()  # every process has listed them before rank 0 deletes them
         if self.env.is_main:
             for path in later:
@@ -333,13 +335,17 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # summed loss, tokens
         for input_ids, labels in self.eval_data():
             x, y = self._local_rows(input_ids), self._local_rows(labels)
-            if x.shape[0] == 0:  # fewer rows than processes: run one fully ignored row (sharded models need all)
-                x, y = input_ids[:1].to(self.env.device), torch.full_like(labels[:1], IGNORE).to(self.env.device)
-            with self._autocast():  # the fused head: no (rows, T, V) logits, as in training
-                mean = self._forward(x, y).lm_loss
-            n = (y != IGNORE).sum()
-            if n > 0:  # an all-ignored batch has a nan mean and adds nothing
-                total += torch.stack([mean.double() * n, n.double()])
+            # micro-batches as in training, as many on every process (sharded models need all in each forward)
+            pieces = math.ceil(math.ceil(input_ids.shape[0] / self.env.world_size) / self.micro)
+            for xs, ys in zip(x.tensor_split(pieces), y.tensor_split(pieces), strict=True):
+                if xs.shape[0] == 0:  # fewer rows than pieces here: one fully ignored row
+                    xs = input_ids[:1].to(self.env.device)
+                    ys = torch.full_like(labels[:1], IGNORE).to(self.env.device)
+                with self._autocast():  # the fused head: no (rows, T, V) logits, as in training
+                    mean = self._forward(xs, ys).lm_loss
+                n = (ys != IGNORE).sum()
+                if n > 0:  # an all-ignored batch has a nan mean and adds nothing
+                    total += torch.stack([mean.double() * n, n.double()])
         self.module.train()
         loss_sum, n = all_reduce(total, "sum").tolist()
         if n == 0:
@@ -363,9 +369,13 @@ class Trainer:
         start = time.monotonic()
         if resume_from is not None:
             self.resume(resume_from)
+            if self.options.steps is not None and self.step >= self.options.steps:
+                raise ValueError(f"TrainOptions.steps={self.options.steps}: the run resumed from "
+                                 f"{self.last_checkpoint} is at step {self.step} already; give more steps to continue")
         else:
             torch.manual_seed(self.options.seed + self.env.rank)
-        self._clear_later_checkpoints(discard_later)
+        self._refit_pending = resume_from is not None and self.options.steps is None and deadline is not None
+        self._clear_later_checkpoints(discard_later, new_run=resume_from is None)
         metrics = (MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
                                  tensorboard=self.tensorboard) if self.env.is_main else None)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -377,7 +387,7 @@ class Trainer:
         try:
             if resume_from is None and self.eval_data is not None:
                 timer.eval_seconds = timer.exclude(lambda: self._validate(metrics, bar))
-            while self.total_steps is None or self.step < self.total_steps:
+            while self.total_steps is None or self.step < self.total_steps or self._refit_pending:
                 if (reason := self._should_stop(deadline, timer)) is not None:
                     stopped_by = reason
                     break
@@ -399,9 +409,10 @@ class Trainer:
                 if self.step % self.options.save_every == 0:
                     timer.save_seconds = timer.exclude(self.save)
             interrupted = stopped_by.startswith("SIG")
-            if not interrupted and self.eval_data is not None and self.last_val.get("step") != self.step:
+            final_val = not interrupted and self.eval_data is not None and self.last_val.get("step") != self.step
+            if final_val:
                 self._validate(metrics, bar)
-            if self.saved_step != self.step:
+            if final_val or self.saved_step != self.step:  # the checkpoint records the final validation
                 self.save()
         finally:
             bar.close()
@@ -432,11 +443,14 @@ class Trainer:
     def _refit_schedule(self, deadline: float | None, timer: _Timer, validated: bool) -> bool:
         """Without `options.steps`, the schedule length is fitted to the deadline once enough steps are timed
         (within warmup, where the learning rate does not depend on it), then refitted at each validation, so
-        that a machine that gets faster or slower still ends its cosine at the deadline."""
+        that a machine that gets faster or slower still ends its cosine at the deadline; a resumed run's schedule
+        is refitted to this fit's deadline after two timed steps."""
         if self.options.steps is not None or deadline is None:
             return False
-        if self.total_steps is None:
-            return timer.steps_timed >= max(2, min(self.options.warmup_steps, 20))
+        if self.total_steps is None or self._refit_pending:  # a resumed run: to this fit's deadline
+            fit = timer.steps_timed >= (max(2, min(self.options.warmup_steps, 20)) if self.total_steps is None else 2)
+            self._refit_pending = self._refit_pending and not fit
+            return fit
         return validated
 
     @staticmethod

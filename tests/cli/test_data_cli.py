@@ -63,9 +63,14 @@ def test_errors_exit_with_the_message(argv, message):
     assert message in str(exit_info.value)
 
 
-@pytest.mark.parametrize("workers", ["-2", "0", "two"])
-def test_workers_must_be_a_positive_integer(workers, capsys):
+@pytest.mark.parametrize("argv,flag,value", [
+    (["data", "prepare", "--out", "x"], "--workers", "-2"), (["data", "prepare", "--out", "x"], "--workers", "0"),
+    (["data", "prepare", "--out", "x"], "--workers", "two"), (["data", "prepare", "--out", "x"], "--max-bytes", "0"),
+    (["tokenizer", "train", "--out", "x"], "--max-bytes", "-5"),
+    (["eval", "perplexity", "--checkpoint", "x"], "--max-bytes", "0"),
+])
+def test_counts_must_be_positive_integers(argv, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["data", "prepare", "--out", "x", "--workers", workers])
+        main([*argv, flag, value])
     assert exit_info.value.code == 2
-    assert f"argument --workers: expected an integer >= 1, got '{workers}'" in capsys.readouterr().err
+    assert f"argument {flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err

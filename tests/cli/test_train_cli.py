@@ -79,14 +79,17 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     with pytest.raises(SystemExit, match=r"already holds a run.*--resume"):
         main(args)
     with pytest.raises(SystemExit, match=r"config differs.*d_model: 32 != 64"):
-        main([*args, "--resume", "--set", "d_model=64"])
+        main([*args, "--resume", "--steps", "4", "--set", "d_model=64"])
     # --set on --resume changes the checkpoint's config (which a resumed run must keep), not a preset's.
     with pytest.raises(SystemExit, match=r"config differs[^\n]*: router_aux_loss_coef: 0\.01 != 0\.02$"):
-        main(["train", "--out", str(run), "--resume", "--set", "router_aux_loss_coef=0.02", "--no-progress"])
+        main(["train", "--out", str(run), "--resume", "--steps", "4", "--set", "router_aux_loss_coef=0.02",
+              "--no-progress"])
     with pytest.raises(SystemExit, match=r"--resume keeps the run's tokenizer \('bpe'\); --tokenizer 'bytes'"):
         main(["train", "--out", str(run), "--resume", "--tokenizer", "bytes"])
     with pytest.raises(SystemExit, match=r"^mixcon train: --grad-clip=-1\.0 must be a finite number >= 0$"):
         main(["train", "--out", str(run), "--resume", "--grad-clip", "-1"])
+    with pytest.raises(SystemExit, match=r"--steps 3: the run resumed from .*step-00000003 is at step 3 already"):
+        main(["train", "--out", str(run), "--resume", "--no-progress"])  # its saved steps: nothing left to do
 
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--sample-tokens", "0", "--no-progress"]) == 0

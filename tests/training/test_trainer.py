@@ -69,13 +69,56 @@ def test_resuming_an_earlier_checkpoint_discards_the_later_ones_only_when_told(m
     earlier = tmp_path / "checkpoints" / "step-00000002"
     with pytest.raises(ValueError, match=r"after step 2 \(step-00000004, step-00000006\) of the run this one"):
         make_trainer(tmp_path, steps=5, save_every=2, keep_last=2).fit(resume_from=earlier)
-    with pytest.raises(ValueError, match=r"after step 0 \(step-00000002, step-00000004, step-00000006\)"):
+    with pytest.raises(ValueError, match=r"holds checkpoints \(step-00000002, step-00000004, step-00000006\) of"):
         make_trainer(tmp_path, steps=5).fit()  # a new run over an old one
     assert [p.name for p in list_checkpoints(tmp_path)] == names  # nothing lost by the refusals
     summary = make_trainer(tmp_path, steps=5, save_every=2, keep_last=2).fit(resume_from=earlier, discard_later=True)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
     assert summary.checkpoint == latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-00000005"
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5]
+
+
+def test_a_new_run_discards_every_checkpoint_of_the_old_one_step_0_included(make_trainer, tiny_config, tmp_path):
+    make_trainer(tmp_path, config=tiny_config(d_model=48), keep_last=0).save()  # a run stopped before step 1
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000000"]
+    make_trainer(tmp_path, steps=4, save_every=2, keep_last=0).fit(discard_later=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000004"]
+
+
+def test_resuming_at_or_past_the_steps_asked_is_refused(make_trainer, tmp_path):
+    make_trainer(tmp_path, steps=4).fit()
+    with pytest.raises(ValueError, match=r"steps=4: the run resumed from .*step-00000004 is at step 4 already"):
+        make_trainer(tmp_path, steps=4).fit(resume_from=tmp_path)
+
+
+def test_the_final_checkpoint_records_the_final_validation(make_trainer, tmp_path):
+    """Step 6 is a checkpoint step but not a validation step: the validation after the loop is in its state."""
+    summary = make_trainer(tmp_path, steps=6, eval_every=4, save_every=3).fit()
+    assert summary.val_step == 6
+    assert load_checkpoint(tmp_path).trainer_state["last_val"] == {
+        "step": 6, "val_loss": summary.val_loss, "val_ppl": summary.val_ppl, "val_bpb": summary.val_bpb}
+
+
+def test_validation_runs_in_micro_batches_with_the_same_result(make_trainer, tmp_path):
+    whole = make_trainer(tmp_path / "whole")
+    parts = make_trainer(tmp_path / "parts", micro_batch_size=1)
+    rows: list[int] = []
+    parts.model.norm.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    a, b = whole.evaluate(), parts.evaluate()
+    assert rows and set(rows) == {1}  # as many rows per forward as in a training micro-batch
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+
+
+def test_a_resumed_time_budget_run_fits_its_schedule_to_the_new_deadline(make_trainer, tmp_path):
+    """Its schedule was fitted to the first command's deadline; the second command's budget is its own."""
+    first = make_trainer(tmp_path, steps=None, eval_every=1000)
+    done = first.fit(deadline=time.monotonic() + 5.0)
+    assert done.steps >= 2  # at (or a step or two before) the end of a schedule fitted to the first deadline
+    second = make_trainer(tmp_path, steps=None, eval_every=1000)
+    start = time.monotonic()
+    summary = second.fit(resume_from=tmp_path, deadline=start + 6.0)
+    assert summary.steps > done.steps and second.total_steps > first.total_steps  # refitted, and it trained on
+    assert time.monotonic() - start > 3.0  # using the budget it was given, not stopping at the old schedule's end
 
 
 def test_validation_that_scores_no_token_is_an_error_not_a_perfect_score(make_trainer, tmp_path):
