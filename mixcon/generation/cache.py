@@ -78,10 +78,15 @@ class AttentionCache:
         self.v = torch.nn.functional.pad(self.v, pad)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, n_kv, T, hd) at `offset`; return all keys and values so far."""
+        """Write (B, n_kv, T, hd) at `offset`; return all keys and values so far. With autograd, new tensors
+        replace the old ones (which earlier forwards may have saved for their backward)."""
         end = offset + k.shape[2]
-        self.k[:, :, offset:end] = k
-        self.v[:, :, offset:end] = v
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or self.k.requires_grad):
+            self.k = torch.cat((self.k[:, :, :offset], k, self.k[:, :, end:]), dim=2)
+            self.v = torch.cat((self.v[:, :, :offset], v, self.v[:, :, end:]), dim=2)
+        else:
+            self.k[:, :, offset:end] = k
+            self.v[:, :, offset:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -129,9 +134,12 @@ class ConbaCache:
         return torch.stack([self.slots[(self.ptr + i) % R] for i in range(R)], dim=1)
 
     def set_ordered(self, states: torch.Tensor) -> None:
-        """Replace the ring by (B, R, H, P, N) states, oldest first."""
-        for slot, s in zip(self.slots, states.unbind(1), strict=True):
-            slot.copy_(s)
+        """Replace the ring by (B, R, H, P, N) states, oldest first (new tensors with autograd, as in `update`)."""
+        if torch.is_grad_enabled() and states.requires_grad:
+            self.slots = [s.contiguous() for s in states.unbind(1)]
+        else:
+            for slot, s in zip(self.slots, states.unbind(1), strict=True):
+                slot.copy_(s)
         self.ptr = 0
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -160,6 +168,7 @@ class MixConCache:
             for mixer, _ in config.layout()
         ]
         self.seqlen = 0  # positions written so far, pads included
+        self.broken = False  # a forward raised half-way through updating it
         self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
 

@@ -11,6 +11,7 @@ one directory.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -50,13 +51,18 @@ if int(transformers.__version__.split(".")[0]) < 5:
 
 class MixConHFConfig(PretrainedConfig):
     """A `MixConConfig` (validated, stored whole under `mixcon`) as a transformers config; the special
-    token ids and `tie_word_embeddings` follow it. `use_cache`: whether forwards return a cache by default."""
+    token ids and `tie_word_embeddings` follow it. `use_cache`: whether forwards return a cache by default.
+    MixConConfig fields given as keywords (`MixConHFConfig(d_model=512)`, or a config.json that
+    `MixConForCausalLM.save_pretrained` wrote) set those fields, over `mixcon` when both are given."""
 
     model_type = HF_MODEL_TYPE
 
     def __init__(self, mixcon: MixConConfig | dict[str, Any] | None = None, use_cache: bool = True,
                  **kwargs: Any) -> None:
         config = mixcon if isinstance(mixcon, MixConConfig) else MixConConfig.from_dict(mixcon or {})
+        fields = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(MixConConfig) if f.name in kwargs}
+        if any(getattr(config, name) != value for name, value in fields.items()):
+            config = config.replace(**fields)
         self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
         self.use_cache = use_cache
         kwargs["tie_word_embeddings"] = config.tie_embeddings
@@ -177,7 +183,9 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
         """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
         1 for real tokens; labels (B, T) the inputs themselves (the next token is each position's target).
-        No cache is made with labels, nor while training with activation checkpointing. Packed documents
+        No cache is made with labels, while autograd records the forward (a cache is updated in place; pass one
+        to differentiate through it), for right-padded rows (which it could not continue), nor while
+        training with activation checkpointing. Packed documents
         (padding-free batches, `DataCollatorWithFlattening`): `seq_idx` (B, T), or `position_ids` (B, T)
         that restart where a document starts; no cache is made then. Otherwise position_ids are not
         needed: positions follow from the attention mask and the cache."""
@@ -198,7 +206,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                              "recomputed in the backward would advance it a second time)")
         cache = past_key_values
         if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None \
-                and not recomputing and seq_idx is None:
+                and not recomputing and seq_idx is None and not self.model._needs_grad() \
+                and not (attention_mask is not None and _right_padded(attention_mask)):
             cache = self.model.new_cache(B, max_length=T)
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
@@ -225,6 +234,12 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         """Beam search: the cache rows of the kept beams, in their order."""
         cache.select_rows(beam_idx.to(cache.key_mask.device))
         return cache
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether a row has padding after a real token (which a cache, to be continued, cannot hold)."""
+    mask = attention_mask.bool()
+    return bool((mask[:, :-1] & ~mask[:, 1:]).any())
 
 
 def _documents_from_positions(position_ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor | None:

@@ -260,18 +260,40 @@ class MixConForCausalLM(nn.Module):
         `seq_idx` (B, T), non-decreasing integers, packs documents into a row (as in mamba_ssm and
         flash-linear-attention): no state, conv tap or attention crosses from one document to the next;
         only without a cache and without padding."""
-        B, T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx)
+        T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx)[1]
         if logits_to_keep < 0 or (logits_to_keep and labels is not None):
             raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0, and 0 when labels are given")
         if not return_logits and labels is None:
             raise ValueError("return_logits=False needs labels (the loss is then all the forward returns)")
         token_mask = attention_mask.bool() if attention_mask is not None else None
-        if cache is not None and T == 1 and labels is None and not self.training and (
-                token_mask is None or bool(token_mask.all())):
-            return self._output(self._decode(input_ids, cache), None, [])
-        if cache is not None:
-            cache.reserve(cache.seqlen + T)
-            cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
+        if cache is None:
+            h, stats = self._layers(input_ids, token_mask, None, seq_idx)
+        else:
+            try:
+                if T == 1 and labels is None and not self.training and not self._needs_grad() and (
+                        token_mask is None or bool(token_mask.all())):
+                    return self._output(self._decode(input_ids, cache), None, [])
+                cache.reserve(cache.seqlen + T)
+                cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
+                h, stats = self._layers(input_ids, token_mask, cache, seq_idx)
+            except BaseException:  # some layers moved on, others not: the cache no longer describes one sequence
+                cache.broken = True
+                raise
+            cache.seqlen += T
+            cache.positions += T if token_mask is None else token_mask.sum(1)
+        if not return_logits:
+            return self._output(None, labels, stats, h=self.norm(h))
+        logits = self.lm_head(self.norm(h[:, -logits_to_keep:]))  # h[:, -0:] is all of h
+        return self._output(logits, labels, stats)
+
+    def _needs_grad(self) -> bool:
+        """Whether this forward builds an autograd graph (a decoding step's in-place updates would break it)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def _layers(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None, cache: MixConCache | None,
+                seq_idx: torch.Tensor | None) -> tuple[torch.Tensor, list[RouterStats]]:
+        """Embedding and every layer: hidden states (B, T, d_model) before the final norm, and the MoE stats."""
+        B, T = input_ids.shape
         ctx = ForwardContext.build(token_mask, B, T, cache, input_ids.device, seq_idx)
         h = self.embed(input_ids)
         stats: list[RouterStats] = []
@@ -279,13 +301,7 @@ class MixConForCausalLM(nn.Module):
             h, s = layer(h, ctx)
             if s is not None:
                 stats.append(s)
-        if cache is not None:
-            cache.seqlen += T
-            cache.positions += T if token_mask is None else token_mask.sum(1)
-        if not return_logits:
-            return self._output(None, labels, stats, h=self.norm(h))
-        logits = self.lm_head(self.norm(h[:, -logits_to_keep:]))  # h[:, -0:] is all of h
-        return self._output(logits, labels, stats)
+        return h, stats
 
     def _decode(self, input_ids: torch.Tensor, cache: MixConCache) -> torch.Tensor:
         """One new token per row after `cache` (B, 1) -> logits (B, 1, V), by `decode_step`; the cache's
@@ -385,6 +401,9 @@ class MixConForCausalLM(nn.Module):
             raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, "
                              f"got {tuple(attention_mask.shape)}")
         if cache is not None:
+            if cache.broken:
+                raise ValueError("cache: a forward raised while updating it, leaving its layers at different "
+                                 "positions; start again from a new one (model.new_cache)")
             if cache.batch_size != B:
                 raise ValueError(f"cache was made for batch_size={cache.batch_size}, input_ids has B={B}")
             if not cache.fits(self.config):

@@ -15,7 +15,7 @@ pytest.importorskip("transformers", minversion="5", reason="needs transformers >
 
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, DynamicCache, pipeline
 
-from mixcon import MixConForCausalLM
+from mixcon import MixConCache, MixConConfig, MixConForCausalLM
 from mixcon.data import ByteTokenizer
 from mixcon.data.tokenizer import train_bpe_tokenizer
 from mixcon.integrations.transformers import MixConHFConfig, MixConHFForCausalLM, export_hf, hf_tokenizer
@@ -50,6 +50,39 @@ def test_forward_logits_and_loss_are_the_models(pair):
     lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(ref.lm_loss, lm)
     assert hf(ids, return_dict=False)[0].shape == (3, 11, 300)
+
+
+def test_a_cache_is_made_by_default_only_where_it_can_be_continued(pair):
+    """Not for right-padded rows (scored as the model scores them), nor while autograd records the forward
+    (a training loop without labels: backward works, with the model's gradients)."""
+    model, hf = pair
+    ids = torch.randint(0, 290, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        out = hf(ids, attention_mask=mask)
+        assert out.past_key_values is None
+        assert torch.equal(out.logits, model(ids, attention_mask=mask).logits)
+        assert isinstance(hf(ids).past_key_values, MixConCache)  # what generate continues
+    hf.train()
+    out = hf(ids)
+    assert out.past_key_values is None
+    out.logits.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(ids).logits.square().mean().backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
+
+
+def test_config_takes_mixcon_fields_as_keywords(tiny_model, tmp_path):
+    assert MixConHFConfig(d_model=64, n_blocks=1).to_mixcon() == MixConConfig(d_model=64, n_blocks=1)
+    tiny = MixConConfig.preset("tiny")
+    assert MixConHFConfig(mixcon=tiny, n_blocks=1).to_mixcon() == tiny.replace(n_blocks=1)
+    with pytest.raises(ValueError, match=r"MixConConfig.d_model=-1 is invalid"):
+        MixConHFConfig(d_model=-1)
+    model = tiny_model(dtype=torch.float32, d_model=48)
+    model.save_pretrained(tmp_path)  # MixConConfig's fields at the top of config.json
+    assert MixConHFConfig.from_pretrained(tmp_path).to_mixcon() == model.config
 
 
 def test_greedy_generate_is_mixcon_generate(pair):
@@ -181,7 +214,8 @@ def test_activation_checkpointing_recomputes_layers_with_the_same_gradients(pair
     hf.activation_checkpointing_disable()
     assert not hf.is_activation_checkpointing
     assert all(type(layer).__name__ == "MixConLayer" for layer in model.layers)
-    assert hf(ids).past_key_values is not None
+    with torch.no_grad():
+        assert hf(ids).past_key_values is not None
 
 
 def test_activation_checkpointing_refuses_what_would_be_wrong(pair):

@@ -34,6 +34,46 @@ def test_full_forward_equals_prefill_then_decode(layout, tiny_model):
 
 
 @pytest.mark.parametrize("layout", ["mixcon", "conba", "transformer"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gradients_through_cached_forwards_equal_those_of_the_full_forward(layout, training, tiny_model):
+    """A prefill, a chunk and single tokens through one cache, then one backward over all of them: the cache's
+    updates make new tensors under autograd, so earlier calls' saved tensors stay intact."""
+    model = tiny_model(**LAYOUTS[layout], router_aux_loss_coef=0.0).train(training)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    weights = torch.randn(2, 12, model.config.vocab_size, dtype=torch.float64)
+
+    def grads(logits: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        (logits * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    torch.manual_seed(1)  # the same noise draws (Conba's training noise) in both
+    full = grads(model(ids).logits)
+    torch.manual_seed(1)
+    cache = model.new_cache(2, max_length=4)  # grows as needed
+    pieces = [model(ids[:, :7], cache=cache).logits, model(ids[:, 7:9], cache=cache).logits]
+    pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(9, 12)]
+    cached = grads(torch.cat(pieces, 1))
+    assert len(cached) == len(full) > 0
+    for a, b in zip(cached, full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_a_cache_left_half_updated_by_a_failed_forward_is_refused(tiny_model):
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 8))
+    cache = model.new_cache(2)
+    model(ids[:, :5], cache=cache)
+    last = model.layers[-1]
+    hook = last.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):  # after the other layers moved on
+        model(ids[:, 5:], cache=cache)
+    hook.remove()
+    with pytest.raises(ValueError, match=r"a forward raised while updating it.*model.new_cache"):
+        model(ids[:, 5:], cache=cache)
+
+
+@pytest.mark.parametrize("layout", ["mixcon", "conba", "transformer"])
 def test_cache_select_rows_continues_the_kept_rows(layout, tiny_model):
     model = tiny_model(**LAYOUTS[layout])
     ids = torch.randint(0, model.config.vocab_size, (3, 15))
