@@ -162,6 +162,7 @@ class MixConCache:
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"MixConCache: batch_size={batch_size} and max_length={max_length} must be >= 1")
         self.config = config
+        self.dtype = dtype  # of K/V and conv tails (Conba states: `state_dtype(dtype)`)
         self.layers: list[AttentionCache | ConbaCache] = [
             AttentionCache(config, batch_size, max_length, dtype, device) if mixer == "attention"
             else ConbaCache(config, batch_size, dtype, device)

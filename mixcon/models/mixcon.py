@@ -409,6 +409,10 @@ class MixConForCausalLM(nn.Module):
             if not cache.fits(self.config):
                 raise ValueError("cache was made for another model (its layers or their shapes differ from "
                                  "this model's): make it with model.new_cache")
+            weight = self.embed.weight
+            if (cache.dtype, cache.key_mask.device) != (weight.dtype, weight.device):
+                raise ValueError(f"cache holds {cache.dtype} on {cache.key_mask.device}, the model computes in "
+                                 f"{weight.dtype} on {weight.device}: make it with model.new_cache")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             _check_padding(attention_mask.bool(), cache)
         if seq_idx is not None:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from mixcon import MixConConfig, MixConForCausalLM, cache_nbytes
+from mixcon import MixConCache, MixConConfig, MixConForCausalLM, cache_nbytes
 
 LAYOUTS = {
     "mixcon": {},
@@ -349,6 +349,10 @@ def test_an_empty_batch_and_a_cache_of_another_model_raise(tiny_model):
         with pytest.raises(ValueError, match="cache was made for another model"):
             model(ids, cache=other.new_cache(1))
     model(ids, cache=tiny_model(seed=1).new_cache(1))  # another model of the same config: fine
+    wrong = MixConCache(model.config, 1)  # fp32 by default; the model is fp64
+    with pytest.raises(ValueError, match=r"cache holds torch.float32 on cpu, the model computes in torch.float64"):
+        model(ids, cache=wrong)
+    assert not wrong.broken and wrong.seqlen == 0  # refused before anything moved
 
 def test_paper_preset_builds_on_meta_and_counts_parameters():
     config = MixConConfig.preset("mixcon-paper")
