@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -16,6 +16,14 @@ if TYPE_CHECKING:
 # Cache room made up front for new tokens (one allocation, one shape for a compiled decoding step); a longer
 # generation grows the cache as it goes (`MixConCache.reserve` doubles it), so no absurd size is allocated.
 PREALLOCATED_NEW_TOKENS = 4096
+
+
+class Streamer(Protocol):
+    """transformers' streamer protocol (`TextStreamer`, `TextIteratorStreamer`)."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
 
 
 def sample_next(
@@ -65,14 +73,16 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
-    streamer: Callable[[torch.Tensor], None] | None = None,
+    streamer: Callable[[torch.Tensor], None] | Streamer | None = None,
 ) -> torch.Tensor:
     """Continue (B, T) prompts by up to `max_new_tokens`; returns (B, T + generated).
 
     Prompts of different lengths are left-padded with `attention_mask` (0 = pad): pads never reach
     the Conba states nor attention keys, so each row equals its prompt generated alone. Rows that
     produced `eos_token_id` are continued with `pad_token_id` (default: the EOS id). `streamer` is
-    called with each step's new tokens (B,).
+    called with each step's new tokens (B,); a transformers streamer (`TextStreamer`,
+    `TextIteratorStreamer`: `put`/`end`) is given the prompt, each step's tokens and `end()`, as
+    transformers' `generate` does.
     """
     if not (is_integer(max_new_tokens) and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
@@ -103,6 +113,12 @@ def generate(
     for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if value is not None and not (is_integer(value) and 0 <= value < V):
             raise ValueError(f"{name}={value!r} must be None or an integer in [0, vocab_size={V})")
+    hf_streamer = streamer is not None and not callable(streamer)
+    if hf_streamer and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must be called with each step's tokens, or be a transformers streamer (put and "
+                        f"end), got {type(streamer).__name__}")
+    if hf_streamer:  # transformers' protocol: the prompt first, then each step's tokens, then end()
+        streamer.put(input_ids.cpu())
     with model.evaluating():
         B, T = input_ids.shape
         cache = model.new_cache(B, max_length=T + min(max_new_tokens, PREALLOCATED_NEW_TOKENS))
@@ -116,11 +132,15 @@ def generate(
                 token = token.masked_fill(finished, fill)
                 finished |= token == eos_token_id
             new_tokens.append(token)
-            if streamer is not None:
+            if hf_streamer:
+                streamer.put(token.cpu())
+            elif streamer is not None:
                 streamer(token)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             logits = model(token[:, None], cache=cache).logits[:, -1]
+    if hf_streamer:
+        streamer.end()
     if not new_tokens:
         return input_ids
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -77,6 +77,35 @@ def test_eos_stops_and_pads(tiny_model):
     assert streamed == free[0, 4:].tolist()
 
 
+def test_transformers_streamers_get_the_prompt_the_tokens_and_the_end(tiny_model):
+    transformers = pytest.importorskip("transformers")
+    from mixcon.integrations.transformers import hf_tokenizer
+
+    model = tiny_model(dtype=torch.float32, vocab_size=260)  # the bytes tokenizer's ids fit
+    tok = hf_tokenizer("bytes")
+    prompt = torch.tensor([tok("the king")["input_ids"]])
+    out = model.generate(prompt, 6)
+    streamer = transformers.TextIteratorStreamer(tok, skip_prompt=True, timeout=5)  # raises if end() is missing
+    model.generate(prompt, 6, streamer=streamer)
+    assert "".join(streamer) == tok.decode(out[0, prompt.shape[1]:])  # the iterator ended: end() was called
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value.tolist())
+
+        def end(self):
+            self.calls.append("end")
+
+    recorder = Recorder()
+    model.generate(prompt, 6, streamer=recorder)
+    assert recorder.calls == [prompt.tolist(), *[[t] for t in out[0, prompt.shape[1]:].tolist()], "end"]
+    with pytest.raises(TypeError, match="streamer must be called with each step's tokens, or be a transformers"):
+        model.generate(prompt, 2, streamer=object())
+
+
 def test_generate_validates_arguments(tiny_model):
     model = tiny_model(dtype=torch.float32)
     prompt = torch.randint(0, 300, (2, 4))
