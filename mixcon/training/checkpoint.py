@@ -13,6 +13,7 @@ checkpoints untouched; a directory without a manifest is never a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 MANIFEST = "manifest.json"
+SWAPPED = ".tmp-old-"  # prefix of a directory swapped out by `publish_directory`
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -82,6 +84,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
+    _restore_all_swapped(root)
     found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
              and (p / MANIFEST).is_file()]
     return sorted(found, key=checkpoint_step)
@@ -120,16 +123,36 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _swapped_out(final: Path) -> Path:
+    """Where `publish_directory` keeps the `final` it replaces until the new one is in place."""
+    return final.with_name(f"{SWAPPED}{final.name}")
+
+
+def restore_swapped(final: Path) -> None:
+    """Put back a `final` that `publish_directory` swapped out when its replacement never arrived (a crash
+    between the two renames)."""
+    old = _swapped_out(final)
+    if old.is_dir() and not final.exists():
+        with contextlib.suppress(FileNotFoundError):  # another process restored it first
+            old.rename(final)
+
+
+def _restore_all_swapped(folder: Path) -> None:
+    for old in folder.glob(f"{SWAPPED}*"):
+        restore_swapped(old.with_name(old.name[len(SWAPPED):]))
+
+
 def publish_directory(tmp: Path, final: Path) -> None:
     """Make the finished directory `tmp` appear as `final` at once: its files get the permissions of the umask
     (`umask_permissions`) and are synced to disk, then it is renamed into place; a `final` already there is
-    swapped out first and deleted after."""
+    swapped out first and deleted after (and put back by `restore_swapped` if a crash came in between)."""
     for p in tmp.rglob("*"):
         if p.is_file():
             umask_permissions(p)
             _fsync(p)
+    restore_swapped(final)
     if final.exists():
-        old = final.with_name(f".tmp-old-{final.name}")
+        old = _swapped_out(final)
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
@@ -153,6 +176,7 @@ def save_checkpoint(
     """Write the checkpoint of `step` atomically, then delete all but the `keep_last` newest. Call on one rank."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    _restore_all_swapped(root)  # a checkpoint swapped out by a crash mid-replacement is not stale
     for stale in root.glob(".tmp-*"):  # left by a crash mid-write; one writer per run
         shutil.rmtree(stale, ignore_errors=True)
     final = checkpoint_path(run_dir, step)

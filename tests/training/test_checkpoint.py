@@ -117,6 +117,31 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(trained, mon
     assert not list((run / ckpt.CHECKPOINTS).glob(".tmp-*"))
 
 
+def test_crash_between_the_renames_of_a_replacement_loses_nothing(trained, monkeypatch):
+    """Saving a step again swaps the old copy out, then renames the new one in: a crash in between leaves the
+    old copy under its swapped-out name, which comes back as the checkpoint (not deleted as debris)."""
+    trainer, run = trained
+    before = load_checkpoint(run).model_state
+    real_rename = type(run).rename
+
+    def crash_on_the_second_rename(self, target):
+        if self.name == ".tmp-step-00000004":
+            raise OSError("power cut (simulated) after the old copy was swapped out")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(run), "rename", crash_on_the_second_rename)
+    with pytest.raises(OSError, match="simulated"):
+        trainer.save()  # step 4 again
+    monkeypatch.undo()
+    root = run / ckpt.CHECKPOINTS
+    assert not (root / "step-00000004").exists() and (root / ".tmp-old-step-00000004").is_dir()
+    assert latest_checkpoint(run).name == "step-00000004"  # put back when listed: a resume finds it
+    assert all(torch.equal(t, before[k]) for k, t in load_checkpoint(run).model_state.items())
+    trainer.save()
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+    assert not list(root.glob(".tmp-*"))
+
+
 @pytest.mark.parametrize("name", [ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, "tokenizer/tokenizer.json"])
 def test_corrupt_file_is_refused(trained, name):
     _, run = trained
