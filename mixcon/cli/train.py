@@ -71,6 +71,10 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
 ]
 
 
+# Options that decide the shards and the order the loader draws from them: a resumed run keeps them.
+DATA_FIELDS = ("corpus", "max_bytes", "val_fraction", "seed")
+
+
 def _field(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -215,6 +219,10 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOp
             raise SystemExit(f"mixcon train: --resume keeps the run's tokenizer ({saved.tokenizer!r}); --tokenizer "
                              f"{given['tokenizer']!r} would change the model's vocabulary (start a new run with "
                              f"--init-from to change it)")
+        if data := [key for key in DATA_FIELDS if key in given and given[key] != getattr(saved, key)]:
+            raise SystemExit(f"mixcon train: --resume continues on the run's data; "
+                             f"{', '.join('--' + k.replace('_', '-') for k in data)} would change it (start a new run "
+                             f"with --init-from {resume} to train on other data)")
         for key, value in given.items():
             if getattr(saved, key) != value:
                 say(f"resume: {key} changes from {getattr(saved, key)!r} to {value!r}")

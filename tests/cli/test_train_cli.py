@@ -86,6 +86,10 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
               "--no-progress"])
     with pytest.raises(SystemExit, match=r"--resume keeps the run's tokenizer \('bpe'\); --tokenizer 'bytes'"):
         main(["train", "--out", str(run), "--resume", "--tokenizer", "bytes"])
+    shards = sorted((p.name, p.stat().st_mtime_ns) for p in (run / "data").iterdir())
+    with pytest.raises(SystemExit, match=r"continues on the run's data; --corpus, --seed would change it"):
+        main(["train", "--out", str(run), "--resume", "--corpus", str(run / "data"), "--seed", "5"])
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (run / "data").iterdir()) == shards  # not rebuilt
     with pytest.raises(SystemExit, match=r"^mixcon train: --grad-clip=-1\.0 must be a finite number >= 0$"):
         main(["train", "--out", str(run), "--resume", "--grad-clip", "-1"])
     with pytest.raises(SystemExit, match=r"--steps 3: the run resumed from .*step-00000003 is at step 3 already"):
