@@ -6,10 +6,10 @@
 #
 #   scripts/gpu_check.sh OUT_DIR
 #
-# Writes OUT_DIR/check.log (everything printed), OUT_DIR/scan/scan.{json,png} and
-# OUT_DIR/speed/speed.{json,png} (after every shape), OUT_DIR/decode/decode.{json,png} and
-# OUT_DIR/decode-compiled/decode.json. Each step has its own time limit, so that a slow one leaves
-# the others' results.
+# Writes OUT_DIR/check.log (everything printed), OUT_DIR/scan/scan.json,
+# OUT_DIR/speed/speed.{json,png} (after every shape), OUT_DIR/speed-tf32/speed.json,
+# OUT_DIR/decode/decode.{json,png} and OUT_DIR/decode-compiled/decode.json. Each step has its own time
+# limit, so that a slow one leaves the others' results.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -35,10 +35,15 @@ step 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_chunk.py 
 step 50 python3 -m mixcon bench scan --device cuda --dtype bf16 --chunks 16,32,64 --repeats 10 --out "$out/scan"
 step 90 python3 -m mixcon bench speed --device cuda --dtype bf16 --lengths 2048 --batches 1,4 --repeats 10 \
     --reference-max-T 0 --train-step 16x2048 --out "$out/speed"
+# The layer hands the Triton kernel fp32 inputs: at torch's default precision it multiplies them in full
+# fp32, without tensor cores; with TF32 (both forms, as cuBLAS does then):
+step 45 python3 -m mixcon bench speed --device cuda --dtype bf16 --lengths 2048 --batches 1 --repeats 10 \
+    --reference-max-T 0 --fp32-precision high --out "$out/speed-tf32"
 step 120 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,4096,16384,32768 \
     --hf-max-context 4096 --new-tokens 16 --repeats 2 --out "$out/decode"
 # Compiling the decoding step and the prefill of three models takes minutes on its own (on an H200:
 # ~28 s for the first step of `small`, again for the next capacity): two contexts, no transformers models.
-step 260 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,16384 --hf-max-context 0 \
+step 225 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,16384 --hf-max-context 0 \
     --new-tokens 16 --repeats 2 --compile --out "$out/decode-compiled"
-rm -f "$out/decode-compiled/decode.png"  # its table is in check.log; keeps what comes back to 8 files
+# Their tables are in check.log: what comes back stays within 8 files.
+rm -f "$out/scan/scan.png" "$out/speed-tf32/speed.png" "$out/decode-compiled/decode.png"

@@ -181,9 +181,22 @@ def sync() -> None:
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
-    """--device and --dtype, shared by the benchmarks."""
+    """--device and --dtype, shared by the benchmarks; and --fp32-precision (`apply_precision`)."""
     add_device_argument(p, "cuda" if torch.cuda.is_available() else "cpu")
     add_dtype_argument(p)
+    add_precision_argument(p)
+
+
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fp32-precision", choices=["highest", "high"], default=None,
+                   help="torch.set_float32_matmul_precision before timing (high: fp32 matmuls, and the Triton scan "
+                        "kernel's fp32 inputs, multiplied in TF32; default: torch's own, 'highest')")
+
+
+def apply_precision(args: argparse.Namespace) -> None:
+    """The --fp32-precision of `add_precision_argument`, if given (recorded in every result's `machine`)."""
+    if args.fp32_precision is not None:
+        torch.set_float32_matmul_precision(args.fp32_precision)
 
 
 class TokenClock:
@@ -261,6 +274,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "fp32_matmul_precision": torch.get_float32_matmul_precision(),
     }
 
 

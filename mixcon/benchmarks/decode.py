@@ -28,6 +28,7 @@ from mixcon.benchmarks.common import (
     TokenClock,
     add_device_arguments,
     add_out_argument,
+    apply_precision,
     copy_bandwidth_gbs,
     new_figure,
     print_table,
@@ -195,6 +196,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, base: MixConConfig | None = None) -> int:
+    apply_precision(args)
     run(args.contexts, args.hf_max_context, args.new_tokens, args.repeats, args.out, base=base, device=args.device,
         dtype=DTYPES[args.dtype], compiled=args.compile, via_transformers=args.via_transformers)
     return 0

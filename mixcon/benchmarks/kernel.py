@@ -100,8 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=number_type(int, 1), default=64, help="P (default: %(default)s)")
     p.add_argument("--state", type=number_type(int, 1), default=64, help="N (default: %(default)s)")
     p.add_argument("--tau", type=number_type(int, 0), default=2, help="readout delay (default: %(default)s)")
-    p.add_argument("--fp32-precision", choices=["highest", "high"], default=None,
-                   help="torch.set_float32_matmul_precision first (high: fp32 inputs multiplied in TF32)")
+    common.add_precision_argument(p)
     common.add_out_argument(p, default=None)
 
 
@@ -116,8 +115,7 @@ def main(args: argparse.Namespace) -> int:
         import triton  # noqa: F401
     except ImportError:
         raise SystemExit("mixcon bench kernel needs triton: pip install 'mixcon[triton]'") from None
-    if args.fp32_precision is not None:
-        torch.set_float32_matmul_precision(args.fp32_precision)
+    common.apply_precision(args)
     run(args.arch, [DTYPES[d] for d in args.dtypes.split(",")], args.blocks, args.head_dim, args.state, args.tau,
         args.out)
     return 0

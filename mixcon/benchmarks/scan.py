@@ -154,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
                          f"{list(VARIANTS)}")
     if args.heads % args.groups:
         raise SystemExit(f"bench scan: --heads {args.heads} must be a multiple of --groups {args.groups}")
+    common.apply_precision(args)
     run(args.lengths, args.batches, args.repeats, args.out, heads=args.heads, head_dim=args.head_dim,
         state=args.state, groups=args.groups, chunks=tuple(args.chunks), variants=variants, device=args.device,
         dtype=DTYPES[args.dtype], compiled=args.compile)

@@ -24,6 +24,7 @@ from mixcon.benchmarks.common import (
     SavedBytes,
     add_device_arguments,
     add_out_argument,
+    apply_precision,
     matmul_peak_gflops,
     median_seconds,
     new_figure,
@@ -280,6 +281,7 @@ def _shape(text: str) -> tuple[int, int] | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    apply_precision(args)
     run(args.lengths, args.batches, args.repeats, args.reference_max_T, args.out, device=args.device,
         dtype=DTYPES[args.dtype], compiled=args.compile, train_shape=args.train_step)
     return 0

@@ -78,8 +78,14 @@ def test_scan_benchmark_command(tmp_path):
     argv = ["bench", "scan", "--lengths", "24", "--batches", "1", "--heads", "2", "--head-dim", "4", "--state", "4",
             "--chunks", "8", "--variants", "ssd,control", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]
     assert main(argv) == 0
-    rows = json.loads((tmp_path / "scan.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["ssd", "control"]
+    result = json.loads((tmp_path / "scan.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["ssd", "control"]
+    assert result["machine"]["fp32_matmul_precision"] == torch.get_float32_matmul_precision() == "highest"
+    try:
+        assert main([*argv, "--fp32-precision", "high"]) == 0
+        assert json.loads((tmp_path / "scan.json").read_text())["machine"]["fp32_matmul_precision"] == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
     with pytest.raises(SystemExit, match="--variants bogus unknown"):
         main([*argv[:-2], "--variants", "bogus"])
     with pytest.raises(SystemExit, match="multiple of --groups"):
