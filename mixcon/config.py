@@ -148,6 +148,13 @@ class MixConConfig:
                   f"{self.conba_delay} with conba_kernel='triton'")
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "must be a mapping of metadata (a dict)")
+        try:  # saved in config.json: it must come back as it is
+            same = json.loads(json.dumps(self.extra, sort_keys=True)) == self.extra
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            _fail("extra", self.extra, "must hold JSON data (string keys; strings, numbers, booleans, None, lists "
+                  "and dicts), which config.json stores as it is")
 
     def _integer(self, name: str, minimum: int, note: str = "", *, optional: bool = False,
                  maximum: int | None = None) -> None:

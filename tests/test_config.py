@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mixcon import MixConConfig, MixConForCausalLM
 
@@ -79,6 +80,9 @@ def test_json_round_trip(tmp_path):
     (dict(pad_token_id=-1), "pad_token_id"),
     (dict(attn_per_block=8, conba_per_block=1), "conba_per_block"),
     (dict(extra=5), "extra"),
+    (dict(extra={"run": 3, 7: "seed"}), "extra"),  # a key that JSON would turn into "7"
+    (dict(extra={"dtype": torch.float32}), "extra"),
+    (dict(extra={"shape": (1, 2)}), "extra"),  # a tuple comes back from config.json as a list
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"MixConConfig\.{field}="):

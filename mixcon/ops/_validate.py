@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+# The chunked forms work with differences of cumulative log decays within a chunk: a log decay far below
+# this (or -inf, a full reset) would make them lose precision (or give nan). A decay of exp(-100) ~ 4e-44
+# is a full reset at every precision the scan computes in, so they clamp there.
+LOG_DECAY_FLOOR = -100.0
+
 
 def check_scan_inputs(
     x: torch.Tensor,

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mixcon.ops._validate import check_scan_inputs
+from mixcon.ops._validate import LOG_DECAY_FLOOR, check_scan_inputs
 from mixcon.ops.dtypes import compute_dtype
 
 
@@ -143,7 +143,7 @@ def conba_scan(
     Xc = _chunks(x.to(dt), T_pad, C, G)  # (B, G, hg, nc, C, P)
     Kc = _chunks(k.to(dt), T_pad, C, G).squeeze(2)  # (B, G, nc, C, N)
     Qc = _chunks(q.to(dt), T_pad, C, G).squeeze(2)
-    ld = _chunks(log_decay.to(dt), T_pad, C, G)  # (B, G, hg, nc, C); padding: no decay...
+    ld = _chunks(log_decay.to(dt).clamp(min=LOG_DECAY_FLOOR), T_pad, C, G)  # (B, G, hg, nc, C); pads: no decay...
     bt = _chunks(beta.to(dt), T_pad, C, G)  # ... and no write, so the state passes through unchanged
 
     b = ld.cumsum(-1)  # (B, G, hg, nc, C)

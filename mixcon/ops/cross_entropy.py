@@ -26,6 +26,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if labels.shape != h.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must have h's shape without its last "
+                         f"dimension, {tuple(h.shape[:-1])}")
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, labels, rows)

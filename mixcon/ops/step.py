@@ -48,7 +48,7 @@ def conba_scan_step(
         write = write - decay * torch.bmm(S, kc).view(B, H, P)
     # out= ops record no gradients, and a compiled graph writes its inputs by copy (fused by the compiler).
     in_place = out is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    S_new = torch.mul(state, decay[..., None], out=out) if in_place else state * decay[..., None]
+    S_new = torch.mul(state, decay[..., None], out=out) if in_place else (state * decay[..., None]).contiguous()
     S_new.view(B * G, hg * P, N).baddbmm_((b * write).view(B * G, hg * P, 1), kc.view(B * G, 1, N))
     if out is not None and not in_place:
         out.copy_(S_new)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixcon.ops._validate import check_scan_inputs, triton_chunk_ok
+from mixcon.ops._validate import LOG_DECAY_FLOOR, check_scan_inputs, triton_chunk_ok
 from mixcon.ops.chunk import early_delayed_readout, initial_states
 
 # Steps per block of the kernel's walk over time, whatever the model's chunk: with 64-step tiles the
@@ -170,6 +170,7 @@ def conba_scan_triton(
                                        for t in (x, k, q, log_decay, beta, delay_gain, initial_state)):
         raise RuntimeError("conba_scan_triton has no backward; use conba_scan for training")
     f32 = torch.float32
+    log_decay = log_decay.clamp(min=LOG_DECAY_FLOOR)  # as in `conba_scan`
     x, k, q, log_decay, beta = (t.contiguous() for t in (x, k, q, log_decay, beta))
     S0, past0 = initial_states(x, N, tau, initial_state, initial_past_states, f32)
     if T == 0:

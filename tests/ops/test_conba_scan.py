@@ -168,6 +168,35 @@ def test_step_reads_states_with_a_strided_batch():
     torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+@pytest.mark.parametrize("spike", [-30.0, -300.0, float("-inf")])
+def test_a_reset_or_a_huge_decay_mid_chunk_stays_exact(delta_rule, spike):
+    """log_decay = -inf (a full reset: alpha = 0) or far below zero: the chunked form, which works with
+    differences of cumulative log decays, matches the reference loop in fp32 as for ordinary decays."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=37)
+    ld = ld.clone()
+    ld[:, 5], ld[0, 20, 1] = spike, spike
+    kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0)
+    y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, **kw)
+    y, s = conba_scan(*(t.float() for t in (x, k, q, ld, beta)), chunk_size=16,
+                      **{n: v.float() if isinstance(v, torch.Tensor) else v for n, v in kw.items()})
+    torch.testing.assert_close(y.double(), y_ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(s.double(), s_ref, rtol=2e-5, atol=2e-5)
+
+
+def test_step_takes_a_transposed_state_with_and_without_gradients():
+    x, k, q, ld, beta, _, S0 = make_inputs(T=1)
+    args = (x[:, 0], k[:, 0], q[:, 0], ld[:, 0], beta[:, 0])
+    y_ref, s_ref = conba_scan_step(*args, S0, delta_rule=True)
+    strided = S0.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, (P, N) not contiguous
+    y, s = conba_scan_step(*args, strided, delta_rule=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+    y, _ = conba_scan_step(*args, strided.requires_grad_(), delta_rule=True)
+    y.sum().backward()
+    assert strided.grad is not None and strided.grad.shape == S0.shape
+
+
 def test_bad_shapes_raise_clear_errors():
     x, k, q, ld, beta, _, S0 = make_inputs()
     with pytest.raises(ValueError, match="delay_gain"):

@@ -76,6 +76,12 @@ def test_all_ignored_is_nan_like_cross_entropy():
     assert linear_cross_entropy(h, weight, labels).isnan()
 
 
+def test_labels_of_another_shape_are_refused():
+    h, weight, labels = inputs((4,), V=7, d=4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"labels \(8,\) must have h's shape without its last dimension, \(4,\)"):
+        linear_cross_entropy(h, weight, labels.repeat(2), chunk_rows=2)
+
+
 def test_bad_chunk_rows():
     h, weight, labels = inputs((5,), V=7, d=4, dtype=torch.float64)
     with pytest.raises(ValueError, match="chunk_rows=0"):

@@ -42,6 +42,19 @@ def test_triton_equals_reference(delta_rule, T, chunk, G, tau, init, P, N):
         torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_a_full_reset_mid_chunk_stays_finite_and_exact():
+    """log_decay = -inf (alpha = 0): the kernel's cumulative decays are clamped as in `conba_scan`."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=40, G=2, P=16, N=16)
+    ld = ld.clone()
+    ld[:, 9] = float("-inf")
+    kw = dict(delta_rule=True, tau=2, delay_gain=gain, initial_state=S0)
+    y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, **kw)
+    dev = {name: v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v for name, v in kw.items()}
+    y, s = conba_scan_triton(*(t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)), chunk_size=16, **dev)
+    torch.testing.assert_close(y.double().cpu(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.double().cpu(), s_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_bf16_inputs_come_back_in_bf16():
     x, k, q, ld, beta, gain, S0 = make_inputs(T=40, G=2, P=16, N=16)
     y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, delta_rule=True, tau=2, delay_gain=gain, initial_state=S0)
