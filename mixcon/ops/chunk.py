@@ -127,7 +127,8 @@ def conba_scan(
 
     `past_states` are the tau most recent states S_{T-tau+1} .. S_T (S_j = S_0 for j <= 0, or taken
     from `initial_past_states`), which the decode cache needs when tau > 0. A token whose `seq_idx`
-    differs from the previous token's starts a document from zero states, as if scanned alone.
+    differs from the previous token's starts a document from zero states, as if scanned alone. Log decays
+    below LOG_DECAY_FLOOR (-100; -inf included) act as that floor: a full reset, to within exp(-100).
     """
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
                                          initial_past_states, seq_idx)
