@@ -46,6 +46,7 @@ CONBA_MECHANISMS = {  # variant name -> (the field, its value with the mechanism
     "no-state-scaling": ("conba_state_scaling", False),
 }
 BASE = "base"
+KEY = ("variant", "seed")  # of a run
 
 
 def builtin_variants(base: MixConConfig) -> dict[str, dict[str, Any]]:
@@ -124,12 +125,12 @@ def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.T
         device: str = "cpu", resume: bool = False) -> list[dict[str, Any]]:
     """Train and score the base and every variant at every seed; returns the per-variant summary.
     out_dir/ablate.json holds every finished run as soon as it ends; `resume` reuses those of an earlier
-    call with the same settings."""
+    call with the same settings (the seeds may differ: the earlier runs stay, and the summary is over all)."""
     configs = variant_configs(base, variants)
     train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
     settings = dict(real_len=real_len, steps=steps, batch_size=batch_size, lr=lr, eval_windows=eval_windows,
                     **bytes_lm.stream_settings(stream), device=device, base=base.to_dict(), variants=variants)
-    done = common.finished_runs(out_dir, "ablate", settings, key=("variant", "seed"), field="runs") if resume else {}
+    done = common.finished_runs(out_dir, "ablate", settings, key=KEY, field="runs") if resume else {}
     runs = []
     for seed in seeds:
         for name, config in configs.items():
@@ -140,16 +141,19 @@ def run(base: MixConConfig, variants: dict[str, dict[str, Any]], stream: torch.T
                                            lr=lr, seed=seed, device=device)
             runs.append(dict(variant=name, seed=seed, **row))
             common.print_table(runs[-1:], list(runs[-1]))
-            common.write_results(out_dir, "ablate", _payload(settings, seeds, runs), plot=None)
+            common.write_results(out_dir, "ablate", _payload(settings, common.with_earlier(runs, done, KEY)),
+                                 plot=None)
+    runs = common.with_earlier(runs, done, KEY)
     summary = summarize(runs)
-    print(f"\nmeans over seeds {', '.join(map(str, seeds))} (delta: bits/byte minus the base's at the same seed)")
+    all_seeds = sorted({r["seed"] for r in runs})
+    print(f"\nmeans over seeds {', '.join(map(str, all_seeds))} (delta: bits/byte minus the base's at the same seed)")
     common.print_table(summary, COLUMNS)
-    common.write_results(out_dir, "ablate", _payload(settings, seeds, runs), _plot)
+    common.write_results(out_dir, "ablate", _payload(settings, runs), _plot)
     return summary
 
 
-def _payload(settings: dict[str, Any], seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return dict(seeds=seeds, **settings, runs=runs, rows=summarize(runs))
+def _payload(settings: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(seeds=sorted({r["seed"] for r in runs}), **settings, runs=runs, rows=summarize(runs))
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -352,6 +352,14 @@ def finished_runs(out_dir: Path, name: str, settings: dict[str, Any], key: tuple
     return {tuple(r[k] for k in key): r for r in saved[field]}
 
 
+def with_earlier(rows: list[dict[str, Any]], done: dict[tuple[Any, ...], dict[str, Any]], key: tuple[str, ...]
+                 ) -> list[dict[str, Any]]:
+    """This call's rows, then those of `finished_runs` that it has not reused: a --resume that asks for other
+    models, ratios or seeds adds to the results in --out instead of dropping the earlier ones."""
+    have = {tuple(r[k] for k in key) for r in rows}
+    return rows + [r for k, r in done.items() if k not in have]
+
+
 def run_or_exit(command: str, run: Callable[[], Any]) -> None:
     """`run()`, with a UsageError as a one-line exit; any other error keeps its traceback."""
     try:

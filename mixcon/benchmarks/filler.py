@@ -23,6 +23,7 @@ from mixcon.benchmarks import bytes_lm, common
 from mixcon.config import MixConConfig
 
 COLUMNS = ["model", "ratio", "seq_len", "train_s", "final_loss", "bits_per_byte"]
+KEY = ("model", "ratio")  # of a run
 
 
 def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_len: int, steps: int,
@@ -30,11 +31,11 @@ def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_l
         models: list[str] | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Train each twin of `base` (those in `models`, default all) at every ratio, then score it there.
     out_dir/filler.json holds every finished run as soon as it ends; `resume` reuses those of an earlier
-    call with the same settings (ratios and models may differ)."""
+    call with the same settings (ratios and models may differ: the earlier runs stay)."""
     train, held_out = bytes_lm.split_windows(stream, real_len, eval_windows)
     settings = dict(real_len=real_len, steps=steps, batch_size=batch_size, lr=lr, eval_windows=eval_windows,
                     seed=seed, **bytes_lm.stream_settings(stream), device=device, base=base.to_dict())
-    done = common.finished_runs(out_dir, "filler", settings, key=("model", "ratio")) if resume else {}
+    done = common.finished_runs(out_dir, "filler", settings, key=KEY) if resume else {}
     rows = []
     for ratio in ratios:
         for name, config in common.twins(base).items():
@@ -47,9 +48,15 @@ def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_l
                                            batch_size=batch_size, lr=lr, seed=seed, device=device)
             rows.append(dict(model=name, ratio=ratio, seq_len=real_len + round(ratio * real_len), **row))
             common.print_table(rows[-1:], COLUMNS)
-            common.write_results(out_dir, "filler", dict(ratios=ratios, **settings, rows=rows), plot=None)
-    common.write_results(out_dir, "filler", dict(ratios=ratios, **settings, rows=rows), _plot)
+            common.write_results(out_dir, "filler", _payload(settings, common.with_earlier(rows, done, KEY)),
+                                 plot=None)
+    rows = common.with_earlier(rows, done, KEY)
+    common.write_results(out_dir, "filler", _payload(settings, rows), _plot)
     return rows
+
+
+def _payload(settings: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(ratios=sorted({r["ratio"] for r in rows}), **settings, rows=rows)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -43,7 +43,7 @@ def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batc
         models: list[str] | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Train each twin of `base` (those named in `models`, default all) on `task`, then score it at every
     pair count. out_dir/recall.json holds every finished model as soon as it is scored; `resume`
-    reuses those of an earlier call with the same settings (the models may differ)."""
+    reuses those of an earlier call with the same settings (the models may differ: the earlier ones stay)."""
     settings = dict(task=dict(vocab_size=task.vocab_size, seq_len=task.seq_len, keys=task.keys, values=task.values),
                     pairs=pairs, steps=steps, batch_size=batch_size, lr=lr, sequences=sequences, seed=seed,
                     device=device, base=base.to_dict())
@@ -70,7 +70,9 @@ def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batc
                                                       seed=seed + 1)
         rows.append(row)
         common.print_table(rows[-1:], list(row))
-        common.write_results(out_dir, "recall", dict(**settings, rows=rows), plot=None)
+        common.write_results(out_dir, "recall", dict(**settings, rows=common.with_earlier(rows, done, ("model",))),
+                             plot=None)
+    rows = common.with_earlier(rows, done, ("model",))
     common.write_results(out_dir, "recall", dict(**settings, rows=rows), _plot)
     return rows
 

@@ -326,8 +326,10 @@ def test_filler_and_recall_benchmarks_resume_an_interrupted_run_exactly(bench, t
     resumed = json.loads((tmp_path / "cut" / f"{bench}.json").read_text())
     assert timeless(resumed["rows"]) == timeless(whole["rows"])
     assert (tmp_path / "cut" / f"{bench}.png").stat().st_size > 0
-    trained = []  # fewer models than the saved run: theirs are reused, nothing trains
+    trained = []  # fewer models than the saved run: theirs are reused, nothing trains, and none is dropped
     assert main([*argv, *out, "--resume", "--models", "conba-twin,mixcon"]) == 0 and trained == []
+    kept = json.loads((tmp_path / "cut" / f"{bench}.json").read_text())["rows"]
+    assert sorted(timeless(kept), key=repr) == sorted(timeless(whole["rows"]), key=repr)
 
 
 def test_ablate_benchmark_pairs_variants_by_seed(tmp_path):
@@ -434,6 +436,12 @@ def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeyp
     strip = [{k: v for k, v in r.items() if k != "train_s"} for r in whole["runs"]]
     assert [{k: v for k, v in r.items() if k != "train_s"} for r in resumed["runs"]] == strip
     assert (tmp_path / "cut" / "ablate.png").stat().st_size > 0
+    trained = []  # one of the seeds again: reused, and the other seed's runs stay in the results
+    assert main([*argv, "--seeds", "1", *out, "--resume"]) == 0 and trained == []
+    again = json.loads((tmp_path / "cut" / "ablate.json").read_text())
+    assert sorted((r["variant"], r["seed"]) for r in again["runs"]) == sorted((r["variant"], r["seed"])
+                                                                           for r in whole["runs"])
+    assert again["seeds"] == [0, 1] and again["rows"] == resumed["rows"]
 
 
 @pytest.mark.parametrize("argv,flag,allowed", [
