@@ -17,6 +17,7 @@ from mixcon.cli.common import (
 )
 from mixcon.data.corpus import Corpus
 from mixcon.evaluation import MODES, evaluate_texts
+from mixcon.io import write_text_atomic
 from mixcon.ops.dtypes import DTYPES
 from mixcon.training.checkpoint import CheckpointError, load_model_and_tokenizer
 
@@ -43,8 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-bytes", type=number_type(int, 1), default=None,
                    help="score only the first N bytes of the corpus")
     p.add_argument("--mode", choices=MODES, default="window", help="see above (default: %(default)s)")
-    p.add_argument("--context", type=int, default=1024, help="window or chunk length in tokens (default: %(default)s)")
-    p.add_argument("--stride", type=int, default=None, help="tokens between windows (default: --context)")
+    p.add_argument("--context", type=number_type(int, 1), default=1024,
+                   help="window or chunk length in tokens (default: %(default)s)")
+    p.add_argument("--stride", type=number_type(int, 1), default=None,
+                   help="tokens between windows (default: --context)")
     p.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the results to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_perplexity)
@@ -57,9 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--limit", type=number_type(float, 0, above=True, hint=" (a fraction of each task's documents "
                                                                         "when < 1, else a number of them)"),
                    default=None, help="documents per task (a fraction when < 1; default: all)")
-    t.add_argument("--max-length", type=int, default=None,
+    t.add_argument("--max-length", type=number_type(int, 1), default=None,
                    help="keep only the last N tokens of each input (default: no truncation)")
-    t.add_argument("--context", type=int, default=1024,
+    t.add_argument("--context", type=number_type(int, 1), default=1024,
                    help="chunk length when streaming whole documents (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling and generation (default: 0)")
     t.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the results to FILE")
@@ -69,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory, checkpoint or model directory")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences side by side (default: %(default)s)")
+    p.add_argument("--batch-size", type=number_type(int, 1), default=8,
+                   help="sequences side by side (default: %(default)s)")
     add_device_argument(p, "cpu")
     add_dtype_argument(p)
     p.add_argument("--compile", action="store_true", help="run the Conba layers through the compiled prefill")
@@ -112,7 +116,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     try:
         lm = MixConLM(args.checkpoint, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                       batch_size=args.batch_size, max_length=args.max_length, context=args.context,
-                      compile=args.compile)
+                      compile=args.compile, seed=args.seed)
         tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
         manager = TaskManager(include_path=args.include_path)
         if unknown := [name for name in tasks if not manager.match_tasks([name])]:
@@ -133,4 +137,4 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> None:
     """--json FILE: the results, when asked for."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -56,7 +56,8 @@ def stream(model: MixConForCausalLM, tok: AnyTokenizer, prompt: str, max_new_tok
     out.write(prompt)
     streamer = TextStreamer(tok, out)
     model.generate(ids, max_new_tokens, do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_token_id=tok.eos_id, seed=seed, streamer=streamer)
+                   eos_token_id=tok.eos_id, seed=seed, streamer=streamer,
+                   vocab_limit=min(tok.vocab_size, model.config.vocab_size))  # the ids the tokenizer decodes
     return streamer.end()
 
 

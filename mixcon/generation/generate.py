@@ -74,6 +74,7 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     streamer: Callable[[torch.Tensor], None] | Streamer | None = None,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Continue (B, T) prompts by up to `max_new_tokens`; returns (B, T + generated).
 
@@ -82,7 +83,8 @@ def generate(
     produced `eos_token_id` are continued with `pad_token_id` (default: the EOS id). `streamer` is
     called with each step's new tokens (B,); a transformers streamer (`TextStreamer`,
     `TextIteratorStreamer`: `put`/`end`) is given the prompt, each step's tokens and `end()`, as
-    transformers' `generate` does.
+    transformers' `generate` does. `vocab_limit`: only ids below it are chosen (a tokenizer with fewer ids
+    than the model's vocabulary, which could not decode the others).
     """
     if not (is_integer(max_new_tokens) and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
@@ -91,6 +93,9 @@ def generate(
                          "for greedy)")
     if top_k is not None and not (is_integer(top_k) and top_k >= 1):
         raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
+    if vocab_limit is not None and not (is_integer(vocab_limit) and 1 <= vocab_limit <= model.config.vocab_size):
+        raise ValueError(f"vocab_limit={vocab_limit!r} must be None or an integer in [1, vocab_size="
+                         f"{model.config.vocab_size}]")
     if top_p is not None and not 0 < top_p <= 1:  # nan fails too
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if input_ids.dim() == 1:  # one prompt (and its mask)
@@ -123,10 +128,11 @@ def generate(
         B, T = input_ids.shape
         cache = model.new_cache(B, max_length=T + min(max_new_tokens, PREALLOCATED_NEW_TOKENS))
         logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        V = vocab_limit or V
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens: list[torch.Tensor] = []
         for step in range(max_new_tokens):
-            token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            token = sample_next(logits[:, :V], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                 generator=generator)
             if eos_token_id is not None:
                 token = token.masked_fill(finished, fill)

@@ -36,10 +36,11 @@ class MixConLM(TemplateLM):
     def __init__(self, pretrained: str | MixConForCausalLM, tokenizer: str | AnyTokenizer | None = None,
                  device: str | None = None, dtype: str | None = None, batch_size: int | str | None = 8,
                  max_length: int | str | None = None, context: int | str = 1024, compile: bool | str = False,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, seed: int | str = 0) -> None:
         """`pretrained`: a model, or a run / checkpoint / `save_pretrained` directory; `tokenizer`: a tokenizer,
         'bytes' or a path (default for a directory: its own); `dtype`: fp32, bf16 or fp16 (default: as
-        loaded); `batch_size` "auto" means 8 and `max_batch_size` (lm-eval passes it) is not used."""
+        loaded); `batch_size` "auto" means 8 and `max_batch_size` (lm-eval passes it) is not used; `seed`:
+        of sampled generations (a task's own `seed` generation argument wins)."""
         super().__init__()
         if isinstance(pretrained, MixConForCausalLM):
             if tokenizer is None:
@@ -56,6 +57,10 @@ class MixConLM(TemplateLM):
         self.batch_size = _positive_int("batch_size", 8 if batch_size in (None, "auto") else batch_size)
         self.max_length = None if max_length in (None, "None", "") else _positive_int("max_length", max_length)
         self.context = _positive_int("context", context)
+        try:
+            self.seed = int(seed)
+        except (TypeError, ValueError):
+            raise ValueError(f"MixConLM: seed={seed!r} must be an integer") from None
         if compile in (True, "True", "true"):
             self.model.compile_prefill()
 
@@ -109,6 +114,9 @@ class MixConLM(TemplateLM):
         prefix = self._with_eos(context)
         inputs, targets = (prefix + continuation)[:-1], [IGNORE] * (len(prefix) - 1) + continuation
         if self.max_length is not None:  # keep the last max_length predictions
+            if len(continuation) > self.max_length:
+                raise ValueError(f"MixConLM: a continuation of {len(continuation)} tokens is longer than "
+                                 f"max_length={self.max_length}; it could only be scored in part")
             inputs, targets = inputs[-self.max_length:], targets[-self.max_length:]
         return inputs, targets
 
@@ -153,7 +161,9 @@ class MixConLM(TemplateLM):
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Continue each context until one of its `until` strings (cut there), EOS or `max_gen_toks`.
         Requests with the same generation arguments run `batch_size` at a time, left-padded (greedy results
-        equal one request at a time; sampled ones depend on the batch, seeded by `seed`, default 0)."""
+        equal one request at a time; sampled ones depend on the batch). Sampling draws from one generator per
+        call and group of generation arguments, seeded by their `seed` or the model's: repeated requests
+        (a task's `repeats`) get samples of their own."""
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
@@ -161,6 +171,10 @@ class MixConLM(TemplateLM):
         with tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until") as bar:
             for indices in groups.values():
                 options = _generation_options(dict(requests[indices[0]].args[1]))
+                if options.pop("do_sample", False):
+                    seed = self.seed if options.get("seed") is None else options["seed"]
+                    options.update(do_sample=True, generator=torch.Generator(self.device).manual_seed(seed))
+                options.pop("seed", None)
                 for start in range(0, len(indices), self.batch_size):
                     batch = indices[start:start + self.batch_size]
                     for i, text in zip(batch, self._generate([requests[i].args[0] for i in batch], **options),
@@ -181,7 +195,9 @@ class MixConLM(TemplateLM):
         for row, p in enumerate(prompts):
             ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
         generated = self.model.generate(ids.to(self.device), max_new_tokens, attention_mask=mask.to(self.device),
-                                        eos_token_id=self.eot_token_id, **sampling)[:, T:].tolist()
+                                        eos_token_id=self.eot_token_id, **sampling,
+                                        vocab_limit=min(self.tok.vocab_size, self.model.config.vocab_size)
+                                        )[:, T:].tolist()
         texts = []
         for tokens in generated:
             if self.eot_token_id in tokens:
@@ -215,7 +231,8 @@ def _generation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     temperature = float(kwargs.pop("temperature", 0.0))
     if bool(kwargs.pop("do_sample", temperature > 0)) and temperature > 0:
         options.update(do_sample=True, temperature=temperature, top_k=kwargs.pop("top_k", None),
-                       top_p=kwargs.pop("top_p", None), seed=int(kwargs.pop("seed", 0)))
+                       top_p=kwargs.pop("top_p", None),
+                       seed=None if kwargs.get("seed") is None else int(kwargs.pop("seed")))
     if unused := sorted(set(kwargs) - {"top_k", "top_p", "seed"}):
         warnings.warn(f"MixConLM.generate_until ignores the generation arguments {unused}", stacklevel=3)
     return options

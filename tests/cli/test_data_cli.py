@@ -68,6 +68,10 @@ def test_errors_exit_with_the_message(argv, message):
     (["data", "prepare", "--out", "x"], "--workers", "two"), (["data", "prepare", "--out", "x"], "--max-bytes", "0"),
     (["tokenizer", "train", "--out", "x"], "--max-bytes", "-5"),
     (["eval", "perplexity", "--checkpoint", "x"], "--max-bytes", "0"),
+    (["eval", "perplexity", "--checkpoint", "x"], "--context", "0"),
+    (["eval", "perplexity", "--checkpoint", "x"], "--stride", "-1"),
+    (["eval", "tasks", "--checkpoint", "x", "--tasks", "t"], "--max-length", "0"),
+    (["eval", "tasks", "--checkpoint", "x", "--tasks", "t"], "--batch-size", "0"),
 ])
 def test_counts_must_be_positive_integers(argv, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:

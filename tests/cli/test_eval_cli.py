@@ -68,8 +68,7 @@ def test_max_bytes_limits_the_text(saved, tmp_path, capsys):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--stride", "32", "--context", "16"], r"stride=32 must be in \[1, context=16\]"),
-    (["--context", "0"], "context=0"),
-])  # --max-bytes 0: argparse refuses it (tests/cli/test_data_cli.py)
+])  # --context 0, --max-bytes 0: argparse refuses them (tests/cli/test_data_cli.py)
 def test_bad_arguments_exit_with_the_reason(saved, extra, message):
     model_dir, corpus = saved
     with pytest.raises(SystemExit, match=f"mixcon eval perplexity: .*{message}"):

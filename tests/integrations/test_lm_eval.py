@@ -120,11 +120,37 @@ def test_batched_generation_equals_one_request_at_a_time(lm):
     assert lm.generate_until(requests, disable_tqdm=True) == batched
 
 
-def test_sampling_with_temperature_is_seeded(lm):
+def test_sampling_with_temperature_is_seeded(lm, tiny_model):
     kwargs = {"max_gen_toks": 8, "temperature": 1.0, "do_sample": True}
     a = lm.generate_until([request("generate_until", "x", dict(kwargs))], disable_tqdm=True)
     b = lm.generate_until([request("generate_until", "x", {**kwargs, "seed": 0})], disable_tqdm=True)
-    assert a == b
+    assert a == b  # the model's seed (0 by default), or the task's
+    other = MixConLM(lm.model, tokenizer=TOK, batch_size=3, seed=1)
+    assert other.generate_until([request("generate_until", "x", dict(kwargs))], disable_tqdm=True) != a
+    lm.batch_size = 1  # repeated requests (a task's `repeats`), one per batch: each its own sample
+    repeats = lm.generate_until([request("generate_until", "x", dict(kwargs)) for _ in range(4)], disable_tqdm=True)
+    assert len(set(repeats)) > 1
+
+
+def test_generation_picks_only_ids_the_tokenizer_decodes(tiny_model):
+    """A model with more ids than its tokenizer (e.g. after resize_token_embeddings): the extra ones would
+    not decode, so they are never chosen, sampled or greedy."""
+    model = tiny_model(vocab_size=TOK.vocab_size + 40)
+    with torch.no_grad():  # make the extra ids the likeliest
+        model.lm_head.weight[TOK.vocab_size:] = 10 * model.lm_head.weight[:40].abs().sum()
+    lm = MixConLM(model, tokenizer=TOK, batch_size=2)
+    for kwargs in ({"max_gen_toks": 6}, {"max_gen_toks": 6, "temperature": 1.0, "do_sample": True}):
+        lm.generate_until([request("generate_until", "x", kwargs)], disable_tqdm=True)  # decodes, no error
+    out = model.generate(torch.tensor([[TOK.eos_id]]), 6, vocab_limit=TOK.vocab_size)
+    assert int(out.max()) < TOK.vocab_size
+    with pytest.raises(ValueError, match=r"vocab_limit=0 must be None or an integer in \[1, vocab_size=299\]"):
+        model.generate(torch.tensor([[TOK.eos_id]]), 2, vocab_limit=0)
+
+
+def test_a_continuation_longer_than_max_length_is_refused(tiny_model):
+    lm = MixConLM(tiny_model(vocab_size=TOK.vocab_size), tokenizer=TOK, max_length=4)
+    with pytest.raises(ValueError, match="a continuation of 5 tokens is longer than max_length=4"):
+        lm.loglikelihood([request("loglikelihood", "abc", "defgh")], disable_tqdm=True)
 
 
 def test_loads_a_saved_model_from_arguments_and_rejects_bad_ones(tiny_model, tmp_path):
