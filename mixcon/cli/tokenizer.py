@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from mixcon.cli.common import add_command, add_corpus_action, number_type
 from mixcon.data.corpus import Corpus
@@ -18,7 +19,7 @@ Prints documents, bytes, tokens and bytes per token of the corpus."""
 def register(sub: argparse._SubParsersAction) -> None:
     actions = add_command(sub, "tokenizer", "Tokenizers", "train a BPE tokenizer on a corpus")
     t = add_corpus_action(actions, "train", "train a byte-level BPE and save tokenizer.json", TRAIN_DESCRIPTION)
-    t.add_argument("--vocab-size", type=int, default=8192,
+    t.add_argument("--vocab-size", type=number_type(int, 259), default=8192,
                    help="vocabulary size with the 3 specials, at least 259 (default: %(default)s; 256000 in the paper)")
     t.add_argument("--max-bytes", type=number_type(int, 1), default=None,
                    help="read only this much text, e.g. 5_000_000")
@@ -27,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # before the training, not after it
+        raise SystemExit(f"mixcon tokenizer train: --out {args.out} is a file; give a folder")
     try:
         corpus = Corpus.from_spec(args.corpus)
         start = time.perf_counter()

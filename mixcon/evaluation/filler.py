@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mixcon.checks import is_integer
 from mixcon.data.synthetic import insert_filler
 from mixcon.evaluation.perplexity import row_nll
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
@@ -14,6 +15,10 @@ def filler_loss(model: MixConForCausalLM, windows: torch.Tensor, ratio: float, f
                 batch_size: int = 32, seed: int = 0) -> float:
     """Mean negative log-likelihood (nats) of each next real token of `windows` (N, R), predicted at the
     real token before it, with round(ratio · R) fillers inserted per window at places drawn from `seed`."""
+    if not (is_integer(batch_size) and batch_size >= 1):
+        raise ValueError(f"filler_loss: batch_size={batch_size!r} must be an integer >= 1")
+    if windows.dim() != 2 or windows.shape[0] == 0:
+        raise ValueError(f"filler_loss: windows must be (N, R) with N >= 1, got {tuple(windows.shape)}")
     generator = torch.Generator().manual_seed(seed)
     device = model.embed.weight.device
     total, count = 0.0, 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mixcon.checks import is_integer
 from mixcon.data.synthetic import RecallTask
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 
@@ -13,6 +14,9 @@ def recall_accuracy(model: MixConForCausalLM, task: RecallTask, num_pairs: int, 
                     batch_size: int = 64, seed: int = 0) -> float:
     """Fraction of queried keys whose value is the model's most likely next token, over `sequences`
     held-out sequences (drawn from `seed`) with `num_pairs` pairs each."""
+    for name, value in (("sequences", sequences), ("batch_size", batch_size)):
+        if not (is_integer(value) and value >= 1):
+            raise ValueError(f"recall_accuracy: {name}={value!r} must be an integer >= 1")
     if model.config.vocab_size < task.vocab_size:
         raise ValueError(f"recall_accuracy: the model's vocab_size={model.config.vocab_size} is smaller than "
                          f"the task's {task.vocab_size}")

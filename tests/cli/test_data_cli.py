@@ -55,8 +55,7 @@ def test_data_prepare_defaults_to_bytes(corpus_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["data", "prepare", "--corpus", "/no/such/corpus", "--out", "x"], "mixcon data prepare: corpus '/no/such/corpus'"),
     (["data", "prepare", "--tokenizer", "/no/such/tok", "--out", "x"], "expected 'bytes', a tokenizer.json file"),
-    (["tokenizer", "train", "--vocab-size", "10", "--out", "x"], "mixcon tokenizer train: vocab_size=10"),
-])
+])  # a --vocab-size below 259: argparse (below)
 def test_errors_exit_with_the_message(argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -78,3 +77,25 @@ def test_counts_must_be_positive_integers(argv, flag, value, capsys):
         main([*argv, flag, value])
     assert exit_info.value.code == 2
     assert f"argument {flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--checkpoint", "x", "--seed", "99999999999999999999"],
+     "argument --seed: expected an integer in [0, 18446744073709551615], got '99999999999999999999'"),
+    (["data", "prepare", "--out", "x", "--seed", "-1"], "argument --seed: expected an integer in [0, "),
+    (["tokenizer", "train", "--out", "x", "--vocab-size", "100"],
+     "argument --vocab-size: expected an integer >= 259, got '100'"),
+])
+def test_seeds_and_vocabulary_sizes_are_checked_by_argparse(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tokenizer_out_that_is_a_file_is_refused_before_training(tmp_path, monkeypatch):
+    from mixcon.cli import tokenizer
+
+    monkeypatch.setattr(tokenizer, "train_bpe_tokenizer", lambda *a, **k: pytest.fail("trained first"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"--out .*file is a file; give a folder"):
+        main(["tokenizer", "train", "--corpus", str(tmp_path / "file"), "--out", str(tmp_path / "file")])

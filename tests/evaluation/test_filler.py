@@ -43,3 +43,12 @@ def test_fillers_change_a_real_models_loss(tiny_model):
     model = tiny_model(vocab_size=V)
     plain, padded = (filler_loss(model, windows, r, FILLER) for r in (0, 2))
     assert math.isfinite(plain) and abs(plain - padded) > 1e-6
+
+
+def test_bad_sizes_are_refused_by_name(tiny_model):
+    model = tiny_model(vocab_size=V)
+    windows = torch.randint(0, FILLER, (4, 10))
+    with pytest.raises(ValueError, match=r"filler_loss: batch_size=0 must be an integer >= 1"):
+        filler_loss(model, windows, 1, FILLER, batch_size=0)
+    with pytest.raises(ValueError, match=r"filler_loss: windows must be \(N, R\) with N >= 1, got \(0, 10\)"):
+        filler_loss(model, windows[:0], 1, FILLER)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mixcon.benchmarks.recall import train_on_recall
@@ -48,3 +49,10 @@ def test_training_on_recall_learns_the_value_vocabulary(tiny_model):
     losses = train_on_recall(model, TASK, [2, 4], steps=40, batch_size=16, lr=3e-3)
     assert len(losses) == 40 and losses[0] > 3.6  # ln 48 = 3.87
     assert sum(losses[-5:]) / 5 < 3.4  # ln 24 = 3.18 for a uniform guess among the values
+
+
+def test_bad_sizes_are_refused_by_name(tiny_model):
+    model = tiny_model(vocab_size=TASK.vocab_size)
+    for name, value in (("sequences", 0), ("batch_size", 0), ("batch_size", 2.5)):
+        with pytest.raises(ValueError, match=rf"recall_accuracy: {name}={value!r} must be an integer >= 1"):
+            recall_accuracy(model, TASK, 2, **{name: value})
