@@ -39,7 +39,8 @@ class MixConLM(TemplateLM):
                  max_batch_size: int | None = None, seed: int | str = 0) -> None:
         """`pretrained`: a model, or a run / checkpoint / `save_pretrained` directory; `tokenizer`: a tokenizer,
         'bytes' or a path (default for a directory: its own); `dtype`: fp32, bf16 or fp16 (default: as
-        loaded); `batch_size` "auto" means 8 and `max_batch_size` (lm-eval passes it) is not used; `seed`:
+        loaded); `batch_size` "auto" (or lm-eval's "auto:N") means 8 and `max_batch_size` (lm-eval passes it) is
+        not used; `seed`:
         of sampled generations (a task's own `seed` generation argument wins)."""
         super().__init__()
         if isinstance(pretrained, MixConForCausalLM):
@@ -54,7 +55,8 @@ class MixConLM(TemplateLM):
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"MixConLM: dtype={dtype!r}; one of {', '.join(sorted(DTYPES))} (default: as loaded)")
         self.model.to(device=device, dtype=DTYPES.get(dtype)).eval()
-        self.batch_size = _positive_int("batch_size", 8 if batch_size in (None, "auto") else batch_size)
+        auto = batch_size is None or (isinstance(batch_size, str) and batch_size.split(":")[0] == "auto")
+        self.batch_size = _positive_int("batch_size", 8 if auto else batch_size)
         self.max_length = None if max_length in (None, "None", "") else _positive_int("max_length", max_length)
         self.context = _positive_int("context", context)
         try:

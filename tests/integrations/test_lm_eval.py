@@ -163,6 +163,9 @@ def test_loads_a_saved_model_from_arguments_and_rejects_bad_ones(tiny_model, tmp
         MixConLM(model, tokenizer=TOK, dtype="fp8")
     with pytest.raises(ValueError, match="batch_size='many' must be a positive integer"):
         MixConLM(model, tokenizer=TOK, batch_size="many")
+    assert MixConLM(model, tokenizer=TOK, batch_size="auto:4").batch_size == 8  # lm-eval's --batch_size auto:N
+    with pytest.raises(ValueError, match="seed='x' must be an integer"):
+        MixConLM(model, tokenizer=TOK, seed="x")
     with pytest.raises(ValueError, match="give the tokenizer"):
         MixConLM(model)
     with pytest.raises(TypeError, match="dtpye"):
