@@ -84,6 +84,10 @@ def number_type(kind: type[int] | type[float], minimum: float | None = None, *, 
     return parse
 
 
+
+# argparse type of a seed: what torch.Generator.manual_seed takes, from 0 up.
+SEED = number_type(int, 0, maximum=2**64 - 1)
+
 def output_file(text: str) -> Path:
     """argparse type of a FILE to write results to: not a directory, in a directory that exists or can be made
     (checked before any work, so that the results are not lost at the end)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mixcon.cli.common import (
+    SEED,
     add_command,
     add_corpus_action,
     add_device_argument,
@@ -64,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep only the last N tokens of each input (default: no truncation)")
     t.add_argument("--context", type=number_type(int, 1), default=1024,
                    help="chunk length when streaming whole documents (default: %(default)s)")
-    t.add_argument("--seed", type=number_type(int, 0, maximum=2**64 - 1), default=0,
+    t.add_argument("--seed", type=SEED, default=0,
                    help="seed of few-shot sampling and generation (default: 0)")
     t.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the results to FILE")
     t.set_defaults(func=run_tasks)

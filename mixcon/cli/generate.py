@@ -8,7 +8,7 @@ from typing import TextIO
 
 import torch
 
-from mixcon.cli.common import add_device_argument, add_dtype_argument, number_type
+from mixcon.cli.common import SEED, add_device_argument, add_dtype_argument, number_type
 from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sample from the k most likely tokens (default: %(default)s)")
     p.add_argument("--top-p", type=number_type(float, 0, above=True, maximum=1), default=0.95,
                    help="nucleus sampling mass (default: %(default)s)")
-    p.add_argument("--seed", type=number_type(int, 0, maximum=2**64 - 1), default=0,
+    p.add_argument("--seed", type=SEED, default=0,
                    help="sampling seed (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
     add_device_argument(p, "cpu")
