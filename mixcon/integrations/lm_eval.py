@@ -40,8 +40,7 @@ class MixConLM(TemplateLM):
         """`pretrained`: a model, or a run / checkpoint / `save_pretrained` directory; `tokenizer`: a tokenizer,
         'bytes' or a path (default for a directory: its own); `dtype`: fp32, bf16 or fp16 (default: as
         loaded); `batch_size` "auto" (or lm-eval's "auto:N") means 8 and `max_batch_size` (lm-eval passes it) is
-        not used; `seed`:
-        of sampled generations (a task's own `seed` generation argument wins)."""
+        not used; `seed`: of sampled generations (a task's own `seed` generation argument wins)."""
         super().__init__()
         if isinstance(pretrained, MixConForCausalLM):
             if tokenizer is None:
@@ -173,10 +172,9 @@ class MixConLM(TemplateLM):
         with tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until") as bar:
             for indices in groups.values():
                 options = _generation_options(dict(requests[indices[0]].args[1]))
-                if options.pop("do_sample", False):
-                    seed = self.seed if options.get("seed") is None else options["seed"]
-                    options.update(do_sample=True, generator=torch.Generator(self.device).manual_seed(seed))
-                options.pop("seed", None)
+                seed = options.pop("seed", None)
+                if options.get("do_sample"):
+                    options["generator"] = torch.Generator(self.device).manual_seed(self.seed if seed is None else seed)
                 for start in range(0, len(indices), self.batch_size):
                     batch = indices[start:start + self.batch_size]
                     for i, text in zip(batch, self._generate([requests[i].args[0] for i in batch], **options),
