@@ -119,10 +119,10 @@ def generate(
         if value is not None and not (is_integer(value) and 0 <= value < V):
             raise ValueError(f"{name}={value!r} must be None or an integer in [0, vocab_size={V})")
     hf_streamer = streamer is not None and not callable(streamer)
-    if hf_streamer and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
-        raise TypeError(f"streamer must be called with each step's tokens, or be a transformers streamer (put and "
-                        f"end), got {type(streamer).__name__}")
     if hf_streamer:  # transformers' protocol: the prompt first, then each step's tokens, then end()
+        if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+            raise TypeError(f"streamer must be called with each step's tokens, or be a transformers streamer (put "
+                            f"and end), got {type(streamer).__name__}")
         streamer.put(input_ids.cpu())
     with model.evaluating():
         B, T = input_ids.shape
