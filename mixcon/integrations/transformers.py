@@ -35,7 +35,7 @@ from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.layers.linear import Linear
-from mixcon.models.mixcon import HF_MODEL_TYPE, IGNORE, MixConForCausalLM
+from mixcon.models.mixcon import HF_MODEL_TYPE, IGNORE, MixConForCausalLM, pads_after_tokens
 from mixcon.training.checkpoint import (
     latest_checkpoint,
     load_model_and_tokenizer,
@@ -60,8 +60,7 @@ class MixConHFConfig(PretrainedConfig):
     def __init__(self, mixcon: MixConConfig | dict[str, Any] | None = None, use_cache: bool = True,
                  **kwargs: Any) -> None:
         config = mixcon if isinstance(mixcon, MixConConfig) else MixConConfig.from_dict(mixcon or {})
-        fields = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(MixConConfig) if f.name in kwargs}
-        if any(getattr(config, name) != value for name, value in fields.items()):
+        if fields := {f.name: kwargs.pop(f.name) for f in dataclasses.fields(MixConConfig) if f.name in kwargs}:
             config = config.replace(**fields)
         self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
         self.use_cache = use_cache
@@ -207,7 +206,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         cache = past_key_values
         if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None \
                 and not recomputing and seq_idx is None and not self.model._needs_grad() \
-                and not (attention_mask is not None and _right_padded(attention_mask)):
+                and not (attention_mask is not None and bool(pads_after_tokens(attention_mask.bool()).any())):
             cache = self.model.new_cache(B, max_length=T)
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
@@ -234,12 +233,6 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         """Beam search: the cache rows of the kept beams, in their order."""
         cache.select_rows(beam_idx.to(cache.key_mask.device))
         return cache
-
-
-def _right_padded(attention_mask: torch.Tensor) -> bool:
-    """Whether a row has padding after a real token (which a cache, to be continued, cannot hold)."""
-    mask = attention_mask.bool()
-    return bool((mask[:, :-1] & ~mask[:, 1:]).any())
 
 
 def _documents_from_positions(position_ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor | None:

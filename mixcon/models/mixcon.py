@@ -112,6 +112,11 @@ def weight_files(directory: Path) -> list[Path]:
     return []
 
 
+def pads_after_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """(B,): whether each row of a (B, T) bool mask has a pad right after a real token (right padding, or a gap)."""
+    return (mask[:, :-1] & ~mask[:, 1:]).any(1)
+
+
 def _check_padding(mask: torch.Tensor, cache: MixConCache | None) -> None:
     """Padding (mask (B, T) False) that the Conba layers step over exactly: before a row's first real token
     (left padding) or, without a cache to continue, after its last (right padding). A pad between real
@@ -120,7 +125,7 @@ def _check_padding(mask: torch.Tensor, cache: MixConCache | None) -> None:
     starts = (m.diff(dim=1, prepend=m.new_zeros(m.shape[0], 1)) == 1).sum(1)  # runs of real tokens per row
     bad = starts > 1
     if cache is not None:  # the cache continues: no pad after a real token, in this call or before it
-        bad |= (m.diff(dim=1) == -1).any(1)
+        bad |= pads_after_tokens(mask)
         bad |= cache.key_mask[:, : cache.seqlen].any(1) & ~mask.all(1)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
