@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.utils.hub import convert_file_size_to_int
 
 import mixcon
 from mixcon.config import MixConConfig
@@ -308,6 +309,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     then renamed into place; an `out` that is a file, or the source's directory, inside it or holding it, is
     refused before anything is read."""
     out = Path(out)
+    max_shard_size = _shard_bytes(max_shard_size)
     _check_export_directory(out, Path(checkpoint), overwrite)
     model, tok = load_model_and_tokenizer(checkpoint, tokenizer=tokenizer, dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +328,21 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind; `out` is as it was
         raise
     return out
+
+
+def _shard_bytes(max_shard_size: int | str) -> int:
+    """`max_shard_size` as a positive byte count ("5GB", "500MiB" or an int), checked before anything is read."""
+    error = (f"max_shard_size={max_shard_size!r} (--max-shard-size) must be a positive number of bytes: an integer "
+             "or one followed by a unit, e.g. 5GB, 500MB or 2GiB")
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int | str):
+        raise ValueError(error)
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise ValueError(error) from None
+    if size <= 0:
+        raise ValueError(error)
+    return size
 
 
 def _check_export_directory(out: Path, checkpoint: Path, overwrite: bool) -> None:

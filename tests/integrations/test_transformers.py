@@ -460,6 +460,13 @@ def test_a_sharded_export_loads_everywhere(run_dir, tmp_path):
         MixConForCausalLM.from_pretrained(out)
 
 
+@pytest.mark.parametrize("size", ["abc", "1.5GB", "-5GB", 0, None, True])
+def test_export_hf_refuses_a_bad_shard_size_before_reading(tmp_path, size):
+    with pytest.raises(ValueError, match=r"\(--max-shard-size\) must be a positive number of bytes.*e\.g\. 5GB"):
+        export_hf(tmp_path / "no-such-run", tmp_path / "hf", max_shard_size=size)  # the run is never looked at
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_failed_export_leaves_the_previous_one(run_dir, tmp_path, monkeypatch):
     _, _, run = run_dir
     out = export_hf(run, tmp_path / "hf")
