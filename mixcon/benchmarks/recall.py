@@ -25,6 +25,8 @@ from mixcon.data.synthetic import RecallTask
 from mixcon.evaluation.recall import recall_accuracy
 from mixcon.models.mixcon import MixConForCausalLM
 
+KEY = ("model",)  # of a run
+
 
 def train_on_recall(model: MixConForCausalLM, task: RecallTask, pairs: list[int], *, steps: int, batch_size: int,
                     lr: float, seed: int = 0) -> list[float]:
@@ -47,7 +49,7 @@ def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batc
     settings = dict(task=dict(vocab_size=task.vocab_size, seq_len=task.seq_len, keys=task.keys, values=task.values),
                     pairs=pairs, steps=steps, batch_size=batch_size, lr=lr, sequences=sequences, seed=seed,
                     device=device, base=base.to_dict())
-    done = common.finished_runs(out_dir, "recall", settings, key=("model",)) if resume else {}
+    done = common.finished_runs(out_dir, "recall", settings, key=KEY) if resume else {}
     rows = []
     for name, config in common.twins(base.replace(vocab_size=task.vocab_size)).items():
         if models is not None and name not in models:
@@ -70,9 +72,9 @@ def run(base: MixConConfig, task: RecallTask, pairs: list[int], steps: int, batc
                                                       seed=seed + 1)
         rows.append(row)
         common.print_table(rows[-1:], list(row))
-        common.write_results(out_dir, "recall", dict(**settings, rows=common.with_earlier(rows, done, ("model",))),
+        common.write_results(out_dir, "recall", dict(**settings, rows=common.with_earlier(rows, done, KEY)),
                              plot=None)
-    rows = common.with_earlier(rows, done, ("model",))
+    rows = common.with_earlier(rows, done, KEY)
     common.write_results(out_dir, "recall", dict(**settings, rows=rows), _plot)
     return rows
 
