@@ -32,15 +32,19 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, labels, rows)
-    return _chunks(h, weight, labels, rows, grads=False)[0]
+    total, count, _, _ = _chunks(h, weight, labels, rows, grads=False)
+    return total / count
 
 
 def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int, grads: bool
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(mean loss, ∂loss/∂h, ∂loss/∂weight), the gradients only when `grads`."""
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(summed loss, scored count, ∂sum/∂h, ∂sum/∂weight), the gradients only when `grads`.
+
+    The gradients are of the sum, not the mean: softmax − one-hot stays of order 1 when it is rounded to
+    h's dtype, and the backward applies 1/count with the loss scale (in fp16, the mean's gradients
+    would underflow before a GradScaler's scale could lift them). ∂sum/∂weight is kept in fp32."""
     dtype = compute_dtype(h)
     scored = labels != IGNORE  # (N,)
-    count = scored.sum().to(dtype)  # 0 gives nan, as F.cross_entropy's mean
     total = torch.zeros((), dtype=dtype, device=h.device)
     grad_h = torch.empty_like(h) if grads else None
     grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if grads else None
@@ -53,23 +57,25 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: i
         if grads:
             p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             p.scatter_add_(1, target, -torch.ones_like(target, dtype=dtype))
-            p.mul_((keep / count)[:, None])  # (r, V) ∂loss/∂logits
+            p.mul_(keep[:, None])  # (r, V) ∂sum/∂logits
             p = p.to(hc.dtype)
             grad_h[start: start + rows] = p @ weight.to(hc.dtype)
             grad_w += (p.t() @ hc).to(dtype)
-    return total / count, grad_h, grad_w
+    return total, scored.sum().to(dtype), grad_h, grad_w  # a count of 0 makes the mean nan, as F.cross_entropy's
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, h: torch.Tensor, weight: torch.Tensor,
                 labels: torch.Tensor, rows: int) -> torch.Tensor:
-        loss, grad_h, grad_w = _chunks(h, weight, labels, rows, grads=True)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return loss
+        total, count, grad_h, grad_w = _chunks(h, weight, labels, rows, grads=True)
+        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.weight_dtype = weight.dtype
+        return total / count
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_loss.to(count.dtype) / count  # the loss scale and the mean's 1/count, in fp32
+        return (grad_h.to(count.dtype) * scale).to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None

@@ -49,6 +49,21 @@ def test_fp32_default_chunks_and_no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, weight, labels), want[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0**16])  # 2^16: GradScaler's first scale
+def test_fp16_gradients_take_the_loss_scale(scale):
+    # A mean's per-row gradients over 4,096 rows and 1,024 classes lie near fp16's subnormals: rounded to fp16
+    # before the scale applies they lose digits (2.4e-3 error), and a scale of 2^16 cast to fp16 is inf.
+    h, weight, labels = inputs((4096,), V=1024, d=16, dtype=torch.float64, ignored=0.0)
+    h, weight = (t.detach().mul(0.5).requires_grad_() for t in (h, weight))
+    want = grads(reference, h, weight, labels)
+    h16, w16 = (t.detach().half().requires_grad_() for t in (h, weight))
+    _, gh, gw = grads(lambda *a: linear_cross_entropy(*a, chunk_rows=300), h16, w16, labels, scale=scale)
+    assert gh.dtype == gw.dtype == torch.float16
+    for got, ref in ((gh, want[1]), (gw, want[2])):
+        assert got.isfinite().all()
+        assert (got.double() / scale - ref).norm() / ref.norm() < 1e-3  # fp16 rounding: ~3.4e-4
+
+
 def test_bf16_autocast_matches_autocast_reference():
     h, weight, labels = inputs((3, 40), V=50, d=32, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
