@@ -100,7 +100,7 @@ class Attention(nn.Module):
         the cache (K, V), then attention over the cache's whole capacity under `step.key_mask`."""
         k_cache, v_cache = cache
         q, k, v = self._project(h, step.rope)
-        k_cache.index_copy_(2, step.index, k)
-        v_cache.index_copy_(2, step.index, v)
+        k_cache.index_copy_(2, step.index, k.to(k_cache.dtype))  # under autocast k, v are bf16
+        v_cache.index_copy_(2, step.index, v.to(v_cache.dtype))
         y = decode_attention(q, k_cache, v_cache, step.key_mask)  # (B, nh, 1, hd)
         return self.out_proj(y.reshape(h.shape[0], 1, self.n_heads * self.hd))

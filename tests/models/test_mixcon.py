@@ -411,6 +411,25 @@ def test_forward_and_cached_decode_in_fp32_and_bf16_match_the_fp64_model(layout,
         assert float((logits.double().cpu() - ref).norm() / ref.norm()) < tol
 
 
+@pytest.mark.parametrize("layout", ["mixcon", "conba"])
+def test_cached_decode_and_generate_under_bf16_autocast(layout, tiny_model):
+    """Autocast on fp32 weights (the trainer's GPU precision): the fp32 caches take bf16 keys and values."""
+    model = tiny_model(**LAYOUTS[layout])
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model(ids).logits
+            cache = model.new_cache(2)
+            pieces = [model(ids[:, :24], cache=cache).logits]
+            pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(24, 40)]
+            out = model.generate(ids[:, :24], 5)
+    for logits in (full, torch.cat(pieces, 1)):
+        assert float((logits.double() - ref).norm() / ref.norm()) < 5e-2
+    assert out.shape == (2, 29) and torch.equal(out[:, :24], ids[:, :24])
+
+
 @pytest.mark.parametrize("layout", ["mixcon", "dense"])
 def test_bf16_autocast_training_step(layout, tiny_model):
     """The mixed-precision step the trainer takes on a GPU (here on the CPU): finite loss, every grad fp32."""
