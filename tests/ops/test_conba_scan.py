@@ -214,10 +214,12 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,autocast,tol", [(torch.float32, False, 1e-4), (torch.bfloat16, False, 3e-2),
+                                                (torch.float32, True, 3e-2)], ids=["fp32", "bf16", "bf16-autocast"])
 @pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
-def test_fp32_and_bf16_match_fp64_reference_forward_and_backward(delta_rule, dtype, tol, device):
-    """x/k/q in `dtype` (decays, gains and states in fp32, as the layer passes them), on the CPU and a GPU."""
+def test_fp32_and_bf16_match_fp64_reference_forward_and_backward(delta_rule, dtype, autocast, tol, device):
+    """x/k/q in `dtype` (decays, gains and states in fp32, as the layer passes them), on the CPU and a GPU; under
+    bf16 autocast the products run in bf16 while decays, states and outputs stay fp32, as in Mamba-2's kernels."""
     inputs = [t.requires_grad_() for t in make_inputs(T=150, G=2)]
     x, k, q, ld, beta, gain, S0 = inputs
     kw = dict(delta_rule=delta_rule, tau=2)
@@ -225,9 +227,10 @@ def test_fp32_and_bf16_match_fp64_reference_forward_and_backward(delta_rule, dty
     w = torch.randn_like(y_ref)
     g_ref = torch.autograd.grad((y_ref * w).sum() + s_ref.sum(), inputs)
     dev = [t.detach().to(device, dtype if i < 3 else torch.float32).requires_grad_() for i, t in enumerate(inputs)]
-    y, s = conba_scan(*dev[:5], delay_gain=dev[5], initial_state=dev[6], chunk_size=64, **kw)
-    assert y.dtype == dtype and y.device.type == device
-    g = torch.autograd.grad((y.double() * w.to(device)).sum() + s.double().sum(), dev)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        y, s = conba_scan(*dev[:5], delay_gain=dev[5], initial_state=dev[6], chunk_size=64, **kw)
+        g = torch.autograd.grad((y.double() * w.to(device)).sum() + s.double().sum(), dev)
+    assert y.dtype == dtype and s.dtype == torch.float32 and y.device.type == device
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.detach().double().cpu() - b.detach()).norm() / b.detach().norm())
