@@ -230,7 +230,7 @@ class MixConConfig:
         return out
 
     def layout_string(self) -> str:
-        """Per block, mixer letters over ffn letters, e.g. 'CCACCCAC / DMDMDMDM'."""
+        """Per block, mixer letters over ffn letters, blocks joined by ' | ', e.g. 'CCACCCAC/DMDMDMDM | ...'."""
         letters = ["".join("A" if m == "attention" else "C" for m, _ in self.layout()),
                    "".join("M" if f == "moe" else "D" for _, f in self.layout())]
         L = self.layers_per_block
@@ -296,7 +296,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_experts=8, top_k=2, n_heads=4, n_kv_heads=2, mlp_hidden=640, conba_expand=2, conba_head_dim=64,
         conba_state=64, conba_groups=1, conba_delay=2, conba_chunk=32, conba_sel_hidden=32,
     ),
-    # For tests: every kind of layer in a few thousand parameters.
+    # For tests: every kind of layer in ~190K parameters.
     "tiny": dict(
         d_model=32, vocab_size=300, n_blocks=2, layers_per_block=4, attn_per_block=1, moe_every=2,
         n_experts=4, top_k=2, n_heads=4, n_kv_heads=2, mlp_hidden=64, conba_expand=2, conba_head_dim=16,

@@ -80,7 +80,8 @@ def add_out_argument(p: argparse.ArgumentParser, default: Path | None = DEFAULT_
 def add_twin_arguments(p: argparse.ArgumentParser) -> None:
     """--models and --seed: the probes that train MixCon and its twins."""
     p.add_argument("--models", default=",".join(TWIN_NAMES), help="which of the twins to train (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number_type(int, 0, maximum=2**64 - 2), default=0,  # held-out data: seed + 1
+                   help="seed of the models' initial weights and of the training data (default: 0)")
 
 
 def twin_names(models: str) -> list[str]:
@@ -187,9 +188,10 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     add_precision_argument(p)
 
 
-def add_precision_argument(p: argparse.ArgumentParser) -> None:
+def add_precision_argument(p: argparse.ArgumentParser, when: str = "timing") -> None:
+    """--fp32-precision, set (`apply_precision`) before `when`."""
     p.add_argument("--fp32-precision", choices=["highest", "high"], default=None,
-                   help="torch.set_float32_matmul_precision before timing (high: fp32 matmuls, and the Triton scan "
+                   help=f"torch.set_float32_matmul_precision before {when} (high: fp32 matmuls, and the Triton scan "
                         "kernel's fp32 inputs, multiplied in TF32; default: torch's own, 'highest')")
 
 

@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=number_type(int, 1), default=64, help="P (default: %(default)s)")
     p.add_argument("--state", type=number_type(int, 1), default=64, help="N (default: %(default)s)")
     p.add_argument("--tau", type=number_type(int, 0), default=2, help="readout delay (default: %(default)s)")
-    common.add_precision_argument(p)
+    common.add_precision_argument(p, when="compiling")
     common.add_out_argument(p, default=None)
 
 

@@ -9,8 +9,10 @@ from mixcon.cli.common import add_config_args, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="speed benchmarks (layer throughput, decode latency)",
-                       description="Benchmarks that time mixcon and a baseline in the same process.")
+    p = sub.add_parser("bench", help="speed vs baselines; trained studies of MixCon's twins",
+                       description="Speed benchmarks that time mixcon and a baseline in the same process (speed, "
+                       "scan, decode, matvec; kernel: the Triton kernel's registers), and studies that train "
+                       "MixCon beside its twins or variants and score them (recall, filler, ablate).")
     bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     s = bench.add_parser("speed", help="Conba layer vs transformers' Mamba2 vs the reference loop",
                          description=speed.__doc__)

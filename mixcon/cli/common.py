@@ -28,10 +28,11 @@ def add_config_args(parser: argparse.ArgumentParser, default: str = DEFAULT_CONF
                         help="override a config field, e.g. --set d_model=384 --set attn_per_block=0 (repeatable)")
 
 
-def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    """--dtype: a name in DTYPES for the parameters and activations."""
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                        help="parameter and activation dtype (Conba states stay fp32; default: %(default)s)")
+def add_dtype_argument(parser: argparse.ArgumentParser,
+                       help: str = "parameter and activation dtype (Conba states stay fp32; default: %(default)s)",
+                       ) -> None:
+    """--dtype: a name in DTYPES for the parameters and activations (or what `help` says)."""
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help=help)
 
 
 def device_type(text: str) -> str:

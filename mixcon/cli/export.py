@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory, checkpoint or model directory")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (renamed into place when done)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
-    add_dtype_argument(p)
+    add_dtype_argument(p, help="dtype of the weights written (default: %(default)s)")
     p.add_argument("--max-shard-size", default="50GB",
                    help="largest weights file; bigger models are sharded as transformers shards them, e.g. 5GB "
                         "(default: %(default)s)")

@@ -138,6 +138,8 @@ def _check_padding(mask: torch.Tensor, cache: MixConCache | None) -> None:
 
 @dataclass
 class MixConOutput:
+    """What `MixConForCausalLM.forward` returns: logits, and the losses when labels are given."""
+
     logits: torch.Tensor | None  # (B, T, V); None when asked not to return them
     loss: torch.Tensor | None = None  # lm_loss + aux coefficient × aux_loss + z coefficient × z_loss
     lm_loss: torch.Tensor | None = None
@@ -173,6 +175,14 @@ class MixConLayer(nn.Module):
 
 
 class MixConForCausalLM(nn.Module):
+    """The MixCon language model: embedding, `config.layout()`'s layers (attention or Conba mixer, MLP
+    or MoE feed-forward, each pre-normed with a residual), final norm and LM head (tied by default).
+
+    `forward` scores or trains (labels, padding masks, packed documents via `seq_idx`, a cache to
+    continue); `new_cache` + `forward`, or `generate`, decode with O(1) Conba steps and a KV cache for the
+    attention layers only; `save_pretrained` / `from_pretrained` write and read safetensors + config.json.
+    """
+
     def __init__(self, config: MixConConfig) -> None:
         super().__init__()
         config.validate()  # again: a dataclass's fields may have been changed since it was made

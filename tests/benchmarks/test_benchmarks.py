@@ -485,6 +485,8 @@ def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeyp
     (["ablate", "--seeds", "x"], "--seeds", "comma-separated integers, got 'x'"),
     (["ablate", "--real-len", "1"], "--real-len", "an integer >= 2"),
     (["ablate", "--steps", "0"], "--steps", "an integer >= 1"),
+    (["recall", "--seed", "-1"], "--seed", "an integer in [0, 18446744073709551614], got '-1'"),
+    (["filler", "--seed", "1.5"], "--seed", "an integer in [0, 18446744073709551614]"),
 ])
 def test_every_benchmark_rejects_bad_sizes_and_lists_before_any_work(argv, flag, allowed, capsys):
     """A usage error naming the flag and what it allows (exit 2), from argparse: nothing runs."""
