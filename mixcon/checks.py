@@ -16,7 +16,8 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def within(value: float, minimum: float | None = None, maximum: float | None = None, *, above: bool = False) -> bool:
-    """minimum <= value (minimum < value when `above`) and value <= maximum, for each bound given."""
+def within(value: float, minimum: float | None = None, maximum: float | None = None, *, above: bool = False,
+           below: bool = False) -> bool:
+    """minimum <= value (< when `above`) and value <= maximum (< when `below`), for each bound given."""
     low = minimum is None or (value > minimum if above else value >= minimum)
-    return low and (maximum is None or value <= maximum)
+    return low and (maximum is None or (value < maximum if below else value <= maximum))

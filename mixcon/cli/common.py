@@ -60,18 +60,19 @@ def device_type(text: str) -> str:
 
 
 def number_type(kind: type[int] | type[float], minimum: float | None = None, *, above: bool = False,
-                maximum: float | None = None, many: bool = False, hint: str = "") -> Callable[[str], Any]:
-    """argparse type: a `kind` (int, or a finite float) >= `minimum` (> when `above`) and <= `maximum`, each when
-    given (`many`: comma-separated, a list); else a usage error that names the flag and the allowed values (then
-    `hint`), before any work."""
+                maximum: float | None = None, below: bool = False, many: bool = False, hint: str = ""
+                ) -> Callable[[str], Any]:
+    """argparse type: a `kind` (int, or a finite float) >= `minimum` (> when `above`) and <= `maximum` (< when
+    `below`), each when given (`many`: comma-separated, a list); else a usage error that names the flag and the
+    allowed values (then `hint`), before any work."""
     bounds = ("" if minimum is None else f" {'>' if above else '>='} {minimum}" if maximum is None
-              else f" in {'(' if above else '['}{minimum}, {maximum}]")
+              else f" in {'(' if above else '['}{minimum}, {maximum}{')' if below else ']'}")
     noun = {(int, False): "an integer", (int, True): "integers", (float, False): "a finite number",
             (float, True): "finite numbers"}[kind, many]
     allowed = ("comma-separated " if many else "") + noun + bounds
 
     def fits(value: float) -> bool:
-        return is_number(value) and within(value, minimum, maximum, above=above)
+        return is_number(value) and within(value, minimum, maximum, above=above, below=below)
 
     def parse(text: str) -> Any:
         try:
@@ -85,9 +86,11 @@ def number_type(kind: type[int] | type[float], minimum: float | None = None, *, 
     return parse
 
 
-
 # argparse type of a seed: what torch.Generator.manual_seed takes, from 0 up.
 SEED = number_type(int, 0, maximum=2**64 - 1)
+# argparse type of a held-out fraction.
+FRACTION = number_type(float, 0, maximum=1, below=True)
+
 
 def output_file(text: str) -> Path:
     """argparse type of a FILE to write results to: not a directory, in a directory that exists or can be made

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixcon.cli.common import SEED, add_command, add_corpus_action, number_type
+from mixcon.cli.common import FRACTION, SEED, add_command, add_corpus_action, number_type
 from mixcon.data.corpus import Corpus
 from mixcon.data.shards import prepare_shards
 from mixcon.data.tokenizer import load_tokenizer
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--tokenizer", default="bytes",
                    help="'bytes', a tokenizer.json, or a folder containing one (default: %(default)s)")
     d.add_argument("--out", required=True, help="folder for the shards and index.json")
-    d.add_argument("--val-fraction", type=float, default=0.01,
+    d.add_argument("--val-fraction", type=FRACTION, default=0.01,
                    help="fraction of documents for validation, in [0, 1) (default: %(default)s)")
     d.add_argument("--seed", type=SEED, default=0,
                    help="seed of the train/validation split (default: %(default)s)")

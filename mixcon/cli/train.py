@@ -14,9 +14,12 @@ import torch
 
 from mixcon.cli.common import (
     DEFAULT_CONFIG,
+    FRACTION,
+    SEED,
     add_config_args,
     add_device_argument,
     config_from_args,
+    number_type,
     parse_overrides,
 )
 from mixcon.cli.generate import stream
@@ -34,29 +37,32 @@ DEFAULT_TIME_BUDGET = 480.0  # seconds, when neither --steps nor --time-budget i
 SAMPLE_SECONDS = 15.0  # kept from the time budget for loading the final checkpoint and printing a sample
 DEFAULTS = TrainOptions()
 
-# (flag, type or "flag" for a switch, help); the TrainOptions field is the flag's name with underscores.
+# argparse types of the options' ranges, checked before any work (TrainOptions.check repeats them for library use)
+POSITIVE, COUNT, NONNEGATIVE = number_type(int, 1), number_type(int, 0), number_type(float, 0)
+SECONDS, RATIO = number_type(float, 0, above=True), number_type(float, 0, maximum=1)
+# (flag, type, choices or "flag" for a switch, help); the TrainOptions field is the flag's name with underscores.
 OPTION_FLAGS: list[tuple[str, Any, str]] = [
-    ("--steps", int, f"optimizer steps (default: as many as the time budget allows, {DEFAULT_TIME_BUDGET:.0f} s "
-                     "unless --time-budget is given)"),
-    ("--time-budget", float, "seconds for the whole command, data preparation and sample included; training stops "
-                             f"in time to validate, save and sample (default: {DEFAULT_TIME_BUDGET:.0f} without "
-                             "--steps, else none); with --resume, a budget for this command, to whose end the "
-                             "cosine schedule is refitted"),
-    ("--batch-size", int, "sequences per optimizer step over all processes"),
-    ("--micro-batch-size", int, "sequences per forward pass per process; gradients accumulate over the rest "
-                                "(default: batch size / world size)"),
-    ("--seq-len", int, "tokens per training sequence"),
-    ("--lr", float, "peak learning rate"),
-    ("--min-lr-ratio", float, "final learning rate as a fraction of the peak (cosine decay)"),
-    ("--warmup-steps", int, "linear warmup steps"),
-    ("--weight-decay", float, "AdamW weight decay of matrices (never of norms, biases, A_log, dt_bias, D)"),
-    ("--grad-clip", float, "clip the global gradient norm (0: off)"),
-    ("--eval-every", int, "validate every N steps"),
-    ("--eval-batches", int, "validation batches (of --batch-size sequences)"),
-    ("--save-every", int, "checkpoint every N steps (and at the end)"),
-    ("--keep-last", int, "checkpoints to keep (0: all)"),
-    ("--log-every", int, "write a metrics record every N steps"),
-    ("--seed", int, "seed of initialisation, data order and split"),
+    ("--steps", POSITIVE, f"optimizer steps (default: as many as the time budget allows, {DEFAULT_TIME_BUDGET:.0f} "
+                          "s unless --time-budget is given)"),
+    ("--time-budget", SECONDS, "seconds for the whole command, data preparation and sample included; training "
+                               f"stops in time to validate, save and sample (default: {DEFAULT_TIME_BUDGET:.0f} "
+                               "without --steps, else none); with --resume, a budget for this command, to whose end "
+                               "the cosine schedule is refitted"),
+    ("--batch-size", POSITIVE, "sequences per optimizer step over all processes"),
+    ("--micro-batch-size", POSITIVE, "sequences per forward pass per process; gradients accumulate over the "
+                                     "rest (default: batch size / world size)"),
+    ("--seq-len", POSITIVE, "tokens per training sequence"),
+    ("--lr", NONNEGATIVE, "peak learning rate"),
+    ("--min-lr-ratio", RATIO, "final learning rate as a fraction of the peak (cosine decay)"),
+    ("--warmup-steps", COUNT, "linear warmup steps"),
+    ("--weight-decay", NONNEGATIVE, "AdamW weight decay of matrices (never of norms, biases, A_log, dt_bias, D)"),
+    ("--grad-clip", NONNEGATIVE, "clip the global gradient norm (0: off)"),
+    ("--eval-every", POSITIVE, "validate every N steps"),
+    ("--eval-batches", POSITIVE, "validation batches (of --batch-size sequences)"),
+    ("--save-every", POSITIVE, "checkpoint every N steps (and at the end)"),
+    ("--keep-last", COUNT, "checkpoints to keep (0: all)"),
+    ("--log-every", POSITIVE, "write a metrics record every N steps"),
+    ("--seed", SEED, "seed of initialisation, data order and split"),
     ("--precision", ["auto", "fp32", "bf16"], "auto: bf16 autocast on CUDA, fp32 on CPU"),
     ("--parallel", ["ddp", "fsdp"], "under torchrun: DDP, or FSDP2 (fully_shard per layer)"),
     ("--activation-checkpointing", "flag", "recompute each layer's activations in the backward pass"),
@@ -64,10 +70,10 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--document-mask", "flag", "documents packed into a training row do not see each other: Conba states, convs "
                                 "and attention restart at each EOS (as evaluation scores documents)"),
     ("--corpus", str, "corpus spec (default: Python's standard library sources); see below"),
-    ("--max-bytes", int, "use the first N bytes of the corpus (0: all)"),
+    ("--max-bytes", COUNT, "use the first N bytes of the corpus (0: all)"),
     ("--tokenizer", str, "'bpe' (train a byte-level BPE of the config's vocab_size on the corpus), 'bytes', or a "
                          "tokenizer path"),
-    ("--val-fraction", float, "fraction of the corpus's documents held out for validation"),
+    ("--val-fraction", FRACTION, "fraction of the corpus's documents held out for validation"),
 ]
 
 
@@ -140,7 +146,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
     out = Path(args.out) if args.out else (resume.parent.parent if resume else _out_dir(args))
     if out.exists() and not out.is_dir():
         raise SystemExit(f"mixcon train: --out {out} is a file; give a run directory")
-    options = _options(args, resume, say)
+    options = _options(args, resume, say, env.world_size)
     initial = _initial_model(args, out)  # (its directory, config, tokenizer) or None
     if resume is None:  # the old run's checkpoints go when training starts (Trainer.fit's discard_later)
         _check_fresh(out, args.overwrite)
@@ -203,7 +209,7 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return Path("runs") / Path(args.config or DEFAULT_CONFIG).stem
 
 
-def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOptions:
+def _options(args: argparse.Namespace, resume: Path | None, say: Any, world_size: int) -> TrainOptions:
     """Saved options of the resumed run (or the defaults), updated with the flags given on this command line."""
     given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in OPTION_FLAGS if hasattr(args, _field(flag))}
     if given.get("max_bytes") == 0:
@@ -228,7 +234,7 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any) -> TrainOp
                 say(f"resume: {key} changes from {getattr(saved, key)!r} to {value!r}")
         options = dataclasses.replace(saved, **given)
     try:
-        options.check()
+        options.check(world_size)
     except ValueError as e:  # named by the flag that sets the field
         raise SystemExit("mixcon train: " + re.sub(r"TrainOptions\.(\w+)", lambda m: "--" + m[1].replace("_", "-"),
                                                    str(e))) from e

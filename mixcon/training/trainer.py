@@ -94,8 +94,9 @@ class TrainOptions:
     tokenizer: str = "bpe"
     val_fraction: float = 0.01
 
-    def check(self) -> None:
-        """Raise ValueError naming the first option out of its range."""
+    def check(self, world_size: int = 1) -> None:
+        """Raise ValueError naming the first option out of its range, or whose batch `world_size` processes
+        cannot share."""
         def need(name: str, ok: bool, allowed: str) -> None:
             if not ok:
                 raise ValueError(f"TrainOptions.{name}={getattr(self, name)!r} must be {allowed}")
@@ -118,6 +119,10 @@ class TrainOptions:
         need("val_fraction", is_number(self.val_fraction) and 0 <= self.val_fraction < 1, "in [0, 1)")
         need("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'")
         need("parallel", self.parallel in ("ddp", "fsdp"), "'ddp' or 'fsdp'")
+        need("batch_size", self.batch_size % world_size == 0, f"divisible by the world size {world_size}")
+        local = self.batch_size // world_size
+        need("micro_batch_size", self.micro_batch_size is None or local % self.micro_batch_size == 0,
+             f"a divisor of the per-process batch (batch_size / world size = {local})")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainOptions:
@@ -176,16 +181,10 @@ class Trainer:
         progress: bool = True,
         tensorboard: bool = False,
     ) -> None:
-        options.check()
         self.env = env or DistEnv()
-        world = self.env.world_size
-        if options.batch_size % world:
-            raise ValueError(f"batch_size={options.batch_size} must be divisible by the world size {world}")
-        self.local_batch = options.batch_size // world
+        options.check(self.env.world_size)
+        self.local_batch = options.batch_size // self.env.world_size
         self.micro = options.micro_batch_size or self.local_batch
-        if self.local_batch % self.micro:
-            raise ValueError(f"micro_batch_size={self.micro} must divide the per-process batch "
-                             f"batch_size / world size = {self.local_batch}")
         if options.document_mask and model.config.eos_token_id is None:
             raise ValueError("TrainOptions.document_mask needs the model config's eos_token_id (documents are "
                              "separated by EOS)")

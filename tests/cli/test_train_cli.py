@@ -90,8 +90,9 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     with pytest.raises(SystemExit, match=r"continues on the run's data; --corpus, --seed would change it"):
         main(["train", "--out", str(run), "--resume", "--corpus", str(run / "data"), "--seed", "5"])
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (run / "data").iterdir()) == shards  # not rebuilt
-    with pytest.raises(SystemExit, match=r"^mixcon train: --grad-clip=-1\.0 must be a finite number >= 0$"):
-        main(["train", "--out", str(run), "--resume", "--grad-clip", "-1"])
+    with pytest.raises(SystemExit, match=r"^mixcon train: --micro-batch-size=3 must be a divisor of the per-process "
+                       r"batch \(batch_size / world size = 2\)$"):
+        main(["train", "--out", str(run), "--resume", "--micro-batch-size", "3"])
     with pytest.raises(SystemExit, match=r"--steps 3: the run resumed from .*step-00000003 is at step 3 already"):
         main(["train", "--out", str(run), "--resume", "--no-progress"])  # its saved steps: nothing left to do
 
@@ -120,7 +121,7 @@ def test_overwrite_removes_the_old_run_only_once_the_new_one_is_ready(corpus, tm
             "--out", str(run)]
     assert main([*args, "--steps", "2", "--save-every", "1"]) == 0
     for bad, message in ((["--set", "bogus=1"], "bogus"), (["--corpus", str(tmp_path / "missing")], "no such file"),
-                         (["--lr", "-1"], r"--lr=-1\.0 must be a finite number >= 0")):
+                         (["--micro-batch-size", "3"], r"--micro-batch-size=3 must be a divisor")):
         with pytest.raises(SystemExit, match=message):
             main([*args, "--overwrite", *bad])
         assert (run / "checkpoints" / "step-00000001").is_dir(), bad
@@ -186,6 +187,29 @@ def test_init_from_starts_a_new_run_from_a_models_weights(corpus, tmp_path, caps
     resume = ["train", "--out", str(tuned), "--resume", "--steps", "3", "--no-progress", "--sample-tokens", "0"]
     assert main(resume) == 0
     assert [r["step"] for r in read_metrics(tuned / "metrics.jsonl") if "loss" in r] == [1, 2, 3]  # resumes as any run
+
+
+@pytest.mark.parametrize(("argv", "flag", "allowed"), [
+    (["--steps", "0"], "--steps", "an integer >= 1"),
+    (["--time-budget", "-1"], "--time-budget", "a finite number > 0"),
+    (["--max-bytes", "-5"], "--max-bytes", "an integer >= 0"),
+    (["--val-fraction", "1"], "--val-fraction", "a finite number in [0, 1)"),
+    (["--min-lr-ratio", "nan"], "--min-lr-ratio", "a finite number in [0, 1]"),
+    (["--grad-clip", "-1"], "--grad-clip", "a finite number >= 0"),
+    (["--warmup-steps", "2.5"], "--warmup-steps", "an integer >= 0"),
+])
+def test_train_refuses_out_of_range_options_by_flag_before_any_work(tmp_path, argv, flag, allowed, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "run"), *argv])
+    assert e.value.code == 2 and f"argument {flag}: expected {allowed}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_batch_its_processes_cannot_share_before_preparing_data(corpus, tmp_path):
+    with pytest.raises(SystemExit, match=r"--micro-batch-size=2 must be a divisor of the per-process batch"):
+        main(["train", "--config", "tiny", "--corpus", str(corpus), "--batch-size", "3", "--micro-batch-size", "2",
+              "--steps", "1", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # no tokenizer trained, no shards written
 
 
 @pytest.mark.parametrize(("extra", "message"), [

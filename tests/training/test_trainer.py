@@ -268,6 +268,18 @@ def test_options_out_of_range_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"TrainOptions\.{field}={value!r} must be"):
         TrainOptions(**{field: value}).check()
 
+
+@pytest.mark.parametrize("options,world,message", [
+    (dict(batch_size=6), 4, r"batch_size=6 must be divisible by the world size 4"),
+    (dict(batch_size=6, micro_batch_size=2), 2, r"micro_batch_size=2 must be a divisor of the per-process batch "
+                                                r"\(batch_size / world size = 3\)"),
+])
+def test_a_batch_the_processes_cannot_share_is_refused(options, world, message):
+    TrainOptions(**options).check()  # one process can take it
+    with pytest.raises(ValueError, match=message):
+        TrainOptions(**options).check(world)
+
+
 @pytest.mark.slow
 def test_hundred_steps_on_tinyshakespeare_lower_validation_loss(make_trainer, byte_shards, shakespeare_corpus,
                                                                 tmp_path):
