@@ -245,11 +245,12 @@ def stream_read_gbs(mbytes: int = 256, device: str = "cpu") -> float:
 
 
 class SavedBytes:
-    """Counts the bytes autograd saves for backward: the activation memory of a training step."""
+    """Counts the bytes autograd saves for backward: the activation memory of a training step, beyond the
+    tensors in `held` (weights and inputs, which exist whether or not a backward follows)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *held: torch.Tensor) -> None:
         self.nbytes = 0
-        self._seen: set[int] = set()
+        self._seen: set[int] = {t.untyped_storage().data_ptr() for t in held}
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage().data_ptr()

@@ -100,7 +100,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
                         y = call()[0]
                         seconds = common.median_seconds(call, repeats=repeats, warmup=2)
                     first = y if first is None else first
-                    gflops = scan_flops(B, T, H, P, N, C, delta_rule, tau) / seconds / 1e9
+                    gflops = scan_flops(B, T, H, P, N, C, delta_rule, tau, G) / seconds / 1e9
                     gbs = moved / seconds / 1e9
                     rows.append(dict(variant=variant, T=T, B=B, form=name, ms=seconds * 1e3, gflops=gflops,
                                      peak_frac=gflops / peak, gbs=gbs, bw_frac=gbs / bandwidth,

@@ -2,11 +2,13 @@
 
 Shapes default to the issue's: hidden 512, 16 heads × 64, state 128, chunk 64 (fp32 on a CPU;
 `--device cuda --dtype bf16` on a GPU).
-FLOPs are counted from the shapes (matmuls of the projections and of the chunked algorithm; the
-backward pass as twice the forward) and reported against the measured matmul peak. Memory: `peak_MiB`
+FLOPs are counted from the shapes (the products of the projections and of the chunked algorithm as it
+computes them; the backward pass as twice the forward; the training step by torch's FlopCounterMode) and
+reported against the measured matmul peak (`matmul_peak_gflops` in the JSON; the training step's against
+the best of that and a second measurement, `train_matmul_peak_gflops`). Memory: `peak_MiB`
 is the most one call holds above what was in use before it (CUDA's allocator peak; on Linux CPUs the
-resident peak), `saved_MiB` what autograd saves for backward. On CUDA with triton installed,
-`+triton` rows time the forward of the Triton kernel (`conba_kernel="triton"`).
+resident peak), `saved_MiB` what autograd saves for backward beyond the layer's weights and input. On
+CUDA with triton installed, `+triton` rows time the forward of the Triton kernel (`conba_kernel="triton"`).
 """
 
 from __future__ import annotations
@@ -60,22 +62,40 @@ def layer_config(d_model: int = 512, **overrides: Any) -> MixConConfig:
                                conba_groups=1, conba_chunk=64, **overrides)
 
 
-def scan_flops(B: int, T: int, H: int, P: int, N: int, C: int, delta_rule: bool, tau: int) -> float:
-    """Matmul FLOPs of the chunked Conba scan's forward (chunks of C steps), from the shapes."""
-    reads = 2 if tau > 0 else 1
-    per_chunk = reads * (2 * C * C * N + 2 * C * C * P + 2 * C * N * P)  # QKᵀ, A·U, Q_eff·Sᵀ per readout
-    per_chunk += 2 * C * P * N + 2 * P * N  # state update
+def scan_flops(B: int, T: int, H: int, P: int, N: int, C: int, delta_rule: bool, tau: int, G: int = 1) -> float:
+    """FLOPs (2 per multiply-add) of the chunked Conba scan's forward products as `ops.chunk` computes them, from
+    the shapes: per chunk of C steps, the products that the H/G heads of a group share once per group (G),
+    the rest per head; the delta rule's unit-triangular solve with C right-hand sides as C³."""
+    R = 2 if tau > 0 else 1  # query sets read out together: y_t, and the delayed readout's shifted queries
+    group = 2 * R * C * C * N  # Q Kᵀ
+    head = 2 * R * C * C * P + 2 * R * C * N * P + 2 * C * P * N  # (Q Kᵀ ∘ L) U, Q Sᵀ, the chunk's write (w∘U)ᵀ K
     if delta_rule:
-        per_chunk += 2 * C * C * N + C * C * (P + N) + reads * 2 * C * C * N + 2 * C * N * N + 2 * P * N * N
-    return B * H * -(-T // C) * per_chunk
+        group += 2 * C * C * N  # K Kᵀ
+        head += C**3 + 2 * C * C * P + 2 * C * C * N + 2 * C * N * P  # solve, inv (β X), inv (β e^b K), W Sᵀ
+    return B * -(-T // C) * (G * group + H * head)
 
 
-def conba_flops(config: MixConConfig, B: int, T: int, backward: bool) -> float:
-    """Matmul FLOPs of one Conba layer call (chunked algorithm), from the shapes."""
-    d, H, P, N, C = config.d_model, config.conba_heads, config.conba_head_dim, config.conba_state, config.conba_chunk
-    proj = 2 * B * T * d * (2 * H * P + 2 * config.conba_groups * N + 3 * H) + 2 * B * T * H * P * d
-    scan = scan_flops(B, T, H, P, N, C, config.conba_control, config.conba_delay)
-    return (proj + scan) * (3 if backward else 1)
+def mamba2_scan_flops(B: int, T: int, H: int, P: int, N: int, C: int) -> float:
+    """FLOPs of transformers' Mamba2 torch path's products (its SSD with C and B repeated over the heads)."""
+    nc = -(-T // C)
+    per_chunk = 2 * C * C * N + 2 * C * C * P + 4 * C * N * P  # C Bᵀ, its product with X, chunk states, readout
+    return B * H * (nc * per_chunk + 2 * (nc + 1) ** 2 * P * N)  # + states passed between all pairs of chunks
+
+
+def linear_flops(module: torch.nn.Module, tokens: int) -> float:
+    """FLOPs of every nn.Linear in `module` applied to `tokens` rows."""
+    return tokens * sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def layer_flops(module: torch.nn.Module, config: MixConConfig, B: int, T: int, backward: bool) -> float:
+    """FLOPs of one call of a timed layer (a Conba layer, or transformers' Mamba2 mixer at its shapes): its
+    projections and its scan's products; a backward counts as twice the forward, as usual."""
+    H, P, N, C = config.conba_heads, config.conba_head_dim, config.conba_state, config.conba_chunk
+    if isinstance(getattr(module, "_orig_mod", module), Conba):
+        scan = scan_flops(B, T, H, P, N, C, config.conba_control, config.conba_delay, config.conba_groups)
+    else:
+        scan = mamba2_scan_flops(B, T, H, P, N, C)
+    return (linear_flops(module, B * T) + scan) * (3 if backward else 1)
 
 
 def mamba2_mixer(config: MixConConfig) -> torch.nn.Module | None:
@@ -114,7 +134,7 @@ def measure(module: torch.nn.Module, u: torch.Tensor, backward: bool, repeats: i
     peak = peak_memory(step, str(u.device))
     saved = 0
     if backward:
-        with SavedBytes() as counter:
+        with SavedBytes(u, *module.parameters()) as counter:
             module(u).sum()
         saved = counter.nbytes
     return seconds, saved, peak
@@ -185,10 +205,12 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
         if module is not None:
             module.to(device=device, dtype=dtype)
     rows: list[dict[str, Any]] = []
+    train_peak = None
 
     def save() -> None:
         if out_dir is not None:
-            payload = dict(device=device, dtype=str(dtype), matmul_peak_gflops=peak, rows=rows)
+            payload = dict(device=device, dtype=str(dtype), matmul_peak_gflops=peak,
+                           train_matmul_peak_gflops=train_peak, rows=rows)
             write_results(out_dir, "speed", payload, _plot)
 
     for T in lengths:
@@ -207,7 +229,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
                         continue
                     finally:
                         release_memory()
-                    gflops = conba_flops(config, B, T, backward) / seconds / 1e9
+                    gflops = layer_flops(module, config, B, T, backward) / seconds / 1e9
                     rows.append({**row, "tokens_per_s": B * T / seconds, "ms": seconds * 1e3, "gflops": gflops,
                                  "peak_frac": gflops / peak, "peak_MiB": mib(peak_bytes),
                                  "saved_MiB": mib(saved) if backward else None})
@@ -215,10 +237,10 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
             print()
             save()  # after every shape, so that a run stopped early keeps what it measured
     if train_shape is not None:
-        peak = max(peak, matmul_peak_gflops(n=peak_n, device=device, dtype=dtype))  # measured again, nearer the step
-        print(f"matmul peak, best of both measurements: {peak:.1f} GFLOP/s")
+        train_peak = max(peak, matmul_peak_gflops(n=peak_n, device=device, dtype=dtype))  # again, nearer the step
+        print(f"matmul peak, best of both measurements: {train_peak:.1f} GFLOP/s")
         for compile_layers in (False, True) if compiled else (False,):
-            rows.append(train_step_row(*train_shape, repeats, peak, device, dtype, compile_layers))
+            rows.append(train_step_row(*train_shape, repeats, train_peak, device, dtype, compile_layers))
             print_table(rows[-1:], COLUMNS)
             save()
     _ratios(rows)
