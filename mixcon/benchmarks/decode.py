@@ -5,9 +5,11 @@ a GPU), its Transformer and pure-Conba twins (same widths), and transformers' Ja
 LlamaForCausalLM at the same width and depth. A streamer stamps each generated token: prefill is the
 time to the first, per-token latency the median gap after it; at each context the models take turns,
 one `generate` each per repeat, so that a slow phase of the machine hits all of them alike;
-the bandwidth bound is the bytes one token must read (active weights + cache) over the measured
-copy bandwidth (the issue's definition); the stream bound divides by the measured read bandwidth of a
-sum over a large tensor instead (all threads; ~2× the copy's on a CPU). `--compile` adds our models
+the bandwidth bound is the bytes one token must read (active weights + the cache `generate` allocates)
+over the measured copy bandwidth (the issue's definition; a step that only reads can beat it); the stream
+bound, the lower bound, divides by the measured read bandwidth of a sum over a large tensor instead (all
+threads; ~2× the copy's on a CPU). transformers' models report the bytes of the cache their `generate`
+returns. `--compile` adds our models
 decoding through `compile_decode` (torch.compile of the whole step) and prefilling through
 `compile_prefill` (whole Conba layers compiled, 512 steps at a time). On CUDA with triton installed,
 `+triton` rows prefill through the Triton kernel (`conba_kernel="triton"`; decoding takes the step form).
@@ -41,6 +43,7 @@ from mixcon.benchmarks.common import (
 )
 from mixcon.cli.common import number_type
 from mixcon.config import MixConConfig
+from mixcon.generation.generate import generation_capacity
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
 
@@ -61,22 +64,45 @@ def hf_models(config: MixConConfig) -> dict[str, torch.nn.Module]:
             "transformers-llama": LlamaForCausalLM(LlamaConfig(**common)).eval()}
 
 
-def time_generation(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
-    """(prefill seconds, seconds between each later token) of one greedy `generate` after the prompt `ids`.
+def time_generation(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int
+                    ) -> tuple[float, list[float], int | None]:
+    """(prefill seconds, seconds between each later token, bytes of the cache that transformers' `generate`
+    returns, None for our models) of one greedy `generate` of `new_tokens` + 1 tokens after the prompt `ids`.
 
     Each token's arrival is stamped by a streamer: prefill is the time to the first new token.
     """
     clock = TokenClock()
+    cache_bytes = None
     sync()
     start = time.perf_counter()
     with torch.no_grad():
         if isinstance(model, MixConForCausalLM):
             model.generate(ids, new_tokens + 1, streamer=clock)
         else:  # transformers also streams the prompt first: stamp it as the start
-            model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
-                           streamer=clock, pad_token_id=0)
+            out = model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
+                                 streamer=clock, pad_token_id=0, return_dict_in_generate=True)
             start = clock.stamps.pop(0)
-    return clock.stamps[0] - start, [b - a for a, b in itertools.pairwise(clock.stamps)]
+            cache_bytes = tensor_bytes(out.past_key_values)
+    return clock.stamps[0] - start, [b - a for a, b in itertools.pairwise(clock.stamps)], cache_bytes
+
+
+def tensor_bytes(obj: Any, seen: set[int] | None = None, depth: int = 0) -> int:
+    """Bytes of the distinct tensor storages that `obj` holds (a transformers cache: its layers' attributes,
+    lists, tuples and dicts, a few levels deep)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if depth > 4:
+        return 0
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    elif not isinstance(obj, (list, tuple)):
+        obj = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
+    return sum(tensor_bytes(item, seen, depth + 1) for item in obj)
 
 
 def _mixcon(model: torch.nn.Module) -> MixConForCausalLM | None:
@@ -97,7 +123,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device=device) / 2  # bytes read per second (a copy reads and writes)
     stream = stream_read_gbs(device=device)
-    print(f"copy bandwidth: {bandwidth:.1f} GB/s, stream read: {stream:.1f} GB/s on {device}, "
+    print(f"copy: {bandwidth:.1f} GB/s read (and as many written), stream read: {stream:.1f} GB/s on {device}, "
           f"{torch.get_num_threads()} threads")
     base = base or MixConConfig.preset("small")
     models: dict[str, torch.nn.Module] = {name: MixConForCausalLM(c) for name, c in twins(base).items()}
@@ -134,9 +160,10 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
             time_generation(model, ids, 1)  # warm-up at this length: first-touch of its activations, compiles
         prefills: dict[str, list[float]] = {name: [] for name in timed}
         gaps: dict[str, list[float]] = {name: [] for name in timed}
+        cache_bytes: dict[str, int | None] = {}
         for _ in range(repeats):  # the models interleaved: a slow phase of the machine hits all alike
             for name, model in timed.items():
-                prefill, later = time_generation(model, ids, new_tokens)
+                prefill, later, cache_bytes[name] = time_generation(model, ids, new_tokens)
                 prefills[name].append(prefill)
                 gaps[name] += later
         for name, model in timed.items():
@@ -144,8 +171,10 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
             prefill, per_token = statistics.median(prefills[name]), statistics.median(gaps[name])
             row = dict(model=name, context=context, prefill_tok_s=context / prefill, decode_ms=per_token * 1e3,
                        decode_tok_s=1 / per_token, cache_MiB=None, bound_ms=None, stream_bound_ms=None)
-            if ours is not None:
-                cache = ours.new_cache(1, max_length=context + 1)
+            if cache_bytes[name] is not None:  # transformers' cache after the last token
+                row["cache_MiB"] = cache_bytes[name] / 2**20
+            if ours is not None:  # the cache generate allocates, all of which decoding reads
+                cache = ours.new_cache(1, max_length=generation_capacity(context, new_tokens + 1))
                 read = ours.num_parameters(active=True) * torch.finfo(dtype).bits // 8 + cache.nbytes()
                 row["cache_MiB"] = cache.nbytes() / 2**20
                 row["bound_ms"] = read / (bandwidth * 1e9) * 1e3

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 PREALLOCATED_NEW_TOKENS = 4096
 
 
+def generation_capacity(prompt_length: int, max_new_tokens: int) -> int:
+    """Positions of the cache that `generate` allocates for a prompt: room for it and its new tokens."""
+    return prompt_length + min(max_new_tokens, PREALLOCATED_NEW_TOKENS)
+
+
 class Streamer(Protocol):
     """transformers' streamer protocol (`TextStreamer`, `TextIteratorStreamer`)."""
 
@@ -126,7 +131,7 @@ def generate(
         streamer.put(input_ids.cpu())
     with model.evaluating():
         B, T = input_ids.shape
-        cache = model.new_cache(B, max_length=T + min(max_new_tokens, PREALLOCATED_NEW_TOKENS))
+        cache = model.new_cache(B, max_length=generation_capacity(T, max_new_tokens))
         logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         V = vocab_limit or V
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -132,6 +132,11 @@ def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
     ours = next(r for r in rows if r["model"] == "mixcon")
     assert ours["cache_MiB"] > 0 and ours["decode_ms"] > 0 and ours["prefill_tok_s"] > 0
     assert ours["bound_ms"] > 0 and ours["stream_bound_ms"] > 0
+    # transformers' caches as their generate returns them: Llama's K and V of the 16 + 2 fed positions
+    llama = next(r for r in rows if r["model"] == "transformers-llama")
+    kv = 2 * base.n_layers * base.n_kv_heads * (16 + 2) * (base.d_model // base.n_heads) * 4
+    assert llama["cache_MiB"] == kv / 2**20
+    assert next(r for r in rows if r["model"] == "transformers-jamba")["cache_MiB"] > 0
     assert (tmp_path / "decode.png").stat().st_size > 0
 
 
@@ -142,7 +147,7 @@ def test_decode_benchmark_command_takes_a_config(tmp_path):
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["mixcon", "transformer-twin", "conba-twin"]
     tiny = MixConForCausalLM(MixConConfig.preset("tiny", attn_per_block=2))
-    assert rows[0]["cache_MiB"] == tiny.new_cache(1, max_length=9).nbytes() / 2**20
+    assert rows[0]["cache_MiB"] == tiny.new_cache(1, max_length=8 + 3).nbytes() / 2**20  # as generate allocates
 
 
 def test_decode_benchmark_times_mixcon_through_transformers_generate(tmp_path):
