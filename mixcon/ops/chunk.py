@@ -125,8 +125,9 @@ def conba_scan(
 ) -> tuple[torch.Tensor, ...]:
     """Chunked Conba scan; returns (y (B,T,H,P), final_state (B,H,P,N)[, past_states (B,tau,H,P,N)]).
 
-    `past_states` are the tau most recent states S_{T-tau+1} .. S_T (S_j = S_0 for j <= 0, or taken
-    from `initial_past_states`), which the decode cache needs when tau > 0. A token whose `seq_idx`
+    `past_states` are the tau most recent states S_{T-tau+1} .. S_T, which the decode cache needs when tau > 0
+    (S_j for j <= 0: S_0, or `initial_past_states` S_{1-tau} .. S_0, whose last entry must equal
+    `initial_state`; not checked: the decode cache keeps them equal). A token whose `seq_idx`
     differs from the previous token's starts a document from zero states, as if scanned alone. Log decays
     below LOG_DECAY_FLOOR (-100; -inf included) act as that floor: a full reset, to within exp(-100).
     """

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mixcon import MixConConfig
 from mixcon.layers.conba import Conba
@@ -47,7 +48,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.skipif("group_size" not in inspect.signature(mamba2.MambaRMSNormGated).parameters,
                     reason="this transformers' Mamba2 normalises the gated RMSNorm over all groups at once "
-                           "(mamba_ssm and DESIGN.md: per group); 5.23 has the grouped norm")
+                           "(mamba_ssm and this layer: per key group); 5.23 has the grouped norm")
 @pytest.mark.parametrize("T", [1, 37, 64])
 def test_ssd_mode_equals_transformers_mamba2(T):
     """transformers' torch path computes the scan in fp32 whatever the input dtype (it calls .float()),
@@ -67,6 +68,56 @@ def test_ssd_mode_equals_transformers_mamba2(T):
     assert rel_err(ours32, theirs) < 1e-5
     assert rel_err(ours64, theirs) < 1e-5
     assert rel_err(ours64, theirs) > 0  # a real comparison of two computations
+
+
+def conba_by_the_equations(layer: Conba, cfg: MixConConfig, u: torch.Tensor) -> torch.Tensor:
+    """DESIGN.md §2 steps 1-7 token by token, every switch on (SwiGLU Sel, state scaling, control, delay):
+    an independent reference for the layer (the output RMSNorm per key group, as Mamba-2's)."""
+    H, P, N, G = layer.H, layer.P, layer.N, layer.G
+    B, T, _ = u.shape
+    z, xkq, beta_logit, rho_logit = (u @ layer.in_proj.weight.T).split([H * P, H * P + 2 * G * N, H, H], -1)
+    w, K = layer.conv1d.weight[:, 0], layer.conv1d.kernel_size[0]  # (channels, K): tap j reads step t - K + 1 + j
+    padded = F.pad(xkq, (0, 0, K - 1, 0))
+    conv = F.silu(sum(w[:, j] * padded[:, j:j + T] for j in range(K)) + layer.conv1d.bias)
+    x = conv[..., :H * P].unflatten(-1, (H, P))
+    k, q = (F.normalize(t.unflatten(-1, (G, N)), dim=-1) for t in conv[..., H * P:].chunk(2, -1))
+    W1, W2 = layer.sel.gate_up.weight.chunk(2)
+    sel = (F.silu(u @ W1.T) * (u @ W2.T)) @ layer.sel.down.weight.T  # W3 (swish(W1 u) ⊙ W2 u)
+    delta = F.softplus(sel + layer.dt_bias)  # (B, T, H)
+    gamma = torch.exp(-delta * layer.A_log.exp()) * torch.sigmoid(rho_logit + layer.rho_bias)  # α_t s_t
+    beta = cfg.conba_beta_max * torch.sigmoid(beta_logit)
+    group = [h * G // H for h in range(H)]
+    states = [torch.zeros(B, H, P, N, dtype=u.dtype)]  # S_0
+    o = torch.zeros(B, T, H, P, dtype=u.dtype)
+    for t in range(T):
+        S = states[-1].clone()
+        for h, g in enumerate(group):
+            decayed = gamma[:, t, h, None, None] * S[:, h]
+            error = x[:, t, h] - torch.einsum("bpn,bn->bp", decayed, k[:, t, g])
+            S[:, h] = decayed + beta[:, t, h, None, None] * torch.einsum("bp,bn->bpn", error, k[:, t, g])
+        states.append(S)
+        delayed = states[max(t + 1 - cfg.conba_delay, 0)]  # S_{t-τ}, S_0 before the start
+        for h, g in enumerate(group):
+            o[:, t, h] = (torch.einsum("bpn,bn->bp", S[:, h] + layer.delay_gain[h] * delayed[:, h], q[:, t, g])
+                          + layer.D[h] * x[:, t, h])
+    y = (o.flatten(2) * F.silu(z)).unflatten(-1, (G, H * P // G))
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+    return (y.flatten(2) * layer.norm.weight) @ layer.out_proj.weight.T
+
+
+@pytest.mark.parametrize("beta_max", [1.0, 2.0])
+def test_full_layer_equals_the_design_equations(beta_max):
+    torch.manual_seed(0)
+    cfg = conba_config(conba_delay=2, conba_beta_max=beta_max, conba_chunk=4, conba_sel_hidden=6)
+    layer = Conba(cfg, 0).double().eval()
+    with torch.no_grad():  # away from the initial values that hide terms: g = 0, s ≈ 1, D = 1
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        layer.delay_gain.normal_()
+        layer.rho_bias.fill_(0.5)
+    u = torch.randn(2, 11, cfg.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(u), conba_by_the_equations(layer, cfg, u), rtol=1e-10, atol=1e-12)
 
 
 def test_every_switch_changes_the_layer():

@@ -9,7 +9,7 @@ import torch
 from mixcon.ops import conba_scan, conba_scan_reference, conba_scan_step
 
 
-def make_inputs(B=2, T=37, H=4, P=5, G=2, N=6, dtype=torch.float64, seed=0, normalize=True):
+def make_inputs(B=2, T=37, H=4, P=5, G=2, N=6, dtype=torch.float64, seed=0, normalize=True, beta_max=1.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, H, P, dtype=dtype, generator=g)
     k = torch.randn(B, T, G, N, dtype=dtype, generator=g)
@@ -17,18 +17,18 @@ def make_inputs(B=2, T=37, H=4, P=5, G=2, N=6, dtype=torch.float64, seed=0, norm
         k = torch.nn.functional.normalize(k, dim=-1)
     q = torch.randn(B, T, G, N, dtype=dtype, generator=g)
     log_decay = -torch.rand(B, T, H, dtype=dtype, generator=g) * 0.5
-    beta = torch.rand(B, T, H, dtype=dtype, generator=g)
+    beta = beta_max * torch.rand(B, T, H, dtype=dtype, generator=g)
     gain = torch.randn(H, dtype=dtype, generator=g)
     S0 = torch.randn(B, H, P, N, dtype=dtype, generator=g)
     return x, k, q, log_decay, beta, gain, S0
 
 
-def run_steps(x, k, q, log_decay, beta, *, delta_rule, tau, gain, S0):
+def run_steps(x, k, q, log_decay, beta, *, delta_rule, tau, gain, S0, past0=None):
     """Drive conba_scan_step token by token, keeping the last tau states as a decoder would."""
     B, T, H, P = x.shape
     N = k.shape[-1]
     S = S0 if S0 is not None else x.new_zeros(B, H, P, N)
-    history = [S] * tau
+    history = list(past0.unbind(1)) if past0 is not None else [S] * tau
     ys = []
     for t in range(T):
         y, S = conba_scan_step(x[:, t], k[:, t], q[:, t], log_decay[:, t], beta[:, t], S, delta_rule=delta_rule,
@@ -40,25 +40,36 @@ def run_steps(x, k, q, log_decay, beta, *, delta_rule, tau, gain, S0):
 
 
 CASES = [
-    # (T, chunk, G, tau, initial state)
-    (37, 8, 2, 0, False),
-    (37, 8, 2, 2, True),
-    (1, 8, 2, 2, True),
-    (64, 16, 4, 1, False),  # T a multiple of the chunk, G == H
-    (20, 64, 1, 3, True),  # one chunk longer than T, G < H
-    (9, 4, 2, 5, True),  # tau longer than a chunk
+    # (T, chunk, G, tau, initial states: None, "state" (S_0) or "past" (S_0 and S_{1-tau} .. S_0), beta_max)
+    (37, 8, 2, 0, None, 1.0),
+    (37, 8, 2, 2, "state", 1.0),
+    (1, 8, 2, 2, "state", 1.0),
+    (64, 16, 4, 1, None, 1.0),  # T a multiple of the chunk, G == H
+    (20, 64, 1, 3, "state", 1.0),  # one chunk longer than T, G < H
+    (9, 4, 2, 5, "state", 1.0),  # tau longer than a chunk
+    (30, 8, 2, 3, "past", 2.0),  # the largest gain the layer allows
+    (13, 1, 2, 2, "past", 2.0),  # chunks of one step
 ]
 
 
+def initial_past_states(S0: torch.Tensor, tau: int, seed: int = 1) -> torch.Tensor:
+    """S_{1-tau} .. S_0 (B, tau, H, P, N): random earlier states, then S0."""
+    g = torch.Generator().manual_seed(seed)
+    earlier = torch.randn(S0.shape[0], tau - 1, *S0.shape[1:], dtype=S0.dtype, generator=g)
+    return torch.cat([earlier, S0[:, None]], dim=1)
+
+
 @pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
-@pytest.mark.parametrize("T,chunk,G,tau,init", CASES)
-def test_chunked_equals_reference_and_step_fp64(delta_rule, T, chunk, G, tau, init):
-    x, k, q, ld, beta, gain, S0 = make_inputs(T=T, G=G)
+@pytest.mark.parametrize("T,chunk,G,tau,init,beta_max", CASES)
+def test_chunked_equals_reference_and_step_fp64(delta_rule, T, chunk, G, tau, init, beta_max):
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=T, G=G, beta_max=beta_max)
     S0 = S0 if init else None
-    kw = dict(delta_rule=delta_rule, tau=tau, delay_gain=gain if tau else None, initial_state=S0)
+    past0 = initial_past_states(S0, tau) if init == "past" else None
+    kw = dict(delta_rule=delta_rule, tau=tau, delay_gain=gain if tau else None, initial_state=S0,
+              initial_past_states=past0)
     y_ref, s_ref, past_ref = conba_scan_reference(x, k, q, ld, beta, return_past_states=True, **kw)
     y, s, past = conba_scan(x, k, q, ld, beta, chunk_size=chunk, return_past_states=True, **kw)
-    y_step, s_step = run_steps(x, k, q, ld, beta, delta_rule=delta_rule, tau=tau, gain=gain, S0=S0)
+    y_step, s_step = run_steps(x, k, q, ld, beta, delta_rule=delta_rule, tau=tau, gain=gain, S0=S0, past0=past0)
     assert y.shape == (2, T, 4, 5) and s.shape == (2, 4, 5, 6) and past.shape == (2, tau, 4, 5, 6)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9)
@@ -71,9 +82,11 @@ def test_chunked_equals_reference_and_step_fp64(delta_rule, T, chunk, G, tau, in
 
 @pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
 def test_gradients_match_reference_fp64(delta_rule):
-    inputs = [t.requires_grad_() for t in make_inputs(T=19, G=2)]
-    x, k, q, ld, beta, gain, S0 = inputs
-    kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0)
+    inputs = make_inputs(T=19, G=2, beta_max=2.0)
+    inputs = [t.requires_grad_() for t in (*inputs, initial_past_states(inputs[-1], 2)[:, :1].clone())]
+    x, k, q, ld, beta, gain, S0, S_minus1 = inputs
+    kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0,
+              initial_past_states=torch.stack([S_minus1[:, 0], S0], dim=1))
     w = torch.randn(2, 19, 4, 5, dtype=torch.float64)
     grads = []
     for fn, extra in ((conba_scan_reference, {}), (conba_scan, {"chunk_size": 8})):
