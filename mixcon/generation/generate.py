@@ -31,6 +31,21 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """(B, V) logits in fp32 over `temperature`, those outside the top k and the top-p nucleus set to -inf
+    (in this order, as transformers' warpers; ties at the k-th logit are kept)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
 def sample_next(
     logits: torch.Tensor,  # (B, V)
     *,
@@ -40,19 +55,10 @@ def sample_next(
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Greedy argmax, or a sample after temperature, top-k and top-p (nucleus) filtering: (B,)."""
+    """Greedy argmax, or a sample from `filter_logits`: (B,)."""
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -84,8 +90,10 @@ def generate(
     """Continue (B, T) prompts by up to `max_new_tokens`; returns (B, T + generated).
 
     Prompts of different lengths are left-padded with `attention_mask` (0 = pad): pads never reach
-    the Conba states nor attention keys, so each row equals its prompt generated alone. Rows that
-    produced `eos_token_id` are continued with `pad_token_id` (default: the EOS id). `streamer` is
+    the Conba states nor attention keys, so each row's logits equal its prompt's generated alone (greedy
+    decoding gives the same tokens; sampling draws every row from one generator). Rows that produced
+    `eos_token_id` (default: the config's) are continued with `pad_token_id` (default: the config's, else the
+    EOS id). Sampling filters as transformers' warpers do: temperature, then top-k, then top-p. `streamer` is
     called with each step's new tokens (B,); a transformers streamer (`TextStreamer`,
     `TextIteratorStreamer`: `put`/`end`) is given the prompt, each step's tokens and `end()`, as
     transformers' `generate` does. `vocab_limit`: only ids below it are chosen (a tokenizer with fewer ids
@@ -118,6 +126,8 @@ def generate(
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id
     fill = pad_token_id if pad_token_id is not None else eos_token_id
     V = model.config.vocab_size
     for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):

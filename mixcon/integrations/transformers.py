@@ -197,6 +197,10 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         if past_key_values is not None and not isinstance(past_key_values, MixConCache):
             raise TypeError(f"past_key_values must be a MixConCache (or None), got {type(past_key_values).__name__}")
         B, T = input_ids.shape
+        if past_key_values is None and attention_mask is not None and attention_mask.shape[1] > T:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions but input_ids {T}, and no "
+                             "past_key_values holds the earlier ones (no cache is made for right-padded rows: "
+                             "generate needs left padding)")
         if seq_idx is None and position_ids is not None and past_key_values is None and (
                 attention_mask is None or bool(attention_mask.bool().all())):
             seq_idx = _documents_from_positions(position_ids, (B, T))
@@ -222,12 +226,15 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         return result if use_dict else result.to_tuple()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' `generate`, from the prompt: a `MixConCache` from an earlier call cannot be continued here
-        (it lacks transformers' `Cache` interface); continue one with `forward`, or `model.generate`."""
+        """transformers' `generate`, from the prompt, on left-padded rows: a `MixConCache` from an earlier call
+        cannot be continued here (it lacks transformers' `Cache` interface); continue one with `forward`."""
         if isinstance(kwargs.get("past_key_values"), MixConCache):
             raise ValueError("past_key_values: generate starts from the prompt and makes its own cache; pass the "
-                             "whole sequence as input_ids (a MixConCache continues through forward calls, or "
-                             "through MixConForCausalLM.generate)")
+                             "whole sequence as input_ids (a MixConCache continues through forward calls)")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and bool(pads_after_tokens(mask.bool()).any()):
+            raise ValueError("attention_mask: generate continues each row after its last token, so rows must be "
+                             "left-padded (tokenizer padding_side='left', as hf_tokenizer sets it)")
         return super().generate(*args, **kwargs)
 
     def _reorder_cache(self, cache: MixConCache, beam_idx: torch.Tensor) -> MixConCache:

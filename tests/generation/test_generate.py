@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixcon.generation.generate import sample_next
+from mixcon.generation.generate import filter_logits, sample_next
 
 
 def left_pad(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +65,32 @@ def test_top_p_keeps_the_nucleus():
     assert int(sample_next(logits, do_sample=True, temperature=1.0, top_k=None, top_p=0.5, generator=g)) == 0
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, None, 0.5), (1.0, None, 0.75), (0.7, 3, 0.9), (1.3, 2, None), (1.0, 60, 0.3), (1.0, None, 1.0),
+])
+def test_filtering_equals_transformers_warpers(temperature, top_k, top_p):
+    """The kept tokens and their logits equal those of transformers' temperature, top-k and top-p warpers, in
+    their order; at the top-p boundary too, where rows of tied logits reach the mass exactly (uniform over 4:
+    0.5 after 2 tokens; which of the tied tokens stay is arbitrary, so only how many is compared there)."""
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    chain = [warpers.TemperatureLogitsWarper(temperature)]
+    chain += [warpers.TopKLogitsWarper(top_k)] if top_k else []
+    chain += [warpers.TopPLogitsWarper(top_p)] if top_p is not None and top_p < 1 else []
+
+    def warped(logits: torch.Tensor) -> torch.Tensor:
+        for warp in chain:
+            logits = warp(None, logits)
+        return logits
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))  # no ties
+    got, want = filter_logits(logits, temperature, top_k, top_p), warped(logits.clone())
+    assert torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()])
+    tied = torch.tensor([[0.25] * 4, [0.5, 0.25, 0.125, 0.125], [0.5, 0.5, 0.0, 0.0]]).log()
+    assert torch.equal(filter_logits(tied, temperature, top_k, top_p).isfinite().sum(-1),
+                       warped(tied.clone()).isfinite().sum(-1))
+
+
 def test_eos_stops_and_pads(tiny_model):
     model = tiny_model(dtype=torch.float32)
     prompt = torch.randint(0, 300, (1, 4))
@@ -75,6 +101,17 @@ def test_eos_stops_and_pads(tiny_model):
     streamed = []
     model.generate(prompt, 6, streamer=lambda t: streamed.append(int(t[0])))
     assert streamed == free[0, 4:].tolist()
+
+
+def test_finished_rows_are_padded_with_the_configs_pad_id(tiny_model):
+    model = tiny_model(dtype=torch.float32, pad_token_id=7)
+    prompts = torch.tensor([[5, 6, 8, 9], [11, 12, 13, 14]])
+    free = model.generate(prompts, 6)
+    eos = int(free[0, 5])  # row 0's second token; row 1 never makes it
+    assert eos not in free[1, 4:].tolist()
+    out = model.generate(prompts, 6, eos_token_id=eos)
+    assert out[0, 4:].tolist() == [*free[0, 4:6].tolist(), 7, 7, 7, 7]  # as transformers' generate pads
+    assert model.generate(prompts, 6, eos_token_id=eos, pad_token_id=3)[0, 6:].tolist() == [3] * 4
 
 
 def test_transformers_streamers_get_the_prompt_the_tokens_and_the_end(tiny_model):

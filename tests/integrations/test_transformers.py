@@ -96,6 +96,16 @@ def test_greedy_generate_is_mixcon_generate(pair):
         hf.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=2)
 
 
+def test_right_padded_rows_are_refused_rather_than_continued_without_their_context(pair):
+    """No cache is made for right-padded rows, so transformers' loop would feed each new token alone."""
+    _, hf = pair
+    ids, mask = left_padded()
+    with pytest.raises(ValueError, match=r"rows must be left-padded .*padding_side='left'"):
+        hf.generate(ids, attention_mask=mask.flip(1), max_new_tokens=3)
+    with pytest.raises(ValueError, match="attention_mask covers 9 positions but input_ids 1, and no past_key_values"):
+        hf(ids[:, -1:], attention_mask=torch.ones(ids.shape[0], 9, dtype=torch.long))
+
+
 @pytest.mark.parametrize("options", [dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)])
 def test_generate_through_the_cache_equals_full_forwards(pair, options):
     """Sampling and beam search (rows of the cache reordered by beam) against recomputing every step."""
