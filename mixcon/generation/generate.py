@@ -79,7 +79,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -92,9 +92,9 @@ def generate(
     Prompts of different lengths are left-padded with `attention_mask` (0 = pad): pads never reach
     the Conba states nor attention keys, so each row's logits equal its prompt's generated alone (greedy
     decoding gives the same tokens; sampling draws every row from one generator). Rows that produced
-    `eos_token_id` (default: the config's) are continued with `pad_token_id` (default: the config's, else the
-    EOS id). Sampling filters as transformers' warpers do: temperature, then top-k, then top-p. `streamer` is
-    called with each step's new tokens (B,); a transformers streamer (`TextStreamer`,
+    `eos_token_id` (one id or a list; default: the config's) are continued with `pad_token_id` (default: the
+    config's, else the first EOS id). Sampling filters as transformers' warpers do: temperature, then top-k,
+    then top-p. `streamer` is called with each step's new tokens (B,); a transformers streamer (`TextStreamer`,
     `TextIteratorStreamer`: `put`/`end`) is given the prompt, each step's tokens and `end()`, as
     transformers' `generate` does. `vocab_limit`: only ids below it are chosen (a tokenizer with fewer ids
     than the model's vocabulary, which could not decode the others).
@@ -128,11 +128,17 @@ def generate(
         eos_token_id = model.config.eos_token_id
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id
-    fill = pad_token_id if pad_token_id is not None else eos_token_id
+    eos_ids = list(eos_token_id) if isinstance(eos_token_id, list | tuple) else [eos_token_id]
     V = model.config.vocab_size
-    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+    for name, value in [*(("eos_token_id", e) for e in eos_ids), ("pad_token_id", pad_token_id)]:
         if value is not None and not (is_integer(value) and 0 <= value < V):
             raise ValueError(f"{name}={value!r} must be None or an integer in [0, vocab_size={V})")
+    eos_ids = [e for e in eos_ids if e is not None]
+    if vocab_limit is not None and eos_ids and min(eos_ids) >= vocab_limit:
+        raise ValueError(f"eos_token_id={eos_token_id!r} is not below vocab_limit={vocab_limit}: generation could "
+                         "never end")
+    fill = pad_token_id if pad_token_id is not None else eos_ids[0] if eos_ids else None
+    eos = torch.tensor(eos_ids, device=input_ids.device)
     hf_streamer = streamer is not None and not callable(streamer)
     if hf_streamer:  # transformers' protocol: the prompt first, then each step's tokens, then end()
         if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
@@ -149,9 +155,9 @@ def generate(
         for step in range(max_new_tokens):
             token = sample_next(logits[:, :V], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                 generator=generator)
-            if eos_token_id is not None:
+            if eos_ids:
                 token = token.masked_fill(finished, fill)
-                finished |= token == eos_token_id
+                finished |= torch.isin(token, eos)
             new_tokens.append(token)
             if hf_streamer:
                 streamer.put(token.cpu())

@@ -112,6 +112,7 @@ def test_finished_rows_are_padded_with_the_configs_pad_id(tiny_model):
     out = model.generate(prompts, 6, eos_token_id=eos)
     assert out[0, 4:].tolist() == [*free[0, 4:6].tolist(), 7, 7, 7, 7]  # as transformers' generate pads
     assert model.generate(prompts, 6, eos_token_id=eos, pad_token_id=3)[0, 6:].tolist() == [3] * 4
+    assert torch.equal(model.generate(prompts, 6, eos_token_id=[299, eos]), out)  # any of several EOS ids
 
 
 def test_transformers_streamers_get_the_prompt_the_tokens_and_the_end(tiny_model):
@@ -164,9 +165,12 @@ def test_generate_validates_arguments(tiny_model):
         model.generate(prompt[:0], 3)
     with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(2, 4\), got \(2, 3\)"):
         model.generate(prompt, 3, attention_mask=torch.ones(2, 3, dtype=torch.long))
-    for name, value in (("eos_token_id", 300), ("pad_token_id", -1), ("eos_token_id", 1.0)):
-        with pytest.raises(ValueError, match=rf"{name}={value!r} must be None or an integer in \[0, vocab_size=300\)"):
+    for name, value in (("eos_token_id", 300), ("pad_token_id", -1), ("eos_token_id", 1.0), ("eos_token_id", [2, -3])):
+        shown = value[-1] if isinstance(value, list) else value
+        with pytest.raises(ValueError, match=rf"{name}={shown!r} must be None or an integer in \[0, vocab_size=300\)"):
             model.generate(prompt, 3, **{name: value})
+    with pytest.raises(ValueError, match=r"eos_token_id=\[280, 290\] is not below vocab_limit=260: generation could"):
+        model.generate(prompt, 3, eos_token_id=[280, 290], vocab_limit=260)
 
 
 def test_the_cache_is_not_allocated_for_a_huge_max_new_tokens_but_grows(tiny_model, monkeypatch):
