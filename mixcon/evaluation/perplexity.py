@@ -63,28 +63,31 @@ def _check_stride(context: int, stride: int) -> None:
         raise ValueError(f"stride={stride} must be in [1, context={context}]")
 
 
-def window_spans(n: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
+def window_spans(n: int, context: int, stride: int, align_last: bool = False) -> Iterator[tuple[int, int, int]]:
     """(begin, end, scored) for the windows over `n` predictions: inputs [begin, end) predict their next
-    tokens, of which the last `scored` are new (not scored by an earlier window)."""
+    tokens, of which the last `scored` are new (not scored by an earlier window). `align_last`: the last window
+    ends at `n` with `context` inputs (lm-eval's rolling windows), not where the stride puts its start."""
     _check_stride(context, stride)
     previous_end = 0
     for begin in range(0, n, stride):
         end = min(begin + context, n)
+        if align_last and end == n:
+            begin = max(0, n - context)
         yield begin, end, end - previous_end
         previous_end = end
         if end == n:
             return
 
 
-def _rows(docs: Sequence[list[int]], mode: str, context: int,
-          stride: int) -> Iterator[tuple[int, list[int], list[int]]]:
+def _rows(docs: Sequence[list[int]], mode: str, context: int, stride: int,
+          align_last: bool) -> Iterator[tuple[int, list[int], list[int]]]:
     """(document index, inputs, targets) per forward row; IGNORE marks targets scored in another row."""
     for d, ids in enumerate(docs):
         inputs, targets = ids[:-1], ids[1:]
         if mode == "stream":
             yield d, inputs, targets
             continue
-        for begin, end, scored in window_spans(len(inputs), context, stride):
+        for begin, end, scored in window_spans(len(inputs), context, stride, align_last):
             yield d, inputs[begin:end], [IGNORE] * (end - begin - scored) + targets[end - scored:end]
 
 
@@ -139,10 +142,11 @@ def _score_batch(model: MixConForCausalLM, inputs: torch.Tensor, targets: torch.
 
 def document_nll(model: MixConForCausalLM, docs: Sequence[list[int]], *, pad_id: int, context: int = 1024,
                  stride: int | None = None, mode: str = "window", batch_size: int = 8,
-                 progress: bool = False) -> list[float]:
+                 progress: bool = False, align_last: bool = False) -> list[float]:
     """Summed negative log-likelihood (nats) of each document's tokens after its first (ids[1:] given what
     precedes them); see the module docstring for the modes. `stride` (window mode; default `context`, i.e.
-    disjoint windows) is the step between windows; in stream mode `context` is the chunk fed at a time.
+    disjoint windows) is the step between windows, `align_last` as in `window_spans`; in stream mode
+    `context` is the chunk fed at a time.
     `batch_size` rows (windows or documents) run side by side, right-padded with `pad_id`."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
@@ -155,7 +159,7 @@ def document_nll(model: MixConForCausalLM, docs: Sequence[list[int]], *, pad_id:
         _check_stride(context, stride)
     if any(len(ids) < 2 for ids in docs):
         raise ValueError("every document needs a first token and at least one token to score")
-    rows = sorted(_rows(docs, mode, context, stride), key=lambda r: len(r[1]), reverse=True)  # less padding
+    rows = sorted(_rows(docs, mode, context, stride, align_last), key=lambda r: len(r[1]), reverse=True)
     device = model.embed.weight.device
     totals = torch.zeros(len(docs), dtype=torch.float64, device=device)
     bar = tqdm(total=sum(len(ids) - 1 for ids in docs), unit="tok", disable=not progress, dynamic_ncols=True)

@@ -145,13 +145,14 @@ class MixConLM(TemplateLM):
         return scores
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of each whole string after an EOS token: streamed through the cache (exact), or in
-        disjoint windows of `max_length` tokens when that is set."""
+        """Log-likelihood of each whole string after an EOS token: streamed through the cache (exact), or, when
+        `max_length` is set, in lm-eval's rolling windows of `max_length` tokens (disjoint predictions; the last
+        window ends with the string and has a full window of inputs)."""
         docs = [[self.eot_token_id, *self.tok_encode(req.args[0])] for req in requests]
         scored = [i for i, ids in enumerate(docs) if len(ids) > 1]
         mode, context = ("stream", self.context) if self.max_length is None else ("window", self.max_length)
         nll = document_nll(self.model, [docs[i] for i in scored], pad_id=self.tok.pad_id, context=context,
-                           mode=mode, batch_size=self.batch_size, progress=not disable_tqdm)
+                           mode=mode, batch_size=self.batch_size, progress=not disable_tqdm, align_last=True)
         out = [0.0] * len(docs)  # an empty string has probability 1
         for i, value in zip(scored, nll, strict=True):
             out[i] = -value

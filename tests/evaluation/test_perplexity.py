@@ -27,10 +27,14 @@ def full_nll(model, ids: list[int]) -> float:
     return float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
 
 
+@pytest.mark.parametrize("align_last", [False, True])
 @pytest.mark.parametrize("n, context, stride", [(10, 4, 4), (10, 4, 1), (10, 4, 3), (3, 8, 2), (9, 3, 3), (1, 1, 1)])
-def test_window_spans_score_each_prediction_once_with_enough_context(n, context, stride):
+def test_window_spans_score_each_prediction_once_with_enough_context(n, context, stride, align_last):
+    spans = list(window_spans(n, context, stride, align_last))
+    if align_last:  # the last window: a full one ending at n
+        assert spans[-1][:2] == (max(0, n - context), n)
     scored = []
-    for begin, end, new in window_spans(n, context, stride):
+    for begin, end, new in spans:
         assert 0 < end - begin <= context and 1 <= new <= end - begin
         for j in range(end - new, end):  # prediction j (of ids[j + 1]) sees inputs [begin, j]
             assert j + 1 - begin >= min(j + 1, context - stride + 1)

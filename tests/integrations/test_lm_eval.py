@@ -87,6 +87,25 @@ def test_rolling_loglikelihood_is_the_whole_document_and_matches_an_empty_contex
         pytest.approx(rolling[:1], rel=1e-10)
 
 
+@pytest.mark.parametrize("n_bytes", [9, 23, 30])  # within one window, a short last window, a multiple of it
+def test_rolling_loglikelihood_with_max_length_is_lm_evals_rolling_windows(tiny_model, n_bytes):
+    """lm-eval's own definition: get_rolling_token_windows + make_disjoint_window, each window one forward."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    model = tiny_model(vocab_size=TOK.vocab_size)
+    lm = MixConLM(model, tokenizer=TOK, max_length=10, batch_size=2)
+    text = "rolling windows over bytes"[:n_bytes] + "x" * max(0, n_bytes - 26)
+    want = 0.0
+    for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+            TOK.encode(text), prefix_token=TOK.eos_id, max_seq_len=10, context_len=1)):
+        inputs = (context + continuation)[:-1]
+        with torch.no_grad():
+            logits = model(torch.tensor([inputs])).logits[0, -len(continuation):]
+        want -= float(F.cross_entropy(logits, torch.tensor(continuation), reduction="sum"))
+    got = lm.loglikelihood_rolling([request("loglikelihood_rolling", text)], disable_tqdm=True)
+    assert got == pytest.approx([want], rel=1e-10)
+
+
 def test_max_length_truncates_the_context_from_the_left(tiny_model):
     model = tiny_model(vocab_size=TOK.vocab_size)
     lm = MixConLM(model, tokenizer=TOK, max_length=6)
