@@ -70,6 +70,11 @@ class MixConLM(TemplateLM):
         return self.tok.eos_id
 
     @property
+    def vocab_limit(self) -> int:
+        """Ids below this are the ones greedy generation may choose: those of both model and tokenizer."""
+        return min(self.tok.vocab_size, self.model.config.vocab_size)
+
+    @property
     def device(self) -> torch.device:
         return self.model.embed.weight.device
 
@@ -123,7 +128,8 @@ class MixConLM(TemplateLM):
 
     @torch.no_grad()
     def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        return _logprob_greedy(*scored_logits(self.model, *right_pad(rows, self.tok.pad_id, self.device)))
+        return _logprob_greedy(*scored_logits(self.model, *right_pad(rows, self.tok.pad_id, self.device)),
+                               self.vocab_limit)
 
     @torch.no_grad()
     def _score_shared(self, prefix: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
@@ -141,7 +147,7 @@ class MixConLM(TemplateLM):
                 inputs, rest = right_pad([(c[:-1], c[1:]) for c in batch], self.tok.pad_id, self.device)
                 logits = torch.cat([logits, self.model(inputs, cache=branch).logits], 1)
                 targets = torch.cat([targets, rest], 1)
-            scores += _logprob_greedy(logits, targets)
+            scores += _logprob_greedy(logits, targets, self.vocab_limit)
         return scores
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
@@ -196,9 +202,8 @@ class MixConLM(TemplateLM):
         for row, p in enumerate(prompts):
             ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
         generated = self.model.generate(ids.to(self.device), max_new_tokens, attention_mask=mask.to(self.device),
-                                        eos_token_id=self.eot_token_id, **sampling,
-                                        vocab_limit=min(self.tok.vocab_size, self.model.config.vocab_size)
-                                        )[:, T:].tolist()
+                                        eos_token_id=self.eot_token_id, vocab_limit=self.vocab_limit,
+                                        **sampling)[:, T:].tolist()
         texts = []
         for tokens in generated:
             if self.eot_token_id in tokens:
@@ -239,8 +244,9 @@ def _generation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _logprob_greedy(logits: torch.Tensor, targets: torch.Tensor) -> list[tuple[float, bool]]:
+def _logprob_greedy(logits: torch.Tensor, targets: torch.Tensor, vocab_limit: int) -> list[tuple[float, bool]]:
     """Per row of (B, T, V) logits and (B, T) targets (IGNORE = not scored): the targets' summed
-    log-probability and whether each is the argmax."""
-    greedy = (logits.argmax(-1) == targets) | (targets == IGNORE)
+    log-probability and whether each is the argmax among the ids below `vocab_limit` (those greedy generation
+    may choose: the tokenizer's)."""
+    greedy = (logits[..., :vocab_limit].argmax(-1) == targets) | (targets == IGNORE)
     return [(-nll, bool(g)) for nll, g in zip(row_nll(logits, targets).tolist(), greedy.all(1).tolist(), strict=True)]

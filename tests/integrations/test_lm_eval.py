@@ -162,6 +162,11 @@ def test_generation_picks_only_ids_the_tokenizer_decodes(tiny_model):
         lm.generate_until([request("generate_until", "x", kwargs)], disable_tqdm=True)  # decodes, no error
     out = model.generate(torch.tensor([[TOK.eos_id]]), 6, vocab_limit=TOK.vocab_size)
     assert int(out.max()) < TOK.vocab_size
+    greedy = lm.generate_until([request("generate_until", "x", {"max_gen_toks": 3, "until": ["never"]})],
+                               disable_tqdm=True)[0]
+    assert len(TOK.encode(greedy)) == 3
+    (_, is_greedy), = lm.loglikelihood([request("loglikelihood", "x", greedy)], disable_tqdm=True)
+    assert is_greedy  # greedy among the ids generation may choose, as generate_until chose them
     with pytest.raises(ValueError, match=r"vocab_limit=0 must be None or an integer in \[1, vocab_size=299\]"):
         model.generate(torch.tensor([[TOK.eos_id]]), 2, vocab_limit=0)
 
