@@ -172,7 +172,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
         return eval_batches(ds, options.seq_len, options.batch_size, max_batches=options.eval_batches)
 
     trainer = Trainer(model, options, out, loader=loader, eval_data=eval_data if has_val else None,
-                      bytes_per_token=ds.bytes_per_token("val") if has_val else None, tokenizer=tok, env=env,
+                      token_bytes=tok.token_bytes() if has_val else None, tokenizer=tok, env=env,
                       progress=not args.no_progress, tensorboard=args.tensorboard)
     deadline = None
     if options.time_budget is not None:

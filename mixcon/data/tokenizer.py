@@ -49,6 +49,10 @@ class ByteTokenizer:
                 data.append(i)
         return data.decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of text that each id stands for: 1 for a byte, 0 for BOS, EOS, PAD."""
+        return [1] * 256 + [0] * (self.vocab_size - 256)
+
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self._config()).encode()).hexdigest()
 
@@ -109,6 +113,18 @@ class BPETokenizer:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the BPE vocabulary [0, {self.vocab_size})")
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of text that each id stands for (0 for special tokens): a byte-level token's characters
+        are one byte each."""
+        byte_of = {char: byte for byte, char in enumerate(_byte_level_chars())}
+        special = {i for i, added in self._tok.get_added_tokens_decoder().items() if added.special}
+        out = []
+        for i in range(self.vocab_size):
+            token = self._tok.id_to_token(i) or ""
+            out.append(0 if i in special else len(token) if all(c in byte_of for c in token)
+                       else len(token.encode("utf-8")))
+        return out
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +163,8 @@ class Trainer:
 
     `loader` yields global batches (batch_size sequences); process r of W trains on rows [r·B/W, (r+1)·B/W),
     so any world size sees the same data and a run continues exactly at another world size. `eval_data()`
-    yields validation batches; `bytes_per_token` (validation text bytes / tokens) turns loss into bits per byte.
+    yields validation batches; `token_bytes` (V,), the UTF-8 bytes of text each token id stands for (a
+    tokenizer's `token_bytes()`), turns the validation loss into bits per byte of the text scored.
     Only rank 0 logs and writes.
     """
 
@@ -175,7 +176,7 @@ class Trainer:
         *,
         loader: StatefulLoader,
         eval_data: Callable[[], Iterable[Batch]] | None = None,
-        bytes_per_token: float | None = None,
+        token_bytes: Sequence[int] | None = None,
         tokenizer: ckpt.SavableTokenizer | None = None,
         env: DistEnv | None = None,
         progress: bool = True,
@@ -189,7 +190,9 @@ class Trainer:
             raise ValueError("TrainOptions.document_mask needs the model config's eos_token_id (documents are "
                              "separated by EOS)")
         self.model, self.options, self.run_dir = model, options, Path(run_dir)
-        self.loader, self.eval_data, self.bytes_per_token = loader, eval_data, bytes_per_token
+        self.loader, self.eval_data = loader, eval_data
+        self.token_bytes = None if token_bytes is None else torch.as_tensor(token_bytes, dtype=torch.float64,
+                                                                            device=self.env.device)
         self.tokenizer, self.progress, self.tensorboard = tokenizer, progress, tensorboard
         self.aliases = tied_aliases(model)
         self.shapes = {k: v.shape for k, v in model.state_dict().items() if k not in self.aliases}
@@ -327,11 +330,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and, given bytes_per_token, bits per byte."""
+        """Validation loss (nats/token), perplexity and, given token_bytes, bits per byte: the summed loss over
+        the UTF-8 bytes of the scored tokens (EOS predictions count in the loss, as part of the text's cost, and
+        add no bytes)."""
         if self.eval_data is None:
             return {}
         self.module.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # summed loss, tokens
+        total = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # summed loss, tokens, bytes
         for input_ids, labels in self.eval_data():
             x, y = self._local_rows(input_ids), self._local_rows(labels)
             # micro-batches as in training, as many on every process (sharded models need all in each forward)
@@ -342,17 +347,19 @@ class Trainer:
                     ys = torch.full_like(labels[:1], IGNORE).to(self.env.device)
                 with self._autocast():  # the fused head: no (rows, T, V) logits, as in training
                     mean = self._forward(xs, ys).lm_loss
-                n = (ys != IGNORE).sum()
+                scored = ys != IGNORE
+                n = scored.sum()
                 if n > 0:  # an all-ignored batch has a nan mean and adds nothing
-                    total += torch.stack([mean.double() * n, n.double()])
+                    nbytes = self.token_bytes[ys[scored]].sum() if self.token_bytes is not None else n * 0.0
+                    total += torch.stack([mean.double() * n, n.double(), nbytes.double()])
         self.module.train()
-        loss_sum, n = all_reduce(total, "sum").tolist()
+        loss_sum, n, nbytes = all_reduce(total, "sum").tolist()
         if n == 0:
             raise ValueError("the validation data scored no token (no batches, or every label ignored)")
         val_loss = loss_sum / n
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
-        if self.bytes_per_token:
-            out["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+        if nbytes > 0:
+            out["val_bpb"] = loss_sum / math.log(2) / nbytes
         return out
 
     # ------------------------------------------------------------------ loop

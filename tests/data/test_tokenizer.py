@@ -48,6 +48,15 @@ def test_bpe_round_trip_and_no_specials(bpe, text):
     assert all(0 <= i < bpe.vocab_size for i in ids)
 
 
+@text_cases
+def test_token_bytes_add_up_to_the_texts_utf8_bytes(bpe, text):
+    """What bits per byte divides by: each id's bytes, summed over an encoding, are the text's own."""
+    for tok in (ByteTokenizer(), bpe):
+        table = tok.token_bytes()
+        assert len(table) == tok.vocab_size and all(table[i] == 0 for i in specials(tok))
+        assert sum(table[i] for i in tok.encode(text)) == len(text.encode("utf-8"))
+
+
 def test_bytes_ids_and_specials():
     tok = ByteTokenizer()
     assert tok.encode("é") == [0xC3, 0xA9]

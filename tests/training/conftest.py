@@ -99,6 +99,6 @@ def make_trainer(shards: ShardDataset) -> TrainerFactory:
         return Trainer(model, options, run_dir, loader=loader, tokenizer=ByteTokenizer(), progress=False,
                        eval_data=lambda: eval_batches(ds, options.seq_len, options.batch_size,
                                                       max_batches=options.eval_batches),
-                       bytes_per_token=ds.bytes_per_token("val"))
+                       token_bytes=ByteTokenizer().token_bytes())
 
     return factory

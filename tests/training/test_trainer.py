@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mixcon import MixConConfig
+from mixcon.data import ByteTokenizer
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mixcon.training.metrics import read_metrics
@@ -195,8 +196,8 @@ def test_metrics_and_plot_are_written(make_trainer, shards, tmp_path):
     assert len(load) == 4 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-3 for row in load)
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [0, 4]
-    assert val[-1]["val_bpb"] == pytest.approx(val[-1]["val_loss"] / math.log(2) / shards.bytes_per_token("val"))
-    assert 0.99 < shards.bytes_per_token("val") < 1  # bytes tokenizer: 1 byte per token, plus one EOS per document
+    # bytes tokenizer: every scored token is a byte but the few EOS predictions (their loss, no bytes)
+    assert 1 <= val[-1]["val_bpb"] / (val[-1]["val_loss"] / math.log(2)) < 1.02
     assert val[-1]["val_ppl"] == pytest.approx(math.exp(val[-1]["val_loss"]))
     assert summary.plot.is_file() and summary.plot.read_bytes()[:4] == b"\x89PNG"
 
@@ -208,18 +209,19 @@ def test_validation_equals_cross_entropy_over_whole_logits(make_trainer, shards,
     batches = list(trainer.eval_data())
     x, y = batches[0]
     y = y.clone()
-    y[0, :5], y[1] = IGNORE, IGNORE
+    y[0, :5], y[1], y[0, 9] = IGNORE, IGNORE, ByteTokenizer.eos_id  # a document's end: loss but no bytes
     batches = [(x, y), batches[1], (x, torch.full_like(y, IGNORE))]
     trainer.eval_data = lambda: iter(batches)
-    total, n = 0.0, 0
+    total, n, nbytes = 0.0, 0, 0
     with torch.no_grad(), trainer.model.evaluating():
         for x, y in batches:
             logits = trainer.model(x).logits.double()
             total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
             n += int((y != IGNORE).sum())
+            nbytes += int(((y != IGNORE) & (y < 256)).sum())  # the scored bytes: EOS stands for no text
     out = trainer.evaluate()
     assert out["val_loss"] == pytest.approx(total / n, rel=1e-6)
-    assert out["val_bpb"] == pytest.approx(total / n / math.log(2) / shards.bytes_per_token("val"), rel=1e-6)
+    assert nbytes < n and out["val_bpb"] == pytest.approx(total / math.log(2) / nbytes, rel=1e-6)
     assert trainer.model.training  # back in training mode
 
 
@@ -291,4 +293,4 @@ def test_hundred_steps_on_tinyshakespeare_lower_validation_loss(make_trainer, by
     assert sorted(val) == [0, 50, 100]
     assert val[0] > 5.0  # about ln(259): untrained
     assert val[100] < val[0] - 2.0, val  # clearly learned (letter and word statistics)
-    assert summary.val_bpb == pytest.approx(val[100] / math.log(2) / ds.bytes_per_token("val"))
+    assert 1 <= summary.val_bpb / (val[100] / math.log(2)) < 1.02  # EOS predictions: loss without bytes
