@@ -50,7 +50,9 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
                                "the cosine schedule is refitted"),
     ("--batch-size", POSITIVE, "sequences per optimizer step over all processes"),
     ("--micro-batch-size", POSITIVE, "sequences per forward pass per process; gradients accumulate over the "
-                                     "rest (default: batch size / world size)"),
+                                     "rest (default: batch size / world size; the language-model loss is the "
+                                     "same at any micro-batch and world size, the MoE load-balancing loss is "
+                                     "a statistic of each micro-batch)"),
     ("--seq-len", POSITIVE, "tokens per training sequence"),
     ("--lr", NONNEGATIVE, "peak learning rate"),
     ("--min-lr-ratio", RATIO, "final learning rate as a fraction of the peak (cosine decay)"),

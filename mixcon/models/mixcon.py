@@ -141,8 +141,9 @@ class MixConOutput:
     """What `MixConForCausalLM.forward` returns: logits, and the losses when labels are given."""
 
     logits: torch.Tensor | None  # (B, T, V); None when asked not to return them
-    loss: torch.Tensor | None = None  # lm_loss + aux coefficient × aux_loss + z coefficient × z_loss
-    lm_loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # lm_loss + router_loss
+    lm_loss: torch.Tensor | None = None  # mean over the scored tokens (nan when none is scored)
+    router_loss: torch.Tensor | None = None  # aux coefficient × aux_loss + z coefficient × z_loss
     aux_loss: torch.Tensor | None = None  # load balancing, mean over MoE layers (0 without MoE)
     z_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None  # (n_moe_layers, n_experts) tokens routed
@@ -388,7 +389,8 @@ class MixConForCausalLM(nn.Module):
             out.lm_loss = (linear_cross_entropy(h, self.lm_head.weight, labels) if logits is None else
                            F.cross_entropy(logits.flatten(0, 1).to(compute_dtype(logits)), labels.flatten().long(),
                                            ignore_index=IGNORE))
-            out.loss = out.lm_loss + self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
+            out.router_loss = self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
+            out.loss = out.lm_loss + out.router_loss
         return out
 
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,

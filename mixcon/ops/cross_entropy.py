@@ -77,5 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         grad_h, grad_w, count = ctx.saved_tensors
-        scale = grad_loss.to(count.dtype) / count  # the loss scale and the mean's 1/count, in fp32
+        # The loss scale and the mean's 1/count, in fp32; with no scored row the gradients are zero (not nan), so
+        # a caller may weight an empty batch's (nan) mean by 0.
+        scale = grad_loss.to(count.dtype) / count.clamp(min=1)
         return (grad_h.to(count.dtype) * scale).to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None

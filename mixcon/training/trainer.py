@@ -294,20 +294,27 @@ class Trainer:
             raise ValueError(f"the loader gave a batch of {input_ids.shape[0]} sequences, "
                              f"expected batch_size={self.options.batch_size}")
         x, y = self._local_rows(input_ids), self._local_rows(labels)
-        accum = self.local_batch // self.micro
-        sums = torch.zeros(3, device=self.env.device)  # loss, lm_loss, aux_loss (means over micro-batches)
+        accum, world = self.local_batch // self.micro, self.env.world_size
+        # The language-model loss is the mean over the global batch's scored tokens, whichever micro-batch and
+        # process holds them: each micro-batch's mean is weighted by its share of them (times the world size,
+        # which DDP's and FSDP's averaging of gradients divides out). Router losses: the mean of micro-batches.
+        n_global = max(int((labels != IGNORE).sum()), 1)  # the global batch: the same count on every process
+        sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # lm loss sum, router, aux (all ranks)
         counts = None
         for i in range(accum):
             rows = slice(i * self.micro, (i + 1) * self.micro)
+            n = int((y[rows] != IGNORE).sum())
             with gradient_sync(self.module, i == accum - 1):
                 with self._autocast():
                     out = self._forward(x[rows], y[rows])
-                (out.loss / accum).backward()
-            sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float() / accum
+                lm = out.lm_loss if n else out.lm_loss.nan_to_num(nan=0.0)  # nothing scored: only router losses
+                (lm * (n * world / n_global) + out.router_loss / accum).backward()
+            sums += torch.stack([lm.detach() * n, out.router_loss.detach() / accum, out.aux_loss.detach() / accum])
             if out.expert_counts is not None:
                 counts = out.expert_counts.detach() + (0 if counts is None else counts)
-        all_reduce(sums, "mean")
-        loss, lm_loss, aux_loss = sums.tolist()
+        lm_sum, router, aux_sum = all_reduce(sums, "sum").tolist()
+        lm_loss, aux_loss = lm_sum / n_global, aux_sum / world
+        loss = lm_loss + router / world
         if not math.isfinite(loss):
             raise NonFiniteLossError(self.step + 1, "loss", loss, self.last_checkpoint)
         lr = lr_at(self.step, peak=self.options.lr, warmup=self.options.warmup_steps, total=self.total_steps,

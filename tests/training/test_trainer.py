@@ -174,6 +174,47 @@ def test_gradient_accumulation_matches_full_batch(make_trainer, tiny_config, tmp
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
 
 
+class MaskedLabels:
+    """A loader whose labels score unevenly: row 0 its last 2 tokens, row 1 none (prompt masking, padding)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __next__(self):
+        x, y = next(self.loader)
+        y = y.clone()
+        y[0, :-2], y[1] = IGNORE, IGNORE
+        return x, y
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+def test_ignored_labels_weigh_the_loss_by_tokens_whatever_the_micro_batches(make_trainer, tiny_config, tmp_path):
+    """The loss is the mean over the global batch's scored tokens, with one micro-batch or four (one of which
+    scores nothing), as F.cross_entropy over the whole batch gives it."""
+    config = tiny_config(router_aux_loss_coef=0.0)
+    runs = {}
+    for micro in (4, 1):
+        trainer = make_trainer(tmp_path / str(micro), config=config, steps=2, micro_batch_size=micro)
+        trainer.loader = MaskedLabels(trainer.loader)
+        if micro == 4:
+            x, y = next(MaskedLabels(make_trainer(tmp_path / "peek", config=config).loader))
+            with torch.no_grad():
+                logits = trainer.model(x).logits
+            want = float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE))
+        runs[micro] = [trainer.train_step() for _ in range(2)]
+        runs[micro].append(trainer.model.state_dict())
+    assert runs[4][0]["lm_loss"] == pytest.approx(want, rel=1e-5)
+    for a, b in zip(runs[4][:2], runs[1][:2], strict=True):
+        assert math.isfinite(b["loss"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for name, value in runs[4][2].items():
+        torch.testing.assert_close(runs[1][2][name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_activation_checkpointing_trains_the_same(make_trainer, tmp_path):
     make_trainer(tmp_path / "plain", steps=3).fit()
     trainer = make_trainer(tmp_path / "recompute", steps=3, activation_checkpointing=True)
