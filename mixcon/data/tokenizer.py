@@ -105,7 +105,11 @@ class BPETokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            text.encode("utf-8")  # a lone surrogate: UnicodeEncodeError (a ValueError) names it and its position
+            raise
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]

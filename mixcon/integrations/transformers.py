@@ -260,7 +260,8 @@ def hf_tokenizer(tokenizer: AnyTokenizer | str | Path) -> PreTrainedTokenizerFas
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
     backend = tokenizer.to_tokenizers()
-    backend.post_processor = TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, tokenizer.eos_id)])
+    backend.post_processor = TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A $B:1",
+                                                special_tokens=[(EOS, tokenizer.eos_id)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    padding_side="left", split_special_tokens=True)
 

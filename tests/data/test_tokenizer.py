@@ -102,6 +102,12 @@ def test_bytes_as_a_tokenizers_tokenizer_decodes_any_ids_as_bytes_do():
         assert backend.decode(ids, skip_special_tokens=True) == tok.decode(ids)
 
 
+def test_a_lone_surrogate_is_named_with_its_position(bpe):
+    for tok in (ByteTokenizer(), bpe):
+        with pytest.raises(UnicodeEncodeError, match=r"'\\ud800' in position 2: surrogates not allowed"):
+            tok.encode("ab\ud800c")
+
+
 def test_bpe_decode_skips_specials_and_rejects_unknown_ids(bpe):
     assert bpe.decode([bpe.bos_id, *bpe.encode("x = 1"), bpe.eos_id, bpe.pad_id]) == "x = 1"
     with pytest.raises(ValueError, match=r"outside the BPE vocabulary"):

@@ -301,6 +301,7 @@ def test_byte_tokenizer_as_a_transformers_tokenizer():
     assert batch[1] == [tok.pad_id] * (len(batch[0]) - len(short)) + short  # padded on the left
     assert htok.batch_decode(batch, skip_special_tokens=True) == texts
     assert len(htok) == tok.vocab_size
+    assert htok("ab", "cd").input_ids == [tok.eos_id, *tok.encode("abcd")]  # a pair: one document, as training
 
 
 @pytest.fixture
