@@ -130,9 +130,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     env = init_distributed(args.device)
     try:
-        return _train(args, env, start)
-    except (ckpt.CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(f"mixcon train: {e}") from e
+        try:
+            return _train(args, env, start)
+        except (ckpt.CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
+            raise SystemExit(f"mixcon train: {e}") from e
+    except SystemExit as e:
+        if isinstance(e.code, str) and not env.is_main:  # every process meets the same error: rank 0 prints it
+            raise SystemExit(1) from None
+        raise
     finally:
         shutdown()
 

@@ -14,6 +14,7 @@ from mixcon import MixConForCausalLM
 from mixcon.cli import main
 from mixcon.data import load_tokenizer
 from mixcon.training.checkpoint import list_checkpoints, read_trainer_state
+from mixcon.training.distributed import DistEnv
 from mixcon.training.metrics import read_metrics
 
 
@@ -210,6 +211,18 @@ def test_train_refuses_a_batch_its_processes_cannot_share_before_preparing_data(
         main(["train", "--config", "tiny", "--corpus", str(corpus), "--batch-size", "3", "--micro-batch-size", "2",
               "--steps", "1", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # no tokenizer trained, no shards written
+
+
+def test_under_torchrun_only_rank_0_prints_an_error(corpus, tmp_path, monkeypatch, capsys):
+    import mixcon.cli.train as train_cli
+
+    argv = ["train", "--config", "tiny", "--corpus", str(corpus), "--batch-size", "3", "--steps", "1",
+            "--out", str(tmp_path / "run")]
+    for rank, code in ((1, 1), (0, "mixcon train: --batch-size=3 must be divisible by the world size 2")):
+        monkeypatch.setattr(train_cli, "init_distributed", lambda device, r=rank: DistEnv(rank=r, world_size=2))
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == code
 
 
 @pytest.mark.parametrize(("extra", "message"), [
