@@ -132,7 +132,10 @@ class MixConConfig:
         if self.head_dim is None and self.d_model % self.n_heads != 0:
             _fail("n_heads", self.n_heads, f"must divide d_model={self.d_model} (or set head_dim)")
         if self.attn_rope and self.attn_head_dim % 2 != 0:
-            _fail("head_dim", self.attn_head_dim, "must be even when attn_rope=True")
+            if self.head_dim is not None:
+                _fail("head_dim", self.head_dim, "must be even when attn_rope=True")
+            _fail("n_heads", self.n_heads, f"must make d_model / n_heads = {self.attn_head_dim} even when "
+                                           "attn_rope=True (or set an even head_dim)")
         # Conba
         if (self.conba_expand * self.d_model) % self.conba_head_dim != 0:
             _fail("conba_head_dim", self.conba_head_dim,

@@ -63,6 +63,8 @@ def test_json_round_trip(tmp_path):
     (dict(conba_control="yes"), "conba_control"),
     (dict(conba_kernel="cuda"), "conba_kernel"),
     (dict(conba_kernel="triton", conba_chunk=48), "conba_chunk"),  # the kernel's chunk is a power of two
+    (dict(attn_rope=True, head_dim=5), "head_dim"),
+    (dict(attn_rope=True, d_model=40, n_heads=8, n_kv_heads=2), "n_heads"),  # head_dim unset: 40 / 8 = 5
     # Types: a float, bool or string where an int or a number belongs is named, not passed on to torch.
     (dict(moe_every=1.5), "moe_every"),
     (dict(moe_every=True), "moe_every"),
