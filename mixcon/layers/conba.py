@@ -168,8 +168,9 @@ class Conba(nn.Module):
 
     def _triton(self, u: torch.Tensor) -> bool:
         """Whether forwards without autograd scan with the Triton kernel: asked for, on CUDA (or in
-        Triton's CPU interpreter)."""
-        return self.kernel == "triton" and (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        Triton's CPU interpreter), and not in fp64 (the kernel computes in fp32; the torch scan keeps fp64)."""
+        return (self.kernel == "triton" and u.dtype != torch.float64
+                and (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
     def _scan_for(self, u: torch.Tensor, packed: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
         """The scan of this forward: `scan_fn`, or the Triton kernel without autograd when `_triton`

@@ -70,7 +70,7 @@ def _conba_scan_kernel(
     DELTA: tl.constexpr, TAU: tl.constexpr, PAST: tl.constexpr,
     C: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # offsets in int64: B·T·H·P passes 2^31 in long prefills
     h = tl.program_id(1)
     g = h // hpg
     rows = tl.arange(0, C)

@@ -116,5 +116,8 @@ def test_model_with_the_triton_kernel_equals_the_torch_one(monkeypatch):
     assert len(calls) == 2 * n_conba  # the full forward and the prefill; decoding takes the step form
     fast(ids, labels=ids).loss.backward()  # with autograd: the PyTorch chunked scan
     assert len(calls) == 2 * n_conba
+    with torch.no_grad():  # fp64: the PyTorch scan too (the kernel computes in fp32)
+        torch.testing.assert_close(fast.double()(ids).logits, ref.double()(ids).logits, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2 * n_conba
     conba = [layer.mixer for layer in fast.layers if layer.mixer_kind == "conba"]
     assert all(p.grad is not None for m in conba for p in m.parameters())
