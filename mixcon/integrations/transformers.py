@@ -201,9 +201,15 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions but input_ids {T}, and no "
                              "past_key_values holds the earlier ones (no cache is made for right-padded rows: "
                              "generate needs left padding)")
-        if seq_idx is None and position_ids is not None and past_key_values is None and (
-                attention_mask is None or bool(attention_mask.bool().all())):
-            seq_idx = _documents_from_positions(position_ids, (B, T))
+        mask = None if attention_mask is None else attention_mask[:, -T:].bool()
+        if seq_idx is None and position_ids is not None:
+            seq_idx = _documents_from_positions(position_ids, (B, T), mask)
+            if seq_idx is not None and past_key_values is not None:
+                raise ValueError("position_ids restart inside a row (packed documents), which take no "
+                                 "past_key_values: each document starts from nothing")
+            if seq_idx is not None and mask is not None and not bool(mask.all()):
+                raise ValueError("position_ids restart inside a row (packed documents), which cannot be combined "
+                                 "with padding (attention_mask zeros): pack without pads, or pad without packing")
         recomputing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if recomputing and past_key_values is not None:
             raise ValueError("past_key_values: no cache while training with activation checkpointing (the layers "
@@ -218,6 +224,9 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         targets = None
         if labels is not None:
             targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+            if seq_idx is not None:  # a document's last token does not predict the next document's first
+                ends = torch.nn.functional.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (0, 1), value=False)
+                targets = targets.masked_fill(ends, IGNORE)
         out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
                          logits_to_keep=logits_to_keep, seq_idx=seq_idx)
         result = MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss if labels is not None else None,
@@ -243,11 +252,15 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         return cache
 
 
-def _documents_from_positions(position_ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor | None:
-    """seq_idx (B, T) of packed documents from position ids that restart at each (None if they never do)."""
+def _documents_from_positions(position_ids: torch.Tensor, shape: tuple[int, int],
+                              mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """seq_idx (B, T) of packed documents from position ids that restart at each, between real tokens
+    (`mask`: pads, whose positions transformers fills in, break nothing); None if they never do."""
     if position_ids.shape != shape:
         raise ValueError(f"position_ids must have the shape of input_ids {shape}, got {tuple(position_ids.shape)}")
     restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1  # (B, T - 1)
+    if mask is not None:
+        restarts &= mask[:, 1:] & mask[:, :-1]
     if not bool(restarts.any()):
         return None
     return torch.nn.functional.pad(restarts.long().cumsum(1), (1, 0))

@@ -160,6 +160,24 @@ def test_padding_free_batches_score_each_document_alone(pair, collate):
         hf(batch["input_ids"], position_ids=torch.zeros(1, 3, dtype=torch.long))
 
 
+def test_packed_rows_score_documents_apart_or_are_refused(pair):
+    """Labels that are the inputs themselves (not the collator's) do not score a document's last token on the
+    next one's first; packing with padding or with a cache is refused (it would run across documents)."""
+    model, hf = pair
+    docs = [torch.randint(0, 290, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 9)]
+    ids = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    alone = [model(d[None], labels=F.pad(d[1:], (0, 1), value=-100)[None]) for d in docs]
+    want = sum(a.lm_loss * (len(d) - 1) for a, d in zip(alone, docs, strict=True)) / (len(ids[0]) - 2)
+    out = hf(ids, position_ids=positions, labels=ids)
+    torch.testing.assert_close(out.loss - model.config.router_aux_loss_coef * out.aux_loss, want)
+    padded, mask = F.pad(ids, (0, 2)), F.pad(torch.ones_like(ids), (0, 2))  # two pads on the right
+    with pytest.raises(ValueError, match=r"packed documents\), which cannot be combined with padding"):
+        hf(padded, position_ids=F.pad(positions, (0, 2), value=1), attention_mask=mask)
+    with pytest.raises(ValueError, match=r"packed documents\), which take no past_key_values"):
+        hf(ids, position_ids=positions, past_key_values=model.new_cache(1))
+
+
 def test_forward_rejects_what_it_does_not_take(pair):
     _, hf = pair
     ids, _ = left_padded()
