@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--workers", type=number_type(int, 1), default=None,
                    help="tokenising processes (default: one per CPU)")
     d.add_argument("--max-bytes", type=number_type(int, 1), default=None,
-                   help="read only this much text, e.g. 5_000_000")
+                   help="read only the first N bytes of text, e.g. 5_000_000 (the last document is cut there)")
     d.set_defaults(func=run_prepare)
 
 

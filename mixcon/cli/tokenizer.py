@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--vocab-size", type=number_type(int, 259), default=8192,
                    help="vocabulary size with the 3 specials, at least 259 (default: %(default)s; 256000 in the paper)")
     t.add_argument("--max-bytes", type=number_type(int, 1), default=None,
-                   help="read only this much text, e.g. 5_000_000")
+                   help="read only the first N bytes of text, e.g. 5_000_000 (the last document is cut there)")
     t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
     t.set_defaults(func=run_train)
 

@@ -72,7 +72,7 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--document-mask", "flag", "documents packed into a training row do not see each other: Conba states, convs "
                                 "and attention restart at each EOS (as evaluation scores documents)"),
     ("--corpus", str, "corpus spec (default: Python's standard library sources); see below"),
-    ("--max-bytes", COUNT, "use the first N bytes of the corpus (0: all)"),
+    ("--max-bytes", COUNT, "use the first N bytes of the corpus, the last document cut there (0: all)"),
     ("--tokenizer", str, "'bpe' (train a byte-level BPE of the config's vocab_size on the corpus), 'bytes', or a "
                          "tokenizer path"),
     ("--val-fraction", FRACTION, "fraction of the corpus's documents held out for validation"),

@@ -130,7 +130,7 @@ class JsonLines(Corpus):
     def _record(self, where: str, line: bytes) -> str | None:
         """The text of one line, or None (and a skip) for a line that is not UTF-8 JSON."""
         try:
-            record = json.loads(line.decode("utf-8"))
+            record = json.loads(line.decode("utf-8-sig"))  # a byte-order mark may start the file
         except UnicodeDecodeError:
             self._skip(where, "not UTF-8")
             return None
@@ -183,7 +183,9 @@ def _text(where: str, field: str, value: object) -> str:
 def _match(spec: str) -> list[Path]:
     """The files a FILE, DIR or GLOB spec names, sorted."""
     path = Path(spec)
-    if any(c in spec for c in GLOB_CHARS):
+    if any(c in spec for c in GLOB_CHARS) and not path.exists():  # a file named 'data[1].txt' is a file
+        if path.name == "**":  # every file below, as '**' alone would name only folders
+            path = path / "*"
         parts = path.parts
         first = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
         root = Path(*parts[:first]) if first else Path(".")

@@ -28,6 +28,7 @@ from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.io import write_text_atomic
 
 FORMAT = 1
+SPLIT_RULE = 2  # in the key: shards split by an earlier rule (copies of a text on both sides) are rebuilt
 INDEX = "index.json"
 SPLITS = ("train", "val")
 BATCH_BYTES = 1 << 20  # text per worker task
@@ -203,25 +204,34 @@ def _existing(out: Path, key: str) -> ShardDataset | None:
 
 
 def _val_documents(hashes: list[bytes], val_fraction: float, seed: int) -> set[int]:
-    """Indices of the validation documents: the round(val_fraction * n) whose seeded content hash is lowest,
-    at least one (and never all) when val_fraction > 0."""
+    """Indices of the validation documents: those of the texts whose seeded content hash is lowest, about
+    round(val_fraction * n) documents, at least one (and never all) when val_fraction > 0. Copies of one text
+    go to the same split, so none is trained on and validated on."""
     n = len(hashes)
     if val_fraction == 0:
         return set()
-    if n < 2:
-        raise ValueError(f"val_fraction={val_fraction}: the corpus has a single document and the split is by "
-                         f"document; use val_fraction=0 (--val-fraction 0), or a corpus of many documents (a folder, "
-                         "JSON Lines)")
+    copies: dict[bytes, list[int]] = {}
+    for i, digest in enumerate(hashes):
+        copies.setdefault(digest, []).append(i)
+    if len(copies) < 2:
+        raise ValueError(f"val_fraction={val_fraction}: the corpus has a single distinct document and the split is "
+                         f"by document; use val_fraction=0 (--val-fraction 0), or a corpus of many documents (a "
+                         "folder, JSON Lines)")
     k = min(max(round(val_fraction * n), 1), n - 1)
     salt = str(seed).encode()
-    order = sorted(range(n), key=lambda i: hashlib.blake2b(hashes[i], digest_size=16, key=salt).digest())
-    return set(order[:k])
+    order = sorted(copies, key=lambda digest: hashlib.blake2b(digest, digest_size=16, key=salt).digest())
+    val: list[int] = []
+    for digest in order[:-1]:  # the last text always trains
+        if len(val) >= k:
+            break
+        val += copies[digest]
+    return set(val)
 
 
 def _key(tok: AnyTokenizer, hashes: list[bytes], val_fraction: float, seed: int) -> str:
     """Hash of everything the shards depend on."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([FORMAT, tok.fingerprint(), val_fraction, seed]).encode())
+    h.update(json.dumps([FORMAT, SPLIT_RULE, tok.fingerprint(), val_fraction, seed]).encode())
     for digest in hashes:
         h.update(digest)
     return h.hexdigest()

@@ -29,7 +29,15 @@ def test_folder_is_recursive_txt_and_globs_pick_other_files(tmp_path):
     assert list(Corpus.from_spec(str(tmp_path))) == ["B", "A"]  # sorted paths: b.txt < sub/deeper/a.txt
     assert list(Corpus.from_spec(f"{tmp_path}/**/*.md")) == ["C"]
     assert list(Corpus.from_spec(f"{tmp_path}/**/*")) == ["B", "C", "A"]
+    assert list(Corpus.from_spec(f"{tmp_path}/**")) == ["B", "C", "A"]  # '**' alone: every file below
     assert "3 files" in Corpus.from_spec(f"{tmp_path}/**/*").describe()
+    (tmp_path / "data[1].txt").write_text("D")  # glob characters in the name of a file that exists
+    assert list(Corpus.from_spec(str(tmp_path / "data[1].txt"))) == ["D"]
+
+
+def test_json_lines_after_a_byte_order_mark(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    assert list(Corpus.from_spec(f"{tmp_path}/bom.jsonl")) == ["first", "second"]
 
 
 def test_unreadable_and_non_utf8_files_are_skipped_and_counted(tmp_path, monkeypatch):

@@ -165,6 +165,17 @@ def test_large_vocabularies_use_uint32(tmp_path):
     assert ds.train.dtype == np.uint32 and ds.train.tolist() == [104, 105, 69_999]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_copies_of_a_text_go_to_one_split(tmp_path, write_documents, seed):
+    """Twenty copies of one boilerplate text among twenty distinct documents: all train, or all validate."""
+    docs = [f"document {i}: " + "word " * i for i in range(20)] + ["# licence header, the same in every file"] * 20
+    ds = build(Corpus.from_spec(str(write_documents(tmp_path / "c", docs))), ByteTokenizer(), tmp_path / "s",
+               val_fraction=0.25, seed=seed)
+    train, val = documents_of(ds, "train", ByteTokenizer()), documents_of(ds, "val", ByteTokenizer())
+    assert sorted(train + val) == sorted(docs) and not set(train) & set(val)
+    assert len(val) >= 10  # about a quarter of the documents
+
+
 def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
@@ -173,7 +184,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         build(Corpus.from_spec(str(tmp_path / "empty")), ByteTokenizer(), tmp_path / "s")
     (tmp_path / "one.txt").write_text("one document")
     one = Corpus.from_spec(str(tmp_path / "one.txt"))
-    with pytest.raises(ValueError, match=r"val_fraction=0.01: the corpus has a single document"):
+    with pytest.raises(ValueError, match=r"val_fraction=0.01: the corpus has a single distinct document"):
         build(one, ByteTokenizer(), tmp_path / "s")
     with pytest.raises(ValueError, match=r"val_fraction=1: must be in \[0, 1\)"):
         build(one, ByteTokenizer(), tmp_path / "s", val_fraction=1)
