@@ -43,6 +43,7 @@ from mixcon.benchmarks.common import (
 )
 from mixcon.cli.common import number_type
 from mixcon.config import MixConConfig
+from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_capacity
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
@@ -82,7 +83,8 @@ def time_generation(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int
             out = model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
                                  streamer=clock, pad_token_id=0, return_dict_in_generate=True)
             start = clock.stamps.pop(0)
-            cache_bytes = tensor_bytes(out.past_key_values)
+            past = out.past_key_values  # ours (a MixConCache) for a wrapped model, else transformers' own
+            cache_bytes = past.nbytes() if isinstance(past, MixConCache) else tensor_bytes(past)
     return clock.stamps[0] - start, [b - a for a, b in itertools.pairwise(clock.stamps)], cache_bytes
 
 
@@ -171,12 +173,13 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
             prefill, per_token = statistics.median(prefills[name]), statistics.median(gaps[name])
             row = dict(model=name, context=context, prefill_tok_s=context / prefill, decode_ms=per_token * 1e3,
                        decode_tok_s=1 / per_token, cache_MiB=None, bound_ms=None, stream_bound_ms=None)
-            if cache_bytes[name] is not None:  # transformers' cache after the last token
-                row["cache_MiB"] = cache_bytes[name] / 2**20
-            if ours is not None:  # the cache generate allocates, all of which decoding reads
-                cache = ours.new_cache(1, max_length=generation_capacity(context, new_tokens + 1))
-                read = ours.num_parameters(active=True) * torch.finfo(dtype).bits // 8 + cache.nbytes()
-                row["cache_MiB"] = cache.nbytes() / 2**20
+            held = cache_bytes[name]  # the cache transformers' generate returned, after the last token
+            if ours is not None and held is None:  # the cache our generate allocates, all of which decoding reads
+                held = ours.new_cache(1, max_length=generation_capacity(context, new_tokens + 1)).nbytes()
+            if held is not None:
+                row["cache_MiB"] = held / 2**20
+            if ours is not None:
+                read = ours.num_parameters(active=True) * torch.finfo(dtype).bits // 8 + held
                 row["bound_ms"] = read / (bandwidth * 1e9) * 1e3
                 row["stream_bound_ms"] = read / (stream * 1e9) * 1e3
             rows.append(row)

@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
         except (ckpt.CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
             raise SystemExit(f"mixcon train: {e}") from e
     except SystemExit as e:
-        if isinstance(e.code, str) and not env.is_main:  # every process meets the same error: rank 0 prints it
-            raise SystemExit(1) from None
+        if isinstance(e.code, str) and not env.is_main:  # which process said it (most errors: every one)
+            raise SystemExit(f"[rank {env.rank}] {e.code}") from None
         raise
     finally:
         shutdown()

@@ -1,8 +1,9 @@
 """Tokenizers: a byte-level BPE with split digits (Hugging Face `tokenizers`) and raw UTF-8 bytes.
 
 Both share one interface: `encode` (plain text only, never specials), `decode` (skips specials),
-`vocab_size`, `bos_id` / `eos_id` / `pad_id`, `name`, `fingerprint()`, `save(directory)` and
-`to_tokenizers()` (the same ids as a `tokenizers.Tokenizer`, the form transformers builds on).
+`vocab_size`, `bos_id` / `eos_id` / `pad_id`, `name`, `fingerprint()`, `token_bytes()` (the UTF-8 bytes each
+id stands for: bits per byte), `save(directory)` and `to_tokenizers()` (the same ids as a
+`tokenizers.Tokenizer`, the form transformers builds on).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class BPETokenizer:
         try:
             return self._tok.encode(text, add_special_tokens=False).ids
         except TypeError:
-            text.encode("utf-8")  # a lone surrogate: UnicodeEncodeError (a ValueError) names it and its position
+            if isinstance(text, str):  # a lone surrogate: UnicodeEncodeError (a ValueError) names it and where
+                text.encode("utf-8")
             raise
 
     def decode(self, ids: Sequence[int]) -> str:

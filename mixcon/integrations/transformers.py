@@ -202,7 +202,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                              "past_key_values holds the earlier ones (no cache is made for right-padded rows: "
                              "generate needs left padding)")
         mask = None if attention_mask is None else attention_mask[:, -T:].bool()
-        if seq_idx is None and position_ids is not None:
+        if seq_idx is None and position_ids is not None and T > 1:  # (decoding steps pass one position a row)
             seq_idx = _documents_from_positions(position_ids, (B, T), mask)
             if seq_idx is not None and past_key_values is not None:
                 raise ValueError("position_ids restart inside a row (packed documents), which take no "

@@ -69,7 +69,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, h: torch.Tensor, weight: torch.Tensor,
                 labels: torch.Tensor, rows: int) -> torch.Tensor:
         total, count, grad_h, grad_w = _chunks(h, weight, labels, rows, grads=True)
-        ctx.save_for_backward(grad_h, grad_w, count)
+        # fp16's range cannot hold the sum's gradients unscaled: kept in fp32 there, in the weight's dtype else.
+        ctx.save_for_backward(grad_h, grad_w if weight.dtype == torch.float16 else grad_w.to(weight.dtype), count)
         ctx.weight_dtype = weight.dtype
         return total / count
 
@@ -80,4 +81,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # The loss scale and the mean's 1/count, in fp32; with no scored row the gradients are zero (not nan), so
         # a caller may weight an empty batch's (nan) mean by 0.
         scale = grad_loss.to(count.dtype) / count.clamp(min=1)
-        return (grad_h.to(count.dtype) * scale).to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
+
+        def scaled(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            if grad.dtype == torch.float16:  # the product in fp32: a loss scale times fp16 gradients may overflow
+                return (grad.to(scale.dtype) * scale).to(dtype)
+            return (grad * scale.to(grad.dtype)).to(dtype)
+
+        return scaled(grad_h, grad_h.dtype), scaled(grad_w, ctx.weight_dtype), None, None

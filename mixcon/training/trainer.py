@@ -298,23 +298,25 @@ class Trainer:
         # The language-model loss is the mean over the global batch's scored tokens, whichever micro-batch and
         # process holds them: each micro-batch's mean is weighted by its share of them (times the world size,
         # which DDP's and FSDP's averaging of gradients divides out). Router losses: the mean of micro-batches.
-        n_global = max(int((labels != IGNORE).sum()), 1)  # the global batch: the same count on every process
-        sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # lm loss sum, router, aux (all ranks)
+        scored = (labels != IGNORE).flatten(1).sum(1)  # (B,) counted on the host: no device sync per micro-batch
+        n_global = int(scored.sum())  # the global batch: the same on every process
+        local = scored.tensor_split(world)[self.env.rank].view(accum, self.micro).sum(1).tolist()  # per micro-batch
+        sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # this process's lm nats, router, aux
         counts = None
-        for i in range(accum):
+        for i, n in enumerate(local):
             rows = slice(i * self.micro, (i + 1) * self.micro)
-            n = int((y[rows] != IGNORE).sum())
             with gradient_sync(self.module, i == accum - 1):
                 with self._autocast():
                     out = self._forward(x[rows], y[rows])
                 lm = out.lm_loss if n else out.lm_loss.nan_to_num(nan=0.0)  # nothing scored: only router losses
-                (lm * (n * world / n_global) + out.router_loss / accum).backward()
+                (lm * (n * world / max(n_global, 1)) + out.router_loss / accum).backward()
             sums += torch.stack([lm.detach() * n, out.router_loss.detach() / accum, out.aux_loss.detach() / accum])
             if out.expert_counts is not None:
                 counts = out.expert_counts.detach() + (0 if counts is None else counts)
         lm_sum, router, aux_sum = all_reduce(sums, "sum").tolist()
-        lm_loss, aux_loss = lm_sum / n_global, aux_sum / world
-        loss = lm_loss + router / world
+        aux_loss, router = aux_sum / world, router / world
+        lm_loss = lm_sum / n_global if n_global else math.nan  # a batch that scores nothing trains the router only
+        loss = lm_loss + router if n_global else router
         if not math.isfinite(loss):
             raise NonFiniteLossError(self.step + 1, "loss", loss, self.last_checkpoint)
         lr = lr_at(self.step, peak=self.options.lr, warmup=self.options.warmup_steps, total=self.total_steps,

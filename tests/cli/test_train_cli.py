@@ -213,12 +213,13 @@ def test_train_refuses_a_batch_its_processes_cannot_share_before_preparing_data(
     assert not (tmp_path / "run").exists()  # no tokenizer trained, no shards written
 
 
-def test_under_torchrun_only_rank_0_prints_an_error(corpus, tmp_path, monkeypatch, capsys):
+def test_under_torchrun_an_error_names_the_rank_that_met_it(corpus, tmp_path, monkeypatch):
     import mixcon.cli.train as train_cli
 
     argv = ["train", "--config", "tiny", "--corpus", str(corpus), "--batch-size", "3", "--steps", "1",
             "--out", str(tmp_path / "run")]
-    for rank, code in ((1, 1), (0, "mixcon train: --batch-size=3 must be divisible by the world size 2")):
+    message = "mixcon train: --batch-size=3 must be divisible by the world size 2"
+    for rank, code in ((1, f"[rank 1] {message}"), (0, message)):
         monkeypatch.setattr(train_cli, "init_distributed", lambda device, r=rank: DistEnv(rank=r, world_size=2))
         with pytest.raises(SystemExit) as e:
             main(argv)
