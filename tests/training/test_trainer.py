@@ -111,9 +111,10 @@ def test_validation_runs_in_micro_batches_with_the_same_result(make_trainer, tmp
 
 
 def test_a_resumed_time_budget_run_fits_its_schedule_to_the_new_deadline(make_trainer, tmp_path):
-    """The schedule the checkpoint holds ended (3 steps); the second command's budget is its own."""
+    """The schedule the checkpoint holds ended (3 steps); the second command's budget is its own (refitted after
+    two timed steps, then at each validation: a slow first step after the resume does not end it early)."""
     make_trainer(tmp_path, steps=3).fit()
-    second = make_trainer(tmp_path, steps=None, eval_every=1000)
+    second = make_trainer(tmp_path, steps=None, eval_every=4)
     start = time.monotonic()
     summary = second.fit(resume_from=tmp_path, deadline=start + 6.0)
     assert summary.steps > 3 and second.total_steps > 3  # refitted, and it trained on
