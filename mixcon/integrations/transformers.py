@@ -217,7 +217,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         cache = past_key_values
         if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None \
                 and not recomputing and seq_idx is None and not self.model._needs_grad() \
-                and not (attention_mask is not None and bool(pads_after_tokens(attention_mask.bool()).any())):
+                and not (mask is not None and bool(pads_after_tokens(mask).any())):
             cache = self.model.new_cache(B, max_length=T)
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
