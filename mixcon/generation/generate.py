@@ -73,8 +73,9 @@ def _check_left_padded(mask: torch.Tensor) -> None:
 def generate(
     model: MixConForCausalLM,
     input_ids: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     *,
+    max_length: int | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -87,7 +88,8 @@ def generate(
     streamer: Callable[[torch.Tensor], None] | Streamer | None = None,
     vocab_limit: int | None = None,
 ) -> torch.Tensor:
-    """Continue (B, T) prompts by up to `max_new_tokens`; returns (B, T + generated).
+    """Continue (B, T) prompts by up to `max_new_tokens` (or to `max_length` tokens in all, prompt included, as
+    in transformers; `max_new_tokens` wins when both are given); returns (B, T + generated).
 
     Prompts of different lengths are left-padded with `attention_mask` (0 = pad): pads never reach
     the Conba states nor attention keys, so each row's logits equal its prompt's generated alone (greedy
@@ -99,13 +101,20 @@ def generate(
     transformers' `generate` does. `vocab_limit`: only ids below it are chosen (a tokenizer with fewer ids
     than the model's vocabulary, which could not decode the others).
     """
+    if max_new_tokens is None:
+        if max_length is None:
+            raise ValueError("generate needs max_new_tokens (or max_length: prompt and new tokens together)")
+        if not (is_integer(max_length) and max_length >= 0):
+            raise ValueError(f"max_length={max_length!r} must be an integer >= 0")
+        max_new_tokens = max(0, max_length - input_ids.shape[-1])
     if not (is_integer(max_new_tokens) and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     if do_sample and not 0 < temperature < math.inf:  # nan fails too
         raise ValueError(f"temperature={temperature} must be a finite number > 0 when sampling (use do_sample=False "
                          "for greedy)")
-    if top_k is not None and not (is_integer(top_k) and top_k >= 1):
-        raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
+    if top_k is not None and not (is_integer(top_k) and top_k >= 0):
+        raise ValueError(f"top_k={top_k!r} must be None or an integer >= 0 (0 and None: no top-k filter)")
+    top_k = top_k or None
     if vocab_limit is not None and not (is_integer(vocab_limit) and 1 <= vocab_limit <= model.config.vocab_size):
         raise ValueError(f"vocab_limit={vocab_limit!r} must be None or an integer in [1, vocab_size="
                          f"{model.config.vocab_size}]")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixcon.checks import is_integer
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import ConbaCache, MixConCache
 from mixcon.layers.attention import Attention, rope_angles
@@ -26,7 +27,7 @@ from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import RMSNorm
 from mixcon.ops._validate import check_seq_idx
 from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
-from mixcon.ops.dtypes import compute_dtype
+from mixcon.ops.dtypes import compute_dtype, resolve_dtype
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # of a sharded model: which shard holds each tensor
@@ -175,6 +176,19 @@ class MixConLayer(nn.Module):
         return h + (self.ffn(f, stats=False)[0] if self.ffn_kind == "moe" else self.ffn(f))  # ffn may be wrapped
 
 
+def _positions_to_keep(logits_to_keep: int | torch.Tensor, T: int, has_labels: bool) -> slice | torch.Tensor:
+    """The positions whose logits a forward computes: the last `logits_to_keep` (0: all), or the given indices."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1 and not has_labels \
+            and not logits_to_keep.is_floating_point() and logits_to_keep.dtype != torch.bool:
+        if logits_to_keep.numel() and not bool(((logits_to_keep >= -T) & (logits_to_keep < T)).all()):
+            raise ValueError(f"logits_to_keep: position indices must lie in [-{T}, {T}) for {T} input positions")
+        return logits_to_keep
+    if not (is_integer(logits_to_keep) and logits_to_keep >= 0) or (logits_to_keep and has_labels):
+        raise ValueError(f"logits_to_keep={logits_to_keep!r} must be an integer >= 0 or a 1-D tensor of position "
+                         "indices, and 0 when labels are given")
+    return slice(-logits_to_keep, None)  # -0: all of them
+
+
 class MixConForCausalLM(nn.Module):
     """The MixCon language model: embedding, `config.layout()`'s layers (attention or Conba mixer, MLP
     or MoE feed-forward, each pre-normed with a residual), final norm and LM head (tied by default).
@@ -260,25 +274,26 @@ class MixConForCausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
+        *,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: MixConCache | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
         seq_idx: torch.Tensor | None = None,
     ) -> MixConOutput:
-        """input_ids (B, T); labels (B, T) are the targets of each position (already shifted, -100 =
-        ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache, the call
-        continues from it and updates it; one new token per row in eval mode is one `decode_step`
+        """input_ids (B, T), the only positional argument; labels (B, T) are the targets of each position
+        (already shifted, -100 = ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache,
+        the call continues from it and updates it; one new token per row in eval mode is one `decode_step`
         (compiled after `compile_decode`). `logits_to_keep` > 0 computes logits for the last that many
-        positions only (a prefill needs one); 0 keeps all. `return_logits=False` (with labels) computes the
-        loss chunk by chunk without ever holding all the logits (`ops.linear_cross_entropy`; training).
+        positions only (a prefill needs one), a 1-D tensor those positions (as in transformers); 0 keeps all.
+        `return_logits=False` (with labels) computes the loss chunk by chunk without ever holding all the
+        logits (`ops.linear_cross_entropy`; training).
         `seq_idx` (B, T), non-decreasing integers, packs documents into a row (as in mamba_ssm and
         flash-linear-attention): no state, conv tap or attention crosses from one document to the next;
         only without a cache and without padding."""
         T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx)[1]
-        if logits_to_keep < 0 or (logits_to_keep and labels is not None):
-            raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0, and 0 when labels are given")
+        keep = _positions_to_keep(logits_to_keep, T, labels is not None)
         if not return_logits and labels is None:
             raise ValueError("return_logits=False needs labels (the loss is then all the forward returns)")
         token_mask = attention_mask.bool() if attention_mask is not None else None
@@ -299,7 +314,7 @@ class MixConForCausalLM(nn.Module):
             cache.positions += T if token_mask is None else token_mask.sum(1)
         if not return_logits:
             return self._output(None, labels, stats, h=self.norm(h))
-        logits = self.lm_head(self.norm(h[:, -logits_to_keep:]))  # h[:, -0:] is all of h
+        logits = self.lm_head(self.norm(h[:, keep]))
         return self._output(logits, labels, stats)
 
     def _needs_grad(self) -> bool:
@@ -443,7 +458,7 @@ class MixConForCausalLM(nn.Module):
         return B, T
 
     # ------------------------------------------------------------------ generation
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs: Any) -> torch.Tensor:
         """Prefill, then one O(1) Conba step per token; see `mixcon.generation.generate`."""
         from mixcon.generation.generate import generate
 
@@ -463,12 +478,14 @@ class MixConForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype | None = None) -> MixConForCausalLM:
+                        dtype: torch.dtype | str | None = None) -> MixConForCausalLM:
         """Load a model written by `save_pretrained` (or a training checkpoint's model, or the transformers
         wrapper's `save_pretrained`, sharded or not); missing or mismatched weights are an error. `dtype`:
-        the parameters' dtype; by default the one the weights were saved in (fp32 if they mix several)."""
+        the parameters' dtype (or its name, "bf16" / "bfloat16"); by default ("auto" or None) the one the weights were
+        saved in (fp32 if they mix several)."""
         from safetensors.torch import load_file
 
+        dtype = resolve_dtype(dtype)
         directory = Path(directory)
         files = weight_files(directory)
         if not (directory / CONFIG_NAME).is_file() or not files:

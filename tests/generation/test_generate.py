@@ -56,6 +56,17 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_model):
         assert bool((top3 == tok[:, None]).any(-1).all())
 
 
+def test_transformers_spellings_of_the_length_and_of_no_top_k(tiny_model):
+    """max_length counts the prompt (max_new_tokens wins when both are given); top_k=0 filters nothing."""
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.randint(0, 300, (2, 5))
+    assert torch.equal(model.generate(prompt, max_length=12), model.generate(prompt, 7))
+    assert model.generate(prompt, max_length=3).shape == (2, 5)
+    assert torch.equal(model.generate(prompt, 4, max_length=100), model.generate(prompt, 4))
+    sampled = dict(do_sample=True, temperature=2.0, seed=3)
+    assert torch.equal(model.generate(prompt, 12, top_k=0, **sampled), model.generate(prompt, 12, **sampled))
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.tensor([[5.0, 4.0, -5.0, -6.0]])  # p ≈ 0.73, 0.27, tiny, tiny
     g = torch.Generator().manual_seed(0)
@@ -155,12 +166,16 @@ def test_generate_validates_arguments(tiny_model):
     for bad in (1.5, float("nan")):
         with pytest.raises(ValueError, match=r"top_p=.* must be in \(0, 1\]"):
             model.generate(prompt, 3, do_sample=True, top_p=bad)
-    for bad in (0, 2.5, True):
-        with pytest.raises(ValueError, match=rf"top_k={bad!r} must be None or an integer >= 1"):
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"top_k={bad!r} must be None or an integer >= 0"):
             model.generate(prompt, 3, do_sample=True, top_k=bad)
     for bad in (2.0, -1, True):
         with pytest.raises(ValueError, match=rf"max_new_tokens={bad!r} must be an integer >= 0"):
             model.generate(prompt, bad)
+        with pytest.raises(ValueError, match=rf"max_length={bad!r} must be an integer >= 0"):
+            model.generate(prompt, max_length=bad)
+    with pytest.raises(ValueError, match="generate needs max_new_tokens"):
+        model.generate(prompt)
     with pytest.raises(ValueError, match=r"input_ids must be \(T,\) or \(B, T\) with B, T >= 1, got \(0, 4\)"):
         model.generate(prompt[:0], 3)
     with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(2, 4\), got \(2, 3\)"):

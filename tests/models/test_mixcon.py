@@ -128,10 +128,23 @@ def test_logits_to_keep_gives_the_last_positions(tiny_model):
         full = model(ids).logits
         torch.testing.assert_close(model(ids, logits_to_keep=3).logits, full[:, -3:], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(model(ids, logits_to_keep=0).logits, full)
-    with pytest.raises(ValueError, match="logits_to_keep"):
-        model(ids, logits_to_keep=-1)
+        # transformers' other form: a 1-D tensor of the positions to keep
+        picked = model(ids, logits_to_keep=torch.tensor([0, 5, -1])).logits
+        torch.testing.assert_close(picked, full[:, [0, 5, -1]], rtol=1e-9, atol=1e-9)
+    for bad in (-1, 1.0, torch.tensor([0.0]), torch.tensor([[0]]), torch.tensor([9]), torch.tensor([-10])):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(ids, logits_to_keep=bad)
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(ids, labels=ids, logits_to_keep=1)
+
+
+def test_forward_takes_only_the_input_ids_by_position(tiny_model):
+    """Neither transformers' (input_ids, attention_mask) nor nanoGPT's (idx, targets) order is guessed at: a
+    mask passed where labels were would be scored as targets."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 5))
+    with pytest.raises(TypeError, match="positional"):
+        model(ids, torch.ones_like(ids))
 
 
 def test_fp32_decode_within_tolerance(tiny_model):
@@ -224,6 +237,12 @@ def test_load_keeps_the_saved_dtype_unless_told(tmp_path, tiny_model):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     widened = MixConForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert {p.dtype for p in widened.parameters()} == {torch.float32}
+    for name, dtype in (("fp32", torch.float32), ("float32", torch.float32), ("torch.float16", torch.float16),
+                        ("auto", torch.bfloat16)):  # names, as transformers' from_pretrained takes them
+        assert MixConForCausalLM.from_pretrained(tmp_path, dtype=name).embed.weight.dtype == dtype
+    for bad in ("int8", "cuda", "bf15", 3):
+        with pytest.raises(ValueError, match=rf"dtype={bad!r}: expected a floating torch.dtype, 'auto'"):
+            MixConForCausalLM.from_pretrained(tmp_path, dtype=bad)
     for (name, a), b in zip(widened.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b.float()), name
 
