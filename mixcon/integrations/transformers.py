@@ -50,25 +50,54 @@ if int(transformers.__version__.split(".")[0]) < 5:
                       "pip install 'mixcon[hf]'")
 
 
+# transformers' names of MixConConfig fields: set through either name, read through either.
+ALIASES = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+           "num_local_experts": "n_experts", "num_experts_per_tok": "top_k", "tie_word_embeddings": "tie_embeddings"}
+DERIVED = {"num_hidden_layers": "n_layers"}  # read only
+SYNCED = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")  # also kept as attributes
+
+
 class MixConHFConfig(PretrainedConfig):
-    """A `MixConConfig` (validated, stored whole under `mixcon`) as a transformers config; the special
-    token ids and `tie_word_embeddings` follow it. `use_cache`: whether forwards return a cache by default.
+    """A `MixConConfig` (validated, stored whole under `mixcon`) as a transformers config.
     MixConConfig fields given as keywords (`MixConHFConfig(d_model=512)`, or a config.json that
-    `MixConForCausalLM.save_pretrained` wrote) set those fields, over `mixcon` when both are given."""
+    `MixConForCausalLM.save_pretrained` wrote) set those fields, over `mixcon` when both are given; so do
+    transformers' names of them (`hidden_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`,
+    `num_local_experts`, `num_experts_per_tok`, `tie_word_embeddings`), which also read them
+    (`num_hidden_layers` reads the number of layers). Setting a special
+    token id or `tie_word_embeddings` later changes the MixConConfig too. `use_cache`: whether forwards return a
+    cache by default; `output_router_logits`: whether outputs carry `aux_loss` (as in Mixtral; the loss
+    includes the router losses either way)."""
 
     model_type = HF_MODEL_TYPE
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values", "aux_loss"]
 
     def __init__(self, mixcon: MixConConfig | dict[str, Any] | None = None, use_cache: bool = True,
-                 **kwargs: Any) -> None:
+                 output_router_logits: bool = False, **kwargs: Any) -> None:
         config = mixcon if isinstance(mixcon, MixConConfig) else MixConConfig.from_dict(mixcon or {})
-        if fields := {f.name: kwargs.pop(f.name) for f in dataclasses.fields(MixConConfig) if f.name in kwargs}:
+        names = {**{f.name: f.name for f in dataclasses.fields(MixConConfig)}, **ALIASES}
+        if fields := {names[key]: kwargs.pop(key) for key in list(kwargs) if key in names}:
             config = config.replace(**fields)
         self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
         self.use_cache = use_cache
-        kwargs["tie_word_embeddings"] = config.tie_embeddings
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            kwargs[name] = getattr(config, name)
-        super().__init__(**kwargs)
+        self.output_router_logits = output_router_logits
+        super().__init__(**kwargs, **{name: getattr(config, ALIASES.get(name, name)) for name in SYNCED})
+
+    def __getattr__(self, name: str) -> Any:  # only names that ordinary lookup did not find
+        if (name in ALIASES or name in DERIVED) and "mixcon" in self.__dict__:
+            return getattr(self.to_mixcon(), ALIASES.get(name) or DERIVED[name])
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in DERIVED:
+            raise AttributeError(f"{name} follows the MixConConfig ({DERIVED[name]}); set n_blocks and "
+                                 "layers_per_block in `mixcon` instead")
+        if name in ALIASES and "mixcon" in self.__dict__:
+            self.mixcon = MixConConfig.from_dict({**self.mixcon, ALIASES[name]: value}).to_dict()
+            if name not in SYNCED:
+                return
+        elif name in SYNCED and "mixcon" in self.__dict__:
+            self.mixcon = MixConConfig.from_dict({**self.mixcon, name: value}).to_dict()
+        super().__setattr__(name, value)
 
     def to_mixcon(self) -> MixConConfig:
         return MixConConfig.from_dict(self.mixcon)
@@ -82,10 +111,15 @@ class MixConHFConfig(PretrainedConfig):
         self.mixcon = MixConConfig.from_dict({**self.mixcon, "vocab_size": value}).to_dict()
 
 
+# What transformers' generate hands every forward for its own use (stop_strings' tokenizer, assisted decoding).
+PASSED_BY = frozenset({"tokenizer", "assistant_tokenizer"})
+
+
 class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     """`MixConForCausalLM` behind transformers' interface: `labels` are the inputs (shifted inside, -100 =
     ignored), `past_key_values` a `MixConCache` (made by a first call with `use_cache`, the default), the loss
-    the model's (language modelling + router losses), `aux_loss` the router's load-balancing loss."""
+    the model's (language modelling + router losses); `aux_loss` the router's load-balancing loss, with
+    `output_router_logits` (forward argument or config; as in Mixtral, though `router_logits` stay None)."""
 
     config_class = MixConHFConfig
     base_model_prefix = "model"
@@ -100,6 +134,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = model if model is not None else MixConForCausalLM(config.to_mixcon())
         self.gradient_checkpointing = False
         self.post_init()
+        if self.generation_config is not None:  # a prompt-less generate starts as training documents start
+            self.generation_config.bos_token_id = config.eos_token_id
 
     def _set_gradient_checkpointing(self, enable: bool = True,
                                     gradient_checkpointing_func: Callable[..., Any] | None = None,
@@ -130,11 +166,12 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the cache is a MixConCache, made in `forward`
 
     @classmethod
-    def from_mixcon(cls, model: MixConForCausalLM | str | Path, device: str = "cpu") -> MixConHFForCausalLM:
+    def from_mixcon(cls, model: MixConForCausalLM | str | Path, device: str = "cpu",
+                    dtype: torch.dtype | str | None = torch.float32) -> MixConHFForCausalLM:
         """Wrap a `MixConForCausalLM` (sharing its parameters), or load one from a run directory, a
-        checkpoint or a `MixConForCausalLM.save_pretrained` directory."""
+        checkpoint or a `MixConForCausalLM.save_pretrained` directory, in `dtype` ("auto" or None: the saved one)."""
         if not isinstance(model, MixConForCausalLM):
-            model = MixConForCausalLM.from_pretrained(model_directory(model), device=device)
+            model = MixConForCausalLM.from_pretrained(model_directory(model), device=device, dtype=dtype)
         return cls(MixConHFConfig(model.config), model)
 
     @classmethod
@@ -175,10 +212,11 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values: MixConCache | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        output_router_logits: bool | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
         """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
@@ -189,11 +227,11 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         (padding-free batches, `DataCollatorWithFlattening`): `seq_idx` (B, T), or `position_ids` (B, T)
         that restart where a document starts; no cache is made then. Otherwise position_ids are not
         needed: positions follow from the attention mask and the cache."""
-        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k not in PASSED_BY)
         if unsupported:
             raise ValueError(f"MixConHFForCausalLM.forward does not take {unsupported}; it takes input_ids, "
                              "attention_mask, past_key_values, labels, use_cache, logits_to_keep, return_dict, "
-                             "position_ids, seq_idx")
+                             "position_ids, seq_idx, output_router_logits")
         if past_key_values is not None and not isinstance(past_key_values, MixConCache):
             raise TypeError(f"past_key_values must be a MixConCache (or None), got {type(past_key_values).__name__}")
         B, T = input_ids.shape
@@ -229,7 +267,9 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                 targets = targets.masked_fill(ends, IGNORE)
         out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
                          logits_to_keep=logits_to_keep, seq_idx=seq_idx)
-        result = MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss if labels is not None else None,
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        result = MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss if output_router_logits else None,
                                            logits=out.logits, past_key_values=cache)
         use_dict = return_dict if return_dict is not None else self.config.return_dict
         return result if use_dict else result.to_tuple()
@@ -266,17 +306,20 @@ def _documents_from_positions(position_ids: torch.Tensor, shape: tuple[int, int]
     return torch.nn.functional.pad(restarts.long().cumsum(1), (1, 0))
 
 
-def hf_tokenizer(tokenizer: AnyTokenizer | str | Path) -> PreTrainedTokenizerFast:
+def hf_tokenizer(tokenizer: AnyTokenizer | str | Path, split_special_tokens: bool = False) -> PreTrainedTokenizerFast:
     """A tokenizer of this library (BPE or bytes; or a spec `load_tokenizer` reads: 'bytes', a tokenizer.json,
     a directory holding one such as a run's tokenizer/) as a `PreTrainedTokenizerFast` with the same ids that
-    starts every text with EOS, as training documents start."""
+    starts every text with EOS, as training documents start. Text that spells a special token (`tok.eos_token`,
+    or one added with `add_special_tokens`) encodes as its id, as transformers' tokenizers do;
+    `split_special_tokens=True` encodes it as ordinary text, as this library reads training data."""
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
     backend = tokenizer.to_tokenizers()
+    backend.encode_special_tokens = split_special_tokens
     backend.post_processor = TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A $B:1",
                                                 special_tokens=[(EOS, tokenizer.eos_id)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   padding_side="left", split_special_tokens=True)
+                                   padding_side="left", split_special_tokens=split_special_tokens)
 
 
 REMOTE_CODE_MODULE = "modeling_mixcon"

@@ -42,7 +42,7 @@ def left_padded() -> tuple[torch.Tensor, torch.Tensor]:
 def test_forward_logits_and_loss_are_the_models(pair):
     model, hf = pair
     ids, mask = left_padded()
-    out = hf(ids, attention_mask=mask, labels=ids)
+    out = hf(ids, attention_mask=mask, labels=ids, output_router_logits=True)
     ref = model(ids, attention_mask=mask, labels=F.pad(ids[:, 1:], (0, 1), value=-100))
     assert torch.equal(out.logits, ref.logits)
     assert torch.equal(out.loss, ref.loss) and torch.equal(out.aux_loss, ref.aux_loss)
@@ -50,6 +50,22 @@ def test_forward_logits_and_loss_are_the_models(pair):
     lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(ref.lm_loss, lm)
     assert hf(ids, return_dict=False)[0].shape == (3, 11, 300)
+
+
+def test_outputs_are_ordered_as_mixtrals(pair):
+    """aux_loss only with output_router_logits (argument or config), as Mixtral: the tuple form is then (loss,
+    logits, past_key_values), and the Trainer leaves aux_loss out of its predictions; the loss counts it always."""
+    _, hf = pair
+    ids, mask = left_padded()
+    loss, logits = hf(ids, attention_mask=mask, labels=ids, return_dict=False)
+    out = hf(ids, attention_mask=mask, labels=ids)
+    assert out.aux_loss is None and torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+    with torch.no_grad():
+        assert isinstance(hf(ids, return_dict=False)[1], MixConCache)  # the cache after the logits
+    hf.config.output_router_logits = True
+    assert torch.equal(hf(ids, attention_mask=mask, labels=ids).aux_loss,
+                       hf(ids, attention_mask=mask, labels=ids, output_router_logits=True).aux_loss)
+    assert "aux_loss" in hf.config.keys_to_ignore_at_inference
 
 
 def test_a_cache_is_made_by_default_only_where_it_can_be_continued(pair):
@@ -85,15 +101,51 @@ def test_config_takes_mixcon_fields_as_keywords(tiny_model, tmp_path):
     assert MixConHFConfig.from_pretrained(tmp_path).to_mixcon() == model.config
 
 
+def test_config_answers_to_transformers_names(tmp_path):
+    config = MixConHFConfig(hidden_size=64, num_attention_heads=2, num_local_experts=4, num_experts_per_tok=1,
+                            tie_word_embeddings=False)
+    mixcon = config.to_mixcon()
+    assert (mixcon.d_model, mixcon.n_heads, mixcon.n_experts, mixcon.top_k) == (64, 2, 4, 1)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, mixcon.n_layers, 2)
+    assert config.tie_word_embeddings is False and mixcon.tie_embeddings is False
+    hf = MixConHFForCausalLM(config)
+    assert hf.model.lm_head.weight is not hf.model.embed.weight
+    # Set later, a special id reaches the MixConConfig that the saved config.json holds.
+    hf.config.pad_token_id = 7
+    hf.save_pretrained(tmp_path)
+    assert MixConForCausalLM.from_pretrained(tmp_path).config.pad_token_id == 7
+    assert MixConHFConfig.from_pretrained(tmp_path).pad_token_id == 7
+    with pytest.raises(ValueError, match="d_model"):
+        config.hidden_size = 0
+    with pytest.raises(AttributeError, match="num_hidden_layers follows the MixConConfig"):
+        config.num_hidden_layers = 3
+
+
 def test_greedy_generate_is_mixcon_generate(pair):
     model, hf = pair
     ids, mask = left_padded()
     ours = model.generate(ids, 12, attention_mask=mask, eos_token_id=EOS, pad_token_id=PAD)
     theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     assert torch.equal(theirs, ours)
+    # Without a prompt, generation starts where training documents start: at EOS.
+    assert hf.generate(max_new_tokens=3, do_sample=False)[0, 0] == EOS
     first = hf.generate(ids, attention_mask=mask, max_new_tokens=2, return_dict_in_generate=True)
     with pytest.raises(ValueError, match="past_key_values: generate starts from the prompt"):
         hf.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=2)
+
+
+def test_generate_stops_at_stop_strings(tiny_model):
+    """transformers hands generate's tokenizer to every forward; stop_strings end generation at the first token
+    that spells one (here a printable character that no special token's text holds)."""
+    tok = hf_tokenizer("bytes")
+    model = tiny_model(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    hf = MixConHFForCausalLM.from_mixcon(model).eval()
+    ids = torch.tensor([tok("def f(x):").input_ids])
+    full = hf.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:].tolist()
+    j = next(i for i, t in enumerate(full) if 33 <= t < 127 and chr(t) not in "<|>abdeops")
+    stopped = hf.generate(ids, max_new_tokens=40, do_sample=False, stop_strings=[chr(full[j])], tokenizer=tok)
+    assert stopped[0, ids.shape[1]:].tolist() == full[: j + 1]
+    assert len(stopped[0]) < len(ids[0]) + 40
 
 
 def test_right_padded_rows_are_refused_rather_than_continued_without_their_context(pair):
@@ -132,12 +184,16 @@ def test_save_pretrained_loads_through_the_auto_class(tiny_model, tmp_path, tie)
 
 
 def test_from_mixcon_loads_a_saved_mixcon_model(tiny_model, tmp_path):
-    model = tiny_model(dtype=torch.float32)  # MixConForCausalLM.from_pretrained loads fp32
+    model = tiny_model(dtype=torch.float32)
     hf = MixConHFForCausalLM.from_mixcon(model).eval()
     model.save_pretrained(tmp_path)
     loaded = MixConHFForCausalLM.from_mixcon(tmp_path).eval()
     ids, mask = left_padded()
     assert torch.equal(loaded(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # loaded in fp32 (for training) unless told
+    assert {p.dtype for p in MixConHFForCausalLM.from_mixcon(tmp_path / "bf16").parameters()} == {torch.float32}
+    assert {p.dtype for p in MixConHFForCausalLM.from_mixcon(tmp_path / "bf16", dtype="auto").parameters()} \
+        == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("collate", [dict(), dict(return_seq_idx=True, return_position_ids=False)],
@@ -150,7 +206,7 @@ def test_padding_free_batches_score_each_document_alone(pair, collate):
     docs = [torch.randint(0, 290, (n,)) for n in (7, 1, 12, 5)]
     batch = DataCollatorWithFlattening(**collate)([{"input_ids": d.tolist()} for d in docs])
     assert ("seq_idx" in batch) == bool(collate) and "attention_mask" not in batch
-    out = hf(**batch)
+    out = hf(**batch, output_router_logits=True)
     alone = [model(d[None]).logits[0] for d in docs]
     torch.testing.assert_close(out.logits[0], torch.cat(alone), rtol=1e-9, atol=1e-9)
     nll = torch.cat([F.cross_entropy(lg[:-1], d[1:], reduction="none") for lg, d in zip(alone, docs, strict=True)])
@@ -169,7 +225,7 @@ def test_packed_rows_score_documents_apart_or_are_refused(pair):
     positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
     alone = [model(d[None], labels=F.pad(d[1:], (0, 1), value=-100)[None]) for d in docs]
     want = sum(a.lm_loss * (len(d) - 1) for a, d in zip(alone, docs, strict=True)) / (len(ids[0]) - 2)
-    out = hf(ids, position_ids=positions, labels=ids)
+    out = hf(ids, position_ids=positions, labels=ids, output_router_logits=True)
     torch.testing.assert_close(out.loss - model.config.router_aux_loss_coef * out.aux_loss, want)
     padded, mask = F.pad(ids, (0, 2)), F.pad(torch.ones_like(ids), (0, 2))  # two pads on the right
     with pytest.raises(ValueError, match=r"packed documents\), which cannot be combined with padding"):
@@ -296,7 +352,7 @@ def test_tokenizer_and_text_generation_pipeline(tiny_model):
     text = "def add(a, b):\n    return a + b\n" * 20 + "class Point:\n    x: int = 0\n" * 20
     tok = train_bpe_tokenizer([text], vocab_size=300)
     htok = hf_tokenizer(tok)
-    prompt = "def add(a, <|eos|>"
+    prompt = "def add(a, "
     assert htok(prompt).input_ids == [tok.eos_id, *tok.encode(prompt)]  # EOS first, as in training
     assert htok.decode(htok(prompt).input_ids, skip_special_tokens=True) == tok.decode(tok.encode(prompt))
 
@@ -309,10 +365,23 @@ def test_tokenizer_and_text_generation_pipeline(tiny_model):
 
 
 
+@pytest.mark.parametrize("source", ["bytes", "bpe"])
+def test_special_token_text_encodes_as_in_transformers(source):
+    """`tok.eos_token` in a text is EOS, and a special token added for fine-tuning is one id, as with any
+    transformers tokenizer; split_special_tokens=True reads such text as the library reads training data."""
+    tok = ByteTokenizer() if source == "bytes" else train_bpe_tokenizer(["def add(a, b): return a + b\n" * 50], 280)
+    htok = hf_tokenizer(tok)
+    assert htok("hi" + htok.eos_token).input_ids == [tok.eos_id, *tok.encode("hi"), tok.eos_id]
+    literal = hf_tokenizer(tok, split_special_tokens=True)
+    assert literal("hi<|eos|>").input_ids == [tok.eos_id, *tok.encode("hi<|eos|>")]
+    htok.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
+    assert htok("<|user|>hi").input_ids == [tok.eos_id, tok.vocab_size, *tok.encode("hi")]
+
+
 def test_byte_tokenizer_as_a_transformers_tokenizer():
     tok = ByteTokenizer()
     htok = hf_tokenizer("bytes")
-    texts = ["héllo <|eos|>", "😀\n"]
+    texts = ["héllo <|eos", "😀\n"]
     batch = htok(texts, padding=True).input_ids
     assert batch[0] == [tok.eos_id, *tok.encode(texts[0])]
     short = [tok.eos_id, *tok.encode(texts[1])]
@@ -422,9 +491,10 @@ def test_export_hf_loads_through_the_auto_classes_and_back(run_dir, tmp_path):
                                                     "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     htok = AutoTokenizer.from_pretrained(out)
-    prompts = ["class Point", "def add(a, <|eos|>"]
+    prompts = ["class Point", "def add(a, "]
     batch = htok(prompts, return_tensors="pt", padding=True)
     assert htok.padding_side == "left" and batch.input_ids[1].tolist() == [tok.eos_id, *tok.encode(prompts[1])]
+    assert htok("a" + htok.eos_token).input_ids == [tok.eos_id, *tok.encode("a"), tok.eos_id]  # as transformers'
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     expected = model.generate(batch.input_ids, 6, attention_mask=batch.attention_mask, eos_token_id=tok.eos_id,
                               pad_token_id=tok.pad_id)
