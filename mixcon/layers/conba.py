@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,12 @@ class Conba(nn.Module):
     scan_fn = staticmethod(conba_scan)
     # Forwards without autograd in compiled segments, when set (`MixConForCausalLM.compile_prefill`).
     prefill: SegmentedPrefill | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and `copy.deepcopy` leave `prefill` behind (the model's `__setstate__` compiles it anew)."""
+        state = super().__getstate__()
+        state.pop("prefill", None)
+        return state
 
     def __init__(self, config: MixConConfig, layer_idx: int) -> None:
         super().__init__()

@@ -208,6 +208,7 @@ class MixConForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self._decode_step: Callable[..., torch.Tensor] | None = None  # set by compile_decode
+        self._compiled: dict[str, dict[str, Any]] = {}  # compile_decode / compile_prefill and their arguments
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -375,6 +376,7 @@ class MixConForCausalLM(nn.Module):
         for all layers, compiled on the first step (per batch size; capacity becomes dynamic after
         the first change). Decoding is dispatch-bound in eager mode; see docs/benchmarks.md."""
         self._decode_step = torch.compile(self.decode_step, **compile_kwargs)
+        self._compiled["decode"] = compile_kwargs
 
     def compile_prefill(self, segment: int = 512, chunk: int | None = None, **compile_kwargs: Any) -> None:
         """Run the Conba layers of forwards without autograd (prefill, evaluation) `segment` steps at a
@@ -390,6 +392,20 @@ class MixConForCausalLM(nn.Module):
         for layer in self.layers:
             if isinstance(layer.mixer, Conba):
                 layer.mixer.prefill = prefill
+        self._compiled["prefill"] = {"segment": segment, "chunk": chunk, **compile_kwargs}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and `copy.deepcopy`: compiled functions stay behind (a compiled step is bound to this model);
+        a copy compiles its own, with the same arguments, in `__setstate__`."""
+        return {**super().__getstate__(), "_decode_step": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        compiled = self.__dict__.setdefault("_compiled", {})
+        if "decode" in compiled:
+            self.compile_decode(**compiled["decode"])
+        if "prefill" in compiled:
+            self.compile_prefill(**compiled["prefill"])
 
     def _output(self, logits: torch.Tensor | None, labels: torch.Tensor | None, stats: list[RouterStats],
                 h: torch.Tensor | None = None) -> MixConOutput:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -261,6 +264,29 @@ def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler, tiny_model
         for a, b in zip(eager.tensors(), compiled.tensors(), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1  # no graph breaks, no recompiles
+
+
+def test_copies_of_a_compiled_model_decode_with_their_own_weights(have_c_compiler, tiny_model):
+    """copy.deepcopy and pickle after compile_decode / compile_prefill: the copy compiles its own step (a step
+    compiled for the original would read the original's weights) and decodes as its own full forward."""
+    if not have_c_compiler:
+        pytest.skip("torch.compile's CPU backend needs a C/C++ compiler")
+    model = tiny_model(dtype=torch.float32)
+    model.compile_decode()
+    model.compile_prefill(segment=8)
+    ids = torch.randint(0, 300, (1, 12))
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.mul_(1.5)
+    unpickled = pickle.loads(pickle.dumps(copied))
+    for m in (model, copied, unpickled):
+        assert m._decode_step is not None and m._compiled.keys() == {"decode", "prefill"}
+        with torch.no_grad():
+            cache = m.new_cache(1)
+            logits = [m(ids[:, :-2], cache=cache).logits, m(ids[:, -2:-1], cache=cache).logits,
+                      m(ids[:, -1:], cache=cache).logits]
+            torch.testing.assert_close(torch.cat(logits, 1), m(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler, tiny_model):
