@@ -7,6 +7,8 @@ is what `MixConCache(...).nbytes()` allocates.
 from __future__ import annotations
 
 import copy
+import weakref
+from typing import Any
 
 import torch
 
@@ -172,6 +174,17 @@ class MixConCache:
         self.broken = False  # a forward raised half-way through updating it
         self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
+        self.owner: weakref.ref | None = None  # the model whose forwards filled it, from the first one on
+
+    def claim(self, model: torch.nn.Module) -> bool:
+        """Whether `model` may continue this cache: any model while it is empty (or unpickled: it then
+        becomes that model's), else only the model that filled it (the states are that model's)."""
+        if self.seqlen == 0 or self.owner is None:
+            self.owner = weakref.ref(model)
+        return self.owner() is model
+
+    def __getstate__(self) -> dict[str, Any]:  # pickling: a weak reference does not pickle
+        return {**self.__dict__, "owner": None}
 
     @property
     def batch_size(self) -> int:

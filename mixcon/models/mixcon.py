@@ -457,6 +457,9 @@ class MixConForCausalLM(nn.Module):
             if not cache.fits(self.config):
                 raise ValueError("cache was made for another model (its layers or their shapes differ from "
                                  "this model's): make it with model.new_cache")
+            if not cache.claim(self):
+                raise ValueError("cache holds what another model computed (a cache continues only the model "
+                                 "whose forwards filled it; another model starts from model.new_cache)")
             weight = self.embed.weight
             if (cache.dtype, cache.key_mask.device) != (weight.dtype, weight.device):
                 raise ValueError(f"cache holds {cache.dtype} on {cache.key_mask.device}, the model computes in "

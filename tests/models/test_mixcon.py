@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 
 import pytest
 import torch
@@ -367,7 +369,17 @@ def test_an_empty_batch_and_a_cache_of_another_model_raise(tiny_model):
                   tiny_model(attn_per_block=2)):
         with pytest.raises(ValueError, match="cache was made for another model"):
             model(ids, cache=other.new_cache(1))
-    model(ids, cache=tiny_model(seed=1).new_cache(1))  # another model of the same config: fine
+    model(ids, cache=tiny_model(seed=1).new_cache(1))  # another model of the same config: fine while empty...
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    with pytest.raises(ValueError, match="cache holds what another model computed"):  # ... not once filled
+        tiny_model(seed=1)(ids[:, :1], cache=cache)
+    copied, unpickled = copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))  # copies continue the model
+    with torch.no_grad():
+        expected = model(ids[:, :1], cache=cache).logits
+        for c in (copied, unpickled):
+            torch.testing.assert_close(model(ids[:, :1], cache=c).logits, expected, rtol=0, atol=0)
     wrong = MixConCache(model.config, 1)  # fp32 by default; the model is fp64
     with pytest.raises(ValueError, match=r"cache holds torch.float32 on cpu, the model computes in torch.float64"):
         model(ids, cache=wrong)
