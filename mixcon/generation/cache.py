@@ -91,9 +91,9 @@ class AttentionCache:
             self.v[:, :, offset:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """What a decoding step reads and writes: (K, V)."""
-        return self.k, self.v
+    def tensors(self, length: int | None = None) -> tuple[torch.Tensor, ...]:
+        """What a decoding step reads and writes: (K, V), whole or their first `length` positions (views)."""
+        return self.k[:, :, :length], self.v[:, :, :length]
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
@@ -144,8 +144,8 @@ class ConbaCache:
                 slot.copy_(s)
         self.ptr = 0
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """What a decoding step reads and writes: (conv tail, S_t, oldest slot)."""
+    def tensors(self, length: int | None = None) -> tuple[torch.Tensor, ...]:
+        """What a decoding step reads and writes: (conv tail, S_t, oldest slot); `length` concerns only K/V."""
         return self.conv, self.state, self.oldest
 
     def select_rows(self, index: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ import mixcon
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
+from mixcon.generation.generate import generation_capacity
 from mixcon.layers.linear import Linear
 from mixcon.models.mixcon import HF_MODEL_TYPE, IGNORE, MixConForCausalLM, pads_after_tokens
 from mixcon.training.checkpoint import (
@@ -133,6 +134,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = model if model is not None else MixConForCausalLM(config.to_mixcon())
         self.gradient_checkpointing = False
+        self._lengths: tuple[int | None, int | None] | None = None  # (max_new_tokens, max_length) while generating
         self.post_init()
         if self.generation_config is not None:  # a prompt-less generate starts as training documents start
             self.generation_config.bos_token_id = config.eos_token_id
@@ -256,7 +258,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None \
                 and not recomputing and seq_idx is None and not self.model._needs_grad() \
                 and not (mask is not None and bool(pads_after_tokens(mask).any())):
-            cache = self.model.new_cache(B, max_length=T)
+            cache = self.model.new_cache(B, max_length=generation_capacity(T, self._generation_room(T)))
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
         targets = None
@@ -284,7 +286,21 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         if mask is not None and bool(pads_after_tokens(mask.bool()).any()):
             raise ValueError("attention_mask: generate continues each row after its last token, so rows must be "
                              "left-padded (tokenizer padding_side='left', as hf_tokenizer sets it)")
-        return super().generate(*args, **kwargs)
+        config = kwargs.get("generation_config") or self.generation_config
+        self._lengths = (kwargs.get("max_new_tokens", config.max_new_tokens),
+                         kwargs.get("max_length", config.max_length))
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._lengths = None
+
+    def _generation_room(self, prompt_length: int) -> int:
+        """Positions a cache made for a `prompt_length` prompt keeps for new tokens: what the running `generate`
+        asks for (max_new_tokens, else max_length less the prompt), so that the cache need not grow."""
+        max_new_tokens, max_length = self._lengths or (0, None)
+        if max_new_tokens is None:
+            return max(0, (max_length or 0) - prompt_length)
+        return max_new_tokens
 
     def _reorder_cache(self, cache: MixConCache, beam_idx: torch.Tensor) -> MixConCache:
         """Beam search: the cache rows of the kept beams, in their order."""

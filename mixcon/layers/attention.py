@@ -97,7 +97,7 @@ class Attention(nn.Module):
 
     def decode(self, h: torch.Tensor, cache: tuple[torch.Tensor, ...], step: DecodeStep) -> torch.Tensor:
         """One new token per row, (B, 1, d_model) -> (B, 1, d_model): K, V written at `step.index` of
-        the cache (K, V), then attention over the cache's whole capacity under `step.key_mask`."""
+        the cache (K, V), then attention over them (the whole capacity, or its filled part) under `step.key_mask`."""
         k_cache, v_cache = cache
         q, k, v = self._project(h, step.rope)
         k_cache.index_copy_(2, step.index, k.to(k_cache.dtype))  # under autocast k, v are bf16

@@ -22,6 +22,13 @@ class RouterStats:
     counts: torch.Tensor  # (n,) tokens routed to each expert
 
 
+def static_shapes(h: torch.Tensor) -> bool:
+    """Whether a decoding step's MoE on many tokens runs every expert on every token (no data-dependent shapes,
+    no host sync): while compiling, and on accelerators. On a CPU in eager mode, grouping the tokens by expert
+    costs K/n of its products (docs/benchmarks.md §16), the expert counts being on the host anyway."""
+    return torch.compiler.is_compiling() or h.device.type != "cpu"
+
+
 class MoE(nn.Module):
     """n SwiGLU experts; each token goes to its top-K experts, weights renormalised over the K."""
 
@@ -90,8 +97,8 @@ class MoE(nn.Module):
                 ) -> tuple[torch.Tensor, RouterStats | None]:
         """(..., d) -> (..., d) and the router statistics. `token_mask` (...) True for real tokens: pads skip
         the experts (their output is 0) and count in no statistic. stats=False: the output alone (and None),
-        free of data-dependent shapes, for the decoding step (gathered experts for a few tokens, all experts
-        for more)."""
+        for the decoding step: gathered experts for a few tokens; for more, all experts where `static_shapes`
+        (no data-dependent shapes), else grouped by expert."""
         shape = h.shape
         h = h.reshape(-1, shape[-1])  # (M, d)
         if token_mask is None:
@@ -105,13 +112,15 @@ class MoE(nn.Module):
         """`forward` on (M, d) tokens."""
         logits, probs, weights, experts = self.route(h)
         few = 0 < experts.numel() <= self.n_experts  # e.g. one token
-        if not stats:
+        if not stats and (few or static_shapes(h)):
             return (self.combine_gathered if few else self.combine_dense)(h, weights, experts), None
         counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts)  # (n,)
         if few:
             out = self.combine_gathered(h, weights, experts)
         else:
             out = self.combine(h, weights, experts, counts)
+        if not stats:
+            return out, None
         M = max(h.shape[0], 1)  # no token (all padding): zero statistics
         fraction = counts.to(probs.dtype) / (M * self.top_k)  # f_i
         aux = self.n_experts * (fraction * probs.sum(0) / M).sum()

@@ -342,10 +342,13 @@ class MixConForCausalLM(nn.Module):
         cache.key_mask[:, cache.seqlen] = True
         index = torch.full((1,), cache.seqlen, dtype=torch.long, device=input_ids.device)
         step = self._decode_step or self.decode_step
+        # Eager, attention reads the filled positions only; compiled, the whole capacity (one shape per capacity).
+        length = None if self._decode_step is not None else cache.seqlen + 1
         # Standard strides: a compiled step guards on them, and a prompt's last column ((B, 1) with stride T)
         # differs from a sampled token's, which would recompile the step with dynamic shapes (slower).
         ids = input_ids.clone(memory_format=torch.contiguous_format)
-        logits = step(ids, cache.positions, cache.key_mask, index, [layer.tensors() for layer in cache.layers])
+        logits = step(ids, cache.positions, cache.key_mask[:, :length], index,
+                      [layer.tensors(length) for layer in cache.layers])
         for layer in cache.layers:
             if isinstance(layer, ConbaCache):
                 layer.advance()
@@ -357,9 +360,10 @@ class MixConForCausalLM(nn.Module):
                     index: torch.Tensor, caches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """One decoding step as a function of tensors only (what `compile_decode` compiles).
 
-        input_ids (B, 1); positions (B,) of the new tokens; key_mask (B, capacity) with the new
-        position already set; index (1,) the new position in the cache; per layer, its cache tensors
-        (`AttentionCache.tensors()` / `ConbaCache.tensors()`), updated in place. Returns (B, 1, V).
+        input_ids (B, 1); positions (B,) of the new tokens; key_mask (B, L) with the new position already
+        set; index (1,) the new position in the cache; per layer, its cache tensors
+        (`AttentionCache.tensors(L)` / `ConbaCache.tensors()`), updated in place; L: the capacity, or any
+        length past the new position. Returns (B, 1, V).
         """
         c = self.config
         rope = None

@@ -266,6 +266,25 @@ def test_compiled_decode_equals_eager_with_one_graph(have_c_compiler, tiny_model
     assert counters["stats"]["unique_graphs"] == 1  # no graph breaks, no recompiles
 
 
+def test_an_eager_decoding_step_attends_over_the_filled_positions_only(tiny_model, monkeypatch):
+    """Eager, attention reads the K/V written so far, not the whole capacity (a compiled step keeps one shape)."""
+    import mixcon.layers.attention as attention
+
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 6))
+    seen = []
+    decode_attention = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda q, k, v, mask: seen.append(k.shape[2]) or
+                        decode_attention(q, k, v, mask))
+    with torch.no_grad():
+        cache = model.new_cache(2, max_length=64)
+        logits = [model(ids[:, :4], cache=cache).logits, model(ids[:, 4:5], cache=cache).logits,
+                  model(ids[:, 5:], cache=cache).logits]
+        torch.testing.assert_close(torch.cat(logits, 1), model(ids).logits, rtol=1e-9, atol=1e-9)
+    n_attention = sum(mixer == "attention" for mixer, _ in model.config.layout())
+    assert n_attention and seen == [5] * n_attention + [6] * n_attention
+
+
 def test_copies_of_a_compiled_model_decode_with_their_own_weights(have_c_compiler, tiny_model):
     """copy.deepcopy and pickle after compile_decode / compile_prefill: the copy compiles its own step (a step
     compiled for the original would read the original's weights) and decodes as its own full forward."""

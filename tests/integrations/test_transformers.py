@@ -134,6 +134,17 @@ def test_greedy_generate_is_mixcon_generate(pair):
         hf.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("lengths", [dict(max_new_tokens=12), dict(max_length=20)])
+def test_generate_makes_a_cache_with_room_for_what_it_asks(pair, lengths):
+    """The cache a generate call makes holds the prompt and the new tokens asked for: it never grows (which
+    copies every K/V and doubles them)."""
+    _, hf = pair
+    ids, mask = left_padded()  # T = 11
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, return_dict_in_generate=True, **lengths)
+    assert out.past_key_values.key_mask.shape[1] == (23 if "max_new_tokens" in lengths else 20)
+    assert hf._lengths is None
+
+
 def test_generate_stops_at_stop_strings(tiny_model):
     """transformers hands generate's tokenizer to every forward; stop_strings end generation at the first token
     that spells one (here a printable character that no special token's text holds)."""

@@ -121,3 +121,19 @@ def test_bf16_autocast_keeps_the_residual_dtype():
     assert out.dtype == torch.float32
     ref, _ = moe(h)
     assert float((out - ref).detach().norm() / ref.detach().norm()) < 3e-2
+
+
+def test_a_decoding_step_on_many_tokens_runs_only_the_chosen_experts_on_a_cpu(monkeypatch):
+    """Eager on a CPU, a decoding step's MoE (stats=False) on M·K > n pairs groups tokens by expert; every
+    expert on every token (n/K times the products) only where shapes must stay static (compiled, accelerators)."""
+    import mixcon.layers.moe as moe_module
+
+    moe = make_moe()
+    h = torch.randn(1, 12, 16, dtype=torch.float64)
+    expected = moe(h)[0]
+    dense = moe.combine_dense
+    monkeypatch.setattr(moe, "combine_dense", lambda *a: pytest.fail("all experts on every token"))
+    torch.testing.assert_close(moe(h, stats=False)[0], expected)
+    monkeypatch.setattr(moe_module, "static_shapes", lambda h: True)
+    monkeypatch.setattr(moe, "combine_dense", dense)
+    torch.testing.assert_close(moe(h, stats=False)[0], expected)
