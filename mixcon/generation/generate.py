@@ -87,6 +87,7 @@ def generate(
     seed: int | None = None,
     streamer: Callable[[torch.Tensor], None] | Streamer | None = None,
     vocab_limit: int | None = None,
+    stopping_criteria: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | bool] | None = None,
 ) -> torch.Tensor:
     """Continue (B, T) prompts by up to `max_new_tokens` (or to `max_length` tokens in all, prompt included, as
     in transformers; `max_new_tokens` wins when both are given); returns (B, T + generated).
@@ -99,7 +100,9 @@ def generate(
     then top-p. `streamer` is called with each step's new tokens (B,); a transformers streamer (`TextStreamer`,
     `TextIteratorStreamer`: `put`/`end`) is given the prompt, each step's tokens and `end()`, as
     transformers' `generate` does. `vocab_limit`: only ids below it are chosen (a tokenizer with fewer ids
-    than the model's vocabulary, which could not decode the others).
+    than the model's vocabulary, which could not decode the others). `stopping_criteria(sequences, None)`,
+    called after each step with the (B, T + generated) sequences so far, returns which rows are done (a (B,)
+    bool tensor, or one bool for all; transformers' `StoppingCriteria` fit): they are continued as after EOS.
     """
     if max_new_tokens is None:
         if max_length is None:
@@ -131,7 +134,9 @@ def generate(
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
         _check_left_padded(attention_mask)
-    if generator is None and seed is not None:
+    if generator is not None and seed is not None:
+        raise ValueError("seed and generator: give one (seed makes a generator)")
+    if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
@@ -147,6 +152,9 @@ def generate(
         raise ValueError(f"eos_token_id={eos_token_id!r} is not below vocab_limit={vocab_limit}: generation could "
                          "never end")
     fill = pad_token_id if pad_token_id is not None else eos_ids[0] if eos_ids else None
+    if stopping_criteria is not None and fill is None:
+        raise ValueError("stopping_criteria: rows that stop are continued with pad_token_id (or the EOS id), and "
+                         "neither is given nor in the model's config")
     eos = torch.tensor(eos_ids, device=input_ids.device)
     hf_streamer = streamer is not None and not callable(streamer)
     if hf_streamer:  # transformers' protocol: the prompt first, then each step's tokens, then end()
@@ -154,6 +162,10 @@ def generate(
             raise TypeError(f"streamer must be called with each step's tokens, or be a transformers streamer (put "
                             f"and end), got {type(streamer).__name__}")
         streamer.put(input_ids.cpu())
+    if max_new_tokens == 0:
+        if hf_streamer:
+            streamer.end()
+        return input_ids.clone()
     with model.evaluating():
         B, T = input_ids.shape
         cache = model.new_cache(B, max_length=generation_capacity(T, max_new_tokens))
@@ -164,10 +176,14 @@ def generate(
         for step in range(max_new_tokens):
             token = sample_next(logits[:, :V], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                 generator=generator)
-            if eos_ids:
+            if fill is not None:
                 token = token.masked_fill(finished, fill)
+            if eos_ids:
                 finished |= torch.isin(token, eos)
             new_tokens.append(token)
+            if stopping_criteria is not None:
+                done = stopping_criteria(torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), None)
+                finished |= torch.as_tensor(done, dtype=torch.bool, device=finished.device)
             if hf_streamer:
                 streamer.put(token.cpu())
             elif streamer is not None:
@@ -177,6 +193,4 @@ def generate(
             logits = model(token[:, None], cache=cache).logits[:, -1]
     if hf_streamer:
         streamer.end()
-    if not new_tokens:
-        return input_ids
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

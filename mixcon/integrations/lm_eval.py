@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -201,8 +202,10 @@ class MixConLM(TemplateLM):
         mask = torch.zeros(len(prompts), T, dtype=torch.long)
         for row, p in enumerate(prompts):
             ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
+        stops = [stop for stop in until if stop]
         generated = self.model.generate(ids.to(self.device), max_new_tokens, attention_mask=mask.to(self.device),
                                         eos_token_id=self.eot_token_id, vocab_limit=self.vocab_limit,
+                                        stopping_criteria=StopStrings(self.tok_decode, stops, T) if stops else None,
                                         **sampling)[:, T:].tolist()
         texts = []
         for tokens in generated:
@@ -217,6 +220,18 @@ class MixConLM(TemplateLM):
 
     def _with_eos(self, ids: list[int]) -> list[int]:
         return ids if ids[:1] == [self.eot_token_id] else [self.eot_token_id, *ids]
+
+
+class StopStrings:
+    """`generate`'s stopping_criteria: a row is done once the text it generated after `prompt_length` holds one
+    of `stops` (the text `generate_until` then cuts at the first of them)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str], prompt_length: int) -> None:
+        self.decode, self.stops, self.start = decode, stops, prompt_length
+
+    def __call__(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        texts = [self.decode(row) for row in sequences[:, self.start:].tolist()]
+        return torch.tensor([any(stop in text for stop in self.stops) for text in texts])
 
 
 def _positive_int(name: str, value: int | str) -> int:

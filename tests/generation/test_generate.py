@@ -117,6 +117,28 @@ def test_eos_stops_and_pads(tiny_model):
     assert streamed == free[0, 4:].tolist()
 
 
+def test_stopping_criteria_end_rows_as_eos_does(tiny_model):
+    """A row the criteria call done is padded from its next token on, the others go on as alone; generation ends
+    when every row is done. transformers' StoppingCriteria objects fit."""
+    from transformers import MaxLengthCriteria
+
+    model = tiny_model(dtype=torch.float32, eos_token_id=299, pad_token_id=298)
+    prompt = torch.randint(0, 290, (2, 4))
+    free = model.generate(prompt, 8)
+    seen = []
+
+    def row0_after_three(sequences: torch.Tensor, scores: None) -> torch.Tensor:
+        seen.append(sequences.shape[1])
+        return torch.tensor([sequences.shape[1] >= 4 + 3, False])
+
+    got = model.generate(prompt, 8, stopping_criteria=row0_after_three)
+    assert seen == list(range(5, 13))  # called after every step with the sequences so far
+    assert torch.equal(got[1], free[1]) and torch.equal(got[0, :7], free[0, :7]) and got[0, 7:].eq(298).all()
+    assert model.generate(prompt, 8, stopping_criteria=MaxLengthCriteria(max_length=7)).shape == (2, 7)
+    with pytest.raises(ValueError, match="stopping_criteria: rows that stop are continued with pad_token_id"):
+        tiny_model(eos_token_id=None, pad_token_id=None).generate(prompt, 3, stopping_criteria=row0_after_three)
+
+
 def test_finished_rows_are_padded_with_the_configs_pad_id(tiny_model):
     model = tiny_model(dtype=torch.float32, pad_token_id=7)
     prompts = torch.tensor([[5, 6, 8, 9], [11, 12, 13, 14]])
@@ -179,6 +201,8 @@ def test_generate_validates_arguments(tiny_model):
             model.generate(prompt, max_length=bad)
     with pytest.raises(ValueError, match="generate needs max_new_tokens"):
         model.generate(prompt)
+    with pytest.raises(ValueError, match="seed and generator: give one"):
+        model.generate(prompt, 3, seed=0, generator=torch.Generator())
     with pytest.raises(ValueError, match=r"input_ids must be \(T,\) or \(B, T\) with B, T >= 1, got \(0, 4\)"):
         model.generate(prompt[:0], 3)
     with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(2, 4\), got \(2, 3\)"):
@@ -212,6 +236,14 @@ def test_the_cache_is_not_allocated_for_a_huge_max_new_tokens_but_grows(tiny_mod
     whole = model.generate(prompt, 12)
     monkeypatch.setattr("mixcon.generation.generate.PREALLOCATED_NEW_TOKENS", 2)
     assert torch.equal(model.generate(prompt, 12), whole)
+
+
+def test_no_new_tokens_is_a_copy_of_the_prompt_without_a_forward(tiny_model, monkeypatch):
+    model = tiny_model()
+    prompt = torch.randint(0, 300, (2, 5))
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("a forward for nothing"))
+    out = model.generate(prompt, 0)
+    assert torch.equal(out, prompt) and out.data_ptr() != prompt.data_ptr()
 
 
 def test_one_prompt_may_come_without_a_batch_dimension(tiny_model):

@@ -128,6 +128,22 @@ def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(lm):
         lm.generate_until([request("generate_until", "x", {"max_gen_toks": 1, "num_beams": 1})], disable_tqdm=True)
 
 
+def test_generation_ends_once_every_row_holds_a_stop_string(lm, monkeypatch):
+    """Rows stop at their stop string, not at max_gen_toks: the decoding steps end with the last row's stop."""
+    texts = [greedy_text(lm.model, c, 30) for c in ("Once", "Twice")]
+    stops = [texts[0][3:5], texts[1][8:10]]
+    tokens = [lm.model.generate(torch.tensor([[TOK.eos_id, *TOK.encode(c)]]), 30)[0, 1 + len(c):].tolist()
+              for c in ("Once", "Twice")]
+    steps = max(next(n for n in range(1, 31) if any(s in TOK.decode(row[:n]) for s in stops)) for row in tokens)
+    assert steps < 30
+    forward, calls = lm.model.forward, []
+    monkeypatch.setattr(lm.model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    requests = [request("generate_until", c, {"until": stops, "max_gen_toks": 30}) for c in ("Once", "Twice")]
+    got = lm.generate_until(requests, disable_tqdm=True)
+    assert got == [t[:min(t.index(s) for s in stops if s in t)] for t in texts]
+    assert len(calls) == steps  # the prefill, then a step per token after the first
+
+
 def test_batched_generation_equals_one_request_at_a_time(lm):
     contexts = ["a", "a much longer context than the others", "mid length", "", "zz", "The end"]
     requests = [request("generate_until", c, {"max_gen_toks": 6 + 2 * (i % 2), "until": ["never"]})
