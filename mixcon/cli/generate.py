@@ -16,27 +16,31 @@ from mixcon.training.checkpoint import CheckpointError, load_model_and_tokenizer
 
 
 class TextStreamer:
-    """Prints the text of generated tokens as they arrive. The whole continuation is decoded each time, so
-    tokens that only form characters together (bytes of one UTF-8 character, BPE pieces) print correctly;
-    a trailing incomplete character is held back until it is complete."""
+    """Prints the text of generated tokens as they arrive. Tokens are decoded together from the first one not yet
+    printed whole, so tokens that only form characters together (bytes of one UTF-8 character, BPE pieces) print
+    correctly; a trailing incomplete character is held back until it is complete. Each token costs the same
+    however long the text already is."""
 
     def __init__(self, tokenizer: AnyTokenizer, out: TextIO | None = None) -> None:
         self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.ids: list[int] = []
-        self.printed = 0
+        self.start = 0  # ids before it are printed whole
+        self.printed = 0  # characters printed of the text of ids[start:]
 
     def __call__(self, tokens: torch.Tensor) -> None:
         self.ids.append(int(tokens[0]))
-        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        self._emit(text)
+        text = self.tokenizer.decode(self.ids[self.start:])
+        complete = text.rstrip("\ufffd")
+        self._emit(complete)
+        if complete == text:  # ends on a whole character: the next tokens decode on their own
+            self.start, self.printed = len(self.ids), 0
 
     def end(self) -> str:
         """Print what is left and a newline; returns the whole text."""
-        text = self.tokenizer.decode(self.ids)
-        self._emit(text)
+        self._emit(self.tokenizer.decode(self.ids[self.start:]))
         self.out.write("\n")
         self.out.flush()
-        return text
+        return self.tokenizer.decode(self.ids)
 
     def _emit(self, text: str) -> None:
         if len(text) > self.printed:
@@ -72,8 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--temperature", type=number_type(float, 0, above=True, hint="; --greedy for argmax decoding"),
                    default=0.8, help="sampling temperature (default: %(default)s)")
-    p.add_argument("--top-k", type=number_type(int, 1), default=50,
-                   help="sample from the k most likely tokens (default: %(default)s)")
+    p.add_argument("--top-k", type=number_type(int, 0), default=50,
+                   help="sample from the k most likely tokens; 0: no top-k filter (default: %(default)s)")
     p.add_argument("--top-p", type=number_type(float, 0, above=True, maximum=1), default=0.95,
                    help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=SEED, default=0,
