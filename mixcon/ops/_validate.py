@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mixcon.checks import is_integer
+
 # The chunked forms work with differences of cumulative log decays within a chunk: a log decay far below
 # this (or -inf, a full reset) would make them lose precision (or give nan). A decay of exp(-100) ~ 4e-44
 # is a full reset at every precision the scan computes in, so they clamp there.
@@ -21,8 +23,9 @@ def check_scan_inputs(
     initial_state: torch.Tensor | None,
     initial_past_states: torch.Tensor | None,
     seq_idx: torch.Tensor | None = None,
+    chunk_size: int = 64,
 ) -> tuple[int, int, int, int, int, int]:
-    """Validate (B,T,H,P) / (B,T,G,N) / (B,T,H) shapes and seq_idx (B,T); return (B, T, H, P, G, N)."""
+    """Validate (B,T,H,P) / (B,T,G,N) / (B,T,H) shapes, seq_idx (B,T) and chunk_size; return (B, T, H, P, G, N)."""
     if x.dim() != 4:
         raise ValueError(f"conba_scan: x must be (B, T, H, P), got shape {tuple(x.shape)}")
     B, T, H, P = x.shape
@@ -35,8 +38,10 @@ def check_scan_inputs(
     for name, t in (("log_decay", log_decay), ("beta", beta)):
         if t.shape != (B, T, H):
             raise ValueError(f"conba_scan: {name} must be (B, T, H)={(B, T, H)}, got {tuple(t.shape)}")
-    if tau < 0:
-        raise ValueError(f"conba_scan: tau={tau} must be >= 0")
+    if not (is_integer(tau) and tau >= 0):
+        raise ValueError(f"conba_scan: tau={tau!r} must be an integer >= 0")
+    if not (is_integer(chunk_size) and chunk_size >= 1):
+        raise ValueError(f"conba_scan: chunk_size={chunk_size!r} must be an integer >= 1")
     if tau > 0 and (delay_gain is None or delay_gain.shape != (H,)):
         raise ValueError(f"conba_scan: tau={tau} > 0 needs delay_gain of shape (H,)=({H},)")
     if initial_state is not None and initial_state.shape != (B, H, P, N):
@@ -48,6 +53,39 @@ def check_scan_inputs(
     if seq_idx is not None:
         check_seq_idx(seq_idx, (B, T), "conba_scan: seq_idx")
     return B, T, H, P, G, N
+
+
+def check_step_inputs(
+    x: torch.Tensor,
+    k: torch.Tensor,
+    q: torch.Tensor,
+    log_decay: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    delay_gain: torch.Tensor | None,
+    delayed_state: torch.Tensor | None,
+) -> tuple[int, int, int, int, int]:
+    """Validate the shapes of one step, (B,H,P) / (B,G,N) / (B,H) / (B,H,P,N); return (B, H, P, G, N)."""
+    if x.dim() != 3:
+        raise ValueError(f"conba_scan_step: x must be (B, H, P), got shape {tuple(x.shape)}")
+    B, H, P = x.shape
+    if k.dim() != 3 or k.shape[0] != B or k.shape != q.shape:
+        raise ValueError(f"conba_scan_step: k and q must both be (B={B}, G, N), got {tuple(k.shape)} and "
+                         f"{tuple(q.shape)}")
+    G, N = k.shape[1:]
+    if H % G != 0:
+        raise ValueError(f"conba_scan_step: the number of key groups G={G} must divide the number of heads H={H}")
+    for name, t in (("log_decay", log_decay), ("beta", beta)):
+        if t.shape != (B, H):
+            raise ValueError(f"conba_scan_step: {name} must be (B, H)={(B, H)}, got {tuple(t.shape)}")
+    for name, t in (("state", state), ("delayed_state", delayed_state)):
+        if t is not None and t.shape != (B, H, P, N):
+            raise ValueError(f"conba_scan_step: {name} must be {(B, H, P, N)}, got {tuple(t.shape)}")
+    if (delay_gain is None) != (delayed_state is None):
+        raise ValueError("conba_scan_step: delay_gain and delayed_state go together")
+    if delay_gain is not None and delay_gain.shape != (H,):
+        raise ValueError(f"conba_scan_step: delay_gain must be (H,)=({H},), got {tuple(delay_gain.shape)}")
+    return B, H, P, G, N
 
 
 def check_seq_idx(seq_idx: torch.Tensor, shape: tuple[int, int], name: str = "seq_idx") -> None:

@@ -132,7 +132,7 @@ def conba_scan(
     below LOG_DECAY_FLOOR (-100; -inf included) act as that floor: a full reset, to within exp(-100).
     """
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
-                                         initial_past_states, seq_idx)
+                                         initial_past_states, seq_idx, chunk_size)
     out_dtype, dt = x.dtype, compute_dtype(x)
     S0, past0 = initial_states(x, N, tau, initial_state, initial_past_states, dt)
     if T == 0:

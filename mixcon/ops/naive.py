@@ -20,14 +20,14 @@ def conba_scan_reference(
     delay_gain: torch.Tensor | None = None,  # (H,)
     initial_state: torch.Tensor | None = None,  # (B, H, P, N)
     initial_past_states: torch.Tensor | None = None,  # (B, tau, H, P, N): S_{1-tau} .. S_0
-    chunk_size: int = 64,  # unused: the loop has no chunks
+    chunk_size: int = 64,  # checked as the chunked forms check it, unused: the loop has no chunks
     return_past_states: bool = False,
     seq_idx: torch.Tensor | None = None,  # (B, T) document of each token, non-decreasing
 ) -> tuple[torch.Tensor, ...]:
     """Token-by-token loop; returns (y, final_state[, past_states]). A token whose `seq_idx` differs
     from the previous token's starts a document: the state and the delayed states are zero before it."""
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
-                                         initial_past_states, seq_idx)
+                                         initial_past_states, seq_idx, chunk_size)
     starts = document_starts(seq_idx) if seq_idx is not None else None
     out_dtype, dt = x.dtype, compute_dtype(x)
     x, log_decay, beta = x.to(dt), log_decay.to(dt), beta.to(dt)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mixcon.ops._validate import check_step_inputs
+
 
 def conba_scan_step(
     x: torch.Tensor,  # (B, H, P)
@@ -23,12 +25,7 @@ def conba_scan_step(
     Decoding is dispatch-bound, so the step is a handful of kernels: the state enters three
     matrix-vector products (S k, S_t q, S_{t-tau} q) and one decay-plus-rank-one update.
     """
-    B, H, P = x.shape
-    G, N = k.shape[1:]
-    if state.shape != (B, H, P, N):
-        raise ValueError(f"conba_scan_step: state must be {(B, H, P, N)}, got {tuple(state.shape)}")
-    if (delay_gain is None) != (delayed_state is None):
-        raise ValueError("conba_scan_step: delay_gain and delayed_state go together")
+    B, H, P, G, N = check_step_inputs(x, k, q, log_decay, beta, state, delay_gain, delayed_state)
     if out is not None and (out.shape != state.shape or not out.is_contiguous()):
         raise ValueError(f"conba_scan_step: out must be a contiguous {(B, H, P, N)} tensor")
     dt = state.dtype

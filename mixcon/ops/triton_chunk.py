@@ -161,7 +161,7 @@ def conba_scan_triton(
     Products: full fp32 for fp32 inputs unless torch's float32 matmul precision allows TF32, else TF32
     (states and decays are fp32 either way)."""
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
-                                         initial_past_states)
+                                         initial_past_states, chunk_size=chunk_size)
     if not triton_chunk_ok(chunk_size, tau):
         raise ValueError(f"conba_scan_triton: chunk_size={chunk_size} must be a power of two >= 16 and >= tau={tau}")
     if x.dtype == torch.float64:

@@ -221,6 +221,31 @@ def test_bad_shapes_raise_clear_errors():
         conba_scan(x, k, q, ld, beta, delta_rule=False, initial_state=S0[:1])
     with pytest.raises(ValueError, match="log_decay"):
         conba_scan(x, k, q, ld[:, :-1], beta, delta_rule=False)
+    for fn in (conba_scan, conba_scan_reference):  # one contract: the same arguments refused by every form
+        for bad in (0, -3, True, 2.5):
+            with pytest.raises(ValueError, match=rf"chunk_size={bad!r} must be an integer >= 1"):
+                fn(x, k, q, ld, beta, delta_rule=False, chunk_size=bad)
+        with pytest.raises(ValueError, match=r"tau=1.0 must be an integer >= 0"):
+            fn(x, k, q, ld, beta, delta_rule=False, tau=1.0, delay_gain=torch.ones(4, dtype=x.dtype))
+
+
+def test_bad_step_shapes_raise_clear_errors():
+    x, k, q, ld, beta, gain, S0 = make_inputs()
+    args = dict(x=x[:, 0], k=k[:, 0], q=q[:, 0], log_decay=ld[:, 0], beta=beta[:, 0], state=S0)
+    for name, bad, match in [
+        ("beta", beta[:, 0, :2], r"beta must be \(B, H\)=\(2, 4\), got \(2, 2\)"),
+        ("log_decay", ld[:, :2, 0], r"log_decay must be \(B, H\)"),
+        ("k", k[:, 0, :, :3], r"k and q must both be \(B=2, G, N\)"),
+        ("x", x[0, 0], r"x must be \(B, H, P\)"),
+        ("state", S0[:, :2], r"state must be \(2, 4, 5, 6\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            conba_scan_step(**{**args, name: bad}, delta_rule=True)
+    with pytest.raises(ValueError, match=r"G=3 must divide the number of heads H=4"):
+        conba_scan_step(**{**args, "k": k[:, 0, :1].expand(-1, 3, -1), "q": q[:, 0, :1].expand(-1, 3, -1)},
+                        delta_rule=True)
+    with pytest.raises(ValueError, match=r"delay_gain must be \(H,\)=\(4,\)"):
+        conba_scan_step(**args, delta_rule=True, delay_gain=gain[:2], delayed_state=S0)
 
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
