@@ -360,7 +360,7 @@ def test_labels_are_checked_before_the_cache_moves(tiny_model):
     assert cache.seqlen == 0
 
 
-def test_an_empty_batch_and_a_cache_of_another_model_raise(tiny_model):
+def test_an_empty_batch_and_caches_this_model_cannot_continue_raise(tiny_model):
     model = tiny_model()
     with pytest.raises(ValueError, match=r"at least one row and one token \(B, T >= 1\), got \(0, 4\)"):
         model(torch.zeros(0, 4, dtype=torch.long))
@@ -380,6 +380,14 @@ def test_an_empty_batch_and_a_cache_of_another_model_raise(tiny_model):
         expected = model(ids[:, :1], cache=cache).logits
         for c in (copied, unpickled):
             torch.testing.assert_close(model(ids[:, :1], cache=c).logits, expected, rtol=0, atol=0)
+    with torch.inference_mode():
+        inference = model.new_cache(1)
+        model(ids, cache=inference)
+    with pytest.raises(ValueError, match=r"cache was made under torch.inference_mode\(\), whose tensors cannot"):
+        model(ids[:, :1], cache=inference)
+    with torch.inference_mode():  # refused before anything moved: it continues where it was
+        torch.testing.assert_close(model(ids[:, :1], cache=inference).logits[:, -1], model(
+            torch.cat([ids, ids[:, :1]], 1)).logits[:, -1])
     wrong = MixConCache(model.config, 1)  # fp32 by default; the model is fp64
     with pytest.raises(ValueError, match=r"cache holds torch.float32 on cpu, the model computes in torch.float64"):
         model(ids, cache=wrong)
