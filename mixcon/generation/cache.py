@@ -98,6 +98,9 @@ class AttentionCache:
     def select_rows(self, index: torch.Tensor) -> None:
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
+    def detach_(self) -> None:
+        self.k, self.v = self.k.detach(), self.v.detach()
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
@@ -151,6 +154,10 @@ class ConbaCache:
     def select_rows(self, index: torch.Tensor) -> None:
         self.conv = self.conv.index_select(0, index)
         self.slots = [s.index_select(0, index) for s in self.slots]
+
+    def detach_(self) -> None:
+        self.conv = self.conv.detach()
+        self.slots = [s.detach() for s in self.slots]
 
     def nbytes(self) -> int:
         return self.conv.nbytes + sum(s.nbytes for s in self.slots)
@@ -223,6 +230,13 @@ class MixConCache:
             layer.select_rows(index)
         self.key_mask = self.key_mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
+
+    def detach_(self) -> MixConCache:
+        """Cut the autograd history of what the cache holds (truncated backpropagation through time: the next
+        forward through it starts a new graph, as `hidden.detach()` does for an RNN); returns the cache."""
+        for layer in self.layers:
+            layer.detach_()
+        return self
 
     def branch(self, index: torch.Tensor) -> MixConCache:
         """A new cache holding the rows in `index` (B',), repeats allowed, of this one, which is left as it

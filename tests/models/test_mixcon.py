@@ -61,6 +61,31 @@ def test_gradients_through_cached_forwards_equal_those_of_the_full_forward(layou
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+def test_truncated_backpropagation_through_a_detached_cache(tiny_model):
+    """Train on a long sequence piece by piece through one cache: after `cache.detach_()` each piece's backward
+    stops at the cache (its gradients are those of the piece continuing a cache filled without autograd), and
+    the logits are still those of the whole sequence."""
+    model = tiny_model(router_aux_loss_coef=0.0)
+    ids = torch.randint(0, 300, (2, 12))
+    cache = model.new_cache(2)
+    pieces = []
+    for piece in (ids[:, :6], ids[:, 6:]):
+        model.zero_grad()
+        logits = model(piece, cache=cache).logits
+        logits.square().mean().backward()  # the second piece's backward would reach the first's freed graph
+        cache.detach_()
+        pieces.append(logits.detach())
+    got = [p.grad.clone() for p in model.parameters()]
+    torch.testing.assert_close(torch.cat(pieces, 1), model(ids).logits.detach(), rtol=1e-9, atol=1e-9)
+    model.zero_grad()
+    fresh = model.new_cache(2)
+    with torch.no_grad():
+        model(ids[:, :6], cache=fresh)
+    model(ids[:, 6:], cache=fresh).logits.square().mean().backward()
+    for a, p in zip(got, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_a_cache_left_half_updated_by_a_failed_forward_is_refused(tiny_model):
     model = tiny_model()
     ids = torch.randint(0, 300, (2, 8))
