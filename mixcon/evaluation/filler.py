@@ -6,7 +6,7 @@ import torch
 
 from mixcon.checks import is_integer
 from mixcon.data.synthetic import insert_filler
-from mixcon.evaluation.perplexity import row_nll
+from mixcon.evaluation.perplexity import row_scores
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 
 
@@ -25,6 +25,7 @@ def filler_loss(model: MixConForCausalLM, windows: torch.Tensor, ratio: float, f
     with model.evaluating():
         for start in range(0, windows.shape[0], batch_size):
             inputs, labels = insert_filler(windows[start:start + batch_size], ratio, filler_id, generator)
-            total += float(row_nll(model(inputs.to(device)).logits, labels.to(device)).sum())
+            hidden = model(inputs.to(device), return_logits=False).last_hidden_state
+            total += float(row_scores(model, hidden, labels.to(device))[0].sum())
             count += int((labels != IGNORE).sum())
     return total / count

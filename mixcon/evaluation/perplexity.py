@@ -19,12 +19,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
-from mixcon.ops.dtypes import compute_dtype
+from mixcon.ops.cross_entropy import linear_token_scores
 
 MODES = ("window", "stream")
 
@@ -104,20 +103,22 @@ def right_pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
     return inputs.to(device), targets.to(device)
 
 
-def row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) targets -> (B,) summed negative log-likelihood per row in float64 (computed
-    in fp32, fp64 for an fp64 model)."""
-    nll = F.cross_entropy(logits.transpose(1, 2).to(compute_dtype(logits)), targets, ignore_index=IGNORE,
-                          reduction="none")
-    return nll.double().sum(1)
+def row_scores(model: MixConForCausalLM, hidden: torch.Tensor, targets: torch.Tensor,
+               vocab_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states (B, T, d) (`return_logits=False`), (B, T) targets (IGNORE = not scored) -> (B,)
+    summed negative log-likelihood per row in float64 (computed in fp32, fp64 for an fp64 model) and (B,)
+    whether every target is the argmax among the ids below `vocab_limit`; the LM head runs chunk by chunk
+    (`ops.linear_token_scores`), so the (B, T, V) logits never exist whole."""
+    nll, greedy = linear_token_scores(hidden, model.lm_head.weight, targets, vocab_limit)
+    return nll.double().sum(1), greedy.all(1)
 
 
-def scored_logits(model: MixConForCausalLM, inputs: torch.Tensor,
+def scored_hidden(model: MixConForCausalLM, inputs: torch.Tensor,
                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of right-padded rows whose scored targets end each row: the logits from the first scored
-    position of any row on, and the targets they predict."""
+    """One forward of right-padded rows whose scored targets end each row: the final hidden states from the
+    first scored position of any row on, and the targets they predict."""
     keep = inputs.shape[1] - int((targets != IGNORE).int().argmax(1).min())
-    return model(inputs, logits_to_keep=keep).logits, targets[:, -keep:]
+    return model(inputs, logits_to_keep=keep, return_logits=False).last_hidden_state, targets[:, -keep:]
 
 
 @torch.no_grad()
@@ -125,7 +126,7 @@ def _score_batch(model: MixConForCausalLM, inputs: torch.Tensor, targets: torch.
                  mode: str, context: int) -> torch.Tensor:
     """(B,) summed NLL of each row's targets; `lengths` (B,) are the rows' unpadded lengths."""
     if mode == "window":
-        return row_nll(*scored_logits(model, inputs, targets))
+        return row_scores(model, *scored_hidden(model, inputs, targets))[0]
     cache = model.new_cache(inputs.shape[0], max_length=min(inputs.shape[1], 4 * context))
     total = torch.zeros(inputs.shape[0], dtype=torch.float64, device=inputs.device)
     rows = torch.arange(inputs.shape[0], device=inputs.device)  # the rows still running
@@ -135,8 +136,8 @@ def _score_batch(model: MixConForCausalLM, inputs: torch.Tensor, targets: torch.
             cache.select_rows(running.nonzero()[:, 0])
             rows = rows[running]
         end = min(begin + context, int(lengths[rows].max()))
-        logits = model(inputs[rows, begin:end], cache=cache).logits
-        total.index_add_(0, rows, row_nll(logits, targets[rows, begin:end]))
+        hidden = model(inputs[rows, begin:end], cache=cache, return_logits=False).last_hidden_state
+        total.index_add_(0, rows, row_scores(model, hidden, targets[rows, begin:end])[0])
     return total
 
 

@@ -20,7 +20,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
-from mixcon.evaluation.perplexity import IGNORE, document_nll, right_pad, row_nll, scored_logits
+from mixcon.evaluation.perplexity import IGNORE, document_nll, right_pad, row_scores, scored_hidden
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
 from mixcon.training.checkpoint import load_model_and_tokenizer
@@ -129,27 +129,35 @@ class MixConLM(TemplateLM):
 
     @torch.no_grad()
     def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        return _logprob_greedy(*scored_logits(self.model, *right_pad(rows, self.tok.pad_id, self.device)),
-                               self.vocab_limit)
+        return self._logprob_greedy(*scored_hidden(self.model, *right_pad(rows, self.tok.pad_id, self.device)))
 
     @torch.no_grad()
     def _score_shared(self, prefix: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
         """Prefill `prefix` once, then score its continuations `batch_size` at a time side by side, each
         batch in its own branch of the prefilled cache (one row per continuation)."""
         cache = self.model.new_cache(1, max_length=len(prefix) + max(len(c) for c in continuations))
-        first = self.model(torch.tensor([prefix], device=self.device), cache=cache, logits_to_keep=1).logits
+        first = self.model(torch.tensor([prefix], device=self.device), cache=cache, logits_to_keep=1,
+                           return_logits=False).last_hidden_state
         scores: list[tuple[float, bool]] = []
         for start in range(0, len(continuations), self.batch_size):
             batch = continuations[start:start + self.batch_size]
-            logits = first.expand(len(batch), -1, -1)  # (n, 1, V): predicts each continuation's first token
+            hidden = first.expand(len(batch), -1, -1)  # (n, 1, d): predicts each continuation's first token
             targets = torch.tensor([[c[0]] for c in batch], device=self.device)
             if max(len(c) for c in batch) > 1:
                 branch = cache.branch(torch.zeros(len(batch), dtype=torch.long, device=self.device))
                 inputs, rest = right_pad([(c[:-1], c[1:]) for c in batch], self.tok.pad_id, self.device)
-                logits = torch.cat([logits, self.model(inputs, cache=branch).logits], 1)
+                hidden = torch.cat([hidden, self.model(inputs, cache=branch, return_logits=False).last_hidden_state],
+                                   1)
                 targets = torch.cat([targets, rest], 1)
-            scores += _logprob_greedy(logits, targets, self.vocab_limit)
+            scores += self._logprob_greedy(hidden, targets)
         return scores
+
+    def _logprob_greedy(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[tuple[float, bool]]:
+        """Per row of final hidden states (B, T, d) and (B, T) targets (IGNORE = not scored): the targets' summed
+        log-probability and whether each is the argmax among the ids below `vocab_limit` (those greedy
+        generation may choose: the tokenizer's)."""
+        nll, greedy = row_scores(self.model, hidden, targets, self.vocab_limit)
+        return [(-n, g) for n, g in zip(nll.tolist(), greedy.tolist(), strict=True)]
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole string after an EOS token: streamed through the cache (exact), or, when
@@ -257,11 +265,3 @@ def _generation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     if unused := sorted(set(kwargs) - {"top_k", "top_p", "seed"}):
         warnings.warn(f"MixConLM.generate_until ignores the generation arguments {unused}", stacklevel=3)
     return options
-
-
-def _logprob_greedy(logits: torch.Tensor, targets: torch.Tensor, vocab_limit: int) -> list[tuple[float, bool]]:
-    """Per row of (B, T, V) logits and (B, T) targets (IGNORE = not scored): the targets' summed
-    log-probability and whether each is the argmax among the ids below `vocab_limit` (those greedy generation
-    may choose: the tokenizer's)."""
-    greedy = (logits[..., :vocab_limit].argmax(-1) == targets) | (targets == IGNORE)
-    return [(-nll, bool(g)) for nll, g in zip(row_nll(logits, targets).tolist(), greedy.all(1).tolist(), strict=True)]

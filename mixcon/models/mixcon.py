@@ -148,6 +148,7 @@ class MixConOutput:
     aux_loss: torch.Tensor | None = None  # load balancing, mean over MoE layers (0 without MoE)
     z_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None  # (n_moe_layers, n_experts) tokens routed
+    last_hidden_state: torch.Tensor | None = None  # (B, T, d_model) after the final norm, with return_logits=False
 
 
 class MixConLayer(nn.Module):
@@ -288,21 +289,20 @@ class MixConForCausalLM(nn.Module):
         the call continues from it and updates it; one new token per row in eval mode is one `decode_step`
         (compiled after `compile_decode`). `logits_to_keep` > 0 computes logits for the last that many
         positions only (a prefill needs one), a 1-D tensor those positions (as in transformers); 0 keeps all.
-        `return_logits=False` (with labels) computes the loss chunk by chunk without ever holding all the
-        logits (`ops.linear_cross_entropy`; training).
+        `return_logits=False`: no logits; the final hidden states (`last_hidden_state`, the positions
+        `logits_to_keep` says), and with labels the loss computed chunk by chunk without ever holding all the
+        logits (`ops.linear_cross_entropy`; training; `ops.linear_token_scores` scores tokens so).
         `seq_idx` (B, T), non-decreasing integers, packs documents into a row (as in mamba_ssm and
         flash-linear-attention): no state, conv tap or attention crosses from one document to the next;
         only without a cache and without padding."""
         T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx)[1]
         keep = _positions_to_keep(logits_to_keep, T, labels is not None)
-        if not return_logits and labels is None:
-            raise ValueError("return_logits=False needs labels (the loss is then all the forward returns)")
         token_mask = attention_mask.bool() if attention_mask is not None else None
         if cache is None:
             h, stats = self._layers(input_ids, token_mask, None, seq_idx)
         else:
             try:
-                if T == 1 and labels is None and not self.training and not self._needs_grad() and (
+                if T == 1 and labels is None and return_logits and not self.training and not self._needs_grad() and (
                         token_mask is None or bool(token_mask.all())):
                     return self._output(self._decode(input_ids, cache), None, [])
                 cache.reserve(cache.seqlen + T)
@@ -314,7 +314,7 @@ class MixConForCausalLM(nn.Module):
             cache.seqlen += T
             cache.positions += T if token_mask is None else token_mask.sum(1)
         if not return_logits:
-            return self._output(None, labels, stats, h=self.norm(h))
+            return self._output(None, labels, stats, h=self.norm(h[:, keep]))
         logits = self.lm_head(self.norm(h[:, keep]))
         return self._output(logits, labels, stats)
 
@@ -419,7 +419,8 @@ class MixConForCausalLM(nn.Module):
         aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
         z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
         counts = torch.stack([s.counts for s in stats]) if stats else None
-        out = MixConOutput(logits=logits, aux_loss=aux, z_loss=z, expert_counts=counts)
+        out = MixConOutput(logits=logits, aux_loss=aux, z_loss=z, expert_counts=counts,
+                           last_hidden_state=h if logits is None else None)
         if labels is not None:
             out.lm_loss = (linear_cross_entropy(h, self.lm_head.weight, labels) if logits is None else
                            F.cross_entropy(logits.flatten(0, 1).to(compute_dtype(logits)), labels.flatten().long(),

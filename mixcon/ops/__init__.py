@@ -1,11 +1,11 @@
 """Functional kernels. The Conba scan contract (DESIGN.md §2.1) in three implementations:
 `conba_scan` (chunked: training and prefill), `conba_scan_reference` (sequential loop, for tests)
-and `conba_scan_step` (one token: decoding). Beside them, `linear_cross_entropy`: the LM head and its
-loss over row chunks."""
+and `conba_scan_step` (one token: decoding). Beside them, `linear_cross_entropy` and `linear_token_scores`:
+the LM head and its loss, or each token's score, over row chunks."""
 
 from mixcon.ops.chunk import conba_scan
-from mixcon.ops.cross_entropy import linear_cross_entropy
+from mixcon.ops.cross_entropy import linear_cross_entropy, linear_token_scores
 from mixcon.ops.naive import conba_scan_reference
 from mixcon.ops.step import conba_scan_step
 
-__all__ = ["conba_scan", "conba_scan_reference", "conba_scan_step", "linear_cross_entropy"]
+__all__ = ["conba_scan", "conba_scan_reference", "conba_scan_step", "linear_cross_entropy", "linear_token_scores"]

@@ -1,4 +1,5 @@
-"""The LM head and its cross-entropy in one pass over row chunks: the (N, V) logits never exist whole.
+"""The LM head and its cross-entropy in one pass over row chunks: the (N, V) logits never exist whole
+(`linear_cross_entropy` for training, `linear_token_scores` for scoring).
 
 With autograd, the gradients are computed chunk by chunk during the forward (softmax − one-hot is at
 hand there) and only scaled in the backward, so the head's matmul runs once per chunk, as in
@@ -34,6 +35,31 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         return _LinearCrossEntropy.apply(h, weight, labels, rows)
     total, count, _, _ = _chunks(h, weight, labels, rows, grads=False)
     return total / count
+
+
+@torch.no_grad()
+def linear_token_scores(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_limit: int | None = None,
+                        chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of h (..., d) and labels (...): the label's negative log-likelihood under the logits h Wᵀ
+    (fp32, fp64 for fp64 inputs; 0 where IGNORE) and whether it is their argmax among the ids below
+    `vocab_limit` (default all; True where IGNORE). No autograd; `chunk_rows` as in `linear_cross_entropy`."""
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+    if labels.shape != h.shape[:-1]:
+        raise ValueError(f"linear_token_scores: labels {tuple(labels.shape)} must have h's shape without its last "
+                         f"dimension, {tuple(h.shape[:-1])}")
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    flat_h, flat_labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
+    nll = torch.zeros(flat_labels.shape, dtype=compute_dtype(h), device=h.device)
+    greedy = torch.ones(flat_labels.shape, dtype=torch.bool, device=h.device)
+    for start in range(0, flat_h.shape[0], rows):
+        logits = (flat_h[start: start + rows] @ weight.t()).to(nll.dtype)  # (r, V)
+        y = flat_labels[start: start + rows]
+        keep = y != IGNORE
+        target = y.masked_fill(~keep, 0)[:, None]  # (r, 1)
+        nll[start: start + rows] = (logits.logsumexp(-1) - logits.gather(1, target)[:, 0]) * keep
+        greedy[start: start + rows] = (logits[:, :vocab_limit].argmax(-1) == y) | ~keep
+    return nll.view(labels.shape), greedy.view(labels.shape)
 
 
 def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int, grads: bool

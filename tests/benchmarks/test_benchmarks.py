@@ -159,8 +159,7 @@ def test_decode_benchmark_times_mixcon_through_transformers_generate(tmp_path):
     assert list(rows) == ["mixcon", "transformer-twin", "conba-twin", "mixcon via transformers"]
     wrapped, ours = rows["mixcon via transformers"], rows["mixcon"]
     assert wrapped["decode_ms"] > 0 and wrapped["prefill_tok_s"] > 0
-    tiny = MixConForCausalLM(MixConConfig.preset("tiny"))  # the wrapper's cache: the prompt's 8, doubled to 16
-    assert wrapped["cache_MiB"] == tiny.new_cache(1, max_length=16).nbytes() / 2**20 > ours["cache_MiB"]
+    assert wrapped["cache_MiB"] == ours["cache_MiB"]  # room for the prompt and what generate asks, as ours
 
 
 def test_decode_benchmark_times_the_triton_kernel_beside_the_torch_scan(monkeypatch):

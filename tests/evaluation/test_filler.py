@@ -15,17 +15,20 @@ V, FILLER = 12, 11
 
 
 def bigram_oracle(table: torch.Tensor):
-    """A forward whose log-probabilities at each position are table[last real token up to there]."""
+    """A forward (and LM head) whose log-probabilities at each position are table[last real token up to there]:
+    its final hidden state is that token, one-hot, and the head's weight is the table's transpose."""
     def forward(ids, **_):
-        logits = torch.zeros(*ids.shape, V)
+        hidden = torch.zeros(*ids.shape, V)
         for b, row in enumerate(ids.tolist()):
             last = None
             for t, token in enumerate(row):
                 last = token if token != FILLER else last
                 if last is not None:
-                    logits[b, t] = table[last]
-        return MixConOutput(logits=logits)
-    return forward
+                    hidden[b, t, last] = 1.0
+        return MixConOutput(logits=hidden @ table, last_hidden_state=hidden)
+    head = torch.nn.Linear(V, V, bias=False)
+    head.weight.data = table.t().contiguous()
+    return forward, head
 
 
 @pytest.mark.parametrize("ratio", [0, 0.5, 3])
@@ -33,7 +36,9 @@ def test_a_model_that_ignores_fillers_scores_the_same_at_every_ratio(tiny_model,
     table = torch.randn(V, V).log_softmax(-1)
     windows = torch.randint(0, FILLER, (7, 9), generator=torch.Generator().manual_seed(0))
     model = tiny_model(vocab_size=V)
-    monkeypatch.setattr(model, "forward", bigram_oracle(table))
+    forward, head = bigram_oracle(table)
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(model, "lm_head", head)
     nll = -sum(float(table[a, b]) for row in windows.tolist() for a, b in itertools.pairwise(row)) / (7 * 8)
     assert filler_loss(model, windows, ratio, FILLER, batch_size=3) == pytest.approx(nll, rel=1e-6)
 

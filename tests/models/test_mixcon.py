@@ -238,8 +238,15 @@ def test_loss_without_logits_equals_loss_from_logits(tiny_model):
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
-    with pytest.raises(ValueError, match="return_logits=False needs labels"):
-        model(ids, return_logits=False)
+    # Without labels: the final hidden states alone, whose head gives the logits (here, through a cache too).
+    with torch.no_grad():
+        full = model(ids).logits
+        hidden = model(ids, return_logits=False, logits_to_keep=2).last_hidden_state
+        torch.testing.assert_close(model.lm_head(hidden), full[:, -2:], rtol=1e-12, atol=1e-12)
+        cache = model.eval().new_cache(ids.shape[0])
+        model(ids[:, :-1], cache=cache)
+        last = model(ids[:, -1:], cache=cache, return_logits=False).last_hidden_state
+        torch.testing.assert_close(model.lm_head(last), full[:, -1:], rtol=1e-10, atol=1e-10)
 
 
 def test_save_load_identical_logits(tmp_path, tiny_model):

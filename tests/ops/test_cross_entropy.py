@@ -1,10 +1,10 @@
-"""The fused, chunked LM-head cross-entropy against F.cross_entropy over the whole logits."""
+"""The fused, chunked LM-head cross-entropy and token scores against F.cross_entropy over the whole logits."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
+from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy, linear_token_scores
 
 
 def reference(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -104,3 +104,21 @@ def test_bad_chunk_rows():
     h, weight, labels = inputs((5,), V=7, d=4, dtype=torch.float64)
     with pytest.raises(ValueError, match="chunk_rows=0"):
         linear_cross_entropy(h, weight, labels, chunk_rows=0)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 5])
+def test_token_scores_are_each_tokens_cross_entropy_and_argmax(chunk_rows):
+    torch.manual_seed(0)
+    h, weight = torch.randn(3, 7, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :3] = labels[2, 6] = IGNORE
+    logits = F.linear(h, weight)
+    labels[1, 2] = int(logits[1, 2, :30].argmax())  # greedy among the first 30 ids only
+    nll, greedy = linear_token_scores(h, weight, labels, vocab_limit=30, chunk_rows=chunk_rows)
+    want = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    torch.testing.assert_close(nll, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(greedy, (logits[..., :30].argmax(-1) == labels) | (labels == IGNORE)) and bool(greedy[1, 2])
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        linear_token_scores(h, weight, labels, chunk_rows=0)
+    with pytest.raises(ValueError, match="labels"):
+        linear_token_scores(h, weight, labels[:, :3])
