@@ -11,11 +11,14 @@ from mixcon.io import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+PLOTTED = ("step", "loss", "val_loss", "val_bpb")  # what the logger keeps in memory of each record
+PLOT_POINTS = 2000  # at most this many train-loss points are drawn (evenly spaced; the EMA is of all)
 
 
 class MetricsLogger:
     """Appends one JSON object per line to `RUN/metrics.jsonl` (train records have "loss", validation
-    records "val_loss"), mirrors scalars to TensorBoard when asked, and plots the loss curves."""
+    records "val_loss"), mirrors scalars to TensorBoard when asked, and plots the loss curves. `records` keep
+    only the plotted fields (`PLOTTED`), so a long run's history stays small in memory."""
 
     def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = False) -> None:
         self.run_dir = Path(run_dir)
@@ -24,14 +27,17 @@ class MetricsLogger:
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
             # Keep the history up to the checkpoint; what a crashed run logged after it is redone.
-            self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        elif resume_step is None:  # a new run: no plot of another run's records is left beside its log
-            (self.run_dir / PLOT_FILE).unlink(missing_ok=True)
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.records = [_plotted(r) for r in kept]
+        else:
+            if resume_step is None:  # a new run: no plot of another run's records is left beside its log
+                (self.run_dir / PLOT_FILE).unlink(missing_ok=True)
+            write_text_atomic(self.path, "")
         self.tb = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
 
     def log(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
+        self.records.append(_plotted(record))
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -45,6 +51,10 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _plotted(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: record[key] for key in PLOTTED if key in record}
 
 
 def _tensorboard_writer(log_dir: Path) -> Any:
@@ -85,8 +95,12 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
         steps, losses = zip(*train, strict=True)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss")
-        ax.plot(steps, _ema(losses), color="tab:blue", linewidth=1.5, label="train loss (EMA)")
+        every = _thinned(len(steps))  # a constant cost per plot, however long the run
+        ax.plot([steps[i] for i in every], [losses[i] for i in every], color="tab:blue", alpha=0.3, linewidth=0.8,
+                label="train loss")
+        ema = _ema(losses)
+        ax.plot([steps[i] for i in every], [ema[i] for i in every], color="tab:blue", linewidth=1.5,
+                label="train loss (EMA)")
     if val:
         steps, losses = zip(*val, strict=True)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=1.5, markersize=3, label="validation loss")
@@ -104,6 +118,13 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _thinned(n: int, limit: int = PLOT_POINTS) -> list[int]:
+    """At most `limit` indices of n points, evenly spaced, the first and the last among them."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
 
 
 def _ema(values: tuple[float, ...], alpha: float = 0.1) -> list[float]:

@@ -37,3 +37,28 @@ def test_a_new_log_leaves_no_plot_of_the_run_it_replaces(tmp_path):
     assert (tmp_path / PLOT_FILE).is_file()
     MetricsLogger(tmp_path)
     assert not (tmp_path / PLOT_FILE).exists() and read_metrics(tmp_path / METRICS_FILE) == []
+
+
+def test_a_long_run_keeps_only_the_plotted_fields_and_plots_at_a_bounded_cost(tmp_path, monkeypatch):
+    """Every record goes to the file whole; memory keeps what the plot draws, and the plot draws at most
+    PLOT_POINTS train points (evenly spaced, first and last included) however many steps were logged."""
+    import matplotlib.axes
+
+    from mixcon.training import metrics
+
+    logger = MetricsLogger(tmp_path)
+    for step in range(1, 5001):
+        logger.log({"step": step, "loss": 1.0 / step, "lr": 1e-3, "expert_load": [[0.25] * 4] * 12})
+    logger.log({"step": 5000, "val_loss": 0.5, "val_bpb": 1.25})
+    assert logger.records[0] == {"step": 1, "loss": 1.0} and logger.records[-1] == {
+        "step": 5000, "val_loss": 0.5, "val_bpb": 1.25}
+    assert read_metrics(tmp_path / METRICS_FILE)[0]["expert_load"] == [[0.25] * 4] * 12
+    drawn = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, *a, **k: drawn.append(list(x)) or plot(
+        self, x, *a, **k))
+    logger.plot()
+    assert len(drawn[0]) == metrics.PLOT_POINTS and drawn[0][0] == 1 and drawn[0][-1] == 5000
+    assert drawn[1] == drawn[0] and drawn[2] == [5000]  # the EMA at the same steps, then validation
+    resumed = MetricsLogger(tmp_path, resume_step=10)
+    assert resumed.records == [{"step": s, "loss": 1.0 / s} for s in range(1, 11)]
