@@ -209,7 +209,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: MixConCache | None = None,
         labels: torch.Tensor | None = None,
@@ -219,6 +219,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         output_router_logits: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
         """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
@@ -228,12 +229,15 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         training with activation checkpointing. Packed documents
         (padding-free batches, `DataCollatorWithFlattening`): `seq_idx` (B, T), or `position_ids` (B, T)
         that restart where a document starts; no cache is made then. Otherwise position_ids are not
-        needed: positions follow from the attention mask and the cache."""
+        needed: positions follow from the attention mask and the cache. `output_hidden_states`: the embeddings
+        and every layer's output, the last after the final norm (as transformers' models give them)."""
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k not in PASSED_BY)
         if unsupported:
             raise ValueError(f"MixConHFForCausalLM.forward does not take {unsupported}; it takes input_ids, "
                              "attention_mask, past_key_values, labels, use_cache, logits_to_keep, return_dict, "
-                             "position_ids, seq_idx, output_router_logits")
+                             "position_ids, seq_idx, output_router_logits, output_hidden_states")
+        if input_ids is None:
+            raise ValueError("input_ids: MixCon models take token ids (inputs_embeds is not supported)")
         if past_key_values is not None and not isinstance(past_key_values, MixConCache):
             raise TypeError(f"past_key_values must be a MixConCache (or None), got {type(past_key_values).__name__}")
         B, T = input_ids.shape
@@ -267,12 +271,14 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
             if seq_idx is not None:  # a document's last token does not predict the next document's first
                 ends = torch.nn.functional.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (0, 1), value=False)
                 targets = targets.masked_fill(ends, IGNORE)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
-                         logits_to_keep=logits_to_keep, seq_idx=seq_idx)
+                         logits_to_keep=logits_to_keep, seq_idx=seq_idx, output_hidden_states=output_hidden_states)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         result = MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss if output_router_logits else None,
-                                           logits=out.logits, past_key_values=cache)
+                                           logits=out.logits, past_key_values=cache, hidden_states=out.hidden_states)
         use_dict = return_dict if return_dict is not None else self.config.return_dict
         return result if use_dict else result.to_tuple()
 

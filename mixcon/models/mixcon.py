@@ -149,6 +149,9 @@ class MixConOutput:
     z_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None  # (n_moe_layers, n_experts) tokens routed
     last_hidden_state: torch.Tensor | None = None  # (B, T, d_model) after the final norm, with return_logits=False
+    # With output_hidden_states: the embeddings, then each layer's output (the last after the final norm), as
+    # transformers' models give them: n_layers + 1 tensors (B, T, d_model).
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class MixConLayer(nn.Module):
@@ -283,6 +286,7 @@ class MixConForCausalLM(nn.Module):
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
         seq_idx: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> MixConOutput:
         """input_ids (B, T), the only positional argument; labels (B, T) are the targets of each position
         (already shifted, -100 = ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache,
@@ -294,45 +298,55 @@ class MixConForCausalLM(nn.Module):
         logits (`ops.linear_cross_entropy`; training; `ops.linear_token_scores` scores tokens so).
         `seq_idx` (B, T), non-decreasing integers, packs documents into a row (as in mamba_ssm and
         flash-linear-attention): no state, conv tap or attention crosses from one document to the next;
-        only without a cache and without padding."""
+        only without a cache and without padding. `output_hidden_states`: every layer's output too."""
         T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx)[1]
         keep = _positions_to_keep(logits_to_keep, T, labels is not None)
         token_mask = attention_mask.bool() if attention_mask is not None else None
+        states: list[torch.Tensor] | None = [] if output_hidden_states else None
         if cache is None:
-            h, stats = self._layers(input_ids, token_mask, None, seq_idx)
+            h, stats = self._layers(input_ids, token_mask, None, seq_idx, states)
         else:
             try:
-                if T == 1 and labels is None and return_logits and not self.training and not self._needs_grad() and (
-                        token_mask is None or bool(token_mask.all())):
+                if T == 1 and labels is None and return_logits and states is None and not self.training and \
+                        not self._needs_grad() and (token_mask is None or bool(token_mask.all())):
                     return self._output(self._decode(input_ids, cache), None, [])
                 cache.reserve(cache.seqlen + T)
                 cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
-                h, stats = self._layers(input_ids, token_mask, cache, seq_idx)
+                h, stats = self._layers(input_ids, token_mask, cache, seq_idx, states)
             except BaseException:  # some layers moved on, others not: the cache no longer describes one sequence
                 cache.broken = True
                 raise
             cache.seqlen += T
             cache.positions += T if token_mask is None else token_mask.sum(1)
         if not return_logits:
-            return self._output(None, labels, stats, h=self.norm(h[:, keep]))
-        logits = self.lm_head(self.norm(h[:, keep]))
-        return self._output(logits, labels, stats)
+            out = self._output(None, labels, stats, h=self.norm(h[:, keep]))
+        else:
+            out = self._output(self.lm_head(self.norm(h[:, keep])), labels, stats)
+        if states is not None:
+            out.hidden_states = (*states[:-1], self.norm(states[-1]))
+        return out
 
     def _needs_grad(self) -> bool:
         """Whether this forward builds an autograd graph (a decoding step's in-place updates would break it)."""
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def _layers(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None, cache: MixConCache | None,
-                seq_idx: torch.Tensor | None) -> tuple[torch.Tensor, list[RouterStats]]:
-        """Embedding and every layer: hidden states (B, T, d_model) before the final norm, and the MoE stats."""
+                seq_idx: torch.Tensor | None, states: list[torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, list[RouterStats]]:
+        """Embedding and every layer: hidden states (B, T, d_model) before the final norm, and the MoE stats;
+        `states`, if given, collects the embeddings and each layer's output."""
         B, T = input_ids.shape
         ctx = ForwardContext.build(token_mask, B, T, cache, input_ids.device, seq_idx)
         h = self.embed(input_ids)
         stats: list[RouterStats] = []
         for layer in self.layers:
+            if states is not None:
+                states.append(h)
             h, s = layer(h, ctx)
             if s is not None:
                 stats.append(s)
+        if states is not None:
+            states.append(h)
         return h, stats
 
     def _decode(self, input_ids: torch.Tensor, cache: MixConCache) -> torch.Tensor:

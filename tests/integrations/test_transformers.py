@@ -68,6 +68,18 @@ def test_outputs_are_ordered_as_mixtrals(pair):
     assert "aux_loss" in hf.config.keys_to_ignore_at_inference
 
 
+def test_hidden_states_are_the_models(pair):
+    model, hf = pair
+    ids, mask = left_padded()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        theirs = hf(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        hf.config.output_hidden_states = True
+        assert len(hf(ids, attention_mask=mask, return_dict=False)[-1]) == len(ours)
+    assert len(theirs) == model.config.n_layers + 1
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
+
+
 def test_a_cache_is_made_by_default_only_where_it_can_be_continued(pair):
     """Not for right-padded rows (scored as the model scores them), nor while autograd records the forward
     (a training loop without labels: backward works, with the model's gradients)."""
@@ -250,6 +262,8 @@ def test_forward_rejects_what_it_does_not_take(pair):
     ids, _ = left_padded()
     with pytest.raises(ValueError, match="inputs_embeds"):
         hf(ids, inputs_embeds=torch.zeros(3, 11, 32))
+    with pytest.raises(ValueError, match="input_ids: MixCon models take token ids"):
+        hf(attention_mask=torch.ones(3, 11))
     with pytest.raises(TypeError, match="MixConCache"):
         hf(ids, past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="d_model"):

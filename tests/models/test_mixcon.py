@@ -165,6 +165,32 @@ def test_logits_to_keep_gives_the_last_positions(tiny_model):
         model(ids, labels=ids, logits_to_keep=1)
 
 
+def test_hidden_states_are_the_embeddings_and_each_layers_output(tiny_model):
+    """As transformers' models give them: n_layers + 1 states, the last after the final norm; through a cache
+    too (the prefill's states, then the decoding step's)."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 7))
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0])) for layer in model.layers]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    states = out.hidden_states
+    assert len(states) == model.config.n_layers + 1
+    torch.testing.assert_close(states[0], model.embed(ids))
+    for state, layer_out in zip(states[1:-1], outputs[:-1], strict=True):
+        torch.testing.assert_close(state, layer_out)
+    torch.testing.assert_close(states[-1], model.norm(outputs[-1]))
+    torch.testing.assert_close(model.lm_head(states[-1]), out.logits, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model(ids[:, :6], cache=cache)
+        step = model(ids[:, 6:], cache=cache, output_hidden_states=True).hidden_states
+    for a, b in zip(step, states, strict=True):
+        torch.testing.assert_close(a, b[:, 6:], rtol=1e-9, atol=1e-9)
+
+
 def test_forward_takes_only_the_input_ids_by_position(tiny_model):
     """Neither transformers' (input_ids, attention_mask) nor nanoGPT's (idx, targets) order is guessed at: a
     mask passed where labels were would be scored as targets."""
