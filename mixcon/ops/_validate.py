@@ -26,18 +26,7 @@ def check_scan_inputs(
     chunk_size: int = 64,
 ) -> tuple[int, int, int, int, int, int]:
     """Validate (B,T,H,P) / (B,T,G,N) / (B,T,H) shapes, seq_idx (B,T) and chunk_size; return (B, T, H, P, G, N)."""
-    if x.dim() != 4:
-        raise ValueError(f"conba_scan: x must be (B, T, H, P), got shape {tuple(x.shape)}")
-    B, T, H, P = x.shape
-    if k.dim() != 4 or k.shape[:2] != (B, T) or k.shape != q.shape:
-        raise ValueError(f"conba_scan: k and q must both be (B={B}, T={T}, G, N), got {tuple(k.shape)} "
-                         f"and {tuple(q.shape)}")
-    G, N = k.shape[2:]
-    if H % G != 0:
-        raise ValueError(f"conba_scan: the number of key groups G={G} must divide the number of heads H={H}")
-    for name, t in (("log_decay", log_decay), ("beta", beta)):
-        if t.shape != (B, T, H):
-            raise ValueError(f"conba_scan: {name} must be (B, T, H)={(B, T, H)}, got {tuple(t.shape)}")
+    B, T, H, P, G, N = _check_shapes("conba_scan", ("B", "T"), x, k, q, log_decay, beta)
     if not (is_integer(tau) and tau >= 0):
         raise ValueError(f"conba_scan: tau={tau!r} must be an integer >= 0")
     if not (is_integer(chunk_size) and chunk_size >= 1):
@@ -55,6 +44,26 @@ def check_scan_inputs(
     return B, T, H, P, G, N
 
 
+def _check_shapes(op: str, lead: tuple[str, ...], x: torch.Tensor, k: torch.Tensor, q: torch.Tensor,
+                  log_decay: torch.Tensor, beta: torch.Tensor) -> tuple[int, ...]:
+    """x (*lead, H, P), k and q (*lead, G, N), log_decay and beta (*lead, H), G dividing H; returns
+    (*lead sizes, H, P, G, N). `lead` names the leading dimensions: ("B", "T") for a sequence, ("B",) a step."""
+    n, dims = len(lead), ", ".join(lead)
+    if x.dim() != n + 2:
+        raise ValueError(f"{op}: x must be ({dims}, H, P), got shape {tuple(x.shape)}")
+    *sizes, H, P = x.shape
+    named = ", ".join(f"{d}={size}" for d, size in zip(lead, sizes, strict=True))
+    if k.dim() != n + 2 or list(k.shape[:n]) != sizes or k.shape != q.shape:
+        raise ValueError(f"{op}: k and q must both be ({named}, G, N), got {tuple(k.shape)} and {tuple(q.shape)}")
+    G, N = k.shape[n:]
+    if H % G != 0:
+        raise ValueError(f"{op}: the number of key groups G={G} must divide the number of heads H={H}")
+    for name, t in (("log_decay", log_decay), ("beta", beta)):
+        if t.shape != (*sizes, H):
+            raise ValueError(f"{op}: {name} must be ({dims}, H)={(*sizes, H)}, got {tuple(t.shape)}")
+    return (*sizes, H, P, G, N)
+
+
 def check_step_inputs(
     x: torch.Tensor,
     k: torch.Tensor,
@@ -66,18 +75,7 @@ def check_step_inputs(
     delayed_state: torch.Tensor | None,
 ) -> tuple[int, int, int, int, int]:
     """Validate the shapes of one step, (B,H,P) / (B,G,N) / (B,H) / (B,H,P,N); return (B, H, P, G, N)."""
-    if x.dim() != 3:
-        raise ValueError(f"conba_scan_step: x must be (B, H, P), got shape {tuple(x.shape)}")
-    B, H, P = x.shape
-    if k.dim() != 3 or k.shape[0] != B or k.shape != q.shape:
-        raise ValueError(f"conba_scan_step: k and q must both be (B={B}, G, N), got {tuple(k.shape)} and "
-                         f"{tuple(q.shape)}")
-    G, N = k.shape[1:]
-    if H % G != 0:
-        raise ValueError(f"conba_scan_step: the number of key groups G={G} must divide the number of heads H={H}")
-    for name, t in (("log_decay", log_decay), ("beta", beta)):
-        if t.shape != (B, H):
-            raise ValueError(f"conba_scan_step: {name} must be (B, H)={(B, H)}, got {tuple(t.shape)}")
+    B, H, P, G, N = _check_shapes("conba_scan_step", ("B",), x, k, q, log_decay, beta)
     for name, t in (("state", state), ("delayed_state", delayed_state)):
         if t is not None and t.shape != (B, H, P, N):
             raise ValueError(f"conba_scan_step: {name} must be {(B, H, P, N)}, got {tuple(t.shape)}")
