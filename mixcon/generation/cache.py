@@ -193,6 +193,20 @@ class MixConCache:
     def __getstate__(self) -> dict[str, Any]:  # pickling: a weak reference does not pickle
         return {**self.__dict__, "owner": None}
 
+    def __copy__(self) -> MixConCache:  # the copy continues the same model
+        new = object.__new__(MixConCache)
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MixConCache:
+        """A copy of the cache continues its model, or that model's copy when the two are copied together."""
+        new = object.__new__(MixConCache)
+        memo[id(self)] = new
+        new.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items() if key != "owner"})
+        model = self.owner() if self.owner is not None else None
+        new.owner = weakref.ref(memo.get(id(model), model)) if model is not None else None
+        return new
+
     @property
     def batch_size(self) -> int:
         return self.key_mask.shape[0]

@@ -232,14 +232,25 @@ class MixConLM(TemplateLM):
 
 class StopStrings:
     """`generate`'s stopping_criteria: a row is done once the text it generated after `prompt_length` holds one
-    of `stops` (the text `generate_until` then cuts at the first of them)."""
+    of `stops` (the text `generate_until` then cuts at the first of them). Each step decodes, for the rows not
+    yet done, only the last tokens that can hold a stop string ending in the newest one (a token is at least
+    a byte: as many as the longest stop has UTF-8 bytes); a cut inside a character decodes as U+FFFD before the
+    text, so only stops that spell U+FFFD themselves need the whole text."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: list[str], prompt_length: int) -> None:
         self.decode, self.stops, self.start = decode, stops, prompt_length
+        self.tail = None if any("\ufffd" in stop for stop in stops) else max(len(stop.encode()) for stop in stops)
+        self.done: list[bool] | None = None
 
     def __call__(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
-        texts = [self.decode(row) for row in sequences[:, self.start:].tolist()]
-        return torch.tensor([any(stop in text for stop in self.stops) for text in texts])
+        new = sequences[:, self.start:]
+        if self.done is None:
+            self.done = [False] * new.shape[0]
+        for row, tokens in enumerate(new[:, -self.tail:] if self.tail else new):
+            if not self.done[row]:
+                text = self.decode(tokens.tolist())
+                self.done[row] = any(stop in text for stop in self.stops)
+        return torch.tensor(self.done)
 
 
 def _positive_int(name: str, value: int | str) -> int:

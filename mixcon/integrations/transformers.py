@@ -62,9 +62,9 @@ class MixConHFConfig(PretrainedConfig):
     """A `MixConConfig` (validated, stored whole under `mixcon`) as a transformers config.
     MixConConfig fields given as keywords (`MixConHFConfig(d_model=512)`, or a config.json that
     `MixConForCausalLM.save_pretrained` wrote) set those fields, over `mixcon` when both are given; so do
-    transformers' names of them (`hidden_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`,
-    `num_local_experts`, `num_experts_per_tok`, `tie_word_embeddings`), which also read them
-    (`num_hidden_layers` reads the number of layers). Setting a special
+    transformers' names of them (`hidden_size`, `num_attention_heads`, `num_key_value_heads`, `num_local_experts`,
+    `num_experts_per_tok`, `tie_word_embeddings`), which also read them (`num_hidden_layers` reads the number
+    of layers; set n_blocks and layers_per_block instead). Setting a special
     token id or `tie_word_embeddings` later changes the MixConConfig too. `use_cache`: whether forwards return a
     cache by default; `output_router_logits`: whether outputs carry `aux_loss` (as in Mixtral; the loss
     includes the router losses either way)."""
@@ -82,6 +82,9 @@ class MixConHFConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.output_router_logits = output_router_logits
         super().__init__(**kwargs, **{name: getattr(config, ALIASES.get(name, name)) for name in SYNCED})
+
+    def __eq__(self, other: object) -> bool:  # the MixConConfig too (transformers' fields alone miss it)
+        return isinstance(other, MixConHFConfig) and self.to_dict() == other.to_dict()
 
     def __getattr__(self, name: str) -> Any:  # only names that ordinary lookup did not find
         if (name in ALIASES or name in DERIVED) and "mixcon" in self.__dict__:
@@ -171,7 +174,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     def from_mixcon(cls, model: MixConForCausalLM | str | Path, device: str = "cpu",
                     dtype: torch.dtype | str | None = torch.float32) -> MixConHFForCausalLM:
         """Wrap a `MixConForCausalLM` (sharing its parameters), or load one from a run directory, a
-        checkpoint or a `MixConForCausalLM.save_pretrained` directory, in `dtype` ("auto" or None: the saved one)."""
+        checkpoint or a `MixConForCausalLM.save_pretrained` directory, in `dtype` ("auto" or None: the saved one;
+        a model given is wrapped as it is)."""
         if not isinstance(model, MixConForCausalLM):
             model = MixConForCausalLM.from_pretrained(model_directory(model), device=device, dtype=dtype)
         return cls(MixConHFConfig(model.config), model)

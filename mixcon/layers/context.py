@@ -75,5 +75,6 @@ class DecodeStep(NamedTuple):
     compiled step does not specialise on Python values."""
 
     index: torch.Tensor  # (1,) long: the cache position the new token is written to
-    key_mask: torch.Tensor  # (B, 1, 1, capacity) bool: cache positions the new token may attend to
+    key_mask: torch.Tensor  # (B, 1, 1, L) bool: cache positions the new token may attend to (L: the capacity
+    # when compiled, the filled positions when eager)
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin at the new positions: (B, 1, 1, hd / 2)

@@ -307,8 +307,9 @@ class MixConForCausalLM(nn.Module):
             h, stats = self._layers(input_ids, token_mask, None, seq_idx, states)
         else:
             try:
-                if T == 1 and labels is None and return_logits and states is None and not self.training and \
-                        not self._needs_grad() and (token_mask is None or bool(token_mask.all())):
+                if T == 1 and labels is None and return_logits and states is None and isinstance(keep, slice) \
+                        and not self.training and not self._needs_grad() and (
+                        token_mask is None or bool(token_mask.all())):
                     return self._output(self._decode(input_ids, cache), None, [])
                 cache.reserve(cache.seqlen + T)
                 cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask

@@ -262,3 +262,24 @@ def test_the_command_line_help_lists_every_option(capsys):
     for flag in ["--checkpoint", "--tasks", "--include-path", "--num-fewshot", "--limit", "--max-length",
                  "--context", "--batch-size", "--dtype", "--device", "--compile", "--seed", "--json"]:
         assert flag in text
+
+
+def test_stop_strings_are_found_where_they_end_in_the_text_as_decoded():
+    """The stopping criterion against the decoded text: a stop spelled over several tokens (the bytes of one
+    character) ends its row at the token that completes it, a row stays done, and a stop that spells U+FFFD
+    matches an invalid byte as the decoded text shows it."""
+    from mixcon.integrations.lm_eval import StopStrings
+
+    rows = [TOK.encode("héllo wörld") + [TOK.eos_id] * 3, [*TOK.encode("no stop here"), 0xFF, 0x41]]
+    prompt = [[TOK.eos_id, 104], [TOK.eos_id, 110]]
+    criteria = StopStrings(TOK.decode, ["ö", "lo w"], 2)
+    first = {}
+    for n in range(1, 15):
+        seqs = torch.tensor([p + r[:n] for p, r in zip(prompt, rows, strict=True)])
+        for row, done in enumerate(criteria(seqs, None).tolist()):
+            if done:
+                first.setdefault(row, n)
+    assert first == {0: len(TOK.encode("héllo w"))}  # "lo w" completes before "ö" does
+    assert first[0] == next(n for n in range(1, 15) if "lo w" in TOK.decode(rows[0][:n]))
+    bad = StopStrings(TOK.decode, ["\ufffdA"], 0)
+    assert bad(torch.tensor([rows[1]]), None).tolist() == [True]

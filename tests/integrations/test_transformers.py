@@ -131,6 +131,8 @@ def test_config_answers_to_transformers_names(tmp_path):
         config.hidden_size = 0
     with pytest.raises(AttributeError, match="num_hidden_layers follows the MixConConfig"):
         config.num_hidden_layers = 3
+    assert config != MixConHFConfig(hidden_size=32, num_attention_heads=2) and config == MixConHFConfig.from_dict(
+        config.to_dict())  # equality compares the MixConConfig too
 
 
 def test_greedy_generate_is_mixcon_generate(pair):

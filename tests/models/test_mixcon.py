@@ -155,9 +155,13 @@ def test_logits_to_keep_gives_the_last_positions(tiny_model):
         full = model(ids).logits
         torch.testing.assert_close(model(ids, logits_to_keep=3).logits, full[:, -3:], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(model(ids, logits_to_keep=0).logits, full)
-        # transformers' other form: a 1-D tensor of the positions to keep
+        # transformers' other form: a 1-D tensor of the positions to keep (in a decoding step too)
         picked = model(ids, logits_to_keep=torch.tensor([0, 5, -1])).logits
         torch.testing.assert_close(picked, full[:, [0, 5, -1]], rtol=1e-9, atol=1e-9)
+        cache = model.new_cache(2)
+        model(ids[:, :-1], cache=cache)
+        step = model(ids[:, -1:], cache=cache, logits_to_keep=torch.tensor([0, 0])).logits
+        torch.testing.assert_close(step, full[:, [-1, -1]], rtol=1e-9, atol=1e-9)
     for bad in (-1, 1.0, torch.tensor([0.0]), torch.tensor([[0]]), torch.tensor([9]), torch.tensor([-10])):
         with pytest.raises(ValueError, match="logits_to_keep"):
             model(ids, logits_to_keep=bad)
@@ -433,11 +437,16 @@ def test_an_empty_batch_and_caches_this_model_cannot_continue_raise(tiny_model):
         model(ids, cache=cache)
     with pytest.raises(ValueError, match="cache holds what another model computed"):  # ... not once filled
         tiny_model(seed=1)(ids[:, :1], cache=cache)
-    copied, unpickled = copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))  # copies continue the model
+    copied, unpickled = copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))  # copies continue the model...
+    branched = cache.branch(torch.zeros(1, dtype=torch.long))
+    for c in (copied, branched):  # ... and only it
+        with pytest.raises(ValueError, match="cache holds what another model computed"):
+            tiny_model(seed=1)(ids[:, :1], cache=c)
+    model_copy, cache_copy = copy.deepcopy((model, cache))  # copied together: the copy's cache is the copy's
     with torch.no_grad():
         expected = model(ids[:, :1], cache=cache).logits
-        for c in (copied, unpickled):
-            torch.testing.assert_close(model(ids[:, :1], cache=c).logits, expected, rtol=0, atol=0)
+        for m, c in ((model, copied), (model, unpickled), (model, branched), (model_copy, cache_copy)):
+            torch.testing.assert_close(m(ids[:, :1], cache=c).logits, expected, rtol=0, atol=0)
     with torch.inference_mode():
         inference = model.new_cache(1)
         model(ids, cache=inference)
