@@ -83,6 +83,12 @@ class MixConHFConfig(PretrainedConfig):
         self.output_router_logits = output_router_logits
         super().__init__(**kwargs, **{name: getattr(config, ALIASES.get(name, name)) for name in SYNCED})
 
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' dict, with transformers' names of the MixConConfig fields beside `mixcon` (tools such as
+        PEFT read `hidden_size` there); loading sets the same fields from them."""
+        return {**super().to_dict(), **{name: self.mixcon[field] for name, field in ALIASES.items()
+                                        if name not in SYNCED}}
+
     def __eq__(self, other: object) -> bool:  # the MixConConfig too (transformers' fields alone miss it)
         return isinstance(other, MixConHFConfig) and self.to_dict() == other.to_dict()
 
@@ -224,6 +230,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         seq_idx: torch.Tensor | None = None,
         output_router_logits: bool | None = None,
         output_hidden_states: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
         """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
@@ -234,17 +241,19 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         (padding-free batches, `DataCollatorWithFlattening`): `seq_idx` (B, T), or `position_ids` (B, T)
         that restart where a document starts; no cache is made then. Otherwise position_ids are not
         needed: positions follow from the attention mask and the cache. `output_hidden_states`: the embeddings
-        and every layer's output, the last after the final norm (as transformers' models give them)."""
+        and every layer's output, the last after the final norm (as transformers' models give them).
+        `inputs_embeds` (B, T, hidden_size) in place of input_ids (PEFT's prompt tuning, soft prompts); not in
+        `generate`, which starts from token ids."""
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k not in PASSED_BY)
         if unsupported:
             raise ValueError(f"MixConHFForCausalLM.forward does not take {unsupported}; it takes input_ids, "
                              "attention_mask, past_key_values, labels, use_cache, logits_to_keep, return_dict, "
-                             "position_ids, seq_idx, output_router_logits, output_hidden_states")
-        if input_ids is None:
-            raise ValueError("input_ids: MixCon models take token ids (inputs_embeds is not supported)")
+                             "position_ids, seq_idx, output_router_logits, output_hidden_states, inputs_embeds")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give input_ids (B, T) or inputs_embeds (B, T, hidden_size): one of them")
         if past_key_values is not None and not isinstance(past_key_values, MixConCache):
             raise TypeError(f"past_key_values must be a MixConCache (or None), got {type(past_key_values).__name__}")
-        B, T = input_ids.shape
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if past_key_values is None and attention_mask is not None and attention_mask.shape[1] > T:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions but input_ids {T}, and no "
                              "past_key_values holds the earlier ones (no cache is made for right-padded rows: "
@@ -278,7 +287,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
-                         logits_to_keep=logits_to_keep, seq_idx=seq_idx, output_hidden_states=output_hidden_states)
+                         logits_to_keep=logits_to_keep, seq_idx=seq_idx, output_hidden_states=output_hidden_states,
+                         inputs_embeds=inputs_embeds)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         result = MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss if output_router_logits else None,
@@ -289,6 +299,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' `generate`, from the prompt, on left-padded rows: a `MixConCache` from an earlier call
         cannot be continued here (it lacks transformers' `Cache` interface); continue one with `forward`."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("inputs_embeds: generate starts from token ids (input_ids); inputs_embeds go to forward")
         if isinstance(kwargs.get("past_key_values"), MixConCache):
             raise ValueError("past_key_values: generate starts from the prompt and makes its own cache; pass the "
                              "whole sequence as input_ids (a MixConCache continues through forward calls)")

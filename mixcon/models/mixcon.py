@@ -278,7 +278,7 @@ class MixConForCausalLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         *,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -287,6 +287,7 @@ class MixConForCausalLM(nn.Module):
         return_logits: bool = True,
         seq_idx: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> MixConOutput:
         """input_ids (B, T), the only positional argument; labels (B, T) are the targets of each position
         (already shifted, -100 = ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache,
@@ -298,22 +299,25 @@ class MixConForCausalLM(nn.Module):
         logits (`ops.linear_cross_entropy`; training; `ops.linear_token_scores` scores tokens so).
         `seq_idx` (B, T), non-decreasing integers, packs documents into a row (as in mamba_ssm and
         flash-linear-attention): no state, conv tap or attention crosses from one document to the next;
-        only without a cache and without padding. `output_hidden_states`: every layer's output too."""
-        T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx)[1]
+        only without a cache and without padding. `output_hidden_states`: every layer's output too.
+        `inputs_embeds` (B, T, d_model) in place of input_ids: vectors that enter where the embeddings would
+        (soft prompts, PEFT's prompt tuning)."""
+        T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx, inputs_embeds)[1]
         keep = _positions_to_keep(logits_to_keep, T, labels is not None)
         token_mask = attention_mask.bool() if attention_mask is not None else None
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
         if cache is None:
-            h, stats = self._layers(input_ids, token_mask, None, seq_idx, states)
+            h, stats = self._layers(input_ids, token_mask, None, seq_idx, states, inputs_embeds)
         else:
             try:
-                if T == 1 and labels is None and return_logits and states is None and isinstance(keep, slice) \
+                if T == 1 and input_ids is not None and labels is None and return_logits and states is None \
+                        and isinstance(keep, slice) \
                         and not self.training and not self._needs_grad() and (
                         token_mask is None or bool(token_mask.all())):
                     return self._output(self._decode(input_ids, cache), None, [])
                 cache.reserve(cache.seqlen + T)
                 cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
-                h, stats = self._layers(input_ids, token_mask, cache, seq_idx, states)
+                h, stats = self._layers(input_ids, token_mask, cache, seq_idx, states, inputs_embeds)
             except BaseException:  # some layers moved on, others not: the cache no longer describes one sequence
                 cache.broken = True
                 raise
@@ -331,14 +335,14 @@ class MixConForCausalLM(nn.Module):
         """Whether this forward builds an autograd graph (a decoding step's in-place updates would break it)."""
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
-    def _layers(self, input_ids: torch.Tensor, token_mask: torch.Tensor | None, cache: MixConCache | None,
+    def _layers(self, input_ids: torch.Tensor | None, token_mask: torch.Tensor | None, cache: MixConCache | None,
                 seq_idx: torch.Tensor | None, states: list[torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, list[RouterStats]]:
-        """Embedding and every layer: hidden states (B, T, d_model) before the final norm, and the MoE stats;
-        `states`, if given, collects the embeddings and each layer's output."""
-        B, T = input_ids.shape
-        ctx = ForwardContext.build(token_mask, B, T, cache, input_ids.device, seq_idx)
-        h = self.embed(input_ids)
+                inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[RouterStats]]:
+        """Embedding (or `inputs_embeds`) and every layer: hidden states (B, T, d_model) before the final norm,
+        and the MoE stats; `states`, if given, collects the embeddings and each layer's output."""
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = h.shape[:2]
+        ctx = ForwardContext.build(token_mask, B, T, cache, h.device, seq_idx)
         stats: list[RouterStats] = []
         for layer in self.layers:
             if states is not None:
@@ -444,19 +448,29 @@ class MixConForCausalLM(nn.Module):
             out.loss = out.lm_loss + out.router_loss
         return out
 
-    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+    def _check_inputs(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None,
                       attention_mask: torch.Tensor | None, cache: MixConCache | None,
-                      seq_idx: torch.Tensor | None) -> tuple[int, int]:
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
-        B, T = input_ids.shape
+                      seq_idx: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> tuple[int, int]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give input_ids (B, T) or inputs_embeds (B, T, d_model): one of them")
+        if inputs_embeds is not None:
+            d = self.config.d_model
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != d or not inputs_embeds.is_floating_point():
+                raise ValueError(f"inputs_embeds must be a floating tensor (B, T, d_model={d}), got "
+                                 f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}")
+            B, T = inputs_embeds.shape[:2]
+        else:
+            if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
+                                 f"{tuple(input_ids.shape)}")
+            B, T = input_ids.shape
         if B == 0 or T == 0:
             raise ValueError(f"input_ids must hold at least one row and one token (B, T >= 1), got {(B, T)}")
         V = self.config.vocab_size
-        lo, hi = (int(v) for v in input_ids.aminmax())
-        if lo < 0 or hi >= V:
-            raise ValueError(f"input_ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
+        if input_ids is not None:
+            lo, hi = (int(v) for v in input_ids.aminmax())
+            if lo < 0 or hi >= V:
+                raise ValueError(f"input_ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
         if labels is not None:
             if labels.shape != (B, T) or labels.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"labels must be an integer tensor of the shape of input_ids {(B, T)}, got "

@@ -1,6 +1,7 @@
 """LoRA with PEFT on the transformers wrapper: adapters on the projections (Conba, attention, MLPs) and on the
 stacked experts (`target_parameters`) change the model, decode through the cache as the full forward does,
-save and load, merge into a plain model that this library loads, and train while the base stays frozen."""
+save and load, merge into a plain model that this library loads, and train while the base stays frozen; and
+PEFT's prompt tuning (virtual tokens through inputs_embeds)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
 pytest.importorskip("peft", minversion="0.17", reason="needs peft >= 0.17 (target_parameters)")
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 
 from mixcon import MixConForCausalLM
 from mixcon.integrations.transformers import MixConHFForCausalLM
@@ -97,3 +98,27 @@ def test_training_moves_only_the_adapters_with_or_without_activation_checkpointi
     losses = lora_training(base, ids, checkpointing=False)
     assert losses[-1] < losses[0] - 0.1
     assert lora_training(base, ids, checkpointing=True) == pytest.approx(losses, rel=1e-12)
+
+
+def test_prompt_tuning_trains_only_the_virtual_tokens(base):
+    """PEFT's prompt tuning prepends learned vectors through inputs_embeds: its forward is the model's forward on
+    [prompt vectors, embeddings], and training moves the prompt alone."""
+    hf = MixConHFForCausalLM.from_mixcon(copy.deepcopy(base)).train()
+    torch.manual_seed(3)
+    model = get_peft_model(hf, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    ids = torch.randint(0, 290, (2, 10), generator=torch.Generator().manual_seed(4))
+    prompt = model.get_prompt(batch_size=2)  # (2, 4, d_model)
+    out = model(input_ids=ids, labels=ids)
+    want = hf.model(inputs_embeds=torch.cat([prompt, hf.model.embed(ids)], 1)).logits
+    torch.testing.assert_close(out.logits, want, rtol=1e-9, atol=1e-9)
+    frozen = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in hf.named_parameters())

@@ -262,10 +262,12 @@ def test_packed_rows_score_documents_apart_or_are_refused(pair):
 def test_forward_rejects_what_it_does_not_take(pair):
     _, hf = pair
     ids, _ = left_padded()
-    with pytest.raises(ValueError, match="inputs_embeds"):
+    with pytest.raises(ValueError, match=r"give input_ids .* or inputs_embeds .*: one of them"):
         hf(ids, inputs_embeds=torch.zeros(3, 11, 32))
-    with pytest.raises(ValueError, match="input_ids: MixCon models take token ids"):
+    with pytest.raises(ValueError, match=r"give input_ids .* or inputs_embeds .*: one of them"):
         hf(attention_mask=torch.ones(3, 11))
+    with pytest.raises(ValueError, match="inputs_embeds: generate starts from token ids"):
+        hf.generate(inputs_embeds=torch.zeros(3, 11, 32), max_new_tokens=2)
     with pytest.raises(TypeError, match="MixConCache"):
         hf(ids, past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="d_model"):

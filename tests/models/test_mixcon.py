@@ -195,6 +195,29 @@ def test_hidden_states_are_the_embeddings_and_each_layers_output(tiny_model):
         torch.testing.assert_close(a, b[:, 6:], rtol=1e-9, atol=1e-9)
 
 
+def test_inputs_embeds_stand_in_for_the_embeddings(tiny_model):
+    """Vectors given as inputs_embeds run as the embeddings of input_ids would, with labels and through a cache
+    (a prefill of vectors, then token ids); exactly one of the two is given."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 7))
+    labels = ids.roll(-1, 1)
+    with torch.no_grad():
+        embeds = model.embed(ids)
+        want = model(ids, labels=labels)
+        got = model(inputs_embeds=embeds, labels=labels)
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+        torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+        cache = model.new_cache(2)
+        first = model(inputs_embeds=embeds[:, :5], cache=cache).logits
+        rest = [model(ids[:, t:t + 1], cache=cache).logits for t in (5, 6)]
+        torch.testing.assert_close(torch.cat([first, *rest], 1), want.logits, rtol=1e-9, atol=1e-9)
+    for kwargs, match in [(dict(), r"give input_ids .* or inputs_embeds"),
+                          (dict(input_ids=ids, inputs_embeds=embeds), "one of them"),
+                          (dict(inputs_embeds=embeds[..., :5]), r"inputs_embeds must be a floating tensor \(B, T, d")]:
+        with pytest.raises(ValueError, match=match):
+            model(**kwargs)
+
+
 def test_forward_takes_only_the_input_ids_by_position(tiny_model):
     """Neither transformers' (input_ids, attention_mask) nor nanoGPT's (idx, targets) order is guessed at: a
     mask passed where labels were would be scored as targets."""
