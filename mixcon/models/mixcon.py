@@ -307,7 +307,7 @@ class MixConForCausalLM(nn.Module):
         token_mask = attention_mask.bool() if attention_mask is not None else None
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
         if cache is None:
-            h, stats = self._layers(input_ids, token_mask, None, seq_idx, states, inputs_embeds)
+            h, stats = self._layers(self._embed(input_ids, inputs_embeds), token_mask, None, seq_idx, states)
         else:
             try:
                 if T == 1 and input_ids is not None and labels is None and return_logits and states is None \
@@ -317,7 +317,7 @@ class MixConForCausalLM(nn.Module):
                     return self._output(self._decode(input_ids, cache), None, [])
                 cache.reserve(cache.seqlen + T)
                 cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
-                h, stats = self._layers(input_ids, token_mask, cache, seq_idx, states, inputs_embeds)
+                h, stats = self._layers(self._embed(input_ids, inputs_embeds), token_mask, cache, seq_idx, states)
             except BaseException:  # some layers moved on, others not: the cache no longer describes one sequence
                 cache.broken = True
                 raise
@@ -335,12 +335,15 @@ class MixConForCausalLM(nn.Module):
         """Whether this forward builds an autograd graph (a decoding step's in-place updates would break it)."""
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
-    def _layers(self, input_ids: torch.Tensor | None, token_mask: torch.Tensor | None, cache: MixConCache | None,
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The layers' input (B, T, d_model): the embeddings of input_ids, or `inputs_embeds` as given."""
+        return self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+
+    def _layers(self, h: torch.Tensor, token_mask: torch.Tensor | None, cache: MixConCache | None,
                 seq_idx: torch.Tensor | None, states: list[torch.Tensor] | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[RouterStats]]:
-        """Embedding (or `inputs_embeds`) and every layer: hidden states (B, T, d_model) before the final norm,
-        and the MoE stats; `states`, if given, collects the embeddings and each layer's output."""
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+                ) -> tuple[torch.Tensor, list[RouterStats]]:
+        """Every layer on the embeddings h (B, T, d_model): hidden states before the final norm, and the MoE
+        stats; `states`, if given, collects the embeddings and each layer's output."""
         B, T = h.shape[:2]
         ctx = ForwardContext.build(token_mask, B, T, cache, h.device, seq_idx)
         stats: list[RouterStats] = []
