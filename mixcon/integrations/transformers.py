@@ -56,6 +56,7 @@ ALIASES = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key_
            "num_local_experts": "n_experts", "num_experts_per_tok": "top_k", "tie_word_embeddings": "tie_embeddings"}
 DERIVED = {"num_hidden_layers": "n_layers"}  # read only
 SYNCED = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")  # also kept as attributes
+FIELDS = {**{name: name for name in SYNCED}, **ALIASES}  # every name whose setting writes a MixConConfig field
 
 
 class MixConHFConfig(PretrainedConfig):
@@ -81,7 +82,7 @@ class MixConHFConfig(PretrainedConfig):
         self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
         self.use_cache = use_cache
         self.output_router_logits = output_router_logits
-        super().__init__(**kwargs, **{name: getattr(config, ALIASES.get(name, name)) for name in SYNCED})
+        super().__init__(**kwargs, **{name: getattr(config, FIELDS[name]) for name in SYNCED})
 
     def to_dict(self) -> dict[str, Any]:
         """transformers' dict, with transformers' names of the MixConConfig fields beside `mixcon` (tools such as
@@ -101,12 +102,10 @@ class MixConHFConfig(PretrainedConfig):
         if name in DERIVED:
             raise AttributeError(f"{name} follows the MixConConfig ({DERIVED[name]}); set n_blocks and "
                                  "layers_per_block in `mixcon` instead")
-        if name in ALIASES and "mixcon" in self.__dict__:
-            self.mixcon = MixConConfig.from_dict({**self.mixcon, ALIASES[name]: value}).to_dict()
-            if name not in SYNCED:
+        if name in FIELDS and "mixcon" in self.__dict__:
+            self.mixcon = MixConConfig.from_dict({**self.mixcon, FIELDS[name]: value}).to_dict()
+            if name not in SYNCED:  # read through __getattr__
                 return
-        elif name in SYNCED and "mixcon" in self.__dict__:
-            self.mixcon = MixConConfig.from_dict({**self.mixcon, name: value}).to_dict()
         super().__setattr__(name, value)
 
     def to_mixcon(self) -> MixConConfig:
