@@ -211,6 +211,11 @@ class MixConCache:
     def batch_size(self) -> int:
         return self.key_mask.shape[0]
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions written so far, pads included (transformers' `Cache.get_seq_length`, which PEFT's prompt
+        tuning asks of the cache while generating)."""
+        return self.seqlen
+
     def fits(self, config: MixConConfig) -> bool:
         """Whether this cache has the layers, in order, and the per-row shapes that `config`'s model uses."""
         if config is self.config:  # made for it (`new_cache`): checked on every decoding step, so no layer walk

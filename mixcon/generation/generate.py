@@ -62,11 +62,10 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_left_padded(mask: torch.Tensor) -> None:
-    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-        raise ValueError("attention_mask must be left-padded (zeros before the prompt) for generation")
+def _check_ends_in_tokens(mask: torch.Tensor) -> None:
     if not bool(mask[:, -1].all()):
-        raise ValueError("attention_mask: every prompt needs at least one real token at the end")
+        raise ValueError("attention_mask: every prompt must end in a real token (the new tokens follow it): pad "
+                         "on the left (zeros before the prompt) for generation")
 
 
 @torch.no_grad()
@@ -133,7 +132,7 @@ def generate(
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-        _check_left_padded(attention_mask)
+        _check_ends_in_tokens(attention_mask)
     if generator is not None and seed is not None:
         raise ValueError("seed and generator: give one (seed makes a generator)")
     if seed is not None:

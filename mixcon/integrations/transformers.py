@@ -37,7 +37,7 @@ from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_capacity
 from mixcon.layers.linear import Linear
-from mixcon.models.mixcon import HF_MODEL_TYPE, IGNORE, MixConForCausalLM, pads_after_tokens
+from mixcon.models.mixcon import HF_MODEL_TYPE, IGNORE, MixConForCausalLM, ends_in_padding
 from mixcon.training.checkpoint import (
     latest_checkpoint,
     load_model_and_tokenizer,
@@ -235,14 +235,14 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
         1 for real tokens; labels (B, T) the inputs themselves (the next token is each position's target).
         No cache is made with labels, while autograd records the forward (a cache is updated in place; pass one
-        to differentiate through it), for right-padded rows (which it could not continue), nor while
+        to differentiate through it), for rows that end in padding (which generate would continue after the
+        pads), nor while
         training with activation checkpointing. Packed documents
         (padding-free batches, `DataCollatorWithFlattening`): `seq_idx` (B, T), or `position_ids` (B, T)
         that restart where a document starts; no cache is made then. Otherwise position_ids are not
         needed: positions follow from the attention mask and the cache. `output_hidden_states`: the embeddings
         and every layer's output, the last after the final norm (as transformers' models give them).
-        `inputs_embeds` (B, T, hidden_size) in place of input_ids (PEFT's prompt tuning, soft prompts); not in
-        `generate`, which starts from token ids."""
+        `inputs_embeds` (B, T, hidden_size) in place of input_ids (PEFT's prompt tuning, soft prompts)."""
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k not in PASSED_BY)
         if unsupported:
             raise ValueError(f"MixConHFForCausalLM.forward does not take {unsupported}; it takes input_ids, "
@@ -273,7 +273,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         cache = past_key_values
         if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None \
                 and not recomputing and seq_idx is None and not self.model._needs_grad() \
-                and not (mask is not None and bool(pads_after_tokens(mask).any())):
+                and not (mask is not None and bool(ends_in_padding(mask).any())):
             cache = self.model.new_cache(B, max_length=generation_capacity(T, self._generation_room(T)))
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
@@ -297,14 +297,13 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' `generate`, from the prompt, on left-padded rows: a `MixConCache` from an earlier call
-        cannot be continued here (it lacks transformers' `Cache` interface); continue one with `forward`."""
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("inputs_embeds: generate starts from token ids (input_ids); inputs_embeds go to forward")
+        cannot be continued here (it lacks transformers' `Cache` interface); continue one with `forward`. A prompt
+        given as `inputs_embeds` (B, T, hidden_size) returns the new tokens only (with input_ids too, both)."""
         if isinstance(kwargs.get("past_key_values"), MixConCache):
             raise ValueError("past_key_values: generate starts from the prompt and makes its own cache; pass the "
                              "whole sequence as input_ids (a MixConCache continues through forward calls)")
         mask = kwargs.get("attention_mask")
-        if mask is not None and bool(pads_after_tokens(mask.bool()).any()):
+        if mask is not None and bool(ends_in_padding(mask.bool()).any()):
             raise ValueError("attention_mask: generate continues each row after its last token, so rows must be "
                              "left-padded (tokenizer padding_side='left', as hf_tokenizer sets it)")
         config = kwargs.get("generation_config") or self.generation_config

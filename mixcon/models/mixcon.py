@@ -118,23 +118,37 @@ def pads_after_tokens(mask: torch.Tensor) -> torch.Tensor:
     return (mask[:, :-1] & ~mask[:, 1:]).any(1)
 
 
-def _check_padding(mask: torch.Tensor, cache: MixConCache | None) -> None:
-    """Padding (mask (B, T) False) that the Conba layers step over exactly: before a row's first real token
-    (left padding) or, without a cache to continue, after its last (right padding). A pad between real
-    tokens would still take a place in the conv window and the delay's τ steps."""
+def ends_in_padding(mask: torch.Tensor) -> torch.Tensor:
+    """(B,): whether each row of a (B, T) bool mask has real tokens and a pad after its last one (right padding)."""
+    return mask.any(1) & ~mask[:, -1]
+
+
+def _pads_first(mask: torch.Tensor, fresh_cache: bool) -> torch.Tensor | None:
+    """(B, T) gather indices that move each row's pads before its real tokens, in order, or None where no row
+    needs it: a row whose pads all come first, or (without a cache to fill) all after its last token, is run as
+    it is. The Conba layers step over leading pads exactly; moved there, pads between real tokens (PEFT's
+    virtual tokens before left padding) or after them (a cache to continue) do not take a place in the
+    conv window, the delay's τ steps or the cache."""
+    if not bool(pads_after_tokens(mask).any()):
+        return None
     m = mask.long()
-    starts = (m.diff(dim=1, prepend=m.new_zeros(m.shape[0], 1)) == 1).sum(1)  # runs of real tokens per row
-    bad = starts > 1
-    if cache is not None:  # the cache continues: no pad after a real token, in this call or before it
-        bad |= pads_after_tokens(mask)
-        bad |= cache.key_mask[:, : cache.seqlen].any(1) & ~mask.all(1)
+    gaps = (m.diff(dim=1, prepend=m.new_zeros(m.shape[0], 1)) == 1).sum(1) > 1  # more than one run of tokens
+    if not fresh_cache and not bool(gaps.any()):
+        return None
+    return m.argsort(dim=1, stable=True)
+
+
+def _check_padding(mask: torch.Tensor, cache: MixConCache) -> None:
+    """Padding (mask (B, T) False) where a forward continues a cache: only before a row's first real token,
+    so that the row's pads so far and these come first (a pad after a real token would take a place in the
+    conv window and the delay's τ steps)."""
+    bad = pads_after_tokens(mask) | (cache.key_mask[:, : cache.seqlen].any(1) & ~mask.all(1))
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"attention_mask: row {row} has padding after a real token"
-            + (" (in this call or in the cache it continues)" if cache is not None else " and a real token after it")
-            + "; the Conba layers take pads out only before a row's first token (left padding, as generate "
-            "uses) or, without a cache, after its last (right padding)")
+            f"attention_mask: row {row} has padding after a real token (in this call or in the cache it "
+            "continues); a forward that continues a cache takes pads only before a row's first token (left "
+            "padding, as generate uses)")
 
 
 @dataclass
@@ -290,7 +304,9 @@ class MixConForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> MixConOutput:
         """input_ids (B, T), the only positional argument; labels (B, T) are the targets of each position
-        (already shifted, -100 = ignore); attention_mask (B, T) 1 for real tokens, 0 for padding. With a cache,
+        (already shifted, -100 = ignore); attention_mask (B, T) 1 for real tokens, 0 for padding: pads anywhere
+        in a row (each row's real tokens are run as one sequence), except that a forward continuing a cache
+        takes them only before a row's first token. With a cache,
         the call continues from it and updates it; one new token per row in eval mode is one `decode_step`
         (compiled after `compile_decode`). `logits_to_keep` > 0 computes logits for the last that many
         positions only (a prefill needs one), a 1-D tensor those positions (as in transformers); 0 keeps all.
@@ -306,8 +322,13 @@ class MixConForCausalLM(nn.Module):
         keep = _positions_to_keep(logits_to_keep, T, labels is not None)
         token_mask = attention_mask.bool() if attention_mask is not None else None
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
+        order = None
+        if token_mask is not None and (cache is None or cache.seqlen == 0):
+            order = _pads_first(token_mask, fresh_cache=cache is not None)
+        if order is not None:
+            token_mask = token_mask.gather(1, order)
         if cache is None:
-            h, stats = self._layers(self._embed(input_ids, inputs_embeds), token_mask, None, seq_idx, states)
+            h, stats = self._layers(self._embed(input_ids, inputs_embeds, order), token_mask, None, seq_idx, states)
         else:
             try:
                 if T == 1 and input_ids is not None and labels is None and return_logits and states is None \
@@ -317,12 +338,17 @@ class MixConForCausalLM(nn.Module):
                     return self._output(self._decode(input_ids, cache), None, [])
                 cache.reserve(cache.seqlen + T)
                 cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
-                h, stats = self._layers(self._embed(input_ids, inputs_embeds), token_mask, cache, seq_idx, states)
+                h, stats = self._layers(self._embed(input_ids, inputs_embeds, order), token_mask, cache, seq_idx,
+                                        states)
             except BaseException:  # some layers moved on, others not: the cache no longer describes one sequence
                 cache.broken = True
                 raise
             cache.seqlen += T
             cache.positions += T if token_mask is None else token_mask.sum(1)
+        if order is not None:  # each position's output back in its place
+            back = order.argsort(dim=1)[..., None].expand_as(h)
+            h = h.gather(1, back)
+            states = None if states is None else [s.gather(1, back) for s in states]
         if not return_logits:
             out = self._output(None, labels, stats, h=self.norm(h[:, keep]))
         else:
@@ -335,9 +361,13 @@ class MixConForCausalLM(nn.Module):
         """Whether this forward builds an autograd graph (a decoding step's in-place updates would break it)."""
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
-    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        """The layers' input (B, T, d_model): the embeddings of input_ids, or `inputs_embeds` as given."""
-        return self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+               order: torch.Tensor | None = None) -> torch.Tensor:
+        """The layers' input (B, T, d_model): the embeddings of input_ids, or `inputs_embeds` as given; with
+        `order` (B, T), each row's positions in that order."""
+        if inputs_embeds is None:
+            return self.embed(input_ids if order is None else input_ids.gather(1, order))
+        return inputs_embeds if order is None else inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds))
 
     def _layers(self, h: torch.Tensor, token_mask: torch.Tensor | None, cache: MixConCache | None,
                 seq_idx: torch.Tensor | None, states: list[torch.Tensor] | None = None,
@@ -504,7 +534,8 @@ class MixConForCausalLM(nn.Module):
             if (cache.dtype, cache.key_mask.device) != (weight.dtype, weight.device):
                 raise ValueError(f"cache holds {cache.dtype} on {cache.key_mask.device}, the model computes in "
                                  f"{weight.dtype} on {weight.device}: make it with model.new_cache")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
+        if cache is not None and cache.seqlen > 0 and attention_mask is not None \
+                and not bool(attention_mask.bool().all()):
             _check_padding(attention_mask.bool(), cache)
         if seq_idx is not None:
             check_seq_idx(seq_idx, (B, T))

@@ -186,7 +186,7 @@ def test_generate_validates_arguments(tiny_model):
     for bad in (0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"temperature=.* must be a finite number > 0 when sampling"):
             model.generate(prompt, 3, do_sample=True, temperature=bad)
-    with pytest.raises(ValueError, match="left-padded"):
+    with pytest.raises(ValueError, match="every prompt must end in a real token"):
         model.generate(prompt, 3, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
     for bad in (1.5, float("nan")):
         with pytest.raises(ValueError, match=r"top_p=.* must be in \(0, 1\]"):

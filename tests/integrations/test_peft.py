@@ -122,3 +122,24 @@ def test_prompt_tuning_trains_only_the_virtual_tokens(base):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in hf.named_parameters())
+
+
+def test_a_prompt_tuned_model_generates_after_its_virtual_tokens(base):
+    """PEFT's generate for prompt tuning hands the wrapper's generate [prompt vectors, embeddings] as
+    inputs_embeds: each new token is the argmax of the full forward over those and the tokens so far."""
+    hf = MixConHFForCausalLM.from_mixcon(copy.deepcopy(base)).eval()
+    torch.manual_seed(3)
+    model = get_peft_model(hf, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ids, mask = inputs()
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    prompt = model.get_prompt(batch_size=2).detach()
+    tokens = ids
+    with torch.no_grad():
+        for _ in range(5):
+            embeds = torch.cat([prompt, hf.model.embed(tokens)], 1)
+            full_mask = torch.cat([torch.ones(2, 4, dtype=mask.dtype), mask, torch.ones_like(tokens[:, 12:])], 1)
+            logits = hf(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False).logits
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out[:, -5:], tokens[:, 12:])
+    plain = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert not torch.equal(out[:, -5:], plain[:, -5:])  # the virtual tokens count

@@ -196,6 +196,37 @@ def test_generate_through_the_cache_equals_full_forwards(pair, options):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("options", [dict(max_new_tokens=6), dict(max_length=17), dict(max_new_tokens=6, num_beams=3),
+                                     dict(max_new_tokens=6, do_sample=True, top_k=20)])
+def test_generate_from_inputs_embeds_is_generate_from_their_ids(pair, options):
+    """A prompt given as embeddings generates what its ids do: the new tokens alone, or after input_ids when
+    both are given; the cache is made with room for the prompt and the new tokens."""
+    _, hf = pair
+    ids, mask = left_padded()
+    embeds = hf.get_input_embeddings()(ids)
+    runs = []
+    for prompt in (dict(input_ids=ids), dict(inputs_embeds=embeds), dict(input_ids=ids, inputs_embeds=embeds)):
+        torch.manual_seed(0)
+        runs.append(hf.generate(**prompt, attention_mask=mask, return_dict_in_generate=True, **options))
+    with_ids, alone, both = (run.sequences for run in runs)
+    assert with_ids.shape == (3, 17) and torch.equal(alone, with_ids[:, 11:]) and torch.equal(both, with_ids)
+    if "num_beams" not in options:  # (beam search keeps a cache per beam)
+        assert runs[1].past_key_values.key_mask.shape[1] == 17
+
+
+def test_generate_from_a_soft_prompt_continues_it_greedily(pair):
+    """Vectors that are no token's embedding: generate's tokens are those of feeding each argmax back."""
+    _, hf = pair
+    soft = torch.randn(2, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # (a cache is made where autograd does not record)
+        out = hf(inputs_embeds=soft, use_cache=True)
+        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(3):
+            out = hf(tokens[-1], past_key_values=out.past_key_values)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    assert torch.equal(hf.generate(inputs_embeds=soft, max_new_tokens=4, do_sample=False), torch.cat(tokens, 1))
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_save_pretrained_loads_through_the_auto_class(tiny_model, tmp_path, tie):
     hf = MixConHFForCausalLM.from_mixcon(tiny_model(tie_embeddings=tie)).eval()
@@ -266,8 +297,6 @@ def test_forward_rejects_what_it_does_not_take(pair):
         hf(ids, inputs_embeds=torch.zeros(3, 11, 32))
     with pytest.raises(ValueError, match=r"give input_ids .* or inputs_embeds .*: one of them"):
         hf(attention_mask=torch.ones(3, 11))
-    with pytest.raises(ValueError, match="inputs_embeds: generate starts from token ids"):
-        hf.generate(inputs_embeds=torch.zeros(3, 11, 32), max_new_tokens=2)
     with pytest.raises(TypeError, match="MixConCache"):
         hf(ids, past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="d_model"):

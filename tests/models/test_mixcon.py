@@ -394,9 +394,9 @@ def test_out_of_vocabulary_ids_raise(tiny_model):
 
 
 
-def test_padding_on_both_sides_equals_the_row_alone_and_padding_inside_raises(tiny_model):
-    """Pads before and after a row's tokens leave its logits as the row's alone; a pad between real tokens
-    would still take a place in the conv window and the delay, so it is refused."""
+def test_padding_anywhere_equals_the_row_alone(tiny_model):
+    """Pads before, between and after a row's tokens leave its logits, hidden states and loss as the row's
+    alone (the gap's pads take no place in the conv window nor the delay's τ steps)."""
     model = tiny_model()
     ids = torch.randint(0, 300, (1, 10))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids, torch.zeros(1, 4, dtype=torch.long)], 1)
@@ -408,9 +408,38 @@ def test_padding_on_both_sides_equals_the_row_alone_and_padding_inside_raises(ti
     # The pads count in no router statistic (transformers' load-balancing loss takes the mask too).
     assert torch.equal(padded_out.expert_counts, alone.expert_counts)
     torch.testing.assert_close(padded_out.aux_loss, alone.aux_loss)
-    mask[0, 6] = 0
-    with pytest.raises(ValueError, match="row 0 has padding after a real token and a real token after it"):
-        model(padded, attention_mask=mask)
+    gap = torch.cat([padded[:, :7], torch.full((1, 2), 5), padded[:, 7:]], 1)  # two pads inside the tokens
+    gap_mask = torch.cat([mask[:, :7], torch.zeros(1, 2, dtype=torch.long), mask[:, 7:]], 1)
+    real = gap_mask[0].bool()
+    labels = torch.randint(0, 300, gap.shape).masked_fill(~gap_mask.bool(), -100)
+    with torch.no_grad():
+        out = model(gap, attention_mask=gap_mask, labels=labels, output_hidden_states=True)
+        want = model(ids, labels=labels[:, real], output_hidden_states=True)
+    torch.testing.assert_close(out.logits[:, real], alone.logits)
+    torch.testing.assert_close(out.lm_loss, want.lm_loss)
+    for got, ref in zip(out.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(got[:, real], ref)
+
+
+@pytest.mark.parametrize("pads", ["gap", "right"])
+def test_a_new_cache_takes_pads_after_tokens_and_continues_the_real_ones(tiny_model, pads):
+    """PEFT's prompt tuning puts virtual tokens before left padding: the cache holds each row's real tokens as
+    one sequence, and the next token continues it as if the row had been alone."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    if pads == "gap":
+        mask[0, 2:5] = 0
+    else:
+        mask[0, 6:] = 0
+    new = torch.randint(0, 300, (2, 2))
+    with torch.no_grad():
+        cache = model.new_cache(2, max_length=11)
+        model(ids, attention_mask=mask, cache=cache)
+        last = model(new, cache=cache).logits[:, -1]
+        for r in range(2):
+            row = torch.cat([ids[r][mask[r].bool()], new[r]])[None]
+            torch.testing.assert_close(last[r], model(row).logits[0, -1])
 
 
 def test_a_cache_continues_left_padding_only(tiny_model):
