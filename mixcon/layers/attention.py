@@ -48,7 +48,8 @@ def decode_attention(
         use_sdpa = q.device.type != "cuda"
     if use_sdpa:
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, nh, 1, hd)
-    scores = (qg @ k.transpose(-1, -2)).to(compute_dtype(q)) * hd**-0.5  # (B, nkv, nh/nkv, Tk)
+    scores = ((qg * hd**-0.5) @ k.transpose(-1, -2)).to(compute_dtype(q))  # (B, nkv, nh/nkv, Tk); scaled
+    # first, as SDPA does, so that fp16 holds what the softmax reads
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1).to(v.dtype) @ v).reshape(B, nh, 1, hd)
@@ -84,6 +85,9 @@ class Attention(nn.Module):
             rope = ctx.memo(("rope", self.hd, self.rope_theta), lambda: rope_angles(
                 ctx.positions, self.hd, self.rope_theta, compute_dtype(h)))
         q, k, v = self._project(h, rope)
+        if ctx.token_mask is not None:  # pads' keys and values are masked out, and nothing non-finite of theirs
+            keep = ctx.token_mask[:, None, :, None]  # reaches a real query through 0 weights: (B, 1, T, 1)
+            k, v = k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)
         if ctx.cache is not None:
             layer_cache = ctx.cache.layers[self.layer_idx]
             assert isinstance(layer_cache, AttentionCache)

@@ -142,7 +142,7 @@ class Conba(nn.Module):
         logits = iter(rest)  # the per-head logits that are enabled, in `self.split` order
         if mask is not None:  # pads enter the conv as zeros and leave the state as it is: exact before a
             # row's first token or after its last, the only places the model lets pads be
-            xkq = xkq * mask[..., None].to(xkq.dtype)
+            xkq = xkq.masked_fill(~mask[..., None], 0)  # (not a product: a pad's inf or nan times 0 is nan)
         f32 = compute_dtype(u)
         xkq = self._conv(xkq.to(f32), conv_tail, taps, seq_idx)  # in fp32: the scan reads x, k, q in fp32
         x, k, q = xkq.split([self.inner, self.G * self.N, self.G * self.N], dim=-1)

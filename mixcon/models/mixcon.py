@@ -376,6 +376,8 @@ class MixConForCausalLM(nn.Module):
         stats; `states`, if given, collects the embeddings and each layer's output."""
         B, T = h.shape[:2]
         ctx = ForwardContext.build(token_mask, B, T, cache, h.device, seq_idx)
+        if ctx.token_mask is not None:  # pads enter as zeros: whatever their embeddings, nothing non-finite
+            h = h.masked_fill(~ctx.token_mask[..., None], 0)
         stats: list[RouterStats] = []
         for layer in self.layers:
             if states is not None:

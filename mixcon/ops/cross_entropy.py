@@ -56,6 +56,7 @@ def linear_token_scores(h: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         logits = (flat_h[start: start + rows] @ weight.t()).to(nll.dtype)  # (r, V)
         y = flat_labels[start: start + rows]
         keep = y != IGNORE
+        logits = logits.masked_fill(~keep[:, None], 0)  # an ignored row's non-finite values stay out of its 0
         target = y.masked_fill(~keep, 0)[:, None]  # (r, 1)
         nll[start: start + rows] = (logits.logsumexp(-1) - logits.gather(1, target)[:, 0]) * keep
         greedy[start: start + rows] = (logits[:, :vocab_limit].argmax(-1) == y) | ~keep
@@ -76,6 +77,7 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: i
     grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if grads else None
     for start in range(0, h.shape[0], rows):
         hc, yc, keep = h[start: start + rows], labels[start: start + rows], scored[start: start + rows]
+        hc = hc.masked_fill(~keep[:, None], 0)  # ignored rows (pads) count nothing, even non-finite ones
         logits = (hc @ weight.t()).to(dtype)  # (r, V)
         lse = logits.logsumexp(-1)  # (r,)
         target = yc.masked_fill(~keep, 0)[:, None]  # (r, 1)

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixcon.layers.attention import apply_rope, decode_attention, rope_angles
+from mixcon import MixConConfig
+from mixcon.layers.attention import Attention, apply_rope, decode_attention, rope_angles
+from mixcon.layers.context import ForwardContext
 
 
 @pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "matmul"])
@@ -25,6 +27,34 @@ def test_decode_attention_equals_expanded_sdpa(use_sdpa, masked):
     out = decode_attention(q, k, v, mask, use_sdpa=use_sdpa)
     assert out.shape == (B, nh, 1, hd)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_decode_attention_in_fp16_scales_before_the_product():
+    """q·kᵀ of 76,800 is past fp16's range (65,504); scaled by 1/√hd first, as SDPA does, it is not."""
+    q = torch.full((1, 2, 1, 64), 40.0)
+    k = torch.full((1, 1, 3, 64), 30.0)
+    v = torch.randn(1, 1, 3, 64)
+    ref = decode_attention(q, k, v, None, use_sdpa=False)
+    out = decode_attention(q.half(), k.half(), v.half(), None, use_sdpa=False)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_pads_non_finite_state_reaches_no_real_position(bad):
+    """A pad's keys and values are masked; non-finite ones must not reach a real query through 0 weights
+    (nan · 0 = nan)."""
+    cfg = MixConConfig.preset("tiny")
+    layer = Attention(cfg, 0).eval()
+    torch.manual_seed(0)
+    u = torch.randn(2, 8, cfg.d_model)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    poisoned = u.clone()
+    poisoned[0, :3] = bad
+    with torch.no_grad():
+        want = layer(u, ForwardContext.build(mask, 2, 8, None, u.device))
+        got = layer(poisoned, ForwardContext.build(mask, 2, 8, None, u.device))
+    torch.testing.assert_close(got[mask], want[mask])
 
 
 def test_rope_rotates_pairs_by_position_times_frequency():

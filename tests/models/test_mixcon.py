@@ -421,6 +421,29 @@ def test_padding_anywhere_equals_the_row_alone(tiny_model):
         torch.testing.assert_close(got[:, real], ref)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pads_change_no_real_position(tiny_model, bad):
+    """Whatever a pad's embedding (a soft prompt's unfilled rows, a pad id whose row diverged), the real
+    positions' logits, the loss and generation are those of finite pads."""
+    model = tiny_model(tie_embeddings=False)  # (tied, the pad's row would be a logit's weights too)
+    ids = torch.randint(0, 290, (2, 9))  # (298: the pad id below)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    embeds = model.embed(ids).detach()
+    poisoned = embeds.clone()
+    poisoned[0, :4] = bad
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        want = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        got = model(inputs_embeds=poisoned, attention_mask=mask, labels=labels)
+        torch.testing.assert_close(got.logits[mask.bool()], want.logits[mask.bool()])
+        torch.testing.assert_close(got.loss, want.loss)
+        alone = model.generate(ids[:1, 4:], 4)
+        model.embed.weight[298] = bad
+        padded = model.generate(ids[:1].masked_fill(mask[:1] == 0, 298), 4, attention_mask=mask[:1])
+    assert torch.equal(padded[:, 4:], alone)
+
+
 @pytest.mark.parametrize("pads", ["gap", "right"])
 def test_a_new_cache_takes_pads_after_tokens_and_continues_the_real_ones(tiny_model, pads):
     """PEFT's prompt tuning puts virtual tokens before left padding: the cache holds each row's real tokens as

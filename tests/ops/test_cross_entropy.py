@@ -122,3 +122,19 @@ def test_token_scores_are_each_tokens_cross_entropy_and_argmax(chunk_rows):
         linear_token_scores(h, weight, labels, chunk_rows=0)
     with pytest.raises(ValueError, match="labels"):
         linear_token_scores(h, weight, labels[:, :3])
+
+
+def test_an_ignored_rows_non_finite_hidden_state_counts_nothing():
+    """Pads' rows are ignored even when non-finite: the loss, its gradients and the token scores are those of
+    the other rows (a product by 0 would have made them nan)."""
+    h, weight, labels = inputs((6,), V=7, d=4, dtype=torch.float64)
+    labels[[1, 4]] = IGNORE
+    bad = h.detach().clone()
+    bad[1], bad[4] = float("nan"), float("inf")
+    bad.requires_grad_(True)
+    loss = linear_cross_entropy(bad, weight, labels, chunk_rows=4)
+    loss.backward()
+    torch.testing.assert_close(loss, reference(h, weight, labels), rtol=1e-12, atol=1e-12)
+    assert bool(weight.grad.isfinite().all()) and bool(bad.grad[[1, 4]].eq(0).all())
+    nll, _ = linear_token_scores(bad, weight, labels)
+    assert bool(nll.isfinite().all()) and bool(nll[[1, 4]].eq(0).all())
