@@ -12,8 +12,9 @@ from mixcon.data.tokenizer import train_bpe_tokenizer
 
 TRAIN_DESCRIPTION = """\
 Train a byte-level BPE (no unknown tokens, every digit its own token, specials <|bos|> <|eos|> <|pad|>)
-and save it as OUT/tokenizer.json, which `tokenizers` and transformers' PreTrainedTokenizerFast load.
-Prints documents, bytes, tokens and bytes per token of the corpus."""
+and save it as OUT/tokenizer.json, which `tokenizers` and transformers' PreTrainedTokenizerFast load
+(they encode text spelling a special token as its id; mixcon encodes it as text, as their
+encode_special_tokens=True / split_special_tokens=True do). Prints documents, bytes, tokens and bytes per token of the corpus."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

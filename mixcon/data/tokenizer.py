@@ -84,9 +84,12 @@ class ByteTokenizer:
 
 def _literal_copy(tokenizer: Tokenizer) -> Tokenizer:
     """A copy of `tokenizer` that encodes text spelling a special token ("<|eos|>") as ordinary characters,
-    never as the special id."""
+    never as the special id, and whole: without the truncation or padding a tokenizer.json may carry (saved
+    by a transformers tokenizer called with truncation=True), which would cut and pad every document."""
     copy = Tokenizer.from_str(tokenizer.to_str())
     copy.encode_special_tokens = True
+    copy.no_truncation()
+    copy.no_padding()
     return copy
 
 
@@ -98,10 +101,16 @@ class BPETokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self._tok = _literal_copy(tokenizer)  # a private copy, with a setting changed
         ids = {token: self._tok.token_to_id(token) for token in SPECIAL_TOKENS}
+        special = {added.content for added in self._tok.get_added_tokens_decoder().values() if added.special}
         missing = [token for token, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer lacks special token(s) {', '.join(missing)}; "
                              f"mixcon needs {', '.join(SPECIAL_TOKENS)} (train one with train_bpe_tokenizer)")
+        plain = [token for token in SPECIAL_TOKENS if token not in special]
+        if plain:  # text spelling them would encode to their ids: a document boundary in the middle of text
+            raise ValueError(f"tokenizer has {', '.join(plain)} as ordinary tokens, not special ones (added with "
+                             "add_tokens, not add_special_tokens); mixcon needs them special, so that text "
+                             "spelling them stays text (train one with train_bpe_tokenizer)")
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 

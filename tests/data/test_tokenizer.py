@@ -183,3 +183,25 @@ def test_train_errors():
         train_bpe_tokenizer(["text"], vocab_size=100)
     with pytest.raises(ValueError, match=r"no text to train the tokenizer on"):
         train_bpe_tokenizer([], vocab_size=300)
+
+
+def test_a_tokenizer_json_with_truncation_or_padding_encodes_whole_documents(bpe, tmp_path):
+    """A tokenizer.json saved by a transformers tokenizer called with truncation=True / padding carries those
+    settings: mixcon encodes every document whole and unpadded all the same."""
+    text = "def f(x):\n    return 2024 * x\n" * 20
+    raw = bpe.to_tokenizers()
+    raw.enable_truncation(max_length=16)
+    raw.enable_padding(pad_id=bpe.pad_id, pad_token="<|pad|>", length=24)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.encode(text) == bpe.encode(text) and len(bpe.encode(text)) > 24
+    assert loaded.encode("Hi") == bpe.encode("Hi")
+
+
+def test_specials_added_as_ordinary_tokens_are_refused(tmp_path):
+    """Added with add_tokens, text spelling "<|eos|>" would encode to EOS: a document boundary inside text."""
+    raw = tokenizers.Tokenizer(tokenizers.models.BPE())
+    raw.add_tokens(list(SPECIAL_TOKENS))
+    raw.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"has <\|bos\|>, <\|eos\|>, <\|pad\|> as ordinary tokens, not special"):
+        load_tokenizer(tmp_path)
