@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from mixcon.cli.common import (
-    SEED,
     add_command,
     add_corpus_action,
     add_device_argument,
@@ -62,10 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                         "when < 1, else a number of them)"),
                    default=None, help="documents per task (a fraction when < 1; default: all)")
     t.add_argument("--max-length", type=number_type(int, 1), default=None,
-                   help="keep only the last N tokens of each input (default: no truncation)")
+                   help="keep only the last N tokens of each input, the new tokens included when generating "
+                        "(default: no truncation)")
     t.add_argument("--context", type=number_type(int, 1), default=1024,
                    help="chunk length when streaming whole documents (default: %(default)s)")
-    t.add_argument("--seed", type=SEED, default=0,
+    t.add_argument("--seed", type=number_type(int, 0, maximum=2**32 - 1), default=0,  # (numpy's range)
                    help="seed of few-shot sampling and generation (default: 0)")
     t.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the results to FILE")
     t.set_defaults(func=run_tasks)

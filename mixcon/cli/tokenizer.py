@@ -14,7 +14,8 @@ TRAIN_DESCRIPTION = """\
 Train a byte-level BPE (no unknown tokens, every digit its own token, specials <|bos|> <|eos|> <|pad|>)
 and save it as OUT/tokenizer.json, which `tokenizers` and transformers' PreTrainedTokenizerFast load
 (they encode text spelling a special token as its id; mixcon encodes it as text, as their
-encode_special_tokens=True / split_special_tokens=True do). Prints documents, bytes, tokens and bytes per token of the corpus."""
+encode_special_tokens=True / split_special_tokens=True do).
+Prints documents, bytes, tokens and bytes per token of the corpus."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
 from mixcon.evaluation.perplexity import IGNORE, document_nll, right_pad, row_scores, scored_hidden
 from mixcon.models.mixcon import MixConForCausalLM
-from mixcon.ops.dtypes import DTYPES
+from mixcon.ops.dtypes import resolve_dtype
 from mixcon.training.checkpoint import load_model_and_tokenizer
 
 Request = tuple[tuple[str, str], list[int], list[int]]  # (context, continuation), their token ids
@@ -39,9 +39,11 @@ class MixConLM(TemplateLM):
                  max_length: int | str | None = None, context: int | str = 1024, compile: bool | str = False,
                  max_batch_size: int | None = None, seed: int | str = 0) -> None:
         """`pretrained`: a model, or a run / checkpoint / `save_pretrained` directory; `tokenizer`: a tokenizer,
-        'bytes' or a path (default for a directory: its own); `dtype`: fp32, bf16 or fp16 (default: as
-        loaded); `batch_size` "auto" (or lm-eval's "auto:N") means 8 and `max_batch_size` (lm-eval passes it) is
-        not used; `seed`: of sampled generations (a task's own `seed` generation argument wins)."""
+        'bytes' or a path (default for a directory: its own); `dtype`: fp32, bf16, fp16 or a torch name
+        ("bfloat16"; "auto" or default: as loaded); `batch_size` "auto" (or lm-eval's "auto:N") means 8 and
+        `max_batch_size` (lm-eval passes it) is not used; `max_length`: the last tokens each input keeps, the
+        new ones included when generating; `seed`: of sampled generations (a task's own `seed` generation
+        argument wins)."""
         super().__init__()
         if isinstance(pretrained, MixConForCausalLM):
             if tokenizer is None:
@@ -52,9 +54,11 @@ class MixConLM(TemplateLM):
             if tokenizer is not None and not isinstance(tokenizer, str):
                 raise ValueError("MixConLM: with pretrained=PATH, tokenizer must be None, 'bytes' or a path")
             self.model, self.tok = load_model_and_tokenizer(pretrained, device or "cpu", tokenizer)
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"MixConLM: dtype={dtype!r}; one of {', '.join(sorted(DTYPES))} (default: as loaded)")
-        self.model.to(device=device, dtype=DTYPES.get(dtype)).eval()
+        try:
+            torch_dtype = resolve_dtype(dtype)
+        except ValueError as e:
+            raise ValueError(f"MixConLM: {e} (default: as loaded)") from None
+        self.model.to(device=device, dtype=torch_dtype).eval()
         auto = batch_size is None or (isinstance(batch_size, str) and batch_size.split(":")[0] == "auto")
         self.batch_size = _positive_int("batch_size", 8 if auto else batch_size)
         self.max_length = None if max_length in (None, "None", "") else _positive_int("max_length", max_length)
@@ -203,8 +207,12 @@ class MixConLM(TemplateLM):
     def _generate(self, contexts: list[str], until: list[str], max_new_tokens: int,
                   **sampling: Any) -> list[str]:
         prompts = [self._with_eos(self.tok_encode(c)) for c in contexts]
-        if self.max_length is not None:
-            prompts = [p[-self.max_length:] for p in prompts]
+        if self.max_length is not None:  # room for the new tokens within max_length, as lm-eval's HF model keeps
+            room = self.max_length - max_new_tokens
+            if room < 1:
+                raise ValueError(f"MixConLM: max_length={self.max_length} leaves no room for a prompt before "
+                                 f"{max_new_tokens} new tokens (the task's max_gen_toks): raise max_length")
+            prompts = [p[-room:] for p in prompts]
         T = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), T), self.tok.pad_id, dtype=torch.long)
         mask = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -263,11 +271,15 @@ def _positive_int(name: str, value: int | str) -> int:
     return number
 
 
+TOKEN_BUDGET_NAMES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")  # lm-eval's order
+
+
 def _generation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """lm-eval's generation arguments as `_generate`'s: stop strings, token budget, sampling."""
     until = kwargs.pop("until", None) or []
+    budgets = [kwargs.pop(name, None) for name in TOKEN_BUDGET_NAMES]  # every alias is popped; the first given wins
     options: dict[str, Any] = {"until": [until] if isinstance(until, str) else list(until),
-                               "max_new_tokens": int(kwargs.pop("max_gen_toks", 256))}
+                               "max_new_tokens": int(next((b for b in budgets if b is not None), 256))}
     temperature = float(kwargs.pop("temperature", 0.0))
     if bool(kwargs.pop("do_sample", temperature > 0)) and temperature > 0:
         options.update(do_sample=True, temperature=temperature, top_k=kwargs.pop("top_k", None),

@@ -96,6 +96,7 @@ def test_a_corpus_with_no_text_is_an_error_naming_it(saved, tmp_path, capsys):
     ("tasks", ["--limit", "0"], "argument --limit: expected a finite number > 0, got '0'"),
     ("tasks", ["--limit", "nan"], "argument --limit: expected a finite number > 0, got 'nan'"),
     ("tasks", ["--num-fewshot", "-1"], "argument --num-fewshot: expected an integer >= 0, got '-1'"),
+    ("tasks", ["--seed", str(2**32)], "argument --seed: expected an integer in [0, 4294967295]"),  # numpy's seeds
 ])
 def test_bad_options_are_usage_errors_before_any_work(tmp_path, capsys, action, extra, message):
     (tmp_path / "a.txt").write_text("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -128,6 +129,26 @@ def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(lm):
         lm.generate_until([request("generate_until", "x", {"max_gen_toks": 1, "num_beams": 1})], disable_tqdm=True)
 
 
+def test_generate_until_reads_every_name_lm_eval_gives_the_token_budget(lm):
+    """max_gen_toks, else max_new_tokens (transformers' name, in task files), max_tokens, max_completion_tokens."""
+    requests = [request("generate_until", "Once", {name: 3, "until": ["never"]})
+                for name in ("max_new_tokens", "max_tokens", "max_completion_tokens")]
+    requests.append(request("generate_until", "Once", {"max_tokens": 9, "max_gen_toks": 3, "until": ["never"]}))
+    assert lm.generate_until(requests, disable_tqdm=True) == [greedy_text(lm.model, "Once", 3)] * 4
+
+
+def test_max_length_keeps_room_for_the_new_tokens(tiny_model):
+    """As lm-eval's HF model: a prompt keeps its last max_length - max_gen_toks tokens."""
+    model = tiny_model(vocab_size=TOK.vocab_size)
+    lm = MixConLM(model, tokenizer=TOK, max_length=8)
+    (got,) = lm.generate_until([request("generate_until", "0123456789", {"max_gen_toks": 3, "until": ["never"]})],
+                               disable_tqdm=True)
+    prompt = torch.tensor([TOK.encode("0123456789")[-5:]])
+    assert got == TOK.decode(model.generate(prompt, 3)[0, 5:].tolist())
+    with pytest.raises(ValueError, match=r"max_length=8 leaves no room for a prompt before 8 new tokens"):
+        lm.generate_until([request("generate_until", "x", {"max_gen_toks": 8})], disable_tqdm=True)
+
+
 def test_generation_ends_once_every_row_holds_a_stop_string(lm, monkeypatch):
     """Rows stop at their stop string, not at max_gen_toks: the decoding steps end with the last row's stop."""
     texts = [greedy_text(lm.model, c, 30) for c in ("Once", "Twice")]
@@ -201,6 +222,8 @@ def test_loads_a_saved_model_from_arguments_and_rejects_bad_ones(tiny_model, tmp
     assert lm.model.embed.weight.dtype == torch.bfloat16 and (lm.batch_size, lm.max_length) == (4, 64)
     with pytest.raises(ValueError, match="dtype='fp8'"):
         MixConLM(model, tokenizer=TOK, dtype="fp8")
+    assert MixConLM(copy.deepcopy(model), tokenizer=TOK, dtype="bfloat16").model.embed.weight.dtype == torch.bfloat16
+    assert MixConLM(model, tokenizer=TOK, dtype="auto").model.embed.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="batch_size='many' must be a positive integer"):
         MixConLM(model, tokenizer=TOK, batch_size="many")
     assert MixConLM(model, tokenizer=TOK, batch_size="auto:4").batch_size == 8  # lm-eval's --batch_size auto:N
