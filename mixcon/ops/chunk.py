@@ -148,13 +148,16 @@ def conba_scan(
     ld = _chunks(log_decay.to(dt).clamp(min=LOG_DECAY_FLOOR), T_pad, C, G)  # (B, G, hg, nc, C); pads: no decay...
     bt = _chunks(beta.to(dt), T_pad, C, G)  # ... and no write, so the state passes through unchanged
 
-    b = ld.cumsum(-1)  # (B, G, hg, nc, C)
+    # Log decays from the chunk start, b, with what fp32 rounds off them, lo (the running sum in fp64): after a
+    # strong decay b is large, and b_t - b_s alone would lose the weak decays between s and t.
+    b64 = ld.to(torch.float64).cumsum(-1)  # (B, G, hg, nc, C)
+    b = b64.to(dt)
+    lo = (b64 - b.to(torch.float64)).to(dt)
     eb = b.exp()
     causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
-    diff = b.unsqueeze(-1) - b.unsqueeze(-2)  # (B, G, hg, nc, C, C): b_t - b_s
-    b_last = b[..., -1:]  # (B, G, hg, nc, 1)
-    w = (b_last - b).exp()  # (B, G, hg, nc, C): decay from each step to the chunk end
-    g = b_last.exp()  # decay across the whole chunk
+    diff = (b.unsqueeze(-1) - b.unsqueeze(-2)) + (lo.unsqueeze(-1) - lo.unsqueeze(-2))  # (..., C, C): b_t - b_s
+    w = ((b[..., -1:] - b) + (lo[..., -1:] - lo)).exp()  # (B, G, hg, nc, C): decay from each step to the chunk end
+    g = b[..., -1:].exp()  # (B, G, hg, nc, 1): decay across the whole chunk
     docs = _Documents.build(seq_idx, T_pad, C) if seq_idx is not None else None
     if docs is not None:  # no decay path crosses a document start
         causal = causal & (docs.seg.unsqueeze(-1) == docs.seg.unsqueeze(-2))

@@ -11,7 +11,9 @@ The delayed readout S_{t-tau} q_t is the same readout with the decays of step t 
 chunk's start state and writes, or, for its first tau - 1 rows, from the previous chunk's, read out
 while that chunk is at hand (with these rows' queries loaded one chunk early) and carried over as one
 (C, P) tile. The first tau rows of the sequence read `initial_past_states`; that term is added here,
-outside the kernel.
+outside the kernel. The decays are exp of differences of fp32 running sums b (as in mamba_ssm's and
+flash-linear-attention's kernels): weak decays after strong ones in a chunk keep ~1e-4 precision here, where
+`ops/chunk.py` carries b's rounding error along and keeps fp32's.
 Needs `triton`; runs on CUDA tensors, and on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1).
 """
 

@@ -197,6 +197,24 @@ def test_a_reset_or_a_huge_decay_mid_chunk_stays_exact(delta_rule, spike):
     torch.testing.assert_close(s.double(), s_ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+@pytest.mark.parametrize("strong", [-16.0, -150.0])
+def test_weak_decays_after_strong_ones_keep_fp32_precision(delta_rule, strong):
+    """Half a chunk of strong decays (Δ·A = 16 lies inside Mamba-2's initial range), then weak ones: the
+    cumulative log decay reaches hundreds, and the decays between later steps must not be read off
+    differences of such sums in fp32 (a chunk size would then change the result by ~1e-4)."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(B=1, T=64, H=2, G=1)
+    ld = torch.full_like(ld, -1e-3)
+    ld[:, :32] = strong
+    y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, delta_rule=delta_rule, tau=2, delay_gain=gain,
+                                        initial_state=S0)
+    for chunk in (64, 8):
+        y, s = conba_scan(*(t.float() for t in (x, k, q, ld, beta)), chunk_size=chunk, delta_rule=delta_rule,
+                          tau=2, delay_gain=gain.float(), initial_state=S0.float())
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=3e-6)
+        torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=3e-6)
+
+
 def test_step_takes_a_transposed_state_with_and_without_gradients():
     x, k, q, ld, beta, _, S0 = make_inputs(T=1)
     args = (x[:, 0], k[:, 0], q[:, 0], ld[:, 0], beta[:, 0])
