@@ -47,7 +47,7 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--time-budget", SECONDS, "seconds for the whole command, data preparation and sample included; training "
                                f"stops in time to validate, save and sample (default: {DEFAULT_TIME_BUDGET:.0f} "
                                "without --steps, else none); with --resume, a budget for this command, to whose end "
-                               "the cosine schedule is refitted"),
+                               "the cosine schedule is refitted (--steps without it drops the run's budget)"),
     ("--batch-size", POSITIVE, "sequences per optimizer step over all processes"),
     ("--micro-batch-size", POSITIVE, "sequences per forward pass per process; gradients accumulate over the "
                                      "rest (default: batch size / world size; the language-model loss is the "
@@ -101,7 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue the latest checkpoint in --out, or the given checkpoint / run directory; options "
-                        "not given again keep their saved values")
+                        "not given again keep their saved values (the optimizer's state is the checkpoint's, its "
+                        "settings these options'); --set may change config fields that keep the weights' shapes")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="start from the weights (and tokenizer) of a run directory, checkpoint, save_pretrained or "
                         "`mixcon export hf` directory: a new run at step 0 with a fresh optimizer; its config is the "
@@ -159,6 +160,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
         _check_fresh(out, args.overwrite)
     tok = initial[2] if initial else _tokenizer(options, resume, out, args, env)
     config = _config(args, resume, tok, initial[1] if initial else None)
+    if resume is not None:
+        _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_FILE), config, say)
     ds = _dataset(options, tok, out, env)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
@@ -189,7 +192,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
         f"{options.seq_len} tokens per step, " + (f"{options.steps} steps" if options.steps else
                                                   f"as many steps as fit {options.time_budget:.0f} s"))
     try:
-        summary = trainer.fit(resume_from=resume, deadline=deadline, discard_later=args.overwrite)
+        summary = trainer.fit(resume_from=resume, deadline=deadline, discard_later=args.overwrite,
+                              config_changes=True)  # (checked above)
     except NonFiniteLossError as e:
         say(f"mixcon train: {e}")
         return 1
@@ -236,6 +240,8 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any, world_size
             raise SystemExit(f"mixcon train: --resume continues on the run's data; "
                              f"{', '.join('--' + k.replace('_', '-') for k in data)} would change it (start a new run "
                              f"with --init-from {resume} to train on other data)")
+        if "steps" in given and "time_budget" not in given:  # a number of steps, not the old run's budget
+            given["time_budget"] = None
         for key, value in given.items():
             if getattr(saved, key) != value:
                 say(f"resume: {key} changes from {getattr(saved, key)!r} to {value!r}")
@@ -312,6 +318,22 @@ def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
         except ValueError as e:
             raise SystemExit(f"mixcon train: --set: {e}") from e
     return config_from_args(args).replace(vocab_size=tok.vocab_size, **specials)
+
+
+def _check_config_changes(saved: MixConConfig, config: MixConConfig, say: Any) -> None:
+    """On --resume: the model config may change (--set) only in fields that keep every weight's name and shape;
+    checked before any data is prepared, the changes said."""
+    changes = ckpt.config_differences(saved, config)
+    if not changes:
+        return
+    with torch.device("meta"):
+        before, after = (dict(MixConForCausalLM(c).state_dict()) for c in (saved, config))
+    if {k: v.shape for k, v in before.items()} != {k: v.shape for k, v in after.items()}:
+        raise SystemExit(f"mixcon train: --resume keeps the model's weights, whose names or shapes these config "
+                         f"changes would alter: {'; '.join(changes)} (checkpoint != requested); train a new model "
+                         "for them")
+    for change in changes:
+        say(f"resume: model config {change.replace(' != ', ' changes to ')}")
 
 
 def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv) -> ShardDataset:

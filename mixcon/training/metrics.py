@@ -34,7 +34,9 @@ class MetricsLogger:
             if resume_step is None:  # a new run: no plot of another run's records is left beside its log
                 (self.run_dir / PLOT_FILE).unlink(missing_ok=True)
             write_text_atomic(self.path, "")
-        self.tb = _tensorboard_writer(self.run_dir / "tensorboard") if tensorboard else None
+        # TensorBoard hides what a crashed run logged after the checkpoint (or, for a new run, an old run's events).
+        purge_step = resume_step + 1 if resume_step is not None else 0
+        self.tb = _tensorboard_writer(self.run_dir / "tensorboard", purge_step) if tensorboard else None
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(_plotted(record))
@@ -57,12 +59,12 @@ def _plotted(record: dict[str, Any]) -> dict[str, Any]:
     return {key: record[key] for key in PLOTTED if key in record}
 
 
-def _tensorboard_writer(log_dir: Path) -> Any:
+def _tensorboard_writer(log_dir: Path, purge_step: int) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError("TensorBoard logging needs the tensorboard package (pip install tensorboard)") from e
-    return SummaryWriter(str(log_dir))
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

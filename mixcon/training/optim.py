@@ -28,14 +28,15 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int | None, min_ratio: float) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup over `warmup` steps to `peak`, then a
-    cosine decay to `min_ratio * peak` at `total`, constant after. `total=None` (not yet known) holds `peak`."""
+    cosine decay to `min_ratio * peak` at the last step of `total` (step total - 1), constant after. `total=None`
+    (not yet known) holds `peak`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     if total is None:
         return peak
-    if step >= total:
+    if step >= total - 1:
         return peak * min_ratio
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = (step - warmup) / (total - 1 - warmup)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

@@ -158,6 +158,12 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def _process_seed(seed: int, rank: int) -> int:
+    """Process `rank`'s seed from the run's: within what torch.manual_seed takes (a seed near 2**64 plus a rank
+    would overflow it)."""
+    return (seed + rank) % 2**64
+
+
 class Trainer:
     """Trains `model` on batches from `loader` and writes checkpoints, metrics and plots into `run_dir`.
 
@@ -233,13 +239,19 @@ class Trainer:
         self.saved_step = self.step
         return self.last_checkpoint
 
-    def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint (or a run directory's latest): weights, optimizer, schedule, data
-        position, RNG. Refuses corrupt checkpoints and those of another config or tokenizer."""
+    def resume(self, path: str | Path, config_changes: bool = False) -> None:
+        """Continue from a checkpoint (or a run directory's latest): weights, optimizer state, schedule, data
+        position, RNG. The optimizer's settings (weight decay, betas, eps) are this run's options. Refuses
+        corrupt checkpoints and those of another tokenizer, or of another config unless `config_changes` (the
+        model's config may then differ in fields that keep every weight's name and shape)."""
         fingerprint = self.tokenizer.fingerprint() if self.tokenizer is not None else None
-        c = ckpt.load_checkpoint(path, expected_config=self.model.config, expected_tokenizer=fingerprint)
+        c = ckpt.load_checkpoint(path, expected_config=None if config_changes else self.model.config,
+                                 expected_tokenizer=fingerprint)
         ckpt.check_model_state(c.model_state, self.shapes, c.path)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         load_full_state(self.model, self.optimizer, c.model_state, c.optimizer_state, self.aliases)
+        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(own)  # (loading the state put back the saved run's settings with it)
         s = c.trainer_state
         self.step, self.tokens, self.last_val = s["step"], s["tokens"], s["last_val"]
         if self.options.steps is None:  # keep the schedule length the interrupted run settled on
@@ -251,7 +263,7 @@ class Trainer:
             if "cuda" in rng and self.env.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.env.device)
         else:  # another world size: per-process RNG streams (only training noise uses them) are new
-            torch.manual_seed(self.options.seed + 7919 * self.step + self.env.rank)
+            torch.manual_seed(_process_seed(self.options.seed + 7919 * self.step, self.env.rank))
         self.last_checkpoint, self.saved_step = c.path, self.step
 
     def _clear_later_checkpoints(self, discard: bool, new_run: bool) -> None:
@@ -373,22 +385,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume_from: str | Path | None = None, deadline: float | None = None,
-            discard_later: bool = False) -> RunSummary:
+            discard_later: bool = False, config_changes: bool = False) -> RunSummary:
         """Train until `options.steps`, the `deadline` (a `time.monotonic()` value for the whole run: the
         final validation and checkpoint are done before it), or SIGINT/SIGTERM; save and summarise.
 
         Checkpoints in the run directory after the starting step (all of them for a new run) belong to a
-        run this one replaces: an error, unless `discard_later` deletes them first."""
+        run this one replaces: an error, unless `discard_later` deletes them first. `config_changes`: see
+        `resume`."""
         if self.total_steps is None and deadline is None:
             raise ValueError("TrainOptions.steps is None: give a deadline (time budget) or a number of steps")
         start = time.monotonic()
         if resume_from is not None:
-            self.resume(resume_from)
+            self.resume(resume_from, config_changes=config_changes)
             if self.options.steps is not None and self.step >= self.options.steps:
                 raise ValueError(f"TrainOptions.steps={self.options.steps}: the run resumed from "
                                  f"{self.last_checkpoint} is at step {self.step} already; give more steps to continue")
         else:
-            torch.manual_seed(self.options.seed + self.env.rank)
+            torch.manual_seed(_process_seed(self.options.seed, self.env.rank))
         self._refit_pending = resume_from is not None and self.options.steps is None and deadline is not None
         self._clear_later_checkpoints(discard_later, new_run=resume_from is None)
         metrics = (MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,

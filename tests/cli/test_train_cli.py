@@ -49,8 +49,8 @@ def corpus(tmp_path: Path) -> Path:
 def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compiler):
     run = tmp_path / "run"
     args = ["train", "--config", "tiny", "--set", "vocab_size=320", "--corpus", str(corpus), "--val-fraction", "0.2",
-            "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
-            "--sample-tokens", "8", "--prompt", "the king", "--no-progress", "--out", str(run)]
+            "--steps", "3", "--time-budget", "900", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2",
+            "--eval-batches", "1", "--sample-tokens", "8", "--prompt", "the king", "--no-progress", "--out", str(run)]
     assert main(args) == 0
     out = capsys.readouterr().out
     last = run / "checkpoints" / "step-00000003"
@@ -79,15 +79,14 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
 
     with pytest.raises(SystemExit, match=r"already holds a run.*--resume"):
         main(args)
-    with pytest.raises(SystemExit, match=r"config differs.*d_model: 32 != 64"):
-        main([*args, "--resume", "--steps", "4", "--set", "d_model=64"])
-    # --set on --resume changes the checkpoint's config (which a resumed run must keep), not a preset's.
-    with pytest.raises(SystemExit, match=r"config differs[^\n]*: router_aux_loss_coef: 0\.01 != 0\.02$"):
-        main(["train", "--out", str(run), "--resume", "--steps", "4", "--set", "router_aux_loss_coef=0.02",
-              "--no-progress"])
+    shards = sorted((p.name, p.stat().st_mtime_ns) for p in (run / "data").iterdir())
+    # --set on --resume changes the checkpoint's config, not a preset's: only where the weights stay as they are,
+    # refused before any data is prepared.
+    with pytest.raises(SystemExit, match=r"--resume keeps the model's weights, whose names or shapes these config "
+                                         r"changes would alter: d_model: 32 != 64 \(checkpoint != requested\)"):
+        main(["train", "--out", str(run), "--resume", "--steps", "4", "--set", "d_model=64"])
     with pytest.raises(SystemExit, match=r"--resume keeps the run's tokenizer \('bpe'\); --tokenizer 'bytes'"):
         main(["train", "--out", str(run), "--resume", "--tokenizer", "bytes"])
-    shards = sorted((p.name, p.stat().st_mtime_ns) for p in (run / "data").iterdir())
     with pytest.raises(SystemExit, match=r"continues on the run's data; --corpus, --seed would change it"):
         main(["train", "--out", str(run), "--resume", "--corpus", str(run / "data"), "--seed", "5"])
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (run / "data").iterdir()) == shards  # not rebuilt
@@ -101,6 +100,7 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--sample-tokens", "0", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "resume: steps changes from 3 to 5" in out
+    assert "resume: time_budget changes from 900.0 to None" in out  # --steps alone: not the old run's budget
     assert re.search(r"^shards .*, reused$", out, re.M)  # the same corpus and tokenizer: not built again
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     assert json.loads((run / "checkpoints" / "step-00000005" / "config.json").read_text()) == config
@@ -112,6 +112,12 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
         main(back)
     assert main([*back, "--overwrite"]) == 0
     assert [p.name for p in list_checkpoints(run)] == ["step-00000003", "step-00000004"]
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--set", "router_aux_loss_coef=0.02",
+                 "--sample-tokens", "0", "--no-progress"]) == 0
+    assert "resume: model config router_aux_loss_coef: 0.01 changes to 0.02" in capsys.readouterr().out
+    assert json.loads((run / "checkpoints" / "step-00000005" / "config.json").read_text())["router_aux_loss_coef"] \
+        == 0.02
 
 
 

@@ -18,9 +18,12 @@ TOLERANCE = 1e-5
 
 def train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     # The MoE load-balancing loss is a statistic of each process's batch (as in Megatron and torchtitan), so it
-    # differs between 1 and 2 processes; without it both optimise exactly the same function.
+    # differs between 1 and 2 processes; without it both optimise exactly the same function. The largest seed
+    # --seed takes: each process's seed (the run's plus its rank, plus steps on a resume at another world size)
+    # must stay within what torch.manual_seed takes.
     return ["train", "--config", "tiny", "--set", "router_aux_loss_coef=0", "--tokenizer", "bytes",
-            "--corpus", str(corpus), "--val-fraction", "0.1", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+            "--seed", str(2**64 - 1), "--corpus", str(corpus), "--val-fraction", "0.1", "--steps", "6",
+            "--batch-size", "4", "--seq-len", "32",
             "--warmup-steps", "2", "--eval-every", "3", "--eval-batches", "2", "--save-every", "3",
             "--sample-tokens", "0", "--no-progress", "--device", "cpu", "--out", str(out), *extra]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 
@@ -62,3 +64,24 @@ def test_a_long_run_keeps_only_the_plotted_fields_and_plots_at_a_bounded_cost(tm
     assert drawn[1] == drawn[0] and drawn[2] == [5000]  # the EMA at the same steps, then validation
     resumed = MetricsLogger(tmp_path, resume_step=10)
     assert resumed.records == [{"step": s, "loss": 1.0 / s} for s in range(1, 11)]
+
+
+@pytest.mark.parametrize(("resume_step", "purge_step"), [(None, 0), (2, 3)])
+def test_tensorboard_hides_what_the_resumed_run_redoes(tmp_path, monkeypatch, resume_step, purge_step):
+    """Steps after the checkpoint (a crashed run's, which the resumed one logs again) or, for a new run, all
+    the old events: TensorBoard's purge_step, as metrics.jsonl is cut back to the checkpoint."""
+    made = []
+
+    class Writer:  # torch's SummaryWriter, recording how it was opened
+        def __init__(self, log_dir: str, **kwargs: object) -> None:
+            made.append(kwargs)
+
+        def add_scalar(self, *args: object) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    MetricsLogger(tmp_path, resume_step=resume_step, tensorboard=True).close()
+    assert made == [{"purge_step": purge_step}]

@@ -33,14 +33,14 @@ def test_optimizer_is_adamw_with_both_groups():
 
 
 def test_schedule_warmup_then_cosine():
-    kw = dict(peak=1.0, warmup=10, total=110, min_ratio=0.1)
+    kw = dict(peak=1.0, warmup=10, total=111, min_ratio=0.1)  # steps 0 .. 110
     assert lr_at(0, **kw) == pytest.approx(0.1)
     assert lr_at(4, **kw) == pytest.approx(0.5)
     assert lr_at(9, **kw) == pytest.approx(1.0)
     assert lr_at(10, **kw) == pytest.approx(1.0)
     assert lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert lr_at(35, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(110, **kw) == 0.1  # the last step trained ends the decay, as --min-lr-ratio says
     assert lr_at(500, **kw) == pytest.approx(0.1)
     values = [lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(values))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mixcon import MixConConfig
 from mixcon.data import ByteTokenizer
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
-from mixcon.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from mixcon.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from mixcon.training.metrics import read_metrics
 from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions
 
@@ -84,6 +84,27 @@ def test_a_new_run_discards_every_checkpoint_of_the_old_one_step_0_included(make
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000000"]
     make_trainer(tmp_path, steps=4, save_every=2, keep_last=0).fit(discard_later=True)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000004"]
+
+
+def test_a_resumed_run_trains_with_its_own_optimizer_settings(make_trainer, tmp_path):
+    """The checkpoint gives the optimizer's state (moments, step counts); weight decay, betas and eps are the
+    resumed run's options, as their changes are reported (loading a state alone would put back the old ones)."""
+    make_trainer(tmp_path, steps=2, weight_decay=0.1).fit()
+    resumed = make_trainer(tmp_path, steps=4, weight_decay=0.0, beta2=0.99)
+    resumed.fit(resume_from=tmp_path)
+    assert [(g["weight_decay"], g["betas"]) for g in resumed.optimizer.param_groups] == [(0.0, (0.9, 0.99))] * 2
+    assert all(s["step"] == 4 for s in resumed.optimizer.state.values())  # the moments continued
+
+
+def test_a_config_change_that_keeps_the_weights_resumes_only_when_allowed(make_trainer, tiny_config, tmp_path):
+    make_trainer(tmp_path, steps=2).fit()
+    changed = tiny_config(router_aux_loss_coef=0.05)
+    with pytest.raises(CheckpointError, match=r"model config differs .*router_aux_loss_coef: 0.01 != 0.05"):
+        make_trainer(tmp_path, config=changed, steps=4).fit(resume_from=tmp_path)
+    trainer = make_trainer(tmp_path, config=changed, steps=4)
+    assert trainer.fit(resume_from=tmp_path, config_changes=True).steps == 4
+    with pytest.raises(CheckpointError, match="weights do not match the model"):
+        make_trainer(tmp_path, config=tiny_config(d_model=48), steps=6).fit(resume_from=tmp_path, config_changes=True)
 
 
 def test_resuming_at_or_past_the_steps_asked_is_refused(make_trainer, tmp_path):
