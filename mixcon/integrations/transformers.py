@@ -67,8 +67,8 @@ class MixConHFConfig(PretrainedConfig):
     `num_experts_per_tok`, `tie_word_embeddings`), which also read them (`num_hidden_layers` reads the number
     of layers; set n_blocks and layers_per_block instead). Setting a special
     token id or `tie_word_embeddings` later changes the MixConConfig too. `use_cache`: whether forwards return a
-    cache by default; `output_router_logits`: whether outputs carry `aux_loss` (as in Mixtral; the loss
-    includes the router losses either way)."""
+    cache by default; `output_router_logits`: whether outputs carry `aux_loss` and `router_logits` (as in
+    Mixtral; the loss includes the router losses either way)."""
 
     model_type = HF_MODEL_TYPE
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values", "aux_loss"]
@@ -127,8 +127,9 @@ PASSED_BY = frozenset({"tokenizer", "assistant_tokenizer"})
 class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     """`MixConForCausalLM` behind transformers' interface: `labels` are the inputs (shifted inside, -100 =
     ignored), `past_key_values` a `MixConCache` (made by a first call with `use_cache`, the default), the loss
-    the model's (language modelling + router losses); `aux_loss` the router's load-balancing loss, with
-    `output_router_logits` (forward argument or config; as in Mixtral, though `router_logits` stay None)."""
+    the model's (language modelling + router losses); `aux_loss` the router's load-balancing loss and
+    `router_logits` each MoE layer's (B·T, n_experts), with `output_router_logits` (forward argument or config;
+    as in Mixtral)."""
 
     config_class = MixConHFConfig
     base_model_prefix = "model"
@@ -285,13 +286,14 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                 targets = targets.masked_fill(ends, IGNORE)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
-                         logits_to_keep=logits_to_keep, seq_idx=seq_idx, output_hidden_states=output_hidden_states,
-                         inputs_embeds=inputs_embeds)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
+        out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
+                         logits_to_keep=logits_to_keep, seq_idx=seq_idx, output_hidden_states=output_hidden_states,
+                         inputs_embeds=inputs_embeds, output_router_logits=bool(output_router_logits))
         result = MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss if output_router_logits else None,
-                                           logits=out.logits, past_key_values=cache, hidden_states=out.hidden_states)
+                                           logits=out.logits, past_key_values=cache, hidden_states=out.hidden_states,
+                                           router_logits=out.router_logits)
         use_dict = return_dict if return_dict is not None else self.config.return_dict
         return result if use_dict else result.to_tuple()
 

@@ -20,6 +20,7 @@ class RouterStats:
     aux_loss: torch.Tensor  # n · Σ_i f_i P_i: 1 for a uniform router, n for a collapsed one
     z_loss: torch.Tensor  # mean logsumexp(router logits)^2
     counts: torch.Tensor  # (n,) tokens routed to each expert
+    logits: torch.Tensor  # (M, n) router logits of each token of the call (a pad's: 0)
 
 
 def static_shapes(h: torch.Tensor) -> bool:
@@ -106,6 +107,8 @@ class MoE(nn.Module):
             return out.reshape(shape), router
         real = token_mask.reshape(-1).nonzero().squeeze(1)  # (M_real,)
         out, router = self._tokens(h[real], stats)
+        if router is not None:
+            router.logits = router.logits.new_zeros(h.shape[0], self.n_experts).index_copy(0, real, router.logits)
         return torch.zeros_like(h).index_copy(0, real, out.to(h.dtype)).reshape(shape), router
 
     def _tokens(self, h: torch.Tensor, stats: bool) -> tuple[torch.Tensor, RouterStats | None]:
@@ -125,4 +128,4 @@ class MoE(nn.Module):
         fraction = counts.to(probs.dtype) / (M * self.top_k)  # f_i
         aux = self.n_experts * (fraction * probs.sum(0) / M).sum()
         z = torch.logsumexp(logits, dim=-1).square().sum() / M
-        return out, RouterStats(aux, z, counts)
+        return out, RouterStats(aux, z, counts, logits)

@@ -166,6 +166,8 @@ class MixConOutput:
     # With output_hidden_states: the embeddings, then each layer's output (the last after the final norm), as
     # transformers' models give them: n_layers + 1 tensors (B, T, d_model).
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    # With output_router_logits: each MoE layer's router logits (B·T, n_experts), a pad's 0 (transformers' layout).
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 class MixConLayer(nn.Module):
@@ -302,6 +304,7 @@ class MixConForCausalLM(nn.Module):
         seq_idx: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        output_router_logits: bool = False,
     ) -> MixConOutput:
         """input_ids (B, T), the only positional argument; labels (B, T) are the targets of each position
         (already shifted, -100 = ignore); attention_mask (B, T) 1 for real tokens, 0 for padding: pads anywhere
@@ -315,7 +318,8 @@ class MixConForCausalLM(nn.Module):
         logits (`ops.linear_cross_entropy`; training; `ops.linear_token_scores` scores tokens so).
         `seq_idx` (B, T), non-decreasing integers, packs documents into a row (as in mamba_ssm and
         flash-linear-attention): no state, conv tap or attention crosses from one document to the next;
-        only without a cache and without padding. `output_hidden_states`: every layer's output too.
+        only without a cache and without padding. `output_hidden_states`: every layer's output too;
+        `output_router_logits`: every MoE layer's router logits.
         `inputs_embeds` (B, T, d_model) in place of input_ids: vectors that enter where the embeddings would
         (soft prompts, PEFT's prompt tuning)."""
         T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx, inputs_embeds)[1]
@@ -332,6 +336,7 @@ class MixConForCausalLM(nn.Module):
         else:
             try:
                 if T == 1 and input_ids is not None and labels is None and return_logits and states is None \
+                        and not output_router_logits \
                         and isinstance(keep, slice) \
                         and not self.training and not self._needs_grad() and (
                         token_mask is None or bool(token_mask.all())):
@@ -345,16 +350,20 @@ class MixConForCausalLM(nn.Module):
                 raise
             cache.seqlen += T
             cache.positions += T if token_mask is None else token_mask.sum(1)
+        router_logits = [s.logits.view(*h.shape[:2], -1) for s in stats] if output_router_logits else None
         if order is not None:  # each position's output back in its place
-            back = order.argsort(dim=1)[..., None].expand_as(h)
-            h = h.gather(1, back)
-            states = None if states is None else [s.gather(1, back) for s in states]
+            back = order.argsort(dim=1)[..., None]
+            h = h.gather(1, back.expand_as(h))
+            states = None if states is None else [s.gather(1, back.expand_as(s)) for s in states]
+            router_logits = None if router_logits is None else [r.gather(1, back.expand_as(r)) for r in router_logits]
         if not return_logits:
             out = self._output(None, labels, stats, h=self.norm(h[:, keep]))
         else:
             out = self._output(self.lm_head(self.norm(h[:, keep])), labels, stats)
         if states is not None:
             out.hidden_states = (*states[:-1], self.norm(states[-1]))
+        if router_logits is not None:
+            out.router_logits = tuple(r.flatten(0, 1) for r in router_logits)
         return out
 
     def _needs_grad(self) -> bool:

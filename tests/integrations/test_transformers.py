@@ -68,6 +68,27 @@ def test_outputs_are_ordered_as_mixtrals(pair):
     assert "aux_loss" in hf.config.keys_to_ignore_at_inference
 
 
+def test_router_logits_give_mixtrals_load_balancing_loss(pair):
+    """Each MoE layer's router logits (B·T, n_experts), as Mixtral returns them: transformers' own
+    load_balancing_loss_func over them (which counts each of the K choices, so K times ours) is our aux_loss;
+    a pad's row is 0 and a real token's are those of its row alone."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model, hf = pair
+    ids, mask = left_padded()
+    n, k = model.config.n_experts, model.config.top_k
+    out = hf(ids, attention_mask=mask, output_router_logits=True)
+    assert len(out.router_logits) == sum(layer.ffn_kind == "moe" for layer in model.layers) > 1
+    assert all(r.shape == (3 * 11, n) for r in out.router_logits)
+    theirs = torch.stack([load_balancing_loss_func((r,), n, k, mask) for r in out.router_logits]).mean()
+    torch.testing.assert_close((theirs / k).double(), out.aux_loss, rtol=1e-5, atol=1e-6)  # (theirs: in fp32)
+    alone = hf(ids[2:, 7:], output_router_logits=True).router_logits
+    for padded, row in zip(out.router_logits, alone, strict=True):
+        torch.testing.assert_close(padded.view(3, 11, n)[2, 7:], row)
+        assert bool(padded.view(3, 11, n)[2, :7].eq(0).all())
+    assert hf(ids).router_logits is None
+
+
 def test_hidden_states_are_the_models(pair):
     model, hf = pair
     ids, mask = left_padded()

@@ -419,6 +419,11 @@ def test_padding_anywhere_equals_the_row_alone(tiny_model):
     torch.testing.assert_close(out.lm_loss, want.lm_loss)
     for got, ref in zip(out.hidden_states, want.hidden_states, strict=True):
         torch.testing.assert_close(got[:, real], ref)
+    with torch.no_grad():
+        got, ref = (model(x, attention_mask=m, output_router_logits=True).router_logits
+                    for x, m in ((gap, gap_mask), (ids, None)))
+    for padded, row in zip(got, ref, strict=True):
+        torch.testing.assert_close(padded[real], row)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
