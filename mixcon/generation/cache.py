@@ -70,12 +70,9 @@ class AttentionCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def reserve(self, length: int) -> None:
-        capacity = self.k.shape[2]
-        if length <= capacity:
-            return
-        new = max(length, 2 * capacity)
-        pad = [0, 0, 0, new - capacity]
+    def grow(self, capacity: int) -> None:
+        """Hold `capacity` positions: K and V padded with zeros (the mask keeps them out)."""
+        pad = [0, 0, 0, capacity - self.k.shape[2]]
         self.k = torch.nn.functional.pad(self.k, pad)
         self.v = torch.nn.functional.pad(self.v, pad)
 
@@ -181,6 +178,7 @@ class MixConCache:
         self.broken = False  # a forward raised half-way through updating it
         self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
+        self.limit: int | None = None  # the positions growing stops at (generate: the prompt and max_new_tokens)
         self.owner: weakref.ref | None = None  # the model whose forwards filled it, from the first one on
 
     def claim(self, model: torch.nn.Module) -> bool:
@@ -234,14 +232,17 @@ class MixConCache:
         return True
 
     def reserve(self, length: int) -> None:
-        """Make room for `length` positions in every attention layer (no-op when there is room)."""
+        """Make room for `length` positions in every attention layer (no-op when there is room): double the
+        capacity, but not past `limit` (beyond `length`), so that a generation's cache ends at the size that
+        `cache_nbytes` gives for its whole length."""
         capacity = self.key_mask.shape[1]
-        if length > capacity:
-            new = max(length, 2 * capacity)
-            self.key_mask = torch.nn.functional.pad(self.key_mask, [0, new - capacity])
+        if length <= capacity:
+            return
+        new = max(length, 2 * capacity if self.limit is None else min(2 * capacity, self.limit))
+        self.key_mask = torch.nn.functional.pad(self.key_mask, [0, new - capacity])
         for layer in self.layers:
             if isinstance(layer, AttentionCache):
-                layer.reserve(length)
+                layer.grow(new)
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (B',), in that order: e.g. drop finished sequences."""

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from mixcon.models.mixcon import MixConForCausalLM
 
 # Cache room made up front for new tokens (one allocation, one shape for a compiled decoding step); a longer
-# generation grows the cache as it goes (`MixConCache.reserve` doubles it), so no absurd size is allocated.
+# generation grows the cache as it goes (`MixConCache.reserve` doubles it, up to the prompt and max_new_tokens),
+# so no absurd size is allocated for a generation that ends early.
 PREALLOCATED_NEW_TOKENS = 4096
 
 
@@ -168,6 +169,7 @@ def generate(
     with model.evaluating():
         B, T = input_ids.shape
         cache = model.new_cache(B, max_length=generation_capacity(T, max_new_tokens))
+        cache.limit = T + max_new_tokens
         logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         V = vocab_limit or V
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -276,6 +276,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                 and not recomputing and seq_idx is None and not self.model._needs_grad() \
                 and not (mask is not None and bool(ends_in_padding(mask).any())):
             cache = self.model.new_cache(B, max_length=generation_capacity(T, self._generation_room(T)))
+            if self._lengths is not None:  # a generate call: the cache grows no further than it asks
+                cache.limit = T + self._generation_room(T)
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
         targets = None

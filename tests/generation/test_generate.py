@@ -235,7 +235,14 @@ def test_the_cache_is_not_allocated_for_a_huge_max_new_tokens_but_grows(tiny_mod
         model.generate(prompt, 10**15, streamer=stop_after_three)
     whole = model.generate(prompt, 12)
     monkeypatch.setattr("mixcon.generation.generate.PREALLOCATED_NEW_TOKENS", 2)
+    caches = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1])
     assert torch.equal(model.generate(prompt, 12), whole)
+    # Doubled from 7 positions, up to the 17 of the prompt and max_new_tokens (the size cache_nbytes gives for
+    # the generation's length), not to 28.
+    attention = [layer for layer in caches[0].layers if hasattr(layer, "k")]
+    assert caches[0].key_mask.shape[1] == 17 and all(layer.k.shape[2] == 17 for layer in attention) and attention
 
 
 def test_no_new_tokens_is_a_copy_of_the_prompt_without_a_forward(tiny_model, monkeypatch):

@@ -180,6 +180,16 @@ def test_generate_makes_a_cache_with_room_for_what_it_asks(pair, lengths):
     assert hf._lengths is None
 
 
+def test_a_long_generate_grows_its_cache_up_to_what_it_asks(pair, monkeypatch):
+    """Past the room made up front (4,096 new tokens; 3 here), the cache doubles, but not past the prompt and
+    max_new_tokens."""
+    _, hf = pair
+    monkeypatch.setattr("mixcon.generation.generate.PREALLOCATED_NEW_TOKENS", 3)
+    ids, mask = left_padded()  # T = 11: 14 positions up front, then 23 (not 28)
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, return_dict_in_generate=True, max_new_tokens=12)
+    assert out.past_key_values.key_mask.shape[1] == 23 and out.sequences.shape[1] == 23
+
+
 def test_generate_stops_at_stop_strings(tiny_model):
     """transformers hands generate's tokenizer to every forward; stop_strings end generation at the first token
     that spells one (here a printable character that no special token's text holds)."""
