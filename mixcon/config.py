@@ -110,6 +110,9 @@ class MixConConfig:
         L = self.layers_per_block
         a = self.attn_per_block
         self._integer("attn_per_block", 0, maximum=L)
+        if self.moe_pattern is None and self.moe_every > L:
+            _fail("moe_every", self.moe_every, f"must be at most layers_per_block={L} (the MoE layers sit at block "
+                  "indices i = e-1 mod e, none of which a block reaches), or 0 for no MoE")
         self._integer("conba_per_block", 0, optional=True)
         if self.conba_per_block is not None and self.conba_per_block != L - a:
             _fail("conba_per_block", self.conba_per_block,

@@ -58,6 +58,7 @@ def test_json_round_trip(tmp_path):
     (dict(conba_beta_max=3.0), "conba_beta_max"),
     (dict(d_model=0), "d_model"),
     (dict(moe_every=-2), "moe_every"),
+    (dict(moe_every=9), "moe_every"),  # more than a block: no layer would be MoE
     (dict(conba_conv=1), "conba_conv"),
     (dict(eos_token_id=10**6), "eos_token_id"),
     (dict(conba_control="yes"), "conba_control"),

@@ -20,8 +20,9 @@ built-in variants (run when they change the model of --config):
   no-delay          conba_delay=0: no delayed-state readout
   linear-selective  conba_selective=linear: the step size from one linear map, as Mamba-2's dt
   no-state-scaling  conba_state_scaling=false: no second forget gate
-  mamba2-mixer      all four above: every Conba layer a Mamba-2 mixer
-  dense-ffn         moe_every=0: dense SwiGLU MLPs instead of MoE
+  no-noise          conba_process_noise=0, conba_observation_noise=0: no training noise
+  mamba2-mixer      all five above: every Conba layer a Mamba-2 mixer
+  dense-ffn         moe_every=0 (and no moe_pattern): dense SwiGLU MLPs instead of MoE
   conba-twin        attn_per_block=0: no attention
   transformer-twin  attn_per_block=layers_per_block: no Conba
 """
@@ -39,11 +40,12 @@ from mixcon.benchmarks import bytes_lm, common
 from mixcon.cli.common import number_type, parse_overrides
 from mixcon.config import MixConConfig
 
-CONBA_MECHANISMS = {  # variant name -> (the field, its value with the mechanism off)
-    "no-control": ("conba_control", False),
-    "no-delay": ("conba_delay", 0),
-    "linear-selective": ("conba_selective", "linear"),
-    "no-state-scaling": ("conba_state_scaling", False),
+CONBA_MECHANISMS = {  # variant name -> the fields, with their values that turn the mechanism off
+    "no-control": {"conba_control": False},
+    "no-delay": {"conba_delay": 0},
+    "linear-selective": {"conba_selective": "linear"},
+    "no-state-scaling": {"conba_state_scaling": False},
+    "no-noise": {"conba_process_noise": 0.0, "conba_observation_noise": 0.0},
 }
 BASE = "base"
 KEY = ("variant", "seed")  # of a run
@@ -52,9 +54,9 @@ KEY = ("variant", "seed")  # of a run
 def builtin_variants(base: MixConConfig) -> dict[str, dict[str, Any]]:
     """The built-in ablations of `base` (this module's doc says what each is): name -> the fields they change."""
     return {
-        **{name: {key: value} for name, (key, value) in CONBA_MECHANISMS.items()},
-        "mamba2-mixer": dict(CONBA_MECHANISMS.values()),
-        "dense-ffn": {"moe_every": 0},
+        **CONBA_MECHANISMS,
+        "mamba2-mixer": {key: value for fields in CONBA_MECHANISMS.values() for key, value in fields.items()},
+        "dense-ffn": {"moe_every": 0, "moe_pattern": None},
         "conba-twin": base.placement(0),
         "transformer-twin": base.placement(base.layers_per_block),
     }

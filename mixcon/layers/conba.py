@@ -97,7 +97,10 @@ class Conba(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.D.fill_(1.0)
         if self.rho_bias is not None:
-            self.rho_bias.fill_(5.0)  # σ(5) ≈ 0.993
+            # s = σ(5) ≈ 0.993 per step (s^1000 ≈ 1e-3: a head's memory at init is at most ~150 steps), our
+            # choice: the gate's gradient (1 - s ≈ 7e-3) stays large enough for it to learn; σ(9) would leave a
+            # slow head alone but hardly move.
+            self.rho_bias.fill_(5.0)
         if self.delay_gain is not None:
             self.delay_gain.zero_()
 

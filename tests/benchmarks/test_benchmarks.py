@@ -400,10 +400,15 @@ def test_ablate_benchmark_runs_the_builtins_that_change_the_model():
     tiny = MixConConfig.preset("tiny")
     builtin = ablate.builtin_variants(tiny)
     assert all(f"\n  {name} " in ablate.__doc__ for name in builtin)  # the --help lists every built-in
-    assert all(ablate.changes_model(tiny, tiny.replace(**fields)) for fields in builtin.values())
-    mamba2 = tiny.replace(**builtin["mamba2-mixer"])
-    assert (mamba2.conba_control, mamba2.conba_delay, mamba2.conba_selective, mamba2.conba_state_scaling) == (
-        False, 0, "linear", False)
+    changing = [name for name, fields in builtin.items() if ablate.changes_model(tiny, tiny.replace(**fields))]
+    assert changing == [name for name in builtin if name != "no-noise"]  # tiny trains without noise
+    noisy = tiny.replace(conba_process_noise=0.1, conba_observation_noise=0.05, moe_pattern="DMMD")
+    builtin = ablate.builtin_variants(noisy)
+    assert all(ablate.changes_model(noisy, noisy.replace(**fields)) for fields in builtin.values())
+    mamba2 = noisy.replace(**builtin["mamba2-mixer"])  # every Conba extra off: DESIGN §2's Mamba-2 mixer
+    assert (mamba2.conba_control, mamba2.conba_delay, mamba2.conba_selective, mamba2.conba_state_scaling,
+            mamba2.conba_process_noise, mamba2.conba_observation_noise) == (False, 0, "linear", False, 0.0, 0.0)
+    assert {f for _, f in noisy.replace(**builtin["dense-ffn"]).layout()} == {"mlp"}  # a moe_pattern too
     transformer = tiny.replace(attn_per_block=4)
     assert [n for n, f in builtin.items() if ablate.changes_model(transformer, transformer.replace(**f))] == [
         "dense-ffn", "conba-twin"]  # its Conba switches and its own layout change nothing
