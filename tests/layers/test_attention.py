@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from mixcon import MixConConfig
 from mixcon.layers.attention import Attention, apply_rope, decode_attention, rope_angles
-from mixcon.layers.context import ForwardContext
 
 
 @pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "matmul"])
@@ -40,21 +39,12 @@ def test_decode_attention_in_fp16_scales_before_the_product():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_pads_non_finite_state_reaches_no_real_position(bad):
+def test_a_pads_non_finite_state_reaches_no_real_position(poisoned_pads, bad):
     """A pad's keys and values are masked; non-finite ones must not reach a real query through 0 weights
     (nan · 0 = nan)."""
     cfg = MixConConfig.preset("tiny")
-    layer = Attention(cfg, 0).eval()
-    torch.manual_seed(0)
-    u = torch.randn(2, 8, cfg.d_model)
-    mask = torch.ones(2, 8, dtype=torch.bool)
-    mask[0, :3] = False
-    poisoned = u.clone()
-    poisoned[0, :3] = bad
-    with torch.no_grad():
-        want = layer(u, ForwardContext.build(mask, 2, 8, None, u.device))
-        got = layer(poisoned, ForwardContext.build(mask, 2, 8, None, u.device))
-    torch.testing.assert_close(got[mask], want[mask])
+    want, got = poisoned_pads(Attention(cfg, 0), cfg.d_model, bad)
+    torch.testing.assert_close(got, want)
 
 
 def test_rope_rotates_pairs_by_position_times_frequency():

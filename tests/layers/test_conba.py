@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from mixcon import MixConConfig
 from mixcon.layers.conba import Conba
-from mixcon.layers.context import ForwardContext
 
 mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2", reason="transformers not installed")
 
@@ -173,21 +172,12 @@ def test_mamba2_initialisation_ranges():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_pads_non_finite_input_reaches_no_real_position(bad):
+def test_a_pads_non_finite_input_reaches_no_real_position(poisoned_pads, bad):
     """Pads enter the conv as zeros and leave the state as it is, even non-finite ones (a product by the mask
     would carry nan · 0 = nan into the conv window and the state)."""
     cfg = conba_config()
-    layer = Conba(cfg, 0).eval()
-    torch.manual_seed(0)
-    u = torch.randn(2, 9, cfg.d_model)
-    mask = torch.ones(2, 9, dtype=torch.bool)
-    mask[0, :4] = False
-    poisoned = u.clone()
-    poisoned[0, :4] = bad
-    with torch.no_grad():
-        want = layer(u, ForwardContext.build(mask, 2, 9, None, u.device))
-        got = layer(poisoned, ForwardContext.build(mask, 2, 9, None, u.device))
-    torch.testing.assert_close(got[mask], want[mask])
+    want, got = poisoned_pads(Conba(cfg, 0), cfg.d_model, bad)
+    torch.testing.assert_close(got, want)
 
 
 def test_torch_compile_matches_eager():
