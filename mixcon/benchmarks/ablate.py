@@ -189,7 +189,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", dest="variants", action="append", default=[], metavar="SPEC",
                    help="a variant to run beside the base: NAME or NAME:KEY=VALUE[,...] (repeatable; "
                         "default: every built-in)")
-    p.add_argument("--seeds", type=number_type(int, many=True), default="0,1,2",
+    p.add_argument("--seeds", type=number_type(int, 0, maximum=2**64 - 2, many=True), default="0,1,2",
                    help="seeds, each a run of every variant (default: %(default)s)")
     bytes_lm.add_arguments(p, window="bytes per window")
     common.add_resume_argument(p, "ablate")

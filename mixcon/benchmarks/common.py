@@ -222,7 +222,10 @@ class TokenClock:
 
 def matmul_peak_gflops(n: int = 2048, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """Measured throughput of one n×n matmul: the machine's practical FLOP peak, the best of 10 (a cloud VM's
-    slow phases would otherwise lower the peak and flatter every fraction of it)."""
+    slow phases would otherwise lower the peak and flatter every fraction of it). fp16 on a CPU, which has no
+    fast kernels for it (~2 GFLOP/s), at n <= 512, so as not to take minutes."""
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        n = min(n, 512)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / min(wall_times(lambda: a @ b, repeats=10, warmup=2)) / 1e9
@@ -312,8 +315,10 @@ def save_figure(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)  # written whole, then renamed: no torn image
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    tmp.replace(path)
 
 
 def write_results(out_dir: Path, name: str, payload: dict[str, Any],

@@ -185,10 +185,10 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
             rows.append(row)
         print_table([r for r in rows if r["context"] == context], list(rows[0]))
         print()
-    if out_dir is not None:
-        payload = dict(device=device, dtype=str(dtype), read_bandwidth_gbs=bandwidth,
-                       stream_read_gbs=stream, rows=rows)
-        write_results(out_dir, "decode", payload, _plot)
+        if out_dir is not None:  # after each context: an interrupted run keeps what it measured
+            payload = dict(device=device, dtype=str(dtype), read_bandwidth_gbs=bandwidth,
+                           stream_read_gbs=stream, rows=rows)
+            write_results(out_dir, "decode", payload, _plot)
     return rows
 
 

@@ -91,9 +91,22 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     common.save_figure(fig, path)
 
 
+ARCHS = (75, 80, 86, 87, 89, 90, 100, 103, 120)  # NVIDIA compute capabilities that Triton compiles for
+
+
+def _archs(text: str) -> list[int]:
+    """argparse type of --arch: compute capabilities among ARCHS."""
+    values = number_type(int, 1, many=True)(text)
+    if any(v not in ARCHS for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated compute capabilities among "
+                                         f"{', '.join(map(str, ARCHS))}, got {text!r}")
+    return values
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", type=number_type(int, 1, many=True), default="80,90",
-                   help="compute capabilities, e.g. 80 (A100), 90 (H100) (default: %(default)s)")
+    p.add_argument("--arch", type=_archs, default="80,90",
+                   help=f"compute capabilities, of {', '.join(map(str, ARCHS))}: e.g. 80 (A100), 90 (H100) "
+                        "(default: %(default)s)")
     p.add_argument("--dtypes", default="bf16,fp32", help=f"of x, k, q; of {sorted(DTYPES)} (default: %(default)s)")
     p.add_argument("--blocks", type=number_type(int, 1, many=True), default="32,64",
                    help="steps per chunk of the kernel (default: %(default)s)")

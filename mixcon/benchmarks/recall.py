@@ -96,8 +96,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=number_type(int, 1, many=True), default="2,4,8,16",
                    help="pair counts, trained on and scored at (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--vocab", type=int, default=64,
+    p.add_argument("--seq-len", type=number_type(int, 4), default=64,
+                   help="tokens per sequence, 4 per pair (default: %(default)s)")
+    p.add_argument("--vocab", type=number_type(int, 3), default=64,
                    help="task vocabulary: filler, keys, values (default: %(default)s)")
     p.add_argument("--sequences", type=number_type(int, 1), default=512,
                    help="held-out sequences per pair count (default: %(default)s)")

@@ -64,15 +64,18 @@ def layer_config(d_model: int = 512, **overrides: Any) -> MixConConfig:
 
 def scan_flops(B: int, T: int, H: int, P: int, N: int, C: int, delta_rule: bool, tau: int, G: int = 1) -> float:
     """FLOPs (2 per multiply-add) of the chunked Conba scan's forward products as `ops.chunk` computes them, from
-    the shapes: per chunk of C steps, the products that the H/G heads of a group share once per group (G),
-    the rest per head; the delta rule's unit-triangular solve with C right-hand sides as C³."""
+    the shapes: per chunk of C steps (T when shorter, as there), the products that the H/G heads of a group share
+    once per group (G), the rest per head; the delta rule's unit-triangular solve with C right-hand sides as C³;
+    and the first τ steps' readout of the initial past states."""
+    C = max(1, min(C, T))
     R = 2 if tau > 0 else 1  # query sets read out together: y_t, and the delayed readout's shifted queries
     group = 2 * R * C * C * N  # Q Kᵀ
     head = 2 * R * C * C * P + 2 * R * C * N * P + 2 * C * P * N  # (Q Kᵀ ∘ L) U, Q Sᵀ, the chunk's write (w∘U)ᵀ K
     if delta_rule:
         group += 2 * C * C * N  # K Kᵀ
         head += C**3 + 2 * C * C * P + 2 * C * C * N + 2 * C * N * P  # solve, inv (β X), inv (β e^b K), W Sᵀ
-    return B * -(-T // C) * (G * group + H * head)
+    early = 2 * min(tau, T) * H * P * N
+    return B * (-(-T // C) * (G * group + H * head) + early)
 
 
 def mamba2_scan_flops(B: int, T: int, H: int, P: int, N: int, C: int) -> float:
