@@ -274,7 +274,9 @@ class SavedBytes:
 
 
 def machine() -> dict[str, Any]:
+    """Where and how a result was measured: the machine, the software and the process's command line."""
     return {
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],  # `mixcon bench ...` as typed (a library call: its caller)
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -80,12 +80,14 @@ def test_scan_benchmark_compiled_form(have_c_compiler):
     assert rows[-1]["max_err"] < 1e-5
 
 
-def test_scan_benchmark_command(tmp_path):
+def test_scan_benchmark_command(tmp_path, monkeypatch):
     argv = ["bench", "scan", "--lengths", "24", "--batches", "1", "--heads", "2", "--head-dim", "4", "--state", "4",
             "--chunks", "8", "--variants", "ssd,control", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/mixcon", *argv])  # as the command line would run it
     assert main(argv) == 0
     result = json.loads((tmp_path / "scan.json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["ssd", "control"]
+    assert result["machine"]["argv"] == ["mixcon", *argv]  # the result says what produced it
     assert result["machine"]["fp32_matmul_precision"] == torch.get_float32_matmul_precision() == "highest"
     try:
         assert main([*argv, "--fp32-precision", "high"]) == 0
