@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`mixcon info | head`): stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would raise again
         return 1
+    except KeyboardInterrupt:  # Ctrl-C (training saves first, in its own handler): no traceback, the shell's code
+        print(flush=True)
+        print(f"mixcon {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

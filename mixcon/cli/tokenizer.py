@@ -21,8 +21,9 @@ Prints documents, bytes, tokens and bytes per token of the corpus."""
 def register(sub: argparse._SubParsersAction) -> None:
     actions = add_command(sub, "tokenizer", "Tokenizers", "train a BPE tokenizer on a corpus")
     t = add_corpus_action(actions, "train", "train a byte-level BPE and save tokenizer.json", TRAIN_DESCRIPTION)
-    t.add_argument("--vocab-size", type=number_type(int, 259), default=8192,
-                   help="vocabulary size with the 3 specials, at least 259 (default: %(default)s; 256000 in the paper)")
+    t.add_argument("--vocab-size", type=number_type(int, 259, maximum=2**24), default=8192,
+                   help="vocabulary size with the 3 specials, in [259, 2**24] (default: %(default)s; 256000 in the "
+                        "paper)")
     t.add_argument("--max-bytes", type=number_type(int, 1), default=None,
                    help="read only the first N bytes of text, e.g. 5_000_000 (the last document is cut there)")
     t.add_argument("--out", required=True, help="folder to write tokenizer.json into")

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mixcon.checks import is_integer
 from mixcon.config import MixConConfig
 
 
@@ -58,6 +59,9 @@ def layer_cache_nbytes(
 
 def cache_nbytes(config: MixConConfig, batch_size: int, context: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of the whole decoding cache for `context` tokens (the formula the cache allocates)."""
+    if not (is_integer(batch_size) and batch_size >= 1 and is_integer(context) and context >= 0):
+        raise ValueError(f"cache_nbytes: batch_size={batch_size!r} must be an integer >= 1 and context={context!r} "
+                         "an integer >= 0")
     return sum(layer_cache_nbytes(config, mixer, batch_size, context, dtype) for mixer, _ in config.layout())
 
 

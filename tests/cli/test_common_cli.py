@@ -66,3 +66,15 @@ def test_a_config_file_gives_the_fields_and_set_overrides_them(tmp_path):
     assert (config.d_model, config.n_heads, config.extra) == (64, 8, {"note": "x"})
     with pytest.raises(SystemExit, match=r"--set 'extra=5': extra must be a mapping"):
         config_from_args(argparse.Namespace(config="tiny", overrides=["extra=5"]))
+
+
+def test_ctrl_c_ends_a_command_quietly_with_the_shells_code(monkeypatch, capsys):
+    """No traceback: a line saying so, and 130 (128 + SIGINT), as shells report an interrupted program."""
+    from mixcon.cli import info
+
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", interrupted)
+    assert main(["info", "--config", "tiny"]) == 130
+    assert capsys.readouterr().err == "mixcon info: interrupted\n"

@@ -84,7 +84,9 @@ def test_counts_must_be_positive_integers(argv, flag, value, capsys):
      "argument --seed: expected an integer in [0, 18446744073709551615], got '99999999999999999999'"),
     (["data", "prepare", "--out", "x", "--seed", "-1"], "argument --seed: expected an integer in [0, "),
     (["tokenizer", "train", "--out", "x", "--vocab-size", "100"],
-     "argument --vocab-size: expected an integer >= 259, got '100'"),
+     "argument --vocab-size: expected an integer in [259, 16777216], got '100'"),
+    (["tokenizer", "train", "--out", "x", "--vocab-size", str(2**31)],  # (the trainer aborts allocating it)
+     "argument --vocab-size: expected an integer in [259, 16777216]"),
 ])
 def test_seeds_and_vocabulary_sizes_are_checked_by_argparse(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

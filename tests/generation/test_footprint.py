@@ -101,3 +101,9 @@ def test_info_rejects_bad_arguments_before_any_work(argv, message, capsys, monke
     with pytest.raises(SystemExit) as e:
         main(["info", "--config", "tiny", *argv])
     assert e.value.code == 2 and f"mixcon info: error: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("batch_size", "context"), [(1, -5), (1, 10.5), (0, 8), (True, 8)])
+def test_cache_nbytes_refuses_sizes_no_cache_has(batch_size, context):
+    with pytest.raises(ValueError, match=r"cache_nbytes: batch_size=.* must be an integer >= 1 and context="):
+        cache_nbytes(MixConConfig.preset("tiny"), batch_size, context)
