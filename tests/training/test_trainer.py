@@ -233,8 +233,11 @@ def test_ignored_labels_weigh_the_loss_by_tokens_whatever_the_micro_batches(make
     assert runs[4][0]["lm_loss"] == pytest.approx(want, rel=1e-5)
     for a, b in zip(runs[4][:2], runs[1][:2], strict=True):
         assert math.isfinite(b["loss"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    # AdamW's first steps move each weight by about lr (3e-3) whatever its gradient's size: a gradient near 0
+    # that rounds differently in 1 or 4 micro-batches moves its weight by up to ~1e-5 differently.
     for name, value in runs[4][2].items():
-        torch.testing.assert_close(runs[1][2][name], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(runs[1][2][name], value, rtol=1e-4, atol=1e-5)
 
 
 def test_activation_checkpointing_trains_the_same(make_trainer, tmp_path):
