@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 from typing import TextIO
 
@@ -16,37 +17,29 @@ from mixcon.training.checkpoint import CheckpointError, load_model_and_tokenizer
 
 
 class TextStreamer:
-    """Prints the text of generated tokens as they arrive. Tokens are decoded together from the first one not yet
-    printed whole, so tokens that only form characters together (bytes of one UTF-8 character, BPE pieces) print
-    correctly; a trailing incomplete character is held back until it is complete. Each token costs the same
-    however long the text already is."""
+    """Prints the text of generated tokens as they arrive: their bytes through an incremental UTF-8 decoder, which
+    holds back only the start of a character still incomplete (at most 3 bytes) and prints bytes that can form
+    none as U+FFFD at once, as the whole text's decode shows them. Each token costs the same however long the
+    text already is."""
 
     def __init__(self, tokenizer: AnyTokenizer, out: TextIO | None = None) -> None:
         self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.ids: list[int] = []
-        self.start = 0  # ids before it are printed whole
-        self.printed = 0  # characters printed of the text of ids[start:]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def __call__(self, tokens: torch.Tensor) -> None:
         self.ids.append(int(tokens[0]))
-        text = self.tokenizer.decode(self.ids[self.start:])
-        complete = text.rstrip("\ufffd")
-        self._emit(complete)
-        if complete == text:  # ends on a whole character: the next tokens decode on their own
-            self.start, self.printed = len(self.ids), 0
+        self._emit(self.decoder.decode(self.tokenizer.decode_bytes(self.ids[-1:])))
 
     def end(self) -> str:
         """Print what is left and a newline; returns the whole text."""
-        self._emit(self.tokenizer.decode(self.ids[self.start:]))
-        self.out.write("\n")
-        self.out.flush()
+        self._emit(self.decoder.decode(b"", final=True) + "\n")
         return self.tokenizer.decode(self.ids)
 
     def _emit(self, text: str) -> None:
-        if len(text) > self.printed:
-            self.out.write(text[self.printed:])
+        if text:
+            self.out.write(text)
             self.out.flush()
-            self.printed = len(text)
 
 
 def stream(model: MixConForCausalLM, tok: AnyTokenizer, prompt: str, max_new_tokens: int, *, greedy: bool = False,

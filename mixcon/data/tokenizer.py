@@ -41,6 +41,10 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The bytes the ids stand for (none for BOS, EOS, PAD): text once decoded as UTF-8."""
         data = bytearray()
         for i in ids:
             i = int(i)
@@ -48,7 +52,7 @@ class ByteTokenizer:
                 raise ValueError(f"token id {i} is outside the bytes vocabulary [0, {self.vocab_size})")
             if i < 256:
                 data.append(i)
-        return data.decode("utf-8", errors="replace")
+        return bytes(data)
 
     def token_bytes(self) -> list[int]:
         """UTF-8 bytes of text that each id stands for: 1 for a byte, 0 for BOS, EOS, PAD."""
@@ -128,6 +132,19 @@ class BPETokenizer:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the BPE vocabulary [0, {self.vocab_size})")
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The UTF-8 bytes the ids stand for (none for special tokens): `decode` before the bytes become text."""
+        byte_of = {char: byte for byte, char in enumerate(_byte_level_chars())}
+        special = {i for i, added in self._tok.get_added_tokens_decoder().items() if added.special}
+        data = bytearray()
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the BPE vocabulary [0, {self.vocab_size})")
+            token = "" if i in special else self._tok.id_to_token(i) or ""
+            data += bytes(byte_of[c] for c in token) if all(c in byte_of for c in token) else token.encode()
+        return bytes(data)
 
     def token_bytes(self) -> list[int]:
         """UTF-8 bytes of text that each id stands for (0 for special tokens): a byte-level token's characters

@@ -10,7 +10,7 @@ import torch
 
 from mixcon.cli import main
 from mixcon.cli.generate import TextStreamer
-from mixcon.data import ByteTokenizer
+from mixcon.data import ByteTokenizer, train_bpe_tokenizer
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -29,25 +29,32 @@ def test_bad_sampling_options_are_refused_before_loading(tmp_path, capsys, extra
     assert out == "" and message in err
 
 
-def test_the_streamer_prints_whole_characters_at_a_constant_cost_per_token():
-    """Bytes of one character print together once complete, invalid bytes as the full decode shows them; each
-    token decodes only the tokens since the last whole character, however long the text already is."""
-    tok = ByteTokenizer()
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_the_streamer_prints_whole_characters_as_they_arrive(tokenizer):
+    """Bytes of one character print together once complete; bytes that can form none print at once, as the
+    whole text's decode shows them (a run of them held everything back until the end); each token decodes
+    only its own bytes, however long the text already is."""
+    text = "héllo 😀 wörld\n" * 20
+    tok = ByteTokenizer() if tokenizer == "bytes" else train_bpe_tokenizer([text] * 5, vocab_size=300)
+    invalid = [0xFF] * 50 if tokenizer == "bytes" else []  # byte ids that are no UTF-8
+    ids = [*tok.encode(text), *invalid, *tok.encode("a")]
+    before_last, whole = tok.decode(ids[:-1]), tok.decode(ids)
     decoded: list[int] = []
+    original = tok.decode_bytes
 
-    class Recording(ByteTokenizer):
-        def decode(self, ids: list[int]) -> str:
-            decoded.append(len(ids))
-            return super().decode(ids)
+    def recording(ids: list[int]) -> bytes:
+        decoded.append(len(ids))
+        return original(ids)
 
-    text = "héllo 😀 wörld\n" * 200
-    ids = [*tok.encode(text), 0xFF, 0x61]  # an invalid byte, then "a"
+    tok.decode_bytes = recording  # type: ignore[method-assign]
     out = io.StringIO()
     writes: list[str] = []
     out.write = lambda s: writes.append(s) or len(s)  # type: ignore[method-assign]
-    streamer = TextStreamer(Recording(), out)
-    for i in ids:
+    streamer = TextStreamer(tok, out)
+    for step, i in enumerate(ids):
         streamer(torch.tensor([i]))
-    assert streamer.end() == tok.decode(ids) == "".join(writes)[:-1]
-    assert all("\ufffd" not in w for w in writes[:-3])  # whole characters only, until the invalid byte
-    assert max(decoded[:-1]) <= 4  # a character's bytes at most (the last decode is the whole text)
+        if step == len(ids) - 2:
+            assert "".join(writes) == before_last  # nothing held back but an unfinished character
+    assert max(decoded) == 1
+    assert streamer.end() == whole == "".join(writes)[:-1]
+    assert all(not w or "\ufffd" not in w or w == "\ufffd" for w in writes)  # whole characters, or one U+FFFD

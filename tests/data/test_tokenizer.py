@@ -41,6 +41,14 @@ def test_bytes_round_trip_and_no_specials(text):
 
 
 @text_cases
+def test_decode_is_decode_bytes_read_as_utf8(bpe, text):
+    for tok in (ByteTokenizer(), bpe):
+        ids = [*tok.encode(text), tok.eos_id, *tok.encode(text)[:3]]  # a special, and maybe a cut character
+        assert tok.decode(ids) == tok.decode_bytes(ids).decode("utf-8", errors="replace")
+        assert tok.decode_bytes(tok.encode(text)) == text.encode()
+
+
+@text_cases
 def test_bpe_round_trip_and_no_specials(bpe, text):
     ids = bpe.encode(text)
     assert bpe.decode(ids) == text
