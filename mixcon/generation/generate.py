@@ -11,6 +11,7 @@ import torch
 from mixcon.checks import is_integer
 
 if TYPE_CHECKING:
+    from mixcon.generation.cache import MixConCache
     from mixcon.models.mixcon import MixConForCausalLM
 
 # Cache room made up front for new tokens (one allocation, one shape for a compiled decoding step); a longer
@@ -22,6 +23,15 @@ PREALLOCATED_NEW_TOKENS = 4096
 def generation_capacity(prompt_length: int, max_new_tokens: int) -> int:
     """Positions of the cache that `generate` allocates for a prompt: room for it and its new tokens."""
     return prompt_length + min(max_new_tokens, PREALLOCATED_NEW_TOKENS)
+
+
+def generation_cache(model: MixConForCausalLM, batch_size: int, prompt_length: int, max_new_tokens: int
+                     ) -> MixConCache:
+    """The cache a generation makes: `generation_capacity` positions, growing no further than the prompt and
+    its new tokens."""
+    cache = model.new_cache(batch_size, max_length=generation_capacity(prompt_length, max_new_tokens))
+    cache.limit = prompt_length + max_new_tokens
+    return cache
 
 
 class Streamer(Protocol):
@@ -168,8 +178,7 @@ def generate(
         return input_ids.clone()
     with model.evaluating():
         B, T = input_ids.shape
-        cache = model.new_cache(B, max_length=generation_capacity(T, max_new_tokens))
-        cache.limit = T + max_new_tokens
+        cache = generation_cache(model, B, T, max_new_tokens)
         logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         V = vocab_limit or V
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -35,7 +35,7 @@ import mixcon
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
-from mixcon.generation.generate import generation_capacity
+from mixcon.generation.generate import generation_cache
 from mixcon.layers.linear import Linear
 from mixcon.models.mixcon import HF_MODEL_TYPE, IGNORE, MixConForCausalLM, ends_in_padding
 from mixcon.training.checkpoint import (
@@ -275,9 +275,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None \
                 and not recomputing and seq_idx is None and not self.model._needs_grad() \
                 and not (mask is not None and bool(ends_in_padding(mask).any())):
-            cache = self.model.new_cache(B, max_length=generation_capacity(T, self._generation_room(T)))
-            if self._lengths is not None:  # a generate call: the cache grows no further than it asks
-                cache.limit = T + self._generation_room(T)
+            cache = (self.model.new_cache(B, max_length=T) if self._lengths is None  # a forward's own
+                     else generation_cache(self.model, B, T, self._generation_room(T)))
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
         targets = None
@@ -321,7 +320,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     def _generation_room(self, prompt_length: int) -> int:
         """Positions a cache made for a `prompt_length` prompt keeps for new tokens: what the running `generate`
         asks for (max_new_tokens, else max_length less the prompt), so that the cache need not grow."""
-        max_new_tokens, max_length = self._lengths or (0, None)
+        assert self._lengths is not None, "only while generate runs"
+        max_new_tokens, max_length = self._lengths
         if max_new_tokens is None:
             return max(0, (max_length or 0) - prompt_length)
         return max_new_tokens

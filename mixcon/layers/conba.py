@@ -144,7 +144,7 @@ class Conba(nn.Module):
         z, xkq, *rest = self.in_proj(u).split(self.split, dim=-1)
         logits = iter(rest)  # the per-head logits that are enabled, in `self.split` order
         if mask is not None:  # pads enter the conv as zeros and leave the state as it is: exact before a
-            # row's first token or after its last, the only places the model lets pads be
+            # row's first token or after its last, the only places the model leaves pads (it moves the others)
             xkq = xkq.masked_fill(~mask[..., None], 0)  # (not a product: a pad's inf or nan times 0 is nan)
         f32 = compute_dtype(u)
         xkq = self._conv(xkq.to(f32), conv_tail, taps, seq_idx)  # in fp32: the scan reads x, k, q in fp32

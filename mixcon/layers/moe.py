@@ -20,7 +20,7 @@ class RouterStats:
     aux_loss: torch.Tensor  # n · Σ_i f_i P_i: 1 for a uniform router, n for a collapsed one
     z_loss: torch.Tensor  # mean logsumexp(router logits)^2
     counts: torch.Tensor  # (n,) tokens routed to each expert
-    logits: torch.Tensor  # (M, n) router logits of each token of the call (a pad's: 0)
+    logits: torch.Tensor  # (M, n) router logits of the tokens routed (a call's real tokens, in order)
 
 
 def static_shapes(h: torch.Tensor) -> bool:
@@ -107,8 +107,6 @@ class MoE(nn.Module):
             return out.reshape(shape), router
         real = token_mask.reshape(-1).nonzero().squeeze(1)  # (M_real,)
         out, router = self._tokens(h[real], stats)
-        if router is not None:
-            router.logits = router.logits.new_zeros(h.shape[0], self.n_experts).index_copy(0, real, router.logits)
         return torch.zeros_like(h).index_copy(0, real, out.to(h.dtype)).reshape(shape), router
 
     def _tokens(self, h: torch.Tensor, stats: bool) -> tuple[torch.Tensor, RouterStats | None]:

@@ -138,6 +138,13 @@ def _pads_first(mask: torch.Tensor, fresh_cache: bool) -> torch.Tensor | None:
     return m.argsort(dim=1, stable=True)
 
 
+def _router_logits(stats: list[RouterStats], token_mask: torch.Tensor | None, B: int, T: int) -> list[torch.Tensor]:
+    """Each MoE layer's router logits (B, T, n_experts), a pad's 0: the MoE layers routed the real tokens only."""
+    rows = None if token_mask is None or bool(token_mask.all()) else token_mask.flatten().nonzero().squeeze(1)
+    return [(s.logits if rows is None else s.logits.new_zeros(B * T, s.logits.shape[1]).index_copy(0, rows, s.logits)
+             ).view(B, T, -1) for s in stats]
+
+
 def _check_padding(mask: torch.Tensor, cache: MixConCache) -> None:
     """Padding (mask (B, T) False) where a forward continues a cache: only before a row's first real token,
     so that the row's pads so far and these come first (a pad after a real token would take a place in the
@@ -350,12 +357,16 @@ class MixConForCausalLM(nn.Module):
                 raise
             cache.seqlen += T
             cache.positions += T if token_mask is None else token_mask.sum(1)
-        router_logits = [s.logits.view(*h.shape[:2], -1) for s in stats] if output_router_logits else None
+        router_logits = _router_logits(stats, token_mask, *h.shape[:2]) if output_router_logits else None
         if order is not None:  # each position's output back in its place
             back = order.argsort(dim=1)[..., None]
-            h = h.gather(1, back.expand_as(h))
-            states = None if states is None else [s.gather(1, back.expand_as(s)) for s in states]
-            router_logits = None if router_logits is None else [r.gather(1, back.expand_as(r)) for r in router_logits]
+
+            def restore(t: torch.Tensor) -> torch.Tensor:
+                return t.gather(1, back.expand_as(t))
+
+            h = restore(h)
+            states = None if states is None else [restore(s) for s in states]
+            router_logits = None if router_logits is None else [restore(r) for r in router_logits]
         if not return_logits:
             out = self._output(None, labels, stats, h=self.norm(h[:, keep]))
         else:
