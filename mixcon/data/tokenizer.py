@@ -30,6 +30,9 @@ def _byte_level_chars() -> list[str]:
     return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
 
 
+BYTE_OF = {char: byte for byte, char in enumerate(_byte_level_chars())}  # a byte-level token's character -> byte
+
+
 class ByteTokenizer:
     """Tokenizer-free modelling: ids 0-255 are UTF-8 bytes, then BOS, EOS, PAD."""
 
@@ -70,8 +73,7 @@ class ByteTokenizer:
     def to_tokenizers(self) -> Tokenizer:
         """The same ids as a `tokenizers.Tokenizer`: a ByteLevel BPE without merges, so each byte is its own
         token, then BOS / EOS / PAD (special-token text encoded as ordinary bytes)."""
-        vocab = {char: byte for byte, char in enumerate(_byte_level_chars())}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok = Tokenizer(models.BPE(vocab=dict(BYTE_OF), merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens(list(SPECIAL_TOKENS))  # ids 256, 257, 258 in this order
@@ -105,7 +107,9 @@ class BPETokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self._tok = _literal_copy(tokenizer)  # a private copy, with a setting changed
         ids = {token: self._tok.token_to_id(token) for token in SPECIAL_TOKENS}
-        special = {added.content for added in self._tok.get_added_tokens_decoder().values() if added.special}
+        added = self._tok.get_added_tokens_decoder()
+        self._special = {i for i, token in added.items() if token.special}  # ids that stand for no text
+        special = {added[i].content for i in self._special}
         missing = [token for token, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer lacks special token(s) {', '.join(missing)}; "
@@ -127,36 +131,27 @@ class BPETokenizer:
             raise
 
     def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(self._checked(ids), skip_special_tokens=True)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The UTF-8 bytes the ids stand for (none for special tokens): `decode` before the bytes become text."""
+        return b"".join(self._bytes_of(i) for i in self._checked(ids))
+
+    def _checked(self, ids: Sequence[int]) -> list[int]:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the BPE vocabulary [0, {self.vocab_size})")
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """The UTF-8 bytes the ids stand for (none for special tokens): `decode` before the bytes become text."""
-        byte_of = {char: byte for byte, char in enumerate(_byte_level_chars())}
-        special = {i for i, added in self._tok.get_added_tokens_decoder().items() if added.special}
-        data = bytearray()
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the BPE vocabulary [0, {self.vocab_size})")
-            token = "" if i in special else self._tok.id_to_token(i) or ""
-            data += bytes(byte_of[c] for c in token) if all(c in byte_of for c in token) else token.encode()
-        return bytes(data)
+        return ids
 
     def token_bytes(self) -> list[int]:
-        """UTF-8 bytes of text that each id stands for (0 for special tokens): a byte-level token's characters
-        are one byte each."""
-        byte_of = {char: byte for byte, char in enumerate(_byte_level_chars())}
-        special = {i for i, added in self._tok.get_added_tokens_decoder().items() if added.special}
-        out = []
-        for i in range(self.vocab_size):
-            token = self._tok.id_to_token(i) or ""
-            out.append(0 if i in special else len(token) if all(c in byte_of for c in token)
-                       else len(token.encode("utf-8")))
-        return out
+        """UTF-8 bytes of text that each id stands for (0 for special tokens)."""
+        return [len(self._bytes_of(i)) for i in range(self.vocab_size)]
+
+    def _bytes_of(self, i: int) -> bytes:
+        """The bytes of id `i`: a byte-level token's characters are one byte each; other added tokens, UTF-8."""
+        token = "" if i in self._special else self._tok.id_to_token(i) or ""
+        return bytes(BYTE_OF[c] for c in token) if all(c in BYTE_OF for c in token) else token.encode()
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()
