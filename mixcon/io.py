@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -14,3 +15,15 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_figure_atomic(fig: Any, path: Path, **savefig_kwargs: Any) -> None:
+    """Lay out a matplotlib figure, write it to a temporary file beside `path` (of its format), rename that
+    over `path` and close the figure: a kill leaves the previous image or the new one, never a torn one."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+    fig.savefig(tmp, **savefig_kwargs)
+    plt.close(fig)
+    tmp.replace(path)

@@ -20,7 +20,7 @@ import torch
 
 from mixcon.cli.common import add_device_argument, add_dtype_argument, number_type
 from mixcon.config import MixConConfig
-from mixcon.io import write_text_atomic
+from mixcon.io import save_figure_atomic, write_text_atomic
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.training.optim import build_optimizer, lr_at, set_lr
 
@@ -313,14 +313,8 @@ def new_figure(ncols: int = 1, width: float = 6.0) -> tuple[Any, list[Any]]:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Lay out, write and close a figure from `new_figure`."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)  # written whole, then renamed: no torn image
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    """Lay out, write (atomically) and close a figure from `new_figure`."""
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def write_results(out_dir: Path, name: str, payload: dict[str, Any],

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mixcon.io import write_text_atomic
+from mixcon.io import save_figure_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -113,12 +113,8 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     bpb = [(r["step"], r["val_bpb"]) for r in records if r.get("val_bpb") is not None]
     if bpb:
         ax.set_title(f"final validation: {bpb[-1][1]:.3f} bits per byte")
-    fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
     return path
 
 
