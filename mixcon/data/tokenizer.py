@@ -1,6 +1,7 @@
 """Tokenizers: a byte-level BPE with split digits (Hugging Face `tokenizers`) and raw UTF-8 bytes.
 
 Both share one interface: `encode` (plain text only, never specials), `decode` (skips specials),
+`decode_bytes` (the same before the bytes become text: streaming through an incremental UTF-8 decoder),
 `vocab_size`, `bos_id` / `eos_id` / `pad_id`, `name`, `fingerprint()`, `token_bytes()` (the UTF-8 bytes each
 id stands for: bits per byte), `save(directory)` and `to_tokenizers()` (the same ids as a
 `tokenizers.Tokenizer`, the form transformers builds on).
