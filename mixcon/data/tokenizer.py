@@ -4,7 +4,8 @@ Both share one interface: `encode` (plain text only, never specials), `decode` (
 `decode_bytes` (the same before the bytes become text: streaming through an incremental UTF-8 decoder),
 `vocab_size`, `bos_id` / `eos_id` / `pad_id`, `name`, `fingerprint()`, `token_bytes()` (the UTF-8 bytes each
 id stands for: bits per byte), `save(directory)` and `to_tokenizers()` (the same ids as a
-`tokenizers.Tokenizer`, the form transformers builds on).
+`tokenizers.Tokenizer`, the form transformers builds on). `mismatch` tells whether two tokenizers' ids mean the
+same.
 """
 
 from __future__ import annotations
@@ -209,6 +210,20 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
 
 
 AnyTokenizer = ByteTokenizer | BPETokenizer
+
+
+def mismatch(expected: AnyTokenizer, given: AnyTokenizer) -> str | None:
+    """How an id of `given` means something else than in `expected` (vocabulary size, BOS / EOS / PAD, the bytes
+    of an id), or None when every id means the same, whatever the two files look like."""
+    if given.vocab_size != expected.vocab_size:
+        return f"{given.vocab_size} ids, not {expected.vocab_size}"
+    for name in ("bos_id", "eos_id", "pad_id"):
+        if getattr(given, name) != getattr(expected, name):
+            return f"{name} {getattr(given, name)}, not {getattr(expected, name)}"
+    for i in range(expected.vocab_size):
+        if (text := given.decode_bytes([i])) != (wanted := expected.decode_bytes([i])):
+            return f"id {i} stands for {text!r}, not {wanted!r}"
+    return None
 
 
 def load_tokenizer(spec: str | os.PathLike) -> AnyTokenizer:

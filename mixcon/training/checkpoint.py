@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
-from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer
+from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer, mismatch
 from mixcon.models.mixcon import (
     WEIGHTS_METADATA,
     MixConForCausalLM,
@@ -313,16 +313,25 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: s
 
 
 def model_tokenizer(directory: Path, vocab_size: int, tokenizer: str | Path | None = None) -> AnyTokenizer:
-    """The tokenizer of the model in `directory` (its tokenizer/ or tokenizer.json), or `tokenizer` when given;
-    one with more ids than the model's `vocab_size` is refused."""
+    """The tokenizer of the model in `directory` (its tokenizer/ or tokenizer.json), or `tokenizer` when given:
+    one whose ids mean other text than the model's own (when that loads), or one with more ids than the model's
+    `vocab_size`, is refused."""
+    own = [p for p in (directory / TOKENIZER_DIR, directory / TOKENIZER_FILE) if p.exists()]
     if tokenizer is None:
-        found = [p for p in (directory / TOKENIZER_DIR, directory / TOKENIZER_FILE) if p.exists()]
-        if not found:
+        if not own:
             raise FileNotFoundError(f"{directory} has no {TOKENIZER_DIR}/ nor {TOKENIZER_FILE}; "
                                     "name the tokenizer with --tokenizer")
-        tokenizer = found[0]
+        tokenizer = own[0]
     tok = load_tokenizer(tokenizer)
     if tok.vocab_size > vocab_size:
         raise ValueError(f"tokenizer {str(tokenizer)!r} has {tok.vocab_size} ids, more than the model's vocab_size "
                          f"{vocab_size}: not the tokenizer this model was trained with")
+    if own and Path(tokenizer) != own[0]:
+        try:
+            trained_with = load_tokenizer(own[0])
+        except ValueError:  # the model's own file does not load: the one named replaces it
+            return tok
+        if why := mismatch(trained_with, tok):
+            raise ValueError(f"tokenizer {str(tokenizer)!r} is not the one this model was trained with ({own[0]}): "
+                             f"{why}; leave the tokenizer out to use the model's own")
     return tok

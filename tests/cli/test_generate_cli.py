@@ -58,3 +58,24 @@ def test_the_streamer_prints_whole_characters_as_they_arrive(tokenizer):
     assert max(decoded) == 1
     assert streamer.end() == whole == "".join(writes)[:-1]
     assert all(not w or "\ufffd" not in w or w == "\ufffd" for w in writes)  # whole characters, or one U+FFFD
+
+
+def test_a_tokenizer_other_than_the_models_own_is_refused(tmp_path, tiny_model, capsys):
+    """--tokenizer naming a tokenizer whose ids mean other text than the model's own is refused by name (the
+    text would come out as garbage); a copy of the model's own, in another file, is taken."""
+    text = "the cat sat on the mat, the end. " * 50
+    own = train_bpe_tokenizer([text], vocab_size=265)
+    model = tiny_model(vocab_size=own.vocab_size)
+    model.save_pretrained(tmp_path / "model")
+    own.save(tmp_path / "model" / "tokenizer")
+    command = ["generate", "--checkpoint", str(tmp_path / "model"), "--prompt", "the", "--max-new-tokens", "3"]
+    with pytest.raises(SystemExit, match=r"mixcon generate: tokenizer 'bytes' is not the one this model was trained "
+                                         r"with \(.*tokenizer\): 259 ids, not 265; leave the tokenizer out"):
+        main([*command, "--tokenizer", "bytes"])
+    other = train_bpe_tokenizer(["zzz yyy xxx www vvv uuu " * 50], vocab_size=265)
+    other.save(tmp_path / "other")
+    with pytest.raises(SystemExit, match=r"is not the one this model was trained with .*: id "):
+        main([*command, "--tokenizer", str(tmp_path / "other")])
+    own.save(tmp_path / "copy")
+    assert main([*command, "--tokenizer", str(tmp_path / "copy")]) == 0
+    assert capsys.readouterr().out.startswith("the")

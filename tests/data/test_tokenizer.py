@@ -213,3 +213,20 @@ def test_specials_added_as_ordinary_tokens_are_refused(tmp_path):
     raw.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"has <\|bos\|>, <\|eos\|>, <\|pad\|> as ordinary tokens, not special"):
         load_tokenizer(tmp_path)
+
+
+def test_mismatch_compares_what_ids_mean_not_files():
+    """The bytes tokenizer as a tokenizer.json means the same ids; another vocabulary, other specials or an id
+    that stands for other bytes is named."""
+    from mixcon.data.tokenizer import mismatch
+
+    exported = BPETokenizer(ByteTokenizer().to_tokenizers())
+    assert exported.fingerprint() != ByteTokenizer().fingerprint()
+    assert mismatch(ByteTokenizer(), exported) is None
+    text = "the cat sat on the mat, the end. " * 50
+    a = train_bpe_tokenizer([text], vocab_size=265)
+    assert mismatch(a, BPETokenizer(tokenizers.Tokenizer.from_str(a._tok.to_str()))) is None
+    assert mismatch(a, ByteTokenizer()) == "259 ids, not 265"
+    b = train_bpe_tokenizer(["zzz yyy xxx www vvv uuu " * 50], vocab_size=265)
+    assert b.vocab_size == a.vocab_size
+    assert mismatch(a, b).startswith("id ")

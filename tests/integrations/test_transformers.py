@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Dynam
 
 from mixcon import MixConCache, MixConConfig, MixConForCausalLM
 from mixcon.data import ByteTokenizer
-from mixcon.data.tokenizer import train_bpe_tokenizer
+from mixcon.data.tokenizer import mismatch, train_bpe_tokenizer
 from mixcon.integrations.transformers import MixConHFConfig, MixConHFForCausalLM, export_hf, hf_tokenizer
 from mixcon.training.checkpoint import load_model_and_tokenizer, save_checkpoint
 
@@ -689,18 +689,21 @@ def test_export_hf_refuses_to_write_over_what_it_reads_or_over_a_file(run_dir, t
 
 
 def test_export_hf_in_bf16_and_over_an_existing_directory(run_dir, tmp_path):
-    model, _, run = run_dir
+    model, tok, run = run_dir
     (tmp_path / "hf").mkdir()  # empty: fine
     export_hf(run, tmp_path / "hf")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_hf(run, tmp_path / "hf", dtype=torch.bfloat16)
-    out = export_hf(run, tmp_path / "hf", tokenizer="bytes", dtype=torch.bfloat16, overwrite=True)
+    with pytest.raises(ValueError, match="tokenizer 'bytes' is not the one this model was trained with"):
+        export_hf(run, tmp_path / "hf", tokenizer="bytes", dtype=torch.bfloat16, overwrite=True)
+    tok.save(tmp_path / "copy")  # the run's tokenizer in another file: taken
+    out = export_hf(run, tmp_path / "hf", tokenizer=tmp_path / "copy", dtype=torch.bfloat16, overwrite=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
     back, back_tok = load_model_and_tokenizer(out)
-    assert back_tok.vocab_size == 259 and back_tok.encode("é") == [0xC3, 0xA9]  # the tokenizer given, not the run's
-    ids = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(0))
+    assert mismatch(tok, back_tok) is None
+    ids = torch.randint(0, tok.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
     assert back.embed.weight.dtype == torch.bfloat16  # loaded in the dtype it was saved in
     assert torch.equal(back(ids).logits, model.to(torch.bfloat16)(ids).logits)
 
