@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
     say(f"\ncheckpoint: {summary.checkpoint}\nloss plot:  {out / PLOT_FILE}\nmetrics:    {out / METRICS_FILE}\n"
         f"more text:  mixcon generate --checkpoint {out} --prompt '...'\n"
         f"continue:   mixcon train --out {out} --resume")
+    if summary.stopped_by.startswith("SIG"):  # as a shell reports a program a signal stopped: 130 for Ctrl-C
+        return 128 + signal.Signals[summary.stopped_by].value
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from mixcon.data import load_tokenizer
 from mixcon.training.checkpoint import list_checkpoints, read_trainer_state
 from mixcon.training.distributed import DistEnv
 from mixcon.training.metrics import read_metrics
+from mixcon.training.trainer import Trainer
 
 
 @pytest.mark.parametrize(("command", "flags"), [
@@ -254,3 +257,25 @@ def test_init_from_refuses_its_own_run_as_out(tmp_path, tiny_model):
     with pytest.raises(SystemExit, match=r"lies in --out"):
         main(["train", "--init-from", str(tmp_path / "run" / "model"), "--tokenizer", "bytes", "--steps", "1",
               "--out", str(tmp_path / "run"), "--overwrite"])
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_saves_and_exits_as_the_signal_says(corpus, tmp_path, monkeypatch, capsys, signum, code):
+    """Ctrl-C (or a scheduler's SIGTERM) after step 2: a checkpoint of step 2, no sample, and 128 + the signal's
+    number, so that `mixcon train ... && mixcon generate ...` stops there."""
+    train_step = Trainer.train_step
+
+    def interrupted(self: Trainer) -> dict:
+        record = train_step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signum)
+        return record
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--val-fraction",
+                 "0.2", "--steps", "5", "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "4",
+                 "--no-progress", "--out", str(run)]) == code
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
+    out = capsys.readouterr().out
+    assert f"stopped by {signal.Signals(signum).name} after 2 steps" in out and "sample (" not in out
