@@ -33,7 +33,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 import mixcon
 from mixcon.config import MixConConfig
-from mixcon.data.tokenizer import BOS, EOS, PAD, AnyTokenizer, load_tokenizer
+from mixcon.data.tokenizer import EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_cache
 from mixcon.layers.linear import Linear
@@ -56,7 +56,21 @@ ALIASES = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key_
            "num_local_experts": "n_experts", "num_experts_per_tok": "top_k", "tie_word_embeddings": "tie_embeddings"}
 DERIVED = {"num_hidden_layers": "n_layers"}  # read only
 SYNCED = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")  # also kept as attributes
-FIELDS = {**{name: name for name in SYNCED}, **ALIASES}  # every name whose setting writes a MixConConfig field
+# MixConConfig's own names, but vocab_size (a property) and top_k (transformers takes a config attribute of that
+# name for a generation parameter; num_experts_per_tok reads and sets it)
+NATIVE = {f.name: f.name for f in dataclasses.fields(MixConConfig) if f.name not in ("vocab_size", "top_k")}
+FIELDS = {**NATIVE, **ALIASES}  # every name whose setting writes a MixConConfig field
+
+REMOTE_CODE_MODULE = "modeling_mixcon"
+REMOTE_CODE = f'''"""This model's code is the mixcon library's (`pip install "mixcon[hf]"`): this file lets transformers
+load it with trust_remote_code=True in a program that does not import mixcon itself."""
+
+from {__name__} import MixConHFConfig, MixConHFForCausalLM
+
+__all__ = ["MixConHFConfig", "MixConHFForCausalLM"]
+'''
+AUTO_MAP = {"AutoConfig": f"{REMOTE_CODE_MODULE}.MixConHFConfig",
+            "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.MixConHFForCausalLM"}
 
 
 class MixConHFConfig(PretrainedConfig):
@@ -65,10 +79,11 @@ class MixConHFConfig(PretrainedConfig):
     `MixConForCausalLM.save_pretrained` wrote) set those fields, over `mixcon` when both are given; so do
     transformers' names of them (`hidden_size`, `num_attention_heads`, `num_key_value_heads`, `num_local_experts`,
     `num_experts_per_tok`, `tie_word_embeddings`), which also read them (`num_hidden_layers` reads the number
-    of layers; set n_blocks and layers_per_block instead). Setting a special
-    token id or `tie_word_embeddings` later changes the MixConConfig too. `use_cache`: whether forwards return a
-    cache by default; `output_router_logits`: whether outputs carry `aux_loss` and `router_logits` (as in
-    Mixtral; the loss includes the router losses either way)."""
+    of layers; set n_blocks and layers_per_block instead). Every field reads and sets through the config
+    (`config.conba_kernel = "triton"` before a model is built from it; `from_pretrained(path, conba_chunk=32)`).
+    `use_cache`: whether forwards return a cache by default; `output_router_logits`: whether outputs carry
+    `aux_loss` and `router_logits`, and an evaluating (eval mode) model's loss the router losses (as in Mixtral;
+    a training model's loss includes them either way)."""
 
     model_type = HF_MODEL_TYPE
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values", "aux_loss"]
@@ -76,7 +91,7 @@ class MixConHFConfig(PretrainedConfig):
     def __init__(self, mixcon: MixConConfig | dict[str, Any] | None = None, use_cache: bool = True,
                  output_router_logits: bool = False, **kwargs: Any) -> None:
         config = mixcon if isinstance(mixcon, MixConConfig) else MixConConfig.from_dict(mixcon or {})
-        names = {**{f.name: f.name for f in dataclasses.fields(MixConConfig)}, **ALIASES}
+        names = {**FIELDS, "vocab_size": "vocab_size", "top_k": "top_k"}
         if fields := {names[key]: kwargs.pop(key) for key in list(kwargs) if key in names}:
             config = config.replace(**fields)
         self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
@@ -94,8 +109,8 @@ class MixConHFConfig(PretrainedConfig):
         return isinstance(other, MixConHFConfig) and self.to_dict() == other.to_dict()
 
     def __getattr__(self, name: str) -> Any:  # only names that ordinary lookup did not find
-        if (name in ALIASES or name in DERIVED) and "mixcon" in self.__dict__:
-            return getattr(self.to_mixcon(), ALIASES.get(name) or DERIVED[name])
+        if (name in FIELDS or name in DERIVED) and "mixcon" in self.__dict__:
+            return getattr(self.to_mixcon(), FIELDS.get(name) or DERIVED[name])
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -110,6 +125,19 @@ class MixConHFConfig(PretrainedConfig):
 
     def to_mixcon(self) -> MixConConfig:
         return MixConConfig.from_dict(self.mixcon)
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """transformers' save, and beside config.json the `modeling_mixcon.py` its `auto_map` names: whatever
+        saves this config (the model's save_pretrained, the Trainer's checkpoints, a merged PEFT model) writes a
+        directory that loads with trust_remote_code=True wherever mixcon is installed."""
+        self.auto_map = AUTO_MAP
+        super().save_pretrained(save_directory, *args, **kwargs)
+        (Path(save_directory) / f"{REMOTE_CODE_MODULE}.py").write_text(REMOTE_CODE)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
+        """Nothing: `save_pretrained` writes this library's remote code (transformers would copy this module's
+        file into every saved directory, under the name transformers.py)."""
 
     @property
     def vocab_size(self) -> int:
@@ -127,7 +155,8 @@ PASSED_BY = frozenset({"tokenizer", "assistant_tokenizer"})
 class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     """`MixConForCausalLM` behind transformers' interface: `labels` are the inputs (shifted inside, -100 =
     ignored), `past_key_values` a `MixConCache` (made by a first call with `use_cache`, the default), the loss
-    the model's (language modelling + router losses); `aux_loss` the router's load-balancing loss and
+    the model's (language modelling + router losses; in eval mode without `output_router_logits`, language
+    modelling only); `aux_loss` the router's load-balancing loss and
     `router_logits` each MoE layer's (B·T, n_experts), with `output_router_logits` (forward argument or config;
     as in Mixtral)."""
 
@@ -173,6 +202,10 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                 module.bias.zero_()
 
     @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoModelForCausalLM") -> None:
+        """Nothing: the config's `save_pretrained` writes this library's remote code."""
+
+    @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the cache is a MixConCache, made in `forward`
 
@@ -184,20 +217,35 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         a model given is wrapped as it is)."""
         if not isinstance(model, MixConForCausalLM):
             model = MixConForCausalLM.from_pretrained(model_directory(model), device=device, dtype=dtype)
-        return cls(MixConHFConfig(model.config), model)
+        config = MixConHFConfig(model.config)
+        config.bos_token_id = config.eos_token_id  # what begins a text, as in training (`hf_tokenizer`'s bos_token)
+        return cls(config, model)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' `from_pretrained`, with every CPU parameter copied out of the safetensors file it
         may still be a view of: an unaligned view changes the BLAS kernels' rounding, and the logits
         would then differ from the saved model's in the last bit."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) when asked
+        model, info = super().from_pretrained(*args, **{**kwargs, "output_loading_info": True})
         with torch.no_grad():
             for param in model.parameters():  # tied parameters once: they stay tied
                 if param.device.type == "cpu":
                     param.data = param.data.clone()
-        return loaded
+        model._init_missing(info["missing_keys"])
+        return (model, info) if kwargs.get("output_loading_info") else model
+
+    @torch.no_grad()
+    def _init_missing(self, missing: set[str]) -> None:
+        """Parameters the weights files lacked (transformers made them, uninitialised): MixCon's initialisation
+        of their modules (`MixConForCausalLM.init_module`), the loaded parameters of those modules kept."""
+        prefix = f"{self.base_model_prefix}."
+        for owner in sorted({key.rpartition(".")[0] for key in missing if key.startswith(prefix)}):
+            module = self.get_submodule(owner)
+            kept = {name: param.clone() for name, param in module.named_parameters()
+                    if f"{owner}.{name}" not in missing}
+            self.model.init_module(owner[len(prefix):], module)
+            for name, value in kept.items():
+                module.get_parameter(name).copy_(value)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed
@@ -235,10 +283,11 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
         """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
         1 for real tokens; labels (B, T) the inputs themselves (the next token is each position's target).
-        No cache is made with labels, while autograd records the forward (a cache is updated in place; pass one
-        to differentiate through it), for rows that end in padding (which generate would continue after the
-        pads), nor while
-        training with activation checkpointing. Packed documents
+        By default no cache is made with labels or while autograd records the forward (training); use_cache=True
+        makes one then too (gradients flow through cached forwards). None is made, and use_cache=True is refused,
+        for rows that end in padding (which generate would continue after the pads), packed documents, or while
+        training with activation checkpointing. The loss: language modelling, plus the router losses while
+        training or with `output_router_logits` (an evaluation's loss is the language model's). Packed documents
         (padding-free batches, `DataCollatorWithFlattening`): `seq_idx` (B, T), or `position_ids` (B, T)
         that restart where a document starts; no cache is made then. Otherwise position_ids are not
         needed: positions follow from the attention mask and the cache. `output_hidden_states`: the embeddings
@@ -272,11 +321,19 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("past_key_values: no cache while training with activation checkpointing (the layers "
                              "recomputed in the backward would advance it a second time)")
         cache = past_key_values
-        if cache is None and (use_cache if use_cache is not None else self.config.use_cache) and labels is None \
-                and not recomputing and seq_idx is None and not self.model._needs_grad() \
-                and not (mask is not None and bool(ends_in_padding(mask).any())):
-            cache = (self.model.new_cache(B, max_length=T) if self._lengths is None  # a forward's own
-                     else generation_cache(self.model, B, T, self._generation_room(T)))
+        wants_cache = use_cache if use_cache is not None else (  # by default: not for training forwards
+            self.config.use_cache and labels is None and not self.model._needs_grad())
+        if cache is None and wants_cache:
+            no_cache = ("training with activation checkpointing (the layers recomputed in the backward would "
+                        "advance it a second time)" if recomputing else
+                        "packed documents (seq_idx, or position_ids that restart inside a row)" if seq_idx is not None
+                        else "rows that end in padding (left-pad them)"
+                        if mask is not None and bool(ends_in_padding(mask).any()) else None)
+            if no_cache is None:
+                cache = (self.model.new_cache(B, max_length=T) if self._lengths is None  # a forward's own
+                         else generation_cache(self.model, B, T, self._generation_room(T)))
+            elif use_cache:
+                raise ValueError(f"use_cache=True: no cache is made for {no_cache}; pass use_cache=False")
         if attention_mask is not None:
             attention_mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
         targets = None
@@ -292,7 +349,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
                          logits_to_keep=logits_to_keep, seq_idx=seq_idx, output_hidden_states=output_hidden_states,
                          inputs_embeds=inputs_embeds, output_router_logits=bool(output_router_logits))
-        result = MoeCausalLMOutputWithPast(loss=out.loss, aux_loss=out.aux_loss if output_router_logits else None,
+        loss = out.loss if self.training or output_router_logits else out.lm_loss
+        result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss if output_router_logits else None,
                                            logits=out.logits, past_key_values=cache, hidden_states=out.hidden_states,
                                            router_logits=out.router_logits)
         use_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -349,7 +407,8 @@ def _documents_from_positions(position_ids: torch.Tensor, shape: tuple[int, int]
 def hf_tokenizer(tokenizer: AnyTokenizer | str | Path, split_special_tokens: bool = False) -> PreTrainedTokenizerFast:
     """A tokenizer of this library (BPE or bytes; or a spec `load_tokenizer` reads: 'bytes', a tokenizer.json,
     a directory holding one such as a run's tokenizer/) as a `PreTrainedTokenizerFast` with the same ids that
-    starts every text with EOS, as training documents start. Text that spells a special token (`tok.eos_token`,
+    starts every text with EOS, as training documents start: its `bos_token` is EOS (as GPT-2's), the token a
+    tool that prepends `bos_token` should prepend. Text that spells a special token (`tok.eos_token`,
     or one added with `add_special_tokens`) encodes as its id, as transformers' tokenizers do;
     `split_special_tokens=True` encodes it as ordinary text, as this library reads training data."""
     if isinstance(tokenizer, (str, Path)):
@@ -358,18 +417,10 @@ def hf_tokenizer(tokenizer: AnyTokenizer | str | Path, split_special_tokens: boo
     backend.encode_special_tokens = split_special_tokens
     backend.post_processor = TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A $B:1",
                                                 special_tokens=[(EOS, tokenizer.eos_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, pad_token=PAD,
                                    padding_side="left", split_special_tokens=split_special_tokens)
 
 
-REMOTE_CODE_MODULE = "modeling_mixcon"
-REMOTE_CODE = f'''"""This model's code is the mixcon library's (`pip install "mixcon[hf]"`): this file lets transformers
-load it with trust_remote_code=True in a program that does not import mixcon itself."""
-
-from {__name__} import MixConHFConfig, MixConHFForCausalLM
-
-__all__ = ["MixConHFConfig", "MixConHFForCausalLM"]
-'''
 
 
 def model_card(model: MixConForCausalLM, source: str | Path, out: str | Path) -> str:
@@ -420,11 +471,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        hf_model = MixConHFForCausalLM.from_mixcon(model)
-        hf_model.config.auto_map = {"AutoConfig": f"{REMOTE_CODE_MODULE}.MixConHFConfig",
-                                    "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.MixConHFForCausalLM"}
-        hf_model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        (tmp / f"{REMOTE_CODE_MODULE}.py").write_text(REMOTE_CODE)
+        MixConHFForCausalLM.from_mixcon(model).save_pretrained(tmp, max_shard_size=max_shard_size)
         hf_tokenizer(tok).save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(model, checkpoint, out))
         publish_directory(tmp, out)

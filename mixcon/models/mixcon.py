@@ -24,7 +24,7 @@ from mixcon.layers.context import DecodeStep, ForwardContext
 from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
-from mixcon.layers.norm import RMSNorm
+from mixcon.layers.norm import GatedRMSNorm, RMSNorm
 from mixcon.ops._validate import check_seq_idx
 from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
 from mixcon.ops.dtypes import compute_dtype, resolve_dtype
@@ -244,20 +244,31 @@ class MixConForCausalLM(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2·n_layers), SSM init for Conba."""
+        """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2·n_layers), SSM init for Conba,
+        norm weights 1."""
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Conv1d):  # (a Conba's, initialised with it)
+                self.init_module(name, module)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """`reset_parameters` for the parameters `module` (named `name` in this model) holds itself, and for a
+        Conba its conv's too; meta ones stay as they are."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
-                is_out = name.endswith(("out_proj", "down")) and ".sel." not in name
-                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
-            elif isinstance(module, MoE) and not module.w_down.is_meta:
-                nn.init.normal_(module.w_gate_up, 0.0, std)
-                nn.init.normal_(module.w_down, 0.0, out_std)
-            elif isinstance(module, Conba):
-                module.reset_ssm_parameters()
-                if not module.conv1d.weight.is_meta:
-                    module.conv1d.reset_parameters()
+        if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
+            is_out = name.endswith(("out_proj", "down")) and ".sel." not in name
+            nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+        elif isinstance(module, MoE) and not module.w_down.is_meta:
+            nn.init.normal_(module.w_gate_up, 0.0, std)
+            nn.init.normal_(module.w_down, 0.0, out_std)
+        elif isinstance(module, Conba):
+            module.reset_ssm_parameters()
+            self.init_module(f"{name}.conv1d", module.conv1d)
+        elif isinstance(module, nn.Conv1d) and not module.weight.is_meta:
+            module.reset_parameters()
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)) and not module.weight.is_meta:
+            nn.init.ones_(module.weight)
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, active: bool = False) -> int:

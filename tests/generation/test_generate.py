@@ -143,11 +143,12 @@ def test_finished_rows_are_padded_with_the_configs_pad_id(tiny_model):
     model = tiny_model(dtype=torch.float32, pad_token_id=7)
     prompts = torch.tensor([[5, 6, 8, 9], [11, 12, 13, 14]])
     free = model.generate(prompts, 6)
-    eos = int(free[0, 5])  # row 0's second token; row 1 never makes it
-    assert eos not in free[1, 4:].tolist()
+    row0, row1 = free[0, 4:].tolist(), free[1, 4:].tolist()
+    eos = next(t for t in row0[:-1] if t not in row1)  # ends row 0 before its last token; row 1 never makes it
+    stop = row0.index(eos) + 1
     out = model.generate(prompts, 6, eos_token_id=eos)
-    assert out[0, 4:].tolist() == [*free[0, 4:6].tolist(), 7, 7, 7, 7]  # as transformers' generate pads
-    assert model.generate(prompts, 6, eos_token_id=eos, pad_token_id=3)[0, 6:].tolist() == [3] * 4
+    assert out[0, 4:].tolist() == [*row0[:stop], *[7] * (6 - stop)]  # as transformers' generate pads
+    assert model.generate(prompts, 6, eos_token_id=eos, pad_token_id=3)[0, 4 + stop:].tolist() == [3] * (6 - stop)
     assert torch.equal(model.generate(prompts, 6, eos_token_id=[299, eos]), out)  # any of several EOS ids
 
 

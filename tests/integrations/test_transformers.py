@@ -54,12 +54,20 @@ def test_forward_logits_and_loss_are_the_models(pair):
 
 def test_outputs_are_ordered_as_mixtrals(pair):
     """aux_loss only with output_router_logits (argument or config), as Mixtral: the tuple form is then (loss,
-    logits, past_key_values), and the Trainer leaves aux_loss out of its predictions; the loss counts it always."""
-    _, hf = pair
+    logits, past_key_values), and the Trainer leaves aux_loss out of its predictions. The loss counts the router
+    losses while training or with output_router_logits; an evaluating model's loss is the language model's
+    (the Trainer's eval_loss, a perplexity)."""
+    model, hf = pair
     ids, mask = left_padded()
     loss, logits = hf(ids, attention_mask=mask, labels=ids, return_dict=False)
     out = hf(ids, attention_mask=mask, labels=ids)
     assert out.aux_loss is None and torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+    ref = model(ids, attention_mask=mask, labels=F.pad(ids[:, 1:], (0, 1), value=-100))
+    assert ref.router_loss > 0 and torch.equal(out.loss, ref.lm_loss)
+    assert torch.equal(hf(ids, attention_mask=mask, labels=ids, output_router_logits=True).loss, ref.loss)
+    hf.train()
+    assert torch.equal(hf(ids, attention_mask=mask, labels=ids).loss, ref.loss)
+    hf.eval()
     with torch.no_grad():
         assert isinstance(hf(ids, return_dict=False)[1], MixConCache)  # the cache after the logits
     hf.config.output_router_logits = True
@@ -197,9 +205,12 @@ def test_generate_stops_at_stop_strings(tiny_model):
     model = tiny_model(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     hf = MixConHFForCausalLM.from_mixcon(model).eval()
     ids = torch.tensor([tok("def f(x):").input_ids])
-    full = hf.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:].tolist()
+    torch.manual_seed(0)  # sampling an untrained model: nearly uniform, so a printable byte comes up (~1 - 1e-8)
+    full = hf.generate(ids, max_new_tokens=40, do_sample=True, top_k=0)[0, ids.shape[1]:].tolist()
     j = next(i for i, t in enumerate(full) if 33 <= t < 127 and chr(t) not in "<|>abdeops")
-    stopped = hf.generate(ids, max_new_tokens=40, do_sample=False, stop_strings=[chr(full[j])], tokenizer=tok)
+    torch.manual_seed(0)
+    stopped = hf.generate(ids, max_new_tokens=40, do_sample=True, top_k=0, stop_strings=[chr(full[j])],
+                          tokenizer=tok)
     assert stopped[0, ids.shape[1]:].tolist() == full[: j + 1]
     assert len(stopped[0]) < len(ids[0]) + 40
 
@@ -432,8 +443,8 @@ def test_resize_token_embeddings(tiny_model, tmp_path, tie, mean_resizing):
 
     hf.resize_token_embeddings(301, pad_to_multiple_of=8)  # up to 304 rows
     assert model.config.vocab_size == 304 and torch.equal(hf(ids, attention_mask=mask).logits[..., :300], before)
-    with pytest.raises(ValueError, match="eos_token_id"):
-        hf.resize_token_embeddings(EOS)  # the EOS id would fall outside the vocabulary
+    with pytest.raises(ValueError, match=f"(bos|eos)_token_id={EOS} is invalid"):
+        hf.resize_token_embeddings(EOS)  # the EOS id (which begins texts too) would fall outside the vocabulary
     assert model.config.vocab_size == 304
 
 
@@ -525,8 +536,8 @@ def test_trainer_with_padding_free_batches_keeps_documents_apart(tiny_model, tra
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     batch = collator(data)
     with torch.no_grad():
-        apart = hf(**batch).loss.item()
-        together = hf(batch["input_ids"], labels=batch["labels"]).loss.item()
+        apart = hf(**batch, output_router_logits=True).loss.item()  # the training loss: router losses counted
+        together = hf(batch["input_ids"], labels=batch["labels"], output_router_logits=True).loss.item()
     assert logged == pytest.approx([apart], rel=1e-5) and apart != pytest.approx(together, rel=1e-3)
 
 
@@ -585,6 +596,10 @@ def test_export_hf_loads_through_the_auto_classes_and_back(run_dir, tmp_path):
     assert htok.padding_side == "left" and batch.input_ids[1].tolist() == [tok.eos_id, *tok.encode(prompts[1])]
     assert htok("a" + htok.eos_token).input_ids == [tok.eos_id, *tok.encode("a"), tok.eos_id]  # as transformers'
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    # What begins a text, everywhere a tool may look for it: EOS, as in training (a tool that prepends
+    # bos_token would otherwise feed <|bos|>, which training never saw).
+    assert htok.bos_token_id == hf.config.bos_token_id == hf.generation_config.bos_token_id == tok.eos_id
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == tok.eos_id
     expected = model.generate(batch.input_ids, 6, attention_mask=batch.attention_mask, eos_token_id=tok.eos_id,
                               pad_token_id=tok.pad_id)
     assert torch.equal(hf.generate(**batch, max_new_tokens=6, do_sample=False), expected)
@@ -707,3 +722,102 @@ def test_export_hf_in_bf16_and_over_an_existing_directory(run_dir, tmp_path):
     assert back.embed.weight.dtype == torch.bfloat16  # loaded in the dtype it was saved in
     assert torch.equal(back(ids).logits, model.to(torch.bfloat16)(ids).logits)
 
+
+
+def test_use_cache_true_returns_a_cache_while_autograd_records(pair):
+    """use_cache=True makes a cache in a forward that autograd records, with labels too (as transformers'
+    models do), and continuing from it gives the full forward's logits and gradients; it is refused, not
+    silently dropped, where no cache can be made."""
+    _, hf = pair
+    ids, mask = left_padded()
+    full = hf(ids, attention_mask=mask)
+    assert full.past_key_values is None  # by default none while autograd records
+    first = hf(ids[:, :7], attention_mask=mask[:, :7], labels=ids[:, :7], use_cache=True)
+    assert isinstance(first.past_key_values, MixConCache)
+    rest = hf(ids[:, 7:], attention_mask=mask, past_key_values=first.past_key_values)
+    torch.testing.assert_close(rest.logits, full.logits[:, 7:])
+    rest.logits.sum().backward()
+    assert hf.model.embed.weight.grad is not None
+    with pytest.raises(ValueError, match=r"use_cache=True: no cache is made for rows that end in padding"):
+        hf(ids, attention_mask=mask.flip(1), use_cache=True)
+    with pytest.raises(ValueError, match=r"use_cache=True: no cache is made for packed documents"):
+        hf(ids, seq_idx=torch.zeros_like(ids).index_fill(1, torch.tensor([6, 7, 8, 9, 10]), 1), use_cache=True)
+    assert hf(ids, attention_mask=mask.flip(1)).past_key_values is None  # by default: none, no error
+
+
+def test_weights_missing_from_the_files_get_mixcons_initialisation(pair, tmp_path):
+    """transformers makes parameters the files lack without values; they get MixCon's initialisation (norm
+    weights 1, Normal(0, init_std) projections), and the loaded ones of the same module stay as saved."""
+    from safetensors.torch import load_file, save_file
+
+    model, hf = pair
+    hf.save_pretrained(tmp_path / "saved")
+    untied = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", tie_word_embeddings=False)
+    head = untied.model.lm_head.weight
+    assert head.data_ptr() != untied.model.embed.weight.data_ptr() and torch.isfinite(head).all()
+    assert abs(head.std().item() - model.config.init_std) < 0.2 * model.config.init_std
+    weights = load_file(tmp_path / "saved" / "model.safetensors")
+    gone = ["model.norm.weight", "model.layers.0.mixer.A_log", "model.layers.1.mixer.conv1d.weight"]
+    save_file({k: v for k, v in weights.items() if k not in gone}, tmp_path / "saved" / "model.safetensors",
+              metadata={"format": "pt"})
+    back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert sorted(info["missing_keys"]) == sorted(gone)
+    assert torch.equal(back.model.norm.weight, torch.ones_like(back.model.norm.weight))
+    A = -back.model.layers[0].mixer.A_log.exp()
+    assert bool(((A <= -1) & (A >= -16)).all())  # A ~ U[1, 16]
+    conv = back.model.layers[1].mixer.conv1d.weight
+    assert torch.isfinite(conv).all() and conv.abs().max() <= 1 / conv.shape[-1] ** 0.5  # PyTorch's conv init
+    for name in ["model.layers.0.mixer.D", "model.layers.1.mixer.conv1d.bias", "model.embed.weight"]:
+        assert torch.equal(back.get_parameter(name).to(weights[name].dtype), weights[name])
+
+
+def test_native_config_fields_read_and_set_through_the_transformers_config(pair, tmp_path):
+    """Every MixConConfig field is an attribute of the transformers config, so transformers' from_pretrained
+    keywords set them (the README's conba_kernel="triton" for a GPU); top_k is num_experts_per_tok there (a
+    config attribute named top_k would be a generation parameter)."""
+    from transformers import AutoConfig
+
+    _, hf = pair
+    hf.save_pretrained(tmp_path / "saved")
+    config = AutoConfig.from_pretrained(tmp_path / "saved", conba_chunk=16, conba_kernel="triton")
+    assert config.conba_chunk == 16 and config.to_mixcon().conba_kernel == "triton"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", conba_chunk=16)
+    assert loaded.model.config.conba_chunk == 16
+    config.conba_delay = 0
+    assert config.to_mixcon().conba_delay == 0 and config.to_dict()["mixcon"]["conba_delay"] == 0
+    with pytest.raises(ValueError, match="conba_chunk"):
+        config.conba_chunk = 0
+    assert config.num_experts_per_tok == hf.model.config.top_k and not hasattr(config, "top_k")
+
+
+def test_a_loaded_model_saved_again_loads_with_remote_code(pair, tmp_path):
+    """save_pretrained of any wrapper (one this process built, or one loaded through remote code) writes the
+    modeling_mixcon.py that config.json's auto_map names, and no copy of this module: the directory loads in a
+    fresh interpreter with trust_remote_code=True, and saved from there, again."""
+    from mixcon.integrations.transformers import AUTO_MAP
+
+    _, hf = pair
+    hf.save_pretrained(tmp_path / "first")
+    assert json.loads((tmp_path / "first" / "config.json").read_text())["auto_map"] == AUTO_MAP
+    ids = [[EOS, 5, 6, 7]]
+    script = f"""
+import json, os, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "first")!r}, trust_remote_code=True)
+model.save_pretrained({str(tmp_path / "second")!r})
+assert sorted(os.listdir({str(tmp_path / "second")!r})) == ["config.json", "generation_config.json",
+    "model.safetensors", "modeling_mixcon.py"], os.listdir({str(tmp_path / "second")!r})
+assert json.load(open({str(tmp_path / "second" / "config.json")!r}))["auto_map"] == {AUTO_MAP!r}
+"""
+    load = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "second")!r}, trust_remote_code=True).eval()
+torch.save(model(torch.tensor({ids})).logits, {str(tmp_path / "logits.pt")!r})
+"""
+    for code in (script, load):
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:]
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), hf(torch.tensor(ids)).logits)
