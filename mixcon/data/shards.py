@@ -2,9 +2,10 @@
 
 A folder holds `index.json` and one `.bin` file per split (`train`, `val`): the token ids of that split's
 documents in corpus order, each document followed by EOS. Documents go to a split by a seeded hash of
-their content, so the split is deterministic. Rebuilds happen only when the key (tokenizer, corpus
-content, split settings) changes, and are atomic: new shards get new names and the index that names
-them replaces the old one last, so an interrupted build leaves the previous index (or none) in place.
+their content, so the split is deterministic; a corpus of one document (a single text file) validates on
+its last `val_fraction` (from a line start), as nanoGPT splits Shakespeare. Rebuilds happen only when the
+key (tokenizer, corpus content, split settings) changes, and are atomic: new shards get new names and the
+index that names them replaces the old one last, so an interrupted build leaves the previous index (or none) in place.
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     start = time.perf_counter()
     out = Path(out_dir)
     hashes, n_bytes = _scan(corpus, max_bytes, progress)
-    val_docs = _val_documents(hashes, val_fraction, seed)
+    one_text = len(hashes) == 1 and val_fraction > 0  # its end validates: documents 0 (train) and 1 (val)
+    parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
+    val_docs = {1} if one_text else _val_documents(hashes, val_fraction, seed)
     key = _key(tok, hashes, val_fraction, seed)
     existing = _existing(out, key)
     if existing is not None:
@@ -142,7 +145,7 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     stats = {split: {"documents": 0, "bytes": 0} for split in SPLITS}
     workers = min(workers or os.cpu_count() or 1, math.ceil(n_bytes / BATCH_BYTES))
     try:
-        batches = _batches(corpus.documents(max_bytes), val_docs)
+        batches = _batches(parts or corpus.documents(max_bytes), val_docs)
         with tqdm(total=n_bytes, desc=f"tokenising ({tok.name})", unit="B", unit_scale=True,
                   disable=not progress) as bar:
             for (split, docs, size), tokens in _encode_all(batches, tok, dtype, workers):
@@ -151,7 +154,7 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
                 stats[split]["bytes"] += size
                 bar.update(size)
         documents, read = (sum(s[field] for s in stats.values()) for field in ("documents", "bytes"))
-        if (documents, read) != (len(hashes), n_bytes):
+        if (documents, read) != (len(hashes) + one_text, n_bytes):
             raise RuntimeError(f"the corpus changed while the shards were being built: {corpus.describe()}")
         for split in SPLITS:
             writers[split].commit(out / files[split])
@@ -203,6 +206,19 @@ def _existing(out: Path, key: str) -> ShardDataset | None:
     return ds if ds.reused else None
 
 
+def _held_out_end(text: str, val_fraction: float) -> tuple[str, str]:
+    """A single text as (training part, its last `val_fraction`), cut at the start of a line where one follows
+    the cut point."""
+    cut = round(len(text) * (1 - val_fraction))
+    line_end = text.find("\n", max(cut - 1, 0))
+    if 0 <= line_end < len(text) - 1:
+        cut = line_end + 1
+    if not 0 < cut < len(text):
+        raise ValueError(f"val_fraction={val_fraction}: the corpus is one document of {len(text)} characters, too "
+                         "short to hold out its end; use val_fraction=0 (--val-fraction 0)")
+    return text[:cut], text[cut:]
+
+
 def _val_documents(hashes: list[bytes], val_fraction: float, seed: int) -> set[int]:
     """Indices of the validation documents: those of the texts whose seeded content hash is lowest, about
     round(val_fraction * n) documents, at least one (and never all) when val_fraction > 0. Copies of one text
@@ -214,8 +230,8 @@ def _val_documents(hashes: list[bytes], val_fraction: float, seed: int) -> set[i
     for i, digest in enumerate(hashes):
         copies.setdefault(digest, []).append(i)
     if len(copies) < 2:
-        raise ValueError(f"val_fraction={val_fraction}: the corpus has a single distinct document and the split is "
-                         f"by document; use val_fraction=0 (--val-fraction 0), or a corpus of many documents (a "
+        raise ValueError(f"val_fraction={val_fraction}: the corpus is copies of a single text and the split is by "
+                         f"document; use val_fraction=0 (--val-fraction 0), or a corpus of many documents (a "
                          "folder, JSON Lines)")
     k = min(max(round(val_fraction * n), 1), n - 1)
     salt = str(seed).encode()

@@ -182,10 +182,15 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "empty" / "b.txt").write_bytes(b"\xff")
     with pytest.raises(ValueError, match=r"empty corpus: no documents in text .*skipped 1 \(.*b.txt: not UTF-8\)"):
         build(Corpus.from_spec(str(tmp_path / "empty")), ByteTokenizer(), tmp_path / "s")
-    (tmp_path / "one.txt").write_text("one document")
+    (tmp_path / "one.txt").write_text("x")
     one = Corpus.from_spec(str(tmp_path / "one.txt"))
-    with pytest.raises(ValueError, match=r"val_fraction=0.01: the corpus has a single distinct document"):
+    with pytest.raises(ValueError, match=r"val_fraction=0.01: the corpus is one document of 1 characters, too short"):
         build(one, ByteTokenizer(), tmp_path / "s")
+    (tmp_path / "copies").mkdir()
+    for name in "ab":
+        (tmp_path / "copies" / f"{name}.txt").write_text("the same text")
+    with pytest.raises(ValueError, match=r"val_fraction=0.01: the corpus is copies of a single text"):
+        build(Corpus.from_spec(str(tmp_path / "copies")), ByteTokenizer(), tmp_path / "s")
     with pytest.raises(ValueError, match=r"val_fraction=1: must be in \[0, 1\)"):
         build(one, ByteTokenizer(), tmp_path / "s", val_fraction=1)
     assert not (tmp_path / "s").exists()
@@ -202,3 +207,22 @@ def test_max_bytes_and_index_contents(tmp_path, random_documents, write_document
     assert (index["seed"], index["max_bytes"], index["val_fraction"], index["dtype"]) == (3, 5_000, 0.01, "uint16")
     assert ds.vocab_size == 259 and ds.eos_id == 257
     assert "train" in ds.summary() and "bytes/token" in ds.summary()
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_a_single_text_validates_on_its_end_from_a_line_start(tmp_path, tokenizer):
+    """One text file (the commonest corpus): its last val_fraction, from the start of a line, is the validation
+    split, the rest trains; nothing is lost or duplicated, and the split is the same on every build."""
+    lines = [f"line {i}: {'é' * (i % 7)} words" for i in range(400)]
+    text = "\n".join(lines) + "\n"
+    (tmp_path / "play.txt").write_text(text)
+    corpus = Corpus.from_spec(str(tmp_path / "play.txt"))
+    tok = ByteTokenizer() if tokenizer == "bytes" else train_bpe_tokenizer([text], vocab_size=300)
+    ds = build(corpus, tok, tmp_path / "s", val_fraction=0.1)
+    (train,), (val,) = documents_of(ds, "train", tok), documents_of(ds, "val", tok)
+    assert train + val == text and train.endswith("\n") and val.startswith("line ")
+    assert 0.08 * len(text) < len(val) <= 0.1 * len(text)
+    assert ds.index["splits"]["val"]["documents"] == 1
+    assert ds.index["splits"]["train"]["bytes"] + ds.index["splits"]["val"]["bytes"] == len(text.encode())
+    assert build(corpus, tok, tmp_path / "s", val_fraction=0.1).reused
+    assert documents_of(build(corpus, tok, tmp_path / "t", val_fraction=0), "train", tok) == [text]
