@@ -104,7 +104,9 @@ class ShardDataset:
     def summary(self) -> str:
         """Corpus, skipped files, tokenizer and per-split documents / bytes / tokens, one line each."""
         ix, tok = self.index, self.index["tokenizer"]
-        lines = [f"corpus     {ix['corpus']}",
+        cut = ix.get("max_bytes") and sum(ix["splits"][s]["bytes"] for s in SPLITS) == ix["max_bytes"]
+        lines = [f"corpus     {ix['corpus']}" + (f", cut at its first {ix['max_bytes']:,} bytes (--max-bytes)" if cut
+                                                  else ""),
                  f"skipped    {ix['skipped']} files or records (unreadable or not UTF-8)",
                  f"tokenizer  {tok['name']}, vocab {tok['vocab_size']}, fingerprint {tok['fingerprint'][:12]}"]
         for split in SPLITS:

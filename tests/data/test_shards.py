@@ -207,6 +207,9 @@ def test_max_bytes_and_index_contents(tmp_path, random_documents, write_document
     assert (index["seed"], index["max_bytes"], index["val_fraction"], index["dtype"]) == (3, 5_000, 0.01, "uint16")
     assert ds.vocab_size == 259 and ds.eos_id == 257
     assert "train" in ds.summary() and "bytes/token" in ds.summary()
+    assert ds.summary().splitlines()[0].endswith(", cut at its first 5,000 bytes (--max-bytes)")  # said, not silent
+    whole = build(corpus, ByteTokenizer(), tmp_path / "w")
+    assert "cut at" not in whole.summary()
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
