@@ -84,9 +84,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 def run_perplexity(args: argparse.Namespace) -> int:
     try:
         corpus = Corpus.from_spec(args.corpus)
-        texts = list(corpus.documents(args.max_bytes))  # read before the model is loaded: an empty one is refused
-        if not texts:
-            raise ValueError(f"--corpus: no text to score in {corpus.describe()}")
+        try:  # read before the model is loaded: an empty one is refused
+            texts = list(corpus.documents(args.max_bytes))
+        except ValueError as e:
+            raise ValueError(f"--corpus: {e}") from e
         model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer, DTYPES[args.dtype])
         if args.compile:
             model.compile_prefill()

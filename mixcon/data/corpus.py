@@ -43,23 +43,30 @@ class Corpus(ABC):
 
     def documents(self, max_bytes: int | None = None) -> Iterator[str]:
         """The non-empty documents; with `max_bytes`, only the first `max_bytes` UTF-8 bytes of them (the last
-        document is cut at a character boundary)."""
+        document is cut at a character boundary). A corpus without any is a ValueError naming what it skipped."""
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes={max_bytes}: must be a positive number of bytes, or None for all")
         self.skipped = []
         budget = max_bytes
+        empty = True
         for doc in self._documents():
             if not doc:
                 continue
+            last = False
             if budget is not None:
                 data = doc.encode("utf-8")
-                if len(data) >= budget:
+                last = len(data) >= budget
+                if last:
                     doc = data[:budget].decode("utf-8", errors="ignore")
-                    if doc:
-                        yield doc
-                    return
-                budget -= len(data)
-            yield doc
+                else:
+                    budget -= len(data)
+            if doc:
+                empty = False
+                yield doc
+            if last:
+                break
+        if empty:
+            raise ValueError(f"empty corpus: no documents in {self.describe()}")
 
     def describe(self) -> str:
         """What the corpus is, and how many files or records the latest pass skipped (with the first few)."""

@@ -190,8 +190,6 @@ def _scan(corpus: Corpus, max_bytes: int | None, progress: bool) -> tuple[list[b
             hashes.append(hashlib.blake2b(data, digest_size=16).digest())
             n_bytes += len(data)
             bar.update(len(data))
-    if not hashes:
-        raise ValueError(f"empty corpus: no documents in {corpus.describe()}")
     return hashes, n_bytes
 
 

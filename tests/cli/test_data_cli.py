@@ -101,3 +101,14 @@ def test_tokenizer_out_that_is_a_file_is_refused_before_training(tmp_path, monke
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match=r"--out .*file is a file; give a folder"):
         main(["tokenizer", "train", "--corpus", str(tmp_path / "file"), "--out", str(tmp_path / "file")])
+
+
+@pytest.mark.parametrize("command", [["tokenizer", "train", "--vocab-size", "300"],
+                                     ["train", "--config", "tiny", "--steps", "1"]])
+def test_a_corpus_of_non_utf8_text_names_what_was_skipped(tmp_path, command):
+    """A Latin-1 file trains no BPE: the error names the file and why it was skipped (it said "the texts are
+    empty")."""
+    (tmp_path / "latin1.txt").write_bytes("café crème\n".encode("latin-1") * 100)
+    with pytest.raises(SystemExit, match=r"empty corpus: no documents in text .*latin1.txt \(1 file\); skipped 1 "
+                                         r"\(.*latin1.txt: not UTF-8\)"):
+        main([*command, "--corpus", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "out")])

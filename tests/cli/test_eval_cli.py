@@ -82,7 +82,8 @@ def test_a_corpus_with_no_text_is_an_error_naming_it(saved, tmp_path, capsys):
     (tmp_path / "skipped.jsonl").write_text('{"text": ""}\nnot json\n')
     for corpus, named in [("empty.txt", r"text .*empty.txt \(1 file\)"),
                           ("skipped.jsonl", r"JSON Lines .*skipped.jsonl .*; skipped 1 \(.*jsonl:2: not JSON\)")]:
-        with pytest.raises(SystemExit, match=f"mixcon eval perplexity: --corpus: no text to score in {named}"):
+        with pytest.raises(SystemExit, match=f"mixcon eval perplexity: --corpus: empty corpus: no documents in "
+                                             f"{named}"):
             main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes",
                   "--corpus", str(tmp_path / corpus), "--no-progress"])
     assert "perplexity" not in capsys.readouterr().out

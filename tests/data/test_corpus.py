@@ -109,9 +109,15 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
     corpus = Corpus.from_spec(str(tmp_path))
-    assert list(corpus) == [] and len(corpus.skipped) == 1
-    with pytest.raises(ValueError, match=r"no text to train the tokenizer on"):
+    empty = r"empty corpus: no documents in text .* \(2 files\); skipped 1 \(.*latin1.txt: not UTF-8\)"
+    with pytest.raises(ValueError, match=empty):  # named, with what was skipped, by every reader
+        list(corpus)
+    with pytest.raises(ValueError, match=empty):
         train_bpe_tokenizer(corpus, vocab_size=300)
+    (tmp_path / "accent.txt").write_text("é and more")
+    with pytest.raises(ValueError, match=r"empty corpus: no documents in text .*accent.txt"):
+        list(Corpus.from_spec(str(tmp_path / "accent.txt")).documents(max_bytes=1))  # half a character: nothing
+    assert list(Corpus.from_spec(str(tmp_path / "accent.txt")).documents(max_bytes=2)) == ["é"]
 
 
 def test_spec_errors_name_the_spec_and_the_forms(tmp_path):
