@@ -164,7 +164,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
     config = _config(args, resume, tok, initial[1] if initial else None)
     if resume is not None:
         _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_FILE), config, say)
-    ds = _dataset(options, tok, out, env)
+    ds = _dataset(options, tok, out, env, progress=not args.no_progress)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
     if initial:  # the weights are read here, into the model, and not kept beside it
@@ -340,12 +340,12 @@ def _check_config_changes(saved: MixConConfig, config: MixConConfig, say: Any) -
         say(f"resume: model config {change.replace(' != ', ' changes to ')}")
 
 
-def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv) -> ShardDataset:
+def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv, progress: bool) -> ShardDataset:
     """Shards in RUN/data, built (or reused when unchanged) by rank 0, then opened by the others."""
     ds = None
     if env.is_main:
         ds = prepare_shards(Corpus.from_spec(options.corpus), tok, out / "data", val_fraction=options.val_fraction,
-                            seed=options.seed, max_bytes=options.max_bytes)
+                            seed=options.seed, max_bytes=options.max_bytes, progress=progress)
     barrier()
     return ds if ds is not None else ShardDataset(out / "data", verify=False)
 

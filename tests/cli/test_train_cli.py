@@ -281,11 +281,13 @@ def test_an_interrupted_run_saves_and_exits_as_the_signal_says(corpus, tmp_path,
     assert f"stopped by {signal.Signals(signum).name} after 2 steps" in out and "sample (" not in out
 
 
-def test_a_single_text_file_trains_with_validation_by_default(tmp_path):
-    """The commonest first run: one text file and the default --val-fraction (its end validates)."""
+def test_a_single_text_file_trains_with_validation_by_default(tmp_path, capsys):
+    """The commonest first run: one text file and the default --val-fraction (its end validates); with
+    --no-progress, no progress bar at all (the data preparation's printed some)."""
     (tmp_path / "play.txt").write_text("".join(f"KING {i}: my lord, the night is long.\n" for i in range(300)))
     run = tmp_path / "run"
     assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(tmp_path / "play.txt"),
                  "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0", "--no-progress",
                  "--out", str(run)]) == 0
     assert any("val_loss" in r for r in read_metrics(run / "metrics.jsonl"))
+    assert capsys.readouterr().err == ""
