@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mixcon.cli.common import add_command, add_corpus_action, number_type
 from mixcon.data.corpus import Corpus
-from mixcon.data.tokenizer import train_bpe_tokenizer
+from mixcon.data.tokenizer import FILENAME, train_bpe_tokenizer
 
 TRAIN_DESCRIPTION = """\
 Train a byte-level BPE (no unknown tokens, every digit its own token, specials <|bos|> <|eos|> <|pad|>)
@@ -27,12 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-bytes", type=number_type(int, 1), default=None,
                    help="read only the first N bytes of text, e.g. 5_000_000 (the last document is cut there)")
     t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    t.add_argument("--overwrite", action="store_true", help="replace a tokenizer.json already in --out")
     t.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # before the training, not after it
+    out = Path(args.out)  # checked before the training, not after it
+    if out.exists() and not out.is_dir():
         raise SystemExit(f"mixcon tokenizer train: --out {args.out} is a file; give a folder")
+    if (out / FILENAME).exists() and not args.overwrite:
+        raise SystemExit(f"mixcon tokenizer train: {out / FILENAME} exists (a model's tokenizer?); replace it with "
+                         "--overwrite, or choose another --out")
     try:
         corpus = Corpus.from_spec(args.corpus)
         start = time.perf_counter()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from mixcon.io import write_text_atomic
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
 FILENAME = "tokenizer.json"
@@ -69,7 +71,7 @@ class ByteTokenizer:
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self._config(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self._config(), indent=2) + "\n")
         return path
 
     def to_tokenizers(self) -> Tokenizer:
@@ -161,7 +163,7 @@ class BPETokenizer:
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(path))
+        write_text_atomic(path, self._tok.to_str(pretty=True))
         return path
 
     def to_tokenizers(self) -> Tokenizer:

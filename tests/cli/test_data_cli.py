@@ -112,3 +112,18 @@ def test_a_corpus_of_non_utf8_text_names_what_was_skipped(tmp_path, command):
     with pytest.raises(SystemExit, match=r"empty corpus: no documents in text .*latin1.txt \(1 file\); skipped 1 "
                                          r"\(.*latin1.txt: not UTF-8\)"):
         main([*command, "--corpus", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "out")])
+
+
+def test_tokenizer_train_keeps_an_existing_tokenizer_unless_told(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("the cat sat on the mat\n" * 50)
+    argv = ["tokenizer", "train", "--corpus", str(tmp_path / "c.txt"), "--vocab-size", "270", "--out",
+            str(tmp_path / "tok")]
+    assert main(argv) == 0
+    before = (tmp_path / "tok" / "tokenizer.json").read_text()
+    (tmp_path / "c.txt").write_text("other words entirely, quite different\n" * 50)
+    with pytest.raises(SystemExit, match=r"tokenizer.json exists .*--overwrite"):
+        main(argv)
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == before
+    assert main([*argv, "--overwrite"]) == 0
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() != before
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json"]  # no temporary file left
