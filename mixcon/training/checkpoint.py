@@ -100,6 +100,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / MANIFEST).is_file() or (path / MODEL_FILE).is_file():  # a checkpoint, complete or not
         return path
+    if not path.exists():
+        siblings = list_checkpoints(path.parent.parent) if path.parent.name == CHECKPOINTS else []
+        found = f"; {path.parent} holds {', '.join(p.name for p in siblings)}" if siblings else ""
+        raise CheckpointError(f"{path}: no such file or directory{found}")
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; give the directory of a checkpoint ({path.parent}?) or of a run")
     latest = latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(f"{path}: neither a checkpoint (no {MANIFEST}) nor a run directory with "

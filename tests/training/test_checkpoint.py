@@ -217,3 +217,16 @@ def test_unknown_format_version_is_refused(trained):
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_a_wrong_path_says_what_is_wrong_with_it(trained):
+    """A path that does not exist (a mistyped step names the checkpoints there), or a file of a checkpoint."""
+    _, run = trained
+    with pytest.raises(CheckpointError, match=r"step-9: no such file or directory; .*checkpoints holds "
+                                              r"step-00000002, step-00000004$"):
+        load_checkpoint(run / "checkpoints" / "step-9")
+    with pytest.raises(CheckpointError, match=r"nonexistent: no such file or directory$"):
+        load_checkpoint(run / "nonexistent")
+    with pytest.raises(CheckpointError, match=r"model.safetensors is a file; give the directory of a checkpoint "
+                                              r"\(.*step-00000004\?\) or of a run"):
+        load_checkpoint(run / "checkpoints" / "step-00000004" / "model.safetensors")
