@@ -27,6 +27,7 @@ from mixcon.cli.generate import stream
 from mixcon.config import MixConConfig
 from mixcon.data import Corpus, ShardDataset, TrainLoader, eval_batches, load_tokenizer, prepare_shards
 from mixcon.data.corpus import SPEC_FORMS
+from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, train_bpe_tokenizer
 from mixcon.models.mixcon import MixConForCausalLM, read_config
 from mixcon.training import checkpoint as ckpt
@@ -294,7 +295,12 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
     if resume is not None:
         return load_tokenizer(resume / ckpt.TOKENIZER_DIR)
     if options.tokenizer != "bpe":
-        return load_tokenizer(options.tokenizer)
+        try:
+            return load_tokenizer(options.tokenizer)
+        except FileNotFoundError as e:
+            raise SystemExit(f"mixcon train: --tokenizer {options.tokenizer!r}: expected 'bpe' (train a byte-level "
+                             f"BPE on the corpus), 'bytes', a {TOKENIZER_FILE} file, or a directory containing one"
+                             ) from e
     trained = out / "tokenizer"
     if env.is_main:
         vocab = config_from_args(args).vocab_size

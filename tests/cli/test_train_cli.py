@@ -291,3 +291,11 @@ def test_a_single_text_file_trains_with_validation_by_default(tmp_path, capsys):
                  "--out", str(run)]) == 0
     assert any("val_loss" in r for r in read_metrics(run / "metrics.jsonl"))
     assert capsys.readouterr().err == ""
+
+
+def test_an_unknown_tokenizer_lists_bpe_among_the_choices(corpus, tmp_path):
+    with pytest.raises(SystemExit, match=r"mixcon train: --tokenizer 'bpee': expected 'bpe' \(train a byte-level "
+                                         r"BPE on the corpus\), 'bytes', a tokenizer.json file"):
+        main(["train", "--config", "tiny", "--tokenizer", "bpee", "--corpus", str(corpus), "--steps", "1",
+              "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
