@@ -175,18 +175,21 @@ def config_from_args(args: argparse.Namespace) -> MixConConfig:
     the message)."""
     overrides = parse_overrides(args.overrides)
     name = args.config or DEFAULT_CONFIG
+    command = " ".join(str(part) for part in ("mixcon", getattr(args, "command", None), getattr(args, "action", None))
+                       if part)
     try:
         if name in PRESETS:
             return MixConConfig.preset(name, **overrides)
         path = Path(name)
         if not path.is_file():
-            raise SystemExit(f"--config {name!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a file")
+            raise SystemExit(f"{command}: --config {name!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a file")
         data = load_config_file(path)
         if "preset" in data:  # {"preset": "small", "d_model": 384, ...}
             return MixConConfig.preset(data.pop("preset"), **{**data, **overrides})
         return MixConConfig.from_dict({**data, **overrides})
     except ValueError as e:
-        raise SystemExit(str(e)) from e
+        given = f"--config {name!r}" + (" with --set " + " ".join(args.overrides) if overrides else "")
+        raise SystemExit(f"{command}: {given}: {e}") from e
 
 
 def add_command(sub: argparse._SubParsersAction, command: str, title: str,

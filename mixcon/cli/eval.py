@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,9 @@ def run_perplexity(args: argparse.Namespace) -> int:
             model.compile_prefill()
         score = evaluate_texts(model, tok, texts, context=args.context, stride=args.stride, mode=args.mode,
                                batch_size=args.batch_size, progress=not args.no_progress)
-    except (CheckpointError, OSError, ValueError) as e:
-        raise SystemExit(f"mixcon eval perplexity: {e}") from e
+    except (CheckpointError, OSError, ValueError) as e:  # evaluate_texts' arguments named by their flags
+        message = re.sub(r"\b(context|stride|mode)=", r"--\1 ", str(e))
+        raise SystemExit(f"mixcon eval perplexity: {message}") from e
     result = {"checkpoint": str(args.checkpoint), "corpus": corpus.describe(), "mode": args.mode,
               "context": args.context, "stride": args.stride or args.context, "dtype": args.dtype,
               **score.as_dict()}

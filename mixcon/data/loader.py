@@ -22,7 +22,7 @@ def _split_tokens(ds: ShardDataset, split: str, seq_len: int, batch_size: int) -
     tokens = ds.tokens(split)
     if len(tokens) < seq_len + 1:
         raise ValueError(f"the {split} split of {ds.directory} has {len(tokens)} tokens, fewer than one window of "
-                         f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len or a larger corpus")
+                         f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len (--seq-len) or a larger corpus")
     return tokens
 
 

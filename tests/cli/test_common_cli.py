@@ -78,3 +78,18 @@ def test_ctrl_c_ends_a_command_quietly_with_the_shells_code(monkeypatch, capsys)
     monkeypatch.setattr(info, "run", interrupted)
     assert main(["info", "--config", "tiny"]) == 130
     assert capsys.readouterr().err == "mixcon info: interrupted\n"
+
+
+def test_config_errors_name_the_command_and_the_flags(tmp_path):
+    """A bad --config (unknown preset, file with an unknown field) or --set value: the command, then the flags
+    that gave it (the message was the bare MixConConfig error, without the file or the command)."""
+    (tmp_path / "bad.json").write_text('{"d_modle": 64}')
+    cases = [(["info", "--config", "tinyy"], r"^mixcon info: --config 'tinyy': not a preset \(mixcon-paper, small, "
+                                             r"tiny\) nor a file$"),
+             (["info", "--config", str(tmp_path / "bad.json")],
+              r"^mixcon info: --config '.*bad.json': MixConConfig: unknown fields \['d_modle'\]"),
+             (["info", "--config", "tiny", "--set", "d_model=7"],
+              r"^mixcon info: --config 'tiny' with --set d_model=7: MixConConfig.n_heads=4 is invalid")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            main(argv)

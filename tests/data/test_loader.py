@@ -100,7 +100,8 @@ def test_eval_batches_walk_the_split_in_order(ds):
 
 def test_loader_errors(ds):
     too_long = len(ds.val)
-    with pytest.raises(ValueError, match=rf"the val split of .* has {too_long} tokens, fewer than one window"):
+    with pytest.raises(ValueError, match=rf"the val split of .* has {too_long} tokens, fewer than one window "
+                                         r".*; use a shorter seq_len \(--seq-len\)"):
         eval_batches(ds, seq_len=too_long, batch_size=1)
     with pytest.raises(ValueError, match=r"seq_len=0, batch_size=1: both must be at least 1"):
         TrainLoader(ds, seq_len=0, batch_size=1)
