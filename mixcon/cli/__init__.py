@@ -7,6 +7,10 @@ import importlib
 import os
 import sys
 
+import torch
+
+import mixcon
+
 # Each module defines `register(subparsers)`, which adds its sub-command(s) with `func=` defaults.
 COMMAND_MODULES = [
     "mixcon.cli.info",
@@ -25,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mixcon",
         description="MixCon: attention + Conba + mixture-of-experts language models.",
     )
+    parser.add_argument("--version", action="version", version=f"mixcon {mixcon.__version__} (torch "
+                                                               f"{torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -93,3 +93,12 @@ def test_config_errors_name_the_command_and_the_flags(tmp_path):
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             main(argv)
+
+
+def test_version_names_mixcon_and_torch(capsys):
+    import mixcon
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"mixcon {mixcon.__version__} (torch {torch.__version__})\n"
