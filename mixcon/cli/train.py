@@ -46,7 +46,8 @@ SECONDS, RATIO = number_type(float, 0, above=True), number_type(float, 0, maximu
 OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--steps", POSITIVE, f"optimizer steps (default: as many as the time budget allows, {DEFAULT_TIME_BUDGET:.0f} "
                           "s unless --time-budget is given)"),
-    ("--time-budget", SECONDS, "seconds for the whole command, data preparation and sample included; training "
+    ("--time-budget", SECONDS, "seconds for the whole command (under torchrun: from the workers' start), data "
+                               "preparation and sample included; training "
                                f"stops in time to validate, save and sample (default: {DEFAULT_TIME_BUDGET:.0f} "
                                "without --steps, else none); with --resume, a budget for this command, to whose end "
                                "the cosine schedule is refitted (--steps without it drops the run's budget)"),

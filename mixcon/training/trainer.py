@@ -168,7 +168,9 @@ class Trainer:
     """Trains `model` on batches from `loader` and writes checkpoints, metrics and plots into `run_dir`.
 
     `loader` yields global batches (batch_size sequences); process r of W trains on rows [r·B/W, (r+1)·B/W),
-    so any world size sees the same data and a run continues exactly at another world size. `eval_data()`
+    so any world size sees the same data, and a run continues at another world size on the same data: exactly
+    when the micro-batch size stays the same (the router's load-balancing loss is a mean per micro-batch, and
+    by default a micro-batch is a process's share of the batch) and no training noise is on. `eval_data()`
     yields validation batches; `token_bytes` (V,), the UTF-8 bytes of text each token id stands for (a
     tokenizer's `token_bytes()`), turns the validation loss into bits per byte of the text scored.
     Only rank 0 logs and writes.
