@@ -32,7 +32,7 @@ from mixcon.data.tokenizer import AnyTokenizer, train_bpe_tokenizer
 from mixcon.models.mixcon import MixConForCausalLM, read_config
 from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import DistEnv, barrier, init_distributed, shutdown
-from mixcon.training.metrics import METRICS_FILE, PLOT_FILE
+from mixcon.training.metrics import METRICS_FILE, PLOT_FILE, require_tensorboard
 from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions
 
 DEFAULT_TIME_BUDGET = 480.0  # seconds, when neither --steps nor --time-budget is given
@@ -159,6 +159,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
     if out.exists() and not out.is_dir():
         raise SystemExit(f"mixcon train: --out {out} is a file; give a run directory")
     options = _options(args, resume, say, env.world_size)
+    if args.tensorboard:  # before anything is written
+        require_tensorboard()
     initial = _initial_model(args, out)  # (its directory, config, tokenizer) or None
     if resume is None:  # the old run's checkpoints go when training starts (Trainer.fit's discard_later)
         _check_fresh(out, args.overwrite)

@@ -59,12 +59,17 @@ def _plotted(record: dict[str, Any]) -> dict[str, Any]:
     return {key: record[key] for key in PLOTTED if key in record}
 
 
-def _tensorboard_writer(log_dir: Path, purge_step: int) -> Any:
+def require_tensorboard() -> Any:
+    """torch's TensorBoard SummaryWriter class; an ImportError saying what to install when it is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError("TensorBoard logging needs the tensorboard package (pip install tensorboard)") from e
-    return SummaryWriter(str(log_dir), purge_step=purge_step)
+    return SummaryWriter
+
+
+def _tensorboard_writer(log_dir: Path, purge_step: int) -> Any:
+    return require_tensorboard()(str(log_dir), purge_step=purge_step)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -299,3 +299,13 @@ def test_an_unknown_tokenizer_lists_bpe_among_the_choices(corpus, tmp_path):
         main(["train", "--config", "tiny", "--tokenizer", "bpee", "--corpus", str(corpus), "--steps", "1",
               "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_missing_is_refused_before_anything_is_written(corpus, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    with pytest.raises(SystemExit, match=r"mixcon train: TensorBoard logging needs the tensorboard package"):
+        main(["train", "--config", "tiny", "--corpus", str(corpus), "--steps", "1", "--tensorboard",
+              "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
