@@ -11,7 +11,9 @@ from mixcon.training.checkpoint import CheckpointError
 DESCRIPTION = """\
 Write a model with its tokenizer as a transformers directory: config.json (model_type "mixcon"),
 model.safetensors, generation_config.json, tokenizer.json and tokenizer_config.json (texts start with EOS,
-as training documents do; padding on the left), modeling_mixcon.py and a model card (README.md, with
+as training documents do; padding on the left; text that spells a special token such as <|eos|> encodes as
+its id, as transformers' tokenizers do, where mixcon reads it as text), modeling_mixcon.py and a model card
+(README.md, with
 Hugging Face Hub metadata and loading code). AutoTokenizer and AutoModelForCausalLM.from_pretrained(OUT)
 load it after `import mixcon.integrations.transformers`, or with trust_remote_code=True wherever mixcon is
 installed (e.g. tools that take a model path); `mixcon generate` and `mixcon eval` read it too. Needs

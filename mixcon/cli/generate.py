@@ -86,6 +86,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes of the command line that are no UTF-8 (Python keeps them as surrogates)
+        raise SystemExit(f"mixcon generate: --prompt is not UTF-8 text (from character {e.start} on); give it in "
+                         "UTF-8") from e
+    try:
         model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer, DTYPES[args.dtype])
         if args.compile:
             model.compile_decode()

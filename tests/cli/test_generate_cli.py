@@ -79,3 +79,9 @@ def test_a_tokenizer_other_than_the_models_own_is_refused(tmp_path, tiny_model, 
     own.save(tmp_path / "copy")
     assert main([*command, "--tokenizer", str(tmp_path / "copy")]) == 0
     assert capsys.readouterr().out.startswith("the")
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_by_name(tmp_path):
+    """Bytes on the command line that are no UTF-8 reach Python as surrogates: named, before any loading."""
+    with pytest.raises(SystemExit, match=r"^mixcon generate: --prompt is not UTF-8 text \(from character 2 on\)"):
+        main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "ab\udcff\udcfe"])
