@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _context(n: float) -> str:
-    return "no limit" if math.isinf(n) else f"{n:,}"
+    return "no limit" if math.isinf(n) else f"{n:,}" if n else "does not fit"
 
 
 def _count(n: int) -> str:

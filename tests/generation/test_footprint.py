@@ -77,6 +77,13 @@ def test_info_compare_prints_the_table_and_draws_it(tmp_path, capsys):
     assert plot.stat().st_size > 0
 
 
+def test_info_compare_says_when_a_model_does_not_fit_at_all(capsys):
+    """Weights (or one token's cache) over --memory-gib: "does not fit", not a longest context of 0."""
+    assert main(["info", "--config", "tiny", "--context", "8", "--compare", "--memory-gib", "0.00001"]) == 0
+    rows = capsys.readouterr().out.split("beside other architectures")[1].splitlines()[2:]
+    assert len(rows) == 5 and all(row.endswith("does not fit") for row in rows)
+
+
 def test_info_plot_needs_compare():
     with pytest.raises(SystemExit, match="add --compare"):
         main(["info", "--config", "tiny", "--plot", "x.png"])
