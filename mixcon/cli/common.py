@@ -43,6 +43,9 @@ def device_type(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)") from e
     if device.type == "cpu":
         return text
+    if device.type == "meta":  # shapes without data: nothing a command could compute or load onto
+        raise argparse.ArgumentTypeError(f"{text!r} holds no data; use cpu, cuda, ... (`mixcon info` sizes a "
+                                         "model without memory)")
     backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
     if device.type == "mps":
         count = int(torch.backends.mps.is_available())
