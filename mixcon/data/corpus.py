@@ -33,6 +33,7 @@ class Corpus(ABC):
     def __init__(self, description: str):
         self.description = description
         self.skipped: list[str] = []  # "where: why" for each file or record the latest pass skipped
+        self.truncated = False  # whether the latest pass's max_bytes left text out
 
     @abstractmethod
     def _documents(self) -> Iterator[str]:
@@ -46,10 +47,11 @@ class Corpus(ABC):
         document is cut at a character boundary). A corpus without any is a ValueError naming what it skipped."""
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes={max_bytes}: must be a positive number of bytes, or None for all")
-        self.skipped = []
+        self.skipped, self.truncated = [], False
         budget = max_bytes
         empty = True
-        for doc in self._documents():
+        docs = self._documents()
+        for doc in docs:
             if not doc:
                 continue
             last = False
@@ -58,6 +60,7 @@ class Corpus(ABC):
                 last = len(data) >= budget
                 if last:
                     doc = data[:budget].decode("utf-8", errors="ignore")
+                    self.truncated = len(data) > budget or any(docs)  # (any: a later non-empty document)
                 else:
                     budget -= len(data)
             if doc:

@@ -104,9 +104,8 @@ class ShardDataset:
     def summary(self) -> str:
         """Corpus, skipped files, tokenizer and per-split documents / bytes / tokens, one line each."""
         ix, tok = self.index, self.index["tokenizer"]
-        cut = ix.get("max_bytes") and sum(ix["splits"][s]["bytes"] for s in SPLITS) == ix["max_bytes"]
-        lines = [f"corpus     {ix['corpus']}" + (f", cut at its first {ix['max_bytes']:,} bytes (--max-bytes)" if cut
-                                                  else ""),
+        cut = f", cut at its first {ix['max_bytes']:,} bytes (--max-bytes)" if ix.get("truncated") else ""
+        lines = [f"corpus     {ix['corpus']}{cut}",
                  f"skipped    {ix['skipped']} files or records (unreadable or not UTF-8)",
                  f"tokenizer  {tok['name']}, vocab {tok['vocab_size']}, fingerprint {tok['fingerprint'][:12]}"]
         for split in SPLITS:
@@ -132,6 +131,7 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     start = time.perf_counter()
     out = Path(out_dir)
     hashes, n_bytes = _scan(corpus, max_bytes, progress)
+    truncated = corpus.truncated  # (of this pass; the next one sets it again)
     one_text = len(hashes) == 1 and val_fraction > 0  # its end validates: documents 0 (train) and 1 (val)
     parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
     val_docs = {1} if one_text else _val_documents(hashes, val_fraction, seed)
@@ -168,7 +168,7 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
         "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
                       "eos_id": tok.eos_id},
         "corpus": corpus.describe(), "skipped": len(corpus.skipped),
-        "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes,
+        "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes, "truncated": truncated,
         "splits": {split: {"file": files[split], **stats[split], "tokens": writers[split].tokens,
                            "checksum": writers[split].checksum} for split in SPLITS},
         "seconds": time.perf_counter() - start,
@@ -207,15 +207,17 @@ def _existing(out: Path, key: str) -> ShardDataset | None:
 
 
 def _held_out_end(text: str, val_fraction: float) -> tuple[str, str]:
-    """A single text as (training part, its last `val_fraction`), cut at the start of a line where one follows
-    the cut point."""
+    """A single text as (training part, its last `val_fraction`), cut at the line start nearest the cut point
+    when one lies within half the held-out length of it (else at the cut point itself)."""
     cut = round(len(text) * (1 - val_fraction))
-    line_end = text.find("\n", max(cut - 1, 0))
-    if 0 <= line_end < len(text) - 1:
-        cut = line_end + 1
     if not 0 < cut < len(text):
         raise ValueError(f"val_fraction={val_fraction}: the corpus is one document of {len(text)} characters, too "
                          "short to hold out its end; use val_fraction=0 (--val-fraction 0)")
+    slack = (len(text) - cut) // 2
+    starts = [i + 1 for i in (text.rfind("\n", 0, cut), text.find("\n", cut))
+              if i >= 0 and 0 < i + 1 < len(text) and abs(i + 1 - cut) <= slack]
+    if starts:
+        cut = min(starts, key=lambda start: abs(start - cut))
     return text[:cut], text[cut:]
 
 

@@ -229,3 +229,31 @@ def test_a_single_text_validates_on_its_end_from_a_line_start(tmp_path, tokenize
     assert ds.index["splits"]["train"]["bytes"] + ds.index["splits"]["val"]["bytes"] == len(text.encode())
     assert build(corpus, tok, tmp_path / "s", val_fraction=0.1).reused
     assert documents_of(build(corpus, tok, tmp_path / "t", val_fraction=0), "train", tok) == [text]
+
+
+def test_a_single_text_holds_out_about_its_fraction_whatever_its_lines():
+    """The cut moves to the nearest line start only when one is near: a short last line, or no newline
+    near the cut, still leaves about val_fraction of the text for validation."""
+    from mixcon.data.shards import _held_out_end
+
+    for text in ["x" * 9990 + "\n" + "y" * 9, "a" * 10_000, "para\n" * 1999 + "THE END", "l\r\n" * 4000]:
+        train, val = _held_out_end(text, 0.01)
+        assert train + val == text and 0.005 * len(text) <= len(val) <= 0.015 * len(text), (len(val), text[-20:])
+    train, val = _held_out_end("para\n" * 2000, 0.01)
+    assert val.startswith("para") and train.endswith("\n")  # at a line start where one is near
+
+
+def test_the_summary_says_cut_exactly_when_max_bytes_left_text_out(tmp_path):
+    """Cut inside a character (fewer bytes kept than max_bytes) is still a cut; a corpus exactly max_bytes long,
+    or one whose last document ends there with nothing after it, is not."""
+    (tmp_path / "a.txt").write_text("é" * 1500)  # 3,000 bytes
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "1.txt").write_text("x" * 120)
+    (tmp_path / "b" / "2.txt").write_text("")  # empty: not text left out
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "1.txt").write_text("x" * 120)
+    (tmp_path / "c" / "2.txt").write_text("more")
+    for spec, max_bytes, cut in [("a.txt", 999, True), ("b", 120, False), ("c", 120, True), ("c", 124, False)]:
+        ds = build(Corpus.from_spec(str(tmp_path / spec)), ByteTokenizer(), tmp_path / f"s-{spec}-{max_bytes}",
+                   val_fraction=0, max_bytes=max_bytes)
+        assert ("cut at its first" in ds.summary()) == cut, (spec, max_bytes)
