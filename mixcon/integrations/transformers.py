@@ -119,25 +119,28 @@ class MixConHFConfig(PretrainedConfig):
                                  "layers_per_block in `mixcon` instead")
         if name in FIELDS and "mixcon" in self.__dict__:
             self.mixcon = MixConConfig.from_dict({**self.mixcon, FIELDS[name]: value}).to_dict()
-            if name not in SYNCED:  # read through __getattr__
-                return
+            for synced in SYNCED:  # the attribute transformers reads for the same field (tie_embeddings')
+                if FIELDS[synced] == FIELDS[name]:
+                    super().__setattr__(synced, value)
+            return
         super().__setattr__(name, value)
 
     def to_mixcon(self) -> MixConConfig:
         return MixConConfig.from_dict(self.mixcon)
 
-    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        """transformers' save, and beside config.json the `modeling_mixcon.py` its `auto_map` names: whatever
-        saves this config (the model's save_pretrained, the Trainer's checkpoints, a merged PEFT model) writes a
-        directory that loads with trust_remote_code=True wherever mixcon is installed."""
+    def to_json_file(self, json_file_path: str | Path, use_diff: bool = True) -> None:
+        """transformers' config.json, and beside it the `modeling_mixcon.py` its `auto_map` names: whatever
+        saves this config (save_pretrained of the model or the config, with push_to_hub too; the Trainer's
+        checkpoints; a merged PEFT model) writes a directory that loads with trust_remote_code=True wherever
+        mixcon is installed."""
         self.auto_map = AUTO_MAP
-        super().save_pretrained(save_directory, *args, **kwargs)
-        (Path(save_directory) / f"{REMOTE_CODE_MODULE}.py").write_text(REMOTE_CODE)
+        super().to_json_file(json_file_path, use_diff=use_diff)
+        (Path(json_file_path).parent / f"{REMOTE_CODE_MODULE}.py").write_text(REMOTE_CODE)
 
     @classmethod
     def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
-        """Nothing: `save_pretrained` writes this library's remote code (transformers would copy this module's
-        file into every saved directory, under the name transformers.py)."""
+        """Nothing: `to_json_file` (every save of this config) writes this library's remote code (transformers
+        would copy this module's file into every saved directory, under the name transformers.py)."""
 
     @property
     def vocab_size(self) -> int:
@@ -203,7 +206,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def register_for_auto_class(cls, auto_class: Any = "AutoModelForCausalLM") -> None:
-        """Nothing: the config's `save_pretrained` writes this library's remote code."""
+        """Nothing: saving the config writes this library's remote code (`MixConHFConfig.to_json_file`)."""
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -236,8 +239,10 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _init_missing(self, missing: set[str]) -> None:
-        """Parameters the weights files lacked (transformers made them, uninitialised): MixCon's initialisation
-        of their modules (`MixConForCausalLM.init_module`), the loaded parameters of those modules kept."""
+        """Parameters the weights files lacked (transformers made them, uninitialised, or left a tied one on the
+        meta device): MixCon's initialisation of their modules (`MixConForCausalLM.init_module`), the loaded
+        parameters of those modules kept."""
+        missing = set(missing) | self._materialise_meta()
         prefix = f"{self.base_model_prefix}."
         for owner in sorted({key.rpartition(".")[0] for key in missing if key.startswith(prefix)}):
             module = self.get_submodule(owner)
@@ -246,6 +251,23 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
             self.model.init_module(owner[len(prefix):], module)
             for name, value in kept.items():
                 module.get_parameter(name).copy_(value)
+
+    def _materialise_meta(self) -> set[str]:
+        """Parameters still on the meta device (a tied embedding absent from the files, which transformers does
+        not count as missing) made real, each once where it is tied; returns their names."""
+        device = next((p.device for p in self.parameters() if not p.is_meta), torch.device("cpu"))
+        fresh: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}  # id -> (meta, its replacement)
+        names = set()
+        for module_name, module in self.named_modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or not param.is_meta:
+                    continue
+                if id(param) not in fresh:
+                    fresh[id(param)] = (param, torch.nn.Parameter(torch.empty_like(param, device=device),
+                                                                  requires_grad=param.requires_grad))
+                    names.add(f"{module_name}.{name}")
+                setattr(module, name, fresh[id(param)][1])
+        return names
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -821,3 +822,59 @@ torch.save(model(torch.tensor({ids})).logits, {str(tmp_path / "logits.pt")!r})
         assert done.returncode == 0, done.stdout[-3000:]
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "logits.pt"), hf(torch.tensor(ids)).logits)
+
+
+def test_tie_embeddings_and_tie_word_embeddings_are_one_setting(pair, tmp_path):
+    """The native name and transformers' name of the same field stay in step, through a save too: a model
+    built from the config is untied by either."""
+    from transformers import AutoConfig
+
+    _, hf = pair
+    config = MixConHFConfig(hf.model.config)
+    config.tie_embeddings = False
+    assert config.tie_word_embeddings is False and config.to_mixcon().tie_embeddings is False
+    config.save_pretrained(tmp_path / "c")
+    back = AutoConfig.from_pretrained(tmp_path / "c")
+    assert back.tie_word_embeddings is False and back.to_mixcon().tie_embeddings is False
+    model = MixConHFForCausalLM(back)
+    assert model.model.lm_head.weight.data_ptr() != model.model.embed.weight.data_ptr()
+    hf.save_pretrained(tmp_path / "m")
+    untied = AutoModelForCausalLM.from_pretrained(tmp_path / "m", tie_embeddings=False)
+    assert untied.model.lm_head.weight.data_ptr() != untied.model.embed.weight.data_ptr()
+
+
+def test_a_tied_embedding_missing_from_the_files_is_initialised_not_left_on_meta(pair, tmp_path):
+    """transformers does not count a tied weight as missing; it would stay a meta tensor."""
+    from safetensors.torch import load_file, save_file
+
+    model, hf = pair
+    hf.save_pretrained(tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "model.embed.weight"}, tmp_path / "m" / "model.safetensors",
+              metadata={"format": "pt"})
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    embed = back.model.embed.weight
+    assert not embed.is_meta and back.model.lm_head.weight is embed and torch.isfinite(embed).all()
+    assert abs(embed.std().item() - model.config.init_std) < 0.2 * model.config.init_std
+    assert torch.isfinite(back(torch.tensor([[EOS, 5, 6]])).logits).all()
+
+
+def test_every_save_of_the_config_writes_the_remote_code_it_names(pair, tmp_path, monkeypatch):
+    """Also config.save_pretrained(push_to_hub=True), which uploads what changed while it saved."""
+    from transformers import PretrainedConfig
+
+    _, hf = pair
+    uploaded: list[str] = []
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        uploaded.extend(sorted(p.name for p in Path(working_dir).iterdir()
+                               if p.name not in files_timestamps or p.stat().st_mtime > files_timestamps[p.name]))
+
+    class Api:  # the Hub, as far as save_pretrained(push_to_hub=True) uses it
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})
+
+    monkeypatch.setattr(PretrainedConfig, "_upload_modified_files", upload)
+    monkeypatch.setattr("transformers.configuration_utils.hf_api", Api)
+    hf.config.save_pretrained(str(tmp_path / "c"), push_to_hub=True, repo_id="me/model")
+    assert uploaded == ["config.json", "modeling_mixcon.py"]
