@@ -33,7 +33,9 @@ def static_shapes(h: torch.Tensor) -> bool:
 class MoE(nn.Module):
     """n SwiGLU experts; each token goes to its top-K experts, weights renormalised over the K."""
 
-    def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int) -> None:
+    def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int, init_std: float | None = 0.02) -> None:
+        """`init_std`: the experts' weights are drawn from Normal(0, init_std); None leaves them for the model that
+        holds the layer to draw (`MixConForCausalLM.reset_parameters`)."""
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.router = Linear(d_model, n_experts, bias=False)
@@ -41,6 +43,9 @@ class MoE(nn.Module):
         # saved before this layout held (n, in, out): `models.mixcon.upgrade_expert_layout` converts them.
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, 2 * hidden, d_model))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        if init_std is not None:
+            nn.init.normal_(self.w_gate_up, 0.0, init_std)
+            nn.init.normal_(self.w_down, 0.0, init_std)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M, d) -> logits and probabilities (M, n), top-K weights (M, K) summing to 1, expert ids (M, K)."""

@@ -186,7 +186,7 @@ class MixConLayer(nn.Module):
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = Attention(config, layer_idx) if mixer == "attention" else Conba(config, layer_idx)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.ffn = (MoE(config.d_model, config.expert_hidden_size, config.n_experts, config.top_k)
+        self.ffn = (MoE(config.d_model, config.expert_hidden_size, config.n_experts, config.top_k, init_std=None)
                     if ffn == "moe" else SwiGLU(config.d_model, config.mlp_hidden))
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, RouterStats | None]:
@@ -338,8 +338,8 @@ class MixConForCausalLM(nn.Module):
         flash-linear-attention): no state, conv tap or attention crosses from one document to the next;
         only without a cache and without padding. `output_hidden_states`: every layer's output too;
         `output_router_logits`: every MoE layer's router logits.
-        `inputs_embeds` (B, T, d_model) in place of input_ids: vectors that enter where the embeddings would
-        (soft prompts, PEFT's prompt tuning)."""
+        `inputs_embeds` (B, T, d_model) in place of input_ids: vectors that enter where the embeddings would,
+        in their dtype (soft prompts, PEFT's prompt tuning)."""
         T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx, inputs_embeds)[1]
         keep = _positions_to_keep(logits_to_keep, T, labels is not None)
         token_mask = attention_mask.bool() if attention_mask is not None else None
@@ -394,10 +394,11 @@ class MixConForCausalLM(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                order: torch.Tensor | None = None) -> torch.Tensor:
-        """The layers' input (B, T, d_model): the embeddings of input_ids, or `inputs_embeds` as given; with
-        `order` (B, T), each row's positions in that order."""
+        """The layers' input (B, T, d_model): the embeddings of input_ids, or `inputs_embeds` in the embeddings'
+        dtype; with `order` (B, T), each row's positions in that order."""
         if inputs_embeds is None:
             return self.embed(input_ids if order is None else input_ids.gather(1, order))
+        inputs_embeds = inputs_embeds.to(self.embed.weight.dtype)
         return inputs_embeds if order is None else inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds))
 
     def _layers(self, h: torch.Tensor, token_mask: torch.Tensor | None, cache: MixConCache | None,
@@ -524,6 +525,9 @@ class MixConForCausalLM(nn.Module):
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != d or not inputs_embeds.is_floating_point():
                 raise ValueError(f"inputs_embeds must be a floating tensor (B, T, d_model={d}), got "
                                  f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}")
+            if inputs_embeds.device != self.embed.weight.device:
+                raise ValueError(f"inputs_embeds is on {inputs_embeds.device}, the model on "
+                                 f"{self.embed.weight.device}")
             B, T = inputs_embeds.shape[:2]
         else:
             if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

@@ -137,3 +137,16 @@ def test_a_decoding_step_on_many_tokens_runs_only_the_chosen_experts_on_a_cpu(mo
     monkeypatch.setattr(moe_module, "static_shapes", lambda h: True)
     monkeypatch.setattr(moe, "combine_dense", dense)
     torch.testing.assert_close(moe(h, stats=False)[0], expected)
+
+
+def test_a_moe_layer_alone_starts_from_seeded_finite_weights():
+    """Used alone (not in a model, whose reset_parameters draws them), the experts are Normal(0, init_std),
+    the same for the same seed (they were uninitialised memory)."""
+    torch.manual_seed(0)
+    a = MoE(32, 64, 4, 2)
+    torch.manual_seed(0)
+    b = MoE(32, 64, 4, 2)
+    for name, param in a.named_parameters():
+        assert torch.isfinite(param).all() and torch.equal(param, b.get_parameter(name)), name
+    assert abs(a.w_down.std().item() - 0.02) < 0.002
+    assert torch.isfinite(a(torch.randn(2, 5, 32))[0]).all()

@@ -683,3 +683,17 @@ def test_seq_idx_errors_name_the_problem(tiny_model):
     mask[0, 0] = 0
     with pytest.raises(ValueError, match="cannot be combined with padding"):
         model(ids, seq_idx=docs, attention_mask=mask)
+
+
+def test_inputs_embeds_enter_in_the_embeddings_dtype_and_leave_a_cache_usable(tiny_model):
+    """fp16 vectors into an fp32 model are taken in fp32 (they failed deep in a matmul and marked a good cache
+    broken); vectors on another device are refused by name before the cache is touched."""
+    model = tiny_model(dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    embeds = model.embed(ids).detach()
+    cache = model.new_cache(1, 8)
+    out = model(inputs_embeds=embeds.half(), cache=cache)
+    torch.testing.assert_close(out.logits, model(inputs_embeds=embeds.half().float()).logits)
+    with pytest.raises(ValueError, match=r"inputs_embeds is on meta, the model on cpu"):
+        model(inputs_embeds=embeds.to("meta"), cache=cache)
+    model(torch.tensor([[9]]), cache=cache)  # the cache goes on
