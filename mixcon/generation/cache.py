@@ -169,8 +169,9 @@ class MixConCache:
 
     def __init__(self, config: MixConConfig, batch_size: int, max_length: int = 256,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        if batch_size < 1 or max_length < 1:
-            raise ValueError(f"MixConCache: batch_size={batch_size} and max_length={max_length} must be >= 1")
+        if not (is_integer(batch_size) and batch_size >= 1 and is_integer(max_length) and max_length >= 1):
+            raise ValueError(f"MixConCache: batch_size={batch_size!r} and max_length={max_length!r} must be integers "
+                             ">= 1")
         self.config = config
         self.dtype = dtype  # of K/V and conv tails (Conba states: `state_dtype(dtype)`)
         self.layers: list[AttentionCache | ConbaCache] = [

@@ -152,6 +152,8 @@ def generate(
         eos_token_id = model.config.eos_token_id
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id
+    if isinstance(eos_token_id, torch.Tensor):  # as transformers' generation configs may hold them
+        eos_token_id = eos_token_id.tolist()
     eos_ids = list(eos_token_id) if isinstance(eos_token_id, list | tuple) else [eos_token_id]
     V = model.config.vocab_size
     for name, value in [*(("eos_token_id", e) for e in eos_ids), ("pad_token_id", pad_token_id)]:

@@ -237,6 +237,8 @@ class Conba(nn.Module):
 
     def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
+        if u.dim() != 3:
+            raise ValueError(f"Conba: input must be (B, T, d_model), got shape {tuple(u.shape)}")
         B, T, _ = u.shape
         if ctx is None:
             ctx = ForwardContext.build(None, B, T, None, u.device)

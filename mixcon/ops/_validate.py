@@ -33,6 +33,8 @@ def check_scan_inputs(
         raise ValueError(f"conba_scan: chunk_size={chunk_size!r} must be an integer >= 1")
     if tau > 0 and (delay_gain is None or delay_gain.shape != (H,)):
         raise ValueError(f"conba_scan: tau={tau} > 0 needs delay_gain of shape (H,)=({H},)")
+    if tau == 0 and delay_gain is not None:
+        raise ValueError("conba_scan: delay_gain without a delay (tau=0) would be ignored; give tau > 0, or no gain")
     if initial_state is not None and initial_state.shape != (B, H, P, N):
         raise ValueError(f"conba_scan: initial_state must be (B, H, P, N)={(B, H, P, N)}, "
                          f"got {tuple(initial_state.shape)}")
@@ -61,6 +63,9 @@ def _check_shapes(op: str, lead: tuple[str, ...], x: torch.Tensor, k: torch.Tens
     for name, t in (("log_decay", log_decay), ("beta", beta)):
         if t.shape != (*sizes, H):
             raise ValueError(f"{op}: {name} must be ({dims}, H)={(*sizes, H)}, got {tuple(t.shape)}")
+    for name, t in (("x", x), ("k", k), ("q", q), ("log_decay", log_decay), ("beta", beta)):
+        if not t.is_floating_point():  # (integers would truncate the outputs)
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     return (*sizes, H, P, G, N)
 
 

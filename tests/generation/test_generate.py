@@ -387,3 +387,19 @@ def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler, tiny_mode
     assert counters["stats"]["unique_graphs"] == 2
     with pytest.raises(ValueError, match="segment=12 and chunk=0 must be >= 1"):
         model.compile_prefill(segment=12, chunk=0)
+
+
+def test_eos_ids_may_be_a_tensor_and_cache_sizes_must_be_integers(tiny_model):
+    """transformers' generation configs hold EOS ids as tensors; a cache of 2.0 rows is refused by name."""
+    from mixcon import MixConCache
+
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.tensor([[5, 6, 7]])
+    free = model.generate(prompt, 4)[0, 3:].tolist()
+    eos = free[1]
+    assert torch.equal(model.generate(prompt, 4, eos_token_id=torch.tensor([299, eos])),
+                       model.generate(prompt, 4, eos_token_id=[299, eos]))
+    assert torch.equal(model.generate(prompt, 4, eos_token_id=torch.tensor(eos)),
+                       model.generate(prompt, 4, eos_token_id=eos))
+    with pytest.raises(ValueError, match=r"batch_size=2.0 and max_length=8 must be integers >= 1"):
+        MixConCache(model.config, 2.0, 8)

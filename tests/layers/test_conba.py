@@ -200,3 +200,9 @@ def test_triton_kernel_without_triton_is_a_clear_error(monkeypatch):
     with torch.no_grad(), pytest.raises(ImportError, match=r"pip install 'mixcon\[triton\]'"):
         layer(u)
     assert layer(u).shape == (1, 5, 32)  # with autograd: the PyTorch chunked scan, no triton needed
+
+
+def test_an_unbatched_input_is_refused_by_shape():
+    layer = Conba(MixConConfig.preset("tiny"), 0)
+    with pytest.raises(ValueError, match=r"Conba: input must be \(B, T, d_model\), got shape \(5, 32\)"):
+        layer(torch.randn(5, 32))

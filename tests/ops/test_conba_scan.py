@@ -245,6 +245,11 @@ def test_bad_shapes_raise_clear_errors():
                 fn(x, k, q, ld, beta, delta_rule=False, chunk_size=bad)
         with pytest.raises(ValueError, match=r"tau=1.0 must be an integer >= 0"):
             fn(x, k, q, ld, beta, delta_rule=False, tau=1.0, delay_gain=torch.ones(4, dtype=x.dtype))
+        # integer inputs truncated the outputs; a gain without a delay was ignored
+        with pytest.raises(ValueError, match=r"x must be a floating-point tensor, got torch.int64"):
+            fn(x.round().long(), k, q, ld, beta, delta_rule=False)
+        with pytest.raises(ValueError, match=r"delay_gain without a delay \(tau=0\) would be ignored"):
+            fn(x, k, q, ld, beta, delta_rule=False, delay_gain=torch.ones(4, dtype=x.dtype))
 
 
 def test_bad_step_shapes_raise_clear_errors():
