@@ -484,6 +484,14 @@ class MixConForCausalLM(nn.Module):
                 layer.mixer.prefill = prefill
         self._compiled["prefill"] = {"segment": segment, "chunk": chunk, **compile_kwargs}
 
+    def uncompile(self) -> None:
+        """Undo `compile_decode` and `compile_prefill`: eager decoding and prefill from now on."""
+        self._decode_step = None
+        for layer in self.layers:
+            if isinstance(layer.mixer, Conba):
+                layer.mixer.prefill = None
+        self._compiled.clear()
+
     def __getstate__(self) -> dict[str, Any]:
         """Pickling and `copy.deepcopy`: compiled functions stay behind (a compiled step is bound to this model);
         a copy compiles its own, with the same arguments, in `__setstate__`."""
@@ -613,6 +621,9 @@ class MixConForCausalLM(nn.Module):
         from safetensors.torch import load_file
 
         dtype = resolve_dtype(dtype)
+        if torch.device(device).type == "meta":
+            raise ValueError("from_pretrained: device='meta' holds no weights; build the model under "
+                             "`with torch.device('meta'):` to size it without memory")
         directory = Path(directory)
         files = weight_files(directory)
         if not (directory / CONFIG_NAME).is_file() or not files:

@@ -697,3 +697,26 @@ def test_inputs_embeds_enter_in_the_embeddings_dtype_and_leave_a_cache_usable(ti
     with pytest.raises(ValueError, match=r"inputs_embeds is on meta, the model on cpu"):
         model(inputs_embeds=embeds.to("meta"), cache=cache)
     model(torch.tensor([[9]]), cache=cache)  # the cache goes on
+
+
+def test_uncompile_undoes_compile_decode_and_compile_prefill(tiny_model, tmp_path):
+    """Decoding and prefill go eager again (no compiled graph is called), copies too; from_pretrained onto
+    the meta device is refused as such (it blamed the weights file)."""
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.append(1)
+        return gm.forward
+
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.tensor([[5, 6, 7]])
+    expected = model.generate(prompt, 3)
+    model.compile_decode(backend=backend)
+    model.compile_prefill(segment=2, backend=backend)
+    model.uncompile()
+    assert torch.equal(model.generate(prompt, 3), expected) and calls == []
+    assert all(getattr(layer.mixer, "prefill", None) is None for layer in model.layers)
+    assert torch.equal(copy.deepcopy(model).generate(prompt, 3), expected) and calls == []
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"device='meta' holds no weights"):
+        MixConForCausalLM.from_pretrained(tmp_path, device="meta")
