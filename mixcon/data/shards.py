@@ -133,12 +133,12 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     hashes, n_bytes = _scan(corpus, max_bytes, progress)
     truncated = corpus.truncated  # (of this pass; the next one sets it again)
     one_text = len(hashes) == 1 and val_fraction > 0  # its end validates: documents 0 (train) and 1 (val)
-    parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
     val_docs = {1} if one_text else _val_documents(hashes, val_fraction, seed)
     key = _key(tok, hashes, val_fraction, seed)
     existing = _existing(out, key)
     if existing is not None:
         return existing
+    parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
