@@ -32,7 +32,9 @@ python3 -c "import torch; raise SystemExit(not torch.cuda.is_available())" || { 
 
 step 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton_chunk.py tests/ops/test_conba_scan.py \
     tests/models/test_mixcon.py tests/generation/test_generate.py -k "cuda or triton"
-step 50 python3 -m mixcon bench scan --device cuda --dtype bf16 --chunks 16,32,64 --repeats 10 --out "$out/scan"
+# The kernel at 16, 32 and 64 value columns per program (its default: 16, the fewest spills, §17):
+step 60 python3 -m mixcon bench scan --device cuda --dtype bf16 --chunks 32,64 --value-blocks 16,32,64 --repeats 10 \
+    --out "$out/scan"
 step 90 python3 -m mixcon bench speed --device cuda --dtype bf16 --lengths 2048 --batches 1,4 --repeats 10 \
     --reference-max-T 0 --train-step 16x2048 --out "$out/speed"
 # The layer hands the Triton kernel fp32 inputs: at torch's default precision it multiplies them in full
@@ -43,7 +45,7 @@ step 120 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 10
     --hf-max-context 4096 --new-tokens 16 --repeats 2 --out "$out/decode"
 # Compiling the decoding step and the prefill of three models takes minutes on its own (on an H200:
 # ~28 s for the first step of `small`, again for the next capacity): two contexts, no transformers models.
-step 225 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,16384 --hf-max-context 0 \
+step 215 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,16384 --hf-max-context 0 \
     --new-tokens 16 --repeats 2 --compile --out "$out/decode-compiled"
 # Their tables are in check.log: what comes back stays within 8 files.
 rm -f "$out/scan/scan.png" "$out/speed-tf32/speed.png" "$out/decode-compiled/decode.png"

@@ -46,9 +46,11 @@ def scan_inputs(B: int, T: int, H: int, P: int, G: int, N: int, device: str, dty
     return (*(t.to(device, dtype) for t in (x, k, q)), log_decay.to(device), beta.to(device))
 
 
-def forms(chunks: list[int], compiled: bool, triton: bool) -> list[tuple[str, int, Scan]]:
+def forms(chunks: list[int], compiled: bool, triton: bool, value_blocks: list[int] | None = None
+          ) -> list[tuple[str, int, Scan]]:
     """(name, chunk length, scan) of each implementation at each chunk length: `torch` (ops.conba_scan),
-    `torch+compile`, `triton` (ops.triton_chunk.conba_scan_triton)."""
+    `torch+compile`, `triton` (ops.triton_chunk.conba_scan_triton; `triton cC vV` for each of `value_blocks`
+    when given, else its default value block)."""
     out: list[tuple[str, int, Scan]] = []
     for C in chunks:
         def chunked(*args: Any, C: int = C, **kw: Any) -> tuple[torch.Tensor, ...]:
@@ -58,19 +60,21 @@ def forms(chunks: list[int], compiled: bool, triton: bool) -> list[tuple[str, in
         if compiled:
             out.append((f"torch+compile c{C}", C, torch.compile(chunked, dynamic=False)))
         if triton:
-            from mixcon.ops.triton_chunk import conba_scan_triton
+            from mixcon.ops.triton_chunk import VALUE_BLOCK, conba_scan_triton
 
-            def kernel(*args: Any, C: int = C, **kw: Any) -> tuple[torch.Tensor, ...]:
-                return conba_scan_triton(*args, chunk_size=C, **kw)
+            for V in value_blocks or [VALUE_BLOCK]:
+                def kernel(*args: Any, C: int = C, V: int = V, **kw: Any) -> tuple[torch.Tensor, ...]:
+                    return conba_scan_triton(*args, chunk_size=C, value_block=V, **kw)
 
-            out.append((f"triton c{C}", C, kernel))
+                out.append((f"triton c{C}" + (f" v{V}" if value_blocks else ""), C, kernel))
     return out
 
 
 def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | None, *, heads: int = 16,
         head_dim: int = 64, state: int = 128, groups: int = 1, chunks: tuple[int, ...] = (32, 64),
         variants: tuple[str, ...] = tuple(VARIANTS), device: str = "cpu", dtype: torch.dtype = torch.float32,
-        compiled: bool = False, triton: bool | None = None) -> list[dict[str, Any]]:
+        compiled: bool = False, triton: bool | None = None, value_blocks: list[int] | None = None
+        ) -> list[dict[str, Any]]:
     """Time every form on every (variant, T, B); `triton` defaults to: on CUDA with triton installed."""
     if triton is None:
         triton = common.triton_default(device)
@@ -81,7 +85,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
     print(f"matmul peak {peak:.1f} GFLOP/s, copy {bandwidth:.1f} GB/s on {device} {dtype} "
           f"({torch.get_num_threads()} threads)")
     H, P, N, G = heads, head_dim, state, groups
-    implementations = forms(list(chunks), compiled, triton)
+    implementations = forms(list(chunks), compiled, triton, value_blocks)
     rows: list[dict[str, Any]] = []
     for T in lengths:
         for B in batches:
@@ -142,6 +146,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive, default=5,
                    help="timed calls after two warm-ups (median; default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd chunked scans")
+    p.add_argument("--value-blocks", type=positive_list, default=None,
+                   help="time the Triton kernel at each of these value columns per program (powers of two >= 16; "
+                        "default: its own, mixcon.ops.triton_chunk.VALUE_BLOCK)")
     common.add_out_argument(p, default=None)
     common.add_device_arguments(p)
 
@@ -152,10 +159,12 @@ def main(args: argparse.Namespace) -> int:
     if unknown or not variants:
         raise SystemExit(f"bench scan: --variants {','.join(unknown) or repr(args.variants)} unknown; choose from "
                          f"{list(VARIANTS)}")
+    if bad := [v for v in args.value_blocks or [] if not triton_chunk_ok(v, 0)]:
+        raise SystemExit(f"bench scan: --value-blocks {bad} must be powers of two >= 16")
     if args.heads % args.groups:
         raise SystemExit(f"bench scan: --heads {args.heads} must be a multiple of --groups {args.groups}")
     common.apply_precision(args)
     run(args.lengths, args.batches, args.repeats, args.out, heads=args.heads, head_dim=args.head_dim,
         state=args.state, groups=args.groups, chunks=tuple(args.chunks), variants=variants, device=args.device,
-        dtype=DTYPES[args.dtype], compiled=args.compile)
+        dtype=DTYPES[args.dtype], compiled=args.compile, value_blocks=args.value_blocks)
     return 0

@@ -1,7 +1,8 @@
 """The chunked Conba scan (DESIGN.md §2.1) as one Triton kernel, forward only (inference and prefill).
 
-One program per (batch, head) walks the sequence in chunks of C steps (`kernel_block`: the model's
-chunk, at most 32 steps) with the state S (P, N) in registers; within a chunk everything is
+One program per (batch, head, block of value columns) walks the sequence in chunks of C steps
+(`kernel_block`: the model's chunk, at most 32 steps) with its rows of the state S (P, N) in
+registers (each column of x, y and row of S is a scan of its own); within a chunk everything is
 (C, C) / (C, P) / (C, N) tile products, as in `ops/chunk.py`:
     open loop:  U = diag(beta) X
     delta rule: (I + diag(beta) M) U = diag(beta) (X - diag(exp b) K Sᵀ), solved by forward
@@ -31,6 +32,9 @@ from mixcon.ops.chunk import early_delayed_readout, initial_states
 # Steps per block of the kernel's walk over time, whatever the model's chunk: with 64-step tiles the
 # kernel as Triton 3.9 compiles it for sm_80 / sm_90 spills registers (`mixcon bench kernel`).
 BLOCK = 32
+# Value columns (of P) per program: the scan is independent per column of x, so programs split P. 16
+# columns spill the fewest registers on sm_90 (docs/benchmarks.md §17) and give P / 16 times the programs.
+VALUE_BLOCK = 16
 
 
 def kernel_block(chunk_size: int, tau: int) -> int:
@@ -38,12 +42,14 @@ def kernel_block(chunk_size: int, tau: int) -> int:
     return min(chunk_size, max(BLOCK, triton.next_power_of_2(tau)))
 
 
-def launch_options(dtype: torch.dtype, P: int, N: int, block: int) -> dict[str, Any]:
-    """The kernel's constexprs and compile options for x, k, q in `dtype`: tiles, and the products'
-    precision — TF32 unless the inputs are fp32 and `torch.get_float32_matmul_precision()` is "highest"
-    (the default)."""
+def launch_options(dtype: torch.dtype, P: int, N: int, block: int, value_block: int = VALUE_BLOCK
+                   ) -> dict[str, Any]:
+    """The kernel's constexprs and compile options for x, k, q in `dtype`: tiles (BP value columns per
+    program, at most `value_block`), and the products' precision — TF32 unless the inputs are fp32 and
+    `torch.get_float32_matmul_precision()` is "highest" (the default)."""
     exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    return dict(C=block, BP=max(16, triton.next_power_of_2(P)), BN=max(16, triton.next_power_of_2(N)),
+    return dict(C=block, BP=min(value_block, max(16, triton.next_power_of_2(P))),
+                BN=max(16, triton.next_power_of_2(N)),
                 PREC="ieee" if exact else "tf32",
                 num_warps=8,  # a dozen (C, 64)-sized fp32 tiles are live at once; 4 warps spill more
                 enable_fp_fusion=True)  # fused multiply-adds, stated: Triton 3.10 changes the default
@@ -76,7 +82,7 @@ def _conba_scan_kernel(
     h = tl.program_id(1)
     g = h // hpg
     rows = tl.arange(0, C)
-    p_idx = tl.arange(0, BP)
+    p_idx = tl.program_id(2) * BP + tl.arange(0, BP)  # this program's value columns
     n_idx = tl.arange(0, BN)
     pn_mask = (p_idx[:, None] < P) & (n_idx[None, :] < N)
     state_off = ((pid_b * H + h) * P + p_idx[:, None]) * N + n_idx[None, :]  # into (B, H, P, N)
@@ -156,16 +162,20 @@ def conba_scan_triton(
     initial_past_states: torch.Tensor | None = None,  # (B, tau, H, P, N): S_{1-tau} .. S_0
     chunk_size: int = 64,
     return_past_states: bool = False,
+    value_block: int = VALUE_BLOCK,
 ) -> tuple[torch.Tensor, ...]:
     """`conba_scan` in one Triton kernel, without autograd; returns (y, final_state[, past_states]).
 
-    chunk_size must be a power of two >= 16 and >= tau; the kernel walks blocks of `kernel_block` steps.
+    chunk_size must be a power of two >= 16 and >= tau; the kernel walks blocks of `kernel_block` steps, each
+    program `value_block` (a power of two >= 16) of the P value columns.
     Products: full fp32 for fp32 inputs unless torch's float32 matmul precision allows TF32, else TF32
     (states and decays are fp32 either way)."""
     B, T, H, P, G, N = check_scan_inputs(x, k, q, log_decay, beta, tau, delay_gain, initial_state,
                                          initial_past_states, chunk_size=chunk_size)
     if not triton_chunk_ok(chunk_size, tau):
         raise ValueError(f"conba_scan_triton: chunk_size={chunk_size} must be a power of two >= 16 and >= tau={tau}")
+    if value_block < 16 or value_block & (value_block - 1):
+        raise ValueError(f"conba_scan_triton: value_block={value_block} must be a power of two >= 16")
     if x.dtype == torch.float64:
         raise ValueError("conba_scan_triton: fp64 is not supported; use conba_scan")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
@@ -183,13 +193,14 @@ def conba_scan_triton(
     y = torch.empty(B, T, H, P, dtype=f32, device=x.device)
     final = torch.empty_like(S0)
     past = x.new_empty(B, tau, H, P, N, dtype=f32)
-    _conba_scan_kernel[(B, H)](
+    options = launch_options(x.dtype, P, N, kernel_block(chunk_size, tau), value_block)
+    _conba_scan_kernel[(B, H, triton.cdiv(P, options["BP"]))](
         x, k, q, log_decay, beta, gain, S0, y, final, past,
         T, H, P, N, H // G,
         x.stride(0), x.stride(1), x.stride(2), k.stride(0), k.stride(1), k.stride(2),
         log_decay.stride(0), log_decay.stride(1), y.stride(0), y.stride(1), y.stride(2),
         DELTA=delta_rule, TAU=tau, PAST=return_past_states and tau > 0,
-        **launch_options(x.dtype, P, N, kernel_block(chunk_size, tau)),
+        **options,
     )
     if tau > 0:  # the first tau rows read the initial past states S_{1-tau} .. S_0
         early = early_delayed_readout(q, past0, H // G)

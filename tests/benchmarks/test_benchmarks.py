@@ -69,6 +69,10 @@ def test_scan_benchmark_times_the_triton_kernel_beside_the_torch_scan():
                     **SCAN_SHAPE)
     assert [r["form"] for r in rows] == ["torch c8", "torch c16", "triton c16"]
     assert rows[-1]["max_err"] < 1e-4
+    rows = scan.run([40], [1], repeats=1, out_dir=None, chunks=(16,), variants=("control-tau2",), triton=True,
+                    value_blocks=[16, 32], **dict(SCAN_SHAPE, head_dim=24))
+    assert [r["form"] for r in rows] == ["torch c16", "triton c16 v16", "triton c16 v32"]
+    assert all(r["max_err"] < 1e-4 for r in rows)
 
 
 def test_scan_benchmark_compiled_form(have_c_compiler):
@@ -98,6 +102,8 @@ def test_scan_benchmark_command(tmp_path, monkeypatch):
         main([*argv[:-2], "--variants", "bogus"])
     with pytest.raises(SystemExit, match="multiple of --groups"):
         main([*argv, "--groups", "3"])
+    with pytest.raises(SystemExit, match=r"--value-blocks \[24\] must be powers of two >= 16"):
+        main([*argv, "--value-blocks", "16,24"])
 
 
 @pytest.mark.parametrize("T", [100, 20])  # 4 chunks of 32, or one of 20 (the scan's chunk is T when shorter)
@@ -286,11 +292,13 @@ def test_kernel_report_compiles_the_triton_kernel_for_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile afresh
     done = subprocess.run([sys.executable, "-m", "mixcon", "bench", "kernel", "--arch", "90", "--dtypes", "fp32,bf16",
-                           "--blocks", "32", "--out", str(tmp_path)], env=env, capture_output=True, text=True)
+                           "--blocks", "32", "--value-blocks", "16,64", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "kernel.json").read_text())["rows"]
-    assert [(r["arch"], r["dtype"], r["block"], r["precision"]) for r in rows] == \
-        [("sm_90", "fp32", 32, "ieee"), ("sm_90", "bf16", 32, "tf32")]
+    assert [(r["arch"], r["dtype"], r["block"], r["value_block"], r["precision"]) for r in rows] == \
+        [("sm_90", "fp32", 32, 16, "ieee"), ("sm_90", "fp32", 32, 64, "ieee"),
+         ("sm_90", "bf16", 32, 16, "tf32"), ("sm_90", "bf16", 32, 64, "tf32")]
     assert all(0 < r["registers"] <= 255 and r["spill_stores"] >= 0 and r["shared_KiB"] > 0 for r in rows)
 
 
@@ -298,6 +306,7 @@ def test_kernel_report_compiles_the_triton_kernel_for_a_gpu(tmp_path):
     (["--blocks", "24"], "powers of two"),
     (["--blocks", "16", "--tau", "20"], ">= --tau"),
     (["--dtypes", "fp8"], "unknown"),
+    (["--value-blocks", "8"], "--value-blocks: \\[8\\] must be powers of two"),
 ])
 def test_kernel_report_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message):

@@ -42,6 +42,20 @@ def test_triton_equals_reference(delta_rule, T, chunk, G, tau, init, P, N):
         torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("value_block", [16, 32, 64])
+def test_programs_over_value_columns_each_scan_their_own(value_block):
+    """P = 40 split into blocks of 16 (three programs, the last one 8 columns short), 32 or one block of 64."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=40, G=2, P=40, N=24)
+    past0 = torch.randn(2, 2, 4, 40, 24, dtype=torch.float64)
+    kw = dict(delta_rule=True, tau=2, delay_gain=gain, initial_state=S0, initial_past_states=past0)
+    refs = conba_scan_reference(x, k, q, ld, beta, return_past_states=True, **kw)
+    dev = {name: v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v for name, v in kw.items()}
+    outs = conba_scan_triton(*(t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)), chunk_size=16,
+                             return_past_states=True, value_block=value_block, **dev)
+    for got, ref in zip(outs, refs, strict=True):
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_a_full_reset_mid_chunk_stays_finite_and_exact():
     """log_decay = -inf (alpha = 0): the kernel's cumulative decays are clamped as in `conba_scan`."""
     x, k, q, ld, beta, gain, S0 = make_inputs(T=40, G=2, P=16, N=16)
@@ -70,6 +84,8 @@ def test_bad_arguments_raise_clear_errors():
     x, k, q, ld, beta, *_ = (t.float() for t in make_inputs(T=8))
     with pytest.raises(ValueError, match="power of two"):
         conba_scan_triton(x, k, q, ld, beta, delta_rule=False, chunk_size=24)
+    with pytest.raises(ValueError, match="value_block=24 must be a power of two >= 16"):
+        conba_scan_triton(x, k, q, ld, beta, delta_rule=False, chunk_size=16, value_block=24)
     with pytest.raises(ValueError, match="fp64"):
         conba_scan_triton(x.double(), k, q, ld, beta, delta_rule=False, chunk_size=16)
     with pytest.raises(RuntimeError, match="no backward"):
@@ -81,6 +97,8 @@ def test_launch_options_follow_the_chunk_tau_and_torch_matmul_precision():
         [16, 32, 32, 32, 64, 64]
     assert launch_options(torch.float32, 5, 64, 32) | {"PREC": None} == \
         dict(C=32, BP=16, BN=64, PREC=None, num_warps=8, enable_fp_fusion=True)
+    assert [launch_options(torch.float32, P, 64, 32, vb)["BP"] for P, vb in ((64, 16), (64, 64), (40, 64), (5, 32))] \
+        == [16, 64, 64, 16]
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
