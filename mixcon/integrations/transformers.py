@@ -94,16 +94,21 @@ class MixConHFConfig(PretrainedConfig):
         names = {**FIELDS, "vocab_size": "vocab_size", "top_k": "top_k"}
         if fields := {names[key]: kwargs.pop(key) for key in list(kwargs) if key in names}:
             config = config.replace(**fields)
+        if (layers := kwargs.pop("num_hidden_layers", None)) is not None and layers != config.n_layers:
+            raise ValueError(f"num_hidden_layers={layers} disagrees with the MixConConfig's {config.n_layers} layers "
+                             f"(n_blocks={config.n_blocks} x layers_per_block={config.layers_per_block}); set those")
         self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
         self.use_cache = use_cache
         self.output_router_logits = output_router_logits
         super().__init__(**kwargs, **{name: getattr(config, FIELDS[name]) for name in SYNCED})
 
     def to_dict(self) -> dict[str, Any]:
-        """transformers' dict, with transformers' names of the MixConConfig fields beside `mixcon` (tools such as
-        PEFT read `hidden_size` there); loading sets the same fields from them."""
+        """transformers' dict, with transformers' names of the MixConConfig fields, `vocab_size` and
+        `num_hidden_layers` beside `mixcon` (tools such as PEFT read `hidden_size` there); loading sets the same
+        fields from them (`num_hidden_layers` must agree)."""
         return {**super().to_dict(), **{name: self.mixcon[field] for name, field in ALIASES.items()
-                                        if name not in SYNCED}}
+                                        if name not in SYNCED},
+                "vocab_size": self.vocab_size, "num_hidden_layers": self.num_hidden_layers}
 
     def __eq__(self, other: object) -> bool:  # the MixConConfig too (transformers' fields alone miss it)
         return isinstance(other, MixConHFConfig) and self.to_dict() == other.to_dict()
@@ -149,6 +154,20 @@ class MixConHFConfig(PretrainedConfig):
     @vocab_size.setter
     def vocab_size(self, value: int) -> None:  # transformers' resize_token_embeddings sets it
         self.mixcon = MixConConfig.from_dict({**self.mixcon, "vocab_size": value}).to_dict()
+
+
+def _check_device_map(device_map: dict[str, Any] | None) -> None:
+    """A `device_map` that spreads the model over several places (offloading to "disk" or "cpu", or splitting it
+    across accelerators) is refused: Conba layers and cached decoding read weights outside the module forwards that
+    accelerate's hooks wrap, and a cache lives on one device."""
+    places = sorted({str(place) for place in (device_map or {}).values()})
+    if len(places) > 1:
+        where = {place: [name for name, p in device_map.items() if str(p) == place] for place in places}
+        raise ValueError("MixConHFForCausalLM runs on one device; the device_map spread it over "
+                         + "; ".join(f"{place} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+                                     for place, names in where.items())
+                         + ". Give one device memory for the whole model (max_memory), or load without device_map "
+                           "and move the model with .to(device)")
 
 
 # What transformers' generate hands every forward for its own use (stop_strings' tokenizer, assisted decoding).
@@ -230,6 +249,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         may still be a view of: an unaligned view changes the BLAS kernels' rounding, and the logits
         would then differ from the saved model's in the last bit."""
         model, info = super().from_pretrained(*args, **{**kwargs, "output_loading_info": True})
+        _check_device_map(getattr(model, "hf_device_map", None))
         with torch.no_grad():
             for param in model.parameters():  # tied parameters once: they stay tied
                 if param.device.type == "cpu":

@@ -161,6 +161,14 @@ def test_config_answers_to_transformers_names(tmp_path):
         config.hidden_size = 0
     with pytest.raises(AttributeError, match="num_hidden_layers follows the MixConConfig"):
         config.num_hidden_layers = 3
+    # config.json and to_dict carry the names tools read from a causal LM's config, and they load back.
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["vocab_size"], written["num_hidden_layers"], written["hidden_size"]) == \
+        (mixcon.vocab_size, mixcon.n_layers, 64)
+    assert {k: config.to_dict()[k] for k in ("vocab_size", "num_hidden_layers")} == \
+        dict(vocab_size=mixcon.vocab_size, num_hidden_layers=mixcon.n_layers)
+    with pytest.raises(ValueError, match=rf"num_hidden_layers=3 disagrees with the MixConConfig's {mixcon.n_layers}"):
+        MixConHFConfig.from_dict({**config.to_dict(), "num_hidden_layers": 3})
     assert config != MixConHFConfig(hidden_size=32, num_attention_heads=2) and config == MixConHFConfig.from_dict(
         config.to_dict())  # equality compares the MixConConfig too
 
@@ -278,6 +286,22 @@ def test_save_pretrained_loads_through_the_auto_class(tiny_model, tmp_path, tie)
     back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(back, MixConHFForCausalLM) and back.model.config == hf.model.config
     assert (back.model.lm_head.weight is back.model.embed.weight) == tie
+    ids, _ = left_padded()
+    assert torch.equal(back(ids).logits, hf(ids).logits)
+
+
+def test_a_device_map_over_several_places_is_refused_one_device_loads(tiny_model, tmp_path):
+    """Offloading (here: layers to disk, as device_map="auto" does when max_memory is short) would leave
+    weights that Conba reads outside module forwards unloaded: refused, naming where the map put what."""
+    pytest.importorskip("accelerate", reason="device_map needs accelerate")
+    hf = MixConHFForCausalLM.from_mixcon(tiny_model(dtype=torch.float32)).eval()
+    hf.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"runs on one device; the device_map spread it over cpu \(model\.embed.*; "
+                                         r"disk \(model\.layers\."):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map="auto", max_memory={"cpu": "300KB"},
+                                             offload_folder=str(tmp_path / "offload"))
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map="auto").eval()
+    assert set(getattr(back, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
     ids, _ = left_padded()
     assert torch.equal(back(ids).logits, hf(ids).logits)
 
