@@ -502,13 +502,15 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     the `hf_tokenizer` files, modeling_mixcon.py (named by the config's `auto_map`) and a model card, so that
     `AutoModelForCausalLM` and `AutoTokenizer.from_pretrained(out)` load it once this module is imported, or
     wherever mixcon is installed with `trust_remote_code=True` (given to both); this library's loaders load it
-    too. Weights over `max_shard_size` are sharded as transformers shards them. Written beside `out`,
+    too. The model's EOS and padding ids must be the tokenizer's (a model without them takes the tokenizer's).
+    Weights over `max_shard_size` are sharded as transformers shards them. Written beside `out`,
     then renamed into place; an `out` that is a file, or the source's directory, inside it or holding it, is
     refused before anything is read."""
     out = Path(out)
     max_shard_size = _shard_bytes(max_shard_size)
     _check_export_directory(out, Path(checkpoint), overwrite)
     model, tok = load_model_and_tokenizer(checkpoint, tokenizer=tokenizer, dtype=dtype)
+    model.config = _tokenizer_special_ids(model.config, tok)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -521,6 +523,21 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind; `out` is as it was
         raise
     return out
+
+
+def _tokenizer_special_ids(config: MixConConfig, tok: AnyTokenizer) -> MixConConfig:
+    """The model's EOS and padding ids, taken from the tokenizer where the config has none (a model built by
+    hand); ids that name other tokens than the tokenizer's are refused: generation would stop on the wrong one."""
+    ids = {}
+    for field, name in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
+        own, theirs = getattr(config, field), getattr(tok, name)
+        if own is None:
+            ids[field] = theirs
+        elif own != theirs:
+            raise ValueError(f"the model's {field}={own} is not the tokenizer's {name}={theirs} ({tok.name}): "
+                             "exported together, generation would stop or pad on the wrong token; export with the "
+                             "tokenizer the model was trained with, or set the model's ids to the tokenizer's")
+    return config.replace(**ids) if ids else config
 
 
 def _shard_bytes(max_shard_size: int | str) -> int:

@@ -688,6 +688,23 @@ def test_a_sharded_export_loads_everywhere(run_dir, tmp_path):
         MixConForCausalLM.from_pretrained(out)
 
 
+def test_export_hf_takes_the_tokenizers_special_ids_where_the_model_has_none(tiny_model, tmp_path):
+    """A model built by hand without EOS / padding ids, exported with the byte tokenizer: the export's ids
+    are the tokenizer's (transformers' generate stops at its EOS); ids naming other tokens are refused."""
+    tok = ByteTokenizer()
+    tiny_model(dtype=torch.float32).save_pretrained(tmp_path / "model")
+    out = export_hf(tmp_path / "model", tmp_path / "hf", tokenizer="bytes")
+    written = json.loads((out / "config.json").read_text())
+    assert (written["eos_token_id"], written["pad_token_id"]) == (tok.eos_id, tok.pad_id)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eos_id
+    assert MixConForCausalLM.from_pretrained(out).config.eos_token_id == tok.eos_id
+    tiny_model(dtype=torch.float32, eos_token_id=EOS).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=rf"the model's eos_token_id={EOS} is not the tokenizer's eos_id="
+                                         rf"{tok.eos_id} \(bytes\)"):
+        export_hf(tmp_path / "other", tmp_path / "hf2", tokenizer="bytes")
+    assert not (tmp_path / "hf2").exists()
+
+
 @pytest.mark.parametrize("size", ["abc", "1.5GB", "-5GB", 0, None, True])
 def test_export_hf_refuses_a_bad_shard_size_before_reading(tmp_path, size):
     with pytest.raises(ValueError, match=r"\(--max-shard-size\) must be a positive number of bytes.*e\.g\. 5GB"):
