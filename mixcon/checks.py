@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 
 def is_integer(value: Any) -> bool:
     """An int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def as_integer(value: Any) -> Any:
+    """An integer-like argument (numpy integer, 0-d integer tensor) as an int; anything else as it is."""
+    if is_integer(value) or isinstance(value, bool | float):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def is_number(value: Any) -> bool:

@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=number_type(float, 0, above=True, maximum=1), default=0.95,
                    help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=SEED, default=0,
-                   help="sampling seed (default: %(default)s)")
+                   help="sampling seed (default: %(default)s; on a CPU, PyTorch's generator reads its low 32 bits "
+                        "only)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
     add_device_argument(p, "cpu")
     add_dtype_argument(p)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from mixcon.checks import is_integer
+from mixcon.checks import as_integer, is_integer, is_number
 
 if TYPE_CHECKING:
     from mixcon.generation.cache import MixConCache
@@ -69,6 +68,8 @@ def sample_next(
     """Greedy argmax, or a sample from `filter_logits`: (B,)."""
     if not do_sample:
         return logits.argmax(-1)
+    logits = logits.float()
+    logits = logits - logits.amax(-1, keepdim=True)  # the largest at 0: finite over any temperature
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -114,6 +115,13 @@ def generate(
     called after each step with the (B, T + generated) sequences so far, returns which rows are done (a (B,)
     bool tensor, or one bool for all; transformers' `StoppingCriteria` fit): they are continued as after EOS.
     """
+    max_new_tokens, max_length, top_k, vocab_limit, pad_token_id, seed = (
+        as_integer(v) for v in (max_new_tokens, max_length, top_k, vocab_limit, pad_token_id, seed))
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+        raise TypeError(f"input_ids must be a tensor of integer token ids, got "
+                        f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor (1 = token, 0 = pad), got {type(attention_mask).__name__}")
     if max_new_tokens is None:
         if max_length is None:
             raise ValueError("generate needs max_new_tokens (or max_length: prompt and new tokens together)")
@@ -122,8 +130,8 @@ def generate(
         max_new_tokens = max(0, max_length - input_ids.shape[-1])
     if not (is_integer(max_new_tokens) and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-    if do_sample and not 0 < temperature < math.inf:  # nan fails too
-        raise ValueError(f"temperature={temperature} must be a finite number > 0 when sampling (use do_sample=False "
+    if do_sample and not (is_number(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0 when sampling (use do_sample=False "
                          "for greedy)")
     if top_k is not None and not (is_integer(top_k) and top_k >= 0):
         raise ValueError(f"top_k={top_k!r} must be None or an integer >= 0 (0 and None: no top-k filter)")
@@ -131,8 +139,8 @@ def generate(
     if vocab_limit is not None and not (is_integer(vocab_limit) and 1 <= vocab_limit <= model.config.vocab_size):
         raise ValueError(f"vocab_limit={vocab_limit!r} must be None or an integer in [1, vocab_size="
                          f"{model.config.vocab_size}]")
-    if top_p is not None and not 0 < top_p <= 1:  # nan fails too
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be None or a number in (0, 1]")
     if input_ids.dim() == 1:  # one prompt (and its mask)
         input_ids = input_ids[None]
         if attention_mask is not None and attention_mask.dim() == 1:
@@ -146,6 +154,8 @@ def generate(
         _check_ends_in_tokens(attention_mask)
     if generator is not None and seed is not None:
         raise ValueError("seed and generator: give one (seed makes a generator)")
+    if seed is not None and not (is_integer(seed) and 0 <= seed < 2**64):
+        raise ValueError(f"seed={seed!r} must be None or an integer in [0, 2**64)")
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     if eos_token_id is None:
@@ -154,15 +164,12 @@ def generate(
         pad_token_id = model.config.pad_token_id
     if isinstance(eos_token_id, torch.Tensor):  # as transformers' generation configs may hold them
         eos_token_id = eos_token_id.tolist()
-    eos_ids = list(eos_token_id) if isinstance(eos_token_id, list | tuple) else [eos_token_id]
+    eos_ids = [as_integer(e) for e in (eos_token_id if isinstance(eos_token_id, list | tuple) else [eos_token_id])]
     V = model.config.vocab_size
     for name, value in [*(("eos_token_id", e) for e in eos_ids), ("pad_token_id", pad_token_id)]:
         if value is not None and not (is_integer(value) and 0 <= value < V):
             raise ValueError(f"{name}={value!r} must be None or an integer in [0, vocab_size={V})")
     eos_ids = [e for e in eos_ids if e is not None]
-    if vocab_limit is not None and eos_ids and min(eos_ids) >= vocab_limit:
-        raise ValueError(f"eos_token_id={eos_token_id!r} is not below vocab_limit={vocab_limit}: generation could "
-                         "never end")
     fill = pad_token_id if pad_token_id is not None else eos_ids[0] if eos_ids else None
     if stopping_criteria is not None and fill is None:
         raise ValueError("stopping_criteria: rows that stop are continued with pad_token_id (or the EOS id), and "
@@ -195,7 +202,11 @@ def generate(
             new_tokens.append(token)
             if stopping_criteria is not None:
                 done = stopping_criteria(torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), None)
-                finished |= torch.as_tensor(done, dtype=torch.bool, device=finished.device)
+                done = torch.as_tensor(done, dtype=torch.bool, device=finished.device)
+                if done.shape not in ((), (B,)):
+                    raise ValueError(f"stopping_criteria must return one bool or a (B,) = ({B},) bool tensor of the "
+                                     f"rows that are done, got shape {tuple(done.shape)}")
+                finished |= done
             if hf_streamer:
                 streamer.put(token.cpu())
             elif streamer is not None:

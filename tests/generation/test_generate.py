@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -135,6 +136,10 @@ def test_stopping_criteria_end_rows_as_eos_does(tiny_model):
     assert seen == list(range(5, 13))  # called after every step with the sequences so far
     assert torch.equal(got[1], free[1]) and torch.equal(got[0, :7], free[0, :7]) and got[0, 7:].eq(298).all()
     assert model.generate(prompt, 8, stopping_criteria=MaxLengthCriteria(max_length=7)).shape == (2, 7)
+    for shape in ((2, 1), (3,)):
+        with pytest.raises(ValueError, match=rf"stopping_criteria must return one bool or a \(B,\) = \(2,\) bool "
+                                             rf"tensor of the rows that are done, got shape {re.escape(str(shape))}"):
+            model.generate(prompt, 3, stopping_criteria=lambda ids, scores, shape=shape: torch.zeros(shape))
     with pytest.raises(ValueError, match="stopping_criteria: rows that stop are continued with pad_token_id"):
         tiny_model(eos_token_id=None, pad_token_id=None).generate(prompt, 3, stopping_criteria=row0_after_three)
 
@@ -184,13 +189,13 @@ def test_transformers_streamers_get_the_prompt_the_tokens_and_the_end(tiny_model
 def test_generate_validates_arguments(tiny_model):
     model = tiny_model(dtype=torch.float32)
     prompt = torch.randint(0, 300, (2, 4))
-    for bad in (0, float("nan"), float("inf")):
+    for bad in (0, float("nan"), float("inf"), "0.7"):
         with pytest.raises(ValueError, match=r"temperature=.* must be a finite number > 0 when sampling"):
             model.generate(prompt, 3, do_sample=True, temperature=bad)
     with pytest.raises(ValueError, match="every prompt must end in a real token"):
         model.generate(prompt, 3, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
-    for bad in (1.5, float("nan")):
-        with pytest.raises(ValueError, match=r"top_p=.* must be in \(0, 1\]"):
+    for bad in (1.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match=r"top_p=.* must be None or a number in \(0, 1\]"):
             model.generate(prompt, 3, do_sample=True, top_p=bad)
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match=rf"top_k={bad!r} must be None or an integer >= 0"):
@@ -212,8 +217,41 @@ def test_generate_validates_arguments(tiny_model):
         shown = value[-1] if isinstance(value, list) else value
         with pytest.raises(ValueError, match=rf"{name}={shown!r} must be None or an integer in \[0, vocab_size=300\)"):
             model.generate(prompt, 3, **{name: value})
-    with pytest.raises(ValueError, match=r"eos_token_id=\[280, 290\] is not below vocab_limit=260: generation could"):
-        model.generate(prompt, 3, eos_token_id=[280, 290], vocab_limit=260)
+    for bad in (-1, 2**64, 1.5, "7"):
+        with pytest.raises(ValueError, match=rf"seed={bad!r} must be None or an integer in \[0, 2\*\*64\)"):
+            model.generate(prompt, 3, do_sample=True, seed=bad)
+    with pytest.raises(TypeError, match="input_ids must be a tensor of integer token ids, got list"):
+        model.generate(prompt.tolist(), 3)
+    with pytest.raises(TypeError, match=r"input_ids must be a tensor of integer token ids, got torch\.float32"):
+        model.generate(prompt.float(), 3)
+    with pytest.raises(TypeError, match=r"attention_mask must be a tensor \(1 = token, 0 = pad\), got list"):
+        model.generate(prompt, 3, attention_mask=torch.ones_like(prompt).tolist())
+
+
+def test_integer_arguments_may_be_numpy_integers_or_0d_tensors(tiny_model):
+    np = pytest.importorskip("numpy")
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.randint(0, 300, (2, 4))
+    kw = dict(do_sample=True, top_k=5, vocab_limit=280, seed=3, eos_token_id=7, pad_token_id=9)
+    expected = model.generate(prompt, 4, **kw)
+    for wrap in (np.int64, torch.tensor):
+        assert torch.equal(model.generate(prompt, wrap(4), **{k: wrap(v) for k, v in kw.items()}), expected)
+        assert torch.equal(model.generate(prompt, max_length=wrap(8), **kw), expected)
+
+
+def test_eos_outside_vocab_limit_runs_to_max_new_tokens(tiny_model):
+    """EOS ids at or above vocab_limit cannot be chosen: generation ends at max_new_tokens."""
+    model = tiny_model(dtype=torch.float32)
+    out = model.generate(torch.randint(0, 300, (2, 4)), 5, eos_token_id=[280, 290], vocab_limit=260)
+    assert out.shape == (2, 9) and int(out[:, 4:].max()) < 260
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_failing(tiny_model):
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.randint(0, 300, (2, 4))
+    greedy = model.generate(prompt, 4)
+    for temperature in (1e-40, 1e-45):
+        assert torch.equal(model.generate(prompt, 4, do_sample=True, temperature=temperature, seed=0), greedy)
 
 
 def test_the_cache_is_not_allocated_for_a_huge_max_new_tokens_but_grows(tiny_model, monkeypatch):
