@@ -8,7 +8,7 @@ from torch import nn
 
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import AttentionCache
-from mixcon.layers.context import DecodeStep, ForwardContext
+from mixcon.layers.context import DecodeStep, ForwardContext, check_input
 from mixcon.layers.linear import Linear
 from mixcon.ops.dtypes import compute_dtype
 
@@ -77,6 +77,7 @@ class Attention(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
+        check_input("Attention", h, self.qkv.in_features)
         B, T, _ = h.shape
         if ctx is None:
             ctx = ForwardContext.build(None, B, T, None, h.device)

@@ -14,7 +14,7 @@ from torch import nn
 
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import ConbaCache
-from mixcon.layers.context import DecodeStep, ForwardContext
+from mixcon.layers.context import DecodeStep, ForwardContext, check_input
 from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.norm import GatedRMSNorm
@@ -103,6 +103,11 @@ class Conba(nn.Module):
             self.rho_bias.fill_(5.0)
         if self.delay_gain is not None:
             self.delay_gain.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.H}, head_dim={self.P}, state={self.N}, groups={self.G}, selective={self.selective!r}, "
+                f"control={self.control}, state_scaling={self.scaling}, tau={self.tau}, chunk={self.chunk}, "
+                f"kernel={self.kernel!r}")
 
     def conv_taps(self) -> torch.Tensor:
         """The depthwise conv's weights as (width, C), one row per tap, contiguous."""
@@ -237,8 +242,7 @@ class Conba(nn.Module):
 
     def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
-        if u.dim() != 3:
-            raise ValueError(f"Conba: input must be (B, T, d_model), got shape {tuple(u.shape)}")
+        check_input("Conba", u, self.in_proj.in_features)
         B, T, _ = u.shape
         if ctx is None:
             ctx = ForwardContext.build(None, B, T, None, u.device)

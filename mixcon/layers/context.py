@@ -78,3 +78,9 @@ class DecodeStep(NamedTuple):
     key_mask: torch.Tensor  # (B, 1, 1, L) bool: cache positions the new token may attend to (L: the capacity
     # when compiled, the filled positions when eager)
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin at the new positions: (B, 1, 1, hd / 2)
+
+
+def check_input(layer: str, h: torch.Tensor, d_model: int) -> None:
+    """A mixer's input must be (B, T, d_model)."""
+    if h.dim() != 3 or h.shape[-1] != d_model:
+        raise ValueError(f"{layer}: input must be (B, T, d_model={d_model}), got shape {tuple(h.shape)}")

@@ -37,6 +37,8 @@ class MoE(nn.Module):
         """`init_std`: the experts' weights are drawn from Normal(0, init_std); None leaves them for the model that
         holds the layer to draw (`MixConForCausalLM.reset_parameters`)."""
         super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"MoE: top_k={top_k} must be in [1, n_experts={n_experts}]")
         self.n_experts, self.top_k = n_experts, top_k
         self.router = Linear(d_model, n_experts, bias=False)
         # Experts stored as stacked nn.Linear weights (out, in): (n, 2·hidden, d) and (n, d, hidden). Weights
@@ -46,6 +48,10 @@ class MoE(nn.Module):
         if init_std is not None:
             nn.init.normal_(self.w_gate_up, 0.0, init_std)
             nn.init.normal_(self.w_down, 0.0, init_std)
+
+    def extra_repr(self) -> str:
+        n, d, hidden = self.w_down.shape
+        return f"d_model={d}, hidden={hidden}, n_experts={n}, top_k={self.top_k}"
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M, d) -> logits and probabilities (M, n), top-K weights (M, K) summing to 1, expert ids (M, K)."""
@@ -106,6 +112,11 @@ class MoE(nn.Module):
         for the decoding step: gathered experts for a few tokens; for more, all experts where `static_shapes`
         (no data-dependent shapes), else grouped by expert."""
         shape = h.shape
+        if shape[-1] != self.router.in_features:
+            raise ValueError(f"MoE: input must be (..., d_model={self.router.in_features}), got shape {tuple(shape)}")
+        if token_mask is not None and token_mask.shape != shape[:-1]:
+            raise ValueError(f"MoE: token_mask must have the input's shape but its last dimension, "
+                             f"{tuple(shape[:-1])}, got {tuple(token_mask.shape)}")
         h = h.reshape(-1, shape[-1])  # (M, d)
         if token_mask is None:
             out, router = self._tokens(h, stats)

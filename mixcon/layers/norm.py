@@ -18,12 +18,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
 
 class GatedRMSNorm(nn.Module):
     """RMSNorm(o ⊙ SiLU(z)), normalised over `groups` equal slices of the last dimension; in z's dtype."""
 
     def __init__(self, dim: int, groups: int = 1, eps: float = 1e-5) -> None:
         super().__init__()
+        if groups < 1 or dim % groups:
+            raise ValueError(f"GatedRMSNorm: groups={groups} must be >= 1 and divide dim={dim}")
         self.eps = eps
         self.groups = groups
         self.weight = nn.Parameter(torch.ones(dim))
@@ -34,3 +39,6 @@ class GatedRMSNorm(nn.Module):
         h = h.unflatten(-1, (self.groups, -1))
         h = F.rms_norm(h, (h.shape[-1],), eps=self.eps).flatten(-2)
         return self.weight * h.to(z.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, groups={self.groups}, eps={self.eps}"

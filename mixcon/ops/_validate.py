@@ -32,7 +32,8 @@ def check_scan_inputs(
     if not (is_integer(chunk_size) and chunk_size >= 1):
         raise ValueError(f"conba_scan: chunk_size={chunk_size!r} must be an integer >= 1")
     if tau > 0 and (delay_gain is None or delay_gain.shape != (H,)):
-        raise ValueError(f"conba_scan: tau={tau} > 0 needs delay_gain of shape (H,)=({H},)")
+        got = "none" if delay_gain is None else f"shape {tuple(delay_gain.shape)}"
+        raise ValueError(f"conba_scan: tau={tau} > 0 needs delay_gain of shape (H,)=({H},), got {got}")
     if tau == 0 and delay_gain is not None:
         raise ValueError("conba_scan: delay_gain without a delay (tau=0) would be ignored; give tau > 0, or no gain")
     if initial_state is not None and initial_state.shape != (B, H, P, N):

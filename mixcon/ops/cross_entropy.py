@@ -103,6 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total / count
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients were computed in the forward: first order only
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         grad_h, grad_w, count = ctx.saved_tensors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,14 @@ def test_a_pads_non_finite_state_reaches_no_real_position(poisoned_pads, bad):
     cfg = MixConConfig.preset("tiny")
     want, got = poisoned_pads(Attention(cfg, 0), cfg.d_model, bad)
     torch.testing.assert_close(got, want)
+
+
+def test_an_input_of_another_shape_is_refused_by_shape():
+    layer = Attention(MixConConfig.preset("tiny"), 0)
+    for shape in ((5, 32), (1, 5, 33)):
+        with pytest.raises(ValueError, match=rf"Attention: input must be \(B, T, d_model=32\), got shape "
+                                             rf"{re.escape(str(shape))}"):
+            layer(torch.randn(shape))
 
 
 def test_rope_rotates_pairs_by_position_times_frequency():

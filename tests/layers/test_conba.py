@@ -204,5 +204,21 @@ def test_triton_kernel_without_triton_is_a_clear_error(monkeypatch):
 
 def test_an_unbatched_input_is_refused_by_shape():
     layer = Conba(MixConConfig.preset("tiny"), 0)
-    with pytest.raises(ValueError, match=r"Conba: input must be \(B, T, d_model\), got shape \(5, 32\)"):
+    with pytest.raises(ValueError, match=r"Conba: input must be \(B, T, d_model=32\), got shape \(5, 32\)"):
         layer(torch.randn(5, 32))
+    with pytest.raises(ValueError, match=r"Conba: input must be \(B, T, d_model=32\), got shape \(1, 5, 33\)"):
+        layer(torch.randn(1, 5, 33))
+
+
+def test_the_repr_shows_the_layers_settings():
+    text = repr(Conba(MixConConfig.preset("tiny", conba_delay=3), 0))
+    assert "heads=4, head_dim=16, state=8, groups=2, selective='swiglu', control=True, state_scaling=True, tau=3" \
+        in text and "GatedRMSNorm(64, groups=2, eps=1e-05)" in text
+
+
+def test_gated_norm_groups_must_divide_its_width():
+    from mixcon.layers.norm import GatedRMSNorm
+
+    for groups in (0, 3):
+        with pytest.raises(ValueError, match=rf"GatedRMSNorm: groups={groups} must be >= 1 and divide dim=64"):
+            GatedRMSNorm(64, groups=groups)

@@ -150,3 +150,18 @@ def test_a_moe_layer_alone_starts_from_seeded_finite_weights():
         assert torch.isfinite(param).all() and torch.equal(param, b.get_parameter(name)), name
     assert abs(a.w_down.std().item() - 0.02) < 0.002
     assert torch.isfinite(a(torch.randn(2, 5, 32))[0]).all()
+
+
+def test_bad_arguments_are_refused_by_name():
+    for top_k in (0, 9):
+        with pytest.raises(ValueError, match=rf"MoE: top_k={top_k} must be in \[1, n_experts=8\]"):
+            MoE(16, 24, 8, top_k)
+    moe = make_moe()
+    h = torch.randn(2, 5, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"MoE: input must be \(\.\.\., d_model=16\), got shape \(2, 5, 17\)"):
+        moe(torch.randn(2, 5, 17, dtype=torch.float64))
+    for mask in (torch.ones(2, 4, dtype=torch.bool), torch.ones(5, 2, dtype=torch.bool)):  # pads or misrouted
+        with pytest.raises(ValueError, match=rf"token_mask must have the input's shape but its last dimension, "
+                                             rf"\(2, 5\), got \({mask.shape[0]}, {mask.shape[1]}\)"):
+            moe(h, token_mask=mask)
+    assert "d_model=16, hidden=24, n_experts=8, top_k=2" in repr(moe)

@@ -230,8 +230,10 @@ def test_step_takes_a_transposed_state_with_and_without_gradients():
 
 def test_bad_shapes_raise_clear_errors():
     x, k, q, ld, beta, _, S0 = make_inputs()
-    with pytest.raises(ValueError, match="delay_gain"):
+    with pytest.raises(ValueError, match=r"tau=2 > 0 needs delay_gain of shape \(H,\)=\(4,\), got none"):
         conba_scan(x, k, q, ld, beta, delta_rule=False, tau=2)
+    with pytest.raises(ValueError, match=r"tau=2 > 0 needs delay_gain of shape \(H,\)=\(4,\), got shape \(1, 4\)"):
+        conba_scan(x, k, q, ld, beta, delta_rule=False, tau=2, delay_gain=torch.ones(1, 4, dtype=x.dtype))
     with pytest.raises(ValueError, match="must divide"):
         conba_scan(x, k[:, :, :1].expand(-1, -1, 3, -1), q[:, :, :1].expand(-1, -1, 3, -1), ld, beta,
                    delta_rule=False)

@@ -100,6 +100,18 @@ def test_labels_of_another_shape_are_refused():
         linear_cross_entropy(h, weight, labels.repeat(2), chunk_rows=2)
 
 
+def test_second_derivatives_are_refused_not_wrong():
+    """The backward only rescales gradients the forward computed: differentiating it again (as gradgradcheck
+    does, through the incoming gradient) is an error, not a silently wrong second derivative."""
+    h, weight, labels = inputs((4,), V=7, d=4, dtype=torch.float64)
+    h.requires_grad_(True)
+    loss = linear_cross_entropy(h, weight, labels, chunk_rows=2)
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+    (grad_h,) = torch.autograd.grad(loss, h, grad_outputs=scale, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_h.sum().backward()
+
+
 def test_bad_chunk_rows():
     h, weight, labels = inputs((5,), V=7, d=4, dtype=torch.float64)
     with pytest.raises(ValueError, match="chunk_rows=0"):
