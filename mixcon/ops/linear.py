@@ -20,8 +20,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1]:
         y = (x[..., None, :] * weight).sum(-1)  # (..., N)
-        return y if bias is None else y + bias
+        return _as_autocast(y if bias is None else y + bias)
     return F.linear(x, weight, bias)
+
+
+def _as_autocast(y: torch.Tensor) -> torch.Tensor:
+    """The multiply-sum's result in the dtype F.linear gives under CPU autocast (which casts products, not
+    elementwise ops)."""
+    return y.to(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else y
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -31,5 +37,5 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pass over each weight, read along K as stored; otherwise `torch.bmm`.
     """
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[1] <= FEW_ROWS:
-        return (x[:, :, None, :] * weight[:, None]).sum(-1)
+        return _as_autocast((x[:, :, None, :] * weight[:, None]).sum(-1))
     return torch.bmm(x, weight.transpose(1, 2))

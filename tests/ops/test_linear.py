@@ -55,3 +55,18 @@ def test_batched_linear_compiled_few_rows_is_a_multiply_sum_equal_to_bmm(rows):
     assert "bmm" not in ops and "sum" in ops
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(batched_linear, backend="eager", fullgraph=True)(x, w), want)
+
+
+def test_compiled_few_rows_under_autocast_come_back_in_the_autocast_dtype():
+    """As F.linear and bmm do under CPU bf16 autocast (the multiply-sum itself is not an op autocast casts)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 24), torch.randn(40, 24)
+    for fn, args, eager in ((linear, (x, w), F.linear), (batched_linear, (x[None], w[None]),
+                                                          lambda a, b: torch.bmm(a, b.transpose(1, 2)))):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="eager", fullgraph=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = compiled(*args), eager(*args)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        assert compiled(*args).dtype == torch.float32  # autocast off: fp32 as given
