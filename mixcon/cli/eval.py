@@ -98,14 +98,15 @@ def run_perplexity(args: argparse.Namespace) -> int:
         message = re.sub(r"\b(context|stride|mode)=", r"--\1 ", str(e))
         raise SystemExit(f"mixcon eval perplexity: {message}") from e
     result = {"checkpoint": str(args.checkpoint), "corpus": corpus.describe(), "mode": args.mode,
-              "context": args.context, "stride": args.stride or args.context, "dtype": args.dtype,
+              "context": args.context, "stride": (args.stride or args.context) if args.mode == "window" else None,
+              "dtype": args.dtype,
               **score.as_dict()}
     print(f"corpus: {result['corpus']}\n"
           f"{score.documents:,} documents, {score.tokens:,} tokens, {score.bytes:,} bytes, mode {args.mode}, "
           f"context {args.context}" + (f", stride {result['stride']}" if args.mode == "window" else "") + "\n"
           f"loss {score.loss:.4f} nats/token, perplexity {score.perplexity:.3f}, "
           f"{score.bits_per_byte:.4f} bits/byte ({result['tokens_per_s']:,.0f} tokens/s)")
-    _write_json(args.json, result)
+    _write_json(args.json, result, "perplexity")
     return 0
 
 
@@ -134,12 +135,16 @@ def run_tasks(args: argparse.Namespace) -> int:
         raise SystemExit(f"mixcon eval tasks: {e}") from e
     print(make_table(out))
     _write_json(args.json, {"checkpoint": str(args.checkpoint), "results": out["results"],
-                            "config": out.get("config", {})})
+                            "config": out.get("config", {})}, "tasks")
     return 0
 
 
-def _write_json(path: Path | None, data: dict[str, Any]) -> None:
+def _write_json(path: Path | None, data: dict[str, Any], action: str) -> None:
     """--json FILE: the results, when asked for."""
-    if path is not None:
+    if path is None:
+        return
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+    except OSError as e:  # the scores are printed above
+        raise SystemExit(f"mixcon eval {action}: --json {path}: cannot write the results ({e})") from e

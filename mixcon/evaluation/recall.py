@@ -13,7 +13,8 @@ from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 def recall_accuracy(model: MixConForCausalLM, task: RecallTask, num_pairs: int, *, sequences: int = 256,
                     batch_size: int = 64, seed: int = 0) -> float:
     """Fraction of queried keys whose value is the model's most likely next token, over `sequences`
-    held-out sequences (drawn from `seed`) with `num_pairs` pairs each."""
+    held-out sequences with `num_pairs` pairs each, drawn from `seed` `batch_size` at a time (the same seed and
+    batch size draw the same sequences)."""
     for name, value in (("sequences", sequences), ("batch_size", batch_size)):
         if not (is_integer(value) and value >= 1):
             raise ValueError(f"recall_accuracy: {name}={value!r} must be an integer >= 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,26 @@ def test_prints_and_writes_the_scores_of_evaluate_texts(saved, tmp_path, capsys,
     assert result["nll"] == pytest.approx(want.nll, rel=1e-6)
     assert result["bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-6)
     assert result["mode"] == mode and result["context"] == 16
+    assert result["stride"] == (16 if mode == "window" else None)  # a stream has no stride
     assert f"3 documents, {n_bytes:,} tokens" in printed and f"{want.bits_per_byte:.4f} bits/byte" in printed
+
+
+def test_a_json_file_that_cannot_be_written_ends_in_one_line_after_the_scores(saved, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A file system that refuses the write only when it happens (output_file's early check passed)."""
+    from mixcon.cli import eval as eval_cli
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(eval_cli, "write_text_atomic", refuse)
+    model_dir, corpus = saved
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit, match=rf"mixcon eval perplexity: --json {re.escape(str(out))}: cannot write the "
+                                         r"results \(\[Errno 13\] Permission denied"):
+        main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", str(corpus),
+              "--context", "16", "--json", str(out), "--no-progress"])
+    assert "bits/byte" in capsys.readouterr().out
 
 
 def test_max_bytes_limits_the_text(saved, tmp_path, capsys):
