@@ -6,8 +6,8 @@
 #
 #   scripts/gpu_check.sh OUT_DIR
 #
-# Writes OUT_DIR/check.log (everything printed), OUT_DIR/scan/scan.json,
-# OUT_DIR/speed/speed.{json,png} (after every shape), OUT_DIR/speed-tf32/speed.json,
+# Writes OUT_DIR/check.log (everything printed), OUT_DIR/scan/scan.json, OUT_DIR/speed/speed.json (after
+# every shape), OUT_DIR/speed-tf32/speed.json, OUT_DIR/speed-compiled/speed.json,
 # OUT_DIR/decode/decode.{json,png} and OUT_DIR/decode-compiled/decode.json. Each step has its own time
 # limit, so that a slow one leaves the others' results.
 set -uo pipefail
@@ -41,11 +41,15 @@ step 90 python3 -m mixcon bench speed --device cuda --dtype bf16 --lengths 2048 
 # fp32, without tensor cores; with TF32 (both forms, as cuBLAS does then):
 step 45 python3 -m mixcon bench speed --device cuda --dtype bf16 --lengths 2048 --batches 1 --repeats 10 \
     --reference-max-T 0 --fp32-precision high --out "$out/speed-tf32"
-step 120 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,4096,16384,32768 \
-    --hf-max-context 4096 --new-tokens 16 --repeats 2 --out "$out/decode"
+# Training runs the PyTorch chunked scan, launch-bound at B = 1 (§15: control + tau2 fwd+bwd 0.54x Mamba2,
+# train step 0.7 % of peak, eager): the same with torch.compile'd layers and train step.
+step 120 python3 -m mixcon bench speed --device cuda --dtype bf16 --lengths 2048 --batches 1 --repeats 10 \
+    --reference-max-T 0 --train-step 16x2048 --compile --out "$out/speed-compiled"
+step 70 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,16384 \
+    --hf-max-context 1024 --new-tokens 16 --repeats 2 --out "$out/decode"
 # Compiling the decoding step and the prefill of three models takes minutes on its own (on an H200:
-# ~28 s for the first step of `small`, again for the next capacity): two contexts, no transformers models.
-step 215 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024,16384 --hf-max-context 0 \
+# ~28 s for the first step of `small`, again for the next capacity): one context, no transformers models.
+step 140 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024 --hf-max-context 0 \
     --new-tokens 16 --repeats 2 --compile --out "$out/decode-compiled"
 # Their tables are in check.log: what comes back stays within 8 files.
-rm -f "$out/scan/scan.png" "$out/speed-tf32/speed.png" "$out/decode-compiled/decode.png"
+rm -f "$out"/{scan/scan,speed/speed,speed-tf32/speed,speed-compiled/speed,decode-compiled/decode}.png
