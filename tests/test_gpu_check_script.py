@@ -34,7 +34,8 @@ def test_script_is_valid_bash():
 def test_its_mixcon_commands_parse(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # --device cuda is checked: as on the GPU machine
     commands = [argv[3:] for argv in steps() if argv[:3] == ["python3", "-m", "mixcon"]]
-    assert [c[:2] for c in commands] == [["bench", name] for name in ("scan", "speed", "speed", "speed", "decode", "decode")]
+    names = ("scan", "speed", "speed", "speed", "decode", "decode")
+    assert [c[:2] for c in commands] == [["bench", name] for name in names]
     parser = build_parser()
     for argv in commands:
         argv = [a.replace("$out", str(tmp_path)) for a in argv]
