@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Any
 
@@ -19,6 +20,16 @@ def as_integer(value: Any) -> Any:
     try:
         return operator.index(value)
     except TypeError:
+        return value
+
+
+def as_number(value: Any) -> Any:
+    """A real-number-like argument (numpy scalar, 0-d tensor) as a float; ints, bools and the rest as they are."""
+    if isinstance(value, bool | int | float) or not (isinstance(value, numbers.Real) or getattr(value, "ndim", 1) == 0):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
         return value
 
 

@@ -49,7 +49,7 @@ step 70 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 102
     --hf-max-context 1024 --new-tokens 16 --repeats 2 --out "$out/decode"
 # Compiling the decoding step and the prefill of three models takes minutes on its own (on an H200:
 # ~28 s for the first step of `small`, again for the next capacity): one context, no transformers models.
-step 140 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024 --hf-max-context 0 \
+step 130 python3 -m mixcon bench decode --device cuda --dtype bf16 --contexts 1024 --hf-max-context 0 \
     --new-tokens 16 --repeats 2 --compile --out "$out/decode-compiled"
 # Their tables are in check.log: what comes back stays within 8 files.
 rm -f "$out"/{scan/scan,speed/speed,speed-tf32/speed,speed-compiled/speed,decode-compiled/decode}.png

@@ -78,6 +78,8 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
     """Time every form on every (variant, T, B); `triton` defaults to: on CUDA with triton installed."""
     if triton is None:
         triton = common.triton_default(device)
+    if value_blocks:  # the kernel takes at most the head's P (a power of two >= 16) per program: distinct ones
+        value_blocks = sorted({min(v, max(16, 1 << (head_dim - 1).bit_length())) for v in value_blocks})
     if compiled:  # one code object per chunk length, recompiled per variant and shape
         torch._dynamo.config.cache_size_limit = 64
     peak = common.matmul_peak_gflops(n=8192 if device.startswith("cuda") else 2048, device=device, dtype=dtype)
@@ -161,6 +163,9 @@ def main(args: argparse.Namespace) -> int:
                          f"{list(VARIANTS)}")
     if bad := [v for v in args.value_blocks or [] if not triton_chunk_ok(v, 0)]:
         raise SystemExit(f"bench scan: --value-blocks {bad} must be powers of two >= 16")
+    if args.value_blocks and not common.triton_default(args.device):
+        raise SystemExit("bench scan: --value-blocks times the Triton kernel, which runs here only on CUDA with "
+                         "triton installed")
     if args.heads % args.groups:
         raise SystemExit(f"bench scan: --heads {args.heads} must be a multiple of --groups {args.groups}")
     common.apply_precision(args)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from mixcon.checks import as_integer, is_integer, is_number
+from mixcon.checks import as_integer, as_number, is_integer, is_number
 
 if TYPE_CHECKING:
     from mixcon.generation.cache import MixConCache
@@ -117,6 +117,7 @@ def generate(
     """
     max_new_tokens, max_length, top_k, vocab_limit, pad_token_id, seed = (
         as_integer(v) for v in (max_new_tokens, max_length, top_k, vocab_limit, pad_token_id, seed))
+    temperature, top_p = as_number(temperature), as_number(top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
         raise TypeError(f"input_ids must be a tensor of integer token ids, got "
                         f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
@@ -154,8 +155,8 @@ def generate(
         _check_ends_in_tokens(attention_mask)
     if generator is not None and seed is not None:
         raise ValueError("seed and generator: give one (seed makes a generator)")
-    if seed is not None and not (is_integer(seed) and 0 <= seed < 2**64):
-        raise ValueError(f"seed={seed!r} must be None or an integer in [0, 2**64)")
+    if seed is not None and not (is_integer(seed) and -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed={seed!r} must be None or an integer in [-2**63, 2**64) (torch.manual_seed's)")
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     if eos_token_id is None:

@@ -94,7 +94,8 @@ class MixConHFConfig(PretrainedConfig):
         names = {**FIELDS, "vocab_size": "vocab_size", "top_k": "top_k"}
         if fields := {names[key]: kwargs.pop(key) for key in list(kwargs) if key in names}:
             config = config.replace(**fields)
-        if (layers := kwargs.pop("num_hidden_layers", None)) is not None and layers != config.n_layers:
+        layers = kwargs.pop("num_hidden_layers", None)  # a layout given beside it wins (`{**to_dict(), n_blocks: 1}`)
+        if layers is not None and layers != config.n_layers and not {"n_blocks", "layers_per_block"} & set(fields):
             raise ValueError(f"num_hidden_layers={layers} disagrees with the MixConConfig's {config.n_layers} layers "
                              f"(n_blocks={config.n_blocks} x layers_per_block={config.layers_per_block}); set those")
         self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
@@ -119,6 +120,8 @@ class MixConHFConfig(PretrainedConfig):
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in DERIVED and "mixcon" in self.__dict__ and value == getattr(self, name):
+            return  # (`update(config.to_dict())`)
         if name in DERIVED:
             raise AttributeError(f"{name} follows the MixConConfig ({DERIVED[name]}); set n_blocks and "
                                  "layers_per_block in `mixcon` instead")
@@ -156,14 +159,23 @@ class MixConHFConfig(PretrainedConfig):
         self.mixcon = MixConConfig.from_dict({**self.mixcon, "vocab_size": value}).to_dict()
 
 
+def _place(place: Any) -> str:
+    """A device_map value as one name per place: 0, "cuda:0" and torch.device("cuda", 0) alike; "disk" as it is."""
+    if place == "disk":
+        return place
+    device = torch.device("cuda", place) if isinstance(place, int) else torch.device(place)
+    return str(device if device.index is not None or device.type == "cpu" else torch.device(device.type, 0))
+
+
 def _check_device_map(device_map: dict[str, Any] | None) -> None:
-    """A `device_map` that spreads the model over several places (offloading to "disk" or "cpu", or splitting it
-    across accelerators) is refused: Conba layers and cached decoding read weights outside the module forwards that
+    """A `device_map` that offloads weights (to "disk", or to the CPU beside accelerators) or splits the model across
+    accelerators is refused: Conba layers and cached decoding read weights outside the module forwards that
     accelerate's hooks wrap, and a cache lives on one device."""
-    places = sorted({str(place) for place in (device_map or {}).values()})
-    if len(places) > 1:
-        where = {place: [name for name, p in device_map.items() if str(p) == place] for place in places}
-        raise ValueError("MixConHFForCausalLM runs on one device; the device_map spread it over "
+    named = {name: _place(place) for name, place in (device_map or {}).items()}
+    places = sorted(set(named.values()))
+    if len(places) > 1 or "disk" in places:
+        where = {place: [name or "(the whole model)" for name, p in named.items() if p == place] for place in places}
+        raise ValueError("MixConHFForCausalLM runs on one device, its weights in memory; the device_map put it on "
                          + "; ".join(f"{place} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
                                      for place, names in where.items())
                          + ". Give one device memory for the whole model (max_memory), or load without device_map "
@@ -529,7 +541,7 @@ def _tokenizer_special_ids(config: MixConConfig, tok: AnyTokenizer) -> MixConCon
     """The model's EOS and padding ids, taken from the tokenizer where the config has none (a model built by
     hand); ids that name other tokens than the tokenizer's are refused: generation would stop on the wrong one."""
     ids = {}
-    for field, name in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
+    for field, name in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):  # (bos is EOS in an export)
         own, theirs = getattr(config, field), getattr(tok, name)
         if own is None:
             ids[field] = theirs

@@ -27,7 +27,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def _as_autocast(y: torch.Tensor) -> torch.Tensor:
     """The multiply-sum's result in the dtype F.linear gives under CPU autocast (which casts products, not
     elementwise ops)."""
-    return y.to(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else y
+    cast = torch.is_autocast_enabled("cpu") and y.dtype == torch.float32  # autocast leaves fp64 as it is
+    return y.to(torch.get_autocast_dtype("cpu")) if cast else y
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ def test_scan_benchmark_times_the_triton_kernel_beside_the_torch_scan():
     assert [r["form"] for r in rows] == ["torch c8", "torch c16", "triton c16"]
     assert rows[-1]["max_err"] < 1e-4
     rows = scan.run([40], [1], repeats=1, out_dir=None, chunks=(16,), variants=("control-tau2",), triton=True,
-                    value_blocks=[16, 32], **dict(SCAN_SHAPE, head_dim=24))
+                    value_blocks=[64, 16, 32], **dict(SCAN_SHAPE, head_dim=24))  # 64 is 32 at P = 24: once
     assert [r["form"] for r in rows] == ["torch c16", "triton c16 v16", "triton c16 v32"]
     assert all(r["max_err"] < 1e-4 for r in rows)
 
@@ -104,6 +104,8 @@ def test_scan_benchmark_command(tmp_path, monkeypatch):
         main([*argv, "--groups", "3"])
     with pytest.raises(SystemExit, match=r"--value-blocks \[24\] must be powers of two >= 16"):
         main([*argv, "--value-blocks", "16,24"])
+    with pytest.raises(SystemExit, match="--value-blocks times the Triton kernel, which runs here only on CUDA"):
+        main([*argv, "--value-blocks", "16"])
 
 
 @pytest.mark.parametrize("T", [100, 20])  # 4 chunks of 32, or one of 20 (the scan's chunk is T when shorter)

@@ -217,8 +217,8 @@ def test_generate_validates_arguments(tiny_model):
         shown = value[-1] if isinstance(value, list) else value
         with pytest.raises(ValueError, match=rf"{name}={shown!r} must be None or an integer in \[0, vocab_size=300\)"):
             model.generate(prompt, 3, **{name: value})
-    for bad in (-1, 2**64, 1.5, "7"):
-        with pytest.raises(ValueError, match=rf"seed={bad!r} must be None or an integer in \[0, 2\*\*64\)"):
+    for bad in (-(2**63) - 1, 2**64, 1.5, "7"):
+        with pytest.raises(ValueError, match=rf"seed={bad!r} must be None or an integer in \[-2\*\*63, 2\*\*64\)"):
             model.generate(prompt, 3, do_sample=True, seed=bad)
     with pytest.raises(TypeError, match="input_ids must be a tensor of integer token ids, got list"):
         model.generate(prompt.tolist(), 3)
@@ -237,6 +237,11 @@ def test_integer_arguments_may_be_numpy_integers_or_0d_tensors(tiny_model):
     for wrap in (np.int64, torch.tensor):
         assert torch.equal(model.generate(prompt, wrap(4), **{k: wrap(v) for k, v in kw.items()}), expected)
         assert torch.equal(model.generate(prompt, max_length=wrap(8), **kw), expected)
+    numbers = dict(temperature=0.75, top_p=0.875)  # exact in fp32: numpy and tensor scalars give the same draws
+    expected = model.generate(prompt, 4, **kw, **numbers)
+    for wrap in (np.float32, torch.tensor):
+        assert torch.equal(model.generate(prompt, 4, **kw, **{k: wrap(v) for k, v in numbers.items()}), expected)
+    model.generate(prompt, 2, do_sample=True, seed=-1)  # torch.manual_seed takes negative seeds too
 
 
 def test_eos_outside_vocab_limit_runs_to_max_new_tokens(tiny_model):

@@ -169,6 +169,9 @@ def test_config_answers_to_transformers_names(tmp_path):
         dict(vocab_size=mixcon.vocab_size, num_hidden_layers=mixcon.n_layers)
     with pytest.raises(ValueError, match=rf"num_hidden_layers=3 disagrees with the MixConConfig's {mixcon.n_layers}"):
         MixConHFConfig.from_dict({**config.to_dict(), "num_hidden_layers": 3})
+    config.update(config.to_dict())  # transformers' update with the config's own dict (its num_hidden_layers too)
+    one_block = MixConHFConfig(**{**config.to_dict(), "n_blocks": 1})  # a layout given beside the old count wins
+    assert one_block.num_hidden_layers == mixcon.layers_per_block
     assert config != MixConHFConfig(hidden_size=32, num_attention_heads=2) and config == MixConHFConfig.from_dict(
         config.to_dict())  # equality compares the MixConConfig too
 
@@ -296,14 +299,24 @@ def test_a_device_map_over_several_places_is_refused_one_device_loads(tiny_model
     pytest.importorskip("accelerate", reason="device_map needs accelerate")
     hf = MixConHFForCausalLM.from_mixcon(tiny_model(dtype=torch.float32)).eval()
     hf.save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match=r"runs on one device; the device_map spread it over cpu \(model\.embed.*; "
-                                         r"disk \(model\.layers\."):
+    with pytest.raises(ValueError, match=r"runs on one device, its weights in memory; the device_map put it on cpu "
+                                         r"\(model\.embed.*; disk \(model\.layers\."):
         AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map="auto", max_memory={"cpu": "300KB"},
                                              offload_folder=str(tmp_path / "offload"))
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map="auto").eval()
-    assert set(getattr(back, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
+    with pytest.raises(ValueError, match=r"the device_map put it on disk \(\(the whole model\)\)"):  # one place
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map={"": "disk"},
+                                             offload_folder=str(tmp_path / "offload"))
     ids, _ = left_padded()
-    assert torch.equal(back(ids).logits, hf(ids).logits)
+    for device_map in ("auto", {"": "cpu"}, {"": torch.device("cpu")}):
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map).eval()
+        assert all(p.device.type == "cpu" for p in back.parameters())
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+    # One accelerator named three ways is one place (checked without one: the names alone).
+    from mixcon.integrations.transformers import _check_device_map
+
+    _check_device_map({"model.embed": 0, "model.layers": "cuda:0", "model.lm_head": torch.device("cuda", 0)})
+    with pytest.raises(ValueError, match=r"put it on cuda:0 \(a\); cuda:1 \(b\)"):
+        _check_device_map({"a": 0, "b": 1})
 
 
 def test_from_mixcon_loads_a_saved_mixcon_model(tiny_model, tmp_path):
@@ -696,6 +709,7 @@ def test_export_hf_takes_the_tokenizers_special_ids_where_the_model_has_none(tin
     out = export_hf(tmp_path / "model", tmp_path / "hf", tokenizer="bytes")
     written = json.loads((out / "config.json").read_text())
     assert (written["eos_token_id"], written["pad_token_id"]) == (tok.eos_id, tok.pad_id)
+    assert written["bos_token_id"] == written["mixcon"]["bos_token_id"] == tok.eos_id  # what begins a text
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eos_id
     assert MixConForCausalLM.from_pretrained(out).config.eos_token_id == tok.eos_id
     tiny_model(dtype=torch.float32, eos_token_id=EOS).save_pretrained(tmp_path / "other")

@@ -70,3 +70,5 @@ def test_compiled_few_rows_under_autocast_come_back_in_the_autocast_dtype():
         assert got.dtype == want.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
         assert compiled(*args).dtype == torch.float32  # autocast off: fp32 as given
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves fp64 products in fp64
+            assert compiled(*(a.double() for a in args)).dtype == torch.float64
