@@ -128,6 +128,7 @@ def _score_batch(model: MixConForCausalLM, inputs: torch.Tensor, targets: torch.
     if mode == "window":
         return row_scores(model, *scored_hidden(model, inputs, targets))[0]
     cache = model.new_cache(inputs.shape[0], max_length=min(inputs.shape[1], 4 * context))
+    cache.limit = inputs.shape[1]  # it grows by doubling, to the longest row and no further
     total = torch.zeros(inputs.shape[0], dtype=torch.float64, device=inputs.device)
     rows = torch.arange(inputs.shape[0], device=inputs.device)  # the rows still running
     for begin in range(0, inputs.shape[1], context):

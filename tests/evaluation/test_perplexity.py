@@ -58,6 +58,26 @@ def test_stream_equals_one_full_forward(tiny_model, layout, context):
     assert got == pytest.approx(want, rel=1e-10)
 
 
+def test_streams_cache_grows_to_the_longest_document_and_no_further(tiny_model, monkeypatch):
+    """Capacity doubles from 4 contexts as the stream goes on, up to the document (37 ids: 36 inputs), not to
+    the next power of two (64)."""
+    from mixcon.generation.cache import MixConCache
+
+    model = tiny_model()
+    sizes = []
+    reserve = MixConCache.reserve
+
+    def recording(cache, length):
+        reserve(cache, length)
+        sizes.append(cache.key_mask.shape[1])
+
+    monkeypatch.setattr(MixConCache, "reserve", recording)
+    docs = docs_of([37], model.config.vocab_size)
+    got = document_nll(model, docs, pad_id=0, context=4, mode="stream")
+    assert sizes and sizes[-1] == 36
+    assert got == pytest.approx([full_nll(model, docs[0])], rel=1e-10)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_window_holding_the_whole_document_equals_one_full_forward(tiny_model, layout):
     model = tiny_model(**LAYOUTS[layout])
