@@ -12,6 +12,10 @@ from mixcon.layers.context import DecodeStep, ForwardContext, check_input
 from mixcon.layers.linear import Linear
 from mixcon.ops.dtypes import compute_dtype
 
+# Queries per SDPA call when attention needs an explicit mask (padding, packed documents, a cache continued by
+# several tokens): the mask, and SDPA's float copy of it, hold a block's rows only, not (T, T).
+QUERY_BLOCK = 1024
+
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,11 +97,19 @@ class Attention(nn.Module):
             layer_cache = ctx.cache.layers[self.layer_idx]
             assert isinstance(layer_cache, AttentionCache)
             k, v = layer_cache.update(k, v, ctx.offset)
+        gqa = self.n_kv != self.n_heads
         if T == 1:
-            y = decode_attention(q, k, v, ctx.attn_mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None,
-                                               enable_gqa=self.n_kv != self.n_heads)
+            y = decode_attention(q, k, v, ctx.attention_mask(0, 1))
+        elif ctx.causal:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # a mask, built per block of queries over the keys up to the block's last: memory O(block · keys)
+            blocks = []
+            for start in range(0, T, QUERY_BLOCK):
+                end = min(start + QUERY_BLOCK, T)
+                keys = ctx.offset + end
+                blocks.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :keys], v[:, :, :keys],
+                                                             attn_mask=ctx.attention_mask(start, end), enable_gqa=gqa))
+            y = torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
     def decode(self, h: torch.Tensor, cache: tuple[torch.Tensor, ...], step: DecodeStep) -> torch.Tensor:

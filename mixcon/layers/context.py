@@ -15,7 +15,8 @@ from mixcon.generation.cache import MixConCache
 class ForwardContext:
     token_mask: torch.Tensor | None  # (B, T) bool: True for real tokens, False for padding; None = all real
     positions: torch.Tensor  # (B, T) long: position of each token in its own sequence (RoPE)
-    attn_mask: torch.Tensor | None  # (B, 1, T, T_keys) bool for SDPA; None = plain causal
+    causal: bool  # attention is plain causal over the T new tokens (SDPA's is_causal), or one token sees all keys
+    key_valid: torch.Tensor | None = None  # (B, offset + T) bool: keys that are not padding; None = all
     cache: MixConCache | None = None
     offset: int = 0  # positions already in the cache
     seq_idx: torch.Tensor | None = None  # (B, T) long: document of each token (packed rows); None = one
@@ -30,7 +31,7 @@ class ForwardContext:
     @classmethod
     def build(cls, token_mask: torch.Tensor | None, B: int, T: int, cache: MixConCache | None,
               device: torch.device, seq_idx: torch.Tensor | None = None) -> ForwardContext:
-        """Positions and the attention mask for T new tokens after what `cache` holds.
+        """Positions and what attention may see for T new tokens after what `cache` holds.
 
         With a cache, its `key_mask` must already mark the T new positions. `seq_idx` (packed
         documents; no cache, no padding) masks attention across documents.
@@ -42,32 +43,34 @@ class ForwardContext:
         if seq_idx is not None:
             assert cache is None and token_mask is None, "seq_idx: no cache, no padding (the model checks)"
             # RoPE needs no restart at a document start: attention scores depend on relative positions only.
-            t = torch.arange(T, device=device)
-            same = (seq_idx[:, :, None] == seq_idx[:, None, :]) & (t[None, :] <= t[:, None])  # (B, T, T)
-            return cls(None, t[None].expand(B, T), same[:, None], seq_idx=seq_idx)
+            return cls(None, torch.arange(T, device=device)[None].expand(B, T), False, seq_idx=seq_idx)
         offset = cache.seqlen if cache is not None else 0
         start = cache.positions[:, None] if cache is not None else 0
         if token_mask is None:
             positions = start + torch.arange(T, device=device)[None, :]
         else:
             positions = start + (token_mask.long().cumsum(1) - 1).clamp(min=0)
-        if cache is not None:
-            key_valid = cache.key_mask[:, : offset + T]
-            padded = not bool(key_valid[:, :offset].all()) or token_mask is not None
-        else:
-            key_valid = token_mask
-            padded = token_mask is not None
-        if not padded and (offset == 0 or T == 1):
-            attn_mask = None  # SDPA's own causal mask (or none for one new token) is exact
-        else:
-            rows = torch.arange(T, device=device)[:, None] + offset  # absolute query positions
-            cols = torch.arange(offset + T, device=device)[None, :]
-            allowed = (cols <= rows)[None]  # (1, T, Tk)
-            if key_valid is not None:
-                # Pad keys are never seen; a pad query sees itself so that no row is empty.
-                allowed = allowed & (key_valid[:, None, :] | (cols == rows)[None])
-            attn_mask = allowed[:, None]  # (B or 1, 1, T, Tk)
-        return cls(token_mask, positions.expand(B, T), attn_mask, cache, offset)
+        key_valid = cache.key_mask[:, : offset + T] if cache is not None else token_mask
+        if key_valid is not None and token_mask is None and bool(key_valid[:, :offset].all()):
+            key_valid = None  # no padding among the keys
+        causal = key_valid is None and (offset == 0 or T == 1)  # SDPA's own causal mask (or none) is exact
+        return cls(token_mask, positions.expand(B, T), causal, key_valid, cache, offset)
+
+    def attention_mask(self, start: int, end: int) -> torch.Tensor | None:
+        """What new tokens start..end-1 may attend to: (B or 1, 1, end - start, offset + end) bool over the keys up to
+        the last of them (those after it are in their future), or None when `causal` holds. Pad keys are never
+        seen (a pad query sees itself, so that no row is empty); keys of another document neither."""
+        if self.causal:
+            return None
+        device = self.positions.device
+        rows = torch.arange(start, end, device=device)[:, None] + self.offset  # absolute query positions
+        cols = torch.arange(self.offset + end, device=device)[None, :]
+        allowed = (cols <= rows)[None]  # (1, end - start, Tk)
+        if self.seq_idx is not None:
+            allowed = allowed & (self.seq_idx[:, start:end, None] == self.seq_idx[:, None, :end])
+        if self.key_valid is not None:
+            allowed = allowed & (self.key_valid[:, None, : self.offset + end] | (cols == rows)[None])
+        return allowed[:, None]
 
 
 class DecodeStep(NamedTuple):

@@ -75,3 +75,52 @@ def test_rope_rotates_pairs_by_position_times_frequency():
         kn = apply_rope(k, *rope_angles(torch.tensor([[n]]), hd, theta, torch.float64))
         return (qm * kn).sum()
     torch.testing.assert_close(score(7, 3), score(107, 103))
+
+
+def test_masked_attention_in_query_blocks_equals_one_block(tiny_model, monkeypatch):
+    """Padding, packed documents and a cache continued by several tokens: attention in blocks of 4 queries, each
+    over the keys up to its last query, equals one SDPA call over the whole (T, T) mask."""
+    from mixcon.layers import attention
+    from mixcon.layers.context import ForwardContext
+
+    model = tiny_model()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    seq_idx = torch.tensor([[0] * 4 + [1] * 7, [0] * 9 + [1] * 2])
+
+    def run():
+        with torch.no_grad():
+            cache = model.new_cache(2)
+            model(ids[:, :5], cache=cache)
+            return (model(ids, attention_mask=mask).logits, model(ids, seq_idx=seq_idx).logits,
+                    model(ids[:, 5:], cache=cache).logits)
+
+    whole = run()
+    shapes = []
+    build = ForwardContext.attention_mask
+    monkeypatch.setattr(ForwardContext, "attention_mask",
+                        lambda ctx, s, e: shapes.append(tuple(m.shape)) or m if (m := build(ctx, s, e)) is not None
+                        else None)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 4)
+    for got, want in zip(run(), whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    n_attention = sum(layer.mixer_kind == "attention" for layer in model.layers)
+    blocks = [(2, 1, 4, 4), (2, 1, 4, 8), (2, 1, 3, 11)]  # queries 0-3, 4-7, 8-10 over the keys up to their last
+    continued = [(1, 1, 4, 9), (1, 1, 2, 11)]  # 6 new tokens after 5 (no padding: one mask for every row)
+    assert shapes == (blocks * n_attention) * 2 + continued * n_attention  # padded, packed, continued
+
+
+def test_a_model_without_attention_builds_no_mask(tiny_model, monkeypatch):
+    """The mask is attention's: a pure-Conba model given left padding never builds one (it was (B, 1, T, T))."""
+    from mixcon.layers.context import ForwardContext
+
+    model = tiny_model(attn_per_block=0)
+    monkeypatch.setattr(ForwardContext, "attention_mask", lambda *a: pytest.fail("a mask was built"))
+    ids = torch.randint(0, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        model.generate(ids, 3, attention_mask=mask)
