@@ -4,6 +4,7 @@ laptop CPU, and under `torchrun --nproc_per_node N` with DDP or FSDP2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import signal
@@ -136,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     env = init_distributed(args.device)
     try:
         try:
-            return _train(args, env, start)
-        except (ckpt.CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
+            with contextlib.ExitStack() as held:  # the run directory's lock, until the command ends
+                return _train(args, env, start, held)
+        except (ckpt.CheckpointError, ValueError, OSError, ImportError) as e:  # (a file that cannot be written)
             raise SystemExit(f"mixcon train: {e}") from e
     except SystemExit as e:
         if isinstance(e.code, str) and not env.is_main:  # which process said it (most errors: every one)
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown()
 
 
-def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
+def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextlib.ExitStack) -> int:
     say = print if env.is_main else _quiet
     if args.init_from is not None and args.resume is not None:
         raise SystemExit("mixcon train: --resume continues a run, --init-from starts a new one from a model's "
@@ -158,6 +160,11 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float) -> int:
     out = Path(args.out) if args.out else (resume.parent.parent if resume else _out_dir(args))
     if out.exists() and not out.is_dir():
         raise SystemExit(f"mixcon train: --out {out} is a file; give a run directory")
+    if env.is_main:  # one trainer per run directory; made (and found writable) before any work
+        try:
+            held.enter_context(ckpt.lock_run(out))
+        except OSError as e:
+            raise SystemExit(f"mixcon train: --out {out}: cannot write there ({e})") from e
     options = _options(args, resume, say, env.world_size)
     if args.tensorboard:  # before anything is written
         require_tensorboard()

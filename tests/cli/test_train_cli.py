@@ -309,3 +309,22 @@ def test_tensorboard_missing_is_refused_before_anything_is_written(corpus, tmp_p
         main(["train", "--config", "tiny", "--corpus", str(corpus), "--steps", "1", "--tensorboard",
               "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_in_use_is_refused_and_one_that_cannot_be_made_named(corpus, tmp_path):
+    """One trainer per run: a second one (here: this process holding the lock) is refused before any work,
+    instead of replacing the first one's checkpoints and metrics; an --out that cannot be made says so."""
+    from mixcon.training.checkpoint import lock_run
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--steps", "1",
+            "--sample-tokens", "0", "--no-progress"]
+    with lock_run(run), pytest.raises(SystemExit, match=rf"mixcon train: {re.escape(str(run))} is in use by another "
+                                                        rf"training process \(pid {os.getpid()}\)"):
+        main([*argv, "--out", str(run)])
+    assert not run.exists()  # made for the lock alone, and removed with it
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match=r"mixcon train: --out .*afile/run: cannot write there \(\[Errno 20\] Not a "
+                                         r"directory"):
+        main([*argv, "--out", str(tmp_path / "afile" / "run")])
+    assert main([*argv, "--out", str(run)]) == 0 and list_checkpoints(run)
