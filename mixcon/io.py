@@ -8,13 +8,18 @@ from typing import Any
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """Write `text` to a temporary file beside `path`, flush it to disk, then rename it over `path` (a failed write
+    removes the temporary file and leaves `path` as it was)."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_figure_atomic(fig: Any, path: Path, **savefig_kwargs: Any) -> None:

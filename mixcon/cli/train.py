@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import re
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -218,8 +219,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
         stream(sample_model, tok, prompt, args.sample_tokens, seed=options.seed)
         say("-" * 60)
     say(f"\ncheckpoint: {summary.checkpoint}\nloss plot:  {out / PLOT_FILE}\nmetrics:    {out / METRICS_FILE}\n"
-        f"more text:  mixcon generate --checkpoint {out} --prompt '...'\n"
-        f"continue:   mixcon train --out {out} --resume")
+        f"more text:  mixcon generate --checkpoint {shlex.quote(str(out))} --prompt '...'\n"
+        f"continue:   mixcon train --out {shlex.quote(str(out))} --resume")
     if summary.stopped_by.startswith("SIG"):  # as a shell reports a program a signal stopped: 130 for Ctrl-C
         return 128 + signal.Signals[summary.stopped_by].value
     return 0

@@ -311,12 +311,13 @@ def test_tensorboard_missing_is_refused_before_anything_is_written(corpus, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_directory_in_use_is_refused_and_one_that_cannot_be_made_named(corpus, tmp_path):
+def test_a_run_directory_in_use_is_refused_and_one_that_cannot_be_made_named(corpus, tmp_path, capsys):
     """One trainer per run: a second one (here: this process holding the lock) is refused before any work,
-    instead of replacing the first one's checkpoints and metrics; an --out that cannot be made says so."""
+    instead of replacing the first one's checkpoints and metrics; an --out that cannot be made says so. The
+    commands printed at the end quote the run's path."""
     from mixcon.training.checkpoint import lock_run
 
-    run = tmp_path / "run"
+    run = tmp_path / "my run"
     argv = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--steps", "1",
             "--sample-tokens", "0", "--no-progress"]
     with lock_run(run), pytest.raises(SystemExit, match=rf"mixcon train: {re.escape(str(run))} is in use by another "
@@ -328,3 +329,4 @@ def test_a_run_directory_in_use_is_refused_and_one_that_cannot_be_made_named(cor
                                          r"directory"):
         main([*argv, "--out", str(tmp_path / "afile" / "run")])
     assert main([*argv, "--out", str(run)]) == 0 and list_checkpoints(run)
+    assert f"continue:   mixcon train --out '{run}' --resume" in capsys.readouterr().out
