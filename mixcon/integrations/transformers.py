@@ -518,7 +518,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     Weights over `max_shard_size` are sharded as transformers shards them. Written beside `out`,
     then renamed into place; an `out` that is a file, or the source's directory, inside it or holding it, is
     refused before anything is read."""
-    out = Path(out)
+    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)  # a link's target is what gets replaced
     max_shard_size = _shard_bytes(max_shard_size)
     _check_export_directory(out, Path(checkpoint), overwrite)
     model, tok = load_model_and_tokenizer(checkpoint, tokenizer=tokenizer, dtype=dtype)

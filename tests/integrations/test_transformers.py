@@ -726,6 +726,19 @@ def test_export_hf_refuses_a_bad_shard_size_before_reading(tmp_path, size):
     assert not (tmp_path / "hf").exists()
 
 
+def test_an_export_through_a_symbolic_link_writes_its_target_and_keeps_the_link(run_dir, tmp_path):
+    _, _, run = run_dir
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for _ in range(2):  # again, over the first
+        export_hf(run, tmp_path / "link", overwrite=True)
+        assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "run", "target"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "elsewhere")
+    export_hf(run, tmp_path / "dangling")
+    assert (tmp_path / "elsewhere" / "config.json").is_file()
+
+
 def test_a_failed_export_leaves_the_previous_one(run_dir, tmp_path, monkeypatch):
     _, _, run = run_dir
     out = export_hf(run, tmp_path / "hf")
