@@ -21,6 +21,9 @@ from mixcon.layers.norm import GatedRMSNorm
 from mixcon.ops import conba_scan, conba_scan_step
 from mixcon.ops.dtypes import compute_dtype
 
+# Steps per segment of an eager forward without autograd (see `Conba._segments`).
+EAGER_SEGMENT = 2048
+
 
 @dataclass(frozen=True)
 class SegmentedPrefill:
@@ -222,12 +225,16 @@ class Conba(nn.Module):
                                       initial_past_states=past, return_past_states=True, **kw)
         return self._finish(o, x, z), final, past_out  # o: (B, T, H, P)
 
+    def _segments(self) -> SegmentedPrefill:
+        """How forwards without autograd run: `self.prefill` (compiled), else eager `EAGER_SEGMENT` steps at a time,
+        so that the scan's per-chunk intermediates of one segment, not of the whole sequence, are alive at once."""
+        return self.prefill or SegmentedPrefill(Conba.mix, EAGER_SEGMENT, self.chunk)
+
     def _mix_segments(self, u: torch.Tensor, mask: torch.Tensor | None, conv_tail: torch.Tensor,
                       state: torch.Tensor, past: torch.Tensor | None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`mix` by `self.prefill`: whole segments through its compiled function, the rest eager."""
-        p = self.prefill
-        assert p is not None
+        """`mix` by `_segments()`: whole segments through its function, the rest eager."""
+        p = self._segments()
         outs, taps = [], self.conv_taps()
         for start in range(0, u.shape[1], p.segment):
             end = min(start + p.segment, u.shape[1])
@@ -248,8 +255,9 @@ class Conba(nn.Module):
             ctx = ForwardContext.build(None, B, T, None, u.device)
         cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         assert cache is None or isinstance(cache, ConbaCache)
-        segmented = (self.prefill is not None and T >= self.prefill.segment and not torch.is_grad_enabled()
-                     and not self._triton(u) and ctx.seq_idx is None)
+        # (eager, a sequence of one segment is `mix` itself)
+        long = T >= self.prefill.segment if self.prefill is not None else T > EAGER_SEGMENT
+        segmented = long and not torch.is_grad_enabled() and not self._triton(u) and ctx.seq_idx is None
         if cache is not None:
             tail, state, past = cache.conv, cache.state, cache.ordered() if self.tau else None
         elif segmented:  # chained from zeros, as a cache-less forward starts

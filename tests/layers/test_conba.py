@@ -222,3 +222,31 @@ def test_gated_norm_groups_must_divide_its_width():
     for groups in (0, 3):
         with pytest.raises(ValueError, match=rf"GatedRMSNorm: groups={groups} must be >= 1 and divide dim=64"):
             GatedRMSNorm(64, groups=groups)
+
+
+def test_forwards_without_autograd_run_in_segments_with_the_same_result(tiny_model, monkeypatch):
+    """Eager, a long sequence without autograd runs EAGER_SEGMENT steps at a time, chained through the conv tail
+    and the states (the scan's intermediates of one segment alive at once): the same logits as one pass, with
+    a cache, with left padding, and without either."""
+    from mixcon.layers import conba
+
+    model = tiny_model()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 37))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    whole = [model(ids).logits.detach(), model(ids, attention_mask=mask).logits.detach()]  # autograd: one pass
+    lengths = []
+    mix = conba.Conba.mix
+    monkeypatch.setattr(conba.Conba, "mix", lambda self, u, *a, **kw: lengths.append(u.shape[1]) or mix(self, u, *a,
+                                                                                                         **kw))
+    monkeypatch.setattr(conba, "EAGER_SEGMENT", 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, whole[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, whole[1], rtol=1e-10, atol=1e-10)
+        cache = model.new_cache(2)
+        torch.testing.assert_close(model(ids, cache=cache).logits, whole[0], rtol=1e-10, atol=1e-10)
+        assert set(lengths) == {8, 5}  # 4 segments of 8 and the rest
+        lengths.clear()
+        model(ids[:, :8], cache=model.new_cache(2))  # one segment or less: `mix` on the whole
+        assert set(lengths) == {8}
