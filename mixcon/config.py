@@ -267,7 +267,11 @@ class MixConConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> MixConConfig:
-        return cls.from_json(Path(path).read_text())
+        """The config a JSON file holds; a file that is not one is refused by name."""
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a config JSON file ({e})") from e
 
     def replace(self, **overrides: Any) -> MixConConfig:
         """A validated copy with some fields changed."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -34,6 +36,10 @@ def test_json_round_trip(tmp_path):
     assert MixConConfig.from_json(cfg.to_json()) == cfg
     cfg.save(tmp_path / "c.json")
     assert MixConConfig.load(tmp_path / "c.json") == cfg
+    (tmp_path / "c.json").write_text(cfg.to_json()[:20])  # a truncated file: refused by name
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'c.json'))}: not a config JSON file "
+                                         r"\(Expecting"):
+        MixConConfig.load(tmp_path / "c.json")
 
 
 @pytest.mark.parametrize("overrides,field", [

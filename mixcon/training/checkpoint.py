@@ -262,7 +262,29 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def verify_files(path: Path, manifest: dict[str, Any], prefixes: tuple[str, ...] = ("",)) -> None:
     """Every file listed in the manifest (whose name starts with one of `prefixes`) exists with its recorded size
-    and sha256."""
+    and sha256; the error for a checkpoint of a run that fails names the run's newest intact one before it."""
+    try:
+        _check_files(path, manifest, prefixes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{_intact_before(path)}") from None
+
+
+def _intact_before(path: Path) -> str:
+    """'; the newest intact checkpoint before it is ...' for a checkpoint of a run, or ''."""
+    if path.parent.name != CHECKPOINTS or not path.name[len(PREFIX):].isdigit():
+        return ""
+    for earlier in reversed([p for p in list_checkpoints(path.parent.parent)
+                             if checkpoint_step(p) < checkpoint_step(path)]):
+        try:
+            _check_files(earlier, read_manifest(earlier), ("",))
+        except CheckpointError:
+            continue
+        return (f"; the newest intact checkpoint before it is {earlier} (name it to load it; `mixcon train --resume "
+                f"{earlier} --overwrite` continues the run from there)")
+    return "; no earlier checkpoint of the run is intact"
+
+
+def _check_files(path: Path, manifest: dict[str, Any], prefixes: tuple[str, ...]) -> None:
     for name, meta in manifest["files"].items():
         if not name.startswith(prefixes):
             continue

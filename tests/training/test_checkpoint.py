@@ -153,6 +153,21 @@ def test_corrupt_file_is_refused(trained, name):
         load_checkpoint(run)
 
 
+def test_a_corrupt_checkpoint_names_the_newest_intact_one_before_it(trained):
+    _, run = trained
+    first, latest = list_checkpoints(run)
+    (latest / ckpt.MODEL_FILE).write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=rf"corrupt .*; the newest intact checkpoint before it is "
+                                              rf"{re.escape(str(first))} \(name it to load it; `mixcon train --resume "
+                                              rf"{re.escape(str(first))} --overwrite` continues the run from there\)"):
+        load_checkpoint(run)
+    assert load_checkpoint(first).step == 2
+    (first / ckpt.STATE_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt .*; no earlier checkpoint of the run "
+                                              r"is intact"):
+        load_checkpoint(run)
+
+
 def test_truncated_or_missing_files_are_refused(trained):
     _, run = trained
     path = latest_checkpoint(run)
