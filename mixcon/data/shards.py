@@ -137,6 +137,7 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     key = _key(tok, hashes, val_fraction, seed)
     existing = _existing(out, key)
     if existing is not None:
+        _remove_dead_leftovers(out)
         return existing
     parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
 
@@ -179,6 +180,23 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
             if path.name != files[split]:
                 path.unlink()
     return ShardDataset(out)
+
+
+def _remove_dead_leftovers(out: Path) -> None:
+    """Temporary shards (`*.bin.PID.tmp`) of builds whose process no longer runs (killed mid-build), where shards
+    are reused rather than rebuilt (a build removes every leftover). POSIX only: elsewhere, no cheap liveness test."""
+    if os.name != "posix":
+        return
+    for path in out.glob("*.bin.*.tmp"):
+        pid = path.name.split(".")[-2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only whether the process exists
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            pass
 
 
 def _scan(corpus: Corpus, max_bytes: int | None, progress: bool) -> tuple[list[bytes], int]:

@@ -123,6 +123,23 @@ def test_corrupt_or_truncated_shards_are_detected(tmp_path, random_documents, wr
         ShardDataset(out)
 
 
+def test_reused_shards_clear_the_leftovers_of_a_killed_build_but_not_a_running_ones(tmp_path, random_documents,
+                                                                                    write_documents):
+    import os
+    import subprocess
+    import sys
+
+    folder = write_documents(tmp_path / "c", random_documents(10))
+    out = tmp_path / "s"
+    build(Corpus.from_spec(str(folder)), ByteTokenizer(), out)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = out / f"train.0123.bin.{int(gone.stdout)}.tmp", out / f"val.0123.bin.{os.getpid()}.tmp"
+    for path in (dead, live):
+        path.write_bytes(b"partial")
+    assert build(Corpus.from_spec(str(folder)), ByteTokenizer(), out).reused
+    assert live.exists() and (not dead.exists() or os.name != "posix")
+
+
 def test_an_interrupted_build_never_loads_as_complete(tmp_path, monkeypatch, random_documents, write_documents):
     folder = write_documents(tmp_path / "c", random_documents(30))
     out = tmp_path / "s"
