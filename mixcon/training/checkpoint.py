@@ -99,6 +99,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its latest checkpoint)."""
     path = Path(path)
+    restore_swapped(path)  # a checkpoint a crash left swapped out mid-replacement
     if (path / MANIFEST).is_file() or (path / MODEL_FILE).is_file():  # a checkpoint, complete or not
         return path
     if not path.exists():
@@ -357,6 +358,7 @@ def model_directory(path: str | Path) -> Path:
     """The directory of a `save_pretrained` model as given, or of a run's latest checkpoint or a given
     checkpoint, verified against its manifest."""
     path = Path(path)
+    restore_swapped(path)  # a directory a crash left swapped out mid-replacement (`export hf --overwrite`)
     if (path / CONFIG_FILE).is_file() and weight_files(path) and not (path / MANIFEST).is_file():
         return path
     path = resolve_checkpoint(path)

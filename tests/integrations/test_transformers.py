@@ -739,6 +739,16 @@ def test_an_export_through_a_symbolic_link_writes_its_target_and_keeps_the_link(
     assert (tmp_path / "elsewhere" / "config.json").is_file()
 
 
+def test_an_export_a_crash_left_swapped_out_is_put_back_by_its_readers(run_dir, tmp_path):
+    """A kill between publish_directory's two renames leaves the previous export only under .tmp-old-OUT: the
+    next reader of OUT puts it back."""
+    _, _, run = run_dir
+    out = export_hf(run, tmp_path / "hf")
+    out.rename(tmp_path / ".tmp-old-hf")
+    model, _ = load_model_and_tokenizer(out)
+    assert out.is_dir() and not (tmp_path / ".tmp-old-hf").exists() and isinstance(model, MixConForCausalLM)
+
+
 def test_a_failed_export_leaves_the_previous_one(run_dir, tmp_path, monkeypatch):
     _, _, run = run_dir
     out = export_hf(run, tmp_path / "hf")
