@@ -223,22 +223,28 @@ def save_checkpoint(
     final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE), metadata=WEIGHTS_METADATA)
-    (tmp / CONFIG_FILE).write_text(config.to_json())
-    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    fingerprint = None
-    if tokenizer is not None:
-        tokenizer.save(tmp / TOKENIZER_DIR)
-        fingerprint = tokenizer.fingerprint()
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "tokenizer_fingerprint": fingerprint,
-        "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in files},
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    try:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE), metadata=WEIGHTS_METADATA)
+        (tmp / CONFIG_FILE).write_text(config.to_json())
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        fingerprint = None
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
+            fingerprint = tokenizer.fingerprint()
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "tokenizer_fingerprint": fingerprint,
+            "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    except Exception as e:  # a full disk: OSError, or torch's and safetensors' own errors
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = latest_checkpoint(run_dir)
+        raise CheckpointError(f"{final.name} not written ({e}); "
+                              + (f"{intact} is intact" if intact else "no checkpoint of this run yet")) from e
     publish_directory(tmp, final)  # the same step saved again (e.g. after a resume) replaces the old copy
     for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(stale)
