@@ -269,9 +269,12 @@ class MixConConfig:
     def load(cls, path: str | Path) -> MixConConfig:
         """The config a JSON file holds; a file that is not one is refused by name."""
         try:
-            return cls.from_json(Path(path).read_text())
+            data = json.loads(Path(path).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a config JSON file ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a config JSON file (a {type(data).__name__}, not an object of fields)")
+        return cls.from_dict(data)
 
     def replace(self, **overrides: Any) -> MixConConfig:
         """A validated copy with some fields changed."""

@@ -40,6 +40,10 @@ def test_json_round_trip(tmp_path):
     with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'c.json'))}: not a config JSON file "
                                          r"\(Expecting"):
         MixConConfig.load(tmp_path / "c.json")
+    for text, kind in (("null", "NoneType"), ("[1, 2]", "list"), ("42", "int")):
+        (tmp_path / "c.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"c\.json: not a config JSON file \(a {kind}, not an object of fields\)"):
+            MixConConfig.load(tmp_path / "c.json")
 
 
 @pytest.mark.parametrize("overrides,field", [

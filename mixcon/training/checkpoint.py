@@ -139,6 +139,9 @@ def _swapped_out(final: Path) -> Path:
 def restore_swapped(final: Path) -> None:
     """Put back a `final` that `publish_directory` swapped out when its replacement never arrived (a crash
     between the two renames)."""
+    final = Path(os.path.abspath(final))  # (".": the working directory by its name)
+    if not final.name:  # the root
+        return
     old = _swapped_out(final)
     if old.is_dir() and not final.exists():
         with contextlib.suppress(FileNotFoundError):  # another process restored it first
@@ -163,7 +166,13 @@ def publish_directory(tmp: Path, final: Path) -> None:
         old = _swapped_out(final)
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.exists():
+                raise
+            final.rename(old)  # a reader put the old one back in between (restore_swapped): out again
+            tmp.rename(final)
         shutil.rmtree(old)
     else:
         tmp.rename(final)
@@ -252,6 +261,15 @@ def save_checkpoint(
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
+    """The checkpoint's manifest; refused (naming the run's newest intact checkpoint before it) if it is missing
+    or corrupt."""
+    try:
+        return _read_manifest(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{_intact_before(path)}") from e.__cause__
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST}; an incomplete (interrupted) or foreign checkpoint")
@@ -283,7 +301,7 @@ def _intact_before(path: Path) -> str:
     for earlier in reversed([p for p in list_checkpoints(path.parent.parent)
                              if checkpoint_step(p) < checkpoint_step(path)]):
         try:
-            _check_files(earlier, read_manifest(earlier), ("",))
+            _check_files(earlier, _read_manifest(earlier), ("",))
         except CheckpointError:
             continue
         return (f"; the newest intact checkpoint before it is {earlier} (name it to load it; `mixcon train --resume "
@@ -342,7 +360,7 @@ def load_checkpoint(
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """The trainer state of a checkpoint (options, step, …) without loading the weights."""
     path = resolve_checkpoint(path)
-    read_manifest(path)
+    verify_files(path, read_manifest(path), prefixes=(STATE_FILE,))
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # EOFError: an empty file

@@ -118,9 +118,15 @@ def test_a_model_without_attention_builds_no_mask(tiny_model, monkeypatch):
 
     model = tiny_model(attn_per_block=0)
     monkeypatch.setattr(ForwardContext, "attention_mask", lambda *a: pytest.fail("a mask was built"))
+    contexts = []
+    build = ForwardContext.build
+    monkeypatch.setattr(ForwardContext, "build", lambda *a, **kw: contexts.append(build(*a, **kw)) or contexts[-1])
     ids = torch.randint(0, 300, (2, 9))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     with torch.no_grad():
         model(ids, attention_mask=mask)
         model.generate(ids, 3, attention_mask=mask)
+    # and the context holds nothing of (T, T) size: at most a (B, keys) row per sequence
+    assert contexts and all(value.numel() <= 2 * 12 for ctx in contexts for value in vars(ctx).values()
+                            if isinstance(value, torch.Tensor))

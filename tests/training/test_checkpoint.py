@@ -172,6 +172,51 @@ def test_a_corrupt_checkpoint_names_the_newest_intact_one_before_it(trained):
         load_checkpoint(run)
 
 
+def test_a_checkpoint_or_run_given_as_the_working_directory_loads(trained, monkeypatch):
+    _, run = trained
+    monkeypatch.chdir(run)
+    assert load_checkpoint(".").step == 4 and ckpt.read_trainer_state(".")["step"] == 4
+    monkeypatch.chdir(latest_checkpoint(run))
+    assert ckpt.model_directory(".").resolve() == latest_checkpoint(run).resolve()
+    assert load_checkpoint(".").step == 4
+
+
+def test_a_corrupt_manifest_or_trainer_state_names_the_intact_checkpoint_too(trained):
+    _, run = trained
+    first, latest = list_checkpoints(run)
+    (latest / ckpt.STATE_FILE).write_bytes(b"x")
+    hint = rf"; the newest intact checkpoint before it is {re.escape(str(first))}"
+    with pytest.raises(CheckpointError, match=rf"trainer_state\.pt: corrupt .*{hint}"):
+        ckpt.read_trainer_state(run)  # what `train --resume` reads first
+    (latest / ckpt.MANIFEST).write_text("{")
+    with pytest.raises(CheckpointError, match=rf"manifest\.json: corrupt .*{hint}"):
+        load_checkpoint(run)
+
+
+def test_a_replacement_survives_a_reader_putting_the_old_directory_back_in_between(tmp_path, monkeypatch):
+    """publish_directory swaps the old directory out, then renames the new one in; a reader in between
+    (restore_swapped) puts the old one back: the writer swaps it out again instead of failing."""
+    final, tmp = tmp_path / "export", tmp_path / ".tmp-export"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    rename = type(final).rename
+    raced = []
+
+    def rename_then_a_reader_looks(self, target):
+        out = rename(self, target)
+        if self == final and not raced:  # just swapped out
+            raced.append(1)
+            ckpt.restore_swapped(final)
+        return out
+
+    monkeypatch.setattr(type(final), "rename", rename_then_a_reader_looks)
+    ckpt.publish_directory(tmp, final)
+    assert raced and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert [p.name for p in final.iterdir()] == ["new.txt"]
+
+
 def test_truncated_or_missing_files_are_refused(trained):
     _, run = trained
     path = latest_checkpoint(run)
@@ -193,8 +238,8 @@ def test_a_manifest_of_the_wrong_shape_or_an_empty_state_is_named(trained):
     _, run = trained
     path = latest_checkpoint(run)
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
-    (path / ckpt.STATE_FILE).write_bytes(b"")  # the manifest still lists it: read_trainer_state reads it first
-    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: unreadable"):
+    (path / ckpt.STATE_FILE).write_bytes(b"")  # the manifest still lists it: read_trainer_state checks it first
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: corrupt"):
         ckpt.read_trainer_state(run)
     for broken in ([1, 2], {k: v for k, v in manifest.items() if k != "files"}):
         (path / ckpt.MANIFEST).write_text(json.dumps(broken))
