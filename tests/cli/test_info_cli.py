@@ -85,7 +85,7 @@ def test_info_of_a_checkpoint_with_a_truncated_trainer_state_exits_with_a_messag
                     trainer_state={"step": 3, "tokens": 10})
     (state_file,) = (tmp_path / "run").rglob(STATE_FILE)
     state_file.write_bytes(state_file.read_bytes()[:100])
-    with pytest.raises(SystemExit, match=rf"^mixcon info: .*{STATE_FILE}: unreadable"):
+    with pytest.raises(SystemExit, match=rf"^mixcon info: .*{STATE_FILE}: corrupt \(size or sha256 differs"):
         main(["info", "--checkpoint", str(tmp_path / "run"), "--context", "8"])
     assert "trained:" not in capsys.readouterr().out
 
