@@ -46,12 +46,16 @@ def scan_inputs(B: int, T: int, H: int, P: int, G: int, N: int, device: str, dty
     return (*(t.to(device, dtype) for t in (x, k, q)), log_decay.to(device), beta.to(device))
 
 
-def forms(chunks: list[int], compiled: bool, triton: bool, value_blocks: list[int] | None = None
+def forms(chunks: list[int], compiled: bool, triton: bool, value_blocks: list[int] | None = None, P: int = 64
           ) -> list[tuple[str, int, Scan]]:
     """(name, chunk length, scan) of each implementation at each chunk length: `torch` (ops.conba_scan),
-    `torch+compile`, `triton` (ops.triton_chunk.conba_scan_triton; `triton cC vV` for each of `value_blocks`
-    when given, else its default value block)."""
+    `torch+compile`, `triton` (ops.triton_chunk.conba_scan_triton; `triton cC vV` for each distinct number of
+    value columns per program that `value_blocks` give heads of P, when given, else its default)."""
     out: list[tuple[str, int, Scan]] = []
+    if triton:
+        from mixcon.ops.triton_chunk import VALUE_BLOCK, conba_scan_triton, value_columns
+
+        columns = sorted({value_columns(P, v) for v in value_blocks or [VALUE_BLOCK]})
     for C in chunks:
         def chunked(*args: Any, C: int = C, **kw: Any) -> tuple[torch.Tensor, ...]:
             return conba_scan(*args, chunk_size=C, **kw)
@@ -60,9 +64,7 @@ def forms(chunks: list[int], compiled: bool, triton: bool, value_blocks: list[in
         if compiled:
             out.append((f"torch+compile c{C}", C, torch.compile(chunked, dynamic=False)))
         if triton:
-            from mixcon.ops.triton_chunk import VALUE_BLOCK, conba_scan_triton
-
-            for V in value_blocks or [VALUE_BLOCK]:
+            for V in columns:
                 def kernel(*args: Any, C: int = C, V: int = V, **kw: Any) -> tuple[torch.Tensor, ...]:
                     return conba_scan_triton(*args, chunk_size=C, value_block=V, **kw)
 
@@ -78,8 +80,6 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
     """Time every form on every (variant, T, B); `triton` defaults to: on CUDA with triton installed."""
     if triton is None:
         triton = common.triton_default(device)
-    if value_blocks:  # the kernel takes at most the head's P (a power of two >= 16) per program: distinct ones
-        value_blocks = sorted({min(v, max(16, 1 << (head_dim - 1).bit_length())) for v in value_blocks})
     if compiled:  # one code object per chunk length, recompiled per variant and shape
         torch._dynamo.config.cache_size_limit = 64
     peak = common.matmul_peak_gflops(n=8192 if device.startswith("cuda") else 2048, device=device, dtype=dtype)
@@ -87,7 +87,7 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
     print(f"matmul peak {peak:.1f} GFLOP/s, copy {bandwidth:.1f} GB/s on {device} {dtype} "
           f"({torch.get_num_threads()} threads)")
     H, P, N, G = heads, head_dim, state, groups
-    implementations = forms(list(chunks), compiled, triton, value_blocks)
+    implementations = forms(list(chunks), compiled, triton, value_blocks, P)
     rows: list[dict[str, Any]] = []
     for T in lengths:
         for B in batches:

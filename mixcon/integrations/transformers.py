@@ -475,8 +475,6 @@ def hf_tokenizer(tokenizer: AnyTokenizer | str | Path, split_special_tokens: boo
                                    padding_side="left", split_special_tokens=split_special_tokens)
 
 
-
-
 def model_card(model: MixConForCausalLM, source: str | Path, out: str | Path) -> str:
     """The README.md of an export: Hub metadata, the model's layout and size, and how to load it."""
     summary = model.summary().splitlines()

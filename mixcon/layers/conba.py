@@ -255,9 +255,8 @@ class Conba(nn.Module):
             ctx = ForwardContext.build(None, B, T, None, u.device)
         cache = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         assert cache is None or isinstance(cache, ConbaCache)
-        # (eager, a sequence of one segment is `mix` itself)
-        long = T >= self.prefill.segment if self.prefill is not None else T > EAGER_SEGMENT
-        segmented = long and not torch.is_grad_enabled() and not self._triton(u) and ctx.seq_idx is None
+        segmented = (T >= self._segments().segment and not torch.is_grad_enabled() and not self._triton(u)
+                     and ctx.seq_idx is None)
         if cache is not None:
             tail, state, past = cache.conv, cache.state, cache.ordered() if self.tau else None
         elif segmented:  # chained from zeros, as a cache-less forward starts

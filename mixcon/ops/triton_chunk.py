@@ -42,13 +42,19 @@ def kernel_block(chunk_size: int, tau: int) -> int:
     return min(chunk_size, max(BLOCK, triton.next_power_of_2(tau)))
 
 
+def value_columns(P: int, value_block: int = VALUE_BLOCK) -> int:
+    """Value columns per program for heads of P: `value_block`, or fewer when one tile (P to a power of two,
+    at least 16) holds them all."""
+    return min(value_block, max(16, triton.next_power_of_2(P)))
+
+
 def launch_options(dtype: torch.dtype, P: int, N: int, block: int, value_block: int = VALUE_BLOCK
                    ) -> dict[str, Any]:
     """The kernel's constexprs and compile options for x, k, q in `dtype`: tiles (BP value columns per
     program, at most `value_block`), and the products' precision — TF32 unless the inputs are fp32 and
     `torch.get_float32_matmul_precision()` is "highest" (the default)."""
     exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    return dict(C=block, BP=min(value_block, max(16, triton.next_power_of_2(P))),
+    return dict(C=block, BP=value_columns(P, value_block),
                 BN=max(16, triton.next_power_of_2(N)),
                 PREC="ieee" if exact else "tf32",
                 num_warps=8,  # a dozen (C, 64)-sized fp32 tiles are live at once; 4 warps spill more
@@ -174,7 +180,7 @@ def conba_scan_triton(
                                          initial_past_states, chunk_size=chunk_size)
     if not triton_chunk_ok(chunk_size, tau):
         raise ValueError(f"conba_scan_triton: chunk_size={chunk_size} must be a power of two >= 16 and >= tau={tau}")
-    if value_block < 16 or value_block & (value_block - 1):
+    if not triton_chunk_ok(value_block, 0):
         raise ValueError(f"conba_scan_triton: value_block={value_block} must be a power of two >= 16")
     if x.dtype == torch.float64:
         raise ValueError("conba_scan_triton: fp64 is not supported; use conba_scan")

@@ -263,10 +263,8 @@ def save_checkpoint(
 def read_manifest(path: Path) -> dict[str, Any]:
     """The checkpoint's manifest; refused (naming the run's newest intact checkpoint before it) if it is missing
     or corrupt."""
-    try:
+    with _naming_intact_before(path):
         return _read_manifest(path)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}{_intact_before(path)}") from e.__cause__
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -288,10 +286,17 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 def verify_files(path: Path, manifest: dict[str, Any], prefixes: tuple[str, ...] = ("",)) -> None:
     """Every file listed in the manifest (whose name starts with one of `prefixes`) exists with its recorded size
     and sha256; the error for a checkpoint of a run that fails names the run's newest intact one before it."""
-    try:
+    with _naming_intact_before(path):
         _check_files(path, manifest, prefixes)
+
+
+@contextlib.contextmanager
+def _naming_intact_before(path: Path) -> Iterator[None]:
+    """A CheckpointError raised inside, about checkpoint `path`, with `_intact_before(path)` added."""
+    try:
+        yield
     except CheckpointError as e:
-        raise CheckpointError(f"{e}{_intact_before(path)}") from None
+        raise CheckpointError(f"{e}{_intact_before(path)}") from e.__cause__
 
 
 def _intact_before(path: Path) -> str:
