@@ -15,6 +15,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from mixcon.data.corpus import Corpus
 from mixcon.data.tokenizer import AnyTokenizer
-from mixcon.io import write_text_atomic
+from mixcon.io import locked_directory, write_text_atomic
 
 FORMAT = 1
 SPLIT_RULE = 2  # in the key: shards split by an earlier rule (copies of a text on both sides) are rebuilt
@@ -122,7 +123,8 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
                    seed: int = 0, workers: int | None = None, max_bytes: int | None = None,
                    progress: bool = True) -> ShardDataset:
     """Tokenise `corpus` (its first `max_bytes` bytes when given) into shards in `out_dir`, or reuse the shards
-    there when tokenizer, corpus content, `val_fraction` and `seed` are unchanged.
+    there when tokenizer, corpus content, `val_fraction` and `seed` are unchanged. One process at a time builds
+    a folder's shards: another waits for it (then reuses them, when its settings are the same).
 
     `workers` processes tokenise in parallel (default: one per CPU).
     """
@@ -135,51 +137,54 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     one_text = len(hashes) == 1 and val_fraction > 0  # its end validates: documents 0 (train) and 1 (val)
     val_docs = {1} if one_text else _val_documents(hashes, val_fraction, seed)
     key = _key(tok, hashes, val_fraction, seed)
-    existing = _existing(out, key)
-    if existing is not None:
-        _remove_dead_leftovers(out)
-        return existing
-    parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tok.vocab_size)
-    files = {split: f"{split}.{key[:16]}.bin" for split in SPLITS}
-    writers = {split: _ShardWriter(out / f"{files[split]}.{os.getpid()}.tmp") for split in SPLITS}
-    stats = {split: {"documents": 0, "bytes": 0} for split in SPLITS}
-    workers = min(workers or os.cpu_count() or 1, math.ceil(n_bytes / BATCH_BYTES))
-    try:
-        batches = _batches(parts or corpus.documents(max_bytes), val_docs)
-        with tqdm(total=n_bytes, desc=f"tokenising ({tok.name})", unit="B", unit_scale=True,
-                  disable=not progress) as bar:
-            for (split, docs, size), tokens in _encode_all(batches, tok, dtype, workers):
-                writers[split].write(tokens)
-                stats[split]["documents"] += len(docs)
-                stats[split]["bytes"] += size
-                bar.update(size)
-        documents, read = (sum(s[field] for s in stats.values()) for field in ("documents", "bytes"))
-        if (documents, read) != (len(hashes) + one_text, n_bytes):
-            raise RuntimeError(f"the corpus changed while the shards were being built: {corpus.describe()}")
-        for split in SPLITS:
-            writers[split].commit(out / files[split])
-    finally:
-        for writer in writers.values():
-            writer.discard()
-    index = {
-        "format": FORMAT, "key": key, "dtype": dtype.name,
-        "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
-                      "eos_id": tok.eos_id},
-        "corpus": corpus.describe(), "skipped": len(corpus.skipped),
-        "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes, "truncated": truncated,
-        "splits": {split: {"file": files[split], **stats[split], "tokens": writers[split].tokens,
-                           "checksum": writers[split].checksum} for split in SPLITS},
-        "seconds": time.perf_counter() - start,
-    }
-    write_text_atomic(out / INDEX, json.dumps(index, indent=2) + "\n")
-    for split in SPLITS:  # shards of earlier builds, and leftovers of interrupted ones
-        for path in out.glob(f"{split}.*.bin*"):
-            if path.name != files[split]:
-                path.unlink()
-    return ShardDataset(out)
+    def wait(pid: str) -> None:
+        print(f"waiting for another process (pid {pid}) that builds shards in {out}", file=sys.stderr, flush=True)
+
+    with locked_directory(out, wait):
+        existing = _existing(out, key)
+        if existing is not None:
+            _remove_dead_leftovers(out)
+            return existing
+        parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
+        dtype = token_dtype(tok.vocab_size)
+        files = {split: f"{split}.{key[:16]}.bin" for split in SPLITS}
+        writers = {split: _ShardWriter(out / f"{files[split]}.{os.getpid()}.tmp") for split in SPLITS}
+        stats = {split: {"documents": 0, "bytes": 0} for split in SPLITS}
+        workers = min(workers or os.cpu_count() or 1, math.ceil(n_bytes / BATCH_BYTES))
+        try:
+            batches = _batches(parts or corpus.documents(max_bytes), val_docs)
+            with tqdm(total=n_bytes, desc=f"tokenising ({tok.name})", unit="B", unit_scale=True,
+                      disable=not progress) as bar:
+                for (split, docs, size), tokens in _encode_all(batches, tok, dtype, workers):
+                    writers[split].write(tokens)
+                    stats[split]["documents"] += len(docs)
+                    stats[split]["bytes"] += size
+                    bar.update(size)
+            documents, read = (sum(s[field] for s in stats.values()) for field in ("documents", "bytes"))
+            if (documents, read) != (len(hashes) + one_text, n_bytes):
+                raise RuntimeError(f"the corpus changed while the shards were being built: {corpus.describe()}")
+            for split in SPLITS:
+                writers[split].commit(out / files[split])
+        finally:
+            for writer in writers.values():
+                writer.discard()
+        index = {
+            "format": FORMAT, "key": key, "dtype": dtype.name,
+            "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
+                          "eos_id": tok.eos_id},
+            "corpus": corpus.describe(), "skipped": len(corpus.skipped),
+            "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes, "truncated": truncated,
+            "splits": {split: {"file": files[split], **stats[split], "tokens": writers[split].tokens,
+                               "checksum": writers[split].checksum} for split in SPLITS},
+            "seconds": time.perf_counter() - start,
+        }
+        write_text_atomic(out / INDEX, json.dumps(index, indent=2) + "\n")
+        for split in SPLITS:  # shards of earlier builds, and leftovers of interrupted ones
+            for path in out.glob(f"{split}.*.bin*"):
+                if path.name != files[split]:
+                    path.unlink()
+        return ShardDataset(out)
 
 
 def _remove_dead_leftovers(out: Path) -> None:

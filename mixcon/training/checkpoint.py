@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer, mismatch
+from mixcon.io import locked_directory
 from mixcon.models.mixcon import (
     WEIGHTS_METADATA,
     MixConForCausalLM,
@@ -179,37 +180,16 @@ def publish_directory(tmp: Path, final: Path) -> None:
     _fsync(final.parent)
 
 
-LOCK_FILE = ".lock"
-
-
 @contextlib.contextmanager
 def lock_run(run_dir: Path) -> Iterator[None]:
-    """Make `run_dir` and hold its lock while the context lasts (the OS releases it however the process ends): a
-    second trainer on the same run is refused instead of replacing its checkpoints, metrics and shards. A
-    directory made here that holds nothing else at the end is removed. No lock where the OS has no `fcntl`."""
-    try:
-        import fcntl
-    except ImportError:  # (Windows)
+    """Make `run_dir` and hold its lock while the context lasts (`mixcon.io.locked_directory`): a second trainer on
+    the same run is refused instead of replacing its checkpoints, metrics and shards."""
+    def refuse(pid: str) -> None:
+        raise CheckpointError(f"{run_dir} is in use by another training process (pid {pid}); wait for it to end, "
+                              "or choose another --out") from None
+
+    with locked_directory(run_dir, refuse):
         yield
-        return
-    made = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / LOCK_FILE).open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise CheckpointError(f"{run_dir} is in use by another training process (pid "
-                                  f"{handle.read().strip() or '?'}); wait for it to end, or choose another --out"
-                                  ) from None
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            if made and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:  # nothing written: no trace left
-                shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def save_checkpoint(

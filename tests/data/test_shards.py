@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -85,13 +86,41 @@ def test_reuse_if_unchanged_rebuild_if_tokenizer_or_corpus_changes(tmp_path, bpe
     assert not changed_tok.reused and changed_tok.index["tokenizer"]["fingerprint"] == bpe.fingerprint()
     assert not shard.exists()  # the old build's shards are gone
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["index.json", changed_tok.index["splits"]["train"]["file"], changed_tok.index["splits"]["val"]["file"]])
+        [".lock", "index.json", *(changed_tok.index["splits"][split]["file"] for split in ("train", "val"))])
 
     (folder / "00003.txt").write_text("an edited document")
     changed_corpus = build(Corpus.from_spec(str(folder)), bpe, out)
     assert not changed_corpus.reused and changed_corpus.index["key"] != changed_tok.index["key"]
     assert "an edited document" in documents_of(changed_corpus, "train", bpe) + documents_of(changed_corpus, "val", bpe)
     assert not build(Corpus.from_spec(str(folder)), bpe, out, seed=5).reused
+
+
+def test_a_second_build_of_a_folder_waits_for_the_first_then_reuses_its_shards(tmp_path, capsys, random_documents,
+                                                                              write_documents):
+    """Two builds of one folder at once would delete each other's files: the second waits for the first's lock."""
+    import threading
+
+    from mixcon.io import locked_directory
+
+    corpus = Corpus.from_spec(str(write_documents(tmp_path / "c", random_documents(10))))
+    out = tmp_path / "s"
+    first = build(corpus, ByteTokenizer(), out)
+    holding, release, done = threading.Event(), threading.Event(), []
+
+    def other_build() -> None:  # holds the folder's lock, as a build in another process would
+        with locked_directory(out, lambda pid: None):
+            holding.set()
+            release.wait(30)
+            done.append(True)
+
+    thread = threading.Thread(target=other_build)
+    thread.start()
+    holding.wait(30)
+    threading.Timer(0.5, release.set).start()
+    again = build(corpus, ByteTokenizer(), out)
+    thread.join()
+    assert done and again.reused and again.index == first.index
+    assert f"waiting for another process (pid {os.getpid()}) that builds shards in {out}" in capsys.readouterr().err
 
 
 def test_corrupt_or_truncated_shards_are_detected(tmp_path, random_documents, write_documents):
