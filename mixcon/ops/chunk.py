@@ -83,6 +83,12 @@ def _chunk_writes(U: torch.Tensor, w: torch.Tensor, Kc: torch.Tensor) -> torch.T
     return torch.einsum("bghcsp,bgcsn->bghcpn", w.unsqueeze(-1) * U, Kc)
 
 
+def _decays_to_end(b: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """exp(b_end - b_s) for every step s of a run of steps (the last dim) ending at `end`, from the log decays b
+    and what fp32 rounds off them, lo (..., C) -> (..., C)."""
+    return ((b[..., -1:] - b) + (lo[..., -1:] - lo)).exp()
+
+
 def initial_states(
     x: torch.Tensor,  # (B, T, H, P)
     N: int,
@@ -156,7 +162,7 @@ def conba_scan(
     eb = b.exp()
     causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
     diff = (b.unsqueeze(-1) - b.unsqueeze(-2)) + (lo.unsqueeze(-1) - lo.unsqueeze(-2))  # (..., C, C): b_t - b_s
-    w = ((b[..., -1:] - b) + (lo[..., -1:] - lo)).exp()  # (B, G, hg, nc, C): decay from each step to the chunk end
+    w = _decays_to_end(b, lo)  # (B, G, hg, nc, C): decay from each step to the chunk end
     g = b[..., -1:].exp()  # (B, G, hg, nc, 1): decay across the whole chunk
     docs = _Documents.build(seq_idx, T_pad, C) if seq_idx is not None else None
     if docs is not None:  # no decay path crosses a document start
@@ -215,7 +221,7 @@ def conba_scan(
     y = y.to(out_dtype)
     if not return_past_states:
         return y, final
-    return y, final, _past_states(final, past0, starts_t, U, Kc, b, T, tau, C, docs)
+    return y, final, _past_states(final, past0, starts_t, U, Kc, b, lo, T, tau, C, docs)
 
 
 def _past_states(
@@ -224,7 +230,8 @@ def _past_states(
     starts: torch.Tensor,  # (B, G, hg, nc, P, N)
     U: torch.Tensor,  # (B, G, hg, nc, C, P)
     Kc: torch.Tensor,  # (B, G, nc, C, N)
-    b: torch.Tensor,
+    b: torch.Tensor,  # (B, G, hg, nc, C) log decays from each chunk start
+    lo: torch.Tensor,  # (B, G, hg, nc, C) what fp32 rounds off b
     T: int,
     tau: int,
     C: int,
@@ -244,16 +251,15 @@ def _past_states(
             seg = torch.zeros_like(docs.last) if docs is not None else None
         else:
             c, m = (p - 1) // C, (p - 1) % C  # chunk and last position inside it
-            Uc = U[:, :, :, c, : m + 1]
-            bc = b[:, :, :, c, : m + 1]  # (B, G, hg, m+1)
-            w = (bc[..., -1:] - bc).exp()  # (B, G, hg, m+1)
-            g = bc[..., -1, None, None].exp()
+            w = _decays_to_end(b[:, :, :, c:c + 1, : m + 1], lo[:, :, :, c:c + 1, : m + 1])  # (B, G, hg, 1, m+1)
+            g = b[:, :, :, c, m, None, None].exp()  # (B, G, hg, 1, 1)
             if docs is not None:
                 segs = docs.seg[..., c, : m + 1]  # (B, 1, 1, m+1)
                 seg = segs[..., -1]
-                w = w * (segs == seg[..., None])
+                w = w * (segs == seg[..., None]).unsqueeze(-2)
                 g = g * (seg == docs.start[..., c, 0])[..., None, None]
-            S = g * starts[:, :, :, c] + Uc.transpose(-1, -2) @ (w.unsqueeze(-1) * Kc[:, :, None, c, : m + 1])
+            writes = _chunk_writes(U[:, :, :, c:c + 1, : m + 1], w, Kc[:, :, c:c + 1, : m + 1]).squeeze(3)
+            S = g * starts[:, :, :, c] + writes
             S = S.reshape(final.shape)
         if docs is not None:
             S = S * (seg == docs.last).view(-1, 1, 1, 1).to(S.dtype)

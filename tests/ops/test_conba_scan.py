@@ -206,13 +206,14 @@ def test_weak_decays_after_strong_ones_keep_fp32_precision(delta_rule, strong):
     x, k, q, ld, beta, gain, S0 = make_inputs(B=1, T=64, H=2, G=1)
     ld = torch.full_like(ld, -1e-3)
     ld[:, :32] = strong
-    y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, delta_rule=delta_rule, tau=2, delay_gain=gain,
-                                        initial_state=S0)
+    y_ref, s_ref, past_ref = conba_scan_reference(x, k, q, ld, beta, delta_rule=delta_rule, tau=2, delay_gain=gain,
+                                                  initial_state=S0, return_past_states=True)
     for chunk in (64, 8):
-        y, s = conba_scan(*(t.float() for t in (x, k, q, ld, beta)), chunk_size=chunk, delta_rule=delta_rule,
-                          tau=2, delay_gain=gain.float(), initial_state=S0.float())
+        y, s, past = conba_scan(*(t.float() for t in (x, k, q, ld, beta)), chunk_size=chunk, delta_rule=delta_rule,
+                                tau=2, delay_gain=gain.float(), initial_state=S0.float(), return_past_states=True)
         torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=3e-6)
         torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=3e-6)
+        torch.testing.assert_close(past.double(), past_ref, rtol=1e-5, atol=3e-6)  # the decode cache's ring
 
 
 def test_step_takes_a_transposed_state_with_and_without_gradients():
