@@ -12,7 +12,8 @@ from mixcon.data.tokenizer import load_tokenizer
 PREPARE_DESCRIPTION = """\
 Tokenise a corpus into memory-mapped uint16/uint32 shards with a JSON index (OUT/index.json), split into
 train and validation by document, EOS after each document. Shards already built from the same tokenizer,
-corpus and split settings are reused; a second build of the same OUT waits for the first. Prints documents, bytes, tokens and bytes per token per split."""
+corpus and split settings are reused; a second build of the same OUT waits for the first.
+Prints documents, bytes, tokens and bytes per token per split."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
