@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from mixcon import MixConConfig
 from mixcon.layers.conba import Conba
 
-mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2", reason="transformers not installed")
-
 SSD = dict(conba_selective="linear", conba_state_scaling=False, conba_control=False, conba_delay=0)
 
 
@@ -23,7 +21,17 @@ def conba_config(**overrides) -> MixConConfig:
     return MixConConfig.preset("tiny", **{**base, **overrides})
 
 
-def mamba2_twin(cfg: MixConConfig, conba: Conba) -> torch.nn.Module:
+@pytest.fixture
+def mamba2():
+    """transformers' Mamba2 module, where it has the grouped gated RMSNorm (only this test needs transformers)."""
+    module = pytest.importorskip("transformers.models.mamba2.modeling_mamba2", reason="transformers not installed")
+    if "group_size" not in inspect.signature(module.MambaRMSNormGated).parameters:
+        pytest.skip("this transformers' Mamba2 normalises the gated RMSNorm over all groups at once (mamba_ssm and "
+                    "this layer: per key group); 5.23 has the grouped norm")
+    return module
+
+
+def mamba2_twin(cfg: MixConConfig, conba: Conba, mamba2) -> torch.nn.Module:
     """transformers' Mamba2Mixer (torch path) holding the same weights as `conba`."""
     mcfg = mamba2.Mamba2Config(
         hidden_size=cfg.d_model, num_heads=cfg.conba_heads, head_dim=cfg.conba_head_dim, state_size=cfg.conba_state,
@@ -46,11 +54,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.skipif("group_size" not in inspect.signature(mamba2.MambaRMSNormGated).parameters,
-                    reason="this transformers' Mamba2 normalises the gated RMSNorm over all groups at once "
-                           "(mamba_ssm and this layer: per key group); 5.23 has the grouped norm")
 @pytest.mark.parametrize("T", [1, 37, 64])
-def test_ssd_mode_equals_transformers_mamba2(T):
+def test_ssd_mode_equals_transformers_mamba2(T, mamba2):
     """transformers' torch path computes the scan in fp32 whatever the input dtype (it calls .float()),
     so the comparison is at fp32 precision: relative error <= 1e-5 against our fp64 and fp32 runs."""
     torch.manual_seed(0)
@@ -59,7 +64,7 @@ def test_ssd_mode_equals_transformers_mamba2(T):
     with torch.no_grad():  # non-trivial values everywhere
         conba.norm.weight.uniform_(0.5, 1.5)
         conba.D.uniform_(-1, 1)
-    mixer = mamba2_twin(cfg, conba).eval()
+    mixer = mamba2_twin(cfg, conba, mamba2).eval()
     u = torch.randn(2, T, cfg.d_model)
     with torch.no_grad():
         theirs = mixer(u)
