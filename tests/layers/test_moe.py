@@ -58,14 +58,14 @@ def test_one_token_path_equals_the_grouped_path():
 
 @pytest.mark.parametrize("M", [1, 3, 4, 9])
 def test_grouped_gathered_and_dense_combine_agree(M):
-    """The three ways to apply the routed experts give the same output, and so does forward without statistics."""
+    """The three ways to apply the routed experts give the same output (forward without statistics: the test
+    below)."""
     moe = make_moe()
     h = torch.randn(M, 16, dtype=torch.float64)
     _, _, weights, experts = moe.route(h)
     grouped = moe.combine(h, weights, experts)
     torch.testing.assert_close(moe.combine_gathered(h, weights, experts), grouped)
     torch.testing.assert_close(moe.combine_dense(h, weights, experts), grouped)
-    torch.testing.assert_close(moe(h[None], stats=False)[0], moe(h[None])[0])
 
 
 def test_load_balancing_loss_uniform_vs_collapsed():
