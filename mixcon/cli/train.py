@@ -175,7 +175,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     tok = initial[2] if initial else _tokenizer(options, resume, out, args, env)
     config = _config(args, resume, tok, initial[1] if initial else None)
     if resume is not None:
-        _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_FILE), config, say)
+        _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_NAME), config, say)
     ds = _dataset(options, tok, out, env, progress=not args.no_progress)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
@@ -329,7 +329,7 @@ def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
     tokenizer's); either with the --set changes."""
     saved = initial
     if resume is not None and args.config is None:
-        saved = MixConConfig.load(resume / ckpt.CONFIG_FILE)
+        saved = MixConConfig.load(resume / ckpt.CONFIG_NAME)
         if not args.overrides:
             return saved
     specials = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)

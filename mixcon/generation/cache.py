@@ -14,6 +14,7 @@ import torch
 
 from mixcon.checks import is_integer
 from mixcon.config import MixConConfig
+from mixcon.ops.dtypes import compute_dtype_for
 
 
 def attention_cache_shape(config: MixConConfig, batch_size: int, capacity: int) -> tuple[int, ...]:
@@ -33,11 +34,6 @@ def conba_states_shape(config: MixConConfig, batch_size: int) -> tuple[int, ...]
     return (R, batch_size, config.conba_heads, config.conba_head_dim, config.conba_state)
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Conba states are kept in fp32 (fp64 for an fp64 model)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -52,7 +48,7 @@ def layer_cache_nbytes(
     item = torch.empty((), dtype=dtype).element_size()
     if mixer == "attention":
         return 2 * _numel(attention_cache_shape(config, batch_size, context)) * item
-    state_item = torch.empty((), dtype=state_dtype(dtype)).element_size()
+    state_item = torch.empty((), dtype=compute_dtype_for(dtype)).element_size()
     return (_numel(conba_conv_shape(config, batch_size)) * item
             + _numel(conba_states_shape(config, batch_size)) * state_item)
 
@@ -117,7 +113,7 @@ class ConbaCache:
                  device: torch.device | str | None) -> None:
         self.conv = torch.zeros(conba_conv_shape(config, batch_size), dtype=dtype, device=device)
         R, *shape = conba_states_shape(config, batch_size)
-        self.slots = [torch.zeros(shape, dtype=state_dtype(dtype), device=device) for _ in range(R)]
+        self.slots = [torch.zeros(shape, dtype=compute_dtype_for(dtype), device=device) for _ in range(R)]
         self.ptr = 0  # ring slot of the oldest state; the newest is at ptr - 1
 
     @property
@@ -173,7 +169,7 @@ class MixConCache:
             raise ValueError(f"MixConCache: batch_size={batch_size!r} and max_length={max_length!r} must be integers "
                              ">= 1")
         self.config = config
-        self.dtype = dtype  # of K/V and conv tails (Conba states: `state_dtype(dtype)`)
+        self.dtype = dtype  # of K/V and conv tails (Conba states: `compute_dtype_for(dtype)`)
         self.layers: list[AttentionCache | ConbaCache] = [
             AttentionCache(config, batch_size, max_length, dtype, device) if mixer == "attention"
             else ConbaCache(config, batch_size, dtype, device)

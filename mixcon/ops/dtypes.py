@@ -3,9 +3,14 @@
 import torch
 
 
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; everything else is computed (and Conba states kept) in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """fp64 stays fp64; everything else is computed in fp32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    """`compute_dtype_for` the tensor's dtype."""
+    return compute_dtype_for(t.dtype)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line names

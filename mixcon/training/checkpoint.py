@@ -32,7 +32,9 @@ from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer, mismatch
 from mixcon.io import locked_directory
 from mixcon.models.mixcon import (
+    CONFIG_NAME,
     WEIGHTS_METADATA,
+    WEIGHTS_NAME,
     MixConForCausalLM,
     read_weights,
     umask_permissions,
@@ -45,8 +47,6 @@ CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 SWAPPED = ".tmp-old-"  # prefix of a directory swapped out by `publish_directory`
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
 TOKENIZER_DIR = "tokenizer"
@@ -101,7 +101,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its latest checkpoint)."""
     path = Path(path)
     restore_swapped(path)  # a checkpoint a crash left swapped out mid-replacement
-    if (path / MANIFEST).is_file() or (path / MODEL_FILE).is_file():  # a checkpoint, complete or not
+    if (path / MANIFEST).is_file() or (path / WEIGHTS_NAME).is_file():  # a checkpoint, complete or not
         return path
     if not path.exists():
         siblings = list_checkpoints(path.parent.parent) if path.parent.name == CHECKPOINTS else []
@@ -213,8 +213,9 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     try:
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE), metadata=WEIGHTS_METADATA)
-        (tmp / CONFIG_FILE).write_text(config.to_json())
+        weights = {k: v.contiguous() for k, v in model_state.items()}
+        save_file(weights, str(tmp / WEIGHTS_NAME), metadata=WEIGHTS_METADATA)
+        (tmp / CONFIG_NAME).write_text(config.to_json())
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(trainer_state, tmp / STATE_FILE)
         fingerprint = None
@@ -322,9 +323,9 @@ def load_checkpoint(
     manifest = read_manifest(path)
     verify_files(path, manifest)
     try:
-        config = MixConConfig.load(path / CONFIG_FILE)
+        config = MixConConfig.load(path / CONFIG_NAME)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: invalid config ({e})") from e
+        raise CheckpointError(f"{path / CONFIG_NAME}: invalid config ({e})") from e
     if expected_config is not None and (diff := config_differences(config, expected_config)):
         raise CheckpointError(f"{path}: model config differs from the requested one (checkpoint != requested): "
                               + "; ".join(diff))
@@ -333,7 +334,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: trained with tokenizer {fingerprint!r}, but this run uses "
                               f"{expected_tokenizer!r}")
     try:
-        model_state, metadata = read_weights(path / MODEL_FILE, map_location)
+        model_state, metadata = read_weights(path / WEIGHTS_NAME, map_location)
         optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
         optimizer_state = {**optimizer_state, "state": upgrade_expert_layout(optimizer_state["state"], metadata)}
         trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
@@ -359,7 +360,7 @@ def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.
     wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(expected[k])}"
              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k]]
     if missing or unexpected or wrong:
-        raise CheckpointError(f"{source / MODEL_FILE}: weights do not match the model; missing {missing[:5]}, "
+        raise CheckpointError(f"{source / WEIGHTS_NAME}: weights do not match the model; missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
 
 
@@ -368,10 +369,10 @@ def model_directory(path: str | Path) -> Path:
     checkpoint, verified against its manifest."""
     path = Path(path)
     restore_swapped(path)  # a directory a crash left swapped out mid-replacement (`export hf --overwrite`)
-    if (path / CONFIG_FILE).is_file() and weight_files(path) and not (path / MANIFEST).is_file():
+    if (path / CONFIG_NAME).is_file() and weight_files(path) and not (path / MANIFEST).is_file():
         return path
     path = resolve_checkpoint(path)
-    verify_files(path, read_manifest(path), prefixes=(CONFIG_FILE, MODEL_FILE, TOKENIZER_DIR))
+    verify_files(path, read_manifest(path), prefixes=(CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR))
     return path
 
 

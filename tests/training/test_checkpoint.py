@@ -69,14 +69,14 @@ def test_checkpoint_with_the_old_expert_layout_loads_converted(trained):
     def old(tensors, names):
         return {k: v.transpose(-1, -2).contiguous() if k in names else v for k, v in tensors.items()}
 
-    save_file(old(load_file(str(path / ckpt.MODEL_FILE)), experts), str(path / ckpt.MODEL_FILE),
+    save_file(old(load_file(str(path / ckpt.WEIGHTS_NAME)), experts), str(path / ckpt.WEIGHTS_NAME),
               metadata={"format": "pt"})
     optimizer = torch.load(path / ckpt.OPTIMIZER_FILE, weights_only=True)
     optimizer["state"] = {k: old(v, ("exp_avg", "exp_avg_sq")) if k in experts else v
                           for k, v in optimizer["state"].items()}
     torch.save(optimizer, path / ckpt.OPTIMIZER_FILE)
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
-    for name in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE):  # as that version's manifest would have them
+    for name in (ckpt.WEIGHTS_NAME, ckpt.OPTIMIZER_FILE):  # as that version's manifest would have them
         file = path / name
         manifest["files"][name] = {"sha256": ckpt._sha256(file), "size": file.stat().st_size}
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
@@ -146,7 +146,7 @@ def test_crash_between_the_renames_of_a_replacement_loses_nothing(trained, monke
     assert not list(root.glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("name", [ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, "tokenizer/tokenizer.json"])
+@pytest.mark.parametrize("name", [ckpt.WEIGHTS_NAME, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, "tokenizer/tokenizer.json"])
 def test_corrupt_file_is_refused(trained, name):
     _, run = trained
     path = latest_checkpoint(run) / name
@@ -160,7 +160,7 @@ def test_corrupt_file_is_refused(trained, name):
 def test_a_corrupt_checkpoint_names_the_newest_intact_one_before_it(trained):
     _, run = trained
     first, latest = list_checkpoints(run)
-    (latest / ckpt.MODEL_FILE).write_bytes(b"x")
+    (latest / ckpt.WEIGHTS_NAME).write_bytes(b"x")
     with pytest.raises(CheckpointError, match=rf"corrupt .*; the newest intact checkpoint before it is "
                                               rf"{re.escape(str(first))} \(name it to load it; `mixcon train --resume "
                                               rf"{re.escape(str(first))} --overwrite` continues the run from there\)"):
@@ -220,7 +220,7 @@ def test_a_replacement_survives_a_reader_putting_the_old_directory_back_in_betwe
 def test_truncated_or_missing_files_are_refused(trained):
     _, run = trained
     path = latest_checkpoint(run)
-    (path / ckpt.MODEL_FILE).write_bytes((path / ckpt.MODEL_FILE).read_bytes()[:100])
+    (path / ckpt.WEIGHTS_NAME).write_bytes((path / ckpt.WEIGHTS_NAME).read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt"):
         load_checkpoint(path)
     (path / ckpt.OPTIMIZER_FILE).unlink()
