@@ -16,7 +16,7 @@ from mixcon.ops.dtypes import DTYPES
 from mixcon.training.checkpoint import CheckpointError, load_model_and_tokenizer
 
 
-class TextStreamer:
+class Utf8Printer:
     """Prints the text of generated tokens as they arrive: their bytes through an incremental UTF-8 decoder, which
     holds back only the start of a character still incomplete (at most 3 bytes) and prints bytes that can form
     none as U+FFFD at once, as the whole text's decode shows them. Each token costs the same however long the
@@ -51,7 +51,7 @@ def stream(model: MixConForCausalLM, tok: AnyTokenizer, prompt: str, max_new_tok
     out = out or sys.stdout
     ids = torch.tensor([[tok.eos_id, *tok.encode(prompt)]], device=device)
     out.write(prompt)
-    streamer = TextStreamer(tok, out)
+    streamer = Utf8Printer(tok, out)
     model.generate(ids, max_new_tokens, do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                    eos_token_id=tok.eos_id, seed=seed, streamer=streamer,
                    vocab_limit=min(tok.vocab_size, model.config.vocab_size))  # the ids the tokenizer decodes

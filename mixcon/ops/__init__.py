@@ -1,7 +1,9 @@
 """Functional kernels. The Conba scan contract (DESIGN.md §2.1) in three implementations:
 `conba_scan` (chunked: training and prefill), `conba_scan_reference` (sequential loop, for tests)
-and `conba_scan_step` (one token: decoding). Beside them, `linear_cross_entropy` and `linear_token_scores`:
-the LM head and its loss, or each token's score, over row chunks."""
+and `conba_scan_step` (one token: decoding); a fourth, forward only, is the Triton kernel
+`mixcon.ops.triton_chunk.conba_scan_triton` (needs triton; imported where used). Beside them,
+`linear_cross_entropy` and `linear_token_scores`: the LM head and its loss, or each token's score, over
+row chunks."""
 
 from mixcon.ops.chunk import conba_scan
 from mixcon.ops.cross_entropy import linear_cross_entropy, linear_token_scores

@@ -1,8 +1,8 @@
 """The chunked Conba scan (DESIGN.md §2.1) as one Triton kernel, forward only (inference and prefill).
 
 One program per (batch, head, block of value columns) walks the sequence in chunks of C steps
-(`kernel_block`: the model's chunk, at most 32 steps) with its rows of the state S (P, N) in
-registers (each column of x, y and row of S is a scan of its own); within a chunk everything is
+(`kernel_block`: the model's chunk, at most 32 steps unless tau needs more) with its rows of the
+state S (P, N) in registers (each column of x, y and row of S is a scan of its own); within a chunk everything is
 (C, C) / (C, P) / (C, N) tile products, as in `ops/chunk.py`:
     open loop:  U = diag(beta) X
     delta rule: (I + diag(beta) M) U = diag(beta) (X - diag(exp b) K Sᵀ), solved by forward

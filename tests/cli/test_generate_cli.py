@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mixcon.cli import main
-from mixcon.cli.generate import TextStreamer
+from mixcon.cli.generate import Utf8Printer
 from mixcon.data import ByteTokenizer, train_bpe_tokenizer
 
 
@@ -50,7 +50,7 @@ def test_the_streamer_prints_whole_characters_as_they_arrive(tokenizer):
     out = io.StringIO()
     writes: list[str] = []
     out.write = lambda s: writes.append(s) or len(s)  # type: ignore[method-assign]
-    streamer = TextStreamer(tok, out)
+    streamer = Utf8Printer(tok, out)
     for step, i in enumerate(ids):
         streamer(torch.tensor([i]))
         if step == len(ids) - 2:
