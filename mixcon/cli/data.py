@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="'bytes', a tokenizer.json, or a folder containing one (default: %(default)s)")
     d.add_argument("--out", required=True, help="folder for the shards and index.json")
     d.add_argument("--val-fraction", type=FRACTION, default=0.01,
-                   help="fraction of documents for validation, in [0, 1); a single text: its last part "
-                        "(default: %(default)s)")
+                   help="share of the bytes for validation, in whole documents, in [0, 1); a single text: its "
+                        "last part (default: %(default)s)")
     d.add_argument("--seed", type=SEED, default=0,
                    help="seed of the train/validation split (default: %(default)s)")
     d.add_argument("--workers", type=number_type(int, 1), default=None,

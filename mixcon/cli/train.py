@@ -80,8 +80,8 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--max-bytes", COUNT, "use the first N bytes of the corpus, the last document cut there (0: all)"),
     ("--tokenizer", str, "'bpe' (train a byte-level BPE of the config's vocab_size on the corpus), 'bytes', or a "
                          "tokenizer path"),
-    ("--val-fraction", FRACTION, "fraction of the corpus's documents held out for validation (a single text: "
-                                 "its last part)"),
+    ("--val-fraction", FRACTION, "share of the corpus's bytes held out for validation, in whole documents (a "
+                                 "single text: its last part)"),
 ]
 
 

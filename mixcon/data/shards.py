@@ -30,7 +30,8 @@ from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.io import locked_directory, write_text_atomic
 
 FORMAT = 1
-SPLIT_RULE = 2  # in the key: shards split by an earlier rule (copies of a text on both sides) are rebuilt
+SPLIT_RULE = 3  # in the key: shards split by an earlier rule (by document count; before: copies of a text on
+# both sides) are rebuilt
 INDEX = "index.json"
 SPLITS = ("train", "val")
 BATCH_BYTES = 1 << 20  # text per worker task
@@ -132,10 +133,11 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
         raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
     start = time.perf_counter()
     out = Path(out_dir)
-    hashes, n_bytes = _scan(corpus, max_bytes, progress)
+    hashes, sizes = _scan(corpus, max_bytes, progress)
+    n_bytes = sum(sizes)
     truncated = corpus.truncated  # (of this pass; the next one sets it again)
     one_text = len(hashes) == 1 and val_fraction > 0  # its end validates: documents 0 (train) and 1 (val)
-    val_docs = {1} if one_text else _val_documents(hashes, val_fraction, seed)
+    val_docs = {1} if one_text else _val_documents(hashes, sizes, val_fraction, seed)
     key = _key(tok, hashes, val_fraction, seed)
 
     def wait(pid: str) -> None:
@@ -204,16 +206,16 @@ def _remove_dead_leftovers(out: Path) -> None:
             pass
 
 
-def _scan(corpus: Corpus, max_bytes: int | None, progress: bool) -> tuple[list[bytes], int]:
-    """A content hash per document, and the total UTF-8 bytes."""
-    hashes, n_bytes = [], 0
+def _scan(corpus: Corpus, max_bytes: int | None, progress: bool) -> tuple[list[bytes], list[int]]:
+    """A content hash and the UTF-8 bytes of each document."""
+    hashes, sizes = [], []
     with tqdm(desc="reading corpus", unit="B", unit_scale=True, disable=not progress) as bar:
         for doc in corpus.documents(max_bytes):
             data = doc.encode("utf-8")
             hashes.append(hashlib.blake2b(data, digest_size=16).digest())
-            n_bytes += len(data)
+            sizes.append(len(data))
             bar.update(len(data))
-    return hashes, n_bytes
+    return hashes, sizes
 
 
 def _existing(out: Path, key: str) -> ShardDataset | None:
@@ -244,11 +246,11 @@ def _held_out_end(text: str, val_fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _val_documents(hashes: list[bytes], val_fraction: float, seed: int) -> set[int]:
-    """Indices of the validation documents: those of the texts whose seeded content hash is lowest, about
-    round(val_fraction * n) documents, at least one (and never all) when val_fraction > 0. Copies of one text
-    go to the same split, so none is trained on and validated on."""
-    n = len(hashes)
+def _val_documents(hashes: list[bytes], sizes: list[int], val_fraction: float, seed: int) -> set[int]:
+    """Indices of the validation documents, about `val_fraction` of the bytes: texts in the order of their seeded
+    content hash, each taken while the validation bytes stay within that share (texts too large for it are passed
+    over until one is taken; after that the first too large ends the split), or, when none is that small, the
+    smallest; never all. Copies of one text go to the same split, so none is trained on and validated on."""
     if val_fraction == 0:
         return set()
     copies: dict[bytes, list[int]] = {}
@@ -258,15 +260,20 @@ def _val_documents(hashes: list[bytes], val_fraction: float, seed: int) -> set[i
         raise ValueError(f"val_fraction={val_fraction}: the corpus is copies of a single text and the split is by "
                          f"document; use val_fraction=0 (--val-fraction 0), or a corpus of many documents (a "
                          "folder, JSON Lines)")
-    k = min(max(round(val_fraction * n), 1), n - 1)
     salt = str(seed).encode()
     order = sorted(copies, key=lambda digest: hashlib.blake2b(digest, digest_size=16, key=salt).digest())
-    val: list[int] = []
-    for digest in order[:-1]:  # the last text always trains
-        if len(val) >= k:
+    size = {digest: sizes[ix[0]] * len(ix) for digest, ix in copies.items()}  # all copies of a text
+    budget = val_fraction * sum(sizes)
+    val: list[bytes] = []
+    for digest in order:
+        if size[digest] <= budget:
+            val.append(digest)
+            budget -= size[digest]
+        elif val:
             break
-        val += copies[digest]
-    return set(val)
+    if not val:
+        val = [min(order, key=size.__getitem__)]
+    return {i for digest in val for i in copies[digest]}
 
 
 def _key(tok: AnyTokenizer, hashes: list[bytes], val_fraction: float, seed: int) -> str:

@@ -44,7 +44,9 @@ def test_documents_are_split_whole_in_order_with_eos_after_each(tmp_path, bpe, r
     docs = random_documents(200)
     ds = build(Corpus.from_spec(str(write_documents(tmp_path / "c", docs))), bpe, tmp_path / "s", val_fraction=0.1)
     train, val = documents_of(ds, "train", bpe), documents_of(ds, "val", bpe)
-    assert len(val) == 20 and sorted(train + val) == sorted(docs)
+    total, largest = (f(len(d.encode()) for d in docs) for f in (sum, max))
+    val_bytes = sum(len(d.encode()) for d in val)
+    assert 0.1 * total - largest < val_bytes <= 0.1 * total and sorted(train + val) == sorted(docs)
     assert train == [d for d in docs if d in set(train)] and val == [d for d in docs if d in set(val)]
     for split, pieces in (("train", train), ("val", val)):
         info = ds.index["splits"][split]
@@ -61,7 +63,23 @@ def test_split_is_deterministic_and_follows_the_seed(tmp_path, random_documents,
     assert a.index["splits"] == b.index["splits"]
     assert np.array_equal(a.val, b.val) and np.array_equal(a.train, b.train)
     assert documents_of(a, "val", tok) != documents_of(c, "val", tok)
-    assert a.index["splits"]["val"]["documents"] == 1  # round(0.01 * 100)
+    total = sum(a.index["splits"][split]["bytes"] for split in ("train", "val"))
+    assert 0 < a.index["splits"]["val"]["bytes"] <= 0.01 * total
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_split_holds_out_about_val_fraction_of_the_bytes(tmp_path, write_documents, seed):
+    """A book and its short readme: 1 % of the bytes validates, i.e. the readme (not half of the documents, which
+    would have sent the book to validation for some seeds and trained on the readme alone)."""
+    book, readme = "a line of the book\n" * 5_000, "README: see the book\n"
+    ds = build(Corpus.from_spec(str(write_documents(tmp_path / "c", [book, readme]))), ByteTokenizer(),
+               tmp_path / "s", seed=seed)
+    assert documents_of(ds, "train", ByteTokenizer()) == [book]
+    assert documents_of(ds, "val", ByteTokenizer()) == [readme]
+    three = [book, book.upper(), "x" * 2_000_000]  # none as small as 1 %: the smallest validates
+    ds = build(Corpus.from_spec(str(write_documents(tmp_path / "d", three))), ByteTokenizer(), tmp_path / "t",
+               seed=seed)
+    assert documents_of(ds, "val", ByteTokenizer()) in ([book], [book.upper()])
 
 
 def test_parallel_workers_give_the_same_shards(tmp_path, bpe, monkeypatch, random_documents, write_documents):
@@ -216,10 +234,12 @@ def test_copies_of_a_text_go_to_one_split(tmp_path, write_documents, seed):
     """Twenty copies of one boilerplate text among twenty distinct documents: all train, or all validate."""
     docs = [f"document {i}: " + "word " * i for i in range(20)] + ["# licence header, the same in every file"] * 20
     ds = build(Corpus.from_spec(str(write_documents(tmp_path / "c", docs))), ByteTokenizer(), tmp_path / "s",
-               val_fraction=0.25, seed=seed)
+               val_fraction=0.5, seed=seed)
     train, val = documents_of(ds, "train", ByteTokenizer()), documents_of(ds, "val", ByteTokenizer())
     assert sorted(train + val) == sorted(docs) and not set(train) & set(val)
-    assert len(val) >= 10  # about a quarter of the documents
+    copies = 20 * len(docs[-1])  # the largest text: all its copies together
+    total = sum(len(d) for d in docs)
+    assert 0.5 * total - copies < sum(len(d) for d in val) <= 0.5 * total  # about half of the bytes
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
