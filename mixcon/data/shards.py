@@ -15,6 +15,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -34,6 +35,8 @@ SPLIT_RULE = 3  # in the key: shards split by an earlier rule (by document count
 # both sides) are rebuilt
 INDEX = "index.json"
 SPLITS = ("train", "val")
+# A shard, or its temporary file while the process PID builds it: the only files a build removes.
+SHARD_FILE = re.compile(r"(train|val)\.[0-9a-f]{16}\.bin(\.(?P<pid>\d+)\.tmp)?")
 BATCH_BYTES = 1 << 20  # text per worker task
 
 Batch = tuple[str, list[str], int]  # (split, documents, UTF-8 bytes)
@@ -135,7 +138,8 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     out = Path(out_dir)
     hashes, sizes = _scan(corpus, max_bytes, progress)
     n_bytes = sum(sizes)
-    truncated = corpus.truncated  # (of this pass; the next one sets it again)
+    # What this pass read (the next one, if a single text is split below, sets them again).
+    truncated, described, skipped = corpus.truncated, corpus.describe(), len(corpus.skipped)
     one_text = len(hashes) == 1 and val_fraction > 0  # its end validates: documents 0 (train) and 1 (val)
     val_docs = {1} if one_text else _val_documents(hashes, sizes, val_fraction, seed)
     key = _key(tok, hashes, val_fraction, seed)
@@ -175,17 +179,16 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
             "format": FORMAT, "key": key, "dtype": dtype.name,
             "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
                           "eos_id": tok.eos_id},
-            "corpus": corpus.describe(), "skipped": len(corpus.skipped),
+            "corpus": described, "skipped": skipped,
             "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes, "truncated": truncated,
             "splits": {split: {"file": files[split], **stats[split], "tokens": writers[split].tokens,
                                "checksum": writers[split].checksum} for split in SPLITS},
             "seconds": time.perf_counter() - start,
         }
         write_text_atomic(out / INDEX, json.dumps(index, indent=2) + "\n")
-        for split in SPLITS:  # shards of earlier builds, and leftovers of interrupted ones
-            for path in out.glob(f"{split}.*.bin*"):
-                if path.name != files[split]:
-                    path.unlink()
+        for path in out.iterdir():  # shards of earlier builds, and leftovers of interrupted ones (no other file)
+            if SHARD_FILE.fullmatch(path.name) and path.name not in files.values():
+                path.unlink()
         return ShardDataset(out)
 
 
@@ -194,12 +197,12 @@ def _remove_dead_leftovers(out: Path) -> None:
     are reused rather than rebuilt (a build removes every leftover). POSIX only: elsewhere, no cheap liveness test."""
     if os.name != "posix":
         return
-    for path in out.glob("*.bin.*.tmp"):
-        pid = path.name.split(".")[-2]
-        if not pid.isdigit():
+    for path in out.iterdir():
+        name = SHARD_FILE.fullmatch(path.name)
+        if name is None or name["pid"] is None:
             continue
         try:
-            os.kill(int(pid), 0)  # signal 0: only whether the process exists
+            os.kill(int(name["pid"]), 0)  # signal 0: only whether the process exists
         except ProcessLookupError:
             path.unlink(missing_ok=True)
         except PermissionError:  # another user's live process

@@ -170,9 +170,31 @@ def test_corrupt_or_truncated_shards_are_detected(tmp_path, random_documents, wr
         ShardDataset(out)
 
 
+def test_a_build_removes_only_shard_files(tmp_path, random_documents, write_documents):
+    """Files of the user's in the folder stay, whatever their names; old shards and leftovers go."""
+    out = tmp_path / "s"
+    out.mkdir()
+    theirs = ["train.final.bin", "val.backup.bin.gz", "notes.txt", "train.0123456789abcdef.bin.old"]
+    for name in theirs:
+        (out / name).write_text("mine")
+    old = out / "val.0123456789abcdef.bin"
+    old.write_bytes(b"")
+    ds = build(Corpus.from_spec(str(write_documents(tmp_path / "c", random_documents(10)))), ByteTokenizer(), out)
+    assert all((out / name).read_text() == "mine" for name in theirs) and not old.exists()
+    assert all((out / ds.index["splits"][split]["file"]).exists() for split in ("train", "val"))
+
+
+def test_skipped_files_are_recorded_when_one_document_is_left(tmp_path):
+    """One readable file beside an unreadable one: the single text is split, and the index still names the skip."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("a line\n" * 100)
+    (tmp_path / "c" / "b.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    ds = build(Corpus.from_spec(str(tmp_path / "c")), ByteTokenizer(), tmp_path / "s", val_fraction=0.3)
+    assert ds.index["skipped"] == 1 and "b.txt: not UTF-8" in ds.index["corpus"]
+
+
 def test_reused_shards_clear_the_leftovers_of_a_killed_build_but_not_a_running_ones(tmp_path, random_documents,
                                                                                     write_documents):
-    import os
     import subprocess
     import sys
 
@@ -180,7 +202,8 @@ def test_reused_shards_clear_the_leftovers_of_a_killed_build_but_not_a_running_o
     out = tmp_path / "s"
     build(Corpus.from_spec(str(folder)), ByteTokenizer(), out)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead, live = out / f"train.0123.bin.{int(gone.stdout)}.tmp", out / f"val.0123.bin.{os.getpid()}.tmp"
+    key = "0123456789abcdef"
+    dead, live = out / f"train.{key}.bin.{int(gone.stdout)}.tmp", out / f"val.{key}.bin.{os.getpid()}.tmp"
     for path in (dead, live):
         path.write_bytes(b"partial")
     assert build(Corpus.from_spec(str(folder)), ByteTokenizer(), out).reused
