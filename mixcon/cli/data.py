@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mixcon.cli.common import FRACTION, SEED, add_command, add_corpus_action, number_type
 from mixcon.data.corpus import Corpus
@@ -35,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # checked before the corpus is read
+        raise SystemExit(f"mixcon data prepare: --out {args.out} is a file; give a folder")
     try:
         tok = load_tokenizer(args.tokenizer)
         corpus = Corpus.from_spec(args.corpus)

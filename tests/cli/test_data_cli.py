@@ -94,13 +94,15 @@ def test_seeds_and_vocabulary_sizes_are_checked_by_argparse(argv, message, capsy
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_tokenizer_out_that_is_a_file_is_refused_before_training(tmp_path, monkeypatch):
-    from mixcon.cli import tokenizer
+def test_an_out_that_is_a_file_is_refused_before_the_corpus_is_read(tmp_path, monkeypatch):
+    from mixcon.cli import data, tokenizer
 
     monkeypatch.setattr(tokenizer, "train_bpe_tokenizer", lambda *a, **k: pytest.fail("trained first"))
+    monkeypatch.setattr(data.Corpus, "from_spec", lambda *a, **k: pytest.fail("read first"))
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match=r"--out .*file is a file; give a folder"):
-        main(["tokenizer", "train", "--corpus", str(tmp_path / "file"), "--out", str(tmp_path / "file")])
+    for command in (["tokenizer", "train"], ["data", "prepare"]):
+        with pytest.raises(SystemExit, match=rf"mixcon {' '.join(command)}: --out .*file is a file; give a folder"):
+            main([*command, "--corpus", str(tmp_path / "file"), "--out", str(tmp_path / "file")])
 
 
 @pytest.mark.parametrize("command", [["tokenizer", "train", "--vocab-size", "300"],
