@@ -69,7 +69,9 @@ class Corpus(ABC):
             if last:
                 break
         if empty:
-            raise ValueError(f"empty corpus: no documents in {self.describe()}")
+            cut = (f" within its first max_bytes={max_bytes} bytes (they end inside the first character; allow more)"
+                   if self.truncated else "")
+            raise ValueError(f"empty corpus: no documents in {self.describe()}{cut}")
 
     def describe(self) -> str:
         """What the corpus is, and how many files or records the latest pass skipped (with the first few)."""

@@ -238,9 +238,13 @@ def _held_out_end(text: str, val_fraction: float) -> tuple[str, str]:
     """A single text as (training part, its last `val_fraction`), cut at the line start nearest the cut point
     when one lies within half the held-out length of it (else at the cut point itself)."""
     cut = round(len(text) * (1 - val_fraction))
-    if not 0 < cut < len(text):
+    if len(text) < 2:
         raise ValueError(f"val_fraction={val_fraction}: the corpus is one document of {len(text)} characters, too "
                          "short to hold out its end; use val_fraction=0 (--val-fraction 0)")
+    if not 0 < cut < len(text):
+        side = "holds out none" if cut >= len(text) else "leaves none for training"
+        raise ValueError(f"val_fraction={val_fraction}: of the single text's {len(text)} characters, it {side}; use "
+                         f"one in [{1 / len(text):.3g}, {1 - 1 / len(text):.6g}], or 0 for no validation")
     slack = (len(text) - cut) // 2
     starts = [i + 1 for i in (text.rfind("\n", 0, cut), text.find("\n", cut))
               if i >= 0 and 0 < i + 1 < len(text) and abs(i + 1 - cut) <= slack]

@@ -275,6 +275,14 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     one = Corpus.from_spec(str(tmp_path / "one.txt"))
     with pytest.raises(ValueError, match=r"val_fraction=0.01: the corpus is one document of 1 characters, too short"):
         build(one, ByteTokenizer(), tmp_path / "s")
+    (tmp_path / "long.txt").write_text("ab\n" * 1000)
+    with pytest.raises(ValueError, match=r"val_fraction=1e-06: of the single text's 3000 characters, it holds out "
+                                         r"none; use one in \[0.000333, 0.999667\], or 0 for no validation"):
+        build(Corpus.from_spec(str(tmp_path / "long.txt")), ByteTokenizer(), tmp_path / "s", val_fraction=1e-6)
+    (tmp_path / "emoji.txt").write_text("😀 and text")
+    with pytest.raises(ValueError, match=r"no documents in .*emoji.txt \(1 file\) within its first max_bytes=3 "
+                                         r"bytes \(they end inside the first character; allow more\)"):
+        build(Corpus.from_spec(str(tmp_path / "emoji.txt")), ByteTokenizer(), tmp_path / "s", max_bytes=3)
     (tmp_path / "copies").mkdir()
     for name in "ab":
         (tmp_path / "copies" / f"{name}.txt").write_text("the same text")
