@@ -103,6 +103,30 @@ def _literal_copy(tokenizer: Tokenizer) -> Tokenizer:
     return copy
 
 
+def _check_byte_level(tok: Tokenizer) -> None:
+    """Refuse a tokenizer whose ids do not stand for exact UTF-8 bytes: mixcon needs every text encodable and
+    decoded as it was, and bits per byte from each token's bytes (a byte-level BPE with no normalizer)."""
+    spec = json.loads(tok.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    problems = []
+    if spec.get("normalizer"):
+        problems.append(f"it normalises text ({spec['normalizer'].get('type')})")
+    if not any(p.get("type") == "ByteLevel" for p in pres):
+        problems.append("its pre-tokenizer is not ByteLevel")
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        problems.append("its decoder is not ByteLevel")
+    if spec.get("model", {}).get("type") != "BPE":
+        problems.append(f"its model is {spec.get('model', {}).get('type')}, not BPE")
+    vocab = spec.get("model", {}).get("vocab", {})
+    odd = next((token for token in vocab if any(c not in BYTE_OF for c in token)), None)
+    if odd is not None:
+        problems.append(f"its vocabulary has token {odd!r}, not made of byte-level characters")
+    if problems:
+        raise ValueError("tokenizer is not a byte-level BPE: " + "; ".join(problems) + " (mixcon needs every text "
+                         "encoded and decoded exactly, byte for byte; train one with train_bpe_tokenizer)")
+
+
 class BPETokenizer:
     """A byte-level BPE from a `tokenizers.Tokenizer` that has the BOS / EOS / PAD special tokens."""
 
@@ -123,6 +147,9 @@ class BPETokenizer:
             raise ValueError(f"tokenizer has {', '.join(plain)} as ordinary tokens, not special ones (added with "
                              "add_tokens, not add_special_tokens); mixcon needs them special, so that text "
                              "spelling them stays text (train one with train_bpe_tokenizer)")
+        _check_byte_level(self._tok)
+        # Ordinary added tokens (add_tokens) stand for their text in UTF-8; vocabulary tokens, one byte per character.
+        self._added = {i: token.content.encode() for i, token in added.items() if not token.special}
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -135,7 +162,9 @@ class BPETokenizer:
             raise
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(self._checked(ids), skip_special_tokens=True)
+        """The text of `decode_bytes` (bytes that form no character as U+FFFD, as `tokenizers` decodes them; an
+        added token's text whole, where `tokenizers`' byte-level decoder would read its characters as bytes)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The UTF-8 bytes the ids stand for (none for special tokens): `decode` before the bytes become text."""
@@ -153,9 +182,12 @@ class BPETokenizer:
         return [len(self._bytes_of(i)) for i in range(self.vocab_size)]
 
     def _bytes_of(self, i: int) -> bytes:
-        """The bytes of id `i`: a byte-level token's characters are one byte each; other added tokens, UTF-8."""
-        token = "" if i in self._special else self._tok.id_to_token(i) or ""
-        return bytes(BYTE_OF[c] for c in token) if all(c in BYTE_OF for c in token) else token.encode()
+        """The bytes of id `i`: none for a special token, an added token's text, or one byte per character."""
+        if i in self._special:
+            return b""
+        if i in self._added:
+            return self._added[i]
+        return bytes(BYTE_OF[c] for c in self._tok.id_to_token(i) or "")
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 
 import pytest
 import tokenizers
@@ -41,11 +42,38 @@ def test_bytes_round_trip_and_no_specials(text):
 
 
 @text_cases
-def test_decode_is_decode_bytes_read_as_utf8(bpe, text):
+def test_decode_is_decode_bytes_read_as_utf8_as_tokenizers_decodes(bpe, text):
     for tok in (ByteTokenizer(), bpe):
         ids = [*tok.encode(text), tok.eos_id, *tok.encode(text)[:3]]  # a special, and maybe a cut character
         assert tok.decode(ids) == tok.decode_bytes(ids).decode("utf-8", errors="replace")
         assert tok.decode_bytes(tok.encode(text)) == text.encode()
+        assert tok.decode(ids) == tok.to_tokenizers().decode(ids, skip_special_tokens=True)
+
+
+def test_added_tokens_stand_for_their_text():
+    """Ordinary tokens added with `add_tokens` ("café"): their UTF-8 bytes (tokenizers' byte-level decoder would
+    read é as the byte 0xE9), so decoding and bits per byte stay exact."""
+    raw = train_bpe_tokenizer(["some plain text to learn from " * 20], 300).to_tokenizers()
+    raw.add_tokens(["café", "ñandú"])
+    tok = BPETokenizer(raw)
+    text = "un café y un ñandú"
+    ids = tok.encode(text)
+    assert raw.token_to_id("café") in ids and tok.decode(ids) == text and tok.decode_bytes(ids) == text.encode()
+    assert sum(tok.token_bytes()[i] for i in ids) == len(text.encode())
+
+
+def test_tokenizers_that_are_not_byte_level_are_refused(bpe):
+    spec = json.loads(bpe.to_tokenizers().to_str())
+    for change, problem in (({"normalizer": {"type": "NFKC"}}, "it normalises text (NFKC)"),
+                            ({"pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
+                                                "split": True}}, "its pre-tokenizer is not ByteLevel"),
+                            ({"decoder": None}, "its decoder is not ByteLevel")):
+        odd = tokenizers.Tokenizer.from_str(json.dumps({**spec, **change}))
+        with pytest.raises(ValueError, match="tokenizer is not a byte-level BPE: " + re.escape(problem)):
+            BPETokenizer(odd)
+    spec["model"]["vocab"]["▁the"] = len(spec["model"]["vocab"]) + 10
+    with pytest.raises(ValueError, match=r"its vocabulary has token '▁the', not made of byte-level characters"):
+        BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
 
 
 @text_cases
