@@ -16,13 +16,14 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mixcon.io import write_text_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
 FILENAME = "tokenizer.json"
+MAX_WORD = 64  # characters: longer runs of letters (or spaces) are cut for BPE training and encoding
 _BYTES_MARKER = "mixcon_bytes_tokenizer"  # key of the small JSON that ByteTokenizer.save writes
 
 
@@ -224,6 +225,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
+        # Runs of MAX_WORD letters or spaces cut into pieces: BPE training time grows with the square of a word's
+        # length (a 4 MB line of base64 or DNA would take about an hour), and no token spans more.
+        pre_tokenizers.Split(Regex(rf"\S{{{MAX_WORD}}}|\s{{{MAX_WORD}}}"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()

@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mixcon.data import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe_tokenizer
-from mixcon.data.tokenizer import SPECIAL_TOKENS, _byte_level_chars
+from mixcon.data.tokenizer import MAX_WORD, SPECIAL_TOKENS, _byte_level_chars
 
 # Any Unicode scalar value, with emoji (incl. modifiers and ZWJ), CJK, control characters and spaces over-weighted.
 SAMPLES = list("😀👍🏽\u200d中文字東京\x00\x07\x1b\x7f\t\r\n \u00a0\ufeff2")
@@ -60,6 +60,15 @@ def test_added_tokens_stand_for_their_text():
     ids = tok.encode(text)
     assert raw.token_to_id("café") in ids and tok.decode(ids) == text and tok.decode_bytes(ids) == text.encode()
     assert sum(tok.token_bytes()[i] for i in ids) == len(text.encode())
+
+
+def test_long_runs_of_letters_or_spaces_are_cut_for_training():
+    """A 100K-letter line is not one 100K-character word (BPE training time grows with its square): no token
+    spans more than MAX_WORD characters, and the text still round-trips."""
+    text = "a" * 100_000 + "\n" + " " * 1_000 + "ACGT" * 5_000
+    tok = train_bpe_tokenizer([text], 400)
+    assert max(tok.token_bytes()) <= MAX_WORD
+    assert tok.decode(tok.encode(text)) == text
 
 
 def test_tokenizers_that_are_not_byte_level_are_refused(bpe):
