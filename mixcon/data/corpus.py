@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sysconfig
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -206,7 +207,7 @@ def _match(spec: str) -> list[Path]:
             raise FileNotFoundError(f"corpus {spec!r}: no files match the glob")
         return paths
     if path.is_dir():
-        paths = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        paths = _text_files(path)
         if not paths:
             raise FileNotFoundError(f"corpus {spec!r}: no *.txt files in the folder; "
                                     f"name other files with a glob such as '{path}/**/*.md'")
@@ -214,6 +215,30 @@ def _match(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     raise FileNotFoundError(f"corpus {spec!r}: no such file or folder\n{SPEC_FORMS}")
+
+
+def _text_files(folder: Path) -> list[Path]:
+    """Every *.txt below `folder`, sorted: through linked folders (each folder once, so a link loop ends), each
+    file once (a link to a file already listed is left out), a broken link kept (reading it skips it by name)."""
+    folders: set[tuple[int, int]] = set()
+    files: dict[tuple[int, int] | Path, Path] = {}
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in folders:
+            dirs.clear()
+            continue
+        folders.add((st.st_dev, st.st_ino))
+        dirs.sort()  # a fixed walk: which of two links to one file is kept does not depend on the file system
+        for name in sorted(n for n in names if n.endswith(".txt")):
+            path = Path(root, name)
+            try:
+                st = path.stat()
+            except OSError:  # a broken link
+                files[path] = path
+                continue
+            if stat.S_ISREG(st.st_mode):  # (not a pipe or a device)
+                files.setdefault((st.st_dev, st.st_ino), path)
+    return sorted(files.values())
 
 
 def _hf_corpus(spec: str) -> HFDataset:

@@ -35,6 +35,23 @@ def test_folder_is_recursive_txt_and_globs_pick_other_files(tmp_path):
     assert list(Corpus.from_spec(str(tmp_path / "data[1].txt"))) == ["D"]
 
 
+def test_a_folder_is_read_through_links_each_file_once(tmp_path):
+    """A linked folder (data kept elsewhere) is read, a link loop ends, a second link to a file is not a second
+    document, and a broken link is skipped by name."""
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "shared"
+    (corpus / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (corpus / "a.txt").write_text("own text")
+    (elsewhere / "e.txt").write_text("shared text")
+    (corpus / "linked").symlink_to(elsewhere)
+    (corpus / "again.txt").symlink_to(corpus / "a.txt")
+    (corpus / "broken.txt").symlink_to(tmp_path / "gone.txt")
+    (corpus / "sub" / "loop").symlink_to(corpus)
+    c = Corpus.from_spec(str(corpus))
+    assert sorted(c.documents()) == ["own text", "shared text"]
+    assert c.skipped == [f"{corpus / 'broken.txt'}: unreadable (No such file or directory)"]
+
+
 def test_json_lines_after_a_byte_order_mark(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
     assert list(Corpus.from_spec(f"{tmp_path}/bom.jsonl")) == ["first", "second"]
