@@ -105,6 +105,15 @@ def initial_states(
     return S0, initial_past_states.to(dtype)
 
 
+def no_steps(x: torch.Tensor, S0: torch.Tensor, past0: torch.Tensor, out_dtype: torch.dtype,
+             return_past_states: bool) -> tuple[torch.Tensor, ...]:
+    """A scan's result for T = 0: no output, and the states as they were, in tensors of their own (as every other
+    length returns; `initial_states` may hand back the caller's tensor or a view of it)."""
+    y = x.new_zeros(*x.shape[:1], 0, *x.shape[2:], dtype=out_dtype)
+    S0, past0 = (t.clone(memory_format=torch.contiguous_format) for t in (S0, past0))
+    return (y, S0, past0) if return_past_states else (y, S0)
+
+
 def early_delayed_readout(q: torch.Tensor, past0: torch.Tensor, heads_per_group: int) -> torch.Tensor:
     """S_{t-tau} q_t for the first min(tau, T) steps, which read the initial past states:
     q (B, T, G, N), past0 (B, tau, H, P, N) -> (B, min(tau, T), H, P)."""
@@ -142,8 +151,7 @@ def conba_scan(
     out_dtype, dt = x.dtype, compute_dtype(x)
     S0, past0 = initial_states(x, N, tau, initial_state, initial_past_states, dt)
     if T == 0:
-        y = x.new_zeros(B, 0, H, P, dtype=out_dtype)
-        return (y, S0, past0) if return_past_states else (y, S0)
+        return no_steps(x, S0, past0, out_dtype, return_past_states)
 
     C = max(1, min(chunk_size, T))
     T_pad = -(-T // C) * C

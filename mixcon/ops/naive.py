@@ -33,7 +33,7 @@ def conba_scan_reference(
     x, log_decay, beta = x.to(dt), log_decay.to(dt), beta.to(dt)
     k = k.to(dt).repeat_interleave(H // G, dim=2)  # (B, T, H, N)
     q = q.to(dt).repeat_interleave(H // G, dim=2)
-    S = x.new_zeros(B, H, P, N) if initial_state is None else initial_state.to(dt)
+    S = x.new_zeros(B, H, P, N) if initial_state is None else initial_state.to(dt, copy=True)
     if initial_past_states is not None:
         history = list(initial_past_states.to(dt).unbind(1))  # [S_{t-tau}, ..., S_{t-1}]
     else:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from mixcon.ops._validate import LOG_DECAY_FLOOR, check_scan_inputs, triton_chunk_ok
-from mixcon.ops.chunk import early_delayed_readout, initial_states
+from mixcon.ops.chunk import early_delayed_readout, initial_states, no_steps
 
 # Steps per block of the kernel's walk over time, whatever the model's chunk: with 64-step tiles the
 # kernel as Triton 3.9 compiles it for sm_80 / sm_90 spills registers (`mixcon bench kernel`).
@@ -192,8 +192,7 @@ def conba_scan_triton(
     x, k, q, log_decay, beta = (t.contiguous() for t in (x, k, q, log_decay, beta))
     S0, past0 = initial_states(x, N, tau, initial_state, initial_past_states, f32)
     if T == 0:
-        y = x.new_zeros(B, 0, H, P)
-        return (y, S0, past0) if return_past_states else (y, S0)
+        return no_steps(x, S0, past0, x.dtype, return_past_states)
     S0 = S0.contiguous()
     gain = delay_gain.to(f32).contiguous() if tau > 0 else S0  # unread when tau == 0
     y = torch.empty(B, T, H, P, dtype=f32, device=x.device)

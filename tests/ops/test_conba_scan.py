@@ -216,6 +216,22 @@ def test_weak_decays_after_strong_ones_keep_fp32_precision(delta_rule, strong):
         torch.testing.assert_close(past.double(), past_ref, rtol=1e-5, atol=3e-6)  # the decode cache's ring
 
 
+@pytest.mark.parametrize("fn", [conba_scan, conba_scan_reference], ids=["chunked", "reference"])
+def test_no_steps_return_the_states_in_tensors_of_their_own(fn):
+    """T = 0: the states come back unchanged, contiguous, and not sharing memory with the caller's (a decode
+    cache writes its ring in place)."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=0)
+    past0 = torch.stack([S0 * 0.5, S0], dim=1)
+    for initial_past in (None, past0):
+        y, s, past = fn(x, k, q, ld, beta, delta_rule=True, tau=2, delay_gain=gain, initial_state=S0,
+                        initial_past_states=initial_past, return_past_states=True)
+        assert y.shape[1] == 0 and torch.equal(s, S0) and torch.equal(past[:, -1], S0)
+        assert past.is_contiguous() and s.untyped_storage().data_ptr() != S0.untyped_storage().data_ptr()
+        assert initial_past is None or past.untyped_storage().data_ptr() != past0.untyped_storage().data_ptr()
+        past.add_(1)
+        assert torch.equal(S0, make_inputs(T=0)[-1])  # the caller's state is untouched
+
+
 def test_step_takes_a_transposed_state_with_and_without_gradients():
     x, k, q, ld, beta, _, S0 = make_inputs(T=1)
     args = (x[:, 0], k[:, 0], q[:, 0], ld[:, 0], beta[:, 0])
