@@ -8,7 +8,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -46,32 +46,47 @@ def locked_directory(directory: Path, on_busy: Callable[[str], None]) -> Iterato
     """Make `directory` and hold an exclusive lock on its LOCK_FILE while the context lasts, with this process's
     id written in it; the OS releases it however the process ends. When another process holds it, `on_busy(its
     pid, or '?')` is called first: it raises to refuse, or returns to wait for the lock. A directory made here
-    that holds nothing else at the end is removed. No lock where the OS has no `fcntl` (Windows)."""
-    made = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        with _exclusive_lock(directory / LOCK_FILE, on_busy):
-            yield
-    finally:
-        if made and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # nothing written: no trace left
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path, on_busy: Callable[[str], None]) -> Iterator[None]:
+    that holds nothing else at the end is removed (before the lock is let go: a process waiting for it then
+    makes the directory anew). No lock where the OS has no `fcntl` (Windows)."""
     try:
         import fcntl
     except ImportError:
+        directory.mkdir(parents=True, exist_ok=True)
         yield
         return
-    with path.open("a+") as handle:
+    handle = None
+    while handle is None:
+        made = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = _lock(fcntl, directory / LOCK_FILE, on_busy)
+    with handle:
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            if made and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # nothing written: no trace left
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def _lock(fcntl: Any, path: Path, on_busy: Callable[[str], None]) -> IO[str] | None:
+    """`path` opened and locked, or None when the file was removed while this process waited for it."""
+    handle = path.open("a+")
+    try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             on_busy(handle.read().strip() or "?")
             fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
+        held, named = os.fstat(handle.fileno()), os.stat(path)
+        if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+            return handle
+    except FileNotFoundError:
+        pass
+    except BaseException:
+        handle.close()
+        raise
+    handle.close()
+    return None

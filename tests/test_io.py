@@ -42,3 +42,24 @@ def test_a_held_lock_names_its_holder_and_refuses_or_waits(tmp_path):
     with locked_directory(tmp_path / "empty", refuse):
         pass
     assert not (tmp_path / "empty").exists()  # made for the lock alone, and removed with it
+
+
+def test_a_waiter_gets_the_directory_back_when_the_holder_removes_it(tmp_path):
+    """The holder made the folder and wrote nothing: it removes it before letting go, and the process that waited
+    for its lock makes the folder anew and locks it (it used to be left with a folder gone under it)."""
+    import threading
+
+    folder = tmp_path / "shards"
+    waiting, wrote = threading.Event(), []
+
+    def waiter() -> None:
+        with locked_directory(folder, lambda pid: waiting.set()):
+            (folder / "train.bin").write_text("built")
+            wrote.append((folder / LOCK_FILE).read_text())
+
+    with locked_directory(folder, lambda pid: None):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert waiting.wait(30)
+    thread.join(30)
+    assert wrote == [f"{os.getpid()}\n"] and (folder / "train.bin").read_text() == "built"
