@@ -10,6 +10,7 @@ index that names them replaces the old one last, so an interrupted build leaves 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -144,14 +145,21 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     val_docs = {1} if one_text else _val_documents(hashes, sizes, val_fraction, seed)
     key = _key(tok, hashes, val_fraction, seed)
 
+    existing = _existing(out, key)  # without the lock: finished shards are reused as they are, even read-only
+    if existing is not None:
+        _remove_dead_leftovers(out)
+        return existing
+    scanned = time.perf_counter() - start
+
     def wait(pid: str) -> None:
         print(f"waiting for another process (pid {pid}) that builds shards in {out}", file=sys.stderr, flush=True)
 
     with locked_directory(out, wait):
-        existing = _existing(out, key)
+        existing = _existing(out, key)  # built by the process waited for
         if existing is not None:
             _remove_dead_leftovers(out)
             return existing
+        start = time.perf_counter() - scanned  # the build's time: scanning and tokenising, not waiting
         parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
         dtype = token_dtype(tok.vocab_size)
         files = {split: f"{split}.{key[:16]}.bin" for split in SPLITS}
@@ -204,7 +212,8 @@ def _remove_dead_leftovers(out: Path) -> None:
         try:
             os.kill(int(name["pid"]), 0)  # signal 0: only whether the process exists
         except ProcessLookupError:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (a read-only folder keeps them)
+                path.unlink(missing_ok=True)
         except PermissionError:  # another user's live process
             pass
 
@@ -255,9 +264,9 @@ def _held_out_end(text: str, val_fraction: float) -> tuple[str, str]:
 
 def _val_documents(hashes: list[bytes], sizes: list[int], val_fraction: float, seed: int) -> set[int]:
     """Indices of the validation documents, about `val_fraction` of the bytes: texts in the order of their seeded
-    content hash, each taken while the validation bytes stay within that share (texts too large for it are passed
-    over until one is taken; after that the first too large ends the split), or, when none is that small, the
-    smallest; never all. Copies of one text go to the same split, so none is trained on and validated on."""
+    content hash, each taken that keeps the validation bytes within that share (larger ones are passed over), or,
+    when none is that small, the smallest; never all. Copies of one text go to the same split, so none is trained
+    on and validated on."""
     if val_fraction == 0:
         return set()
     copies: dict[bytes, list[int]] = {}
@@ -276,8 +285,6 @@ def _val_documents(hashes: list[bytes], sizes: list[int], val_fraction: float, s
         if size[digest] <= budget:
             val.append(digest)
             budget -= size[digest]
-        elif val:
-            break
     if not val:
         val = [min(order, key=size.__getitem__)]
     return {i for digest in val for i in copies[digest]}

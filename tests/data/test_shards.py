@@ -113,9 +113,10 @@ def test_reuse_if_unchanged_rebuild_if_tokenizer_or_corpus_changes(tmp_path, bpe
     assert not build(Corpus.from_spec(str(folder)), bpe, out, seed=5).reused
 
 
-def test_a_second_build_of_a_folder_waits_for_the_first_then_reuses_its_shards(tmp_path, capsys, random_documents,
-                                                                              write_documents):
-    """Two builds of one folder at once would delete each other's files: the second waits for the first's lock."""
+def test_a_second_build_of_a_folder_waits_for_the_first(tmp_path, capsys, random_documents, write_documents):
+    """Two builds of one folder at once would delete each other's files: the second waits for the first's lock
+    (its build time leaves the wait out); finished shards are reused without taking the lock (so a read-only
+    folder of them serves too)."""
     import threading
 
     from mixcon.io import locked_directory
@@ -134,11 +135,23 @@ def test_a_second_build_of_a_folder_waits_for_the_first_then_reuses_its_shards(t
     thread = threading.Thread(target=other_build)
     thread.start()
     holding.wait(30)
-    threading.Timer(0.5, release.set).start()
-    again = build(corpus, ByteTokenizer(), out)
+    threading.Timer(1.0, release.set).start()
+    assert build(corpus, ByteTokenizer(), out).index == first.index  # finished: reused while the lock is held
+    assert not done
+    other = build(corpus, ByteTokenizer(), out, seed=1)  # another split: waits for the lock, then builds
     thread.join()
-    assert done and again.reused and again.index == first.index
+    assert done and not other.reused and other.index["seconds"] < 0.9
     assert f"waiting for another process (pid {os.getpid()}) that builds shards in {out}" in capsys.readouterr().err
+
+
+def test_the_split_fills_val_fraction_of_the_bytes_past_documents_too_large(tmp_path, write_documents):
+    """Small and large documents: documents that would overshoot are passed over, the rest keep filling."""
+    docs = [f"small {i} " + "s" * 490 for i in range(60)] + [f"large {i} " + "L" * 40_000 for i in range(60)]
+    total = sum(len(d) for d in docs)
+    for seed in range(4):
+        ds = build(Corpus.from_spec(str(write_documents(tmp_path / f"c{seed}", docs))), ByteTokenizer(),
+                   tmp_path / f"s{seed}", seed=seed)
+        assert 0.01 * total - 500 < ds.index["splits"]["val"]["bytes"] <= 0.01 * total
 
 
 def test_corrupt_or_truncated_shards_are_detected(tmp_path, random_documents, write_documents):
