@@ -33,7 +33,7 @@ from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, train_bpe_tokenizer
 from mixcon.models.mixcon import MixConForCausalLM, read_config
 from mixcon.training import checkpoint as ckpt
-from mixcon.training.distributed import DistEnv, barrier, init_distributed, shutdown
+from mixcon.training.distributed import DistEnv, barrier, gather_objects, init_distributed, shutdown
 from mixcon.training.metrics import METRICS_FILE, PLOT_FILE, require_tensorboard
 from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions
 
@@ -161,11 +161,17 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     out = Path(args.out) if args.out else (resume.parent.parent if resume else _out_dir(args))
     if out.exists() and not out.is_dir():
         raise SystemExit(f"mixcon train: --out {out} is a file; give a run directory")
+    refusal = None
     if env.is_main:  # one trainer per run directory; made (and found writable) before any work
         try:
             held.enter_context(ckpt.lock_run(out))
+        except ckpt.CheckpointError as e:
+            refusal = f"mixcon train: {e}"
         except OSError as e:
-            raise SystemExit(f"mixcon train: --out {out}: cannot write there ({e})") from e
+            refusal = f"mixcon train: --out {out}: cannot write there ({e})"
+    refusal = gather_objects(refusal)[0]  # every process ends with it (the others would wait for rank 0 in vain)
+    if refusal is not None:
+        raise SystemExit(refusal)
     options = _options(args, resume, say, env.world_size)
     if args.tensorboard:  # before anything is written
         require_tensorboard()

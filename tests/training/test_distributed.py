@@ -79,3 +79,18 @@ def test_checkpoint_of_two_processes_continues_in_one(single, two_processes, par
     continued, reference = metric(out, "loss"), metric(single, "loss")
     assert sorted(continued) == [4, 5, 6]
     assert_close(continued, {k: reference[k] for k in continued})
+
+
+def test_a_second_torchrun_on_a_run_in_use_is_refused_by_every_process(text_corpus, tmp_path):
+    """Rank 0 finds the run locked: every process exits with the refusal (rank 1 crashed in a barrier)."""
+    from mixcon.training.checkpoint import lock_run
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mixcon", *train_args(text_corpus, out)]
+    with lock_run(out):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "is in use by another training process" in result.stderr
+    # (torchrun's own launcher still prints its ChildFailedError traceback)
+    assert "[rank 1] mixcon train:" in result.stderr and "RuntimeError" not in result.stderr, result.stderr[-3000:]
