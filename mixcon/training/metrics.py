@@ -17,8 +17,9 @@ PLOT_POINTS = 2000  # at most this many train-loss points are drawn (evenly spac
 
 class MetricsLogger:
     """Appends one JSON object per line to `RUN/metrics.jsonl` (train records have "loss", validation
-    records "val_loss"), mirrors scalars to TensorBoard when asked, and plots the loss curves. `records` keep
-    only the plotted fields (`PLOTTED`), so a long run's history stays small in memory."""
+    records "val_loss"; null for a value that is not a finite number), mirrors scalars to TensorBoard when asked,
+    and plots the loss curves. `records` keep only the plotted fields (`PLOTTED`), so a long run's history stays
+    small in memory."""
 
     def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = False) -> None:
         self.run_dir = Path(run_dir)
@@ -28,7 +29,7 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             # Keep the history up to the checkpoint; what a crashed run logged after it is redone.
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.path, "".join(_json_line(r) for r in kept))
             self.records = [_plotted(r) for r in kept]
         else:
             if resume_step is None:  # a new run: no plot of another run's records is left beside its log
@@ -41,7 +42,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(_plotted(record))
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_json_line(record))
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -53,6 +54,17 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """A record as a line of strict JSON: a value that is not a finite number (the LM loss of a batch that scores
+    no token; a diverged loss) is null."""
+    strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(strict, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _plotted(record: dict[str, Any]) -> dict[str, Any]:
@@ -97,8 +109,8 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if _finite(r.get("loss"))]
+    val = [(r["step"], r["val_loss"]) for r in records if _finite(r.get("val_loss"))]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
         steps, losses = zip(*train, strict=True)

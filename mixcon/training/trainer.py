@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mixcon.checks import is_integer, is_number
@@ -191,6 +192,10 @@ class Trainer:
         tensorboard: bool = False,
     ) -> None:
         self.env = env or DistEnv()
+        if dist.is_initialized() and dist.get_world_size() != self.env.world_size:  # each would train the whole batch
+            raise ValueError(f"Trainer: a process group of {dist.get_world_size()} processes is initialised, but "
+                             f"env has world_size={self.env.world_size}; pass env=init_distributed() (as `mixcon "
+                             "train` does)")
         options.check(self.env.world_size)
         self.local_batch = options.batch_size // self.env.world_size
         self.micro = options.micro_batch_size or self.local_batch

@@ -60,7 +60,7 @@ def _byte_shards(corpus: Path, out: Path) -> ShardDataset:
 
 @pytest.fixture(scope="session")
 def byte_shards() -> Callable[[Path, Path], ShardDataset]:
-    """(corpus folder, out folder) -> byte-level shards, 10% of the documents for validation."""
+    """(corpus folder, out folder) -> byte-level shards, 10% of the bytes (in whole documents) for validation."""
     return _byte_shards
 
 

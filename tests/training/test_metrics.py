@@ -85,3 +85,18 @@ def test_tensorboard_hides_what_the_resumed_run_redoes(tmp_path, monkeypatch, re
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     MetricsLogger(tmp_path, resume_step=resume_step, tensorboard=True).close()
     assert made == [{"purge_step": purge_step}]
+
+
+def test_values_that_are_not_finite_numbers_are_written_as_null(tmp_path):
+    """Strict JSON (jq, JavaScript, pandas' strict readers): NaN and Infinity are not JSON; the plot skips them."""
+    log = MetricsLogger(tmp_path)
+    log.log({"step": 1, "loss": 0.5, "lm_loss": float("nan"), "grad_norm": float("inf")})
+    log.log({"step": 2, "loss": float("nan"), "val_loss": 2.0})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON")) for line in lines]
+    assert records[0] == {"step": 1, "loss": 0.5, "lm_loss": None, "grad_norm": None}
+    assert records[1]["loss"] is None and read_metrics(tmp_path / "metrics.jsonl") == records
+    log.plot()
+    resumed = MetricsLogger(tmp_path, resume_step=2)
+    assert resumed.records == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": None, "val_loss": 2.0}]
+    resumed.plot()

@@ -360,3 +360,20 @@ def test_hundred_steps_on_tinyshakespeare_lower_validation_loss(make_trainer, by
     assert val[0] > 5.0  # about ln(259): untrained
     assert val[100] < val[0] - 2.0, val  # clearly learned (letter and word statistics)
     assert 1 <= summary.val_bpb / (val[100] / math.log(2)) < 1.02  # EOS predictions: loss without bytes
+
+
+def test_a_process_group_of_another_size_than_env_is_refused(make_trainer, tmp_path):
+    """Built without `env=` under torchrun, every process would train the whole batch (and log sums as means)."""
+    import torch.distributed as dist
+
+    from mixcon.training.distributed import DistEnv
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        trainer = make_trainer(tmp_path / "run")  # one process, and env says one: fine
+        with pytest.raises(ValueError, match=r"Trainer: a process group of 1 processes is initialised, but env has "
+                                             r"world_size=2; pass env=init_distributed\(\)"):
+            Trainer(trainer.model, trainer.options, tmp_path / "run2", loader=trainer.loader,
+                    env=DistEnv(rank=0, world_size=2))
+    finally:
+        dist.destroy_process_group()
