@@ -1,4 +1,4 @@
-"""Predicates for values checked at the library's boundary (configs, options, arguments)."""
+"""Checks of values at the library's boundary (configs, options, arguments, input tensors)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 import numbers
 import operator
 from typing import Any
+
+import torch
 
 
 def is_integer(value: Any) -> bool:
@@ -43,3 +45,13 @@ def within(value: float, minimum: float | None = None, maximum: float | None = N
     """minimum <= value (< when `above`) and value <= maximum (< when `below`), for each bound given."""
     low = minimum is None or (value > minimum if above else value >= minimum)
     return low and (maximum is None or (value < maximum if below else value <= maximum))
+
+
+def check_attention_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """A padding mask of input_ids' `shape`, holding 1 (token) and 0 (pad) only (bool or numbers)."""
+    if mask.shape != shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {tuple(mask.shape)}")
+    odd = mask[(mask != 0) & (mask != 1)]
+    if odd.numel():
+        raise ValueError(f"attention_mask must hold 1 (token) and 0 (pad) only, got {odd[0].item()!r} (for an "
+                         "additive mask, where 0 keeps a token, pass mask == 0)")

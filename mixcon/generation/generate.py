@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from mixcon.checks import as_integer, as_number, is_integer, is_number
+from mixcon.checks import as_integer, as_number, check_attention_mask, is_integer, is_number
 
 if TYPE_CHECKING:
     from mixcon.generation.cache import MixConCache
@@ -123,6 +123,10 @@ def generate(
                         f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a tensor (1 = token, 0 = pad), got {type(attention_mask).__name__}")
+    if do_sample not in (True, False):
+        raise ValueError(f"do_sample={do_sample!r} must be True or False")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if max_new_tokens is None:
         if max_length is None:
             raise ValueError("generate needs max_new_tokens (or max_length: prompt and new tokens together)")
@@ -149,9 +153,7 @@ def generate(
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"input_ids must be (T,) or (B, T) with B, T >= 1, got {tuple(input_ids.shape)}")
     if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        check_attention_mask(attention_mask, tuple(input_ids.shape))
         _check_ends_in_tokens(attention_mask)
     if generator is not None and seed is not None:
         raise ValueError("seed and generator: give one (seed makes a generator)")
@@ -183,6 +185,7 @@ def generate(
                             f"and end), got {type(streamer).__name__}")
         streamer.put(input_ids.cpu())
     if max_new_tokens == 0:
+        model._check_inputs(input_ids, None, attention_mask, None, None)  # what the prefill would have checked
         if hf_streamer:
             streamer.end()
         return input_ids.clone()

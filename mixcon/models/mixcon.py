@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixcon.checks import is_integer
+from mixcon.checks import check_attention_mask, is_integer
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import ConbaCache, MixConCache
 from mixcon.layers.attention import Attention, rope_angles
@@ -526,6 +526,10 @@ class MixConForCausalLM(nn.Module):
     def _check_inputs(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None,
                       attention_mask: torch.Tensor | None, cache: MixConCache | None,
                       seq_idx: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> tuple[int, int]:
+        for name, value in (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask),
+                            ("seq_idx", seq_idx), ("inputs_embeds", inputs_embeds)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give input_ids (B, T) or inputs_embeds (B, T, d_model): one of them")
         if inputs_embeds is not None:
@@ -557,9 +561,8 @@ class MixConForCausalLM(nn.Module):
             if lo < 0 or hi >= V:
                 raise ValueError(f"labels must lie in [0, vocab_size={V}) or be {IGNORE} (ignored), "
                                  f"got values in [{lo}, {hi}]")
-        if attention_mask is not None and attention_mask.shape != (B, T):
-            raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, (B, T))
         if cache is not None:
             if cache.broken:
                 raise ValueError("cache: a forward raised while updating it, leaving its layers at different "

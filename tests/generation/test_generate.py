@@ -226,6 +226,16 @@ def test_generate_validates_arguments(tiny_model):
         model.generate(prompt.float(), 3)
     with pytest.raises(TypeError, match=r"attention_mask must be a tensor \(1 = token, 0 = pad\), got list"):
         model.generate(prompt, 3, attention_mask=torch.ones_like(prompt).tolist())
+    with pytest.raises(ValueError, match=r"do_sample='no' must be True or False"):
+        model.generate(prompt, 3, do_sample="no")
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator, got int"):
+        model.generate(prompt, 3, do_sample=True, generator=5)
+    for new in (0, 3):  # with no new token too: the prompt is checked as the prefill would check it
+        with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=300\)"):
+            model.generate(prompt + 300, new)
+        with pytest.raises(ValueError, match=r"attention_mask must hold 1 \(token\) and 0 \(pad\) only, got "
+                                             r"-1000000000\.0 \(for an additive mask"):
+            model.generate(prompt, new, attention_mask=torch.tensor([[-1e9, 0, 0, 0], [0, 0, 0, 0]]))
 
 
 def test_integer_arguments_may_be_numpy_integers_or_0d_tensors(tiny_model):

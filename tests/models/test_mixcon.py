@@ -502,6 +502,23 @@ def test_labels_are_checked_before_the_cache_moves(tiny_model):
     assert cache.seqlen == 0
 
 
+def test_masks_hold_zeros_and_ones_and_inputs_are_tensors(tiny_model):
+    """An additive mask (0 = keep, -1e9 = pad) read as 1/0 would reverse the padding: refused by value."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (1, 5))
+    ref = model(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1]])).logits
+    for same in (torch.tensor([[False, True, True, True, True]]), torch.tensor([[0.0, 1, 1, 1, 1]])):
+        torch.testing.assert_close(model(ids, attention_mask=same).logits, ref)
+    for bad in (-1e9, 0.5, 2.0, float("nan")):
+        mask = torch.tensor([[bad, 1, 1, 1, 1]])
+        with pytest.raises(ValueError, match=r"attention_mask must hold 1 \(token\) and 0 \(pad\) only"):
+            model(ids, attention_mask=mask)
+    for name in ("input_ids", "labels", "attention_mask"):
+        args = {"input_ids": ids, name: ids.tolist()}
+        with pytest.raises(TypeError, match=rf"{name} must be a tensor, got list"):
+            model(**args)
+
+
 def test_an_empty_batch_and_caches_this_model_cannot_continue_raise(tiny_model):
     model = tiny_model()
     with pytest.raises(ValueError, match=r"at least one row and one token \(B, T >= 1\), got \(0, 4\)"):
