@@ -252,8 +252,10 @@ class MixConConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MixConConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"MixConConfig: expected a mapping of field names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=repr)
         if unknown:
             raise ValueError(f"MixConConfig: unknown fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
@@ -289,7 +291,7 @@ class MixConConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MixConConfig:
         """A named size ("mixcon-paper", "small", "tiny") with any field overridden."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 

@@ -114,3 +114,21 @@ def test_unknown_preset_and_field():
         MixConConfig.preset("huge")
     with pytest.raises(ValueError, match="unknown fields"):
         MixConConfig.from_dict({"d_modle": 3})
+
+
+def test_config_sources_of_the_wrong_type_are_named():
+    """What a YAML/JSON file may hold (a list as preset, integer keys, no mapping at all): errors, not TypeErrors."""
+    with pytest.raises(ValueError, match=r"unknown preset \['tiny'\]"):
+        MixConConfig.preset(["tiny"])
+    with pytest.raises(ValueError, match=r"unknown fields \['foo', 2\]"):
+        MixConConfig.from_dict({"d_model": 32, "foo": 1, 2: 3})
+    for bad in ([], None):
+        with pytest.raises(ValueError, match=rf"expected a mapping of field names to values, got {type(bad).__name__}"):
+            MixConConfig.from_dict(bad)
+    with pytest.raises(TypeError, match=r"MixConForCausalLM takes a MixConConfig \(MixConConfig\.from_dict for a "
+                                        r"mapping\), got dict"):
+        MixConForCausalLM(MixConConfig.preset("tiny").to_dict())
+    model = MixConForCausalLM(MixConConfig.preset("tiny"))
+    for segment in (1.5, "a", 0):
+        with pytest.raises(ValueError, match=rf"compile_prefill: segment={segment!r} and chunk=8 must be integers"):
+            model.compile_prefill(segment=segment)

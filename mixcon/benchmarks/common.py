@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mixcon.cli.common import add_device_argument, add_dtype_argument, number_type
+from mixcon.cli.common import add_device_argument, add_dtype_argument, number_type, output_folder
 from mixcon.config import MixConConfig
 from mixcon.io import save_figure_atomic, write_text_atomic
 from mixcon.models.mixcon import MixConForCausalLM
@@ -73,7 +73,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size
 
 def add_out_argument(p: argparse.ArgumentParser, default: Path | None = DEFAULT_OUT) -> None:
     """--out: the folder of a benchmark's JSON and PNG (None: none written unless given)."""
-    p.add_argument("--out", type=Path, default=default,
+    p.add_argument("--out", type=output_folder, default=default,
                    help=f"folder of the JSON and PNG results (default: {default or 'none, nothing written'})")
 
 

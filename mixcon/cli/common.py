@@ -109,6 +109,23 @@ def output_file(text: str) -> Path:
     return path
 
 
+def output_folder(text: str) -> Path:
+    """argparse type of a FOLDER to write results into: not a file, nor below one (checked before any work)."""
+    path = Path(text)
+    if not text or (path.exists() and not path.is_dir()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder; name one to write into")
+    if not next(p for p in path.absolute().parents if p.exists()).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: a file lies on its path")
+    return path
+
+
+def existing_folder(text: str) -> Path:
+    """argparse type of a folder that must exist."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such folder")
+    return Path(text)
+
+
 def add_device_argument(parser: argparse.ArgumentParser, default: str | None, shown: str | None = None) -> None:
     """--device, checked by `device_type`; `shown` describes a None default in the help."""
     parser.add_argument("--device", type=device_type, default=default,
@@ -177,7 +194,7 @@ def config_from_args(args: argparse.Namespace) -> MixConConfig:
     """The config named by --config (DEFAULT_CONFIG when None) with the --set overrides applied (errors exit with
     the message)."""
     overrides = parse_overrides(args.overrides)
-    name = args.config or DEFAULT_CONFIG
+    name = DEFAULT_CONFIG if args.config is None else args.config
     command = " ".join(str(part) for part in ("mixcon", getattr(args, "command", None), getattr(args, "action", None))
                        if part)
     try:

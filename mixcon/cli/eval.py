@@ -13,6 +13,7 @@ from mixcon.cli.common import (
     add_corpus_action,
     add_device_argument,
     add_dtype_argument,
+    existing_folder,
     number_type,
     output_file,
 )
@@ -55,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = actions.add_parser("tasks", help="scores on lm-eval harness tasks", description=TASKS_DESCRIPTION)
     _add_model_arguments(t)
     t.add_argument("--tasks", required=True, help="comma-separated task names, e.g. hellaswag,arc_easy")
-    t.add_argument("--include-path", default=None, metavar="DIR", help="folder of extra task YAML files")
+    t.add_argument("--include-path", type=existing_folder, default=None, metavar="DIR",
+                   help="folder of extra task YAML files")
     t.add_argument("--num-fewshot", type=number_type(int, 0), default=None,
                    help="few-shot examples (default: each task's own)")
     t.add_argument("--limit", type=number_type(float, 0, above=True, hint=" (a fraction of each task's documents "

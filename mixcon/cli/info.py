@@ -17,6 +17,8 @@ from mixcon.models.mixcon import MixConForCausalLM, read_config
 from mixcon.ops.dtypes import DTYPES
 from mixcon.training import checkpoint as ckpt
 
+WEIGHT_BITS, MEMORY_GIB = 16, 80.0  # --compare's defaults: bf16 weights, an 80 GB device (the MixCon paper's)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a model's layout, parameters and cache memory",
@@ -37,10 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a table of this model beside a dense Transformer, a Mixtral-like, a Jamba-like and a pure "
                         "Conba model of its widths: parameters, weight and cache memory, and the longest context "
                         "that fits in --memory-gib (the MixCon paper's Table 1 and 80 GB figure)")
-    p.add_argument("--weight-bits", type=int, choices=[32, 16, 8, 4], default=16,
-                   help="bits per weight for --compare (8 or 4: quantised; default: %(default)s)")
-    p.add_argument("--memory-gib", type=number_type(float, 0, above=True), default=80.0,
-                   help="device memory for --compare's longest context (default: %(default)s)")
+    p.add_argument("--weight-bits", type=int, choices=[32, 16, 8, 4], default=None,
+                   help=f"bits per weight for --compare (8 or 4: quantised; default: {WEIGHT_BITS})")
+    p.add_argument("--memory-gib", type=number_type(float, 0, above=True), default=None,
+                   help=f"device memory for --compare's longest context (default: {MEMORY_GIB:g})")
     p.add_argument("--plot", type=plot_file, default=None, metavar="FILE",
                    help="with --compare, also draw cache memory vs context and the longest contexts to FILE "
                         "(.png, .svg, .pdf, ...: a format matplotlib writes)")
@@ -48,8 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.plot is not None and not args.compare:
-        raise SystemExit("mixcon info: --plot draws the --compare table; add --compare")
+    given = [flag for flag, value in (("--plot", args.plot), ("--weight-bits", args.weight_bits),
+                                      ("--memory-gib", args.memory_gib)) if value is not None]
+    if given and not args.compare:
+        raise SystemExit(f"mixcon info: {', '.join(given)} set the --compare table; add --compare")
+    weight_bits = WEIGHT_BITS if args.weight_bits is None else args.weight_bits
+    memory_gib = MEMORY_GIB if args.memory_gib is None else args.memory_gib
     if args.checkpoint is None:
         config = config_from_args(args)
     elif args.config is not None or args.overrides:
@@ -82,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
             configs = comparison_configs(config)
         except ValueError as e:
             raise SystemExit(f"mixcon info: --compare: {e}") from e
-        rows = {name: footprint(c, args.context, memory_bytes=int(args.memory_gib * 2**30), batch_size=args.batch_size,
-                                dtype=dtype, weight_bytes=args.weight_bits / 8) for name, c in configs.items()}
-        print(f"\nbeside other architectures of its widths ({args.weight_bits}-bit weights, K/V in {args.dtype}, batch "
-              f"{args.batch_size}, {args.memory_gib:g} GiB):")
-        _print_comparison(rows, args.context, args.memory_gib)
+        rows = {name: footprint(c, args.context, memory_bytes=int(memory_gib * 2**30), batch_size=args.batch_size,
+                                dtype=dtype, weight_bytes=weight_bits / 8) for name, c in configs.items()}
+        print(f"\nbeside other architectures of its widths ({weight_bits}-bit weights, K/V in {args.dtype}, batch "
+              f"{args.batch_size}, {memory_gib:g} GiB):")
+        _print_comparison(rows, args.context, memory_gib)
         if args.plot is not None:
-            _plot(rows, args.context, args.memory_gib, args.plot)
+            _plot(rows, args.context, memory_gib, args.plot)
             print(f"wrote {args.plot}")
     return 0
 

@@ -125,7 +125,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         else:
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
     add_device_argument(p, None, shown="cuda when available, else cpu")
-    p.add_argument("--sample-tokens", type=int, default=200, help="tokens to sample at the end (default: 200; 0: none)")
+    p.add_argument("--sample-tokens", type=number_type(int, 0), default=200,
+                   help="tokens to sample at the end (default: 200; 0: none)")
     p.add_argument("--prompt", default=None, help="prompt of the final sample (default: the start of the validation "
                                                   "text)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -155,6 +156,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     if args.init_from is not None and args.resume is not None:
         raise SystemExit("mixcon train: --resume continues a run, --init-from starts a new one from a model's "
                          "weights; give one of them")
+    if args.out is not None and not args.out.strip():
+        raise SystemExit("mixcon train: --out '': give a run directory")
     resume = None
     if args.resume is not None:
         resume = ckpt.resolve_checkpoint(args.resume or _out_dir(args))

@@ -227,6 +227,9 @@ class MixConForCausalLM(nn.Module):
 
     def __init__(self, config: MixConConfig) -> None:
         super().__init__()
+        if not isinstance(config, MixConConfig):
+            raise TypeError(f"MixConForCausalLM takes a MixConConfig (MixConConfig.from_dict for a mapping), got "
+                            f"{type(config).__name__}")
         config.validate()  # again: a dataclass's fields may have been changed since it was made
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -476,8 +479,8 @@ class MixConForCausalLM(nn.Module):
         of a prompt shorter than a segment runs eager. `chunk`: the scan's chunk length there (default
         min(conba_chunk, 32), the faster on the CPUs of docs/benchmarks.md §6). Training is unchanged."""
         chunk = min(self.config.conba_chunk, 32) if chunk is None else chunk
-        if chunk < 1 or segment < 1:
-            raise ValueError(f"compile_prefill: segment={segment} and chunk={chunk} must be >= 1")
+        if not (is_integer(chunk) and chunk >= 1 and is_integer(segment) and segment >= 1):
+            raise ValueError(f"compile_prefill: segment={segment!r} and chunk={chunk!r} must be integers >= 1")
         prefill = SegmentedPrefill(torch.compile(Conba.mix, **{"dynamic": False, **compile_kwargs}), segment, chunk)
         for layer in self.layers:
             if isinstance(layer.mixer, Conba):

@@ -104,3 +104,18 @@ def test_version_names_mixcon_and_torch(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out == f"mixcon {mixcon.__version__} (torch {torch.__version__})\n"
+
+
+def test_folder_arguments_are_checked_before_any_work(tmp_path, capsys):
+    """A benchmark's --out that is a file failed after the whole run; eval's --include-path went on to the Hub."""
+    (tmp_path / "afile").write_text("x")
+    for argv in (["bench", "decode", "--config", "tiny", "--out", str(tmp_path / "afile")],
+                 ["bench", "speed", "--out", str(tmp_path / "afile" / "below")],
+                 ["bench", "scan", "--out", ""],
+                 ["eval", "tasks", "--checkpoint", str(tmp_path), "--tasks", "x", "--include-path",
+                  str(tmp_path / "nowhere")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "is not a folder" in err or "a file lies on its path" in err or "no such folder" in err, err

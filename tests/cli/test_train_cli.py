@@ -207,12 +207,20 @@ def test_init_from_starts_a_new_run_from_a_models_weights(corpus, tmp_path, caps
     (["--min-lr-ratio", "nan"], "--min-lr-ratio", "a finite number in [0, 1]"),
     (["--grad-clip", "-1"], "--grad-clip", "a finite number >= 0"),
     (["--warmup-steps", "2.5"], "--warmup-steps", "an integer >= 0"),
+    (["--sample-tokens", "-1"], "--sample-tokens", "an integer >= 0"),
 ])
 def test_train_refuses_out_of_range_options_by_flag_before_any_work(tmp_path, argv, flag, allowed, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--out", str(tmp_path / "run"), *argv])
     assert e.value.code == 2 and f"argument {flag}: expected {allowed}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_an_empty_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (an empty --out was the current folder's runs/<config>)
+    with pytest.raises(SystemExit, match=r"^mixcon train: --out '': give a run directory"):
+        main(["train", "--config", "tiny", "--out", ""])
+    assert not list(tmp_path.iterdir())
 
 
 def test_train_refuses_a_batch_its_processes_cannot_share_before_preparing_data(corpus, tmp_path):
