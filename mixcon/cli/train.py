@@ -86,6 +86,7 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
 
 
 # Options that decide the shards and the order the loader draws from them: a resumed run keeps them.
+TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")  # config fields the tokenizer sets
 DATA_FIELDS = ("corpus", "max_bytes", "val_fraction", "seed")
 
 
@@ -336,6 +337,11 @@ def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
     """The config asked for (vocabulary and special tokens from the tokenizer); on --resume without --config, the
     checkpoint's; from --init-from, the model's (the vocabulary stays the model's, the special tokens are the
     tokenizer's); either with the --set changes."""
+    fixed = sorted(set(parse_overrides(args.overrides)) & set(TOKENIZER_FIELDS))
+    if fixed:  # (they were replaced silently)
+        raise SystemExit(f"mixcon train: --set {', '.join(fixed)}: the tokenizer sets them (vocabulary "
+                         f"{tok.vocab_size}, BOS/EOS/PAD ids {tok.bos_id}/{tok.eos_id}/{tok.pad_id}; with --init-from "
+                         "the vocabulary is the model's); choose another --tokenizer instead")
     saved = initial
     if resume is not None and args.config is None:
         saved = MixConConfig.load(resume / ckpt.CONFIG_NAME)

@@ -216,6 +216,14 @@ def test_train_refuses_out_of_range_options_by_flag_before_any_work(tmp_path, ar
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_config_fields_the_tokenizer_sets(corpus, tmp_path):
+    for field in ("vocab_size=100", "eos_token_id=5"):
+        with pytest.raises(SystemExit, match=rf"--set {field.split('=')[0]}: the tokenizer sets them \(vocabulary 259, "
+                                             r"BOS/EOS/PAD ids 256/257/258"):
+            main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--set", field,
+                  "--steps", "1", "--out", str(tmp_path / "run")])
+
+
 def test_train_refuses_an_empty_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # (an empty --out was the current folder's runs/<config>)
     with pytest.raises(SystemExit, match=r"^mixcon train: --out '': give a run directory"):
