@@ -183,6 +183,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     if resume is None:  # the old run's checkpoints go when training starts (Trainer.fit's discard_later)
         _check_fresh(out, args.overwrite)
     tok = initial[2] if initial else _tokenizer(options, resume, out, args, env)
+    _check_tokenizer_fields(args, tok, bpe_sized=initial is None and resume is None and options.tokenizer == "bpe")
     config = _config(args, resume, tok, initial[1] if initial else None)
     if resume is not None:
         _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_NAME), config, say)
@@ -332,16 +333,21 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
     return load_tokenizer(trained)
 
 
+def _check_tokenizer_fields(args: argparse.Namespace, tok: AnyTokenizer, bpe_sized: bool) -> None:
+    """--set may not give the config fields the tokenizer sets (they were replaced silently); vocab_size only
+    where it sizes the BPE trained here (`bpe_sized`)."""
+    fixed = set(parse_overrides(args.overrides)) & set(TOKENIZER_FIELDS) - ({"vocab_size"} if bpe_sized else set())
+    if fixed:
+        raise SystemExit(f"mixcon train: --set {', '.join(sorted(fixed))}: the tokenizer sets them (vocabulary "
+                         f"{tok.vocab_size}, BOS/EOS/PAD ids {tok.bos_id}/{tok.eos_id}/{tok.pad_id}; with --init-from "
+                         "the vocabulary is the model's); choose another --tokenizer instead")
+
+
 def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
             initial: MixConConfig | None) -> MixConConfig:
     """The config asked for (vocabulary and special tokens from the tokenizer); on --resume without --config, the
     checkpoint's; from --init-from, the model's (the vocabulary stays the model's, the special tokens are the
     tokenizer's); either with the --set changes."""
-    fixed = sorted(set(parse_overrides(args.overrides)) & set(TOKENIZER_FIELDS))
-    if fixed:  # (they were replaced silently)
-        raise SystemExit(f"mixcon train: --set {', '.join(fixed)}: the tokenizer sets them (vocabulary "
-                         f"{tok.vocab_size}, BOS/EOS/PAD ids {tok.bos_id}/{tok.eos_id}/{tok.pad_id}; with --init-from "
-                         "the vocabulary is the model's); choose another --tokenizer instead")
     saved = initial
     if resume is not None and args.config is None:
         saved = MixConConfig.load(resume / ckpt.CONFIG_NAME)
