@@ -27,7 +27,7 @@ from mixcon.cli.common import (
 )
 from mixcon.cli.generate import stream
 from mixcon.config import MixConConfig
-from mixcon.data import Corpus, ShardDataset, TrainLoader, eval_batches, load_tokenizer, prepare_shards
+from mixcon.data import Corpus, ShardDataset, ShardError, TrainLoader, eval_batches, load_tokenizer, prepare_shards
 from mixcon.data.corpus import SPEC_FORMS
 from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, train_bpe_tokenizer
@@ -187,7 +187,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     config = _config(args, resume, tok, initial[1] if initial else None)
     if resume is not None:
         _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_NAME), config, say)
-    ds = _dataset(options, tok, out, env, progress=not args.no_progress)
+    ds = _dataset(options, tok, out, env, resume, progress=not args.no_progress)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
     if initial:  # the weights are read here, into the model, and not kept beside it
@@ -378,14 +378,30 @@ def _check_config_changes(saved: MixConConfig, config: MixConConfig, say: Any) -
         say(f"resume: model config {change.replace(' != ', ' changes to ')}")
 
 
-def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv, progress: bool) -> ShardDataset:
-    """Shards in RUN/data, built (or reused when unchanged) by rank 0, then opened by the others."""
+def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv, resume: Path | None,
+             progress: bool) -> ShardDataset:
+    """Shards in RUN/data, built (or reused when unchanged) by rank 0, then opened by the others. A resumed run
+    continues on the shards its checkpoint read when they are there intact (a later version of the split rule
+    would otherwise rebuild them, and the loader refuse the new ones)."""
     ds = None
     if env.is_main:
-        ds = prepare_shards(Corpus.from_spec(options.corpus), tok, out / "data", val_fraction=options.val_fraction,
-                            seed=options.seed, max_bytes=options.max_bytes, progress=progress)
+        ds = _shards_of(resume, out / "data") if resume is not None else None
+        if ds is None:
+            ds = prepare_shards(Corpus.from_spec(options.corpus), tok, out / "data", val_fraction=options.val_fraction,
+                                seed=options.seed, max_bytes=options.max_bytes, progress=progress)
     barrier()
     return ds if ds is not None else ShardDataset(out / "data", verify=False)
+
+
+def _shards_of(checkpoint: Path, folder: Path) -> ShardDataset | None:
+    """The shards in `folder` if they are the ones `checkpoint`'s data position is in, intact; else None."""
+    key = ckpt.read_trainer_state(checkpoint)["loader"].get("data")
+    try:
+        ds = ShardDataset(folder)
+    except (ShardError, OSError, ValueError):
+        return None
+    ds.reused = True
+    return ds if key is not None and ds.index["key"] == key else None
 
 
 def _default_prompt(ds: ShardDataset, tok: AnyTokenizer, n_tokens: int = 12) -> str:

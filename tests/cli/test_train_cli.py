@@ -346,3 +346,17 @@ def test_a_run_directory_in_use_is_refused_and_one_that_cannot_be_made_named(cor
         main([*argv, "--out", str(tmp_path / "afile" / "run")])
     assert main([*argv, "--out", str(run)]) == 0 and list_checkpoints(run)
     assert f"continue:   mixcon train --out '{run}' --resume" in capsys.readouterr().out
+
+
+def test_resume_continues_on_the_runs_shards_after_a_split_rule_change(corpus, tmp_path, monkeypatch):
+    """A run made before the split rule changed: resuming rebuilt its shards (deleting the old ones) and the
+    loader then refused the checkpoint; it continues on the shards its checkpoint read."""
+    from mixcon.data import shards as shards_module
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--steps", "2",
+                 "--sample-tokens", "0", "--no-progress", "--out", str(run)]) == 0
+    built = sorted(p.name for p in (run / "data").iterdir())
+    monkeypatch.setattr(shards_module, "SPLIT_RULE", shards_module.SPLIT_RULE + 1)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--sample-tokens", "0", "--no-progress"]) == 0
+    assert sorted(p.name for p in (run / "data").iterdir()) == built

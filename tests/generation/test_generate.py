@@ -438,7 +438,7 @@ def test_compiled_prefill_equals_eager_with_one_graph(have_c_compiler, tiny_mode
     assert counters["stats"]["unique_graphs"] == 2
     torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)  # with autograd: eager
     assert counters["stats"]["unique_graphs"] == 2
-    with pytest.raises(ValueError, match="segment=12 and chunk=0 must be >= 1"):
+    with pytest.raises(ValueError, match="segment=12 and chunk=0 must be integers >= 1"):
         model.compile_prefill(segment=12, chunk=0)
 
 
