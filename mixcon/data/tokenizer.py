@@ -23,7 +23,8 @@ from mixcon.io import write_text_atomic
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
 FILENAME = "tokenizer.json"
-MAX_WORD = 64  # characters: longer runs of letters (or spaces) are cut for BPE training and encoding
+MAX_WORD = 64  # characters: longer runs of one character class are cut for BPE training and encoding
+LONG_RUNS = (r" ?\p{L}", r" ?\p{N}", r" ?[^\s\p{L}\p{N}]", r"\s")  # the classes (a leading space) MAX_WORD cuts
 _BYTES_MARKER = "mixcon_bytes_tokenizer"  # key of the small JSON that ByteTokenizer.save writes
 
 
@@ -225,9 +226,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
-        # Runs of MAX_WORD letters or spaces cut into pieces: BPE training time grows with the square of a word's
-        # length (a 4 MB line of base64 or DNA would take about an hour), and no token spans more.
-        pre_tokenizers.Split(Regex(rf"\S{{{MAX_WORD}}}|\s{{{MAX_WORD}}}"), behavior="isolated"),
+        # Runs of MAX_WORD characters of one of the byte-level split's classes (letters, digits, other symbols,
+        # whitespace) cut into pieces, a leading space kept with the first: BPE training time grows with the square
+        # of a word's length (a 4 MB line of DNA would take about an hour). Shorter words are split as before.
+        pre_tokenizers.Split(Regex("|".join(f"{one}{{{MAX_WORD}}}" for one in LONG_RUNS)), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()

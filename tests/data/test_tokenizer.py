@@ -64,11 +64,15 @@ def test_added_tokens_stand_for_their_text():
 
 def test_long_runs_of_letters_or_spaces_are_cut_for_training():
     """A 100K-letter line is not one 100K-character word (BPE training time grows with its square): no token
-    spans more than MAX_WORD characters, and the text still round-trips."""
+    spans more than MAX_WORD characters (and the space before them), and the text still round-trips; ordinary words
+    are split as before."""
     text = "a" * 100_000 + "\n" + " " * 1_000 + "ACGT" * 5_000
     tok = train_bpe_tokenizer([text], 400)
-    assert max(tok.token_bytes()) <= MAX_WORD
+    assert max(tok.token_bytes()) <= MAX_WORD + 1  # (a piece keeps the space before it)
     assert tok.decode(tok.encode(text)) == text
+    pieces = tok.to_tokenizers().pre_tokenizer.pre_tokenize_str("see https://example.com/a_long_module_name.py")
+    assert [p for p, _ in pieces] == ["see", "Ġhttps", "://", "example", ".", "com", "/", "a", "_", "long", "_",
+                                      "module", "_", "name", ".", "py"]
 
 
 def test_tokenizers_that_are_not_byte_level_are_refused(bpe):
