@@ -182,8 +182,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     initial = _initial_model(args, out)  # (its directory, config, tokenizer) or None
     if resume is None:  # the old run's checkpoints go when training starts (Trainer.fit's discard_later)
         _check_fresh(out, args.overwrite)
+    _check_tokenizer_fields(args, resume, bpe_sized=initial is None and options.tokenizer == "bpe")
     tok = initial[2] if initial else _tokenizer(options, resume, out, args, env)
-    _check_tokenizer_fields(args, tok, bpe_sized=initial is None and resume is None and options.tokenizer == "bpe")
     config = _config(args, resume, tok, initial[1] if initial else None)
     if resume is not None:
         _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_NAME), config, say)
@@ -333,14 +333,15 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
     return load_tokenizer(trained)
 
 
-def _check_tokenizer_fields(args: argparse.Namespace, tok: AnyTokenizer, bpe_sized: bool) -> None:
-    """--set may not give the config fields the tokenizer sets (they were replaced silently); vocab_size only
-    where it sizes the BPE trained here (`bpe_sized`)."""
+def _check_tokenizer_fields(args: argparse.Namespace, resume: Path | None, bpe_sized: bool) -> None:
+    """--set may not give the config fields the tokenizer sets (they were replaced silently), vocab_size only where
+    it sizes the run's BPE (`bpe_sized`); checked before a BPE is trained."""
     fixed = set(parse_overrides(args.overrides)) & set(TOKENIZER_FIELDS) - ({"vocab_size"} if bpe_sized else set())
     if fixed:
-        raise SystemExit(f"mixcon train: --set {', '.join(sorted(fixed))}: the tokenizer sets them (vocabulary "
-                         f"{tok.vocab_size}, BOS/EOS/PAD ids {tok.bos_id}/{tok.eos_id}/{tok.pad_id}; with --init-from "
-                         "the vocabulary is the model's); choose another --tokenizer instead")
+        how = ("a resumed run keeps its tokenizer" if resume is not None else
+               "the vocabulary is --init-from's model's" if args.init_from is not None else
+               "choose the tokenizer with --tokenizer (vocab_size sizes the BPE of --tokenizer bpe)")
+        raise SystemExit(f"mixcon train: --set {', '.join(sorted(fixed))}: the tokenizer sets them; {how}")
 
 
 def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,

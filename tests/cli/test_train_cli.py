@@ -216,12 +216,17 @@ def test_train_refuses_out_of_range_options_by_flag_before_any_work(tmp_path, ar
     assert not (tmp_path / "run").exists()
 
 
-def test_train_refuses_config_fields_the_tokenizer_sets(corpus, tmp_path):
-    for field in ("vocab_size=100", "eos_token_id=5"):
-        with pytest.raises(SystemExit, match=rf"--set {field.split('=')[0]}: the tokenizer sets them \(vocabulary 259, "
-                                             r"BOS/EOS/PAD ids 256/257/258"):
-            main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--set", field,
+def test_train_refuses_config_fields_the_tokenizer_sets(corpus, tmp_path, monkeypatch):
+    """Refused before a BPE is trained; vocab_size sizes the BPE of --tokenizer bpe (tested above)."""
+    from mixcon.cli import train
+
+    monkeypatch.setattr(train, "train_bpe_tokenizer", lambda *a, **k: pytest.fail("trained first"))
+    for tokenizer, field in (("bytes", "vocab_size=100"), ("bytes", "eos_token_id=5"), ("bpe", "pad_token_id=3")):
+        with pytest.raises(SystemExit, match=rf"--set {field.split('=')[0]}: the tokenizer sets them; choose the "
+                                             r"tokenizer with --tokenizer"):
+            main(["train", "--config", "tiny", "--tokenizer", tokenizer, "--corpus", str(corpus), "--set", field,
                   "--steps", "1", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_refuses_an_empty_out(tmp_path, monkeypatch):
