@@ -57,8 +57,11 @@ def locked_directory(directory: Path, on_busy: Callable[[str], None]) -> Iterato
     handle = None
     while handle is None:
         made = not directory.exists()
-        directory.mkdir(parents=True, exist_ok=True)
-        handle = _lock(fcntl, directory / LOCK_FILE, on_busy)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle = _lock(fcntl, directory / LOCK_FILE, on_busy)
+        except (FileNotFoundError, FileExistsError):  # removed by its holder in between (mkdir or open): again
+            handle = None
     with handle:
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
@@ -72,7 +75,7 @@ def locked_directory(directory: Path, on_busy: Callable[[str], None]) -> Iterato
 
 def _lock(fcntl: Any, path: Path, on_busy: Callable[[str], None]) -> IO[str] | None:
     """`path` opened and locked, or None when the file was removed while this process waited for it."""
-    handle = path.open("a+")
+    handle = path.open("a+")  # (FileNotFoundError when the folder was removed meanwhile)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -63,3 +63,24 @@ def test_a_waiter_gets_the_directory_back_when_the_holder_removes_it(tmp_path):
         assert waiting.wait(30)
     thread.join(30)
     assert wrote == [f"{os.getpid()}\n"] and (folder / "train.bin").read_text() == "built"
+
+
+def test_a_folder_removed_between_making_it_and_locking_it_is_made_again(tmp_path, monkeypatch):
+    """Its holder let go of a folder it made for nothing just as this process made and opened it."""
+    import shutil
+
+    from mixcon import io
+
+    folder, lock = tmp_path / "shards", io._lock
+    calls = []
+
+    def removed_first(fcntl, path, on_busy):
+        calls.append(path)
+        if len(calls) == 1:
+            shutil.rmtree(folder)
+        return lock(fcntl, path, on_busy)
+
+    monkeypatch.setattr(io, "_lock", removed_first)
+    with locked_directory(folder, lambda pid: None):
+        (folder / "kept").write_text("")
+    assert len(calls) == 2 and (folder / "kept").exists()

@@ -218,8 +218,10 @@ def _match(spec: str) -> list[Path]:
 
 
 def _text_files(folder: Path) -> list[Path]:
-    """Every *.txt below `folder`, sorted: through linked folders (each folder once, so a link loop ends), each
-    file once (a link to a file already listed is left out), a broken link kept (reading it skips it by name)."""
+    """Every *.txt below `folder`, sorted: through linked folders (each folder once, not up to `folder` or above
+    it), each file once (a link to a file already listed is left out), a broken link kept (reading it skips it by
+    name)."""
+    top = folder.resolve()
     folders: set[tuple[int, int]] = set()
     files: dict[tuple[int, int] | Path, Path] = {}
     for root, dirs, names in os.walk(folder, followlinks=True):
@@ -228,7 +230,9 @@ def _text_files(folder: Path) -> list[Path]:
             dirs.clear()
             continue
         folders.add((st.st_dev, st.st_ino))
-        dirs.sort()  # a fixed walk: which of two links to one file is kept does not depend on the file system
+        # A fixed walk (which of two links to one file is kept does not depend on the file system), never up
+        # through a link to the folder or one above it (which would read the folders beside the corpus).
+        dirs[:] = sorted(d for d in dirs if not (top == (real := Path(root, d).resolve()) or real in top.parents))
         for name in sorted(n for n in names if n.endswith(".txt")):
             path = Path(root, name)
             try:

@@ -121,7 +121,8 @@ def _check_byte_level(tok: Tokenizer) -> None:
     if spec.get("model", {}).get("type") != "BPE":
         problems.append(f"its model is {spec.get('model', {}).get('type')}, not BPE")
     vocab = spec.get("model", {}).get("vocab", {})
-    odd = next((token for token in vocab if any(c not in BYTE_OF for c in token)), None)
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}  # stand for no bytes
+    odd = next((token for token in vocab if token not in special and any(c not in BYTE_OF for c in token)), None)
     if odd is not None:
         problems.append(f"its vocabulary has token {odd!r}, not made of byte-level characters")
     if problems:

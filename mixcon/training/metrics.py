@@ -59,8 +59,18 @@ class MetricsLogger:
 def _json_line(record: dict[str, Any]) -> str:
     """A record as a line of strict JSON: a value that is not a finite number (the LM loss of a batch that scores
     no token; a diverged loss) is null."""
-    strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    return json.dumps(strict, allow_nan=False) + "\n"
+    return json.dumps(_strict(record), allow_nan=False) + "\n"
+
+
+def _strict(value: Any) -> Any:
+    """`value` with every float that is not finite, at any depth, as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _finite(value: Any) -> bool:

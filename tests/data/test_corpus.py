@@ -47,6 +47,9 @@ def test_a_folder_is_read_through_links_each_file_once(tmp_path):
     (corpus / "again.txt").symlink_to(corpus / "a.txt")
     (corpus / "broken.txt").symlink_to(tmp_path / "gone.txt")
     (corpus / "sub" / "loop").symlink_to(corpus)
+    (corpus / "sub" / "up").symlink_to(tmp_path)  # above the corpus: the folders beside it are not the corpus
+    (tmp_path / "beside").mkdir()
+    (tmp_path / "beside" / "b.txt").write_text("not the corpus")
     c = Corpus.from_spec(str(corpus))
     assert sorted(c.documents()) == ["own text", "shared text"]
     assert c.skipped == [f"{corpus / 'broken.txt'}: unreadable (No such file or directory)"]

@@ -75,6 +75,17 @@ def test_long_runs_of_letters_or_spaces_are_cut_for_training():
                                       "module", "_", "name", ".", "py"]
 
 
+def test_a_byte_level_bpe_with_more_special_tokens_in_its_vocabulary_loads(bpe):
+    """A trainer given more special tokens puts them in the model's vocabulary: they stand for no bytes."""
+    spec = json.loads(bpe.to_tokenizers().to_str())
+    new_id = len(spec["model"]["vocab"])  # (the vocabulary holds BOS/EOS/PAD already)
+    spec["model"]["vocab"]["<|im start|>"] = new_id
+    spec["added_tokens"].append({"id": new_id, "content": "<|im start|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    tok = BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+    assert tok.token_bytes()[new_id] == 0 and tok.decode([new_id, *tok.encode("hi")]) == "hi"
+
+
 def test_tokenizers_that_are_not_byte_level_are_refused(bpe):
     spec = json.loads(bpe.to_tokenizers().to_str())
     for change, problem in (({"normalizer": {"type": "NFKC"}}, "it normalises text (NFKC)"),
