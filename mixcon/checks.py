@@ -53,7 +53,6 @@ def check_attention_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {tuple(mask.shape)}")
     if mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all()):  # (bool: no pass, no host sync)
         return
-    odd = mask[(mask != 0) & (mask != 1)]
-    if odd.numel():
-        raise ValueError(f"attention_mask must hold 1 (token) and 0 (pad) only, got {odd[0].item()!r} (for an "
-                         "additive mask, where 0 keeps a token, pass mask == 0)")
+    odd = mask[(mask != 0) & (mask != 1)][0].item()
+    raise ValueError(f"attention_mask must hold 1 (token) and 0 (pad) only, got {odd!r} (for an additive mask, "
+                     "where 0 keeps a token, pass mask == 0)")

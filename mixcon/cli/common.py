@@ -119,6 +119,14 @@ def output_folder(text: str) -> Path:
     return path
 
 
+def check_out_folder(command: str, out: str | Path, what: str = "a folder") -> Path:
+    """--out as a Path, exiting with a message when it names a file (checked before any work)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"mixcon {command}: --out {out} is a file; give {what}")
+    return path
+
+
 def existing_folder(text: str) -> Path:
     """argparse type of a folder that must exist."""
     if not Path(text).is_dir():

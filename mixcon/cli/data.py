@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from mixcon.cli.common import FRACTION, SEED, add_command, add_corpus_action, number_type
+from mixcon.cli.common import FRACTION, SEED, add_command, add_corpus_action, check_out_folder, number_type
 from mixcon.data.corpus import Corpus
 from mixcon.data.shards import prepare_shards
 from mixcon.data.tokenizer import load_tokenizer
@@ -36,8 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # checked before the corpus is read
-        raise SystemExit(f"mixcon data prepare: --out {args.out} is a file; give a folder")
+    check_out_folder("data prepare", args.out)  # before the corpus is read
     try:
         tok = load_tokenizer(args.tokenizer)
         corpus = Corpus.from_spec(args.corpus)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from mixcon.cli.common import add_command, add_corpus_action, number_type
+from mixcon.cli.common import add_command, add_corpus_action, check_out_folder, number_type
 from mixcon.data.corpus import Corpus
 from mixcon.data.tokenizer import FILENAME, train_bpe_tokenizer
 
@@ -32,9 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    out = Path(args.out)  # checked before the training, not after it
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"mixcon tokenizer train: --out {args.out} is a file; give a folder")
+    out = check_out_folder("tokenizer train", args.out)  # before the training, not after it
     if (out / FILENAME).exists() and not args.overwrite:
         raise SystemExit(f"mixcon tokenizer train: {out / FILENAME} exists (a model's tokenizer?); replace it with "
                          "--overwrite, or choose another --out")

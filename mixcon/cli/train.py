@@ -21,6 +21,7 @@ from mixcon.cli.common import (
     SEED,
     add_config_args,
     add_device_argument,
+    check_out_folder,
     config_from_args,
     number_type,
     parse_overrides,
@@ -163,8 +164,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     if args.resume is not None:
         resume = ckpt.resolve_checkpoint(args.resume or _out_dir(args))
     out = Path(args.out) if args.out else (resume.parent.parent if resume else _out_dir(args))
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"mixcon train: --out {out} is a file; give a run directory")
+    check_out_folder("train", out, "a run directory")
     refusal = None
     if env.is_main:  # one trainer per run directory; made (and found writable) before any work
         try:
