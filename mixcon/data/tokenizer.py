@@ -105,9 +105,10 @@ def _literal_copy(tokenizer: Tokenizer) -> Tokenizer:
     return copy
 
 
-def _check_byte_level(tok: Tokenizer) -> None:
+def _check_byte_level(tok: Tokenizer, special: set[str]) -> None:
     """Refuse a tokenizer whose ids do not stand for exact UTF-8 bytes: mixcon needs every text encodable and
-    decoded as it was, and bits per byte from each token's bytes (a byte-level BPE with no normalizer)."""
+    decoded as it was, and bits per byte from each token's bytes (a byte-level BPE with no normalizer). `special`:
+    the text of its special tokens, which stand for no bytes."""
     spec = json.loads(tok.to_str())
     pre = spec.get("pre_tokenizer") or {}
     pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -121,7 +122,6 @@ def _check_byte_level(tok: Tokenizer) -> None:
     if spec.get("model", {}).get("type") != "BPE":
         problems.append(f"its model is {spec.get('model', {}).get('type')}, not BPE")
     vocab = spec.get("model", {}).get("vocab", {})
-    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}  # stand for no bytes
     odd = next((token for token in vocab if token not in special and any(c not in BYTE_OF for c in token)), None)
     if odd is not None:
         problems.append(f"its vocabulary has token {odd!r}, not made of byte-level characters")
@@ -150,7 +150,7 @@ class BPETokenizer:
             raise ValueError(f"tokenizer has {', '.join(plain)} as ordinary tokens, not special ones (added with "
                              "add_tokens, not add_special_tokens); mixcon needs them special, so that text "
                              "spelling them stays text (train one with train_bpe_tokenizer)")
-        _check_byte_level(self._tok)
+        _check_byte_level(self._tok, special)
         # Ordinary added tokens (add_tokens) stand for their text in UTF-8; vocabulary tokens, one byte per character.
         self._added = {i: token.content.encode() for i, token in added.items() if not token.special}
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
