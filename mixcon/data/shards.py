@@ -145,9 +145,8 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     val_docs = {1} if one_text else _val_documents(hashes, sizes, val_fraction, seed)
     key = _key(tok, hashes, val_fraction, seed)
 
-    existing = _existing(out, key)  # without the lock: finished shards are reused as they are, even read-only
+    existing = _reused(out, key)  # without the lock: finished shards are reused as they are, even read-only
     if existing is not None:
-        _remove_dead_leftovers(out)
         return existing
     scanned = time.perf_counter() - start
 
@@ -155,11 +154,10 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
         print(f"waiting for another process (pid {pid}) that builds shards in {out}", file=sys.stderr, flush=True)
 
     with locked_directory(out, wait):
-        existing = _existing(out, key)  # built by the process waited for
+        existing = _reused(out, key)  # built by the process waited for
         if existing is not None:
-            _remove_dead_leftovers(out)
             return existing
-        start = time.perf_counter() - scanned  # the build's time: scanning and tokenising, not waiting
+        building = time.perf_counter()  # the build's time: scanning and tokenising, not waiting
         parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
         dtype = token_dtype(tok.vocab_size)
         files = {split: f"{split}.{key[:16]}.bin" for split in SPLITS}
@@ -191,13 +189,21 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
             "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes, "truncated": truncated,
             "splits": {split: {"file": files[split], **stats[split], "tokens": writers[split].tokens,
                                "checksum": writers[split].checksum} for split in SPLITS},
-            "seconds": time.perf_counter() - start,
+            "seconds": scanned + time.perf_counter() - building,
         }
         write_text_atomic(out / INDEX, json.dumps(index, indent=2) + "\n")
         for path in out.iterdir():  # shards of earlier builds, and leftovers of interrupted ones (no other file)
             if SHARD_FILE.fullmatch(path.name) and path.name not in files.values():
                 path.unlink()
         return ShardDataset(out)
+
+
+def _reused(out: Path, key: str) -> ShardDataset | None:
+    """The finished shards of `key` in `out` (`_existing`), with the leftovers of killed builds cleared."""
+    existing = _existing(out, key)
+    if existing is not None:
+        _remove_dead_leftovers(out)
+    return existing
 
 
 def _remove_dead_leftovers(out: Path) -> None:
