@@ -60,7 +60,7 @@ def locked_directory(directory: Path, on_busy: Callable[[str], None]) -> Iterato
         try:
             directory.mkdir(parents=True, exist_ok=True)
             handle = _lock(fcntl, directory / LOCK_FILE, on_busy)
-        except (FileNotFoundError, FileExistsError):  # removed by its holder in between (mkdir or open): again
+        except (FileNotFoundError, FileExistsError):  # removed by its holder meanwhile (mkdir, open, wait): again
             handle = None
     with handle:
         handle.truncate(0)
@@ -74,8 +74,9 @@ def locked_directory(directory: Path, on_busy: Callable[[str], None]) -> Iterato
 
 
 def _lock(fcntl: Any, path: Path, on_busy: Callable[[str], None]) -> IO[str] | None:
-    """`path` opened and locked, or None when the file was removed while this process waited for it."""
-    handle = path.open("a+")  # (FileNotFoundError when the folder was removed meanwhile)
+    """`path` opened and locked, or None when another file took its name while this process waited for it
+    (FileNotFoundError when it is gone)."""
+    handle = path.open("a+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,12 +85,10 @@ def _lock(fcntl: Any, path: Path, on_busy: Callable[[str], None]) -> IO[str] | N
             on_busy(handle.read().strip() or "?")
             fcntl.flock(handle, fcntl.LOCK_EX)
         held, named = os.fstat(handle.fileno()), os.stat(path)
-        if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
-            return handle
-    except FileNotFoundError:
-        pass
     except BaseException:
         handle.close()
         raise
+    if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+        return handle
     handle.close()
     return None
