@@ -62,7 +62,7 @@ def test_added_tokens_stand_for_their_text():
     assert sum(tok.token_bytes()[i] for i in ids) == len(text.encode())
 
 
-def test_long_runs_of_letters_or_spaces_are_cut_for_training():
+def test_long_runs_of_one_character_class_are_cut_for_training():
     """A 100K-letter line is not one 100K-character word (BPE training time grows with its square): no token
     spans more than MAX_WORD characters (and the space before them), and the text still round-trips; ordinary words
     are split as before."""
