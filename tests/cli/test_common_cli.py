@@ -119,3 +119,18 @@ def test_folder_arguments_are_checked_before_any_work(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert "is not a folder" in err or "a file lies on its path" in err or "no such folder" in err, err
+
+
+@pytest.mark.parametrize("argv, command, unknown", [
+    (["data", "prepare", "d1", "--out", "x"], "mixcon data prepare", "d1"),
+    (["bench", "speed", "--bogus"], "mixcon bench speed", "--bogus"),
+    (["info", "extra"], "mixcon info", "extra"),
+    (["--bogus"], "mixcon", "--bogus"),
+])
+def test_unknown_arguments_are_named_by_the_command_that_got_them(argv, command, unknown, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {command} ")
+    assert err.endswith(f"{command}: error: unrecognized arguments: {unknown}\n")
