@@ -185,7 +185,7 @@ def generate(
                             f"and end), got {type(streamer).__name__}")
         streamer.put(input_ids.cpu())
     if max_new_tokens == 0:
-        model._check_inputs(input_ids, None, attention_mask, None, None)  # what the prefill would have checked
+        model.check_inputs(input_ids, None, attention_mask, None, None)  # what the prefill would have checked
         if hf_streamer:
             streamer.end()
         return input_ids.clone()

@@ -343,7 +343,7 @@ class MixConForCausalLM(nn.Module):
         `output_router_logits`: every MoE layer's router logits.
         `inputs_embeds` (B, T, d_model) in place of input_ids: vectors that enter where the embeddings would,
         in their dtype (soft prompts, PEFT's prompt tuning)."""
-        T = self._check_inputs(input_ids, labels, attention_mask, cache, seq_idx, inputs_embeds)[1]
+        T = self.check_inputs(input_ids, labels, attention_mask, cache, seq_idx, inputs_embeds)[1]
         keep = _positions_to_keep(logits_to_keep, T, labels is not None)
         token_mask = attention_mask.bool() if attention_mask is not None else None
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
@@ -526,9 +526,10 @@ class MixConForCausalLM(nn.Module):
             out.loss = out.lm_loss + out.router_loss
         return out
 
-    def _check_inputs(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None,
-                      attention_mask: torch.Tensor | None, cache: MixConCache | None,
-                      seq_idx: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> tuple[int, int]:
+    def check_inputs(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None, cache: MixConCache | None,
+                     seq_idx: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> tuple[int, int]:
+        """Raise a named error for inputs `forward` would refuse; (B, T) of the inputs otherwise."""
         for name, value in (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask),
                             ("seq_idx", seq_idx), ("inputs_embeds", inputs_embeds)):
             if value is not None and not isinstance(value, torch.Tensor):
