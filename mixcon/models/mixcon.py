@@ -422,6 +422,10 @@ class MixConForCausalLM(nn.Module):
                 stats.append(s)
         if states is not None:
             states.append(h)
+        if ctx.token_mask is not None and h.requires_grad:  # pads leave as the zeros they are, and no gradient
+            # reaches them: a pad's loss (labels there) would pass the norms' slope at a zero row, 1/sqrt(eps),
+            # back from layer to layer until it overflowed to inf and made every weight's gradient nan
+            h = h.masked_fill(~ctx.token_mask[..., None], 0)
         return h, stats
 
     def _decode(self, input_ids: torch.Tensor, cache: MixConCache) -> torch.Tensor:

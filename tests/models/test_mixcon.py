@@ -449,6 +449,33 @@ def test_non_finite_pads_change_no_real_position(tiny_model, bad):
     assert torch.equal(padded[:, 4:], alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_labels_at_pads_add_no_gradient(tiny_model, dtype):
+    """Labels at pad positions (transformers' labels=input_ids) count their constant loss and nothing else: the
+    gradients are those of -100 there, scaled by the share of real labels. (A pad's loss gradient used to pass
+    the norms' slope at a zero row, 1/sqrt(eps), layer after layer: inf in fp16, then nan in every weight.)"""
+    model = tiny_model(dtype).train()
+    ids = torch.randint(0, 290, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    labels = ids.roll(-1, 1)
+
+    def grads(labels: torch.Tensor) -> list[torch.Tensor]:
+        torch.manual_seed(0)  # (the same process noise, if any)
+        model.zero_grad()
+        (model(ids, labels=labels, attention_mask=mask).lm_loss * 1024).backward()  # as fp16 needs a loss scale
+        return [p.grad.double() / 1024 for p in model.parameters() if p.grad is not None]
+
+    every, real = grads(labels), grads(labels.masked_fill(mask == 0, -100))
+    assert all(g.isfinite().all() for g in every)
+    share = mask.sum().item() / mask.numel()
+    for g_every, g_real in zip(every, real, strict=True):
+        if dtype == torch.float16:  # each product rounded on another scale: close as a whole
+            assert (g_every / share - g_real).norm() <= 2e-2 * g_real.norm() + 1e-6
+        else:
+            torch.testing.assert_close(g_every / share, g_real, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("pads", ["gap", "right"])
 def test_a_new_cache_takes_pads_after_tokens_and_continues_the_real_ones(tiny_model, pads):
     """PEFT's prompt tuning puts virtual tokens before left padding: the cache holds each row's real tokens as
