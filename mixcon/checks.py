@@ -56,3 +56,10 @@ def check_attention_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> None:
     odd = mask[(mask != 0) & (mask != 1)][0].item()
     raise ValueError(f"attention_mask must hold 1 (token) and 0 (pad) only, got {odd!r} (for an additive mask, "
                      "where 0 keeps a token, pass mask == 0)")
+
+
+def check_dtype(name: str, h: torch.Tensor, dtype: torch.dtype) -> None:
+    """`h` must be in `dtype`, the weights' (outside autocast, which casts each product's inputs itself)."""
+    if h.dtype != dtype and not torch.is_autocast_enabled(h.device.type):
+        raise TypeError(f"{name}: input is {h.dtype}, the weights {dtype}: cast one to the other "
+                        f"(or run under torch.autocast)")

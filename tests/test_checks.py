@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from mixcon.checks import is_integer, is_number, within
 
@@ -23,3 +24,22 @@ def test_within_checks_each_bound_given():
     assert within(5) and within(5, 5) and not within(5, 5, above=True) and within(5, 4, above=True)
     assert within(5, maximum=5) and not within(5.1, maximum=5) and not within(4, 5)
     assert within(0.5, 0, 1) and not within(0, 0, 1, above=True) and not within(2, 0, 1)
+
+
+@pytest.mark.parametrize("layer", ["Conba", "Attention", "MoE"])
+def test_layers_refuse_inputs_of_another_dtype_by_name_outside_autocast(layer):
+    from mixcon import MixConConfig
+    from mixcon.layers.attention import Attention
+    from mixcon.layers.conba import Conba
+    from mixcon.layers.moe import MoE
+
+    config = MixConConfig.preset("tiny")
+    module = {"Conba": lambda: Conba(config, 0), "Attention": lambda: Attention(config, 2),
+              "MoE": lambda: MoE(32, 64, 4, 2)}[layer]().bfloat16()
+    u = torch.randn(2, 5, 32)
+    with pytest.raises(TypeError, match=rf"^{layer}: input is torch.float32, the weights torch.bfloat16: cast one "
+                                        r"to the other \(or run under torch.autocast\)$"):
+        module(u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts each product's inputs itself
+        out = module.float()(u)
+    assert (out[0] if isinstance(out, tuple) else out).shape == u.shape

@@ -81,7 +81,7 @@ class Attention(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
-        check_input("Attention", h, self.qkv.in_features)
+        check_input("Attention", h, self.qkv.in_features, self.qkv.weight.dtype)
         B, T, _ = h.shape
         if ctx is None:
             ctx = ForwardContext.build(None, B, T, None, h.device)

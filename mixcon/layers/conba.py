@@ -249,7 +249,7 @@ class Conba(nn.Module):
 
     def forward(self, u: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model); `ctx` carries padding, positions and the cache."""
-        check_input("Conba", u, self.in_proj.in_features)
+        check_input("Conba", u, self.in_proj.in_features, self.in_proj.weight.dtype)
         B, T, _ = u.shape
         if ctx is None:
             ctx = ForwardContext.build(None, B, T, None, u.device)

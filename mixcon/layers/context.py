@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from mixcon.checks import check_dtype
 from mixcon.generation.cache import MixConCache
 
 
@@ -83,7 +84,9 @@ class DecodeStep(NamedTuple):
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin at the new positions: (B, 1, 1, hd / 2)
 
 
-def check_input(layer: str, h: torch.Tensor, d_model: int) -> None:
-    """A mixer's input must be (B, T, d_model)."""
+def check_input(layer: str, h: torch.Tensor, d_model: int, dtype: torch.dtype) -> None:
+    """A mixer's input must be (B, T, d_model), in its weights' dtype unless autocast runs."""
     if h.dim() != 3 or h.shape[-1] != d_model:
         raise ValueError(f"{layer}: input must be (B, T, d_model={d_model}), got shape {tuple(h.shape)}")
+    check_dtype(layer, h, dtype)
+

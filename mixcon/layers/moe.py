@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixcon.checks import check_dtype
 from mixcon.layers.linear import Linear
 from mixcon.ops.dtypes import compute_dtype
 from mixcon.ops.linear import batched_linear
@@ -114,6 +115,7 @@ class MoE(nn.Module):
         shape = h.shape
         if shape[-1] != self.router.in_features:
             raise ValueError(f"MoE: input must be (..., d_model={self.router.in_features}), got shape {tuple(shape)}")
+        check_dtype("MoE", h, self.w_gate_up.dtype)
         if token_mask is not None and token_mask.shape != shape[:-1]:
             raise ValueError(f"MoE: token_mask must have the input's shape but its last dimension, "
                              f"{tuple(shape[:-1])}, got {tuple(token_mask.shape)}")

@@ -11,10 +11,22 @@ from __future__ import annotations
 
 import torch
 
+from mixcon.checks import check_dtype
 from mixcon.ops.dtypes import compute_dtype
 
 IGNORE = -100  # the label of a position that is not scored
 CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MiB in fp32
+
+
+def _check(name: str, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None) -> int:
+    """Refuse inputs that do not fit together, by name; the rows per chunk."""
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+    if labels.shape != h.shape[:-1]:
+        raise ValueError(f"{name}: labels {tuple(labels.shape)} must have h's shape without its last "
+                         f"dimension, {tuple(h.shape[:-1])}")
+    check_dtype(name, h, weight.dtype)
+    return chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -24,12 +36,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     h (..., d); weight (V, d); labels (...). The matmuls run in h's dtype (or autocast's), the
     softmax in fp32 (fp64 for fp64 inputs). `chunk_rows` rows at a time (default: CHUNK_ELEMENTS / V).
     """
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    if labels.shape != h.shape[:-1]:
-        raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must have h's shape without its last "
-                         f"dimension, {tuple(h.shape[:-1])}")
+    rows = _check("linear_cross_entropy", h, weight, labels, chunk_rows)
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, labels, rows)
@@ -43,12 +50,7 @@ def linear_token_scores(h: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     """Per position of h (..., d) and labels (...): the label's negative log-likelihood under the logits h Wᵀ
     (fp32, fp64 for fp64 inputs; 0 where IGNORE) and whether it is their argmax among the ids below
     `vocab_limit` (default all; True where IGNORE). No autograd; `chunk_rows` as in `linear_cross_entropy`."""
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
-    if labels.shape != h.shape[:-1]:
-        raise ValueError(f"linear_token_scores: labels {tuple(labels.shape)} must have h's shape without its last "
-                         f"dimension, {tuple(h.shape[:-1])}")
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    rows = _check("linear_token_scores", h, weight, labels, chunk_rows)
     flat_h, flat_labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
     nll = torch.zeros(flat_labels.shape, dtype=compute_dtype(h), device=h.device)
     greedy = torch.ones(flat_labels.shape, dtype=torch.bool, device=h.device)

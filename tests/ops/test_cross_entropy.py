@@ -150,3 +150,12 @@ def test_an_ignored_rows_non_finite_hidden_state_counts_nothing():
     assert bool(weight.grad.isfinite().all()) and bool(bad.grad[[1, 4]].eq(0).all())
     nll, _ = linear_token_scores(bad, weight, labels)
     assert bool(nll.isfinite().all()) and bool(nll[[1, 4]].eq(0).all())
+
+
+@pytest.mark.parametrize("fn", [linear_cross_entropy, linear_token_scores])
+def test_hidden_states_of_another_dtype_than_the_weights_are_refused_by_name(fn):
+    h, weight, labels = torch.randn(3, 8), torch.randn(10, 8, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(TypeError, match=rf"^{fn.__name__}: input is torch.float32, the weights torch.bfloat16"):
+        fn(h, weight, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fn(h, weight.float(), labels)
