@@ -37,6 +37,10 @@ def _byte_level_chars() -> list[str]:
 
 
 BYTE_OF = {char: byte for byte, char in enumerate(_byte_level_chars())}  # a byte-level token's character -> byte
+# Text that a tokenizer must give back byte for byte: no space first (ByteLevel's add_prefix_space adds one), runs
+# of spaces, tabs, line ends, every printable ASCII character, letters beyond ASCII, a long run of one letter.
+ROUND_TRIP_PROBE = ("def f(x):\n\treturn  x**2 + 1_000  # Zürich, 東京, 🙂\r\n\n" + "".join(map(chr, range(32, 127)))
+                    + " " + "a" * 70 + "  \u00a0end ")
 
 
 class ByteTokenizer:
@@ -125,6 +129,15 @@ def _check_byte_level(tok: Tokenizer, special: set[str]) -> None:
     odd = next((token for token in vocab if token not in special and any(c not in BYTE_OF for c in token)), None)
     if odd is not None:
         problems.append(f"its vocabulary has token {odd!r}, not made of byte-level characters")
+    lacking = [byte for char, byte in BYTE_OF.items() if char not in vocab]
+    if lacking:
+        problems.append(f"its vocabulary lacks {len(lacking)} of the 256 byte symbols (byte 0x{lacking[0]:02x} first)")
+    if not problems:  # text back byte for byte (add_prefix_space, a pre-tokenizer that drops whitespace)
+        back = bytes(BYTE_OF[c] for i in tok.encode(ROUND_TRIP_PROBE, add_special_tokens=False).ids
+                     for c in tok.id_to_token(i))
+        if back != ROUND_TRIP_PROBE.encode():
+            problems.append(f"it does not give text back as it was: {ROUND_TRIP_PROBE[:24]!r}... comes back as "
+                            f"{back.decode(errors='replace')[:24]!r}...")
     if problems:
         raise ValueError("tokenizer is not a byte-level BPE: " + "; ".join(problems) + " (mixcon needs every text "
                          "encoded and decoded exactly, byte for byte; train one with train_bpe_tokenizer)")

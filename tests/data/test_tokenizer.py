@@ -100,6 +100,22 @@ def test_tokenizers_that_are_not_byte_level_are_refused(bpe):
         BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
 
 
+def test_byte_level_tokenizers_that_lose_or_add_bytes_are_refused(bpe):
+    """Byte-level in layout but not byte for byte: a space added before each text, whitespace dropped by another
+    pre-tokenizer, byte symbols missing from the vocabulary (a BPE trained without the initial alphabet)."""
+    spec = json.loads(bpe.to_tokenizers().to_str())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    back = "it does not give text back as it was: 'def f(x):"
+    for pre, problem in (({**byte_level, "add_prefix_space": True}, back),
+                         ({"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, byte_level]}, back)):
+        odd = tokenizers.Tokenizer.from_str(json.dumps({**spec, "pre_tokenizer": pre}))
+        with pytest.raises(ValueError, match="tokenizer is not a byte-level BPE: " + re.escape(problem)):
+            BPETokenizer(odd)
+    del spec["model"]["vocab"]["Ā"]  # byte 0x00
+    with pytest.raises(ValueError, match=r"its vocabulary lacks 1 of the 256 byte symbols \(byte 0x00 first\)"):
+        BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
 @text_cases
 def test_bpe_round_trip_and_no_specials(bpe, text):
     ids = bpe.encode(text)
