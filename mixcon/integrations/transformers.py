@@ -37,7 +37,7 @@ from mixcon.data.tokenizer import EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_cache
 from mixcon.layers.linear import Linear
-from mixcon.models.mixcon import HF_MODEL_TYPE, IGNORE, MixConForCausalLM, ends_in_padding
+from mixcon.models.mixcon import HF_MODEL_TYPE, HF_NAMES, IGNORE, MixConForCausalLM, ends_in_padding
 from mixcon.training.checkpoint import (
     latest_checkpoint,
     load_model_and_tokenizer,
@@ -51,15 +51,12 @@ if int(transformers.__version__.split(".")[0]) < 5:
                       "pip install 'mixcon[hf]'")
 
 
-# transformers' names of MixConConfig fields: set through either name, read through either.
-ALIASES = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
-           "num_local_experts": "n_experts", "num_experts_per_tok": "top_k", "tie_word_embeddings": "tie_embeddings"}
 DERIVED = {"num_hidden_layers": "n_layers"}  # read only
 SYNCED = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")  # also kept as attributes
 # MixConConfig's own names, but vocab_size (a property) and top_k (transformers takes a config attribute of that
 # name for a generation parameter; num_experts_per_tok reads and sets it)
 NATIVE = {f.name: f.name for f in dataclasses.fields(MixConConfig) if f.name not in ("vocab_size", "top_k")}
-FIELDS = {**NATIVE, **ALIASES}  # every name whose setting writes a MixConConfig field
+FIELDS = {**NATIVE, **HF_NAMES}  # every name whose setting writes a MixConConfig field
 
 REMOTE_CODE_MODULE = "modeling_mixcon"
 REMOTE_CODE = f'''"""This model's code is the mixcon library's (`pip install "mixcon[hf]"`): this file lets transformers
@@ -107,7 +104,7 @@ class MixConHFConfig(PretrainedConfig):
         """transformers' dict, with transformers' names of the MixConConfig fields, `vocab_size` and
         `num_hidden_layers` beside `mixcon` (tools such as PEFT read `hidden_size` there); loading sets the same
         fields from them (`num_hidden_layers` must agree)."""
-        return {**super().to_dict(), **{name: self.mixcon[field] for name, field in ALIASES.items()
+        return {**super().to_dict(), **{name: self.mixcon[field] for name, field in HF_NAMES.items()
                                         if name not in SYNCED},
                 "vocab_size": self.vocab_size, "num_hidden_layers": self.num_hidden_layers}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -33,6 +34,9 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # of a sharded model: which shard holds each tensor
 CONFIG_NAME = "config.json"
 HF_MODEL_TYPE = "mixcon"  # the transformers wrapper's model_type; its config.json holds the MixConConfig under it
+# transformers' names of MixConConfig fields, which the wrapper's config.json also carries at its top level
+HF_NAMES = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+            "num_local_experts": "n_experts", "num_experts_per_tok": "top_k", "tie_word_embeddings": "tie_embeddings"}
 # Safetensors metadata of weights whose stacked MoE experts are stored (n, out, in), like nn.Linear's; files
 # without it hold them (n, in, out), as mixcon wrote them before.
 LAYOUT_KEY = "mixcon_expert_layout"
@@ -77,6 +81,19 @@ def readable_weights(path: str | Path) -> Iterator[None]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def wrapped_config(raw: dict[str, Any]) -> MixConConfig:
+    """The MixConConfig of a config.json the transformers wrapper wrote: its "mixcon" entry, with the fields that
+    also sit at the top level (transformers' names, or MixConConfig's) set from there, as `MixConHFConfig` reads
+    them; `num_hidden_layers` must agree."""
+    names = {**{f.name: f.name for f in dataclasses.fields(MixConConfig)}, **HF_NAMES}
+    config = MixConConfig.from_dict({**raw[HF_MODEL_TYPE], **{names[k]: v for k, v in raw.items() if k in names}})
+    layers = raw.get("num_hidden_layers")  # (a layout at the top level wins over it)
+    if layers is not None and layers != config.n_layers and not {"n_blocks", "layers_per_block"} & set(raw):
+        raise ValueError(f"num_hidden_layers={layers} disagrees with the MixConConfig's {config.n_layers} layers "
+                         f"(n_blocks={config.n_blocks} x layers_per_block={config.layers_per_block})")
+    return config
+
+
 def read_config(directory: Path) -> tuple[MixConConfig, bool]:
     """The config.json of a model directory, and whether the transformers wrapper wrote it (the MixConConfig
     then sits under its "mixcon" entry); a ValueError naming the file when it holds no valid config."""
@@ -86,7 +103,7 @@ def read_config(directory: Path) -> tuple[MixConConfig, bool]:
         if not isinstance(raw, dict):
             raise ValueError(f"a JSON object of config fields is expected, not {type(raw).__name__}")
         wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
-        return MixConConfig.from_dict(raw[HF_MODEL_TYPE] if wrapped else raw), wrapped
+        return (wrapped_config(raw) if wrapped else MixConConfig.from_dict(raw)), wrapped
     except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: not a valid model config ({e})") from e
 

@@ -143,6 +143,22 @@ def test_config_takes_mixcon_fields_as_keywords(tiny_model, tmp_path):
     assert MixConHFConfig.from_pretrained(tmp_path).to_mixcon() == model.config
 
 
+def test_both_loaders_read_an_edited_config_json_alike(tmp_path):
+    """A transformers name at the top of the wrapper's config.json (edited by hand) sets its field over the "mixcon"
+    entry for the native loader as for AutoConfig (the native one read "mixcon" alone: two different models)."""
+    MixConHFForCausalLM(MixConHFConfig(mixcon=MixConConfig.preset("tiny"))).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    written = json.loads(path.read_text())
+    path.write_text(json.dumps({**written, "num_experts_per_tok": 1, "eos_token_id": 5}))
+    native = MixConForCausalLM.from_pretrained(tmp_path).config
+    assert (native.top_k, native.eos_token_id) == (1, 5)
+    assert MixConHFConfig.from_pretrained(tmp_path).to_mixcon() == native
+    path.write_text(json.dumps({**written, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=r"config.json: not a valid model config \(num_hidden_layers=3 disagrees "
+                                         r"with the MixConConfig's 8 layers"):
+        MixConForCausalLM.from_pretrained(tmp_path)
+
+
 def test_config_answers_to_transformers_names(tmp_path):
     config = MixConHFConfig(hidden_size=64, num_attention_heads=2, num_local_experts=4, num_experts_per_tok=1,
                             tie_word_embeddings=False)
