@@ -371,7 +371,8 @@ def _check_config_changes(saved: MixConConfig, config: MixConConfig, say: Any) -
         return
     with torch.device("meta"):
         before, after = (dict(MixConForCausalLM(c).state_dict()) for c in (saved, config))
-    if {k: v.shape for k, v in before.items()} != {k: v.shape for k, v in after.items()}:
+    shapes = [{k: v.shape for k, v in state.items()} for state in (before, after)]
+    if shapes[0] != shapes[1] or saved.tie_embeddings != config.tie_embeddings:  # (tied: lm_head.weight is embed's)
         raise SystemExit(f"mixcon train: --resume keeps the model's weights, whose names or shapes these config "
                          f"changes would alter: {'; '.join(changes)} (checkpoint != requested); train a new model "
                          "for them")

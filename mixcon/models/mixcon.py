@@ -666,6 +666,11 @@ class MixConForCausalLM(nn.Module):
             else:
                 state.update(read_weights(path, device)[0])
         if config.tie_embeddings:  # the file holds one name of the shared tensor
+            if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state.get("embed.weight",
+                                                                                                state["lm_head.weight"])):
+                raise ValueError(f"{directory}: its config says tie_embeddings=true, but its weights hold an "
+                                 "lm_head.weight other than embed.weight (an untied model's): set tie_embeddings "
+                                 "false in its config.json to load both")
             shared = state.get("embed.weight", state.get("lm_head.weight"))
             if shared is not None:
                 state = {**state, "embed.weight": shared, "lm_head.weight": shared}

@@ -88,6 +88,9 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     with pytest.raises(SystemExit, match=r"--resume keeps the model's weights, whose names or shapes these config "
                                          r"changes would alter: d_model: 32 != 64 \(checkpoint != requested\)"):
         main(["train", "--out", str(run), "--resume", "--steps", "4", "--set", "d_model=64"])
+    with pytest.raises(SystemExit, match=r"names or shapes these config changes would alter: tie_embeddings: True != "
+                                         r"False"):  # (a tied model's state dict lists lm_head.weight too)
+        main(["train", "--out", str(run), "--resume", "--steps", "4", "--set", "tie_embeddings=false"])
     with pytest.raises(SystemExit, match=r"--resume keeps the run's tokenizer \('bpe'\); --tokenizer 'bytes'"):
         main(["train", "--out", str(run), "--resume", "--tokenizer", "bytes"])
     with pytest.raises(SystemExit, match=r"continues on the run's data; --corpus, --seed would change it"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 
@@ -312,6 +313,16 @@ def test_save_load_identical_logits(tmp_path, tiny_model):
         ids = torch.randint(0, 300, (2, 9))
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_an_untied_models_weights_under_a_tied_config_are_refused(tmp_path, tiny_model):
+    """tie_embeddings edited to true over an untied model's weights: its own lm_head.weight was silently dropped."""
+    tiny_model(dtype=torch.float32, tie_embeddings=False).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_embeddings": True}))
+    with pytest.raises(ValueError, match=r"its config says tie_embeddings=true, but its weights hold an lm_head.weight "
+                                         r"other than embed.weight"):
+        MixConForCausalLM.from_pretrained(tmp_path)
 
 
 def test_load_keeps_the_saved_dtype_unless_told(tmp_path, tiny_model):
