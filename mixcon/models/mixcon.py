@@ -119,10 +119,20 @@ def umask_permissions(path: Path) -> None:
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a model directory: model.safetensors, or the shards its index names (as
     transformers writes models over `max_shard_size`); none when it has neither."""
+    index = directory / WEIGHTS_INDEX_NAME
     if (directory / WEIGHTS_NAME).is_file():
+        if index.is_file():  # which one is this model? (a sharded save over an unsharded one leaves both)
+            raise ValueError(f"{directory} holds both {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}: remove the older "
+                             "save's files")
         return [directory / WEIGHTS_NAME]
-    if (directory / WEIGHTS_INDEX_NAME).is_file():
-        shards = sorted(set(json.loads((directory / WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()))
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not all(isinstance(name, str) for name in shards):
+                raise TypeError("shard names must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{index}: not a shard index ({type(e).__name__}: {e})") from e
         missing = [name for name in shards if not (directory / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{directory / WEIGHTS_INDEX_NAME} names shards that are missing: {missing[:3]}")
@@ -682,5 +692,9 @@ class MixConForCausalLM(nn.Module):
         model.to_empty(device=device)
         if config.tie_embeddings:  # to_empty gives shared parameters separate storage
             model.lm_head.weight = model.embed.weight
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # missing, unexpected or misshapen weights, each named
+            problems = " ".join(str(e).split())  # torch's list of them, on one line
+            raise ValueError(f"{directory}: its weights do not fit its config.json: {problems}") from e
         return model

@@ -325,6 +325,26 @@ def test_an_untied_models_weights_under_a_tied_config_are_refused(tmp_path, tiny
         MixConForCausalLM.from_pretrained(tmp_path)
 
 
+def test_model_directories_that_do_not_fit_together_are_refused_by_name(tmp_path, tiny_model):
+    """Weights that do not fit the config, a broken shard index, both weight layouts at once: a ValueError naming
+    the directory or file (the command line prints it in one line), not torch's RuntimeError or a KeyError."""
+    tiny_model(dtype=torch.float32).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "layer_pattern": "ACCC"}))
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: its weights do not fit its config.json: .*Missing key"):
+        MixConForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"embed.weight": "model.safetensors"}}))
+    with pytest.raises(ValueError, match=rf"^{tmp_path} holds both model.safetensors and model.safetensors.index.json"):
+        MixConForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "shard.safetensors")
+    for text in ('{"metadata": {}}', "{", '{"weight_map": [1]}'):
+        index.write_text(text)
+        with pytest.raises(ValueError, match=rf"^{index}: not a shard index"):
+            MixConForCausalLM.from_pretrained(tmp_path)
+
+
 def test_load_keeps_the_saved_dtype_unless_told(tmp_path, tiny_model):
     model = tiny_model(dtype=torch.bfloat16)
     model.save_pretrained(tmp_path)
