@@ -104,11 +104,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if number == len(lines) and not text.endswith("\n"):
                 break
             raise ValueError(f"{path}:{number}: not a JSON record ({e.msg}): {line[:80]!r}") from e
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):  # (a line added by hand)
+            raise ValueError(f"{path}:{number}: not a metrics record (a JSON object with an integer step): "
+                             f"{line[:80]!r}")
+        records.append(record)
     return records
 
 

@@ -101,3 +101,12 @@ def test_values_that_are_not_finite_numbers_are_written_as_null(tmp_path):
     resumed = MetricsLogger(tmp_path, resume_step=2)
     assert resumed.records == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": None, "val_loss": 2.0}]
     resumed.plot()
+
+
+@pytest.mark.parametrize("line", ['{"note": "lr lowered here"}', "[1, 2]", '{"step": "3", "loss": 1.0}'])
+def test_a_line_that_is_not_a_metrics_record_is_an_error_naming_it(tmp_path, line):
+    """A line added by hand: a ValueError naming the file and line (resuming died in a KeyError or TypeError)."""
+    (tmp_path / METRICS_FILE).write_text(f'{{"step": 1, "loss": 5.0}}\n{line}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record \(a JSON object with an integer "
+                                         r"step\)"):
+        MetricsLogger(tmp_path, resume_step=1)
