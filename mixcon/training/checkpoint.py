@@ -311,14 +311,33 @@ def config_differences(a: MixConConfig, b: MixConConfig) -> list[str]:
     return [f"{k}: {da[k]!r} != {db[k]!r}" for k in sorted(da) if da[k] != db[k]]
 
 
+def _check_tokenizer(path: Path, fingerprint: str | None, expected: str | AnyTokenizer) -> None:
+    """Refuse a checkpoint trained with another tokenizer than `expected` (a fingerprint, or a tokenizer)."""
+    wanted = expected if isinstance(expected, str) else expected.fingerprint()
+    if fingerprint == wanted:
+        return
+    why = None
+    if not isinstance(expected, str) and (path / TOKENIZER_DIR).is_dir():
+        try:
+            why = mismatch(load_tokenizer(path / TOKENIZER_DIR), expected)
+        except (ValueError, OSError) as e:
+            why = f"its own tokenizer does not load ({e})"
+        if why is None:  # the same ids, written otherwise
+            return
+    raise CheckpointError(f"{path}: trained with tokenizer {fingerprint!r}, but this run uses {wanted!r}"
+                          + (f" ({why})" if why else ""))
+
+
 def load_checkpoint(
     path: str | Path,
     *,
     expected_config: MixConConfig | None = None,
-    expected_tokenizer: str | None = None,
+    expected_tokenizer: str | AnyTokenizer | None = None,
     map_location: str | torch.device = "cpu",
 ) -> Checkpoint:
-    """Load and verify a checkpoint (or a run directory's latest): hashes, config and tokenizer must match."""
+    """Load and verify a checkpoint (or a run directory's latest): hashes, config and tokenizer must match.
+    `expected_tokenizer`: a tokenizer fingerprint, or a tokenizer, which also matches a checkpoint whose own
+    tokenizer gives every id the same meaning (its file written by another `tokenizers` version, say)."""
     path = resolve_checkpoint(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
@@ -330,9 +349,8 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: model config differs from the requested one (checkpoint != requested): "
                               + "; ".join(diff))
     fingerprint = manifest.get("tokenizer_fingerprint")
-    if expected_tokenizer is not None and fingerprint != expected_tokenizer:
-        raise CheckpointError(f"{path}: trained with tokenizer {fingerprint!r}, but this run uses "
-                              f"{expected_tokenizer!r}")
+    if expected_tokenizer is not None:
+        _check_tokenizer(path, fingerprint, expected_tokenizer)
     try:
         model_state, metadata = read_weights(path / WEIGHTS_NAME, map_location)
         optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)

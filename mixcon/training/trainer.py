@@ -251,9 +251,8 @@ class Trainer:
         position, RNG. The optimizer's settings (weight decay, betas, eps) are this run's options. Refuses
         corrupt checkpoints and those of another tokenizer, or of another config unless `config_changes` (the
         model's config may then differ in fields that keep every weight's name and shape)."""
-        fingerprint = self.tokenizer.fingerprint() if self.tokenizer is not None else None
         c = ckpt.load_checkpoint(path, expected_config=None if config_changes else self.model.config,
-                                 expected_tokenizer=fingerprint)
+                                 expected_tokenizer=self.tokenizer)
         ckpt.check_model_state(c.model_state, self.shapes, c.path)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         load_full_state(self.model, self.optimizer, c.model_state, c.optimizer_state, self.aliases)

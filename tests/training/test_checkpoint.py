@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mixcon.data import ByteTokenizer, load_tokenizer
+from mixcon.data.tokenizer import train_bpe_tokenizer
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.training import checkpoint as ckpt
 from mixcon.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
@@ -256,6 +257,21 @@ def test_mismatched_config_or_tokenizer_is_refused(trained, make_trainer, tmp_pa
     wider = make_trainer(tmp_path / "wider", config=other)
     with pytest.raises(CheckpointError, match="d_model"):
         wider.fit(resume_from=run)
+
+
+def test_a_tokenizer_that_means_the_same_ids_matches_another_fingerprint(trained):
+    """A fingerprint written by another `tokenizers` version (its to_str changed: 0.20 wrote merges as pairs) with
+    the checkpoint's own tokenizer meaning every id alike is the same tokenizer; one with other ids is not."""
+    _, run = trained
+    path = latest_checkpoint(run)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    (path / ckpt.MANIFEST).write_text(json.dumps({**manifest, "tokenizer_fingerprint": "written-by-another-version"}))
+    assert load_checkpoint(run, expected_tokenizer=ByteTokenizer()).step == manifest["step"]
+    with pytest.raises(CheckpointError, match=r"trained with tokenizer 'written-by-another-version'"):
+        load_checkpoint(run, expected_tokenizer=ByteTokenizer().fingerprint())  # a fingerprint alone: no meaning
+    bpe = train_bpe_tokenizer(["the king and the queen " * 50], 300)
+    with pytest.raises(CheckpointError, match=r"but this run uses '[0-9a-f]{64}' \(\d+ ids, not 259\)"):
+        load_checkpoint(run, expected_tokenizer=bpe)
 
 
 def test_weights_of_the_wrong_shape_are_refused(trained):
