@@ -46,16 +46,24 @@ EXPERT_WEIGHTS = (".w_gate_up", ".w_down")
 
 def upgrade_expert_layout(state: dict[str, Any], metadata: dict[str, str] | None) -> dict[str, Any]:
     """`state` (parameter name -> tensor, or -> optimizer state of that parameter) as this version stores it:
-    the stacked experts of weights saved without WEIGHTS_METADATA's layout are transposed to (n, out, in)."""
+    the stacked experts of weights saved without WEIGHTS_METADATA's layout are transposed to (n, out, in), unless
+    their shapes show this layout already (d_model from `embed.weight`: a file that another tool wrote)."""
     if (metadata or {}).get(LAYOUT_KEY) == WEIGHTS_METADATA[LAYOUT_KEY]:
         return state
+    embed = state.get("embed.weight")
+    d = embed.shape[-1] if isinstance(embed, torch.Tensor) else None
 
-    def swap(value: Any) -> Any:
+    def swap(value: Any, down: bool) -> Any:
         if isinstance(value, dict):
-            return {k: swap(v) for k, v in value.items()}
-        return value.transpose(-1, -2).contiguous() if isinstance(value, torch.Tensor) and value.dim() == 3 else value
+            return {k: swap(v, down) for k, v in value.items()}
+        if not (isinstance(value, torch.Tensor) and value.dim() == 3):
+            return value
+        out, inp = value.shape[-2:]
+        if d is not None and (out, inp).count(d) == 1 and (out == d) == down:  # (n, out, in) already
+            return value
+        return value.transpose(-1, -2).contiguous()
 
-    return {k: swap(v) if k.endswith(EXPERT_WEIGHTS) else v for k, v in state.items()}
+    return {k: swap(v, k.endswith(".w_down")) if k.endswith(EXPERT_WEIGHTS) else v for k, v in state.items()}
 
 
 def read_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor],
