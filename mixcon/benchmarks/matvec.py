@@ -2,9 +2,10 @@
 
 One compiled function chains products through a set of weight matrices too large for the caches
 (by default the shapes of one `small` decoding step, repeated to ~70 MB), so every weight comes from
-memory as in decoding. Rows are the decoding batch. Timed: F.linear eager, F.linear compiled (the
-BLAS call inductor keeps) and `ops.linear` compiled (the multiply-sum loop it uses up to FEW_ROWS
-rows); GB/s = weight bytes / time.
+memory as in decoding. Rows are the decoding batch. Timed: F.linear eager, `ops.linear` eager (one
+row: the multiply-sum in cache-sized blocks; more: F.linear), F.linear compiled (the BLAS call inductor
+keeps) and `ops.linear` compiled (the multiply-sum loop it uses up to FEW_ROWS rows); GB/s = weight
+bytes / time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mixcon.cli.common import number_type
 from mixcon.ops.linear import FEW_ROWS, linear
 
 # (N, K) of the products in one `small` decoding step: Conba in/out, MLP gate-up/down, attention qkv/out.
+FORMS = ("F.linear eager", "ops.linear eager", "F.linear compiled", "ops.linear compiled")
 SMALL_STEP = [(1168, 256), (256, 512), (1280, 256), (256, 640), (512, 256), (256, 256)]
 
 
@@ -41,7 +43,7 @@ def chain(weights: list[torch.Tensor], product: Callable[..., torch.Tensor]) -> 
 
 
 def run(rows: list[int], megabytes: int, repeats: int, out_dir: Path | None) -> list[dict[str, Any]]:
-    """Time the three forms for each row count over ~`megabytes` of fp32 weights."""
+    """Time the four forms for each row count over ~`megabytes` of fp32 weights."""
     torch.manual_seed(0)
     per_step = sum(n * k for n, k in SMALL_STEP) * 4 / 2**20
     shapes = SMALL_STEP * max(1, round(megabytes / per_step))
@@ -53,6 +55,7 @@ def run(rows: list[int], megabytes: int, repeats: int, out_dir: Path | None) -> 
     for m in rows:
         torch._dynamo.reset()  # the forms share one code object: a fresh cache per row count, no limit
         forms = {"F.linear eager": chain(weights, F.linear),
+                 "ops.linear eager": chain(weights, linear),
                  "F.linear compiled": torch.compile(chain(weights, F.linear), dynamic=False),
                  "ops.linear compiled": torch.compile(chain(weights, linear), dynamic=False)}
         x = torch.randn(m, shapes[0][1])
@@ -73,7 +76,7 @@ def run(rows: list[int], megabytes: int, repeats: int, out_dir: Path | None) -> 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, (ax,) = common.new_figure()
-    for name in ("F.linear eager", "F.linear compiled", "ops.linear compiled"):
+    for name in FORMS:
         ax.plot([r["rows"] for r in rows], [r[f"{name} GB/s"] for r in rows], marker="o", label=name)
     ax.set(xscale="log", xlabel="rows (decoding batch)", ylabel="weight GB/s", title="few-row products")
     ax.grid(alpha=0.3)

@@ -11,7 +11,7 @@ from torch import nn
 from mixcon.checks import check_dtype
 from mixcon.layers.linear import Linear
 from mixcon.ops.dtypes import compute_dtype
-from mixcon.ops.linear import batched_linear
+from mixcon.ops.linear import batched_linear, linear
 
 
 @dataclass
@@ -63,8 +63,8 @@ class MoE(nn.Module):
 
     def expert(self, h: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's SwiGLU on (m, d) -> (m, d)."""
-        gate, up = F.linear(h, self.w_gate_up[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w_down[e])
+        gate, up = linear(h, self.w_gate_up[e]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w_down[e])
 
     def combine(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,10 +91,14 @@ class MoE(nn.Module):
     def combine_gathered(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """`combine` for a few tokens (M·K ≤ n): each pair's expert weights gathered, two batched products."""
         M, K = experts.shape
-        e = experts.reshape(-1)  # (M·K,)
-        x = h.repeat_interleave(K, dim=0)[:, None]  # (M·K, 1, d)
-        gate, up = batched_linear(x, self.w_gate_up[e]).chunk(2, dim=-1)  # (M·K, 1, hidden)
-        ys = batched_linear(F.silu(gate) * up, self.w_down[e])[:, 0]  # (M·K, d)
+        if not static_shapes(h):  # each pair's expert read in place: a gather would copy its weights first
+            ys = torch.cat([self.expert(h[i // K: i // K + 1], e)
+                            for i, e in enumerate(experts.reshape(-1).tolist())])  # (M·K, d)
+        else:
+            e = experts.reshape(-1)  # (M·K,)
+            x = h.repeat_interleave(K, dim=0)[:, None]  # (M·K, 1, d)
+            gate, up = batched_linear(x, self.w_gate_up[e]).chunk(2, dim=-1)  # (M·K, 1, hidden)
+            ys = batched_linear(F.silu(gate) * up, self.w_down[e])[:, 0]  # (M·K, d)
         return (weights.reshape(-1, 1).to(ys.dtype) * ys).view(M, K, -1).sum(1).to(h.dtype)
 
     def combine_dense(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

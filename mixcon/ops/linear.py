@@ -8,6 +8,8 @@ import torch.nn.functional as F
 # Up to this many rows (a decoding step's batch), the multiply-sum form wins under torch.compile on a
 # CPU: 3.7x the BLAS call's speed for one row, 1.5x for 16, 0.9x for 32 (`mixcon bench matvec`).
 FEW_ROWS = 16
+# Elements of the temporary of an eager one-row product's multiply-sum, per block of output rows.
+EAGER_BLOCK = 2**19
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -15,13 +17,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Compiled on a CPU with at most `FEW_ROWS` rows, the product is written as Σ_k x_k W_nk, which
     inductor emits as one vectorised reduction over all cores; a CPU BLAS runs such a
-    matrix-vector product on one core at a fraction of the memory bandwidth. Eager calls, GPUs and
-    more rows use F.linear.
+    matrix-vector product on one core at a fraction of the memory bandwidth. Eager on a CPU, one row
+    (`_eager_row`) takes the same form; GPUs and more rows use F.linear.
     """
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1]:
+    if x.device.type == "cpu" and torch.compiler.is_compiling() and x.numel() <= FEW_ROWS * x.shape[-1]:
         y = (x[..., None, :] * weight).sum(-1)  # (..., N)
         return _as_autocast(y if bias is None else y + bias)
+    if x.device.type == "cpu" and _eager_row(x, weight):
+        # Blocks of output rows whose (rows, K) temporary stays in the caches (a large one is fresh memory).
+        rows = max(1, EAGER_BLOCK // x.shape[-1])
+        y = torch.cat([(x[..., None, :] * w).sum(-1) for w in weight.split(rows)], dim=-1)  # (..., N)
+        return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def _eager_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether an eager product takes the multiply-sum form: one row (a decoding step of one sequence; an expert
+    given one token), in fp32 or fp64 (bf16 products would be rounded before the sum), outside autocast; with
+    autograd too, so that a forward gives the same numbers with and without it. MKL's matrix-vector product
+    reads the weight at 7-8 GB/s on the 2-core EPYC of docs/benchmarks.md, the multiply-sum at 15-19 (its
+    temporary stays in the caches; `mixcon bench matvec`)."""
+    return (x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def _as_autocast(y: torch.Tensor) -> torch.Tensor:

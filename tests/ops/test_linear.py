@@ -32,10 +32,45 @@ def test_compiled_few_rows_is_a_multiply_sum_equal_to_f_linear(rows):
     torch.testing.assert_close(compiled(x, w), F.linear(x, w))
 
 
-def test_eager_and_many_rows_use_f_linear():
+def test_many_rows_compiled_use_f_linear():
     x, w = torch.randn(FEW_ROWS + 1, 24), torch.randn(40, 24)
     assert "linear" in traced_ops(linear, x, w)
-    assert torch.equal(linear(x[:1], w), F.linear(x[:1], w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_one_row_is_a_blocked_multiply_sum_equal_to_f_linear(dtype, monkeypatch):
+    """One row in eager mode (a decoding step of one sequence): the multiply-sum, in blocks of output rows
+    (here 3 of 16, 16 and 8), equal to F.linear; the product does not call F.linear."""
+    import mixcon.ops.linear as ops_linear
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(ops_linear, "EAGER_BLOCK", 16 * 24)
+    x, w, b = torch.randn(1, 1, 24, dtype=dtype), torch.randn(40, 24, dtype=dtype), torch.randn(40, dtype=dtype)
+    monkeypatch.setattr(ops_linear.F, "linear", None)  # (would fail if called)
+    got, got_bias = linear(x, w), linear(x, w, b)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, F.linear(x, w))
+    torch.testing.assert_close(got_bias, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("case", ["two rows", "bf16", "autocast"])
+def test_eager_products_outside_one_fp32_row_are_f_linear(case):
+    torch.manual_seed(0)
+    x, w = torch.randn(2 if case == "two rows" else 1, 24), torch.randn(40, 24)
+    if case == "bf16":
+        x, w = x.bfloat16(), w.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_eager_one_row_gives_the_same_numbers_and_gradients_with_autograd():
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        want = linear(x, w)
+    got = linear(x, w)
+    assert torch.equal(got, want)
+    assert torch.autograd.gradcheck(lambda w: linear(x, w), (w,))
 
 
 def test_linear_module_keeps_nn_linear_parameters():
