@@ -89,7 +89,8 @@ class MoE(nn.Module):
         return out
 
     def combine_gathered(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """`combine` for a few tokens (M·K ≤ n): each pair's expert weights gathered, two batched products."""
+        """`combine` for a few tokens (M·K ≤ n): where `static_shapes`, each pair's expert weights gathered and two
+        batched products; eager on a CPU, each pair's expert read in place (the host knows the ids)."""
         M, K = experts.shape
         if not static_shapes(h):  # each pair's expert read in place: a gather would copy its weights first
             ys = torch.cat([self.expert(h[i // K: i // K + 1], e)

@@ -25,7 +25,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return _as_autocast(y if bias is None else y + bias)
     if x.device.type == "cpu" and _eager_row(x, weight):
         # Blocks of output rows whose (rows, K) temporary stays in the caches (a large one is fresh memory).
-        rows = max(1, EAGER_BLOCK // x.shape[-1])
+        rows = max(1, EAGER_BLOCK // max(1, x.shape[-1]))
         blocks = weight.split(rows) if weight.shape[0] > rows else (weight,)
         parts = [(x[..., None, :] * w).sum(-1) for w in blocks]  # (..., rows) each
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., N)
