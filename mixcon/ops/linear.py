@@ -8,8 +8,10 @@ import torch.nn.functional as F
 # Up to this many rows (a decoding step's batch), the multiply-sum form wins under torch.compile on a
 # CPU: 3.7x the BLAS call's speed for one row, 1.5x for 16, 0.9x for 32 (`mixcon bench matvec`).
 FEW_ROWS = 16
-# Elements of the temporary of an eager one-row product's multiply-sum, per block of output rows.
+# An eager one-row product's multiply-sum: its temporary per block of output rows (elements), and the longest row
+# it takes (docs/benchmarks.md §20).
 EAGER_BLOCK = 2**19
+EAGER_MAX_K = 1024
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -20,10 +22,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     matrix-vector product on one core at a fraction of the memory bandwidth. Eager on a CPU, one row
     (`_eager_row`) takes the same form; GPUs and more rows use F.linear.
     """
-    if x.device.type == "cpu" and torch.compiler.is_compiling() and x.numel() <= FEW_ROWS * x.shape[-1]:
-        y = (x[..., None, :] * weight).sum(-1)  # (..., N)
-        return _as_autocast(y if bias is None else y + bias)
-    if x.device.type == "cpu" and _eager_row(x, weight):
+    if torch.compiler.is_compiling():
+        if x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1]:
+            y = (x[..., None, :] * weight).sum(-1)  # (..., N)
+            return _as_autocast(y if bias is None else y + bias)
+    elif not isinstance(x, torch.fx.Proxy) and _eager_row(x, weight, bias):  # (FX traces F.linear)
         # Blocks of output rows whose (rows, K) temporary stays in the caches (a large one is fresh memory).
         rows = max(1, EAGER_BLOCK // max(1, x.shape[-1]))
         blocks = weight.split(rows) if weight.shape[0] > rows else (weight,)
@@ -33,14 +36,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def _eager_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether an eager product takes the multiply-sum form: one row (a decoding step of one sequence; an expert
-    given one token), in fp32 or fp64 (bf16 products would be rounded before the sum), outside autocast; with
-    autograd too, so that a forward gives the same numbers with and without it. MKL's matrix-vector product
-    reads the weight at 7-8 GB/s on the 2-core EPYC of docs/benchmarks.md, the multiply-sum at 15-19 (its
-    temporary stays in the caches; `mixcon bench matvec`)."""
-    return (x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
-            and not torch.is_autocast_enabled("cpu"))
+def _eager_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether an eager product takes the multiply-sum form: on a CPU, one row (a decoding step of one sequence;
+    an expert given one token) of at most `EAGER_MAX_K` inputs, fp32 or fp64 throughout (bf16 products would be
+    rounded before the sum), outside autograd (its backward is slower than BLAS's) and autocast. There MKL's
+    matrix-vector product reads the weight at 7-8 GB/s on the 2-core EPYC of docs/benchmarks.md §20, the
+    multiply-sum at 15-19 (its temporary stays in the caches; `mixcon bench matvec`); for longer rows MKL is as
+    fast or faster."""
+    return (x.device.type == "cpu" and x.numel() == x.shape[-1] <= EAGER_MAX_K and weight.dim() == 2
+            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad))))
 
 
 def _as_autocast(y: torch.Tensor) -> torch.Tensor:

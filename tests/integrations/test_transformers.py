@@ -908,7 +908,8 @@ assert json.load(open({str(tmp_path / "second" / "config.json")!r}))["auto_map"]
 import sys, torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "second")!r}, trust_remote_code=True).eval()
-torch.save(model(torch.tensor({ids})).logits, {str(tmp_path / "logits.pt")!r})
+with torch.no_grad():
+    torch.save(model(torch.tensor({ids})).logits, {str(tmp_path / "logits.pt")!r})
 """
     for code in (script, load):
         done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, stdin=subprocess.DEVNULL,

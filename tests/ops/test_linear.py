@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mixcon.layers.linear import Linear
-from mixcon.ops.linear import FEW_ROWS, batched_linear, linear
+from mixcon.ops.linear import EAGER_MAX_K, FEW_ROWS, batched_linear, linear
 
 
 def traced_ops(fn, *args) -> set[str]:
@@ -53,24 +53,31 @@ def test_eager_one_row_is_a_blocked_multiply_sum_equal_to_f_linear(dtype, monkey
     torch.testing.assert_close(got_bias, F.linear(x, w, b))
 
 
-@pytest.mark.parametrize("case", ["two rows", "bf16", "autocast"])
-def test_eager_products_outside_one_fp32_row_are_f_linear(case):
+@pytest.mark.parametrize("case", ["two rows", "bf16", "autocast", "autograd", "long rows", "fp64 bias"])
+def test_eager_products_outside_one_short_fp32_row_without_autograd_are_f_linear(case):
+    """Where BLAS is as fast (rows longer than EAGER_MAX_K, backward passes) or the sum would round (bf16), or
+    F.linear's own checks should speak (a bias of another dtype)."""
     torch.manual_seed(0)
-    x, w = torch.randn(2 if case == "two rows" else 1, 24), torch.randn(40, 24)
+    K = EAGER_MAX_K + 1 if case == "long rows" else 24
+    x, w = torch.randn(2 if case == "two rows" else 1, K), torch.randn(40, K)
+    b = torch.randn(40, dtype=torch.float64) if case == "fp64 bias" else None
     if case == "bf16":
         x, w = x.bfloat16(), w.bfloat16()
+    if case == "autograd":
+        w.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
-        assert torch.equal(linear(x, w), F.linear(x, w))
+        if case == "fp64 bias":
+            with pytest.raises(RuntimeError):
+                linear(x, w, b)
+        else:
+            assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
 
-def test_eager_one_row_gives_the_same_numbers_and_gradients_with_autograd():
-    torch.manual_seed(0)
-    x, w = torch.randn(1, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64, requires_grad=True)
-    with torch.no_grad():
-        want = linear(x, w)
-    got = linear(x, w)
-    assert torch.equal(got, want)
-    assert torch.autograd.gradcheck(lambda w: linear(x, w), (w,))
+def test_linear_traces_with_fx():
+    """torch.fx.symbolic_trace (FX-mode quantization, other graph tools) sees F.linear."""
+    graph = torch.fx.symbolic_trace(Linear(8, 4))
+    x = torch.randn(1, 8)
+    assert torch.equal(graph(x), F.linear(x, graph.weight, graph.bias))
 
 
 def test_linear_module_keeps_nn_linear_parameters():
