@@ -132,15 +132,13 @@ def _check_byte_level(tok: Tokenizer, special: set[str]) -> None:
     lacking = [byte for char, byte in BYTE_OF.items() if char not in vocab]
     if lacking:
         problems.append(f"its vocabulary lacks {len(lacking)} of the 256 byte symbols (byte 0x{lacking[0]:02x} first)")
-    if not problems:  # text back byte for byte (add_prefix_space, a pre-tokenizer that drops whitespace)
-        back = bytes(BYTE_OF[c] for i in tok.encode(ROUND_TRIP_PROBE, add_special_tokens=False).ids
-                     for c in tok.id_to_token(i))
-        if back != ROUND_TRIP_PROBE.encode():
-            problems.append(f"it does not give text back as it was: {ROUND_TRIP_PROBE[:24]!r}... comes back as "
-                            f"{back.decode(errors='replace')[:24]!r}...")
     if problems:
-        raise ValueError("tokenizer is not a byte-level BPE: " + "; ".join(problems) + " (mixcon needs every text "
-                         "encoded and decoded exactly, byte for byte; train one with train_bpe_tokenizer)")
+        _not_byte_level(problems)
+
+
+def _not_byte_level(problems: list[str]) -> None:
+    raise ValueError("tokenizer is not a byte-level BPE: " + "; ".join(problems) + " (mixcon needs every text "
+                     "encoded and decoded exactly, byte for byte; train one with train_bpe_tokenizer)")
 
 
 class BPETokenizer:
@@ -168,6 +166,10 @@ class BPETokenizer:
         self._added = {i: token.content.encode() for i, token in added.items() if not token.special}
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        back = self.decode_bytes(self.encode(ROUND_TRIP_PROBE))  # (add_prefix_space; whitespace dropped)
+        if back != ROUND_TRIP_PROBE.encode():
+            _not_byte_level([f"it does not give text back as it was: {ROUND_TRIP_PROBE[:24]!r}... comes back as "
+                             f"{back.decode(errors='replace')[:24]!r}..."])
 
     def encode(self, text: str) -> list[int]:
         try:

@@ -116,6 +116,16 @@ def test_byte_level_tokenizers_that_lose_or_add_bytes_are_refused(bpe):
         BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
 
 
+def test_ordinary_added_tokens_pass_the_round_trip_check(bpe):
+    """Added tokens that are not special (whitespace runs as in CodeGen, whole words) stand for their UTF-8 text,
+    as the tokenizer decodes them: the byte-for-byte check reads them so (it took their text as byte symbols)."""
+    raw = bpe.to_tokenizers()
+    raw.add_tokens([tokenizers.AddedToken("    ", normalized=False), "Zürich"])
+    tok = BPETokenizer(raw)
+    text = "def f():\n    return Zürich"
+    assert tok.decode(tok.encode(text)) == text and raw.token_to_id("Zürich") in tok.encode(text)
+
+
 @text_cases
 def test_bpe_round_trip_and_no_specials(bpe, text):
     ids = bpe.encode(text)
