@@ -59,7 +59,8 @@ def check_attention_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 
 def check_dtype(name: str, h: torch.Tensor, dtype: torch.dtype) -> None:
-    """`h` must be in `dtype`, the weights' (outside autocast, which casts each product's inputs itself)."""
-    if h.dtype != dtype and not torch.is_autocast_enabled(h.device.type):
+    """`h` must be in `dtype`, the weights' (outside autocast, which casts each product's inputs itself; quantised
+    integer weights, as bitsandbytes' layers hold, are their layers' business)."""
+    if h.dtype != dtype and dtype.is_floating_point and not torch.is_autocast_enabled(h.device.type):
         raise TypeError(f"{name}: input is {h.dtype}, the weights {dtype}: cast one to the other "
                         f"(or run under torch.autocast)")

@@ -43,3 +43,11 @@ def test_layers_refuse_inputs_of_another_dtype_by_name_outside_autocast(layer):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts each product's inputs itself
         out = module.float()(u)
     assert (out[0] if isinstance(out, tuple) else out).shape == u.shape
+
+
+def test_check_dtype_leaves_quantised_integer_weights_to_their_layers():
+    from mixcon.checks import check_dtype
+
+    check_dtype("Conba", torch.randn(2, 3, dtype=torch.float16), torch.uint8)  # (bitsandbytes' 4-bit storage)
+    with pytest.raises(TypeError, match=r"^Conba: input is torch.float16, the weights torch.float32"):
+        check_dtype("Conba", torch.randn(2, 3, dtype=torch.float16), torch.float32)
