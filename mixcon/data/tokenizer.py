@@ -110,9 +110,10 @@ def _literal_copy(tokenizer: Tokenizer) -> Tokenizer:
 
 
 def _check_byte_level(tok: Tokenizer, special: set[str]) -> None:
-    """Refuse a tokenizer whose ids do not stand for exact UTF-8 bytes: mixcon needs every text encodable and
-    decoded as it was, and bits per byte from each token's bytes (a byte-level BPE with no normalizer). `special`:
-    the text of its special tokens, which stand for no bytes."""
+    """Refuse a tokenizer whose layout cannot give exact UTF-8 bytes: mixcon needs every text encodable and
+    decoded as it was, and bits per byte from each token's bytes (a byte-level BPE with no normalizer, every byte
+    symbol in its vocabulary; `BPETokenizer` then checks a text's round trip, decoding as it does). `special`: the
+    text of its special tokens, which stand for no bytes."""
     spec = json.loads(tok.to_str())
     pre = spec.get("pre_tokenizer") or {}
     pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]

@@ -37,7 +37,14 @@ from mixcon.data.tokenizer import EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_cache
 from mixcon.layers.linear import Linear
-from mixcon.models.mixcon import HF_MODEL_TYPE, HF_NAMES, IGNORE, MixConForCausalLM, ends_in_padding
+from mixcon.models.mixcon import (
+    HF_MODEL_TYPE,
+    HF_NAMES,
+    IGNORE,
+    MixConForCausalLM,
+    ends_in_padding,
+    wrapped_config,
+)
 from mixcon.training.checkpoint import (
     latest_checkpoint,
     load_model_and_tokenizer,
@@ -87,14 +94,8 @@ class MixConHFConfig(PretrainedConfig):
 
     def __init__(self, mixcon: MixConConfig | dict[str, Any] | None = None, use_cache: bool = True,
                  output_router_logits: bool = False, **kwargs: Any) -> None:
-        config = mixcon if isinstance(mixcon, MixConConfig) else MixConConfig.from_dict(mixcon or {})
-        names = {**FIELDS, "vocab_size": "vocab_size", "top_k": "top_k"}
-        if fields := {names[key]: kwargs.pop(key) for key in list(kwargs) if key in names}:
-            config = config.replace(**fields)
-        layers = kwargs.pop("num_hidden_layers", None)  # a layout given beside it wins (`{**to_dict(), n_blocks: 1}`)
-        if layers is not None and layers != config.n_layers and not {"n_blocks", "layers_per_block"} & set(fields):
-            raise ValueError(f"num_hidden_layers={layers} disagrees with the MixConConfig's {config.n_layers} layers "
-                             f"(n_blocks={config.n_blocks} x layers_per_block={config.layers_per_block}); set those")
+        names = {*FIELDS, "vocab_size", "top_k", "num_hidden_layers"}  # what sets (or must agree with) a field
+        config = wrapped_config(mixcon or {}, {key: kwargs.pop(key) for key in list(kwargs) if key in names})
         self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
         self.use_cache = use_cache
         self.output_router_logits = output_router_logits

@@ -89,16 +89,18 @@ def readable_weights(path: str | Path) -> Iterator[None]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def wrapped_config(raw: dict[str, Any]) -> MixConConfig:
-    """The MixConConfig of a config.json the transformers wrapper wrote: its "mixcon" entry, with the fields that
-    also sit at the top level (transformers' names, or MixConConfig's) set from there, as `MixConHFConfig` reads
-    them; `num_hidden_layers` must agree."""
+def wrapped_config(base: MixConConfig | dict[str, Any], top: dict[str, Any]) -> MixConConfig:
+    """The transformers wrapper's MixConConfig: `base` (its config.json's "mixcon" entry) with the fields that `top`
+    names set over it, by transformers' names or MixConConfig's (`MixConHFConfig`'s keywords; the top level of its
+    config.json); `num_hidden_layers` there must agree, unless a layout is given beside it."""
     names = {**{f.name: f.name for f in dataclasses.fields(MixConConfig)}, **HF_NAMES}
-    config = MixConConfig.from_dict({**raw[HF_MODEL_TYPE], **{names[k]: v for k, v in raw.items() if k in names}})
-    layers = raw.get("num_hidden_layers")  # (a layout at the top level wins over it)
-    if layers is not None and layers != config.n_layers and not {"n_blocks", "layers_per_block"} & set(raw):
+    config = base if isinstance(base, MixConConfig) else MixConConfig.from_dict(base)
+    if fields := {names[key]: value for key, value in top.items() if key in names}:
+        config = config.replace(**fields)
+    layers = top.get("num_hidden_layers")  # (`{**to_dict(), "n_blocks": 1}`: the layout wins)
+    if layers is not None and layers != config.n_layers and not {"n_blocks", "layers_per_block"} & set(fields):
         raise ValueError(f"num_hidden_layers={layers} disagrees with the MixConConfig's {config.n_layers} layers "
-                         f"(n_blocks={config.n_blocks} x layers_per_block={config.layers_per_block})")
+                         f"(n_blocks={config.n_blocks} x layers_per_block={config.layers_per_block}); set those")
     return config
 
 
@@ -111,7 +113,7 @@ def read_config(directory: Path) -> tuple[MixConConfig, bool]:
         if not isinstance(raw, dict):
             raise ValueError(f"a JSON object of config fields is expected, not {type(raw).__name__}")
         wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
-        return (wrapped_config(raw) if wrapped else MixConConfig.from_dict(raw)), wrapped
+        return (wrapped_config(raw[HF_MODEL_TYPE], raw) if wrapped else MixConConfig.from_dict(raw)), wrapped
     except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: not a valid model config ({e})") from e
 
