@@ -4,7 +4,7 @@ last 12 of 15 rounds per case:
     reads), for a short prompt in the room `generate` reserves (prompt + 4096) and for a cache that grew
     by doubling (the transformers wrapper's before it reserved room);
 (2) a decoding step's MoE on many tokens grouped by expert vs every expert on every token.
-Usage: python ab_decode_eager.py"""
+Usage: python ab_decode_eager.py (ab_decode_matvec.py imports its model and `median_ms`)"""
 import statistics
 import time
 
@@ -51,13 +51,6 @@ def filled_only() -> None:
 
 
 STATIC = moe.static_shapes
-print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-print("(1) attention in eager decoding: B  context  capacity  whole ms  filled ms  ratio")
-for B, context, capacity in [(1, 128, 128 + 4096), (1, 4096, 8192), (1, 16384, 32768), (8, 128, 128 + 4096)]:
-    r = median_ms({"whole": whole_capacity, "filled": filled_only}, B, context, capacity)
-    ratio = r["whole"] / r["filled"]
-    print(f"    {B:<3} {context:<7} {capacity:<8} {r['whole']:9.2f} {r['filled']:9.2f}  {ratio:.2f}x")
-print("(2) MoE in eager decoding: B  all-experts ms  grouped ms  ratio")
 
 
 def dense() -> None:
@@ -68,6 +61,14 @@ def grouped() -> None:
     moe.static_shapes = STATIC
 
 
-for B in (8, 64, 256):
-    r = median_ms({"dense": dense, "grouped": grouped}, B, 128, 256)
-    print(f"    {B:<4} {r['dense']:9.2f} {r['grouped']:9.2f}  {r['dense'] / r['grouped']:.2f}x")
+if __name__ == "__main__":
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("(1) attention in eager decoding: B  context  capacity  whole ms  filled ms  ratio")
+    for B, context, capacity in [(1, 128, 128 + 4096), (1, 4096, 8192), (1, 16384, 32768), (8, 128, 128 + 4096)]:
+        r = median_ms({"whole": whole_capacity, "filled": filled_only}, B, context, capacity)
+        ratio = r["whole"] / r["filled"]
+        print(f"    {B:<3} {context:<7} {capacity:<8} {r['whole']:9.2f} {r['filled']:9.2f}  {ratio:.2f}x")
+    print("(2) MoE in eager decoding: B  all-experts ms  grouped ms  ratio")
+    for B in (8, 64, 256):
+        r = median_ms({"dense": dense, "grouped": grouped}, B, 128, 256)
+        print(f"    {B:<4} {r['dense']:9.2f} {r['grouped']:9.2f}  {r['dense'] / r['grouped']:.2f}x")
