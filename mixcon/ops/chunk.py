@@ -9,7 +9,9 @@ U = Ut - W S0^T with Ut, W independent of S0 leaves two small products per chunk
 sequential pass; everything else is batched over all chunks:
     U  = Ut - W S0^T,   S_C = exp(b_C) S0 + (w U)^T K,   w = exp(b_C - b)
     Y  = A U + diag(exp b) Q S0^T,   A[t, s] = exp(b_t - b_s) q_t.k_s  (s <= t)
-The delayed readout S_{t-tau} q_t is the same readout with queries shifted by tau.
+The delayed readout S_{t-tau} q_t, for t - tau in t's chunk, is the same readout with the decay rows shifted down
+by tau (merged into A and exp(b) of y: no second product); for t - tau in an earlier chunk, the readout of that
+chunk's last steps with the queries tau steps later.
 Packed documents (`seq_idx`) zero every decay factor exp(b_t - b_s) whose two ends lie in
 different documents, and the delayed readout where t - tau lies before its document.
 """
@@ -59,23 +61,36 @@ class _Documents(NamedTuple):
 
 
 def _readout(
-    Qc: torch.Tensor,  # (B, G, nc, R, C, N) R sets of queries, shared by the heads of a group
+    Qc: torch.Tensor,  # (B, G, nc, Cq, N) queries, shared by the heads of a group
     Kc: torch.Tensor,  # (B, G, nc, C, N) keys
-    decay_mat: torch.Tensor,  # (B, G, hg, nc, C, C) exp(b_t - b_s), 0 above the diagonal
-    eb: torch.Tensor,  # (B, G, hg, nc, C) exp(b_t)
+    decay_mat: torch.Tensor,  # (B, G, hg, nc, Cq, C) decay from each step to each query row, 0 where it cannot read
+    eb: torch.Tensor,  # (B, G, hg, nc, Cq) decay from the chunk start to each query row
     U: torch.Tensor,  # (B, G, hg, nc, C, P) what each step writes
-    starts: torch.Tensor,  # (B, G, hg, nc, P, N) state at each chunk start
+    starts: torch.Tensor,  # (B, G, nc, hg, P, N) state at each chunk start
 ) -> torch.Tensor:
-    """y_t = S_t q_t for every t and each query set, from chunk-start states: (B, G, hg, nc, R, C, P).
-
-    The query sets (the readout and the delayed readout's shifted queries) share every product."""
-    B, G, nc, R, C, _ = Qc.shape
-    Qf = Qc.flatten(3, 4)  # (B, G, nc, R·C, N)
+    """sum_s decay_mat[t, s] (q_t.k_s) u_s + eb_t S0 q_t for each query row t of each chunk: (B, G, hg, nc, Cq, P)."""
     # One QKᵀ per group, decayed per head.
-    A = (Qf @ Kc.transpose(-1, -2)).view(B, G, 1, nc, R, C, C) * decay_mat.unsqueeze(-3)
-    # The heads of a group share Q: one (R·C, N) x (N, hg·P) product per chunk, scaled by exp(b_t) after.
-    inter = torch.einsum("bgcsn,bghcpn->bghcsp", Qf, starts).unflatten(4, (R, C))
-    return (A.flatten(4, 5) @ U).unflatten(4, (R, C)) + eb[..., None, :, None] * inter
+    A = (Qc @ Kc.transpose(-1, -2)).unsqueeze(2) * decay_mat
+    # The heads of a group share Q: one (Cq, N) x (N, hg·P) product per chunk, scaled by exp(b_t) after.
+    inter = torch.einsum("bgcsn,bgchpn->bghcsp", Qc, starts)
+    return A @ U + eb.unsqueeze(-1) * inter
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """(I + L)^-1 of unit lower triangular matrices (..., C, C), by a triangular solve; the gradient by two products,
+    -X^T dX X^T below the diagonal (autograd's own is a second solve and a product: ~2x slower on a CPU)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, system: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
+        inv = torch.linalg.solve_triangular(system, eye.expand_as(system), upper=False, unitriangular=True)
+        ctx.save_for_backward(inv)
+        return inv
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (inv,) = ctx.saved_tensors
+        return -(inv.mT @ grad @ inv.mT).tril(-1)
 
 
 def _chunk_writes(U: torch.Tensor, w: torch.Tensor, Kc: torch.Tensor) -> torch.Tensor:
@@ -192,7 +207,7 @@ def conba_scan(
         system = torch.addcmul(eye, bt.unsqueeze(-1), strict)  # I + diag(beta) M
         # One triangular solve for the (C, C) inverse, then two batched products: on a CPU that is
         # 2-3x faster than solving for the P + N right-hand sides directly.
-        inv = torch.linalg.solve_triangular(system, eye.expand_as(system), upper=False, unitriangular=True)
+        inv = _UnitLowerInverse.apply(system)
         Ut = inv @ (bt.unsqueeze(-1) * Xc)  # (B, G, hg, nc, C, P)
         W = inv @ ((bt * eb).unsqueeze(-1) * Kc.unsqueeze(2))  # (B, G, hg, nc, C, N)
         writes = []
@@ -208,20 +223,30 @@ def conba_scan(
         for D_c, g_c in zip(_chunk_writes(U, w, Kc).unbind(3), decays, strict=True):
             starts.append(S)
             S = g_c * S + D_c
-    starts_t = torch.stack(starts, dim=3)  # (B, G, hg, nc, P, N)
+    starts_t = torch.stack(starts, dim=2)  # (B, G, nc, hg, P, N): chunk-major, as the readout reads them
     final = S.reshape(B, H, P, N)
 
-    if tau == 0:
-        y = _unchunk(_readout(Qc.unsqueeze(3), Kc, decay_mat, eb, U, starts_t)[..., 0, :, :], T)  # (B, T, H, P)
-    else:
-        # S_{t-tau} q_t: the readout at step t - tau with queries shifted forward by tau, read out
-        # together with y_t = S_t q_t.
-        Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C, G).squeeze(2)
-        both = _readout(torch.stack([Qc, Q2c], dim=3), Kc, decay_mat, eb, U, starts_t)
-        y, r = (_unchunk(t, T) for t in both.unbind(4))
+    decay_y, eb_y = decay_mat, eb
+    if 0 < tau < C:
+        # S_{t-tau} q_t for the rows t >= tau of a chunk reads the same chunk: the decay rows shifted down by tau,
+        # merged into the readout's (one product for both terms; rows t < tau are zero here).
+        shifted, eb_shifted = F.pad(decay_mat[..., : C - tau, :], (0, 0, tau, 0)), F.pad(eb[..., : C - tau], (tau, 0))
+        if docs is not None:  # S_{t-tau} is zero when t - tau lies before t's document
+            same = (docs.seg == F.pad(docs.seg[..., : C - tau], (tau, 0))).to(dt)  # (B, 1, 1, nc, C)
+            shifted, eb_shifted = shifted * same.unsqueeze(-1), eb_shifted * same
+        gain = delay_gain.to(dt).view(1, G, hg, 1, 1)
+        decay_y, eb_y = decay_mat + gain.unsqueeze(-1) * shifted, eb + gain * eb_shifted
+    y = _unchunk(_readout(Qc, Kc, decay_y, eb_y, U, starts_t), T)  # (B, T, H, P)
+    if tau > 0:
+        # The rows whose S_{t-tau} lies in an earlier chunk: the last m steps of each chunk read out with the
+        # queries tau steps later, then moved forward by tau.
+        m = min(tau, C)
+        Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C, G).squeeze(2)[..., C - m :, :]
+        r = _readout(Q2c, Kc, decay_mat[..., C - m :, :], eb[..., C - m :], U, starts_t)  # (B, G, hg, nc, m, P)
+        r = _unchunk(F.pad(r, (0, 0, C - m, 0)), T)
         early = early_delayed_readout(q, past0, hg)  # the first tau steps read the initial past states
         delayed = torch.cat([early, r[:, : T - early.shape[1]]], dim=1)
-        if docs is not None:  # S_{t-tau} is zero when t - tau lies before t's document
+        if docs is not None:
             seg = docs.seg.reshape(B, T_pad)[:, :T]
             same = seg == F.pad(seg, (tau, 0))[:, :T]  # (B, T)
             delayed = delayed * same[..., None, None].to(dt)
@@ -235,7 +260,7 @@ def conba_scan(
 def _past_states(
     final: torch.Tensor,  # (B, H, P, N)
     past0: torch.Tensor,  # (B, tau, H, P, N)
-    starts: torch.Tensor,  # (B, G, hg, nc, P, N)
+    starts: torch.Tensor,  # (B, G, nc, hg, P, N)
     U: torch.Tensor,  # (B, G, hg, nc, C, P)
     Kc: torch.Tensor,  # (B, G, nc, C, N)
     b: torch.Tensor,  # (B, G, hg, nc, C) log decays from each chunk start
@@ -267,7 +292,7 @@ def _past_states(
                 w = w * (segs == seg[..., None]).unsqueeze(-2)
                 g = g * (seg == docs.start[..., c, 0])[..., None, None]
             writes = _chunk_writes(U[:, :, :, c:c + 1, : m + 1], w, Kc[:, :, c:c + 1, : m + 1]).squeeze(3)
-            S = g * starts[:, :, :, c] + writes
+            S = g * starts[:, :, c] + writes
             S = S.reshape(final.shape)
         if docs is not None:
             S = S * (seg == docs.last).view(-1, 1, 1, 1).to(S.dtype)

@@ -81,18 +81,22 @@ def test_chunked_equals_reference_and_step_fp64(delta_rule, T, chunk, G, tau, in
 
 
 @pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
-def test_gradients_match_reference_fp64(delta_rule):
+@pytest.mark.parametrize("tau,chunk", [(2, 8), (5, 4)], ids=["tau-inside-chunks", "tau-past-a-chunk"])
+def test_gradients_match_reference_fp64(delta_rule, tau, chunk):
     inputs = make_inputs(T=19, G=2, beta_max=2.0)
-    inputs = [t.requires_grad_() for t in (*inputs, initial_past_states(inputs[-1], 2)[:, :1].clone())]
-    x, k, q, ld, beta, gain, S0, S_minus1 = inputs
-    kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0,
-              initial_past_states=torch.stack([S_minus1[:, 0], S0], dim=1))
+    inputs = [t.requires_grad_() for t in (*inputs, initial_past_states(inputs[-1], tau)[:, :-1].clone())]
+    x, k, q, ld, beta, gain, S0, earlier = inputs
+    kw = dict(delta_rule=delta_rule, tau=tau, delay_gain=gain, initial_state=S0,
+              initial_past_states=torch.cat([earlier, S0[:, None]], dim=1))
     w = torch.randn(2, 19, 4, 5, dtype=torch.float64)
     grads = []
-    for fn, extra in ((conba_scan_reference, {}), (conba_scan, {"chunk_size": 8})):
+    for fn, extra in ((conba_scan_reference, {}), (conba_scan, {"chunk_size": chunk})):
         y, s = fn(x, k, q, ld, beta, **kw, **extra)
         loss = (y * w).sum() + s.square().sum()
-        grads.append(torch.autograd.grad(loss, inputs))
+        first = torch.autograd.grad(loss, inputs, create_graph=True)
+        # ... and second order (the delta rule's triangular inverse has a hand-written gradient)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), (x, k, ld, beta))
+        grads.append((*first, *second))
     for g_ref, g in zip(*grads, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
 
