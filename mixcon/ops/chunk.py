@@ -236,14 +236,17 @@ def conba_scan(
             shifted, eb_shifted = shifted * same.unsqueeze(-1), eb_shifted * same
         gain = delay_gain.to(dt).view(1, G, hg, 1, 1)
         decay_y, eb_y = decay_mat + gain.unsqueeze(-1) * shifted, eb + gain * eb_shifted
-    y = _unchunk(_readout(Qc, Kc, decay_y, eb_y, U, starts_t), T)  # (B, T, H, P)
-    if tau > 0:
-        # The rows whose S_{t-tau} lies in an earlier chunk: the last m steps of each chunk read out with the
-        # queries tau steps later, then moved forward by tau.
+    if tau == 0:
+        y = _unchunk(_readout(Qc, Kc, decay_y, eb_y, U, starts_t), T)  # (B, T, H, P)
+    else:
+        # The rows whose S_{t-tau} lies in an earlier chunk: the last m steps of each chunk, read out with the queries
+        # tau steps later as m more query rows of that chunk, then moved forward by tau.
         m = min(tau, C)
         Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C, G).squeeze(2)[..., C - m :, :]
-        r = _readout(Q2c, Kc, decay_mat[..., C - m :, :], eb[..., C - m :], U, starts_t)  # (B, G, hg, nc, m, P)
-        r = _unchunk(F.pad(r, (0, 0, C - m, 0)), T)
+        rows = _readout(torch.cat([Qc, Q2c], dim=-2), Kc, torch.cat([decay_y, decay_mat[..., C - m :, :]], dim=-2),
+                        torch.cat([eb_y, eb[..., C - m :]], dim=-1), U, starts_t)  # (B, G, hg, nc, C + m, P)
+        y = _unchunk(rows[..., :C, :], T)
+        r = _unchunk(F.pad(rows[..., C:, :], (0, 0, C - m, 0)), T)
         early = early_delayed_readout(q, past0, hg)  # the first tau steps read the initial past states
         delayed = torch.cat([early, r[:, : T - early.shape[1]]], dim=1)
         if docs is not None:
