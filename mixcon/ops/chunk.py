@@ -181,7 +181,7 @@ def conba_scan(
     # strong decay b is large, and b_t - b_s alone would lose the weak decays between s and t.
     b64 = ld.to(torch.float64).cumsum(-1)  # (B, G, hg, nc, C)
     b = b64.to(dt)
-    lo = (b64 - b.to(torch.float64)).to(dt)
+    lo = (b64 - b.to(torch.float64)).to(dt).detach()  # its gradient is zero (d b64 - d b): not computed
     eb = b.exp()
     causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
     diff = (b.unsqueeze(-1) - b.unsqueeze(-2)) + (lo.unsqueeze(-1) - lo.unsqueeze(-2))  # (..., C, C): b_t - b_s
@@ -209,7 +209,9 @@ def conba_scan(
         # 2-3x faster than solving for the P + N right-hand sides directly.
         inv = _UnitLowerInverse.apply(system)
         Ut = inv @ (bt.unsqueeze(-1) * Xc)  # (B, G, hg, nc, C, P)
-        W = inv @ ((bt * eb).unsqueeze(-1) * Kc.unsqueeze(2))  # (B, G, hg, nc, C, N)
+        # W = inv diag(beta exp b) K: the heads of a group share K, one (hg·C, C) x (C, N) product per chunk (each
+        # chunk's W then lies in one block for the pass below).
+        W = torch.einsum("bghcts,bgcsn->bghctn", inv * (bt * eb).unsqueeze(-2), Kc)  # (B, G, hg, nc, C, N)
         writes = []
         for Ut_c, W_c, w_c, K_c, g_c in zip(Ut.unbind(3), W.unbind(3), w.unbind(3), Kc.unbind(2), decays,
                                            strict=True):
