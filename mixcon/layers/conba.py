@@ -18,7 +18,7 @@ from mixcon.layers.context import DecodeStep, ForwardContext, check_input
 from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.norm import GatedRMSNorm
-from mixcon.ops import conba_scan, conba_scan_step
+from mixcon.ops import causal_conv, conba_scan, conba_scan_step
 from mixcon.ops.dtypes import compute_dtype
 
 # Steps per segment of an eager forward without autograd (see `Conba._segments`).
@@ -122,25 +122,15 @@ class Conba(nn.Module):
         previous steps' inputs (zeros when None), is updated in place; `taps`: `conv_taps()`, if at hand;
         `seq_idx` (B, T): no tap reads a step of an earlier document (a document sees zeros before it).
 
-        Written as `width` shifted multiply-adds in the (B, T, C) layout: no transposes around conv1d,
-        and elementwise work that torch.compile fuses (forward and backward); one token is the same sum.
-        A compiled graph gets `taps` as an input: inside it, the transposed copy is fused away and the
+        By `causal_conv` (shifted multiply-adds in the (B, T, C) layout, a hand-written gradient). A compiled graph
+        gets `taps` as an input: inside it, the transposed copy is fused away and the
         loop over C reads the weights with a stride, which inductor does not vectorise."""
-        B, T, C = xkq.shape
+        B, _, C = xkq.shape
         width = self.conv1d.kernel_size[0]
         full = torch.cat([xkq.new_zeros(B, width - 1, C) if tail is None else tail.to(xkq.dtype), xkq], dim=1)
         if tail is not None:
             tail.copy_(full[:, -(width - 1):])
-        w = self.conv_taps() if taps is None else taps  # (width, C)
-        if seq_idx is not None:
-            seg = seq_idx - seq_idx[:, :1]
-            before = F.pad(seg, (width - 1, 0))  # (B, width - 1 + T): the tail belongs to the first document
-        out = None
-        for j in range(width):
-            inp = full[:, j:j + T]
-            if seq_idx is not None and j < width - 1:  # tap j reads the step width - 1 - j back
-                inp = inp * (before[:, j:j + T] == seg)[..., None].to(inp.dtype)
-            out = torch.addcmul(self.conv1d.bias, inp, w[j]) if out is None else out.addcmul_(inp, w[j])
+        out = causal_conv(full, self.conv_taps() if taps is None else taps, self.conv1d.bias, seq_idx)
         return F.silu(out)
 
     def _scan_inputs(self, u: torch.Tensor, mask: torch.Tensor | None, conv_tail: torch.Tensor | None,
