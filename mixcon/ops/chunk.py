@@ -76,6 +76,26 @@ def _readout(
     return A @ U + eb.unsqueeze(-1) * inter
 
 
+class _DecayMatrix(torch.autograd.Function):
+    """exp(b_t - b_s) where `keep`, else 0: b (..., C) log decays, lo (..., C) what fp32 rounds off them (no gradient),
+    keep (..., C, C) -> (..., C, C). One buffer written in place, and the gradient of b as the row sums minus the
+    column sums of grad * D (autograd's chain of broadcasts, where and exp allocated five)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, b: torch.Tensor, lo: torch.Tensor, keep: torch.Tensor
+                ) -> torch.Tensor:
+        D = b.unsqueeze(-1) - b.unsqueeze(-2)
+        D.add_(lo.unsqueeze(-1) - lo.unsqueeze(-2)).masked_fill_(~keep, float("-inf")).exp_()
+        ctx.save_for_backward(D)
+        return D
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (D,) = ctx.saved_tensors
+        gD = grad * D
+        return gD.sum(-1) - gD.sum(-2), None, None
+
+
 class _UnitLowerInverse(torch.autograd.Function):
     """(I + L)^-1 of unit lower triangular matrices (..., C, C), by a triangular solve; the gradient by two products,
     -X^T dX X^T below the diagonal (autograd's own is a second solve and a product: ~2x slower on a CPU)."""
@@ -184,7 +204,6 @@ def conba_scan(
     lo = (b64 - b.to(torch.float64)).to(dt).detach()  # its gradient is zero (d b64 - d b): not computed
     eb = b.exp()
     causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
-    diff = (b.unsqueeze(-1) - b.unsqueeze(-2)) + (lo.unsqueeze(-1) - lo.unsqueeze(-2))  # (..., C, C): b_t - b_s
     w = _decays_to_end(b, lo)  # (B, G, hg, nc, C): decay from each step to the chunk end
     g = b[..., -1:].exp()  # (B, G, hg, nc, 1): decay across the whole chunk
     docs = _Documents.build(seq_idx, T_pad, C) if seq_idx is not None else None
@@ -193,7 +212,7 @@ def conba_scan(
         eb = eb * (docs.seg == docs.start)
         w = w * (docs.seg == docs.seg[..., -1:])
         g = g * (docs.seg[..., -1:] == docs.start)
-    decay_mat = torch.where(causal, diff, float("-inf")).exp()
+    decay_mat = _DecayMatrix.apply(b, lo, causal)  # (..., C, C): exp(b_t - b_s), 0 above the diagonal
 
     decays = g.unsqueeze(-1).unbind(3)  # nc × (B, G, hg, 1, 1)
     S = S0.view(B, G, hg, P, N)
