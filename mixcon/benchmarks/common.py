@@ -39,6 +39,25 @@ def wall_times(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_sec
     return times
 
 
+def interleaved_median_seconds(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1
+                               ) -> dict[str, float]:
+    """Median wall time of each of `fns`, after warm-up, timed in rounds that call each once, in alternating order:
+    a machine's drift over the run reaches every one alike (timing one after the other, it lands on whichever ran
+    then)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
     """Median wall time of `fn` after warm-up (repeats more while under min_seconds in total)."""
     return statistics.median(wall_times(fn, repeats, warmup, min_seconds))

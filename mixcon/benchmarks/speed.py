@@ -9,11 +9,13 @@ the best of that and a second measurement, `train_matmul_peak_gflops`). Memory: 
 is the most one call holds above what was in use before it (CUDA's allocator peak; on Linux CPUs the
 resident peak), `saved_MiB` what autograd saves for backward beyond the layer's weights and input. On
 CUDA with triton installed, `+triton` rows time the forward of the Triton kernel (`conba_kernel="triton"`).
+All layers of one shape and mode are timed in rounds that call each once (`interleaved_median_seconds`).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from mixcon.benchmarks.common import (
     add_device_arguments,
     add_out_argument,
     apply_precision,
+    interleaved_median_seconds,
     matmul_peak_gflops,
     median_seconds,
     new_figure,
@@ -120,10 +123,8 @@ def reference_layer(config: MixConConfig) -> torch.nn.Module:
     return layer
 
 
-def measure(module: torch.nn.Module, u: torch.Tensor, backward: bool, repeats: int
-            ) -> tuple[float, int, int | None]:
-    """(median seconds, bytes saved for backward, peak bytes above the memory in use before: `peak_memory`)
-    of one call on the input `u` (B, T, d)."""
+def layer_step(module: torch.nn.Module, u: torch.Tensor, backward: bool) -> Callable[[], None]:
+    """One call of the layer on the input `u` (B, T, d): forward without autograd, or forward and backward."""
     u = u.detach().requires_grad_(backward)
 
     def step() -> None:
@@ -132,15 +133,19 @@ def measure(module: torch.nn.Module, u: torch.Tensor, backward: bool, repeats: i
         else:
             with torch.no_grad():
                 module(u)
+    return step
 
-    seconds = median_seconds(step, repeats=repeats)
-    peak = peak_memory(step, str(u.device))
+
+def memory(module: torch.nn.Module, u: torch.Tensor, backward: bool) -> tuple[int, int | None]:
+    """(bytes saved for backward, peak bytes above the memory in use before: `peak_memory`) of one call on `u`."""
+    peak = peak_memory(layer_step(module, u, backward), str(u.device))
     saved = 0
     if backward:
+        u = u.detach().requires_grad_()
         with SavedBytes(u, *module.parameters()) as counter:
             module(u).sum()
         saved = counter.nbytes
-    return seconds, saved, peak
+    return saved, peak
 
 
 def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, dtype: torch.dtype,
@@ -219,23 +224,30 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
     for T in lengths:
         for B in batches:
             u = torch.randn(B, T, base.d_model, device=device, dtype=dtype)
-            for name, module in modules.items():
-                if module is None or (name == "reference-loop" and T > reference_max_T):
-                    continue
-                config = base.replace(**VARIANTS.get(name.split("+")[0], SSD))
-                for backward in (False,) if name.endswith("+triton") else (False, True):  # no Triton backward
-                    row: dict[str, Any] = dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd")
-                    try:
-                        seconds, saved, peak_bytes = measure(module, u, backward, repeats)
-                    except torch.OutOfMemoryError:  # recorded as a result: the layer does not fit here
-                        rows.append({**row, "tokens_per_s": None, "note": "out of memory"})
+            for backward in (False, True):
+                steps: dict[str, Callable[[], None]] = {}
+                for name, module in modules.items():
+                    if (module is None or (name == "reference-loop" and T > reference_max_T)
+                            or (backward and name.endswith("+triton"))):  # no Triton backward
                         continue
+                    try:  # the warm-up call (compiling), alone: a layer that does not fit is left out
+                        layer_step(module, u, backward)()
+                        steps[name] = layer_step(module, u, backward)
+                    except torch.OutOfMemoryError:  # recorded as a result: the layer does not fit here
+                        rows.append(dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd",
+                                         tokens_per_s=None, note="out of memory"))
                     finally:
                         release_memory()
+                for name, seconds in interleaved_median_seconds(steps, repeats, warmup=0).items():
+                    module = modules[name]
+                    config = base.replace(**VARIANTS.get(name.split("+")[0], SSD))
+                    saved, peak_bytes = memory(module, u, backward)
+                    release_memory()
                     gflops = layer_flops(module, config, B, T, backward) / seconds / 1e9
-                    rows.append({**row, "tokens_per_s": B * T / seconds, "ms": seconds * 1e3, "gflops": gflops,
-                                 "peak_frac": gflops / peak, "peak_MiB": mib(peak_bytes),
-                                 "saved_MiB": mib(saved) if backward else None})
+                    rows.append(dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd",
+                                     tokens_per_s=B * T / seconds, ms=seconds * 1e3, gflops=gflops,
+                                     peak_frac=gflops / peak, peak_MiB=mib(peak_bytes),
+                                     saved_MiB=mib(saved) if backward else None))
             print_table([r for r in rows if r["T"] == T and r["B"] == B], COLUMNS)
             print()
             save()  # after every shape, so that a run stopped early keeps what it measured

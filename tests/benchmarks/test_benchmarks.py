@@ -38,6 +38,25 @@ def test_speed_benchmark_rows_and_files(tmp_path):
     assert (tmp_path / "speed.png").stat().st_size > 0
 
 
+def test_interleaved_timing_alternates_the_order_of_each_round():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    medians = common.interleaved_median_seconds(fns, repeats=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("cba") + list("abc")
+    assert set(medians) == set("abc") and all(m >= 0 for m in medians.values())
+
+
+def test_speed_benchmark_records_a_layer_out_of_memory_and_times_the_rest(monkeypatch):
+    def no_room(self, u, *args, **kwargs):
+        raise torch.OutOfMemoryError("no room")
+    monkeypatch.setattr(speed, "reference_layer", lambda config: type("Big", (Conba,), {"forward": no_room})(
+        config, 0))
+    rows = speed.run([32], [1], repeats=1, reference_max_T=32, out_dir=None, train_shape=None, triton=False)
+    oom = [r for r in rows if r["layer"] == "reference-loop"]
+    assert [r["note"] for r in oom] == ["out of memory"] * 2 and all(r["tokens_per_s"] is None for r in oom)
+    assert all(r["tokens_per_s"] > 0 for r in rows if r["layer"] != "reference-loop")
+
+
 def test_speed_benchmark_times_the_triton_kernel_forward(tmp_path):
     pytest.importorskip("triton", reason="triton is not installed")  # on a CPU: its interpreter (conftest.py)
     rows = speed.run([64], [1], repeats=1, reference_max_T=0, out_dir=None, train_shape=None, triton=True)
