@@ -39,23 +39,37 @@ def wall_times(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_sec
     return times
 
 
-def interleaved_median_seconds(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1
-                               ) -> dict[str, float]:
+def interleaved_median_seconds(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1,
+                               dropped_on: tuple[type[BaseException], ...] = ()) -> dict[str, float]:
     """Median wall time of each of `fns`, after warm-up, timed in rounds that call each once, in alternating order:
     a machine's drift over the run reaches every one alike (timing one after the other, it lands on whichever ran
-    then)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+    then). A function that raises one of `dropped_on` (out of memory, say) is left out of the later calls and of
+    the result, and the memory it held is released."""
+    live = dict(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
+
+    def call(name: str) -> float | None:
+        sync()
+        start = time.perf_counter()
+        try:
+            live[name]()
+        except dropped_on:
+            del live[name]
+            release_memory()
+            return None
+        sync()
+        return time.perf_counter() - start
+
+    for name in list(live):
+        for _ in range(warmup):
+            if name in live:
+                call(name)
     for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            sync()
-            start = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        for name in (list(live) if r % 2 == 0 else list(live)[::-1]):
+            seconds = call(name)
+            if seconds is not None:
+                times[name].append(seconds)
+    return {name: statistics.median(times[name]) for name in live}
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:

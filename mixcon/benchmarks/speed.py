@@ -71,9 +71,10 @@ def scan_flops(B: int, T: int, H: int, P: int, N: int, C: int, delta_rule: bool,
     once per group (G), the rest per head; the delta rule's unit-triangular solve with C right-hand sides as C³;
     and the first τ steps' readout of the initial past states."""
     C = max(1, min(C, T))
-    R = 2 if tau > 0 else 1  # query sets read out together: y_t, and the delayed readout's shifted queries
-    group = 2 * R * C * C * N  # Q Kᵀ
-    head = 2 * R * C * C * P + 2 * R * C * N * P + 2 * C * P * N  # (Q Kᵀ ∘ L) U, Q Sᵀ, the chunk's write (w∘U)ᵀ K
+    R = C + min(tau, C) if tau > 0 else C  # query rows read out per chunk: y_t, and the delayed readout's rows
+    # whose S_{t-τ} lies in an earlier chunk (the others share y_t's products)
+    group = 2 * R * C * N  # Q Kᵀ
+    head = 2 * R * C * P + 2 * R * N * P + 2 * C * P * N  # (Q Kᵀ ∘ L) U, Q Sᵀ, the chunk's write (w∘U)ᵀ K
     if delta_rule:
         group += 2 * C * C * N  # K Kᵀ
         head += C**3 + 2 * C * C * P + 2 * C * C * N + 2 * C * N * P  # solve, inv (β X), inv (β e^b K), W Sᵀ
@@ -224,30 +225,30 @@ def run(lengths: list[int], batches: list[int], repeats: int, reference_max_T: i
     for T in lengths:
         for B in batches:
             u = torch.randn(B, T, base.d_model, device=device, dtype=dtype)
-            for backward in (False, True):
-                steps: dict[str, Callable[[], None]] = {}
-                for name, module in modules.items():
-                    if (module is None or (name == "reference-loop" and T > reference_max_T)
-                            or (backward and name.endswith("+triton"))):  # no Triton backward
-                        continue
-                    try:  # the warm-up call (compiling), alone: a layer that does not fit is left out
-                        layer_step(module, u, backward)()
-                        steps[name] = layer_step(module, u, backward)
-                    except torch.OutOfMemoryError:  # recorded as a result: the layer does not fit here
-                        rows.append(dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd",
-                                         tokens_per_s=None, note="out of memory"))
+            timed = {name: module for name, module in modules.items()
+                     if module is not None and not (name == "reference-loop" and T > reference_max_T)}
+            medians = {backward: interleaved_median_seconds(
+                {name: layer_step(module, u, backward) for name, module in timed.items()
+                 if not (backward and name.endswith("+triton"))},  # no Triton backward
+                repeats, dropped_on=(torch.OutOfMemoryError,)) for backward in (False, True)}
+            for name, module in timed.items():  # rows layer by layer, fwd then fwd+bwd
+                config = base.replace(**VARIANTS.get(name.split("+")[0], SSD))
+                for backward in (False,) if name.endswith("+triton") else (False, True):
+                    row: dict[str, Any] = dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd")
+                    seconds = medians[backward].get(name)
+                    try:
+                        saved, peak_bytes = memory(module, u, backward) if seconds is not None else (0, None)
+                    except torch.OutOfMemoryError:
+                        seconds = None
                     finally:
                         release_memory()
-                for name, seconds in interleaved_median_seconds(steps, repeats, warmup=0).items():
-                    module = modules[name]
-                    config = base.replace(**VARIANTS.get(name.split("+")[0], SSD))
-                    saved, peak_bytes = memory(module, u, backward)
-                    release_memory()
+                    if seconds is None:  # recorded as a result: the layer does not fit here
+                        rows.append({**row, "tokens_per_s": None, "note": "out of memory"})
+                        continue
                     gflops = layer_flops(module, config, B, T, backward) / seconds / 1e9
-                    rows.append(dict(layer=name, T=T, B=B, mode="fwd+bwd" if backward else "fwd",
-                                     tokens_per_s=B * T / seconds, ms=seconds * 1e3, gflops=gflops,
-                                     peak_frac=gflops / peak, peak_MiB=mib(peak_bytes),
-                                     saved_MiB=mib(saved) if backward else None))
+                    rows.append({**row, "tokens_per_s": B * T / seconds, "ms": seconds * 1e3, "gflops": gflops,
+                                 "peak_frac": gflops / peak, "peak_MiB": mib(peak_bytes),
+                                 "saved_MiB": mib(saved) if backward else None})
             print_table([r for r in rows if r["T"] == T and r["B"] == B], COLUMNS)
             print()
             save()  # after every shape, so that a run stopped early keeps what it measured

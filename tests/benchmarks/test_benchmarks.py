@@ -46,15 +46,40 @@ def test_interleaved_timing_alternates_the_order_of_each_round():
     assert set(medians) == set("abc") and all(m >= 0 for m in medians.values())
 
 
-def test_speed_benchmark_records_a_layer_out_of_memory_and_times_the_rest(monkeypatch):
+def test_interleaved_timing_leaves_out_what_raises_the_errors_it_is_told():
+    calls = []
+
+    def b():
+        calls.append("b")
+        if calls.count("b") == 2:  # its warm-up passes, its first timed call fails
+            raise torch.OutOfMemoryError("no room")
+    medians = common.interleaved_median_seconds({"a": lambda: calls.append("a"), "b": b}, repeats=3, warmup=1,
+                                                dropped_on=(torch.OutOfMemoryError,))
+    assert set(medians) == {"a"} and calls == ["a", "b", "a", "b", "a", "a"]
+    with pytest.raises(ValueError):  # anything else propagates
+        common.interleaved_median_seconds({"c": lambda: int("c")}, dropped_on=(torch.OutOfMemoryError,))
+
+
+@pytest.mark.parametrize("fails_from_call", [1, 2, 4], ids=["warm-up", "first-round", "memory-pass"])
+def test_speed_benchmark_records_a_layer_out_of_memory_and_times_the_rest(monkeypatch, fails_from_call):
+    calls = []
+
     def no_room(self, u, *args, **kwargs):
-        raise torch.OutOfMemoryError("no room")
+        calls.append(1)
+        if len(calls) >= fails_from_call:
+            raise torch.OutOfMemoryError("no room")
+        return Conba.forward(self, u, *args, **kwargs)
     monkeypatch.setattr(speed, "reference_layer", lambda config: type("Big", (Conba,), {"forward": no_room})(
         config, 0))
     rows = speed.run([32], [1], repeats=1, reference_max_T=32, out_dir=None, train_shape=None, triton=False)
     oom = [r for r in rows if r["layer"] == "reference-loop"]
-    assert [r["note"] for r in oom] == ["out of memory"] * 2 and all(r["tokens_per_s"] is None for r in oom)
+    assert [r["mode"] for r in oom] == ["fwd", "fwd+bwd"]
+    assert all(r["note"] == "out of memory" and r["tokens_per_s"] is None for r in oom)
     assert all(r["tokens_per_s"] > 0 for r in rows if r["layer"] != "reference-loop")
+    # rows layer by layer, in the benchmark's order, fwd before fwd+bwd
+    assert [(r["layer"], r["mode"]) for r in rows[:4]] == [("transformers-mamba2", "fwd"),
+                                                          ("transformers-mamba2", "fwd+bwd"),
+                                                          ("conba-ssd", "fwd"), ("conba-ssd", "fwd+bwd")]
 
 
 def test_speed_benchmark_times_the_triton_kernel_forward(tmp_path):
