@@ -81,13 +81,17 @@ class _DecayMatrix(torch.autograd.Function):
     keep (..., C, C) -> (..., C, C). One buffer written in place, and the gradient of b as the row sums minus the
     column sums of grad * D (autograd's chain of broadcasts, where and exp allocated five)."""
 
+    generate_vmap_rule = True  # torch.func's transforms (vmap, jacrev, jvp) apply
+
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, b: torch.Tensor, lo: torch.Tensor, keep: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(b: torch.Tensor, lo: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         D = b.unsqueeze(-1) - b.unsqueeze(-2)
-        D.add_(lo.unsqueeze(-1) - lo.unsqueeze(-2)).masked_fill_(~keep, float("-inf")).exp_()
-        ctx.save_for_backward(D)
-        return D
+        return D.add_(lo.unsqueeze(-1) - lo.unsqueeze(-2)).masked_fill_(~keep, float("-inf")).exp_()
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -95,22 +99,38 @@ class _DecayMatrix(torch.autograd.Function):
         gD = grad * D
         return gD.sum(-1) - gD.sum(-2), None, None
 
+    @staticmethod
+    def jvp(ctx: torch.autograd.function.FunctionCtx, db: torch.Tensor | None, *_: torch.Tensor | None
+            ) -> torch.Tensor:
+        (D,) = ctx.saved_tensors
+        return D * (db.unsqueeze(-1) - db.unsqueeze(-2)) if db is not None else torch.zeros_like(D)
+
 
 class _UnitLowerInverse(torch.autograd.Function):
     """(I + L)^-1 of unit lower triangular matrices (..., C, C), by a triangular solve; the gradient by two products,
     -X^T dX X^T below the diagonal (autograd's own is a second solve and a product: ~2x slower on a CPU)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, system: torch.Tensor) -> torch.Tensor:
+    def forward(system: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
-        inv = torch.linalg.solve_triangular(system, eye.expand_as(system), upper=False, unitriangular=True)
-        ctx.save_for_backward(inv)
-        return inv
+        return torch.linalg.solve_triangular(system, eye.expand_as(system), upper=False, unitriangular=True)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         (inv,) = ctx.saved_tensors
         return -(inv.mT @ grad @ inv.mT).tril(-1)
+
+    @staticmethod
+    def jvp(ctx: torch.autograd.function.FunctionCtx, d_system: torch.Tensor) -> torch.Tensor:
+        (inv,) = ctx.saved_tensors
+        return -(inv @ d_system.tril(-1) @ inv)
 
 
 def _chunk_writes(U: torch.Tensor, w: torch.Tensor, Kc: torch.Tensor) -> torch.Tensor:

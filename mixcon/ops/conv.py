@@ -2,7 +2,8 @@
 
 Written as `width` shifted multiply-adds: no transposes around conv1d, elementwise work that torch.compile fuses.
 Autograd's gradient of that sum spends a zero-filled full-size tensor per tap on the shifted slices, and a full-size
-product per tap for addcmul's unit scale; this one accumulates the taps' input gradients into one tensor in place.
+product per tap for addcmul's unit scale; this one is the conv of the padded gradient with the taps reversed,
+accumulated in one tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _tap_masks(seq_idx: torch.Tensor | None, width: int, dtype: torch.dtype) -> 
     return [(before[:, j:j + T] == seg)[..., None].to(dtype) for j in range(width - 1)] + [None]
 
 
-def _conv_sum(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
+def _conv_sum(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None
               ) -> torch.Tensor:
     """The conv as `width` shifted multiply-adds: (B, width - 1 + T, C) -> (B, T, C)."""
     width = taps.shape[0]
@@ -30,32 +31,55 @@ def _conv_sum(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, seq_id
     out = None
     for j, mask in enumerate(_tap_masks(seq_idx, width, full.dtype)):
         inp = full[:, j:j + T] if mask is None else full[:, j:j + T] * mask
-        out = torch.addcmul(bias, inp, taps[j]) if out is None else out.addcmul_(inp, taps[j])
+        if out is None:
+            out = inp * taps[j] if bias is None else torch.addcmul(bias, inp, taps[j])
+        else:
+            out = out.addcmul_(inp, taps[j])
     return out
 
 
 class _CausalConv(torch.autograd.Function):
+    generate_vmap_rule = True  # torch.func's transforms (vmap, jacrev, jvp) apply
+
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor,
-                seq_idx: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(full, taps, seq_idx)
+    def forward(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
+                ) -> torch.Tensor:
         return _conv_sum(full, taps, bias, seq_idx)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        full, taps, _, seq_idx = inputs
+        ctx.save_for_backward(full, taps, seq_idx)
+        ctx.save_for_forward(full, taps, seq_idx)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         full, taps, seq_idx = ctx.saved_tensors
-        width = taps.shape[0]
-        T = full.shape[1] - width + 1
-        grad_full = torch.zeros_like(full) if ctx.needs_input_grad[0] else None
-        grad_taps = torch.empty(taps.shape, dtype=grad.dtype, device=grad.device) if ctx.needs_input_grad[1] else None
-        for j, mask in enumerate(_tap_masks(seq_idx, width, grad.dtype)):
-            g = grad if mask is None else grad * mask
-            if grad_full is not None:
-                grad_full[:, j:j + T].addcmul_(g, taps[j])
-            if grad_taps is not None:
-                grad_taps[j] = (g * full[:, j:j + T]).sum((0, 1))
+        width, n = taps.shape[0], full.shape[1]
+        T = n - width + 1
+        masks = _tap_masks(seq_idx, width, grad.dtype)
+        grad_full = None
+        if ctx.needs_input_grad[0]:  # full[:, i] met tap j at output i - j: the conv of the padded gradient, reversed
+            padded = F.pad(grad, (0, 0, width - 1, width - 1))
+            for j, mask in enumerate(masks):
+                g = padded[:, width - 1 - j:width - 1 - j + n]
+                if mask is not None:
+                    g = g * F.pad(mask, (0, 0, j, width - 1 - j))
+                grad_full = g * taps[j] if grad_full is None else grad_full.addcmul_(g, taps[j])
+        grad_taps = None
+        if ctx.needs_input_grad[1]:
+            grad_taps = torch.stack([((grad if mask is None else grad * mask) * full[:, j:j + T]).sum((0, 1))
+                                     for j, mask in enumerate(masks)])
         grad_bias = grad.sum((0, 1)) if ctx.needs_input_grad[2] else None
         return grad_full, grad_taps, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx: torch.autograd.function.FunctionCtx, d_full: torch.Tensor | None, d_taps: torch.Tensor | None,
+            d_bias: torch.Tensor | None, _: None) -> torch.Tensor:
+        full, taps, seq_idx = ctx.saved_tensors
+        terms = [t for t in (d_bias, None if d_full is None else _conv_sum(d_full, taps, None, seq_idx),
+                             None if d_taps is None else _conv_sum(full, d_taps, None, seq_idx)) if t is not None]
+        return sum(terms[1:], terms[0])
 
 
 def causal_conv(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor,

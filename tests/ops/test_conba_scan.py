@@ -427,3 +427,25 @@ def test_packed_scan_compiles_into_one_graph(have_c_compiler):
     compiled = torch.compile(conba_scan, fullgraph=True, dynamic=False)
     for a, b in zip(compiled(x, k, q, ld, beta, **kw), conba_scan(x, k, q, ld, beta, **kw), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+def test_torch_func_transforms_match_the_reference_fp64(delta_rule):
+    """Forward-mode (jvp), reverse-mode Jacobians (jacrev) and vmap go through the chunked scan's autograd.Functions
+    as through the reference loop's plain ops."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(B=1, T=9, H=2, P=2, G=1, N=3)
+    kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain[:2], initial_state=S0[:, :2, :2, :3])
+    x, S0 = x[..., :2, :2], kw["initial_state"]
+    ld, beta = ld[..., :2], beta[..., :2]
+    k, q = k[..., :3], q[..., :3]
+    dirs = [torch.randn_like(t) for t in (x, ld, beta)]
+    results = []
+    for fn, extra in ((conba_scan_reference, {}), (conba_scan, {"chunk_size": 4})):
+        def f(x_, ld_, beta_, fn=fn, extra=extra):
+            return fn(x_, k, q, ld_, beta_, **kw, **extra)[0]
+        _, tangent = torch.func.jvp(f, (x, ld, beta), tuple(dirs))
+        jac = torch.func.jacrev(f, argnums=(1, 2))(x, ld, beta)
+        batched = torch.func.vmap(lambda ld_: f(x, ld_, beta))(torch.stack([ld, 2 * ld]))
+        results.append((tangent, *jac, batched))
+    for got, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)

@@ -63,3 +63,17 @@ def test_gradients_pass_gradcheck_and_reach_only_inputs_that_ask():
     assert torch.autograd.gradcheck(lambda f, t, b: causal_conv(f, t, b, seq_idx), (full, taps, bias))
     (g,) = torch.autograd.grad(causal_conv(full, taps.detach(), bias.detach()).sum(), full)
     assert g.shape == full.shape
+
+
+def test_torch_func_transforms_match_conv1d_fp64():
+    full, taps, bias = (t.detach() for t in inputs(B=1, T=6, C=3))
+    dirs = tuple(torch.randn_like(t) for t in (full, taps, bias))
+    with torch.enable_grad():  # the autograd.Function's path, with its own jvp and generated vmap rule
+        full.requires_grad_(), taps.requires_grad_(), bias.requires_grad_()
+        got = torch.func.jvp(causal_conv, (full, taps, bias), dirs)[1]
+        got_jac = torch.func.jacrev(causal_conv, argnums=(0, 1, 2))(full, taps, bias)
+        got_vmap = torch.func.vmap(lambda t: causal_conv(full, t, bias))(torch.stack([taps, 2 * taps]))
+    torch.testing.assert_close(got, torch.func.jvp(conv1d_reference, (full, taps, bias), dirs)[1])
+    for a, b in zip(got_jac, torch.func.jacrev(conv1d_reference, argnums=(0, 1, 2))(full, taps, bias), strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(got_vmap, torch.stack([conv1d_reference(full, t, bias) for t in (taps, 2 * taps)]))
