@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mixcon.ops._jvp import traced
 from mixcon.ops._validate import LOG_DECAY_FLOOR, check_scan_inputs
 from mixcon.ops.dtypes import compute_dtype
 
@@ -91,13 +92,21 @@ class _DecayMatrix(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
         ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (D,) = ctx.saved_tensors
         gD = grad * D
         return gD.sum(-1) - gD.sum(-2), None, None
+
+
+class _DecayMatrixJvp(_DecayMatrix):
+    """The same with forward-mode AD (torch.func.jvp); dynamo does not trace Functions that define `jvp`, so compiled
+    code takes the one above (`traced`)."""
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        _output_saved(ctx, output)
 
     @staticmethod
     def jvp(ctx: torch.autograd.function.FunctionCtx, db: torch.Tensor | None, *_: torch.Tensor | None
@@ -120,17 +129,30 @@ class _UnitLowerInverse(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
         ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         (inv,) = ctx.saved_tensors
         return -(inv.mT @ grad @ inv.mT).tril(-1)
 
+
+class _UnitLowerInverseJvp(_UnitLowerInverse):
+    """The same with forward-mode AD (see `_DecayMatrixJvp`)."""
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        _output_saved(ctx, output)
+
     @staticmethod
     def jvp(ctx: torch.autograd.function.FunctionCtx, d_system: torch.Tensor) -> torch.Tensor:
         (inv,) = ctx.saved_tensors
         return -(inv @ d_system.tril(-1) @ inv)
+
+
+def _output_saved(ctx: torch.autograd.function.FunctionCtx, output: torch.Tensor) -> None:
+    """A Function's output kept for its backward and its jvp."""
+    ctx.save_for_backward(output)
+    ctx.save_for_forward(output)
 
 
 def _chunk_writes(U: torch.Tensor, w: torch.Tensor, Kc: torch.Tensor) -> torch.Tensor:
@@ -232,7 +254,7 @@ def conba_scan(
         eb = eb * (docs.seg == docs.start)
         w = w * (docs.seg == docs.seg[..., -1:])
         g = g * (docs.seg[..., -1:] == docs.start)
-    decay_mat = _DecayMatrix.apply(b, lo, causal)  # (..., C, C): exp(b_t - b_s), 0 above the diagonal
+    decay_mat = traced(_DecayMatrix, _DecayMatrixJvp).apply(b, lo, causal)  # (..., C, C): exp(b_t - b_s), 0 above
 
     decays = g.unsqueeze(-1).unbind(3)  # nc × (B, G, hg, 1, 1)
     S = S0.view(B, G, hg, P, N)
@@ -246,7 +268,7 @@ def conba_scan(
         system = torch.addcmul(eye, bt.unsqueeze(-1), strict)  # I + diag(beta) M
         # One triangular solve for the (C, C) inverse, then two batched products: on a CPU that is
         # 2-3x faster than solving for the P + N right-hand sides directly.
-        inv = _UnitLowerInverse.apply(system)
+        inv = traced(_UnitLowerInverse, _UnitLowerInverseJvp).apply(system)
         Ut = inv @ (bt.unsqueeze(-1) * Xc)  # (B, G, hg, nc, C, P)
         # W = inv diag(beta exp b) K: the heads of a group share K, one (hg·C, C) x (C, N) product per chunk (each
         # chunk's W then lies in one block for the pass below).

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mixcon.ops._jvp import traced
+
 
 def _tap_masks(seq_idx: torch.Tensor | None, width: int, dtype: torch.dtype) -> list[torch.Tensor | None]:
     """Per tap j, (B, T, 1): 1 where the step it reads (width - 1 - j back) lies in the same document, else 0;
@@ -50,7 +52,6 @@ class _CausalConv(torch.autograd.Function):
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
         full, taps, _, seq_idx = inputs
         ctx.save_for_backward(full, taps, seq_idx)
-        ctx.save_for_forward(full, taps, seq_idx)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -73,6 +74,16 @@ class _CausalConv(torch.autograd.Function):
         grad_bias = grad.sum((0, 1)) if ctx.needs_input_grad[2] else None
         return grad_full, grad_taps, grad_bias, None
 
+
+class _CausalConvJvp(_CausalConv):
+    """The same with forward-mode AD (see `mixcon.ops._jvp`)."""
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        full, taps, _, seq_idx = inputs
+        ctx.save_for_backward(full, taps, seq_idx)
+        ctx.save_for_forward(full, taps, seq_idx)
+
     @staticmethod
     def jvp(ctx: torch.autograd.function.FunctionCtx, d_full: torch.Tensor | None, d_taps: torch.Tensor | None,
             d_bias: torch.Tensor | None, _: None) -> torch.Tensor:
@@ -88,5 +99,5 @@ def causal_conv(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor,
     the first, taps (width, C), bias (C,) -> (B, T, C). With `seq_idx` (B, T), packed documents: no tap reads a step
     of an earlier document (the steps before the first belong to the first)."""
     if torch.is_grad_enabled() and (full.requires_grad or taps.requires_grad or bias.requires_grad):
-        return _CausalConv.apply(full, taps, bias, seq_idx)
+        return traced(_CausalConv, _CausalConvJvp).apply(full, taps, bias, seq_idx)
     return _conv_sum(full, taps, bias, seq_idx)  # (decoding: no autograd.Function overhead per token)

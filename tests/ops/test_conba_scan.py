@@ -449,3 +449,13 @@ def test_torch_func_transforms_match_the_reference_fp64(delta_rule):
         results.append((tangent, *jac, batched))
     for got, ref in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_dynamo_traces_the_scan_with_gradients_in_one_graph():
+    """The scan's autograd.Functions with a `jvp` would break a compiled graph (dynamo does not trace those): inside
+    one, the plain Functions run."""
+    x, k, q, ld, beta, gain, _ = (t.float() for t in make_inputs(T=20))
+    x.requires_grad_(), ld.requires_grad_()
+    explained = torch._dynamo.explain(lambda x_, ld_: conba_scan(
+        x_, k, q, ld_, beta, delta_rule=True, tau=2, delay_gain=gain, chunk_size=8)[0].sum())(x, ld)
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -77,3 +77,9 @@ def test_torch_func_transforms_match_conv1d_fp64():
     for a, b in zip(got_jac, torch.func.jacrev(conv1d_reference, argnums=(0, 1, 2))(full, taps, bias), strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(got_vmap, torch.stack([conv1d_reference(full, t, bias) for t in (taps, 2 * taps)]))
+
+
+def test_dynamo_traces_the_conv_with_gradients_in_one_graph():
+    full, taps, bias = (t.float() for t in inputs())
+    explained = torch._dynamo.explain(lambda f, t, b: causal_conv(f, t, b).sum())(full, taps, bias)
+    assert explained.graph_break_count == 0, explained.break_reasons
