@@ -41,7 +41,9 @@ def _conv_sum(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
 
 
 class _CausalConv(torch.autograd.Function):
-    generate_vmap_rule = True  # torch.func's transforms (vmap, jacrev, jvp) apply
+    """`_conv_sum` with the hand-written gradient of the module's docstring."""
+
+    generate_vmap_rule = True  # torch.func: vmap, jacrev (jvp through the subclass)
 
     @staticmethod
     def forward(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
