@@ -25,17 +25,22 @@ from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.training.optim import build_optimizer, lr_at, set_lr
 
 
+def seconds_of(fn: Callable[[], Any]) -> float:
+    """Wall time of one call of `fn`, the device's queued work included."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def wall_times(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> list[float]:
     """Wall times of `fn` after warm-up (repeats more while under min_seconds in total)."""
     for _ in range(warmup):
         fn()
     times: list[float] = []
     while len(times) < repeats or sum(times) < min_seconds:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
+        times.append(seconds_of(fn))
     return times
 
 
@@ -49,16 +54,12 @@ def interleaved_median_seconds(fns: dict[str, Callable[[], Any]], repeats: int =
     times: dict[str, list[float]] = {name: [] for name in fns}
 
     def call(name: str) -> float | None:
-        sync()
-        start = time.perf_counter()
         try:
-            live[name]()
+            return seconds_of(live[name])
         except dropped_on:
             del live[name]
             release_memory()
             return None
-        sync()
-        return time.perf_counter() - start
 
     for name in list(live):
         for _ in range(warmup):

@@ -89,4 +89,3 @@ def check_input(layer: str, h: torch.Tensor, d_model: int, dtype: torch.dtype) -
     if h.dim() != 3 or h.shape[-1] != d_model:
         raise ValueError(f"{layer}: input must be (B, T, d_model={d_model}), got shape {tuple(h.shape)}")
     check_dtype(layer, h, dtype)
-
