@@ -14,8 +14,8 @@ from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 def filler_loss(model: MixConForCausalLM, windows: torch.Tensor, ratio: float, filler_id: int, *,
                 batch_size: int = 32, seed: int = 0) -> float:
     """Mean negative log-likelihood (nats) of each next real token of `windows` (N, R), predicted at the
-    real token before it, with round(ratio · R) fillers inserted per window at places drawn from `seed`,
-    `batch_size` windows at a time (the same seed and batch size draw the same places)."""
+    real token before it, with round(ratio · R) fillers inserted per window at places drawn from `seed` (the
+    same for any `batch_size`: each row's draws follow the previous row's), `batch_size` windows at a time."""
     if not (is_integer(batch_size) and batch_size >= 1):
         raise ValueError(f"filler_loss: batch_size={batch_size!r} must be an integer >= 1")
     if windows.dim() != 2 or windows.shape[0] == 0:

@@ -13,21 +13,21 @@ from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 def recall_accuracy(model: MixConForCausalLM, task: RecallTask, num_pairs: int, *, sequences: int = 256,
                     batch_size: int = 64, seed: int = 0) -> float:
     """Fraction of queried keys whose value is the model's most likely next token, over `sequences`
-    held-out sequences with `num_pairs` pairs each, drawn from `seed` `batch_size` at a time (the same seed and
-    batch size draw the same sequences)."""
+    held-out sequences with `num_pairs` pairs each, all drawn from `seed` (the same for any `batch_size`), run
+    `batch_size` at a time."""
     for name, value in (("sequences", sequences), ("batch_size", batch_size)):
         if not (is_integer(value) and value >= 1):
             raise ValueError(f"recall_accuracy: {name}={value!r} must be an integer >= 1")
     if model.config.vocab_size < task.vocab_size:
         raise ValueError(f"recall_accuracy: the model's vocab_size={model.config.vocab_size} is smaller than "
                          f"the task's {task.vocab_size}")
-    generator = torch.Generator().manual_seed(seed)
+    all_ids, all_labels = task.sample(sequences, num_pairs, torch.Generator().manual_seed(seed))  # (S, T)
     device = model.embed.weight.device
     hits = total = 0
     with model.evaluating():
         for start in range(0, sequences, batch_size):
-            ids, labels = task.sample(min(batch_size, sequences - start), num_pairs, generator)
-            ids, labels = ids.to(device), labels.to(device)
+            ids = all_ids[start:start + batch_size].to(device)  # (B, T)
+            labels = all_labels[start:start + batch_size].to(device)
             scored = labels != IGNORE  # (B, T)
             predicted = model(ids).logits.argmax(-1)  # (B, T)
             hits += int((predicted[scored] == labels[scored]).sum())

@@ -50,6 +50,13 @@ def test_fillers_change_a_real_models_loss(tiny_model):
     assert math.isfinite(plain) and abs(plain - padded) > 1e-6
 
 
+def test_the_filler_places_do_not_depend_on_the_batch_size(tiny_model):
+    windows = torch.randint(0, FILLER, (5, 10), generator=torch.Generator().manual_seed(2))
+    model = tiny_model(vocab_size=V)
+    whole, *parts = (filler_loss(model, windows, 1.5, FILLER, batch_size=b, seed=4) for b in (5, 2, 1))
+    assert parts == pytest.approx([whole, whole], rel=1e-5)
+
+
 def test_bad_sizes_are_refused_by_name(tiny_model):
     model = tiny_model(vocab_size=V)
     windows = torch.randint(0, FILLER, (4, 10))
