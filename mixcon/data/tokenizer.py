@@ -163,10 +163,13 @@ class BPETokenizer:
                              "add_tokens, not add_special_tokens); mixcon needs them special, so that text "
                              "spelling them stays text (train one with train_bpe_tokenizer)")
         _check_byte_level(self._tok, special)
-        # Ordinary added tokens (add_tokens) stand for their text in UTF-8; vocabulary tokens, one byte per character.
-        self._added = {i: token.content.encode() for i, token in added.items() if not token.special}
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # The bytes each id stands for: none for a special token, an ordinary added token's (add_tokens) text
+        # in UTF-8, one byte per character of a vocabulary token.
+        self._bytes = [b"" if i in self._special else
+                       added[i].content.encode() if i in added else
+                       bytes(BYTE_OF[c] for c in self._tok.id_to_token(i) or "") for i in range(self.vocab_size)]
         back = self.decode_bytes(self.encode(ROUND_TRIP_PROBE))  # (add_prefix_space; whitespace dropped)
         if back != ROUND_TRIP_PROBE.encode():
             _not_byte_level([f"it does not give text back as it was: {ROUND_TRIP_PROBE[:24]!r}... comes back as "
@@ -187,26 +190,15 @@ class BPETokenizer:
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The UTF-8 bytes the ids stand for (none for special tokens): `decode` before the bytes become text."""
-        return b"".join(self._bytes_of(i) for i in self._checked(ids))
-
-    def _checked(self, ids: Sequence[int]) -> list[int]:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the BPE vocabulary [0, {self.vocab_size})")
-        return ids
+        return b"".join(map(self._bytes.__getitem__, ids))
 
     def token_bytes(self) -> list[int]:
         """UTF-8 bytes of text that each id stands for (0 for special tokens)."""
-        return [len(self._bytes_of(i)) for i in range(self.vocab_size)]
-
-    def _bytes_of(self, i: int) -> bytes:
-        """The bytes of id `i`: none for a special token, an added token's text, or one byte per character."""
-        if i in self._special:
-            return b""
-        if i in self._added:
-            return self._added[i]
-        return bytes(BYTE_OF[c] for c in self._tok.id_to_token(i) or "")
+        return [len(b) for b in self._bytes]
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()
