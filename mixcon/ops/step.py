@@ -18,7 +18,7 @@ def conba_scan_step(
     delta_rule: bool,
     delay_gain: torch.Tensor | None = None,  # (H,)
     delayed_state: torch.Tensor | None = None,  # (B, H, P, N): S_{t-tau}, when tau > 0
-    out: torch.Tensor | None = None,  # (B, H, P, N): where S_t goes; may be `state` or `delayed_state`
+    out: torch.Tensor | None = None,  # (B, H, P, N): S_t goes there; may be `state` or `delayed_state` (autograd too)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the recurrence; returns (y (B, H, P), S_t (B, H, P, N)).
 
@@ -30,6 +30,12 @@ def conba_scan_step(
         raise ValueError(f"conba_scan_step: out must be a contiguous {(B, H, P, N)} tensor")
     dt = state.dtype
     hg = H // G
+    # out= ops record no gradients, and a compiled graph writes its inputs by copy (fused by the compiler).
+    in_place = out is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if out is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # Autograd saves the states it reads: it reads copies of those that `out` overwrites.
+        state, delayed_state = (s if s is None or not _shares_memory(s, out) else s.clone()
+                                for s in (state, delayed_state))
     # Heads grouped by key group: each group's (H/G · P, N) block of rows shares one key and query.
     S = state.reshape(B * G, hg * P, N)  # a view unless the batch is strided
     kc = k.to(dt).reshape(B * G, N, 1)
@@ -43,8 +49,6 @@ def conba_scan_step(
     write = x.to(dt)
     if delta_rule:  # x_t - (α_t S_{t-1}) k_t
         write = write - decay * torch.bmm(S, kc).view(B, H, P)
-    # out= ops record no gradients, and a compiled graph writes its inputs by copy (fused by the compiler).
-    in_place = out is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     S_new = torch.mul(state, decay[..., None], out=out) if in_place else (state * decay[..., None]).contiguous()
     S_new.view(B * G, hg * P, N).baddbmm_((b * write).view(B * G, hg * P, 1), kc.view(B * G, 1, N))
     if out is not None and not in_place:
@@ -53,3 +57,8 @@ def conba_scan_step(
     if delayed is not None:
         y = y + delay_gain.to(dt)[:, None] * delayed
     return y.to(x.dtype), S_new
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of one storage."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -173,6 +173,24 @@ def test_step_writes_into_out_even_when_it_aliases_an_input(target, grad):
     torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("target", ["state", "delayed"])
+def test_step_gradients_with_out_aliasing_an_input(target):
+    """With autograd, writing S_t over a state the step read leaves the gradients as without `out`."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=1)
+    leaves = [t.clone().requires_grad_() for t in (x[:, 0], k[:, 0], q[:, 0], S0, S0.flip(0))]
+
+    def grads(use_out: bool) -> list[torch.Tensor]:
+        x1, k1, q1, s1, d1 = leaves
+        state, old = s1 * 1, d1 * 1  # non-leaves: a leaf that needs a gradient cannot be written in place
+        out = (state if target == "state" else old) if use_out else None
+        y, s = conba_scan_step(x1, k1, q1, ld[:, 0], beta[:, 0], state, delta_rule=True, delay_gain=gain,
+                               delayed_state=old, out=out)
+        return torch.autograd.grad((y * y).sum() + (s * s).sum(), leaves)
+
+    for got, expected in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_step_reads_states_with_a_strided_batch():
     """States sliced out of a (B, R, H, P, N) stack (batch stride R·H·P·N) are read as they are."""
     x, k, q, ld, beta, gain, S0 = make_inputs(T=1)
