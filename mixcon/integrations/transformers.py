@@ -181,6 +181,9 @@ def _check_device_map(device_map: dict[str, Any] | None) -> None:
 
 
 # What transformers' generate hands every forward for its own use (stop_strings' tokenizer, assisted decoding).
+# New tokens transformers' generate makes when given neither max_new_tokens nor max_length (its generation
+# config's default max_length, counted after the prompt).
+DEFAULT_NEW_TOKENS = 20
 PASSED_BY = frozenset({"tokenizer", "assistant_tokenizer"})
 
 
@@ -429,11 +432,14 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _generation_room(self, prompt_length: int) -> int:
         """Positions a cache made for a `prompt_length` prompt keeps for new tokens: what the running `generate`
-        asks for (max_new_tokens, else max_length less the prompt), so that the cache need not grow."""
+        asks for (max_new_tokens, else max_length less the prompt, else transformers' default), so that the cache
+        need not grow."""
         assert self._lengths is not None, "only while generate runs"
         max_new_tokens, max_length = self._lengths
+        if max_new_tokens is None and max_length is None:
+            return DEFAULT_NEW_TOKENS
         if max_new_tokens is None:
-            return max(0, (max_length or 0) - prompt_length)
+            return max(0, max_length - prompt_length)
         return max_new_tokens
 
     def _reorder_cache(self, cache: MixConCache, beam_idx: torch.Tensor) -> MixConCache:

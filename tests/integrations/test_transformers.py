@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Dynam
 from mixcon import MixConCache, MixConConfig, MixConForCausalLM
 from mixcon.data import ByteTokenizer
 from mixcon.data.tokenizer import mismatch, train_bpe_tokenizer
+from mixcon.generation.cache import AttentionCache
 from mixcon.integrations.transformers import MixConHFConfig, MixConHFForCausalLM, export_hf, hf_tokenizer
 from mixcon.training.checkpoint import load_model_and_tokenizer, save_checkpoint
 
@@ -205,14 +207,19 @@ def test_greedy_generate_is_mixcon_generate(pair):
         hf.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=2)
 
 
-@pytest.mark.parametrize("lengths", [dict(max_new_tokens=12), dict(max_length=20)])
-def test_generate_makes_a_cache_with_room_for_what_it_asks(pair, lengths):
+@pytest.mark.parametrize("lengths, capacity", [(dict(max_new_tokens=12), 23), (dict(max_length=20), 20),
+                                               (dict(), 31)])  # neither: transformers' default, 20 new tokens
+def test_generate_makes_a_cache_with_room_for_what_it_asks(pair, monkeypatch, lengths, capacity):
     """The cache a generate call makes holds the prompt and the new tokens asked for: it never grows (which
     copies every K/V and doubles them)."""
     _, hf = pair
     ids, mask = left_padded()  # T = 11
-    out = hf.generate(ids, attention_mask=mask, do_sample=False, return_dict_in_generate=True, **lengths)
-    assert out.past_key_values.key_mask.shape[1] == (23 if "max_new_tokens" in lengths else 20)
+    grown, grow = [], AttentionCache.grow
+    monkeypatch.setattr(AttentionCache, "grow", lambda self, *a: grown.append(a) or grow(self, *a))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Using the model-agnostic default `max_length`")
+        out = hf.generate(ids, attention_mask=mask, do_sample=False, return_dict_in_generate=True, **lengths)
+    assert out.past_key_values.key_mask.shape[1] == capacity and not grown
     assert hf._lengths is None
 
 
