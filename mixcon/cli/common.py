@@ -201,16 +201,16 @@ def load_config_file(path: Path) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> MixConConfig:
     """The config named by --config (DEFAULT_CONFIG when None) with the --set overrides applied (errors exit with
     the message)."""
-    overrides = parse_overrides(args.overrides)
     name = DEFAULT_CONFIG if args.config is None else args.config
     command = " ".join(str(part) for part in ("mixcon", getattr(args, "command", None), getattr(args, "action", None))
                        if part)
     try:
+        overrides = parse_overrides(args.overrides)
         if name in PRESETS:
             return MixConConfig.preset(name, **overrides)
         path = Path(name)
         if not path.is_file():
-            raise SystemExit(f"{command}: --config {name!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a file")
+            raise SystemExit(f"--config {name!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a file")
         data = load_config_file(path)
         if "preset" in data:  # {"preset": "small", "d_model": 384, ...}
             return MixConConfig.preset(data.pop("preset"), **{**data, **overrides})
@@ -218,6 +218,8 @@ def config_from_args(args: argparse.Namespace) -> MixConConfig:
     except ValueError as e:
         given = f"--config {name!r}" + (" with --set " + " ".join(args.overrides) if overrides else "")
         raise SystemExit(f"{command}: {given}: {e}") from e
+    except SystemExit as e:  # the flags' own messages, after the command's name
+        raise SystemExit(f"{command}: {e.code}") from e
 
 
 def add_command(sub: argparse._SubParsersAction, command: str, title: str,

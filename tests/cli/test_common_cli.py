@@ -57,7 +57,8 @@ def test_a_config_file_must_hold_a_mapping(tmp_path, name, text, problem):
     pytest.importorskip("yaml")
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(SystemExit, match=rf"^--config '{path}': {problem}; it must hold a mapping of config fields, "):
+    expected = rf"^mixcon: --config '{path}': {problem}; it must hold a mapping of config fields, "
+    with pytest.raises(SystemExit, match=expected):
         config_from_args(argparse.Namespace(config=str(path), overrides=[]))
 
 
