@@ -30,6 +30,9 @@ def _conv_sum(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
     """The conv as `width` shifted multiply-adds: (B, width - 1 + T, C) -> (B, T, C)."""
     width = taps.shape[0]
     T = full.shape[1] - width + 1
+    if T == 1 and seq_idx is None:  # one step (decoding, dispatch-bound): one product and one sum
+        out = (full * taps).sum(1, keepdim=True)
+        return out if bias is None else out + bias
     out = None
     for j, mask in enumerate(_tap_masks(seq_idx, width, full.dtype)):
         inp = full[:, j:j + T] if mask is None else full[:, j:j + T] * mask

@@ -24,10 +24,11 @@ def inputs(B: int = 2, T: int = 11, C: int = 5, width: int = 4) -> tuple[torch.T
     return full, taps, bias
 
 
+@pytest.mark.parametrize("T", [11, 1])  # 1: a decoding step's single product and sum
 @pytest.mark.parametrize("width", [1, 2, 4])
-def test_equals_conv1d_forward_and_gradients_fp64(width):
-    full, taps, bias = inputs(width=width)
-    out_grad = torch.randn(2, 11, 5, dtype=torch.float64)
+def test_equals_conv1d_forward_and_gradients_fp64(width, T):
+    full, taps, bias = inputs(T=T, width=width)
+    out_grad = torch.randn(2, T, 5, dtype=torch.float64)
     got = causal_conv(full, taps, bias)
     ref = conv1d_reference(full, taps, bias)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
