@@ -28,7 +28,16 @@ from mixcon.cli.common import (
 )
 from mixcon.cli.generate import stream
 from mixcon.config import MixConConfig
-from mixcon.data import Corpus, ShardDataset, ShardError, TrainLoader, eval_batches, load_tokenizer, prepare_shards
+from mixcon.data import (
+    Corpus,
+    ShardDataset,
+    ShardError,
+    TrainLoader,
+    eval_batches,
+    load_tokenizer,
+    prepare_shards,
+    training_documents,
+)
 from mixcon.data.corpus import SPEC_FORMS
 from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, train_bpe_tokenizer
@@ -326,9 +335,10 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
     trained = out / "tokenizer"
     if env.is_main:
         vocab = config_from_args(args).vocab_size
-        print(f"training a byte-level BPE tokenizer ({vocab} tokens) on the corpus...")
-        corpus = Corpus.from_spec(options.corpus)
-        train_bpe_tokenizer(corpus.documents(options.max_bytes), vocab).save(trained)
+        print(f"training a byte-level BPE tokenizer ({vocab} tokens) on the corpus's training split...")
+        documents = training_documents(Corpus.from_spec(options.corpus), options.val_fraction, options.seed,
+                                       options.max_bytes)  # the validation text stays unseen
+        train_bpe_tokenizer(documents, vocab).save(trained)
     barrier()
     return load_tokenizer(trained)
 

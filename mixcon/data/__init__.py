@@ -2,7 +2,7 @@
 
 from mixcon.data.corpus import Corpus, default_corpus
 from mixcon.data.loader import TrainLoader, eval_batches
-from mixcon.data.shards import ShardDataset, ShardError, prepare_shards
+from mixcon.data.shards import ShardDataset, ShardError, prepare_shards, training_documents
 from mixcon.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe_tokenizer
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "load_tokenizer",
     "prepare_shards",
     "train_bpe_tokenizer",
+    "training_documents",
 ]

@@ -141,8 +141,7 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
     n_bytes = sum(sizes)
     # What this pass read (the next one, if a single text is split below, sets them again).
     truncated, described, skipped = corpus.truncated, corpus.describe(), len(corpus.skipped)
-    one_text = len(hashes) == 1 and val_fraction > 0  # its end validates: documents 0 (train) and 1 (val)
-    val_docs = {1} if one_text else _val_documents(hashes, sizes, val_fraction, seed)
+    one_text, val_docs = _split(hashes, sizes, val_fraction, seed)
     key = _key(tok, hashes, val_fraction, seed)
 
     existing = _reused(out, key)  # without the lock: finished shards are reused as they are, even read-only
@@ -158,7 +157,7 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
         if existing is not None:
             return existing
         building = time.perf_counter()  # the build's time: scanning and tokenising, not waiting
-        parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None
+        parts = _held_out_end(next(corpus.documents(max_bytes)), val_fraction) if one_text else None  # (train, val)
         dtype = token_dtype(tok.vocab_size)
         files = {split: f"{split}.{key[:16]}.bin" for split in SPLITS}
         writers = {split: _ShardWriter(out / f"{files[split]}.{os.getpid()}.tmp") for split in SPLITS}
@@ -196,6 +195,29 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
             if SHARD_FILE.fullmatch(path.name) and path.name not in files.values():
                 path.unlink()
         return ShardDataset(out)
+
+
+def training_documents(corpus: Corpus, val_fraction: float = 0.01, seed: int = 0, max_bytes: int | None = None,
+                       ) -> Iterator[str]:
+    """The documents `prepare_shards` with these settings trains on (a single text: its part before the held-out
+    end), without the validation ones: what a tokenizer for the run may learn from."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    hashes, sizes = _scan(corpus, max_bytes, progress=False)
+    one_text, val_docs = _split(hashes, sizes, val_fraction, seed)
+    if one_text:
+        yield _held_out_end(next(corpus.documents(max_bytes)), val_fraction)[0]
+        return
+    for i, doc in enumerate(corpus.documents(max_bytes)):
+        if i not in val_docs:
+            yield doc
+
+
+def _split(hashes: list[bytes], sizes: list[int], val_fraction: float, seed: int) -> tuple[bool, set[int]]:
+    """Whether the corpus is a single text whose end validates (then its parts are documents 0, training, and 1,
+    validation), and the indices of the validation documents."""
+    one_text = len(hashes) == 1 and val_fraction > 0
+    return one_text, {1} if one_text else _val_documents(hashes, sizes, val_fraction, seed)
 
 
 def _reused(out: Path, key: str) -> ShardDataset | None:
@@ -250,16 +272,18 @@ def _existing(out: Path, key: str) -> ShardDataset | None:
 
 
 def _held_out_end(text: str, val_fraction: float) -> tuple[str, str]:
-    """A single text as (training part, its last `val_fraction`), cut at the line start nearest the cut point
-    when one lies within half the held-out length of it (else at the cut point itself)."""
-    cut = round(len(text) * (1 - val_fraction))
+    """A single text as (training part, its last `val_fraction` of the UTF-8 bytes), cut at the line start nearest
+    the cut point when one lies within half the held-out length of it (else at the cut point itself)."""
     if len(text) < 2:
         raise ValueError(f"val_fraction={val_fraction}: the corpus is one document of {len(text)} characters, too "
                          "short to hold out its end; use val_fraction=0 (--val-fraction 0)")
+    data = text.encode("utf-8")
+    n = len(data)
+    cut = len(data[:round(n * (1 - val_fraction))].decode("utf-8", errors="ignore"))  # the character of that byte
     if not 0 < cut < len(text):
         side = "holds out none" if cut >= len(text) else "leaves none for training"
-        raise ValueError(f"val_fraction={val_fraction}: of the single text's {len(text)} characters, it {side}; use "
-                         f"one in [{1 / len(text):.3g}, {1 - 1 / len(text):.6g}], or 0 for no validation")
+        raise ValueError(f"val_fraction={val_fraction}: of the single text's {n} bytes, it {side}; use one in "
+                         f"[{1 / n:.3g}, {1 - 1 / n:.6g}], or 0 for no validation")
     slack = (len(text) - cut) // 2
     starts = [i + 1 for i in (text.rfind("\n", 0, cut), text.find("\n", cut))
               if i >= 0 and 0 < i + 1 < len(text) and abs(i + 1 - cut) <= slack]

@@ -14,7 +14,7 @@ import torch
 
 from mixcon import MixConForCausalLM
 from mixcon.cli import main
-from mixcon.data import load_tokenizer
+from mixcon.data import ShardDataset, load_tokenizer
 from mixcon.training.checkpoint import list_checkpoints, read_trainer_state
 from mixcon.training.distributed import DistEnv
 from mixcon.training.metrics import read_metrics
@@ -230,6 +230,22 @@ def test_train_refuses_config_fields_the_tokenizer_sets(corpus, tmp_path, monkey
             main(["train", "--config", "tiny", "--tokenizer", tokenizer, "--corpus", str(corpus), "--set", field,
                   "--steps", "1", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_the_runs_bpe_learns_from_the_training_split_only(corpus, tmp_path, monkeypatch):
+    """Validation text stays new to the tokenizer as to the model (a BPE with its merges would score it better)."""
+    from mixcon.cli import train
+
+    seen, real = [], train.train_bpe_tokenizer
+    monkeypatch.setattr(train, "train_bpe_tokenizer", lambda docs, vocab: real(seen.extend(docs) or seen, vocab))
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--set", "vocab_size=300", "--corpus", str(corpus), "--val-fraction",
+                 "0.25", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0",
+                 "--no-progress", "--out", str(run)]) == 0
+    texts = {path.read_text() for path in corpus.iterdir()}
+    ds = ShardDataset(run / "data")
+    assert 0 < ds.index["splits"]["val"]["documents"] and len(seen) == ds.index["splits"]["train"]["documents"]
+    assert set(seen) < texts and sum(len(d.encode()) for d in seen) == ds.index["splits"]["train"]["bytes"]
 
 
 def test_train_refuses_an_empty_out(tmp_path, monkeypatch):

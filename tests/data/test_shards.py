@@ -8,7 +8,15 @@ import os
 import numpy as np
 import pytest
 
-from mixcon.data import ByteTokenizer, Corpus, ShardDataset, ShardError, prepare_shards, train_bpe_tokenizer
+from mixcon.data import (
+    ByteTokenizer,
+    Corpus,
+    ShardDataset,
+    ShardError,
+    prepare_shards,
+    train_bpe_tokenizer,
+    training_documents,
+)
 from mixcon.data import shards as shards_module
 from mixcon.data.shards import token_dtype
 
@@ -289,7 +297,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"val_fraction=0.01: the corpus is one document of 1 characters, too short"):
         build(one, ByteTokenizer(), tmp_path / "s")
     (tmp_path / "long.txt").write_text("ab\n" * 1000)
-    with pytest.raises(ValueError, match=r"val_fraction=1e-06: of the single text's 3000 characters, it holds out "
+    with pytest.raises(ValueError, match=r"val_fraction=1e-06: of the single text's 3000 bytes, it holds out "
                                          r"none; use one in \[0.000333, 0.999667\], or 0 for no validation"):
         build(Corpus.from_spec(str(tmp_path / "long.txt")), ByteTokenizer(), tmp_path / "s", val_fraction=1e-6)
     (tmp_path / "emoji.txt").write_text("😀 and text")
@@ -334,7 +342,7 @@ def test_a_single_text_validates_on_its_end_from_a_line_start(tmp_path, tokenize
     ds = build(corpus, tok, tmp_path / "s", val_fraction=0.1)
     (train,), (val,) = documents_of(ds, "train", tok), documents_of(ds, "val", tok)
     assert train + val == text and train.endswith("\n") and val.startswith("line ")
-    assert 0.08 * len(text) < len(val) <= 0.1 * len(text)
+    assert 0.08 * len(text.encode()) < len(val.encode()) <= 0.1 * len(text.encode())
     assert ds.index["splits"]["val"]["documents"] == 1
     assert ds.index["splits"]["train"]["bytes"] + ds.index["splits"]["val"]["bytes"] == len(text.encode())
     assert build(corpus, tok, tmp_path / "s", val_fraction=0.1).reused
@@ -351,6 +359,33 @@ def test_a_single_text_holds_out_about_its_fraction_whatever_its_lines():
         assert train + val == text and 0.005 * len(text) <= len(val) <= 0.015 * len(text), (len(val), text[-20:])
     train, val = _held_out_end("para\n" * 2000, 0.01)
     assert val.startswith("para") and train.endswith("\n")  # at a line start where one is near
+
+
+def test_a_single_text_holds_out_its_fraction_of_the_bytes_not_of_the_characters():
+    """An end in another script (3 UTF-8 bytes per character here): the held-out share counts bytes."""
+    from mixcon.data.shards import _held_out_end
+
+    text = "plain ascii line\n" * 900 + "日本語の行です\n" * 300  # 15,300 + 6,600 bytes
+    train, val = _held_out_end(text, 0.1)
+    assert train + val == text and val.startswith("日本") and train.endswith("\n")
+    assert 0.09 < len(val.encode()) / len(text.encode()) <= 0.11
+
+
+@pytest.mark.parametrize("one_text", [False, True])
+def test_training_documents_are_the_training_splits(tmp_path, random_documents, write_documents, one_text):
+    """What a run's tokenizer may learn from: the training split's documents (a single text's part before its
+    held-out end), never a validation one."""
+    if one_text:
+        (tmp_path / "c.txt").write_text("".join(f"line {i}: é words\n" for i in range(500)))
+        spec = str(tmp_path / "c.txt")
+    else:
+        spec = str(write_documents(tmp_path / "c", random_documents(40)))
+    ds = build(Corpus.from_spec(spec), ByteTokenizer(), tmp_path / "s", val_fraction=0.2, seed=5, max_bytes=9_000)
+    seen = list(training_documents(Corpus.from_spec(spec), 0.2, seed=5, max_bytes=9_000))
+    val = documents_of(ds, "val", ByteTokenizer())
+    assert seen == documents_of(ds, "train", ByteTokenizer()) and val and not set(val) & set(seen)
+    with pytest.raises(ValueError, match=r"val_fraction=1: must be in \[0, 1\)"):
+        next(training_documents(Corpus.from_spec(spec), 1))
 
 
 def test_the_summary_says_cut_exactly_when_max_bytes_left_text_out(tmp_path):
