@@ -32,8 +32,8 @@ from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.io import locked_directory, write_text_atomic
 
 FORMAT = 1
-SPLIT_RULE = 3  # in the key: shards split by an earlier rule (by document count; before: copies of a text on
-# both sides) are rebuilt
+SPLIT_RULE = 4  # in the key: shards split by an earlier rule (a single text's end by characters; before: by
+# document count; before: copies of a text on both sides) are rebuilt
 INDEX = "index.json"
 SPLITS = ("train", "val")
 # A shard, or its temporary file while the process PID builds it: the only files a build removes.
