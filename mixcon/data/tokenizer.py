@@ -135,6 +135,11 @@ def _check_byte_level(tok: Tokenizer, special: set[str]) -> None:
         problems.append(f"its vocabulary lacks {len(lacking)} of the 256 byte symbols (byte 0x{lacking[0]:02x} first)")
     if problems:
         _not_byte_level(problems)
+    dropout = spec["model"].get("dropout")
+    if dropout:
+        raise ValueError(f"tokenizer: its BPE has dropout={dropout}: merges drawn at random, so a text encodes "
+                         "differently each time (token shards, validation and evaluation would not repeat); set "
+                         "model.dropout to null in its tokenizer.json")
 
 
 def _not_byte_level(problems: list[str]) -> None:

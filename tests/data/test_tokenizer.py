@@ -100,6 +100,14 @@ def test_tokenizers_that_are_not_byte_level_are_refused(bpe):
         BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
 
 
+def test_a_bpe_with_dropout_is_refused(bpe):
+    """BPE dropout (subword regularisation) draws merges at random: the same text, different ids each time."""
+    spec = json.loads(bpe.to_tokenizers().to_str())
+    spec["model"]["dropout"] = 0.1
+    with pytest.raises(ValueError, match=r"tokenizer: its BPE has dropout=0.1: merges drawn at random"):
+        BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
 def test_byte_level_tokenizers_that_lose_or_add_bytes_are_refused(bpe):
     """Byte-level in layout but not byte for byte: a space added before each text, whitespace dropped by another
     pre-tokenizer, byte symbols missing from the vocabulary (a BPE trained without the initial alphabet)."""
