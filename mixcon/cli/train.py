@@ -169,6 +169,11 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
                          "weights; give one of them")
     if args.out is not None and not args.out.strip():
         raise SystemExit("mixcon train: --out '': give a run directory")
+    reserve = SAMPLE_SECONDS if args.sample_tokens > 0 else 0.0
+    budget = getattr(args, "time_budget", None)  # (given flags only)
+    if budget is not None and budget <= reserve:
+        raise SystemExit(f"mixcon train: --time-budget {budget:g}: its last {reserve:.0f} s are kept for the "
+                         "sample, which leaves none for training; give more, or --sample-tokens 0")
     resume = None
     if args.resume is not None:
         resume = ckpt.resolve_checkpoint(args.resume or _out_dir(args))
@@ -220,7 +225,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
                       progress=not args.no_progress, tensorboard=args.tensorboard)
     deadline = None
     if options.time_budget is not None:
-        deadline = start + options.time_budget - (SAMPLE_SECONDS if args.sample_tokens > 0 else 0.0)
+        deadline = start + options.time_budget - reserve
     origin = f"from {resume}" if resume else f"from the weights of {initial[0]}" if initial else "from scratch"
     say(f"training {origin} in {out}: {options.batch_size} x "
         f"{options.seq_len} tokens per step, " + (f"{options.steps} steps" if options.steps else
@@ -232,6 +237,10 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
         say(f"mixcon train: {e}")
         return 1
     say("\n" + summary.format())
+    if summary.stopped_by == "time budget" and summary.new_steps == 0:
+        say(f"mixcon train: --time-budget {options.time_budget:g} s ran out before a training step "
+            f"({time.monotonic() - start:.0f} s went to preparing the run); give more time")
+        return 1
     if env.is_main and args.sample_tokens > 0 and not summary.stopped_by.startswith("SIG"):
         prompt = args.prompt if args.prompt is not None else _default_prompt(ds, tok)
         say(f"\nsample ({args.sample_tokens} tokens, temperature 0.8):\n" + "-" * 60)

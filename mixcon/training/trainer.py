@@ -134,6 +134,7 @@ class TrainOptions:
 @dataclass
 class RunSummary:
     steps: int
+    new_steps: int  # of them, trained by this fit (the others before a resume)
     tokens: int
     wall_time: float
     tokens_per_s: float
@@ -409,6 +410,7 @@ class Trainer:
         else:
             torch.manual_seed(_process_seed(self.options.seed, self.env.rank))
         self._refit_pending = resume_from is not None and self.options.steps is None and deadline is not None
+        first_step = self.step
         self._clear_later_checkpoints(discard_later, new_run=resume_from is None)
         metrics = (MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
                                  tensorboard=self.tensorboard) if self.env.is_main else None)
@@ -456,7 +458,8 @@ class Trainer:
                 metrics.close()
         last_train = next((r["loss"] for r in reversed(metrics.records) if "loss" in r), None) if metrics else None
         return RunSummary(
-            steps=self.step, tokens=self.tokens, wall_time=time.monotonic() - start, tokens_per_s=timer.tokens_per_s,
+            steps=self.step, new_steps=self.step - first_step, tokens=self.tokens, wall_time=time.monotonic() - start,
+            tokens_per_s=timer.tokens_per_s,
             stopped_by=stopped_by, train_loss=last_train, val_step=self.last_val.get("step"),
             val_loss=self.last_val.get("val_loss"),
             val_ppl=self.last_val.get("val_ppl"), val_bpb=self.last_val.get("val_bpb"),

@@ -219,6 +219,21 @@ def test_train_refuses_out_of_range_options_by_flag_before_any_work(tmp_path, ar
     assert not (tmp_path / "run").exists()
 
 
+def test_a_time_budget_that_leaves_no_training_step_fails(corpus, tmp_path, monkeypatch, capsys):
+    """Refused up front within the sample's reserve; a budget that preparing the run used up ends with an error,
+    not a step-0 checkpoint and an untrained model's sample passed off as a success."""
+    from mixcon.cli import train
+
+    with pytest.raises(SystemExit, match=r"^mixcon train: --time-budget 3: its last 15 s are kept for the sample"):
+        main(["train", "--time-budget", "3", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(train, "SAMPLE_SECONDS", 0.0)  # so that the budget runs out in preparing the run
+    assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--time-budget",
+                 "0.01", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--out", str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    assert "mixcon train: --time-budget 0.01 s ran out before a training step" in out and "sample (" not in out
+
+
 def test_train_refuses_config_fields_the_tokenizer_sets(corpus, tmp_path, monkeypatch):
     """Refused before a BPE is trained; vocab_size sizes the BPE of --tokenizer bpe (tested above)."""
     from mixcon.cli import train
