@@ -2,10 +2,11 @@
 
 One compiled function chains products through a set of weight matrices too large for the caches
 (by default the shapes of one `small` decoding step, repeated to ~70 MB), so every weight comes from
-memory as in decoding. Rows are the decoding batch. Timed: F.linear eager, `ops.linear` eager (one
-row: the multiply-sum in cache-sized blocks; more: F.linear), F.linear compiled (the BLAS call inductor
-keeps) and `ops.linear` compiled (the multiply-sum loop it uses up to FEW_ROWS rows); GB/s = weight
-bytes / time.
+memory (unless the CPU's last-level cache holds them). Rows are the decoding batch. Timed: F.linear
+eager, `ops.linear` eager (one row on a CPU whose BLAS is slow at it, `SLOW_BLAS_ROWS`: the multiply-sum
+in cache-sized blocks; else F.linear), F.linear compiled (the BLAS call inductor keeps) and `ops.linear`
+compiled (the multiply-sum loop it uses up to FEW_ROWS rows: 16 where the BLAS is slow, else 1); GB/s =
+weight bytes / time.
 """
 
 from __future__ import annotations

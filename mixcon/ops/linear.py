@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 
-# Up to this many rows (a decoding step's batch), the multiply-sum form wins under torch.compile on a
-# CPU: 3.7x the BLAS call's speed for one row, 1.5x for 16, 0.9x for 32 (`mixcon bench matvec`).
-FEW_ROWS = 16
+
+def slow_blas_rows() -> bool:
+    """Whether this CPU's BLAS reads the weights of one-row products far below memory bandwidth: MKL (torch's x86
+    BLAS) on an AMD CPU, at 7-8 GB/s where the multiply-sum reads 15-19 (docs/benchmarks.md §20). On an Intel CPU
+    MKL's is the faster form: 1.8x the multiply-sum's speed eager, and compiled from two rows on (§22)."""
+    vendor = platform.processor()  # e.g. "AMD64 Family 25 ..., AuthenticAMD" on Windows, "" on Linux
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line for line in f if line.startswith("vendor_id")), vendor)
+    except OSError:
+        pass
+    return torch.backends.mkl.is_available() and "AuthenticAMD" in vendor
+
+
+SLOW_BLAS_ROWS = slow_blas_rows()
+# Up to this many rows (a decoding step's batch), the multiply-sum form wins under torch.compile on a CPU whose
+# BLAS is slow at them: 3.7x the BLAS call's speed for one row, 1.5x for 16, 0.9x for 32; elsewhere only for one
+# row: 1.21x, 0.70x at two (`mixcon bench matvec`).
+FEW_ROWS = 16 if SLOW_BLAS_ROWS else 1
 # An eager one-row product's multiply-sum: its temporary per block of output rows (elements), and the longest row
 # it takes (docs/benchmarks.md §20).
 EAGER_BLOCK = 2**19
@@ -19,8 +37,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Compiled on a CPU with at most `FEW_ROWS` rows, the product is written as Σ_k x_k W_nk, which
     inductor emits as one vectorised reduction over all cores; a CPU BLAS runs such a
-    matrix-vector product on one core at a fraction of the memory bandwidth. Eager on a CPU, one row
-    (`_eager_row`) takes the same form; GPUs and more rows use F.linear.
+    matrix-vector product on one core at a fraction of the memory bandwidth (where it does: on other CPUs,
+    `FEW_ROWS` is 1). Eager on such a CPU, one row (`_eager_row`) takes the same form; GPUs and more rows use
+    F.linear.
     """
     if torch.compiler.is_compiling():
         if x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1]:
@@ -37,13 +56,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _eager_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether an eager product takes the multiply-sum form: on a CPU, one row (a decoding step of one sequence;
-    an expert given one token) of at most `EAGER_MAX_K` inputs, fp32 or fp64 throughout (bf16 products would be
-    rounded before the sum), outside autograd (its backward is slower than BLAS's) and autocast. There MKL's
-    matrix-vector product reads the weight at 7-8 GB/s on the 2-core EPYC of docs/benchmarks.md §20, the
-    multiply-sum at 15-19 (its temporary stays in the caches; `mixcon bench matvec`); for longer rows MKL is as
-    fast or faster."""
-    return (x.device.type == "cpu" and x.numel() == x.shape[-1] <= EAGER_MAX_K and weight.dim() == 2
+    """Whether an eager product takes the multiply-sum form: on a CPU whose BLAS is slow at one row
+    (`SLOW_BLAS_ROWS`), one row (a decoding step of one sequence; an expert given one token) of at most
+    `EAGER_MAX_K` inputs, fp32 or fp64 throughout (bf16 products would be rounded before the sum), outside autograd
+    (its backward is slower than BLAS's) and autocast. There MKL's matrix-vector product reads the weight at 7-8
+    GB/s on the 2-core EPYC of docs/benchmarks.md §20, the multiply-sum at 15-19 (its temporary stays in the
+    caches; `mixcon bench matvec`); for longer rows MKL is as fast or faster."""
+    return (SLOW_BLAS_ROWS and x.device.type == "cpu" and x.numel() == x.shape[-1] <= EAGER_MAX_K and weight.dim() == 2
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype) and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad

@@ -1,9 +1,29 @@
+import builtins
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import mixcon.ops.linear as ops_linear
 from mixcon.layers.linear import Linear
-from mixcon.ops.linear import EAGER_MAX_K, FEW_ROWS, batched_linear, linear
+from mixcon.ops.linear import EAGER_MAX_K, batched_linear, linear
+
+SLOW_FEW_ROWS = 16  # FEW_ROWS where the BLAS is slow at few rows
+
+
+@pytest.fixture
+def slow_blas(monkeypatch):
+    """The setting of a CPU whose BLAS is slow at few rows (MKL on AMD), whatever this one is."""
+    monkeypatch.setattr(ops_linear, "SLOW_BLAS_ROWS", True)
+    monkeypatch.setattr(ops_linear, "FEW_ROWS", SLOW_FEW_ROWS)
+
+
+@pytest.fixture
+def quick_blas(monkeypatch):
+    """The setting of a CPU whose BLAS is quick at few rows (MKL on Intel)."""
+    monkeypatch.setattr(ops_linear, "SLOW_BLAS_ROWS", False)
+    monkeypatch.setattr(ops_linear, "FEW_ROWS", 1)
 
 
 def traced_ops(fn, *args) -> set[str]:
@@ -20,8 +40,8 @@ def traced_ops(fn, *args) -> set[str]:
             if n.op in ("call_function", "call_method")}
 
 
-@pytest.mark.parametrize("rows", [1, 3, FEW_ROWS])
-def test_compiled_few_rows_is_a_multiply_sum_equal_to_f_linear(rows):
+@pytest.mark.parametrize("rows", [1, 3, SLOW_FEW_ROWS])
+def test_compiled_few_rows_is_a_multiply_sum_equal_to_f_linear(rows, slow_blas):
     torch.manual_seed(0)
     x, w, b = torch.randn(rows, 1, 24), torch.randn(40, 24), torch.randn(40)
     ops = traced_ops(linear, x, w, b)
@@ -32,17 +52,46 @@ def test_compiled_few_rows_is_a_multiply_sum_equal_to_f_linear(rows):
     torch.testing.assert_close(compiled(x, w), F.linear(x, w))
 
 
-def test_many_rows_compiled_use_f_linear():
-    x, w = torch.randn(FEW_ROWS + 1, 24), torch.randn(40, 24)
+def test_many_rows_compiled_use_f_linear(slow_blas):
+    x, w = torch.randn(SLOW_FEW_ROWS + 1, 24), torch.randn(40, 24)
     assert "linear" in traced_ops(linear, x, w)
 
 
+def test_where_blas_is_quick_only_one_compiled_row_is_a_multiply_sum_and_eager_rows_are_f_linear(quick_blas):
+    torch.manual_seed(0)
+    w = torch.randn(40, 24)
+    assert "linear" not in traced_ops(linear, torch.randn(1, 24), w)
+    assert "linear" in traced_ops(linear, torch.randn(2, 24), w)
+    x = torch.randn(1, 1, 24)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize(("cpuinfo", "slow"), [("vendor_id\t: AuthenticAMD\n", True),
+                                               ("vendor_id\t: GenuineIntel\n", False), (None, False)])
+def test_mkl_on_an_amd_cpu_is_taken_for_slow_at_few_rows(monkeypatch, cpuinfo, slow):
+    """MKL's matrix-vector product is slow on AMD CPUs only (docs/benchmarks.md §20, §22); no /proc/cpuinfo
+    (macOS): the vendor from `platform`."""
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if path != "/proc/cpuinfo":
+            return real_open(path, *args, **kwargs)
+        if cpuinfo is None:
+            raise FileNotFoundError(path)
+        return io.StringIO("processor\t: 0\n" + cpuinfo)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(ops_linear.platform, "processor", lambda: "arm")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    assert ops_linear.slow_blas_rows() is slow
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # another BLAS: not known to be slow
+    assert ops_linear.slow_blas_rows() is False
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_eager_one_row_is_a_blocked_multiply_sum_equal_to_f_linear(dtype, monkeypatch):
+def test_eager_one_row_is_a_blocked_multiply_sum_equal_to_f_linear(dtype, monkeypatch, slow_blas):
     """One row in eager mode (a decoding step of one sequence): the multiply-sum, in blocks of output rows
     (here 3 of 16, 16 and 8), equal to F.linear; the product does not call F.linear."""
-    import mixcon.ops.linear as ops_linear
-
     torch.manual_seed(0)
     monkeypatch.setattr(ops_linear, "EAGER_BLOCK", 16 * 24)
     x, w, b = torch.randn(1, 1, 24, dtype=dtype), torch.randn(40, 24, dtype=dtype), torch.randn(40, dtype=dtype)
@@ -54,7 +103,7 @@ def test_eager_one_row_is_a_blocked_multiply_sum_equal_to_f_linear(dtype, monkey
 
 
 @pytest.mark.parametrize("case", ["two rows", "bf16", "autocast", "autograd", "long rows", "fp64 bias"])
-def test_eager_products_outside_one_short_fp32_row_without_autograd_are_f_linear(case):
+def test_eager_products_outside_one_short_fp32_row_without_autograd_are_f_linear(case, slow_blas):
     """Where BLAS is as fast (rows longer than EAGER_MAX_K, backward passes) or the sum would round (bf16), or
     F.linear's own checks should speak (a bias of another dtype)."""
     torch.manual_seed(0)
@@ -87,8 +136,8 @@ def test_linear_module_keeps_nn_linear_parameters():
     assert torch.equal(layer(x), F.linear(x, layer.weight))
 
 
-@pytest.mark.parametrize("rows", [1, FEW_ROWS])
-def test_batched_linear_compiled_few_rows_is_a_multiply_sum_equal_to_bmm(rows):
+@pytest.mark.parametrize("rows", [1, SLOW_FEW_ROWS])
+def test_batched_linear_compiled_few_rows_is_a_multiply_sum_equal_to_bmm(rows, slow_blas):
     torch.manual_seed(0)
     x, w = torch.randn(3, rows, 24), torch.randn(3, 40, 24)
     want = torch.bmm(x, w.transpose(1, 2))
@@ -99,7 +148,7 @@ def test_batched_linear_compiled_few_rows_is_a_multiply_sum_equal_to_bmm(rows):
     torch.testing.assert_close(torch.compile(batched_linear, backend="eager", fullgraph=True)(x, w), want)
 
 
-def test_compiled_few_rows_under_autocast_come_back_in_the_autocast_dtype():
+def test_compiled_few_rows_under_autocast_come_back_in_the_autocast_dtype(slow_blas):
     """As F.linear and bmm do under CPU bf16 autocast (the multiply-sum itself is not an op autocast casts)."""
     torch.manual_seed(0)
     x, w = torch.randn(1, 24), torch.randn(40, 24)
