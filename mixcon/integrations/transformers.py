@@ -180,10 +180,10 @@ def _check_device_map(device_map: dict[str, Any] | None) -> None:
                            "and move the model with .to(device)")
 
 
-# What transformers' generate hands every forward for its own use (stop_strings' tokenizer, assisted decoding).
 # New tokens transformers' generate makes when given neither max_new_tokens nor max_length (its generation
 # config's default max_length, counted after the prompt).
 DEFAULT_NEW_TOKENS = 20
+# What transformers' generate hands every forward for its own use (stop_strings' tokenizer, assisted decoding).
 PASSED_BY = frozenset({"tokenizer", "assistant_tokenizer"})
 
 
