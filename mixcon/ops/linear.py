@@ -9,22 +9,24 @@ import torch.nn.functional as F
 
 
 def slow_blas_rows() -> bool:
-    """Whether this CPU's BLAS reads the weights of one-row products far below memory bandwidth: MKL (torch's x86
-    BLAS) on an AMD CPU, at 7-8 GB/s where the multiply-sum reads 15-19 (docs/benchmarks.md §20). On an Intel CPU
-    MKL's is the faster form: 1.8x the multiply-sum's speed eager, and compiled from two rows on (§22)."""
-    vendor = platform.processor()  # e.g. "AMD64 Family 25 ..., AuthenticAMD" on Windows, "" on Linux
+    """Whether the multiply-sum forms beat this CPU's BLAS at few rows: everywhere but MKL (torch's x86 BLAS) on an
+    Intel CPU, which reads a one-row product's weights 1.8x faster than the multiply-sum eager, and compiled is
+    the faster from two rows on (docs/benchmarks.md §22). On an AMD CPU MKL reads them at 7-8 GB/s where the
+    multiply-sum reads 15-19 (§20); other BLAS libraries (ARM, builds without MKL) are not measured and keep the
+    multiply-sum forms."""
+    vendor = platform.processor()  # e.g. "Intel64 Family 6 ..., GenuineIntel" on Windows, "" on Linux
     try:
         with open("/proc/cpuinfo") as f:
             vendor = next((line for line in f if line.startswith("vendor_id")), vendor)
     except OSError:
         pass
-    return torch.backends.mkl.is_available() and "AuthenticAMD" in vendor
+    return not (torch.backends.mkl.is_available() and "GenuineIntel" in vendor)
 
 
 SLOW_BLAS_ROWS = slow_blas_rows()
 # Up to this many rows (a decoding step's batch), the multiply-sum form wins under torch.compile on a CPU whose
-# BLAS is slow at them: 3.7x the BLAS call's speed for one row, 1.5x for 16, 0.9x for 32; elsewhere only for one
-# row: 1.21x, 0.70x at two (`mixcon bench matvec`).
+# BLAS is slow at them (AMD EPYC: 3.7x the BLAS call's speed for one row, 1.5x for 16, 0.9x for 32); where MKL is
+# quick (Intel Xeon), only for one row: 1.21x, 0.70x at two (`mixcon bench matvec`, docs/benchmarks.md §22).
 FEW_ROWS = 16 if SLOW_BLAS_ROWS else 1
 # An eager one-row product's multiply-sum: its temporary per block of output rows (elements), and the longest row
 # it takes (docs/benchmarks.md §20).
