@@ -202,8 +202,8 @@ def config_from_args(args: argparse.Namespace) -> MixConConfig:
     """The config named by --config (DEFAULT_CONFIG when None) with the --set overrides applied (errors exit with
     the message)."""
     name = DEFAULT_CONFIG if args.config is None else args.config
-    command = " ".join(str(part) for part in ("mixcon", getattr(args, "command", None), getattr(args, "action", None))
-                       if part)
+    action = getattr(args, "action", None) or getattr(args, "bench", None)
+    command = " ".join(str(part) for part in ("mixcon", getattr(args, "command", None), action) if part)
     try:
         overrides = parse_overrides(args.overrides)
         if name in PRESETS:

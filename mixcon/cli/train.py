@@ -170,10 +170,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     if args.out is not None and not args.out.strip():
         raise SystemExit("mixcon train: --out '': give a run directory")
     reserve = SAMPLE_SECONDS if args.sample_tokens > 0 else 0.0
-    budget = getattr(args, "time_budget", None)  # (given flags only)
-    if budget is not None and budget <= reserve:
-        raise SystemExit(f"mixcon train: --time-budget {budget:g}: its last {reserve:.0f} s are kept for the "
-                         "sample, which leaves none for training; give more, or --sample-tokens 0")
+    _check_budget(getattr(args, "time_budget", None), reserve)  # a given flag, before anything is written
     resume = None
     if args.resume is not None:
         resume = ckpt.resolve_checkpoint(args.resume or _out_dir(args))
@@ -191,6 +188,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     if refusal is not None:
         raise SystemExit(refusal)
     options = _options(args, resume, say, env.world_size)
+    _check_budget(options.time_budget, reserve)  # the resumed run's, when not given
     if args.tensorboard:  # before anything is written
         require_tensorboard()
     initial = _initial_model(args, out)  # (its directory, config, tokenizer) or None
@@ -238,8 +236,10 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
         return 1
     say("\n" + summary.format())
     if summary.stopped_by == "time budget" and summary.new_steps == 0:
+        kept = f", {reserve:.0f} s are kept for the sample" if reserve else ""
         say(f"mixcon train: --time-budget {options.time_budget:g} s ran out before a training step "
-            f"({time.monotonic() - start:.0f} s went to preparing the run); give more time")
+            f"({time.monotonic() - start:.0f} s went to preparing the run{kept}); continue with --resume and a "
+            "larger --time-budget")
         return 1
     if env.is_main and args.sample_tokens > 0 and not summary.stopped_by.startswith("SIG"):
         prompt = args.prompt if args.prompt is not None else _default_prompt(ds, tok)
@@ -257,6 +257,21 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
 
 def _quiet(*_args: Any, **_kwargs: Any) -> None:
     pass
+
+
+def _check_budget(budget: float | None, reserve: float) -> None:
+    """A time budget must leave time for training after the `reserve` kept for the sample."""
+    if budget is not None and budget <= reserve:
+        raise SystemExit(f"mixcon train: --time-budget {budget:g}: its last {reserve:.0f} s are kept for the "
+                         "sample, which leaves none for training; give more, or --sample-tokens 0")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The --set overrides; a bad one exits naming the command."""
+    try:
+        return parse_overrides(args.overrides)
+    except SystemExit as e:
+        raise SystemExit(f"mixcon train: {e.code}") from e
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -355,7 +370,7 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
 def _check_tokenizer_fields(args: argparse.Namespace, resume: Path | None, bpe_sized: bool) -> None:
     """--set may not give the config fields the tokenizer sets (they were replaced silently), vocab_size only where
     it sizes the run's BPE (`bpe_sized`); checked before a BPE is trained."""
-    fixed = set(parse_overrides(args.overrides)) & set(TOKENIZER_FIELDS) - ({"vocab_size"} if bpe_sized else set())
+    fixed = set(_overrides(args)) & set(TOKENIZER_FIELDS) - ({"vocab_size"} if bpe_sized else set())
     if fixed:
         how = ("a resumed run keeps its tokenizer" if resume is not None else
                "the vocabulary is --init-from's model's" if args.init_from is not None else
@@ -376,7 +391,7 @@ def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
     specials = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     if saved is not None:  # the resumed or initial model's config with the --set changes
         try:
-            return saved.replace(**{**parse_overrides(args.overrides), **specials})
+            return saved.replace(**{**_overrides(args), **specials})
         except ValueError as e:
             raise SystemExit(f"mixcon train: --set: {e}") from e
     return config_from_args(args).replace(vocab_size=tok.vocab_size, **specials)

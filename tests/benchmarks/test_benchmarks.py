@@ -646,3 +646,8 @@ def test_resume_without_an_earlier_run_says_where_it_looked(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=f"mixcon bench recall: --resume: no earlier run in {looked} "):
         main(["bench", "recall", "--set", "d_model=16", "--pairs", "2", "--seq-len", "16", "--vocab", "16",
               "--out", str(tmp_path), "--resume"])
+
+
+def test_a_config_error_names_the_bench():
+    with pytest.raises(SystemExit, match=r"^mixcon bench decode: --set 'nope=1': unknown config field 'nope'"):
+        main(["bench", "decode", "--set", "nope=1"])

@@ -220,18 +220,23 @@ def test_train_refuses_out_of_range_options_by_flag_before_any_work(tmp_path, ar
 
 
 def test_a_time_budget_that_leaves_no_training_step_fails(corpus, tmp_path, monkeypatch, capsys):
-    """Refused up front within the sample's reserve; a budget that preparing the run used up ends with an error,
-    not a step-0 checkpoint and an untrained model's sample passed off as a success."""
+    """Refused up front within the sample's reserve (given, or a resumed run's); a budget that preparing the run
+    used up ends with an error, not an untrained model's sample passed off as a success."""
     from mixcon.cli import train
 
     with pytest.raises(SystemExit, match=r"^mixcon train: --time-budget 3: its last 15 s are kept for the sample"):
         main(["train", "--time-budget", "3", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+    run = ["--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2", "--seq-len", "16",
+           "--no-progress"]
+    assert main(["train", *run, "--time-budget", "6", "--sample-tokens", "0", "--out", str(tmp_path / "short")]) == 0
+    with pytest.raises(SystemExit, match=r"^mixcon train: --time-budget 6: its last 15 s are kept for the sample"):
+        main(["train", "--out", str(tmp_path / "short"), "--resume"])  # its budget, with a sample this time
     monkeypatch.setattr(train, "SAMPLE_SECONDS", 0.0)  # so that the budget runs out in preparing the run
-    assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--time-budget",
-                 "0.01", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--out", str(tmp_path / "run")]) == 1
+    assert main(["train", *run, "--time-budget", "0.01", "--out", str(tmp_path / "run")]) == 1
     out = capsys.readouterr().out
     assert "mixcon train: --time-budget 0.01 s ran out before a training step" in out and "sample (" not in out
+    assert "continue with --resume and a larger --time-budget" in out
 
 
 def test_train_refuses_config_fields_the_tokenizer_sets(corpus, tmp_path, monkeypatch):
@@ -245,6 +250,11 @@ def test_train_refuses_config_fields_the_tokenizer_sets(corpus, tmp_path, monkey
             main(["train", "--config", "tiny", "--tokenizer", tokenizer, "--corpus", str(corpus), "--set", field,
                   "--steps", "1", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_set_is_refused_naming_the_command(corpus, tmp_path):
+    with pytest.raises(SystemExit, match=r"^mixcon train: --set 'nope=1': unknown config field 'nope'"):
+        main(["train", "--config", "tiny", "--corpus", str(corpus), "--set", "nope=1", "--out", str(tmp_path / "r")])
 
 
 def test_the_runs_bpe_learns_from_the_training_split_only(corpus, tmp_path, monkeypatch):
