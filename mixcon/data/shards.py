@@ -282,8 +282,9 @@ def _held_out_end(text: str, val_fraction: float) -> tuple[str, str]:
     cut = len(data[:round(n * (1 - val_fraction))].decode("utf-8", errors="ignore"))  # the character of that byte
     if not 0 < cut < len(text):
         side = "holds out none" if cut >= len(text) else "leaves none for training"
+        first, last = (len(text[i].encode("utf-8")) for i in (0, -1))  # whole characters on either side
         raise ValueError(f"val_fraction={val_fraction}: of the single text's {n} bytes, it {side}; use one in "
-                         f"[{1 / n:.3g}, {1 - 1 / n:.6g}], or 0 for no validation")
+                         f"[{last / n:.3g}, {1 - first / n:.6g}], or 0 for no validation")
     slack = (len(text) - cut) // 2
     starts = [i + 1 for i in (text.rfind("\n", 0, cut), text.find("\n", cut))
               if i >= 0 and 0 < i + 1 < len(text) and abs(i + 1 - cut) <= slack]

@@ -32,7 +32,9 @@ def conba_scan_step(
     hg = H // G
     # out= ops record no gradients, and a compiled graph writes its inputs by copy (fused by the compiler).
     in_place = out is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if out is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    inputs = (x, k, q, log_decay, beta, state, delay_gain, delayed_state)
+    if (out is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t is not None and t.requires_grad for t in inputs)):
         # Autograd saves the states it reads: it reads copies of those that `out` overwrites.
         state, delayed_state = (s if s is None or not _shares_memory(s, out) else s.clone()
                                 for s in (state, delayed_state))

@@ -134,7 +134,6 @@ class TrainOptions:
 @dataclass
 class RunSummary:
     steps: int
-    new_steps: int  # of them, trained by this fit (the others before a resume)
     tokens: int
     wall_time: float
     tokens_per_s: float
@@ -147,6 +146,7 @@ class RunSummary:
     checkpoint: Path | None
     plot: Path | None
     metrics: Path | None
+    new_steps: int  # of `steps`, those this fit trained (the others before a resume)
 
     def format(self) -> str:
         lines = [f"stopped by {self.stopped_by} after {self.steps} steps, {self.tokens:,} tokens in "
@@ -458,13 +458,12 @@ class Trainer:
                 metrics.close()
         last_train = next((r["loss"] for r in reversed(metrics.records) if "loss" in r), None) if metrics else None
         return RunSummary(
-            steps=self.step, new_steps=self.step - first_step, tokens=self.tokens, wall_time=time.monotonic() - start,
-            tokens_per_s=timer.tokens_per_s,
+            steps=self.step, tokens=self.tokens, wall_time=time.monotonic() - start, tokens_per_s=timer.tokens_per_s,
             stopped_by=stopped_by, train_loss=last_train, val_step=self.last_val.get("step"),
             val_loss=self.last_val.get("val_loss"),
             val_ppl=self.last_val.get("val_ppl"), val_bpb=self.last_val.get("val_bpb"),
             checkpoint=self.last_checkpoint, plot=metrics.run_dir / PLOT_FILE if metrics else None,
-            metrics=metrics.path if metrics else None)
+            metrics=metrics.path if metrics else None, new_steps=self.step - first_step)
 
     def _validate(self, metrics: MetricsLogger | None, bar: Any) -> None:
         result = self.evaluate()

@@ -369,6 +369,10 @@ def test_a_single_text_holds_out_its_fraction_of_the_bytes_not_of_the_characters
     train, val = _held_out_end(text, 0.1)
     assert train + val == text and val.startswith("日本") and train.endswith("\n")
     assert 0.09 < len(val.encode()) / len(text.encode()) <= 0.11
+    with pytest.raises(ValueError, match=r"of the single text's 9 bytes, it leaves none for training; use one in "
+                                         r"\[0.333, 0.666667\]"):  # whole characters of 3 bytes
+        _held_out_end("日本語", 0.8)
+    assert _held_out_end("日本語", 0.6) == ("日", "本語")
 
 
 @pytest.mark.parametrize("one_text", [False, True])
