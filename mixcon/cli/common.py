@@ -198,14 +198,27 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command the arguments were parsed for, e.g. 'mixcon bench decode'."""
+    action = getattr(args, "action", None) or getattr(args, "bench", None)
+    return " ".join(str(part) for part in ("mixcon", getattr(args, "command", None), action) if part)
+
+
+def set_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """`parse_overrides` of the --set items; a bad one exits naming the command."""
+    try:
+        return parse_overrides(args.overrides)
+    except SystemExit as e:
+        raise SystemExit(f"{command_name(args)}: {e.code}") from e
+
+
 def config_from_args(args: argparse.Namespace) -> MixConConfig:
     """The config named by --config (DEFAULT_CONFIG when None) with the --set overrides applied (errors exit with
     the message)."""
     name = DEFAULT_CONFIG if args.config is None else args.config
-    action = getattr(args, "action", None) or getattr(args, "bench", None)
-    command = " ".join(str(part) for part in ("mixcon", getattr(args, "command", None), action) if part)
+    command = command_name(args)
+    overrides = set_overrides(args)
     try:
-        overrides = parse_overrides(args.overrides)
         if name in PRESETS:
             return MixConConfig.preset(name, **overrides)
         path = Path(name)

@@ -24,7 +24,7 @@ from mixcon.cli.common import (
     check_out_folder,
     config_from_args,
     number_type,
-    parse_overrides,
+    set_overrides,
 )
 from mixcon.cli.generate import stream
 from mixcon.config import MixConConfig
@@ -266,14 +266,6 @@ def _check_budget(budget: float | None, reserve: float) -> None:
                          "sample, which leaves none for training; give more, or --sample-tokens 0")
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The --set overrides; a bad one exits naming the command."""
-    try:
-        return parse_overrides(args.overrides)
-    except SystemExit as e:
-        raise SystemExit(f"mixcon train: {e.code}") from e
-
-
 def _out_dir(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
@@ -370,7 +362,7 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
 def _check_tokenizer_fields(args: argparse.Namespace, resume: Path | None, bpe_sized: bool) -> None:
     """--set may not give the config fields the tokenizer sets (they were replaced silently), vocab_size only where
     it sizes the run's BPE (`bpe_sized`); checked before a BPE is trained."""
-    fixed = set(_overrides(args)) & set(TOKENIZER_FIELDS) - ({"vocab_size"} if bpe_sized else set())
+    fixed = set(set_overrides(args)) & set(TOKENIZER_FIELDS) - ({"vocab_size"} if bpe_sized else set())
     if fixed:
         how = ("a resumed run keeps its tokenizer" if resume is not None else
                "the vocabulary is --init-from's model's" if args.init_from is not None else
@@ -391,7 +383,7 @@ def _config(args: argparse.Namespace, resume: Path | None, tok: AnyTokenizer,
     specials = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     if saved is not None:  # the resumed or initial model's config with the --set changes
         try:
-            return saved.replace(**{**_overrides(args), **specials})
+            return saved.replace(**{**set_overrides(args), **specials})
         except ValueError as e:
             raise SystemExit(f"mixcon train: --set: {e}") from e
     return config_from_args(args).replace(vocab_size=tok.vocab_size, **specials)

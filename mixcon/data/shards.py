@@ -133,8 +133,7 @@ def prepare_shards(corpus: Corpus, tok: AnyTokenizer, out_dir: str | os.PathLike
 
     `workers` processes tokenise in parallel (default: one per CPU).
     """
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    _check_val_fraction(val_fraction)
     start = time.perf_counter()
     out = Path(out_dir)
     hashes, sizes = _scan(corpus, max_bytes, progress)
@@ -201,8 +200,7 @@ def training_documents(corpus: Corpus, val_fraction: float = 0.01, seed: int = 0
                        ) -> Iterator[str]:
     """The documents `prepare_shards` with these settings trains on (a single text: its part before the held-out
     end), without the validation ones: what a tokenizer for the run may learn from."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    _check_val_fraction(val_fraction)
     hashes, sizes = _scan(corpus, max_bytes, progress=False)
     one_text, val_docs = _split(hashes, sizes, val_fraction, seed)
     if one_text:
@@ -211,6 +209,11 @@ def training_documents(corpus: Corpus, val_fraction: float = 0.01, seed: int = 0
     for i, doc in enumerate(corpus.documents(max_bytes)):
         if i not in val_docs:
             yield doc
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
 
 
 def _split(hashes: list[bytes], sizes: list[int], val_fraction: float, seed: int) -> tuple[bool, set[int]]:

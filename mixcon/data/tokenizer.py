@@ -156,8 +156,8 @@ class BPETokenizer:
         self._tok = _literal_copy(tokenizer)  # a private copy, with a setting changed
         ids = {token: self._tok.token_to_id(token) for token in SPECIAL_TOKENS}
         added = self._tok.get_added_tokens_decoder()
-        self._special = {i for i, token in added.items() if token.special}  # ids that stand for no text
-        special = {added[i].content for i in self._special}
+        special_ids = {i for i, token in added.items() if token.special}  # ids that stand for no text
+        special = {added[i].content for i in special_ids}
         missing = [token for token, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer lacks special token(s) {', '.join(missing)}; "
@@ -172,7 +172,7 @@ class BPETokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # The bytes each id stands for: none for a special token, an ordinary added token's (add_tokens) text
         # in UTF-8, one byte per character of a vocabulary token.
-        self._bytes = [b"" if i in self._special else
+        self._bytes = [b"" if i in special_ids else
                        added[i].content.encode() if i in added else
                        bytes(BYTE_OF[c] for c in self._tok.id_to_token(i) or "") for i in range(self.vocab_size)]
         back = self.decode_bytes(self.encode(ROUND_TRIP_PROBE))  # (add_prefix_space; whitespace dropped)
