@@ -57,7 +57,9 @@ SECONDS, RATIO = number_type(float, 0, above=True), number_type(float, 0, maximu
 # (flag, type, choices or "flag" for a switch, help); the TrainOptions field is the flag's name with underscores.
 OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--steps", POSITIVE, f"optimizer steps (default: as many as the time budget allows, {DEFAULT_TIME_BUDGET:.0f} "
-                          "s unless --time-budget is given)"),
+                          "s unless --time-budget is given); with --resume, a new total over which the cosine "
+                          "schedule is recomputed (as if the run had always had it: past the old total's end, the "
+                          "learning rate rises again)"),
     ("--time-budget", SECONDS, "seconds for the whole command (under torchrun: from the workers' start), data "
                                "preparation and sample included; training "
                                f"stops in time to validate, save and sample (default: {DEFAULT_TIME_BUDGET:.0f} "
@@ -78,7 +80,7 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--eval-batches", POSITIVE, "validation batches (of --batch-size sequences)"),
     ("--save-every", POSITIVE, "checkpoint every N steps (and at the end)"),
     ("--keep-last", COUNT, "checkpoints to keep (0: all)"),
-    ("--log-every", POSITIVE, "write a metrics record every N steps"),
+    ("--log-every", POSITIVE, "write a metrics record every N steps, and at the last"),
     ("--seed", SEED, "seed of initialisation, data order and split"),
     ("--precision", ["auto", "fp32", "bf16"], "auto: bf16 autocast on CUDA, fp32 on CPU"),
     ("--parallel", ["ddp", "fsdp"], "under torchrun: DDP, or FSDP2 (fully_shard per layer)"),

@@ -419,6 +419,7 @@ class Trainer:
         timer = _Timer(save_seconds=1.0 + 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e8)
         self.module.train()
         stopped_by = "steps"
+        unlogged: dict[str, Any] | None = None  # the latest step's record, when --log-every skipped it
         previous = self._install_signal_handlers()
         try:
             if resume_from is None and self.eval_data is not None:
@@ -429,10 +430,13 @@ class Trainer:
                     break
                 record = self.train_step()
                 timer.tick(self.options.batch_size * self.options.seq_len)
-                record["tokens_per_s"] = round(timer.tokens_per_s, 1)
+                if timer.steps_timed:  # none yet after a (re)start's first step, which is not timed
+                    record["tokens_per_s"] = round(timer.tokens_per_s, 1)
                 record["elapsed"] = round(time.monotonic() - start, 3)
+                unlogged = record
                 if metrics is not None and self.step % self.options.log_every == 0:
                     metrics.log(record)
+                    unlogged = None
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{timer.tokens_per_s:,.0f}", refresh=False)
@@ -444,6 +448,8 @@ class Trainer:
                     bar.total = self.total_steps
                 if self.step % self.options.save_every == 0:
                     timer.save_seconds = timer.exclude(self.save)
+            if metrics is not None and unlogged is not None:  # the last step is logged, whatever --log-every
+                metrics.log(unlogged)
             interrupted = stopped_by.startswith("SIG")
             final_val = not interrupted and self.eval_data is not None and self.last_val.get("step") != self.step
             if final_val:

@@ -17,6 +17,7 @@ from mixcon.data import ByteTokenizer
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
 from mixcon.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from mixcon.training.metrics import read_metrics
+from mixcon.training.optim import lr_at
 from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions
 
 
@@ -266,6 +267,34 @@ def test_metrics_and_plot_are_written(make_trainer, shards, tmp_path):
     assert 1 <= val[-1]["val_bpb"] / (val[-1]["val_loss"] / math.log(2)) < 1.02
     assert val[-1]["val_ppl"] == pytest.approx(math.exp(val[-1]["val_loss"]))
     assert summary.plot.is_file() and summary.plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_last_step_is_logged_whatever_log_every_and_untimed_steps_have_no_throughput(make_trainer, tmp_path):
+    """--log-every 3 over 7 steps logs steps 3, 6 and the last, 7, whose loss the summary reports; the first step
+    of a run, and of a resumed run, is not timed: its record has no tokens_per_s (not a measured 0)."""
+    summary = make_trainer(tmp_path, steps=7, log_every=3).fit()
+    train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in train] == [3, 6, 7]
+    assert summary.train_loss == train[-1]["loss"] and all(r["tokens_per_s"] > 0 for r in train)
+    make_trainer(tmp_path / "one", steps=2).fit()
+    first, second = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    assert "tokens_per_s" not in first and second["tokens_per_s"] > 0
+    make_trainer(tmp_path / "one", steps=4).fit(resume_from=latest_checkpoint(tmp_path / "one"))
+    resumed = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert "tokens_per_s" not in resumed[2] and resumed[3]["tokens_per_s"] > 0
+
+
+def test_a_resume_with_more_steps_recomputes_the_schedule_over_the_new_total(make_trainer, tmp_path):
+    """As --steps' help says: steps 5-8 follow the cosine over 8 steps, so the learning rate rises again after the
+    4-step run ended at its minimum."""
+    make_trainer(tmp_path, steps=4).fit()
+    make_trainer(tmp_path, steps=8).fit(resume_from=latest_checkpoint(tmp_path))
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "lr" in r}
+    assert lrs[4] == pytest.approx(3e-3 * 0.1)  # the first run's end: min_lr_ratio x peak
+    assert [lrs[s] for s in range(5, 9)] == [lr_at(s - 1, peak=3e-3, warmup=2, total=8, min_ratio=0.1)
+                                            for s in range(5, 9)]
+    assert lrs[5] > lrs[4]
 
 
 def test_validation_equals_cross_entropy_over_whole_logits(make_trainer, shards, tmp_path):
