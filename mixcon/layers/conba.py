@@ -146,10 +146,9 @@ class Conba(nn.Module):
             xkq = xkq.masked_fill(~mask[..., None], 0)  # (not a product: a pad's inf or nan times 0 is nan)
         f32 = compute_dtype(u)
         xkq = self._conv(xkq.to(f32), conv_tail, taps, seq_idx)  # in fp32: the scan reads x, k, q in fp32
-        x, k, q = xkq.split([self.inner, self.G * self.N, self.G * self.N], dim=-1)
+        x, kq = xkq.split([self.inner, 2 * self.G * self.N], dim=-1)
         x = x.view(B, T, self.H, self.P)
-        k = k.view(B, T, self.G, self.N)
-        q = q.view(B, T, self.G, self.N)
+        kq = kq.view(B, T, 2 * self.G, self.N)  # k's G rows, then q's
 
         # Selective state function -> step size Δ (fp32).
         dt_raw = self.sel(u) if self.sel is not None else next(logits)
@@ -157,9 +156,10 @@ class Conba(nn.Module):
         log_decay = -delta * self.A_log.to(f32).exp()  # log α_t
         if self.control:
             beta = self.beta_max * torch.sigmoid(next(logits).to(f32))  # gain β_t
-            k, q = F.normalize(k, dim=-1), F.normalize(q, dim=-1)
+            kq = F.normalize(kq, dim=-1)  # k and q at once (decoding is dispatch-bound)
         else:
             beta = delta  # open-loop write Δ_t x_t k_tᵀ (Mamba-2)
+        k, q = kq.split(self.G, dim=2)
         if self.scaling:
             log_decay = log_decay + F.logsigmoid(next(logits).to(f32) + self.rho_bias.to(f32))  # log s_t
         if mask is not None:
@@ -169,7 +169,7 @@ class Conba(nn.Module):
 
     def _finish(self, o: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Scan output (B, T, H, P) + D skip -> gated RMSNorm -> out_proj: (B, T, d_model)."""
-        o = o + self.D.to(o.dtype)[:, None] * x
+        o = torch.addcmul(o, self.D.to(o.dtype)[:, None], x)
         if self.training and self.observation_noise > 0:
             o = o + self.observation_noise * torch.randn_like(o)
         return self.out_proj(self.norm(o.flatten(2), z))
@@ -269,7 +269,8 @@ class Conba(nn.Module):
         `cache` is (conv tail, S_t, oldest ring slot): the tail is updated in place, S_{t-tau} is read
         from the oldest slot (tau > 0), and S_{t+1} is written over it."""
         conv, state, oldest = cache
-        z, x, k, q, log_decay, beta = self._scan_inputs(u, None, conv)
+        # The taps as a view: one step's product reads them once, no transposed copy per token.
+        z, x, k, q, log_decay, beta = self._scan_inputs(u, None, conv, self.conv1d.weight[:, 0].t())
         o, _ = conba_scan_step(
             x[:, 0], k[:, 0], q[:, 0], log_decay[:, 0], beta[:, 0], state, delta_rule=self.control,
             delay_gain=self.delay_gain, delayed_state=oldest if self.tau else None, out=oldest,

@@ -57,7 +57,7 @@ def conba_scan_step(
         out.copy_(S_new)
     y = torch.bmm(S_new.view(B * G, hg * P, N), qc).view(B, H, P)
     if delayed is not None:
-        y = y + delay_gain.to(dt)[:, None] * delayed
+        y = torch.addcmul(y, delay_gain.to(dt)[:, None], delayed)
     return y.to(x.dtype), S_new
 
 
