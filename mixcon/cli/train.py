@@ -194,8 +194,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     if args.tensorboard:  # before anything is written
         require_tensorboard()
     initial = _initial_model(args, out)  # (its directory, config, tokenizer) or None
-    if resume is None:  # the old run's checkpoints go when training starts (Trainer.fit's discard_later)
-        _check_fresh(out, args.overwrite)
+    if not args.overwrite:  # (with it, the replaced checkpoints go when training starts: Trainer.fit's discard_later)
+        _check_replaced(out, resume)
     _check_tokenizer_fields(args, resume, bpe_sized=initial is None and options.tokenizer == "bpe")
     tok = initial[2] if initial else _tokenizer(options, resume, out, args, env)
     config = _config(args, resume, tok, initial[1] if initial else None)
@@ -330,12 +330,24 @@ def _initial_model(args: argparse.Namespace, out: Path) -> tuple[Path, MixConCon
     return source, config, ckpt.model_tokenizer(source, config.vocab_size, tokenizer)
 
 
-def _check_fresh(out: Path, overwrite: bool) -> None:
-    """Refuse an `out` that holds a run, unless --overwrite replaces it."""
-    latest = ckpt.latest_checkpoint(out)
-    if latest is not None and not overwrite:
-        raise SystemExit(f"mixcon train: {out} already holds a run (latest checkpoint {latest.name}); continue it "
-                         f"with --resume, start afresh with --overwrite, or choose another --out")
+def _check_replaced(out: Path, resume: Path | None) -> None:
+    """Before any work, refuse checkpoints in `out` that the run would replace without --overwrite: all of them for
+    a new run or one resumed from another run directory, those after the resumed one for a run going back."""
+    checkpoints = ckpt.list_checkpoints(out)
+    if not checkpoints:
+        return
+    if resume is None:
+        raise SystemExit(f"mixcon train: {out} already holds a run (latest checkpoint {checkpoints[-1].name}); "
+                         "continue it with --resume, start afresh with --overwrite, or choose another --out")
+    if not ckpt.in_run(resume, out):
+        raise SystemExit(f"mixcon train: --resume {resume} continues another run directory's run, and --out {out} "
+                         f"already holds a run (latest checkpoint {checkpoints[-1].name}); replace it with "
+                         "--overwrite, or choose another --out")
+    later = [p.name for p in checkpoints if ckpt.checkpoint_step(p) > ckpt.checkpoint_step(resume)]
+    if later:
+        names = ", ".join(later[:3]) + (", ..." if len(later) > 3 else "")
+        raise SystemExit(f"mixcon train: {out} holds checkpoints after {resume.name} ({names}); go back to "
+                         f"{resume.name} with --overwrite (they are deleted), or resume the latest")
 
 
 def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argparse.Namespace,

@@ -81,6 +81,12 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name[len(PREFIX):])
 
 
+def in_run(checkpoint: str | Path, run_dir: str | Path) -> bool:
+    """Whether a checkpoint is one of `run_dir`'s own (under its checkpoints/ folder)."""
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent.name == CHECKPOINTS and checkpoint.parent.parent == Path(run_dir).resolve()
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Completed checkpoints of a run (those with a manifest), oldest step first."""
     root = Path(run_dir) / CHECKPOINTS

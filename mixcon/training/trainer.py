@@ -396,9 +396,10 @@ class Trainer:
         """Train until `options.steps`, the `deadline` (a `time.monotonic()` value for the whole run: the
         final validation and checkpoint are done before it), or SIGINT/SIGTERM; save and summarise.
 
-        Checkpoints in the run directory after the starting step (all of them for a new run) belong to a
-        run this one replaces: an error, unless `discard_later` deletes them first. `config_changes`: see
-        `resume`."""
+        Checkpoints in the run directory after the starting step (all of them for a new run, or for one resumed
+        from another run directory's checkpoint) belong to a run this one replaces: an error, unless
+        `discard_later` deletes them first. A run resumed from another directory starts its own metrics log
+        there. `config_changes`: see `resume`."""
         if self.total_steps is None and deadline is None:
             raise ValueError("TrainOptions.steps is None: give a deadline (time budget) or a number of steps")
         start = time.monotonic()
@@ -411,8 +412,9 @@ class Trainer:
             torch.manual_seed(_process_seed(self.options.seed, self.env.rank))
         self._refit_pending = resume_from is not None and self.options.steps is None and deadline is not None
         first_step = self.step
-        self._clear_later_checkpoints(discard_later, new_run=resume_from is None)
-        metrics = (MetricsLogger(self.run_dir, resume_step=self.step if resume_from is not None else None,
+        own = resume_from is not None and ckpt.in_run(self.last_checkpoint, self.run_dir)  # else a new history here
+        self._clear_later_checkpoints(discard_later, new_run=not own)
+        metrics = (MetricsLogger(self.run_dir, resume_step=self.step if own else None,
                                  tensorboard=self.tensorboard) if self.env.is_main else None)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.env.is_main))

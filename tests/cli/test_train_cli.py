@@ -114,7 +114,8 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     # Back to an earlier checkpoint: the later ones are the abandoned run's, discarded only with --overwrite.
     back = ["train", "--out", str(run), "--resume", str(run / "checkpoints" / "step-00000003"), "--steps", "4",
             "--sample-tokens", "0", "--no-progress"]
-    with pytest.raises(SystemExit, match=r"after step 3 \(step-00000005\) of the run this one would replace"):
+    with pytest.raises(SystemExit, match=r"holds checkpoints after step-00000003 \(step-00000005\); go back to "
+                                         r"step-00000003 with --overwrite \(they are deleted\)"):
         main(back)
     assert main([*back, "--overwrite"]) == 0
     assert [p.name for p in list_checkpoints(run)] == ["step-00000003", "step-00000004"]
@@ -145,6 +146,33 @@ def test_overwrite_removes_the_old_run_only_once_the_new_one_is_ready(corpus, tm
     (tmp_path / "file").write_text("not a run")
     with pytest.raises(SystemExit, match=r"--out .*file is a file; give a run directory"):
         main([*args, "--out", str(tmp_path / "file")])
+
+
+def test_a_run_resumed_from_another_directory_replaces_a_run_in_out_only_with_overwrite(corpus, tmp_path):
+    """--out A --resume B continues B's run in A: refused before any work while A holds a run (its checkpoints,
+    shards and metrics stay as they were); with --overwrite, or into an empty A, A holds the continued run alone."""
+    args = ["train", "--config", "tiny", "--tokenizer", "bytes", "--val-fraction", "0.2", "--batch-size", "2",
+            "--seq-len", "16", "--sample-tokens", "0", "--no-progress", "--save-every", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    (tmp_path / "other.txt").write_text((corpus / "00.txt").read_text()[::-1] * 4)  # another corpus: other shards
+    assert main([*args, "--corpus", str(tmp_path / "other.txt"), "--steps", "2", "--out", str(a)]) == 0
+    assert main([*args, "--corpus", str(corpus), "--steps", "3", "--out", str(b)]) == 0
+    def files(run: Path) -> dict[Path, int]:
+        return {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files(a)
+    fork = ["train", "--out", str(a), "--resume", str(b), "--steps", "4", "--sample-tokens", "0", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"continues another run directory's run, and --out .*a already holds a "
+                                         r"run \(latest checkpoint step-00000002\); replace it with --overwrite"):
+        main(fork)
+    assert files(a) == before
+    assert main([*fork, "--overwrite"]) == 0
+    assert [p.name for p in list_checkpoints(a)] == ["step-00000004"]
+    assert [r["step"] for r in read_metrics(a / "metrics.jsonl")] == [4, 4]  # its own history: the new step, val
+    assert [p.name for p in list_checkpoints(b)] == ["step-00000002", "step-00000003"]  # keep_last 2: untouched
+    assert main(["train", "--out", str(tmp_path / "c"), "--resume", str(b / "checkpoints" / "step-00000002"),
+                 "--steps", "3", "--sample-tokens", "0", "--no-progress"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "c" / "metrics.jsonl") if "loss" in r] == [3]
 
 
 def test_a_validation_split_shorter_than_a_sequence_is_reported(corpus, tmp_path, capsys):

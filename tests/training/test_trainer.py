@@ -297,6 +297,18 @@ def test_a_resume_with_more_steps_recomputes_the_schedule_over_the_new_total(mak
     assert lrs[5] > lrs[4]
 
 
+def test_a_run_resumed_from_another_directory_replaces_every_checkpoint_there(make_trainer, tmp_path):
+    """Resuming another run directory's checkpoint into a run directory holding a run (even at earlier steps):
+    refused unless discard_later; then that run's checkpoints and metrics are gone, not mixed with the new ones."""
+    make_trainer(tmp_path / "a", steps=2, save_every=1).fit()
+    make_trainer(tmp_path / "b", steps=4).fit()
+    with pytest.raises(ValueError, match=r"a holds checkpoints \(step-00000001, step-00000002\) of the run"):
+        make_trainer(tmp_path / "a", steps=6).fit(resume_from=tmp_path / "b")
+    make_trainer(tmp_path / "a", steps=6).fit(resume_from=tmp_path / "b", discard_later=True)
+    assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["step-00000006"]
+    assert sorted({r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")}) == [5, 6]
+
+
 def test_validation_equals_cross_entropy_over_whole_logits(make_trainer, shards, tmp_path):
     """evaluate() (the fused head) == token-weighted F.cross_entropy over whole logits, ignored labels and an
     all-ignored batch included."""
