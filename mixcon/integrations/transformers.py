@@ -36,6 +36,7 @@ from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_cache
+from mixcon.io import locked_directory
 from mixcon.layers.linear import Linear
 from mixcon.models.mixcon import (
     HF_MODEL_TYPE,
@@ -526,16 +527,22 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
     model, tok = load_model_and_tokenizer(checkpoint, tokenizer=tokenizer, dtype=dtype)
     model.config = _tokenizer_special_ids(model.config, tok)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        MixConHFForCausalLM.from_mixcon(model).save_pretrained(tmp, max_shard_size=max_shard_size)
-        hf_tokenizer(tok).save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(model, checkpoint, out))
-        publish_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind; `out` is as it was
-        raise
+
+    def refuse(pid: str) -> None:
+        raise ValueError(f"{out} is being written by another export (pid {pid}); wait for it to end, or choose "
+                         "another --out") from None
+
+    with locked_directory(out.with_name(f".lock-{out.name}"), refuse):  # one writer of `out` and its temporary
+        tmp = out.with_name(f".tmp-{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export
+        try:
+            MixConHFForCausalLM.from_mixcon(model).save_pretrained(tmp, max_shard_size=max_shard_size)
+            hf_tokenizer(tok).save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(model, checkpoint, out))
+            publish_directory(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind; `out` is as it was
+            raise
     return out
 
 

@@ -388,6 +388,9 @@ def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.
                               f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
 
 
+READ_ATTEMPTS = 5  # reads of a run's newest checkpoint, which a run still training may delete meanwhile
+
+
 def model_directory(path: str | Path) -> Path:
     """The directory of a `save_pretrained` model as given, or of a run's latest checkpoint or a given
     checkpoint, verified against its manifest."""
@@ -404,10 +407,25 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: s
                              dtype: torch.dtype | None = None) -> tuple[MixConForCausalLM, AnyTokenizer]:
     """Model (in eval mode, in `dtype`, by default the saved one) and tokenizer from a run directory (its latest
     checkpoint), a checkpoint (verified against its manifest) or a `save_pretrained` directory (then
-    `tokenizer` must name one unless it has tokenizer/ or, as `mixcon export hf` writes, a tokenizer.json)."""
-    path = model_directory(path)
-    model = MixConForCausalLM.from_pretrained(path, device=device, dtype=dtype).eval()
-    return model, model_tokenizer(path, model.config.vocab_size, tokenizer)
+    `tokenizer` must name one unless it has tokenizer/ or, as `mixcon export hf` writes, a tokenizer.json).
+
+    A run still training deletes its older checkpoints: one that vanishes while it is read is read again from
+    the run's newest."""
+    run = Path(path) if (Path(path) / CHECKPOINTS).is_dir() else None
+    for attempt in range(READ_ATTEMPTS):
+        directory = resolve_checkpoint(run) if run is not None else Path(path)
+        try:
+            directory = model_directory(directory)
+            model = MixConForCausalLM.from_pretrained(directory, device=device, dtype=dtype).eval()
+            return model, model_tokenizer(directory, model.config.vocab_size, tokenizer)
+        except Exception:
+            if run is None or directory.exists():  # not a checkpoint that its run deleted
+                raise
+            if attempt == READ_ATTEMPTS - 1:
+                raise CheckpointError(f"{path}: its newest checkpoint was deleted while being read, "
+                                      f"{READ_ATTEMPTS} times (a run saving often prunes them); try again, or "
+                                      "copy a checkpoint away from the run and name it") from None
+    raise AssertionError("unreachable")
 
 
 def model_tokenizer(directory: Path, vocab_size: int, tokenizer: str | Path | None = None) -> AnyTokenizer:

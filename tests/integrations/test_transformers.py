@@ -4,6 +4,7 @@ search), save and load through the Auto classes, the tokenizer and a text-genera
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -785,6 +786,25 @@ def test_a_failed_export_leaves_the_previous_one(run_dir, tmp_path, monkeypatch)
         export_hf(run, out, dtype=torch.bfloat16, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(run_dir, tmp_path):
+    """Two exports to one --out shared its temporary folder, each deleting the other's files; now the second is
+    refused (naming the first's process) and nothing of it stays behind."""
+    from mixcon.io import locked_directory
+
+    _, _, run = run_dir
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def busy(pid: str) -> None:
+        raise AssertionError("not held yet")
+
+    refused = rf"hf is being written by another export \(pid {os.getpid()}\)"
+    with locked_directory(tmp_path / ".lock-hf", busy), pytest.raises(ValueError, match=refused):
+        export_hf(run, tmp_path / "hf")  # (the lock held: the first export, mid-write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    export_hf(run, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "hf"])
 
 
 def test_export_hf_refuses_to_write_over_what_it_reads_or_over_a_file(run_dir, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -180,6 +181,34 @@ def test_a_checkpoint_or_run_given_as_the_working_directory_loads(trained, monke
     monkeypatch.chdir(latest_checkpoint(run))
     assert ckpt.model_directory(".").resolve() == latest_checkpoint(run).resolve()
     assert load_checkpoint(".").step == 4
+
+
+def test_a_checkpoint_its_run_deletes_while_it_is_read_is_read_again_from_the_newest(trained, monkeypatch):
+    """A reader of a run still training (generate, eval, export) takes the newest checkpoint, which the trainer may
+    prune meanwhile: it reads the new newest; a checkpoint named itself, or one deleted at every try, is an error."""
+    _, run = trained
+    read = MixConForCausalLM.from_pretrained.__func__
+    prunes = {"left": 1}  # how many reads the trainer's pruning overtakes
+    deleted = []
+
+    def pruned_while_read(cls, path, **kw):  # the trainer saves two steps on and deletes what is being read
+        if prunes["left"]:
+            prunes["left"] -= 1
+            shutil.copytree(path, run / "checkpoints" / f"step-{ckpt.checkpoint_step(path) + 2:08d}")
+            shutil.rmtree(path)
+            deleted.append(path.name)
+        return read(cls, path, **kw)
+
+    monkeypatch.setattr(MixConForCausalLM, "from_pretrained", classmethod(pruned_while_read))
+    _, tok = ckpt.load_model_and_tokenizer(run)
+    assert deleted == ["step-00000004"] and isinstance(tok, ByteTokenizer)
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000006"]
+    prunes["left"] = 1
+    with pytest.raises(Exception, match="step-00000002"):  # a checkpoint named itself: not another one
+        ckpt.load_model_and_tokenizer(run / "checkpoints" / "step-00000002")
+    prunes["left"] = 5
+    with pytest.raises(CheckpointError, match=r"newest checkpoint was deleted while being read, 5 times"):
+        ckpt.load_model_and_tokenizer(run)
 
 
 def test_a_corrupt_manifest_or_trainer_state_names_the_intact_checkpoint_too(trained):
