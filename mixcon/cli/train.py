@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import re
 import shlex
 import signal
@@ -186,6 +187,9 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
             refusal = f"mixcon train: {e}"
         except OSError as e:
             refusal = f"mixcon train: --out {out}: cannot write there ({e})"
+        saves = out / ckpt.CHECKPOINTS
+        if refusal is None and saves.is_dir() and not os.access(saves, os.W_OK | os.X_OK):
+            refusal = f"mixcon train: {saves}: cannot write there (the run's checkpoints are saved there)"
     refusal = gather_objects(refusal)[0]  # every process ends with it (the others would wait for rank 0 in vain)
     if refusal is not None:
         raise SystemExit(refusal)

@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,8 +218,8 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-{final.name}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         weights = {k: v.contiguous() for k, v in model_state.items()}
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata=WEIGHTS_METADATA)
         (tmp / CONFIG_NAME).write_text(config.to_json())
@@ -243,7 +244,11 @@ def save_checkpoint(
                               + (f"{intact} is intact" if intact else "no checkpoint of this run yet")) from e
     publish_directory(tmp, final)  # the same step saved again (e.g. after a resume) replaces the old copy
     for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(stale)
+        try:
+            shutil.rmtree(stale)
+        except OSError as e:  # the new one is written: training goes on
+            warnings.warn(f"{final.name} written, but the old checkpoint {stale} could not be deleted (keep_last="
+                          f"{keep_last}): {e}", stacklevel=2)
     return final
 
 

@@ -404,7 +404,7 @@ def test_tensorboard_missing_is_refused_before_anything_is_written(corpus, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_directory_in_use_is_refused_and_one_that_cannot_be_made_named(corpus, tmp_path, capsys):
+def test_a_run_directory_in_use_is_refused_and_one_that_cannot_be_made_named(corpus, tmp_path, capsys, monkeypatch):
     """One trainer per run: a second one (here: this process holding the lock) is refused before any work,
     instead of replacing the first one's checkpoints and metrics; an --out that cannot be made says so. The
     commands printed at the end quote the run's path."""
@@ -423,6 +423,14 @@ def test_a_run_directory_in_use_is_refused_and_one_that_cannot_be_made_named(cor
         main([*argv, "--out", str(tmp_path / "afile" / "run")])
     assert main([*argv, "--out", str(run)]) == 0 and list_checkpoints(run)
     assert f"continue:   mixcon train --out '{run}' --resume" in capsys.readouterr().out
+    # A checkpoints/ folder that cannot be written (as a user without root's override sees it): refused before any
+    # step, not at the first save
+    real_access = os.access
+    with monkeypatch.context() as m:
+        m.setattr("mixcon.cli.train.os.access", lambda p, mode: Path(p).name != "checkpoints" and real_access(p, mode))
+        with pytest.raises(SystemExit, match=r"my run/checkpoints: cannot write there \(the run's checkpoints are "
+                                             r"saved there\)"):
+            main([*argv, "--out", str(run), "--resume", "--steps", "2"])
 
 
 def test_resume_continues_on_the_runs_shards_after_a_split_rule_change(corpus, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -121,6 +122,38 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(trained, mon
     assert load_checkpoint(run).step == 4
     trainer.save()  # the next save succeeds
     assert latest_checkpoint(run).name == "step-00000006"
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_or_pruned_is_named(trained, monkeypatch):
+    """A checkpoints/ folder where the new checkpoint cannot be made: the CheckpointError of any failed save (it
+    was a bare errno message); an old checkpoint that cannot be deleted (keep_last): a warning naming it, and the
+    new one stays written."""
+    trainer, run = trained
+    real_mkdir, real_rmtree = ckpt.Path.mkdir, ckpt.shutil.rmtree
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith(".tmp-"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.Path, "mkdir", read_only)
+    trainer.step = 6
+    with pytest.raises(CheckpointError, match=r"step-00000006 not written \(\[Errno 13\] Permission denied: .*"
+                                              r"\.tmp-step-00000006'\); .*step-00000004 is intact"):
+        trainer.save()
+    monkeypatch.undo()
+
+    def undeletable(path, *args, **kwargs):
+        if ckpt.CHECKPOINTS in str(path) and not kwargs.get("ignore_errors"):
+            raise PermissionError(13, "Permission denied", str(path / "trainer_state.pt"))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", undeletable)
+    trainer.options = dataclasses.replace(trainer.options, keep_last=1)
+    with pytest.warns(UserWarning, match=r"step-00000006 written, but the old checkpoint .*step-00000002 could not "
+                                         r"be deleted \(keep_last=1\): \[Errno 13\] Permission denied"):
+        trainer.save()
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004", "step-00000006"]
 
 
 def test_crash_between_the_renames_of_a_replacement_loses_nothing(trained, monkeypatch):
