@@ -370,7 +370,8 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
     if env.is_main:
         vocab = config_from_args(args).vocab_size
         print(f"training a byte-level BPE tokenizer ({vocab} tokens) on the corpus's training split...")
-        documents = training_documents(Corpus.from_spec(options.corpus), options.val_fraction, options.seed,
+        corpus = Corpus.from_spec(options.corpus, exclude=out)
+        documents = training_documents(corpus, options.val_fraction, options.seed,
                                        options.max_bytes)  # the validation text stays unseen
         train_bpe_tokenizer(documents, vocab).save(trained)
     barrier()
@@ -433,8 +434,9 @@ def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv, 
     if env.is_main:
         ds = _shards_of(resume, out / "data") if resume is not None else None
         if ds is None:
-            ds = prepare_shards(Corpus.from_spec(options.corpus), tok, out / "data", val_fraction=options.val_fraction,
-                                seed=options.seed, max_bytes=options.max_bytes, progress=progress)
+            ds = prepare_shards(Corpus.from_spec(options.corpus, exclude=out), tok, out / "data",
+                                val_fraction=options.val_fraction, seed=options.seed, max_bytes=options.max_bytes,
+                                progress=progress)
     barrier()
     return ds if ds is not None else ShardDataset(out / "data", verify=False)
 

@@ -19,7 +19,8 @@ SPEC_FORMS = """corpus specs:
   stdlib (or none)       Python's standard library sources, one document per .py file (the default)
   FILE                   one text file, one document
   DIR                    every *.txt file under DIR, recursively, one document per file
-  GLOB                   the files matching GLOB ("**" recurses), e.g. 'src/**/*.py'
+  GLOB                   the files matching GLOB ("**" recurses), e.g. 'src/**/*.py'; hidden files and
+                         folders (names starting with ".") only where GLOB names them
   PATH.jsonl[:FIELD]     JSON Lines (a file or a glob ending in .jsonl), one document per line from FIELD
                          (default "text")
   hf:NAME_OR_DIR[:FIELD] a Hugging Face `datasets` dataset saved locally (save_to_disk) or in the local
@@ -85,8 +86,9 @@ class Corpus(ABC):
         self.skipped.append(f"{where}: {why}")
 
     @staticmethod
-    def from_spec(spec: str | None) -> Corpus:
-        """A corpus from a spec string (see SPEC_FORMS); None, '' or 'stdlib' is the default corpus."""
+    def from_spec(spec: str | None, exclude: str | os.PathLike | None = None) -> Corpus:
+        """A corpus from a spec string (see SPEC_FORMS); None, '' or 'stdlib' is the default corpus. `exclude`: a
+        folder whose files are left out (the run or data folder being written, when it lies inside the corpus)."""
         if spec in (None, "", "stdlib"):
             return default_corpus()
         if spec.startswith("hf:"):
@@ -97,6 +99,12 @@ class Corpus(ABC):
         else:
             field = "text"
         paths = _match(spec)
+        if exclude is not None:
+            written = Path(exclude).resolve()
+            paths = [p for p in paths if written not in p.resolve().parents]
+            if not paths:
+                raise FileNotFoundError(f"corpus {spec!r}: every file it names lies in {exclude}, the folder being "
+                                        "written")
         files = f"{len(paths)} file{'s' if len(paths) > 1 else ''}"
         if spec.endswith(".jsonl"):
             return JsonLines(paths, field, f"JSON Lines {spec} ({files}, field {field!r})")
@@ -104,7 +112,7 @@ class Corpus(ABC):
 
 
 class TextFiles(Corpus):
-    """One document per UTF-8 text file."""
+    """One document per UTF-8 text file (without a leading byte-order mark)."""
 
     def __init__(self, paths: list[Path], description: str):
         super().__init__(description)
@@ -113,7 +121,7 @@ class TextFiles(Corpus):
     def _documents(self) -> Iterator[str]:
         for path in self.paths:
             try:
-                yield path.read_bytes().decode("utf-8")
+                yield path.read_bytes().decode("utf-8-sig")  # a byte-order mark is not text (as in JSON Lines)
             except UnicodeDecodeError:
                 self._skip(path, "not UTF-8")
             except OSError as e:
@@ -202,7 +210,10 @@ def _match(spec: str) -> list[Path]:
         parts = path.parts
         first = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
         root = Path(*parts[:first]) if first else Path(".")
-        paths = sorted(p for p in root.glob(str(Path(*parts[first:]))) if p.is_file())
+        pattern = Path(*parts[first:])
+        hidden_named = any(part.startswith(".") for part in pattern.parts)
+        paths = sorted(p for p in root.glob(str(pattern)) if p.is_file() and (
+            hidden_named or not any(part.startswith(".") for part in p.relative_to(root).parts)))
         if not paths:
             raise FileNotFoundError(f"corpus {spec!r}: no files match the glob")
         return paths

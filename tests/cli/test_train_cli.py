@@ -175,6 +175,18 @@ def test_a_run_resumed_from_another_directory_replaces_a_run_in_out_only_with_ov
     assert [r["step"] for r in read_metrics(tmp_path / "c" / "metrics.jsonl") if "loss" in r] == [3]
 
 
+def test_a_run_inside_its_glob_corpus_does_not_read_itself(corpus, tmp_path, capsys):
+    """--out inside the folder a glob corpus reads: the run's lock file, and on a second run its shards, metrics
+    and config, were read as corpus text."""
+    args = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", f"{corpus}/**", "--steps", "1",
+            "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0", "--no-progress",
+            "--out", str(corpus / "run")]
+    assert main(args) == 0
+    assert main([*args, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"text {corpus}/** (12 files)") == 2, out
+
+
 def test_a_validation_split_shorter_than_a_sequence_is_reported(corpus, tmp_path, capsys):
     assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--val-fraction",
                  "0.1", "--steps", "1", "--batch-size", "1", "--seq-len", "4096", "--sample-tokens", "0",

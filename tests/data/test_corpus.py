@@ -19,6 +19,8 @@ def test_text_file_is_one_document_kept_exactly(tmp_path):
     corpus = Corpus.from_spec(str(path))
     assert list(corpus) == ["line one\r\n  indented é\n\n"]
     assert str(path) in corpus.describe()
+    path.write_bytes(b"\xef\xbb\xbfwith a BOM\n")  # a byte-order mark is not text, as in JSON Lines
+    assert list(Corpus.from_spec(str(path))) == ["with a BOM\n"]
 
 
 def test_folder_is_recursive_txt_and_globs_pick_other_files(tmp_path):
@@ -33,6 +35,26 @@ def test_folder_is_recursive_txt_and_globs_pick_other_files(tmp_path):
     assert "3 files" in Corpus.from_spec(f"{tmp_path}/**/*").describe()
     (tmp_path / "data[1].txt").write_text("D")  # glob characters in the name of a file that exists
     assert list(Corpus.from_spec(str(tmp_path / "data[1].txt"))) == ["D"]
+
+
+def test_globs_leave_hidden_files_and_the_folder_being_written_out(tmp_path):
+    """As a shell's glob: hidden files and folders only where the glob names them (it read a run's .lock file);
+    `exclude` leaves out the run folder being written inside the corpus (a second run read the first's shards,
+    metrics and config as text), and a corpus with nothing else is refused."""
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref")
+    (tmp_path / ".lock").write_text("123")
+    (tmp_path / "a.txt").write_text("A")
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}")
+    (tmp_path / "run" / "data" / "shard.txt").write_text("S")
+    assert list(Corpus.from_spec(f"{tmp_path}/**")) == ["A", "S", "{}"]  # sorted: run/data/... < run/metrics...
+    assert list(Corpus.from_spec(f"{tmp_path}/.*")) == ["123"]  # named: read
+    assert list(Corpus.from_spec(f"{tmp_path}/.git/*")) == ["ref"]
+    assert list(Corpus.from_spec(f"{tmp_path}/**", exclude=tmp_path / "run")) == ["A"]
+    assert list(Corpus.from_spec(str(tmp_path), exclude=tmp_path / "run")) == ["A"]  # a folder's *.txt too
+    with pytest.raises(FileNotFoundError, match=r"every file it names lies in .*run, the folder being written"):
+        Corpus.from_spec(f"{tmp_path}/run/**", exclude=tmp_path / "run")
 
 
 def test_a_folder_is_read_through_links_each_file_once(tmp_path):
