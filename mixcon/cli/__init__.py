@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    _expand_home(args)
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # the reader left (`mixcon info | head`): stop quietly, as other command-line tools do
@@ -65,6 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         print(flush=True)
         print(f"mixcon {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# The options that name files or folders: '~/...' is the home folder there, as a shell expands it (it does not in
+# --out=~/x or a quoted '~/x').
+PATH_OPTIONS = ("out", "corpus", "checkpoint", "tokenizer", "config", "resume", "init_from", "json")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith("~"):
+            setattr(args, name, type(value)(os.path.expanduser(value)))
 
 
 if __name__ == "__main__":

@@ -135,3 +135,16 @@ def test_unknown_arguments_are_named_by_the_command_that_got_them(argv, command,
     err = capsys.readouterr().err
     assert err.startswith(f"usage: {command} ")
     assert err.endswith(f"{command}: error: unrecognized arguments: {unknown}\n")
+
+
+def test_a_path_option_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """--out=~/x or a quoted '~/x' reaches the program unexpanded (the shell expands neither): it made a folder
+    named '~' in the working directory."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "c.txt").write_text("some text for the shards " * 40)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["data", "prepare", "--corpus=~/c.txt", "--tokenizer", "bytes", "--out=~/shards"]) == 0
+    assert (home / "shards" / "index.json").is_file() and list(work.iterdir()) == []
