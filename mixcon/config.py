@@ -106,7 +106,8 @@ class MixConConfig:
                      "router_z_loss_coef"):
             self._number(name, 0.0, strict=False)
         self._number("conba_beta_max", 0.0, strict=True, maximum=2.0,
-                     note="the delta rule is stable for beta <= 2")
+                     note="beta = beta_max·σ(·) stays below it; the delta rule's I - beta·k·kᵀ contracts "
+                          "along k for beta < 2 (at 2 it reflects)")
         L = self.layers_per_block
         a = self.attn_per_block
         self._integer("attn_per_block", 0, maximum=L)

@@ -284,8 +284,8 @@ class MixConForCausalLM(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2·n_layers), SSM init for Conba,
-        norm weights 1."""
+        """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2·n_layers), SSM init for Conba (its
+        depthwise conv: PyTorch's default, as Mamba-2's), norm weights 1."""
         for name, module in self.named_modules():
             if not isinstance(module, nn.Conv1d):  # (a Conba's, initialised with it)
                 self.init_module(name, module)
