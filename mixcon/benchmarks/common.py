@@ -195,8 +195,9 @@ def triton_default(device: str) -> bool:
 
 def plot_file(text: str) -> Path:
     """argparse type of a figure to write: its folder exists and matplotlib (imported only here, it is
-    optional) writes its suffix; checked before any work, so that a long run does not fail at its end."""
-    path = Path(text)
+    optional) writes its suffix; checked before any work, so that a long run does not fail at its end. '~' is the
+    home folder."""
+    path = Path(text).expanduser()
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:

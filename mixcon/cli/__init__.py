@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-# The options that name files or folders: '~/...' is the home folder there, as a shell expands it (it does not in
-# --out=~/x or a quoted '~/x').
-PATH_OPTIONS = ("out", "corpus", "checkpoint", "tokenizer", "config", "resume", "init_from", "json")
+# The options that name files or folders without an argparse type that reads them (output_file, output_folder,
+# existing_folder, plot_file expand '~' themselves): '~/...' is the home folder there, as a shell expands it (it does
+# not in --out=~/x or a quoted '~/x').
+PATH_OPTIONS = ("out", "corpus", "checkpoint", "tokenizer", "config", "resume", "init_from")
 
 
 def _expand_home(args: argparse.Namespace) -> None:

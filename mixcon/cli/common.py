@@ -97,8 +97,8 @@ FRACTION = number_type(float, 0, maximum=1, below=True)
 
 def output_file(text: str) -> Path:
     """argparse type of a FILE to write results to: not a directory, in a directory that exists or can be made
-    (checked before any work, so that the results are not lost at the end)."""
-    path = Path(text)
+    (checked before any work, so that the results are not lost at the end); '~' is the home folder."""
+    path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; name a file to write")
     folder = next(p for p in path.absolute().parents if p.exists())  # the nearest existing one
@@ -110,8 +110,9 @@ def output_file(text: str) -> Path:
 
 
 def output_folder(text: str) -> Path:
-    """argparse type of a FOLDER to write results into: not a file, nor below one (checked before any work)."""
-    path = Path(text)
+    """argparse type of a FOLDER to write results into: not a file, nor below one (checked before any work); '~' is
+    the home folder."""
+    path = Path(text).expanduser()
     if not text or (path.exists() and not path.is_dir()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a folder; name one to write into")
     if not next(p for p in path.absolute().parents if p.exists()).is_dir():
@@ -128,10 +129,11 @@ def check_out_folder(command: str, out: str | Path, what: str = "a folder") -> P
 
 
 def existing_folder(text: str) -> Path:
-    """argparse type of a folder that must exist."""
-    if not Path(text).is_dir():
+    """argparse type of a folder that must exist ('~': the home folder)."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r}: no such folder")
-    return Path(text)
+    return path
 
 
 def add_device_argument(parser: argparse.ArgumentParser, default: str | None, shown: str | None = None) -> None:

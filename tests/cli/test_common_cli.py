@@ -7,8 +7,9 @@ import argparse
 import pytest
 import torch
 
+from mixcon.benchmarks.common import plot_file
 from mixcon.cli import main
-from mixcon.cli.common import config_from_args, device_type
+from mixcon.cli.common import config_from_args, device_type, existing_folder, output_file, output_folder
 
 
 def test_device_type_takes_the_devices_this_machine_has(monkeypatch):
@@ -148,3 +149,6 @@ def test_a_path_option_starting_with_a_tilde_is_in_the_home_folder(tmp_path, mon
     monkeypatch.chdir(work)
     assert main(["data", "prepare", "--corpus=~/c.txt", "--tokenizer", "bytes", "--out=~/shards"]) == 0
     assert (home / "shards" / "index.json").is_file() and list(work.iterdir()) == []
+    # the options argparse checks as it parses them (--json, bench --out and --plot, lm-eval's --include-path)
+    assert output_file("~/r.json") == home / "r.json" and output_folder("~/bench") == home / "bench"
+    assert existing_folder("~/shards") == home / "shards" and plot_file("~/p.png") == home / "p.png"
