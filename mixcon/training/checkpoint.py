@@ -83,9 +83,8 @@ def checkpoint_step(path: Path) -> int:
 
 
 def in_run(checkpoint: str | Path, run_dir: str | Path) -> bool:
-    """Whether a checkpoint is one of `run_dir`'s own (under its checkpoints/ folder)."""
-    checkpoint = Path(checkpoint).resolve()
-    return checkpoint.parent.name == CHECKPOINTS and checkpoint.parent.parent == Path(run_dir).resolve()
+    """Whether a checkpoint is one of `run_dir`'s own (in its checkpoints/ folder, which may be a link)."""
+    return Path(checkpoint).resolve().parent == (Path(run_dir) / CHECKPOINTS).resolve()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -424,7 +423,8 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: s
             model = MixConForCausalLM.from_pretrained(directory, device=device, dtype=dtype).eval()
             return model, model_tokenizer(directory, model.config.vocab_size, tokenizer)
         except Exception:
-            if run is None or directory.exists():  # not a checkpoint that its run deleted
+            # Not a checkpoint that its run deleted (all at once, or a file at a time): one that is still the newest
+            if run is None or (directory.exists() and directory == latest_checkpoint(run)):
                 raise
             if attempt == READ_ATTEMPTS - 1:
                 raise CheckpointError(f"{path}: its newest checkpoint was deleted while being read, "

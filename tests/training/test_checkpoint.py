@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,6 +243,26 @@ def test_a_checkpoint_its_run_deletes_while_it_is_read_is_read_again_from_the_ne
     prunes["left"] = 5
     with pytest.raises(CheckpointError, match=r"newest checkpoint was deleted while being read, 5 times"):
         ckpt.load_model_and_tokenizer(run)
+    # Caught mid-deletion (rmtree removes the files first): its tokenizer is gone, its folder still there.
+    newest = latest_checkpoint(run)
+    shutil.copytree(newest, run / "checkpoints" / "step-00000099")
+    shutil.rmtree(newest / ckpt.TOKENIZER_DIR)
+    real_resolve = ckpt.resolve_checkpoint
+    first, served = [newest], []  # the first read began before the trainer saved step 99 and began pruning `newest`
+
+    def slow_reader(path):
+        served.append((first.pop() if first else real_resolve(path)).name)
+        return Path(run / "checkpoints" / served[-1])
+
+    monkeypatch.setattr(ckpt, "resolve_checkpoint", slow_reader)
+    prunes["left"] = 0
+    assert isinstance(ckpt.load_model_and_tokenizer(run)[1], ByteTokenizer)
+    assert served[0] == newest.name and served[-1] == "step-00000099"  # read again, from the new newest
+    served.clear()
+    shutil.rmtree(run / "checkpoints" / "step-00000099" / ckpt.TOKENIZER_DIR)
+    with pytest.raises(CheckpointError, match=r"step-00000099/tokenizer/tokenizer.json: missing from the checkpoint"):
+        ckpt.load_model_and_tokenizer(run)  # the newest itself is damaged: said so, not read again
+    assert set(served) == {"step-00000099"}
 
 
 def test_a_corrupt_manifest_or_trainer_state_names_the_intact_checkpoint_too(trained):

@@ -309,6 +309,18 @@ def test_a_run_resumed_from_another_directory_replaces_every_checkpoint_there(ma
     assert sorted({r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")}) == [5, 6]
 
 
+def test_a_run_whose_checkpoints_folder_is_a_link_resumes_as_its_own(make_trainer, tmp_path):
+    """checkpoints/ moved to another disk and linked back: a resume is the run's own (it was taken for another
+    run directory's, which refused it, or with discard_later deleted the run's checkpoints and metrics)."""
+    run = tmp_path / "run"
+    make_trainer(run, steps=2, save_every=1).fit()
+    (run / "checkpoints").rename(tmp_path / "elsewhere")
+    (run / "checkpoints").symlink_to(tmp_path / "elsewhere")
+    make_trainer(run, steps=3, save_every=1).fit(resume_from=run)
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000003"]  # keep_last 2
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+
+
 def test_validation_equals_cross_entropy_over_whole_logits(make_trainer, shards, tmp_path):
     """evaluate() (the fused head) == token-weighted F.cross_entropy over whole logits, ignored labels and an
     all-ignored batch included."""
