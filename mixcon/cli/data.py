@@ -38,7 +38,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     check_out_folder("data prepare", args.out)  # before the corpus is read
     try:
         tok = load_tokenizer(args.tokenizer)
-        corpus = Corpus.from_spec(args.corpus, exclude=args.out)
+        corpus = Corpus.from_spec(args.corpus, exclude=[args.out])
         ds = prepare_shards(corpus, tok, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             workers=args.workers, max_bytes=args.max_bytes)
     except (ValueError, OSError, ImportError) as e:

@@ -42,10 +42,11 @@ from mixcon.data import (
 from mixcon.data.corpus import SPEC_FORMS
 from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, train_bpe_tokenizer
+from mixcon.io import LOCK_FILE
 from mixcon.models.mixcon import MixConForCausalLM, read_config
 from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import DistEnv, barrier, gather_objects, init_distributed, shutdown
-from mixcon.training.metrics import METRICS_FILE, PLOT_FILE, require_tensorboard
+from mixcon.training.metrics import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, require_tensorboard
 from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions
 
 DEFAULT_TIME_BUDGET = 480.0  # seconds, when neither --steps nor --time-budget is given
@@ -261,6 +262,12 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     return 0
 
 
+def _run_outputs(out: Path) -> list[Path]:
+    """What a run writes in its directory: left out of a corpus that holds it (the rest of `out` is read)."""
+    return [out / name for name in (LOCK_FILE, "data", "tokenizer", ckpt.CHECKPOINTS, TENSORBOARD_DIR, METRICS_FILE,
+                                    PLOT_FILE)]
+
+
 def _quiet(*_args: Any, **_kwargs: Any) -> None:
     pass
 
@@ -370,7 +377,7 @@ def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argp
     if env.is_main:
         vocab = config_from_args(args).vocab_size
         print(f"training a byte-level BPE tokenizer ({vocab} tokens) on the corpus's training split...")
-        corpus = Corpus.from_spec(options.corpus, exclude=out)
+        corpus = Corpus.from_spec(options.corpus, exclude=_run_outputs(out))
         documents = training_documents(corpus, options.val_fraction, options.seed,
                                        options.max_bytes)  # the validation text stays unseen
         train_bpe_tokenizer(documents, vocab).save(trained)
@@ -434,7 +441,7 @@ def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv, 
     if env.is_main:
         ds = _shards_of(resume, out / "data") if resume is not None else None
         if ds is None:
-            ds = prepare_shards(Corpus.from_spec(options.corpus, exclude=out), tok, out / "data",
+            ds = prepare_shards(Corpus.from_spec(options.corpus, exclude=_run_outputs(out)), tok, out / "data",
                                 val_fraction=options.val_fraction, seed=options.seed, max_bytes=options.max_bytes,
                                 progress=progress)
     barrier()

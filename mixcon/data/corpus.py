@@ -11,7 +11,7 @@ import os
 import stat
 import sysconfig
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +86,9 @@ class Corpus(ABC):
         self.skipped.append(f"{where}: {why}")
 
     @staticmethod
-    def from_spec(spec: str | None, exclude: str | os.PathLike | None = None) -> Corpus:
-        """A corpus from a spec string (see SPEC_FORMS); None, '' or 'stdlib' is the default corpus. `exclude`: a
-        folder whose files are left out (the run or data folder being written, when it lies inside the corpus)."""
+    def from_spec(spec: str | None, exclude: Iterable[str | os.PathLike] = ()) -> Corpus:
+        """A corpus from a spec string (see SPEC_FORMS); None, '' or 'stdlib' is the default corpus. `exclude`: files
+        and folders left out (what a command writes, where the corpus holds it)."""
         if spec in (None, "", "stdlib"):
             return default_corpus()
         if spec.startswith("hf:"):
@@ -99,12 +99,11 @@ class Corpus(ABC):
         else:
             field = "text"
         paths = _match(spec)
-        if exclude is not None:
-            written = Path(exclude).resolve()
-            paths = [p for p in paths if written not in p.resolve().parents]
+        written = {Path(p).resolve() for p in exclude}
+        if written:
+            paths = [p for p in paths if not written.intersection((real := p.resolve(), *real.parents))]
             if not paths:
-                raise FileNotFoundError(f"corpus {spec!r}: every file it names lies in {exclude}, the folder being "
-                                        "written")
+                raise FileNotFoundError(f"corpus {spec!r}: every file it names is one this command writes")
         files = f"{len(paths)} file{'s' if len(paths) > 1 else ''}"
         if spec.endswith(".jsonl"):
             return JsonLines(paths, field, f"JSON Lines {spec} ({files}, field {field!r})")

@@ -11,6 +11,7 @@ from mixcon.io import save_figure_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
 PLOTTED = ("step", "loss", "val_loss", "val_bpb")  # what the logger keeps in memory of each record
 PLOT_POINTS = 2000  # at most this many train-loss points are drawn (evenly spaced; the EMA is of all)
 
@@ -37,7 +38,7 @@ class MetricsLogger:
             write_text_atomic(self.path, "")
         # TensorBoard hides what a crashed run logged after the checkpoint (or, for a new run, an old run's events).
         purge_step = resume_step + 1 if resume_step is not None else 0
-        self.tb = _tensorboard_writer(self.run_dir / "tensorboard", purge_step) if tensorboard else None
+        self.tb = _tensorboard_writer(self.run_dir / TENSORBOARD_DIR, purge_step) if tensorboard else None
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(_plotted(record))

@@ -177,7 +177,7 @@ def test_a_run_resumed_from_another_directory_replaces_a_run_in_out_only_with_ov
 
 def test_a_run_inside_its_glob_corpus_does_not_read_itself(corpus, tmp_path, capsys):
     """--out inside the folder a glob corpus reads: the run's lock file, and on a second run its shards, metrics
-    and config, were read as corpus text."""
+    and config, were read as corpus text; the corpus's own files there are read."""
     args = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", f"{corpus}/**", "--steps", "1",
             "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0", "--no-progress",
             "--out", str(corpus / "run")]
@@ -185,6 +185,8 @@ def test_a_run_inside_its_glob_corpus_does_not_read_itself(corpus, tmp_path, cap
     assert main([*args, "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert out.count(f"text {corpus}/** (12 files)") == 2, out
+    # Only what a run writes is left out: a corpus file that lies in the run directory is read.
+    assert main([*args[:-1], str(corpus), "--corpus", str(corpus / "00.txt"), "--seq-len", "8"]) == 0
 
 
 def test_a_validation_split_shorter_than_a_sequence_is_reported(corpus, tmp_path, capsys):

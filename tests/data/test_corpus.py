@@ -39,8 +39,8 @@ def test_folder_is_recursive_txt_and_globs_pick_other_files(tmp_path):
 
 def test_globs_leave_hidden_files_and_the_folder_being_written_out(tmp_path):
     """As a shell's glob: hidden files and folders only where the glob names them (it read a run's .lock file);
-    `exclude` leaves out the run folder being written inside the corpus (a second run read the first's shards,
-    metrics and config as text), and a corpus with nothing else is refused."""
+    `exclude` leaves out what a run writes inside the corpus (a second run read the first's shards and metrics as
+    text), and a corpus with nothing else is refused."""
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "HEAD").write_text("ref")
     (tmp_path / ".lock").write_text("123")
@@ -51,10 +51,12 @@ def test_globs_leave_hidden_files_and_the_folder_being_written_out(tmp_path):
     assert list(Corpus.from_spec(f"{tmp_path}/**")) == ["A", "S", "{}"]  # sorted: run/data/... < run/metrics...
     assert list(Corpus.from_spec(f"{tmp_path}/.*")) == ["123"]  # named: read
     assert list(Corpus.from_spec(f"{tmp_path}/.git/*")) == ["ref"]
-    assert list(Corpus.from_spec(f"{tmp_path}/**", exclude=tmp_path / "run")) == ["A"]
-    assert list(Corpus.from_spec(str(tmp_path), exclude=tmp_path / "run")) == ["A"]  # a folder's *.txt too
-    with pytest.raises(FileNotFoundError, match=r"every file it names lies in .*run, the folder being written"):
-        Corpus.from_spec(f"{tmp_path}/run/**", exclude=tmp_path / "run")
+    written = [tmp_path / "run" / "data", tmp_path / "run" / "metrics.jsonl"]
+    assert list(Corpus.from_spec(f"{tmp_path}/**", exclude=written)) == ["A"]
+    assert list(Corpus.from_spec(str(tmp_path), exclude=written)) == ["A"]  # a folder's *.txt too
+    assert list(Corpus.from_spec(f"{tmp_path}/**", exclude=[tmp_path / "run" / "data"])) == ["A", "{}"]
+    with pytest.raises(FileNotFoundError, match=r"every file it names is one this command writes"):
+        Corpus.from_spec(f"{tmp_path}/run/**", exclude=written)
 
 
 def test_a_folder_is_read_through_links_each_file_once(tmp_path):
