@@ -42,17 +42,23 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def locked_directory(directory: Path, on_busy: Callable[[str], None]) -> Iterator[None]:
+def locked_directory(directory: Path, on_busy: Callable[[str], None], transient: bool = False) -> Iterator[None]:
     """Make `directory` and hold an exclusive lock on its LOCK_FILE while the context lasts, with this process's
     id written in it; the OS releases it however the process ends. When another process holds it, `on_busy(its
     pid, or '?')` is called first: it raises to refuse, or returns to wait for the lock. A directory made here
-    that holds nothing else at the end is removed (before the lock is let go: a process waiting for it then
-    makes the directory anew). No lock where the OS has no `fcntl` (Windows)."""
+    (or any, when `transient`: one that exists only for the lock, a crashed holder's included) that holds nothing
+    else at the end is removed (before the lock is let go: a process waiting for it then makes the directory
+    anew). No lock where the OS has no `fcntl` (Windows)."""
     try:
         import fcntl
     except ImportError:
+        made = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        yield
+        try:
+            yield
+        finally:
+            if (made or transient) and not any(p.name != LOCK_FILE for p in directory.iterdir()):
+                shutil.rmtree(directory, ignore_errors=True)
         return
     handle = None
     while handle is None:
@@ -69,7 +75,7 @@ def locked_directory(directory: Path, on_busy: Callable[[str], None]) -> Iterato
         try:
             yield
         finally:
-            if made and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # nothing written: no trace left
+            if (made or transient) and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # nothing else: no trace
                 shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -532,7 +532,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path 
         raise ValueError(f"{out} is being written by another export (pid {pid}); wait for it to end, or choose "
                          "another --out") from None
 
-    with locked_directory(out.with_name(f".lock-{out.name}"), refuse):  # one writer of `out` and its temporary
+    with locked_directory(out.with_name(f".lock-{out.name}"), refuse, transient=True):  # one writer of `out`
         tmp = out.with_name(f".tmp-{out.name}")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed export
         try:

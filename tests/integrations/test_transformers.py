@@ -788,7 +788,7 @@ def test_a_failed_export_leaves_the_previous_one(run_dir, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(run_dir, tmp_path):
+def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(run_dir, tmp_path, monkeypatch):
     """Two exports to one --out shared its temporary folder, each deleting the other's files; now the second is
     refused (naming the first's process) and nothing of it stays behind."""
     from mixcon.io import locked_directory
@@ -803,7 +803,12 @@ def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(ru
     with locked_directory(tmp_path / ".lock-hf", busy), pytest.raises(ValueError, match=refused):
         export_hf(run, tmp_path / "hf")  # (the lock held: the first export, mid-write)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    (tmp_path / ".lock-hf").mkdir()
+    (tmp_path / ".lock-hf" / ".lock").write_text("999999\n")  # a crashed export's lock: cleaned up by the next
     export_hf(run, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "hf"])
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # an OS without fcntl (Windows): no lock, and no trace of it
+    export_hf(run, tmp_path / "hf", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "hf"])
 
 
