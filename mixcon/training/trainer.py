@@ -136,7 +136,7 @@ class RunSummary:
     steps: int
     tokens: int
     wall_time: float
-    tokens_per_s: float
+    tokens_per_s: float | None  # None when no step was timed (a run's first is not)
     stopped_by: str
     train_loss: float | None
     val_step: int | None
@@ -150,7 +150,9 @@ class RunSummary:
 
     def format(self) -> str:
         lines = [f"stopped by {self.stopped_by} after {self.steps} steps, {self.tokens:,} tokens in "
-                 f"{self.wall_time:.0f} s ({self.tokens_per_s:,.0f} tokens/s)"]
+                 f"{self.wall_time:.0f} s ("
+                 + (f"{self.tokens_per_s:,.0f} tokens/s)" if self.tokens_per_s is not None else
+                    "tokens/s not timed: a run's first step is not)")]
         if self.train_loss is not None:
             lines.append(f"train loss {self.train_loss:.4f}")
         if self.val_loss is not None:
@@ -432,7 +434,7 @@ class Trainer:
                     break
                 record = self.train_step()
                 timer.tick(self.options.batch_size * self.options.seq_len)
-                if timer.steps_timed:  # none yet after a (re)start's first step, which is not timed
+                if timer.tokens_per_s is not None:  # none yet after a (re)start's first step, which is not timed
                     record["tokens_per_s"] = round(timer.tokens_per_s, 1)
                 record["elapsed"] = round(time.monotonic() - start, 3)
                 unlogged = record
@@ -440,8 +442,10 @@ class Trainer:
                     metrics.log(record)
                     unlogged = None
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{timer.tokens_per_s:,.0f}", refresh=False)
+                shown = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}"}
+                if timer.tokens_per_s is not None:
+                    shown["tok_s"] = f"{timer.tokens_per_s:,.0f}"
+                bar.set_postfix(shown, refresh=False)
                 validate = self.step % self.options.eval_every == 0 and self.eval_data is not None
                 if validate:
                     timer.eval_seconds = timer.exclude(lambda: self._validate(metrics, bar))
@@ -572,5 +576,6 @@ class _Timer:
         return sum(self.recent) / len(self.recent) if self.recent else 0.0
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.tokens_timed / self.train_seconds if self.train_seconds else 0.0
+    def tokens_per_s(self) -> float | None:
+        """None before a step was timed."""
+        return self.tokens_timed / self.train_seconds if self.train_seconds else None

@@ -276,13 +276,16 @@ def test_the_last_step_is_logged_whatever_log_every_and_untimed_steps_have_no_th
     train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in train] == [3, 6, 7]
     assert summary.train_loss == train[-1]["loss"] and all(r["tokens_per_s"] > 0 for r in train)
-    make_trainer(tmp_path / "one", steps=2).fit()
-    first, second = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    make_trainer(tmp_path / "two", steps=2).fit()
+    first, second = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
     assert "tokens_per_s" not in first and second["tokens_per_s"] > 0
-    make_trainer(tmp_path / "one", steps=4).fit(resume_from=latest_checkpoint(tmp_path / "one"))
+    one = make_trainer(tmp_path / "one", steps=1).fit()  # nothing timed: not a measured 0 tokens/s
+    assert one.tokens_per_s is None and "(tokens/s not timed: a run's first step is not)" in one.format()
+    assert make_trainer(tmp_path / "one", steps=2).fit(resume_from=tmp_path / "one").tokens_per_s is None
+    assert make_trainer(tmp_path / "one", steps=4).fit(resume_from=tmp_path / "one").tokens_per_s > 0
     resumed = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    assert "tokens_per_s" not in resumed[2] and resumed[3]["tokens_per_s"] > 0
+    assert [("tokens_per_s" in r) for r in resumed] == [False, False, False, True]  # each fit's first: untimed
 
 
 def test_a_resume_with_more_steps_recomputes_the_schedule_over_the_new_total(make_trainer, tmp_path):
