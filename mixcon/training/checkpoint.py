@@ -416,7 +416,8 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: s
     A run still training deletes its older checkpoints: one that vanishes while it is read is read again from
     the run's newest."""
     run = Path(path) if (Path(path) / CHECKPOINTS).is_dir() else None
-    for attempt in range(READ_ATTEMPTS):
+    attempts = 0
+    while True:
         directory = resolve_checkpoint(run) if run is not None else Path(path)
         try:
             directory = model_directory(directory)
@@ -426,11 +427,11 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: s
             # Not a checkpoint that its run deleted (all at once, or a file at a time): one that is still the newest
             if run is None or (directory.exists() and directory == latest_checkpoint(run)):
                 raise
-            if attempt == READ_ATTEMPTS - 1:
+            attempts += 1
+            if attempts == READ_ATTEMPTS:
                 raise CheckpointError(f"{path}: its newest checkpoint was deleted while being read, "
                                       f"{READ_ATTEMPTS} times (a run saving often prunes them); try again, or "
                                       "copy a checkpoint away from the run and name it") from None
-    raise AssertionError("unreachable")
 
 
 def model_tokenizer(directory: Path, vocab_size: int, tokenizer: str | Path | None = None) -> AnyTokenizer:
