@@ -396,7 +396,7 @@ class MixConForCausalLM(nn.Module):
                 if T == 1 and input_ids is not None and labels is None and return_logits and states is None \
                         and not output_router_logits \
                         and isinstance(keep, slice) \
-                        and not self.training and not self._needs_grad() and (
+                        and not self.training and not self._needs_grad() and not self._hooked() and (
                         token_mask is None or bool(token_mask.all())):
                     return self._output(self._decode(input_ids, cache), None, [])
                 cache.reserve(cache.seqlen + T)
@@ -427,6 +427,13 @@ class MixConForCausalLM(nn.Module):
         if router_logits is not None:
             out.router_logits = tuple(r.flatten(0, 1) for r in router_logits)
         return out
+
+    def _hooked(self) -> bool:
+        """Whether a layer or its mixer has forward hooks: `decode_step` calls their `decode` directly, so a step then
+        takes the general path, which calls them (and their hooks)."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for layer in self.layers for m in (layer, layer.mixer))
 
     def _needs_grad(self) -> bool:
         """Whether this forward builds an autograd graph (a decoding step's in-place updates would break it)."""
@@ -663,7 +670,7 @@ class MixConForCausalLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
                         dtype: torch.dtype | str | None = None) -> MixConForCausalLM:
         """Load a model written by `save_pretrained` (or a training checkpoint's model, or the transformers
-        wrapper's `save_pretrained`, sharded or not); missing or mismatched weights are an error. `dtype`:
+        wrapper's `save_pretrained`, sharded or not), in eval mode; missing or mismatched weights are an error. `dtype`:
         the parameters' dtype (or its name, "bf16" / "bfloat16"); by default ("auto" or None) the one the weights were
         saved in (fp32 if they mix several)."""
         from safetensors.torch import load_file
@@ -707,4 +714,4 @@ class MixConForCausalLM(nn.Module):
         except RuntimeError as e:  # missing, unexpected or misshapen weights, each named
             problems = " ".join(str(e).split())  # torch's list of them, on one line
             raise ValueError(f"{directory}: its weights do not fit its config.json: {problems}") from e
-        return model
+        return model.eval()  # as transformers' from_pretrained: `.train()` to train (noise is on in training mode)

@@ -37,6 +37,31 @@ def test_full_forward_equals_prefill_then_decode(layout, tiny_model):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
 
 
+def test_forward_hooks_on_layers_and_mixers_fire_at_every_decoding_step(tiny_model):
+    """The decoding step calls each layer's and mixer's `decode` directly: with hooks there (steering, probes), a
+    step takes the general path, so that generate equals greedy decoding by full forwards under the same hooks."""
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    calls = []
+
+    def steer(module, args, out):
+        calls.append(module)
+        return out + 0.5 if isinstance(out, torch.Tensor) else (out[0] + 0.5, *out[1:])
+
+    model.layers[1].mixer.register_forward_hook(steer)
+    handle = model.layers[2].register_forward_hook(steer)
+    tokens = model.generate(ids, max_new_tokens=5)
+    assert len(calls) == 2 * 5  # prompt and 4 steps (the last token is not fed back), twice
+    with torch.no_grad():
+        expected = ids
+        for _ in range(5):
+            expected = torch.cat([expected, model(expected).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(tokens, expected)
+    handle.remove()
+    model.layers[1].mixer._forward_hooks.clear()
+    assert not model._hooked()
+
+
 @pytest.mark.parametrize("layout", ["mixcon", "conba", "transformer"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_gradients_through_cached_forwards_equal_those_of_the_full_forward(layout, training, tiny_model):
@@ -308,7 +333,8 @@ def test_save_load_identical_logits(tmp_path, tiny_model):
     for tied in (True, False):
         model = tiny_model(dtype=torch.float32, tie_embeddings=tied)
         model.save_pretrained(tmp_path / str(tied))
-        loaded = MixConForCausalLM.from_pretrained(tmp_path / str(tied)).eval()
+        loaded = MixConForCausalLM.from_pretrained(tmp_path / str(tied))
+        assert not loaded.training  # as transformers': training mode (noise on) is asked for with .train()
         assert loaded.config == model.config
         assert (loaded.lm_head.weight is loaded.embed.weight) == tied
         ids = torch.randint(0, 300, (2, 9))
