@@ -113,6 +113,10 @@ def read_config(directory: Path) -> tuple[MixConConfig, bool]:
         if not isinstance(raw, dict):
             raise ValueError(f"a JSON object of config fields is expected, not {type(raw).__name__}")
         wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
+        fields = raw[HF_MODEL_TYPE] if wrapped else raw
+        if unknown := sorted(set(fields) - {f.name for f in dataclasses.fields(MixConConfig)}, key=repr):
+            raise ValueError(f"fields this version of mixcon does not know: {unknown}; a model that a newer "
+                             "version wrote may need them (upgrade mixcon to load it)")
         return (wrapped_config(raw[HF_MODEL_TYPE], raw) if wrapped else MixConConfig.from_dict(raw)), wrapped
     except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: not a valid model config ({e})") from e
@@ -578,10 +582,14 @@ class MixConForCausalLM(nn.Module):
                      attention_mask: torch.Tensor | None, cache: MixConCache | None,
                      seq_idx: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> tuple[int, int]:
         """Raise a named error for inputs `forward` would refuse; (B, T) of the inputs otherwise."""
+        device = self.embed.weight.device
         for name, value in (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask),
                             ("seq_idx", seq_idx), ("inputs_embeds", inputs_embeds)):
             if value is not None and not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+            if value is not None and value.device != device:
+                raise ValueError(f"{name} is on {value.device}, the model on {device}: move it there "
+                                 f"(.to('{device}'))")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give input_ids (B, T) or inputs_embeds (B, T, d_model): one of them")
         if inputs_embeds is not None:
@@ -589,9 +597,6 @@ class MixConForCausalLM(nn.Module):
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != d or not inputs_embeds.is_floating_point():
                 raise ValueError(f"inputs_embeds must be a floating tensor (B, T, d_model={d}), got "
                                  f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}")
-            if inputs_embeds.device != self.embed.weight.device:
-                raise ValueError(f"inputs_embeds is on {inputs_embeds.device}, the model on "
-                                 f"{self.embed.weight.device}")
             B, T = inputs_embeds.shape[:2]
         else:
             if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

@@ -360,6 +360,10 @@ def test_model_directories_that_do_not_fit_together_are_refused_by_name(tmp_path
     (tmp_path / "config.json").write_text(json.dumps({**config, "layer_pattern": "ACCC"}))
     with pytest.raises(ValueError, match=rf"^{tmp_path}: its weights do not fit its config.json: .*Missing key"):
         MixConForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "conba_future_gate": True}))  # a newer version's
+    with pytest.raises(ValueError, match=r"config.json: not a valid model config \(fields this version of mixcon does "
+                                         r"not know: \['conba_future_gate'\]; .*\(upgrade mixcon to load it\)"):
+        MixConForCausalLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"embed.weight": "model.safetensors"}}))
@@ -805,6 +809,10 @@ def test_inputs_embeds_enter_in_the_embeddings_dtype_and_leave_a_cache_usable(ti
     torch.testing.assert_close(out.logits, model(inputs_embeds=embeds.half().float()).logits)
     with pytest.raises(ValueError, match=r"inputs_embeds is on meta, the model on cpu"):
         model(inputs_embeds=embeds.to("meta"), cache=cache)
+    for name in ("input_ids", "labels", "attention_mask"):  # (the range check read them: "cannot call item()")
+        given = {"input_ids": ids, name: (ids if name != "attention_mask" else torch.ones_like(ids)).to("meta")}
+        with pytest.raises(ValueError, match=rf"^{name} is on meta, the model on cpu: move it there"):
+            model(**given)
     model(torch.tensor([[9]]), cache=cache)  # the cache goes on
 
 
