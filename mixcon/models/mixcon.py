@@ -314,6 +314,12 @@ class MixConForCausalLM(nn.Module):
         elif isinstance(module, (RMSNorm, GatedRMSNorm)) and not module.weight.is_meta:
             nn.init.ones_(module.weight)
 
+    def tie_weights(self) -> None:
+        """Share the LM head's weight with the embedding's when the config ties them: again after `to_empty` (which
+        gives shared parameters separate storage), as transformers' `tie_weights`."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; with active=True, those one token uses (top_k of n experts per MoE layer)."""
@@ -712,8 +718,7 @@ class MixConForCausalLM(nn.Module):
         with torch.device("meta"):
             model = cls(config).to(dtype)
         model.to_empty(device=device)
-        if config.tie_embeddings:  # to_empty gives shared parameters separate storage
-            model.lm_head.weight = model.embed.weight
+        model.tie_weights()
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:  # missing, unexpected or misshapen weights, each named

@@ -342,6 +342,18 @@ def test_save_load_identical_logits(tmp_path, tiny_model):
             torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_a_model_built_on_the_meta_device_is_tied_again_after_to_empty(tiny_model):
+    """to_empty gives the shared embedding and LM head separate storage; tie_weights shares them again (as
+    transformers' does), and an untied config stays untied."""
+    for tied in (True, False):
+        with torch.device("meta"):
+            model = MixConForCausalLM(MixConConfig.preset("tiny", tie_embeddings=tied))
+        model.to_empty(device="cpu")
+        assert model.lm_head.weight is not model.embed.weight
+        model.tie_weights()
+        assert (model.lm_head.weight is model.embed.weight) == tied
+
+
 def test_an_untied_models_weights_under_a_tied_config_are_refused(tmp_path, tiny_model):
     """tie_embeddings edited to true over an untied model's weights: its own lm_head.weight was silently dropped."""
     tiny_model(dtype=torch.float32, tie_embeddings=False).save_pretrained(tmp_path)
