@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mixcon.checks import is_integer, is_number, within
+from mixcon.checks import as_integer, as_number, is_integer, is_number, within
 from mixcon.ops._validate import triton_chunk_ok
 
 MIXER_LETTERS = {"A": "attention", "C": "conba"}
@@ -165,8 +165,10 @@ class MixConConfig:
 
     def _integer(self, name: str, minimum: int, note: str = "", *, optional: bool = False,
                  maximum: int | None = None) -> None:
-        """The field is an int (not a bool) in [minimum, maximum], or None when `optional`."""
-        value = getattr(self, name)
+        """The field is an int (not a bool) in [minimum, maximum], or None when `optional`; a numpy or 0-d tensor
+        integer becomes an int."""
+        value = as_integer(getattr(self, name))
+        setattr(self, name, value)
         if optional and value is None:
             return
         if not (is_integer(value) and within(value, minimum, maximum)):
@@ -176,8 +178,10 @@ class MixConConfig:
 
     def _number(self, name: str, minimum: float, *, strict: bool, maximum: float | None = None,
                 note: str = "") -> None:
-        """The field is a finite int or float above `minimum` (`strict`) or at least it, at most `maximum`."""
-        value = getattr(self, name)
+        """The field is a finite int or float above `minimum` (`strict`) or at least it, at most `maximum`; a numpy
+        or 0-d tensor number becomes a float."""
+        value = as_number(getattr(self, name))
+        setattr(self, name, value)
         if not (is_number(value) and within(value, minimum, maximum, above=strict)):
             low = f"> {minimum:g}" if strict else f">= {minimum:g}"
             _fail(name, value, f"must be a finite number {low}" + (f" and <= {maximum:g}" if maximum is not None

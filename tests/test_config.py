@@ -132,3 +132,15 @@ def test_config_sources_of_the_wrong_type_are_named():
     for segment in (1.5, "a", 0):
         with pytest.raises(ValueError, match=rf"compile_prefill: segment={segment!r} and chunk=8 must be integers"):
             model.compile_prefill(segment=segment)
+
+
+def test_numpy_and_zero_dim_tensor_numbers_are_taken_as_python_numbers():
+    """np.int64(32) or torch.tensor(64) is a valid width (it was refused as "must be an integer"); the config
+    keeps Python numbers, so that it writes to JSON."""
+    import numpy as np
+
+    config = MixConConfig.preset("tiny", d_model=np.int64(32), mlp_hidden=torch.tensor(64), norm_eps=np.float32(1e-5))
+    assert (config.d_model, config.mlp_hidden) == (32, 64) and type(config.d_model) is int
+    assert type(config.norm_eps) is float and MixConConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match=r"d_model=True is invalid: must be an integer >= 1"):
+        MixConConfig.preset("tiny", d_model=True)
