@@ -19,8 +19,8 @@ SPEC_FORMS = """corpus specs:
   stdlib (or none)       Python's standard library sources, one document per .py file (the default)
   FILE                   one text file, one document
   DIR                    every *.txt file under DIR, recursively, one document per file
-  GLOB                   the files matching GLOB ("**" recurses), e.g. 'src/**/*.py'; hidden files and
-                         folders (names starting with ".") only where GLOB names them
+  GLOB                   the files matching GLOB ("**" recurses), e.g. 'src/**/*.py', each once; hidden
+                         files and folders (names starting with ".") only where GLOB names them
   PATH.jsonl[:FIELD]     JSON Lines (a file or a glob ending in .jsonl), one document per line from FIELD
                          (default "text")
   hf:NAME_OR_DIR[:FIELD] a Hugging Face `datasets` dataset saved locally (save_to_disk) or in the local
@@ -211,11 +211,15 @@ def _match(spec: str) -> list[Path]:
         root = Path(*parts[:first]) if first else Path(".")
         pattern = Path(*parts[first:])
         hidden_named = any(part.startswith(".") for part in pattern.parts)
-        paths = sorted(p for p in root.glob(str(pattern)) if p.is_file() and (
+        matched = sorted(p for p in root.glob(str(pattern)) if p.is_file() and (
             hidden_named or not any(part.startswith(".") for part in p.relative_to(root).parts)))
-        if not paths:
+        if not matched:
             raise FileNotFoundError(f"corpus {spec!r}: no files match the glob")
-        return paths
+        files: dict[tuple[int, int], Path] = {}
+        for p in matched:  # each file once: a link to a file already matched is left out, as in a folder
+            st = p.stat()
+            files.setdefault((st.st_dev, st.st_ino), p)
+        return list(files.values())
     if path.is_dir():
         paths = _text_files(path)
         if not paths:

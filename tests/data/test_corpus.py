@@ -57,6 +57,8 @@ def test_globs_leave_hidden_files_and_the_folder_being_written_out(tmp_path):
     assert list(Corpus.from_spec(f"{tmp_path}/**", exclude=[tmp_path / "run" / "data"])) == ["A", "{}"]
     with pytest.raises(FileNotFoundError, match=r"every file it names is one this command writes"):
         Corpus.from_spec(f"{tmp_path}/run/**", exclude=written)
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")  # a second name of a file: one document, as in a folder
+    assert list(Corpus.from_spec(f"{tmp_path}/*.txt")) == ["A"] == list(Corpus.from_spec(str(tmp_path), written))
 
 
 def test_a_folder_is_read_through_links_each_file_once(tmp_path):
