@@ -87,7 +87,8 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--precision", ["auto", "fp32", "bf16"], "auto: bf16 autocast on CUDA, fp32 on CPU"),
     ("--parallel", ["ddp", "fsdp"], "under torchrun: DDP, or FSDP2 (fully_shard per layer)"),
     ("--activation-checkpointing", "flag", "recompute each layer's activations in the backward pass"),
-    ("--compile", "flag", "torch.compile each layer"),
+    ("--compile", "flag", "torch.compile each layer (an MoE layer's routing by token counts stays eager between "
+                          "its graphs)"),
     ("--document-mask", "flag", "documents packed into a training row do not see each other: Conba states, convs "
                                 "and attention restart at each EOS (as evaluation scores documents)"),
     ("--corpus", str, "corpus spec (default: Python's standard library sources); see below"),
