@@ -15,9 +15,14 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _scalar(value: Any) -> bool:
+    """A numpy scalar or a 0-d array or tensor, not of a boolean dtype."""
+    return getattr(value, "ndim", None) == 0 and "bool" not in str(getattr(value, "dtype", "bool"))
+
+
 def as_integer(value: Any) -> Any:
     """An integer-like argument (numpy integer, 0-d integer tensor) as an int; anything else as it is."""
-    if is_integer(value) or isinstance(value, bool | float):
+    if is_integer(value) or isinstance(value, bool | float) or not _scalar(value):
         return value
     try:
         return operator.index(value)
@@ -27,7 +32,7 @@ def as_integer(value: Any) -> Any:
 
 def as_number(value: Any) -> Any:
     """A real-number-like argument (numpy scalar, 0-d tensor) as a float; ints, bools and the rest as they are."""
-    if isinstance(value, bool | int | float) or not (isinstance(value, numbers.Real) or getattr(value, "ndim", 1) == 0):
+    if isinstance(value, bool | int | float) or not (isinstance(value, numbers.Real) or _scalar(value)):
         return value
     try:
         return float(value)

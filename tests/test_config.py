@@ -142,5 +142,8 @@ def test_numpy_and_zero_dim_tensor_numbers_are_taken_as_python_numbers():
     config = MixConConfig.preset("tiny", d_model=np.int64(32), mlp_hidden=torch.tensor(64), norm_eps=np.float32(1e-5))
     assert (config.d_model, config.mlp_hidden) == (32, 64) and type(config.d_model) is int
     assert type(config.norm_eps) is float and MixConConfig.from_json(config.to_json()) == config
-    with pytest.raises(ValueError, match=r"d_model=True is invalid: must be an integer >= 1"):
-        MixConConfig.preset("tiny", d_model=True)
+    for value in (True, torch.tensor(True), np.True_, torch.tensor([32])):  # booleans and 1-d tensors: not numbers
+        with pytest.raises(ValueError, match=r"d_model=.* is invalid: must be an integer >= 1"):
+            MixConConfig.preset("tiny", d_model=value)
+    with pytest.raises(ValueError, match=r"conba_beta_max=.* is invalid: must be a finite number"):
+        MixConConfig.preset("tiny", conba_beta_max=torch.tensor(True))

@@ -250,12 +250,12 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                     dtype: torch.dtype | str | None = torch.float32) -> MixConHFForCausalLM:
         """Wrap a `MixConForCausalLM` (sharing its parameters), or load one from a run directory, a
         checkpoint or a `MixConForCausalLM.save_pretrained` directory, in `dtype` ("auto" or None: the saved one;
-        a model given is wrapped as it is)."""
+        a model given is wrapped as it is, a loaded one in eval mode); the wrapper takes the model's mode."""
         if not isinstance(model, MixConForCausalLM):
             model = MixConForCausalLM.from_pretrained(model_directory(model), device=device, dtype=dtype)
         config = MixConHFConfig(model.config)
         config.bos_token_id = config.eos_token_id  # what begins a text, as in training (`hf_tokenizer`'s bos_token)
-        return cls(config, model)
+        return cls(config, model).train(model.training)  # (the wrapper's own flag picks its loss)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

@@ -114,7 +114,8 @@ def read_config(directory: Path) -> tuple[MixConConfig, bool]:
             raise ValueError(f"a JSON object of config fields is expected, not {type(raw).__name__}")
         wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
         fields = raw[HF_MODEL_TYPE] if wrapped else raw
-        if unknown := sorted(set(fields) - {f.name for f in dataclasses.fields(MixConConfig)}, key=repr):
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(MixConConfig)}, key=repr)
+        if unknown and "d_model" in fields:  # a MixCon config (every one has it), of fields another version added
             raise ValueError(f"fields this version of mixcon does not know: {unknown}; a model that a newer "
                              "version wrote may need them (upgrade mixcon to load it)")
         return (wrapped_config(raw[HF_MODEL_TYPE], raw) if wrapped else MixConConfig.from_dict(raw)), wrapped

@@ -421,17 +421,18 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu", tokenizer: s
         directory = resolve_checkpoint(run) if run is not None else Path(path)
         try:
             directory = model_directory(directory)
-            model = MixConForCausalLM.from_pretrained(directory, device=device, dtype=dtype).eval()
+            model = MixConForCausalLM.from_pretrained(directory, device=device, dtype=dtype)
             return model, model_tokenizer(directory, model.config.vocab_size, tokenizer)
-        except Exception:
+        except Exception as e:
             # Not a checkpoint that its run deleted (all at once, or a file at a time): one that is still the newest
             if run is None or (directory.exists() and directory == latest_checkpoint(run)):
                 raise
             attempts += 1
             if attempts == READ_ATTEMPTS:
-                raise CheckpointError(f"{path}: its newest checkpoint was deleted while being read, "
-                                      f"{READ_ATTEMPTS} times (a run saving often prunes them); try again, or "
-                                      "copy a checkpoint away from the run and name it") from None
+                raise CheckpointError(f"{path}: its newest checkpoint was replaced while being read, "
+                                      f"{READ_ATTEMPTS} times (a run saving often prunes them); try again, or copy "
+                                      f"a checkpoint away from the run and name it (the last read's error: {e})"
+                                      ) from e
 
 
 def model_tokenizer(directory: Path, vocab_size: int, tokenizer: str | Path | None = None) -> AnyTokenizer:

@@ -347,7 +347,10 @@ def test_from_mixcon_loads_a_saved_mixcon_model(tiny_model, tmp_path):
     model = tiny_model(dtype=torch.float32)
     hf = MixConHFForCausalLM.from_mixcon(model).eval()
     model.save_pretrained(tmp_path)
-    loaded = MixConHFForCausalLM.from_mixcon(tmp_path).eval()
+    loaded = MixConHFForCausalLM.from_mixcon(tmp_path)
+    assert not loaded.training and not loaded.model.training  # one mode: the wrapper's picks its loss
+    assert MixConHFForCausalLM.from_mixcon(model.train()).training  # a model given: its mode
+    model.eval()
     ids, mask = left_padded()
     assert torch.equal(loaded(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # loaded in fp32 (for training) unless told

@@ -376,6 +376,10 @@ def test_model_directories_that_do_not_fit_together_are_refused_by_name(tmp_path
     with pytest.raises(ValueError, match=r"config.json: not a valid model config \(fields this version of mixcon does "
                                          r"not know: \['conba_future_gate'\]; .*\(upgrade mixcon to load it\)"):
         MixConForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))  # not ours at all
+    with pytest.raises(ValueError, match=r"not a valid model config \(MixConConfig: unknown fields \['hidden_size', "
+                                         r"'model_type'\]; known fields"):
+        MixConForCausalLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"embed.weight": "model.safetensors"}}))

@@ -241,7 +241,7 @@ def test_a_checkpoint_its_run_deletes_while_it_is_read_is_read_again_from_the_ne
     with pytest.raises(Exception, match="step-00000002"):  # a checkpoint named itself: not another one
         ckpt.load_model_and_tokenizer(run / "checkpoints" / "step-00000002")
     prunes["left"] = 5
-    with pytest.raises(CheckpointError, match=r"newest checkpoint was deleted while being read, 5 times"):
+    with pytest.raises(CheckpointError, match=r"newest checkpoint was replaced while being read, 5 times"):
         ckpt.load_model_and_tokenizer(run)
     # Caught mid-deletion (rmtree removes the files first): its tokenizer is gone, its folder still there.
     newest = latest_checkpoint(run)
