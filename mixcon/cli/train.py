@@ -345,21 +345,19 @@ def _initial_model(args: argparse.Namespace, out: Path) -> tuple[Path, MixConCon
 def _check_replaced(out: Path, resume: Path | None) -> None:
     """Before any work, refuse checkpoints in `out` that the run would replace without --overwrite: all of them for
     a new run or one resumed from another run directory, those after the resumed one for a run going back."""
-    checkpoints = ckpt.list_checkpoints(out)
-    if not checkpoints:
+    replaced = ckpt.replaced_checkpoints(out, resume)
+    if not replaced:
         return
     if resume is None:
-        raise SystemExit(f"mixcon train: {out} already holds a run (latest checkpoint {checkpoints[-1].name}); "
+        raise SystemExit(f"mixcon train: {out} already holds a run (latest checkpoint {replaced[-1].name}); "
                          "continue it with --resume, start afresh with --overwrite, or choose another --out")
     if not ckpt.in_run(resume, out):
         raise SystemExit(f"mixcon train: --resume {resume} continues another run directory's run, and --out {out} "
-                         f"already holds a run (latest checkpoint {checkpoints[-1].name}); replace it with "
+                         f"already holds a run (latest checkpoint {replaced[-1].name}); replace it with "
                          "--overwrite, or choose another --out")
-    later = [p.name for p in checkpoints if ckpt.checkpoint_step(p) > ckpt.checkpoint_step(resume)]
-    if later:
-        names = ", ".join(later[:3]) + (", ..." if len(later) > 3 else "")
-        raise SystemExit(f"mixcon train: {out} holds checkpoints after {resume.name} ({names}); go back to "
-                         f"{resume.name} with --overwrite (they are deleted), or resume the latest")
+    names = ", ".join(p.name for p in replaced[:3]) + (", ..." if len(replaced) > 3 else "")
+    raise SystemExit(f"mixcon train: {out} holds checkpoints after {resume.name} ({names}); go back to "
+                     f"{resume.name} with --overwrite (they are deleted), or resume the latest")
 
 
 def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argparse.Namespace,

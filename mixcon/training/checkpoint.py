@@ -87,6 +87,15 @@ def in_run(checkpoint: str | Path, run_dir: str | Path) -> bool:
     return Path(checkpoint).resolve().parent == (Path(run_dir) / CHECKPOINTS).resolve()
 
 
+def replaced_checkpoints(run_dir: str | Path, resume: Path | None) -> list[Path]:
+    """The checkpoints in `run_dir` that a run there replaces: every one for a new run (`resume` None) or one resumed
+    from another run directory's checkpoint, those after `resume` for one going back in its own."""
+    found = list_checkpoints(run_dir)
+    if resume is None or not in_run(resume, run_dir):
+        return found
+    return [p for p in found if checkpoint_step(p) > checkpoint_step(resume)]
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Completed checkpoints of a run (those with a manifest), oldest step first."""
     root = Path(run_dir) / CHECKPOINTS

@@ -275,15 +275,16 @@ class Trainer:
             torch.manual_seed(_process_seed(self.options.seed + 7919 * self.step, self.env.rank))
         self.last_checkpoint, self.saved_step = c.path, self.step
 
-    def _clear_later_checkpoints(self, discard: bool, new_run: bool) -> None:
-        """Delete (`discard`) or refuse the run directory's checkpoints after the current step (every one, for a
-        `new_run`): left there, they would stay the run's latest and keep_last would prune the new ones first."""
-        later = [p for p in ckpt.list_checkpoints(self.run_dir) if new_run or ckpt.checkpoint_step(p) > self.step]
+    def _clear_later_checkpoints(self, discard: bool, resumed: Path | None) -> None:
+        """Delete (`discard`) or refuse the run directory's checkpoints that this run replaces (`replaced_checkpoints`
+        of the `resumed` one): left there, they would stay the run's latest and keep_last would prune the new ones
+        first."""
+        later = ckpt.replaced_checkpoints(self.run_dir, resumed)
         if not later:
             return
         if not discard:
             names = ", ".join(p.name for p in later[:3]) + (", ..." if len(later) > 3 else "")
-            where = "" if new_run else f" after step {self.step}"
+            where = f" after step {self.step}" if resumed is not None and ckpt.in_run(resumed, self.run_dir) else ""
             raise ValueError(f"{self.run_dir} holds checkpoints{where} ({names}) of the run this one would "
                              "replace; discard them (discard_later=True; mixcon train --overwrite) or use another "
                              "run directory")
@@ -414,8 +415,9 @@ class Trainer:
             torch.manual_seed(_process_seed(self.options.seed, self.env.rank))
         self._refit_pending = resume_from is not None and self.options.steps is None and deadline is not None
         first_step = self.step
-        own = resume_from is not None and ckpt.in_run(self.last_checkpoint, self.run_dir)  # else a new history here
-        self._clear_later_checkpoints(discard_later, new_run=not own)
+        resumed = self.last_checkpoint if resume_from is not None else None
+        own = resumed is not None and ckpt.in_run(resumed, self.run_dir)  # else a new history here
+        self._clear_later_checkpoints(discard_later, resumed)
         metrics = (MetricsLogger(self.run_dir, resume_step=self.step if own else None,
                                  tensorboard=self.tensorboard) if self.env.is_main else None)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -434,8 +436,9 @@ class Trainer:
                     break
                 record = self.train_step()
                 timer.tick(self.options.batch_size * self.options.seq_len)
-                if timer.tokens_per_s is not None:  # none yet after a (re)start's first step, which is not timed
-                    record["tokens_per_s"] = round(timer.tokens_per_s, 1)
+                rate = timer.tokens_per_s  # None after a (re)start's first step, which is not timed
+                if rate is not None:
+                    record["tokens_per_s"] = round(rate, 1)
                 record["elapsed"] = round(time.monotonic() - start, 3)
                 unlogged = record
                 if metrics is not None and self.step % self.options.log_every == 0:
@@ -443,8 +446,8 @@ class Trainer:
                     unlogged = None
                 bar.update(1)
                 shown = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}"}
-                if timer.tokens_per_s is not None:
-                    shown["tok_s"] = f"{timer.tokens_per_s:,.0f}"
+                if rate is not None:
+                    shown["tok_s"] = f"{rate:,.0f}"
                 bar.set_postfix(shown, refresh=False)
                 validate = self.step % self.options.eval_every == 0 and self.eval_data is not None
                 if validate:
