@@ -232,7 +232,7 @@ def test_gated_norm_groups_must_divide_its_width():
 def test_forwards_without_autograd_run_in_segments_with_the_same_result(tiny_model, monkeypatch):
     """Eager, a long sequence without autograd runs EAGER_SEGMENT steps at a time, chained through the conv tail
     and the states (the scan's intermediates of one segment alive at once): the same logits as one pass, with
-    a cache, with left padding, and without either."""
+    a cache, with left padding, and without either; packed documents (seq_idx) in one pass."""
     from mixcon.layers import conba
 
     model = tiny_model()
@@ -240,7 +240,9 @@ def test_forwards_without_autograd_run_in_segments_with_the_same_result(tiny_mod
     ids = torch.randint(0, 300, (2, 37))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    whole = [model(ids).logits.detach(), model(ids, attention_mask=mask).logits.detach()]  # autograd: one pass
+    seq_idx = ((torch.arange(37) >= 13).long() + (torch.arange(37) >= 30).long()).expand(2, 37)  # 3 documents
+    whole = [model(ids).logits.detach(), model(ids, attention_mask=mask).logits.detach(),  # autograd: one pass
+             model(ids, seq_idx=seq_idx).logits.detach()]
     lengths = []
     mix = conba.Conba.mix
     monkeypatch.setattr(conba.Conba, "mix", lambda self, u, *a, **kw: lengths.append(u.shape[1]) or mix(self, u, *a,
@@ -255,3 +257,6 @@ def test_forwards_without_autograd_run_in_segments_with_the_same_result(tiny_mod
         lengths.clear()
         model(ids[:, :8], cache=model.new_cache(2))  # one segment or less: `mix` on the whole
         assert set(lengths) == {8}
+        lengths.clear()
+        torch.testing.assert_close(model(ids, seq_idx=seq_idx).logits, whole[2], rtol=1e-10, atol=1e-10)
+        assert set(lengths) == {37}  # packed documents: one pass (segments would not pass seq_idx on)

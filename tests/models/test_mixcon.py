@@ -37,6 +37,29 @@ def test_full_forward_equals_prefill_then_decode(layout, tiny_model):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
 
 
+def test_left_padded_cached_forward_then_decode_equals_each_row_alone(tiny_model):
+    """With RoPE, a left-padded prefill advances each row's position by its real tokens only: the next tokens
+    (decoded, then a chunk) are rotated as in the row's own cache."""
+    model = tiny_model(attn_rope=True)
+    prompts = [torch.randint(3, 300, (10,)), torch.randint(3, 300, (4,))]
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 10 - len(p):], mask[i, 10 - len(p):] = p, 1
+    more = torch.randint(3, 300, (2, 3))
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model(ids, attention_mask=mask, cache=cache)
+        assert torch.equal(cache.positions, mask.sum(1))
+        got = torch.cat([model(more[:, :1], cache=cache).logits, model(more[:, 1:], cache=cache).logits], 1)
+        for i, p in enumerate(prompts):
+            alone = model.new_cache(1)
+            model(p[None], cache=alone)
+            want = torch.cat([model(more[i:i + 1, :1], cache=alone).logits,
+                              model(more[i:i + 1, 1:], cache=alone).logits], 1)
+            torch.testing.assert_close(got[i:i + 1], want, rtol=1e-9, atol=1e-9)
+
+
 def test_forward_hooks_on_layers_and_mixers_fire_at_every_decoding_step(tiny_model):
     """The decoding step calls each layer's and mixer's `decode` directly: with hooks there (steering, probes), a
     step takes the general path, so that generate equals greedy decoding by full forwards under the same hooks."""
@@ -289,6 +312,10 @@ def test_loss_and_aux_terms(tiny_model):
     torch.testing.assert_close(out.lm_loss, ce)
     coef = model.config.router_aux_loss_coef
     torch.testing.assert_close(out.loss, out.lm_loss + coef * out.aux_loss)
+    model.config.router_z_loss_coef = 0.1  # the z-loss's term counts too
+    z_out = model(ids, labels=labels)
+    assert z_out.z_loss.item() > 0
+    torch.testing.assert_close(z_out.loss, z_out.lm_loss + coef * z_out.aux_loss + 0.1 * z_out.z_loss)
     n_moe = sum(f == "moe" for _, f in model.config.layout())
     assert out.expert_counts.shape == (n_moe, 4)
     assert bool((out.expert_counts.sum(1) == 2 * 16 * model.config.top_k).all())
