@@ -38,18 +38,21 @@ def interrupt_at(trainer: Trainer, step: int, signum: int = signal.SIGINT) -> No
     trainer.train_step = wrapped
 
 
-def test_resume_after_interrupt_equals_uninterrupted_run(make_trainer, tmp_path):
-    full = make_trainer(tmp_path / "full", steps=8, save_every=100)
+@pytest.mark.parametrize("noise", [False, True])
+def test_resume_after_interrupt_equals_uninterrupted_run(make_trainer, tiny_config, tmp_path, noise):
+    """With training noise (Conba's process noise draws from torch's RNG), the RNG state is restored too."""
+    config = tiny_config(conba_process_noise=0.1) if noise else None
+    full = make_trainer(tmp_path / "full", config=config, steps=8, save_every=100)
     full.fit()
 
-    first = make_trainer(tmp_path / "split", steps=8, save_every=100)
+    first = make_trainer(tmp_path / "split", config=config, steps=8, save_every=100)
     interrupt_at(first, 3, signal.SIGTERM)
     summary = first.fit()
     assert summary.stopped_by == "SIGTERM" and summary.steps == 3
     assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step-00000003"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
-    second = make_trainer(tmp_path / "split", steps=8, save_every=100)
+    second = make_trainer(tmp_path / "split", config=config, steps=8, save_every=100)
     assert second.fit(resume_from=tmp_path / "split").steps == 8
 
     expected, got = losses(tmp_path / "full"), losses(tmp_path / "split")
@@ -197,23 +200,39 @@ def test_gradient_accumulation_matches_full_batch(make_trainer, tiny_config, tmp
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
 
 
-class MaskedLabels:
-    """A loader whose labels score unevenly: row 0 its last 2 tokens, row 1 none (prompt masking, padding)."""
+class Mapped:
+    """A loader whose batches pass through `fn` (x, y) -> (x, y)."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, fn):
+        self.loader, self.fn = loader, fn
 
     def __next__(self):
-        x, y = next(self.loader)
-        y = y.clone()
-        y[0, :-2], y[1] = IGNORE, IGNORE
-        return x, y
+        return self.fn(*next(self.loader))
 
     def state_dict(self):
         return self.loader.state_dict()
 
     def load_state_dict(self, state):
         self.loader.load_state_dict(state)
+
+
+def test_router_losses_are_the_mean_of_micro_batches(make_trainer, tiny_config, tmp_path):
+    """Every row alike: each micro-batch's router losses are the whole batch's, so one micro-batch or four
+    optimise the same function (the router losses averaged over micro-batches, not summed)."""
+    config = tiny_config(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    for micro in (4, 1):
+        trainer = make_trainer(tmp_path / str(micro), config=config, steps=3, micro_batch_size=micro)
+        trainer.loader = Mapped(trainer.loader, lambda x, y: (x[:1].expand_as(x), y[:1].expand_as(y)))
+        trainer.fit()
+    a, b = losses(tmp_path / "4"), losses(tmp_path / "1")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
+
+
+def masked_labels(x, y):
+    """Labels that score unevenly: row 0 its last 2 tokens, row 1 none (prompt masking, padding)."""
+    y = y.clone()
+    y[0, :-2], y[1] = IGNORE, IGNORE
+    return x, y
 
 
 def test_ignored_labels_weigh_the_loss_by_tokens_whatever_the_micro_batches(make_trainer, tiny_config, tmp_path):
@@ -223,9 +242,9 @@ def test_ignored_labels_weigh_the_loss_by_tokens_whatever_the_micro_batches(make
     runs = {}
     for micro in (4, 1):
         trainer = make_trainer(tmp_path / str(micro), config=config, steps=2, micro_batch_size=micro)
-        trainer.loader = MaskedLabels(trainer.loader)
+        trainer.loader = Mapped(trainer.loader, masked_labels)
         if micro == 4:
-            x, y = next(MaskedLabels(make_trainer(tmp_path / "peek", config=config).loader))
+            x, y = next(Mapped(make_trainer(tmp_path / "peek", config=config).loader, masked_labels))
             with torch.no_grad():
                 logits = trainer.model(x).logits
             want = float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE))
