@@ -124,7 +124,9 @@ def test_token_scores_are_each_tokens_cross_entropy_and_argmax(chunk_rows):
     h, weight = torch.randn(3, 7, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
     labels = torch.randint(0, 50, (3, 7))
     labels[0, :3] = labels[2, 6] = IGNORE
+    weight[45] = 3 * h[1, 2]  # at [1, 2] an id past the limit has the largest logit
     logits = F.linear(h, weight)
+    assert int(logits[1, 2].argmax()) == 45
     labels[1, 2] = int(logits[1, 2, :30].argmax())  # greedy among the first 30 ids only
     nll, greedy = linear_token_scores(h, weight, labels, vocab_limit=30, chunk_rows=chunk_rows)
     want = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
