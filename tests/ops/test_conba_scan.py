@@ -49,6 +49,7 @@ CASES = [
     (9, 4, 2, 5, "state", 1.0),  # tau longer than a chunk
     (30, 8, 2, 3, "past", 2.0),  # the largest gain the layer allows
     (13, 1, 2, 2, "past", 2.0),  # chunks of one step
+    (2, 8, 2, 4, "past", 1.0),  # fewer steps than tau: past states from the initial ones
 ]
 
 
@@ -350,6 +351,7 @@ LAYOUTS = {
     "chunk-aligned": [[8, 8, 7], [16, 7]],
     "single-tokens": [[1, 1, 5, 1, 15], [3, 1, 1, 1, 17]],
     "starts-late": [[20, 3], [22, 1]],
+    "shorter-than-tau": [[1, 1], [2]],  # T = 2: with tau 3 and 5, past states before the sequence
 }
 
 
