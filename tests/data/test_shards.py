@@ -359,6 +359,20 @@ def test_a_single_text_holds_out_about_its_fraction_whatever_its_lines():
         assert train + val == text and 0.005 * len(text) <= len(val) <= 0.015 * len(text), (len(val), text[-20:])
     train, val = _held_out_end("para\n" * 2000, 0.01)
     assert val.startswith("para") and train.endswith("\n")  # at a line start where one is near
+    text = "a" * 69 + "\n" + "b" * 30  # the cut at 80; the line start at 70, half the held-out 20 before it
+    assert _held_out_end(text, 0.2) == (text[:70], text[70:])
+    assert _held_out_end("a" * 68 + "\n" + "b" * 31, 0.2)[1] == "b" * 20  # one further: the cut point itself
+
+
+def test_validation_documents_fill_the_budget_when_sizes_allow():
+    """Documents of 25, 25 and 50 bytes with val_fraction 0.5: whatever the seeded order, validation holds
+    exactly 50 bytes (a text that fits the remaining budget exactly is taken)."""
+    from mixcon.data.shards import _val_documents
+
+    sizes = [25, 25, 50]
+    for seed in range(8):
+        val = _val_documents([b"a", b"b", b"c"], sizes, 0.5, seed)
+        assert sum(sizes[i] for i in val) == 50, (seed, val)
 
 
 def test_a_single_text_holds_out_its_fraction_of_the_bytes_not_of_the_characters():
