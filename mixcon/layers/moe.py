@@ -61,39 +61,36 @@ class MoE(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         return logits, probs, weights / weights.sum(-1, keepdim=True), experts
 
-    def expert(self, h: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e's SwiGLU on (m, d) -> (m, d)."""
-        gate, up = linear(h, self.w_gate_up[e]).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.w_down[e])
+    @staticmethod
+    def expert(h: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU on (m, d) -> (m, d), its weights (2·hidden, d) and (d, hidden)."""
+        gate, up = linear(h, w_gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, w_down)
 
     def combine(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_k weight_k · expert_k(h) for each token, the M·K (token, expert) pairs grouped by expert:
-        (M, d), (M, K), (M, K) -> (M, d); `counts` (n,) pairs per expert, if already known. One sort,
-        no per-token loop."""
+        (M, d), (M, K), (M, K) -> (M, d); `counts` (n,) pairs per expert, if already known. One sort, one
+        gather and one scatter-add, no per-token loop: the backward fills no (M, d) or expert-weight-sized
+        zeros per expert (an index or a slice per expert would, each)."""
         flat_expert = experts.reshape(-1)  # (M·K,)
         order = flat_expert.argsort(stable=True)
         token_of = order // self.top_k  # token index of each sorted assignment
         if counts is None:
             counts = torch.bincount(flat_expert, minlength=self.n_experts)
-        out = torch.zeros_like(h)
-        start = 0
-        for e, n_e in enumerate(counts.tolist()):
-            if n_e == 0:
-                continue
-            idx = token_of[start:start + n_e]
-            y = self.expert(h[idx], e)  # (n_e, d)
-            w = weights.reshape(-1)[order[start:start + n_e]].to(y.dtype)
-            out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))  # bf16 under autocast
-            start += n_e
-        return out
+        xs = h[token_of]  # (M·K, d), grouped by expert
+        w_gate_up, w_down = self.w_gate_up.unbind(0), self.w_down.unbind(0)
+        ys = [self.expert(x, w_gate_up[e], w_down[e]) for e, x in enumerate(xs.split(counts.tolist())) if len(x)]
+        y = torch.cat(ys) if ys else xs  # (M·K, d)
+        w = weights.reshape(-1)[order].to(y.dtype)  # (M·K,)
+        return torch.zeros_like(h).index_add_(0, token_of, (y * w[:, None]).to(h.dtype))  # bf16 under autocast
 
     def combine_gathered(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """`combine` for a few tokens (M·K ≤ n): where `static_shapes`, each pair's expert weights gathered and two
         batched products; eager on a CPU, each pair's expert read in place (the host knows the ids)."""
         M, K = experts.shape
         if not static_shapes(h):  # each pair's expert read in place: a gather would copy its weights first
-            ys = torch.cat([self.expert(h[i // K: i // K + 1], e)
+            ys = torch.cat([self.expert(h[i // K: i // K + 1], self.w_gate_up[e], self.w_down[e])
                             for i, e in enumerate(experts.reshape(-1).tolist())])  # (M·K, d)
         else:
             e = experts.reshape(-1)  # (M·K,)
