@@ -186,6 +186,15 @@ def _check_device_map(device_map: dict[str, Any] | None) -> None:
 DEFAULT_NEW_TOKENS = 20
 # What transformers' generate hands every forward for its own use (stop_strings' tokenizer, assisted decoding).
 PASSED_BY = frozenset({"tokenizer", "assistant_tokenizer"})
+# DataCollatorWithFlattening(return_flash_attn_kwargs=True)'s document bounds, for flash-attention kernels: the
+# forward reads cu_seq_lens_q as seq_idx and the others as the same bounds.
+FLASH_BOUNDS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+# generate's options that need a cache cropped back to an earlier length (rejected draft tokens) or transformers'
+# Cache interface: a Conba state cannot un-read tokens.
+CROPPING = {"assistant_model": "assisted (speculative) decoding", "prompt_lookup_num_tokens": "prompt lookup decoding",
+            "assistant_early_exit": "self-speculative (early exit) decoding",
+            "prefill_chunk_size": "chunked prefill (not needed: a long prompt's Conba layers run in segments and "
+                                  "attention masks per block of queries, in memory linear in its length)"}
 
 
 class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
@@ -203,6 +212,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules: ClassVar[list[str]] = ["MixConLayer"]
     accepts_loss_kwargs = False  # the Trainer: the loss is each batch's mean; no `num_items_in_batch`
     supports_gradient_checkpointing = True
+    _supports_sdpa = True  # attention runs through scaled_dot_product_attention (attn_implementation="sdpa")
 
     def __init__(self, config: MixConHFConfig, model: MixConForCausalLM | None = None) -> None:
         super().__init__(config)
@@ -344,12 +354,14 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         for rows that end in padding (which generate would continue after the pads), packed documents, or while
         training with activation checkpointing. The loss: language modelling, plus the router losses while
         training or with `output_router_logits` (an evaluation's loss is the language model's). Packed documents
-        (padding-free batches, `DataCollatorWithFlattening`): `seq_idx` (B, T), or `position_ids` (B, T)
-        that restart where a document starts; no cache is made then. Otherwise position_ids are not
+        (padding-free batches, `DataCollatorWithFlattening`): `seq_idx` (B, T), `position_ids` (B, T)
+        that restart where a document starts, or the cumulative lengths `cu_seq_lens_q` of one row's documents
+        (`return_flash_attn_kwargs=True`); no cache is made then. Otherwise position_ids are not
         needed: positions follow from the attention mask and the cache. `output_hidden_states`: the embeddings
         and every layer's output, the last after the final norm (as transformers' models give them).
         `inputs_embeds` (B, T, hidden_size) in place of input_ids (PEFT's prompt tuning, soft prompts)."""
-        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k not in PASSED_BY)
+        unsupported = sorted(k for k, v in kwargs.items()
+                             if v is not None and v is not False and k not in PASSED_BY | FLASH_BOUNDS)
         if unsupported:
             raise ValueError(f"MixConHFForCausalLM.forward does not take {unsupported}; it takes input_ids, "
                              "attention_mask, past_key_values, labels, use_cache, logits_to_keep, return_dict, "
@@ -364,6 +376,8 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                              "past_key_values holds the earlier ones (no cache is made for right-padded rows: "
                              "generate needs left padding)")
         mask = None if attention_mask is None else attention_mask[:, -T:].bool()
+        if seq_idx is None and kwargs.get("cu_seq_lens_q") is not None:
+            seq_idx = _documents_from_bounds(kwargs["cu_seq_lens_q"], (B, T))
         if seq_idx is None and position_ids is not None and T > 1:  # (decoding steps pass one position a row)
             seq_idx = _documents_from_positions(position_ids, (B, T), mask)
             if seq_idx is not None and past_key_values is not None:
@@ -423,7 +437,11 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         if mask is not None and bool(ends_in_padding(mask.bool()).any()):
             raise ValueError("attention_mask: generate continues each row after its last token, so rows must be "
                              "left-padded (tokenizer padding_side='left', as hf_tokenizer sets it)")
-        config = kwargs.get("generation_config") or self.generation_config
+        config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or self.generation_config
+        for name, what in CROPPING.items():
+            if kwargs.get(name, getattr(config, name, None)) is not None:
+                raise ValueError(f"{name}: MixConHFForCausalLM does not support {what}; its cache cannot be cropped "
+                                 "back to an earlier length (a Conba state cannot un-read tokens)")
         self._lengths = (kwargs.get("max_new_tokens", config.max_new_tokens),
                          kwargs.get("max_length", config.max_length))
         try:
@@ -447,6 +465,17 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         """Beam search: the cache rows of the kept beams, in their order."""
         cache.select_rows(beam_idx.to(cache.key_mask.device))
         return cache
+
+
+def _documents_from_bounds(cu_seq_lens: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """seq_idx (1, T) of packed documents from their cumulative lengths [0, n_1, n_1 + n_2, ..., T] (one row)."""
+    B, T = shape
+    if B != 1 or cu_seq_lens.dim() != 1 or len(cu_seq_lens) < 2 or int(cu_seq_lens[0]) != 0 \
+            or int(cu_seq_lens[-1]) != T or bool((cu_seq_lens[1:] < cu_seq_lens[:-1]).any()):
+        raise ValueError(f"cu_seq_lens_q must be the cumulative document lengths [0, ..., T={T}] of one packed row "
+                         f"(input_ids (1, T)); got {cu_seq_lens.tolist()} for input_ids {tuple(shape)}")
+    steps = torch.arange(T, device=cu_seq_lens.device)
+    return torch.searchsorted(cu_seq_lens[1:-1].to(steps.dtype), steps, right=True)[None]
 
 
 def _documents_from_positions(position_ids: torch.Tensor, shape: tuple[int, int],

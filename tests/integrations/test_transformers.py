@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
 
-from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, DynamicCache, pipeline
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, DynamicCache, GenerationConfig, pipeline
 
 from mixcon import MixConCache, MixConConfig, MixConForCausalLM
 from mixcon.data import ByteTokenizer
@@ -251,6 +251,20 @@ def test_generate_stops_at_stop_strings(tiny_model):
     assert len(stopped[0]) < len(ids[0]) + 40
 
 
+def test_generate_refuses_what_needs_a_cache_cropped_back(pair):
+    """Assisted, prompt-lookup and self-speculative decoding roll a cache back over rejected draft tokens, which a
+    Conba state cannot; chunked prefill needs transformers' Cache: each refused by name (transformers' own error
+    said that no cache was there)."""
+    _, hf = pair
+    ids, mask = left_padded()
+    for kw, what in [(dict(assistant_model=hf), "assisted"), (dict(prompt_lookup_num_tokens=3), "prompt lookup"),
+                     (dict(prefill_chunk_size=4), "chunked prefill")]:
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}: MixConHFForCausalLM does not support {what}"):
+            hf.generate(ids, attention_mask=mask, max_new_tokens=3, **kw)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens: MixConHFForCausalLM does not support"):
+        hf.generate(ids, GenerationConfig(prompt_lookup_num_tokens=3, max_new_tokens=3), attention_mask=mask)
+
+
 def test_right_padded_rows_are_refused_rather_than_continued_without_their_context(pair):
     """No cache is made for right-padded rows, so transformers' loop would feed each new token alone."""
     _, hf = pair
@@ -315,6 +329,8 @@ def test_save_pretrained_loads_through_the_auto_class(tiny_model, tmp_path, tie)
     assert (back.model.lm_head.weight is back.model.embed.weight) == tie
     ids, _ = left_padded()
     assert torch.equal(back(ids).logits, hf(ids).logits)
+    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()  # what attention uses
+    assert torch.equal(sdpa(ids).logits, hf(ids).logits)
 
 
 def test_a_device_map_over_several_places_is_refused_one_device_loads(tiny_model, tmp_path):
@@ -359,16 +375,17 @@ def test_from_mixcon_loads_a_saved_mixcon_model(tiny_model, tmp_path):
         == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("collate", [dict(), dict(return_seq_idx=True, return_position_ids=False)],
-                         ids=["position_ids", "seq_idx"])
+@pytest.mark.parametrize("collate", [dict(), dict(return_seq_idx=True, return_position_ids=False),
+                                     dict(return_flash_attn_kwargs=True, return_position_ids=False)],
+                         ids=["position_ids", "seq_idx", "flash_attn_kwargs"])
 def test_padding_free_batches_score_each_document_alone(pair, collate):
     """transformers' DataCollatorWithFlattening packs documents into one row: loss and logits are those of
-    each document run alone."""
+    each document run alone (documents told by position_ids, seq_idx or the cumulative lengths cu_seq_lens_q)."""
     model, hf = pair
     torch.manual_seed(2)
     docs = [torch.randint(0, 290, (n,)) for n in (7, 1, 12, 5)]
     batch = DataCollatorWithFlattening(**collate)([{"input_ids": d.tolist()} for d in docs])
-    assert ("seq_idx" in batch) == bool(collate) and "attention_mask" not in batch
+    assert ("position_ids" in batch) == (not collate) and "attention_mask" not in batch
     out = hf(**batch, output_router_logits=True)
     alone = [model(d[None]).logits[0] for d in docs]
     torch.testing.assert_close(out.logits[0], torch.cat(alone), rtol=1e-9, atol=1e-9)
@@ -377,6 +394,8 @@ def test_padding_free_batches_score_each_document_alone(pair, collate):
     assert out.past_key_values is None
     with pytest.raises(ValueError, match="position_ids must have the shape of input_ids"):
         hf(batch["input_ids"], position_ids=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"cu_seq_lens_q must be the cumulative document lengths \[0, ..., T=25\]"):
+        hf(batch["input_ids"], cu_seq_lens_q=torch.tensor([0, 7, 24]))
 
 
 def test_packed_rows_score_documents_apart_or_are_refused(pair):
