@@ -209,7 +209,8 @@ def test_greedy_generate_is_mixcon_generate(pair):
 
 
 @pytest.mark.parametrize("lengths, capacity", [(dict(max_new_tokens=12), 23), (dict(max_length=20), 20),
-                                               (dict(), 31)])  # neither: transformers' default, 20 new tokens
+                                               (dict(), 31),  # neither: transformers' default, 20 new tokens
+                                               (dict(config=GenerationConfig(max_new_tokens=6)), 17)])  # by position
 def test_generate_makes_a_cache_with_room_for_what_it_asks(pair, monkeypatch, lengths, capacity):
     """The cache a generate call makes holds the prompt and the new tokens asked for: it never grows (which
     copies every K/V and doubles them)."""
@@ -219,7 +220,9 @@ def test_generate_makes_a_cache_with_room_for_what_it_asks(pair, monkeypatch, le
     monkeypatch.setattr(AttentionCache, "grow", lambda self, *a: grown.append(a) or grow(self, *a))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Using the model-agnostic default `max_length`")
-        out = hf.generate(ids, attention_mask=mask, do_sample=False, return_dict_in_generate=True, **lengths)
+        config = lengths.pop("config", None)
+        args = (ids,) if config is None else (ids, config)
+        out = hf.generate(*args, attention_mask=mask, do_sample=False, return_dict_in_generate=True, **lengths)
     assert out.past_key_values.key_mask.shape[1] == capacity and not grown
     assert hf._lengths is None
 
