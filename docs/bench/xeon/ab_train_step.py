@@ -1,0 +1,86 @@
+"""In-process A/B on the Intel Xeon (docs/benchmarks.md §24, §25): parts of `small` (fp32) at an earlier commit
+("before") vs the working tree ("after"), on an eager training step (8 x 512 tokens, forward + backward + AdamW) and
+an eager prefill of 2,048 tokens without autograd. The old code is read from git and swapped in; variants alternate;
+medians after one warm-up round. Parts: `moe` (the MoE layer's methods) and `scan` (the chunked Conba scan).
+Usage (in a git checkout):
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/bench/xeon/ab_train_step.py --before a0b08ed --part moe"""
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import torch
+
+import mixcon.layers.conba as conba
+import mixcon.layers.moe as moe
+from mixcon import MixConConfig, MixConForCausalLM
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--before", required=True, help="the commit whose code is 'before'")
+parser.add_argument("--part", required=True, choices=["moe", "scan"])
+parser.add_argument("--rounds", type=int, default=8)
+args = parser.parse_args()
+
+
+def old_module(path: str) -> types.ModuleType:
+    source = subprocess.run(["git", "show", f"{args.before}:{path}"], check=True, capture_output=True,
+                            text=True).stdout
+    module = types.ModuleType(f"old_{path}")
+    sys.modules[module.__name__] = module
+    exec(compile(source, f"{args.before}:{path}", "exec"), module.__dict__)
+    return module
+
+
+if args.part == "moe":
+    owner, old = moe.MoE, old_module("mixcon/layers/moe.py").MoE
+    names = ("expert", "combine", "combine_gathered")
+else:
+    owner, old = conba.Conba, types.SimpleNamespace(scan_fn=staticmethod(old_module("mixcon/ops/chunk.py").conba_scan))
+    names = ("scan_fn",)
+VARIANTS = {"before": {n: vars(old)[n] for n in names}, "after": {n: owner.__dict__[n] for n in names}}
+
+
+def use(name: str) -> None:
+    for attribute, value in VARIANTS[name].items():
+        setattr(owner, attribute, value)
+
+
+torch.manual_seed(0)
+model = MixConForCausalLM(MixConConfig.preset("small"))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+V = model.config.vocab_size
+batch = torch.randint(0, V, (8, 513))
+prompt = torch.randint(0, V, (1, 2048))
+
+
+def train_step() -> None:
+    model(batch[:, :-1], labels=batch[:, 1:], return_logits=False).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def prefill() -> None:
+    with torch.no_grad():
+        model(prompt, logits_to_keep=1)
+
+
+def medians(fn, rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for r in range(rounds + 1):
+        for name in (list(VARIANTS) if r % 2 else list(VARIANTS)[::-1]):
+            use(name)
+            start = time.perf_counter()
+            fn()
+            if r:  # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; {args.part} of {args.before} vs the working tree")
+print("what                      before s  after s  ratio")
+for label, fn in [("train step 8x512", train_step), ("prefill 2048 (no grad)", prefill)]:
+    r = medians(fn, args.rounds)
+    print(f"{label:<25} {r['before']:8.3f} {r['after']:8.3f}  {r['before'] / r['after']:.3f}x")
+use("after")
