@@ -133,3 +133,25 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path, saved):
     _, corpus = saved
     with pytest.raises(SystemExit, match=r"mixcon eval perplexity: .*nothing"):
         main(["eval", "perplexity", "--checkpoint", str(tmp_path / "nothing"), "--corpus", str(corpus)])
+
+
+def test_eval_tasks_hands_its_options_to_the_adapter(saved, monkeypatch):
+    """--max-length, --context, --batch-size and --seed reach MixConLM (the adapter is stubbed: no harness run)."""
+    pytest.importorskip("lm_eval", reason="the lm-eval harness is not installed (pip install 'mixcon[eval]')")
+    import mixcon.integrations.lm_eval as adapter
+
+    class Stop(Exception):
+        pass
+
+    given = {}
+
+    def record(checkpoint, **kwargs):
+        given.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(adapter, "MixConLM", record)
+    model, _ = saved
+    with pytest.raises(Stop):
+        main(["eval", "tasks", "--checkpoint", str(model), "--tokenizer", "bytes", "--tasks", "x", "--max-length",
+              "64", "--context", "32", "--batch-size", "5", "--seed", "7"])
+    assert (given["max_length"], given["context"], given["batch_size"], given["seed"]) == (64, 32, 5, 7)

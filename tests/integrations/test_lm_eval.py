@@ -117,6 +117,22 @@ def test_max_length_truncates_the_context_from_the_left(tiny_model):
     assert got == pytest.approx(float(-F.cross_entropy(logits, torch.tensor(ids[-2:]), reduction="sum")), rel=1e-10)
 
 
+def test_max_length_truncates_contexts_that_continuations_share(tiny_model):
+    """Multiple choice (one context, several continuations) with max_length: each scored on its last max_length
+    predictions, as alone (the shared prefill of the whole context is not taken then)."""
+    model = tiny_model(vocab_size=TOK.vocab_size)
+    lm = MixConLM(model, tokenizer=TOK, max_length=8)
+    context = "0123456789abcdefghij"
+    got = lm.loglikelihood([request("loglikelihood", context, x) for x in (" yes", " no")], disable_tqdm=True)
+    for (value, _), x in zip(got, (" yes", " no"), strict=True):
+        ids = [TOK.eos_id, *TOK.encode(context + x)][-9:]  # 8 inputs predict the last 8 tokens
+        n = len(TOK.encode(x))
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[:-1]])).logits[0, -n:]
+        assert value == pytest.approx(float(-F.cross_entropy(logits, torch.tensor(ids[-n:]), reduction="sum")),
+                                      rel=1e-10)
+
+
 def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(lm):
     full = greedy_text(lm.model, "Once", 12)
     stop = full[5:7]
@@ -125,6 +141,9 @@ def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(lm):
                 request("generate_until", "Once", {"max_gen_toks": 3})]
     got = lm.generate_until(requests, disable_tqdm=True)
     assert got == [full[:full.index(stop)], full, greedy_text(lm.model, "Once", 3)]
+    # do_sample with temperature 0, as tasks write greedy decoding, is greedy
+    sampled = request("generate_until", "Once", {"max_gen_toks": 12, "do_sample": True, "temperature": 0.0})
+    assert lm.generate_until([sampled], disable_tqdm=True) == [full]
     with pytest.warns(UserWarning, match=r"ignores the generation arguments \['num_beams'\]"):
         lm.generate_until([request("generate_until", "x", {"max_gen_toks": 1, "num_beams": 1})], disable_tqdm=True)
 
@@ -137,16 +156,26 @@ def test_generate_until_reads_every_name_lm_eval_gives_the_token_budget(lm):
     assert lm.generate_until(requests, disable_tqdm=True) == [greedy_text(lm.model, "Once", 3)] * 4
 
 
-def test_max_length_keeps_room_for_the_new_tokens(tiny_model):
+def test_max_length_keeps_room_for_the_new_tokens(tiny_model, monkeypatch):
     """As lm-eval's HF model: a prompt keeps its last max_length - max_gen_toks tokens."""
     model = tiny_model(vocab_size=TOK.vocab_size)
     lm = MixConLM(model, tokenizer=TOK, max_length=8)
+    prompts, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, *a, **k: prompts.append(ids.tolist()) or generate(ids, *a, **k))
     (got,) = lm.generate_until([request("generate_until", "0123456789", {"max_gen_toks": 3, "until": ["never"]})],
                                disable_tqdm=True)
-    prompt = torch.tensor([TOK.encode("0123456789")[-5:]])
-    assert got == TOK.decode(model.generate(prompt, 3)[0, 5:].tolist())
+    prompt = TOK.encode("0123456789")[-5:]
+    assert prompts == [[prompt]]
+    assert got == TOK.decode(generate(torch.tensor([prompt]), 3)[0, 5:].tolist())
     with pytest.raises(ValueError, match=r"max_length=8 leaves no room for a prompt before 8 new tokens"):
         lm.generate_until([request("generate_until", "x", {"max_gen_toks": 8})], disable_tqdm=True)
+
+
+def test_generated_text_is_cut_at_its_earliest_stop_string_whatever_their_order(lm, monkeypatch):
+    monkeypatch.setattr(lm, "tok_decode", lambda tokens, **kw: "a.b\nc")
+    got = lm.generate_until([request("generate_until", "x", {"until": ["\n", "."], "max_gen_toks": 2})],
+                            disable_tqdm=True)
+    assert got == ["a"]
 
 
 def test_generation_ends_once_every_row_holds_a_stop_string(lm, monkeypatch):
@@ -182,7 +211,9 @@ def test_sampling_with_temperature_is_seeded(lm, tiny_model):
     b = lm.generate_until([request("generate_until", "x", {**kwargs, "seed": 0})], disable_tqdm=True)
     assert a == b  # the model's seed (0 by default), or the task's
     other = MixConLM(lm.model, tokenizer=TOK, batch_size=3, seed=1)
-    assert other.generate_until([request("generate_until", "x", dict(kwargs))], disable_tqdm=True) != a
+    c = other.generate_until([request("generate_until", "x", dict(kwargs))], disable_tqdm=True)
+    assert c != a
+    assert lm.generate_until([request("generate_until", "x", {**kwargs, "seed": 1})], disable_tqdm=True) == c
     lm.batch_size = 1  # repeated requests (a task's `repeats`), one per batch: each its own sample
     repeats = lm.generate_until([request("generate_until", "x", dict(kwargs)) for _ in range(4)], disable_tqdm=True)
     assert len(set(repeats)) > 1
