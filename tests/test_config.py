@@ -66,11 +66,13 @@ def test_json_round_trip(tmp_path):
     (dict(conba_delay=-1), "conba_delay"),
     (dict(conba_selective="mlp"), "conba_selective"),
     (dict(conba_beta_max=3.0), "conba_beta_max"),
+    (dict(conba_beta_max=2.1), "conba_beta_max"),  # just above the bound 2
     (dict(d_model=0), "d_model"),
     (dict(moe_every=-2), "moe_every"),
     (dict(moe_every=9), "moe_every"),  # more than a block: no layer would be MoE
     (dict(conba_conv=1), "conba_conv"),
     (dict(eos_token_id=10**6), "eos_token_id"),
+    (dict(eos_token_id=8192), "eos_token_id"),  # small's vocab_size: one past the last id
     (dict(conba_control="yes"), "conba_control"),
     (dict(conba_kernel="cuda"), "conba_kernel"),
     (dict(conba_kernel="triton", conba_chunk=48), "conba_chunk"),  # the kernel's chunk is a power of two

@@ -20,6 +20,7 @@ from mixcon.cli import main
 from mixcon.config import MixConConfig
 from mixcon.layers.conba import Conba
 from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.ops import conba_scan
 
 
 def test_speed_benchmark_rows_and_files(tmp_path):
@@ -169,6 +170,22 @@ def test_layer_flops_equal_torchs_flop_counter(variant, groups, T):
     assert speed.layer_flops(layer, config, B, T, backward=True) == 3 * speed.layer_flops(layer, config, B, T, False)
 
 
+@pytest.mark.parametrize("T,tau", [(3, 5), (4, 2), (40, 3)])  # fewer steps than tau, and more
+@pytest.mark.parametrize("delta_rule", [False, True])
+def test_scan_flops_equal_torchs_flop_counter(T, tau, delta_rule):
+    """The scan alone, its early readout of the initial past states included (min(tau, T) steps). (At T = 1 the
+    einsums contract dimensions of one, which torch runs as products the counter does not see.)"""
+    B, H, P, N, G = 2, 4, 8, 6, 2
+    g = torch.Generator().manual_seed(0)
+    x, k, q = (torch.randn(B, T, *shape, generator=g) for shape in ((H, P), (G, N), (G, N)))
+    log_decay, beta = -torch.rand(B, T, H, generator=g), torch.rand(B, T, H, generator=g)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        conba_scan(x, k, q, log_decay, beta, delta_rule=delta_rule, tau=tau, delay_gain=torch.ones(H), chunk_size=32)
+    C = min(32, T)
+    solve = B * -(-T // C) * H * C**3 if delta_rule else 0
+    assert speed.scan_flops(B, T, H, P, N, 32, delta_rule, tau, G=G) == counter.get_total_flops() + solve
+
+
 def test_mamba2_flops_equal_torchs_flop_counter():
     pytest.importorskip("transformers", reason="transformers not installed")
     config = speed.layer_config().replace(**speed.SSD)
@@ -177,6 +194,11 @@ def test_mamba2_flops_equal_torchs_flop_counter():
         mixer(torch.randn(1, 300, config.d_model))
     assert speed.layer_flops(mixer, config, 1, 300, backward=False) == pytest.approx(counter.get_total_flops(),
                                                                                     rel=5e-3)
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    x = torch.zeros(10)
+    assert decode.tensor_bytes([x, x[1:], {"a": (x.view(2, 5),)}, torch.ones(3, dtype=torch.float64)]) == 40 + 24
 
 
 def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):

@@ -273,8 +273,9 @@ def test_load_tokenizer_errors(tmp_path):
 
 
 def test_train_errors():
-    with pytest.raises(ValueError, match=r"vocab_size=100: a byte-level BPE needs at least 259"):
-        train_bpe_tokenizer(["text"], vocab_size=100)
+    for small in (100, 258):  # 258: the bytes and two of the three specials
+        with pytest.raises(ValueError, match=rf"vocab_size={small}: a byte-level BPE needs at least 259"):
+            train_bpe_tokenizer(["text"], vocab_size=small)
     with pytest.raises(ValueError, match=r"no text to train the tokenizer on"):
         train_bpe_tokenizer([], vocab_size=300)
 
@@ -316,3 +317,8 @@ def test_mismatch_compares_what_ids_mean_not_files():
     b = train_bpe_tokenizer(["zzz yyy xxx www vvv uuu " * 50], vocab_size=265)
     assert b.vocab_size == a.vocab_size
     assert mismatch(a, b).startswith("id ")
+
+    class Swapped(ByteTokenizer):  # EOS and PAD exchanged: every id decodes as before (specials decode to b"")
+        eos_id, pad_id = 258, 257
+
+    assert mismatch(ByteTokenizer(), Swapped()) == "eos_id 258, not 257"

@@ -158,6 +158,14 @@ def test_nothing_to_score_is_an_error_not_a_perfect_score(tiny_model):
     assert all(math.isnan(x) for x in (empty.loss, empty.perplexity, empty.bits_per_byte))
 
 
+def test_a_scores_derived_figures():
+    score = TextScore(nll=80.0, tokens=10, bytes=40, documents=1, seconds=2.0)
+    assert score.perplexity == pytest.approx(math.exp(8.0)) and score.bits_per_byte == pytest.approx(2 / math.log(2))
+    assert score.as_dict()["tokens_per_s"] == 5.0
+    huge = TextScore(nll=10_000.0, tokens=10, bytes=40, documents=1, seconds=2.0)  # loss 1,000 nats: no overflow
+    assert huge.perplexity == math.exp(700.0)
+
+
 def test_real_text_window_and_stream_agree_when_the_window_holds_everything(tiny_model, shakespeare_path):
     model = tiny_model(dtype=torch.float32, vocab_size=ByteTokenizer.vocab_size)
     text = shakespeare_path.read_text()[:3000]

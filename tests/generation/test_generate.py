@@ -82,6 +82,7 @@ def test_top_p_keeps_the_nucleus():
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [
     (1.0, None, 0.5), (1.0, None, 0.75), (0.7, 3, 0.9), (1.3, 2, None), (1.0, 60, 0.3), (1.0, None, 1.0),
+    (1.0, 49, None),  # V - 1: one logit masked
 ])
 def test_filtering_equals_transformers_warpers(temperature, top_k, top_p):
     """The kept tokens and their logits equal those of transformers' temperature, top-k and top-p warpers, in
@@ -194,7 +195,7 @@ def test_generate_validates_arguments(tiny_model):
             model.generate(prompt, 3, do_sample=True, temperature=bad)
     with pytest.raises(ValueError, match="every prompt must end in a real token"):
         model.generate(prompt, 3, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
-    for bad in (1.5, float("nan"), "0.5"):
+    for bad in (0, 1.5, float("nan"), "0.5"):
         with pytest.raises(ValueError, match=r"top_p=.* must be None or a number in \(0, 1\]"):
             model.generate(prompt, 3, do_sample=True, top_p=bad)
     for bad in (-1, 2.5, True):
