@@ -376,16 +376,24 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                              "past_key_values holds the earlier ones (no cache is made for right-padded rows: "
                              "generate needs left padding)")
         mask = None if attention_mask is None else attention_mask[:, -T:].bool()
-        if seq_idx is None and kwargs.get("cu_seq_lens_q") is not None:
-            seq_idx = _documents_from_bounds(kwargs["cu_seq_lens_q"], (B, T))
-        if seq_idx is None and position_ids is not None and T > 1:  # (decoding steps pass one position a row)
-            seq_idx = _documents_from_positions(position_ids, (B, T), mask)
-            if seq_idx is not None and past_key_values is not None:
-                raise ValueError("position_ids restart inside a row (packed documents), which take no "
-                                 "past_key_values: each document starts from nothing")
-            if seq_idx is not None and mask is not None and not bool(mask.all()):
-                raise ValueError("position_ids restart inside a row (packed documents), which cannot be combined "
-                                 "with padding (attention_mask zeros): pack without pads, or pad without packing")
+        bounds = kwargs.get("cu_seq_lens_q")
+        if bounds is not None:
+            if seq_idx is not None:
+                raise ValueError("give packed documents as seq_idx or as cu_seq_lens_q, not both")
+            if kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"], bounds):
+                raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q: a document's queries attend to its own keys")
+            seq_idx, source = _documents_from_bounds(bounds, (B, T)), "cu_seq_lens_q"
+        elif seq_idx is None and position_ids is not None and T > 1:  # (decoding steps pass one position a row)
+            seq_idx, source = _documents_from_positions(position_ids, (B, T), mask), "position_ids restart inside a row"
+        else:
+            source = None
+        if source is not None and seq_idx is not None:
+            if past_key_values is not None:
+                raise ValueError(f"{source} (packed documents), which take no past_key_values: each document starts "
+                                 "from nothing")
+            if mask is not None and not bool(mask.all()):
+                raise ValueError(f"{source} (packed documents), which cannot be combined with padding "
+                                 "(attention_mask zeros): pack without pads, or pad without packing")
         recomputing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if recomputing and past_key_values is not None:
             raise ValueError("past_key_values: no cache while training with activation checkpointing (the layers "
@@ -437,13 +445,17 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         if mask is not None and bool(ends_in_padding(mask.bool()).any()):
             raise ValueError("attention_mask: generate continues each row after its last token, so rows must be "
                              "left-padded (tokenizer padding_side='left', as hf_tokenizer sets it)")
-        config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or self.generation_config
+        passed = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)
+
+        def setting(name: str) -> Any:  # as transformers merges them: keyword, else the passed config, else the model's
+            return next((v for v in (kwargs.get(name), getattr(passed, name, None),
+                                     getattr(self.generation_config, name, None)) if v is not None), None)
+
         for name, what in CROPPING.items():
-            if kwargs.get(name, getattr(config, name, None)) is not None:
+            if setting(name) is not None:
                 raise ValueError(f"{name}: MixConHFForCausalLM does not support {what}; its cache cannot be cropped "
                                  "back to an earlier length (a Conba state cannot un-read tokens)")
-        self._lengths = (kwargs.get("max_new_tokens", config.max_new_tokens),
-                         kwargs.get("max_length", config.max_length))
+        self._lengths = (setting("max_new_tokens"), setting("max_length"))
         try:
             return super().generate(*args, **kwargs)
         finally:

@@ -217,7 +217,8 @@ def test_greedy_generate_is_mixcon_generate(pair):
 
 @pytest.mark.parametrize("lengths, capacity", [(dict(max_new_tokens=12), 23), (dict(max_length=20), 20),
                                                (dict(), 31),  # neither: transformers' default, 20 new tokens
-                                               (dict(config=GenerationConfig(max_new_tokens=6)), 17)])  # by position
+                                               (dict(config=GenerationConfig(max_new_tokens=6)), 17),  # by position
+                                               (dict(config=GenerationConfig(), default=7), 18)])  # the model's
 def test_generate_makes_a_cache_with_room_for_what_it_asks(pair, monkeypatch, lengths, capacity):
     """The cache a generate call makes holds the prompt and the new tokens asked for: it never grows (which
     copies every K/V and doubles them)."""
@@ -227,7 +228,9 @@ def test_generate_makes_a_cache_with_room_for_what_it_asks(pair, monkeypatch, le
     monkeypatch.setattr(AttentionCache, "grow", lambda self, *a: grown.append(a) or grow(self, *a))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Using the model-agnostic default `max_length`")
-        config = lengths.pop("config", None)
+        config, default = lengths.pop("config", None), lengths.pop("default", None)
+        if default is not None:  # the model's own max_new_tokens, under a config given without one
+            hf.generation_config.max_new_tokens = default
         args = (ids,) if config is None else (ids, config)
         out = hf.generate(*args, attention_mask=mask, do_sample=False, return_dict_in_generate=True, **lengths)
     assert out.past_key_values.key_mask.shape[1] == capacity and not grown
@@ -268,11 +271,15 @@ def test_generate_refuses_what_needs_a_cache_cropped_back(pair):
     _, hf = pair
     ids, mask = left_padded()
     for kw, what in [(dict(assistant_model=hf), "assisted"), (dict(prompt_lookup_num_tokens=3), "prompt lookup"),
+                     (dict(assistant_early_exit=1), "self-speculative"),
                      (dict(prefill_chunk_size=4), "chunked prefill")]:
         with pytest.raises(ValueError, match=f"{next(iter(kw))}: MixConHFForCausalLM does not support {what}"):
             hf.generate(ids, attention_mask=mask, max_new_tokens=3, **kw)
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens: MixConHFForCausalLM does not support"):
         hf.generate(ids, GenerationConfig(prompt_lookup_num_tokens=3, max_new_tokens=3), attention_mask=mask)
+    hf.generation_config.prompt_lookup_num_tokens = 3  # the model's default, under a config given without it
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens: MixConHFForCausalLM does not support"):
+        hf.generate(ids, GenerationConfig(max_new_tokens=3), attention_mask=mask)
 
 
 def test_right_padded_rows_are_refused_rather_than_continued_without_their_context(pair):
@@ -406,6 +413,13 @@ def test_padding_free_batches_score_each_document_alone(pair, collate):
         hf(batch["input_ids"], position_ids=torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"cu_seq_lens_q must be the cumulative document lengths \[0, ..., T=25\]"):
         hf(batch["input_ids"], cu_seq_lens_q=torch.tensor([0, 7, 24]))
+    bounds = torch.tensor([0, 7, 8, 20, 25])
+    with pytest.raises(ValueError, match="as seq_idx or as cu_seq_lens_q, not both"):
+        hf(batch["input_ids"], cu_seq_lens_q=bounds, seq_idx=torch.zeros(1, 25, dtype=torch.long))
+    with pytest.raises(ValueError, match="cu_seq_lens_k must equal cu_seq_lens_q"):
+        hf(batch["input_ids"], cu_seq_lens_q=bounds, cu_seq_lens_k=torch.tensor([0, 25]))
+    with pytest.raises(ValueError, match=r"cu_seq_lens_q \(packed documents\), which take no past_key_values"):
+        hf(batch["input_ids"], cu_seq_lens_q=bounds, past_key_values=model.new_cache(1))
 
 
 def test_packed_rows_score_documents_apart_or_are_refused(pair):
@@ -529,6 +543,8 @@ def test_resize_token_embeddings(tiny_model, tmp_path, tie, mean_resizing):
     assert torch.isfinite(new_rows).all()
     if not mean_resizing:  # drawn as the model draws its embedding: Normal(0, init_std=0.2)
         assert 0.1 < new_rows.std() < 0.4
+    else:  # transformers' draw around the old rows' mean, whose entries spread ~init_std / sqrt(300)
+        assert 0 < new_rows.std() < 0.1
     after = hf(ids, attention_mask=mask).logits
     assert after.shape == (3, 11, 310) and torch.equal(after[..., :300], before)
     assert hf(torch.tensor([[305]])).logits.shape == (1, 1, 310)
