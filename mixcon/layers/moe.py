@@ -70,9 +70,10 @@ class MoE(nn.Module):
     def combine(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_k weight_k · expert_k(h) for each token, the M·K (token, expert) pairs grouped by expert:
-        (M, d), (M, K), (M, K) -> (M, d); `counts` (n,) pairs per expert, if already known. One sort, one
-        gather and one scatter-add, no per-token loop: the backward fills no (M, d) or expert-weight-sized
-        zeros per expert (an index or a slice per expert would, each)."""
+        (M, d), (M, K), (M, K) -> (M, d); `counts` (n,) pairs per expert, if already known. No per-token loop:
+        one sort, the tokens gathered once in expert order and split per expert, the stacked weights unbound once,
+        one scatter-add; so the backward fills no (M, d) or all-experts-sized zero tensor per expert (an index of
+        the tokens or of the weights per expert would, each)."""
         flat_expert = experts.reshape(-1)  # (M·K,)
         order = flat_expert.argsort(stable=True)
         token_of = order // self.top_k  # token index of each sorted assignment

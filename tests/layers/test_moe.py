@@ -44,6 +44,22 @@ def test_grouped_compute_equals_a_per_token_loop():
     torch.testing.assert_close(stats.counts, torch.bincount(experts.reshape(-1), minlength=8))
 
 
+def test_the_grouped_path_compiles_with_the_eager_gradients():
+    """torch.compile (dynamo and autograd's graphs; the routing counts break the graph) gives the eager outputs and
+    gradients of the experts, the router and the input, unused experts included (zero)."""
+    moe = make_moe(n=8, k=2)
+    h = torch.randn(5, 16, dtype=torch.float64)
+    grads = []
+    for fn in (moe, torch.compile(moe, backend="aot_eager", fullgraph=False)):
+        x = h.clone().requires_grad_(True)
+        out, stats = fn(x)
+        (out.square().sum() + stats.aux_loss).backward()
+        grads.append([out.detach(), x.grad] + [p.grad.clone() for p in moe.parameters()])
+        moe.zero_grad()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_one_token_path_equals_the_grouped_path():
     """Decoding (one token per call) takes its own path; it gives each token what the batch gave it."""
     moe = make_moe()
