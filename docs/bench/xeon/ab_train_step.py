@@ -2,8 +2,6 @@
 ("before") vs the working tree ("after"), on an eager training step (8 x 512 tokens, forward + backward + AdamW) and
 an eager prefill of 2,048 tokens without autograd. The old code is read from git and swapped in; variants alternate;
 medians after one warm-up round. Parts: `moe` (the MoE layer's methods) and `scan` (the chunked Conba scan).
---compile: each layer torch.compile'd, as `mixcon train --compile` (the training step only; each variant compiles
-its own graphs in the warm-up round).
 Usage (in a git checkout):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/bench/xeon/ab_train_step.py --before a0b08ed --part moe"""
 import argparse
@@ -23,7 +21,6 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--before", required=True, help="the commit whose code is 'before'")
 parser.add_argument("--part", required=True, choices=["moe", "scan"])
 parser.add_argument("--rounds", type=int, default=8)
-parser.add_argument("--compile", action="store_true", help="each layer torch.compile'd; the training step only")
 args = parser.parse_args()
 
 
@@ -53,9 +50,6 @@ def use(name: str) -> None:
 torch.manual_seed(0)
 model = MixConForCausalLM(MixConConfig.preset("small"))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-if args.compile:
-    for layer in model.layers:
-        layer.compile()
 V = model.config.vocab_size
 batch = torch.randint(0, V, (8, 513))
 prompt = torch.randint(0, V, (1, 2048))
@@ -85,9 +79,8 @@ def medians(fn, rounds: int) -> dict[str, float]:
 
 
 print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; {args.part} of {args.before} vs the working tree")
-print("what                        before s  after s  ratio")
-runs = [("train step 8x512" + (" compiled" if args.compile else ""), train_step)]
-for label, fn in runs if args.compile else [*runs, ("prefill 2048 (no grad)", prefill)]:
+print("what                      before s  after s  ratio")
+for label, fn in [("train step 8x512", train_step), ("prefill 2048 (no grad)", prefill)]:
     r = medians(fn, args.rounds)
-    print(f"{label:<27} {r['before']:8.3f} {r['after']:8.3f}  {r['before'] / r['after']:.3f}x")
+    print(f"{label:<25} {r['before']:8.3f} {r['after']:8.3f}  {r['before'] / r['after']:.3f}x")
 use("after")
