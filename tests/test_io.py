@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -50,10 +51,11 @@ def test_a_waiter_gets_the_directory_back_when_the_holder_removes_it(tmp_path):
     import threading
 
     folder = tmp_path / "shards"
-    waiting, wrote = threading.Event(), []
+    waiting, wrote, holder_done = threading.Event(), [], []
 
     def waiter() -> None:
         with locked_directory(folder, lambda pid: waiting.set()):
+            wrote.append(list(holder_done))  # the holder had finished before the waiter got in
             (folder / "train.bin").write_text("built")
             wrote.append((folder / LOCK_FILE).read_text())
 
@@ -61,8 +63,10 @@ def test_a_waiter_gets_the_directory_back_when_the_holder_removes_it(tmp_path):
         thread = threading.Thread(target=waiter)
         thread.start()
         assert waiting.wait(30)
+        time.sleep(0.2)  # a waiter that did not wait would be inside by now
+        holder_done.append(True)
     thread.join(30)
-    assert wrote == [f"{os.getpid()}\n"] and (folder / "train.bin").read_text() == "built"
+    assert wrote == [[True], f"{os.getpid()}\n"] and (folder / "train.bin").read_text() == "built"
 
 
 def test_a_folder_removed_between_making_it_and_locking_it_is_made_again(tmp_path, monkeypatch):

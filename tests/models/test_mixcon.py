@@ -60,6 +60,22 @@ def test_left_padded_cached_forward_then_decode_equals_each_row_alone(tiny_model
             torch.testing.assert_close(got[i:i + 1], want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("decoded", [1, 3])  # an odd number of steps leaves the Conba ring's pointer mid-ring
+def test_a_chunk_after_decoding_steps_equals_the_full_forward(decoded, tiny_model):
+    """Prefill, single-token decoding steps (the ring of delayed states turns), then a multi-token chunk and more
+    steps: the chunk reads the delayed states in their order."""
+    model = tiny_model(conba_delay=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5 + decoded + 6))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2)
+        pieces = [model(ids[:, :5], cache=cache).logits]
+        pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(5, 5 + decoded)]
+        pieces.append(model(ids[:, 5 + decoded:9 + decoded], cache=cache).logits)
+        pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(9 + decoded, 11 + decoded)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
+
+
 def test_forward_hooks_on_layers_and_mixers_fire_at_every_decoding_step(tiny_model):
     """The decoding step calls each layer's and mixer's `decode` directly: with hooks there (steering, probes), a
     step takes the general path, so that generate equals greedy decoding by full forwards under the same hooks."""
