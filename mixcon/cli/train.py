@@ -355,9 +355,8 @@ def _check_replaced(out: Path, resume: Path | None) -> None:
         raise SystemExit(f"mixcon train: --resume {resume} continues another run directory's run, and --out {out} "
                          f"already holds a run (latest checkpoint {replaced[-1].name}); replace it with "
                          "--overwrite, or choose another --out")
-    names = ", ".join(p.name for p in replaced[:3]) + (", ..." if len(replaced) > 3 else "")
-    raise SystemExit(f"mixcon train: {out} holds checkpoints after {resume.name} ({names}); go back to "
-                     f"{resume.name} with --overwrite (they are deleted), or resume the latest")
+    raise SystemExit(f"mixcon train: {out} holds checkpoints after {resume.name} ({ckpt.checkpoint_names(replaced)}); "
+                     f"go back to {resume.name} with --overwrite (they are deleted), or resume the latest")
 
 
 def _tokenizer(options: TrainOptions, resume: Path | None, out: Path, args: argparse.Namespace,

@@ -96,6 +96,11 @@ def replaced_checkpoints(run_dir: str | Path, resume: Path | None) -> list[Path]
     return [p for p in found if checkpoint_step(p) > checkpoint_step(resume)]
 
 
+def checkpoint_names(paths: list[Path]) -> str:
+    """The first three checkpoints' names, for a message ("step-00000004, step-00000006, ...")."""
+    return ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Completed checkpoints of a run (those with a manifest), oldest step first."""
     root = Path(run_dir) / CHECKPOINTS

@@ -283,7 +283,7 @@ class Trainer:
         if not later:
             return
         if not discard:
-            names = ", ".join(p.name for p in later[:3]) + (", ..." if len(later) > 3 else "")
+            names = ckpt.checkpoint_names(later)
             where = f" after step {self.step}" if resumed is not None and ckpt.in_run(resumed, self.run_dir) else ""
             raise ValueError(f"{self.run_dir} holds checkpoints{where} ({names}) of the run this one would "
                              "replace; discard them (discard_later=True; mixcon train --overwrite) or use another "
