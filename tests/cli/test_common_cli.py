@@ -152,3 +152,15 @@ def test_a_path_option_starting_with_a_tilde_is_in_the_home_folder(tmp_path, mon
     # the options argparse checks as it parses them (--json, bench --out and --plot, lm-eval's --include-path)
     assert output_file("~/r.json") == home / "r.json" and output_folder("~/bench") == home / "bench"
     assert existing_folder("~/shards") == home / "shards" and plot_file("~/p.png") == home / "p.png"
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--init-from=~/missing", "--out", "run"], ["train", "--resume=~/missing"],
+    ["generate", "--checkpoint=~/missing"], ["train", "--config=~/missing", "--out", "run"],
+    ["data", "prepare", "--corpus=~/missing", "--out", "shards"], ["eval", "perplexity", "--checkpoint=~/missing"],
+])
+def test_every_path_option_expands_a_tilde(tmp_path, monkeypatch, argv):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'home' / 'missing'}"):
+        main(argv)

@@ -129,3 +129,43 @@ def test_tokenizer_train_keeps_an_existing_tokenizer_unless_told(tmp_path, capsy
     assert main([*argv, "--overwrite"]) == 0
     assert (tmp_path / "tok" / "tokenizer.json").read_text() != before
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json"]  # no temporary file left
+
+
+def test_data_prepare_options_reach_the_shards(corpus_dir, tmp_path):
+    """--seed, --val-fraction (default 0.01), --max-bytes as the index records them; an --out inside the corpus
+    is not read as corpus (the second build reuses the first)."""
+    base = ["data", "prepare", "--corpus", str(corpus_dir), "--workers", "1"]
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0
+    index = ShardDataset(tmp_path / "default").index
+    assert (index["val_fraction"], index["seed"], index["max_bytes"]) == (0.01, 0, None)
+    val = {}
+    for seed in (1, 2):
+        assert main([*base, "--out", str(tmp_path / f"s{seed}"), "--seed", str(seed), "--val-fraction", "0.2",
+                     "--max-bytes", "20000"]) == 0
+        ds = ShardDataset(tmp_path / f"s{seed}")
+        assert (ds.index["seed"], ds.index["val_fraction"], ds.index["max_bytes"]) == (seed, 0.2, 20000)
+        assert ds.index["truncated"] and sum(s["bytes"] for s in ds.index["splits"].values()) <= 20000
+        val[seed] = ds.tokens("val").tolist()
+    assert val[1] != val[2]  # other documents held out
+    inside = corpus_dir / "shards"
+    for _ in range(2):  # a glob that names every file below the corpus folder, the shards' too
+        assert main(["data", "prepare", "--corpus", str(corpus_dir / "**"), "--workers", "1",
+                     "--out", str(inside)]) == 0
+    for field in ("key", "splits"):
+        assert ShardDataset(inside).index[field] == ShardDataset(tmp_path / "default").index[field]
+
+
+def test_tokenizer_train_reads_only_max_bytes(tmp_path, capsys):
+    """--max-bytes bounds what the BPE learns from and what the summary counts; --vocab-size defaults to 8192."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("the cat sat on the mat. " * 200)
+    (folder / "b.txt").write_text("zebra quokka " * 400)
+    base = ["tokenizer", "train", "--corpus", str(folder)]
+    assert main([*base, "--max-bytes", "4000", "--out", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    assert "bytes        4,000\n" in out and "(asked for 8,192)" in out
+    assert main([*base, "--out", str(tmp_path / "whole")]) == 0
+    assert "bytes        10,000\n" in capsys.readouterr().out
+    cut, whole = load_tokenizer(tmp_path / "cut"), load_tokenizer(tmp_path / "whole")
+    assert len(cut.encode("zebra quokka")) > len(whole.encode("zebra quokka")) == 2  # not merged from what it read

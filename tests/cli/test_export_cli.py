@@ -87,3 +87,21 @@ def test_training_starts_from_an_export(model_dir, tmp_path):
     source = MixConForCausalLM.from_pretrained(model_dir)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in run.state_dict().items())
     assert load_tokenizer(tmp_path / "run" / "checkpoints" / "step-00000001" / "tokenizer").encode("é") == [0xC3, 0xA9]
+
+
+def test_dtype_shard_size_and_overwrite_reach_the_export(model_dir, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("replaced")
+    assert main(["export", "hf", "--checkpoint", str(model_dir), "--out", str(out), "--dtype", "bf16",
+                 "--max-shard-size", "100KB", "--overwrite"]) == 0
+    assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            tensors = [f.get_tensor(name) for name in f.keys()]  # noqa: SIM118 (safe_open is no mapping)
+            assert {t.dtype for t in tensors} == {torch.bfloat16}
+            assert sum(t.nbytes for t in tensors) <= 100_000 or len(tensors) == 1

@@ -85,3 +85,37 @@ def test_a_prompt_that_is_not_utf8_is_refused_by_name(tmp_path):
     """Bytes on the command line that are no UTF-8 reach Python as surrogates: named, before any loading."""
     with pytest.raises(SystemExit, match=r"^mixcon generate: --prompt is not UTF-8 text \(from character 2 on\)"):
         main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "ab\udcff\udcfe"])
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ([], dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, seed=0, max_new_tokens=200, compiled=False,
+              dtype=torch.float32)),
+    (["--greedy", "--temperature", "1.5", "--top-k", "7", "--top-p", "0.5", "--seed", "11", "--max-new-tokens", "3",
+      "--dtype", "bf16", "--compile"],
+     dict(do_sample=False, temperature=1.5, top_k=7, top_p=0.5, seed=11, max_new_tokens=3, compiled=True,
+          dtype=torch.bfloat16)),
+])
+def test_every_option_reaches_generate(tmp_path, tiny_model, monkeypatch, capsys, extra, expected):
+    """What `generate` is called with: each flag's value (or its default), the prompt after an EOS (how every
+    document starts in training), and sampling kept to the ids the tokenizer decodes when the model has more."""
+    from mixcon import MixConForCausalLM
+
+    tok = ByteTokenizer()
+    tiny_model(dtype=torch.float32, vocab_size=300).save_pretrained(tmp_path / "model")
+    calls: dict = {"compiled": []}
+
+    def record(self, ids, max_new_tokens, **kwargs):
+        calls.update(kwargs, ids=ids.tolist(), max_new_tokens=max_new_tokens, dtype=self.embed.weight.dtype)
+        return ids
+
+    monkeypatch.setattr(MixConForCausalLM, "generate", record)
+    monkeypatch.setattr(MixConForCausalLM, "compile_decode", lambda self: calls["compiled"].append("decode"))
+    monkeypatch.setattr(MixConForCausalLM, "compile_prefill", lambda self: calls["compiled"].append("prefill"))
+    assert main(["generate", "--checkpoint", str(tmp_path / "model"), "--tokenizer", "bytes", "--prompt", "hi",
+                 *extra]) == 0
+    assert capsys.readouterr().out == "hi\n"
+    assert calls["ids"] == [[tok.eos_id, *tok.encode("hi")]] and tok.eos_id != tok.bos_id
+    assert calls["vocab_limit"] == tok.vocab_size < 300 and calls["eos_token_id"] == tok.eos_id
+    compiled = expected.pop("compiled")
+    assert calls.pop("compiled") == (["decode", "prefill"] if compiled else [])
+    assert {key: calls[key] for key in expected} == expected
