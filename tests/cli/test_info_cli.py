@@ -103,6 +103,34 @@ def test_info_takes_the_dtype_names_of_the_other_commands(capsys):
     assert f"--dtype {{{','.join(sorted(DTYPES))}}}" in shown and "Conba states are fp32; default: bf16)" in shown
 
 
+@pytest.mark.parametrize(("extra", "batch_size", "dtype", "weight_bytes"), [
+    ([], 1, torch.bfloat16, 2.0),
+    (["--batch-size", "3", "--dtype", "fp32", "--weight-bits", "4"], 3, torch.float32, 0.5),
+])
+def test_batch_size_dtype_and_weight_bits_reach_the_cache_and_the_comparison(capsys, monkeypatch, extra, batch_size,
+                                                                             dtype, weight_bytes):
+    from mixcon.generation import footprint
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return footprint.footprint(*args, **kwargs)
+
+    monkeypatch.setattr("mixcon.cli.info.footprint", recording)
+    assert main(["info", "--config", "small", "--context", "65536", "--compare", *extra]) == 0
+    expected = cache_nbytes(MixConConfig.preset("small"), batch_size, 65536, dtype) / 2**30
+    assert f"     65536 tokens: {expected:10.3f} GiB" in capsys.readouterr().out
+    assert len(calls) == 5 and all((c["batch_size"], c["dtype"], c["weight_bytes"]) == (batch_size, dtype,
+                                                                                          weight_bytes) for c in calls)
+
+
+def test_parameter_counts_read_in_billions_from_a_tenth_of_one():
+    from mixcon.cli.info import _count
+
+    assert (_count(99_990_000), _count(100_000_000), _count(52_000_000_000)) == ("99.99M", "0.10B", "52.00B")
+
+
 def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
     """`mixcon info | head -1`: the reader leaves early; no traceback."""
     contexts = ",".join(map(str, range(1, 6001)))  # ~200 KB of output, more than a pipe holds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -54,6 +55,17 @@ def test_max_context_is_the_longest_whose_allocated_cache_fits(name):
     assert cache_nbytes(config, 2, n, torch.float32) <= budget < cache_nbytes(config, 2, n + 1, torch.float32)
     assert MixConCache(config, 2, max_length=n, dtype=torch.float32).nbytes() <= budget
     assert max_context(config, cache_nbytes(config, 2, 1, torch.float32) - 1, batch_size=2, dtype=torch.float32) == 0
+
+
+def test_max_context_of_every_budget_at_an_allocation_boundary():
+    """Exactly n for the bytes of n tokens and for one byte short of those of n + 1; the cache of no tokens is the
+    Conba states and conv tails alone (the K/V bytes grow linearly from 0)."""
+    config = MixConConfig.preset("tiny")
+    sizes = [cache_nbytes(config, 1, n, torch.float32) for n in range(42)]
+    assert sizes[0] > 0 and all(b - a == sizes[1] - sizes[0] > 0 for a, b in itertools.pairwise(sizes))
+    for n in range(1, 41):
+        for budget in (sizes[n], sizes[n + 1] - 1):
+            assert max_context(config, budget, batch_size=1, dtype=torch.float32) == n
 
 
 def test_a_cache_that_does_not_grow_has_no_context_limit():

@@ -711,6 +711,11 @@ def test_an_empty_batch_and_caches_this_model_cannot_continue_raise(tiny_model):
     with pytest.raises(ValueError, match=r"cache holds torch.float32 on cpu, the model computes in torch.float64"):
         model(ids, cache=wrong)
     assert not wrong.broken and wrong.seqlen == 0  # refused before anything moved
+    empty = model.new_cache(1)
+    with pytest.raises(ValueError, match=r"seq_idx \(packed documents\) is for forwards without a cache"):
+        model(ids, cache=empty, seq_idx=torch.zeros_like(ids))
+    with torch.no_grad():  # refused after it was claimed, still empty: any model's
+        torch.testing.assert_close(tiny_model(seed=1)(ids, cache=empty).logits, tiny_model(seed=1)(ids).logits)
 
 def test_paper_preset_builds_on_meta_and_counts_parameters():
     config = MixConConfig.preset("mixcon-paper")
@@ -745,6 +750,9 @@ def test_cache_bytes_formula_equals_allocation(layout, tiny_model):
     attn_layer = 2 * 100 * c.n_kv_heads * c.attn_head_dim * 4 * 3
     expected = [attn_layer if m == "attention" else conba_layer for m, _ in c.layout()]
     assert cache.layer_nbytes() == expected
+    with torch.no_grad():  # a chunk that needs twice the capacity: room for it, not one position more
+        model(torch.randint(0, 300, (3, 100)), cache=cache)
+    assert cache.nbytes() == cache_nbytes(model.config, 3, 200) and cache.key_mask.shape[1] == 200
 
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
