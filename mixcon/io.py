@@ -47,22 +47,22 @@ def locked_directory(directory: Path, on_busy: Callable[[str], None], transient:
     id written in it; the OS releases it however the process ends. When another process holds it, `on_busy(its
     pid, or '?')` is called first: it raises to refuse, or returns to wait for the lock. A directory made here
     (or any, when `transient`: one that exists only for the lock, a crashed holder's included) that holds nothing
-    else at the end is removed (before the lock is let go: a process waiting for it then makes the directory
-    anew). No lock where the OS has no `fcntl` (Windows)."""
+    else at the end is removed, with the parents made for it that are then empty (before the lock is let go: a
+    process waiting for it then makes the directory anew). No lock where the OS has no `fcntl` (Windows)."""
     try:
         import fcntl
     except ImportError:
-        made = not directory.exists()
+        made = _missing(directory)
         directory.mkdir(parents=True, exist_ok=True)
         try:
             yield
         finally:
             if (made or transient) and not any(p.name != LOCK_FILE for p in directory.iterdir()):
-                shutil.rmtree(directory, ignore_errors=True)
+                _remove(directory, made)
         return
     handle = None
     while handle is None:
-        made = not directory.exists()
+        made = _missing(directory)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             handle = _lock(fcntl, directory / LOCK_FILE, on_busy)
@@ -76,7 +76,22 @@ def locked_directory(directory: Path, on_busy: Callable[[str], None], transient:
             yield
         finally:
             if (made or transient) and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # nothing else: no trace
-                shutil.rmtree(directory, ignore_errors=True)
+                _remove(directory, made)
+
+
+def _missing(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist, innermost first."""
+    return [p for p in (directory, *directory.parents) if not p.exists()]
+
+
+def _remove(directory: Path, made: list[Path]) -> None:
+    """Remove `directory`, then the parents in `made` while they are empty."""
+    shutil.rmtree(directory, ignore_errors=True)
+    for parent in made[1:]:
+        try:
+            parent.rmdir()
+        except OSError:  # something else is in it (or it is gone already)
+            break
 
 
 def _lock(fcntl: Any, path: Path, on_busy: Callable[[str], None]) -> IO[str] | None:

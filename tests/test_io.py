@@ -88,3 +88,77 @@ def test_a_folder_removed_between_making_it_and_locking_it_is_made_again(tmp_pat
     with locked_directory(folder, lambda pid: None):
         (folder / "kept").write_text("")
     assert len(calls) == 2 and (folder / "kept").exists()
+
+
+def test_a_lock_made_for_nothing_takes_its_new_parents_with_it(tmp_path):
+    """`mixcon train --out runs/x` refused after locking: neither runs/x nor runs/ is left behind, but a parent
+    that holds something else stays."""
+    with locked_directory(tmp_path / "runs" / "a" / "x", lambda pid: None):
+        pass
+    assert list(tmp_path.iterdir()) == []
+    with locked_directory(tmp_path / "runs" / "a" / "x", lambda pid: None):
+        (tmp_path / "runs" / "kept").write_text("")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kept"]
+
+
+def test_a_crashed_holders_lock_file_is_rewritten_and_a_transient_folder_removed(tmp_path):
+    """The folder and a lock file with a dead process's id are left by a crash: the lock file then names this
+    process alone; a transient folder (it exists for its lock) goes at the end though this process did not make
+    it, any other does not."""
+    for transient in (True, False):
+        folder = tmp_path / f"transient-{transient}"
+        folder.mkdir()
+        (folder / LOCK_FILE).write_text("4194304\n")
+        with locked_directory(folder, lambda pid: pytest.fail("nobody holds it"), transient=transient):
+            assert (folder / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert folder.exists() is not transient
+
+
+def test_a_holder_that_has_not_written_its_id_is_named_with_a_question_mark(tmp_path):
+    import fcntl
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with (folder / LOCK_FILE).open("a") as holder:  # locked, still empty
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        seen = []
+
+        def refuse(pid: str) -> None:
+            seen.append(pid)
+            raise RuntimeError("busy")
+
+        with pytest.raises(RuntimeError, match="busy"), locked_directory(folder, refuse):
+            pass
+    assert seen == ["?"]
+
+
+def test_a_waiter_whose_lock_file_was_replaced_waits_for_the_new_one(tmp_path):
+    """The holder removed the folder, and a third process made it anew and locked its new lock file, before the
+    waiter got the old file's lock: the waiter locks the new file, after the third process, not beside it."""
+    import fcntl
+    import shutil
+    import threading
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = (folder / LOCK_FILE).open("a")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waits, inside = threading.Semaphore(0), []
+
+    def waiter() -> None:
+        with locked_directory(folder, lambda pid: waits.release()):
+            inside.append(list(third_done))
+
+    third_done: list[bool] = []
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert waits.acquire(timeout=30)  # blocked on the old lock file
+    shutil.rmtree(folder)
+    with locked_directory(folder, lambda pid: pytest.fail("the new folder is free")):
+        holder.close()  # the waiter gets the old file's lock: not the folder's
+        assert waits.acquire(timeout=30)  # ... and waits again, for the new file
+        time.sleep(0.2)
+        assert inside == []
+        third_done.append(True)
+    thread.join(30)
+    assert inside == [[True]]
