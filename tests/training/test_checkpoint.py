@@ -393,3 +393,35 @@ def test_a_wrong_path_says_what_is_wrong_with_it(trained):
     with pytest.raises(CheckpointError, match=r"model.safetensors is a file; give the directory of a checkpoint "
                                               r"\(.*step-00000004\?\) or of a run"):
         load_checkpoint(run / "checkpoints" / "step-00000004" / "model.safetensors")
+
+
+def test_the_checkpoints_a_run_replaces(trained, tmp_path, monkeypatch):
+    """All of them for a new run or one resumed from elsewhere, those after the step a run goes back to in its own
+    (named through a link to its checkpoints/ or a relative path too); a folder named like a checkpoint without a
+    step number is none."""
+    _, run = trained
+    step2, step4 = list_checkpoints(run)
+    shutil.copytree(step2, run / ckpt.CHECKPOINTS / "step-best")
+    assert list_checkpoints(run) == [step2, step4]
+    assert ckpt.replaced_checkpoints(run, None) == [step2, step4]
+    assert ckpt.replaced_checkpoints(run, step2) == [step4] and ckpt.replaced_checkpoints(run, step4) == []
+    other = tmp_path / "elsewhere"
+    shutil.copytree(run / ckpt.CHECKPOINTS, other / ckpt.CHECKPOINTS)
+    assert ckpt.replaced_checkpoints(run, other / ckpt.CHECKPOINTS / step2.name) == [step2, step4]
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ckpt.CHECKPOINTS).symlink_to(run / ckpt.CHECKPOINTS)
+    assert ckpt.in_run(step2, linked) and ckpt.replaced_checkpoints(linked, step2) == [linked / "checkpoints" /
+                                                                                       step4.name]
+    monkeypatch.chdir(run)
+    assert ckpt.in_run(Path(ckpt.CHECKPOINTS) / step2.name, run) and not ckpt.in_run(step2, other)
+
+
+def test_the_model_tokenizer_is_its_folder_first_and_never_larger_than_the_model(trained):
+    _, run = trained
+    model_dir = latest_checkpoint(run)  # tokenizer/ holds the bytes tokenizer (259 ids)
+    train_bpe_tokenizer(["some text to merge\n"] * 20, vocab_size=300).save(model_dir)  # and a tokenizer.json
+    assert isinstance(ckpt.model_tokenizer(model_dir, 300), ByteTokenizer)
+    assert isinstance(ckpt.model_tokenizer(model_dir, 259, "bytes"), ByteTokenizer)
+    with pytest.raises(ValueError, match="has 259 ids, more than the model's vocab_size 258"):
+        ckpt.model_tokenizer(model_dir, 258, "bytes")
