@@ -70,21 +70,38 @@ def test_a_long_run_keeps_only_the_plotted_fields_and_plots_at_a_bounded_cost(tm
 def test_tensorboard_hides_what_the_resumed_run_redoes(tmp_path, monkeypatch, resume_step, purge_step):
     """Steps after the checkpoint (a crashed run's, which the resumed one logs again) or, for a new run, all
     the old events: TensorBoard's purge_step, as metrics.jsonl is cut back to the checkpoint."""
-    made = []
+    made, scalars = [], []
 
     class Writer:  # torch's SummaryWriter, recording how it was opened
         def __init__(self, log_dir: str, **kwargs: object) -> None:
             made.append(kwargs)
 
         def add_scalar(self, *args: object) -> None:
-            pass
+            scalars.append(args)
 
         def close(self) -> None:
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    MetricsLogger(tmp_path, resume_step=resume_step, tensorboard=True).close()
+    logger = MetricsLogger(tmp_path, resume_step=resume_step, tensorboard=True)
+    logger.log({"step": 3, "loss": 1.5, "lr": 1e-3, "expert_load": [[0.5, 0.5]], "stopped_by": "steps"})
+    logger.close()
     assert made == [{"purge_step": purge_step}]
+    assert scalars == [("loss", 1.5, 3), ("lr", 1e-3, 3)]  # the numbers at their step, not the step itself
+
+
+def test_the_plot_leaves_out_losses_that_are_not_finite_and_smooths_from_the_first(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y)))
+                        or plot(self, x, y, *a, **k))
+    logger = MetricsLogger(tmp_path)
+    for step, loss in enumerate([2.0, float("nan"), 2.0, float("inf"), 2.0], 1):
+        logger.log({"step": step, "loss": loss})
+    logger.plot()
+    assert drawn == [([1, 3, 5], [2.0, 2.0, 2.0])] * 2  # the loss and its EMA (which starts at the first loss)
 
 
 def test_values_that_are_not_finite_numbers_are_written_as_null(tmp_path):
