@@ -14,7 +14,7 @@ import torch
 
 from mixcon import MixConForCausalLM
 from mixcon.cli import main
-from mixcon.data import ShardDataset, load_tokenizer
+from mixcon.data import ByteTokenizer, ShardDataset, load_tokenizer
 from mixcon.training.checkpoint import list_checkpoints, read_trainer_state
 from mixcon.training.distributed import DistEnv
 from mixcon.training.metrics import read_metrics
@@ -175,10 +175,12 @@ def test_a_run_resumed_from_another_directory_replaces_a_run_in_out_only_with_ov
     assert [r["step"] for r in read_metrics(tmp_path / "c" / "metrics.jsonl") if "loss" in r] == [3]
 
 
-def test_a_run_inside_its_glob_corpus_does_not_read_itself(corpus, tmp_path, capsys):
-    """--out inside the folder a glob corpus reads: the run's lock file, and on a second run its shards, metrics
-    and config, were read as corpus text; the corpus's own files there are read."""
-    args = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", f"{corpus}/**", "--steps", "1",
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_a_run_inside_its_glob_corpus_does_not_read_itself(corpus, tmp_path, capsys, tokenizer):
+    """--out inside the folder a glob corpus reads: the run's lock file, and on a second run its shards, metrics,
+    config (and the BPE it trained), were read as corpus text; the corpus's own files there are read."""
+    vocab = ["--set", "vocab_size=300"] if tokenizer == "bpe" else []
+    args = ["train", "--config", "tiny", *vocab, "--tokenizer", tokenizer, "--corpus", f"{corpus}/**", "--steps", "1",
             "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0", "--no-progress",
             "--out", str(corpus / "run")]
     assert main(args) == 0
@@ -190,11 +192,17 @@ def test_a_run_inside_its_glob_corpus_does_not_read_itself(corpus, tmp_path, cap
 
 
 def test_a_validation_split_shorter_than_a_sequence_is_reported(corpus, tmp_path, capsys):
+    """Exactly one sequence's tokens are one too few: a sequence and its next-token labels take seq_len + 1."""
+    assert main(["data", "prepare", "--corpus", str(corpus), "--val-fraction", "0.1", "--out",
+                 str(tmp_path / "d")]) == 0
+    n = len(ShardDataset(tmp_path / "d").tokens("val"))
+    capsys.readouterr()
     assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--val-fraction",
-                 "0.1", "--steps", "1", "--batch-size", "1", "--seq-len", "4096", "--sample-tokens", "0",
+                 "0.1", "--steps", "1", "--batch-size", "1", "--seq-len", str(n), "--sample-tokens", "0",
                  "--no-progress", "--out", str(tmp_path / "run")]) == 0
-    assert re.search(r"no validation: the validation split's [\d,]+ tokens do not fill one sequence of --seq-len "
-                     r"4096 \+ 1", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert f"no validation: the validation split's {n:,} tokens do not fill one sequence of --seq-len {n} + 1" in out
+    assert "val_loss" not in json.dumps(read_metrics(tmp_path / "run" / "metrics.jsonl"))
 
 def test_config_file_and_corrupt_checkpoint_refused_by_generate(corpus, tmp_path):
     run, config_file = tmp_path / "run", tmp_path / "model.json"
@@ -266,8 +274,9 @@ def test_a_time_budget_that_leaves_no_training_step_fails(corpus, tmp_path, monk
     used up ends with an error, not an untrained model's sample passed off as a success."""
     from mixcon.cli import train
 
-    with pytest.raises(SystemExit, match=r"^mixcon train: --time-budget 3: its last 15 s are kept for the sample"):
-        main(["train", "--time-budget", "3", "--out", str(tmp_path / "run")])
+    for budget in ("3", "15"):
+        with pytest.raises(SystemExit, match=rf"^mixcon train: --time-budget {budget}: its last 15 s are kept for"):
+            main(["train", "--time-budget", budget, "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
     run = ["--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2", "--seq-len", "16",
            "--no-progress"]
@@ -358,6 +367,16 @@ def test_init_from_refuses_what_cannot_work(tmp_path, tiny_model, extra, message
     with pytest.raises(SystemExit, match=message):
         main(["train", "--init-from", str(tmp_path / "model"), *tokenizer, "--corpus", str(tmp_path / "c.txt"),
               "--val-fraction", "0", "--steps", "1", "--out", str(tmp_path / "run"), *extra])
+
+
+def test_init_from_with_the_models_own_tokenizer_refuses_a_vocab_size(tmp_path, tiny_model):
+    """No --tokenizer: the model's own (bpe is the default for a new run, whose BPE vocab_size sizes)."""
+    model = tiny_model(dtype=torch.float32, vocab_size=259)
+    model.save_pretrained(tmp_path / "model")
+    ByteTokenizer().save(tmp_path / "model" / "tokenizer")
+    with pytest.raises(SystemExit, match=r"--set vocab_size: the tokenizer sets them; the vocabulary is --init-from's"):
+        main(["train", "--init-from", str(tmp_path / "model"), "--set", "vocab_size=500", "--steps", "1",
+              "--out", str(tmp_path / "run")])
 
 
 def test_init_from_refuses_its_own_run_as_out(tmp_path, tiny_model):
@@ -460,3 +479,50 @@ def test_resume_continues_on_the_runs_shards_after_a_split_rule_change(corpus, t
     monkeypatch.setattr(shards_module, "SPLIT_RULE", shards_module.SPLIT_RULE + 1)
     assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--sample-tokens", "0", "--no-progress"]) == 0
     assert sorted(p.name for p in (run / "data").iterdir()) == built
+
+
+class _Stop(Exception):
+    """Raised in place of training, once what the run was given is recorded."""
+
+
+def test_what_the_trainer_is_given_by_default_and_by_flags(corpus, tmp_path, monkeypatch):
+    """With neither --steps nor --time-budget: the default budget, less the sample's reserve as the deadline; the
+    run directory runs/<config name>; the first 4 MB of the corpus, or with --max-bytes 0 all of it."""
+    import time
+
+    from mixcon.cli import train
+
+    seen = []
+
+    def record(self, **kwargs):
+        seen.append((self.options, kwargs["deadline"] - time.monotonic(), self.run_dir))
+        raise _Stop
+
+    monkeypatch.setattr(Trainer, "fit", record)
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2",
+            "--seq-len", "16", "--no-progress"]
+    for extra in ([], ["--max-bytes", "0", "--sample-tokens", "0", "--out", "other"]):
+        with pytest.raises(_Stop):
+            main([*base, *extra])
+    (options, left, run_dir), (options0, left0, run_dir0) = seen
+    assert options.time_budget == train.DEFAULT_TIME_BUDGET == 480 and options.max_bytes == 4_000_000
+    assert train.DEFAULT_TIME_BUDGET - train.SAMPLE_SECONDS - 10 < left < train.DEFAULT_TIME_BUDGET - \
+        train.SAMPLE_SECONDS
+    assert Path(run_dir) == Path("runs") / "tiny" and Path(run_dir0) == Path("other")
+    assert options0.max_bytes is None and train.DEFAULT_TIME_BUDGET - 10 < left0 <= train.DEFAULT_TIME_BUDGET
+    assert ShardDataset(tmp_path / "other" / "data").index["max_bytes"] is None
+
+
+def test_the_sample_is_seeded_by_the_run_and_prompted_from_the_validation_text(corpus, tmp_path, monkeypatch):
+    from mixcon.cli import train
+
+    sampled = []
+    monkeypatch.setattr(train, "stream", lambda model, tok, prompt, n, seed: sampled.append((prompt, n, seed)))
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "5", "--seed", "7", "--val-fraction",
+                 "0.2", "--no-progress", "--out", str(run)]) == 0
+    ds, tok = ShardDataset(run / "data"), ByteTokenizer()
+    val = tok.decode(ds.tokens("val")[:12].tolist())
+    assert sampled == [(val, 5, 7)] and val != tok.decode(ds.tokens("train")[:12].tolist())
