@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import sysconfig
 import types
@@ -191,9 +192,38 @@ def test_huggingface_datasets_from_disk_and_cache(tmp_path, monkeypatch):
     assert calls == [("disk", str(tmp_path)), ("cache", "someone/corpus", "train")]
     with pytest.raises(ValueError, match=r"no column 'body' \(columns: text, id\); name one as hf:x:COLUMN"):
         Corpus.from_spec("hf:x:body")
+    fake.load_from_disk = lambda path: {"test": rows}
+    with pytest.raises(ValueError, match=r"no 'train' split \(splits: test\)"):
+        Corpus.from_spec(f"hf:{tmp_path}")
 
 
 def test_huggingface_corpus_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"needs the `datasets` library \(pip install datasets\)"):
         Corpus.from_spec("hf:wikitext")
+
+
+def test_links_back_into_the_corpus_are_walked_once(tmp_path):
+    """Two links to the folder they lie in: each folder is walked once (the walk went down every path of links,
+    exponentially many)."""
+    sub = tmp_path / "corpus" / "sub"
+    sub.mkdir(parents=True)
+    (sub / "x.txt").write_text("the one document")
+    for name in ("l1", "l2"):
+        (sub / name).symlink_to(sub)
+    corpus = Corpus.from_spec(str(tmp_path / "corpus"))
+    assert corpus.paths == [sub / "x.txt"] and list(corpus) == ["the one document"]
+
+
+def test_a_pipe_named_like_text_is_no_document(tmp_path):
+    """Reading a FIFO would wait forever for a writer."""
+    (tmp_path / "a.txt").write_text("text")
+    os.mkfifo(tmp_path / "pipe.txt")
+    assert Corpus.from_spec(str(tmp_path)).paths == [tmp_path / "a.txt"]
+
+
+@pytest.mark.parametrize("line", ['"some text here"', "[1, 2]", "3"])
+def test_a_json_line_that_is_no_object_is_named(tmp_path, line):
+    (tmp_path / "d.jsonl").write_text(line + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:1: no field 'text' \(found: (str|list|int)\)"):
+        list(Corpus.from_spec(str(tmp_path / "d.jsonl")))
