@@ -44,6 +44,9 @@ def test_json_round_trip(tmp_path):
         (tmp_path / "c.json").write_text(text)
         with pytest.raises(ValueError, match=rf"c\.json: not a config JSON file \(a {kind}, not an object of fields\)"):
             MixConConfig.load(tmp_path / "c.json")
+    (tmp_path / "c.json").write_bytes(b'{"d_model": 32, "name": "caf\xe9"}')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"c\.json: not a config JSON file \('utf-8' codec can't decode"):
+        MixConConfig.load(tmp_path / "c.json")
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -68,6 +71,7 @@ def test_json_round_trip(tmp_path):
     (dict(conba_beta_max=3.0), "conba_beta_max"),
     (dict(conba_beta_max=2.1), "conba_beta_max"),  # just above the bound 2
     (dict(d_model=0), "d_model"),
+    (dict(d_model=None), "d_model"),  # not optional (it was a TypeError)
     (dict(moe_every=-2), "moe_every"),
     (dict(moe_every=9), "moe_every"),  # more than a block: no layer would be MoE
     (dict(conba_conv=1), "conba_conv"),
@@ -102,6 +106,26 @@ def test_json_round_trip(tmp_path):
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"MixConConfig\.{field}="):
         MixConConfig.preset("small", **overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(top_k=8, n_experts=8),  # every expert for every token: a dense MoE
+    dict(moe_every=8),  # one MoE layer per block, its last
+    dict(conba_delay=0),  # no delayed state
+    dict(moe_every=16, moe_pattern="DM" * 4),  # a pattern places the MoE layers: moe_every is unused
+    dict(attn_per_block=3, layer_pattern="AAACCCCC"),  # a pattern places them: 3 need not divide 8
+    dict(d_model=250, n_heads=4, head_dim=64, conba_head_dim=50),  # head_dim given: n_heads need not divide d_model
+    dict(norm_eps=1e-30, init_std=1e-30, rope_theta=1e-30),
+])
+def test_values_at_the_edges_of_what_is_allowed(overrides):
+    config = MixConConfig.preset("small", **overrides)
+    assert {name: getattr(config, name) for name in overrides} == overrides
+
+
+@pytest.mark.parametrize("field", ["norm_eps", "init_std", "rope_theta"])
+def test_scales_must_be_above_zero(field):
+    with pytest.raises(ValueError, match=rf"MixConConfig\.{field}=0\.0 is invalid: must be a finite number > 0"):
+        MixConConfig.preset("small", **{field: 0.0})
 
 
 def test_a_config_changed_after_construction_is_checked_again_by_the_model():

@@ -154,6 +154,15 @@ def test_a_path_option_starting_with_a_tilde_is_in_the_home_folder(tmp_path, mon
     assert existing_folder("~/shards") == home / "shards" and plot_file("~/p.png") == home / "p.png"
 
 
+def test_a_fraction_is_in_zero_to_one_without_one():
+    from mixcon.cli.common import FRACTION
+
+    assert (FRACTION("0"), FRACTION("0.999")) == (0.0, 0.999)
+    for text in ("1", "-0.1", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"expected a finite number in \[0, 1\), got '{text}'"):
+            FRACTION(text)
+
+
 @pytest.mark.parametrize("argv", [
     ["train", "--init-from=~/missing", "--out", "run"], ["train", "--resume=~/missing"],
     ["generate", "--checkpoint=~/missing"], ["train", "--config=~/missing", "--out", "run"],

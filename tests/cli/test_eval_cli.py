@@ -40,12 +40,14 @@ def test_help_lists_every_option(capsys):
 
 
 @pytest.mark.parametrize("mode", ["window", "stream"])
-def test_prints_and_writes_the_scores_of_evaluate_texts(saved, tmp_path, capsys, mode):
+def test_prints_and_writes_the_scores_of_evaluate_texts(saved, tmp_path, capsys, monkeypatch, mode):
     model_dir, corpus = saved
-    out = tmp_path / "eval.json"
+    out = tmp_path / "new" / "folder" / "eval.json"  # made for it
     args = ["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", str(corpus),
             "--mode", mode, "--context", "16", "--batch-size", "2", "--json", str(out), "--no-progress"]
-    assert main(args) == 0
+    compiled = []
+    monkeypatch.setattr(MixConForCausalLM, "compile_prefill", lambda self: compiled.append(self))
+    assert main(args) == 0 and compiled == []
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     docs = list(Corpus.from_spec(str(corpus)).documents())
@@ -57,6 +59,8 @@ def test_prints_and_writes_the_scores_of_evaluate_texts(saved, tmp_path, capsys,
     assert result["mode"] == mode and result["context"] == 16
     assert result["stride"] == (16 if mode == "window" else None)  # a stream has no stride
     assert f"3 documents, {n_bytes:,} tokens" in printed and f"{want.bits_per_byte:.4f} bits/byte" in printed
+    assert main([*args, "--compile"]) == 0 and len(compiled) == 1  # its prefill through compiled Conba layers
+    assert json.loads(out.read_text())["nll"] == result["nll"]
 
 
 def test_a_json_file_that_cannot_be_written_ends_in_one_line_after_the_scores(saved, tmp_path, capsys,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -44,7 +45,20 @@ def test_bad_arguments_exit_with_a_clear_message(argv, message):
 
 
 def test_parse_value():
-    assert [parse_value(v) for v in ("3", "0.5", "true", "None", "swiglu")] == [3, 0.5, True, None, "swiglu"]
+    assert [parse_value(v) for v in ("3", "0.5", "true", "None", "null", "FALSE", "1e-3", "swiglu")] == [
+        3, 0.5, True, None, None, False, 1e-3, "swiglu"]
+
+
+@pytest.mark.parametrize("data", [{"preset": "tiny", "d_model": 48}, {**MixConConfig.preset("tiny").to_dict(),
+                                                                      "d_model": 48}])
+def test_set_overrides_the_fields_of_a_config_file(tmp_path, data):
+    from mixcon.cli.common import config_from_args
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    args = argparse.Namespace(command="info", config=str(path), overrides=["d_model=64"])
+    assert config_from_args(args).d_model == 64
+    assert config_from_args(argparse.Namespace(command="info", config=str(path), overrides=[])).d_model == 48
 
 
 def test_every_command_has_help(capsys):

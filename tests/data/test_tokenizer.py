@@ -204,8 +204,9 @@ def test_a_lone_surrogate_is_named_with_its_position(bpe):
 
 def test_bpe_decode_skips_specials_and_rejects_unknown_ids(bpe):
     assert bpe.decode([bpe.bos_id, *bpe.encode("x = 1"), bpe.eos_id, bpe.pad_id]) == "x = 1"
-    with pytest.raises(ValueError, match=r"outside the BPE vocabulary"):
-        bpe.decode([bpe.vocab_size])
+    for bad in (bpe.vocab_size, -1):  # (-1 read the last id's bytes)
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the BPE vocabulary"):
+            bpe.decode([bad])
 
 
 def test_every_digit_is_its_own_token():
@@ -263,9 +264,10 @@ def test_fingerprints_tell_tokenizers_apart(bpe):
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"expected 'bytes', a tokenizer.json file, or a directory"):
         load_tokenizer(tmp_path / "nope")
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"bad.json: not a tokenizer JSON file"):
-        load_tokenizer(tmp_path / "bad.json")
+    for bad in (b"{not json", b'{"model": "caf\xe9"}'):  # not JSON, not UTF-8
+        (tmp_path / "bad.json").write_bytes(bad)
+        with pytest.raises(ValueError, match=r"bad.json: not a tokenizer JSON file"):
+            load_tokenizer(tmp_path / "bad.json")
     foreign = tokenizers.Tokenizer(tokenizers.models.BPE())
     foreign.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"tokenizer.json: tokenizer lacks special token\(s\) <\|bos\|>"):
@@ -278,6 +280,7 @@ def test_train_errors():
             train_bpe_tokenizer(["text"], vocab_size=small)
     with pytest.raises(ValueError, match=r"no text to train the tokenizer on"):
         train_bpe_tokenizer([], vocab_size=300)
+    assert train_bpe_tokenizer(["text"], vocab_size=259).vocab_size == 259  # the least: bytes and specials
 
 
 def test_a_tokenizer_json_with_truncation_or_padding_encodes_whole_documents(bpe, tmp_path):
@@ -322,3 +325,13 @@ def test_mismatch_compares_what_ids_mean_not_files():
         eos_id, pad_id = 258, 257
 
     assert mismatch(ByteTokenizer(), Swapped()) == "eos_id 258, not 257"
+
+    class OtherPad(ByteTokenizer):  # PAD on BOS's id
+        pad_id = 256
+
+    class LastId(ByteTokenizer):  # only the last id means other bytes
+        def decode_bytes(self, ids):
+            return b"?" if list(ids) == [self.vocab_size - 1] else super().decode_bytes(ids)
+
+    assert mismatch(ByteTokenizer(), OtherPad()) == "pad_id 256, not 258"
+    assert mismatch(ByteTokenizer(), LastId()) == "id 258 stands for b'?', not b''"
