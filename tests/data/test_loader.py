@@ -54,6 +54,9 @@ def test_seed_decides_the_batches(ds):
     for _ in range(3):
         xa, xb, xc = next(a)[0], next(b)[0], next(c)[0]
         assert torch.equal(xa, xb) and not torch.equal(xa, xc)
+    zero, one = TrainLoader(ds, seq_len=16, batch_size=4, seed=0), TrainLoader(ds, seq_len=16, batch_size=4, seed=1)
+    zeros = [next(zero)[0] for _ in range(4)]
+    assert not any(torch.equal(next(one)[0], z) for z in zeros[1:])  # seed 1 is not seed 0 one batch later
 
 
 def test_resume_equals_uninterrupted(ds):
@@ -105,6 +108,8 @@ def test_loader_errors(ds):
         eval_batches(ds, seq_len=too_long, batch_size=1)
     with pytest.raises(ValueError, match=r"seq_len=0, batch_size=1: both must be at least 1"):
         TrainLoader(ds, seq_len=0, batch_size=1)
+    with pytest.raises(ValueError, match=r"seq_len=4, batch_size=0: both must be at least 1"):
+        eval_batches(ds, seq_len=4, batch_size=0)
     with pytest.raises(ValueError, match=r"split 'test': expected one of train, val"):
         TrainLoader(ds, seq_len=4, batch_size=1, split="test")
     with pytest.raises(ValueError, match=r"seed=-1: must be a non-negative integer"):
@@ -120,3 +125,18 @@ def test_train_windows_reach_both_ends_of_a_short_stream(tmp_path):
     assert starts == {(97, 98), (98, 99)}
     x, y = next(TrainLoader(tiny, seq_len=3, batch_size=2))
     assert x.tolist() == [[97, 98, 99]] * 2 and y.tolist() == [[98, 99, 257]] * 2
+
+
+@pytest.mark.parametrize(("n_tokens", "shapes"), [(40, [(2, 10), (1, 10)]), (31, [(2, 10), (1, 10)]),
+                                                  (41, [(2, 10), (2, 10)]), (11, [(1, 10)])])
+def test_eval_windows_take_every_whole_window_and_a_smaller_last_batch(tmp_path, n_tokens, shapes):
+    """A window is T inputs and the token after them: N tokens give (N - 1) // T windows, in batches of B."""
+    (tmp_path / "a.txt").write_text("".join(chr(97 + i % 26) for i in range(n_tokens - 1)))  # + EOS
+    stream = prepare_shards(Corpus.from_spec(str(tmp_path / "a.txt")), ByteTokenizer(), tmp_path / "s",
+                            val_fraction=0, progress=False)
+    batches = list(eval_batches(stream, seq_len=10, batch_size=2, split="train"))
+    assert [tuple(x.shape) for x, _ in batches] == shapes
+    tokens = np.asarray(stream.train, dtype=np.int64)
+    n = sum(s[0] for s in shapes) * 10
+    assert np.array_equal(torch.cat([y.reshape(-1) for _, y in batches]).numpy(), tokens[1:n + 1])
+    assert list(eval_batches(stream, seq_len=10, batch_size=2, max_batches=0, split="train")) == []
