@@ -119,6 +119,8 @@ def test_reuse_if_unchanged_rebuild_if_tokenizer_or_corpus_changes(tmp_path, bpe
     assert not changed_corpus.reused and changed_corpus.index["key"] != changed_tok.index["key"]
     assert "an edited document" in documents_of(changed_corpus, "train", bpe) + documents_of(changed_corpus, "val", bpe)
     assert not build(Corpus.from_spec(str(folder)), bpe, out, seed=5).reused
+    other_split = build(Corpus.from_spec(str(folder)), bpe, out, seed=5, val_fraction=0.3)
+    assert not other_split.reused and other_split.index["val_fraction"] == 0.3
 
 
 def test_a_second_build_of_a_folder_waits_for_the_first(tmp_path, capsys, random_documents, write_documents):
@@ -183,6 +185,11 @@ def test_corrupt_or_truncated_shards_are_detected(tmp_path, random_documents, wr
     with pytest.raises(ShardError, match=r"train\..*\.bin: \d+ bytes, expected \d+ \(\d+ uint16 tokens\): truncated"):
         ShardDataset(out)
 
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**index, "format": index["format"] + 1}))
+    with pytest.raises(ShardError, match=rf"index.json: shard format {index['format'] + 1}, this mixcon reads "
+                                         rf"{index['format']}; rebuild"):
+        ShardDataset(out)
     (out / "index.json").write_text('{"format": 1, "dtype"')
     with pytest.raises(ShardError, match=r"index.json: corrupt index"):
         ShardDataset(out)
@@ -362,6 +369,8 @@ def test_a_single_text_holds_out_about_its_fraction_whatever_its_lines():
     text = "a" * 69 + "\n" + "b" * 30  # the cut at 80; the line start at 70, half the held-out 20 before it
     assert _held_out_end(text, 0.2) == (text[:70], text[70:])
     assert _held_out_end("a" * 68 + "\n" + "b" * 31, 0.2)[1] == "b" * 20  # one further: the cut point itself
+    text = "a" * 77 + "\n" + "b" * 6 + "\n" + "c" * 15  # the cut at 80: line starts at 78 and 85, the nearer
+    assert _held_out_end(text, 0.2) == (text[:78], text[78:])
 
 
 def test_validation_documents_fill_the_budget_when_sizes_allow():
