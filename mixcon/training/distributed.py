@@ -74,12 +74,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce(tensor: torch.Tensor, op: Literal["sum", "mean", "max"] = "sum") -> torch.Tensor:
-    """In-place all-reduce over all ranks (a no-op in one process); "mean" is a sum divided by the world size."""
+def all_reduce(tensor: torch.Tensor, op: Literal["sum", "max"] = "sum") -> torch.Tensor:
+    """In-place all-reduce over all ranks (a no-op in one process)."""
     if dist.is_initialized():
         dist.all_reduce(tensor, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        if op == "mean":
-            tensor /= dist.get_world_size()
     return tensor
 
 

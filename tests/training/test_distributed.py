@@ -40,9 +40,10 @@ def assert_close(a: dict[int, float], b: dict[int, float]) -> None:
 
 @pytest.fixture(scope="module")
 def single(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One process, 2 micro-batches of 2 sequences per step."""
+    """One process, 4 micro-batches of 1 sequence per step: those of the two processes, whose router statistics
+    (aux_loss, a mean over micro-batches) are then the same."""
     out = tmp_path_factory.mktemp("single") / "run"
-    assert main(train_args(text_corpus, out, "--micro-batch-size", "2")) == 0
+    assert main(train_args(text_corpus, out, "--micro-batch-size", "1")) == 0
     return out
 
 
@@ -67,6 +68,7 @@ def test_two_processes_match_one_process(single, two_processes, parallel):
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert_close(metric(run, "loss"), metric(single, "loss"))
     assert_close(metric(run, "val_loss"), metric(single, "val_loss"))
+    assert_close(metric(run, "aux_loss"), metric(single, "aux_loss"))  # averaged over the processes, not summed
     assert metric(run, "tokens")[6] == metric(single, "tokens")[6] == 6 * 4 * 32
     assert [p.name for p in list_checkpoints(run)] == ["step-00000003", "step-00000006"]
 
@@ -94,3 +96,19 @@ def test_a_second_torchrun_on_a_run_in_use_is_refused_by_every_process(text_corp
     assert "is in use by another training process" in result.stderr
     # (torchrun's own launcher still prints its ChildFailedError traceback)
     assert "[rank 1] mixcon train:" in result.stderr and "RuntimeError" not in result.stderr, result.stderr[-3000:]
+
+
+def test_all_reduce_sums_or_takes_the_largest_across_processes(tmp_path):
+    """A stop signal reaching both ranks is that signal (15), not the sum of their numbers."""
+    script = ("import sys, torch, torch.distributed as dist\n"
+              "from mixcon.training.distributed import all_reduce\n"
+              "rank = int(sys.argv[1])\n"
+              "dist.init_process_group('gloo', init_method='file://' + sys.argv[2], rank=rank, world_size=2)\n"
+              "values = [rank + 1.0, 15.0]\n"
+              "total, largest = all_reduce(torch.tensor(values), 'sum'), all_reduce(torch.tensor(values), 'max')\n"
+              "print(total.tolist(), largest.tolist())\n"
+              "dist.destroy_process_group()\n")
+    ranks = [subprocess.Popen([sys.executable, "-c", script, str(rank), str(tmp_path / "store")], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    outs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [out for out, _ in outs] == ["[3.0, 30.0] [2.0, 15.0]\n"] * 2, outs

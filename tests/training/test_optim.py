@@ -30,6 +30,7 @@ def test_optimizer_is_adamw_with_both_groups():
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert (opt.defaults["betas"], opt.defaults["eps"]) == ((0.9, 0.95), 1e-8)  # GPT-3 / Llama
 
 
 def test_schedule_warmup_then_cosine():

@@ -404,7 +404,8 @@ def test_document_mask_needs_an_eos_id(make_trainer, tmp_path):
     ("micro_batch_size", -1), ("micro_batch_size", 0), ("warmup_steps", -5), ("keep_last", -1),
     ("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.1), ("min_lr_ratio", 1.5), ("beta2", 1.0),
     ("steps", 0), ("time_budget", 0.0), ("batch_size", 2.5), ("seq_len", True), ("val_fraction", 1.0),
-    ("max_bytes", 0), ("precision", "fp16"), ("parallel", "tp"),
+    ("max_bytes", 0), ("precision", "fp16"), ("parallel", "tp"), ("eval_batches", 0), ("beta1", 1.0),
+    ("beta1", -0.1),
 ])
 def test_options_out_of_range_are_refused_naming_the_field(field, value):
     TrainOptions().check()  # the defaults pass
@@ -452,3 +453,91 @@ def test_a_process_group_of_another_size_than_env_is_refused(make_trainer, tmp_p
                     env=DistEnv(rank=0, world_size=2))
     finally:
         dist.destroy_process_group()
+
+
+def test_grad_clip_0_clips_nothing_and_every_group_steps_at_the_scheduled_rate(make_trainer, tmp_path):
+    runs = {}
+    for clip in (0.0, 1e9, 1e-3):
+        trainer = make_trainer(tmp_path / str(clip), grad_clip=clip)
+        records = []
+        for _ in range(3):  # warmup, then the cosine: the no-decay group (norms, A_log, dt_bias, D) too
+            records.append(trainer.train_step())
+            assert [group["lr"] for group in trainer.optimizer.param_groups] == [records[-1]["lr"]] * 2
+        runs[clip] = [r["loss"] for r in records], [p.detach().clone() for p in trainer.model.parameters()]
+    assert runs[0.0][0] == runs[1e9][0] != runs[1e-3][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0.0][1], runs[1e9][1], strict=True))
+
+
+def test_a_loader_of_another_batch_size_is_refused_by_the_step(make_trainer, shards, tmp_path):
+    from mixcon.data import TrainLoader
+
+    trainer = make_trainer(tmp_path / "run")  # batch_size 4
+    trainer.loader = TrainLoader(shards, 32, 2)
+    with pytest.raises(ValueError, match=r"the loader gave a batch of 2 sequences, expected batch_size=4"):
+        trainer.train_step()
+
+
+def test_validation_without_token_bytes_has_no_bits_per_byte(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path / "run")
+    with_bytes = trainer.evaluate()
+    batches = list(trainer.eval_data())
+    ignored = [(x, torch.full_like(y, IGNORE)) for x, y in batches[:1]]
+    trainer.eval_data = lambda: iter(ignored + batches)  # a batch that scores nothing adds nothing
+    assert trainer.evaluate() == with_bytes
+    trainer.token_bytes = None
+    without = trainer.evaluate()
+    assert set(without) == {"val_loss", "val_ppl"} and without["val_loss"] == with_bytes["val_loss"]
+    assert without["val_ppl"] == pytest.approx(math.exp(without["val_loss"]))
+
+
+def test_a_resume_at_another_world_size_seeds_each_process_by_the_step(make_trainer, tmp_path):
+    """The saved RNG states are one per process of the old run: a new world size starts streams of its own, from
+    (seed, step, rank), which a resume at another step does not repeat."""
+    from mixcon.training.distributed import DistEnv
+    from mixcon.training.trainer import _process_seed
+
+    make_trainer(tmp_path / "run", steps=2, save_every=2, eval_every=100).fit()
+    trainer = make_trainer(tmp_path / "run", steps=4, seed=3)
+    trainer.env = DistEnv(rank=1, world_size=2)
+    trainer.resume(tmp_path / "run")
+    resumed = torch.get_rng_state()
+    torch.manual_seed(_process_seed(3 + 7919 * 2, 1))
+    assert torch.equal(resumed, torch.get_rng_state())
+
+
+def test_the_timer_leaves_out_the_first_step_and_what_it_excludes(monkeypatch):
+    from mixcon.training import trainer as trainer_module
+
+    clock = [100.0]
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock[0])
+    timer = trainer_module._Timer(save_seconds=4.0)
+
+    def after(seconds: float) -> None:
+        clock[0] += seconds
+
+    after(9.0)  # the first step: compiling, allocating
+    timer.tick(100)
+    assert timer.tokens_per_s is None and timer.seconds_per_step == 0.0
+    after(2.0)
+    timer.tick(100)
+    assert timer.exclude(lambda: after(5.0)) == 5.0  # validation
+    after(3.0)
+    timer.tick(100)
+    assert (timer.steps_timed, timer.seconds_per_step, timer.tokens_per_s) == (2, 2.5, 40.0)
+
+
+def test_the_schedule_fills_the_time_left_after_validation_and_the_last_checkpoint(make_trainer, tmp_path, monkeypatch):
+    from mixcon.training import trainer as trainer_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock[0])
+    trainer = make_trainer(tmp_path / "run", steps=None, eval_every=10)
+    timer = trainer_module._Timer(save_seconds=2.0)
+    timer.recent.extend([0.5, 1.5])  # 1 s per step
+    timer.eval_seconds = 4.0  # per validation: 0.4 s per step
+    trainer.step = 7
+    # 100 s left, less 4 + 2 + 1 kept for the final validation and checkpoint: 0.97 x 93 s / 1.4 s per step
+    assert trainer._budget_steps(1100.0, timer) == 7 + int(0.97 * 93 / 1.4)
+    trainer.total_steps = 50  # fitted already: fitted again after each validation
+    assert (trainer._refit_schedule(1100.0, timer, True), trainer._refit_schedule(1100.0, timer, False)) == (True,
+                                                                                                              False)
