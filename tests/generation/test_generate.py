@@ -156,6 +156,9 @@ def test_finished_rows_are_padded_with_the_configs_pad_id(tiny_model):
     assert out[0, 4:].tolist() == [*row0[:stop], *[7] * (6 - stop)]  # as transformers' generate pads
     assert model.generate(prompts, 6, eos_token_id=eos, pad_token_id=3)[0, 4 + stop:].tolist() == [3] * (6 - stop)
     assert torch.equal(model.generate(prompts, 6, eos_token_id=[299, eos]), out)  # any of several EOS ids
+    no_pad = tiny_model(dtype=torch.float32)  # no pad id anywhere: the (first) EOS id pads, as transformers does
+    assert no_pad.config.pad_token_id is None and torch.equal(no_pad.generate(prompts, 6), free)
+    assert no_pad.generate(prompts, 6, eos_token_id=[eos, 299])[0, 4:].tolist() == [*row0[:stop], *[eos] * (6 - stop)]
 
 
 def test_transformers_streamers_get_the_prompt_the_tokens_and_the_end(tiny_model):
