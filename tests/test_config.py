@@ -158,6 +158,9 @@ def test_config_sources_of_the_wrong_type_are_named():
     for segment in (1.5, "a", 0):
         with pytest.raises(ValueError, match=rf"compile_prefill: segment={segment!r} and chunk=8 must be integers"):
             model.compile_prefill(segment=segment)
+    for chunk in (0, 2.0):
+        with pytest.raises(ValueError, match=rf"compile_prefill: segment=512 and chunk={chunk!r} must be integers"):
+            model.compile_prefill(chunk=chunk)
 
 
 def test_numpy_and_zero_dim_tensor_numbers_are_taken_as_python_numbers():

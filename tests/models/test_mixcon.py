@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import pickle
 import re
@@ -454,6 +455,11 @@ def test_load_keeps_the_saved_dtype_unless_told(tmp_path, tiny_model):
             MixConForCausalLM.from_pretrained(tmp_path, dtype=bad)
     for (name, a), b in zip(widened.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b.float()), name
+    with torch.no_grad():  # weights of several dtypes (one layer kept in bf16): fp32, as when there is no saved one
+        mixed = tiny_model(dtype=torch.float32)
+        mixed.norm.weight.data = mixed.norm.weight.data.bfloat16()
+    mixed.save_pretrained(tmp_path / "mixed")
+    assert {p.dtype for p in MixConForCausalLM.from_pretrained(tmp_path / "mixed").parameters()} == {torch.float32}
 
 
 def test_saved_files_get_the_permissions_of_the_umask(tmp_path, tiny_model):
@@ -638,6 +644,13 @@ def test_a_cache_continues_left_padding_only(tiny_model):
         with pytest.raises(ValueError, match=r"row 1 has padding after a real token \(in this call or in the cache"):
             model(ids[:, : mask.shape[1]], attention_mask=mask, cache=cache)
     assert cache.seqlen == 6  # the refused calls left the cache as it was
+    one = model.new_cache(2)
+    with torch.no_grad():
+        model(ids[:, :1], cache=one)  # one real token per row
+    with pytest.raises(ValueError, match=r"row 0 has padding after a real token"):
+        model(ids[:, 1:4], attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), cache=one)
+    with pytest.raises(ValueError, match=r"row 0 has padding after a real token"):
+        model(ids[:, 1:4], attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), cache=one)
 
 
 def test_labels_are_checked_before_the_cache_moves(tiny_model):
@@ -904,3 +917,38 @@ def test_uncompile_undoes_compile_decode_and_compile_prefill(tiny_model, tmp_pat
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"device='meta' holds no weights"):
         MixConForCausalLM.from_pretrained(tmp_path, device="meta")
+
+
+def test_initialisation_scales():
+    """Normal(0, init_std) weights; the projections that write into the residual stream (out_proj, the FFNs' and
+    experts' down) by 1/sqrt(2 n_layers), as GPT-2 scales them; the selection MLP's own down not; rho_bias 5."""
+    torch.manual_seed(0)
+    config = MixConConfig.preset("tiny")
+    model = MixConForCausalLM(config)
+    std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.n_layers)
+
+    def pooled(suffix: str, inside: str = "") -> float:
+        return float(torch.cat([p.detach().flatten() for n, p in model.named_parameters()
+                                if n.endswith(suffix) and inside in n]).std())
+
+    assert pooled("out_proj.weight") == pytest.approx(out_std, rel=0.05)
+    assert pooled("ffn.down.weight") == pytest.approx(out_std, rel=0.05)
+    assert pooled("w_down") == pytest.approx(out_std, rel=0.05)
+    assert pooled("down.weight", ".sel.") == pytest.approx(std, rel=0.1)
+    assert pooled("in_proj.weight") == pytest.approx(std, rel=0.05)
+    assert all(bool((p == 5.0).all()) for n, p in model.named_parameters() if n.endswith("rho_bias"))
+
+
+def test_pad_positions_stay_finite_whatever_their_embeddings(tiny_model):
+    """A pad is zeroed as it enters the layers (its embedding may be anything, NaN included), so every position's
+    output is finite; real positions are those of the rows alone."""
+    model = tiny_model(dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    embeds = model.embed(ids).detach().clone()
+    embeds[0, :2] = float("nan")
+    with torch.no_grad():
+        out = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        alone = model(ids[:1, 2:]).logits
+    assert torch.isfinite(out.logits).all() and (out.hidden_states[0][0, :2] == 0).all()
+    torch.testing.assert_close(out.logits[0, 2:], alone[0])
