@@ -90,7 +90,8 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: i
             p.mul_(keep[:, None])  # (r, V) ∂sum/∂logits
             p = p.to(hc.dtype)
             grad_h[start: start + rows] = p @ weight.to(hc.dtype)
-            grad_w += (p.t() @ hc).to(dtype)
+            # A chunk's sum over its rows may pass fp16's range (65,504) where h is large: that product in fp32.
+            grad_w += p.t().to(dtype) @ hc.to(dtype) if hc.dtype == torch.float16 else (p.t() @ hc).to(dtype)
     return total, scored.sum().to(dtype), grad_h, grad_w  # a count of 0 makes the mean nan, as F.cross_entropy's
 
 

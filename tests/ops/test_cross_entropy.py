@@ -161,3 +161,27 @@ def test_hidden_states_of_another_dtype_than_the_weights_are_refused_by_name(fn)
         fn(h, weight, labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fn(h, weight.float(), labels)
+
+
+def test_fp16_gradients_stay_finite_where_only_their_fp32_products_fit():
+    """One scored row and a loss scale of 2^17: the scale over the count is above fp16's range (65,504), its
+    product with the row's gradients is not. 70,000 alike rows: the weights' summed gradient, before the mean's
+    1/count, is above it too."""
+    torch.manual_seed(0)
+    h, w = torch.randn(4, 16) * 0.05, torch.randn(32, 16) * 0.05  # gradients x 2^17 within fp16's range
+    labels = torch.tensor([1, IGNORE, IGNORE, IGNORE])
+    h16, w16 = (t.half().requires_grad_() for t in (h, w))
+    (linear_cross_entropy(h16, w16, labels) * 2.0**17).backward()
+    h32, w32 = (t.half().float().requires_grad_() for t in (h, w))
+    (F.cross_entropy(h32 @ w32.T, labels, ignore_index=IGNORE) * 2.0**17).backward()
+    for got, ref in ((h16.grad, h32.grad), (w16.grad, w32.grad)):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got.float(), ref, rtol=2e-3, atol=1e-2)
+    h16 = (h[:1] * 40).half().expand(70_000, 16).contiguous()  # entries ~2: a sum over the rows ~10^5
+    w16 = w.half().requires_grad_()
+    labels = torch.full((70_000,), 3)
+    linear_cross_entropy(h16, w16, labels).backward()
+    w32 = w.half().float().requires_grad_()
+    F.cross_entropy(h16[:1].float() @ w32.T, labels[:1]).backward()  # the mean of alike rows: one row's
+    assert w16.grad.isfinite().all()
+    torch.testing.assert_close(w16.grad.float(), w32.grad, rtol=2e-3, atol=1e-4)
