@@ -243,6 +243,10 @@ def test_a_continuation_longer_than_max_length_is_refused(tiny_model):
     lm = MixConLM(tiny_model(vocab_size=TOK.vocab_size), tokenizer=TOK, max_length=4)
     with pytest.raises(ValueError, match="a continuation of 5 tokens is longer than max_length=4"):
         lm.loglikelihood([request("loglikelihood", "abc", "defgh")], disable_tqdm=True)
+    exact = lm.loglikelihood([request("loglikelihood", "abc", "defg")], disable_tqdm=True)  # 4 fit, just
+    with torch.no_grad():  # its 4 predictions from the last max_length inputs: "c" onwards
+        logp = lm.model(torch.tensor([TOK.encode("cdef")])).logits.log_softmax(-1)[0]
+    assert exact[0][0] == pytest.approx(float(logp.gather(1, torch.tensor([TOK.encode("defg")]).T).sum()), rel=1e-5)
 
 
 def test_loads_a_saved_model_from_arguments_and_rejects_bad_ones(tiny_model, tmp_path):
@@ -337,3 +341,9 @@ def test_stop_strings_are_found_where_they_end_in_the_text_as_decoded():
     assert first[0] == next(n for n in range(1, 15) if "lo w" in TOK.decode(rows[0][:n]))
     bad = StopStrings(TOK.decode, ["\ufffdA"], 0)
     assert bad(torch.tensor([rows[1]]), None).tolist() == [True]
+    # a stop of more bytes than characters is found in the last tokens (one per byte); a done row stays done when
+    # later tokens push its stop out of those
+    wide = StopStrings(TOK.decode, ["ab", "。"], 0)
+    assert wide(torch.tensor([TOK.encode("x。")]), None).tolist() == [True]
+    late = StopStrings(TOK.decode, ["ab"], 0)
+    assert [late(torch.tensor([TOK.encode("xab" + "c" * n)]), None).tolist() for n in range(3)] == [[True]] * 3
