@@ -54,6 +54,11 @@ def test_forward_logits_and_loss_are_the_models(pair):
     lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(ref.lm_loss, lm)
     assert hf(ids, return_dict=False)[0].shape == (3, 11, 300)
+    with torch.no_grad():  # an evaluating forward with labels (the Trainer's evaluation) makes no cache
+        assert hf(ids, attention_mask=mask, labels=ids).past_key_values is None
+        assert hf(ids, attention_mask=mask).past_key_values is not None
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers fills them for left padding
+    assert torch.equal(hf(ids, attention_mask=mask, position_ids=positions).logits, out.logits)  # not documents
 
 
 def test_outputs_are_ordered_as_mixtrals(pair):
@@ -218,6 +223,8 @@ def test_greedy_generate_is_mixcon_generate(pair):
 @pytest.mark.parametrize("lengths, capacity", [(dict(max_new_tokens=12), 23), (dict(max_length=20), 20),
                                                (dict(), 31),  # neither: transformers' default, 20 new tokens
                                                (dict(config=GenerationConfig(max_new_tokens=6)), 17),  # by position
+                                               (dict(config=GenerationConfig(max_new_tokens=6), max_new_tokens=12),
+                                                23),  # a keyword before the config passed
                                                (dict(config=GenerationConfig(), default=7), 18)])  # the model's
 def test_generate_makes_a_cache_with_room_for_what_it_asks(pair, monkeypatch, lengths, capacity):
     """The cache a generate call makes holds the prompt and the new tokens asked for: it never grows (which
