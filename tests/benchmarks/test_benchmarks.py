@@ -24,10 +24,12 @@ from mixcon.ops import conba_scan
 
 
 def test_speed_benchmark_rows_and_files(tmp_path):
-    rows = speed.run([64], [1], repeats=1, reference_max_T=64, out_dir=tmp_path, train_shape=(1, 16))
+    rows = speed.run([64], [2], repeats=1, reference_max_T=64, out_dir=tmp_path, train_shape=(2, 16))
     layers = {r["layer"] for r in rows}
     assert {"conba-ssd", "conba-full", "reference-loop", "transformers-mamba2", "small train step"} <= layers
     assert all(r["tokens_per_s"] > 0 and r["gflops"] > 0 for r in rows)
+    for r in rows:  # the batch's tokens
+        assert r["tokens_per_s"] == pytest.approx(r["B"] * r["T"] / (r["ms"] / 1e3)), r
     assert all(r["saved_MiB"] > 0 for r in rows if r["mode"] == "fwd+bwd")
     if sys.platform.startswith("linux"):
         assert all(r["peak_MiB"] >= 0 for r in rows)
@@ -216,6 +218,14 @@ def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
     assert llama["cache_MiB"] == kv / 2**20
     assert next(r for r in rows if r["model"] == "transformers-jamba")["cache_MiB"] > 0
     assert (tmp_path / "decode.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_generation_is_timed_over_as_many_gaps_as_new_tokens(tiny_model, new_tokens):
+    """One token more than asked is generated: the first ends the prefill, each later one a decoding step."""
+    model = tiny_model(dtype=torch.float32)
+    prefill, gaps, cache_bytes = decode.time_generation(model, torch.randint(0, 300, (1, 5)), new_tokens)
+    assert prefill > 0 and len(gaps) == new_tokens and all(g > 0 for g in gaps) and cache_bytes is None
 
 
 def test_an_interrupted_decode_benchmark_keeps_the_contexts_it_finished(tmp_path, monkeypatch):
