@@ -220,6 +220,27 @@ def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
     assert (tmp_path / "decode.png").stat().st_size > 0
 
 
+def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch):
+    """With the timings and bandwidths fixed: tokens/s, ms per token, and the bound, the active weights plus the
+    cache that a generation allocates read once per token at the copy's read rate (half the copy's traffic)."""
+    from mixcon.generation.generate import generation_capacity
+
+    base = MixConConfig.preset("small", d_model=64, vocab_size=512, n_blocks=1, n_experts=4, mlp_hidden=128,
+                               conba_head_dim=16, conba_state=16)
+    monkeypatch.setattr(decode, "copy_bandwidth_gbs", lambda device: 20.0)
+    monkeypatch.setattr(decode, "stream_read_gbs", lambda device: 5.0)
+    monkeypatch.setattr(decode, "hf_models", lambda base: {})
+    monkeypatch.setattr(decode, "time_generation", lambda model, ids, n: (0.5, [0.004] * n, None))
+    rows = decode.run([16], hf_max_context=16, new_tokens=2, repeats=1, out_dir=None, base=base)
+    ours = next(r for r in rows if r["model"] == "mixcon")
+    model = MixConForCausalLM(base)
+    cache = model.new_cache(1, max_length=generation_capacity(16, 3)).nbytes()
+    read = model.num_parameters(active=True) * 4 + cache
+    assert (ours["prefill_tok_s"], ours["decode_ms"], ours["decode_tok_s"]) == pytest.approx((32.0, 4.0, 250.0))
+    assert ours["cache_MiB"] == cache / 2**20
+    assert (ours["bound_ms"], ours["stream_bound_ms"]) == pytest.approx((read / 10e9 * 1e3, read / 5e9 * 1e3))
+
+
 @pytest.mark.parametrize("new_tokens", [1, 3])
 def test_generation_is_timed_over_as_many_gaps_as_new_tokens(tiny_model, new_tokens):
     """One token more than asked is generated: the first ends the prefill, each later one a decoding step."""
