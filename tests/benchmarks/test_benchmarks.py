@@ -198,6 +198,14 @@ def test_mamba2_flops_equal_torchs_flop_counter():
                                                                                     rel=5e-3)
 
 
+def test_the_matmul_peak_and_the_copy_bandwidth_from_their_timings(monkeypatch):
+    """The peak from the fastest of the repeats (2 n^3 FLOP each); a copy moves its bytes twice (read, write)."""
+    monkeypatch.setattr(common, "wall_times", lambda fn, repeats, warmup: [0.5, 0.25, 0.4])
+    assert common.matmul_peak_gflops(n=64) == pytest.approx(2 * 64**3 / 0.25 / 1e9)
+    monkeypatch.setattr(common, "median_seconds", lambda fn, repeats, warmup: 0.5)
+    assert common.copy_bandwidth_gbs(mbytes=1) == pytest.approx(2 * 2**20 / 0.5 / 1e9)
+
+
 def test_tensor_bytes_counts_each_storage_once():
     x = torch.zeros(10)
     assert decode.tensor_bytes([x, x[1:], {"a": (x.view(2, 5),)}, torch.ones(3, dtype=torch.float64)]) == 40 + 24
