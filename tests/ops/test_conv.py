@@ -69,7 +69,7 @@ def test_gradients_pass_gradcheck_and_reach_only_inputs_that_ask():
 def test_torch_func_transforms_match_conv1d_fp64():
     full, taps, bias = (t.detach() for t in inputs(B=1, T=6, C=3))
     dirs = tuple(torch.randn_like(t) for t in (full, taps, bias))
-    with torch.enable_grad():  # the autograd.Function's path, with its own jvp and generated vmap rule
+    with torch.enable_grad():  # inputs that ask for gradients, as in training
         full.requires_grad_(), taps.requires_grad_(), bias.requires_grad_()
         got = torch.func.jvp(causal_conv, (full, taps, bias), dirs)[1]
         got_jac = torch.func.jacrev(causal_conv, argnums=(0, 1, 2))(full, taps, bias)
@@ -78,6 +78,22 @@ def test_torch_func_transforms_match_conv1d_fp64():
     for a, b in zip(got_jac, torch.func.jacrev(conv1d_reference, argnums=(0, 1, 2))(full, taps, bias), strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(got_vmap, torch.stack([conv1d_reference(full, t, bias) for t in (taps, 2 * taps)]))
+
+
+def test_forward_ad_through_the_autograd_function_sums_every_tangent():
+    """Dual tensors whose primals also ask for gradients go through the Function's own jvp: the tangents of the
+    input, the taps and the bias each add their term, with document boundaries as in the forward."""
+    import torch.autograd.forward_ad as fwAD
+
+    full, taps, bias = (t.detach() for t in inputs(B=1, T=6, C=3))
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    dirs = [torch.randn_like(t) for t in (full, taps, bias)]
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(t.clone().requires_grad_(), d) for t, d in zip((full, taps, bias), dirs, strict=True)]
+        assert all(d.requires_grad for d in duals)
+        got = fwAD.unpack_dual(causal_conv(*duals, seq_idx)).tangent
+    want = torch.func.jvp(lambda f, t, b: causal_conv(f, t, b, seq_idx), (full, taps, bias), tuple(dirs))[1]
+    torch.testing.assert_close(got, want)
 
 
 def test_dynamo_traces_the_conv_with_gradients_in_one_graph():
