@@ -260,3 +260,24 @@ def test_forwards_without_autograd_run_in_segments_with_the_same_result(tiny_mod
         lengths.clear()
         torch.testing.assert_close(model(ids, seq_idx=seq_idx).logits, whole[2], rtol=1e-10, atol=1e-10)
         assert set(lengths) == {37}  # packed documents: one pass (segments would not pass seq_idx on)
+
+
+def test_packed_documents_never_go_to_the_triton_kernel(tiny_model, monkeypatch):
+    """The kernel takes no seq_idx: a forward of packed documents scans with the PyTorch form, one without with
+    the kernel."""
+    import mixcon.ops.triton_chunk as triton_chunk
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the layer takes the kernel on a CPU
+    calls = []
+    kernel = triton_chunk.conba_scan_triton
+    monkeypatch.setattr(triton_chunk, "conba_scan_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    torch_model = tiny_model(dtype=torch.float32, conba_chunk=16)
+    triton_model = tiny_model(dtype=torch.float32, conba_chunk=16, conba_kernel="triton")
+    ids = torch.randint(0, 300, (1, 12))
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        packed = triton_model(ids, seq_idx=seq_idx).logits
+        assert calls == []
+        torch.testing.assert_close(packed, torch_model(ids, seq_idx=seq_idx).logits)
+        triton_model(ids)
+    assert calls
