@@ -952,3 +952,23 @@ def test_pad_positions_stay_finite_whatever_their_embeddings(tiny_model):
         alone = model(ids[:1, 2:]).logits
     assert torch.isfinite(out.logits).all() and (out.hidden_states[0][0, :2] == 0).all()
     torch.testing.assert_close(out.logits[0, 2:], alone[0])
+
+
+def test_a_training_model_decodes_with_its_process_noise(tiny_model):
+    """In training mode (here without autograd) a one-token step with a cache takes the path that adds Conba's
+    process noise, as every training forward does; in eval mode the step is deterministic."""
+    model = tiny_model(dtype=torch.float32, conba_process_noise=0.5)
+    ids = torch.randint(0, 300, (1, 4))
+
+    def step(seed: int) -> torch.Tensor:
+        cache = model.new_cache(1)
+        torch.manual_seed(0)
+        model(ids[:, :3], cache=cache)
+        torch.manual_seed(seed)
+        return model(ids[:, 3:], cache=cache).logits
+
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(step(1), step(2))
+        model.eval()
+        assert torch.equal(step(1), step(2))
