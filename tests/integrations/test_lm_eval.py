@@ -148,12 +148,17 @@ def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(lm):
         lm.generate_until([request("generate_until", "x", {"max_gen_toks": 1, "num_beams": 1})], disable_tqdm=True)
 
 
-def test_generate_until_reads_every_name_lm_eval_gives_the_token_budget(lm):
+def test_generate_until_reads_every_name_lm_eval_gives_the_token_budget(lm, monkeypatch):
     """max_gen_toks, else max_new_tokens (transformers' name, in task files), max_tokens, max_completion_tokens."""
     requests = [request("generate_until", "Once", {name: 3, "until": ["never"]})
                 for name in ("max_new_tokens", "max_tokens", "max_completion_tokens")]
     requests.append(request("generate_until", "Once", {"max_tokens": 9, "max_gen_toks": 3, "until": ["never"]}))
     assert lm.generate_until(requests, disable_tqdm=True) == [greedy_text(lm.model, "Once", 3)] * 4
+    asked = []
+    generate = lm.model.generate
+    monkeypatch.setattr(lm.model, "generate", lambda ids, n, **kw: asked.append(n) or generate(ids, 2, **kw))
+    lm.generate_until([request("generate_until", "Once", {"until": ["never"]})], disable_tqdm=True)
+    assert asked == [256]  # none named: lm-eval's default
 
 
 def test_max_length_keeps_room_for_the_new_tokens(tiny_model, monkeypatch):
