@@ -284,6 +284,18 @@ def test_decode_benchmark_command_takes_a_config(tmp_path):
     assert rows[0]["cache_MiB"] == tiny.new_cache(1, max_length=8 + 3).nbytes() / 2**20  # as generate allocates
 
 
+def test_decode_benchmark_command_hands_its_flags_to_the_run(tmp_path, monkeypatch, capsys):
+    given = {}
+    monkeypatch.setattr(decode, "run", lambda *args, **kwargs: given.update(kwargs, args=args))
+    assert main(["bench", "decode", "--contexts", "8,16", "--hf-max-context", "8", "--new-tokens", "3", "--repeats",
+                 "2", "--compile", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
+    assert given["args"] == ([8, 16], 8, 3, 2, tmp_path) and (given["compiled"], given["dtype"]) == (True,
+                                                                                                  torch.bfloat16)
+    with pytest.raises(SystemExit) as exit_info:  # no benchmark named: a usage error, not the top-level help
+        main(["bench"])
+    assert exit_info.value.code == 2 and "the following arguments are required: BENCH" in capsys.readouterr().err
+
+
 def test_decode_benchmark_times_mixcon_through_transformers_generate(tmp_path):
     pytest.importorskip("transformers", minversion="5", reason="the transformers wrapper needs transformers >= 5")
     argv = ["bench", "decode", "--config", "tiny", "--contexts", "8", "--hf-max-context", "0", "--new-tokens", "2",
