@@ -377,6 +377,15 @@ def test_peak_memory_is_what_a_call_holds_at_most_above_before():
     assert held.sum() > 0
 
 
+def test_a_layers_saved_bytes_leave_out_its_input_and_weights():
+    """What a backward keeps beyond the tensors that exist anyway: a linear layer keeps only those (its input and
+    weight); a SiLU after it keeps its own input too."""
+    u = torch.randn(4, 16, 8)
+    linear = torch.nn.Linear(8, 8, bias=False)
+    assert speed.memory(linear, u, backward=True)[0] == 0
+    assert speed.memory(torch.nn.Sequential(linear, torch.nn.SiLU()), u, backward=True)[0] == 4 * 16 * 8 * 4
+
+
 def test_saved_bytes_counter_frees_what_it_counted():
     """Counting saved activations must not keep the counted graph alive (a leak of GBs at T = 8192)."""
     x = torch.randn(100, requires_grad=True)
