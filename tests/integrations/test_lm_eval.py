@@ -18,6 +18,7 @@ from lm_eval.api.instance import Instance
 from mixcon import MixConCache
 from mixcon.data import ByteTokenizer
 from mixcon.evaluation import evaluate_texts
+from mixcon.generation.cache import AttentionCache
 from mixcon.integrations.lm_eval import MixConLM
 
 TOK = ByteTokenizer()
@@ -68,13 +69,15 @@ def test_continuations_of_one_context_share_its_prefill_and_score_as_alone(lm, m
                         or f(prefix, conts))
     monkeypatch.setattr(MixConCache, "branch", lambda cache, index, f=MixConCache.branch: branches.append(len(index))
                         or f(cache, index))
+    grown = []  # the prefilled cache has room for the longest continuation: no branch grows (copies) it
+    monkeypatch.setattr(AttentionCache, "grow", lambda layer, n, f=AttentionCache.grow: grown.append(n) or f(layer, n))
     lm.batch_size = 2  # the four continuations of `context`: one prefill, two branches of it
     got = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs], disable_tqdm=True)
     want = [logprob(lm.model, c, x) for c, x in pairs]
     assert [g for _, g in got] == [g for _, g in want] and got[3][1]
     assert [v for v, _ in got] == pytest.approx([v for v, _ in want], rel=1e-10)
     eos_context = [TOK.eos_id, *TOK.encode(context)]
-    assert prefills == [eos_context, [TOK.eos_id]] and branches == [2, 2, 2]
+    assert prefills == [eos_context, [TOK.eos_id]] and branches == [2, 2, 2] and grown == []
 
 
 def test_rolling_loglikelihood_is_the_whole_document_and_matches_an_empty_context(lm):
