@@ -256,10 +256,15 @@ class MixConConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The names `from_dict`, `replace` and --set take."""
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MixConConfig:
         if not isinstance(data, dict):
             raise ValueError(f"MixConConfig: expected a mapping of field names to values, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = cls.field_names()
         unknown = sorted(set(data) - known, key=repr)
         if unknown:
             raise ValueError(f"MixConConfig: unknown fields {unknown}; known fields: {sorted(known)}")

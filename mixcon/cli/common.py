@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import reprlib
@@ -159,7 +158,7 @@ def parse_value(text: str) -> Any:
 
 def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
     """KEY=VALUE items (given to `flag`) -> {field: parsed value}; unknown fields and bad items exit."""
-    fields = {f.name for f in dataclasses.fields(MixConConfig)}
+    fields = MixConConfig.field_names()
     out = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -11,7 +11,6 @@ one directory.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +62,7 @@ DERIVED = {"num_hidden_layers": "n_layers"}  # read only
 SYNCED = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")  # also kept as attributes
 # MixConConfig's own names, but vocab_size (a property) and top_k (transformers takes a config attribute of that
 # name for a generation parameter; num_experts_per_tok reads and sets it)
-NATIVE = {f.name: f.name for f in dataclasses.fields(MixConConfig) if f.name not in ("vocab_size", "top_k")}
+NATIVE = {name: name for name in MixConConfig.field_names() - {"vocab_size", "top_k"}}
 FIELDS = {**NATIVE, **HF_NAMES}  # every name whose setting writes a MixConConfig field
 
 REMOTE_CODE_MODULE = "modeling_mixcon"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -93,7 +92,7 @@ def wrapped_config(base: MixConConfig | dict[str, Any], top: dict[str, Any]) -> 
     """The transformers wrapper's MixConConfig: `base` (its config.json's "mixcon" entry) with the fields that `top`
     names set over it, by transformers' names or MixConConfig's (`MixConHFConfig`'s keywords; the top level of its
     config.json); `num_hidden_layers` there must agree, unless a layout is given beside it."""
-    names = {**{f.name: f.name for f in dataclasses.fields(MixConConfig)}, **HF_NAMES}
+    names = {**{name: name for name in MixConConfig.field_names()}, **HF_NAMES}
     config = base if isinstance(base, MixConConfig) else MixConConfig.from_dict(base)
     if fields := {names[key]: value for key, value in top.items() if key in names}:
         config = config.replace(**fields)
@@ -114,7 +113,7 @@ def read_config(directory: Path) -> tuple[MixConConfig, bool]:
             raise ValueError(f"a JSON object of config fields is expected, not {type(raw).__name__}")
         wrapped = raw.get("model_type") == HF_MODEL_TYPE and isinstance(raw.get(HF_MODEL_TYPE), dict)
         fields = raw[HF_MODEL_TYPE] if wrapped else raw
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(MixConConfig)}, key=repr)
+        unknown = sorted(set(fields) - MixConConfig.field_names(), key=repr)
         if unknown and "d_model" in fields:  # a MixCon config (every one has it), of fields another version added
             raise ValueError(f"fields this version of mixcon does not know: {unknown}; a model that a newer "
                              "version wrote may need them (upgrade mixcon to load it)")
