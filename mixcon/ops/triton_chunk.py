@@ -12,9 +12,10 @@ The delayed readout S_{t-tau} q_t is the same readout with the decays of step t 
 chunk's start state and writes, or, for its first tau - 1 rows, from the previous chunk's, read out
 while that chunk is at hand (with these rows' queries loaded one chunk early) and carried over as one
 (C, P) tile. The first tau rows of the sequence read `initial_past_states`; that term is added here,
-outside the kernel. The decays are exp of differences of fp32 running sums b (as in mamba_ssm's and
-flash-linear-attention's kernels): weak decays after strong ones in a chunk keep ~1e-4 precision here, where
-`ops/chunk.py` carries b's rounding error along and keeps fp32's.
+outside the kernel. The decays are exp of differences of running sums b of the log decays, each carried as
+fp32 b plus what fp32 rounds off it, lo (a running sum in fp64, split), as in `ops/chunk.py`: weak decays after
+strong ones keep fp32's precision (plain fp32 differences, as in mamba_ssm's and flash-linear-attention's
+kernels, lost up to ~1e-3 there).
 Needs `triton`; runs on CUDA tensors, and on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -62,18 +63,24 @@ def launch_options(dtype: torch.dtype, P: int, N: int, block: int, value_block: 
 
 
 @triton.jit
-def _readout(Q, K, U, S, b_row, b_col, limit, cols, prec: tl.constexpr):
+def _gaps(b_row, lo_row, b_col, lo_col):
+    """b_row_t - b_col_s for every (t, s), each b carried with what fp32 rounds off it (lo): (C, C)."""
+    return (b_row[:, None] - b_col[None, :]) + (lo_row[:, None] - lo_col[None, :])
+
+
+@triton.jit
+def _readout(Q, K, U, S, b_row, lo_row, b_col, lo_col, limit, cols, prec: tl.constexpr):
     """sum_{s <= limit_t} exp(b_row_t - b_col_s) (q_t.k_s) u_s + exp(b_row_t) S q_t, for every row t."""
-    L = tl.exp(tl.where(cols[None, :] <= limit[:, None], b_row[:, None] - b_col[None, :], float("-inf")))
+    L = tl.exp(tl.where(cols[None, :] <= limit[:, None], _gaps(b_row, lo_row, b_col, lo_col), float("-inf")))
     A = tl.dot(Q, tl.trans(K), input_precision=prec) * L
     inter = tl.dot(Q, tl.trans(S), input_precision=prec)
     return tl.dot(A, U, input_precision=prec) + tl.exp(b_row)[:, None] * inter
 
 
 @triton.jit
-def _shifted_cumsum(ld, limit, cols):
-    """sum_{s <= limit_t} ld_s for every row t (0 where limit_t < 0)."""
-    return tl.sum(tl.where(cols[None, :] <= limit[:, None], ld[None, :], 0.0), axis=1)
+def _at(v, index, cols, last: tl.constexpr):
+    """v[min(index_t, last)] for every row t, 0 where index_t < 0 (v at the chunk start): a pick, no sum."""
+    return tl.sum(tl.where(cols[None, :] == tl.minimum(index, last)[:, None], v[None, :], 0.0), axis=1)
 
 
 @triton.jit
@@ -108,12 +115,14 @@ def _conba_scan_kernel(
         ld = tl.load(ld_ptr + pid_b * slb + t * slt + h, mask=live, other=0.0).to(tl.float32)
         beta = tl.load(beta_ptr + pid_b * slb + t * slt + h, mask=live, other=0.0).to(tl.float32)
 
-        b = tl.cumsum(ld, axis=0)  # (C,) log decay from the chunk start through each row
+        b64 = tl.cumsum(ld.to(tl.float64), axis=0)  # (C,) log decay from the chunk start through each row,
+        b = b64.to(tl.float32)
+        lo = (b64 - b.to(tl.float64)).to(tl.float32)  # with what fp32 rounds off it
         if DELTA:
             KS = tl.dot(K, tl.trans(S), input_precision=PREC)  # (C, BP): S0 k_t
             U = beta[:, None] * (X - tl.exp(b)[:, None] * KS)
             strict = rows[None, :] < rows[:, None]
-            decay = tl.exp(tl.where(strict, b[:, None] - b[None, :], float("-inf")))
+            decay = tl.exp(tl.where(strict, _gaps(b, lo, b, lo), float("-inf")))
             M = beta[:, None] * tl.dot(K, tl.trans(K), input_precision=PREC) * decay
             for i in range(C):  # forward substitution: row i once the rows above it are final
                 m_i = tl.sum(tl.where(rows[:, None] == i, M, 0.0), axis=0)  # (C,) row i of M
@@ -121,12 +130,12 @@ def _conba_scan_kernel(
                 U = tl.where(rows[:, None] == i, U - u_i[None, :], U)
         else:
             U = beta[:, None] * X
-        Y = _readout(Q, K, U, S, b, b, rows, rows, PREC)
+        Y = _readout(Q, K, U, S, b, lo, b, lo, rows, rows, PREC)
         if TAU > 0:
             # Rows t >= tau - 1 read S_{t - tau} of this chunk (its start state when t = tau - 1) ...
             lim = rows - TAU
-            b_sh = _shifted_cumsum(ld, lim, rows)
-            delayed = _readout(Q, K, U, S, b_sh, b, lim, rows, PREC)
+            delayed = _readout(Q, K, U, S, _at(b, lim, rows, C - 1), _at(lo, lim, rows, C - 1), b, lo, lim, rows,
+                               PREC)
             if TAU > 1:  # ... rows t < tau - 1 a state of the previous chunk, read out there
                 delayed = tl.where(rows[:, None] < TAU - 1, carry, delayed)
                 # The same for the next chunk's first tau - 1 rows, from this chunk's states.
@@ -135,7 +144,8 @@ def _conba_scan_kernel(
                 Q_next = tl.load(q_ptr + pid_b * skb + t_next[:, None] * skt + g * skg + n_idx[None, :],
                                  mask=m_next, other=0.0).to(tl.float32)
                 lim_p = rows + C - TAU
-                carry = _readout(Q_next, K, U, S, _shifted_cumsum(ld, lim_p, rows), b, lim_p, rows, PREC)
+                carry = _readout(Q_next, K, U, S, _at(b, lim_p, rows, C - 1), _at(lo, lim_p, rows, C - 1), b, lo,
+                                 lim_p, rows, PREC)
             delayed = tl.where(t[:, None] >= TAU, delayed, 0.0)  # the sequence's first tau rows: outside
             Y += tl.load(gain_ptr + h).to(tl.float32) * delayed
         tl.store(y_ptr + pid_b * syb + t[:, None] * syt + h * syh + p_idx[None, :], Y, mask=xm)
@@ -144,12 +154,13 @@ def _conba_scan_kernel(
                 i = T - TAU + j - c0  # row of state S_{T-tau+1+j} in this chunk
                 if (i >= 0) & (i < C):
                     b_i = tl.sum(tl.where(rows == i, b, 0.0))
-                    w = tl.exp(tl.where(rows <= i, b_i - b, float("-inf")))
+                    lo_i = tl.sum(tl.where(rows == i, lo, 0.0))
+                    w = tl.exp(tl.where(rows <= i, (b_i - b) + (lo_i - lo), float("-inf")))
                     S_i = tl.exp(b_i) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=PREC)
                     past_off = (((pid_b * TAU + j) * H + h) * P + p_idx[:, None]) * N + n_idx[None, :]
                     tl.store(past_ptr + past_off, S_i, mask=pn_mask)
         b_last = tl.sum(tl.where(rows == C - 1, b, 0.0))
-        w = tl.exp(b_last - b)
+        w = tl.exp((b_last - b) + (tl.sum(tl.where(rows == C - 1, lo, 0.0)) - lo))
         S = tl.exp(b_last) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=PREC)
     tl.store(final_ptr + state_off, S, mask=pn_mask)
 

@@ -56,6 +56,24 @@ def test_programs_over_value_columns_each_scan_their_own(value_block):
         torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+@pytest.mark.parametrize("strong", [-16.0, -150.0])
+def test_weak_decays_after_strong_ones_keep_fp32_precision(delta_rule, strong):
+    """As `conba_scan` (test_conba_scan.py), with the strong decays ending inside the kernel's block of 32 steps:
+    differences of fp32 running sums of hundreds lost up to ~1e-3 there."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(B=1, T=64, H=2, G=1)
+    ld = torch.full_like(ld, -1e-3)
+    ld[:, :20] = strong
+    kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0)
+    refs = conba_scan_reference(x, k, q, ld, beta, return_past_states=True, **kw)
+    dev = {name: v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v for name, v in kw.items()}
+    for chunk in (64, 16):
+        outs = conba_scan_triton(*(t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)), chunk_size=chunk,
+                                 return_past_states=True, **dev)
+        for got, ref in zip(outs, refs, strict=True):
+            torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=3e-6)
+
+
 def test_a_full_reset_mid_chunk_stays_finite_and_exact():
     """log_decay = -inf (alpha = 0): the kernel's cumulative decays are clamped as in `conba_scan`."""
     x, k, q, ld, beta, gain, S0 = make_inputs(T=40, G=2, P=16, N=16)
