@@ -23,7 +23,8 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(o ⊙ SiLU(z)), normalised over `groups` equal slices of the last dimension; in z's dtype."""
+    """RMSNorm(o ⊙ SiLU(z)), normalised over `groups` equal slices of the last dimension: computed in fp32 (at least),
+    rounded to z's dtype, then scaled by the weight (as transformers' Mamba-2 norm)."""
 
     def __init__(self, dim: int, groups: int = 1, eps: float = 1e-5) -> None:
         super().__init__()

@@ -112,6 +112,17 @@ def test_masked_attention_in_query_blocks_equals_one_block(tiny_model, monkeypat
     assert shapes == (blocks * n_attention) * 2 + continued * n_attention  # padded, packed, continued
 
 
+def test_the_mask_hides_pad_keys_but_a_pad_query_sees_itself():
+    """No row of the mask is empty (an empty row's softmax is nan on some backends): a pad query sees its own key,
+    a real query every real key up to itself and no pad."""
+    from mixcon.layers.context import ForwardContext
+
+    ctx = ForwardContext.build(torch.tensor([[False, True, True], [True, True, True]]), 2, 3, None, torch.device("cpu"))
+    padded, full = ctx.attention_mask(0, 3)[:, 0].tolist()
+    assert padded == [[True, False, False], [False, True, False], [False, True, True]]
+    assert full == [[True, False, False], [True, True, False], [True, True, True]]
+
+
 def test_a_model_without_attention_builds_no_mask(tiny_model, monkeypatch):
     """The mask is attention's: a pure-Conba model given left padding never builds one (it was (B, 1, T, T))."""
     from mixcon.layers.context import ForwardContext

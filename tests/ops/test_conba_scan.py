@@ -192,6 +192,47 @@ def test_step_gradients_with_out_aliasing_an_input(target):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_step_under_autograd_writes_out_into_the_tensor_whose_slots_it_reads():
+    """A decode cache's ring (Conba.decode, tau > 0): S_{t-1}, S_{t-tau} and the slot S_t goes to are views of one
+    tensor; written in place there, the saved states must be copies (a view's version is its base's)."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=1)
+    leaves = [t.clone().requires_grad_() for t in (x[:, 0], k[:, 0], ld[:, 0])]
+
+    def grads(use_out: bool) -> list[torch.Tensor]:
+        ring = torch.stack([S0, S0.flip(0), S0 * 0.5])  # (3, B, H, P, N)
+        y, s = conba_scan_step(leaves[0], leaves[1], q[:, 0], leaves[2], beta[:, 0], ring[0], delta_rule=True,
+                               delay_gain=gain, delayed_state=ring[1], out=ring[2] if use_out else None)
+        return torch.autograd.grad((y * y).sum() + (s * s).sum(), leaves)
+
+    for got, expected in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_step_with_bf16_inputs_keeps_its_state_in_fp32():
+    """bf16 x, k, q (a bf16 model's decoding step) with fp32 decays, gains and states: y in bf16, S_t in fp32,
+    both as the fp64 step gives them to bf16's rounding of the inputs."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=1)
+    args = [t[:, 0] for t in (x, k, q)]
+    low = [t.bfloat16() for t in args]
+    y_ref, s_ref = conba_scan_step(*(t.double() for t in low), ld[:, 0], beta[:, 0], S0, delta_rule=True,
+                                   delay_gain=gain, delayed_state=S0.flip(0))
+    y, s = conba_scan_step(*low, ld[:, 0].float(), beta[:, 0].float(), S0.float(), delta_rule=True,
+                           delay_gain=gain.float(), delayed_state=S0.flip(0).float())
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("fn", [conba_scan, conba_scan_reference], ids=["chunked", "reference"])
+def test_outputs_come_back_in_the_inputs_dtype_and_states_in_fp32(fn):
+    """y in x's dtype (fp32, or bf16 for bf16 x, k, q), the states in fp32 (the decays', at least fp32)."""
+    x, k, q, ld, beta, gain, _ = make_inputs(T=10)
+    for dtype in (torch.float32, torch.bfloat16):
+        y, s, past = fn(x.to(dtype), k.to(dtype), q.to(dtype), ld.float(), beta.float(), delta_rule=True, tau=2,
+                        delay_gain=gain.float(), return_past_states=True)
+        assert (y.dtype, s.dtype, past.dtype) == (dtype, torch.float32, torch.float32)
+
+
 def test_step_reads_states_with_a_strided_batch():
     """States sliced out of a (B, R, H, P, N) stack (batch stride R·H·P·N) are read as they are."""
     x, k, q, ld, beta, gain, S0 = make_inputs(T=1)
@@ -285,11 +326,21 @@ def test_bad_shapes_raise_clear_errors():
         for bad in (0, -3, True, 2.5):
             with pytest.raises(ValueError, match=rf"chunk_size={bad!r} must be an integer >= 1"):
                 fn(x, k, q, ld, beta, delta_rule=False, chunk_size=bad)
-        with pytest.raises(ValueError, match=r"tau=1.0 must be an integer >= 0"):
-            fn(x, k, q, ld, beta, delta_rule=False, tau=1.0, delay_gain=torch.ones(4, dtype=x.dtype))
+        for bad in (1.0, -1):
+            with pytest.raises(ValueError, match=rf"tau={bad!r} must be an integer >= 0"):
+                fn(x, k, q, ld, beta, delta_rule=False, tau=bad, delay_gain=torch.ones(4, dtype=x.dtype))
+        with pytest.raises(ValueError, match=r"initial_past_states must be \(B, tau, H, P, N\)=\(2, 2, 4, 5, 6\), "
+                           r"got \(2, 3, 4, 5, 6\)"):
+            fn(x, k, q, ld, beta, delta_rule=False, tau=2, delay_gain=torch.ones(4, dtype=x.dtype), initial_state=S0,
+               initial_past_states=S0[:, None].expand(-1, 3, -1, -1, -1))
+        with pytest.raises(ValueError, match=r"k and q must both be \(B=2, T=37, G, N\), got \(1, 37, 2, 6\)"):
+            fn(x, k[:1], q[:1], ld, beta, delta_rule=False)  # (would broadcast over the batch)
         # integer inputs truncated the outputs; a gain without a delay was ignored
-        with pytest.raises(ValueError, match=r"x must be a floating-point tensor, got torch.int64"):
-            fn(x.round().long(), k, q, ld, beta, delta_rule=False)
+        for i, name in enumerate(("x", "k", "q", "log_decay", "beta")):
+            args = [x, k, q, ld, beta]
+            args[i] = args[i].round().long()
+            with pytest.raises(ValueError, match=rf"{name} must be a floating-point tensor, got torch.int64"):
+                fn(*args, delta_rule=False)
         with pytest.raises(ValueError, match=r"delay_gain without a delay \(tau=0\) would be ignored"):
             fn(x, k, q, ld, beta, delta_rule=False, delay_gain=torch.ones(4, dtype=x.dtype))
 
@@ -311,6 +362,14 @@ def test_bad_step_shapes_raise_clear_errors():
                         delta_rule=True)
     with pytest.raises(ValueError, match=r"delay_gain must be \(H,\)=\(4,\)"):
         conba_scan_step(**args, delta_rule=True, delay_gain=gain[:2], delayed_state=S0)
+    for extra in (dict(delay_gain=gain), dict(delayed_state=S0)):  # one without the other would be ignored
+        with pytest.raises(ValueError, match="delay_gain and delayed_state go together"):
+            conba_scan_step(**args, delta_rule=True, **extra)
+    for grad in (False, True):
+        for out in (torch.empty(0, dtype=S0.dtype), S0.transpose(-1, -2).contiguous().transpose(-1, -2)):
+            with torch.set_grad_enabled(grad), pytest.raises(
+                    ValueError, match=r"out must be a contiguous \(2, 4, 5, 6\) tensor"):
+                conba_scan_step(**args, delta_rule=True, out=out)
 
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
@@ -433,9 +492,13 @@ def test_bad_seq_idx_raises_clear_errors(fn):
     x, k, q, ld, beta, _, _ = make_inputs(T=6, G=2)
     for bad, match in ((torch.zeros(2, 5, dtype=torch.long), r"seq_idx must be \(B, T\)=\(2, 6\)"),
                        (torch.zeros(2, 6), "integer document indices"),
+                       (torch.zeros(2, 6, dtype=torch.bool), "integer document indices"),
+                       (torch.zeros(2, 6, dtype=torch.complex64), "integer document indices"),
                        (torch.tensor([[0, 0, 1, 1, 0, 0]] * 2), "non-decreasing")):
         with pytest.raises(ValueError, match=match):
             fn(x, k, q, ld, beta, delta_rule=True, seq_idx=bad)
+    with pytest.raises(ValueError, match="non-decreasing"):  # two steps: the shortest sequence checked
+        fn(x[:, :2], k[:, :2], q[:, :2], ld[:, :2], beta[:, :2], delta_rule=True, seq_idx=torch.tensor([[1, 0]] * 2))
 
 
 def test_packed_scan_compiles_into_one_graph(have_c_compiler):

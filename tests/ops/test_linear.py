@@ -88,13 +88,14 @@ def test_only_mkl_on_an_intel_cpu_is_taken_for_quick_at_few_rows(monkeypatch, cp
     assert ops_linear.slow_blas_rows() is True
 
 
+@pytest.mark.parametrize("K", [24, EAGER_MAX_K])  # (the longest row it takes)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_eager_one_row_is_a_blocked_multiply_sum_equal_to_f_linear(dtype, monkeypatch, slow_blas):
+def test_eager_one_row_is_a_blocked_multiply_sum_equal_to_f_linear(dtype, K, monkeypatch, slow_blas):
     """One row in eager mode (a decoding step of one sequence): the multiply-sum, in blocks of output rows
     (here 3 of 16, 16 and 8), equal to F.linear; the product does not call F.linear."""
     torch.manual_seed(0)
-    monkeypatch.setattr(ops_linear, "EAGER_BLOCK", 16 * 24)
-    x, w, b = torch.randn(1, 1, 24, dtype=dtype), torch.randn(40, 24, dtype=dtype), torch.randn(40, dtype=dtype)
+    monkeypatch.setattr(ops_linear, "EAGER_BLOCK", 16 * K)
+    x, w, b = torch.randn(1, 1, K, dtype=dtype), torch.randn(40, K, dtype=dtype), torch.randn(40, dtype=dtype)
     monkeypatch.setattr(ops_linear.F, "linear", None)  # (would fail if called)
     got, got_bias = linear(x, w), linear(x, w, b)
     monkeypatch.undo()
@@ -102,28 +103,31 @@ def test_eager_one_row_is_a_blocked_multiply_sum_equal_to_f_linear(dtype, monkey
     torch.testing.assert_close(got_bias, F.linear(x, w, b))
 
 
-@pytest.mark.parametrize("case", ["two rows", "bf16", "autocast", "autograd", "long rows", "fp64 bias"])
+@pytest.mark.parametrize("case", ["two rows", "bf16", "autocast", "autograd", "long rows", "fp64 bias", "fp64 weight"])
 def test_eager_products_outside_one_short_fp32_row_without_autograd_are_f_linear(case, slow_blas):
     """Where BLAS is as fast (rows longer than EAGER_MAX_K, backward passes) or the sum would round (bf16), or
-    F.linear's own checks should speak (a bias of another dtype)."""
+    F.linear's own checks should speak (a bias or weight of another dtype)."""
     torch.manual_seed(0)
     K = EAGER_MAX_K + 1 if case == "long rows" else 24
     x, w = torch.randn(2 if case == "two rows" else 1, K), torch.randn(40, K)
     b = torch.randn(40, dtype=torch.float64) if case == "fp64 bias" else None
+    if case == "fp64 weight":
+        w = w.double()
     if case == "bf16":
         x, w = x.bfloat16(), w.bfloat16()
     if case == "autograd":
         w.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
-        if case == "fp64 bias":
+        if case in ("fp64 bias", "fp64 weight"):
             with pytest.raises(RuntimeError):
                 linear(x, w, b)
         else:
             assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
 
-def test_linear_traces_with_fx():
-    """torch.fx.symbolic_trace (FX-mode quantization, other graph tools) sees F.linear."""
+def test_linear_traces_with_fx(slow_blas):
+    """torch.fx.symbolic_trace (FX-mode quantization, other graph tools) sees F.linear, also where one eager row
+    would take the multiply-sum (a Proxy has no shape to decide by)."""
     graph = torch.fx.symbolic_trace(Linear(8, 4))
     x = torch.randn(1, 8)
     assert torch.equal(graph(x), F.linear(x, graph.weight, graph.bias))

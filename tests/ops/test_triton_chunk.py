@@ -74,6 +74,22 @@ def test_weak_decays_after_strong_ones_keep_fp32_precision(delta_rule, strong):
             torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=3e-6)
 
 
+def test_chunk_sizes_and_value_blocks_the_kernel_refuses():
+    """Powers of two >= 16 (and a chunk >= tau, which a block must hold), named; chunk 16 at tau 16 runs."""
+    x, k, q, ld, beta, gain, _ = make_inputs(T=8)
+    args = [t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)]
+    gain = gain.to(DEVICE, torch.float32)
+    for chunk, tau in ((8, 0), (48, 0), (32, 33)):
+        with pytest.raises(ValueError, match=rf"chunk_size={chunk} must be a power of two >= 16 and >= tau={tau}$"):
+            conba_scan_triton(*args, delta_rule=True, tau=tau, delay_gain=gain if tau else None, chunk_size=chunk)
+    for value_block in (8, 24):
+        with pytest.raises(ValueError, match=rf"value_block={value_block} must be a power of two >= 16$"):
+            conba_scan_triton(*args, delta_rule=True, chunk_size=16, value_block=value_block)
+    y, _ = conba_scan_triton(*args, delta_rule=True, tau=16, delay_gain=gain, chunk_size=16)
+    y_ref, _ = conba_scan_reference(x, k, q, ld, beta, delta_rule=True, tau=16, delay_gain=gain.double().cpu())
+    torch.testing.assert_close(y.double().cpu(), y_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_a_full_reset_mid_chunk_stays_finite_and_exact():
     """log_decay = -inf (alpha = 0): the kernel's cumulative decays are clamped as in `conba_scan`."""
     x, k, q, ld, beta, gain, S0 = make_inputs(T=40, G=2, P=16, N=16)
