@@ -42,6 +42,20 @@ def test_draws_follow_the_generator_and_vary():
     assert queried.min() >= 12 and len(set(queried.tolist())) > 20  # the queries land at many places
 
 
+def test_keys_are_asked_in_a_random_order_and_values_span_their_whole_range():
+    """Not in listing order (a model could then recall by position alone); every value id drawn, the last too."""
+    task = RecallTask(vocab_size=16, seq_len=64)
+    ids, _ = task.sample(200, 6, torch.Generator().manual_seed(0))  # 7 keys, 8 values
+    in_order = 0
+    for row in ids.tolist():
+        listed = row[0:12:2]
+        asked = [t for t in row[12:] if 1 <= t <= task.keys]
+        in_order += asked == listed
+    assert in_order < 3  # 1 in 6! by chance
+    values = ids[:, 1:12:2]
+    assert set(values.unique().tolist()) == set(range(1 + task.keys, 16))
+
+
 def test_key_and_value_split():
     assert (RecallTask(64, 32).keys, RecallTask(64, 32).values) == (31, 32)
     assert (RecallTask(64, 32, n_keys=10).keys, RecallTask(64, 32, n_keys=10).values) == (10, 53)
@@ -60,7 +74,7 @@ def test_impossible_tasks_are_errors_that_name_the_field(kwargs, num_pairs, mess
         RecallTask(**kwargs).sample(2, num_pairs)
 
 
-@pytest.mark.parametrize("ratio,R", [(0, 5), (1, 6), (2.5, 4), (0.3, 10)])
+@pytest.mark.parametrize("ratio,R", [(0, 5), (1, 6), (2.5, 4), (0.3, 10), (0.5, 3), (0.7, 3)])  # 1.5, 2.1 round
 def test_insert_filler_keeps_the_real_tokens_in_order_and_targets_the_next_real_one(ratio, R):
     ids = torch.randint(0, 50, (6, R), generator=torch.Generator().manual_seed(0))
     inputs, labels = insert_filler(ids, ratio, 99, torch.Generator().manual_seed(1))

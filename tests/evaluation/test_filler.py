@@ -50,6 +50,13 @@ def test_fillers_change_a_real_models_loss(tiny_model):
     assert math.isfinite(plain) and abs(plain - padded) > 1e-6
 
 
+def test_the_filler_places_follow_the_seed(tiny_model):
+    windows = torch.randint(0, FILLER, (5, 10), generator=torch.Generator().manual_seed(2))
+    model = tiny_model(vocab_size=V)
+    first, again, other = (filler_loss(model, windows, 1.5, FILLER, seed=s) for s in (0, 0, 1))
+    assert first == again and abs(first - other) > 1e-6
+
+
 def test_the_filler_places_do_not_depend_on_the_batch_size(tiny_model):
     windows = torch.randint(0, FILLER, (5, 10), generator=torch.Generator().manual_seed(2))
     model = tiny_model(vocab_size=V)

@@ -57,3 +57,7 @@ def test_bad_sizes_are_refused_by_name(tiny_model):
     for name, value in (("sequences", 0), ("batch_size", 0), ("batch_size", 2.5)):
         with pytest.raises(ValueError, match=rf"recall_accuracy: {name}={value!r} must be an integer >= 1"):
             recall_accuracy(model, TASK, 2, **{name: value})
+    small = tiny_model(vocab_size=TASK.vocab_size - 1)
+    with pytest.raises(ValueError, match=rf"the model's vocab_size={TASK.vocab_size - 1} is smaller than the task's "
+                                         rf"{TASK.vocab_size}"):
+        recall_accuracy(small, TASK, 2)
