@@ -738,3 +738,112 @@ def test_resume_without_an_earlier_run_says_where_it_looked(tmp_path, monkeypatc
 def test_a_config_error_names_the_bench():
     with pytest.raises(SystemExit, match=r"^mixcon bench decode: --set 'nope=1': unknown config field 'nope'"):
         main(["bench", "decode", "--set", "nope=1"])
+
+
+def fake_score(config, train, held_out, *, ratio, steps, batch_size, lr, seed, device):
+    """`bytes_lm.train_and_score` without training: a score from the seed and the ratio."""
+    return dict(layout=config.layout_string(), params=1, active_params=1, train_s=0.0, final_loss=1.0,
+                bits_per_byte=8.0 + seed / 100 + ratio)
+
+
+def test_recall_benchmark_scores_each_pair_count_on_held_out_seeds_with_the_tasks_vocabulary(tmp_path, monkeypatch):
+    from mixcon.benchmarks import recall
+    from mixcon.data.synthetic import RecallTask
+
+    scored = []
+
+    def accuracy(model, task, num_pairs, *, sequences, seed):
+        scored.append((model.config.vocab_size, num_pairs, sequences, seed))
+        return num_pairs / 100
+
+    monkeypatch.setattr(recall, "train_on_recall", lambda *a, **kw: [1.0] * 30)
+    monkeypatch.setattr(recall, "recall_accuracy", accuracy)
+    task = RecallTask(vocab_size=16, seq_len=16)
+    base = MixConConfig.preset("tiny", d_model=16)
+    settings = dict(steps=1, batch_size=2, lr=1e-3, sequences=6, seed=7, out_dir=tmp_path)
+    rows = recall.run(base, task, [2, 4], models=["mixcon"], **settings)
+    assert scored == [(16, 2, 6, 8), (16, 4, 6, 8)]  # every pair count, sequences from seed + 1, vocab the task's
+    assert (rows[0]["acc@2"], rows[0]["acc@4"]) == (0.02, 0.04)
+    assert rows[0]["params"] == MixConForCausalLM(base.replace(vocab_size=16)).num_parameters()
+    payload = json.loads((tmp_path / "recall.json").read_text())
+    assert payload["task"] == dict(vocab_size=16, seq_len=16, keys=7, values=8)
+    assert {k: payload[k] for k in ("steps", "batch_size", "lr", "sequences", "seed")} == {
+        k: settings[k] for k in ("steps", "batch_size", "lr", "sequences", "seed")}
+    assert payload["base"] == base.to_dict() and payload["pairs"] == [2, 4]
+    for change, field in ((dict(task=RecallTask(vocab_size=16, seq_len=20)), "task"), (dict(sequences=7), "sequences"),
+                          (dict(seed=8), "seed")):
+        args = dict(task=task, **settings) | change
+        with pytest.raises(common.UsageError, match=rf"was written with other {field}"):
+            recall.run(base, args.pop("task"), [2, 4], models=["mixcon"], resume=True, **args)
+
+
+@pytest.mark.parametrize("bench", ["filler", "ablate"])
+def test_filler_and_ablate_results_record_every_setting_a_resume_must_match(bench, tmp_path, monkeypatch):
+    from mixcon.benchmarks import ablate, bytes_lm, filler
+
+    monkeypatch.setattr(bytes_lm, "train_and_score", fake_score)
+    stream = torch.arange(400) % 200
+    base = MixConConfig.preset("tiny", d_model=16)
+    settings = dict(real_len=8, steps=1, batch_size=2, lr=1e-3, eval_windows=5, out_dir=tmp_path)
+    if bench == "filler":
+        def go(resume=False, **change):
+            return filler.run(base, stream, [0.0], seed=3, models=["mixcon"], resume=resume, **(settings | change))
+    else:
+        def go(resume=False, **change):
+            return ablate.run(base, {"no-control": dict(conba_control=False)}, stream, [3], resume=resume,
+                              **(settings | change))
+    go()
+    payload = json.loads((tmp_path / f"{bench}.json").read_text())
+    assert {k: payload[k] for k in ("real_len", "steps", "batch_size", "lr", "eval_windows")} == {
+        k: v for k, v in settings.items() if k != "out_dir"}
+    assert payload["base"] == base.to_dict() and payload["bytes"] == 400
+    for field, value in (("real_len", 9), ("eval_windows", 4), ("batch_size", 3)):
+        with pytest.raises(common.UsageError, match=rf"was written with other {field}"):
+            go(resume=True, **{field: value})
+
+
+def test_byte_windows_hold_out_the_streams_end_and_need_twice_its_length():
+    from mixcon.benchmarks import bytes_lm
+
+    train, held = bytes_lm.split_windows(torch.arange(100), 5, 4)
+    assert torch.equal(train, torch.arange(80)) and torch.equal(held, torch.arange(80, 100).view(4, 5))
+    assert bytes_lm.split_windows(torch.arange(40), 5, 4)[0].numel() == 20
+    with pytest.raises(common.UsageError, match="the corpus gives 39 bytes; --eval-windows 4 x --real-len 5 needs "
+                                                "at least 40"):
+        bytes_lm.split_windows(torch.arange(39), 5, 4)
+
+
+def test_a_byte_stream_takes_max_bytes_of_the_corpus_and_an_eos(tmp_path):
+    from mixcon.benchmarks import bytes_lm
+
+    (tmp_path / "a.txt").write_text("x" * 500)
+    stream = bytes_lm.byte_stream(str(tmp_path / "a.txt"), 101)
+    assert stream.numel() == 102 and int(stream[-1]) == bytes_lm.TOKENIZER.eos_id
+
+
+def test_training_and_scoring_start_from_the_seeds_init_and_report_bits_per_byte(monkeypatch):
+    """The model starts from torch.manual_seed(seed)'s init; held-out fillers are placed from seed + 1; nats of the
+    held-out bytes become bits per byte; the final loss is the mean of the last 20 steps."""
+    import math
+
+    from mixcon.benchmarks import bytes_lm
+
+    seen = {}
+
+    def briefly(model, batch, *, steps, lr, seed):
+        seen["init"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return [5.0] * 10 + [2.0] * 20
+
+    def loss(model, held_out, ratio, filler_id, *, seed):
+        seen["filler_seed"] = seed
+        return 3 * math.log(2)
+
+    monkeypatch.setattr(bytes_lm.common, "train_briefly", briefly)
+    monkeypatch.setattr(bytes_lm, "filler_loss", loss)
+    config = MixConConfig.preset("tiny", d_model=16)
+    row = bytes_lm.train_and_score(config, torch.arange(200) % 50, torch.zeros(2, 8, dtype=torch.long), ratio=0.5,
+                                   steps=30, batch_size=2, lr=1e-3, seed=5, device="cpu")
+    assert row["bits_per_byte"] == pytest.approx(3.0) and row["final_loss"] == 2.0 and seen["filler_seed"] == 6
+    torch.manual_seed(5)
+    fresh = MixConForCausalLM(config.replace(vocab_size=bytes_lm.TOKENIZER.vocab_size)).state_dict()
+    assert all(torch.equal(seen["init"][k], v) for k, v in fresh.items())
