@@ -466,6 +466,8 @@ def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--ratios", "1,-2"], "each must be a finite number >= 0"),
+    (["--ratios", "inf"], "--ratios inf: each must be a finite number >= 0"),
+    (["--ratios", "nan"], "--ratios nan: each must be a finite number >= 0"),
     (["--ratios", "one"], "comma-separated numbers"),
     (["--models", "llama"], "unknown llama"),
     (["--max-bytes", "1000", "--eval-windows", "64"], "needs at least 8,192"),
@@ -576,11 +578,13 @@ def test_ablate_benchmark_runs_the_builtins_that_change_the_model():
         "dense-ffn", "conba-twin"]  # its Conba switches and its own layout change nothing
     with pytest.raises(ValueError, match="changes nothing in the model"):
         ablate.variant_configs(transformer, {"no-delay": {"conba_delay": 0}})
+    assert ablate.changes_model(transformer, transformer.replace(conba_delay=0, d_model=48))  # one real change
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--variant", "no-such"], "not a built-in variant"),
     (["--variant", "base:d_model=8"], "needs a name other than 'base'"),
+    (["--variant", ":d_model=48"], "needs a name other than 'base'"),
     (["--variant", "w:widht=3"], "unknown config field 'widht'"),
     (["--variant", "w:d_model"], "expected KEY=VALUE"),
     (["--variant", "h:n_heads=3"], r"--variant h: MixConConfig\.n_kv_heads=2 is invalid"),
@@ -847,3 +851,60 @@ def test_training_and_scoring_start_from_the_seeds_init_and_report_bits_per_byte
     torch.manual_seed(5)
     fresh = MixConForCausalLM(config.replace(vocab_size=bytes_lm.TOKENIZER.vocab_size)).state_dict()
     assert all(torch.equal(seen["init"][k], v) for k, v in fresh.items())
+
+
+def test_scan_benchmark_rows_from_fixed_timings_chunks_and_a_first_form(tmp_path, monkeypatch):
+    """Each `torch cC` row scans with chunk C; errors against the first form; FLOP/s, bytes/s and the roofline factor
+    from the shapes, a fixed 10 ms, a 100 GFLOP/s peak and a 10 GB/s copy bandwidth."""
+    chunks = []
+
+    def scan_spy(*args, chunk_size, **kw):
+        chunks.append(chunk_size)
+        y, *rest = conba_scan(*args, chunk_size=chunk_size, **kw)
+        return (y + (chunk_size == 16), *rest)  # the second form off by one
+
+    monkeypatch.setattr(scan, "conba_scan", scan_spy)
+    monkeypatch.setattr(common, "matmul_peak_gflops", lambda **kw: 100.0)
+    monkeypatch.setattr(common, "copy_bandwidth_gbs", lambda **kw: 10.0)
+    monkeypatch.setattr(common, "median_seconds", lambda fn, repeats, warmup: fn() and 0.01)
+    B, T, H, P, N = 2, 40, 2, 4, 4
+    rows = scan.run([T], [B], repeats=1, out_dir=tmp_path, heads=H, head_dim=P, state=N, chunks=(8, 16),
+                    variants=("control-tau2",), triton=False)
+    assert set(chunks) == {8, 16} and [r["form"] for r in rows] == ["torch c8", "torch c16"]
+    assert rows[0]["max_err"] == 0 and rows[1]["max_err"] == pytest.approx(1, abs=1e-5)
+    moved = 4 * (2 * B * T * H * P + 2 * B * T * N + 2 * B * T * H) + 4 * B * H * P * N  # x in, y out, k, q, decays
+    for row, C in zip(rows, (8, 16), strict=True):
+        gflops = speed.scan_flops(B, T, H, P, N, C, True, 2) / 0.01 / 1e9
+        assert row["gflops"] == pytest.approx(gflops) and row["peak_frac"] == pytest.approx(gflops / 100)
+        assert row["gbs"] == pytest.approx(moved / 0.01 / 1e9) and row["bw_frac"] == pytest.approx(row["gbs"] / 10)
+        assert row["x_roofline"] == pytest.approx(min(100 / gflops, 10 / row["gbs"]))
+    payload = json.loads((tmp_path / "scan.json").read_text())
+    assert (payload["matmul_peak_gflops"], payload["copy_gbs"]) == (100.0, 10.0)
+
+
+def test_recall_training_draws_every_pair_count(monkeypatch):
+    from mixcon.benchmarks import recall
+    from mixcon.data.synthetic import RecallTask
+
+    drawn = set()
+
+    def briefly(model, batch, *, steps, lr, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            _, labels = batch(generator)
+            drawn.add(int((labels[0] != -100).sum()))  # the asked keys: the pair count
+        return [1.0]
+
+    monkeypatch.setattr(recall.common, "train_briefly", briefly)
+    recall.train_on_recall(None, RecallTask(vocab_size=16, seq_len=16), [1, 2, 4], steps=60, batch_size=2, lr=1e-3)
+    assert drawn == {1, 2, 4}
+
+
+def test_matvec_weights_add_up_to_the_megabytes_asked(monkeypatch):
+    """Whole `small` decoding steps of weights (~4.3 MiB each), as many as come nearest --megabytes."""
+    monkeypatch.setattr(matvec.torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(common, "median_seconds", lambda fn, repeats, warmup: fn() is not None and 0.01)
+    per_step = sum(n * k for n, k in matvec.SMALL_STEP) * 4 / 2**20
+    for megabytes, steps in ((9, 2), (21, 5), (1, 1)):
+        row = matvec.run([1], megabytes=megabytes, repeats=1, out_dir=None)[0]
+        assert row["F.linear eager GB/s"] == pytest.approx(steps * per_step * 2**20 / 0.01 / 1e9)
