@@ -908,3 +908,16 @@ def test_matvec_weights_add_up_to_the_megabytes_asked(monkeypatch):
     for megabytes, steps in ((9, 2), (21, 5), (1, 1)):
         row = matvec.run([1], megabytes=megabytes, repeats=1, out_dir=None)[0]
         assert row["F.linear eager GB/s"] == pytest.approx(steps * per_step * 2**20 / 0.01 / 1e9)
+
+
+def test_ablate_summary_of_one_seed_has_no_spread_and_a_variant_without_its_base_seed_no_delta():
+    from mixcon.benchmarks import ablate
+
+    def run(variant, seed, bits):
+        return dict(variant=variant, seed=seed, bits_per_byte=bits, layout="C", params=2, active_params=1,
+                    train_s=1.0)
+
+    rows = {r["variant"]: r for r in ablate.summarize([run("base", 0, 8.0), run("v", 0, 7.5), run("w", 1, 7.0)])}
+    assert (rows["base"]["std"], rows["base"]["delta"], rows["base"]["delta_std"]) == (None, 0.0, None)
+    assert (rows["v"]["bits_per_byte"], rows["v"]["delta"], rows["v"]["seeds"]) == (7.5, -0.5, 1)
+    assert rows["w"]["delta"] is None  # seed 1 has no base run to pair with
