@@ -14,8 +14,8 @@ while that chunk is at hand (with these rows' queries loaded one chunk early) an
 (C, P) tile. The first tau rows of the sequence read `initial_past_states`; that term is added here,
 outside the kernel. The decays are exp of differences of running sums b of the log decays, each carried as
 fp32 b plus what fp32 rounds off it, lo (a running sum in fp64, split), as in `ops/chunk.py`: weak decays after
-strong ones keep fp32's precision (plain fp32 differences, as in mamba_ssm's and flash-linear-attention's
-kernels, lost up to ~1e-3 there).
+strong ones keep fp32's precision (where plain fp32 differences, as mamba_ssm's and flash-linear-attention's
+kernels take, lost up to ~1e-3: docs/benchmarks.md §25).
 Needs `triton`; runs on CUDA tensors, and on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -79,8 +79,15 @@ def _readout(Q, K, U, S, b_row, lo_row, b_col, lo_col, limit, cols, prec: tl.con
 
 @triton.jit
 def _at(v, index, cols, last: tl.constexpr):
-    """v[min(index_t, last)] for every row t, 0 where index_t < 0 (v at the chunk start): a pick, no sum."""
+    """v[min(index_t, last)] for every row t; 0 where index_t < 0 (the chunk start, where b = lo = 0). The clamp keeps
+    the rows that a caller discards finite (the carried readout's rows past tau - 1)."""
     return tl.sum(tl.where(cols[None, :] == tl.minimum(index, last)[:, None], v[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _row(v, rows, i):
+    """v[i], a scalar of the (C,) vector v."""
+    return tl.sum(tl.where(rows == i, v, 0.0))
 
 
 @triton.jit
@@ -153,14 +160,13 @@ def _conba_scan_kernel(
             for j in range(TAU):
                 i = T - TAU + j - c0  # row of state S_{T-tau+1+j} in this chunk
                 if (i >= 0) & (i < C):
-                    b_i = tl.sum(tl.where(rows == i, b, 0.0))
-                    lo_i = tl.sum(tl.where(rows == i, lo, 0.0))
-                    w = tl.exp(tl.where(rows <= i, (b_i - b) + (lo_i - lo), float("-inf")))
+                    b_i = _row(b, rows, i)
+                    w = tl.exp(tl.where(rows <= i, (b_i - b) + (_row(lo, rows, i) - lo), float("-inf")))
                     S_i = tl.exp(b_i) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=PREC)
                     past_off = (((pid_b * TAU + j) * H + h) * P + p_idx[:, None]) * N + n_idx[None, :]
                     tl.store(past_ptr + past_off, S_i, mask=pn_mask)
-        b_last = tl.sum(tl.where(rows == C - 1, b, 0.0))
-        w = tl.exp((b_last - b) + (tl.sum(tl.where(rows == C - 1, lo, 0.0)) - lo))
+        b_last = _row(b, rows, C - 1)
+        w = tl.exp((b_last - b) + (_row(lo, rows, C - 1) - lo))
         S = tl.exp(b_last) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=PREC)
     tl.store(final_ptr + state_off, S, mask=pn_mask)
 

@@ -57,13 +57,15 @@ def test_programs_over_value_columns_each_scan_their_own(value_block):
 
 
 @pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
-@pytest.mark.parametrize("strong", [-16.0, -150.0])
+@pytest.mark.parametrize("strong", [-16.0, -150.0])  # (-150 acts as the floor, -100)
 def test_weak_decays_after_strong_ones_keep_fp32_precision(delta_rule, strong):
-    """As `conba_scan` (test_conba_scan.py), with the strong decays ending inside the kernel's block of 32 steps:
-    differences of fp32 running sums of hundreds lost up to ~1e-3 there."""
+    """As `conba_scan` (test_conba_scan.py), with strong decays ending inside the kernel's blocks of 32 steps (the
+    second run of them before the last steps, whose states the decode cache keeps): differences of fp32 running
+    sums of hundreds to thousands lost up to ~1e-3 there."""
     x, k, q, ld, beta, gain, S0 = make_inputs(B=1, T=64, H=2, G=1)
     ld = torch.full_like(ld, -1e-3)
     ld[:, :20] = strong
+    ld[:, 40:52] = strong
     kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0)
     refs = conba_scan_reference(x, k, q, ld, beta, return_past_states=True, **kw)
     dev = {name: v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v for name, v in kw.items()}
@@ -75,8 +77,9 @@ def test_weak_decays_after_strong_ones_keep_fp32_precision(delta_rule, strong):
 
 
 def test_chunk_sizes_and_value_blocks_the_kernel_refuses():
-    """Powers of two >= 16 (and a chunk >= tau, which a block must hold), named; chunk 16 at tau 16 runs."""
-    x, k, q, ld, beta, gain, _ = make_inputs(T=8)
+    """Powers of two >= 16 (and a chunk >= tau, which a block must hold), named; chunk 16 at tau 16 runs (its block's
+    last row reads the block's start state; the first 15 rows of the next block read states carried over)."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=40)
     args = [t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)]
     gain = gain.to(DEVICE, torch.float32)
     for chunk, tau in ((8, 0), (48, 0), (32, 33)):
@@ -85,8 +88,10 @@ def test_chunk_sizes_and_value_blocks_the_kernel_refuses():
     for value_block in (8, 24):
         with pytest.raises(ValueError, match=rf"value_block={value_block} must be a power of two >= 16$"):
             conba_scan_triton(*args, delta_rule=True, chunk_size=16, value_block=value_block)
-    y, _ = conba_scan_triton(*args, delta_rule=True, tau=16, delay_gain=gain, chunk_size=16)
-    y_ref, _ = conba_scan_reference(x, k, q, ld, beta, delta_rule=True, tau=16, delay_gain=gain.double().cpu())
+    y, _ = conba_scan_triton(*args, delta_rule=True, tau=16, delay_gain=gain,
+                             initial_state=S0.to(DEVICE, torch.float32), chunk_size=16)
+    y_ref, _ = conba_scan_reference(x, k, q, ld, beta, delta_rule=True, tau=16, delay_gain=gain.double().cpu(),
+                                    initial_state=S0)
     torch.testing.assert_close(y.double().cpu(), y_ref, rtol=1e-4, atol=1e-4)
 
 
