@@ -355,9 +355,9 @@ def test_recall_benchmark_trains_and_scores_the_three_twins(tmp_path):
     (["--pairs", "2,5", "--seq-len", "16"], r"--pairs 2,5: each must be in \[1, 4\]"),
     (["--models", "mixcon,llama"], "unknown llama"),
 ])
-def test_recall_benchmark_rejects_bad_arguments(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        main(["bench", "recall", *argv])
+def test_recall_benchmark_rejects_bad_arguments(argv, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):  # (--out: a run that is not refused writes there, not in docs/)
+        main(["bench", "recall", "--out", str(tmp_path), *argv])
 
 
 def test_twins_of_a_model_with_a_layer_pattern_are_pure():
@@ -472,9 +472,9 @@ def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(tmp_path):
     (["--models", "llama"], "unknown llama"),
     (["--max-bytes", "1000", "--eval-windows", "64"], "needs at least 8,192"),
 ])
-def test_filler_benchmark_rejects_bad_arguments(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        main(["bench", "filler", "--steps", "1", *argv])
+def test_filler_benchmark_rejects_bad_arguments(argv, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):  # (--out: a run that is not refused writes there, not in docs/)
+        main(["bench", "filler", "--steps", "1", "--out", str(tmp_path), *argv])
 
 
 @pytest.mark.parametrize("bench", ["filler", "recall"])
@@ -592,9 +592,9 @@ def test_ablate_benchmark_runs_the_builtins_that_change_the_model():
     (["--variant", "no-delay", "--variant", "no-delay"], "each name once"),
     (["--seeds", "1,1"], "each seed once"),
 ])
-def test_ablate_benchmark_rejects_bad_arguments(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        main(["bench", "ablate", "--steps", "1", *argv])
+def test_ablate_benchmark_rejects_bad_arguments(argv, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):  # (--out: a run that is not refused writes there, not in docs/)
+        main(["bench", "ablate", "--steps", "1", "--out", str(tmp_path), *argv])
 
 
 def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeypatch):
@@ -744,12 +744,6 @@ def test_a_config_error_names_the_bench():
         main(["bench", "decode", "--set", "nope=1"])
 
 
-def fake_score(config, train, held_out, *, ratio, steps, batch_size, lr, seed, device):
-    """`bytes_lm.train_and_score` without training: a score from the seed and the ratio."""
-    return dict(layout=config.layout_string(), params=1, active_params=1, train_s=0.0, final_loss=1.0,
-                bits_per_byte=8.0 + seed / 100 + ratio)
-
-
 def test_recall_benchmark_scores_each_pair_count_on_held_out_seeds_with_the_tasks_vocabulary(tmp_path, monkeypatch):
     from mixcon.benchmarks import recall
     from mixcon.data.synthetic import RecallTask
@@ -784,6 +778,11 @@ def test_recall_benchmark_scores_each_pair_count_on_held_out_seeds_with_the_task
 @pytest.mark.parametrize("bench", ["filler", "ablate"])
 def test_filler_and_ablate_results_record_every_setting_a_resume_must_match(bench, tmp_path, monkeypatch):
     from mixcon.benchmarks import ablate, bytes_lm, filler
+
+    def fake_score(config, train, held_out, *, ratio, steps, batch_size, lr, seed, device):
+        """`bytes_lm.train_and_score` without training: a score from the seed and the ratio."""
+        return dict(layout=config.layout_string(), params=1, active_params=1, train_s=0.0, final_loss=1.0,
+                    bits_per_byte=8.0 + seed / 100 + ratio)
 
     monkeypatch.setattr(bytes_lm, "train_and_score", fake_score)
     stream = torch.arange(400) % 200

@@ -57,7 +57,8 @@ times = {k: [] for k in res}
 with torch.no_grad():
     for _ in range(8):
         for k, (m, cache, tok, _) in res.items():
-            att.decode_attention = orig if k[1] == "inductor" else opaque  # (compiled graphs already hold theirs)
+            att.decode_attention = orig if k[1] == "inductor" else opaque  # (the first round recompiles: the models
+            # share decode_step's code object and each dynamo reset above dropped the graphs compiled before it)
             t = time.perf_counter()
             for _ in range(10):
                 m(tok, cache=cache)
