@@ -91,6 +91,14 @@ def _row(v, rows, i):
 
 
 @triton.jit
+def _state_after(S, U, K, b, lo, rows, i, prec: tl.constexpr):
+    """The state after row i of the chunk that starts from S: exp(b_i) S + sum_{s <= i} exp(b_i - b_s) u_s k_sᵀ."""
+    b_i = _row(b, rows, i)
+    w = tl.exp(tl.where(rows <= i, (b_i - b) + (_row(lo, rows, i) - lo), float("-inf")))
+    return tl.exp(b_i) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=prec)
+
+
+@triton.jit
 def _conba_scan_kernel(
     x_ptr, k_ptr, q_ptr, ld_ptr, beta_ptr, gain_ptr, s0_ptr, y_ptr, final_ptr, past_ptr,
     T, H, P, N, hpg,
@@ -160,14 +168,10 @@ def _conba_scan_kernel(
             for j in range(TAU):
                 i = T - TAU + j - c0  # row of state S_{T-tau+1+j} in this chunk
                 if (i >= 0) & (i < C):
-                    b_i = _row(b, rows, i)
-                    w = tl.exp(tl.where(rows <= i, (b_i - b) + (_row(lo, rows, i) - lo), float("-inf")))
-                    S_i = tl.exp(b_i) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=PREC)
+                    S_i = _state_after(S, U, K, b, lo, rows, i, PREC)
                     past_off = (((pid_b * TAU + j) * H + h) * P + p_idx[:, None]) * N + n_idx[None, :]
                     tl.store(past_ptr + past_off, S_i, mask=pn_mask)
-        b_last = _row(b, rows, C - 1)
-        w = tl.exp((b_last - b) + (_row(lo, rows, C - 1) - lo))
-        S = tl.exp(b_last) * S + tl.dot(tl.trans(w[:, None] * U), K, input_precision=PREC)
+        S = _state_after(S, U, K, b, lo, rows, C - 1, PREC)
     tl.store(final_ptr + state_off, S, mask=pn_mask)
 
 
