@@ -13,6 +13,11 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'mixc
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, conftest.py set TRITON_INTERPRET=1
 from mixcon.ops.triton_chunk import conba_scan_triton, kernel_block, launch_options  # noqa: E402  (only with triton)
 
+
+def on_device(kw: dict) -> dict:
+    """The tensors of `kw` in fp32 on DEVICE, the rest as they are."""
+    return {name: v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v for name, v in kw.items()}
+
 CASES = [
     # (T, chunk, G, tau, initial state, P, N)
     (37, 16, 2, 0, False, 5, 6),
@@ -34,7 +39,7 @@ def test_triton_equals_reference(delta_rule, T, chunk, G, tau, init, P, N):
     kw = dict(delta_rule=delta_rule, tau=tau, delay_gain=gain if tau else None,
               initial_state=S0 if init else None, initial_past_states=past0)
     y_ref, s_ref, past_ref = conba_scan_reference(x, k, q, ld, beta, return_past_states=True, **kw)
-    dev = {name: (v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v) for name, v in kw.items()}
+    dev = on_device(kw)
     args = [t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)]
     y, s, past = conba_scan_triton(*args, chunk_size=chunk, return_past_states=True, **dev)
     assert y.dtype == torch.float32 and y.shape == (2, T, 4, P)
@@ -49,7 +54,7 @@ def test_programs_over_value_columns_each_scan_their_own(value_block):
     past0 = torch.randn(2, 2, 4, 40, 24, dtype=torch.float64)
     kw = dict(delta_rule=True, tau=2, delay_gain=gain, initial_state=S0, initial_past_states=past0)
     refs = conba_scan_reference(x, k, q, ld, beta, return_past_states=True, **kw)
-    dev = {name: v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v for name, v in kw.items()}
+    dev = on_device(kw)
     outs = conba_scan_triton(*(t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)), chunk_size=16,
                              return_past_states=True, value_block=value_block, **dev)
     for got, ref in zip(outs, refs, strict=True):
@@ -68,7 +73,7 @@ def test_weak_decays_after_strong_ones_keep_fp32_precision(delta_rule, strong):
     ld[:, 40:52] = strong
     kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0)
     refs = conba_scan_reference(x, k, q, ld, beta, return_past_states=True, **kw)
-    dev = {name: v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v for name, v in kw.items()}
+    dev = on_device(kw)
     for chunk in (64, 16):
         outs = conba_scan_triton(*(t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)), chunk_size=chunk,
                                  return_past_states=True, **dev)
@@ -102,7 +107,7 @@ def test_a_full_reset_mid_chunk_stays_finite_and_exact():
     ld[:, 9] = float("-inf")
     kw = dict(delta_rule=True, tau=2, delay_gain=gain, initial_state=S0)
     y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, **kw)
-    dev = {name: v.to(DEVICE, torch.float32) if isinstance(v, torch.Tensor) else v for name, v in kw.items()}
+    dev = on_device(kw)
     y, s = conba_scan_triton(*(t.to(DEVICE, torch.float32) for t in (x, k, q, ld, beta)), chunk_size=16, **dev)
     torch.testing.assert_close(y.double().cpu(), y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double().cpu(), s_ref, rtol=1e-4, atol=1e-4)
