@@ -95,7 +95,7 @@ class MoE(nn.Module):
                             for i, e in enumerate(experts.reshape(-1).tolist())])  # (M·K, d)
         else:
             e = experts.reshape(-1)  # (M·K,)
-            x = h.repeat_interleave(K, dim=0)[:, None]  # (M·K, 1, d)
+            x = h[:, None, None].expand(M, K, 1, h.shape[-1]).reshape(M * K, 1, -1)  # (M·K, 1, d); no host sync
             gate, up = batched_linear(x, self.w_gate_up[e]).chunk(2, dim=-1)  # (M·K, 1, hidden)
             ys = batched_linear(F.silu(gate) * up, self.w_down[e])[:, 0]  # (M·K, d)
         return (weights.reshape(-1, 1).to(ys.dtype) * ys).view(M, K, -1).sum(1).to(h.dtype)
