@@ -181,6 +181,7 @@ class MixConCache:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
         self.limit: int | None = None  # the positions growing stops at (generate: the prompt and max_new_tokens)
         self.owner: weakref.ref | None = None  # the model whose forwards filled it, from the first one on
+        self.weights: tuple[int, ...] | None = None  # its model's `weight_pointers`, for CUDA-graph steps
 
     def claim(self, model: torch.nn.Module) -> bool:
         """Whether `model` may continue this cache: any model while it is empty (or unpickled: it then
@@ -189,8 +190,8 @@ class MixConCache:
             self.owner = weakref.ref(model)
         return self.owner() is model
 
-    def __getstate__(self) -> dict[str, Any]:  # pickling: a weak reference does not pickle
-        return {**self.__dict__, "owner": None}
+    def __getstate__(self) -> dict[str, Any]:  # pickling: a weak reference does not pickle, pointers mean nothing
+        return {**self.__dict__, "owner": None, "weights": None}
 
     def __copy__(self) -> MixConCache:  # the copy continues the same model
         new = object.__new__(MixConCache)
@@ -201,7 +202,9 @@ class MixConCache:
         """A copy of the cache continues its model, or that model's copy when the two are copied together."""
         new = object.__new__(MixConCache)
         memo[id(self)] = new
-        new.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items() if key != "owner"})
+        new.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()
+                             if key not in ("owner", "weights")})
+        new.weights = None  # the copy's model may be a copy too
         model = self.owner() if self.owner is not None else None
         new.owner = weakref.ref(memo.get(id(model), model)) if model is not None else None
         return new

@@ -18,6 +18,7 @@ from torch import nn
 from mixcon.checks import check_attention_mask, is_integer
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import ConbaCache, MixConCache
+from mixcon.generation.cuda_graphs import DecodeGraphs, weight_pointers
 from mixcon.layers.attention import Attention, rope_angles
 from mixcon.layers.conba import Conba, SegmentedPrefill
 from mixcon.layers.context import DecodeStep, ForwardContext
@@ -279,6 +280,7 @@ class MixConForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self._decode_step: Callable[..., torch.Tensor] | None = None  # set by compile_decode
+        self._decode_graphs: DecodeGraphs | None = None  # set by capture_decode
         self._compiled: dict[str, dict[str, Any]] = {}  # compile_decode / compile_prefill and their arguments
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -489,13 +491,22 @@ class MixConForCausalLM(nn.Module):
         cache.key_mask[:, cache.seqlen] = True
         index = torch.full((1,), cache.seqlen, dtype=torch.long, device=input_ids.device)
         step = self._decode_step or self.decode_step
-        # Eager, attention reads the filled positions only; compiled, the whole capacity (one shape per capacity).
-        length = None if self._decode_step is not None else cache.seqlen + 1
+        graphs = self._decode_graphs if self._decode_graphs is not None and self._decode_graphs.applies(input_ids) \
+            else None
+        # Eager, attention reads the filled positions only; compiled or replayed, the whole capacity (one shape
+        # per capacity).
+        length = None if self._decode_step is not None or graphs is not None else cache.seqlen + 1
         # Standard strides: a compiled step guards on them, and a prompt's last column ((B, 1) with stride T)
         # differs from a sampled token's, which would recompile the step with dynamic shapes (slower).
         ids = input_ids.clone(memory_format=torch.contiguous_format)
-        logits = step(ids, cache.positions, cache.key_mask[:, :length], index,
-                      [layer.tensors(length) for layer in cache.layers])
+        caches = [layer.tensors(length) for layer in cache.layers]
+        args = (ids, cache.positions, cache.key_mask[:, :length], index, caches)
+        if graphs is None:
+            logits = step(*args)
+        else:
+            if cache.weights is None:  # once per cache: weights replaced while it is decoded are not looked for
+                cache.weights = weight_pointers(self)
+            logits = graphs(step, *args, weights=cache.weights)
         for layer in cache.layers:
             if isinstance(layer, ConbaCache):
                 layer.advance()
@@ -528,6 +539,20 @@ class MixConForCausalLM(nn.Module):
         the first change). Decoding is dispatch-bound in eager mode; see docs/benchmarks.md."""
         self._decode_step = torch.compile(self.decode_step, **compile_kwargs)
         self._compiled["decode"] = compile_kwargs
+        if self._decode_graphs is not None:  # captured from the step before
+            self._decode_graphs.clear()
+
+    def capture_decode(self, max_graphs: int = 16) -> None:
+        """Replay decoding steps on CUDA from CUDA graphs from now on (eager steps, or `compile_decode`'s): a
+        step's kernels launched at once, where decoding a small model is bound by launching them. A graph is
+        captured after the first step on each set of cache tensors (a new cache, one that grew, each phase of a
+        ring of tau > 1 Conba states) and weights (looked up once per cache, at its first such step: weights
+        replaced while a cache is decoded need a new cache); `max_graphs`: how many are kept. Steps elsewhere,
+        or under autocast, run as before. Attention reads the cache's whole capacity, as when compiled."""
+        if not (is_integer(max_graphs) and max_graphs >= 1):
+            raise ValueError(f"capture_decode: max_graphs={max_graphs!r} must be an integer >= 1")
+        self._decode_graphs = DecodeGraphs(max_graphs)
+        self._compiled["graphs"] = {"max_graphs": max_graphs}
 
     def compile_prefill(self, segment: int = 512, chunk: int | None = None, **compile_kwargs: Any) -> None:
         """Run the Conba layers of forwards without autograd (prefill, evaluation) `segment` steps at a
@@ -546,8 +571,9 @@ class MixConForCausalLM(nn.Module):
         self._compiled["prefill"] = {"segment": segment, "chunk": chunk, **compile_kwargs}
 
     def uncompile(self) -> None:
-        """Undo `compile_decode` and `compile_prefill`: eager decoding and prefill from now on."""
+        """Undo `compile_decode`, `compile_prefill` and `capture_decode`: eager decoding and prefill from now on."""
         self._decode_step = None
+        self._decode_graphs = None
         for layer in self.layers:
             if isinstance(layer.mixer, Conba):
                 layer.mixer.prefill = None
@@ -556,7 +582,7 @@ class MixConForCausalLM(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         """Pickling and `copy.deepcopy`: compiled functions stay behind (a compiled step is bound to this model);
         a copy compiles its own, with the same arguments, in `__setstate__`."""
-        return {**super().__getstate__(), "_decode_step": None}
+        return {**super().__getstate__(), "_decode_step": None, "_decode_graphs": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -565,6 +591,8 @@ class MixConForCausalLM(nn.Module):
             self.compile_decode(**compiled["decode"])
         if "prefill" in compiled:
             self.compile_prefill(**compiled["prefill"])
+        if "graphs" in compiled:
+            self.capture_decode(**compiled["graphs"])
 
     def _output(self, logits: torch.Tensor | None, labels: torch.Tensor | None, stats: list[RouterStats],
                 h: torch.Tensor | None = None) -> MixConOutput:

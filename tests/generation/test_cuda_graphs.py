@@ -1,0 +1,219 @@
+"""Decoding from CUDA graphs (`capture_decode`): replayed steps equal eager ones, one graph per set of cache tensors."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from mixcon.generation.cuda_graphs import DecodeGraphs, weight_pointers
+from tests.generation.test_generate import left_pad
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class Rerun(DecodeGraphs):
+    """`DecodeGraphs` on any device, a graph being its function: a replay recomputes the step from the graph's
+    own inputs, which `DecodeGraphs` must have filled with the call's (as a CUDA replay reads them)."""
+
+    def applies(self, input_ids: torch.Tensor) -> bool:
+        return True
+
+    def _warm_up(self, run, device):
+        return run()
+
+    def _capture(self, run, device):
+        return run
+
+
+def _decode(model, ids, mask, steps, max_length=None):
+    """Logits of a prefill then `steps` greedy steps, (B, steps + 1, V), and the cache."""
+    with torch.no_grad():
+        cache = model.new_cache(ids.shape[0], max_length=max_length or ids.shape[1] + steps)
+        logits = [model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits]
+        for _ in range(steps):
+            logits.append(model(logits[-1][:, -1].argmax(-1, keepdim=True), cache=cache).logits)
+    return torch.cat(logits, 1), cache
+
+
+def _with_graphs(model, max_graphs=16):
+    model.capture_decode(max_graphs)
+    model._decode_graphs = graphs = Rerun(max_graphs)
+    return graphs
+
+
+@pytest.mark.parametrize("tau", [0, 2])
+def test_replayed_steps_equal_eager_ones(tiny_model, tau):
+    """One graph per ring phase of the Conba states (tau = 2: two; tau = 0: one), replayed from then on; the
+    cache ends as the eager steps leave it."""
+    model = tiny_model(conba_delay=tau)
+    ids, mask = left_pad([torch.randint(3, 300, (n,)) for n in (5, 9)])
+    expected, eager_cache = _decode(model, ids, mask, 7)
+    graphs = _with_graphs(model)
+    logits, cache = _decode(model, ids, mask, 7)
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+    phases = max(tau, 1)
+    assert len(graphs.graphs) == phases and graphs.replays == 7 - phases
+    for a, b in zip(eager_cache.layers, cache.layers, strict=True):
+        for x, y in zip(a.tensors(), b.tensors(), strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-9)
+
+
+def test_a_grown_cache_gets_new_graphs(tiny_model):
+    model = tiny_model()
+    ids = torch.randint(3, 300, (1, 4))
+    expected, _ = _decode(model, ids, None, 5, max_length=6)  # grows to 12 at the third step
+    graphs = _with_graphs(model)
+    logits, _ = _decode(model, ids, None, 5, max_length=6)
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+    assert len(graphs.graphs) == 4 and graphs.replays == 1  # steps at capacity 6: 2 graphs, 0 replays; at 12: 2, 1
+
+
+def test_a_cache_keys_its_graphs_on_the_weights_it_was_decoded_with(tiny_model, monkeypatch):
+    """Looked up at a cache's first graphed step (once: a walk over the modules), so that replaced weights get new
+    graphs; copies of the cache look again (the copy of a model has its own weights)."""
+    import mixcon.models.mixcon as models
+
+    model = tiny_model()
+    walks = []
+    monkeypatch.setattr(models, "weight_pointers", lambda m: walks.append(m) or weight_pointers(m))
+    _with_graphs(model)
+    _, cache = _decode(model, torch.randint(3, 300, (1, 4)), None, 3)
+    assert walks == [model] and cache.weights == weight_pointers(model)
+    assert len(cache.weights) == len(set(cache.weights)) + 1  # every parameter (the tied LM head twice)
+    assert copy.deepcopy(cache).weights is None and pickle.loads(pickle.dumps(cache)).weights is None
+    assert copy.copy(cache).weights == cache.weights
+    model.norm.weight = nn.Parameter(model.norm.weight * 2)
+    assert weight_pointers(model) != cache.weights
+
+
+def _toy_step(ids, positions, key_mask, index, caches):
+    """A step that reads every argument and writes its cache in place."""
+    ((state,),) = caches
+    state.add_(1)
+    return ids + positions + key_mask[-1].sum() + index + state.sum()
+
+
+def test_each_tensor_read_in_place_is_part_of_a_graphs_key():
+    """A step's tensors other than the tokens and the position: another such tensor (or the same memory seen
+    as another shape, strides or dtype), and a graph captured on the first would read the first."""
+    graphs = Rerun()
+    mask = torch.ones(3, 3, dtype=torch.bool).tril()
+    args = [torch.tensor([[1]]), torch.tensor([2]), mask, torch.tensor([3]), [(torch.zeros(2),)]]
+
+    def step(*changed):
+        for i, value in changed:
+            args[i] = value
+        new = [a.clone() if i < 4 else [(a[0][0].clone(),)] for i, a in enumerate(args)]
+        out = graphs(_toy_step, *args, weights=())
+        assert torch.equal(out, _toy_step(*new)), changed
+
+    step()
+    step((0, torch.tensor([[5]])), (3, torch.tensor([4])))  # new tokens and position: copied in, replayed
+    assert (len(graphs.graphs), graphs.replays) == (1, 1)
+    step((1, torch.tensor([9])))
+    step((2, torch.ones(3, 3, dtype=torch.bool)))
+    step((2, mask.t()))  # strides
+    step((2, mask[:2]))  # shape
+    step((2, mask.view(torch.uint8)))  # dtype
+    step((4, [(torch.full((2,), 5.0),)]))
+    assert (len(graphs.graphs), graphs.replays) == (7, 1)
+    graphs(_toy_step, *args, weights=(1,))
+    assert (len(graphs.graphs), graphs.replays) == (8, 1)
+
+
+def test_the_least_recently_used_graph_goes(tiny_model):
+    """max_graphs=2 and three caches decoded in turn: a replayed graph is kept over one used before it."""
+    model = tiny_model(conba_delay=0)
+    ids = torch.randint(3, 300, (1, 4))
+    caches = [model.new_cache(1, max_length=16) for _ in range(3)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, cache=cache)
+        graphs = _with_graphs(model, max_graphs=2)
+        for i in (0, 1, 0, 2, 0):  # the third cache's graph replaces the second's
+            model(torch.tensor([[7]]), cache=caches[i])
+    assert len(graphs.graphs) == 2 and graphs.replays == 2
+
+
+def test_only_the_most_recent_graphs_are_kept(tiny_model):
+    """max_graphs=1 with two ring phases: each step replaces the other phase's graph and none is replayed."""
+    model = tiny_model(conba_delay=2)
+    ids = torch.randint(3, 300, (1, 4))
+    expected, _ = _decode(model, ids, None, 5)
+    graphs = _with_graphs(model, max_graphs=1)
+    logits, _ = _decode(model, ids, None, 5)
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+    assert len(graphs.graphs) == 1 and graphs.replays == 0
+
+
+def test_replayed_steps_attend_over_the_whole_capacity(tiny_model, monkeypatch):
+    """As a compiled step: one shape per capacity, so that a graph serves every later step."""
+    import mixcon.layers.attention as attention
+
+    model = tiny_model()
+    seen = []
+    decode_attention = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda q, k, v, mask: seen.append(k.shape[2]) or
+                        decode_attention(q, k, v, mask))
+    _with_graphs(model)
+    _decode(model, torch.randint(3, 300, (1, 4)), None, 3, max_length=16)
+    assert seen and set(seen) == {16}
+
+
+def test_steps_off_cuda_run_as_they_are(tiny_model):
+    """On a CPU `capture_decode` changes nothing: no graph, the same tokens."""
+    model = tiny_model()
+    prompt = torch.randint(3, 300, (1, 5))
+    expected = model.generate(prompt, 6)
+    model.capture_decode()
+    assert torch.equal(model.generate(prompt, 6), expected)
+    assert not model._decode_graphs.graphs and model._decode_graphs.replays == 0
+
+
+def test_capture_decode_is_kept_by_copies_and_undone_by_uncompile(tiny_model):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"max_graphs=0 must be an integer >= 1"):
+        model.capture_decode(max_graphs=0)
+    model.capture_decode(max_graphs=3)
+    model._decode_graphs.graphs["a graph"] = lambda: None  # as a CUDA graph, it does not pickle
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied._decode_graphs is not model._decode_graphs  # graphs of the copy's own weights
+        assert copied._decode_graphs.max_graphs == 3 and not copied._decode_graphs.graphs
+    model.compile_decode(backend="eager")  # graphs of the step before would replay it
+    assert not model._decode_graphs.graphs
+    model.uncompile()
+    assert model._decode_graphs is None and "graphs" not in model._compiled
+
+
+@cuda
+@pytest.mark.parametrize("tau", [0, 2])
+def test_cuda_graph_decoding_equals_eager(tiny_model, tau):
+    """Real CUDA graphs: the same greedy tokens as eager steps, batched with padding, replayed after the first
+    step of each ring phase; a grown cache gets new graphs; under autocast steps run as they are."""
+    model = tiny_model(dtype=torch.float32, conba_delay=tau).cuda()
+    ids, mask = left_pad([torch.randint(3, 300, (n,)) for n in (5, 9)])
+    ids, mask = ids.cuda(), mask.cuda()
+    expected = model.generate(ids, 12, attention_mask=mask)
+    expected_logits, _ = _decode(model, ids, mask, 8, max_length=ids.shape[1] + 2)
+    model.capture_decode()
+    assert torch.equal(model.generate(ids, 12, attention_mask=mask), expected)
+    assert model._decode_graphs.replays == 11 - max(tau, 1)
+    logits, _ = _decode(model, ids, mask, 8, max_length=ids.shape[1] + 2)  # grows twice
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    replays = model._decode_graphs.replays
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model.generate(ids, 4, attention_mask=mask)
+    assert model._decode_graphs.replays == replays
+
+
+@cuda
+def test_cuda_graphs_of_a_compiled_step(tiny_model):
+    model = tiny_model(dtype=torch.float32).cuda()
+    prompt = torch.randint(3, 300, (1, 6), device="cuda")
+    expected = model.generate(prompt, 10)
+    model.compile_decode()
+    model.capture_decode()
+    assert torch.equal(model.generate(prompt, 10), expected)
+    assert model._decode_graphs.replays > 0
