@@ -13,6 +13,8 @@ returns. `--compile` adds our models
 decoding through `compile_decode` (torch.compile of the whole step) and prefilling through
 `compile_prefill` (whole Conba layers compiled, 512 steps at a time). On CUDA with triton installed,
 `+triton` rows prefill through the Triton kernel (`conba_kernel="triton"`; decoding takes the step form).
+`--cuda-graphs` adds `+graphs` rows (and `+compile+graphs` with --compile): decoding steps replayed from
+CUDA graphs (`capture_decode`).
 """
 
 from __future__ import annotations
@@ -116,12 +118,15 @@ def _mixcon(model: torch.nn.Module) -> MixConForCausalLM | None:
 def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int, out_dir: Path | None,
         base: MixConConfig | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
         compiled: bool = False, triton: bool | None = None, via_transformers: bool = False,
-        ) -> list[dict[str, Any]]:
+        cuda_graphs: bool = False) -> list[dict[str, Any]]:
     """Time every model at every context (transformers' models up to hf_max_context); base: `small`;
     `compiled` adds our models with a compiled decoding step and compiled prefill scans, `triton` (default:
     on CUDA when triton is installed) our models with Conba layers prefilling through the Triton kernel,
     `via_transformers` MixCon (and MixCon+compile) again, wrapped as a transformers model and decoded by
-    transformers' `generate` (`mixcon.integrations.transformers`)."""
+    transformers' `generate` (`mixcon.integrations.transformers`), `cuda_graphs` our models (and their compiled
+    variants) decoding from CUDA graphs (`capture_decode`)."""
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, got device={device!r}")
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device=device) / 2  # bytes read per second (a copy reads and writes)
     stream = stream_read_gbs(device=device)
@@ -134,12 +139,16 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
     for name, c in twins(base).items():  # variants with the same weights
         variants = ["compile"] if compiled else []
         variants += ["triton"] if triton and any(m == "conba" for m, _ in c.layout()) else []
+        if cuda_graphs:
+            variants += ["graphs", "compile+graphs"] if compiled else ["graphs"]
         for variant in variants:
             twin = MixConForCausalLM(c.replace(conba_kernel="triton") if variant == "triton" else c)
             twin.load_state_dict(models[name].state_dict())
-            if variant == "compile":
+            if variant.startswith("compile"):
                 twin.compile_decode()
                 twin.compile_prefill()
+            if variant.endswith("graphs"):
+                twin.capture_decode()
             models[f"{name}+{variant}"] = twin
     if via_transformers:
         from mixcon.integrations.transformers import MixConHFForCausalLM
@@ -221,6 +230,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time our models decoding and prefilling through torch.compile "
                         "(compile_decode, compile_prefill)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time our models (and with --compile their compiled variants) decoding from CUDA graphs "
+                        "(capture_decode; CUDA devices only)")
     p.add_argument("--via-transformers", action="store_true",
                    help="also time MixCon wrapped as a transformers model, decoded by transformers' generate "
                         "(needs transformers >= 5)")
@@ -229,6 +241,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, base: MixConConfig | None = None) -> int:
     apply_precision(args)
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        raise SystemExit(f"mixcon bench decode: --cuda-graphs needs a CUDA --device, got {args.device}")
     run(args.contexts, args.hf_max_context, args.new_tokens, args.repeats, args.out, base=base, device=args.device,
-        dtype=DTYPES[args.dtype], compiled=args.compile, via_transformers=args.via_transformers)
+        dtype=DTYPES[args.dtype], compiled=args.compile, via_transformers=args.via_transformers,
+        cuda_graphs=args.cuda_graphs)
     return 0

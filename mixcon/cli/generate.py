@@ -82,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile, and prefill prompts of 512+ tokens through compiled "
                         "Conba layers (pays off after ~100 tokens or a long prompt; the first call compiles)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decoding steps from CUDA graphs (capture_decode; a CUDA --device only)")
     p.set_defaults(func=run)
 
 
@@ -91,11 +93,15 @@ def run(args: argparse.Namespace) -> int:
     except UnicodeEncodeError as e:  # bytes of the command line that are no UTF-8 (Python keeps them as surrogates)
         raise SystemExit(f"mixcon generate: --prompt is not UTF-8 text (from character {e.start} on); give it in "
                          "UTF-8") from e
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        raise SystemExit(f"mixcon generate: --cuda-graphs needs a CUDA --device, got {args.device}")
     try:
         model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer, DTYPES[args.dtype])
         if args.compile:
             model.compile_decode()
             model.compile_prefill()
+        if args.cuda_graphs:
+            model.capture_decode()
         stream(model, tok, args.prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except (CheckpointError, FileNotFoundError, ValueError) as e:

@@ -296,6 +296,9 @@ def test_decode_benchmark_command_hands_its_flags_to_the_run(tmp_path, monkeypat
                  "2", "--compile", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
     assert given["args"] == ([8, 16], 8, 3, 2, tmp_path) and (given["compiled"], given["dtype"]) == (True,
                                                                                                   torch.bfloat16)
+    assert given["cuda_graphs"] is False
+    with pytest.raises(SystemExit, match=r"^mixcon bench decode: --cuda-graphs needs a CUDA --device, got cpu$"):
+        main(["bench", "decode", "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:  # no benchmark named: a usage error, not the top-level help
         main(["bench"])
     assert exit_info.value.code == 2 and "the following arguments are required: BENCH" in capsys.readouterr().err
@@ -329,6 +332,20 @@ def test_decode_benchmark_times_the_triton_kernel_beside_the_torch_scan(monkeypa
     assert all(r["prefill_tok_s"] > 0 and r["decode_ms"] > 0 for r in rows)
     n_conba = sum(m == "conba" for m, _ in base.layout()) + base.n_layers  # mixcon's layers, the twin's
     assert len(calls) == 4 * n_conba  # 2 warm-up prompts, the warm-up at the context, 1 repeat
+
+
+def test_decode_benchmark_times_cuda_graphs_on_cuda_only():
+    with pytest.raises(ValueError, match=r"CUDA graphs need a CUDA device, got device='cpu'"):
+        decode.run([8], 0, 1, 1, None, device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decode_benchmark_times_decoding_from_cuda_graphs():
+    rows = decode.run([8], hf_max_context=0, new_tokens=4, repeats=1, out_dir=None, base=MixConConfig.preset("tiny"),
+                      device="cuda", triton=False, cuda_graphs=True)
+    assert [r["model"] for r in rows] == ["mixcon", "transformer-twin", "conba-twin", "mixcon+graphs",
+                                          "transformer-twin+graphs", "conba-twin+graphs"]
+    assert all(r["decode_ms"] > 0 for r in rows)
 
 
 def test_recall_benchmark_trains_and_scores_the_three_twins(tmp_path):

@@ -29,6 +29,23 @@ def test_bad_sampling_options_are_refused_before_loading(tmp_path, capsys, extra
     assert out == "" and message in err
 
 
+def test_cuda_graphs_need_a_cuda_device(tmp_path):
+    with pytest.raises(SystemExit, match=r"^mixcon generate: --cuda-graphs needs a CUDA --device, got cpu$"):
+        main(["generate", "--checkpoint", str(tmp_path / "nothing"), "--cuda-graphs"])  # not looked for
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_decode_what_eager_steps_do(tmp_path, tiny_model, capsys):
+    tiny_model(dtype=torch.float32, vocab_size=300).save_pretrained(tmp_path / "model")
+    argv = ["generate", "--checkpoint", str(tmp_path / "model"), "--tokenizer", "bytes", "--prompt", "hi",
+            "--greedy", "--max-new-tokens", "12", "--device", "cuda"]
+    outputs = []
+    for extra in ([], ["--cuda-graphs"]):
+        assert main(argv + extra) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0]) > len("hi\n")
+
+
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
 def test_the_streamer_prints_whole_characters_as_they_arrive(tokenizer):
     """Bytes of one character print together once complete; bytes that can form none print at once, as the
