@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixcon.generation.cuda_graphs import DecodeGraphs, weight_pointers
 from tests.generation.test_generate import left_pad
@@ -185,6 +186,40 @@ def test_capture_decode_is_kept_by_copies_and_undone_by_uncompile(tiny_model):
     assert not model._decode_graphs.graphs
     model.uncompile()
     assert model._decode_graphs is None and "graphs" not in model._compiled
+
+
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "unique_dim"}
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("batch", "overrides"), [(1, {}), (1, dict(conba_delay=0, attn_rope=True)), (3, {})])
+def test_a_decoding_step_reads_nothing_back_to_the_host(tiny_model, monkeypatch, batch, overrides):
+    """What a CUDA graph can hold: with the static shapes of a step on CUDA (the MoE's gathered experts for a few
+    tokens, all experts for more), no op of the step waits for a value on the device."""
+    import mixcon.layers.moe as moe
+
+    monkeypatch.setattr(moe, "static_shapes", lambda h: True)
+    model = tiny_model(**overrides)
+    ops = OpNames()
+    step = model.decode_step
+
+    def recorded(*args):
+        with ops:
+            return step(*args)
+
+    model._decode_step = recorded
+    _decode(model, torch.randint(3, 300, (batch, 4)), None, 2)
+    assert {"mm", "index_copy_", "baddbmm_"} <= ops.names and not ops.names & HOST_READS
+    assert ("index" in ops.names) == (batch == 1)  # one token's experts gathered
 
 
 @cuda
