@@ -9,9 +9,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixcon.generation.cuda_graphs import DecodeGraphs, weight_pointers
-from tests.generation.test_generate import left_pad
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts, of 5 and 9 tokens: the first left-padded."""
+    ids = torch.randint(3, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    return ids, mask
 
 
 class Rerun(DecodeGraphs):
@@ -49,7 +56,7 @@ def test_replayed_steps_equal_eager_ones(tiny_model, tau):
     """One graph per ring phase of the Conba states (tau = 2: two; tau = 0: one), replayed from then on; the
     cache ends as the eager steps leave it."""
     model = tiny_model(conba_delay=tau)
-    ids, mask = left_pad([torch.randint(3, 300, (n,)) for n in (5, 9)])
+    ids, mask = _prompts()
     expected, eager_cache = _decode(model, ids, mask, 7)
     graphs = _with_graphs(model)
     logits, cache = _decode(model, ids, mask, 7)
@@ -228,8 +235,7 @@ def test_cuda_graph_decoding_equals_eager(tiny_model, tau):
     """Real CUDA graphs: the same greedy tokens as eager steps, batched with padding, replayed after the first
     step of each ring phase; a grown cache gets new graphs; under autocast steps run as they are."""
     model = tiny_model(dtype=torch.float32, conba_delay=tau).cuda()
-    ids, mask = left_pad([torch.randint(3, 300, (n,)) for n in (5, 9)])
-    ids, mask = ids.cuda(), mask.cuda()
+    ids, mask = (t.cuda() for t in _prompts())
     expected = model.generate(ids, 12, attention_mask=mask)
     expected_logits, _ = _decode(model, ids, mask, 8, max_length=ids.shape[1] + 2)
     model.capture_decode()
