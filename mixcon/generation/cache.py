@@ -90,6 +90,8 @@ class AttentionCache:
 
     def tensors(self, length: int | None = None) -> tuple[torch.Tensor, ...]:
         """What a decoding step reads and writes: (K, V), whole or their first `length` positions (views)."""
+        if length is None:
+            return self.k, self.v
         return self.k[:, :, :length], self.v[:, :, :length]
 
     def select_rows(self, index: torch.Tensor) -> None:

@@ -59,8 +59,9 @@ class DecodeGraphs:
                  index: torch.Tensor, caches: Sequence[tuple[torch.Tensor, ...]], weights: Hashable) -> torch.Tensor:
         """`step(input_ids, positions, key_mask, index, caches)`, from a graph when one was captured on the same
         tensors; `weights`: the model's `weight_pointers` (replaced weights need new graphs)."""
-        key = (*(_layout(t) for t in (positions, key_mask)), *(_layout(t) for tensors in caches for t in tensors),
-               weights)
+        # The cache tensors' shapes, strides and dtype follow from the key mask's (B, capacity) and the weights'
+        # dtype (contiguous tensors of the config's shapes): their addresses tell them apart.
+        key = (_layout(positions), _layout(key_mask), *(t.data_ptr() for tensors in caches for t in tensors), weights)
         graph = self.graphs.get(key)
         if graph is None:
             device = input_ids.device

@@ -445,7 +445,8 @@ class MixConForCausalLM(nn.Module):
         takes the general path, which calls them (and their hooks)."""
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for layer in self.layers for m in (layer, layer.mixer))
+        return any(m._forward_hooks or m._forward_pre_hooks  # (`_modules`: each step, no nn.Module.__getattr__)
+                   for layer in self.layers._modules.values() for m in (layer, layer._modules["mixer"]))
 
     def _needs_grad(self) -> bool:
         """Whether this forward builds an autograd graph (a decoding step's in-place updates would break it)."""

@@ -98,7 +98,12 @@ def test_forward_hooks_on_layers_and_mixers_fire_at_every_decoding_step(tiny_mod
             expected = torch.cat([expected, model(expected).logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(tokens, expected)
     handle.remove()
+    assert model._hooked()  # the mixer's hook alone
     model.layers[1].mixer._forward_hooks.clear()
+    assert not model._hooked()
+    handle = model.layers[3].mixer.register_forward_pre_hook(lambda *_: None)
+    assert model._hooked()
+    handle.remove()
     assert not model._hooked()
 
 
