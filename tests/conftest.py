@@ -95,6 +95,32 @@ LOCAL_DOCS = [
 
 
 @pytest.fixture
+def graph_stand_in() -> type:
+    """A stand-in for `DecodeGraphs` on any device, a graph being its function: a replay recomputes the step from
+    the graph's own inputs, which `DecodeGraphs` must have filled with the call's (as a CUDA replay reads them).
+    `graph_stand_in.install(model)`: `model.capture_decode()` with it."""
+    from mixcon.generation.cuda_graphs import DecodeGraphs
+
+    class StandIn(DecodeGraphs):
+        def applies(self, input_ids: torch.Tensor) -> bool:
+            return True
+
+        def _warm_up(self, run: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+            return run()
+
+        def _capture(self, run: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+            return run
+
+        @classmethod
+        def install(cls, model: MixConForCausalLM, max_graphs: int = 16) -> DecodeGraphs:
+            model.capture_decode(max_graphs)
+            model._decode_graphs = graphs = cls(max_graphs)
+            return graphs
+
+    return StandIn
+
+
+@pytest.fixture
 def local_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[dict[str, Any]]]:
     """A folder of two `lm-eval` task YAMLs over three local JSON Lines documents (multiple choice: mixcon_choice;
     rolling log-likelihood: mixcon_text), the documents, and the Hugging Face hub switched off."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mixcon.generation.cuda_graphs import DecodeGraphs, weight_pointers
+from mixcon.generation.cuda_graphs import weight_pointers
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -21,20 +21,6 @@ def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-class Rerun(DecodeGraphs):
-    """`DecodeGraphs` on any device, a graph being its function: a replay recomputes the step from the graph's
-    own inputs, which `DecodeGraphs` must have filled with the call's (as a CUDA replay reads them)."""
-
-    def applies(self, input_ids: torch.Tensor) -> bool:
-        return True
-
-    def _warm_up(self, run, device):
-        return run()
-
-    def _capture(self, run, device):
-        return run
-
-
 def _decode(model, ids, mask, steps, max_length=None):
     """Logits of a prefill then `steps` greedy steps, (B, steps + 1, V), and the cache."""
     with torch.no_grad():
@@ -45,20 +31,14 @@ def _decode(model, ids, mask, steps, max_length=None):
     return torch.cat(logits, 1), cache
 
 
-def _with_graphs(model, max_graphs=16):
-    model.capture_decode(max_graphs)
-    model._decode_graphs = graphs = Rerun(max_graphs)
-    return graphs
-
-
 @pytest.mark.parametrize("tau", [0, 2])
-def test_replayed_steps_equal_eager_ones(tiny_model, tau):
+def test_replayed_steps_equal_eager_ones(tiny_model, tau, graph_stand_in):
     """One graph per ring phase of the Conba states (tau = 2: two; tau = 0: one), replayed from then on; the
     cache ends as the eager steps leave it."""
     model = tiny_model(conba_delay=tau)
     ids, mask = _prompts()
     expected, eager_cache = _decode(model, ids, mask, 7)
-    graphs = _with_graphs(model)
+    graphs = graph_stand_in.install(model)
     logits, cache = _decode(model, ids, mask, 7)
     torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
     phases = max(tau, 1)
@@ -68,17 +48,17 @@ def test_replayed_steps_equal_eager_ones(tiny_model, tau):
             torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-9)
 
 
-def test_a_grown_cache_gets_new_graphs(tiny_model):
+def test_a_grown_cache_gets_new_graphs(tiny_model, graph_stand_in):
     model = tiny_model()
     ids = torch.randint(3, 300, (1, 4))
     expected, _ = _decode(model, ids, None, 5, max_length=6)  # grows to 12 at the third step
-    graphs = _with_graphs(model)
+    graphs = graph_stand_in.install(model)
     logits, _ = _decode(model, ids, None, 5, max_length=6)
     torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
     assert len(graphs.graphs) == 4 and graphs.replays == 1  # steps at capacity 6: 2 graphs, 0 replays; at 12: 2, 1
 
 
-def test_a_cache_keys_its_graphs_on_the_weights_it_was_decoded_with(tiny_model, monkeypatch):
+def test_a_cache_keys_its_graphs_on_the_weights_it_was_decoded_with(tiny_model, monkeypatch, graph_stand_in):
     """Looked up at a cache's first graphed step (once: a walk over the modules), so that replaced weights get new
     graphs; copies of the cache look again (the copy of a model has its own weights)."""
     import mixcon.models.mixcon as models
@@ -86,7 +66,7 @@ def test_a_cache_keys_its_graphs_on_the_weights_it_was_decoded_with(tiny_model, 
     model = tiny_model()
     walks = []
     monkeypatch.setattr(models, "weight_pointers", lambda m: walks.append(m) or weight_pointers(m))
-    _with_graphs(model)
+    graph_stand_in.install(model)
     _, cache = _decode(model, torch.randint(3, 300, (1, 4)), None, 3)
     assert walks == [model] and cache.weights == weight_pointers(model)
     assert len(cache.weights) == len(set(cache.weights)) + 1  # every parameter (the tied LM head twice)
@@ -103,10 +83,10 @@ def _toy_step(ids, positions, key_mask, index, caches):
     return ids + positions + key_mask[-1].sum() + index + state.sum()
 
 
-def test_each_tensor_read_in_place_is_part_of_a_graphs_key():
+def test_each_tensor_read_in_place_is_part_of_a_graphs_key(graph_stand_in):
     """A step's tensors other than the tokens and the position: another such tensor (or the same memory seen
     as another shape, strides or dtype), and a graph captured on the first would read the first."""
-    graphs = Rerun()
+    graphs = graph_stand_in()
     mask = torch.ones(3, 3, dtype=torch.bool).tril()
     args = [torch.tensor([[1]]), torch.tensor([2]), mask, torch.tensor([3]), [(torch.zeros(2),)]]
 
@@ -131,7 +111,7 @@ def test_each_tensor_read_in_place_is_part_of_a_graphs_key():
     assert (len(graphs.graphs), graphs.replays) == (8, 1)
 
 
-def test_the_least_recently_used_graph_goes(tiny_model):
+def test_the_least_recently_used_graph_goes(tiny_model, graph_stand_in):
     """max_graphs=2 and three caches decoded in turn: a replayed graph is kept over one used before it."""
     model = tiny_model(conba_delay=0)
     ids = torch.randint(3, 300, (1, 4))
@@ -139,24 +119,24 @@ def test_the_least_recently_used_graph_goes(tiny_model):
     with torch.no_grad():
         for cache in caches:
             model(ids, cache=cache)
-        graphs = _with_graphs(model, max_graphs=2)
+        graphs = graph_stand_in.install(model, max_graphs=2)
         for i in (0, 1, 0, 2, 0):  # the third cache's graph replaces the second's
             model(torch.tensor([[7]]), cache=caches[i])
     assert len(graphs.graphs) == 2 and graphs.replays == 2
 
 
-def test_only_the_most_recent_graphs_are_kept(tiny_model):
+def test_only_the_most_recent_graphs_are_kept(tiny_model, graph_stand_in):
     """max_graphs=1 with two ring phases: each step replaces the other phase's graph and none is replayed."""
     model = tiny_model(conba_delay=2)
     ids = torch.randint(3, 300, (1, 4))
     expected, _ = _decode(model, ids, None, 5)
-    graphs = _with_graphs(model, max_graphs=1)
+    graphs = graph_stand_in.install(model, max_graphs=1)
     logits, _ = _decode(model, ids, None, 5)
     torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
     assert len(graphs.graphs) == 1 and graphs.replays == 0
 
 
-def test_replayed_steps_attend_over_the_whole_capacity(tiny_model, monkeypatch):
+def test_replayed_steps_attend_over_the_whole_capacity(tiny_model, monkeypatch, graph_stand_in):
     """As a compiled step: one shape per capacity, so that a graph serves every later step."""
     import mixcon.layers.attention as attention
 
@@ -165,7 +145,7 @@ def test_replayed_steps_attend_over_the_whole_capacity(tiny_model, monkeypatch):
     decode_attention = attention.decode_attention
     monkeypatch.setattr(attention, "decode_attention", lambda q, k, v, mask: seen.append(k.shape[2]) or
                         decode_attention(q, k, v, mask))
-    _with_graphs(model)
+    graph_stand_in.install(model)
     _decode(model, torch.randint(3, 300, (1, 4)), None, 3, max_length=16)
     assert seen and set(seen) == {16}
 

@@ -61,6 +61,17 @@ def test_forward_logits_and_loss_are_the_models(pair):
     assert torch.equal(hf(ids, attention_mask=mask, position_ids=positions).logits, out.logits)  # not documents
 
 
+def test_transformers_generate_decodes_through_capture_decodes_graphs(pair, graph_stand_in):
+    """The wrapper's decoding steps are the model's: after `capture_decode` they replay its graphs (a stand-in
+    here), with the same tokens."""
+    model, hf = pair
+    ids, mask = left_padded()
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    graphs = graph_stand_in.install(model)
+    assert torch.equal(hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), expected)
+    assert len(graphs.graphs) == 2 and graphs.replays == 5  # 7 steps, two ring phases
+
+
 def test_outputs_are_ordered_as_mixtrals(pair):
     """aux_loss only with output_router_logits (argument or config), as Mixtral: the tuple form is then (loss,
     logits, past_key_values), and the Trainer leaves aux_loss out of its predictions. The loss counts the router
