@@ -84,7 +84,7 @@ def _toy_step(ids, positions, key_mask, index, caches):
 
 
 def test_each_tensor_read_in_place_is_part_of_a_graphs_key(graph_stand_in):
-    """A step's tensors other than the tokens and the position: another such tensor (or the same memory seen
+    """A step's tensors other than the tokens and the position: another such tensor (or the key mask's memory seen
     as another shape, strides or dtype), and a graph captured on the first would read the first."""
     graphs = graph_stand_in()
     mask = torch.ones(3, 3, dtype=torch.bool).tril()
