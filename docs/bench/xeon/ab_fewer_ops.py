@@ -4,12 +4,10 @@ multiply + add, the conv taps copied per token) vs the working tree ("after"). T
 and swapped in; variants alternate; medians of the last 12 of 15 rounds of 5 steps at the same position.
 Usage (in a git checkout): python docs/bench/xeon/ab_fewer_ops.py"""
 import statistics
-import subprocess
-import sys
 import time
-import types
 
 import torch
+from old_code import old_module
 
 import mixcon.layers.conba as new_conba
 from mixcon import MixConConfig, MixConForCausalLM
@@ -17,16 +15,8 @@ from mixcon import MixConConfig, MixConForCausalLM
 BEFORE = "a302635"
 
 
-def old_module(name: str, path: str) -> types.ModuleType:
-    source = subprocess.run(["git", "show", f"{BEFORE}:{path}"], check=True, capture_output=True, text=True).stdout
-    module = types.ModuleType(name)
-    sys.modules[name] = module
-    exec(compile(source, f"{BEFORE}:{path}", "exec"), module.__dict__)
-    return module
-
-
-old_conba = old_module("old_conba", "mixcon/layers/conba.py")
-old_conba.conba_scan_step = old_module("old_step", "mixcon/ops/step.py").conba_scan_step
+old_conba = old_module(BEFORE, "mixcon/layers/conba.py")
+old_conba.conba_scan_step = old_module(BEFORE, "mixcon/ops/step.py").conba_scan_step
 METHODS = ("_scan_inputs", "_finish", "decode", "_conv")
 VARIANTS = {"before": {m: getattr(old_conba.Conba, m) for m in METHODS},
             "after": {m: getattr(new_conba.Conba, m) for m in METHODS}}

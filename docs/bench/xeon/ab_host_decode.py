@@ -7,12 +7,10 @@ Usage (in a git checkout):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/bench/xeon/ab_host_decode.py --before 188cd53"""
 import argparse
 import statistics
-import subprocess
-import sys
 import time
-import types
 
 import torch
+from old_code import old_module
 
 import mixcon.generation.cache as cache_module
 import mixcon.generation.cuda_graphs as graphs_module
@@ -23,15 +21,6 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--before", required=True, help="the commit whose code is 'before'")
 parser.add_argument("--rounds", type=int, default=9)
 args = parser.parse_args()
-
-
-def old_module(path: str) -> types.ModuleType:
-    source = subprocess.run(["git", "show", f"{args.before}:{path}"], check=True, capture_output=True,
-                            text=True).stdout
-    module = types.ModuleType(f"old_{path}")
-    sys.modules[module.__name__] = module
-    exec(compile(source, f"{args.before}:{path}", "exec"), module.__dict__)
-    return module
 
 
 def stored(graphs: type) -> type:
@@ -52,10 +41,11 @@ def stored(graphs: type) -> type:
     return Stored
 
 
-old_graphs = old_module("mixcon/generation/cuda_graphs.py")
+old_graphs = old_module(args.before, "mixcon/generation/cuda_graphs.py")
+old_cache = old_module(args.before, "mixcon/generation/cache.py")
 VARIANTS = {
-    "before": (stored(old_graphs.DecodeGraphs), old_module("mixcon/generation/cache.py").AttentionCache.tensors,
-               old_module("mixcon/models/mixcon.py").MixConForCausalLM._hooked),
+    "before": (stored(old_graphs.DecodeGraphs), old_cache.AttentionCache.tensors,
+               old_module(args.before, "mixcon/models/mixcon.py").MixConForCausalLM._hooked),
     "after": (stored(graphs_module.DecodeGraphs), cache_module.AttentionCache.tensors,
               model_module.MixConForCausalLM._hooked),
 }

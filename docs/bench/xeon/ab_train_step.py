@@ -6,12 +6,11 @@ Usage (in a git checkout):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/bench/xeon/ab_train_step.py --before a0b08ed --part moe"""
 import argparse
 import statistics
-import subprocess
-import sys
 import time
 import types
 
 import torch
+from old_code import old_module
 
 import mixcon.layers.conba as conba
 import mixcon.layers.moe as moe
@@ -24,20 +23,12 @@ parser.add_argument("--rounds", type=int, default=8)
 args = parser.parse_args()
 
 
-def old_module(path: str) -> types.ModuleType:
-    source = subprocess.run(["git", "show", f"{args.before}:{path}"], check=True, capture_output=True,
-                            text=True).stdout
-    module = types.ModuleType(f"old_{path}")
-    sys.modules[module.__name__] = module
-    exec(compile(source, f"{args.before}:{path}", "exec"), module.__dict__)
-    return module
-
-
 if args.part == "moe":
-    owner, old = moe.MoE, old_module("mixcon/layers/moe.py").MoE
+    owner, old = moe.MoE, old_module(args.before, "mixcon/layers/moe.py").MoE
     names = ("expert", "combine", "combine_gathered")
 else:
-    owner, old = conba.Conba, types.SimpleNamespace(scan_fn=staticmethod(old_module("mixcon/ops/chunk.py").conba_scan))
+    old_scan = old_module(args.before, "mixcon/ops/chunk.py").conba_scan
+    owner, old = conba.Conba, types.SimpleNamespace(scan_fn=staticmethod(old_scan))
     names = ("scan_fn",)
 VARIANTS = {"before": {n: vars(old)[n] for n in names}, "after": {n: owner.__dict__[n] for n in names}}
 
