@@ -102,7 +102,7 @@ def graph_stand_in() -> type:
     from mixcon.generation.cuda_graphs import DecodeGraphs
 
     class StandIn(DecodeGraphs):
-        def applies(self, input_ids: torch.Tensor) -> bool:
+        def _capturable(self, input_ids: torch.Tensor) -> bool:
             return True
 
         def _warm_up(self, run: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:

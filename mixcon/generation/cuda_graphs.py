@@ -3,6 +3,7 @@ replay (decoding a small model on a GPU is bound by launches, not by the GPU; do
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
@@ -38,17 +39,22 @@ class DecodeGraphs:
     The first step on such tensors runs as it is (on the side stream that captures, so that libraries' handles
     for it exist before a capture), then is captured; later steps copy their tokens and cache position into the
     graph's inputs and replay it. The `max_graphs` most recently used graphs are kept. Steps that `applies`
-    refuses (not on CUDA, or under autocast, whose cast cache a graph would freeze) run as they are.
+    refuses (not on CUDA, or under autocast, whose cast cache a graph would freeze) run as they are; so do all
+    steps after a capture failed (with a warning that says why).
     """
 
     def __init__(self, max_graphs: int = 16) -> None:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self.replays = 0
+        self.failed: str | None = None  # why a capture failed
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, tuple[int, int]]] = {}
 
     def applies(self, input_ids: torch.Tensor) -> bool:
         """Whether a step on `input_ids` is replayed from a graph."""
+        return self.failed is None and self._capturable(input_ids)
+
+    def _capturable(self, input_ids: torch.Tensor) -> bool:
         return input_ids.is_cuda and not torch.is_autocast_enabled("cuda")
 
     def clear(self) -> None:
@@ -67,7 +73,13 @@ class DecodeGraphs:
             device = input_ids.device
             logits = self._warm_up(lambda: step(input_ids, positions, key_mask, index, caches), device)
             ids, idx = input_ids.clone(), index.clone()
-            replay = self._capture(lambda: step(ids, positions, key_mask, idx, caches), device)
+            try:
+                replay = self._capture(lambda: step(ids, positions, key_mask, idx, caches), device)
+            except RuntimeError as e:  # the step just ran: its result stands, and the next steps run so too
+                self.failed = f"{type(e).__name__}: {e}"
+                warnings.warn(f"capture_decode: a decoding step could not be captured in a CUDA graph ({self.failed}); "
+                              "decoding goes on without graphs", RuntimeWarning, stacklevel=2)
+                return logits
             self.graphs[key] = _Graph(ids, idx, replay)
             if len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)

@@ -111,6 +111,26 @@ def test_each_tensor_read_in_place_is_part_of_a_graphs_key(graph_stand_in):
     assert (len(graphs.graphs), graphs.replays) == (8, 1)
 
 
+def test_a_step_that_cannot_be_captured_decodes_on_without_graphs(tiny_model, graph_stand_in, monkeypatch):
+    """A failed capture: that step's result (it ran before) and every later step's as without graphs, one warning."""
+    model = tiny_model()
+    ids = torch.randint(3, 300, (1, 4))
+    expected, _ = _decode(model, ids, None, 5)
+    graphs = graph_stand_in.install(model)
+
+    def fail(run, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", fail)
+    with pytest.warns(RuntimeWarning) as warned:
+        logits, _ = _decode(model, ids, None, 5)
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+    assert [str(w.message) for w in warned] == [
+        "capture_decode: a decoding step could not be captured in a CUDA graph (RuntimeError: operation not permitted "
+        "when stream is capturing); decoding goes on without graphs"]
+    assert not graphs.graphs and graphs.replays == 0
+
+
 def test_the_least_recently_used_graph_goes(tiny_model, graph_stand_in):
     """max_graphs=2 and three caches decoded in turn: a replayed graph is kept over one used before it."""
     model = tiny_model(conba_delay=0)
