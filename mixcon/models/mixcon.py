@@ -553,7 +553,8 @@ class MixConForCausalLM(nn.Module):
         captured after the first step on each set of cache tensors (a new cache, one that grew, each phase of a
         ring of tau > 1 Conba states) and weights (looked up once per cache, at its first such step: weights
         replaced while a cache is decoded need a new cache); `max_graphs`: how many are kept. Steps elsewhere,
-        or under autocast, run as before. Attention reads the cache's whole capacity, as when compiled."""
+        or under autocast, run as before, and so do all after a step that could not be captured (a warning).
+        Attention reads the cache's whole capacity, as when compiled."""
         if not (is_integer(max_graphs) and max_graphs >= 1):
             raise ValueError(f"capture_decode: max_graphs={max_graphs!r} must be an integer >= 1")
         self._decode_graphs = DecodeGraphs(max_graphs)
