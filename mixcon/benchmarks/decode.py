@@ -43,7 +43,7 @@ from mixcon.benchmarks.common import (
     twins,
     write_results,
 )
-from mixcon.cli.common import number_type
+from mixcon.cli.common import check_cuda_graphs, number_type
 from mixcon.config import MixConConfig
 from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_capacity
@@ -241,8 +241,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, base: MixConConfig | None = None) -> int:
     apply_precision(args)
-    if args.cuda_graphs and torch.device(args.device).type != "cuda":
-        raise SystemExit(f"mixcon bench decode: --cuda-graphs needs a CUDA --device, got {args.device}")
+    check_cuda_graphs("mixcon bench decode", args)
     run(args.contexts, args.hf_max_context, args.new_tokens, args.repeats, args.out, base=base, device=args.device,
         dtype=DTYPES[args.dtype], compiled=args.compile, via_transformers=args.via_transformers,
         cuda_graphs=args.cuda_graphs)

@@ -141,6 +141,12 @@ def add_device_argument(parser: argparse.ArgumentParser, default: str | None, sh
                         help=f"torch device (default: {shown or default})")
 
 
+def check_cuda_graphs(command: str, args: argparse.Namespace) -> None:
+    """--cuda-graphs (`capture_decode`) needs a CUDA --device: a SystemExit that names `command` otherwise."""
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        raise SystemExit(f"{command}: --cuda-graphs needs a CUDA --device, got {args.device}")
+
+
 def parse_value(text: str) -> Any:
     """'3' -> 3, '0.5' -> 0.5, 'true' -> True, 'none' -> None, anything else stays a string."""
     lowered = text.lower()

@@ -13,6 +13,7 @@ from mixcon.cli.common import (
     add_corpus_action,
     add_device_argument,
     add_dtype_argument,
+    check_cuda_graphs,
     existing_folder,
     number_type,
     output_file,
@@ -70,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="chunk length when streaming whole documents (default: %(default)s)")
     t.add_argument("--seed", type=number_type(int, 0, maximum=2**32 - 1), default=0,  # (numpy's range)
                    help="seed of few-shot sampling and generation (default: 0)")
+    t.add_argument("--cuda-graphs", action="store_true",
+                   help="replay generation tasks' decoding steps from CUDA graphs (capture_decode; a CUDA --device "
+                        "only)")
     t.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the results to FILE")
     t.set_defaults(func=run_tasks)
 
@@ -121,10 +125,11 @@ def run_tasks(args: argparse.Namespace) -> int:
         from mixcon.integrations.lm_eval import MixConLM
     except ImportError as e:
         raise SystemExit(f"mixcon eval tasks: needs the lm-eval harness: pip install 'mixcon[eval]' ({e})") from e
+    check_cuda_graphs("mixcon eval tasks", args)
     try:
         lm = MixConLM(args.checkpoint, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                       batch_size=args.batch_size, max_length=args.max_length, context=args.context,
-                      compile=args.compile, seed=args.seed)
+                      compile=args.compile, seed=args.seed, cuda_graphs=args.cuda_graphs)
         tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
         manager = TaskManager(include_path=args.include_path)
         if unknown := [name for name in tasks if not manager.match_tasks([name])]:

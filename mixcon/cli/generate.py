@@ -9,7 +9,7 @@ from typing import TextIO
 
 import torch
 
-from mixcon.cli.common import SEED, add_device_argument, add_dtype_argument, number_type
+from mixcon.cli.common import SEED, add_device_argument, add_dtype_argument, check_cuda_graphs, number_type
 from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
@@ -93,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
     except UnicodeEncodeError as e:  # bytes of the command line that are no UTF-8 (Python keeps them as surrogates)
         raise SystemExit(f"mixcon generate: --prompt is not UTF-8 text (from character {e.start} on); give it in "
                          "UTF-8") from e
-    if args.cuda_graphs and torch.device(args.device).type != "cuda":
-        raise SystemExit(f"mixcon generate: --cuda-graphs needs a CUDA --device, got {args.device}")
+    check_cuda_graphs("mixcon generate", args)
     try:
         model, tok = load_model_and_tokenizer(args.checkpoint, args.device, args.tokenizer, DTYPES[args.dtype])
         if args.compile:

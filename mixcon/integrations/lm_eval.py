@@ -37,13 +37,14 @@ class MixConLM(TemplateLM):
     def __init__(self, pretrained: str | MixConForCausalLM, tokenizer: str | AnyTokenizer | None = None,
                  device: str | None = None, dtype: str | None = None, batch_size: int | str | None = 8,
                  max_length: int | str | None = None, context: int | str = 1024, compile: bool | str = False,
-                 max_batch_size: int | None = None, seed: int | str = 0) -> None:
+                 max_batch_size: int | None = None, seed: int | str = 0, cuda_graphs: bool | str = False) -> None:
         """`pretrained`: a model, or a run / checkpoint / `save_pretrained` directory; `tokenizer`: a tokenizer,
         'bytes' or a path (default for a directory: its own); `dtype`: fp32, bf16, fp16 or a torch name
         ("bfloat16"; "auto" or default: as loaded); `batch_size` "auto" (or lm-eval's "auto:N") means 8 and
         `max_batch_size` (lm-eval passes it) is not used; `max_length`: the last tokens each input keeps, the
         new ones included when generating; `seed`: of sampled generations (a task's own `seed` generation
-        argument wins)."""
+        argument wins); `compile`: prefill through compiled Conba layers (`compile_prefill`); `cuda_graphs`:
+        generation steps replayed from CUDA graphs (`capture_decode`; on CUDA)."""
         super().__init__()
         if isinstance(pretrained, MixConForCausalLM):
             if tokenizer is None:
@@ -69,6 +70,8 @@ class MixConLM(TemplateLM):
             raise ValueError(f"MixConLM: seed={seed!r} must be an integer") from None
         if compile in (True, "True", "true"):
             self.model.compile_prefill()
+        if cuda_graphs in (True, "True", "true"):
+            self.model.capture_decode()
 
     @property
     def eot_token_id(self) -> int:

@@ -326,8 +326,31 @@ def test_the_command_line_help_lists_every_option(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ["--checkpoint", "--tasks", "--include-path", "--num-fewshot", "--limit", "--max-length",
-                 "--context", "--batch-size", "--dtype", "--device", "--compile", "--seed", "--json"]:
+                 "--context", "--batch-size", "--dtype", "--device", "--compile", "--cuda-graphs", "--seed", "--json"]:
         assert flag in text
+
+
+def test_cuda_graphs_are_a_model_argument_and_a_flag_for_cuda(tiny_model, tmp_path, monkeypatch):
+    """model_args cuda_graphs=true: generation steps through `capture_decode`; `--cuda-graphs` off CUDA is refused
+    before anything loads."""
+    from mixcon.cli import main
+
+    assert MixConLM(tiny_model(vocab_size=TOK.vocab_size), tokenizer=TOK).model._decode_graphs is None
+    lm = MixConLM(tiny_model(vocab_size=TOK.vocab_size), tokenizer=TOK, cuda_graphs="true")
+    assert lm.model._decode_graphs is not None
+    with pytest.raises(SystemExit, match=r"^mixcon eval tasks: --cuda-graphs needs a CUDA --device, got cpu$"):
+        main(["eval", "tasks", "--checkpoint", str(tmp_path / "nothing"), "--tasks", "x", "--cuda-graphs"])
+    given = {}
+
+    def record(self, *args, **kwargs):
+        given.update(kwargs)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # --device cuda is checked: as on a GPU machine
+    monkeypatch.setattr(MixConLM, "__init__", record)
+    with pytest.raises(SystemExit, match="recorded"):
+        main(["eval", "tasks", "--checkpoint", str(tmp_path), "--tasks", "x", "--device", "cuda", "--cuda-graphs"])
+    assert given["cuda_graphs"] is True
 
 
 def test_stop_strings_are_found_where_they_end_in_the_text_as_decoded():
