@@ -195,6 +195,9 @@ class MixConCache:
     def __getstate__(self) -> dict[str, Any]:  # pickling: a weak reference does not pickle, pointers mean nothing
         return {**self.__dict__, "owner": None, "weights": None}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"weights": None, **state})  # (caches pickled before `weights` existed have none)
+
     def __copy__(self) -> MixConCache:  # the copy continues the same model
         new = object.__new__(MixConCache)
         new.__dict__.update(self.__dict__)

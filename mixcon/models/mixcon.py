@@ -592,6 +592,7 @@ class MixConForCausalLM(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_decode_graphs", None)  # pickled before capture_decode existed
         compiled = self.__dict__.setdefault("_compiled", {})
         if "decode" in compiled:
             self.compile_decode(**compiled["decode"])

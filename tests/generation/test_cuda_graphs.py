@@ -71,6 +71,9 @@ def test_a_cache_keys_its_graphs_on_the_weights_it_was_decoded_with(tiny_model, 
     assert walks == [model] and cache.weights == weight_pointers(model)
     assert len(cache.weights) == len(set(cache.weights)) + 1  # every parameter (the tied LM head twice)
     assert copy.deepcopy(cache).weights is None and pickle.loads(pickle.dumps(cache)).weights is None
+    older = object.__new__(type(cache))  # pickled before `weights` existed
+    older.__setstate__({k: v for k, v in cache.__getstate__().items() if k != "weights"})
+    assert older.weights is None
     assert copy.copy(cache).weights == cache.weights
     model.norm.weight = nn.Parameter(model.norm.weight * 2)
     assert weight_pointers(model) != cache.weights
@@ -189,6 +192,10 @@ def test_capture_decode_is_kept_by_copies_and_undone_by_uncompile(tiny_model):
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert copied._decode_graphs is not model._decode_graphs  # graphs of the copy's own weights
         assert copied._decode_graphs.max_graphs == 3 and not copied._decode_graphs.graphs
+    state = {k: v for k, v in model.__getstate__().items() if k not in ("_decode_graphs", "_compiled")}
+    older = object.__new__(type(model))  # as pickled before capture_decode existed
+    older.__setstate__(state)
+    assert torch.equal(older.generate(torch.tensor([[5, 6]]), 3), model.generate(torch.tensor([[5, 6]]), 3))
     model.compile_decode(backend="eager")  # graphs of the step before would replay it
     assert not model._decode_graphs.graphs
     model.uncompile()
