@@ -96,20 +96,30 @@ LOCAL_DOCS = [
 
 @pytest.fixture
 def graph_stand_in() -> type:
-    """A stand-in for `DecodeGraphs` on any device, a graph being its function: a replay recomputes the step from
-    the graph's own inputs, which `DecodeGraphs` must have filled with the call's (as a CUDA replay reads them).
+    """A stand-in for `DecodeGraphs` on the CPU, a graph being its function: a replay recomputes the step from
+    the graph's own inputs, which `DecodeGraphs` must have filled with the call's (as a CUDA replay reads them),
+    into one output buffer for all graphs (as replays of graphs sharing a memory pool overwrite their outputs).
     `graph_stand_in.install(model)`: `model.capture_decode()` with it."""
     from mixcon.generation.cuda_graphs import DecodeGraphs
 
     class StandIn(DecodeGraphs):
-        def _capturable(self, input_ids: torch.Tensor) -> bool:
-            return True
+        device_type = "cpu"
+
+        def __init__(self, max_graphs: int = 16) -> None:
+            super().__init__(max_graphs)
+            self.output: torch.Tensor | None = None
 
         def _warm_up(self, run: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
             return run()
 
         def _capture(self, run: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
-            return run
+            def replay() -> torch.Tensor:
+                logits = run()
+                if self.output is None or self.output.shape != logits.shape:
+                    self.output = torch.empty_like(logits)
+                return self.output.copy_(logits)
+
+            return replay
 
         @classmethod
         def install(cls, model: MixConForCausalLM, max_graphs: int = 16) -> DecodeGraphs:

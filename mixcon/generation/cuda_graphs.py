@@ -43,6 +43,8 @@ class DecodeGraphs:
     steps after a capture failed (with a warning that says why).
     """
 
+    device_type = "cuda"  # where steps are captured
+
     def __init__(self, max_graphs: int = 16) -> None:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
@@ -55,7 +57,7 @@ class DecodeGraphs:
         return self.failed is None and self._capturable(input_ids)
 
     def _capturable(self, input_ids: torch.Tensor) -> bool:
-        return input_ids.is_cuda and not torch.is_autocast_enabled("cuda")
+        return input_ids.device.type == self.device_type and not torch.is_autocast_enabled(self.device_type)
 
     def clear(self) -> None:
         """Drop every graph (their step function changed)."""

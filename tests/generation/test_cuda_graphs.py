@@ -48,6 +48,18 @@ def test_replayed_steps_equal_eager_ones(tiny_model, tau, graph_stand_in):
             torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-9)
 
 
+def test_steps_under_autocast_run_as_they_are(tiny_model, graph_stand_in):
+    """A graph would freeze autocast's cast cache: steps under autocast are neither captured nor replayed."""
+    model = tiny_model(conba_delay=0)
+    graphs = graph_stand_in.install(model)
+    ids, mask = _prompts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _decode(model, ids, mask, 3)
+    assert not graphs.graphs and graphs.replays == 0
+    _decode(model, ids, mask, 3)
+    assert len(graphs.graphs) == 1 and graphs.replays == 2
+
+
 def test_a_grown_cache_gets_new_graphs(tiny_model, graph_stand_in):
     model = tiny_model()
     ids = torch.randint(3, 300, (1, 4))
