@@ -54,9 +54,9 @@ def _check_shapes(op: str, lead: tuple[str, ...], x: torch.Tensor, k: torch.Tens
     n, dims = len(lead), ", ".join(lead)
     if x.dim() != n + 2:
         raise ValueError(f"{op}: x must be ({dims}, H, P), got shape {tuple(x.shape)}")
-    *sizes, H, P = x.shape
+    sizes, (H, P) = tuple(x.shape[:n]), x.shape[n:]
     named = ", ".join(f"{d}={size}" for d, size in zip(lead, sizes, strict=True))
-    if k.dim() != n + 2 or list(k.shape[:n]) != sizes or k.shape != q.shape:
+    if k.dim() != n + 2 or tuple(k.shape[:n]) != sizes or k.shape != q.shape:
         raise ValueError(f"{op}: k and q must both be ({named}, G, N), got {tuple(k.shape)} and {tuple(q.shape)}")
     G, N = k.shape[n:]
     if H % G != 0:

@@ -37,7 +37,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     softmax in fp32 (fp64 for fp64 inputs). `chunk_rows` rows at a time (default: CHUNK_ELEMENTS / V).
     """
     rows = _check("linear_cross_entropy", h, weight, labels, chunk_rows)
-    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1).long()  # (N, d), (N,) int64 (older torch: gather)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, labels, rows)
     total, count, _, _ = _chunks(h, weight, labels, rows, grads=False)
@@ -51,7 +51,7 @@ def linear_token_scores(h: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     (fp32, fp64 for fp64 inputs; 0 where IGNORE) and whether it is their argmax among the ids below
     `vocab_limit` (default all; True where IGNORE). No autograd; `chunk_rows` as in `linear_cross_entropy`."""
     rows = _check("linear_token_scores", h, weight, labels, chunk_rows)
-    flat_h, flat_labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)  # (N, d), (N,)
+    flat_h, flat_labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1).long()  # (N, d), (N,) int64
     nll = torch.zeros(flat_labels.shape, dtype=compute_dtype(h), device=h.device)
     greedy = torch.ones(flat_labels.shape, dtype=torch.bool, device=h.device)
     for start in range(0, flat_h.shape[0], rows):
