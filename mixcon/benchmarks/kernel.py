@@ -35,8 +35,12 @@ def compile_kernel(arch: int, dtype: torch.dtype, block: int, P: int = 64, N: in
     """Compile the scan kernel for sm_`arch` and return ptxas's per-thread figures and shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    except ImportError as e:  # Triton 3.2 and before name its ptxas otherwise
+        raise RuntimeError(f"mixcon bench kernel needs Triton >= 3.3 (found {triton.__version__})") from e
 
     from mixcon.ops.triton_chunk import VALUE_BLOCK, _conba_scan_kernel, launch_options
 
