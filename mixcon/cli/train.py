@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,11 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
         if refusal is None and saves.is_dir() and not os.access(saves, os.W_OK | os.X_OK):
             refusal = f"mixcon train: {saves}: cannot write there (the run's checkpoints are saved there)"
     refusal = gather_objects(refusal)[0]  # every process ends with it (the others would wait for rank 0 in vain)
+    if refusal is not None and env.distributed:
+        # Each process says it, then all end together: torchrun stops the other processes when one ends.
+        print(refusal if env.is_main else f"[rank {env.rank}] {refusal}", file=sys.stderr, flush=True)
+        barrier()
+        raise SystemExit(1)
     if refusal is not None:
         raise SystemExit(refusal)
     options = _options(args, resume, say, env.world_size)

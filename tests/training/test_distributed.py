@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,23 +49,27 @@ def single(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_processes(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """DDP and FSDP2 runs of 2 processes, 2 micro-batches of 1 sequence per process per step."""
-    runs = {}
-    for parallel in ("ddp", "fsdp"):
-        out = tmp_path_factory.mktemp(parallel) / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mixcon", *train_args(text_corpus, out, "--micro-batch-size", "1", "--parallel", parallel)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert result.stdout.count("stopped by steps after 6 steps") == 1  # only rank 0 reports
-        runs[parallel] = out
-    return runs
+def two_processes(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The DDP or FSDP2 run of 2 processes, 2 micro-batches of 1 sequence per process per step (each run once)."""
+    runs: dict[str, Path] = {}
+
+    def run(parallel: str) -> Path:
+        if parallel not in runs:
+            out = tmp_path_factory.mktemp(parallel) / "run"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "mixcon", *train_args(text_corpus, out, "--micro-batch-size", "1", "--parallel", parallel)]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            assert result.stdout.count("stopped by steps after 6 steps") == 1  # only rank 0 reports
+            runs[parallel] = out
+        return runs[parallel]
+
+    return run
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(single, two_processes, parallel):
-    run = two_processes[parallel]
+    run = two_processes(parallel)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert_close(metric(run, "loss"), metric(single, "loss"))
     assert_close(metric(run, "val_loss"), metric(single, "val_loss"))
@@ -75,7 +80,7 @@ def test_two_processes_match_one_process(single, two_processes, parallel):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_checkpoint_of_two_processes_continues_in_one(single, two_processes, parallel, text_corpus, tmp_path):
-    start = list_checkpoints(two_processes[parallel])[0]  # step 3
+    start = list_checkpoints(two_processes(parallel))[0]  # step 3
     out = tmp_path / "continued"
     assert main(train_args(text_corpus, out, "--micro-batch-size", "2", "--resume", str(start))) == 0
     continued, reference = metric(out, "loss"), metric(single, "loss")
