@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue #5's GPU checks in one command of under 10 minutes (H100 / H200, bf16): the CUDA tests with
 # the Triton kernel compiled (not interpreted) and CUDA-graph decoding, then the scan, speed and decode
-# benchmarks, the Triton kernel beside the PyTorch scan in each, CUDA-graph decoding beside eager. For a machine with torch, triton and transformers
-# but no package index: mixcon runs from this checkout with the system python3.
+# benchmarks, the Triton kernel beside the PyTorch scan in each, CUDA-graph decoding beside eager. For a
+# machine with torch, triton and transformers but no package index: mixcon runs from this checkout with the
+# system python3.
 #
 #   scripts/gpu_check.sh OUT_DIR
 #

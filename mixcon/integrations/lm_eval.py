@@ -68,9 +68,9 @@ class MixConLM(TemplateLM):
             self.seed = int(seed)
         except (TypeError, ValueError):
             raise ValueError(f"MixConLM: seed={seed!r} must be an integer") from None
-        if compile in (True, "True", "true"):
+        if _flag(compile):
             self.model.compile_prefill()
-        if cuda_graphs in (True, "True", "true"):
+        if _flag(cuda_graphs):
             self.model.capture_decode()
 
     @property
@@ -262,6 +262,11 @@ class StopStrings:
                 text = self.decode(tokens.tolist())
                 self.done[row] = any(stop in text for stop in self.stops)
         return torch.tensor(self.done)
+
+
+def _flag(value: bool | str) -> bool:
+    """A switch of lm-eval's model_args: True, or the text "True" / "true"."""
+    return value in (True, "True", "true")
 
 
 def _positive_int(name: str, value: int | str) -> int:
