@@ -13,7 +13,8 @@ from mixcon.benchmarks.common import new_figure, plot_file, print_table, save_fi
 from mixcon.cli.common import add_config_args, config_from_args, number_type
 from mixcon.generation.cache import cache_nbytes
 from mixcon.generation.footprint import THIS_MODEL, Footprint, comparison_configs, footprint
-from mixcon.models.mixcon import MixConForCausalLM, read_config
+from mixcon.models.files import read_config
+from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
 from mixcon.training import checkpoint as ckpt
 

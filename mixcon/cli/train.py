@@ -44,7 +44,8 @@ from mixcon.data.corpus import SPEC_FORMS
 from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, train_bpe_tokenizer
 from mixcon.io import LOCK_FILE
-from mixcon.models.mixcon import MixConForCausalLM, read_config
+from mixcon.models.files import read_config
+from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import DistEnv, barrier, gather_objects, init_distributed, shutdown
 from mixcon.training.metrics import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, require_tensorboard

@@ -37,14 +37,8 @@ from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_cache
 from mixcon.io import locked_directory
 from mixcon.layers.linear import Linear
-from mixcon.models.mixcon import (
-    HF_MODEL_TYPE,
-    HF_NAMES,
-    IGNORE,
-    MixConForCausalLM,
-    ends_in_padding,
-    wrapped_config,
-)
+from mixcon.models.files import HF_MODEL_TYPE, HF_NAMES, wrapped_config
+from mixcon.models.mixcon import IGNORE, MixConForCausalLM, ends_in_padding
 from mixcon.training.checkpoint import (
     latest_checkpoint,
     load_model_and_tokenizer,

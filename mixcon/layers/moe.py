@@ -43,7 +43,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = n_experts, top_k
         self.router = Linear(d_model, n_experts, bias=False)
         # Experts stored as stacked nn.Linear weights (out, in): (n, 2·hidden, d) and (n, d, hidden). Weights
-        # saved before this layout held (n, in, out): `models.mixcon.upgrade_expert_layout` converts them.
+        # saved before this layout held (n, in, out): `models.files.upgrade_expert_layout` converts them.
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, 2 * hidden, d_model))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         if init_std is not None:

@@ -32,16 +32,16 @@ from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer, mismatch
 from mixcon.io import locked_directory
-from mixcon.models.mixcon import (
+from mixcon.models.files import (
     CONFIG_NAME,
     WEIGHTS_METADATA,
     WEIGHTS_NAME,
-    MixConForCausalLM,
     read_weights,
     umask_permissions,
     upgrade_expert_layout,
     weight_files,
 )
+from mixcon.models.mixcon import MixConForCausalLM
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
