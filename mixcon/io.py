@@ -11,31 +11,44 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, flush it to disk, then rename it over `path` (a failed write
-    removes the temporary file and leaves `path` as it was)."""
-    tmp = path.with_name(path.name + ".tmp")
+def fsync_path(path: Path) -> None:
+    """Flush a written file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+    """`write(tmp)` a temporary file beside `path` (named with `suffix` last: a format some writers read off
+    the name), flush it to disk and rename it over `path`; a failed write removes the temporary file and leaves
+    `path` as it was."""
+    tmp = path.with_name(path.name + ".tmp" + suffix)
+    try:
+        write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (`write_atomic`)."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
 def save_figure_atomic(fig: Any, path: Path, **savefig_kwargs: Any) -> None:
-    """Lay out a matplotlib figure, write it to a temporary file beside `path` (of its format), rename that
-    over `path` and close the figure: a kill leaves the previous image or the new one, never a torn one."""
+    """Lay out a matplotlib figure, write it to `path` whole or not at all (`write_atomic`: a kill leaves the
+    previous image or the new one, never a torn one), and close it, written or not."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    fig.savefig(tmp, **savefig_kwargs)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.tight_layout()
+        write_atomic(path, lambda tmp: fig.savefig(tmp, **savefig_kwargs), suffix=path.suffix)
+    finally:
+        plt.close(fig)
 
 
 LOCK_FILE = ".lock"

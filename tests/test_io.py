@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mixcon.io import LOCK_FILE, locked_directory, write_text_atomic
+from mixcon.io import LOCK_FILE, locked_directory, save_figure_atomic, write_text_atomic
 
 
 def test_a_failed_write_leaves_the_file_as_it_was_and_no_temporary_file(tmp_path, monkeypatch):
@@ -162,3 +162,17 @@ def test_a_waiter_whose_lock_file_was_replaced_waits_for_the_new_one(tmp_path):
         third_done.append(True)
     thread.join(30)
     assert inside == [[True]]
+
+
+def test_a_figure_that_fails_to_save_is_closed_and_leaves_the_old_image(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot", reason="matplotlib is not installed")
+    path = tmp_path / "loss.png"
+    fig = plt.figure()
+    save_figure_atomic(fig, path)
+    old = path.read_bytes()
+    assert not plt.fignum_exists(fig.number)
+    fig = plt.figure()
+    with pytest.raises((TypeError, ValueError)):
+        save_figure_atomic(fig, path, dpi="bad")
+    assert not plt.fignum_exists(fig.number)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["loss.png"]

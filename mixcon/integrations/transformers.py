@@ -37,7 +37,14 @@ from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_cache
 from mixcon.io import locked_directory
 from mixcon.layers.linear import Linear
-from mixcon.models.files import HF_MODEL_TYPE, HF_NAMES, wrapped_config
+from mixcon.models.files import (
+    HF_MODEL_TYPE,
+    HF_NAMES,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    remove_stale_weights,
+    wrapped_config,
+)
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM, ends_in_padding
 from mixcon.training.checkpoint import (
     latest_checkpoint,
@@ -243,6 +250,15 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def register_for_auto_class(cls, auto_class: Any = "AutoModelForCausalLM") -> None:
         """Nothing: saving the config writes this library's remote code (`MixConHFConfig.to_json_file`)."""
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """transformers' save_pretrained, then the weights of an earlier save in the other form (model.safetensors
+        beside a new shard index, or an index and its shards beside a new model.safetensors) removed: transformers
+        leaves them, and a directory with both would not load."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        saved = [Path(save_directory) / name for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)]
+        if kwargs.get("is_main_process", True) and all(path.is_file() for path in saved):
+            remove_stale_weights(Path(save_directory), keep=max(saved, key=lambda p: p.stat().st_mtime_ns).name)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

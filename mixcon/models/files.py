@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mixcon.config import MixConConfig
+from mixcon.io import write_atomic, write_text_atomic
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # of a sharded model: which shard holds each tensor
@@ -113,6 +115,37 @@ def umask_permissions(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o666 & ~umask)
+
+
+def write_model(model: nn.Module, config_json: str, directory: Path) -> None:
+    """`model`'s weights as model.safetensors and `config_json` as config.json in `directory` (made if missing),
+    each written whole or not at all; then the weights of an earlier sharded save there are removed."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata=WEIGHTS_METADATA))
+    umask_permissions(directory / WEIGHTS_NAME)
+    write_text_atomic(directory / CONFIG_NAME, config_json)
+    remove_stale_weights(directory, keep=WEIGHTS_NAME)
+
+
+def remove_stale_weights(directory: Path, keep: str) -> None:
+    """Remove the weights of an earlier save in the other form, which `weight_files` would refuse beside the new:
+    with `keep` WEIGHTS_NAME, a shard index and the shards it names; with WEIGHTS_INDEX_NAME, model.safetensors."""
+    if keep == WEIGHTS_INDEX_NAME:
+        (directory / WEIGHTS_NAME).unlink(missing_ok=True)
+        return
+    index = directory / WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        return
+    try:
+        shards = {name for name in json.loads(index.read_text())["weight_map"].values() if isinstance(name, str)}
+    except (ValueError, KeyError, TypeError, AttributeError):  # not a shard index: it names nothing to remove
+        shards = set()
+    index.unlink()
+    for name in shards:  # file names in this directory only (an index could name any path)
+        if Path(name).name == name and name.endswith(".safetensors") and name != WEIGHTS_NAME:
+            (directory / name).unlink(missing_ok=True)
 
 
 def weight_files(directory: Path) -> list[Path]:

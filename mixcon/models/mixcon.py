@@ -24,7 +24,7 @@ from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import GatedRMSNorm, RMSNorm
-from mixcon.models.files import CONFIG_NAME, WEIGHTS_METADATA, WEIGHTS_NAME, read_model, umask_permissions
+from mixcon.models.files import read_model, write_model
 from mixcon.ops._validate import check_seq_idx
 from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
 from mixcon.ops.dtypes import compute_dtype, resolve_dtype
@@ -577,14 +577,10 @@ class MixConForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write model.safetensors and config.json into `directory`."""
-        from safetensors.torch import save_model
-
+        """Write model.safetensors and config.json into `directory`, each whole or not at all (an earlier sharded
+        save's weights there are removed)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / WEIGHTS_NAME), metadata=WEIGHTS_METADATA)
-        umask_permissions(directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(self.config.to_json())
+        write_model(self, self.config.to_json(), directory)
         return directory
 
     @classmethod

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from mixcon.config import MixConConfig
 from mixcon.data.tokenizer import FILENAME as TOKENIZER_FILE
 from mixcon.data.tokenizer import AnyTokenizer, load_tokenizer, mismatch
-from mixcon.io import locked_directory
+from mixcon.io import fsync_path, locked_directory
 from mixcon.models.files import (
     CONFIG_NAME,
     WEIGHTS_METADATA,
@@ -144,14 +144,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _swapped_out(final: Path) -> Path:
     """Where `publish_directory` keeps the `final` it replaces until the new one is in place."""
     return final.with_name(f"{SWAPPED}{final.name}")
@@ -181,7 +173,7 @@ def publish_directory(tmp: Path, final: Path) -> None:
     for p in tmp.rglob("*"):
         if p.is_file():
             umask_permissions(p)
-            _fsync(p)
+            fsync_path(p)
     restore_swapped(final)
     if final.exists():
         old = _swapped_out(final)
@@ -197,7 +189,7 @@ def publish_directory(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 @contextlib.contextmanager
@@ -395,15 +387,17 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable ({e})") from e
 
 
-def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: Path) -> None:
-    """The weights in `state` have exactly the names and shapes of the model (`expected`)."""
+def check_model_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: Path,
+                      cause: str = "") -> None:
+    """The weights in `state` (read from the checkpoint or model directory `source`) have exactly the names and
+    shapes of the model (`expected`); `cause`: what to say of a mismatch's likely cause."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(expected[k])}"
              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k]]
     if missing or unexpected or wrong:
-        raise CheckpointError(f"{source / WEIGHTS_NAME}: weights do not match the model; missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+        raise CheckpointError(f"{source}: its weights do not match the model; missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}{cause}")
 
 
 READ_ATTEMPTS = 5  # reads of a run's newest checkpoint, which a run still training may delete meanwhile

@@ -1,0 +1,71 @@
+"""A model directory on disk: saves over earlier saves, whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from mixcon import MixConForCausalLM
+from mixcon.models.files import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, remove_stale_weights
+
+pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
+from mixcon.integrations.transformers import MixConHFForCausalLM  # (only with transformers)
+
+
+def _logits(model: MixConForCausalLM) -> torch.Tensor:
+    return model(torch.arange(6)[None] % model.config.vocab_size).logits
+
+
+def _weights(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".safetensors" in p.name)
+
+
+@pytest.mark.parametrize("first_sharded", [True, False])
+def test_a_save_in_one_form_over_a_save_in_the_other_loads_the_new_weights(tiny_model, tmp_path, first_sharded):
+    old, new = tiny_model(dtype=torch.float32, seed=0), tiny_model(dtype=torch.float32, seed=1)
+    sharded = dict(max_shard_size="100KB")  # the tiny model in several shards
+    if first_sharded:
+        MixConHFForCausalLM.from_mixcon(old).save_pretrained(tmp_path, **sharded)
+        assert (tmp_path / WEIGHTS_INDEX_NAME).is_file()
+        new.save_pretrained(tmp_path)
+        assert _weights(tmp_path) == [WEIGHTS_NAME]  # the index and its shards are gone
+    else:
+        old.save_pretrained(tmp_path)
+        MixConHFForCausalLM.from_mixcon(new).save_pretrained(tmp_path, **sharded)
+        assert WEIGHTS_NAME not in _weights(tmp_path) and WEIGHTS_INDEX_NAME in _weights(tmp_path)
+    torch.testing.assert_close(_logits(MixConForCausalLM.from_pretrained(tmp_path)), _logits(new), rtol=0, atol=0)
+    MixConHFForCausalLM.from_mixcon(old).save_pretrained(tmp_path)  # the wrapper unsharded over whatever is there
+    assert _weights(tmp_path) == [WEIGHTS_NAME]
+    torch.testing.assert_close(_logits(MixConForCausalLM.from_pretrained(tmp_path)), _logits(old), rtol=0, atol=0)
+
+
+def test_a_save_that_fails_leaves_the_earlier_save_whole(tiny_model, tmp_path, monkeypatch):
+    old = tiny_model(dtype=torch.float32)
+    old.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        tiny_model(dtype=torch.float32, seed=1, n_blocks=2).save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file either
+
+
+def test_stale_weights_are_only_the_files_an_index_names_in_its_own_directory(tmp_path):
+    model_dir, outside = tmp_path / "model", tmp_path / "keep.safetensors"
+    model_dir.mkdir()
+    outside.write_text("")
+    names = ["model-00001-of-00002.safetensors", "../keep.safetensors", "notes.txt"]
+    for name in names[:1] + names[2:]:
+        (model_dir / name).write_text("")
+    (model_dir / WEIGHTS_INDEX_NAME).write_text(json.dumps({"weight_map": dict(zip("abc", names, strict=True))}))
+    remove_stale_weights(model_dir, keep=WEIGHTS_NAME)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["notes.txt"] and outside.exists()
+    (model_dir / WEIGHTS_INDEX_NAME).write_text("not json")  # a broken index goes, naming nothing
+    remove_stale_weights(model_dir, keep=WEIGHTS_NAME)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["notes.txt"]
