@@ -49,7 +49,7 @@ class _CausalConv(torch.autograd.Function):
     generate_vmap_rule = True  # torch.func: vmap, jacrev (jvp through the subclass)
 
     @staticmethod
-    def forward(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
+    def forward(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None
                 ) -> torch.Tensor:
         return _conv_sum(full, taps, bias, seq_idx)
 
@@ -98,11 +98,11 @@ class _CausalConvJvp(_CausalConv):
         return sum(terms[1:], terms[0])
 
 
-def causal_conv(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor,
+def causal_conv(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """out[:, t] = bias + sum_j taps[j] * full[:, t + j]: full (B, width - 1 + T, C) holds the width - 1 steps before
-    the first, taps (width, C), bias (C,) -> (B, T, C). With `seq_idx` (B, T), packed documents: no tap reads a step
-    of an earlier document (the steps before the first belong to the first)."""
-    if torch.is_grad_enabled() and (full.requires_grad or taps.requires_grad or bias.requires_grad):
+    the first, taps (width, C), bias (C,) or None -> (B, T, C). With `seq_idx` (B, T), packed documents: no tap
+    reads a step of an earlier document (the steps before the first belong to the first)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (full, taps, bias)):
         return traced(_CausalConv, _CausalConvJvp).apply(full, taps, bias, seq_idx)
     return _conv_sum(full, taps, bias, seq_idx)  # (decoding: no autograd.Function overhead per token)

@@ -205,8 +205,8 @@ def conba_scan_triton(
         raise ValueError(f"conba_scan_triton: value_block={value_block} must be a power of two >= 16")
     if x.dtype == torch.float64:
         raise ValueError("conba_scan_triton: fp64 is not supported; use conba_scan")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, k, q, log_decay, beta, delay_gain, initial_state)):
+    inputs = (x, k, q, log_decay, beta, delay_gain, initial_state, initial_past_states)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         raise RuntimeError("conba_scan_triton has no backward; use conba_scan for training")
     f32 = torch.float32
     log_decay = log_decay.clamp(min=LOG_DECAY_FLOOR)  # as in `conba_scan`

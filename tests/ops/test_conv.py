@@ -39,6 +39,18 @@ def test_equals_conv1d_forward_and_gradients_fp64(width, T):
         torch.testing.assert_close(causal_conv(full, taps, bias), ref, rtol=1e-12, atol=1e-12)
 
 
+def test_without_bias_equals_conv1d_forward_and_gradients_fp64():
+    full, taps, _ = inputs()
+    got, ref = causal_conv(full, taps, None), conv1d_reference(full, taps, None)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    out_grad = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (full, taps), out_grad), torch.autograd.grad(ref, (full, taps), out_grad),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    plain = full.detach()  # grad mode on, nothing that autograd records: the plain sum
+    torch.testing.assert_close(causal_conv(plain, taps.detach(), None), ref.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_packed_documents_equal_each_document_alone_fp64():
     """With seq_idx, each document is convolved as if the steps before it were zeros (the first document keeps
     the steps before the sequence); gradients included."""

@@ -134,6 +134,15 @@ def test_bad_arguments_raise_clear_errors():
         conba_scan_triton(x.double(), k, q, ld, beta, delta_rule=False, chunk_size=16)
     with pytest.raises(RuntimeError, match="no backward"):
         conba_scan_triton(x.requires_grad_(), k, q, ld, beta, delta_rule=False, chunk_size=16)
+    x.requires_grad_(False)
+    B, _, H, P = x.shape
+    for grad_of in ("initial_state", "initial_past_states"):  # any input autograd records, the past states' too
+        states = dict(initial_state=torch.zeros(B, H, P, k.shape[-1]), initial_past_states=torch.zeros(B, 2, H, P,
+                                                                                                     k.shape[-1]))
+        states[grad_of].requires_grad_()
+        with pytest.raises(RuntimeError, match="no backward"):
+            conba_scan_triton(x, k, q, ld, beta, delta_rule=False, tau=2, delay_gain=torch.ones(H), chunk_size=16,
+                              **states)
 
 
 def test_launch_options_follow_the_chunk_tau_and_torch_matmul_precision():
