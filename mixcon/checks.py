@@ -52,10 +52,11 @@ def within(value: float, minimum: float | None = None, maximum: float | None = N
     return low and (maximum is None or (value < maximum if below else value <= maximum))
 
 
-def check_attention_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> None:
-    """A padding mask of input_ids' `shape`, holding 1 (token) and 0 (pad) only (bool or numbers)."""
+def check_attention_mask(mask: torch.Tensor, shape: tuple[int, ...], of: str = "input_ids") -> None:
+    """A padding mask of the (B, T) `shape` of the inputs named `of`, holding 1 (token) and 0 (pad) only (bool or
+    numbers)."""
     if mask.shape != shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {tuple(mask.shape)}")
+        raise ValueError(f"attention_mask must have the shape of {of} {shape}, got {tuple(mask.shape)}")
     if mask.dtype == torch.bool or bool(((mask == 0) | (mask == 1)).all()):  # (bool: no pass, no host sync)
         return
     odd = mask[(mask != 0) & (mask != 1)][0].item()

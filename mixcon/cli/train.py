@@ -125,8 +125,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue the latest checkpoint in --out, or the given checkpoint / run directory; options "
-                        "not given again keep their saved values (the optimizer's state is the checkpoint's, its "
-                        "settings these options'); --set may change config fields that keep the weights' shapes")
+                        "not given again keep their saved values, but for --device, --sample-tokens, --prompt, "
+                        "--tensorboard and --no-progress, this command's (the optimizer's state is the checkpoint's, "
+                        "its settings these options'); --set may change config fields that keep the weights' shapes")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="start from the weights (and tokenizer) of a run directory, checkpoint, save_pretrained or "
                         "`mixcon export hf` directory: a new run at step 0 with a fresh optimizer; its config is the "
@@ -219,7 +220,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     model = MixConForCausalLM(config)
     if initial:  # the weights are read here, into the model, and not kept beside it
         state = MixConForCausalLM.from_pretrained(initial[0]).state_dict()
-        ckpt.check_model_state(state, {k: v.shape for k, v in model.state_dict().items()}, initial[0])
+        ckpt.check_model_state(state, {k: v.shape for k, v in model.state_dict().items()}, initial[0],
+                               cause="; --set may change only config fields that keep the weights' shapes")
         model.load_state_dict(state)
         del state
     say(model.summary())

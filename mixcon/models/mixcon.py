@@ -519,8 +519,9 @@ class MixConForCausalLM(nn.Module):
                 raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
                                  f"{tuple(input_ids.shape)}")
             B, T = input_ids.shape
+        given = "input_ids" if input_ids is not None else "inputs_embeds"
         if B == 0 or T == 0:
-            raise ValueError(f"input_ids must hold at least one row and one token (B, T >= 1), got {(B, T)}")
+            raise ValueError(f"{given} must hold at least one row and one token (B, T >= 1), got {(B, T)}")
         V = self.config.vocab_size
         if input_ids is not None:
             lo, hi = (int(v) for v in input_ids.aminmax())
@@ -528,20 +529,20 @@ class MixConForCausalLM(nn.Module):
                 raise ValueError(f"input_ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
         if labels is not None:
             if labels.shape != (B, T) or labels.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"labels must be an integer tensor of the shape of input_ids {(B, T)}, got "
+                raise ValueError(f"labels must be an integer tensor of the shape of {given} {(B, T)}, got "
                                  f"{labels.dtype} {tuple(labels.shape)}")
             lo, hi = (int(v) for v in labels.masked_fill(labels == IGNORE, 0).aminmax())
             if lo < 0 or hi >= V:
                 raise ValueError(f"labels must lie in [0, vocab_size={V}) or be {IGNORE} (ignored), "
                                  f"got values in [{lo}, {hi}]")
         if attention_mask is not None:
-            check_attention_mask(attention_mask, (B, T))
+            check_attention_mask(attention_mask, (B, T), given)
         if cache is not None:
             if cache.broken:
                 raise ValueError("cache: a forward raised while updating it, leaving its layers at different "
                                  "positions; start again from a new one (model.new_cache)")
             if cache.batch_size != B:
-                raise ValueError(f"cache was made for batch_size={cache.batch_size}, input_ids has B={B}")
+                raise ValueError(f"cache was made for batch_size={cache.batch_size}, {given} has B={B}")
             if cache.key_mask.is_inference() and not torch.is_inference_mode_enabled():
                 raise ValueError("cache was made under torch.inference_mode(), whose tensors cannot be updated "
                                  "outside it: continue it under inference_mode, or make it outside (torch.no_grad)")

@@ -356,7 +356,7 @@ def test_under_torchrun_an_error_names_the_rank_that_met_it(corpus, tmp_path, mo
     (["--resume"], r"--resume continues a run, --init-from starts a new one"),
     (["--config", "tiny"], r"--init-from takes the model's config"),
     (["--tokenizer", "bpe"], r"--tokenizer bpe would train a new one"),
-    (["--set", "d_model=64"], r"weights do not match the model.*wrong shape"),
+    (["--set", "d_model=64"], r"model: its weights do not match the model.*wrong shape.*--set may change only"),
     (["--set", "top_k=9"], r"--set: .*top_k"),
 ])
 def test_init_from_refuses_what_cannot_work(tmp_path, tiny_model, extra, message):

@@ -285,7 +285,13 @@ def test_inputs_embeds_stand_in_for_the_embeddings(tiny_model):
         torch.testing.assert_close(torch.cat([first, *rest], 1), want.logits, rtol=1e-9, atol=1e-9)
     for kwargs, match in [(dict(), r"give input_ids .* or inputs_embeds"),
                           (dict(input_ids=ids, inputs_embeds=embeds), "one of them"),
-                          (dict(inputs_embeds=embeds[..., :5]), r"inputs_embeds must be a floating tensor \(B, T, d")]:
+                          (dict(inputs_embeds=embeds[..., :5]), r"inputs_embeds must be a floating tensor \(B, T, d"),
+                          # the errors of shapes name the inputs given
+                          (dict(inputs_embeds=embeds[:, :0]), r"inputs_embeds must hold at least one row"),
+                          (dict(inputs_embeds=embeds, labels=labels[:, :3]), r"shape of inputs_embeds \(2, 7\)"),
+                          (dict(inputs_embeds=embeds, attention_mask=labels[:, :3] > 0),
+                           r"attention_mask must have the shape of inputs_embeds \(2, 7\)"),
+                          (dict(inputs_embeds=embeds, cache=model.new_cache(1)), "inputs_embeds has B=2")]:
         with pytest.raises(ValueError, match=match):
             model(**kwargs)
 
