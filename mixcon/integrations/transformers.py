@@ -65,6 +65,7 @@ SYNCED = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
 # name for a generation parameter; num_experts_per_tok reads and sets it)
 NATIVE = {name: name for name in MixConConfig.field_names() - {"vocab_size", "top_k"}}
 FIELDS = {**NATIVE, **HF_NAMES}  # every name whose setting writes a MixConConfig field
+SETTERS = {*FIELDS, "vocab_size", "top_k", "num_hidden_layers"}  # the keywords that set (or must agree with) one
 
 REMOTE_CODE_MODULE = "modeling_mixcon"
 REMOTE_CODE = f'''"""This model's code is the mixcon library's (`pip install "mixcon[hf]"`): this file lets transformers
@@ -95,12 +96,21 @@ class MixConHFConfig(PretrainedConfig):
 
     def __init__(self, mixcon: MixConConfig | dict[str, Any] | None = None, use_cache: bool = True,
                  output_router_logits: bool = False, **kwargs: Any) -> None:
-        names = {*FIELDS, "vocab_size", "top_k", "num_hidden_layers"}  # what sets (or must agree with) a field
-        config = wrapped_config(mixcon or {}, {key: kwargs.pop(key) for key in list(kwargs) if key in names})
+        config = wrapped_config(mixcon or {}, {key: kwargs.pop(key) for key in list(kwargs) if key in SETTERS})
         self.mixcon = config.to_dict()  # config.json's "mixcon" (HF_MODEL_TYPE) entry: from_pretrained reads it
         self.use_cache = use_cache
         self.output_router_logits = output_router_logits
         super().__init__(**kwargs, **{name: getattr(config, FIELDS[name]) for name in SYNCED})
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """transformers' from_dict (what from_pretrained builds the config with), the MixConConfig fields among
+        `kwargs` set together, over those of `config_dict` (one by one, each would be checked against the
+        others' old values: conba_kernel="triton" against the saved conba_chunk before the new one is set)."""
+        given = {key: kwargs.pop(key) for key in list(kwargs) if key in SETTERS}
+        fields = {FIELDS.get(key, key) for key in given}
+        config_dict = {**{k: v for k, v in config_dict.items() if FIELDS.get(k, k) not in fields}, **given}
+        return super().from_dict(config_dict, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """transformers' dict, with transformers' names of the MixConConfig fields, `vocab_size` and

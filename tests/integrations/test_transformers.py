@@ -979,6 +979,14 @@ def test_native_config_fields_read_and_set_through_the_transformers_config(pair,
     assert config.conba_chunk == 16 and config.to_mixcon().conba_kernel == "triton"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", conba_chunk=16)
     assert loaded.model.config.conba_chunk == 16
+    # fields set together, in any order (the saved chunk, 8, does not fit the Triton kernel; 16 does)
+    assert hf.config.conba_chunk == 8
+    config = AutoConfig.from_pretrained(tmp_path / "saved", conba_kernel="triton", hidden_size=32, conba_chunk=16)
+    assert (config.conba_kernel, config.conba_chunk, config.d_model) == ("triton", 16, 32)
+    both = {"d_model": 32, **config.to_dict()}  # a hand-written config.json naming d_model twice
+    assert type(config).from_dict(both, d_model=48).d_model == 48  # the keyword wins over either name
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", conba_kernel="triton", conba_chunk=16)
+    assert (loaded.model.config.conba_kernel, loaded.model.config.conba_chunk) == ("triton", 16)
     config.conba_delay = 0
     assert config.to_mixcon().conba_delay == 0 and config.to_dict()["mixcon"]["conba_delay"] == 0
     with pytest.raises(ValueError, match="conba_chunk"):
