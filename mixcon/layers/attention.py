@@ -68,6 +68,10 @@ class Attention(nn.Module):
         self.qkv = Linear(config.d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
         self.out_proj = Linear(self.n_heads * self.hd, config.d_model, bias=False)
 
+    def extra_repr(self) -> str:
+        rope = f"rope_theta={self.rope_theta}" if self.rope_theta is not None else "rope=False"
+        return f"heads={self.n_heads}, kv_heads={self.n_kv}, head_dim={self.hd}, {rope}"
+
     def _project(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, d_model) -> q (B, nh, T, hd), k and v (B, nkv, T, hd); q and k rotated together."""

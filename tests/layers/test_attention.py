@@ -57,6 +57,13 @@ def test_an_input_of_another_shape_is_refused_by_shape():
             layer(torch.randn(shape))
 
 
+def test_the_printed_layer_shows_its_heads_and_rope():
+    config = MixConConfig.preset("tiny")
+    assert f"heads={config.n_heads}, kv_heads={config.n_kv_heads}, head_dim={config.attn_head_dim}, rope=False" \
+        in repr(Attention(config, 0))
+    assert "rope_theta=500.0" in repr(Attention(config.replace(attn_rope=True, rope_theta=500.0), 0))
+
+
 def test_rope_rotates_pairs_by_position_times_frequency():
     """Each (x_i, x_{i+hd/2}) pair turns like a complex number by position · theta^(-2i/hd)."""
     B, T, hd, theta = 2, 5, 8, 100.0
