@@ -57,3 +57,22 @@ def test_examples_needing_an_optional_package_are_found(monkeypatch):
     assert missing("import torch\nfrom mixcon import MixConConfig\nfrom no_such_module import x") == []
     block = "from transformers import pipeline\nfrom peft import LoraConfig\n    import lm_eval\n"
     assert missing(block) == ["lm-eval>=0.4.4", "transformers>=5"]  # peft 0.17.1 is recent enough
+
+
+def test_the_readmes_links_lead_to_files_of_the_checkout():
+    """Relative links of README.md and docs/*.md name files inside the repository (a clone has nothing beside it)."""
+    root = README.parent
+    for page in [README, *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = (page.parent / target).resolve()
+            assert path.is_relative_to(root) and path.exists(), f"{page.name}: link to {target}"
+
+
+def test_the_design_document_is_the_shared_one():
+    """docs/DESIGN.md is the project's fixed design, ../shared/DESIGN.md (where that lies beside the checkout)."""
+    shared = README.parents[1] / "shared" / "DESIGN.md"
+    if not shared.is_file():
+        pytest.skip(f"no {shared} beside the checkout to compare with")
+    assert (README.parent / "docs" / "DESIGN.md").read_text() == shared.read_text()
