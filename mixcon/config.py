@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixcon.checks import as_integer, as_number, is_integer, is_number, within
+from mixcon.io import write_text_atomic
 from mixcon.ops._validate import triton_chunk_ok
 
 MIXER_LETTERS = {"A": "attention", "C": "conba"}
@@ -272,10 +273,12 @@ class MixConConfig:
 
     @classmethod
     def from_json(cls, text: str) -> MixConConfig:
+        """The config `to_json` wrote."""
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        """Write `to_json()` to `path` whole or not at all (a file `load` and `mixcon train --config` read)."""
+        write_text_atomic(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> MixConConfig:

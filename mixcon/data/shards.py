@@ -58,7 +58,7 @@ class ShardDataset:
     def __init__(self, directory: str | os.PathLike, verify: bool = True):
         """Open and check the shards: sizes always, content checksums when `verify`."""
         self.directory = Path(directory)
-        self.reused = False  # set by prepare_shards when it found these shards already built
+        self.reused = False  # set by whoever opens shards built before (prepare_shards, a resumed run)
         path = self.directory / INDEX
         if not path.is_file():
             raise ShardError(f"{self.directory}: no {INDEX}, so no complete shards (never built, or the build was "

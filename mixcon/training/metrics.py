@@ -118,7 +118,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Train loss (raw and smoothed) and validation loss against step, with bits per byte on a twin axis."""
+    """Train loss (raw and smoothed) and validation loss against step, the last validation's bits per byte in the
+    title."""
     import matplotlib
 
     matplotlib.use("Agg")
