@@ -131,6 +131,17 @@ def test_tokenizer_train_keeps_an_existing_tokenizer_unless_told(tmp_path, capsy
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json"]  # no temporary file left
 
 
+def test_tokenizer_train_on_a_glob_corpus_leaves_out_the_tokenizer_it_writes_there(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("the cat sat on the mat\n" * 50)
+    argv = ["tokenizer", "train", "--corpus", f"{tmp_path}/**", "--vocab-size", "270", "--out", str(tmp_path / "tok"),
+            "--overwrite"]
+    assert main(argv) == 0
+    first = (tmp_path / "tok" / "tokenizer.json").read_text()
+    assert main(argv) == 0  # the same corpus, not the first tokenizer.json beside it
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == first
+    assert "1 file" in capsys.readouterr().out
+
+
 def test_data_prepare_options_reach_the_shards(corpus_dir, tmp_path):
     """--seed, --val-fraction (default 0.01), --max-bytes as the index records them; an --out inside the corpus
     is not read as corpus (the second build reuses the first)."""

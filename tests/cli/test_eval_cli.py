@@ -159,3 +159,15 @@ def test_eval_tasks_hands_its_options_to_the_adapter(saved, monkeypatch):
         main(["eval", "tasks", "--checkpoint", str(model), "--tokenizer", "bytes", "--tasks", "x", "--max-length",
               "64", "--context", "32", "--batch-size", "5", "--seed", "7"])
     assert (given["max_length"], given["context"], given["batch_size"], given["seed"]) == (64, 32, 5, 7)
+
+
+def test_a_glob_corpus_leaves_out_the_results_file_it_holds(saved, tmp_path, capsys):
+    """--json inside the corpus: a second run scores the same documents, not the first run's JSON as well."""
+    model_dir, corpus = saved
+    args = ["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", f"{corpus}/**",
+            "--context", "16", "--json", str(corpus / "results.json"), "--no-progress"]
+    results = []
+    for _ in range(2):
+        assert main(args) == 0
+        results.append(json.loads((corpus / "results.json").read_text()))
+    assert results[0]["documents"] == results[1]["documents"] == 3 and results[0]["nll"] == results[1]["nll"]
