@@ -140,6 +140,12 @@ def _check_byte_level(tok: Tokenizer, special: set[str]) -> None:
         raise ValueError(f"tokenizer: its BPE has dropout={dropout}: merges drawn at random, so a text encodes "
                          "differently each time (token shards, validation and evaluation would not repeat); set "
                          "model.dropout to null in its tokenizer.json")
+    stripping = [t["content"] for t in spec.get("added_tokens", [])
+                 if t.get("content") not in special and (t.get("lstrip") or t.get("rstrip"))]
+    if stripping:
+        raise ValueError(f"tokenizer: its added token {stripping[0]!r} swallows the whitespace beside it (lstrip / "
+                         "rstrip), whose bytes would be lost from the text; set lstrip and rstrip to false in its "
+                         "tokenizer.json")
 
 
 def _not_byte_level(problems: list[str]) -> None:

@@ -108,6 +108,21 @@ def test_a_bpe_with_dropout_is_refused(bpe):
         BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
 
 
+def test_an_added_token_that_swallows_whitespace_is_refused(bpe):
+    """An added token with lstrip / rstrip drops the spaces beside it when encoding ("say  hello  there" came back
+    as "sayhellothere"); without either, the text comes back whole."""
+    for strip in ({"lstrip": True}, {"rstrip": True}, {}):
+        raw = bpe.to_tokenizers()
+        raw.add_tokens([tokenizers.AddedToken("hello", **strip)])
+        if strip:
+            with pytest.raises(ValueError, match=r"added token 'hello' swallows the whitespace beside it"):
+                BPETokenizer(raw)
+        else:
+            tok = BPETokenizer(raw)
+            ids = tok.encode("say  hello  there")
+            assert tok.decode(ids) == "say  hello  there" and sum(tok.token_bytes()[i] for i in ids) == 17
+
+
 def test_byte_level_tokenizers_that_lose_or_add_bytes_are_refused(bpe):
     """Byte-level in layout but not byte for byte: a space added before each text, whitespace dropped by another
     pre-tokenizer, byte symbols missing from the vocabulary (a BPE trained without the initial alphabet)."""
