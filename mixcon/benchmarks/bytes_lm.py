@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -25,9 +27,10 @@ from mixcon.models.mixcon import MixConForCausalLM
 TOKENIZER = ByteTokenizer()
 
 
-def byte_stream(spec: str | None, max_bytes: int) -> torch.Tensor:
-    """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long."""
-    docs = list(Corpus.from_spec(spec).documents(max_bytes))
+def byte_stream(spec: str | None, max_bytes: int, exclude: Iterable[str | os.PathLike] = ()) -> torch.Tensor:
+    """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long;
+    `exclude`: what the benchmark writes, left out where the corpus holds it."""
+    docs = list(Corpus.from_spec(spec, exclude).documents(max_bytes))
     return torch.from_numpy(encode_documents(TOKENIZER, docs, np.dtype(np.int64)))
 
 

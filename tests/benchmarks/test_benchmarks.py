@@ -856,6 +856,23 @@ def test_a_byte_stream_takes_max_bytes_of_the_corpus_and_an_eos(tmp_path):
     assert stream.numel() == 102 and int(stream[-1]) == bytes_lm.TOKENIZER.eos_id
 
 
+@pytest.mark.parametrize("bench", ["filler", "ablate"])
+def test_a_glob_corpus_leaves_out_the_results_it_holds(bench, tmp_path, monkeypatch):
+    """--out inside a glob --corpus: the stream is the corpus's text, not an earlier run's JSON beside it."""
+    import importlib
+
+    module = importlib.import_module(f"mixcon.benchmarks.{bench}")
+    (tmp_path / "a.txt").write_text("x" * 500)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{bench}.json").write_text("{}" * 100)  # an earlier run's results
+    streams = []
+    monkeypatch.setattr(module, "run", lambda *args, **kwargs: streams.extend(
+        a for a in args if isinstance(a, torch.Tensor)))
+    assert main(["bench", bench, "--corpus", f"{tmp_path}/**", "--out", str(tmp_path / "out"), "--eval-windows", "2",
+                 "--real-len", "8"]) == 0
+    assert [s.numel() for s in streams] == [501]  # the 500 bytes and an EOS
+
+
 def test_training_and_scoring_start_from_the_seeds_init_and_report_bits_per_byte(monkeypatch):
     """The model starts from torch.manual_seed(seed)'s init; held-out fillers are placed from seed + 1; nats of the
     held-out bytes become bits per byte; the final loss is the mean of the last 20 steps."""
