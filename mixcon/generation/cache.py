@@ -242,12 +242,13 @@ class MixConCache:
 
     def reserve(self, length: int) -> None:
         """Make room for `length` positions in every attention layer (no-op when there is room): double the
-        capacity, but not past `limit` (beyond `length`), so that a generation's cache ends at the size that
-        `cache_nbytes` gives for its whole length."""
+        capacity, but not past `limit` while `length` is within it, so that a generation's cache ends at the size
+        that `cache_nbytes` gives for its whole length (a cache continued past it doubles again)."""
         capacity = self.key_mask.shape[1]
         if length <= capacity:
             return
-        new = max(length, 2 * capacity if self.limit is None else min(2 * capacity, self.limit))
+        within = self.limit is not None and length <= self.limit
+        new = max(length, min(2 * capacity, self.limit) if within else 2 * capacity)
         self.key_mask = torch.nn.functional.pad(self.key_mask, [0, new - capacity])
         for layer in self.layers:
             if isinstance(layer, AttentionCache):

@@ -263,6 +263,11 @@ def test_a_long_generate_grows_its_cache_up_to_what_it_asks(pair, monkeypatch):
     ids, mask = left_padded()  # T = 11: 14 positions up front, then 23 (not 28)
     out = hf.generate(ids, attention_mask=mask, do_sample=False, return_dict_in_generate=True, max_new_tokens=12)
     assert out.past_key_values.key_mask.shape[1] == 23 and out.sequences.shape[1] == 23
+    cache, seq = out.past_key_values, out.sequences
+    with torch.no_grad():  # continued past what generate asked for: doubling again, not one position per token
+        for _ in range(3):
+            seq = torch.cat([seq, hf(seq[:, -1:], past_key_values=cache).logits[:, -1:].argmax(-1)], 1)
+    assert cache.key_mask.shape[1] == 46
 
 
 def test_generate_stops_at_stop_strings(tiny_model):
