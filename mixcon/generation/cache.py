@@ -61,6 +61,11 @@ def cache_nbytes(config: MixConConfig, batch_size: int, context: int, dtype: tor
     return sum(layer_cache_nbytes(config, mixer, batch_size, context, dtype) for mixer, _ in config.layout())
 
 
+def _rows(t: torch.Tensor, index: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """The rows `index` of `t`, in that order: a new tensor, or written over `t` (of as many rows) when `in_place`."""
+    return t.copy_(t.index_select(0, index)) if in_place else t.index_select(0, index)
+
+
 class AttentionCache:
     """K and V of one attention layer, (B, n_kv, capacity, head_dim), grown by doubling."""
 
@@ -94,8 +99,8 @@ class AttentionCache:
             return self.k, self.v
         return self.k[:, :, :length], self.v[:, :, :length]
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+    def select_rows(self, index: torch.Tensor, in_place: bool = False) -> None:
+        self.k, self.v = _rows(self.k, index, in_place), _rows(self.v, index, in_place)
 
     def detach_(self) -> None:
         self.k, self.v = self.k.detach(), self.v.detach()
@@ -150,9 +155,9 @@ class ConbaCache:
         """What a decoding step reads and writes: (conv tail, S_t, oldest slot); `length` concerns only K/V."""
         return self.conv, self.state, self.oldest
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        self.conv = self.conv.index_select(0, index)
-        self.slots = [s.index_select(0, index) for s in self.slots]
+    def select_rows(self, index: torch.Tensor, in_place: bool = False) -> None:
+        self.conv = _rows(self.conv, index, in_place)
+        self.slots = [_rows(s, index, in_place) for s in self.slots]
 
     def detach_(self) -> None:
         self.conv = self.conv.detach()
@@ -255,11 +260,16 @@ class MixConCache:
                 layer.grow(new)
 
     def select_rows(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (B',), in that order: e.g. drop finished sequences."""
+        """Keep only the batch rows in `index` (B',), in that order: e.g. drop finished sequences, reorder beams.
+        A cache decoded from CUDA graphs (`capture_decode`) that keeps its batch size is reordered in place, so
+        that its tensors, and with them its graphs, stay (beam search reorders every step)."""
+        self._select_rows(index, in_place=self.weights is not None and index.shape[0] == self.batch_size)
+
+    def _select_rows(self, index: torch.Tensor, in_place: bool) -> None:
         for layer in self.layers:
-            layer.select_rows(index)
-        self.key_mask = self.key_mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
+            layer.select_rows(index, in_place)
+        self.key_mask = _rows(self.key_mask, index, in_place)
+        self.positions = _rows(self.positions, index, in_place)
 
     def detach_(self) -> MixConCache:
         """Cut the autograd history of what the cache holds (truncated backpropagation through time: the next
@@ -273,7 +283,7 @@ class MixConCache:
         is: e.g. one prefilled prompt continued several ways."""
         new = copy.copy(self)
         new.layers = [copy.copy(layer) for layer in self.layers]
-        new.select_rows(index)  # every layer's select_rows assigns new tensors, so the two share none
+        new._select_rows(index, in_place=False)  # new tensors everywhere: the two share none
         return new
 
     def layer_nbytes(self) -> list[int]:

@@ -277,3 +277,33 @@ def test_cuda_graphs_of_a_compiled_step(tiny_model):
     model.capture_decode()
     assert torch.equal(model.generate(prompt, 10), expected)
     assert model._decode_graphs.replays > 0
+
+
+def test_a_graph_decoded_cache_reorders_its_rows_in_place_but_branches_into_new_tensors(tiny_model, graph_stand_in):
+    """select_rows keeping the batch size writes over the cache's tensors (their graphs still apply: beam search);
+    dropping rows, or any cache not decoded from graphs, gets new ones; `branch` never touches the original."""
+    model = tiny_model()
+    graph_stand_in.install(model)
+    ids, mask = _prompts()
+    _, cache = _decode(model, ids, mask, 3)
+    assert cache.weights is not None
+
+    def tensors(c):
+        return [t for layer in c.layers for t in layer.tensors()] + [c.key_mask, c.positions]
+
+    before = [t.clone() for t in tensors(cache)]
+    swap = torch.tensor([1, 0])
+    branch = cache.branch(swap)
+    assert all(torch.equal(t, b) for t, b in zip(tensors(cache), before, strict=True))  # the original as it was
+    assert not {t.data_ptr() for t in tensors(branch)} & {t.data_ptr() for t in tensors(cache)}
+    held = tensors(cache)  # (held: an address freed could be handed out again)
+    cache.select_rows(swap)
+    assert [t.data_ptr() for t in tensors(cache)] == [t.data_ptr() for t in held]
+    assert all(torch.equal(t, b[swap]) for t, b in zip(tensors(cache), before, strict=True))
+    cache.select_rows(torch.tensor([1]))
+    assert cache.batch_size == 1 and not {t.data_ptr() for t in tensors(cache)} & {t.data_ptr() for t in held}
+    model.uncompile()
+    _, plain = _decode(model, ids, mask, 1)  # (no graphs: weights never looked up)
+    held = tensors(plain)
+    plain.select_rows(swap)
+    assert not {t.data_ptr() for t in tensors(plain)} & {t.data_ptr() for t in held}

@@ -72,6 +72,18 @@ def test_transformers_generate_decodes_through_capture_decodes_graphs(pair, grap
     assert len(graphs.graphs) == 2 and graphs.replays == 5  # 7 steps, two ring phases
 
 
+def test_beam_search_replays_capture_decodes_graphs(pair, graph_stand_in):
+    """Beam search reorders the cache every step: in place, so that the graphs of its tensors still apply (new
+    tensors each step would capture a graph per step and replay none)."""
+    model, hf = pair
+    ids, mask = left_padded()
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=3)
+    expected = hf.generate(ids, **kwargs)
+    graphs = graph_stand_in.install(model)
+    assert torch.equal(hf.generate(ids, **kwargs), expected)
+    assert len(graphs.graphs) == 2 and graphs.replays == 7  # 9 steps, two ring phases
+
+
 def test_outputs_are_ordered_as_mixtrals(pair):
     """aux_loss only with output_router_logits (argument or config), as Mixtral: the tuple form is then (loss,
     logits, past_key_values), and the Trainer leaves aux_loss out of its predictions. The loss counts the router
