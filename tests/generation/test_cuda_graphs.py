@@ -279,6 +279,22 @@ def test_cuda_graphs_of_a_compiled_step(tiny_model):
     assert model._decode_graphs.replays > 0
 
 
+@cuda
+def test_beam_search_replays_real_cuda_graphs(tiny_model):
+    """transformers' beam search reorders the cache every step, in place: the same beams as eager, from replays."""
+    pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
+    from mixcon.integrations.transformers import MixConHFForCausalLM
+
+    model = tiny_model(dtype=torch.float32, eos_token_id=299, pad_token_id=298).cuda()
+    hf = MixConHFForCausalLM.from_mixcon(model).eval()
+    ids, mask = (t.cuda() for t in _prompts())
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=3)
+    expected = hf.generate(ids, **kwargs)
+    model.capture_decode()
+    assert torch.equal(hf.generate(ids, **kwargs), expected)
+    assert model._decode_graphs.replays >= 6
+
+
 def test_a_graph_decoded_cache_reorders_its_rows_in_place_but_branches_into_new_tensors(tiny_model, graph_stand_in):
     """select_rows keeping the batch size writes over the cache's tensors (their graphs still apply: beam search);
     dropping rows, or any cache not decoded from graphs, gets new ones; `branch` never touches the original."""
