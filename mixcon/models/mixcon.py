@@ -97,6 +97,10 @@ class MixConOutput:
 class MixConLayer(nn.Module):
     """x = x + mixer(norm(x)); x = x + ffn(norm(x)), mixer ∈ {attention, Conba}, ffn ∈ {MLP, MoE}."""
 
+    # Activation checkpointing (`training.distributed.checkpoint_layers`): `recompute(function, *inputs)` runs the
+    # layer keeping only its inputs, recomputed in the backward, while training with gradients on; None: plainly.
+    recompute: Callable[..., Any] | None = None
+
     def __init__(self, config: MixConConfig, layer_idx: int, mixer: str, ffn: str) -> None:
         super().__init__()
         self.mixer_kind, self.ffn_kind = mixer, ffn
@@ -107,6 +111,11 @@ class MixConLayer(nn.Module):
                     if ffn == "moe" else SwiGLU(config.d_model, config.mlp_hidden))
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, RouterStats | None]:
+        if self.recompute is not None and self.training and torch.is_grad_enabled():
+            return self.recompute(self._forward, h, ctx)
+        return self._forward(h, ctx)
+
+    def _forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, RouterStats | None]:
         h = h + self.mixer(self.mixer_norm(h), ctx)
         if self.ffn_kind == "mlp":
             return h + self.ffn(self.ffn_norm(h)), None
@@ -321,8 +330,7 @@ class MixConForCausalLM(nn.Module):
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return True
         for layer in self.layers._modules.values():  # `_modules`, not nn.Module.__getattr__: ~10 us less per step
-            mixer = layer._modules.get("mixer")
-            for m in (layer, layer.mixer if mixer is None else mixer):  # wrappers (activation checkpointing) forward it
+            for m in (layer, layer._modules["mixer"]):
                 if m._forward_hooks or m._forward_pre_hooks:
                     return True
         return False

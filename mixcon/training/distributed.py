@@ -125,26 +125,15 @@ def parallelize(
 def checkpoint_layers(model: nn.Module, enable: bool = True, *, checkpoint_fn: Callable[..., Any] | None = None,
                       every_n_layers: int = 1) -> None:
     """Activation checkpointing of `model.layers`: the 1st, (1 + every_n_layers)-th, ... layer keeps only its
-    inputs and is recomputed in the backward, through `checkpoint_fn(layer, *inputs)` (default: torch's
+    inputs and is recomputed in the backward, through `checkpoint_fn(function, *inputs)` (default: torch's
     non-reentrant checkpoint), in training mode with gradients on; elsewhere (evaluation, decoding) layers run
-    plainly. enable=False unwraps every layer. Parameter and state-dict names stay those of the plain model."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
-
+    plainly. enable=False turns it off. No module is wrapped: module, parameter and state-dict names stay those
+    of the plain model (PEFT finds its adapters by module names)."""
     if every_n_layers < 1:
         raise ValueError(f"every_n_layers={every_n_layers} must be >= 1")
-    recompute = partial(_when_training, checkpoint_fn or partial(checkpoint, use_reentrant=False))
+    recompute = checkpoint_fn or partial(checkpoint, use_reentrant=False)
     for i, layer in enumerate(model.layers):
-        if isinstance(layer, CheckpointWrapper):
-            layer = layer._checkpoint_wrapped_module
-        wrap = enable and i % every_n_layers == 0
-        model.layers[i] = checkpoint_wrapper(layer, checkpoint_fn=recompute) if wrap else layer
-
-
-def _when_training(checkpoint_fn: Callable[..., Any], layer: nn.Module, *args: Any) -> Any:
-    """`checkpoint_fn(layer, *args)` when training with gradients on, else `layer(*args)`."""
-    if layer.training and torch.is_grad_enabled():
-        return checkpoint_fn(layer, *args)
-    return layer(*args)
+        layer.recompute = recompute if enable and i % every_n_layers == 0 else None
 
 
 @contextmanager
