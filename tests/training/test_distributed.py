@@ -56,8 +56,10 @@ def two_processes(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -
     def run(parallel: str) -> Path:
         if parallel not in runs:
             out = tmp_path_factory.mktemp(parallel) / "run"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "mixcon", *train_args(text_corpus, out, "--micro-batch-size", "1", "--parallel", parallel)]
+            mode, _, recompute = parallel.partition("+")  # "fsdp+recompute": with activation checkpointing
+            extra = ["--activation-checkpointing"] if recompute else []
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                   "mixcon", *train_args(text_corpus, out, "--micro-batch-size", "1", "--parallel", mode, *extra)]
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
             assert result.stdout.count("stopped by steps after 6 steps") == 1  # only rank 0 reports
@@ -67,7 +69,7 @@ def two_processes(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -
     return run
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp+recompute"])
 def test_two_processes_match_one_process(single, two_processes, parallel):
     run = two_processes(parallel)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
