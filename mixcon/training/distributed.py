@@ -14,7 +14,12 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -174,8 +179,14 @@ _FULL_LOAD = StateDictOptions(full_state_dict=True)
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                aliases: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Unsharded model and optimizer state on the CPU of rank 0 (empty on other ranks); a collective."""
+    """Unsharded model and optimizer state on the CPU of rank 0 (empty on other ranks); a collective. Before the
+    first step the optimizer's state is empty, and stays so (torch's get_state_dict fills an empty one by a
+    step on zero gradients: AdamW's step 1, which a run resumed from it would count as taken)."""
+    fresh = not optimizer.state
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_FULL_SAVE)
+    if fresh:
+        optimizer.state.clear()
+        optimizer_state = {**optimizer_state, "state": {}}
     return {k: v for k, v in model_state.items() if k not in aliases}, optimizer_state
 
 
@@ -183,5 +194,9 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
                     optimizer_state: dict[str, Any], aliases: dict[str, str]) -> None:
     """Load unsharded states (as `full_state` returns them, read by every rank) into a model of any parallelism."""
     model_state = {**model_state, **{alias: model_state[name] for alias, name in aliases.items()}}
+    if not optimizer_state.get("state"):  # saved before the first step: the optimizer stays fresh (torch's
+        # set_state_dict would first fill its state by a step on zero gradients)
+        set_model_state_dict(model, model_state, options=_FULL_LOAD)
+        return
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=_FULL_LOAD)

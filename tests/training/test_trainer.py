@@ -65,6 +65,17 @@ def test_resume_after_interrupt_equals_uninterrupted_run(make_trainer, tiny_conf
 
 
 
+def test_a_run_resumed_from_step_0_equals_an_uninterrupted_one(make_trainer, tmp_path):
+    """A checkpoint before the first step (Ctrl-C during the first validation, a budget spent before a step)
+    holds no optimizer state: AdamW's first step is step 1 after the resume too (torch had filled the state
+    with a step on zero gradients, so the resumed run's bias corrections were a step ahead)."""
+    make_trainer(tmp_path / "full", steps=4, save_every=100).fit()
+    make_trainer(tmp_path / "split", steps=4, save_every=100).save()
+    assert torch.load(latest_checkpoint(tmp_path / "split") / "optimizer.pt")["state"] == {}
+    make_trainer(tmp_path / "split", steps=4, save_every=100).fit(resume_from=tmp_path / "split")
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
 def test_resuming_an_earlier_checkpoint_discards_the_later_ones_only_when_told(make_trainer, tmp_path):
     """Checkpoints after the starting step belong to the run being replaced: left in place they stayed the
     run's latest, and keep_last pruned the new run's checkpoints before them."""
