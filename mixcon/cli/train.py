@@ -68,7 +68,8 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
                                "preparation and sample included; training "
                                f"stops in time to validate, save and sample (default: {DEFAULT_TIME_BUDGET:.0f} "
                                "without --steps, else none); with --resume, a budget for this command, to whose end "
-                               "the cosine schedule is refitted (--steps without it drops the run's budget)"),
+                               "the cosine schedule is refitted, in place of the run's --steps (--steps without "
+                               "it drops the run's budget)"),
     ("--batch-size", POSITIVE, "sequences per optimizer step over all processes"),
     ("--micro-batch-size", POSITIVE, "sequences per forward pass per process; gradients accumulate over the "
                                      "rest (default: batch size / world size; the language-model loss is the "
@@ -317,6 +318,8 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any, world_size
                              f"with --init-from {resume} to train on other data)")
         if "steps" in given and "time_budget" not in given:  # a number of steps, not the old run's budget
             given["time_budget"] = None
+        if "time_budget" in given and "steps" not in given:  # a budget, not the old run's steps: the schedule is
+            given["steps"] = None  # refitted to its end
         for key, value in given.items():
             if getattr(saved, key) != value:
                 say(f"resume: {key} changes from {getattr(saved, key)!r} to {value!r}")

@@ -485,6 +485,26 @@ class _Stop(Exception):
     """Raised in place of training, once what the run was given is recorded."""
 
 
+def test_a_resume_given_a_time_budget_alone_trains_by_it_not_by_the_runs_steps(corpus, tmp_path, monkeypatch,
+                                                                              capsys):
+    """--time-budget on --resume is a budget for this command, to whose end the schedule is refitted: the run's
+    --steps go (as --steps alone drops the run's budget)."""
+    run = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2",
+           "--seq-len", "16", "--steps", "2", "--sample-tokens", "0", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(run) == 0
+    seen = []
+
+    def record(self, **kwargs):
+        seen.append(self.options)
+        raise _Stop
+
+    monkeypatch.setattr(Trainer, "fit", record)
+    with pytest.raises(_Stop):
+        main(["train", "--out", str(tmp_path / "run"), "--resume", "--time-budget", "60", "--no-progress"])
+    assert (seen[0].steps, seen[0].time_budget) == (None, 60)
+    assert "resume: steps changes from 2 to None" in capsys.readouterr().out
+
+
 def test_what_the_trainer_is_given_by_default_and_by_flags(corpus, tmp_path, monkeypatch):
     """With neither --steps nor --time-budget: the default budget, less the sample's reserve as the deadline; the
     run directory runs/<config name>; the first 4 MB of the corpus, or with --max-bytes 0 all of it."""
