@@ -220,7 +220,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _tied_weights_keys: ClassVar[dict[str, str]] = {"model.lm_head.weight": "model.embed.weight"}
     _no_split_modules: ClassVar[list[str]] = ["MixConLayer"]
-    accepts_loss_kwargs = False  # the Trainer: the loss is each batch's mean; no `num_items_in_batch`
+    accepts_loss_kwargs = True  # the Trainer passes `num_items_in_batch` (gradient accumulation = one big batch)
     supports_gradient_checkpointing = True
     _supports_sdpa = True  # attention runs through scaled_dot_product_attention (attn_implementation="sdpa")
 
@@ -364,6 +364,7 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         output_hidden_states: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast | tuple[Any, ...]:
         """input_ids (B, T): the new tokens after `past_key_values`; attention_mask (B, T) or (B, past + T),
@@ -378,13 +379,17 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
         (`return_flash_attn_kwargs=True`); no cache is made then. Otherwise position_ids are not
         needed: positions follow from the attention mask and the cache. `output_hidden_states`: the embeddings
         and every layer's output, the last after the final norm (as transformers' models give them).
-        `inputs_embeds` (B, T, hidden_size) in place of input_ids (PEFT's prompt tuning, soft prompts)."""
+        `inputs_embeds` (B, T, hidden_size) in place of input_ids (PEFT's prompt tuning, soft prompts).
+        `num_items_in_batch` (the Trainer's count of labels over the micro-batches of an optimizer step): the loss
+        is then this batch's summed token losses over it, the router losses weighted by this batch's share of the
+        tokens, so that gradient accumulation equals one big batch."""
         unsupported = sorted(k for k, v in kwargs.items()
                              if v is not None and v is not False and k not in PASSED_BY | FLASH_BOUNDS)
         if unsupported:
             raise ValueError(f"MixConHFForCausalLM.forward does not take {unsupported}; it takes input_ids, "
                              "attention_mask, past_key_values, labels, use_cache, logits_to_keep, return_dict, "
-                             "position_ids, seq_idx, output_router_logits, output_hidden_states, inputs_embeds")
+                             "position_ids, seq_idx, output_router_logits, output_hidden_states, inputs_embeds, "
+                             "num_items_in_batch")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give input_ids (B, T) or inputs_embeds (B, T, hidden_size): one of them")
         if past_key_values is not None and not isinstance(past_key_values, MixConCache):
@@ -447,6 +452,9 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                          logits_to_keep=logits_to_keep, seq_idx=seq_idx, output_hidden_states=output_hidden_states,
                          inputs_embeds=inputs_embeds, output_router_logits=bool(output_router_logits))
         loss = out.loss if self.training or output_router_logits else out.lm_loss
+        if loss is not None and num_items_in_batch is not None:  # the mean over this batch's scored tokens ->
+            scored = targets != IGNORE  # their sum over the step's count (pads score nothing: see the model)
+            loss = loss * ((scored if mask is None else scored & mask).sum() / num_items_in_batch)
         result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss if output_router_logits else None,
                                            logits=out.logits, past_key_values=cache, hidden_states=out.hidden_states,
                                            router_logits=out.router_logits)

@@ -261,7 +261,8 @@ class MixConForCausalLM(nn.Module):
         output_router_logits: bool = False,
     ) -> MixConOutput:
         """input_ids (B, T), the only positional argument; labels (B, T) are the targets of each position
-        (already shifted, -100 = ignore); attention_mask (B, T) 1 for real tokens, 0 for padding: pads anywhere
+        (already shifted, -100 = ignore; a pad's is ignored too); attention_mask (B, T) 1 for real tokens, 0 for
+        padding: pads anywhere
         in a row (each row's real tokens are run as one sequence), except that a forward continuing a cache
         takes them only before a row's first token. With a cache,
         the call continues from it and updates it; one new token per row in eval mode is one `decode_step`
@@ -279,6 +280,8 @@ class MixConForCausalLM(nn.Module):
         T = self.check_inputs(input_ids, labels, attention_mask, cache, seq_idx, inputs_embeds)[1]
         keep = _positions_to_keep(logits_to_keep, T, labels is not None)
         token_mask = attention_mask.bool() if attention_mask is not None else None
+        if labels is not None and token_mask is not None:  # a pad predicts nothing: its target is not scored
+            labels = labels.masked_fill(~token_mask, IGNORE)
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
         order = None
         if token_mask is not None and (cache is None or cache.seqlen == 0):

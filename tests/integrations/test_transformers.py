@@ -3,6 +3,7 @@ search), save and load through the Auto classes, the tokenizer and a text-genera
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -50,8 +51,10 @@ def test_forward_logits_and_loss_are_the_models(pair):
     ref = model(ids, attention_mask=mask, labels=F.pad(ids[:, 1:], (0, 1), value=-100))
     assert torch.equal(out.logits, ref.logits)
     assert torch.equal(out.loss, ref.loss) and torch.equal(out.aux_loss, ref.aux_loss)
-    # HF's own convention: the mean cross-entropy of each position's logits against the next input.
-    lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    # HF's own convention: the mean cross-entropy of each position's logits against the next input; but a pad
+    # predicts nothing (its target is not scored, -100 or not).
+    real = mask[:, :-1].bool()
+    lm = F.cross_entropy(out.logits[:, :-1][real], ids[:, 1:][real])
     torch.testing.assert_close(ref.lm_loss, lm)
     assert hf(ids, return_dict=False)[0].shape == (3, 11, 300)
     with torch.no_grad():  # an evaluating forward with labels (the Trainer's evaluation) makes no cache
@@ -645,8 +648,8 @@ def trainer_args(tmp_path):
     from transformers import TrainingArguments
 
     def make(**options):
-        return TrainingArguments(str(tmp_path / "trainer"), per_device_train_batch_size=2, report_to=[],
-                                 logging_steps=1, use_cpu=True, save_strategy="no", **options)
+        return TrainingArguments(str(tmp_path / "trainer"), **{"per_device_train_batch_size": 2, **options},
+                                 report_to=[], logging_steps=1, use_cpu=True, save_strategy="no")
     return make
 
 
@@ -667,6 +670,27 @@ def test_trainer_logs_the_models_loss_with_gradient_accumulation(tiny_model, tra
     with torch.no_grad():
         expected = MixConHFForCausalLM.from_mixcon(model)(ids[None], labels=ids[None]).loss.item()
     assert logged == pytest.approx([expected] * 2, rel=1e-5)
+
+
+def test_trainer_gradient_accumulation_equals_one_big_batch(tiny_model, trainer_args):
+    """The Trainer passes num_items_in_batch: two micro-batches of documents of 7 and 33 tokens give the loss and
+    gradient of one batch holding both (each micro-batch's mean would weight the short document's tokens 4x)."""
+    from transformers import Trainer
+
+    model = tiny_model(dtype=torch.float32, router_aux_loss_coef=0.0)
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 290, (n,), generator=generator).tolist()} for n in (7, 33)]
+    logs = []
+    for batch, accumulation in ((2, 1), (1, 2)):
+        hf = MixConHFForCausalLM.from_mixcon(copy.deepcopy(model))
+        args = trainer_args(max_steps=1, learning_rate=0.0, per_device_train_batch_size=batch,
+                            gradient_accumulation_steps=accumulation)
+        trainer = Trainer(model=hf, args=args, train_dataset=data, data_collator=DataCollatorWithFlattening())
+        assert trainer.model_accepts_loss_kwargs
+        trainer.train()
+        logs.append(next(h for h in trainer.state.log_history if "loss" in h))
+    assert logs[1]["loss"] == pytest.approx(logs[0]["loss"], rel=1e-5)
+    assert logs[1]["grad_norm"] == pytest.approx(logs[0]["grad_norm"], rel=1e-5)
 
 
 def test_trainer_with_padding_free_batches_keeps_documents_apart(tiny_model, trainer_args):
