@@ -138,8 +138,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, kind, text in OPTION_FLAGS:
         default = getattr(DEFAULTS, _field(flag))
         text = text if "default:" in text or kind == "flag" else f"{text} (default: {default})"
-        if kind == "flag":
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+        if kind == "flag":  # --no-X turns it off (a resumed run keeps a switch it was started with)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif isinstance(kind, list):
             p.add_argument(flag, choices=kind, default=argparse.SUPPRESS, help=text)
         else:

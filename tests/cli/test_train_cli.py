@@ -505,6 +505,27 @@ def test_a_resume_given_a_time_budget_alone_trains_by_it_not_by_the_runs_steps(c
     assert "resume: steps changes from 2 to None" in capsys.readouterr().out
 
 
+def test_a_switch_a_run_was_started_with_is_turned_off_on_resume_by_its_no_flag(corpus, tmp_path, monkeypatch,
+                                                                               capsys):
+    run = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2",
+           "--seq-len", "16", "--steps", "2", "--sample-tokens", "0", "--no-progress", "--out", str(tmp_path / "run"),
+           "--activation-checkpointing"]
+    assert main(run) == 0
+    seen = []
+
+    def record(self, **kwargs):
+        seen.append(self.options)
+        raise _Stop
+
+    monkeypatch.setattr(Trainer, "fit", record)
+    resume = ["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--no-progress"]
+    for extra in ([], ["--no-activation-checkpointing"]):
+        with pytest.raises(_Stop):
+            main([*resume, *extra])
+    assert [options.activation_checkpointing for options in seen] == [True, False]
+    assert "resume: activation_checkpointing changes from True to False" in capsys.readouterr().out
+
+
 def test_what_the_trainer_is_given_by_default_and_by_flags(corpus, tmp_path, monkeypatch):
     """With neither --steps nor --time-budget: the default budget, less the sample's reserve as the deadline; the
     run directory runs/<config name>; the first 4 MB of the corpus, or with --max-bytes 0 all of it."""
