@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     given = [flag for flag, value in (("--plot", args.plot), ("--weight-bits", args.weight_bits),
                                       ("--memory-gib", args.memory_gib)) if value is not None]
     if given and not args.compare:
-        raise SystemExit(f"mixcon info: {', '.join(given)} set the --compare table; add --compare")
+        raise SystemExit(f"mixcon info: {', '.join(given)}: only for the --compare table; add --compare")
     weight_bits = WEIGHT_BITS if args.weight_bits is None else args.weight_bits
     memory_gib = MEMORY_GIB if args.memory_gib is None else args.memory_gib
     if args.checkpoint is None:

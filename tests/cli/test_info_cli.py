@@ -36,8 +36,8 @@ def test_info_reads_a_json_config_with_a_preset(tmp_path, capsys):
     (["info", "--set", "top_k=99"], "MixConConfig.top_k=99"),
     (["info", "--config", "no-such-preset"], r"^mixcon info: --config 'no-such-preset': not a preset"),
     (["info", "--config", ""], r"--config '': not a preset"),  # (it was the default preset)
-    (["info", "--memory-gib", "1"], r"--memory-gib set the --compare table; add --compare"),
-    (["info", "--weight-bits", "8", "--memory-gib", "1"], r"--weight-bits, --memory-gib set the --compare table"),
+    (["info", "--memory-gib", "1"], r"--memory-gib: only for the --compare table; add --compare"),
+    (["info", "--weight-bits", "8", "--memory-gib", "1"], r"--weight-bits, --memory-gib: only for the --compare table"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv, message):
     with pytest.raises(SystemExit, match=message):
