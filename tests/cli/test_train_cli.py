@@ -18,7 +18,7 @@ from mixcon.data import ByteTokenizer, ShardDataset, load_tokenizer
 from mixcon.training.checkpoint import list_checkpoints, read_trainer_state
 from mixcon.training.distributed import DistEnv
 from mixcon.training.metrics import read_metrics
-from mixcon.training.trainer import Trainer
+from mixcon.training.trainer import Trainer, TrainOptions
 
 
 @pytest.mark.parametrize(("command", "flags"), [
@@ -485,13 +485,13 @@ class _Stop(Exception):
     """Raised in place of training, once what the run was given is recorded."""
 
 
-def test_a_resume_given_a_time_budget_alone_trains_by_it_not_by_the_runs_steps(corpus, tmp_path, monkeypatch,
-                                                                              capsys):
-    """--time-budget on --resume is a budget for this command, to whose end the schedule is refitted: the run's
-    --steps go (as --steps alone drops the run's budget)."""
+def resumed_options(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: list[str],
+                    *resumes: list[str]) -> list[TrainOptions]:
+    """A 2-step run started with `started`, then what the trainer is given when it is resumed with each of
+    `resumes` (it trains no further)."""
     run = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2",
            "--seq-len", "16", "--steps", "2", "--sample-tokens", "0", "--no-progress", "--out", str(tmp_path / "run")]
-    assert main(run) == 0
+    assert main([*run, *started]) == 0
     seen = []
 
     def record(self, **kwargs):
@@ -499,29 +499,25 @@ def test_a_resume_given_a_time_budget_alone_trains_by_it_not_by_the_runs_steps(c
         raise _Stop
 
     monkeypatch.setattr(Trainer, "fit", record)
-    with pytest.raises(_Stop):
-        main(["train", "--out", str(tmp_path / "run"), "--resume", "--time-budget", "60", "--no-progress"])
-    assert (seen[0].steps, seen[0].time_budget) == (None, 60)
+    for extra in resumes:
+        with pytest.raises(_Stop):
+            main(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress", *extra])
+    return seen
+
+
+def test_a_resume_given_a_time_budget_alone_trains_by_it_not_by_the_runs_steps(corpus, tmp_path, monkeypatch,
+                                                                              capsys):
+    """--time-budget on --resume is a budget for this command, to whose end the schedule is refitted: the run's
+    --steps go (as --steps alone drops the run's budget)."""
+    (options,) = resumed_options(corpus, tmp_path, monkeypatch, [], ["--time-budget", "60"])
+    assert (options.steps, options.time_budget) == (None, 60)
     assert "resume: steps changes from 2 to None" in capsys.readouterr().out
 
 
 def test_a_switch_a_run_was_started_with_is_turned_off_on_resume_by_its_no_flag(corpus, tmp_path, monkeypatch,
                                                                                capsys):
-    run = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2",
-           "--seq-len", "16", "--steps", "2", "--sample-tokens", "0", "--no-progress", "--out", str(tmp_path / "run"),
-           "--activation-checkpointing"]
-    assert main(run) == 0
-    seen = []
-
-    def record(self, **kwargs):
-        seen.append(self.options)
-        raise _Stop
-
-    monkeypatch.setattr(Trainer, "fit", record)
-    resume = ["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--no-progress"]
-    for extra in ([], ["--no-activation-checkpointing"]):
-        with pytest.raises(_Stop):
-            main([*resume, *extra])
+    seen = resumed_options(corpus, tmp_path, monkeypatch, ["--activation-checkpointing"], ["--steps", "3"],
+                           ["--steps", "3", "--no-activation-checkpointing"])
     assert [options.activation_checkpointing for options in seen] == [True, False]
     assert "resume: activation_checkpointing changes from True to False" in capsys.readouterr().out
 
