@@ -208,7 +208,7 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
             variants = {name: fields for name, fields in builtin.items()
                         if changes_model(base, base.replace(**fields))}
         variant_configs(base, variants)  # fail on a bad variant before any training
-        stream = bytes_lm.byte_stream(args.corpus, args.max_bytes, [args.out] if args.out else [])
+        stream = bytes_lm.byte_stream(args.corpus, args.max_bytes, [args.out])
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"mixcon bench ablate: {e}") from e
     common.run_or_exit("ablate", lambda: run(

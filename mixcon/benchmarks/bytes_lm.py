@@ -27,7 +27,8 @@ from mixcon.models.mixcon import MixConForCausalLM
 TOKENIZER = ByteTokenizer()
 
 
-def byte_stream(spec: str | None, max_bytes: int, exclude: Iterable[str | os.PathLike] = ()) -> torch.Tensor:
+def byte_stream(spec: str | None, max_bytes: int, exclude: Iterable[str | os.PathLike | None] = ()
+                ) -> torch.Tensor:
     """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long;
     `exclude`: what the benchmark writes, left out where the corpus holds it."""
     docs = list(Corpus.from_spec(spec, exclude).documents(max_bytes))

@@ -87,7 +87,7 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
         if not all(0 <= r < float("inf") for r in ratios):
             raise ValueError(f"--ratios {args.ratios}: each must be a finite number >= 0")
         models = common.twin_names(args.models)
-        stream = bytes_lm.byte_stream(args.corpus, args.max_bytes, [args.out] if args.out else [])
+        stream = bytes_lm.byte_stream(args.corpus, args.max_bytes, [args.out])
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"mixcon bench filler: {e}") from e
     common.run_or_exit("filler", lambda: run(

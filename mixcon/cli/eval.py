@@ -90,7 +90,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_perplexity(args: argparse.Namespace) -> int:
     try:
-        corpus = Corpus.from_spec(args.corpus, exclude=[args.json] if args.json else [])  # not earlier results
+        corpus = Corpus.from_spec(args.corpus, exclude=[args.json])  # not earlier results
         try:  # read before the model is loaded: an empty one is refused
             texts = list(corpus.documents(args.max_bytes))
         except ValueError as e:

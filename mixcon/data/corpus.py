@@ -86,9 +86,9 @@ class Corpus(ABC):
         self.skipped.append(f"{where}: {why}")
 
     @staticmethod
-    def from_spec(spec: str | None, exclude: Iterable[str | os.PathLike] = ()) -> Corpus:
+    def from_spec(spec: str | None, exclude: Iterable[str | os.PathLike | None] = ()) -> Corpus:
         """A corpus from a spec string (see SPEC_FORMS); None, '' or 'stdlib' is the default corpus. `exclude`: files
-        and folders left out (what a command writes, where the corpus holds it)."""
+        and folders left out (what a command writes, where the corpus holds it; None: an output not asked for)."""
         if spec in (None, "", "stdlib"):
             return default_corpus()
         if spec.startswith("hf:"):
@@ -99,7 +99,7 @@ class Corpus(ABC):
         else:
             field = "text"
         paths = _match(spec)
-        written = {Path(p).resolve() for p in exclude}
+        written = {Path(p).resolve() for p in exclude if p is not None}
         if written:
             paths = [p for p in paths if not written.intersection((real := p.resolve(), *real.parents))]
             if not paths:
