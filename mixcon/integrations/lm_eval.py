@@ -222,10 +222,10 @@ class MixConLM(TemplateLM):
         for row, p in enumerate(prompts):
             ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
         stops = [stop for stop in until if stop]
+        stopping = StopStrings(self.tok_decode, stops, T, self.tok.token_bytes()) if stops else None
         generated = self.model.generate(ids.to(self.device), max_new_tokens, attention_mask=mask.to(self.device),
                                         eos_token_id=self.eot_token_id, vocab_limit=self.vocab_limit,
-                                        stopping_criteria=StopStrings(self.tok_decode, stops, T) if stops else None,
-                                        **sampling)[:, T:].tolist()
+                                        stopping_criteria=stopping, **sampling)[:, T:].tolist()
         texts = []
         for tokens in generated:
             if self.eot_token_id in tokens:
@@ -244,22 +244,34 @@ class MixConLM(TemplateLM):
 class StopStrings:
     """`generate`'s stopping_criteria: a row is done once the text it generated after `prompt_length` holds one
     of `stops` (the text `generate_until` then cuts at the first of them). Each step decodes, for the rows not
-    yet done, only the last tokens that can hold a stop string ending in the newest one (a token is at least
-    a byte: as many as the longest stop has UTF-8 bytes); a cut inside a character decodes as U+FFFD before the
-    text, so only stops that spell U+FFFD themselves need the whole text."""
+    yet done, only the newest token and the tokens before it that hold the longest stop's UTF-8 bytes but one
+    (`token_bytes`: the bytes each id stands for, 0 for a special token); a cut inside a character decodes as
+    U+FFFD before the text, so only stops that spell U+FFFD themselves need the whole text."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: list[str], prompt_length: int) -> None:
-        self.decode, self.stops, self.start = decode, stops, prompt_length
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str], prompt_length: int,
+                 token_bytes: list[int]) -> None:
+        self.decode, self.stops, self.start, self.token_bytes = decode, stops, prompt_length, token_bytes
         self.tail = None if any("\ufffd" in stop for stop in stops) else max(len(stop.encode()) for stop in stops)
         self.done: list[bool] | None = None
 
+    def _window(self, tokens: list[int]) -> list[int]:
+        """The last tokens in which a stop ending in the newest one can lie."""
+        if self.tail is None:
+            return tokens
+        held = 0
+        for i in range(len(tokens) - 2, -1, -1):
+            if held >= self.tail - 1:
+                return tokens[i + 1:]
+            held += self.token_bytes[tokens[i]]
+        return tokens
+
     def __call__(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
-        new = sequences[:, self.start:]
+        new = sequences[:, self.start:].tolist()
         if self.done is None:
-            self.done = [False] * new.shape[0]
-        for row, tokens in enumerate(new[:, -self.tail:] if self.tail else new):
+            self.done = [False] * len(new)
+        for row, tokens in enumerate(new):
             if not self.done[row]:
-                text = self.decode(tokens.tolist())
+                text = self.decode(self._window(tokens))
                 self.done[row] = any(stop in text for stop in self.stops)
         return torch.tensor(self.done)
 

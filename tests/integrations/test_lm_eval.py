@@ -361,7 +361,7 @@ def test_stop_strings_are_found_where_they_end_in_the_text_as_decoded():
 
     rows = [TOK.encode("héllo wörld") + [TOK.eos_id] * 3, [*TOK.encode("no stop here"), 0xFF, 0x41]]
     prompt = [[TOK.eos_id, 104], [TOK.eos_id, 110]]
-    criteria = StopStrings(TOK.decode, ["ö", "lo w"], 2)
+    criteria = StopStrings(TOK.decode, ["ö", "lo w"], 2, TOK.token_bytes())
     first = {}
     for n in range(1, 15):
         seqs = torch.tensor([p + r[:n] for p, r in zip(prompt, rows, strict=True)])
@@ -370,11 +370,19 @@ def test_stop_strings_are_found_where_they_end_in_the_text_as_decoded():
                 first.setdefault(row, n)
     assert first == {0: len(TOK.encode("héllo w"))}  # "lo w" completes before "ö" does
     assert first[0] == next(n for n in range(1, 15) if "lo w" in TOK.decode(rows[0][:n]))
-    bad = StopStrings(TOK.decode, ["\ufffdA"], 0)
+    bad = StopStrings(TOK.decode, ["\ufffdA"], 0, TOK.token_bytes())
     assert bad(torch.tensor([rows[1]]), None).tolist() == [True]
     # a stop of more bytes than characters is found in the last tokens (one per byte); a done row stays done when
     # later tokens push its stop out of those
-    wide = StopStrings(TOK.decode, ["ab", "。"], 0)
+    wide = StopStrings(TOK.decode, ["ab", "。"], 0, TOK.token_bytes())
     assert wide(torch.tensor([TOK.encode("x。")]), None).tolist() == [True]
-    late = StopStrings(TOK.decode, ["ab"], 0)
+    late = StopStrings(TOK.decode, ["ab"], 0, TOK.token_bytes())
     assert [late(torch.tensor([TOK.encode("xab" + "c" * n)]), None).tolist() for n in range(3)] == [[True]] * 3
+    # special tokens stand for no text: a stop's bytes around them are still found in the window
+    pad = TOK.pad_id
+    spread = StopStrings(TOK.decode, ["a\nb"], 0, TOK.token_bytes())
+    tokens = [*TOK.encode("xa"), pad, pad, *TOK.encode("\n"), pad, pad, pad, *TOK.encode("b")]
+    assert spread(torch.tensor([tokens]), None).tolist() == [True]
+    # a newest token of many bytes with the stop at its start
+    long = StopStrings(TOK.decode, ["ab"], 0, TOK.token_bytes())
+    assert long(torch.tensor([[*TOK.encode("xa"), pad, *TOK.encode("b")]]), None).tolist() == [True]
