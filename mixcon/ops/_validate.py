@@ -28,9 +28,9 @@ def check_scan_inputs(
     """Validate (B,T,H,P) / (B,T,G,N) / (B,T,H) shapes, seq_idx (B,T) and chunk_size; return (B, T, H, P, G, N)."""
     B, T, H, P, G, N = _check_shapes("conba_scan", ("B", "T"), x, k, q, log_decay, beta)
     if not (is_integer(tau) and tau >= 0):
-        raise ValueError(f"conba_scan: tau={tau!r} must be an integer >= 0")
+        raise ValueError(f"conba_scan: tau={tau!r} must be a Python int >= 0")
     if not (is_integer(chunk_size) and chunk_size >= 1):
-        raise ValueError(f"conba_scan: chunk_size={chunk_size!r} must be an integer >= 1")
+        raise ValueError(f"conba_scan: chunk_size={chunk_size!r} must be a Python int >= 1")
     if tau > 0 and (delay_gain is None or delay_gain.shape != (H,)):
         got = "none" if delay_gain is None else f"shape {tuple(delay_gain.shape)}"
         raise ValueError(f"conba_scan: tau={tau} > 0 needs delay_gain of shape (H,)=({H},), got {got}")
@@ -59,7 +59,7 @@ def _check_shapes(op: str, lead: tuple[str, ...], x: torch.Tensor, k: torch.Tens
     if k.dim() != n + 2 or tuple(k.shape[:n]) != sizes or k.shape != q.shape:
         raise ValueError(f"{op}: k and q must both be ({named}, G, N), got {tuple(k.shape)} and {tuple(q.shape)}")
     G, N = k.shape[n:]
-    if H % G != 0:
+    if G < 1 or H % G != 0:
         raise ValueError(f"{op}: the number of key groups G={G} must divide the number of heads H={H}")
     for name, t in (("log_decay", log_decay), ("beta", beta)):
         if t.shape != (*sizes, H):

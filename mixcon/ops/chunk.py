@@ -317,7 +317,7 @@ def conba_scan(
             same = seg == F.pad(seg, (tau, 0))[:, :T]  # (B, T)
             delayed = delayed * same[..., None, None].to(dt)
         y = y + delay_gain.to(dt)[:, None] * delayed
-    y = y.to(out_dtype)
+    y = y.to(out_dtype).contiguous()  # (B, T, H, P) in that order, as the reference's
     if not return_past_states:
         return y, final
     return y, final, _past_states(final, past0, starts_t, U, Kc, b, lo, T, tau, C, docs)

@@ -52,7 +52,7 @@ def conba_scan_step(
     if delta_rule:  # x_t - (α_t S_{t-1}) k_t
         write = write - decay * torch.bmm(S, kc).view(B, H, P)
     S_new = torch.mul(state, decay[..., None], out=out) if in_place else (state * decay[..., None]).contiguous()
-    S_new.view(B * G, hg * P, N).baddbmm_((b * write).view(B * G, hg * P, 1), kc.view(B * G, 1, N))
+    S_new.view(B * G, hg * P, N).baddbmm_((b * write).reshape(B * G, hg * P, 1), kc.view(B * G, 1, N))
     if out is not None and not in_place:
         out.copy_(S_new)
     y = torch.bmm(S_new.view(B * G, hg * P, N), qc).view(B, H, P)

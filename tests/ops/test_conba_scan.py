@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -296,6 +299,34 @@ def test_no_steps_return_the_states_in_tensors_of_their_own(fn):
         assert torch.equal(S0, make_inputs(T=0)[-1])  # the caller's state is untouched
 
 
+def test_step_takes_inputs_of_any_layout():
+    """Each input of the step may be a permuted view (the step wrote `beta * x` through a view: x or beta in another
+    layout raised)."""
+    x, k, q, ld, beta, _, S0 = make_inputs(T=1)
+    args = dict(x=x[:, 0], k=k[:, 0], q=q[:, 0], log_decay=ld[:, 0], beta=beta[:, 0], state=S0)
+
+    def permuted(t: torch.Tensor) -> torch.Tensor:  # same values, memory in reversed dimension order
+        return t.permute(*reversed(range(t.dim()))).contiguous().permute(*reversed(range(t.dim())))
+
+    for delta_rule in (False, True):
+        y_ref, s_ref = conba_scan_step(**args, delta_rule=delta_rule)
+        for name in args:
+            y, s = conba_scan_step(**{**args, name: permuted(args[name])}, delta_rule=delta_rule)
+            torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_outputs_are_contiguous_in_their_documented_order():
+    """y is (B, T, H, P) in that memory order from every form, at any chunking (the chunked form returned a permuted
+    view of its padded chunks: `.view` on it failed where the reference's worked)."""
+    x, k, q, ld, beta, gain, _ = make_inputs(T=10)
+    for fn, chunk in ((conba_scan_reference, 4), (conba_scan, 4), (conba_scan, 64)):
+        for tau, kw in ((0, {}), (2, dict(delay_gain=gain))):
+            y, s, past = fn(x, k, q, ld, beta, delta_rule=True, tau=tau, chunk_size=chunk, return_past_states=True,
+                            **kw)
+            assert y.is_contiguous() and s.is_contiguous() and past.is_contiguous(), (fn.__name__, chunk, tau)
+
+
 def test_step_takes_a_transposed_state_with_and_without_gradients():
     x, k, q, ld, beta, _, S0 = make_inputs(T=1)
     args = (x[:, 0], k[:, 0], q[:, 0], ld[:, 0], beta[:, 0])
@@ -323,11 +354,11 @@ def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="log_decay"):
         conba_scan(x, k, q, ld[:, :-1], beta, delta_rule=False)
     for fn in (conba_scan, conba_scan_reference):  # one contract: the same arguments refused by every form
-        for bad in (0, -3, True, 2.5):
-            with pytest.raises(ValueError, match=rf"chunk_size={bad!r} must be an integer >= 1"):
+        for bad in (0, -3, True, 2.5, torch.tensor(2)):
+            with pytest.raises(ValueError, match=rf"chunk_size={re.escape(repr(bad))} must be a Python int >= 1"):
                 fn(x, k, q, ld, beta, delta_rule=False, chunk_size=bad)
-        for bad in (1.0, -1):
-            with pytest.raises(ValueError, match=rf"tau={bad!r} must be an integer >= 0"):
+        for bad in (1.0, -1, np.int64(2)):
+            with pytest.raises(ValueError, match=rf"tau={re.escape(repr(bad))} must be a Python int >= 0"):
                 fn(x, k, q, ld, beta, delta_rule=False, tau=bad, delay_gain=torch.ones(4, dtype=x.dtype))
         with pytest.raises(ValueError, match=r"initial_past_states must be \(B, tau, H, P, N\)=\(2, 2, 4, 5, 6\), "
                            r"got \(2, 3, 4, 5, 6\)"):
@@ -357,6 +388,9 @@ def test_bad_step_shapes_raise_clear_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             conba_scan_step(**{**args, name: bad}, delta_rule=True)
+    for G in (3, 0):  # (G=0 was a ZeroDivisionError)
+        with pytest.raises(ValueError, match=rf"G={G} must divide the number of heads H=4"):
+            conba_scan(x, k[:, :, :1].repeat(1, 1, G, 1), q[:, :, :1].repeat(1, 1, G, 1), ld, beta, delta_rule=False)
     with pytest.raises(ValueError, match=r"G=3 must divide the number of heads H=4"):
         conba_scan_step(**{**args, "k": k[:, 0, :1].expand(-1, 3, -1), "q": q[:, 0, :1].expand(-1, 3, -1)},
                         delta_rule=True)
