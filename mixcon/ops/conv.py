@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mixcon.ops._jvp import traced
+from mixcon.ops._validate import check_seq_idx
 
 
 def _tap_masks(seq_idx: torch.Tensor | None, width: int, dtype: torch.dtype) -> list[torch.Tensor | None]:
@@ -103,6 +104,22 @@ def causal_conv(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | Non
     """out[:, t] = bias + sum_j taps[j] * full[:, t + j]: full (B, width - 1 + T, C) holds the width - 1 steps before
     the first, taps (width, C), bias (C,) or None -> (B, T, C). With `seq_idx` (B, T), packed documents: no tap
     reads a step of an earlier document (the steps before the first belong to the first)."""
+    _check_inputs(full, taps, bias, seq_idx)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (full, taps, bias)):
         return traced(_CausalConv, _CausalConvJvp).apply(full, taps, bias, seq_idx)
     return _conv_sum(full, taps, bias, seq_idx)  # (decoding: no autograd.Function overhead per token)
+
+
+def _check_inputs(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
+                  seq_idx: torch.Tensor | None) -> None:
+    """Shapes of `causal_conv`'s arguments, and `seq_idx` as the scan checks it."""
+    if full.dim() != 3:
+        raise ValueError(f"causal_conv: full must be (B, width - 1 + T, C), got shape {tuple(full.shape)}")
+    B, n, C = full.shape
+    if taps.dim() != 2 or taps.shape[1] != C or not 1 <= taps.shape[0] <= n + 1:
+        raise ValueError(f"causal_conv: taps must be (width, C) with C={C} and 1 <= width <= {n + 1} (full holds "
+                         f"width - 1 steps before the first), got shape {tuple(taps.shape)}")
+    if bias is not None and bias.shape != (C,):
+        raise ValueError(f"causal_conv: bias must be (C,)=({C},) or None, got shape {tuple(bias.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, (B, n - taps.shape[0] + 1), "causal_conv: seq_idx")

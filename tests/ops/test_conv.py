@@ -112,3 +112,20 @@ def test_dynamo_traces_the_conv_with_gradients_in_one_graph():
     full, taps, bias = (t.float() for t in inputs())
     explained = torch._dynamo.explain(lambda f, t, b: causal_conv(f, t, b).sum())(full, taps, bias)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_bad_arguments_are_refused_by_name():
+    """Taps of the transposed (C, width) layout, a bias or seq_idx of the wrong shape and a float seq_idx are refused
+    with the argument's name (they failed in a broadcast, or a float seq_idx was taken)."""
+    full, taps, bias = (t.detach() for t in inputs(B=2, T=11, C=5, width=4))
+    seq_idx = torch.zeros(2, 11, dtype=torch.long)
+    for args, match in [
+        ((full[0], taps, bias), r"full must be \(B, width - 1 \+ T, C\), got shape \(14, 5\)"),
+        ((full, taps.t(), bias), r"taps must be \(width, C\) with C=5 and 1 <= width <= 15 .*got shape \(5, 4\)"),
+        ((full, torch.zeros(16, 5, dtype=full.dtype), bias), r"1 <= width <= 15"),
+        ((full, taps, bias[:4]), r"bias must be \(C,\)=\(5,\) or None, got shape \(4,\)"),
+        ((full, taps, bias, seq_idx[:, :10]), r"causal_conv: seq_idx must be \(B, T\)=\(2, 11\), got \(2, 10\)"),
+        ((full, taps, bias, seq_idx.double()), r"causal_conv: seq_idx must hold integer document indices"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            causal_conv(*args)
