@@ -31,7 +31,8 @@ def _check(name: str, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk_rows: int | None = None) -> torch.Tensor:
-    """Mean cross-entropy of the logits h Wᵀ at `labels` (IGNORE positions left out) -> scalar (fp32).
+    """Mean cross-entropy of the logits h Wᵀ at `labels` (IGNORE positions left out) -> scalar (fp32; fp64 for
+    fp64 inputs).
 
     h (..., d); weight (V, d); labels (...). The matmuls run in h's dtype (or autocast's), the
     softmax in fp32 (fp64 for fp64 inputs). `chunk_rows` rows at a time (default: CHUNK_ELEMENTS / V).
