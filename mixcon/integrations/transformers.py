@@ -40,6 +40,7 @@ from mixcon.layers.linear import Linear
 from mixcon.models.files import (
     HF_MODEL_TYPE,
     HF_NAMES,
+    INCOMPLETE_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     remove_stale_weights,
@@ -264,11 +265,14 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """transformers' save_pretrained, then the weights of an earlier save in the other form (model.safetensors
         beside a new shard index, or an index and its shards beside a new model.safetensors) removed: transformers
-        leaves them, and a directory with both would not load."""
+        leaves them, and a directory with both would not load; and the mark of an unfinished native save there
+        (`MixConForCausalLM.save_pretrained` killed between its two files), which this save replaces."""
         super().save_pretrained(save_directory, *args, **kwargs)
         saved = [Path(save_directory) / name for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)]
-        if kwargs.get("is_main_process", True) and all(path.is_file() for path in saved):
-            remove_stale_weights(Path(save_directory), keep=max(saved, key=lambda p: p.stat().st_mtime_ns).name)
+        if kwargs.get("is_main_process", True):
+            if all(path.is_file() for path in saved):
+                remove_stale_weights(Path(save_directory), keep=max(saved, key=lambda p: p.stat().st_mtime_ns).name)
+            (Path(save_directory) / INCOMPLETE_NAME).unlink(missing_ok=True)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -28,6 +28,8 @@ HF_NAMES = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key
 LAYOUT_KEY = "mixcon_expert_layout"
 WEIGHTS_METADATA = {"format": "pt", LAYOUT_KEY: "out_in"}
 EXPERT_WEIGHTS = (".w_gate_up", ".w_down")
+# Present while `write_model` replaces a directory's weights and config: a save that dies between the two leaves it.
+INCOMPLETE_NAME = ".mixcon-save-incomplete"
 
 
 def upgrade_expert_layout(state: dict[str, Any], metadata: dict[str, str] | None) -> dict[str, Any]:
@@ -119,13 +121,23 @@ def umask_permissions(path: Path) -> None:
 
 def write_model(model: nn.Module, config_json: str, directory: Path) -> None:
     """`model`'s weights as model.safetensors and `config_json` as config.json in `directory` (made if missing),
-    each written whole or not at all; then the weights of an earlier sharded save there are removed."""
+    each written whole or not at all; then the weights of an earlier sharded save there are removed. From before
+    the weights are replaced until the config is, INCOMPLETE_NAME stands beside them: a save that dies between the
+    two leaves it, and `read_model` refuses the directory (new weights under an old config could load silently)."""
     from safetensors.torch import save_model
 
     directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata=WEIGHTS_METADATA))
+    marker = directory / INCOMPLETE_NAME
+    write_text_atomic(marker, "a save_pretrained here did not finish: config.json and the weights may come from "
+                              "different saves\n")
+    try:
+        write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata=WEIGHTS_METADATA))
+    except BaseException:
+        marker.unlink()  # nothing was replaced
+        raise
     umask_permissions(directory / WEIGHTS_NAME)
     write_text_atomic(directory / CONFIG_NAME, config_json)
+    marker.unlink()
     remove_stale_weights(directory, keep=WEIGHTS_NAME)
 
 
@@ -178,6 +190,10 @@ def read_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Mix
     tied model's shared tensor under both of its names."""
     from safetensors.torch import load_file
 
+    if (directory / INCOMPLETE_NAME).exists():
+        raise ValueError(f"{directory}: a save_pretrained there did not finish ({INCOMPLETE_NAME} is left): its "
+                         f"{CONFIG_NAME} and weights may come from different saves; save the model again (or delete "
+                         f"{INCOMPLETE_NAME} if you know they match)")
     files = weight_files(directory)
     if not (directory / CONFIG_NAME).is_file() or not files:
         raise FileNotFoundError(f"{directory}: not a MixCon model directory (needs {CONFIG_NAME} and "

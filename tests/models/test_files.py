@@ -6,10 +6,12 @@ import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 
 from mixcon import MixConForCausalLM
-from mixcon.models.files import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, remove_stale_weights
+from mixcon.models import files
+from mixcon.models.files import INCOMPLETE_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, remove_stale_weights
 
 pytest.importorskip("transformers", minversion="5", reason="needs transformers >= 5")
 from mixcon.integrations.transformers import MixConHFForCausalLM  # (only with transformers)
@@ -42,18 +44,48 @@ def test_a_save_in_one_form_over_a_save_in_the_other_loads_the_new_weights(tiny_
     torch.testing.assert_close(_logits(MixConForCausalLM.from_pretrained(tmp_path)), _logits(old), rtol=0, atol=0)
 
 
-def test_a_save_that_fails_leaves_the_earlier_save_whole(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["fsync", "weights"])
+def test_a_save_that_fails_leaves_the_earlier_save_whole(tiny_model, tmp_path, monkeypatch, failing):
     old = tiny_model(dtype=torch.float32)
     old.save_pretrained(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def disk_full(fd):
+    def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "fsync", disk_full)
+    if failing == "fsync":  # the first file's
+        monkeypatch.setattr(os, "fsync", disk_full)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
     with pytest.raises(OSError, match="No space left"):
         tiny_model(dtype=torch.float32, seed=1, n_blocks=2).save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file either
+
+
+def test_a_save_killed_between_weights_and_config_is_refused_until_saved_again(tiny_model, tmp_path, monkeypatch):
+    """New weights under the old config.json loaded as a model nobody saved (same shapes, other settings): a save
+    that dies after replacing the weights leaves a mark, and loading refuses the directory until a save finishes."""
+    old, new = tiny_model(dtype=torch.float32), tiny_model(dtype=torch.float32, seed=1, attn_rope=True)
+    old.save_pretrained(tmp_path)
+    write_text = files.write_text_atomic
+
+    def killed_at_config(path, text):
+        if path.name == "config.json":
+            raise KeyboardInterrupt  # (as a kill: nothing after it runs)
+        write_text(path, text)
+
+    monkeypatch.setattr(files, "write_text_atomic", killed_at_config)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=rf"a save_pretrained there did not finish \({INCOMPLETE_NAME} is left\)"):
+        MixConForCausalLM.from_pretrained(tmp_path)
+    new.save_pretrained(tmp_path)
+    assert not (tmp_path / INCOMPLETE_NAME).exists()
+    torch.testing.assert_close(_logits(MixConForCausalLM.from_pretrained(tmp_path)), _logits(new), rtol=0, atol=0)
+    (tmp_path / INCOMPLETE_NAME).write_text("")  # a save through the wrapper replaces both files too
+    MixConHFForCausalLM.from_mixcon(old).save_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(MixConForCausalLM.from_pretrained(tmp_path)), _logits(old), rtol=0, atol=0)
 
 
 def test_stale_weights_are_only_the_files_an_index_names_in_its_own_directory(tmp_path):
