@@ -6,10 +6,12 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -308,13 +310,54 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return platform.processor() or None
+
+
+def _version(package: str) -> str | None:
+    """An installed package's version, None when it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _mixcon_version() -> str:
+    """mixcon's version, with the git commit of its source checkout when it runs from one (a trailing '+dirty':
+    uncommitted changes)."""
+    from mixcon import __version__
+
+    source = Path(__file__).resolve().parents[2]  # the checkout holding mixcon/, or site-packages
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")  # (an installed copy may lie inside some other repository)
+    if top is None or Path(top).resolve() != source:
+        return __version__
+    return f"{__version__} ({git('describe', '--always', '--dirty=+dirty', '--exclude=*')})"
+
+
 def machine() -> dict[str, Any]:
     """Where and how a result was measured: the machine, the software and the process's command line."""
     return {
         "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],  # `mixcon bench ...` as typed (a library call: its caller)
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
+        **{name: _version(name) for name in ("transformers", "triton")},
+        "mixcon": _mixcon_version(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "fp32_matmul_precision": torch.get_float32_matmul_precision(),

@@ -89,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=number_type(int, 1, many=True), default="1,2,4,8,16,32",
                    help="rows per product (default: %(default)s)")
     p.add_argument("--megabytes", type=number_type(int, 1), default=70,
-                   help="total weight size (default: %(default)s)")
+                   help="total weight size, in whole decoding steps' weights (at least one: ~4.3 MB; "
+                        "default: %(default)s)")
     p.add_argument("--repeats", type=number_type(int, 1), default=20,
                    help="timed calls after two warm-ups (median; default: %(default)s)")
     common.add_out_argument(p)

@@ -275,14 +275,19 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Tokens/s against T, forward and forward+backward: a line per layer and batch size (solid at the smallest)."""
     fig, axes = new_figure(2, width=11)
+    batches = sorted({r["B"] for r in rows})
+    styles = {B: ["-", "--", ":", "-."][i % 4] for i, B in enumerate(batches)}
     for ax, mode in zip(axes, ("fwd", "fwd+bwd"), strict=True):
-        for layer in dict.fromkeys(r["layer"] for r in rows):
-            pts = sorted((r["T"], r["tokens_per_s"]) for r in rows if r["layer"] == layer and r["mode"] == mode
-                         and r["B"] == 1 and r["tokens_per_s"])
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=layer)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length T (batch 1)", ylabel="tokens/s", title=mode)
+        for n, layer in enumerate(dict.fromkeys(r["layer"] for r in rows)):
+            for B in batches:
+                pts = sorted((r["T"], r["tokens_per_s"]) for r in rows if r["layer"] == layer and r["mode"] == mode
+                             and r["B"] == B and r["tokens_per_s"])
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", linestyle=styles[B], color=f"C{n % 10}",
+                            label=f"{layer} B={B}")
+        ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="tokens/s", title=mode)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     save_figure(fig, path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import mixcon
 from mixcon.benchmarks import common, decode, matvec, scan, speed
 from mixcon.benchmarks.common import SavedBytes
 from mixcon.cli import main
@@ -39,6 +42,19 @@ def test_speed_benchmark_rows_and_files(tmp_path):
         peak = payload["train_matmul_peak_gflops" if r["mode"] == "train" else "matmul_peak_gflops"]
         assert r["peak_frac"] == pytest.approx(r["gflops"] / peak)
     assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def test_speed_plot_draws_every_batch_size(tmp_path, monkeypatch):
+    """A line per layer and batch size, in each mode's axes (only batch 1 was drawn: `--batches 4` gave empty axes)."""
+    drawn = {}
+    monkeypatch.setattr(speed, "save_figure", lambda fig, path: drawn.update(
+        {ax.get_title(): sorted(line.get_label() for line in ax.get_lines()) for ax in fig.axes}))
+    rows = [dict(layer=layer, mode=mode, B=B, T=T, tokens_per_s=1e3 * B + T)
+            for layer in ("conba-ssd", "transformers-mamba2") for mode in ("fwd", "fwd+bwd") for B in (2, 4)
+            for T in (64, 128)]
+    speed._plot(rows, tmp_path / "speed.png")
+    labels = sorted(f"{layer} B={B}" for layer in ("conba-ssd", "transformers-mamba2") for B in (2, 4))
+    assert drawn == {"fwd": labels, "fwd+bwd": labels}
 
 
 def test_interleaved_timing_alternates_the_order_of_each_round():
@@ -138,7 +154,10 @@ def test_scan_benchmark_command(tmp_path, monkeypatch):
     assert main(argv) == 0
     result = json.loads((tmp_path / "scan.json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["ssd", "control"]
-    assert result["machine"]["argv"] == ["mixcon", *argv]  # the result says what produced it
+    assert result["machine"]["argv"] == ["mixcon", *argv]  # the result says what produced it, and with what
+    assert result["machine"]["mixcon"].startswith(mixcon.__version__)
+    assert result["machine"]["transformers"] == importlib.metadata.version("transformers")
+    assert result["machine"]["python"] == platform.python_version() and result["machine"]["cpu"]
     assert result["machine"]["fp32_matmul_precision"] == torch.get_float32_matmul_precision() == "highest"
     try:
         assert main([*argv, "--fp32-precision", "high"]) == 0
