@@ -266,12 +266,12 @@ class StopStrings:
         return tokens
 
     def __call__(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
-        new = sequences[:, self.start:].tolist()
+        new = sequences[:, self.start:]
         if self.done is None:
-            self.done = [False] * len(new)
+            self.done = [False] * new.shape[0]
         for row, tokens in enumerate(new):
             if not self.done[row]:
-                text = self.decode(self._window(tokens))
+                text = self.decode(self._window(tokens.tolist()))
                 self.done[row] = any(stop in text for stop in self.stops)
         return torch.tensor(self.done)
 
