@@ -78,7 +78,7 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--seq-len", POSITIVE, "tokens per training sequence"),
     ("--lr", NONNEGATIVE, "peak learning rate"),
     ("--min-lr-ratio", RATIO, "final learning rate as a fraction of the peak (cosine decay)"),
-    ("--warmup-steps", COUNT, "linear warmup steps"),
+    ("--warmup-steps", COUNT, "linear warmup steps (at most all but the last of --steps)"),
     ("--weight-decay", NONNEGATIVE, "AdamW weight decay of matrices (never of norms, biases, A_log, dt_bias, D)"),
     ("--grad-clip", NONNEGATIVE, "clip the global gradient norm (0: off)"),
     ("--eval-every", POSITIVE, "validate every N steps"),

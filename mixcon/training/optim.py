@@ -29,7 +29,10 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: 
 def lr_at(step: int, *, peak: float, warmup: int, total: int | None, min_ratio: float) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup over `warmup` steps to `peak`, then a
     cosine decay to `min_ratio * peak` at the last step of `total` (step total - 1), constant after. `total=None`
-    (not yet known) holds `peak`."""
+    (not yet known) holds `peak`. A run of `total` steps warms up over at most its first total - 1 (a shorter run
+    than its warmup still reaches the peak and ends at the minimum)."""
+    if total is not None:
+        warmup = min(warmup, max(total - 1, 0))
     if step < warmup:
         return peak * (step + 1) / warmup
     if total is None:

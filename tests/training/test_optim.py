@@ -47,6 +47,15 @@ def test_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in itertools.pairwise(values))
 
 
+def test_a_run_shorter_than_its_warmup_reaches_the_peak_and_ends_at_the_minimum():
+    """The warmup fits in the run: all but its last step (a 10-step run with 20 warmup steps ended at half the
+    peak and never decayed, against --min-lr-ratio's "final learning rate")."""
+    for warmup in (9, 20):
+        values = [lr_at(s, peak=1.0, warmup=warmup, total=10, min_ratio=0.1) for s in range(12)]
+        assert values == pytest.approx([(s + 1) / 9 for s in range(9)] + [0.1] * 3)
+    assert lr_at(0, peak=1.0, warmup=5, total=1, min_ratio=0.1) == 0.1  # a single step is the last one
+
+
 def test_schedule_without_total_holds_peak_after_warmup():
     assert lr_at(5, peak=2.0, warmup=10, total=None, min_ratio=0.1) == pytest.approx(1.2)
     assert lr_at(1000, peak=2.0, warmup=10, total=None, min_ratio=0.1) == 2.0
