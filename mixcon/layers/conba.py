@@ -19,6 +19,7 @@ from mixcon.layers.linear import Linear
 from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.norm import GatedRMSNorm
 from mixcon.ops import causal_conv, conba_scan, conba_scan_step
+from mixcon.ops._jvp import carries_tangents
 from mixcon.ops.dtypes import compute_dtype
 
 # Steps per segment of an eager forward without autograd (see `Conba._segments`).
@@ -180,10 +181,11 @@ class Conba(nn.Module):
         return (self.kernel == "triton" and u.dtype != torch.float64
                 and (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
-    def _scan_for(self, u: torch.Tensor, packed: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
-        """The scan of this forward: `scan_fn`, or the Triton kernel without autograd when `_triton`
-        (not for packed documents, which the kernel does not take)."""
-        if torch.is_grad_enabled() or packed or not self._triton(u):
+    def _scan_for(self, u: torch.Tensor, packed: bool, *inputs: torch.Tensor | None
+                  ) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """The scan of this forward on its `inputs`: `scan_fn`, or the Triton kernel without autograd when `_triton`
+        (not for packed documents, nor inputs with forward-mode AD tangents, which the kernel does not take)."""
+        if torch.is_grad_enabled() or packed or not self._triton(u) or carries_tangents(*inputs):
             return self.scan_fn
         try:
             from mixcon.ops.triton_chunk import conba_scan_triton
@@ -206,7 +208,7 @@ class Conba(nn.Module):
         kw = dict(delta_rule=self.control, tau=self.tau, delay_gain=self.delay_gain, chunk_size=chunk)
         if seq_idx is not None:
             kw["seq_idx"] = seq_idx
-        scan = self._scan_for(u, seq_idx is not None)
+        scan = self._scan_for(u, seq_idx is not None, x_write, k, q, log_decay, beta, state, past, self.delay_gain)
         if state is None:
             o, final = scan(x_write, k, q, log_decay, beta, **kw)
             past_out = None

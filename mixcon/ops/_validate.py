@@ -112,4 +112,4 @@ def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
 
 def triton_chunk_ok(chunk_size: int, tau: int) -> bool:
     """Whether the Triton kernel takes this chunk size: a power of two >= 16 and >= tau."""
-    return chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0 and chunk_size >= tau
+    return is_integer(chunk_size) and chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0 and chunk_size >= tau

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mixcon.ops._jvp import carries_tangents
 from mixcon.ops._validate import LOG_DECAY_FLOOR, check_scan_inputs, triton_chunk_ok
 from mixcon.ops.chunk import early_delayed_readout, initial_states, no_steps
 
@@ -118,7 +119,7 @@ def _conba_scan_kernel(
     # The delayed readout of the next chunk's first tau - 1 rows, which read states of this one.
     carry = tl.zeros((C, BP), dtype=tl.float32)
     for c0 in range(0, T, C):
-        t = c0 + rows
+        t = (c0 + rows).to(tl.int64)  # (as the time offsets t·H·P of one row may pass 2^31 too)
         live = t < T  # padding rows neither decay nor write
         xm = live[:, None] & (p_idx[None, :] < P)
         km = live[:, None] & (n_idx[None, :] < N)
@@ -208,6 +209,9 @@ def conba_scan_triton(
     inputs = (x, k, q, log_decay, beta, delay_gain, initial_state, initial_past_states)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         raise RuntimeError("conba_scan_triton has no backward; use conba_scan for training")
+    if carries_tangents(*inputs):
+        raise RuntimeError("conba_scan_triton takes no forward-mode AD tangents or torch.func transforms; use "
+                           "conba_scan")
     f32 = torch.float32
     log_decay = log_decay.clamp(min=LOG_DECAY_FLOOR)  # as in `conba_scan`
     x, k, q, log_decay, beta = (t.contiguous() for t in (x, k, q, log_decay, beta))

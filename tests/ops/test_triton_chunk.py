@@ -3,8 +3,13 @@ interpreter on the CPU."""
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 from test_conba_scan import make_inputs  # tests/ops is on sys.path (pytest rootdir-less import)
 
 from mixcon.ops import conba_scan_reference
@@ -128,8 +133,9 @@ def test_bad_arguments_raise_clear_errors():
     x, k, q, ld, beta, *_ = (t.float() for t in make_inputs(T=8))
     with pytest.raises(ValueError, match="power of two"):
         conba_scan_triton(x, k, q, ld, beta, delta_rule=False, chunk_size=24)
-    with pytest.raises(ValueError, match="value_block=24 must be a power of two >= 16"):
-        conba_scan_triton(x, k, q, ld, beta, delta_rule=False, chunk_size=16, value_block=24)
+    for value_block in (24, 16.0):  # (a float failed in a bitwise and)
+        with pytest.raises(ValueError, match=f"value_block={value_block} must be a power of two >= 16"):
+            conba_scan_triton(x, k, q, ld, beta, delta_rule=False, chunk_size=16, value_block=value_block)
     with pytest.raises(ValueError, match="fp64"):
         conba_scan_triton(x.double(), k, q, ld, beta, delta_rule=False, chunk_size=16)
     with pytest.raises(RuntimeError, match="no backward"):
@@ -192,3 +198,65 @@ def test_model_with_the_triton_kernel_equals_the_torch_one(monkeypatch):
     assert len(calls) == 2 * n_conba
     conba = [layer.mixer for layer in fast.layers if layer.mixer_kind == "conba"]
     assert all(p.grad is not None for m in conba for p in m.parameters())
+
+
+def test_forward_mode_tangents_take_the_torch_scan():
+    """Under no_grad, a Conba layer with the kernel gives forward-AD and torch.func.jvp tangents equal to the torch
+    scan's (the kernel dropped them silently, or failed inside torch.func); the kernel itself refuses tangents."""
+    import torch.autograd.forward_ad as fwAD
+
+    from mixcon import MixConConfig
+    from mixcon.layers.conba import Conba
+
+    torch.manual_seed(0)
+    config = MixConConfig.preset("tiny", conba_chunk=16)
+    ref = Conba(config, 0).to(DEVICE).eval()
+    fast = Conba(config.replace(conba_kernel="triton"), 0).to(DEVICE).eval()
+    fast.load_state_dict(ref.state_dict())
+    u, tangent = (torch.randn(2, 20, config.d_model, device=DEVICE) for _ in range(2))
+    with torch.no_grad():
+        tangents = []
+        for layer in (ref, fast):
+            with fwAD.dual_level():
+                tangents.append(fwAD.unpack_dual(layer(fwAD.make_dual(u, tangent))).tangent)
+            tangents.append(torch.func.jvp(layer, (u,), (tangent,))[1])
+        for got in tangents[1:]:
+            torch.testing.assert_close(got, tangents[0], rtol=1e-4, atol=1e-4)
+        x, k, q, ld, beta, *_ = (t.to(DEVICE, torch.float32) for t in make_inputs(T=8))
+        with fwAD.dual_level(), pytest.raises(RuntimeError, match="no forward-mode AD tangents"):
+            conba_scan_triton(fwAD.make_dual(x, torch.ones_like(x)), k, q, ld, beta, delta_rule=False, chunk_size=16)
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not sys.platform.startswith("linux")
+                    or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") < 16 * 2**30,
+                    reason="views 2^32 elements into lazily mapped CPU buffers (Linux, >= 16 GB of RAM)")
+def test_time_offsets_past_2_to_the_31_do_not_wrap():
+    """One row of T·H·P >= 2^31 elements (a long prefill of a wide model): rows t·H·P >= 2^31 were read and written
+    2^32 elements away (int32 offsets). Only the program of head 0 runs; x and y are views 2^32 elements into
+    buffers the kernel never touches elsewhere (untouched pages cost no memory), so a wrapped address lands there."""
+    from mixcon.ops.triton_chunk import _conba_scan_kernel
+
+    B, T, H, P, N, tau, wrap = 1, 1040, 2**17, 16, 16, 2, 2**32
+
+    def far_view(*shape: int) -> torch.Tensor:  # (the buffer stays alive through the view's base)
+        return torch.empty(wrap + math.prod(shape), dtype=torch.bfloat16)[wrap:].view(shape)
+
+    x, y = far_view(B, T, H, P), far_view(B, T, H, P)
+    g = torch.Generator().manual_seed(0)
+    x[0, :, 0] = torch.randn(T, P, generator=g).bfloat16()
+    y[0, :, 0] = float("nan")
+    k, q = (F.normalize(torch.randn(B, T, 1, N, generator=g), dim=-1) for _ in range(2))
+    ld, beta = torch.empty(B, T, H), torch.empty(B, T, H)
+    ld[0, :, 0] = -torch.rand(T, generator=g) * 0.05
+    beta[0, :, 0] = torch.rand(T, generator=g)
+    gain, S0, final = torch.full((H,), 0.5), torch.zeros(B, H, P, N), torch.zeros(B, H, P, N)
+    _conba_scan_kernel[(1, 1, 1)](
+        x, k, q, ld, beta, gain, S0, y, final, torch.zeros(1), T, H, P, N, H,
+        x.stride(0), x.stride(1), x.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        ld.stride(0), ld.stride(1), y.stride(0), y.stride(1), y.stride(2),
+        DELTA=True, TAU=tau, PAST=False, **launch_options(torch.bfloat16, P, N, kernel_block(64, tau)))
+    y_ref, s_ref = conba_scan_reference(x[:, :, :1].double(), k.double(), q.double(), ld[:, :, :1].double(),
+                                        beta[:, :, :1].double(), delta_rule=True, tau=tau, delay_gain=gain[:1].double())
+    assert 2**31 // (H * P) < T  # (rows from 1024 on lie past 2^31)
+    torch.testing.assert_close(y[0, :, 0].double(), y_ref[0, :, 0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(final[0, 0].double(), s_ref[0, 0], rtol=1e-5, atol=1e-5)
