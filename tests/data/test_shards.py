@@ -264,6 +264,24 @@ def test_an_interrupted_build_never_loads_as_complete(tmp_path, monkeypatch, ran
         ShardDataset(tmp_path / "fresh")
 
 
+def test_a_corpus_edited_between_its_scan_and_its_tokenising_is_refused(tmp_path, monkeypatch, random_documents,
+                                                                         write_documents):
+    """The shards' key hashes the scanned text: shards of an edited file under that key would be reused later as the
+    unchanged corpus's."""
+    folder = write_documents(tmp_path / "c", random_documents(8))
+    scan = shards_module._scan
+
+    def scan_then_edit(*args, **kwargs):
+        result = scan(*args, **kwargs)
+        (folder / "00003.txt").write_text("a much longer replacement " * 40)
+        return result
+
+    monkeypatch.setattr(shards_module, "_scan", scan_then_edit)
+    with pytest.raises(RuntimeError, match="the corpus changed while the shards were being built"):
+        build(Corpus.from_spec(str(folder)), ByteTokenizer(), tmp_path / "s", workers=1)
+    assert not (tmp_path / "s" / "index.json").exists()
+
+
 class WideTokenizer(ByteTokenizer):
     """Bytes, but with a vocabulary too large for uint16 and EOS at its top."""
 

@@ -181,3 +181,5 @@ def test_bad_arguments_are_refused_by_name():
                                              rf"\(2, 5\), got \({mask.shape[0]}, {mask.shape[1]}\)"):
             moe(h, token_mask=mask)
     assert "d_model=16, hidden=24, n_experts=8, top_k=2" in repr(moe)
+    with pytest.raises(TypeError, match=r"MoE: input is torch.float32, the weights torch.float64"):  # (torch's
+        moe(h.float())  # own error named neither)

@@ -61,11 +61,12 @@ def test_left_padded_cached_forward_then_decode_equals_each_row_alone(tiny_model
             torch.testing.assert_close(got[i:i + 1], want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("tau", [2, 3])  # (a ring of 2 states reads the same reversed: 3 tells the order)
 @pytest.mark.parametrize("decoded", [1, 3])  # an odd number of steps leaves the Conba ring's pointer mid-ring
-def test_a_chunk_after_decoding_steps_equals_the_full_forward(decoded, tiny_model):
+def test_a_chunk_after_decoding_steps_equals_the_full_forward(decoded, tau, tiny_model):
     """Prefill, single-token decoding steps (the ring of delayed states turns), then a multi-token chunk and more
     steps: the chunk reads the delayed states in their order."""
-    model = tiny_model(conba_delay=2)
+    model = tiny_model(conba_delay=tau)
     ids = torch.randint(0, model.config.vocab_size, (2, 5 + decoded + 6))
     with torch.no_grad():
         full = model(ids).logits
@@ -131,6 +132,33 @@ def test_gradients_through_cached_forwards_equal_those_of_the_full_forward(layou
     assert len(cached) == len(full) > 0
     for a, b in zip(cached, full, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_one_token_forwards_outside_the_decoding_step_mask_the_cache_pads(tiny_model):
+    """With autograd on (or in training mode), a one-token forward through a cache takes the layers' forward, not
+    the decoding step: a left-padded row's next token attends its real keys only, as the row alone does."""
+    model = tiny_model()
+    a, b, nxt = torch.randint(3, 300, (1, 5)), torch.randint(3, 300, (1, 3)), torch.randint(3, 300, (2, 1))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 2, dtype=torch.long), b], 1)])
+    cache = model.new_cache(2, max_length=16)
+    model(ids, attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1]]), cache=cache)
+    got = model(nxt, cache=cache).logits[1, -1]
+    torch.testing.assert_close(got, model(torch.cat([b, nxt[1:]], 1)).logits[0, -1], rtol=1e-9, atol=1e-9)
+
+
+def test_a_forward_with_autograd_through_a_cache_keeps_its_capacity(tiny_model):
+    """K and V made anew under autograd keep the cache's whole capacity (the key mask's, `cache_nbytes`'), so that
+    after `detach_()` decoding continues where the training forward ended."""
+    model = tiny_model().train()
+    ids = torch.randint(0, 300, (1, 8))
+    cache = model.new_cache(1, max_length=16)
+    model(ids[:, :4], cache=cache).logits.sum().backward()
+    assert cache.nbytes() == cache_nbytes(model.config, 1, 16, torch.float64)
+    cache.detach_()
+    model.eval()
+    with torch.no_grad():
+        rest = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(4, 8)], 1)
+        torch.testing.assert_close(rest, model(ids).logits[:, 4:], rtol=1e-9, atol=1e-9)
 
 
 def test_truncated_backpropagation_through_a_detached_cache(tiny_model):

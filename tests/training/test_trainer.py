@@ -271,6 +271,36 @@ def test_ignored_labels_weigh_the_loss_by_tokens_whatever_the_micro_batches(make
         torch.testing.assert_close(runs[1][2][name], value, rtol=1e-4, atol=1e-5)
 
 
+def test_a_batch_that_scores_nothing_trains_the_router_only(make_trainer, tmp_path):
+    """Every label ignored (a batch of prompts only): the step's loss is the router's, finite, and lm_loss is nan."""
+    trainer = make_trainer(tmp_path)
+    trainer.loader = Mapped(trainer.loader, lambda x, y: (x, torch.full_like(y, IGNORE)))
+    record = trainer.train_step()
+    assert math.isfinite(record["loss"]) and record["loss"] > 0 and math.isnan(record["lm_loss"])
+
+
+def test_a_diverged_validation_loss_reports_a_capped_perplexity(make_trainer, tmp_path):
+    """A validation loss past exp's range (709.8 nats) is reported, with its perplexity capped, not an
+    OverflowError."""
+    trainer = make_trainer(tmp_path)
+    with torch.no_grad():
+        trainer.model.norm.weight.mul_(1e5)
+    out = trainer.evaluate()
+    assert out["val_loss"] > 710 and out["val_ppl"] == math.exp(700.0)
+
+
+def test_a_new_run_is_seeded_by_its_options_whatever_drew_before(make_trainer, tiny_config, tmp_path):
+    """A new run's training noise (and everything else it draws) depends on its seed only."""
+    config = tiny_config(conba_process_noise=0.1)
+    runs = []
+    for i in range(2):
+        trainer = make_trainer(tmp_path / str(i), config=config, steps=3, save_every=100, eval_every=100)
+        torch.rand(i + 1)  # something else drew from torch's generator in between
+        trainer.fit()
+        runs.append(losses(tmp_path / str(i)))
+    assert runs[0] == runs[1]
+
+
 def test_activation_checkpointing_trains_the_same(make_trainer, tmp_path):
     make_trainer(tmp_path / "plain", steps=3).fit()
     trainer = make_trainer(tmp_path / "recompute", steps=3, activation_checkpointing=True)
