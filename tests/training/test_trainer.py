@@ -157,6 +157,42 @@ def test_a_resumed_time_budget_run_fits_its_schedule_to_the_new_deadline(make_tr
     assert time.monotonic() - start > 2.0  # using the budget it was given, not stopping at the old schedule's end
 
 
+def test_a_resumed_time_budget_run_continues_its_schedule_until_refitted(make_trainer, tmp_path):
+    """Interrupted and resumed with a budget again, the run's first step takes the rate of the schedule its checkpoint
+    holds (not the peak, as if nothing were known yet), until it is refitted to the new deadline."""
+    first = make_trainer(tmp_path, steps=None, eval_every=100, save_every=100)
+    interrupt_at(first, 5)
+    first.fit(deadline=time.monotonic() + 60)
+    total = load_checkpoint(tmp_path).trainer_state["total_steps"]
+    assert total is not None and total > 6
+    second = make_trainer(tmp_path, steps=None, eval_every=100, save_every=100)
+    interrupt_at(second, 6)
+    second.fit(resume_from=tmp_path, deadline=time.monotonic() + 60)
+    lr = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("step") == 6 and "lr" in r]
+    assert lr == [lr_at(5, peak=3e-3, warmup=2, total=total, min_ratio=TrainOptions().min_lr_ratio)]
+
+
+def test_a_second_interrupt_stops_at_once(make_trainer, tmp_path):
+    """After the first SIGINT (which ends the run at the next step, saved), the handler in place before the run is
+    back: a second Ctrl-C stops whatever the run is doing."""
+    trainer = make_trainer(tmp_path)
+    before = signal.getsignal(signal.SIGINT)
+    seen = []
+    train_step = trainer.train_step
+
+    def wrapped() -> dict:
+        record = train_step()
+        if trainer.step == 1:
+            seen.append(signal.getsignal(signal.SIGINT))
+            os.kill(os.getpid(), signal.SIGINT)
+            seen.append(signal.getsignal(signal.SIGINT))
+        return record
+
+    trainer.train_step = wrapped
+    assert trainer.fit().stopped_by == "SIGINT"
+    assert seen[0] is not before and seen[1] is before
+
+
 def test_validation_that_scores_no_token_is_an_error_not_a_perfect_score(make_trainer, tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.eval_data = lambda: []
