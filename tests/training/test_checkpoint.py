@@ -182,6 +182,21 @@ def test_crash_between_the_renames_of_a_replacement_loses_nothing(trained, monke
     assert not list(root.glob(".tmp-*"))
 
 
+def test_a_swapped_out_copy_is_put_back_by_the_next_save_without_a_listing_first(trained):
+    """A crash between the renames of a replacement, then a save of a later step straight away (no resume listed the
+    checkpoints before): the swapped-out copy comes back, not pruned as debris; and one left beside its replacement
+    (a crash after the new copy was in place) does not fail the listing."""
+    trainer, run = trained
+    root = run / ckpt.CHECKPOINTS
+    shutil.copytree(root / "step-00000004", root / ".tmp-old-step-00000004")  # crash after the new copy went in
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+    shutil.rmtree(root / ".tmp-old-step-00000004")
+    (root / "step-00000004").rename(root / ".tmp-old-step-00000004")  # crash between the two renames
+    trainer.step = 6
+    trainer.save()
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004", "step-00000006"]
+
+
 @pytest.mark.parametrize("name", [ckpt.WEIGHTS_NAME, ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, "tokenizer/tokenizer.json"])
 def test_corrupt_file_is_refused(trained, name):
     _, run = trained
@@ -325,7 +340,8 @@ def test_a_manifest_of_the_wrong_shape_or_an_empty_state_is_named(trained):
     (path / ckpt.STATE_FILE).write_bytes(b"")  # the manifest still lists it: read_trainer_state checks it first
     with pytest.raises(CheckpointError, match=r"trainer_state\.pt: corrupt"):
         ckpt.read_trainer_state(run)
-    for broken in ([1, 2], {k: v for k, v in manifest.items() if k != "files"}):
+    for broken in ([1, 2], {k: v for k, v in manifest.items() if k != "files"},
+                   {k: v for k, v in manifest.items() if k != "step"}):
         (path / ckpt.MANIFEST).write_text(json.dumps(broken))
         with pytest.raises(CheckpointError, match=r"manifest\.json: corrupt \(not a manifest"):
             load_checkpoint(path)
