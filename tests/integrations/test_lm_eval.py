@@ -144,6 +144,10 @@ def test_generate_until_is_greedy_generation_cut_at_the_first_stop_string(lm):
                 request("generate_until", "Once", {"max_gen_toks": 3})]
     got = lm.generate_until(requests, disable_tqdm=True)
     assert got == [full[:full.index(stop)], full, greedy_text(lm.model, "Once", 3)]
+    # an empty stop string stops nothing; a bare string is one stop, not one per character
+    odd = [request("generate_until", "Once", {"until": ["", stop], "max_gen_toks": 12}),
+           request("generate_until", "Once", {"until": full[0] + "\x00", "max_gen_toks": 12})]
+    assert lm.generate_until(odd, disable_tqdm=True) == [full[:full.index(stop)], full]
     # do_sample with temperature 0, as tasks write greedy decoding, is greedy
     sampled = request("generate_until", "Once", {"max_gen_toks": 12, "do_sample": True, "temperature": 0.0})
     assert lm.generate_until([sampled], disable_tqdm=True) == [full]
