@@ -56,6 +56,9 @@ def test_forward_logits_and_loss_are_the_models(pair):
     real = mask[:, :-1].bool()
     lm = F.cross_entropy(out.logits[:, :-1][real], ids[:, 1:][real])
     torch.testing.assert_close(ref.lm_loss, lm)
+    # the Trainer's num_items_in_batch counts the same targets: the summed loss over it is that mean
+    summed = hf(ids, attention_mask=mask, labels=ids, num_items_in_batch=real.sum()).loss
+    torch.testing.assert_close(summed, lm)
     assert hf(ids, return_dict=False)[0].shape == (3, 11, 300)
     with torch.no_grad():  # an evaluating forward with labels (the Trainer's evaluation) makes no cache
         assert hf(ids, attention_mask=mask, labels=ids).past_key_values is None
