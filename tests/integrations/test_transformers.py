@@ -899,6 +899,12 @@ def test_a_failed_export_leaves_the_previous_one(run_dir, tmp_path, monkeypatch)
         export_hf(run, out, dtype=torch.bfloat16, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # what a killed export left in its temporary folder is not published by the next one
+    monkeypatch.undo()
+    (tmp_path / ".tmp-hf").mkdir()
+    (tmp_path / ".tmp-hf" / "chat_template.jinja").write_text("{{ stale }}")
+    out = export_hf(run, out, overwrite=True)
+    assert not (out / "chat_template.jinja").exists() and set(before) == {p.name for p in out.iterdir()}
 
 
 def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(run_dir, tmp_path, monkeypatch):
