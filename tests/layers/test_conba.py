@@ -166,6 +166,21 @@ def test_noise_only_in_training_and_seeded():
     torch.testing.assert_close(layer(u), quiet(u))
 
 
+def test_process_noise_enters_only_what_is_written():
+    """DESIGN.md §2: process noise perturbs the state's writes alone; the D skip reads the clean x (with the scan
+    returning zeros, the training output does not depend on the seed), and alone it still changes the output."""
+    layer = Conba(conba_config(conba_process_noise=0.5, conba_observation_noise=0.0), 0).double().train()
+    u = torch.randn(2, 10, 32, dtype=torch.float64)
+    outputs = []
+    for scan in (layer.scan_fn, lambda x, k, q, ld, beta, **kw: (torch.zeros_like(x), None)):
+        layer.scan_fn = scan
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            outputs.append(layer(u))
+    assert not torch.allclose(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[2], outputs[3], rtol=0, atol=0)
+
+
 def test_mamba2_initialisation_ranges():
     layer = Conba(conba_config(), 0)
     A = layer.A_log.exp()

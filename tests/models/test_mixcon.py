@@ -134,6 +134,22 @@ def test_gradients_through_cached_forwards_equal_those_of_the_full_forward(layou
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+def test_pads_leave_as_zeros_and_pass_no_gradient_to_the_weights(tiny_model):
+    """Under autograd, pad positions' outputs are zeros: a loss that touches them (one on the logits that forgets
+    the mask, a regulariser on hidden states) gives the weights the gradients of the real positions alone."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4], mask[1, 7:] = 0, 0  # left and right padding
+    weights = torch.randn(2, 10, 300, dtype=torch.float64)
+    grads = []
+    for keep in (torch.ones_like(mask), mask):
+        logits = model(ids, attention_mask=mask).logits
+        assert torch.equal(logits[mask == 0], torch.zeros_like(logits[mask == 0]))
+        grads.append(torch.autograd.grad((logits * weights * keep[..., None]).sum(), model.embed.weight)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
 def test_one_token_forwards_outside_the_decoding_step_mask_the_cache_pads(tiny_model):
     """With autograd on (or in training mode), a one-token forward through a cache takes the layers' forward, not
     the decoding step: a left-padded row's next token attends its real keys only, as the row alone does."""
