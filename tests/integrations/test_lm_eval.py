@@ -376,6 +376,9 @@ def test_stop_strings_are_found_where_they_end_in_the_text_as_decoded():
     assert first[0] == next(n for n in range(1, 15) if "lo w" in TOK.decode(rows[0][:n]))
     bad = StopStrings(TOK.decode, ["\ufffdA"], 0, TOK.token_bytes())
     assert bad(torch.tensor([rows[1]]), None).tolist() == [True]
+    # ... and only where the text has one: a window cut inside a character would show one that is not there
+    clean = StopStrings(TOK.decode, ["\ufffdA"], 0, TOK.token_bytes())
+    assert clean(torch.tensor([TOK.encode("🙂A")]), None).tolist() == [False]
     # a stop of more bytes than characters is found in the last tokens (one per byte); a done row stays done when
     # later tokens push its stop out of those
     wide = StopStrings(TOK.decode, ["ab", "。"], 0, TOK.token_bytes())
@@ -390,3 +393,21 @@ def test_stop_strings_are_found_where_they_end_in_the_text_as_decoded():
     # a newest token of many bytes with the stop at its start
     long = StopStrings(TOK.decode, ["ab"], 0, TOK.token_bytes())
     assert long(torch.tensor([[*TOK.encode("xa"), pad, *TOK.encode("b")]]), None).tolist() == [True]
+
+
+def test_every_result_is_offered_to_lm_evals_request_cache(lm):
+    """lm-eval's cache hook (its --use_cache) gets each request's result under its method and arguments."""
+    recorded = []
+
+    class Recorder:
+        def add_partial(self, method, args, value):
+            recorded.append((method, args, value))
+
+    lm.cache_hook = Recorder()
+    pairs = lm.loglikelihood([request("loglikelihood", "ab", "c"), request("loglikelihood", "x", "yz")],
+                             disable_tqdm=True)
+    rolling = lm.loglikelihood_rolling([request("loglikelihood_rolling", "some text")], disable_tqdm=True)
+    texts = lm.generate_until([request("generate_until", "Once", {"max_gen_toks": 3})], disable_tqdm=True)
+    assert recorded == [("loglikelihood", ("ab", "c"), pairs[0]), ("loglikelihood", ("x", "yz"), pairs[1]),
+                        ("loglikelihood_rolling", ("some text",), rolling[0]),
+                        ("generate_until", ("Once", {"max_gen_toks": 3}), texts[0])]
