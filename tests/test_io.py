@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -90,9 +91,15 @@ def test_a_folder_removed_between_making_it_and_locking_it_is_made_again(tmp_pat
     assert len(calls) == 2 and (folder / "kept").exists()
 
 
-def test_a_lock_made_for_nothing_takes_its_new_parents_with_it(tmp_path):
+@pytest.mark.parametrize("fcntl", [True, False], ids=["fcntl", "no-fcntl"])  # (no fcntl: Windows, no lock)
+def test_a_lock_made_for_nothing_takes_its_new_parents_with_it(tmp_path, monkeypatch, fcntl):
     """`mixcon train --out runs/x` refused after locking: neither runs/x nor runs/ is left behind, but a parent
-    that holds something else stays."""
+    that holds something else stays; a transient folder goes whoever made it."""
+    if not fcntl:
+        monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
+    (tmp_path / "transient").mkdir()
+    with locked_directory(tmp_path / "transient", lambda pid: None, transient=True):
+        pass
     with locked_directory(tmp_path / "runs" / "a" / "x", lambda pid: None):
         pass
     assert list(tmp_path.iterdir()) == []
