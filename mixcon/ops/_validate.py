@@ -92,14 +92,16 @@ def check_step_inputs(
     return B, H, P, G, N
 
 
-def check_seq_idx(seq_idx: torch.Tensor, shape: tuple[int, int], name: str = "seq_idx") -> None:
-    """seq_idx must be an integer (B, T) tensor, non-decreasing along T (a document index per token)."""
+def check_seq_idx(seq_idx: torch.Tensor, shape: tuple[int, int], name: str = "seq_idx", ordered: bool = True) -> None:
+    """seq_idx must be an integer (B, T) tensor (a document index per token), non-decreasing along T when `ordered`
+    (a check that reads the values back: what needs only equal indices to mean one document skips it)."""
     if seq_idx.shape != shape:
         raise ValueError(f"{name} must be (B, T)={shape}, got {tuple(seq_idx.shape)}")
     if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer document indices, got dtype {seq_idx.dtype}")
     # Not inside a compiled graph (a data-dependent branch would break it): the model checks at its boundary.
-    if shape[1] > 1 and not torch.compiler.is_compiling() and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+    if (ordered and shape[1] > 1 and not torch.compiler.is_compiling()
+            and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any())):
         raise ValueError(f"{name} must be non-decreasing along T: each document's tokens are contiguous")
 
 

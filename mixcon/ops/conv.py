@@ -112,7 +112,8 @@ def causal_conv(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | Non
 
 def _check_inputs(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
                   seq_idx: torch.Tensor | None) -> None:
-    """Shapes of `causal_conv`'s arguments, and `seq_idx` as the scan checks it."""
+    """Shapes of `causal_conv`'s arguments, and `seq_idx`'s dtype (its order is not read: the taps compare indices
+    for equality only, and a second host sync per layer beside the scan's would cost training steps on a GPU)."""
     if full.dim() != 3:
         raise ValueError(f"causal_conv: full must be (B, width - 1 + T, C), got shape {tuple(full.shape)}")
     B, n, C = full.shape
@@ -122,4 +123,4 @@ def _check_inputs(full: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | N
     if bias is not None and bias.shape != (C,):
         raise ValueError(f"causal_conv: bias must be (C,)=({C},) or None, got shape {tuple(bias.shape)}")
     if seq_idx is not None:
-        check_seq_idx(seq_idx, (B, n - taps.shape[0] + 1), "causal_conv: seq_idx")
+        check_seq_idx(seq_idx, (B, n - taps.shape[0] + 1), "causal_conv: seq_idx", ordered=False)
