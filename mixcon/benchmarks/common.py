@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -310,6 +311,7 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
+@functools.cache  # (asked at every results file a run writes)
 def _cpu_model() -> str | None:
     """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows)."""
     try:
@@ -327,6 +329,7 @@ def _version(package: str) -> str | None:
         return None
 
 
+@functools.cache
 def _mixcon_version() -> str:
     """mixcon's version, with the git commit of its source checkout when it runs from one (a trailing '+dirty':
     uncommitted changes)."""
