@@ -239,7 +239,7 @@ def test_the_repr_shows_the_layers_settings():
 def test_gated_norm_groups_must_divide_its_width():
     from mixcon.layers.norm import GatedRMSNorm
 
-    for groups in (0, 3):
+    for groups in (0, -2, 3):
         with pytest.raises(ValueError, match=rf"GatedRMSNorm: groups={groups} must be >= 1 and divide dim=64"):
             GatedRMSNorm(64, groups=groups)
 

@@ -43,3 +43,9 @@ def test_gated_rms_norm_of_bf16_inputs_computes_in_fp32_and_returns_bf16():
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, expected)
 
+
+
+def test_norms_start_as_the_identity_scale():
+    """A norm built on its own (outside a model, whose reset_parameters sets them too) starts with weight one."""
+    for norm in (RMSNorm(16), GatedRMSNorm(16, groups=4)):
+        assert torch.equal(norm.weight, torch.ones(16))

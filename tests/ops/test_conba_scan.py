@@ -576,3 +576,18 @@ def test_dynamo_traces_the_scan_with_gradients_in_one_graph():
     explained = torch._dynamo.explain(lambda x_, ld_: conba_scan(
         x_, k, q, ld_, beta, delta_rule=True, tau=2, delay_gain=gain, chunk_size=8)[0].sum())(x, ld)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_initial_states_of_another_dtype_are_taken_in_the_inputs_dtype():
+    """A cache kept in another dtype than the inputs: initial_state (fp64 or bf16) and initial_past_states (bf16)
+    are cast to the inputs' dtype, so that the delayed readout does not run in bf16 and the state stays fp32."""
+    x, k, q, log_decay, beta, gain, S0 = make_inputs(T=10, dtype=torch.float32)
+    past0 = initial_past_states(S0, 3).bfloat16()
+    for s0 in (S0.double(), S0.bfloat16()):
+        kwargs = dict(delta_rule=True, tau=3, delay_gain=gain, initial_state=s0, initial_past_states=past0,
+                      return_past_states=True)
+        got = conba_scan(x, k, q, log_decay, beta, chunk_size=4, **kwargs)
+        want = conba_scan_reference(x, k, q, log_decay, beta, **kwargs)
+        assert [t.dtype for t in got] == [torch.float32] * 3
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

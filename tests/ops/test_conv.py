@@ -129,3 +129,10 @@ def test_bad_arguments_are_refused_by_name():
     ]:
         with pytest.raises(ValueError, match=match):
             causal_conv(*args)
+
+
+def test_no_steps_give_an_empty_output():
+    """full holding only the width - 1 steps before the first (T = 0) is accepted, with or without bias and seq_idx."""
+    full, taps, bias = torch.randn(2, 3, 5), torch.randn(4, 5), torch.randn(5)
+    for args in [(full, taps, None), (full, taps, bias), (full, taps, bias, torch.zeros(2, 0, dtype=torch.long))]:
+        assert causal_conv(*args).shape == (2, 0, 5)

@@ -185,3 +185,36 @@ def test_fp16_gradients_stay_finite_where_only_their_fp32_products_fit():
     F.cross_entropy(h16[:1].float() @ w32.T, labels[:1]).backward()  # the mean of alike rows: one row's
     assert w16.grad.isfinite().all()
     torch.testing.assert_close(w16.grad.float(), w32.grad, rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("fn", [linear_cross_entropy, linear_token_scores])
+def test_labels_of_the_same_size_in_another_shape_are_refused(fn):
+    """Labels transposed to (T, B) for h (B, T, d) would pair each hidden state with another position's token."""
+    h, weight, labels = inputs((2, 3), V=7, d=4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"labels \(3, 2\) must have h's shape without its last dimension, \(2, 3\)"):
+        fn(h, weight, labels.t())
+
+
+def test_token_scores_of_bf16_inputs_are_fp32():
+    """bf16 hidden states and weights: the products in bf16, the negative log-likelihoods in fp32."""
+    torch.manual_seed(0)
+    h, weight = torch.randn(3, 7, 16).bfloat16(), torch.randn(50, 16).bfloat16()
+    labels = torch.randint(0, 50, (3, 7))
+    nll, _ = linear_token_scores(h, weight, labels)
+    assert nll.dtype == torch.float32
+    want = F.cross_entropy((h @ weight.t()).float().reshape(-1, 50), labels.reshape(-1), reduction="none")
+    torch.testing.assert_close(nll.reshape(-1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_default_chunks_hold_chunk_elements_logits(monkeypatch):
+    """Without chunk_rows, CHUNK_ELEMENTS / V rows per chunk (V the vocabulary, not the width): the head's matmul
+    runs once per chunk."""
+    from mixcon.ops import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 64)  # V = 16: 4 rows per chunk
+    h, weight, labels = inputs((2, 5), V=16, d=8, dtype=torch.float64)  # 10 rows: 3 chunks
+    calls = []
+    real_t = torch.Tensor.t
+    monkeypatch.setattr(torch.Tensor, "t", lambda self: calls.append(self.shape) or real_t(self))
+    linear_token_scores(h, weight, labels)
+    assert calls.count(weight.shape) == 3
