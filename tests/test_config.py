@@ -29,6 +29,8 @@ def test_explicit_patterns_override_the_default_placement():
     full = "A" * 8 + "C" * 8
     cfg = MixConConfig.preset("small", attn_per_block=1, layer_pattern=full)
     assert [m for m, _ in cfg.layout()] == ["attention"] * 8 + ["conba"] * 8
+    cfg = MixConConfig.preset("small", moe_pattern="D" * 8 + "M" * 8)  # one letter per layer of the model
+    assert [f for _, f in cfg.layout()] == ["mlp"] * 8 + ["moe"] * 8
 
 
 def test_json_round_trip(tmp_path):
@@ -101,6 +103,10 @@ def test_json_round_trip(tmp_path):
     (dict(extra=5), "extra"),
     (dict(extra={"run": 3, 7: "seed"}), "extra"),  # a key that JSON would turn into "7"
     (dict(extra={"dtype": torch.float32}), "extra"),
+    (dict(router_aux_loss_coef=-0.01), "router_aux_loss_coef"),  # would reward imbalanced experts
+    (dict(router_z_loss_coef=float("nan")), "router_z_loss_coef"),
+    (dict(conba_beta_max=0.0), "conba_beta_max"),  # the delta rule would write nothing
+    (dict(conba_per_block=6.0), "conba_per_block"),
     (dict(extra={"shape": (1, 2)}), "extra"),  # a tuple comes back from config.json as a list
 ])
 def test_bad_values_name_the_field(overrides, field):
@@ -171,7 +177,9 @@ def test_numpy_and_zero_dim_tensor_numbers_are_taken_as_python_numbers():
     config = MixConConfig.preset("tiny", d_model=np.int64(32), mlp_hidden=torch.tensor(64), norm_eps=np.float32(1e-5))
     assert (config.d_model, config.mlp_hidden) == (32, 64) and type(config.d_model) is int
     assert type(config.norm_eps) is float and MixConConfig.from_json(config.to_json()) == config
-    for value in (True, torch.tensor(True), np.True_, torch.tensor([32])):  # booleans and 1-d tensors: not numbers
+    assert type(MixConConfig.preset("small", conba_per_block=np.int64(6)).conba_per_block) is int
+    # booleans, 1-d tensors and float tensors (torch.tensor(32.5) was not to become 32): not integers
+    for value in (True, torch.tensor(True), np.True_, torch.tensor([32]), torch.tensor(32.5), torch.tensor(32.0)):
         with pytest.raises(ValueError, match=r"d_model=.* is invalid: must be an integer >= 1"):
             MixConConfig.preset("tiny", d_model=value)
     with pytest.raises(ValueError, match=r"conba_beta_max=.* is invalid: must be a finite number"):

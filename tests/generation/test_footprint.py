@@ -126,3 +126,17 @@ def test_info_rejects_bad_arguments_before_any_work(argv, message, capsys, monke
 def test_cache_nbytes_refuses_sizes_no_cache_has(batch_size, context):
     with pytest.raises(ValueError, match=r"cache_nbytes: batch_size=.* must be an integer >= 1 and context="):
         cache_nbytes(MixConConfig.preset("tiny"), batch_size, context)
+
+
+def test_footprint_takes_its_batch_size_and_dtype_and_names_blocks_that_differ():
+    """The cache sizes and the longest context are those of `batch_size` sequences in `dtype`; a model whose blocks
+    differ shows each block; the Mixtral-like comparison has 8 experts, top-2, whatever the model's are."""
+    tiny = MixConConfig.preset("tiny")  # 4 experts
+    f = footprint(tiny, [64], memory_bytes=10**7, batch_size=3, dtype=torch.float32)
+    assert f.cache_bytes == {64: cache_nbytes(tiny, 3, 64, torch.float32)} != {64: cache_nbytes(tiny, 1, 64)}
+    assert f.max_context == max_context(tiny, 10**7 - f.weight_bytes, 3, torch.float32)
+    assert f.max_context != max_context(tiny, 10**7 - f.weight_bytes)
+    assert footprint(tiny, [], memory_bytes=10**9).layout == "CCAC/DMDM x2"
+    assert footprint(tiny.replace(layer_pattern="AAAACCCC"), [], memory_bytes=10**9).layout == "AAAA/DMDM | CCCC/DMDM"
+    mixtral = comparison_configs(tiny)["mixtral-like"]
+    assert (mixtral.n_experts, mixtral.top_k) == (8, 2)
