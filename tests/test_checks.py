@@ -40,9 +40,9 @@ def test_layers_refuse_inputs_of_another_dtype_by_name_outside_autocast(layer):
     with pytest.raises(TypeError, match=rf"^{layer}: input is torch.float32, the weights torch.bfloat16: cast one "
                                         r"to the other \(or run under torch.autocast\)$"):
         module(u)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts each product's inputs itself
-        out = module.float()(u)
-    assert (out[0] if isinstance(out, tuple) else out).shape == u.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts each product's inputs itself: the same
+        for out in (module(u), module.float()(u.bfloat16())):  # bf16 weights on fp32 input, then the reverse
+            assert (out[0] if isinstance(out, tuple) else out).shape == u.shape
 
 
 def test_check_dtype_leaves_quantised_integer_weights_to_their_layers():

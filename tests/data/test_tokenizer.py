@@ -171,8 +171,9 @@ def test_bytes_ids_and_specials():
     assert tok.encode("é") == [0xC3, 0xA9]
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.name) == (259, 256, 257, 258, "bytes")
     assert tok.decode([tok.bos_id, *tok.encode("hi"), tok.eos_id, tok.pad_id]) == "hi"
-    with pytest.raises(ValueError, match=r"token id 259 is outside the bytes vocabulary \[0, 259\)"):
-        tok.decode([259])
+    for bad in (259, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the bytes vocabulary \[0, 259\)"):
+            tok.decode([bad])
 
 
 @functools.cache
@@ -340,6 +341,11 @@ def test_mismatch_compares_what_ids_mean_not_files():
         eos_id, pad_id = 258, 257
 
     assert mismatch(ByteTokenizer(), Swapped()) == "eos_id 258, not 257"
+
+    class OtherBos(ByteTokenizer):  # BOS on the PAD id: only the specials' ids tell
+        bos_id = 258
+
+    assert mismatch(ByteTokenizer(), OtherBos()) == "bos_id 258, not 256"
 
     class OtherPad(ByteTokenizer):  # PAD on BOS's id
         pad_id = 256

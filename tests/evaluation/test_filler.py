@@ -67,7 +67,8 @@ def test_the_filler_places_do_not_depend_on_the_batch_size(tiny_model):
 def test_bad_sizes_are_refused_by_name(tiny_model):
     model = tiny_model(vocab_size=V)
     windows = torch.randint(0, FILLER, (4, 10))
-    with pytest.raises(ValueError, match=r"filler_loss: batch_size=0 must be an integer >= 1"):
-        filler_loss(model, windows, 1, FILLER, batch_size=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"filler_loss: batch_size={bad} must be an integer >= 1"):
+            filler_loss(model, windows, 1, FILLER, batch_size=bad)
     with pytest.raises(ValueError, match=r"filler_loss: windows must be \(N, R\) with N >= 1, got \(0, 10\)"):
         filler_loss(model, windows[:0], 1, FILLER)

@@ -121,11 +121,11 @@ def test_batch_size_and_padding_value_change_nothing(tiny_model, mode):
 
 def test_evaluate_texts_counts_bytes_and_bits_with_the_byte_tokenizer(tiny_model):
     model = tiny_model(dtype=torch.float32, vocab_size=ByteTokenizer.vocab_size).train()
-    texts = ["héllo wörld, " * 3, "", "second document\n"]
+    texts = ["héllo wörld, " * 3, "", "second document\n", " \n"]  # a text of whitespace is a document too
     score = evaluate_texts(model, ByteTokenizer(), texts, context=16, mode="stream")
     assert model.training  # restored
     n_bytes = sum(len(t.encode()) for t in texts)
-    assert (score.documents, score.tokens, score.bytes) == (2, n_bytes, n_bytes)
+    assert (score.documents, score.tokens, score.bytes) == (3, n_bytes, n_bytes)
     tok = ByteTokenizer()
     docs = [[tok.eos_id, *tok.encode(t)] for t in texts if t]
     assert score.nll == pytest.approx(sum(full_nll(model.eval(), ids) for ids in docs), rel=1e-5)
@@ -141,6 +141,8 @@ def test_bad_arguments_name_the_field(tiny_model):
         document_nll(model, docs, pad_id=0, mode="full")
     with pytest.raises(ValueError, match="context=0"):
         document_nll(model, docs, pad_id=0, context=0)
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        document_nll(model, docs, pad_id=0, batch_size=0)
     with pytest.raises(ValueError, match=r"stride=9 must be in \[1, context=8\]"):
         document_nll(model, docs, pad_id=0, context=8, stride=9)
     with pytest.raises(ValueError, match=r"stride=4: windows only \(mode='window'\)"):

@@ -101,6 +101,16 @@ def test_a_new_run_discards_every_checkpoint_of_the_old_one_step_0_included(make
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000004"]
 
 
+def test_a_save_before_the_first_step_leaves_the_optimizer_as_it_was(make_trainer, tmp_path):
+    """Saving at step 0 must not leave the live optimizer with the state of torch's step on zero gradients (AdamW
+    would then train one step ahead): training on in the same process equals training without that save."""
+    saved = make_trainer(tmp_path / "saved", steps=3)
+    saved.save()
+    assert saved.optimizer.state == {}
+    saved.fit(discard_later=True)
+    make_trainer(tmp_path / "plain", steps=3).fit()
+    assert losses(tmp_path / "saved") == losses(tmp_path / "plain")
+
 def test_a_resumed_run_trains_with_its_own_optimizer_settings(make_trainer, tmp_path):
     """The checkpoint gives the optimizer's state (moments, step counts); weight decay, betas and eps are the
     resumed run's options, as their changes are reported (loading a state alone would put back the old ones)."""
