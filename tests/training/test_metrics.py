@@ -97,11 +97,19 @@ def test_the_plot_leaves_out_losses_that_are_not_finite_and_smooths_from_the_fir
     plot = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y)))
                         or plot(self, x, y, *a, **k))
+    titles = []
+    set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, *a, **k: titles.append(t)
+                        or set_title(self, t, *a, **k))
     logger = MetricsLogger(tmp_path)
-    for step, loss in enumerate([2.0, float("nan"), 2.0, float("inf"), 2.0], 1):
+    for step, loss in enumerate([2.0, float("nan"), 1.0, float("inf"), 2.0], 1):
         logger.log({"step": step, "loss": loss})
+    for step, bpb in [(2, 3.25), (4, 2.5)]:
+        logger.log({"step": step, "val_loss": bpb, "val_bpb": bpb})
     logger.plot()
-    assert drawn == [([1, 3, 5], [2.0, 2.0, 2.0])] * 2  # the loss and its EMA (which starts at the first loss)
+    # the loss, its EMA (weight 0.1 on each new value, starting at the first loss), then the validation loss
+    assert drawn == [([1, 3, 5], [2.0, 1.0, 2.0]), ([1, 3, 5], pytest.approx([2.0, 1.9, 1.91])), ([2, 4], [3.25, 2.5])]
+    assert titles == ["final validation: 2.500 bits per byte"]
 
 
 def test_values_that_are_not_finite_numbers_are_written_as_null(tmp_path):
