@@ -57,8 +57,10 @@ def test_a_save_that_fails_leaves_the_earlier_save_whole(tiny_model, tmp_path, m
         monkeypatch.setattr(os, "fsync", disk_full)
     else:
         monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    new = tiny_model(dtype=torch.float32, seed=1, attn_rope=True)  # its config.json differs too
+    assert new.config.to_json() != old.config.to_json()
     with pytest.raises(OSError, match="No space left"):
-        tiny_model(dtype=torch.float32, seed=1, n_blocks=2).save_pretrained(tmp_path)
+        new.save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file either
 
 
@@ -101,3 +103,8 @@ def test_stale_weights_are_only_the_files_an_index_names_in_its_own_directory(tm
     (model_dir / WEIGHTS_INDEX_NAME).write_text("not json")  # a broken index goes, naming nothing
     remove_stale_weights(model_dir, keep=WEIGHTS_NAME)
     assert sorted(p.name for p in model_dir.iterdir()) == ["notes.txt"]
+    # an index naming model.safetensors itself among its shards: the weights just written stay
+    (model_dir / WEIGHTS_NAME).write_text("weights")
+    (model_dir / WEIGHTS_INDEX_NAME).write_text(json.dumps({"weight_map": {"a": WEIGHTS_NAME, "b": names[0]}}))
+    remove_stale_weights(model_dir, keep=WEIGHTS_NAME)
+    assert sorted(p.name for p in model_dir.iterdir()) == [WEIGHTS_NAME, "notes.txt"]

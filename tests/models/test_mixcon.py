@@ -490,6 +490,9 @@ def test_model_directories_that_do_not_fit_together_are_refused_by_name(tmp_path
     with pytest.raises(ValueError, match=r"config.json: not a valid model config \(fields this version of mixcon does "
                                          r"not know: \['conba_future_gate'\]; .*\(upgrade mixcon to load it\)"):
         MixConForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mixcon"}))  # a wrapper's, without
+    with pytest.raises(ValueError, match=r"config.json: not a valid model config"):  # its "mixcon" settings
+        MixConForCausalLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))  # not ours at all
     with pytest.raises(ValueError, match=r"not a valid model config \(MixConConfig: unknown fields \['hidden_size', "
                                          r"'model_type'\]; known fields"):
@@ -542,13 +545,14 @@ def test_saved_files_get_the_permissions_of_the_umask(tmp_path, tiny_model):
                                                                              "config.json": 0o640}
 
 
-def test_weights_saved_with_the_old_expert_layout_load_converted(tmp_path, tiny_model):
+@pytest.mark.parametrize("expert_hidden", [None, 32])  # 32 = d_model: square w_down, whose shape shows nothing
+def test_weights_saved_with_the_old_expert_layout_load_converted(tmp_path, tiny_model, expert_hidden):
     """Files without the layout mark hold the stacked experts (n, in, out), as mixcon saved them before: they
     load transposed, to identical logits; new files carry the mark."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    model = tiny_model(dtype=torch.float32)
+    model = tiny_model(dtype=torch.float32, expert_hidden=expert_hidden)
     assert any(n.endswith(".w_gate_up") for n, _ in model.named_parameters())
     model.save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
@@ -561,6 +565,8 @@ def test_weights_saved_with_the_old_expert_layout_load_converted(tmp_path, tiny_
     ids = torch.randint(0, 300, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    if expert_hidden == model.config.d_model:  # unmarked square w_down: read as mixcon's own old files hold it
+        return
     # A file without the mark in this layout (safetensors.torch.save_file of the state dict, another tool's): its
     # shapes show it, nothing is transposed.
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(weights))

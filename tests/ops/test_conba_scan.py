@@ -396,6 +396,8 @@ def test_bad_step_shapes_raise_clear_errors():
                         delta_rule=True)
     with pytest.raises(ValueError, match=r"delay_gain must be \(H,\)=\(4,\)"):
         conba_scan_step(**args, delta_rule=True, delay_gain=gain[:2], delayed_state=S0)
+    with pytest.raises(ValueError, match=r"delayed_state must be \(2, 4, 5, 6\), got \(2, 4, 6, 5\)"):  # (its size
+        conba_scan_step(**args, delta_rule=True, delay_gain=gain, delayed_state=S0.transpose(-1, -2))  # is the same)
     for extra in (dict(delay_gain=gain), dict(delayed_state=S0)):  # one without the other would be ignored
         with pytest.raises(ValueError, match="delay_gain and delayed_state go together"):
             conba_scan_step(**args, delta_rule=True, **extra)
