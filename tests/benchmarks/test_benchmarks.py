@@ -44,6 +44,29 @@ def test_speed_benchmark_rows_and_files(tmp_path):
     assert (tmp_path / "speed.png").stat().st_size > 0
 
 
+def test_speed_rows_count_each_variants_flops_and_the_train_step_takes_the_better_peak(tmp_path, monkeypatch):
+    """With every layer timed at 10 ms: a fwd+bwd row counts 3x its forward's FLOPs, a compiled variant's row the
+    FLOPs of its own variant (not the SSD layer's), and the training step's peak is the better of two measurements."""
+    monkeypatch.setattr(speed, "interleaved_median_seconds", lambda fns, *a, **k: dict.fromkeys(fns, 0.01))
+    monkeypatch.setattr(speed, "memory", lambda module, u, backward: (1, 2))
+    peaks = iter([100.0, 200.0])
+    monkeypatch.setattr(speed, "matmul_peak_gflops", lambda **kwargs: next(peaks))
+    trained = []
+    monkeypatch.setattr(speed, "train_step_row", lambda *args: trained.append(args) or dict(
+        layer="small train step", T=16, B=2, mode="train", tokens_per_s=1.0, gflops=50.0, peak_frac=50.0 / args[3]))
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    rows = speed.run([32], [1], repeats=1, reference_max_T=0, out_dir=tmp_path, compiled=True, train_shape=(2, 16),
+                     triton=False)
+    gflops = {(r["layer"], r["mode"]): r["gflops"] for r in rows}
+    for layer in ("transformers-mamba2", *speed.VARIANTS):
+        assert gflops[layer, "fwd+bwd"] == pytest.approx(3 * gflops[layer, "fwd"])
+    for variant in speed.VARIANTS:
+        assert gflops[f"{variant}+compile", "fwd"] == gflops[variant, "fwd"]
+    assert gflops["conba-full", "fwd"] > gflops["conba-ssd", "fwd"]
+    assert [args[3] for args in trained] == [200.0, 200.0]  # eager and compiled steps
+    assert json.loads((tmp_path / "speed.json").read_text())["train_matmul_peak_gflops"] == 200.0
+
+
 def test_speed_plot_draws_every_batch_size(tmp_path, monkeypatch):
     """A line per layer and batch size, in each mode's axes (only batch 1 was drawn: `--batches 4` gave empty axes)."""
     drawn = {}

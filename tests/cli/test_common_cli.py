@@ -10,6 +10,7 @@ import torch
 from mixcon.benchmarks.common import plot_file
 from mixcon.cli import main
 from mixcon.cli.common import config_from_args, device_type, existing_folder, output_file, output_folder
+from mixcon.config import MixConConfig
 
 
 def test_device_type_takes_the_devices_this_machine_has(monkeypatch):
@@ -66,8 +67,11 @@ def test_a_config_file_must_hold_a_mapping(tmp_path, name, text, problem):
 def test_a_config_file_gives_the_fields_and_set_overrides_them(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"preset": "tiny", "d_model": 64, "extra": {"note": "x"}}')
-    config = config_from_args(argparse.Namespace(config=str(path), overrides=["n_heads=8"]))
-    assert (config.d_model, config.n_heads, config.extra) == (64, 8, {"note": "x"})
+    config = config_from_args(argparse.Namespace(config=str(path), overrides=["n_heads=8", "d_model=96"]))
+    assert (config.d_model, config.n_heads, config.extra) == (96, 8, {"note": "x"})  # --set over the file
+    plain = tmp_path / "plain.json"  # a whole config, no preset
+    plain.write_text(MixConConfig.preset("tiny", d_model=64).to_json())
+    assert config_from_args(argparse.Namespace(config=str(plain), overrides=["d_model=96"])).d_model == 96
     with pytest.raises(SystemExit, match=r"--set 'extra=5': extra must be a mapping"):
         config_from_args(argparse.Namespace(config="tiny", overrides=["extra=5"]))
 
@@ -152,6 +156,18 @@ def test_a_path_option_starting_with_a_tilde_is_in_the_home_folder(tmp_path, mon
     # the options argparse checks as it parses them (--json, bench --out and --plot, lm-eval's --include-path)
     assert output_file("~/r.json") == home / "r.json" and output_folder("~/bench") == home / "bench"
     assert existing_folder("~/shards") == home / "shards" and plot_file("~/p.png") == home / "p.png"
+
+
+def test_numbers_lists_and_seeds_are_checked_element_by_element_and_to_their_ends():
+    from mixcon.cli.common import SEED, number_type
+
+    assert number_type(int, 1, many=True)("1,2") == [1, 2]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected comma-separated integers >= 1, got '1,0'"):
+        number_type(int, 1, many=True)("1,0")
+    assert SEED(str(2**64 - 1)) == 2**64 - 1  # what torch.Generator.manual_seed takes
+    for text in (str(2**64), "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            SEED(text)
 
 
 def test_a_fraction_is_in_zero_to_one_without_one():
