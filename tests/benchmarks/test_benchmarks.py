@@ -172,11 +172,13 @@ def test_scan_benchmark_compiled_form(have_c_compiler):
 
 def test_scan_benchmark_command(tmp_path, monkeypatch):
     argv = ["bench", "scan", "--lengths", "24", "--batches", "1", "--heads", "2", "--head-dim", "4", "--state", "4",
-            "--chunks", "8", "--variants", "ssd,control", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]
+            "--groups", "2", "--chunks", "8", "--variants", "ssd,control", "--repeats", "1", "--device", "cpu",
+            "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["/usr/bin/mixcon", *argv])  # as the command line would run it
     assert main(argv) == 0
     result = json.loads((tmp_path / "scan.json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["ssd", "control"]
+    assert (result["heads"], result["head_dim"], result["state"], result["groups"]) == (2, 4, 4, 2)
     assert result["machine"]["argv"] == ["mixcon", *argv]  # the result says what produced it, and with what
     assert result["machine"]["mixcon"].startswith(mixcon.__version__)
     assert result["machine"]["transformers"] == importlib.metadata.version("transformers")
@@ -251,6 +253,7 @@ def test_the_matmul_peak_and_the_copy_bandwidth_from_their_timings(monkeypatch):
     assert common.matmul_peak_gflops(n=64) == pytest.approx(2 * 64**3 / 0.25 / 1e9)
     monkeypatch.setattr(common, "median_seconds", lambda fn, repeats, warmup: 0.5)
     assert common.copy_bandwidth_gbs(mbytes=1) == pytest.approx(2 * 2**20 / 0.5 / 1e9)
+    assert common.stream_read_gbs(mbytes=1) == pytest.approx(2**20 / 0.5 / 1e9)  # a sum reads its bytes once
 
 
 def test_tensor_bytes_counts_each_storage_once():
@@ -275,9 +278,11 @@ def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
     assert (tmp_path / "decode.png").stat().st_size > 0
 
 
-def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch):
-    """With the timings and bandwidths fixed: tokens/s, ms per token, and the bound, the active weights plus the
-    cache that a generation allocates read once per token at the copy's read rate (half the copy's traffic)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch, dtype):
+    """With the timings and bandwidths fixed: tokens/s, ms per token, and the bound, the active weights (in the
+    run's dtype) plus the cache that a generation allocates read once per token at the copy's read rate (half the
+    copy's traffic)."""
     from mixcon.generation.generate import generation_capacity
 
     base = MixConConfig.preset("small", d_model=64, vocab_size=512, n_blocks=1, n_experts=4, mlp_hidden=128,
@@ -286,11 +291,11 @@ def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch
     monkeypatch.setattr(decode, "stream_read_gbs", lambda device: 5.0)
     monkeypatch.setattr(decode, "hf_models", lambda base: {})
     monkeypatch.setattr(decode, "time_generation", lambda model, ids, n: (0.5, [0.004] * n, None))
-    rows = decode.run([16], hf_max_context=16, new_tokens=2, repeats=1, out_dir=None, base=base)
+    rows = decode.run([16], hf_max_context=16, new_tokens=2, repeats=1, out_dir=None, base=base, dtype=dtype)
     ours = next(r for r in rows if r["model"] == "mixcon")
-    model = MixConForCausalLM(base)
+    model = MixConForCausalLM(base).to(dtype)
     cache = model.new_cache(1, max_length=generation_capacity(16, 3)).nbytes()
-    read = model.num_parameters(active=True) * 4 + cache
+    read = model.num_parameters(active=True) * dtype.itemsize + cache
     assert (ours["prefill_tok_s"], ours["decode_ms"], ours["decode_tok_s"]) == pytest.approx((32.0, 4.0, 250.0))
     assert ours["cache_MiB"] == cache / 2**20
     assert (ours["bound_ms"], ours["stream_bound_ms"]) == pytest.approx((read / 10e9 * 1e3, read / 5e9 * 1e3))
@@ -1011,3 +1016,15 @@ def test_ablate_summary_of_one_seed_has_no_spread_and_a_variant_without_its_base
     assert (rows["base"]["std"], rows["base"]["delta"], rows["base"]["delta_std"]) == (None, 0.0, None)
     assert (rows["v"]["bits_per_byte"], rows["v"]["delta"], rows["v"]["seeds"]) == (7.5, -0.5, 1)
     assert rows["w"]["delta"] is None  # seed 1 has no base run to pair with
+
+
+def test_speed_command_hands_its_options_to_the_benchmark(tmp_path, monkeypatch):
+    given = []
+    monkeypatch.setattr(speed, "run", lambda *args, **kwargs: given.append((args, kwargs)))
+    argv = ["bench", "speed", "--lengths", "8,16", "--batches", "1", "--repeats", "2", "--reference-max-T", "8",
+            "--out", str(tmp_path), "--dtype", "bf16", "--device", "cpu"]
+    assert main([*argv, "--compile", "--train-step", "2x16"]) == 0
+    assert main([*argv, "--train-step", ""]) == 0
+    assert given == [(([8, 16], [1], 2, 8, tmp_path), dict(device="cpu", dtype=torch.bfloat16, compiled=compiled,
+                                                          train_shape=shape))
+                     for compiled, shape in [(True, (2, 16)), (False, None)]]

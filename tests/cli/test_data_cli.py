@@ -52,6 +52,22 @@ def test_data_prepare_defaults_to_bytes(corpus_dir, tmp_path, capsys):
     assert "tokenizer  bytes, vocab 259" in capsys.readouterr().out
 
 
+def test_data_prepare_hands_its_options_to_prepare_shards(corpus_dir, tmp_path, monkeypatch):
+    from mixcon.cli import data as data_cli
+
+    given = {}
+
+    def record(corpus, tok, out, **kwargs):
+        given.update(kwargs)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(data_cli, "prepare_shards", record)
+    with pytest.raises(SystemExit, match="stop"):
+        main(["data", "prepare", "--corpus", str(corpus_dir), "--out", str(tmp_path / "s"), "--workers", "2",
+              "--val-fraction", "0.25", "--seed", "5", "--max-bytes", "1000"])
+    assert given == dict(val_fraction=0.25, seed=5, workers=2, max_bytes=1000)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["data", "prepare", "--corpus", "/no/such/corpus", "--out", "x"], "mixcon data prepare: corpus '/no/such/corpus'"),
     (["data", "prepare", "--tokenizer", "/no/such/tok", "--out", "x"], "expected 'bytes', a tokenizer.json file"),

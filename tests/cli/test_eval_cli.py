@@ -140,25 +140,48 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path, saved):
 
 
 def test_eval_tasks_hands_its_options_to_the_adapter(saved, monkeypatch):
-    """--max-length, --context, --batch-size and --seed reach MixConLM (the adapter is stubbed: no harness run)."""
+    """--max-length, --context, --batch-size, --seed and --compile reach MixConLM, --num-fewshot, --limit and the seed
+    the harness's simple_evaluate (adapter, task index and harness stubbed: no harness run)."""
     pytest.importorskip("lm_eval", reason="the lm-eval harness is not installed (pip install 'mixcon[eval]')")
     import mixcon.integrations.lm_eval as adapter
 
     class Stop(Exception):
         pass
 
-    given = {}
+    import lm_eval
+    import lm_eval.tasks
+
+    given, evaluated = {}, {}
 
     def record(checkpoint, **kwargs):
         given.update(kwargs)
+        return "lm"
+
+    class Tasks:  # the harness's task index, stubbed: every name is a task
+        def __init__(self, include_path=None):
+            pass
+
+        def match_tasks(self, names):
+            return names
+
+    def evaluate(**kwargs):
+        evaluated.update(kwargs)
         raise Stop
 
     monkeypatch.setattr(adapter, "MixConLM", record)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Tasks)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate)
     model, _ = saved
     with pytest.raises(Stop):
-        main(["eval", "tasks", "--checkpoint", str(model), "--tokenizer", "bytes", "--tasks", "x", "--max-length",
-              "64", "--context", "32", "--batch-size", "5", "--seed", "7"])
-    assert (given["max_length"], given["context"], given["batch_size"], given["seed"]) == (64, 32, 5, 7)
+        main(["eval", "tasks", "--checkpoint", str(model), "--tokenizer", "bytes", "--tasks", "x, y", "--max-length",
+              "64", "--context", "32", "--batch-size", "5", "--seed", "7", "--compile", "--num-fewshot", "3",
+              "--limit", "0.5"])
+    assert (given["max_length"], given["context"], given["batch_size"], given["seed"], given["compile"]) == (
+        64, 32, 5, 7, True)
+    assert {k: evaluated[k] for k in ("model", "tasks", "num_fewshot", "limit", "random_seed", "numpy_random_seed",
+                                      "torch_random_seed", "fewshot_random_seed")} == dict(
+        model="lm", tasks=["x", "y"], num_fewshot=3, limit=0.5, random_seed=7, numpy_random_seed=7,
+        torch_random_seed=7, fewshot_random_seed=7)
 
 
 def test_a_glob_corpus_leaves_out_the_results_file_it_holds(saved, tmp_path, capsys):
@@ -171,3 +194,23 @@ def test_a_glob_corpus_leaves_out_the_results_file_it_holds(saved, tmp_path, cap
         assert main(args) == 0
         results.append(json.loads((corpus / "results.json").read_text()))
     assert results[0]["documents"] == results[1]["documents"] == 3 and results[0]["nll"] == results[1]["nll"]
+
+
+def test_eval_perplexity_hands_its_options_to_evaluate_texts(saved, monkeypatch):
+    from mixcon.cli import eval as eval_cli
+
+    class Stop(Exception):
+        pass
+
+    given = {}
+
+    def record(model, tok, texts, **kwargs):
+        given.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(eval_cli, "evaluate_texts", record)
+    model_dir, corpus = saved
+    with pytest.raises(Stop):
+        main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", f"{corpus}/**",
+              "--context", "16", "--stride", "8", "--batch-size", "3", "--no-progress"])
+    assert given == dict(context=16, stride=8, mode="window", batch_size=3, progress=False)
