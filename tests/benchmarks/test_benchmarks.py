@@ -432,6 +432,25 @@ def test_twins_of_a_model_with_a_layer_pattern_are_pure():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+def test_timings_are_medians_and_memory_is_counted_in_kib_of_1024_bytes(monkeypatch):
+    times = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(common, "seconds_of", lambda fn: next(times))
+    assert common.interleaved_median_seconds({"a": lambda: None}, repeats=3, warmup=0) == {"a": 2.0}
+    if not sys.platform.startswith("linux"):
+        pytest.skip("peak_memory reads /proc/self/status (Linux)")
+    monkeypatch.setattr(common, "_status_kib", lambda key: {"VmRSS": 100, "VmHWM": 150}[key])
+    assert common.peak_memory(lambda: None, "cpu") == 50 * 1024
+
+
+def test_resume_refuses_results_written_without_a_setting(tmp_path):
+    """A results file that lacks one of the settings (an older version's, or another benchmark's) is not taken as
+    written with them."""
+    (tmp_path / "probe.json").write_text(json.dumps({"steps": 4, "rows": []}))
+    assert common.finished_runs(tmp_path, "probe", {"steps": 4}, key=("model",)) == {}
+    with pytest.raises(common.UsageError, match=r"was written with other seed"):
+        common.finished_runs(tmp_path, "probe", {"steps": 4, "seed": 0}, key=("model",))
+
+
 def test_peak_memory_is_what_a_call_holds_at_most_above_before():
     held = torch.ones(16 * 2**18)  # 16 MiB in use before: not counted
 
