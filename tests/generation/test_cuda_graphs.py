@@ -232,8 +232,10 @@ def test_a_decoding_step_reads_nothing_back_to_the_host(tiny_model, monkeypatch,
     """What a CUDA graph can hold: with the static shapes of a step on CUDA (the MoE's gathered experts for a few
     tokens, all experts for more), no op of the step waits for a value on the device."""
     import mixcon.layers.moe as moe
+    import mixcon.ops.linear as ops_linear
 
     monkeypatch.setattr(moe, "static_shapes", lambda h: True)
+    monkeypatch.setattr(ops_linear, "SLOW_BLAS_ROWS", False)  # one-row products as on CUDA (F.linear), on any CPU
     model = tiny_model(**overrides)
     ops = OpNames()
     step = model.decode_step
