@@ -64,7 +64,20 @@ def test_speed_rows_count_each_variants_flops_and_the_train_step_takes_the_bette
         assert gflops[f"{variant}+compile", "fwd"] == gflops[variant, "fwd"]
     assert gflops["conba-full", "fwd"] > gflops["conba-ssd", "fwd"]
     assert [args[3] for args in trained] == [200.0, 200.0]  # eager and compiled steps
+    layer_rows = [r for r in rows if r["mode"] != "train"]  # memory() said: 1 byte saved, a peak of 2
+    assert all((r["peak_MiB"], r["saved_MiB"]) == (2 / 2**20, 1 / 2**20 if r["mode"] == "fwd+bwd" else None)
+               for r in layer_rows)
     assert json.loads((tmp_path / "speed.json").read_text())["train_matmul_peak_gflops"] == 200.0
+
+
+def test_speed_memory_runs_the_backward_and_counts_what_autograd_saves(monkeypatch):
+    """A fwd+bwd call's peak is that of forward and backward; its saved bytes leave out the input and weights."""
+    monkeypatch.setattr(speed, "peak_memory", lambda fn, device: fn() or 7)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
+    u = torch.randn(2, 5, 8)
+    assert speed.memory(module, u, False) == (0, 7) and module[0].weight.grad is None
+    assert speed.memory(module, u, True) == (2 * 5 * 16 * 4, 7)  # tanh's output, saved for its backward
+    assert module[0].weight.grad is not None
 
 
 def test_speed_plot_draws_every_batch_size(tmp_path, monkeypatch):
