@@ -444,7 +444,6 @@ def test_twins_of_a_model_with_a_layer_pattern_are_pure():
         "conba-twin": "CCCC/DMDM | CCCC/DMDM"}
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
 def test_timings_are_medians_and_memory_is_counted_in_kib_of_1024_bytes(monkeypatch):
     times = iter([3.0, 1.0, 2.0])
     monkeypatch.setattr(common, "seconds_of", lambda fn: next(times))
@@ -464,6 +463,7 @@ def test_resume_refuses_results_written_without_a_setting(tmp_path):
         common.finished_runs(tmp_path, "probe", {"steps": 4, "seed": 0}, key=("model",))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
 def test_peak_memory_is_what_a_call_holds_at_most_above_before():
     held = torch.ones(16 * 2**18)  # 16 MiB in use before: not counted
 
