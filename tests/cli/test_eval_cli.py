@@ -143,13 +143,13 @@ def test_eval_tasks_hands_its_options_to_the_adapter(saved, monkeypatch):
     """--max-length, --context, --batch-size, --seed and --compile reach MixConLM, --num-fewshot, --limit and the seed
     the harness's simple_evaluate (adapter, task index and harness stubbed: no harness run)."""
     pytest.importorskip("lm_eval", reason="the lm-eval harness is not installed (pip install 'mixcon[eval]')")
+    import lm_eval
+    import lm_eval.tasks
+
     import mixcon.integrations.lm_eval as adapter
 
     class Stop(Exception):
         pass
-
-    import lm_eval
-    import lm_eval.tasks
 
     given, evaluated = {}, {}
 

@@ -44,7 +44,6 @@ def test_gated_rms_norm_of_bf16_inputs_computes_in_fp32_and_returns_bf16():
     assert torch.equal(got, expected)
 
 
-
 def test_norms_start_as_the_identity_scale():
     """A norm built on its own (outside a model, whose reset_parameters sets them too) starts with weight one."""
     for norm in (RMSNorm(16), GatedRMSNorm(16, groups=4)):

@@ -111,6 +111,7 @@ def test_a_save_before_the_first_step_leaves_the_optimizer_as_it_was(make_traine
     make_trainer(tmp_path / "plain", steps=3).fit()
     assert losses(tmp_path / "saved") == losses(tmp_path / "plain")
 
+
 def test_a_resumed_run_trains_with_its_own_optimizer_settings(make_trainer, tmp_path):
     """The checkpoint gives the optimizer's state (moments, step counts); weight decay, betas and eps are the
     resumed run's options, as their changes are reported (loading a state alone would put back the old ones)."""
