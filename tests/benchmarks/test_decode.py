@@ -1,0 +1,152 @@
+"""`mixcon.benchmarks.decode`: decoding latency, prefill rate and cache bytes against context length."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixcon.benchmarks import decode
+from mixcon.cli import main
+from mixcon.config import MixConConfig
+from mixcon.models.mixcon import MixConForCausalLM
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    x = torch.zeros(10)
+    assert decode.tensor_bytes([x, x[1:], {"a": (x.view(2, 5),)}, torch.ones(3, dtype=torch.float64)]) == 40 + 24
+
+
+def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
+    base = MixConConfig.preset("small", d_model=64, vocab_size=512, n_blocks=1, n_experts=4, mlp_hidden=128,
+                               conba_head_dim=16, conba_state=16)
+    rows = decode.run([16], hf_max_context=16, new_tokens=2, repeats=1, out_dir=tmp_path, base=base)
+    assert {r["model"] for r in rows} == {"mixcon", "transformer-twin", "conba-twin", "transformers-jamba",
+                                           "transformers-llama"}
+    ours = next(r for r in rows if r["model"] == "mixcon")
+    assert ours["cache_MiB"] > 0 and ours["decode_ms"] > 0 and ours["prefill_tok_s"] > 0
+    assert ours["bound_ms"] > 0 and ours["stream_bound_ms"] > 0
+    # transformers' caches as their generate returns them: Llama's K and V of the 16 + 2 fed positions
+    llama = next(r for r in rows if r["model"] == "transformers-llama")
+    kv = 2 * base.n_layers * base.n_kv_heads * (16 + 2) * (base.d_model // base.n_heads) * 4
+    assert llama["cache_MiB"] == kv / 2**20
+    assert next(r for r in rows if r["model"] == "transformers-jamba")["cache_MiB"] > 0
+    assert (tmp_path / "decode.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch, dtype):
+    """With the timings and bandwidths fixed: tokens/s, ms per token, and the bound, the active weights (in the
+    run's dtype) plus the cache that a generation allocates read once per token at the copy's read rate (half the
+    copy's traffic)."""
+    from mixcon.generation.generate import generation_capacity
+
+    base = MixConConfig.preset("small", d_model=64, vocab_size=512, n_blocks=1, n_experts=4, mlp_hidden=128,
+                               conba_head_dim=16, conba_state=16)
+    monkeypatch.setattr(decode, "copy_bandwidth_gbs", lambda device: 20.0)
+    monkeypatch.setattr(decode, "stream_read_gbs", lambda device: 5.0)
+    monkeypatch.setattr(decode, "hf_models", lambda base: {})
+    monkeypatch.setattr(decode, "time_generation", lambda model, ids, n: (0.5, [0.004] * n, None))
+    rows = decode.run([16], hf_max_context=16, new_tokens=2, repeats=1, out_dir=None, base=base, dtype=dtype)
+    ours = next(r for r in rows if r["model"] == "mixcon")
+    model = MixConForCausalLM(base).to(dtype)
+    cache = model.new_cache(1, max_length=generation_capacity(16, 3)).nbytes()
+    read = model.num_parameters(active=True) * dtype.itemsize + cache
+    assert (ours["prefill_tok_s"], ours["decode_ms"], ours["decode_tok_s"]) == pytest.approx((32.0, 4.0, 250.0))
+    assert ours["cache_MiB"] == cache / 2**20
+    assert (ours["bound_ms"], ours["stream_bound_ms"]) == pytest.approx((read / 10e9 * 1e3, read / 5e9 * 1e3))
+
+
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_generation_is_timed_over_as_many_gaps_as_new_tokens(tiny_model, new_tokens):
+    """One token more than asked is generated: the first ends the prefill, each later one a decoding step."""
+    model = tiny_model(dtype=torch.float32)
+    prefill, gaps, cache_bytes = decode.time_generation(model, torch.randint(0, 300, (1, 5)), new_tokens)
+    assert prefill > 0 and len(gaps) == new_tokens and all(g > 0 for g in gaps) and cache_bytes is None
+
+
+def test_an_interrupted_decode_benchmark_keeps_the_contexts_it_finished(tmp_path, monkeypatch):
+    timed = decode.time_generation
+
+    def stop_at_12(model, ids, new_tokens):
+        if ids.shape[1] == 12:
+            raise KeyboardInterrupt
+        return timed(model, ids, new_tokens)
+
+    monkeypatch.setattr(decode, "time_generation", stop_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        decode.run([8, 12], hf_max_context=0, new_tokens=2, repeats=1, out_dir=tmp_path,
+                   base=MixConConfig.preset("tiny"))
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert {r["context"] for r in rows} == {8} and (tmp_path / "decode.png").is_file()
+    assert not list(tmp_path.glob("*.tmp*"))  # every file written whole, then renamed
+
+
+def test_decode_benchmark_command_takes_a_config(tmp_path):
+    argv = ["bench", "decode", "--config", "tiny", "--set", "attn_per_block=2", "--contexts", "8",
+            "--hf-max-context", "0", "--new-tokens", "2", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["mixcon", "transformer-twin", "conba-twin"]
+    tiny = MixConForCausalLM(MixConConfig.preset("tiny", attn_per_block=2))
+    assert rows[0]["cache_MiB"] == tiny.new_cache(1, max_length=8 + 3).nbytes() / 2**20  # as generate allocates
+
+
+def test_decode_benchmark_command_hands_its_flags_to_the_run(tmp_path, monkeypatch, capsys):
+    given = {}
+    monkeypatch.setattr(decode, "run", lambda *args, **kwargs: given.update(kwargs, args=args))
+    assert main(["bench", "decode", "--contexts", "8,16", "--hf-max-context", "8", "--new-tokens", "3", "--repeats",
+                 "2", "--compile", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
+    assert given["args"] == ([8, 16], 8, 3, 2, tmp_path) and (given["compiled"], given["dtype"]) == (True,
+                                                                                                  torch.bfloat16)
+    assert given["cuda_graphs"] is False
+    with pytest.raises(SystemExit, match=r"^mixcon bench decode: --cuda-graphs needs a CUDA --device, got cpu$"):
+        main(["bench", "decode", "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:  # no benchmark named: a usage error, not the top-level help
+        main(["bench"])
+    assert exit_info.value.code == 2 and "the following arguments are required: BENCH" in capsys.readouterr().err
+
+
+def test_decode_benchmark_times_mixcon_through_transformers_generate(tmp_path):
+    pytest.importorskip("transformers", minversion="5", reason="the transformers wrapper needs transformers >= 5")
+    argv = ["bench", "decode", "--config", "tiny", "--contexts", "8", "--hf-max-context", "0", "--new-tokens", "2",
+            "--repeats", "1", "--via-transformers", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = {r["model"]: r for r in json.loads((tmp_path / "decode.json").read_text())["rows"]}
+    assert list(rows) == ["mixcon", "transformer-twin", "conba-twin", "mixcon via transformers"]
+    wrapped, ours = rows["mixcon via transformers"], rows["mixcon"]
+    assert wrapped["decode_ms"] > 0 and wrapped["prefill_tok_s"] > 0
+    assert wrapped["cache_MiB"] == ours["cache_MiB"]  # room for the prompt and what generate asks, as ours
+
+
+def test_decode_benchmark_times_the_triton_kernel_beside_the_torch_scan(monkeypatch):
+    """`+triton` rows for the models with Conba layers, prefilling through the kernel (here in Triton's CPU
+    interpreter)."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'mixcon[triton]')")
+    from mixcon.ops import triton_chunk
+
+    calls = []
+    kernel = triton_chunk.conba_scan_triton
+    monkeypatch.setattr(triton_chunk, "conba_scan_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    base = MixConConfig.preset("tiny", conba_chunk=16)
+    rows = decode.run([8], hf_max_context=0, new_tokens=2, repeats=1, out_dir=None, base=base, triton=True)
+    assert [r["model"] for r in rows] == ["mixcon", "transformer-twin", "conba-twin", "mixcon+triton",
+                                          "conba-twin+triton"]
+    assert all(r["prefill_tok_s"] > 0 and r["decode_ms"] > 0 for r in rows)
+    n_conba = sum(m == "conba" for m, _ in base.layout()) + base.n_layers  # mixcon's layers, the twin's
+    assert len(calls) == 4 * n_conba  # 2 warm-up prompts, the warm-up at the context, 1 repeat
+
+
+def test_decode_benchmark_times_cuda_graphs_on_cuda_only():
+    with pytest.raises(ValueError, match=r"CUDA graphs need a CUDA device, got device='cpu'"):
+        decode.run([8], 0, 1, 1, None, device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decode_benchmark_times_decoding_from_cuda_graphs():
+    rows = decode.run([8], hf_max_context=0, new_tokens=4, repeats=1, out_dir=None, base=MixConConfig.preset("tiny"),
+                      device="cuda", triton=False, cuda_graphs=True)
+    assert [r["model"] for r in rows] == ["mixcon", "transformer-twin", "conba-twin", "mixcon+graphs",
+                                          "transformer-twin+graphs", "conba-twin+graphs"]
+    assert all(r["decode_ms"] > 0 for r in rows)
