@@ -32,6 +32,14 @@ def shakespeare_path() -> Path:
     return path
 
 
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """A text file of 1,960 bytes (one sentence 40 times): enough for the byte-level benchmarks' toy runs."""
+    path = tmp_path / "text.txt"
+    path.write_text("the king said to the queen that we shall go now\n" * 40)
+    return path
+
+
 @pytest.fixture(scope="session")
 def have_c_compiler() -> bool:
     """Whether torch.compile's CPU backend (inductor's C++ kernels) can build here."""

@@ -10,10 +10,8 @@ from mixcon.cli import main
 from mixcon.config import MixConConfig
 
 
-def test_ablate_benchmark_pairs_variants_by_seed(tmp_path):
-    corpus = tmp_path / "text.txt"
-    corpus.write_text("the king said to the queen that we shall go now\n" * 40)
-    argv = ["bench", "ablate", "--set", "d_model=16", "--corpus", str(corpus), "--real-len", "8", "--steps", "2",
+def test_ablate_benchmark_pairs_variants_by_seed(small_corpus, tmp_path):
+    argv = ["bench", "ablate", "--set", "d_model=16", "--corpus", str(small_corpus), "--real-len", "8", "--steps", "2",
             "--batch-size", "3", "--eval-windows", "5", "--seeds", "3,4", "--variant", "no-control",
             "--variant", "again:conba_control=false", "--variant", "pure:attn_per_block=0,conba_delay=1",
             "--out", str(tmp_path / "out")]
@@ -80,12 +78,10 @@ def test_ablate_benchmark_rejects_bad_arguments(argv, message, tmp_path):
         main(["bench", "ablate", "--steps", "1", "--out", str(tmp_path), *argv])
 
 
-def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeypatch):
+def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(small_corpus, tmp_path, monkeypatch):
     from mixcon.benchmarks import bytes_lm
 
-    corpus = tmp_path / "text.txt"
-    corpus.write_text("the king said to the queen that we shall go now\n" * 40)
-    argv = ["bench", "ablate", "--set", "d_model=16", "--corpus", str(corpus), "--real-len", "8", "--steps", "2",
+    argv = ["bench", "ablate", "--set", "d_model=16", "--corpus", str(small_corpus), "--real-len", "8", "--steps", "2",
             "--batch-size", "3", "--eval-windows", "5", "--variant", "no-control", "--variant", "dense-ffn"]
     assert main([*argv, "--seeds", "0,1", "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads((tmp_path / "whole" / "ablate.json").read_text())
@@ -110,7 +106,7 @@ def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(tmp_path, monkeyp
     with pytest.raises(SystemExit, match=r"--resume: .* was written with other steps"):
         main([*argv, "--seeds", "0,1", *out, "--resume", "--steps", "3"])
     other = tmp_path / "other.txt"
-    other.write_text(corpus.read_text().replace("king", "kong"))  # as many bytes, other text
+    other.write_text(small_corpus.read_text().replace("king", "kong"))  # as many bytes, other text
     with pytest.raises(SystemExit, match=r"--resume: .* was written with other corpus_sha256"):
         main([*argv[:5], str(other), *argv[6:], "--seeds", "0,1", *out, "--resume"])
     trained, interrupt = [], False

@@ -103,13 +103,11 @@ def test_saved_bytes_counter_frees_what_it_counted():
 
 
 @pytest.mark.parametrize("bench", ["filler", "recall"])
-def test_filler_and_recall_benchmarks_resume_an_interrupted_run_exactly(bench, tmp_path, monkeypatch):
+def test_filler_and_recall_benchmarks_resume_an_interrupted_run_exactly(bench, small_corpus, tmp_path, monkeypatch):
     from mixcon.benchmarks import bytes_lm, recall
 
     if bench == "filler":
-        corpus = tmp_path / "text.txt"
-        corpus.write_text("the king said to the queen that we shall go now\n" * 40)
-        argv = ["bench", "filler", "--set", "d_model=16", "--corpus", str(corpus), "--ratios", "0,1",
+        argv = ["bench", "filler", "--set", "d_model=16", "--corpus", str(small_corpus), "--ratios", "0,1",
                 "--real-len", "8", "--steps", "2", "--batch-size", "3", "--eval-windows", "5"]
         module, trainer, runs = bytes_lm, "train_and_score", 6  # 3 twins x 2 ratios
     else:

@@ -9,12 +9,10 @@ import pytest
 from mixcon.cli import main
 
 
-def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(tmp_path):
-    corpus = tmp_path / "text.txt"
-    text = "the king said to the queen that we shall go now\n" * 40
-    corpus.write_text(text)
-    argv = ["bench", "filler", "--set", "d_model=16", "--corpus", str(corpus), "--ratios", "1.5,0", "--real-len", "8",
-            "--steps", "2", "--batch-size", "3", "--eval-windows", "5", "--out", str(tmp_path / "out")]
+def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(small_corpus, tmp_path):
+    argv = ["bench", "filler", "--set", "d_model=16", "--corpus", str(small_corpus), "--ratios", "1.5,0",
+            "--real-len", "8", "--steps", "2", "--batch-size", "3", "--eval-windows", "5",
+            "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     payload = json.loads((tmp_path / "out" / "filler.json").read_text())
     rows = payload["rows"]
@@ -22,7 +20,7 @@ def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(tmp_path):
         (name, ratio, length) for ratio, length in ((0.0, 8), (1.5, 20))
         for name in ("mixcon", "transformer-twin", "conba-twin")]
     assert all(6 < r["bits_per_byte"] < 10 for r in rows)  # barely trained: near a uniform guess, log2(259) = 8.0
-    assert payload["bytes"] == len(text) + 1  # every byte and one EOS
+    assert payload["bytes"] == small_corpus.stat().st_size + 1  # every byte and one EOS
     assert (tmp_path / "out" / "filler.png").stat().st_size > 0
 
 

@@ -76,7 +76,7 @@ def test_benchmark_help_says_where_results_go(bench, capsys):
 
 
 @pytest.mark.parametrize("bench", ["recall", "filler", "ablate"])
-def test_an_error_inside_a_training_benchmark_keeps_its_traceback(bench, tmp_path, monkeypatch):
+def test_an_error_inside_a_training_benchmark_keeps_its_traceback(bench, small_corpus, tmp_path, monkeypatch):
     """Only argument errors become one-line exits: a ValueError raised while running (a bug) propagates."""
     from mixcon.benchmarks import bytes_lm, recall
 
@@ -85,11 +85,9 @@ def test_an_error_inside_a_training_benchmark_keeps_its_traceback(bench, tmp_pat
 
     module, trainer = (recall, "train_on_recall") if bench == "recall" else (bytes_lm, "train_and_score")
     monkeypatch.setattr(module, trainer, broken)
-    corpus = tmp_path / "text.txt"
-    corpus.write_text("the king said to the queen that we shall go now\n" * 40)
     argv = {"recall": ["--pairs", "2", "--seq-len", "16", "--vocab", "16"],
-            "filler": ["--corpus", str(corpus), "--ratios", "0", "--real-len", "8", "--eval-windows", "5"],
-            "ablate": ["--corpus", str(corpus), "--real-len", "8", "--eval-windows", "5", "--seeds", "0"]}[bench]
+            "filler": ["--corpus", str(small_corpus), "--ratios", "0", "--real-len", "8", "--eval-windows", "5"],
+            "ablate": ["--corpus", str(small_corpus), "--real-len", "8", "--eval-windows", "5", "--seeds", "0"]}[bench]
     with pytest.raises(ValueError, match="a bug deep inside"):
         main(["bench", bench, "--set", "d_model=16", "--steps", "1", *argv, "--out", str(tmp_path / "out")])
 
