@@ -147,12 +147,19 @@ class RunSummary:
     plot: Path | None
     metrics: Path | None
     new_steps: int  # of `steps`, those this fit trained (the others before a resume)
+    new_tokens: int  # of `tokens`, those of the new steps
 
     def format(self) -> str:
-        lines = [f"stopped by {self.stopped_by} after {self.steps} steps, {self.tokens:,} tokens in "
-                 f"{self.wall_time:.0f} s ("
-                 + (f"{self.tokens_per_s:,.0f} tokens/s)" if self.tokens_per_s is not None else
-                    "tokens/s not timed: a run's first step is not)")]
+        this_fit = (f"{self.new_steps} step{'s' * (self.new_steps != 1)}, {self.new_tokens:,} tokens in "
+                    f"{self.wall_time:.0f} s")
+        if self.new_steps == self.steps:
+            lines = [f"stopped by {self.stopped_by} after {this_fit}"]
+        else:
+            lines = [f"stopped by {self.stopped_by} at step {self.steps}: {this_fit} (resumed at step "
+                     f"{self.steps - self.new_steps}; {self.tokens:,} tokens in all)"]
+        lines.append(f"training throughput {self.tokens_per_s:,.0f} tokens/s (the first step, validation and "
+                     "checkpoints left out)" if self.tokens_per_s is not None else
+                     "training throughput not timed: the first step after a start or resume is not")
         if self.train_loss is not None:
             lines.append(f"train loss {self.train_loss:.4f}")
         if self.val_loss is not None:
@@ -414,7 +421,7 @@ class Trainer:
         else:
             torch.manual_seed(_process_seed(self.options.seed, self.env.rank))
         self._refit_pending = resume_from is not None and self.options.steps is None and deadline is not None
-        first_step = self.step
+        first_step, first_tokens = self.step, self.tokens
         resumed = self.last_checkpoint if resume_from is not None else None
         own = resumed is not None and ckpt.in_run(resumed, self.run_dir)  # else a new history here
         self._clear_later_checkpoints(discard_later, resumed)
@@ -478,7 +485,8 @@ class Trainer:
             val_loss=self.last_val.get("val_loss"),
             val_ppl=self.last_val.get("val_ppl"), val_bpb=self.last_val.get("val_bpb"),
             checkpoint=self.last_checkpoint, plot=metrics.run_dir / PLOT_FILE if metrics else None,
-            metrics=metrics.path if metrics else None, new_steps=self.step - first_step)
+            metrics=metrics.path if metrics else None, new_steps=self.step - first_step,
+            new_tokens=self.tokens - first_tokens)
 
     def _validate(self, metrics: MetricsLogger | None, bar: Any) -> None:
         result = self.evaluate()

@@ -387,9 +387,13 @@ def test_the_last_step_is_logged_whatever_log_every_and_untimed_steps_have_no_th
     first, second = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
     assert "tokens_per_s" not in first and second["tokens_per_s"] > 0
     one = make_trainer(tmp_path / "one", steps=1).fit()  # nothing timed: not a measured 0 tokens/s
-    assert one.tokens_per_s is None and "(tokens/s not timed: a run's first step is not)" in one.format()
+    assert one.tokens_per_s is None and "throughput not timed: the first step after a start" in one.format()
     assert make_trainer(tmp_path / "one", steps=2).fit(resume_from=tmp_path / "one").tokens_per_s is None
-    assert make_trainer(tmp_path / "one", steps=4).fit(resume_from=tmp_path / "one").tokens_per_s > 0
+    four = make_trainer(tmp_path / "one", steps=4).fit(resume_from=tmp_path / "one")
+    assert four.tokens_per_s > 0 and (four.new_steps, four.new_tokens, four.steps) == (2, four.tokens // 2, 4)
+    assert four.format().startswith(f"stopped by steps at step 4: 2 steps, {four.tokens // 2:,} tokens in ")
+    assert f"(resumed at step 2; {four.tokens:,} tokens in all)\ntraining throughput " in four.format()
+    assert one.format().startswith(f"stopped by steps after 1 step, {one.tokens:,} tokens in ")
     resumed = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [("tokens_per_s" in r) for r in resumed] == [False, False, False, True]  # each fit's first: untimed
