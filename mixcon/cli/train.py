@@ -216,6 +216,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     config = _config(args, resume, tok, initial[1] if initial else None)
     if resume is not None:
         _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_NAME), config, say)
+        _check_steps_left(options, resume)
     ds = _dataset(options, tok, out, env, resume, progress=not args.no_progress)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
@@ -329,10 +330,16 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any, world_size
     except ValueError as e:  # named by the flag that sets the field
         raise SystemExit("mixcon train: " + re.sub(r"TrainOptions\.(\w+)", lambda m: "--" + m[1].replace("_", "-"),
                                                    str(e))) from e
-    if resume is not None and options.steps is not None and state["step"] >= options.steps:
-        raise SystemExit(f"mixcon train: --steps {options.steps}: the run resumed from {resume} is at step "
-                         f"{state['step']} already; give more --steps to continue it")
     return options
+
+
+def _check_steps_left(options: TrainOptions, resume: Path) -> None:
+    """On --resume: --steps must lie beyond the checkpoint's step (checked after the config, whose refusal says
+    more about a command that cannot run)."""
+    step = ckpt.read_trainer_state(resume)["step"]
+    if options.steps is not None and step >= options.steps:
+        raise SystemExit(f"mixcon train: --steps {options.steps}: the run resumed from {resume} is at step {step} "
+                         "already; give more --steps to continue it")
 
 
 def _initial_model(args: argparse.Namespace, out: Path) -> tuple[Path, MixConConfig, AnyTokenizer] | None:
