@@ -114,16 +114,23 @@ def output_folder(text: str) -> Path:
     path = Path(text).expanduser()
     if not text or (path.exists() and not path.is_dir()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a folder; name one to write into")
-    if not next(p for p in path.absolute().parents if p.exists()).is_dir():
+    if _below_a_file(path):
         raise argparse.ArgumentTypeError(f"{text!r}: a file lies on its path")
     return path
 
 
+def _below_a_file(path: Path) -> bool:
+    """Whether the nearest existing folder above `path` is a file (so `path` cannot be made)."""
+    return not next(p for p in path.absolute().parents if p.exists()).is_dir()
+
+
 def check_out_folder(command: str, out: str | Path, what: str = "a folder") -> Path:
-    """--out as a Path, exiting with a message when it names a file (checked before any work)."""
+    """--out as a Path, exiting with a message when it names a file or lies below one (checked before any work)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise SystemExit(f"mixcon {command}: --out {out} is a file; give {what}")
+    if _below_a_file(path):
+        raise SystemExit(f"mixcon {command}: --out {out}: a file lies on its path; give {what}")
     return path
 
 

@@ -36,7 +36,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"mixcon tokenizer train: {out / FILENAME} exists (a model's tokenizer?); replace it with "
                          "--overwrite, or choose another --out")
     try:
-        corpus = Corpus.from_spec(args.corpus, exclude=[out])  # not the tokenizer of an earlier run there
+        corpus = Corpus.from_spec(args.corpus, exclude=[out / FILENAME])  # not the tokenizer of an earlier run
         start = time.perf_counter()
         tok = train_bpe_tokenizer(corpus.documents(args.max_bytes), args.vocab_size)
         train_s = time.perf_counter() - start
