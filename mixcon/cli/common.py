@@ -170,17 +170,17 @@ def parse_value(text: str) -> Any:
 
 
 def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
-    """KEY=VALUE items (given to `flag`) -> {field: parsed value}; unknown fields and bad items exit."""
+    """KEY=VALUE items (given to `flag`) -> {field: parsed value}; unknown fields and bad items raise ValueError."""
     fields = MixConConfig.field_names()
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
         if key not in fields:
-            raise SystemExit(f"{flag} {item!r}: unknown config field {key!r}; fields: {', '.join(sorted(fields))}")
+            raise ValueError(f"{flag} {item!r}: unknown config field {key!r}; fields: {', '.join(sorted(fields))}")
         if key == "extra":  # parse_value never gives a mapping
-            raise SystemExit(f"{flag} {item!r}: extra must be a mapping (free-form metadata); give it in a "
+            raise ValueError(f"{flag} {item!r}: extra must be a mapping (free-form metadata); give it in a "
                              "--config file")
         out[key] = parse_value(value)
     return out
@@ -222,8 +222,8 @@ def set_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """`parse_overrides` of the --set items; a bad one exits naming the command."""
     try:
         return parse_overrides(args.overrides)
-    except SystemExit as e:
-        raise SystemExit(f"{command_name(args)}: {e.code}") from e
+    except ValueError as e:
+        raise SystemExit(f"{command_name(args)}: {e}") from e
 
 
 def config_from_args(args: argparse.Namespace) -> MixConConfig:

@@ -74,8 +74,8 @@ def test_ablate_benchmark_runs_the_builtins_that_change_the_model():
     (["--seeds", "1,1"], "each seed once"),
 ])
 def test_ablate_benchmark_rejects_bad_arguments(argv, message, tmp_path):
-    with pytest.raises(SystemExit, match=message):  # (--out: a run that is not refused writes there, not in docs/)
-        main(["bench", "ablate", "--steps", "1", "--out", str(tmp_path), *argv])
+    with pytest.raises(SystemExit, match=f"^mixcon bench ablate: .*{message}"):  # (--out: a run that is not
+        main(["bench", "ablate", "--steps", "1", "--out", str(tmp_path), *argv])  # refused writes there)
 
 
 def test_ablate_benchmark_resumes_an_interrupted_sweep_exactly(small_corpus, tmp_path, monkeypatch):
