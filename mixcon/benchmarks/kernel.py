@@ -128,16 +128,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.dtypes.split(",")) - set(DTYPES))
     if unknown:
-        raise SystemExit(f"--dtypes: unknown {unknown}; allowed: {sorted(DTYPES)}")
+        raise SystemExit(f"mixcon bench kernel: --dtypes: unknown {unknown}; allowed: {sorted(DTYPES)}")
     bad = [b for b in args.blocks if not triton_chunk_ok(b, args.tau)]
     if bad:
-        raise SystemExit(f"--blocks: {bad} must be powers of two >= 16 and >= --tau={args.tau}")
+        raise SystemExit(f"mixcon bench kernel: --blocks: {bad} must be powers of two >= 16 and >= --tau={args.tau}")
     if bad := [b for b in args.value_blocks or [] if not triton_chunk_ok(b, 0)]:
-        raise SystemExit(f"--value-blocks: {bad} must be powers of two >= 16")
+        raise SystemExit(f"mixcon bench kernel: --value-blocks: {bad} must be powers of two >= 16")
     try:
         import triton  # noqa: F401
     except ImportError:
-        raise SystemExit("mixcon bench kernel needs triton: pip install 'mixcon[triton]'") from None
+        raise SystemExit("mixcon bench kernel: needs triton: pip install 'mixcon[triton]'") from None
     common.apply_precision(args)
     run(args.arch, [DTYPES[d] for d in args.dtypes.split(",")], args.blocks, args.head_dim, args.state, args.tau,
         args.out, args.value_blocks)

@@ -159,15 +159,15 @@ def main(args: argparse.Namespace) -> int:
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
-        raise SystemExit(f"bench scan: --variants {','.join(unknown) or repr(args.variants)} unknown; choose from "
-                         f"{list(VARIANTS)}")
+        raise SystemExit(f"mixcon bench scan: --variants {','.join(unknown) or repr(args.variants)} unknown; choose "
+                         f"from {list(VARIANTS)}")
     if bad := [v for v in args.value_blocks or [] if not triton_chunk_ok(v, 0)]:
-        raise SystemExit(f"bench scan: --value-blocks {bad} must be powers of two >= 16")
+        raise SystemExit(f"mixcon bench scan: --value-blocks {bad} must be powers of two >= 16")
     if args.value_blocks and not common.triton_default(args.device):
-        raise SystemExit("bench scan: --value-blocks times the Triton kernel, which runs here only on CUDA with "
+        raise SystemExit("mixcon bench scan: --value-blocks times the Triton kernel, which runs here only on CUDA with "
                          "triton installed")
     if args.heads % args.groups:
-        raise SystemExit(f"bench scan: --heads {args.heads} must be a multiple of --groups {args.groups}")
+        raise SystemExit(f"mixcon bench scan: --heads {args.heads} must be a multiple of --groups {args.groups}")
     common.apply_precision(args)
     run(args.lengths, args.batches, args.repeats, args.out, heads=args.heads, head_dim=args.head_dim,
         state=args.state, groups=args.groups, chunks=tuple(args.chunks), variants=variants, device=args.device,

@@ -55,5 +55,5 @@ def test_kernel_report_names_the_triton_it_needs(monkeypatch):
     (["--value-blocks", "8"], "--value-blocks: \\[8\\] must be powers of two"),
 ])
 def test_kernel_report_rejects_bad_arguments(argv, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=f"^mixcon bench kernel: .*{message}"):
         main(["bench", "kernel", *argv])

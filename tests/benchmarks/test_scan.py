@@ -72,9 +72,9 @@ def test_scan_benchmark_command(tmp_path, monkeypatch):
         assert json.loads((tmp_path / "scan.json").read_text())["machine"]["fp32_matmul_precision"] == "high"
     finally:
         torch.set_float32_matmul_precision("highest")
-    with pytest.raises(SystemExit, match="--variants bogus unknown"):
+    with pytest.raises(SystemExit, match=r"^mixcon bench scan: --variants bogus unknown"):
         main([*argv[:-2], "--variants", "bogus"])
-    with pytest.raises(SystemExit, match="multiple of --groups"):
+    with pytest.raises(SystemExit, match=r"^mixcon bench scan: --heads 2 must be a multiple of --groups 3"):
         main([*argv, "--groups", "3"])
     with pytest.raises(SystemExit, match=r"--value-blocks \[24\] must be powers of two >= 16"):
         main([*argv, "--value-blocks", "16,24"])
