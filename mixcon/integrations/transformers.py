@@ -32,12 +32,13 @@ from transformers.utils.hub import convert_file_size_to_int
 
 import mixcon
 from mixcon.config import MixConConfig
-from mixcon.data.tokenizer import EOS, PAD, AnyTokenizer, load_tokenizer
+from mixcon.data.tokenizer import EOS, FILENAME, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_cache
 from mixcon.io import locked_directory
 from mixcon.layers.linear import Linear
 from mixcon.models.files import (
+    CONFIG_NAME,
     HF_MODEL_TYPE,
     HF_NAMES,
     INCOMPLETE_NAME,
@@ -51,6 +52,7 @@ from mixcon.training.checkpoint import (
     latest_checkpoint,
     load_model_and_tokenizer,
     model_directory,
+    model_tokenizer,
     publish_directory,
 )
 from mixcon.training.distributed import checkpoint_layers
@@ -537,13 +539,19 @@ def _documents_from_positions(position_ids: torch.Tensor, shape: tuple[int, int]
 
 def hf_tokenizer(tokenizer: AnyTokenizer | str | Path, split_special_tokens: bool = False) -> PreTrainedTokenizerFast:
     """A tokenizer of this library (BPE or bytes; or a spec `load_tokenizer` reads: 'bytes', a tokenizer.json,
-    a directory holding one such as a run's tokenizer/) as a `PreTrainedTokenizerFast` with the same ids that
+    a directory holding one; or a run, checkpoint or `save_pretrained` directory: its model's tokenizer, as
+    `from_mixcon` loads its model) as a `PreTrainedTokenizerFast` with the same ids that
     starts every text with EOS, as training documents start: its `bos_token` is EOS (as GPT-2's), the token a
     tool that prepends `bos_token` should prepend. Text that spells a special token (`tok.eos_token`,
     or one added with `add_special_tokens`) encodes as its id, as transformers' tokenizers do;
     `split_special_tokens=True` encodes it as ordinary text, as this library reads training data."""
     if isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer(tokenizer)
+        path = Path(tokenizer)
+        if path.is_dir() and not (path / FILENAME).is_file():  # a model's directory, not a tokenizer's
+            directory = model_directory(path)
+            tokenizer = model_tokenizer(directory, MixConConfig.load(directory / CONFIG_NAME).vocab_size)
+        else:
+            tokenizer = load_tokenizer(tokenizer)
     backend = tokenizer.to_tokenizers()
     backend.encode_special_tokens = split_special_tokens
     backend.post_processor = TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A $B:1",

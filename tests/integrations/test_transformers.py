@@ -24,7 +24,7 @@ from mixcon.data import ByteTokenizer
 from mixcon.data.tokenizer import mismatch, train_bpe_tokenizer
 from mixcon.generation.cache import AttentionCache
 from mixcon.integrations.transformers import MixConHFConfig, MixConHFForCausalLM, export_hf, hf_tokenizer
-from mixcon.training.checkpoint import load_model_and_tokenizer, save_checkpoint
+from mixcon.training.checkpoint import latest_checkpoint, load_model_and_tokenizer, save_checkpoint
 
 EOS, PAD = 299, 298  # of the `tiny` preset's 300 ids
 
@@ -754,6 +754,17 @@ def run_dir(tmp_path, tiny_model):
     save_checkpoint(tmp_path / "run", 5, config=model.config, model_state=state, optimizer_state={}, trainer_state={},
                     tokenizer=tok)
     return model, tok, tmp_path / "run"
+
+
+def test_hf_tokenizer_of_a_run_or_a_checkpoint_is_its_models(run_dir, tmp_path, tiny_model):
+    """A run directory (a bytes or given tokenizer leaves no RUN/tokenizer/), one of its checkpoints: the
+    tokenizer its model was trained with; a saved model without one: an error saying so."""
+    _, tok, run = run_dir
+    for source in (run, latest_checkpoint(run), str(run)):
+        assert hf_tokenizer(source)("class Point").input_ids == [tok.eos_id, *tok.encode("class Point")]
+    tiny_model().save_pretrained(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match=r"plain has no tokenizer/ nor tokenizer\.json"):
+        hf_tokenizer(tmp_path / "plain")
 
 
 def test_export_hf_loads_through_the_auto_classes_and_back(run_dir, tmp_path):
