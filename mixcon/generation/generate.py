@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+import mixcon
 from mixcon.checks import as_integer, as_number, check_attention_mask, is_integer, is_number
 
 if TYPE_CHECKING:
@@ -80,6 +84,17 @@ def _check_ends_in_tokens(mask: torch.Tensor) -> None:
                          "on the left (zeros before the prompt) for generation")
 
 
+def _warn_caller(message: str) -> None:
+    """A UserWarning shown at the first caller outside mixcon and torch (the line that called generate)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+_LIBRARIES = tuple(os.path.dirname(module.__file__) + os.sep for module in (mixcon, torch))
+
+
 @torch.no_grad()
 def generate(
     model: MixConForCausalLM,
@@ -132,7 +147,13 @@ def generate(
             raise ValueError("generate needs max_new_tokens (or max_length: prompt and new tokens together)")
         if not (is_integer(max_length) and max_length >= 0):
             raise ValueError(f"max_length={max_length!r} must be an integer >= 0")
+        if max_length <= input_ids.shape[-1]:
+            _warn_caller(f"max_length={max_length} leaves no room after the prompt's {input_ids.shape[-1]} tokens: "
+                         "nothing is generated (give max_new_tokens, the new tokens alone)")
         max_new_tokens = max(0, max_length - input_ids.shape[-1])
+    elif max_length is not None:
+        _warn_caller(f"max_new_tokens={max_new_tokens} and max_length={max_length} both given: max_new_tokens wins, "
+                     "as in transformers")
     if not (is_integer(max_new_tokens) and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     if do_sample and not (is_number(temperature) and temperature > 0):

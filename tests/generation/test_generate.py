@@ -61,12 +61,16 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_model):
 
 
 def test_transformers_spellings_of_the_length_and_of_no_top_k(tiny_model):
-    """max_length counts the prompt (max_new_tokens wins when both are given); top_k=0 filters nothing."""
+    """max_length counts the prompt (max_new_tokens wins when both are given, with a warning as in transformers,
+    and a max_length the prompt fills warns that nothing is generated); top_k=0 filters nothing."""
     model = tiny_model(dtype=torch.float32)
     prompt = torch.randint(0, 300, (2, 5))
     assert torch.equal(model.generate(prompt, max_length=12), model.generate(prompt, 7))
-    assert model.generate(prompt, max_length=3).shape == (2, 5)
-    assert torch.equal(model.generate(prompt, 4, max_length=100), model.generate(prompt, 4))
+    with pytest.warns(UserWarning, match=r"max_length=3 leaves no room after the prompt's 5 tokens") as caught:
+        assert model.generate(prompt, max_length=3).shape == (2, 5)
+    assert caught[0].filename == __file__  # the caller's line
+    with pytest.warns(UserWarning, match="max_new_tokens=4 and max_length=100 both given: max_new_tokens wins"):
+        assert torch.equal(model.generate(prompt, 4, max_length=100), model.generate(prompt, 4))
     sampled = dict(do_sample=True, temperature=2.0, seed=3)
     assert torch.equal(model.generate(prompt, 12, top_k=0, **sampled), model.generate(prompt, 12, **sampled))
 
