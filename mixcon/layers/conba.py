@@ -268,8 +268,8 @@ class Conba(nn.Module):
     def decode(self, u: torch.Tensor, cache: tuple[torch.Tensor, ...], step: DecodeStep) -> torch.Tensor:
         """One new token per row, (B, 1, d_model) -> (B, 1, d_model), by the step form of the scan.
 
-        `cache` is (conv tail, S_t, oldest ring slot): the tail is updated in place, S_{t-tau} is read
-        from the oldest slot (tau > 0), and S_{t+1} is written over it."""
+        For the new token t, `cache` is (conv tail, S_{t-1}, oldest ring slot): the tail is updated in place,
+        S_{t-tau} is read from the oldest slot (tau > 0), and S_t is written over it."""
         conv, state, oldest = cache
         # The taps as a view: one step's product reads them once, no transposed copy per token.
         z, x, k, q, log_decay, beta = self._scan_inputs(u, None, conv, self.conv1d.weight[:, 0].t())

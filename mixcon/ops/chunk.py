@@ -67,13 +67,13 @@ def _readout(
     decay_mat: torch.Tensor,  # (B, G, hg, nc, Cq, C) decay from each step to each query row, 0 where it cannot read
     eb: torch.Tensor,  # (B, G, hg, nc, Cq) decay from the chunk start to each query row
     U: torch.Tensor,  # (B, G, hg, nc, C, P) what each step writes
-    starts: torch.Tensor,  # (B, G, nc, hg, P, N) state at each chunk start
+    S_starts: torch.Tensor,  # (B, G, nc, hg, P, N) state at each chunk start
 ) -> torch.Tensor:
     """sum_s decay_mat[t, s] (q_t.k_s) u_s + eb_t S0 q_t for each query row t of each chunk: (B, G, hg, nc, Cq, P)."""
     # One QKᵀ per group, decayed per head.
-    A = (Qc @ Kc.transpose(-1, -2)).unsqueeze(2) * decay_mat
+    A = (Qc @ Kc.transpose(-1, -2)).unsqueeze(2) * decay_mat  # (B, G, hg, nc, Cq, C)
     # The heads of a group share Q: one (Cq, N) x (N, hg·P) product per chunk, scaled by exp(b_t) after.
-    inter = torch.einsum("bgcsn,bgchpn->bghcsp", Qc, starts)
+    inter = torch.einsum("bgcsn,bgchpn->bghcsp", Qc, S_starts)  # (B, G, hg, nc, Cq, P)
     return A @ U + eb.unsqueeze(-1) * inter
 
 
@@ -236,57 +236,58 @@ def conba_scan(
     Xc = _chunks(x.to(dt), T_pad, C, G)  # (B, G, hg, nc, C, P)
     Kc = _chunks(k.to(dt), T_pad, C, G).squeeze(2)  # (B, G, nc, C, N)
     Qc = _chunks(q.to(dt), T_pad, C, G).squeeze(2)
-    ld = _chunks(log_decay.to(dt).clamp(min=LOG_DECAY_FLOOR), T_pad, C, G)  # (B, G, hg, nc, C); pads: no decay...
-    bt = _chunks(beta.to(dt), T_pad, C, G)  # ... and no write, so the state passes through unchanged
+    # Padded steps neither decay nor write: the state passes through them unchanged.
+    log_decay_c = _chunks(log_decay.to(dt).clamp(min=LOG_DECAY_FLOOR), T_pad, C, G)  # (B, G, hg, nc, C)
+    beta_c = _chunks(beta.to(dt), T_pad, C, G)  # (B, G, hg, nc, C)
 
     # Log decays from the chunk start, b, with what fp32 rounds off them, lo (the running sum in fp64): after a
     # strong decay b is large, and b_t - b_s alone would lose the weak decays between s and t.
-    b64 = ld.to(torch.float64).cumsum(-1)  # (B, G, hg, nc, C)
+    b64 = log_decay_c.to(torch.float64).cumsum(-1)  # (B, G, hg, nc, C)
     b = b64.to(dt)
     lo = (b64 - b.to(torch.float64)).to(dt).detach()  # its gradient is zero (d b64 - d b): not computed
     eb = b.exp()
     causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
     w = _decays_to_end(b, lo)  # (B, G, hg, nc, C): decay from each step to the chunk end
-    g = b[..., -1:].exp()  # (B, G, hg, nc, 1): decay across the whole chunk
+    eb_C = b[..., -1:].exp()  # (B, G, hg, nc, 1): decay across the whole chunk
     docs = _Documents.build(seq_idx, T_pad, C) if seq_idx is not None else None
     if docs is not None:  # no decay path crosses a document start
         causal = causal & (docs.seg.unsqueeze(-1) == docs.seg.unsqueeze(-2))
         eb = eb * (docs.seg == docs.start)
         w = w * (docs.seg == docs.seg[..., -1:])
-        g = g * (docs.seg[..., -1:] == docs.start)
+        eb_C = eb_C * (docs.seg[..., -1:] == docs.start)
     decay_mat = traced(_DecayMatrix, _DecayMatrixJvp).apply(b, lo, causal)  # (..., C, C): exp(b_t - b_s), 0 above
 
-    decays = g.unsqueeze(-1).unbind(3)  # nc × (B, G, hg, 1, 1)
+    decays = eb_C.unsqueeze(-1).unbind(3)  # nc × (B, G, hg, 1, 1)
     S = S0.view(B, G, hg, P, N)
-    starts = []
+    chunk_starts = []
     # The sequential pass over chunks; tensors are unbound once, since indexing inside the loop
     # would make autograd build a full-size gradient per chunk.
     if delta_rule:
         # The strictly lower triangle masked on the groups' K Kᵀ, before it is decayed per head.
-        strict = (Kc @ Kc.transpose(-1, -2)).tril(-1).unsqueeze(2) * decay_mat
+        strict = (Kc @ Kc.transpose(-1, -2)).tril(-1).unsqueeze(2) * decay_mat  # (B, G, hg, nc, C, C)
         eye = torch.eye(C, dtype=dt, device=x.device)
-        system = torch.addcmul(eye, bt.unsqueeze(-1), strict)  # I + diag(beta) M
+        system = torch.addcmul(eye, beta_c.unsqueeze(-1), strict)  # I + diag(beta) M: (B, G, hg, nc, C, C)
         # One triangular solve for the (C, C) inverse, then two batched products: on a CPU that is
         # 2-3x faster than solving for the P + N right-hand sides directly.
-        inv = traced(_UnitLowerInverse, _UnitLowerInverseJvp).apply(system)
-        Ut = inv @ (bt.unsqueeze(-1) * Xc)  # (B, G, hg, nc, C, P)
+        inv = traced(_UnitLowerInverse, _UnitLowerInverseJvp).apply(system)  # (B, G, hg, nc, C, C)
+        Ut = inv @ (beta_c.unsqueeze(-1) * Xc)  # (B, G, hg, nc, C, P)
         # W = inv diag(beta exp b) K: the heads of a group share K, one (hg·C, C) x (C, N) product per chunk (each
         # chunk's W then lies in one block for the pass below).
-        W = torch.einsum("bghcts,bgcsn->bghctn", inv * (bt * eb).unsqueeze(-2), Kc)  # (B, G, hg, nc, C, N)
+        W = torch.einsum("bghcts,bgcsn->bghctn", inv * (beta_c * eb).unsqueeze(-2), Kc)  # (B, G, hg, nc, C, N)
         writes = []
-        for Ut_c, W_c, w_c, K_c, g_c in zip(Ut.unbind(3), W.unbind(3), w.unbind(3), Kc.unbind(2), decays,
+        for Ut_c, W_c, w_c, K_c, eb_C_c in zip(Ut.unbind(3), W.unbind(3), w.unbind(3), Kc.unbind(2), decays,
                                            strict=True):
-            starts.append(S)
+            chunk_starts.append(S)
             U_c = Ut_c - W_c @ S.transpose(-1, -2)  # (B, G, hg, C, P)
             writes.append(U_c)
-            S = g_c * S + torch.einsum("bghsp,bgsn->bghpn", w_c.unsqueeze(-1) * U_c, K_c)
+            S = eb_C_c * S + torch.einsum("bghsp,bgsn->bghpn", w_c.unsqueeze(-1) * U_c, K_c)
         U = torch.stack(writes, dim=3)
     else:
-        U = bt.unsqueeze(-1) * Xc
-        for D_c, g_c in zip(_chunk_writes(U, w, Kc).unbind(3), decays, strict=True):
-            starts.append(S)
-            S = g_c * S + D_c
-    starts_t = torch.stack(starts, dim=2)  # (B, G, nc, hg, P, N): chunk-major, as the readout reads them
+        U = beta_c.unsqueeze(-1) * Xc
+        for D_c, eb_C_c in zip(_chunk_writes(U, w, Kc).unbind(3), decays, strict=True):
+            chunk_starts.append(S)
+            S = eb_C_c * S + D_c
+    S_starts = torch.stack(chunk_starts, dim=2)  # (B, G, nc, hg, P, N): chunk-major, as the readout reads them
     final = S.reshape(B, H, P, N)
 
     decay_y, eb_y = decay_mat, eb
@@ -297,19 +298,20 @@ def conba_scan(
         if docs is not None:  # S_{t-tau} is zero when t - tau lies before t's document
             same = (docs.seg == F.pad(docs.seg[..., : C - tau], (tau, 0))).to(dt)  # (B, 1, 1, nc, C)
             shifted, eb_shifted = shifted * same.unsqueeze(-1), eb_shifted * same
-        gain = delay_gain.to(dt).view(1, G, hg, 1, 1)
-        decay_y, eb_y = decay_mat + gain.unsqueeze(-1) * shifted, eb + gain * eb_shifted
+        g_h = delay_gain.to(dt).view(1, G, hg, 1, 1)
+        decay_y, eb_y = decay_mat + g_h.unsqueeze(-1) * shifted, eb + g_h * eb_shifted
     if tau == 0:
-        y = _unchunk(_readout(Qc, Kc, decay_y, eb_y, U, starts_t), T)  # (B, T, H, P)
+        y = _unchunk(_readout(Qc, Kc, decay_y, eb_y, U, S_starts), T)  # (B, T, H, P)
     else:
         # The rows whose S_{t-tau} lies in an earlier chunk: the last m steps of each chunk, read out with the queries
         # tau steps later as m more query rows of that chunk, then moved forward by tau.
         m = min(tau, C)
-        Q2c = _chunks(F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:], T_pad, C, G).squeeze(2)[..., C - m :, :]
+        q_later = F.pad(q.to(dt), [0, 0, 0, 0, 0, tau])[:, tau:]  # (B, T, G, N): q_{t+tau}, zeros past the end
+        Q2c = _chunks(q_later, T_pad, C, G).squeeze(2)[..., C - m :, :]  # (B, G, nc, m, N)
         rows = _readout(torch.cat([Qc, Q2c], dim=-2), Kc, torch.cat([decay_y, decay_mat[..., C - m :, :]], dim=-2),
-                        torch.cat([eb_y, eb[..., C - m :]], dim=-1), U, starts_t)  # (B, G, hg, nc, C + m, P)
+                        torch.cat([eb_y, eb[..., C - m :]], dim=-1), U, S_starts)  # (B, G, hg, nc, C + m, P)
         y = _unchunk(rows[..., :C, :], T)
-        r = _unchunk(F.pad(rows[..., C:, :], (0, 0, C - m, 0)), T)
+        r = _unchunk(F.pad(rows[..., C:, :], (0, 0, C - m, 0)), T)  # (B, T, H, P): S_{t-tau} q_t from earlier chunks
         early = early_delayed_readout(q, past0, hg)  # the first tau steps read the initial past states
         delayed = torch.cat([early, r[:, : T - early.shape[1]]], dim=1)
         if docs is not None:
@@ -320,13 +322,13 @@ def conba_scan(
     y = y.to(out_dtype).contiguous()  # (B, T, H, P) in that order, as the reference's
     if not return_past_states:
         return y, final
-    return y, final, _past_states(final, past0, starts_t, U, Kc, b, lo, T, tau, C, docs)
+    return y, final, _past_states(final, past0, S_starts, U, Kc, b, lo, T, tau, C, docs)
 
 
 def _past_states(
     final: torch.Tensor,  # (B, H, P, N)
     past0: torch.Tensor,  # (B, tau, H, P, N)
-    starts: torch.Tensor,  # (B, G, nc, hg, P, N)
+    S_starts: torch.Tensor,  # (B, G, nc, hg, P, N)
     U: torch.Tensor,  # (B, G, hg, nc, C, P)
     Kc: torch.Tensor,  # (B, G, nc, C, N)
     b: torch.Tensor,  # (B, G, hg, nc, C) log decays from each chunk start
@@ -351,14 +353,14 @@ def _past_states(
         else:
             c, m = (p - 1) // C, (p - 1) % C  # chunk and last position inside it
             w = _decays_to_end(b[:, :, :, c:c + 1, : m + 1], lo[:, :, :, c:c + 1, : m + 1])  # (B, G, hg, 1, m+1)
-            g = b[:, :, :, c, m, None, None].exp()  # (B, G, hg, 1, 1)
+            eb_m = b[:, :, :, c, m, None, None].exp()  # (B, G, hg, 1, 1): decay from the chunk start to m
             if docs is not None:
                 segs = docs.seg[..., c, : m + 1]  # (B, 1, 1, m+1)
                 seg = segs[..., -1]
                 w = w * (segs == seg[..., None]).unsqueeze(-2)
-                g = g * (seg == docs.start[..., c, 0])[..., None, None]
+                eb_m = eb_m * (seg == docs.start[..., c, 0])[..., None, None]
             writes = _chunk_writes(U[:, :, :, c:c + 1, : m + 1], w, Kc[:, :, c:c + 1, : m + 1]).squeeze(3)
-            S = g * starts[:, :, c] + writes
+            S = eb_m * S_starts[:, :, c] + writes
             S = S.reshape(final.shape)
         if docs is not None:
             S = S * (seg == docs.last).view(-1, 1, 1, 1).to(S.dtype)

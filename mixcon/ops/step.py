@@ -40,19 +40,20 @@ def conba_scan_step(
                                 for s in (state, delayed_state))
     # Heads grouped by key group: each group's (H/G · P, N) block of rows shares one key and query.
     S = state.reshape(B * G, hg * P, N)  # a view unless the batch is strided
-    kc = k.to(dt).reshape(B * G, N, 1)
+    kc = k.to(dt).reshape(B * G, N, 1)  # (B·G, N, 1)
     qc = q.to(dt).reshape(B * G, N, 1)
-    decay = log_decay.to(dt).exp()[..., None]  # (B, H, 1)
-    b = beta.to(dt)[..., None]  # (B, H, 1)
+    decay = log_decay.to(dt).exp()[..., None]  # (B, H, 1): γ_t
+    beta_t = beta.to(dt)[..., None]  # (B, H, 1)
     # Every read of the old states comes before `out` (which may alias them) is written.
     delayed = None
     if delayed_state is not None:
-        delayed = torch.bmm(delayed_state.reshape(B * G, hg * P, N), qc).view(B, H, P)
+        delayed = torch.bmm(delayed_state.reshape(B * G, hg * P, N), qc).view(B, H, P)  # S_{t-tau} q_t
     write = x.to(dt)
-    if delta_rule:  # x_t - (α_t S_{t-1}) k_t
+    if delta_rule:  # e_t = x_t - (γ_t S_{t-1}) k_t
         write = write - decay * torch.bmm(S, kc).view(B, H, P)
     S_new = torch.mul(state, decay[..., None], out=out) if in_place else (state * decay[..., None]).contiguous()
-    S_new.view(B * G, hg * P, N).baddbmm_((b * write).reshape(B * G, hg * P, 1), kc.view(B * G, 1, N))
+    # S_t = γ_t S_{t-1} + (β_t e_t) k_tᵀ (e_t = x_t open-loop): (B·G, hg·P, 1) x (B·G, 1, N), in place
+    S_new.view(B * G, hg * P, N).baddbmm_((beta_t * write).reshape(B * G, hg * P, 1), kc.view(B * G, 1, N))
     if out is not None and not in_place:
         out.copy_(S_new)
     y = torch.bmm(S_new.view(B * G, hg * P, N), qc).view(B, H, P)
