@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from mixcon.checks import as_integer, as_number, is_integer, is_number, within
 from mixcon.io import write_text_atomic
@@ -16,7 +16,7 @@ MIXER_LETTERS = {"A": "attention", "C": "conba"}
 FFN_LETTERS = {"D": "mlp", "M": "moe"}
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
+def _fail(name: str, value: Any, allowed: str) -> NoReturn:
     raise ValueError(f"MixConConfig.{name}={value!r} is invalid: {allowed}")
 
 

@@ -7,7 +7,8 @@ import torch
 from mixcon.checks import is_integer
 from mixcon.data.synthetic import insert_filler
 from mixcon.evaluation.perplexity import row_scores
-from mixcon.models.mixcon import IGNORE, MixConForCausalLM
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.ops.cross_entropy import IGNORE
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mixcon.data.tokenizer import AnyTokenizer
-from mixcon.models.mixcon import IGNORE, MixConForCausalLM
-from mixcon.ops.cross_entropy import linear_token_scores
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.ops.cross_entropy import IGNORE, linear_token_scores
 
 MODES = ("window", "stream")
 

@@ -6,7 +6,8 @@ import torch
 
 from mixcon.checks import is_integer
 from mixcon.data.synthetic import RecallTask
-from mixcon.models.mixcon import IGNORE, MixConForCausalLM
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.ops.cross_entropy import IGNORE
 
 
 @torch.no_grad()

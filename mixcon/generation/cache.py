@@ -7,6 +7,7 @@ is what `MixConCache(...).nbytes()` allocates.
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from typing import Any
 
@@ -34,23 +35,16 @@ def conba_states_shape(config: MixConConfig, batch_size: int) -> tuple[int, ...]
     return (R, batch_size, config.conba_heads, config.conba_head_dim, config.conba_state)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def layer_cache_nbytes(
     config: MixConConfig, mixer: str, batch_size: int, context: int, dtype: torch.dtype = torch.float32
 ) -> int:
     """Bytes one layer's cache holds for `context` tokens."""
     item = torch.empty((), dtype=dtype).element_size()
     if mixer == "attention":
-        return 2 * _numel(attention_cache_shape(config, batch_size, context)) * item
+        return 2 * math.prod(attention_cache_shape(config, batch_size, context)) * item
     state_item = torch.empty((), dtype=compute_dtype_for(dtype)).element_size()
-    return (_numel(conba_conv_shape(config, batch_size)) * item
-            + _numel(conba_states_shape(config, batch_size)) * state_item)
+    return (math.prod(conba_conv_shape(config, batch_size)) * item
+            + math.prod(conba_states_shape(config, batch_size)) * state_item)
 
 
 def cache_nbytes(config: MixConConfig, batch_size: int, context: int, dtype: torch.dtype = torch.float32) -> int:

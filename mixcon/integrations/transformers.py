@@ -47,7 +47,8 @@ from mixcon.models.files import (
     remove_stale_weights,
     wrapped_config,
 )
-from mixcon.models.mixcon import IGNORE, MixConForCausalLM, ends_in_padding
+from mixcon.models.mixcon import MixConForCausalLM, ends_in_padding
+from mixcon.ops.cross_entropy import IGNORE
 from mixcon.training.checkpoint import (
     latest_checkpoint,
     load_model_and_tokenizer,
@@ -78,6 +79,9 @@ from {__name__} import MixConHFConfig, MixConHFForCausalLM
 
 __all__ = ["MixConHFConfig", "MixConHFForCausalLM"]
 '''
+# Why a forward that recomputes its layers in the backward keeps no cache.
+RECOMPUTING = ("training with activation checkpointing (the layers recomputed in the backward would advance it a "
+               "second time)")
 AUTO_MAP = {"AutoConfig": f"{REMOTE_CODE_MODULE}.MixConHFConfig",
             "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.MixConHFForCausalLM"}
 
@@ -426,14 +430,12 @@ class MixConHFForCausalLM(PreTrainedModel, GenerationMixin):
                                  "(attention_mask zeros): pack without pads, or pad without packing")
         recomputing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if recomputing and past_key_values is not None:
-            raise ValueError("past_key_values: no cache while training with activation checkpointing (the layers "
-                             "recomputed in the backward would advance it a second time)")
+            raise ValueError(f"past_key_values: no cache while {RECOMPUTING}")
         cache = past_key_values
         wants_cache = use_cache if use_cache is not None else (  # by default: not for training forwards
             self.config.use_cache and labels is None and not self.model._needs_grad())
         if cache is None and wants_cache:
-            no_cache = ("training with activation checkpointing (the layers recomputed in the backward would "
-                        "advance it a second time)" if recomputing else
+            no_cache = (RECOMPUTING if recomputing else
                         "packed documents (seq_idx, or position_ids that restart inside a row)" if seq_idx is not None
                         else "rows that end in padding (left-pad them)"
                         if mask is not None and bool(ends_in_padding(mask).any()) else None)

@@ -60,6 +60,9 @@ def decode_attention(
 
 
 class Attention(nn.Module):
+    """Causal grouped-query attention (DESIGN §3): n_heads queries over n_kv_heads keys and values, RoPE optional,
+    through SDPA; caches K and V for decoding."""
+
     def __init__(self, config: MixConConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx

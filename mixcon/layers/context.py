@@ -14,6 +14,8 @@ from mixcon.generation.cache import MixConCache
 
 @dataclass
 class ForwardContext:
+    """The padding, positions, attention mask, documents and cache of one forward call, shared by its layers."""
+
     token_mask: torch.Tensor | None  # (B, T) bool: True for real tokens, False for padding; None = all real
     positions: torch.Tensor  # (B, T) long: position of each token in its own sequence (RoPE)
     causal: bool  # attention is plain causal over the T new tokens (SDPA's is_causal), or one token sees all keys

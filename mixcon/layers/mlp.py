@@ -10,6 +10,8 @@ from mixcon.layers.linear import Linear
 
 
 class SwiGLU(nn.Module):
+    """W_down (SiLU(W_gate h) ⊙ W_up h), the gate and up projections as one product: (..., d_model) -> (..., d_out)."""
+
     def __init__(self, d_model: int, hidden: int, d_out: int | None = None) -> None:
         super().__init__()
         self.gate_up = Linear(d_model, 2 * hidden, bias=False)

@@ -10,6 +10,8 @@ from mixcon.ops.dtypes import compute_dtype
 
 
 class RMSNorm(nn.Module):
+    """x / RMS(x) · weight over the last dim (`F.rms_norm`)."""
+
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps

@@ -167,8 +167,7 @@ class MixConForCausalLM(nn.Module):
         self._decode_graphs: DecodeGraphs | None = None  # set by capture_decode
         self._compiled: dict[str, dict[str, Any]] = {}  # compile_decode / compile_prefill / capture_decode: arguments
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_weights()
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init

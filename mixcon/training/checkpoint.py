@@ -64,6 +64,8 @@ class SavableTokenizer(Protocol):
 
 @dataclass
 class Checkpoint:
+    """A checkpoint as `load_checkpoint` reads it: its directory, step, model config and weights."""
+
     path: Path
     step: int
     config: MixConConfig
@@ -113,6 +115,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

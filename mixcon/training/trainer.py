@@ -21,7 +21,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mixcon.checks import is_integer, is_number
-from mixcon.models.mixcon import IGNORE, MixConForCausalLM
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.ops.cross_entropy import IGNORE
 from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import (
     DistEnv,
@@ -133,6 +134,9 @@ class TrainOptions:
 
 @dataclass
 class RunSummary:
+    """What `Trainer.fit` did: steps and tokens (in all, and of this fit), why it stopped, the last losses, and
+    where its checkpoint, plot and metrics are."""
+
     steps: int
     tokens: int
     wall_time: float
