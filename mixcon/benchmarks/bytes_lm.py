@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mixcon.benchmarks import common
-from mixcon.cli.common import number_type
+from mixcon.cli.common import add_max_bytes_argument, number_type
 from mixcon.config import MixConConfig
 from mixcon.data.corpus import Corpus
 from mixcon.data.shards import encode_documents
@@ -27,9 +27,9 @@ from mixcon.models.mixcon import MixConForCausalLM
 TOKENIZER = ByteTokenizer()
 
 
-def byte_stream(spec: str | None, max_bytes: int, exclude: Iterable[str | os.PathLike | None] = ()
+def byte_stream(spec: str | None, max_bytes: int | None, exclude: Iterable[str | os.PathLike | None] = ()
                 ) -> torch.Tensor:
-    """The corpus's first `max_bytes` as one stream of byte ids, each document followed by EOS: (n,) long;
+    """The corpus's first `max_bytes` (None: all) as one stream of byte ids, each document followed by EOS: (n,) long;
     `exclude`: what the benchmark writes, left out where the corpus holds it."""
     docs = list(Corpus.from_spec(spec, exclude).documents(max_bytes))
     return torch.from_numpy(encode_documents(TOKENIZER, docs, np.dtype(np.int64)))
@@ -44,8 +44,7 @@ def add_arguments(p: argparse.ArgumentParser, window: str) -> None:
     """--corpus, --max-bytes, --real-len (`window` says what it counts), --eval-windows and the training
     arguments (`common.add_training_arguments`)."""
     p.add_argument("--corpus", default=None, help="corpus spec, as for `mixcon train` (default: stdlib sources)")
-    p.add_argument("--max-bytes", type=number_type(int, 1), default=2_000_000,
-                   help="bytes of the corpus to use (default: %(default)s)")
+    add_max_bytes_argument(p, 2_000_000, "use")
     p.add_argument("--real-len", type=number_type(int, 2), default=64, help=f"{window} (default: %(default)s)")
     p.add_argument("--eval-windows", type=number_type(int, 1), default=256,
                    help="held-out windows from the end of the corpus (default: %(default)s)")

@@ -94,6 +94,15 @@ SEED = number_type(int, 0, maximum=2**64 - 1)
 FRACTION = number_type(float, 0, maximum=1, below=True)
 
 
+def add_max_bytes_argument(parser: argparse.ArgumentParser, default: int | None, what: str) -> None:
+    """--max-bytes N: `what` reads the corpus's first N bytes, the last document cut there; 0 (or the default
+    None): all of it (as `mixcon train --max-bytes 0`)."""
+    count = number_type(int, 0)
+    parser.add_argument("--max-bytes", type=lambda text: count(text) or None, default=default,
+                        help=f"{what} only the first N bytes of the corpus, e.g. 5_000_000 (the last document is cut "
+                             f"there; 0: all) (default: {'all' if default is None else f'{default:_}'})")
+
+
 def output_file(text: str) -> Path:
     """argparse type of a FILE to write results to: not a directory, in a directory that exists or can be made
     (checked before any work, so that the results are not lost at the end); '~' is the home folder."""

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from mixcon.cli.common import FRACTION, SEED, add_command, add_corpus_action, check_out_folder, number_type
+from mixcon.cli.common import (
+    FRACTION,
+    SEED,
+    add_command,
+    add_corpus_action,
+    add_max_bytes_argument,
+    check_out_folder,
+    number_type,
+)
 from mixcon.data.corpus import Corpus
 from mixcon.data.shards import prepare_shards
 from mixcon.data.tokenizer import load_tokenizer
@@ -29,8 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed of the train/validation split (default: %(default)s)")
     d.add_argument("--workers", type=number_type(int, 1), default=None,
                    help="tokenising processes (default: one per CPU)")
-    d.add_argument("--max-bytes", type=number_type(int, 1), default=None,
-                   help="read only the first N bytes of text, e.g. 5_000_000 (the last document is cut there)")
+    add_max_bytes_argument(d, None, "tokenise")
     d.set_defaults(func=run_prepare)
 
 

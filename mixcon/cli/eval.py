@@ -13,6 +13,7 @@ from mixcon.cli.common import (
     add_corpus_action,
     add_device_argument,
     add_dtype_argument,
+    add_max_bytes_argument,
     check_cuda_graphs,
     existing_folder,
     number_type,
@@ -44,8 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = add_command(sub, "eval", "Evaluation", "evaluate a checkpoint (perplexity, lm-eval tasks)")
     p = add_corpus_action(actions, "perplexity", "loss, perplexity and bits per byte on a corpus", DESCRIPTION)
     _add_model_arguments(p)
-    p.add_argument("--max-bytes", type=number_type(int, 1), default=None,
-                   help="score only the first N bytes of the corpus")
+    add_max_bytes_argument(p, None, "score")
     p.add_argument("--mode", choices=MODES, default="window", help="see above (default: %(default)s)")
     p.add_argument("--context", type=number_type(int, 1), default=1024,
                    help="window or chunk length in tokens (default: %(default)s)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mixcon.cli.common import add_command, add_corpus_action, check_out_folder, number_type
+from mixcon.cli.common import add_command, add_corpus_action, add_max_bytes_argument, check_out_folder, number_type
 from mixcon.data.corpus import Corpus
 from mixcon.data.tokenizer import FILENAME, train_bpe_tokenizer
 
@@ -23,8 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--vocab-size", type=number_type(int, 259, maximum=2**24), default=8192,
                    help="vocabulary size with the 3 specials, in [259, 2**24] (default: %(default)s; 256000 in the "
                         "paper)")
-    t.add_argument("--max-bytes", type=number_type(int, 1), default=None,
-                   help="read only the first N bytes of text, e.g. 5_000_000 (the last document is cut there)")
+    add_max_bytes_argument(t, None, "train on")
     t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
     t.add_argument("--overwrite", action="store_true", help="replace a tokenizer.json already in --out")
     t.set_defaults(func=run_train)

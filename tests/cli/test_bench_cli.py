@@ -49,7 +49,6 @@ from mixcon.cli import build_parser, main
     (["recall", "--batch-size", "0"], "--batch-size", "an integer >= 1"),
     (["recall", "--lr", "nan"], "--lr", "a finite number > 0"),
     (["filler", "--real-len", "1"], "--real-len", "an integer >= 2"),
-    (["filler", "--max-bytes", "0"], "--max-bytes", "an integer >= 1"),
     (["filler", "--eval-windows", "0"], "--eval-windows", "an integer >= 1"),
     (["filler", "--lr", "0"], "--lr", "a finite number > 0"),
     (["ablate", "--seeds", "x"], "--seeds", "comma-separated integers in [0, 18446744073709551614], got 'x'"),

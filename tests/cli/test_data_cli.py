@@ -80,9 +80,7 @@ def test_errors_exit_with_the_message(argv, message):
 
 @pytest.mark.parametrize("argv,flag,value", [
     (["data", "prepare", "--out", "x"], "--workers", "-2"), (["data", "prepare", "--out", "x"], "--workers", "0"),
-    (["data", "prepare", "--out", "x"], "--workers", "two"), (["data", "prepare", "--out", "x"], "--max-bytes", "0"),
-    (["tokenizer", "train", "--out", "x"], "--max-bytes", "-5"),
-    (["eval", "perplexity", "--checkpoint", "x"], "--max-bytes", "0"),
+    (["data", "prepare", "--out", "x"], "--workers", "two"),
     (["eval", "perplexity", "--checkpoint", "x"], "--context", "0"),
     (["eval", "perplexity", "--checkpoint", "x"], "--stride", "-1"),
     (["eval", "tasks", "--checkpoint", "x", "--tasks", "t"], "--max-length", "0"),
@@ -93,6 +91,21 @@ def test_counts_must_be_positive_integers(argv, flag, value, capsys):
         main([*argv, flag, value])
     assert exit_info.value.code == 2
     assert f"argument {flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["data", "prepare", "--out", "x"], ["tokenizer", "train", "--out", "x"],
+                                     ["eval", "perplexity", "--checkpoint", "x"], ["bench", "filler"],
+                                     ["bench", "ablate"]])
+def test_max_bytes_is_a_count_with_0_for_all(command, capsys):
+    """As `mixcon train --max-bytes 0`: 0 reads the whole corpus; a negative count is a usage error."""
+    from mixcon.cli import build_parser
+
+    assert build_parser().parse_args([*command, "--max-bytes", "0"]).max_bytes is None
+    assert build_parser().parse_args([*command, "--max-bytes", "5_000"]).max_bytes == 5000
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--max-bytes", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --max-bytes: expected an integer >= 0, got '-1'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -75,9 +75,10 @@ def test_tokenizer_train_reads_the_whole_corpus_without_max_bytes(tmp_path, monk
     monkeypatch.setattr(tokenizer.Corpus, "documents",
                         lambda self, max_bytes=None: asked.append(max_bytes) or documents(self, max_bytes))
     (tmp_path / "c.txt").write_text("the cat sat on the mat\n" * 50)
-    assert main(["tokenizer", "train", "--corpus", str(tmp_path / "c.txt"), "--vocab-size", "270",
-                 "--out", str(tmp_path / "tok")]) == 0
-    assert asked == [None, None]  # training and the summary: every byte
+    argv = ["tokenizer", "train", "--corpus", str(tmp_path / "c.txt"), "--vocab-size", "270", "--overwrite"]
+    assert main([*argv, "--out", str(tmp_path / "tok")]) == 0
+    assert main([*argv, "--max-bytes", "0", "--out", str(tmp_path / "tok")]) == 0
+    assert asked == [None] * 4  # training and the summary: every byte, without --max-bytes and with 0
 
 
 def test_tokenizer_train_needs_out_and_names_itself_in_errors(tmp_path, capsys):
