@@ -259,23 +259,26 @@ class MixConForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         output_router_logits: bool = False,
     ) -> MixConOutput:
-        """input_ids (B, T), the only positional argument; labels (B, T) are the targets of each position
-        (already shifted, -100 = ignore; a pad's is ignored too); attention_mask (B, T) 1 for real tokens, 0 for
-        padding: pads anywhere
-        in a row (each row's real tokens are run as one sequence), except that a forward continuing a cache
-        takes them only before a row's first token. With a cache,
-        the call continues from it and updates it; one new token per row in eval mode is one `decode_step`
-        (compiled after `compile_decode`). `logits_to_keep` > 0 computes logits for the last that many
-        positions only (a prefill needs one), a 1-D tensor those positions (as in transformers); 0 keeps all.
-        `return_logits=False`: no logits; the final hidden states (`last_hidden_state`, the positions
-        `logits_to_keep` says), and with labels the loss computed chunk by chunk without ever holding all the
-        logits (`ops.linear_cross_entropy`; training; `ops.linear_token_scores` scores tokens so).
-        `seq_idx` (B, T), non-decreasing integers, packs documents into a row (as in mamba_ssm and
-        flash-linear-attention): no state, conv tap or attention crosses from one document to the next;
-        only without a cache and without padding. `output_hidden_states`: every layer's output too;
-        `output_router_logits`: every MoE layer's router logits.
-        `inputs_embeds` (B, T, d_model) in place of input_ids: vectors that enter where the embeddings would,
-        in their dtype (soft prompts, PEFT's prompt tuning)."""
+        """Logits (and the loss, with labels) of a batch of token rows.
+
+        input_ids: (B, T), the only positional argument.
+        labels: (B, T) the target of each position, already shifted; -100 (and a pad's) is not scored.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding, anywhere in a row (each row's real tokens run as
+            one sequence), except that a forward continuing a cache takes pads only before a row's first token.
+        cache: continued and updated; one new token per row in eval mode is one `decode_step` (compiled after
+            `compile_decode`).
+        logits_to_keep: > 0, logits of the last that many positions only (a prefill needs one); a 1-D tensor, those
+            positions (as in transformers); 0, all.
+        return_logits: False, no logits: the final hidden states (`last_hidden_state`, at the positions
+            `logits_to_keep` says) and, with labels, the loss computed chunk by chunk without ever holding all the
+            logits (`ops.linear_cross_entropy`, for training; `ops.linear_token_scores` scores tokens so).
+        seq_idx: (B, T) non-decreasing integers packing documents into a row (as in mamba_ssm and
+            flash-linear-attention): no state, conv tap or attention crosses a document start; only without a
+            cache and without padding.
+        output_hidden_states: every layer's output too.
+        inputs_embeds: (B, T, d_model) in place of input_ids: vectors that enter where the embeddings would, in
+            their dtype (soft prompts, PEFT's prompt tuning).
+        output_router_logits: every MoE layer's router logits too."""
         T = self.check_inputs(input_ids, labels, attention_mask, cache, seq_idx, inputs_embeds)[1]
         keep = _positions_to_keep(logits_to_keep, T, labels is not None)
         token_mask = attention_mask.bool() if attention_mask is not None else None
@@ -291,11 +294,9 @@ class MixConForCausalLM(nn.Module):
             h, stats = self._layers(self._embed(input_ids, inputs_embeds, order), token_mask, None, seq_idx, states)
         else:
             try:
-                if T == 1 and input_ids is not None and labels is None and return_logits and states is None \
-                        and not output_router_logits \
-                        and isinstance(keep, slice) \
-                        and not self.training and not self._needs_grad() and not self._hooked() and (
-                        token_mask is None or bool(token_mask.all())):
+                if (T == 1 and input_ids is not None and labels is None and return_logits and states is None
+                        and not output_router_logits and isinstance(keep, slice) and self._decodes_in_one_step()
+                        and (token_mask is None or bool(token_mask.all()))):  # one plain token per row
                     return self._output(self._decode(input_ids, cache), None, [])
                 cache.reserve(cache.seqlen + T)
                 cache.key_mask[:, cache.seqlen: cache.seqlen + T] = True if token_mask is None else token_mask
@@ -325,6 +326,10 @@ class MixConForCausalLM(nn.Module):
         if router_logits is not None:
             out.router_logits = tuple(r.flatten(0, 1) for r in router_logits)
         return out
+
+    def _decodes_in_one_step(self) -> bool:
+        """Whether a one-token forward may take `decode_step`: eval mode, no autograd, no hooks it would skip."""
+        return not self.training and not self._needs_grad() and not self._hooked()
 
     def _hooked(self) -> bool:
         """Whether a layer or its mixer has forward hooks: `decode_step` calls their `decode` directly, so a step then
