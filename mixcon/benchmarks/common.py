@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mixcon.cli.common import add_device_argument, add_dtype_argument, number_type, output_folder
+from mixcon.cli.common import add_available_device_argument, add_dtype_argument, number_type, output_folder
 from mixcon.config import MixConConfig
 from mixcon.io import save_figure_atomic, write_text_atomic
 from mixcon.models.mixcon import MixConForCausalLM
@@ -104,7 +104,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size
                    help=f"{unit} per step (default: %(default)s)")
     p.add_argument("--lr", type=number_type(float, 0, above=True), default=3e-3,
                    help="peak learning rate (default: %(default)s)")
-    add_device_argument(p, "cuda" if torch.cuda.is_available() else "cpu")
+    add_available_device_argument(p)
     add_out_argument(p)
 
 
@@ -221,7 +221,7 @@ def sync() -> None:
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
     """--device and --dtype, shared by the benchmarks; and --fp32-precision (`apply_precision`)."""
-    add_device_argument(p, "cuda" if torch.cuda.is_available() else "cpu")
+    add_available_device_argument(p)
     add_dtype_argument(p)
     add_precision_argument(p)
 

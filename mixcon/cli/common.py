@@ -152,9 +152,17 @@ def existing_folder(text: str) -> Path:
 
 
 def add_device_argument(parser: argparse.ArgumentParser, default: str | None, shown: str | None = None) -> None:
-    """--device, checked by `device_type`; `shown` describes a None default in the help."""
+    """--device, checked by `device_type`; `shown` describes the default in the help."""
     parser.add_argument("--device", type=device_type, default=default,
                         help=f"torch device (default: {shown or default})")
+
+
+AVAILABLE_DEVICE = "cuda when available, else cpu"
+
+
+def add_available_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device, by default CUDA when this machine has it, else the CPU."""
+    add_device_argument(parser, "cuda" if torch.cuda.is_available() else "cpu", shown=AVAILABLE_DEVICE)
 
 
 def check_cuda_graphs(command: str, args: argparse.Namespace) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from mixcon.cli.common import (
+    add_available_device_argument,
     add_command,
     add_corpus_action,
-    add_device_argument,
     add_dtype_argument,
     add_max_bytes_argument,
     check_cuda_graphs,
@@ -83,7 +83,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
     p.add_argument("--batch-size", type=number_type(int, 1), default=8,
                    help="sequences side by side (default: %(default)s)")
-    add_device_argument(p, "cpu")
+    add_available_device_argument(p)
     add_dtype_argument(p)
     p.add_argument("--compile", action="store_true", help="run the Conba layers through the compiled prefill")
 

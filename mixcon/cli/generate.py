@@ -9,7 +9,7 @@ from typing import TextIO
 
 import torch
 
-from mixcon.cli.common import SEED, add_device_argument, add_dtype_argument, check_cuda_graphs, number_type
+from mixcon.cli.common import SEED, add_available_device_argument, add_dtype_argument, check_cuda_graphs, number_type
 from mixcon.data.tokenizer import AnyTokenizer
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sampling seed (default: %(default)s; on a CPU, PyTorch's generator reads its low 32 bits "
                         "only)")
     p.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer path (default: the checkpoint's own)")
-    add_device_argument(p, "cpu")
+    add_available_device_argument(p)
     add_dtype_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile, and prefill prompts of 512+ tokens through compiled "

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mixcon.cli.common import (
+    AVAILABLE_DEVICE,
     DEFAULT_CONFIG,
     FRACTION,
     SEED,
@@ -144,7 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, choices=kind, default=argparse.SUPPRESS, help=text)
         else:
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
-    add_device_argument(p, None, shown="cuda when available, else cpu")
+    add_device_argument(p, None, shown=AVAILABLE_DEVICE)
     p.add_argument("--sample-tokens", type=number_type(int, 0), default=200,
                    help="tokens to sample at the end (default: 200; 0: none)")
     p.add_argument("--prompt", default=None, help="prompt of the final sample (default: the start of the validation "

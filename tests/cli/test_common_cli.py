@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixcon.benchmarks.common import plot_file
-from mixcon.cli import main
+from mixcon.cli import build_parser, main
 from mixcon.cli.common import config_from_args, device_type, existing_folder, output_file, output_folder
 from mixcon.config import MixConConfig
 
@@ -42,6 +42,24 @@ def test_every_device_flag_rejects_a_device_the_machine_lacks(argv, monkeypatch,
         main([*argv, "--device", "cuda"])
     assert exit_info.value.code == 2  # a usage error, before any work
     assert "argument --device: 'cuda': this machine has no cuda device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--checkpoint", "x"],
+    ["eval", "perplexity", "--checkpoint", "x"],
+    ["eval", "tasks", "--checkpoint", "x", "--tasks", "t"],
+    ["bench", "decode"],
+    ["bench", "recall"],
+])
+def test_commands_that_run_a_model_default_to_cuda_where_the_machine_has_it(argv, monkeypatch, capsys):
+    """As `mixcon train` and the benchmarks: a GPU machine's `generate` or `eval` does not run on its CPU."""
+    for available, device in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda available=available: int(available))
+        assert build_parser().parse_args(argv).device == device
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    assert "(default: cuda when available, else cpu)" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(("name", "text", "problem"), [
