@@ -206,6 +206,9 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     if refusal is not None:
         raise SystemExit(refusal)
     options = _options(args, resume, say, env.world_size)
+    if options.steps is not None and options.warmup_steps > options.steps - 1 > 0:  # as `lr_at` shortens it
+        say(f"warmup: {options.warmup_steps} steps shortened to {options.steps - 1}, all but the last of --steps "
+            f"{options.steps}")
     _check_budget(options.time_budget, reserve)  # the resumed run's, when not given
     if args.tensorboard:  # before anything is written
         require_tensorboard()

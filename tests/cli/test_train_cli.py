@@ -58,6 +58,7 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
     out = capsys.readouterr().out
     last = run / "checkpoints" / "step-00000003"
     assert "training a byte-level BPE tokenizer (320 tokens)" in out
+    assert "warmup: 20 steps shortened to 2, all but the last of --steps 3\n" in out  # said, not done silently
     assert "sample (8 tokens" in out and "\nthe king" in out
     assert f"checkpoint: {last}" in out and f"loss plot:  {run / 'loss.png'}" in out
     assert (run / "loss.png").is_file()
