@@ -12,6 +12,12 @@ def traced(plain: type[torch.autograd.Function], with_jvp: type[torch.autograd.F
     return plain if torch.compiler.is_compiling() else with_jvp
 
 
+def save_for_both(ctx: torch.autograd.function.FunctionCtx, *tensors: torch.Tensor | None) -> None:
+    """Keep `tensors` for a Function's backward and for its jvp."""
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
 def carries_tangents(*tensors: torch.Tensor | None) -> bool:
     """Whether any of `tensors` is a forward-mode AD dual (torch.autograd.forward_ad) or a torch.func transform's
     wrapper (jvp, vmap, grad): what a kernel outside autograd would silently drop."""

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mixcon.ops._jvp import traced
+from mixcon.ops._jvp import save_for_both, traced
 from mixcon.ops._validate import LOG_DECAY_FLOOR, check_scan_inputs
 from mixcon.ops.dtypes import compute_dtype
 
@@ -106,7 +106,7 @@ class _DecayMatrixJvp(_DecayMatrix):
 
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-        _output_saved(ctx, output)
+        save_for_both(ctx, output)
 
     @staticmethod
     def jvp(ctx: torch.autograd.function.FunctionCtx, db: torch.Tensor | None, *_: torch.Tensor | None
@@ -141,18 +141,12 @@ class _UnitLowerInverseJvp(_UnitLowerInverse):
 
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-        _output_saved(ctx, output)
+        save_for_both(ctx, output)
 
     @staticmethod
     def jvp(ctx: torch.autograd.function.FunctionCtx, d_system: torch.Tensor) -> torch.Tensor:
         (inv,) = ctx.saved_tensors
         return -(inv @ d_system.tril(-1) @ inv)
-
-
-def _output_saved(ctx: torch.autograd.function.FunctionCtx, output: torch.Tensor) -> None:
-    """A Function's output kept for its backward and its jvp."""
-    ctx.save_for_backward(output)
-    ctx.save_for_forward(output)
 
 
 def _chunk_writes(U: torch.Tensor, w: torch.Tensor, Kc: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixcon.ops._jvp import traced
+from mixcon.ops._jvp import save_for_both, traced
 from mixcon.ops._validate import check_seq_idx
 
 
@@ -87,8 +87,7 @@ class _CausalConvJvp(_CausalConv):
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
         full, taps, _, seq_idx = inputs
-        ctx.save_for_backward(full, taps, seq_idx)
-        ctx.save_for_forward(full, taps, seq_idx)
+        save_for_both(ctx, full, taps, seq_idx)
 
     @staticmethod
     def jvp(ctx: torch.autograd.function.FunctionCtx, d_full: torch.Tensor | None, d_taps: torch.Tensor | None,
