@@ -76,11 +76,11 @@ class Conba(nn.Module):
         self.observation_noise = config.conba_observation_noise
         # in_proj: z (H·P), x (H·P), k (G·N), q (G·N), then per-head logits as enabled:
         # dt (linear Sel), beta (control), rho (state scaling).
-        self.split = [self.inner, self.inner + 2 * self.G * self.N]
-        self.split += [self.H] * (int(self.selective == "linear") + int(self.control) + int(self.scaling))
-        self.in_proj = Linear(config.d_model, sum(self.split), bias=False)
-        conv_dim = self.split[1]
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.conba_conv, groups=conv_dim, bias=True)
+        self.conv_dim = self.inner + 2 * self.G * self.N  # x, k and q go through the causal conv
+        self.in_sizes = [self.inner, self.conv_dim]
+        self.in_sizes += [self.H] * (int(self.selective == "linear") + int(self.control) + int(self.scaling))
+        self.in_proj = Linear(config.d_model, sum(self.in_sizes), bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conba_conv, groups=self.conv_dim, bias=True)
         self.sel = SwiGLU(config.d_model, config.conba_sel_hidden, self.H) if self.selective == "swiglu" else None
         self.dt_bias = nn.Parameter(torch.empty(self.H))
         self.A_log = nn.Parameter(torch.empty(self.H))
@@ -140,8 +140,8 @@ class Conba(nn.Module):
         """(B, T, d_model) -> the gate z (B, T, H·P) and the scan's x (B, T, H, P), k, q (B, T, G, N),
         log decay and gain (B, T, H); pads (`mask` False) neither decay nor write."""
         B, T, _ = u.shape
-        z, xkq, *rest = self.in_proj(u).split(self.split, dim=-1)
-        logits = iter(rest)  # the per-head logits that are enabled, in `self.split` order
+        z, xkq, *rest = self.in_proj(u).split(self.in_sizes, dim=-1)
+        logits = iter(rest)  # the per-head logits that are enabled, in `self.in_sizes` order
         if mask is not None:  # pads enter the conv as zeros and leave the state as it is: exact before a
             # row's first token or after its last, the only places the model leaves pads (it moves the others)
             xkq = xkq.masked_fill(~mask[..., None], 0)  # (not a product: a pad's inf or nan times 0 is nan)
@@ -252,7 +252,7 @@ class Conba(nn.Module):
         if cache is not None:
             tail, state, past = cache.conv, cache.state, cache.ordered() if self.tau else None
         elif segmented:  # chained from zeros, as a cache-less forward starts
-            tail = u.new_zeros(B, self.conv1d.kernel_size[0] - 1, self.split[1])
+            tail = u.new_zeros(B, self.conv1d.kernel_size[0] - 1, self.conv_dim)
             state = u.new_zeros(B, self.H, self.P, self.N, dtype=compute_dtype(u))
             past = state.new_zeros(B, self.tau, *state.shape[1:]) if self.tau else None
         else:
