@@ -1,4 +1,5 @@
-"""The assembled model: causality, cached decoding == full forward, save/load, sizes, errors."""
+"""The assembled model: causality, cached decoding == full forward, save/load, sizes, errors (the cache itself:
+tests/generation/test_cache.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 import pytest
 import torch
 
-from mixcon import MixConCache, MixConConfig, MixConForCausalLM, cache_nbytes
+from mixcon import MixConCache, MixConConfig, MixConForCausalLM
 
 LAYOUTS = {
     "mixcon": {},
@@ -160,95 +161,6 @@ def test_one_token_forwards_outside_the_decoding_step_mask_the_cache_pads(tiny_m
     model(ids, attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1]]), cache=cache)
     got = model(nxt, cache=cache).logits[1, -1]
     torch.testing.assert_close(got, model(torch.cat([b, nxt[1:]], 1)).logits[0, -1], rtol=1e-9, atol=1e-9)
-
-
-def test_a_forward_with_autograd_through_a_cache_keeps_its_capacity(tiny_model):
-    """K and V made anew under autograd keep the cache's whole capacity (the key mask's, `cache_nbytes`'), so that
-    after `detach_()` decoding continues where the training forward ended."""
-    model = tiny_model().train()
-    ids = torch.randint(0, 300, (1, 8))
-    cache = model.new_cache(1, max_length=16)
-    model(ids[:, :4], cache=cache).logits.sum().backward()
-    assert cache.nbytes() == cache_nbytes(model.config, 1, 16, torch.float64)
-    cache.detach_()
-    model.eval()
-    with torch.no_grad():
-        rest = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(4, 8)], 1)
-        torch.testing.assert_close(rest, model(ids).logits[:, 4:], rtol=1e-9, atol=1e-9)
-
-
-def test_truncated_backpropagation_through_a_detached_cache(tiny_model):
-    """Train on a long sequence piece by piece through one cache: after `cache.detach_()` each piece's backward
-    stops at the cache (its gradients are those of the piece continuing a cache filled without autograd), and
-    the logits are still those of the whole sequence."""
-    model = tiny_model(router_aux_loss_coef=0.0)
-    ids = torch.randint(0, 300, (2, 12))
-    cache = model.new_cache(2)
-    pieces = []
-    for piece in (ids[:, :6], ids[:, 6:]):
-        model.zero_grad()
-        logits = model(piece, cache=cache).logits
-        logits.square().mean().backward()  # the second piece's backward would reach the first's freed graph
-        cache.detach_()
-        pieces.append(logits.detach())
-    got = [p.grad.clone() for p in model.parameters()]
-    torch.testing.assert_close(torch.cat(pieces, 1), model(ids).logits.detach(), rtol=1e-9, atol=1e-9)
-    model.zero_grad()
-    fresh = model.new_cache(2)
-    with torch.no_grad():
-        model(ids[:, :6], cache=fresh)
-    model(ids[:, 6:], cache=fresh).logits.square().mean().backward()
-    for a, p in zip(got, model.parameters(), strict=True):
-        torch.testing.assert_close(a, p.grad, rtol=1e-9, atol=1e-12)
-
-
-def test_a_cache_left_half_updated_by_a_failed_forward_is_refused(tiny_model):
-    model = tiny_model()
-    ids = torch.randint(0, 300, (2, 8))
-    cache = model.new_cache(2)
-    model(ids[:, :5], cache=cache)
-    last = model.layers[-1]
-    hook = last.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("out of memory")))
-    with pytest.raises(RuntimeError, match="out of memory"):  # after the other layers moved on
-        model(ids[:, 5:], cache=cache)
-    hook.remove()
-    with pytest.raises(ValueError, match=r"a forward raised while updating it.*model.new_cache"):
-        model(ids[:, 5:], cache=cache)
-
-
-@pytest.mark.parametrize("layout", ["mixcon", "conba", "transformer"])
-def test_cache_select_rows_continues_the_kept_rows(layout, tiny_model):
-    model = tiny_model(**LAYOUTS[layout])
-    ids = torch.randint(0, model.config.vocab_size, (3, 15))
-    kept = torch.tensor([2, 0])
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.new_cache(3, max_length=4)
-        model(ids[:, :9], cache=cache)
-        cache.select_rows(kept)
-        chunk = model(ids[kept, 9:12], cache=cache).logits
-        step = model(ids[kept, 12:13], cache=cache).logits  # one decoding step
-    assert cache.batch_size == 2
-    torch.testing.assert_close(torch.cat([chunk, step], 1), full[kept, 9:13], rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("layout", ["mixcon", "conba", "transformer"])
-def test_cache_branch_continues_copies_of_rows_and_leaves_the_cache_as_is(layout, tiny_model):
-    model = tiny_model(**LAYOUTS[layout])
-    ids = torch.randint(0, model.config.vocab_size, (2, 14))
-    rows = torch.tensor([1, 1, 0])
-    futures = torch.randint(0, model.config.vocab_size, (3, 5))  # a different continuation per branch row
-    with torch.no_grad():
-        cache = model.new_cache(2, max_length=4)
-        model(ids[:, :9], cache=cache)
-        branch = cache.branch(rows)
-        got = torch.cat([model(futures[:, :3], cache=branch).logits, model(futures[:, 3:4], cache=branch).logits], 1)
-        want = model(torch.cat([ids[rows, :9], futures], 1)).logits[:, 9:13]
-        rest = model(ids[:, 9:], cache=cache).logits  # the original cache goes on as if never branched
-        full = model(ids).logits[:, 9:]
-    assert branch.batch_size == 3 and cache.batch_size == 2
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(rest, full, rtol=1e-9, atol=1e-9)
 
 
 def test_evaluating_restores_the_mode_the_model_had(tiny_model):
@@ -603,7 +515,6 @@ def test_out_of_vocabulary_ids_raise(tiny_model):
         model(torch.tensor([[-1, 3]]))
 
 
-
 def test_padding_anywhere_equals_the_row_alone(tiny_model):
     """Pads before, between and after a row's tokens leave its logits, hidden states and loss as the row's
     alone (the gap's pads take no place in the conv window nor the delay's τ steps)."""
@@ -821,25 +732,6 @@ def test_parameter_counts_by_hand():
     n_moe = sum(f == "moe" for _, f in config.layout())
     assert model.num_parameters() - model.num_parameters(active=True) == n_moe * 2 * per_expert
     assert moe.w_gate_up.numel() + moe.w_down.numel() == 4 * per_expert
-
-
-@pytest.mark.parametrize("layout", ["mixcon", "transformer", "conba"])
-def test_cache_bytes_formula_equals_allocation(layout, tiny_model):
-    model = tiny_model(dtype=torch.float32, **LAYOUTS[layout])
-    cache = model.new_cache(3, max_length=100)
-    assert cache.nbytes() == cache_nbytes(model.config, 3, 100)
-    with torch.no_grad():
-        model(torch.randint(0, 300, (3, 100)), cache=cache)
-    assert cache.nbytes() == cache_nbytes(model.config, 3, 100)  # no growth when it fits
-    c = model.config
-    conba_layer = (c.conba_conv - 1) * (c.conba_inner + 2 * c.conba_groups * c.conba_state) * 4 * 3 + \
-        max(c.conba_delay, 1) * c.conba_heads * c.conba_head_dim * c.conba_state * 4 * 3
-    attn_layer = 2 * 100 * c.n_kv_heads * c.attn_head_dim * 4 * 3
-    expected = [attn_layer if m == "attention" else conba_layer for m, _ in c.layout()]
-    assert cache.layer_nbytes() == expected
-    with torch.no_grad():  # a chunk that needs twice the capacity: room for it, not one position more
-        model(torch.randint(0, 300, (3, 100)), cache=cache)
-    assert cache.nbytes() == cache_nbytes(model.config, 3, 200) and cache.key_mask.shape[1] == 200
 
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
