@@ -10,7 +10,7 @@ from typing import Any, Literal, NoReturn
 
 from mixcon.checks import as_integer, as_number, is_integer, is_number, within
 from mixcon.io import write_text_atomic
-from mixcon.ops._validate import triton_chunk_ok
+from mixcon.ops.contract import triton_chunk_ok
 
 MIXER_LETTERS = {"A": "attention", "C": "conba"}
 FFN_LETTERS = {"D": "mlp", "M": "moe"}

@@ -23,7 +23,7 @@ import torch
 
 from mixcon.benchmarks import common
 from mixcon.cli.common import number_type
-from mixcon.ops._validate import triton_chunk_ok
+from mixcon.ops.contract import triton_chunk_ok
 from mixcon.ops.dtypes import DTYPES
 
 PTXAS_STATS = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",

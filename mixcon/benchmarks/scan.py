@@ -24,7 +24,7 @@ from mixcon.benchmarks import common
 from mixcon.benchmarks.speed import scan_flops
 from mixcon.cli.common import number_type
 from mixcon.ops import conba_scan
-from mixcon.ops._validate import triton_chunk_ok
+from mixcon.ops.contract import triton_chunk_ok
 from mixcon.ops.dtypes import DTYPES
 
 VARIANTS = {"ssd": (False, 0), "ssd-tau2": (False, 2), "control": (True, 0), "control-tau2": (True, 2)}

@@ -25,7 +25,7 @@ from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import GatedRMSNorm, RMSNorm
 from mixcon.models.files import read_model, write_model
-from mixcon.ops._validate import check_seq_idx
+from mixcon.ops.contract import check_seq_idx
 from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
 from mixcon.ops.dtypes import compute_dtype, resolve_dtype
 

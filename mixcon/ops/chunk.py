@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mixcon.ops._jvp import save_for_both, traced
-from mixcon.ops._validate import LOG_DECAY_FLOOR, check_scan_inputs
+from mixcon.ops.contract import LOG_DECAY_FLOOR, check_scan_inputs, early_delayed_readout, initial_states, no_steps
 from mixcon.ops.dtypes import compute_dtype
 
 
@@ -158,39 +158,6 @@ def _decays_to_end(b: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """exp(b_end - b_s) for every step s of a run of steps (the last dim) ending at `end`, from the log decays b
     and what fp32 rounds off them, lo (..., C) -> (..., C)."""
     return ((b[..., -1:] - b) + (lo[..., -1:] - lo)).exp()
-
-
-def initial_states(
-    x: torch.Tensor,  # (B, T, H, P)
-    N: int,
-    tau: int,
-    initial_state: torch.Tensor | None,  # (B, H, P, N)
-    initial_past_states: torch.Tensor | None,  # (B, tau, H, P, N)
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_0 (B, H, P, N) and S_{1-tau} .. S_0 (B, tau, H, P, N) in `dtype`: zeros, and S_0 repeated, unless given."""
-    B, _, H, P = x.shape
-    S0 = x.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)
-    if initial_past_states is None:
-        return S0, S0.unsqueeze(1).expand(B, tau, H, P, N)
-    return S0, initial_past_states.to(dtype)
-
-
-def no_steps(x: torch.Tensor, S0: torch.Tensor, past0: torch.Tensor, out_dtype: torch.dtype,
-             return_past_states: bool) -> tuple[torch.Tensor, ...]:
-    """A scan's result for T = 0: no output, and the states as they were, in tensors of their own (as every other
-    length returns; `initial_states` may hand back the caller's tensor or a view of it)."""
-    y = x.new_zeros(*x.shape[:1], 0, *x.shape[2:], dtype=out_dtype)
-    S0, past0 = (t.clone(memory_format=torch.contiguous_format) for t in (S0, past0))
-    return (y, S0, past0) if return_past_states else (y, S0)
-
-
-def early_delayed_readout(q: torch.Tensor, past0: torch.Tensor, heads_per_group: int) -> torch.Tensor:
-    """S_{t-tau} q_t for the first min(tau, T) steps, which read the initial past states:
-    q (B, T, G, N), past0 (B, tau, H, P, N) -> (B, min(tau, T), H, P)."""
-    head = min(past0.shape[1], q.shape[1])
-    qh = q[:, :head].to(past0.dtype).repeat_interleave(heads_per_group, dim=2)  # (B, head, H, N)
-    return torch.einsum("bthpn,bthn->bthp", past0[:, :head], qh)
 
 
 def conba_scan(

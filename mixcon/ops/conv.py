@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mixcon.ops._jvp import save_for_both, traced
-from mixcon.ops._validate import check_seq_idx
+from mixcon.ops.contract import check_seq_idx
 
 
 def _tap_masks(seq_idx: torch.Tensor | None, width: int, dtype: torch.dtype) -> list[torch.Tensor | None]:

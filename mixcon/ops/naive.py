@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mixcon.ops._validate import check_scan_inputs, document_starts
+from mixcon.ops.contract import check_scan_inputs, document_starts
 from mixcon.ops.dtypes import compute_dtype
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mixcon.ops._validate import check_step_inputs
+from mixcon.ops.contract import check_step_inputs
 
 
 def conba_scan_step(

@@ -28,8 +28,14 @@ import triton
 import triton.language as tl
 
 from mixcon.ops._jvp import carries_tangents
-from mixcon.ops._validate import LOG_DECAY_FLOOR, check_scan_inputs, triton_chunk_ok
-from mixcon.ops.chunk import early_delayed_readout, initial_states, no_steps
+from mixcon.ops.contract import (
+    LOG_DECAY_FLOOR,
+    check_scan_inputs,
+    early_delayed_readout,
+    initial_states,
+    no_steps,
+    triton_chunk_ok,
+)
 
 # Steps per block of the kernel's walk over time, whatever the model's chunk: with 64-step tiles the
 # kernel as Triton 3.9 compiles it for sm_80 / sm_90 spills registers (`mixcon bench kernel`).

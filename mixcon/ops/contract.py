@@ -1,4 +1,6 @@
-"""Input checks shared by the implementations of the Conba scan contract."""
+"""The Conba scan contract's shared parts (DESIGN.md §2.1): input checks, the log-decay floor, document starts,
+the initial states, the result for T = 0, the delayed readout of the initial past states, and the Triton
+kernel's limits."""
 
 from __future__ import annotations
 
@@ -115,3 +117,36 @@ def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
 def triton_chunk_ok(chunk_size: int, tau: int) -> bool:
     """Whether the Triton kernel takes this chunk size: a power of two >= 16 and >= tau."""
     return is_integer(chunk_size) and chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0 and chunk_size >= tau
+
+
+def initial_states(
+    x: torch.Tensor,  # (B, T, H, P)
+    N: int,
+    tau: int,
+    initial_state: torch.Tensor | None,  # (B, H, P, N)
+    initial_past_states: torch.Tensor | None,  # (B, tau, H, P, N)
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_0 (B, H, P, N) and S_{1-tau} .. S_0 (B, tau, H, P, N) in `dtype`: zeros, and S_0 repeated, unless given."""
+    B, _, H, P = x.shape
+    S0 = x.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    if initial_past_states is None:
+        return S0, S0.unsqueeze(1).expand(B, tau, H, P, N)
+    return S0, initial_past_states.to(dtype)
+
+
+def no_steps(x: torch.Tensor, S0: torch.Tensor, past0: torch.Tensor, out_dtype: torch.dtype,
+             return_past_states: bool) -> tuple[torch.Tensor, ...]:
+    """A scan's result for T = 0: no output, and the states as they were, in tensors of their own (as every other
+    length returns; `initial_states` may hand back the caller's tensor or a view of it)."""
+    y = x.new_zeros(*x.shape[:1], 0, *x.shape[2:], dtype=out_dtype)
+    S0, past0 = (t.clone(memory_format=torch.contiguous_format) for t in (S0, past0))
+    return (y, S0, past0) if return_past_states else (y, S0)
+
+
+def early_delayed_readout(q: torch.Tensor, past0: torch.Tensor, heads_per_group: int) -> torch.Tensor:
+    """S_{t-tau} q_t for the first min(tau, T) steps, which read the initial past states:
+    q (B, T, G, N), past0 (B, tau, H, P, N) -> (B, min(tau, T), H, P)."""
+    head = min(past0.shape[1], q.shape[1])
+    qh = q[:, :head].to(past0.dtype).repeat_interleave(heads_per_group, dim=2)  # (B, head, H, N)
+    return torch.einsum("bthpn,bthn->bthp", past0[:, :head], qh)
