@@ -47,7 +47,8 @@ from mixcon.models.files import (
     remove_stale_weights,
     wrapped_config,
 )
-from mixcon.models.mixcon import MixConForCausalLM, ends_in_padding
+from mixcon.models.mixcon import MixConForCausalLM
+from mixcon.models.padding import ends_in_padding
 from mixcon.ops.cross_entropy import IGNORE
 from mixcon.training.checkpoint import (
     latest_checkpoint,

@@ -25,34 +25,10 @@ from mixcon.layers.mlp import SwiGLU
 from mixcon.layers.moe import MoE, RouterStats
 from mixcon.layers.norm import GatedRMSNorm, RMSNorm
 from mixcon.models.files import read_model, write_model
+from mixcon.models.padding import check_padding, pads_first
 from mixcon.ops.contract import check_seq_idx
 from mixcon.ops.cross_entropy import IGNORE, linear_cross_entropy
 from mixcon.ops.dtypes import compute_dtype, resolve_dtype
-
-
-def pads_after_tokens(mask: torch.Tensor) -> torch.Tensor:
-    """(B,): whether each row of a (B, T) bool mask has a pad right after a real token (right padding, or a gap)."""
-    return (mask[:, :-1] & ~mask[:, 1:]).any(1)
-
-
-def ends_in_padding(mask: torch.Tensor) -> torch.Tensor:
-    """(B,): whether each row of a (B, T) bool mask has real tokens and a pad after its last one (right padding)."""
-    return mask.any(1) & ~mask[:, -1]
-
-
-def _pads_first(mask: torch.Tensor, fresh_cache: bool) -> torch.Tensor | None:
-    """(B, T) gather indices that move each row's pads before its real tokens, in order, or None where no row
-    needs it: a row whose pads all come first, or (without a cache to fill) all after its last token, is run as
-    it is. The Conba layers step over leading pads exactly; moved there, pads between real tokens (PEFT's
-    virtual tokens before left padding) or after them (a cache to continue) do not take a place in the
-    conv window, the delay's τ steps or the cache."""
-    if not bool(pads_after_tokens(mask).any()):
-        return None
-    m = mask.long()
-    gaps = (m.diff(dim=1, prepend=m.new_zeros(m.shape[0], 1)) == 1).sum(1) > 1  # more than one run of tokens
-    if not fresh_cache and not bool(gaps.any()):
-        return None
-    return m.argsort(dim=1, stable=True)
 
 
 def _router_logits(stats: list[RouterStats], token_mask: torch.Tensor | None, B: int, T: int) -> list[torch.Tensor]:
@@ -60,19 +36,6 @@ def _router_logits(stats: list[RouterStats], token_mask: torch.Tensor | None, B:
     rows = None if token_mask is None or bool(token_mask.all()) else token_mask.flatten().nonzero().squeeze(1)
     return [(s.logits if rows is None else s.logits.new_zeros(B * T, s.logits.shape[1]).index_copy(0, rows, s.logits)
              ).view(B, T, -1) for s in stats]
-
-
-def _check_padding(mask: torch.Tensor, cache: MixConCache) -> None:
-    """Padding (mask (B, T) False) where a forward continues a cache: only before a row's first real token,
-    so that the row's pads so far and these come first (a pad after a real token would take a place in the
-    conv window and the delay's τ steps)."""
-    bad = pads_after_tokens(mask) | (cache.key_mask[:, : cache.seqlen].any(1) & ~mask.all(1))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"attention_mask: row {row} has padding after a real token (in this call or in the cache it "
-            "continues); a forward that continues a cache takes pads only before a row's first token (left "
-            "padding, as generate uses)")
 
 
 @dataclass
@@ -287,7 +250,7 @@ class MixConForCausalLM(nn.Module):
         states: list[torch.Tensor] | None = [] if output_hidden_states else None
         order = None
         if token_mask is not None and (cache is None or cache.seqlen == 0):
-            order = _pads_first(token_mask, fresh_cache=cache is not None)
+            order = pads_first(token_mask, fresh_cache=cache is not None)
         if order is not None:
             token_mask = token_mask.gather(1, order)
         if cache is None:
@@ -573,7 +536,7 @@ class MixConForCausalLM(nn.Module):
                                  f"{weight.dtype} on {weight.device}: make it with model.new_cache")
         if cache is not None and cache.seqlen > 0 and attention_mask is not None \
                 and not bool(attention_mask.bool().all()):
-            _check_padding(attention_mask.bool(), cache)
+            check_padding(attention_mask.bool(), cache)
         if seq_idx is not None:
             check_seq_idx(seq_idx, (B, T))
             if cache is not None:
