@@ -121,11 +121,10 @@ class Conba(nn.Module):
               seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Depthwise causal conv + SiLU over time: (B, T, C) -> (B, T, C); `tail` (B, width - 1, C), the
         previous steps' inputs (zeros when None), is updated in place; `taps`: `conv_taps()`, if at hand;
-        `seq_idx` (B, T): no tap reads a step of an earlier document (a document sees zeros before it).
-
-        By `causal_conv` (shifted multiply-adds in the (B, T, C) layout, a hand-written gradient). A compiled graph
-        gets `taps` as an input: inside it, the transposed copy is fused away and the
-        loop over C reads the weights with a stride, which inductor does not vectorise."""
+        `seq_idx` (B, T): no tap reads a step of an earlier document (a document sees zeros before it)."""
+        # `causal_conv`: shifted multiply-adds in the (B, T, C) layout, a hand-written gradient. A compiled graph
+        # gets `taps` as an input: inside it, the transposed copy is fused away and the loop over C reads the
+        # weights with a stride, which inductor does not vectorise.
         B, _, C = xkq.shape
         width = self.conv1d.kernel_size[0]
         full = torch.cat([xkq.new_zeros(B, width - 1, C) if tail is None else tail.to(xkq.dtype), xkq], dim=1)

@@ -69,11 +69,12 @@ class MoE(nn.Module):
 
     def combine(self, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ_k weight_k · expert_k(h) for each token, the M·K (token, expert) pairs grouped by expert:
-        (M, d), (M, K), (M, K) -> (M, d); `counts` (n,) pairs per expert, if already known. No per-token loop:
-        one sort, the tokens gathered once in expert order and split per expert, the stacked weights unbound once,
-        one scatter-add; so the backward fills no (M, d) or all-experts-sized zero tensor per expert (an index of
-        the tokens or of the weights per expert would, each)."""
+        """Σ_k weight_k · expert_k(h) for each token: (M, d), (M, K), (M, K) -> (M, d); `counts` (n,) pairs per
+        expert, if already known."""
+        # The M·K (token, expert) pairs grouped by expert, without a per-token loop: one sort, the tokens gathered
+        # once in expert order and split per expert, the stacked weights unbound once, one scatter-add; so the
+        # backward fills no (M, d) or all-experts-sized zero tensor per expert (an index of the tokens or of the
+        # weights per expert would, each).
         flat_expert = experts.reshape(-1)  # (M·K,)
         order = flat_expert.argsort(stable=True)
         token_of = order // self.top_k  # token index of each sorted assignment

@@ -20,11 +20,9 @@ def conba_scan_step(
     delayed_state: torch.Tensor | None = None,  # (B, H, P, N): S_{t-tau}, when tau > 0
     out: torch.Tensor | None = None,  # (B, H, P, N): S_t goes there; may be `state` or `delayed_state` (autograd too)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the recurrence; returns (y (B, H, P), S_t (B, H, P, N)).
-
-    Decoding is dispatch-bound, so the step is a handful of kernels: the state enters three
-    matrix-vector products (S k, S_t q, S_{t-tau} q) and one decay-plus-rank-one update.
-    """
+    """One step of the recurrence; returns (y (B, H, P), S_t (B, H, P, N))."""
+    # Decoding is dispatch-bound, so the step is a handful of kernels: the state enters three matrix-vector
+    # products (S k, S_t q, S_{t-tau} q) and one decay-plus-rank-one update.
     B, H, P, G, N = check_step_inputs(x, k, q, log_decay, beta, state, delay_gain, delayed_state)
     if out is not None and (out.shape != state.shape or not out.is_contiguous()):
         raise ValueError(f"conba_scan_step: out must be a contiguous {(B, H, P, N)} tensor")
