@@ -84,15 +84,15 @@ def _check_ends_in_tokens(mask: torch.Tensor) -> None:
                          "on the left (zeros before the prompt) for generation")
 
 
+_LIBRARIES = tuple(os.path.dirname(module.__file__) + os.sep for module in (mixcon, torch))
+
+
 def _warn_caller(message: str) -> None:
     """A UserWarning shown at the first caller outside mixcon and torch (the line that called generate)."""
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
-
-
-_LIBRARIES = tuple(os.path.dirname(module.__file__) + os.sep for module in (mixcon, torch))
 
 
 @torch.no_grad()
