@@ -550,7 +550,7 @@ def hf_tokenizer(tokenizer: AnyTokenizer | str | Path, split_special_tokens: boo
     `split_special_tokens=True` encodes it as ordinary text, as this library reads training data."""
     if isinstance(tokenizer, (str, Path)):
         path = Path(tokenizer)
-        if path.is_dir() and not (path / FILENAME).is_file():  # a model's directory, not a tokenizer's
+        if str(tokenizer) != "bytes" and path.is_dir() and not (path / FILENAME).is_file():  # a model's directory
             directory = model_directory(path)
             tokenizer = model_tokenizer(directory, MixConConfig.load(directory / CONFIG_NAME).vocab_size)
         else:

@@ -1143,3 +1143,15 @@ def test_every_save_of_the_config_writes_the_remote_code_it_names(pair, tmp_path
     monkeypatch.setattr("transformers.configuration_utils.hf_api", Api)
     hf.config.save_pretrained(str(tmp_path / "c"), push_to_hub=True, repo_id="me/model")
     assert uploaded == ["config.json", "modeling_mixcon.py"]
+
+
+def test_hf_tokenizer_of_a_tokenizer_directory_or_file_is_that_tokenizer(run_dir, tmp_path, monkeypatch):
+    """A folder holding tokenizer.json (a run's tokenizer/) and the tokenizer.json itself are read as tokenizers,
+    not as model directories; 'bytes' is the byte tokenizer even beside a folder of that name (a run 'bytes')."""
+    _, tok, _ = run_dir
+    saved = tok.save(tmp_path / "tok")
+    for source in (tmp_path / "tok", str(tmp_path / "tok"), saved, str(saved)):
+        assert hf_tokenizer(source)("class Point").input_ids == [tok.eos_id, *tok.encode("class Point")]
+    (tmp_path / "bytes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert hf_tokenizer("bytes")("hi").input_ids == [ByteTokenizer().eos_id, *ByteTokenizer().encode("hi")]
