@@ -57,3 +57,10 @@ def test_kernel_report_names_the_triton_it_needs(monkeypatch):
 def test_kernel_report_rejects_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=f"^mixcon bench kernel: .*{message}"):
         main(["bench", "kernel", *argv])
+
+
+def test_kernel_report_without_triton_names_itself(monkeypatch):
+    """Without triton: a SystemExit in the form of the command's other refusals, 'mixcon bench kernel: ...'."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    with pytest.raises(SystemExit, match=r"^mixcon bench kernel: needs triton: pip install 'mixcon\[triton\]'$"):
+        main(["bench", "kernel"])

@@ -109,3 +109,12 @@ def test_scan_benchmark_rows_from_fixed_timings_chunks_and_a_first_form(tmp_path
         assert row["x_roofline"] == pytest.approx(min(100 / gflops, 10 / row["gbs"]))
     payload = json.loads((tmp_path / "scan.json").read_text())
     assert (payload["matmul_peak_gflops"], payload["copy_gbs"]) == (100.0, 10.0)
+
+
+@pytest.mark.parametrize("value_blocks,message", [
+    ("24", r"--value-blocks \[24\] must be powers of two >= 16"),
+    ("16", r"--value-blocks times the Triton kernel, which runs here only on CUDA"),
+])
+def test_scan_benchmark_value_block_refusals_name_the_command(value_blocks, message, tmp_path):
+    with pytest.raises(SystemExit, match=f"^mixcon bench scan: {message}"):
+        main(["bench", "scan", "--device", "cpu", "--value-blocks", value_blocks, "--out", str(tmp_path)])

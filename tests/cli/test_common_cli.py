@@ -207,3 +207,16 @@ def test_every_path_option_expands_a_tilde(tmp_path, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=f"{tmp_path / 'home' / 'missing'}"):
         main(argv)
+
+
+def test_parse_overrides_raises_value_error_that_commands_name_themselves_in():
+    """parse_overrides refuses bad items with a ValueError (ablate and --set callers add their own prefix); a
+    command's --set extra=5 exits naming the command, as the other bad items do."""
+    from mixcon.cli.common import parse_overrides
+
+    for item, problem in (("d_model", "expected KEY=VALUE"), ("nope=1", "unknown config field 'nope'"),
+                          ("extra=5", "extra must be a mapping")):
+        with pytest.raises(ValueError, match=rf"^--set '{item}': {problem}"):
+            parse_overrides([item])
+    with pytest.raises(SystemExit, match=r"^mixcon info: --set 'extra=5': extra must be a mapping"):
+        main(["info", "--set", "extra=5"])

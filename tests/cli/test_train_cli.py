@@ -564,3 +564,15 @@ def test_the_sample_is_seeded_by_the_run_and_prompted_from_the_validation_text(c
     ds, tok = ShardDataset(run / "data"), ByteTokenizer()
     val = tok.decode(ds.tokens("val")[:12].tolist())
     assert sampled == [(val, 5, 7)] and val != tok.decode(ds.tokens("train")[:12].tolist())
+
+
+def test_the_warmup_is_said_shortened_only_when_it_is(corpus, tmp_path, capsys):
+    """`lr_at` warms up over at most all but the last of --steps: a warmup that fits is not said shortened, nor is
+    a 1-step run's (it has no warmup to shorten); one longer than steps - 1 is."""
+    argv = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2",
+            "--seq-len", "16", "--sample-tokens", "0", "--no-progress"]
+    assert main([*argv, "--steps", "3", "--warmup-steps", "2", "--out", str(tmp_path / "fits")]) == 0
+    assert main([*argv, "--steps", "1", "--out", str(tmp_path / "one")]) == 0  # default warmup: 20 steps
+    assert "warmup:" not in capsys.readouterr().out
+    assert main([*argv, "--steps", "3", "--warmup-steps", "3", "--out", str(tmp_path / "longer")]) == 0
+    assert "warmup: 3 steps shortened to 2, all but the last of --steps 3\n" in capsys.readouterr().out

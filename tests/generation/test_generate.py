@@ -464,3 +464,12 @@ def test_eos_ids_may_be_a_tensor_and_cache_sizes_must_be_integers(tiny_model):
                        model.generate(prompt, 4, eos_token_id=eos))
     with pytest.raises(ValueError, match=r"batch_size=2.0 and max_length=8 must be integers >= 1"):
         MixConCache(model.config, 2.0, 8)
+
+
+def test_a_max_length_the_prompt_just_fills_warns_too(tiny_model):
+    """max_length equal to the prompt's length leaves no room either: the warning, and the prompt alone back."""
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.randint(0, 300, (2, 5))
+    with pytest.warns(UserWarning, match=r"max_length=5 leaves no room after the prompt's 5 tokens") as caught:
+        assert torch.equal(model.generate(prompt, max_length=5), prompt)
+    assert caught[0].filename == __file__
