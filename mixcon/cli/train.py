@@ -50,6 +50,7 @@ from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import DistEnv, barrier, gather_objects, init_distributed, shutdown
 from mixcon.training.metrics import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, require_tensorboard
+from mixcon.training.optim import warmup_steps
 from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions
 
 DEFAULT_TIME_BUDGET = 480.0  # seconds, when neither --steps nor --time-budget is given
@@ -206,9 +207,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     if refusal is not None:
         raise SystemExit(refusal)
     options = _options(args, resume, say, env.world_size)
-    if options.steps is not None and options.warmup_steps > options.steps - 1 > 0:  # as `lr_at` shortens it
-        say(f"warmup: {options.warmup_steps} steps shortened to {options.steps - 1}, all but the last of --steps "
-            f"{options.steps}")
+    if 0 < (warmup := warmup_steps(options.warmup_steps, options.steps)) < options.warmup_steps:
+        say(f"warmup: {options.warmup_steps} steps shortened to {warmup}, all but the last of --steps {options.steps}")
     _check_budget(options.time_budget, reserve)  # the resumed run's, when not given
     if args.tensorboard:  # before anything is written
         require_tensorboard()

@@ -26,13 +26,17 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: 
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
+def warmup_steps(warmup: int, total: int | None) -> int:
+    """The warmup a run of `total` steps takes: at most its first total - 1 (None: not yet known, all of it)."""
+    return warmup if total is None else min(warmup, max(total - 1, 0))
+
+
 def lr_at(step: int, *, peak: float, warmup: int, total: int | None, min_ratio: float) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup over `warmup` steps to `peak`, then a
     cosine decay to `min_ratio * peak` at the last step of `total` (step total - 1), constant after. `total=None`
     (not yet known) holds `peak`. A run of `total` steps warms up over at most its first total - 1 (a shorter run
     than its warmup still reaches the peak and ends at the minimum)."""
-    if total is not None:
-        warmup = min(warmup, max(total - 1, 0))
+    warmup = warmup_steps(warmup, total)
     if step < warmup:
         return peak * (step + 1) / warmup
     if total is None:
