@@ -94,11 +94,18 @@ SEED = number_type(int, 0, maximum=2**64 - 1)
 FRACTION = number_type(float, 0, maximum=1, below=True)
 
 
+_COUNT = number_type(int, 0)
+
+
+def byte_limit(text: str) -> int | None:
+    """argparse type of --max-bytes: a count of bytes, 0 (all of them) given as None."""
+    return _COUNT(text) or None
+
+
 def add_max_bytes_argument(parser: argparse.ArgumentParser, default: int | None, what: str) -> None:
     """--max-bytes N: `what` reads the corpus's first N bytes, the last document cut there; 0 (or the default
     None): all of it (as `mixcon train --max-bytes 0`)."""
-    count = number_type(int, 0)
-    parser.add_argument("--max-bytes", type=lambda text: count(text) or None, default=default,
+    parser.add_argument("--max-bytes", type=byte_limit, default=default,
                         help=f"{what} only the first N bytes of the corpus, e.g. 5_000_000 (the last document is cut "
                              f"there; 0: all) (default: {'all' if default is None else f'{default:_}'})")
 

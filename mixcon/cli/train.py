@@ -24,6 +24,7 @@ from mixcon.cli.common import (
     SEED,
     add_config_args,
     add_device_argument,
+    byte_limit,
     check_out_folder,
     config_from_args,
     number_type,
@@ -97,7 +98,7 @@ OPTION_FLAGS: list[tuple[str, Any, str]] = [
     ("--document-mask", "flag", "documents packed into a training row do not see each other: Conba states, convs "
                                 "and attention restart at each EOS (as evaluation scores documents)"),
     ("--corpus", str, "corpus spec (default: Python's standard library sources); see below"),
-    ("--max-bytes", COUNT, "use the first N bytes of the corpus, the last document cut there (0: all)"),
+    ("--max-bytes", byte_limit, "use the first N bytes of the corpus, the last document cut there (0: all)"),
     ("--tokenizer", str, "'bpe' (train a byte-level BPE of the config's vocab_size on the corpus), 'bytes', or a "
                          "tokenizer path"),
     ("--val-fraction", FRACTION, "share of the corpus's bytes held out for validation, in whole documents (a "
@@ -304,8 +305,6 @@ def _out_dir(args: argparse.Namespace) -> Path:
 def _options(args: argparse.Namespace, resume: Path | None, say: Any, world_size: int) -> TrainOptions:
     """Saved options of the resumed run (or the defaults), updated with the flags given on this command line."""
     given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in OPTION_FLAGS if hasattr(args, _field(flag))}
-    if given.get("max_bytes") == 0:
-        given["max_bytes"] = None
     if resume is None:
         options = dataclasses.replace(DEFAULTS, **given)
         if options.steps is None and options.time_budget is None:
