@@ -32,7 +32,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 import mixcon
 from mixcon.config import MixConConfig
-from mixcon.data.tokenizer import EOS, FILENAME, PAD, AnyTokenizer, load_tokenizer
+from mixcon.data.tokenizer import EOS, PAD, AnyTokenizer, load_tokenizer
 from mixcon.generation.cache import MixConCache
 from mixcon.generation.generate import generation_cache
 from mixcon.io import locked_directory
@@ -549,12 +549,13 @@ def hf_tokenizer(tokenizer: AnyTokenizer | str | Path, split_special_tokens: boo
     or one added with `add_special_tokens`) encodes as its id, as transformers' tokenizers do;
     `split_special_tokens=True` encodes it as ordinary text, as this library reads training data."""
     if isinstance(tokenizer, (str, Path)):
-        path = Path(tokenizer)
-        if str(tokenizer) != "bytes" and path.is_dir() and not (path / FILENAME).is_file():  # a model's directory
-            directory = model_directory(path)
-            tokenizer = model_tokenizer(directory, MixConConfig.load(directory / CONFIG_NAME).vocab_size)
-        else:
+        try:
             tokenizer = load_tokenizer(tokenizer)
+        except FileNotFoundError:
+            if not Path(tokenizer).is_dir():
+                raise
+            directory = model_directory(tokenizer)  # a model's directory: its tokenizer
+            tokenizer = model_tokenizer(directory, MixConConfig.load(directory / CONFIG_NAME).vocab_size)
     backend = tokenizer.to_tokenizers()
     backend.encode_special_tokens = split_special_tokens
     backend.post_processor = TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A $B:1",
