@@ -633,3 +633,116 @@ def test_the_schedule_fills_the_time_left_after_validation_and_the_last_checkpoi
     trainer.total_steps = 50  # fitted already: fitted again after each validation
     assert (trainer._refit_schedule(1100.0, timer, True), trainer._refit_schedule(1100.0, timer, False)) == (True,
                                                                                                               False)
+
+
+def as_rank_1_of_2(trainer: Trainer) -> Trainer:
+    """`trainer` as the second of two processes runs it, without a process group (its collectives are no-ops)."""
+    from mixcon.training.distributed import DistEnv
+
+    trainer.env = DistEnv(rank=1, world_size=2)
+    trainer.local_batch = trainer.options.batch_size // 2
+    trainer.micro = trainer.options.micro_batch_size or trainer.local_batch
+    return trainer
+
+
+def test_steps_none_without_a_deadline_is_refused(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path, steps=None)
+    trainer.train_step = lambda: pytest.fail("trains with no end")  # (it would never stop)
+    with pytest.raises(ValueError, match=r"TrainOptions\.steps is None: give a deadline"):
+        trainer.fit()
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before anything was written
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_step_is_applied(make_trainer, tmp_path):
+    """A finite loss whose gradients overflow: the norm is caught and the weights are left as they were."""
+    trainer = make_trainer(tmp_path, steps=4)
+    trainer.model.norm.weight.register_hook(lambda grad: grad * math.inf)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm \(inf\) at step 1; .*no checkpoint was "
+                                                 r"saved yet"):
+        trainer.train_step()
+    assert trainer.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+
+
+def test_a_run_without_validation_data_trains_and_reports_no_validation(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path, steps=2)
+    trainer.eval_data = None
+    assert trainer.evaluate() == {}
+    summary = trainer.fit()
+    assert summary.steps == 2 and (summary.val_step, summary.val_loss, summary.val_bpb) == (None, None, None)
+    assert not [r for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r]
+    assert load_checkpoint(tmp_path).trainer_state["last_val"] == {}
+
+
+def test_bf16_precision_runs_the_forward_in_bfloat16_on_the_cpu(make_trainer, tmp_path):
+    dtypes: dict[str, set[torch.dtype]] = {}
+    for precision in ("fp32", "bf16"):
+        trainer = make_trainer(tmp_path / precision, precision=precision)
+        seen = dtypes[precision] = set()
+        for module in trainer.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda _m, _args, out, seen=seen: seen.add(out.dtype))
+        assert math.isfinite(trainer.train_step()["loss"])
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+
+
+def test_validation_is_reported_on_the_progress_bar(make_trainer, tmp_path, capsys):
+    trainer = make_trainer(tmp_path, steps=1)
+    trainer.progress = True
+    summary = trainer.fit()
+    out = capsys.readouterr().out
+    assert "step 0: validation loss " in out
+    assert (f"step 1: validation loss {summary.val_loss:.4f}, perplexity {summary.val_ppl:.2f}, "
+            f"{summary.val_bpb:.4f} bits/byte") in out
+
+
+def test_a_run_in_another_thread_than_the_main_one_trains_without_signal_handlers(make_trainer, tmp_path):
+    """signal.signal works in the main thread only: a run in another (a notebook's, a server's) goes on without."""
+    import threading
+
+    trainer = make_trainer(tmp_path, steps=2)
+    before = signal.getsignal(signal.SIGINT)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = trainer.fit()
+        except BaseException as e:  # reported below: an exception in a thread is lost
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert "error" not in result, result.get("error")
+    assert result["summary"].steps == 2 and signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_process_other_than_rank_0_writes_nothing(make_trainer, tmp_path):
+    """Rank 0 writes checkpoints and metrics and deletes the checkpoints a new run replaces; another rank trains,
+    names the checkpoint rank 0 writes, and leaves the run directory alone."""
+    make_trainer(tmp_path, steps=1).fit()
+    old = list_checkpoints(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    trainer = as_rank_1_of_2(make_trainer(tmp_path, steps=2, save_every=1))
+    summary = trainer.fit(discard_later=True)
+    assert summary.steps == 2 and summary.checkpoint == tmp_path / "checkpoints" / "step-00000002"
+    assert (summary.metrics, summary.plot, summary.train_loss) == (None, None, None)
+    assert list_checkpoints(tmp_path) == old and not (tmp_path / "metrics.jsonl").exists()
+    assert summary.val_step == 2  # it validated (its share) all the same
+
+
+def test_a_process_with_fewer_validation_rows_than_pieces_runs_as_many_forwards(make_trainer, tmp_path):
+    """Of a last validation batch of 3 rows in micro-batches of 1, rank 0 of 2 takes 2 rows, rank 1 one: rank 1
+    runs 2 forwards too (a sharded model needs every process in each), the second on one fully ignored row, which
+    adds nothing to its loss."""
+    x, y = next(iter(make_trainer(tmp_path / "data").eval_data()))
+    solo = make_trainer(tmp_path / "solo", micro_batch_size=1)
+    solo.eval_data = lambda: [(x[2:3], y[2:3])]
+    trainer = as_rank_1_of_2(make_trainer(tmp_path / "rank1", micro_batch_size=1))
+    trainer.eval_data = lambda: [(x[:3], y[:3])]
+    rows: list[int] = []
+    trainer.model.norm.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    result = trainer.evaluate()
+    assert rows == [1, 1]
+    assert result == pytest.approx(solo.evaluate())
