@@ -444,3 +444,56 @@ def test_the_model_tokenizer_is_its_folder_first_and_never_larger_than_the_model
     assert isinstance(ckpt.model_tokenizer(model_dir, 259, "bytes"), ByteTokenizer)
     with pytest.raises(ValueError, match="has 259 ids, more than the model's vocab_size 258"):
         ckpt.model_tokenizer(model_dir, 258, "bytes")
+
+
+def written_by_another_version(path: Path, name: str, data: bytes) -> None:
+    """Checkpoint file `name` replaced by `data`, listed with its hash in the manifest: intact, as another version of
+    mixcon or torch wrote it, but not necessarily readable by this one."""
+    (path / name).write_bytes(data)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest["files"][name] = {"sha256": ckpt._sha256(path / name), "size": len(data)}
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("name", "data", "load", "message"), [
+    (ckpt.CONFIG_NAME, b'{"d_model": -5}', load_checkpoint, r"config\.json: invalid config \(.*d_model"),
+    (ckpt.OPTIMIZER_FILE, b"not a torch file", load_checkpoint, r"step-00000004: unreadable checkpoint file \("),
+    (ckpt.STATE_FILE, b"not a torch file", ckpt.read_trainer_state, r"trainer_state\.pt: unreadable \("),
+])
+def test_intact_files_this_version_cannot_read_are_named(trained, name, data, load, message):
+    _, run = trained
+    written_by_another_version(latest_checkpoint(run), name, data)
+    with pytest.raises(CheckpointError, match=message):
+        load(run)
+
+
+def test_a_checkpoint_whose_own_tokenizer_does_not_load(trained):
+    """Its fingerprint differs and its tokenizer/ does not load: refused, saying why; a tokenizer named instead of
+    the model's own replaces it."""
+    _, run = trained
+    path = latest_checkpoint(run)
+    written_by_another_version(path, f"{ckpt.TOKENIZER_DIR}/tokenizer.json", b'{"version": "9.0"}')
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    (path / ckpt.MANIFEST).write_text(json.dumps({**manifest, "tokenizer_fingerprint": "another"}))
+    with pytest.raises(CheckpointError, match=r"trained with tokenizer 'another', but this run uses '[0-9a-f]{64}' "
+                                              r"\(its own tokenizer does not load \(.*tokenizer\.json: not a Hugging "
+                                              r"Face tokenizer\.json"):
+        load_checkpoint(run, expected_tokenizer=ByteTokenizer())
+    assert isinstance(ckpt.model_tokenizer(path, 259, "bytes"), ByteTokenizer)
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a Hugging Face tokenizer\.json"):
+        ckpt.model_tokenizer(path, 259)
+
+
+def test_a_corrupt_checkpoint_outside_a_run_names_no_earlier_one(trained, tmp_path):
+    _, run = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(latest_checkpoint(run), copy)
+    (copy / ckpt.WEIGHTS_NAME).write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt \(size or sha256 differs from "
+                                              r"manifest\.json\); refusing to load it$"):
+        load_checkpoint(copy)
+
+
+def test_the_root_directory_is_no_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^/: neither a checkpoint"):
+        load_checkpoint("/")
