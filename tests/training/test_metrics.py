@@ -135,3 +135,14 @@ def test_a_line_that_is_not_a_metrics_record_is_an_error_naming_it(tmp_path, lin
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record \(a JSON object with an integer "
                                          r"step\)"):
         MetricsLogger(tmp_path, resume_step=1)
+
+
+def test_blank_lines_are_skipped_and_counted_in_the_line_numbers(tmp_path):
+    """A file edited by hand (an editor's blank lines, one of spaces) reads as its records; errors name the line
+    as the editor numbers it."""
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1, "loss": 5.0}\n\n   \n{"step": 2, "loss": 4.0}\n\n')
+    assert read_metrics(path) == [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}]
+    path.write_text('{"step": 1, "loss": 5.0}\n\n{"step": 2, "lo\n{"step": 3, "loss": 3.0}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:3: not a JSON record"):
+        read_metrics(path)
