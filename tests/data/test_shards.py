@@ -447,3 +447,75 @@ def test_the_summary_says_cut_exactly_when_max_bytes_left_text_out(tmp_path):
         ds = build(Corpus.from_spec(str(tmp_path / spec)), ByteTokenizer(), tmp_path / f"s-{spec}-{max_bytes}",
                    val_fraction=0, max_bytes=max_bytes)
         assert ("cut at its first" in ds.summary()) == cut, (spec, max_bytes)
+
+
+def test_a_missing_shard_file_is_named_and_rebuilt(tmp_path, capsys, random_documents, write_documents):
+    corpus = Corpus.from_spec(str(write_documents(tmp_path / "c", random_documents(10))))
+    out = tmp_path / "s"
+    ds = build(corpus, ByteTokenizer(), out)
+    (out / ds.index["splits"]["val"]["file"]).unlink()
+    with pytest.raises(ShardError, match=r"val\.[0-9a-f]{16}\.bin: missing \(val shard named in index\.json\); "
+                                         r"rebuild the shards"):
+        ShardDataset(out)
+    rebuilt = build(corpus, ByteTokenizer(), out)
+    assert not rebuilt.reused and rebuilt.index["splits"] == ds.index["splits"]
+    assert "rebuilding shards: " in capsys.readouterr().out
+
+
+def test_a_build_that_waited_reuses_the_shards_the_other_process_built(tmp_path, capsys, monkeypatch,
+                                                                       random_documents, write_documents):
+    """Shards not there yet when a build starts, and finished by the build it waits for: reused, not rebuilt."""
+    import shutil
+    import threading
+
+    from mixcon.io import locked_directory
+
+    corpus = Corpus.from_spec(str(write_documents(tmp_path / "c", random_documents(10))))
+    ready = build(corpus, ByteTokenizer(), tmp_path / "ready")  # what the other process will have built
+    out = tmp_path / "s"
+    out.mkdir()
+    real_reused, looked = shards_module._reused, threading.Event()
+
+    def reused(folder, key):
+        found = real_reused(folder, key)
+        looked.set()
+        return found
+
+    monkeypatch.setattr(shards_module, "_reused", reused)
+    holding = threading.Event()
+
+    def other_build() -> None:  # holds the lock, and finishes its shards after this build has looked for them
+        with locked_directory(out, lambda pid: None):
+            holding.set()
+            looked.wait(30)
+            for path in (tmp_path / "ready").iterdir():
+                if path.name == "index.json" or path.suffix == ".bin":  # (not the lock file)
+                    shutil.copy(path, out / path.name)
+
+    thread = threading.Thread(target=other_build)
+    thread.start()
+    holding.wait(30)
+    ds = build(corpus, ByteTokenizer(), out)
+    thread.join()
+    assert ds.reused and ds.index == ready.index
+    assert "waiting for another process" in capsys.readouterr().err
+
+
+def test_a_leftover_of_another_users_running_build_is_kept(tmp_path, monkeypatch, random_documents,
+                                                           write_documents):
+    """Whether a process of another user runs, signal 0 answers with PermissionError: it runs, its file stays."""
+    folder = write_documents(tmp_path / "c", random_documents(10))
+    out = tmp_path / "s"
+    build(Corpus.from_spec(str(folder)), ByteTokenizer(), out)
+    theirs = out / "train.0123456789abcdef.bin.999999.tmp"
+    theirs.write_bytes(b"partial")
+    kill = os.kill
+
+    def not_permitted(pid: int, signum: int) -> None:
+        if pid == 999999:
+            raise PermissionError(1, "Operation not permitted")
+        kill(pid, signum)
+
+    monkeypatch.setattr(shards_module.os, "kill", not_permitted)
+    assert build(Corpus.from_spec(str(folder)), ByteTokenizer(), out).reused
+    assert theirs.read_bytes() == b"partial"
