@@ -227,3 +227,28 @@ def test_a_json_line_that_is_no_object_is_named(tmp_path, line):
     (tmp_path / "d.jsonl").write_text(line + "\n")
     with pytest.raises(ValueError, match=r"d.jsonl:1: no field 'text' \(found: (str|list|int)\)"):
         list(Corpus.from_spec(str(tmp_path / "d.jsonl")))
+
+
+def test_an_unreadable_json_lines_file_is_skipped_and_counted(tmp_path, monkeypatch):
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text(json.dumps({"text": f"from {name}"}) + "\n")
+    open_file = Path.open
+
+    def deny(self, *args, **kwargs):  # root can read any file, so refuse one by hand
+        if self.name == "a.jsonl":
+            raise PermissionError(13, "Permission denied")
+        return open_file(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", deny)
+    corpus = Corpus.from_spec(f"{tmp_path}/*.jsonl")
+    assert list(corpus) == ["from b.jsonl"]
+    assert [s.rsplit("/", 1)[-1] for s in corpus.skipped] == ["a.jsonl: unreadable (Permission denied)"]
+
+
+def test_a_python_without_standard_library_sources_has_no_default_corpus(tmp_path, monkeypatch):
+    """An embedded or frozen Python may ship its standard library compiled only: the error names where it looked."""
+    (tmp_path / "os.pyc").write_bytes(b"")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match=rf"no Python standard library sources under {tmp_path} "
+                                                r"\(from sysconfig\)"):
+        default_corpus()

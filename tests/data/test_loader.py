@@ -140,3 +140,16 @@ def test_eval_windows_take_every_whole_window_and_a_smaller_last_batch(tmp_path,
     n = sum(s[0] for s in shapes) * 10
     assert np.array_equal(torch.cat([y.reshape(-1) for _, y in batches]).numpy(), tokens[1:n + 1])
     assert list(eval_batches(stream, seq_len=10, batch_size=2, max_batches=0, split="train")) == []
+
+
+def test_a_loader_is_its_own_iterator(ds):
+    """`for x, y in loader` (or zip, islice) draws the batches next() does, and moves the position state_dict saves."""
+    import itertools
+
+    loader = TrainLoader(ds, seq_len=8, batch_size=2, seed=3)
+    assert iter(loader) is loader
+    drawn = list(itertools.islice(loader, 3))
+    assert loader.state_dict()["step"] == 3
+    again = TrainLoader(ds, seq_len=8, batch_size=2, seed=3)
+    for (x, y), (x2, y2) in zip(drawn, (next(again) for _ in range(3)), strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
