@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mixcon.data import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe_tokenizer
-from mixcon.data.tokenizer import MAX_WORD, SPECIAL_TOKENS, _byte_level_chars
+from mixcon.data.tokenizer import MAX_WORD, ROUND_TRIP_PROBE, SPECIAL_TOKENS, _byte_level_chars
 
 # Any Unicode scalar value, with emoji (incl. modifiers and ZWJ), CJK, control characters and spaces over-weighted.
 SAMPLES = list("😀👍🏽\u200d中文字東京\x00\x07\x1b\x7f\t\r\n \u00a0\ufeff2")
@@ -356,3 +356,38 @@ def test_mismatch_compares_what_ids_mean_not_files():
 
     assert mismatch(ByteTokenizer(), OtherPad()) == "pad_id 256, not 258"
     assert mismatch(ByteTokenizer(), LastId()) == "id 258 stands for b'?', not b''"
+
+
+def test_a_json_file_that_is_no_tokenizer_is_named(tmp_path):
+    """JSON that `tokenizers` cannot read (another version's format, another program's file): a ValueError naming
+    the file (tokenizers raises a bare Exception)."""
+    for text in ('{"version": "9.0"}', "[1, 2]", '{"model": {"type": "NoSuchModel"}}'):
+        (tmp_path / "tokenizer.json").write_text(text)
+        with pytest.raises(ValueError, match=r"tokenizer\.json: not a Hugging Face tokenizer\.json \(.+\)"):
+            load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_whose_model_is_not_bpe_is_refused(bpe):
+    """A WordLevel model over the same byte-level vocabulary would not split unknown words into bytes."""
+    spec = json.loads(bpe.to_tokenizers().to_str())
+    spec["model"] = {"type": "WordLevel", "vocab": spec["model"]["vocab"], "unk_token": "<|pad|>"}
+    with pytest.raises(ValueError, match=r"tokenizer is not a byte-level BPE: its model is WordLevel, not BPE"):
+        BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
+def test_tokenizers_pickle_to_the_same_ids_and_say_what_they_are(bpe):
+    """Pickled for parallel shard workers (a spawned process): the copy encodes and decodes as the original."""
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(bpe))
+    assert isinstance(copy, BPETokenizer) and copy.fingerprint() == bpe.fingerprint()
+    assert copy.encode(ROUND_TRIP_PROBE) == bpe.encode(ROUND_TRIP_PROBE)
+    assert (copy.vocab_size, copy.eos_id, copy.token_bytes()) == (bpe.vocab_size, bpe.eos_id, bpe.token_bytes())
+    assert repr(copy) == f"BPETokenizer(vocab_size={bpe.vocab_size})"
+    assert repr(pickle.loads(pickle.dumps(ByteTokenizer()))) == "ByteTokenizer(vocab_size=259)"
+
+
+def test_encoding_what_is_not_text_is_a_type_error(bpe):
+    for not_text in (b"bytes", None, 3):
+        with pytest.raises(TypeError):
+            bpe.encode(not_text)
