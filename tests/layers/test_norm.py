@@ -48,3 +48,7 @@ def test_norms_start_as_the_identity_scale():
     """A norm built on its own (outside a model, whose reset_parameters sets them too) starts with weight one."""
     for norm in (RMSNorm(16), GatedRMSNorm(16, groups=4)):
         assert torch.equal(norm.weight, torch.ones(16))
+
+
+def test_rms_norm_prints_its_width_and_eps():
+    assert repr(RMSNorm(16, eps=1e-6)) == "RMSNorm(16, eps=1e-06)"

@@ -109,6 +109,22 @@ def test_forward_hooks_on_layers_and_mixers_fire_at_every_decoding_step(tiny_mod
     assert not model._hooked()
 
 
+def test_a_global_forward_hook_makes_decoding_take_the_general_path(tiny_model):
+    """`nn.modules.module.register_module_forward_hook` fires on every module: a decoding step that called the
+    layers' `decode` directly would skip it, so each step runs the layers' forward (and the hook)."""
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, _i, _o: calls.append(m) if m is model.layers[0] else None)
+    try:
+        model.generate(ids, max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert len(calls) == 4  # the prompt and 3 steps
+    assert not model._hooked()
+
+
 @pytest.mark.parametrize("layout", ["mixcon", "conba", "transformer"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_gradients_through_cached_forwards_equal_those_of_the_full_forward(layout, training, tiny_model):
@@ -655,6 +671,15 @@ def test_labels_are_checked_before_the_cache_moves(tiny_model):
     assert cache.seqlen == 0
 
 
+def test_input_ids_of_a_floating_dtype_are_refused_by_name(tiny_model):
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 6))
+    for bad in (ids.double(), ids.bool(), ids[0]):
+        with pytest.raises(ValueError, match=r"input_ids must be an integer tensor \(B, T\), got"):
+            model(bad)
+    torch.testing.assert_close(model(ids.int()).logits, model(ids).logits)
+
+
 def test_masks_hold_zeros_and_ones_and_inputs_are_tensors(tiny_model):
     """An additive mask (0 = keep, -1e9 = pad) read as 1/0 would reverse the padding: refused by value."""
     model = tiny_model()
@@ -825,6 +850,24 @@ def test_packed_gradients_equal_each_document_alone(tiny_model):
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_seq_idx_of_one_document_per_row_takes_the_plain_causal_forward(tiny_model, monkeypatch):
+    """A row of one document needs no document masks: the layers see no seq_idx (SDPA's causal mask, the
+    unmasked conv and scan), and the logits are those without seq_idx, bit for bit."""
+    from mixcon.layers.context import ForwardContext
+
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    contexts = []
+    build = ForwardContext.build
+    monkeypatch.setattr(ForwardContext, "build", lambda *a, **kw: contexts.append(build(*a, **kw)) or contexts[-1])
+    with torch.no_grad():
+        plain = model(ids).logits
+        one = model(ids, seq_idx=torch.tensor([[3] * 20, [0] * 20])).logits
+        model(ids, seq_idx=torch.tensor([[0] * 10 + [1] * 10] * 2))
+    assert torch.equal(one, plain)
+    assert [ctx.seq_idx is None and ctx.causal for ctx in contexts] == [True, True, False]
 
 
 def test_seq_idx_errors_name_the_problem(tiny_model):

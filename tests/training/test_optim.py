@@ -33,6 +33,17 @@ def test_optimizer_is_adamw_with_both_groups():
     assert (opt.defaults["betas"], opt.defaults["eps"]) == ((0.9, 0.95), 1e-8)  # GPT-3 / Llama
 
 
+def test_frozen_parameters_are_left_out_of_the_optimizer():
+    """Parameters with requires_grad=False (a frozen embedding, PEFT's base model) are in neither group."""
+    model = MixConForCausalLM(MixConConfig.preset("tiny"))
+    model.embed.weight.requires_grad_(False)  # tied: the LM head's weight too
+    model.norm.weight.requires_grad_(False)
+    groups = param_groups(model, weight_decay=0.1)
+    kept = {id(p) for g in groups for p in g["params"]}
+    assert id(model.embed.weight) not in kept and id(model.norm.weight) not in kept
+    assert len(kept) == len([p for p in model.parameters() if p.requires_grad]) > 0
+
+
 def test_schedule_warmup_then_cosine():
     kw = dict(peak=1.0, warmup=10, total=111, min_ratio=0.1)  # steps 0 .. 110
     assert lr_at(0, **kw) == pytest.approx(0.1)
