@@ -31,8 +31,11 @@ def as_integer(value: Any) -> Any:
 
 
 def as_number(value: Any) -> Any:
-    """A real-number-like argument (numpy scalar, 0-d tensor) as a float; ints, bools and the rest as they are."""
-    if isinstance(value, bool | int | float) or not (isinstance(value, numbers.Real) or _scalar(value)):
+    """A real-number-like argument (numpy scalar, 0-d tensor) as a float; ints, bools and the rest (complex, text)
+    as they are."""
+    dtype = str(getattr(value, "dtype", ""))
+    real = "int" in dtype or "float" in dtype  # not float() of a complex (drops its imaginary part) or of text
+    if isinstance(value, bool | int | float) or not (isinstance(value, numbers.Real) or (_scalar(value) and real)):
         return value
     try:
         return float(value)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mixcon.checks import is_integer, is_number, within
+from mixcon.checks import as_number, is_integer, is_number, within
 
 
 @pytest.mark.parametrize("value,integer,number", [
@@ -18,6 +18,18 @@ from mixcon.checks import is_integer, is_number, within
 def test_integers_and_numbers_exclude_bools_and_non_finite_values(value, integer, number):
     assert is_integer(value) is integer
     assert is_number(value) is number
+
+
+def test_as_number_takes_real_scalars_and_leaves_complex_text_and_durations():
+    """np.float32(0.5), a 0-d tensor: floats. A complex scalar's float() dropped its imaginary part (np.complex128)
+    or raised torch's RuntimeError, and a numpy text scalar was parsed ('0.5' taken as a number): left as they are,
+    as is a numpy duration (a numbers.Real float() refuses), for the caller to refuse by name."""
+    np = pytest.importorskip("numpy")
+    for value, number in ((np.float32(0.5), 0.5), (np.array(2.5), 2.5), (torch.tensor(3), 3.0), (np.uint8(3), 3.0)):
+        assert type(as_number(value)) is float and as_number(value) == number
+    for value in (np.complex128(0.5 + 1j), torch.tensor(0.5 + 1j), np.array(0.5 + 1j), np.str_("0.5"),
+                  np.array("0.5"), np.timedelta64(3, "s")):
+        assert as_number(value) is value and not is_number(as_number(value))
 
 
 def test_within_checks_each_bound_given():

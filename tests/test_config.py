@@ -182,5 +182,6 @@ def test_numpy_and_zero_dim_tensor_numbers_are_taken_as_python_numbers():
     for value in (True, torch.tensor(True), np.True_, torch.tensor([32]), torch.tensor(32.5), torch.tensor(32.0)):
         with pytest.raises(ValueError, match=r"d_model=.* is invalid: must be an integer >= 1"):
             MixConConfig.preset("tiny", d_model=value)
-    with pytest.raises(ValueError, match=r"conba_beta_max=.* is invalid: must be a finite number"):
-        MixConConfig.preset("tiny", conba_beta_max=torch.tensor(True))
+    for value in (torch.tensor(True), np.complex128(0.5 + 1j), torch.tensor(0.5 + 1j), np.str_("0.5")):
+        with pytest.raises(ValueError, match=r"conba_beta_max=.* is invalid: must be a finite number"):
+            MixConConfig.preset("tiny", conba_beta_max=value)
