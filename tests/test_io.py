@@ -108,6 +108,20 @@ def test_a_lock_made_for_nothing_takes_its_new_parents_with_it(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kept"]
 
 
+@pytest.mark.parametrize("fcntl", [True, False], ids=["fcntl", "no-fcntl"])
+def test_a_folder_that_existed_or_was_written_in_stays(tmp_path, monkeypatch, fcntl):
+    """Only an empty folder made for the lock (or a transient one) is removed: one that was there before, or that
+    holds what was written in it, is left as it is."""
+    if not fcntl:
+        monkeypatch.setitem(sys.modules, "fcntl", None)
+    (tmp_path / "there").mkdir()
+    with locked_directory(tmp_path / "there", lambda pid: None):
+        pass
+    with locked_directory(tmp_path / "made" / "x", lambda pid: None):
+        (tmp_path / "made" / "x" / "kept").write_text("")
+    assert (tmp_path / "there").is_dir() and (tmp_path / "made" / "x" / "kept").is_file()
+
+
 def test_a_crashed_holders_lock_file_is_rewritten_and_a_transient_folder_removed(tmp_path):
     """The folder and a lock file with a dead process's id are left by a crash: the lock file then names this
     process alone; a transient folder (it exists for its lock) goes at the end though this process did not make

@@ -435,6 +435,25 @@ def test_model_directories_that_do_not_fit_together_are_refused_by_name(tmp_path
         index.write_text(text)
         with pytest.raises(ValueError, match=rf"^{index}: not a shard index"):
             MixConForCausalLM.from_pretrained(tmp_path)
+    index.write_text('{"weight_map": {"embed.weight": 1, "norm.weight": 2}}')  # names, not paths
+    with pytest.raises(ValueError, match=rf"^{index}: not a shard index \(TypeError: shard names must be strings"):
+        MixConForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_tied_model_whose_weights_lack_the_embedding_names_it_as_missing(tmp_path, tiny_model):
+    """A tied model's file holds the shared tensor under embed.weight or lm_head.weight; with neither, the load
+    names the missing key (the shared tensor is not made up)."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(dtype=torch.float32)
+    assert model.config.tie_embeddings
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = {k: v for k, v in load_file(path).items() if k not in ("embed.weight", "lm_head.weight")}
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: its weights do not fit its config.json: .*Missing key.*"
+                                         r"embed\.weight"):
+        MixConForCausalLM.from_pretrained(tmp_path)
 
 
 def test_load_keeps_the_saved_dtype_unless_told(tmp_path, tiny_model):
