@@ -42,6 +42,10 @@ def test_window_spans_score_each_prediction_once_with_enough_context(n, context,
     assert scored == list(range(n))
 
 
+def test_window_spans_of_no_predictions_are_none():
+    assert list(window_spans(0, 4, 2)) == list(window_spans(0, 4, 2, align_last=True)) == []
+
+
 def test_window_spans_reject_a_stride_outside_the_context():
     for stride in (0, 5):
         with pytest.raises(ValueError, match=r"stride=.* must be in \[1, context=4\]"):

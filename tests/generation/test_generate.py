@@ -190,6 +190,9 @@ def test_transformers_streamers_get_the_prompt_the_tokens_and_the_end(tiny_model
     recorder = Recorder()
     model.generate(prompt, 6, streamer=recorder)
     assert recorder.calls == [prompt.tolist(), *[[t] for t in out[0, prompt.shape[1]:].tolist()], "end"]
+    recorder = Recorder()  # nothing to generate: the prompt, then end() (a TextIteratorStreamer's reader waits for it)
+    assert torch.equal(model.generate(prompt, 0, streamer=recorder), prompt)
+    assert recorder.calls == [prompt.tolist(), "end"]
     with pytest.raises(TypeError, match="streamer must be called with each step's tokens, or be a transformers"):
         model.generate(prompt, 2, streamer=object())
 
