@@ -80,6 +80,19 @@ def test_continuations_of_one_context_share_its_prefill_and_score_as_alone(lm, m
     assert prefills == [eos_context, [TOK.eos_id]] and branches == [2, 2, 2] and grown == []
 
 
+def test_one_token_continuations_of_one_context_are_scored_from_its_prefill_alone(lm, monkeypatch):
+    """Multiple choice over single letters: the prefill's last hidden state scores each; no branch is made."""
+    branches = []
+    monkeypatch.setattr(MixConCache, "branch", lambda cache, index, f=MixConCache.branch: branches.append(len(index))
+                        or f(cache, index))
+    pairs = [("Answer:", c) for c in "ABCD"]
+    got = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs], disable_tqdm=True)
+    want = [logprob(lm.model, c, x) for c, x in pairs]
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [v for v, _ in got] == pytest.approx([v for v, _ in want], rel=1e-10)
+    assert branches == []
+
+
 def test_rolling_loglikelihood_is_the_whole_document_and_matches_an_empty_context(lm):
     texts = ["First document.\n" * 5, "", "second"]
     rolling = lm.loglikelihood_rolling([request("loglikelihood_rolling", t) for t in texts], disable_tqdm=True)
@@ -281,6 +294,10 @@ def test_loads_a_saved_model_from_arguments_and_rejects_bad_ones(tiny_model, tmp
     with pytest.raises(TypeError, match="dtpye"):
         MixConLM.create_from_arg_string(f"pretrained={tmp_path},dtpye=bf16")
     assert MixConLM(model, tokenizer="bytes").tok.vocab_size == TOK.vocab_size
+    with pytest.raises(ValueError, match="with pretrained=PATH, tokenizer must be None, 'bytes' or a path"):
+        MixConLM(str(tmp_path), tokenizer=TOK)
+    assert "prefill" not in MixConLM(model, tokenizer=TOK, compile="false").model._compiled
+    assert "prefill" in MixConLM(model, tokenizer=TOK, compile="true").model._compiled  # compiled on first use
 
 
 @pytest.mark.slow
