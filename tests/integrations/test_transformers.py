@@ -490,6 +490,9 @@ def test_forward_rejects_what_it_does_not_take(pair):
         hf(attention_mask=torch.ones(3, 11))
     with pytest.raises(TypeError, match="MixConCache"):
         hf(ids, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match=r"MixConHFForCausalLM.forward does not take \['output_attentions', "
+                                         r"'token_type_ids'\]; it takes input_ids"):
+        hf(ids, output_attentions=True, token_type_ids=torch.zeros_like(ids), output_scores=False)
     with pytest.raises(ValueError, match="d_model"):
         MixConHFConfig({"d_model": 0})
 
@@ -1155,3 +1158,30 @@ def test_hf_tokenizer_of_a_tokenizer_directory_or_file_is_that_tokenizer(run_dir
     (tmp_path / "bytes").mkdir()
     monkeypatch.chdir(tmp_path)
     assert hf_tokenizer("bytes")("hi").input_ids == [ByteTokenizer().eos_id, *ByteTokenizer().encode("hi")]
+    with pytest.raises(FileNotFoundError, match="nothing-here"):  # neither a tokenizer nor a model directory
+        hf_tokenizer(tmp_path / "nothing-here")
+
+
+def test_a_new_linear_map_with_a_bias_starts_as_the_model_starts_its_head(pair):
+    """A linear map transformers makes anew (not yet the model's): weight ~ Normal(0, init_std), bias zero."""
+    _, hf = pair
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300).double()
+    torch.nn.init.ones_(head.bias)
+    hf._init_weights(head)
+    assert torch.equal(head.bias, torch.zeros(300, dtype=torch.float64))
+    std = hf.config.to_mixcon().init_std
+    assert abs(float(head.weight.std()) - std) < 0.1 * std
+
+
+def test_a_save_off_the_main_process_leaves_the_directory_as_it_was(pair, tmp_path):
+    """save_pretrained(is_main_process=False) (each process of a distributed run calls it): neither the mark of an
+    unfinished save nor an earlier save's weights are removed by a process that saved nothing there."""
+    from mixcon.models.files import INCOMPLETE_NAME
+
+    _, hf = pair
+    hf.save_pretrained(tmp_path)
+    (tmp_path / INCOMPLETE_NAME).write_text("")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    hf.save_pretrained(tmp_path, is_main_process=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and INCOMPLETE_NAME in before
