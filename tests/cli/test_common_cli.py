@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -27,6 +28,40 @@ def test_device_type_takes_the_devices_this_machine_has(monkeypatch):
         device_type("cuda")
     with pytest.raises(argparse.ArgumentTypeError, match="'gpu' is not a torch device"):
         device_type("gpu")
+
+
+def test_device_type_counts_mps_and_passes_a_backend_it_cannot_count(monkeypatch):
+    """mps: there or not (one device at most); a device torch parses but has no counting module for (xla, hpu:
+    plugins): left to torch."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'mps': this machine has no mps device .*; use cpu"):
+        device_type("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert device_type("mps") == "mps" and device_type("mps:0") == "mps:0"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'mps:1': this machine has 1 mps device\(s\), mps:0 to "
+                                                         "mps:0"):
+        device_type("mps:1")
+    assert getattr(torch, "xla", None) is None and device_type("xla") == "xla"
+
+
+def test_an_output_file_in_a_folder_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):
+    from mixcon.cli import common
+
+    assert output_file(str(tmp_path / "new" / "r.json")) == tmp_path / "new" / "r.json"
+    monkeypatch.setattr(common.os, "access", lambda path, mode: path != tmp_path)  # as a read-only folder
+    target = tmp_path / "new" / "r.json"
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"'{target}': cannot write in {tmp_path}") + "$"):
+        output_file(str(target))
+
+
+def test_a_yaml_config_without_pyyaml_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: tiny\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` raises ImportError
+    with pytest.raises(SystemExit, match=rf"--config '{path}': reading YAML needs PyYAML \(pip install pyyaml\)"):
+        config_from_args(argparse.Namespace(config=str(path), overrides=[]))
 
 
 @pytest.mark.parametrize("argv", [

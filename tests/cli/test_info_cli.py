@@ -95,6 +95,20 @@ def test_info_of_a_checkpoint_shows_where_training_stands(tmp_path, tiny_model, 
         main(["info", "--checkpoint", str(tmp_path / "nothing")])
 
 
+@pytest.mark.parametrize("last_val, line", [
+    ({}, "trained: 3 steps, 10 tokens\n"),  # not validated yet (the trainer's state before its first validation)
+    ({"step": 2, "val_loss": 1.5}, "trained: 3 steps, 10 tokens; validation at step 2: loss 1.5000\n"),
+])
+def test_info_of_a_checkpoint_shows_the_validation_it_has(tmp_path, tiny_model, capsys, last_val, line):
+    """No validation yet, or one without bits per byte (validation text of unknown byte count): what there is."""
+    model = tiny_model(dtype=torch.float32)
+    weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    save_checkpoint(tmp_path / "run", 3, config=model.config, model_state=weights, optimizer_state={},
+                    trainer_state={"step": 3, "tokens": 10, "last_val": last_val})
+    assert main(["info", "--checkpoint", str(tmp_path / "run"), "--context", "8"]) == 0
+    assert line in capsys.readouterr().out
+
+
 def test_info_of_a_checkpoint_with_a_truncated_trainer_state_exits_with_a_message(tmp_path, tiny_model, capsys):
     model = tiny_model(dtype=torch.float32)
     weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
