@@ -76,6 +76,12 @@ def test_gradients_pass_gradcheck_and_reach_only_inputs_that_ask():
     assert torch.autograd.gradcheck(lambda f, t, b: causal_conv(f, t, b, seq_idx), (full, taps, bias))
     (g,) = torch.autograd.grad(causal_conv(full, taps.detach(), bias.detach()).sum(), full)
     assert g.shape == full.shape
+    # a frozen input (its projection frozen, as in a probe of the conv alone): the taps' and bias' gradients only
+    w = torch.randn(1, 6, 3, dtype=torch.float64)
+    got = torch.autograd.grad((causal_conv(full.detach(), taps, bias) * w).sum(), (taps, bias))
+    want = torch.autograd.grad((conv1d_reference(full.detach(), taps, bias) * w).sum(), (taps, bias))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_torch_func_transforms_match_conv1d_fp64():
