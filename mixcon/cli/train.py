@@ -207,7 +207,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
         raise SystemExit(1)
     if refusal is not None:
         raise SystemExit(refusal)
-    options = _options(args, resume, say, env.world_size)
+    state = ckpt.read_trainer_state(resume) if resume is not None else None  # (options, step, data position)
+    options = _options(args, resume, state, say, env.world_size)
     if 0 < (warmup := warmup_steps(options.warmup_steps, options.steps)) < options.warmup_steps:
         say(f"warmup: {options.warmup_steps} steps shortened to {warmup}, all but the last of --steps {options.steps}")
     _check_budget(options.time_budget, reserve)  # the resumed run's, when not given
@@ -221,8 +222,8 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     config = _config(args, resume, tok, initial[1] if initial else None)
     if resume is not None:
         _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_NAME), config, say)
-        _check_steps_left(options, resume)
-    ds = _dataset(options, tok, out, env, resume, progress=not args.no_progress)
+        _check_steps_left(options, resume, state["step"])
+    ds = _dataset(options, tok, out, env, state, progress=not args.no_progress)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
     if initial:  # the weights are read here, into the model, and not kept beside it
@@ -302,15 +303,16 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return Path("runs") / Path(args.config or DEFAULT_CONFIG).stem
 
 
-def _options(args: argparse.Namespace, resume: Path | None, say: Any, world_size: int) -> TrainOptions:
-    """Saved options of the resumed run (or the defaults), updated with the flags given on this command line."""
+def _options(args: argparse.Namespace, resume: Path | None, state: dict[str, Any] | None, say: Any,
+             world_size: int) -> TrainOptions:
+    """Saved options of the resumed run (`state`: its checkpoint's trainer state), or the defaults, updated with the
+    flags given on this command line."""
     given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in OPTION_FLAGS if hasattr(args, _field(flag))}
     if resume is None:
         options = dataclasses.replace(DEFAULTS, **given)
         if options.steps is None and options.time_budget is None:
             options.time_budget = DEFAULT_TIME_BUDGET
     else:
-        state = ckpt.read_trainer_state(resume)
         saved = TrainOptions.from_dict(state["options"])
         if given.get("tokenizer", saved.tokenizer) != saved.tokenizer:
             raise SystemExit(f"mixcon train: --resume keeps the run's tokenizer ({saved.tokenizer!r}); --tokenizer "
@@ -336,10 +338,9 @@ def _options(args: argparse.Namespace, resume: Path | None, say: Any, world_size
     return options
 
 
-def _check_steps_left(options: TrainOptions, resume: Path) -> None:
-    """On --resume: --steps must lie beyond the checkpoint's step (checked after the config, whose refusal says
+def _check_steps_left(options: TrainOptions, resume: Path, step: int) -> None:
+    """On --resume: --steps must lie beyond the checkpoint's `step` (checked after the config, whose refusal says
     more about a command that cannot run)."""
-    step = ckpt.read_trainer_state(resume)["step"]
     if options.steps is not None and step >= options.steps:
         raise SystemExit(f"mixcon train: --steps {options.steps}: the run resumed from {resume} is at step {step} "
                          "already; give more --steps to continue it")
@@ -452,14 +453,14 @@ def _check_config_changes(saved: MixConConfig, config: MixConConfig, say: Any) -
         say(f"resume: model config {change.replace(' != ', ' changes to ')}")
 
 
-def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv, resume: Path | None,
+def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv, state: dict[str, Any] | None,
              progress: bool) -> ShardDataset:
     """Shards in RUN/data, built (or reused when unchanged) by rank 0, then opened by the others. A resumed run
-    continues on the shards its checkpoint read when they are there intact (a later version of the split rule
-    would otherwise rebuild them, and the loader refuse the new ones)."""
+    (`state`: its checkpoint's trainer state) continues on the shards its checkpoint read when they are there
+    intact (a later version of the split rule would otherwise rebuild them, and the loader refuse the new ones)."""
     ds = None
     if env.is_main:
-        ds = _shards_of(resume, out / "data") if resume is not None else None
+        ds = _shards_of(state["loader"].get("data"), out / "data") if state is not None else None
         if ds is None:
             ds = prepare_shards(Corpus.from_spec(options.corpus, exclude=_run_outputs(out)), tok, out / "data",
                                 val_fraction=options.val_fraction, seed=options.seed, max_bytes=options.max_bytes,
@@ -468,9 +469,8 @@ def _dataset(options: TrainOptions, tok: AnyTokenizer, out: Path, env: DistEnv, 
     return ds if ds is not None else ShardDataset(out / "data", verify=False)
 
 
-def _shards_of(checkpoint: Path, folder: Path) -> ShardDataset | None:
-    """The shards in `folder` if they are the ones `checkpoint`'s data position is in, intact; else None."""
-    key = ckpt.read_trainer_state(checkpoint)["loader"].get("data")
+def _shards_of(key: str | None, folder: Path) -> ShardDataset | None:
+    """The shards in `folder` if they are the ones of `key` (a checkpoint's data position's), intact; else None."""
     try:
         ds = ShardDataset(folder)
     except (ShardError, OSError, ValueError):
