@@ -45,9 +45,11 @@ class Streamer(Protocol):
     def end(self) -> None: ...
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """(B, V) logits in fp32 over `temperature`, those outside the top k and the top-p nucleus set to -inf
-    (in this order, as transformers' warpers; ties at the k-th logit are kept)."""
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                  min_p: float | None = None) -> torch.Tensor:
+    """(B, V) logits in fp32 over `temperature`, with -inf for the tokens outside the top k, outside the top-p nucleus,
+    and below `min_p` times the most likely token's probability (in this order, as transformers' warpers; ties at
+    the k-th logit are kept)."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -57,7 +59,17 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(B, V) logits with those of the `seen` (B, V) tokens divided by `penalty` where positive, multiplied where
+    negative (CTRL's repetition penalty, as transformers' `repetition_penalty`), in fp32."""
+    logits = logits.float()
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def sample_next(
@@ -68,13 +80,14 @@ def sample_next(
     top_k: int | None,
     top_p: float | None,
     generator: torch.Generator | None,
+    min_p: float | None = None,
 ) -> torch.Tensor:
     """Greedy argmax, or a sample from `filter_logits`: (B,)."""
     if not do_sample:
         return logits.argmax(-1)
     logits = logits.float()
     logits = logits - logits.amax(-1, keepdim=True)  # the largest at 0: finite over any temperature
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p, min_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -106,6 +119,8 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -123,16 +138,20 @@ def generate(
     decoding gives the same tokens; sampling draws every row from one generator). Rows that produced
     `eos_token_id` (one id or a list; default: the config's) are continued with `pad_token_id` (default: the
     config's, else the first EOS id). Sampling filters as transformers' warpers do: temperature, then top-k,
-    then top-p. `streamer` is called with each step's new tokens (B,); a transformers streamer (`TextStreamer`,
-    `TextIteratorStreamer`: `put`/`end`) is given the prompt, each step's tokens and `end()`, as
-    transformers' `generate` does. `vocab_limit`: only ids below it are chosen (a tokenizer with fewer ids
+    then top-p, then min-p (`min_p`: tokens less likely than min_p times the most likely one are dropped).
+    `repetition_penalty` (> 0; None or 1: none) divides the positive logits and multiplies the negative ones of every
+    token already in the row (its prompt's real tokens and the new ones), before greedy or sampled choice, as
+    transformers' `repetition_penalty` does. `streamer` is called with each step's new tokens (B,); a transformers
+    streamer (`TextStreamer`, `TextIteratorStreamer`: `put`/`end`) is given the prompt, each step's tokens and
+    `end()`, as transformers' `generate` does. `vocab_limit`: only ids below it are chosen (a tokenizer with fewer ids
     than the model's vocabulary, which could not decode the others). `stopping_criteria(sequences, None)`,
     called after each step with the (B, T + generated) sequences so far, returns which rows are done (a (B,)
     bool tensor, or one bool for all; transformers' `StoppingCriteria` fit): they are continued as after EOS.
     """
     max_new_tokens, max_length, top_k, vocab_limit, pad_token_id, seed = (
         as_integer(v) for v in (max_new_tokens, max_length, top_k, vocab_limit, pad_token_id, seed))
-    temperature, top_p = as_number(temperature), as_number(top_p)
+    temperature, top_p, min_p, repetition_penalty = (as_number(v) for v in (temperature, top_p, min_p,
+                                                                             repetition_penalty))
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
         raise TypeError(f"input_ids must be a tensor of integer token ids, got "
                         f"{input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
@@ -167,6 +186,11 @@ def generate(
                          f"{model.config.vocab_size}]")
     if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} must be None or a number in (0, 1]")
+    if min_p is not None and not (is_number(min_p) and 0 <= min_p <= 1):
+        raise ValueError(f"min_p={min_p!r} must be None or a number in [0, 1] (0 and None: no min-p filter)")
+    if repetition_penalty is not None and not (is_number(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be None or a finite number > 0 (1 and None: "
+                         "no penalty)")
     if input_ids.dim() == 1:  # one prompt (and its mask)
         input_ids = input_ids[None]
         if attention_mask is not None and attention_mask.dim() == 1:
@@ -215,16 +239,24 @@ def generate(
         cache = generation_cache(model, B, T, max_new_tokens)
         logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         V = vocab_limit or V
+        seen = None
+        if repetition_penalty not in (None, 1):  # (B, V + 1): the prompt's real tokens; pads go to the last column
+            real = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, V)
+            seen = torch.zeros(B, V + 1, dtype=torch.bool, device=input_ids.device)
+            seen = seen.scatter_(1, real.clamp(max=V), True)[:, :V]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens: list[torch.Tensor] = []
         for step in range(max_new_tokens):
-            token = sample_next(logits[:, :V], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                generator=generator)
+            logits = logits[:, :V] if seen is None else penalize_repeats(logits[:, :V], seen, repetition_penalty)
+            token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator, min_p=min_p)
             if fill is not None:
                 token = token.masked_fill(finished, fill)
             if eos_ids:
                 finished |= torch.isin(token, eos)
             new_tokens.append(token)
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
             if stopping_criteria is not None:
                 done = stopping_criteria(torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), None)
                 done = torch.as_tensor(done, dtype=torch.bool, device=finished.device)

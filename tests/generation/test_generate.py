@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from mixcon.generation.generate import filter_logits, sample_next
+from mixcon.generation.generate import filter_logits, penalize_repeats, sample_next
 
 
 def left_pad(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,18 +84,22 @@ def test_top_p_keeps_the_nucleus():
     assert int(sample_next(logits, do_sample=True, temperature=1.0, top_k=None, top_p=0.5, generator=g)) == 0
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, None, 0.5), (1.0, None, 0.75), (0.7, 3, 0.9), (1.3, 2, None), (1.0, 60, 0.3), (1.0, None, 1.0),
-    (1.0, 49, None),  # V - 1: one logit masked
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (1.0, None, 0.5, None), (1.0, None, 0.75, None), (0.7, 3, 0.9, None), (1.3, 2, None, None),
+    (1.0, 60, 0.3, None), (1.0, None, 1.0, None),
+    (1.0, 49, None, None),  # V - 1: one logit masked
+    (1.0, None, None, 0.1), (0.5, None, None, 0.3), (0.7, 10, 0.9, 0.2), (1.3, None, 0.95, 0.05),
+    (1.0, None, None, 1.0),
 ])
-def test_filtering_equals_transformers_warpers(temperature, top_k, top_p):
-    """The kept tokens and their logits equal those of transformers' temperature, top-k and top-p warpers, in
-    their order; at the top-p boundary too, where rows of tied logits reach the mass exactly (uniform over 4:
+def test_filtering_equals_transformers_warpers(temperature, top_k, top_p, min_p):
+    """The kept tokens and their logits equal those of transformers' temperature, top-k, top-p and min-p warpers,
+    in their order; at the top-p boundary too, where rows of tied logits reach the mass exactly (uniform over 4:
     0.5 after 2 tokens; which of the tied tokens stay is arbitrary, so only how many is compared there)."""
     warpers = pytest.importorskip("transformers.generation.logits_process")
     chain = [warpers.TemperatureLogitsWarper(temperature)]
     chain += [warpers.TopKLogitsWarper(top_k)] if top_k else []
     chain += [warpers.TopPLogitsWarper(top_p)] if top_p is not None and top_p < 1 else []
+    chain += [warpers.MinPLogitsWarper(min_p)] if min_p else []
 
     def warped(logits: torch.Tensor) -> torch.Tensor:
         for warp in chain:
@@ -103,12 +107,37 @@ def test_filtering_equals_transformers_warpers(temperature, top_k, top_p):
         return logits
 
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))  # no ties
-    got, want = filter_logits(logits, temperature, top_k, top_p), warped(logits.clone())
+    got, want = filter_logits(logits, temperature, top_k, top_p, min_p), warped(logits.clone())
     assert torch.equal(got.isinf(), want.isinf())
     torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()])
+    if min_p:
+        assert got.isinf().any() and got.isfinite().any(-1).all()  # min-p dropped some, never a row's likeliest
     tied = torch.tensor([[0.25] * 4, [0.5, 0.25, 0.125, 0.125], [0.5, 0.5, 0.0, 0.0]]).log()
-    assert torch.equal(filter_logits(tied, temperature, top_k, top_p).isfinite().sum(-1),
+    assert torch.equal(filter_logits(tied, temperature, top_k, top_p, min_p).isfinite().sum(-1),
                        warped(tied.clone()).isfinite().sum(-1))
+
+
+def test_min_p_samples_only_tokens_that_likely():
+    """Probabilities 0.5, 0.3, 0.15, 0.05: min_p = 0.5 keeps the tokens of >= 0.25 (ids 0 and 1), 0.2 also id 2."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    g = torch.Generator().manual_seed(0)
+    for min_p, kept in ((0.5, {0, 1}), (0.2, {0, 1, 2})):
+        seen = {int(sample_next(logits, do_sample=True, temperature=1.0, top_k=None, top_p=None, generator=g,
+                                min_p=min_p)) for _ in range(300)}
+        assert seen == kept
+
+
+def test_repetition_penalty_equals_transformers_processor():
+    """penalize_repeats over the tokens a row holds == transformers' RepetitionPenaltyLogitsProcessor on the
+    row (a token that occurs twice is penalised once), for penalties above and below 1."""
+    processors = pytest.importorskip("transformers.generation.logits_process")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (4, 15), generator=g)
+    logits = 3 * torch.randn(4, 50, generator=g)  # both signs
+    seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, ids, True)
+    for penalty in (1.3, 0.7, 4.0):
+        want = processors.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        assert torch.equal(penalize_repeats(logits, seen, penalty), want)
 
 
 def test_eos_stops_and_pads(tiny_model):
@@ -197,6 +226,41 @@ def test_transformers_streamers_get_the_prompt_the_tokens_and_the_end(tiny_model
         model.generate(prompt, 2, streamer=object())
 
 
+def greedy_with_penalty(model, prompt: torch.Tensor, n: int, penalty: float) -> list[int]:
+    """A reference: greedy decoding by a full forward per token (no cache), the logits of every token in the
+    sequence so far divided by the penalty where positive, multiplied where negative."""
+    ids = prompt.tolist()
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+        held = torch.zeros_like(logits, dtype=torch.bool)
+        held[ids] = True
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        ids.append(int(torch.where(held, penalized, logits).argmax()))
+    return ids[len(prompt):]
+
+
+def test_repetition_penalty_counts_the_prompt_and_the_new_tokens(tiny_model):
+    """Greedy with repetition_penalty equals the reference loop per prompt, batched with left padding too: pads
+    do not count as tokens of the row, though their id is the one the row picks first (were they penalised, it
+    would not be); a penalty of 1 is none."""
+    model = tiny_model(dtype=torch.float32)
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 12)]
+    want = [greedy_with_penalty(model, p, 10, 2.5) for p in prompts]
+    assert want[0] != model.generate(prompts[0], 10)[0, 5:].tolist()  # the penalty changes what is chosen
+    for p, w in zip(prompts, want, strict=True):
+        assert model.generate(p, 10, repetition_penalty=2.5)[0, len(p):].tolist() == w
+    assert want[0][0] not in prompts[0].tolist()
+    ids, mask = left_pad(prompts, pad=want[0][0])  # the short row's pads hold its first choice
+    batched = model.generate(ids, 10, attention_mask=mask, repetition_penalty=2.5)
+    assert batched[:, 12:].tolist() == want
+    assert torch.equal(model.generate(ids, 10, attention_mask=mask, repetition_penalty=1.0),
+                       model.generate(ids, 10, attention_mask=mask))
+    # a prompt id at or above vocab_limit is one the penalty need not touch (it is never chosen)
+    limited = model.generate(torch.tensor([299, 3, 4]), 6, vocab_limit=200, repetition_penalty=2.5)
+    assert int(limited[0, 3:].max()) < 200
+
+
 def test_generate_validates_arguments(tiny_model):
     model = tiny_model(dtype=torch.float32)
     prompt = torch.randint(0, 300, (2, 4))
@@ -208,6 +272,12 @@ def test_generate_validates_arguments(tiny_model):
     for bad in (0, 1.5, float("nan"), "0.5"):
         with pytest.raises(ValueError, match=r"top_p=.* must be None or a number in \(0, 1\]"):
             model.generate(prompt, 3, do_sample=True, top_p=bad)
+    for bad in (-0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match=r"min_p=.* must be None or a number in \[0, 1\]"):
+            model.generate(prompt, 3, do_sample=True, min_p=bad)
+    for bad in (0, -1.0, float("inf"), float("nan"), "1.2"):
+        with pytest.raises(ValueError, match=r"repetition_penalty=.* must be None or a finite number > 0"):
+            model.generate(prompt, 3, repetition_penalty=bad)
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match=rf"top_k={bad!r} must be None or an integer >= 0"):
             model.generate(prompt, 3, do_sample=True, top_k=bad)

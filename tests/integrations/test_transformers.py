@@ -244,6 +244,11 @@ def test_greedy_generate_is_mixcon_generate(pair):
     assert torch.equal(theirs, ours)
     # Without a prompt, generation starts where training documents start: at EOS.
     assert hf.generate(max_new_tokens=3, do_sample=False)[0, 0] == EOS
+    # transformers' repetition penalty (its pads left out, as ours are)
+    ours = model.generate(ids, 12, attention_mask=mask, eos_token_id=EOS, pad_token_id=PAD, repetition_penalty=1.7)
+    assert not torch.equal(ours, theirs)
+    assert torch.equal(hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                   repetition_penalty=1.7), ours)
     first = hf.generate(ids, attention_mask=mask, max_new_tokens=2, return_dict_in_generate=True)
     with pytest.raises(ValueError, match="past_key_values: generate starts from the prompt"):
         hf.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=2)
