@@ -43,8 +43,8 @@ class Utf8Printer:
 
 
 def stream(model: MixConForCausalLM, tok: AnyTokenizer, prompt: str, max_new_tokens: int, *, greedy: bool = False,
-           temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
-           out: TextIO | None = None) -> str:
+           temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, min_p: float | None = None,
+           repetition_penalty: float | None = None, seed: int = 0, out: TextIO | None = None) -> str:
     """Print `prompt`, then its continuation as it is generated; returns the continuation. The prompt follows an
     EOS token, which is how every document starts in training."""
     device = model.embed.weight.device
@@ -53,7 +53,8 @@ def stream(model: MixConForCausalLM, tok: AnyTokenizer, prompt: str, max_new_tok
     out.write(prompt)
     streamer = Utf8Printer(tok, out)
     model.generate(ids, max_new_tokens, do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_token_id=tok.eos_id, seed=seed, streamer=streamer,
+                   min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=tok.eos_id, seed=seed,
+                   streamer=streamer,
                    vocab_limit=min(tok.vocab_size, model.config.vocab_size))  # the ids the tokenizer decodes
     return streamer.end()
 
@@ -73,6 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sample from the k most likely tokens; 0: no top-k filter (default: %(default)s)")
     p.add_argument("--top-p", type=number_type(float, 0, above=True, maximum=1), default=0.95,
                    help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--min-p", type=number_type(float, 0, maximum=1), default=0.0,
+                   help="drop tokens less likely than this times the likeliest one; 0: no min-p filter (default: "
+                        "%(default)s)")
+    p.add_argument("--repetition-penalty", type=number_type(float, 0, above=True), default=1.0,
+                   help="divide the positive logits, multiply the negative ones, of tokens already in the text "
+                        "(prompt included), greedy or sampled, as transformers' repetition_penalty; 1: none "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=SEED, default=0,
                    help="sampling seed (default: %(default)s; on a CPU, PyTorch's generator reads its low 32 bits "
                         "only)")
@@ -102,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         if args.cuda_graphs:
             model.capture_decode()
         stream(model, tok, args.prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+               seed=args.seed)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"mixcon generate: {e}") from e
     return 0

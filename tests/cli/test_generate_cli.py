@@ -105,12 +105,12 @@ def test_a_prompt_that_is_not_utf8_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
-    ([], dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, seed=0, max_new_tokens=200, compiled=False,
-              dtype=torch.float32)),
-    (["--greedy", "--temperature", "1.5", "--top-k", "7", "--top-p", "0.5", "--seed", "11", "--max-new-tokens", "3",
-      "--dtype", "bf16", "--compile"],
-     dict(do_sample=False, temperature=1.5, top_k=7, top_p=0.5, seed=11, max_new_tokens=3, compiled=True,
-          dtype=torch.bfloat16)),
+    ([], dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, min_p=0.0, repetition_penalty=1.0, seed=0,
+              max_new_tokens=200, compiled=False, dtype=torch.float32)),
+    (["--greedy", "--temperature", "1.5", "--top-k", "7", "--top-p", "0.5", "--min-p", "0.25", "--repetition-penalty",
+      "1.3", "--seed", "11", "--max-new-tokens", "3", "--dtype", "bf16", "--compile"],
+     dict(do_sample=False, temperature=1.5, top_k=7, top_p=0.5, min_p=0.25, repetition_penalty=1.3, seed=11,
+          max_new_tokens=3, compiled=True, dtype=torch.bfloat16)),
 ])
 def test_every_option_reaches_generate(tmp_path, tiny_model, monkeypatch, capsys, extra, expected):
     """What `generate` is called with: each flag's value (or its default), the prompt after an EOS (how every
