@@ -295,7 +295,7 @@ TOKEN_BUDGET_NAMES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_compl
 
 
 def _generation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval's generation arguments as `_generate`'s: stop strings, token budget, sampling."""
+    """lm-eval's generation arguments as `_generate`'s: stop strings, token budget, sampling, repetition penalty."""
     until = kwargs.pop("until", None) or []
     budgets = [kwargs.pop(name, None) for name in TOKEN_BUDGET_NAMES]  # every alias is popped; the first given wins
     options: dict[str, Any] = {"until": [until] if isinstance(until, str) else list(until),
@@ -303,8 +303,10 @@ def _generation_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     temperature = float(kwargs.pop("temperature", 0.0))
     if bool(kwargs.pop("do_sample", temperature > 0)) and temperature > 0:
         options.update(do_sample=True, temperature=temperature, top_k=kwargs.pop("top_k", None),
-                       top_p=kwargs.pop("top_p", None),
+                       top_p=kwargs.pop("top_p", None), min_p=kwargs.pop("min_p", None),
                        seed=None if kwargs.get("seed") is None else int(kwargs.pop("seed")))
-    if unused := sorted(set(kwargs) - {"top_k", "top_p", "seed"}):
+    if kwargs.get("repetition_penalty") is not None:  # greedy or sampled
+        options["repetition_penalty"] = float(kwargs.pop("repetition_penalty"))
+    if unused := sorted(set(kwargs) - {"top_k", "top_p", "min_p", "seed", "repetition_penalty"}):
         warnings.warn(f"MixConLM.generate_until ignores the generation arguments {unused}", stacklevel=3)
     return options

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -243,6 +244,29 @@ def test_sampling_with_temperature_is_seeded(lm, tiny_model):
     repeats = lm.generate_until([request("generate_until", "x", dict(kwargs)) for _ in range(4)], disable_tqdm=True)
     assert len(set(repeats)) > 1
 
+
+
+def test_generate_until_hands_min_p_and_the_repetition_penalty_to_generate(lm, monkeypatch):
+    """A task's repetition_penalty reaches generate greedy or sampled; min_p when sampling (greedy drops the
+    sampling arguments, as before)."""
+    asked = []
+    generate = lm.model.generate
+    monkeypatch.setattr(lm.model, "generate", lambda ids, n, **kw: asked.append(kw) or generate(ids, n, **kw))
+    greedy = {"max_gen_toks": 4, "repetition_penalty": 1.5, "min_p": 0.2}
+    sampled = {**greedy, "do_sample": True, "temperature": 1.0}
+    for kwargs in (greedy, sampled):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # neither argument is reported as ignored
+            lm.generate_until([request("generate_until", "x", kwargs)], disable_tqdm=True)
+    assert asked[0]["repetition_penalty"] == 1.5 and "min_p" not in asked[0]
+    assert asked[1]["repetition_penalty"] == 1.5 and asked[1]["min_p"] == 0.2 and asked[1]["do_sample"]
+    monkeypatch.undo()
+    plain = lm.generate_until([request("generate_until", "x", {"max_gen_toks": 12})], disable_tqdm=True)
+    ids = torch.tensor([[TOK.eos_id, *TOK.encode("x")]])
+    penalized = TOK.decode(lm.model.generate(ids, 12, repetition_penalty=3.0)[0, 2:].tolist())
+    got = lm.generate_until([request("generate_until", "x", {"max_gen_toks": 12, "repetition_penalty": 3.0})],
+                            disable_tqdm=True)
+    assert got == [penalized] != plain
 
 def test_generation_picks_only_ids_the_tokenizer_decodes(tiny_model):
     """A model with more ids than its tokenizer (e.g. after resize_token_embeddings): the extra ones would
