@@ -14,6 +14,7 @@ def test_pads_first_moves_each_rows_pads_before_its_tokens_in_order():
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 1, 0]]).bool()  # right padding, left padding, gaps
     assert pads_after_tokens(mask).tolist() == [True, False, True]
     assert ends_in_padding(mask).tolist() == [True, False, True]
+    assert ends_in_padding(torch.zeros(1, 4, dtype=torch.bool)).tolist() == [False]  # no token: nothing ends it
     order = pads_first(mask, fresh_cache=True)
     assert order.tolist() == [[2, 3, 0, 1], [0, 1, 2, 3], [1, 3, 0, 2]]  # stable: tokens and pads keep their order
     assert mask.gather(1, order).long().tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]]
