@@ -179,6 +179,67 @@ def test_one_token_forwards_outside_the_decoding_step_mask_the_cache_pads(tiny_m
     torch.testing.assert_close(got, model(torch.cat([b, nxt[1:]], 1)).logits[0, -1], rtol=1e-9, atol=1e-9)
 
 
+def test_one_token_forwards_through_a_cache_give_the_loss_and_router_logits(tiny_model):
+    """A one-token forward through a cache with labels, or asking for the router logits, gives them as the
+    full forward does at that position (it takes the layers' forward, not the decoding step, which has none)."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 7))
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = torch.tensor([4, 9])
+    with torch.no_grad():
+        full = model(ids, labels=labels, output_router_logits=True)
+        caches = [model.new_cache(2), model.new_cache(2)]
+        for cache in caches:
+            model(ids[:, :-1], cache=cache)
+        scored = model(ids[:, -1:], cache=caches[0], labels=labels[:, -1:])
+        routed = model(ids[:, -1:], cache=caches[1], output_router_logits=True)
+    torch.testing.assert_close(scored.lm_loss, full.lm_loss, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(scored.logits, full.logits[:, -1:], rtol=1e-9, atol=1e-9)
+    assert routed.router_logits is not None and len(routed.router_logits) == len(full.router_logits)
+    for step, whole in zip(routed.router_logits, full.router_logits, strict=True):
+        torch.testing.assert_close(step, whole.view(2, 7, -1)[:, -1], rtol=1e-9, atol=1e-9)
+
+
+def test_a_left_padded_prompt_fed_one_column_at_a_time_equals_its_prefill(tiny_model):
+    """Feeding a left-padded batch through a cache one column at a time, each with its column of the mask, gives
+    the logits of one prefill: a pad column of a row that has no token yet stays a pad (it takes no place in the
+    cache, the positions or the Conba state), though its forward is one token per row."""
+    model = tiny_model(attn_rope=True)
+    ids = torch.randint(3, 300, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        cache = model.new_cache(2)
+        got = torch.cat([model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], cache=cache).logits
+                         for t in range(6)], 1)
+    assert torch.equal(cache.positions, mask.sum(1))
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-9, atol=1e-9)
+
+
+def test_inputs_embeds_with_pads_anywhere_equal_the_input_ids(tiny_model):
+    """inputs_embeds under a mask with pads between and after a row's tokens (PEFT's virtual tokens, then right
+    padding) run as the input_ids' embeddings under that mask do: each row's real tokens as one sequence."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 2:4] = 0  # a gap
+    mask[1, 6:] = 0  # right padding
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        got = model(inputs_embeds=model.embed(ids), attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-12, atol=1e-12)
+
+
+def test_copies_of_a_model_keep_its_compiled_prefill(tiny_model):
+    """copy.deepcopy and pickle after `compile_prefill` (before anything was compiled): the copy's Conba layers
+    run through a compiled prefill of their own, with the same segment and chunk."""
+    model = tiny_model(dtype=torch.float32)
+    model.compile_prefill(segment=6, chunk=3)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        prefills = [layer.mixer.prefill for layer in copied.layers if layer.mixer_kind == "conba"]
+        assert prefills and all(p is not None and (p.segment, p.chunk) == (6, 3) for p in prefills)
+
+
 def test_evaluating_restores_the_mode_the_model_had(tiny_model):
     model = tiny_model()
     for mode in (True, False):
@@ -202,15 +263,21 @@ def test_logits_to_keep_gives_the_last_positions(tiny_model):
         # transformers' other form: a 1-D tensor of the positions to keep (in a decoding step too)
         picked = model(ids, logits_to_keep=torch.tensor([0, 5, -1])).logits
         torch.testing.assert_close(picked, full[:, [0, 5, -1]], rtol=1e-9, atol=1e-9)
+        ends = model(ids, logits_to_keep=torch.tensor([-9, 8])).logits  # the first and last positions: in range
+        torch.testing.assert_close(ends, full[:, [0, 8]], rtol=1e-9, atol=1e-9)
         cache = model.new_cache(2)
         model(ids[:, :-1], cache=cache)
         step = model(ids[:, -1:], cache=cache, logits_to_keep=torch.tensor([0, 0])).logits
         torch.testing.assert_close(step, full[:, [-1, -1]], rtol=1e-9, atol=1e-9)
-    for bad in (-1, 1.0, torch.tensor([0.0]), torch.tensor([[0]]), torch.tensor([9]), torch.tensor([-10])):
+    for bad in (-1, 1.0, torch.tensor([0.0]), torch.tensor([[0]]), torch.tensor([9]), torch.tensor([-10]),
+                torch.ones(9, dtype=torch.bool)):  # (a mask of positions is not their indices)
         with pytest.raises(ValueError, match="logits_to_keep"):
             model(ids, logits_to_keep=bad)
-    with pytest.raises(ValueError, match="logits_to_keep"):
-        model(ids, labels=ids, logits_to_keep=1)
+    # With labels, all positions: the loss pairs each position's logits with its label (indices, even a
+    # permutation of all of them, would pair them wrongly).
+    for bad in (1, torch.arange(9).flip(0)):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(ids, labels=ids, logits_to_keep=bad)
 
 
 def test_hidden_states_are_the_embeddings_and_each_layers_output(tiny_model):
@@ -333,6 +400,17 @@ def test_loss_and_aux_terms(tiny_model):
     torch.testing.assert_close(z_out.loss, z_out.lm_loss + coef * z_out.aux_loss + 0.1 * z_out.z_loss)
     n_moe = sum(f == "moe" for _, f in model.config.layout())
     assert out.expert_counts.shape == (n_moe, 4)
+    # aux_loss and z_loss: the mean over the MoE layers of each layer's own term (not their sum)
+    stats = []
+    hooks = [layer.ffn.register_forward_hook(lambda _m, _i, output: stats.append(output[1]))
+             for layer in model.layers if layer.ffn_kind == "moe"]
+    with torch.no_grad():
+        again = model(ids, labels=labels)
+    for hook in hooks:
+        hook.remove()
+    assert len(stats) == n_moe > 1
+    torch.testing.assert_close(again.aux_loss, torch.stack([s.aux_loss for s in stats]).mean())
+    torch.testing.assert_close(again.z_loss, torch.stack([s.z_loss for s in stats]).mean())
     assert bool((out.expert_counts.sum(1) == 2 * 16 * model.config.top_k).all())
     out.loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "delay_gain" not in n)
@@ -893,10 +971,13 @@ def test_seq_idx_errors_name_the_problem(tiny_model):
     model = tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
     docs = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
-    with pytest.raises(ValueError, match=r"seq_idx must be \(B, T\)=\(2, 6\)"):
-        model(ids, seq_idx=docs[:, :5])
-    with pytest.raises(ValueError, match="non-decreasing"):
-        model(ids, seq_idx=docs.flip(1))
+    # The model checks them itself, by the argument's name, whatever its layers (here without Conba, whose
+    # kernels check too)
+    for checked in (model, tiny_model(**LAYOUTS["transformer"])):
+        with pytest.raises(ValueError, match=r"^seq_idx must be \(B, T\)=\(2, 6\)"):
+            checked(ids, seq_idx=docs[:, :5])
+        with pytest.raises(ValueError, match=r"^seq_idx must be non-decreasing"):
+            checked(ids, seq_idx=docs.flip(1))
     with pytest.raises(ValueError, match="without a cache"):
         model(ids, seq_idx=docs, cache=model.new_cache(2))
     mask = torch.ones(2, 6, dtype=torch.long)
