@@ -24,6 +24,20 @@ def test_a_failed_write_leaves_the_file_as_it_was_and_no_temporary_file(tmp_path
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
+def test_a_write_interrupted_by_ctrl_c_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A KeyboardInterrupt (not an Exception) mid-write removes the temporary file too and reaches the caller."""
+    path = tmp_path / "metrics.jsonl"
+    write_text_atomic(path, "old\n")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, "new\n")
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_a_held_lock_names_its_holder_and_refuses_or_waits(tmp_path):
     folder = tmp_path / "run"
     seen = []
