@@ -108,3 +108,18 @@ def test_stale_weights_are_only_the_files_an_index_names_in_its_own_directory(tm
     (model_dir / WEIGHTS_INDEX_NAME).write_text(json.dumps({"weight_map": {"a": WEIGHTS_NAME, "b": names[0]}}))
     remove_stale_weights(model_dir, keep=WEIGHTS_NAME)
     assert sorted(p.name for p in model_dir.iterdir()) == [WEIGHTS_NAME, "notes.txt"]
+
+
+def test_a_tied_models_weights_under_lm_head_weight_alone_load_as_both(tiny_model, tmp_path):
+    """A tied model's file may hold the shared tensor under lm_head.weight only (another tool's choice of name):
+    it loads as the embedding and the head."""
+    model = tiny_model(dtype=torch.float32)
+    assert model.config.tie_embeddings
+    model.save_pretrained(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    state = safetensors.torch.load_file(path)
+    state["lm_head.weight"] = state.pop("embed.weight")
+    safetensors.torch.save_file(state, path, metadata=files.WEIGHTS_METADATA)
+    loaded = MixConForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.embed.weight, model.embed.weight) and loaded.lm_head.weight is loaded.embed.weight
+    assert torch.equal(_logits(loaded), _logits(model))
