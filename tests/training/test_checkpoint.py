@@ -93,6 +93,19 @@ def test_checkpoint_with_the_old_expert_layout_loads_converted(trained):
             assert torch.equal(got.optimizer_state["state"][name][key], value), (name, key)
 
 
+def test_a_checkpoints_files_and_its_folder_entry_are_flushed_to_disk(tiny_config, tmp_path, monkeypatch):
+    """Every file of a checkpoint is synced before it is renamed into place, and the checkpoints folder after (a
+    power cut then loses neither the new checkpoint's contents nor its name)."""
+    synced = []
+    monkeypatch.setattr(ckpt, "fsync_path", lambda path: synced.append(Path(path)))
+    final = ckpt.save_checkpoint(tmp_path, 1, config=tiny_config(), model_state={"w": torch.zeros(2)},
+                                 optimizer_state={}, trainer_state={}, tokenizer=ByteTokenizer())
+    tmp = final.with_name(f".tmp-{final.name}")
+    files = {p.relative_to(final) for p in final.rglob("*") if p.is_file()}
+    assert {p.relative_to(tmp) for p in synced[:-1]} == files and len(synced) == len(files) + 1
+    assert synced[-1] == final.parent
+
+
 def test_only_the_last_k_are_kept(make_trainer, tmp_path):
     make_trainer(tmp_path, steps=5, save_every=1, keep_last=2, eval_every=100).fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
@@ -224,6 +237,27 @@ def test_a_corrupt_checkpoint_names_the_newest_intact_one_before_it(trained):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt .*; no earlier checkpoint of the run "
                                               r"is intact"):
         load_checkpoint(run)
+
+
+def test_the_intact_checkpoint_named_is_the_newest_of_several(trained):
+    """With two intact checkpoints before a corrupt one, the error names the later of them (the least lost)."""
+    _, run = trained
+    _, second = list_checkpoints(run)
+    third = run / ckpt.CHECKPOINTS / "step-00000006"
+    shutil.copytree(second, third)
+    (third / ckpt.WEIGHTS_NAME).write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=rf"the newest intact checkpoint before it is {re.escape(str(second))} "):
+        load_checkpoint(third)
+
+
+def test_checkpoints_are_ordered_by_step_past_eight_digits(trained):
+    """Step 100000000 is newer than step 99999999, though its name sorts first."""
+    _, run = trained
+    latest = latest_checkpoint(run)
+    for step in (99_999_999, 100_000_000):
+        shutil.copytree(latest, ckpt.checkpoint_path(run, step))
+    assert latest_checkpoint(run) == ckpt.checkpoint_path(run, 100_000_000)
+    assert [ckpt.checkpoint_step(p) for p in list_checkpoints(run)] == [2, 4, 99_999_999, 100_000_000]
 
 
 def test_a_checkpoint_or_run_given_as_the_working_directory_loads(trained, monkeypatch):
@@ -386,6 +420,13 @@ def test_weights_of_the_wrong_shape_are_refused(trained):
         ckpt.check_model_state(c.model_state, expected, c.path)
 
 
+def test_weights_the_model_does_not_have_are_refused_alone(tmp_path):
+    """Names the model lacks are refused even when every name it has fits (they were not silently dropped)."""
+    state = {"embed.weight": torch.zeros(4, 2), "extra.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \['extra.weight'\], wrong shape \[\]"):
+        ckpt.check_model_state(state, {"embed.weight": torch.Size([4, 2])}, tmp_path)
+
+
 def test_unknown_format_version_is_refused(trained):
     _, run = trained
     manifest_file = latest_checkpoint(run) / ckpt.MANIFEST
@@ -393,6 +434,10 @@ def test_unknown_format_version_is_refused(trained):
     manifest["format_version"] = 99
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="format_version 99"):
+        load_checkpoint(run)
+    del manifest["format_version"]
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="format_version None, this version of mixcon reads 1"):
         load_checkpoint(run)
 
 
