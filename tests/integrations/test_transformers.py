@@ -414,10 +414,11 @@ def test_a_device_map_over_several_places_is_refused_one_device_loads(tiny_model
         back = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map).eval()
         assert all(p.device.type == "cpu" for p in back.parameters())
         assert torch.equal(back(ids).logits, hf(ids).logits)
-    # One accelerator named three ways is one place (checked without one: the names alone).
+    # One accelerator named four ways is one place (checked without one: the names alone); "cuda" is cuda:0.
     from mixcon.integrations.transformers import _check_device_map
 
-    _check_device_map({"model.embed": 0, "model.layers": "cuda:0", "model.lm_head": torch.device("cuda", 0)})
+    _check_device_map({"model.embed": 0, "model.layers": "cuda:0", "model.norm": "cuda",
+                       "model.lm_head": torch.device("cuda", 0)})
     with pytest.raises(ValueError, match=r"put it on cuda:0 \(a\); cuda:1 \(b\)"):
         _check_device_map({"a": 0, "b": 1})
 
@@ -457,8 +458,13 @@ def test_padding_free_batches_score_each_document_alone(pair, collate):
     assert out.past_key_values is None
     with pytest.raises(ValueError, match="position_ids must have the shape of input_ids"):
         hf(batch["input_ids"], position_ids=torch.zeros(1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"cu_seq_lens_q must be the cumulative document lengths \[0, ..., T=25\]"):
-        hf(batch["input_ids"], cu_seq_lens_q=torch.tensor([0, 7, 24]))
+    # Bounds that are not one row's cumulative lengths would split it into other documents than the collator's.
+    refused = r"cu_seq_lens_q must be the cumulative document lengths \[0, ..., T=25\]"
+    for bad in ([0, 7, 24], [2, 7, 25], [0, 9, 7, 25]):  # short of T, not from 0, decreasing
+        with pytest.raises(ValueError, match=refused):
+            hf(batch["input_ids"], cu_seq_lens_q=torch.tensor(bad))
+    with pytest.raises(ValueError, match=r"of one packed row .* for input_ids \(2, 25\)"):  # two rows, one set
+        hf(batch["input_ids"].repeat(2, 1), cu_seq_lens_q=torch.tensor([0, 7, 25]))
     bounds = torch.tensor([0, 7, 8, 20, 25])
     with pytest.raises(ValueError, match="as seq_idx or as cu_seq_lens_q, not both"):
         hf(batch["input_ids"], cu_seq_lens_q=bounds, seq_idx=torch.zeros(1, 25, dtype=torch.long))
