@@ -358,6 +358,23 @@ def test_mismatch_compares_what_ids_mean_not_files():
     assert mismatch(ByteTokenizer(), LastId()) == "id 258 stands for b'?', not b''"
 
 
+def test_mismatch_names_byte_ids_in_another_order():
+    """A byte-level BPE whose 256 byte ids are ordered otherwise (as GPT-2's are: printable bytes first) has the
+    same size and specials as the bytes tokenizer and loads, but its ids mean other bytes: named at the first."""
+    from mixcon.data.tokenizer import BYTE_OF, mismatch
+
+    vocab = dict(BYTE_OF)
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # ids 97 and 98 exchanged
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    swapped = BPETokenizer(tok)
+    assert swapped.encode("ab") == [98, 97] and swapped.decode([98, 97]) == "ab"
+    assert mismatch(ByteTokenizer(), swapped) == "id 97 stands for b'b', not b'a'"
+    assert mismatch(swapped, BPETokenizer(swapped.to_tokenizers())) is None
+
+
 def test_a_json_file_that_is_no_tokenizer_is_named(tmp_path):
     """JSON that `tokenizers` cannot read (another version's format, another program's file): a ValueError naming
     the file (tokenizers raises a bare Exception)."""
