@@ -391,6 +391,17 @@ def test_a_single_text_holds_out_about_its_fraction_whatever_its_lines():
     assert _held_out_end(text, 0.2) == (text[:78], text[78:])
 
 
+def test_a_cut_point_at_a_line_start_stays_where_it_is():
+    """Lines of two characters, the cut at 90 itself a line start: the held-out end is exactly the last 10 %,
+    not moved to a line start two characters away on either side."""
+    from mixcon.data.shards import _held_out_end
+
+    text = "a\n" * 50
+    assert _held_out_end(text, 0.1) == (text[:90], text[90:])
+    text = "ab\n" * 40  # the cut at 108, a line start; others at 105 and 111, within the slack of 6
+    assert _held_out_end(text, 0.1) == (text[:108], text[108:])
+
+
 def test_validation_documents_fill_the_budget_when_sizes_allow():
     """Documents of 25, 25 and 50 bytes with val_fraction 0.5: whatever the seeded order, validation holds
     exactly 50 bytes (a text that fits the remaining budget exactly is taken)."""
@@ -447,6 +458,19 @@ def test_the_summary_says_cut_exactly_when_max_bytes_left_text_out(tmp_path):
         ds = build(Corpus.from_spec(str(tmp_path / spec)), ByteTokenizer(), tmp_path / f"s-{spec}-{max_bytes}",
                    val_fraction=0, max_bytes=max_bytes)
         assert ("cut at its first" in ds.summary()) == cut, (spec, max_bytes)
+
+
+def test_shards_are_mapped_read_only(tmp_path):
+    """A write into the token stream a loader cuts windows from raises, rather than changing the shard files on disk
+    (and a shard folder that is read-only for the user still opens)."""
+    (tmp_path / "a.txt").write_text("some text to tokenise\n" * 20)
+    ds = build(Corpus.from_spec(str(tmp_path / "a.txt")), ByteTokenizer(), tmp_path / "s", val_fraction=0.1)
+    for split in ("train", "val"):
+        stream = ds.tokens(split)
+        assert len(stream) > 0 and not stream.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            stream[0] = 0
+    assert ShardDataset(tmp_path / "s").train.tolist() == [*b"some text to tokenise\n" * 18, ByteTokenizer().eos_id]
 
 
 def test_a_missing_shard_file_is_named_and_rebuilt(tmp_path, capsys, random_documents, write_documents):
