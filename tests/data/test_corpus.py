@@ -34,6 +34,9 @@ def test_folder_is_recursive_txt_and_globs_pick_other_files(tmp_path):
     assert list(Corpus.from_spec(f"{tmp_path}/**/*")) == ["B", "C", "A"]
     assert list(Corpus.from_spec(f"{tmp_path}/**")) == ["B", "C", "A"]  # '**' alone: every file below
     assert "3 files" in Corpus.from_spec(f"{tmp_path}/**/*").describe()
+    (tmp_path / "z.txt").write_text("Z")
+    assert list(Corpus.from_spec(str(tmp_path))) == ["B", "A", "Z"]  # by path, not folder by folder: sub/ < z.txt
+    (tmp_path / "z.txt").unlink()
     (tmp_path / "data[1].txt").write_text("D")  # glob characters in the name of a file that exists
     assert list(Corpus.from_spec(str(tmp_path / "data[1].txt"))) == ["D"]
 
@@ -150,6 +153,23 @@ def test_default_corpus_is_the_standard_library():
     docs = list(corpus.documents(max_bytes=300_000))
     assert 300_000 - 3 <= sum(len(d.encode()) for d in docs) <= 300_000
     assert any("def " in d for d in docs)
+
+
+def test_the_default_corpus_order_does_not_depend_on_the_file_system():
+    """Folders and files in name order, each folder's files before its subfolders' (the order a directory listing
+    returns varies between machines; the first max_bytes of the corpus, and so the shards' key, must not)."""
+    paths = default_corpus().paths
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert paths == sorted(paths, key=lambda p: (p.parent.relative_to(root).parts, p.name))
+
+
+def test_a_file_named_like_json_lines_with_a_field_is_that_file(tmp_path):
+    """'notes.jsonl:v2' names an existing file: it is read whole, not as field 'v2' of notes.jsonl."""
+    (tmp_path / "notes.jsonl").write_text('{"v2": "the field"}\n')
+    (tmp_path / "notes.jsonl:v2").write_text("the file itself\n")
+    assert list(Corpus.from_spec(str(tmp_path / "notes.jsonl:v2"))) == ["the file itself\n"]
+    (tmp_path / "notes.jsonl:v2").unlink()
+    assert list(Corpus.from_spec(str(tmp_path / "notes.jsonl:v2"))) == ["the field"]  # no such file: FILE.jsonl:FIELD
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
