@@ -44,6 +44,7 @@ def test_train_windows_are_contiguous_slices_of_the_stream(ds):
         input_ids, labels = next(loader)
         assert input_ids.shape == labels.shape == (8, 32)
         assert input_ids.dtype == labels.dtype == torch.int64
+        assert input_ids.is_contiguous() and labels.is_contiguous()  # (not views of one (B, T+1) array: .view works)
         starts += window_starts(ds.train, input_ids, labels)
     assert len(set(starts)) == len(starts)  # random positions, not a fixed few
     assert max(starts) - min(starts) > len(ds.train) // 2
