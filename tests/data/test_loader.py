@@ -94,6 +94,7 @@ def test_eval_batches_walk_the_split_in_order(ds):
     batches = list(eval_batches(ds, seq_len=T, batch_size=B))
     n = (len(val) - 1) // T
     assert [x.shape[0] for x, _ in batches] == [B] * (n // B) + ([n % B] if n % B else [])
+    assert all(x.dtype == y.dtype == torch.int64 for x, y in batches)  # as training batches (labels for the loss)
     inputs = torch.cat([x.reshape(-1) for x, _ in batches]).numpy()
     labels = torch.cat([y.reshape(-1) for _, y in batches]).numpy()
     assert np.array_equal(inputs, val[:n * T]) and np.array_equal(labels, val[1:n * T + 1])
