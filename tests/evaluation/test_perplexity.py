@@ -78,7 +78,7 @@ def test_streams_cache_grows_to_the_longest_document_and_no_further(tiny_model, 
     monkeypatch.setattr(MixConCache, "reserve", recording)
     docs = docs_of([37], model.config.vocab_size)
     got = document_nll(model, docs, pad_id=0, context=4, mode="stream")
-    assert sizes and sizes[-1] == 36
+    assert sizes and sizes[0] == 16 and sorted(set(sizes)) == [16, 32, 36]
     assert got == pytest.approx([full_nll(model, docs[0])], rel=1e-10)
 
 
@@ -168,6 +168,8 @@ def test_a_scores_derived_figures():
     score = TextScore(nll=80.0, tokens=10, bytes=40, documents=1, seconds=2.0)
     assert score.perplexity == pytest.approx(math.exp(8.0)) and score.bits_per_byte == pytest.approx(2 / math.log(2))
     assert score.as_dict()["tokens_per_s"] == 5.0
+    instant = TextScore(nll=80.0, tokens=10, bytes=40, documents=1, seconds=0.0)  # a clock that did not move
+    assert instant.as_dict()["tokens_per_s"] == 0.0
     huge = TextScore(nll=10_000.0, tokens=10, bytes=40, documents=1, seconds=2.0)  # loss 1,000 nats: no overflow
     assert huge.perplexity == math.exp(700.0)
 
@@ -181,3 +183,30 @@ def test_real_text_window_and_stream_agree_when_the_window_holds_everything(tiny
     assert window.tokens == stream.tokens == sum(len(p.encode()) for p in paragraphs)
     assert window.nll == pytest.approx(stream.nll, rel=1e-5)
     assert 7.0 < window.bits_per_byte < 9.5  # an untrained model: about log2(259) = 8.0 bits per byte
+
+
+@pytest.mark.parametrize("mode", ["window", "stream"])
+def test_the_progress_bar_counts_each_scored_token_once(tiny_model, capsys, mode):
+    """progress=True shows a bar that ends at the documents' predictions, each counted once however the
+    windows overlap (stride 2 in windows of 5: most inputs are in several windows); none without it."""
+    model = tiny_model()
+    docs = docs_of([30, 3, 11], model.config.vocab_size)
+    stride = 2 if mode == "window" else None
+    document_nll(model, docs, pad_id=0, context=5, stride=stride, mode=mode, batch_size=2, progress=True)
+    assert "41/41 [" in capsys.readouterr().err  # 29 + 2 + 10 predictions
+    document_nll(model, docs, pad_id=0, context=5, stride=stride, mode=mode, batch_size=2)
+    assert "41/41" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["window", "stream"])
+def test_evaluate_texts_runs_batch_size_rows_side_by_side(tiny_model, mode):
+    """batch_size reaches the forwards: 5 documents (each one row: the window holds it) in rows of 2, 2, 1, or
+    all 5 at once."""
+    model = tiny_model(vocab_size=ByteTokenizer.vocab_size)
+    rows = []
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    texts = ["one", "second text", "3", "the fourth", "fifth and last"]
+    for batch_size, want in [(2, [2, 2, 1]), (5, [5])]:
+        rows.clear()
+        evaluate_texts(model, ByteTokenizer(), texts, context=64, mode=mode, batch_size=batch_size)
+        assert rows == want
