@@ -29,6 +29,14 @@ def test_comparison_configs_keep_the_widths_and_change_the_layout():
     assert configs["this model"].layout_string().startswith("CACCCCAC/MDMDMDMD")
     assert configs["jamba-like"].layout_string().startswith("CCCCACCC/MDMDMDMD")
     assert configs["mixtral-like"].layout_string().startswith("AAAAAAAA/MMMMMMMM")
+    assert configs["transformer"].layout_string().startswith("AAAAAAAA/DDDDDDDD")  # no MoE left from the pattern
+
+
+def test_the_mixtral_like_comparison_routes_top_2_whatever_the_models_top_k():
+    """A top-1 model beside Mixtral's 8 experts, top-2 (the active parameters count two experts), not top-1."""
+    top1 = MixConConfig.preset("small").replace(top_k=1)
+    mixtral = comparison_configs(top1)["mixtral-like"]
+    assert (mixtral.n_experts, mixtral.top_k) == (8, 2)
 
 
 def test_footprint_of_the_paper_model_by_hand():
@@ -87,6 +95,23 @@ def test_info_compare_prints_the_table_and_draws_it(tmp_path, capsys):
     weights = footprint(transformer, [], memory_bytes=0).weight_bytes
     assert lines["transformer"].split()[-1] == f"{max_context(transformer, int(0.001 * GIB) - weights):,}"
     assert plot.stat().st_size > 0
+
+
+def test_info_compare_cells_are_the_footprints_figures(capsys):
+    """Each row's parameters, active parameters, weight GiB and cache GiB at each context are those of its own
+    footprint (32-bit weights, batch 2), in GiB of 2**30 bytes."""
+    contexts = [4096, 262144]
+    assert main(["info", "--config", "small", "--context", "4096,262144", "--compare", "--weight-bits", "32",
+                 "--batch-size", "2"]) == 0
+    table = capsys.readouterr().out.split("beside other architectures")[1].splitlines()[1:]
+    header = table[0].split()
+    assert header[2:7] == ["params", "active", "weights", "GiB", "cache@4096"]
+    for name, config in comparison_configs(MixConConfig.preset("small")).items():
+        (row,) = [line for line in table if line.strip().startswith(name)]
+        cells = row.split(name)[1].split()
+        f = footprint(config, contexts, memory_bytes=80 * GIB, batch_size=2, dtype=torch.bfloat16, weight_bytes=4)
+        assert cells[2:7] == [f"{f.params / 1e6:.2f}M", f"{f.active_params / 1e6:.2f}M", f"{f.weight_bytes / GIB:.2f}",
+                              *(f"{f.cache_bytes[n] / GIB:.3f}" for n in contexts)]
 
 
 def test_info_compare_says_when_a_model_does_not_fit_at_all(capsys):
