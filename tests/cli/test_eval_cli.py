@@ -214,3 +214,43 @@ def test_eval_perplexity_hands_its_options_to_evaluate_texts(saved, monkeypatch)
         main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", f"{corpus}/**",
               "--context", "16", "--stride", "8", "--batch-size", "3", "--no-progress"])
     assert given == dict(context=16, stride=8, mode="window", batch_size=3, progress=False)
+
+
+def test_eval_perplexity_defaults_reach_evaluate_texts(saved, monkeypatch):
+    """Without options: --context 1024, disjoint windows, batches of 8, a progress bar, and an fp32 model, as --help
+    says."""
+    from mixcon.cli import eval as eval_cli
+
+    class Stop(Exception):
+        pass
+
+    given = {}
+
+    def record(model, tok, texts, **kwargs):
+        given.update(kwargs, dtype=model.embed.weight.dtype)
+        raise Stop
+
+    monkeypatch.setattr(eval_cli, "evaluate_texts", record)
+    model_dir, corpus = saved
+    with pytest.raises(Stop):
+        main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", str(corpus)])
+    assert given == dict(context=1024, stride=None, mode="window", batch_size=8, progress=True, dtype=torch.float32)
+
+
+def test_dtype_reaches_the_model_and_the_json(saved, tmp_path):
+    """--dtype bf16: the scores of the model in bf16 (not of the fp32 weights as saved), and "dtype": "bf16" in the
+    JSON."""
+    from mixcon.training.checkpoint import load_model_and_tokenizer
+
+    model_dir, corpus = saved
+    out = tmp_path / "eval.json"
+    assert main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", str(corpus),
+                 "--dtype", "bf16", "--context", "16", "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    docs = list(Corpus.from_spec(str(corpus)).documents())
+    model, tok = load_model_and_tokenizer(model_dir, "cpu", "bytes", torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    want = evaluate_texts(model, tok, docs, context=16)
+    fp32 = evaluate_texts(MixConForCausalLM.from_pretrained(model_dir), ByteTokenizer(), docs, context=16)
+    assert result["dtype"] == "bf16" and result["nll"] == pytest.approx(want.nll, rel=1e-6)
+    assert result["nll"] != pytest.approx(fp32.nll, rel=1e-6)
