@@ -255,3 +255,18 @@ def test_parse_overrides_raises_value_error_that_commands_name_themselves_in():
             parse_overrides([item])
     with pytest.raises(SystemExit, match=r"^mixcon info: --set 'extra=5': extra must be a mapping"):
         main(["info", "--set", "extra=5"])
+
+
+def test_numbers_refuse_infinities_and_text_and_set_values_are_parsed():
+    """A finite float is finite (inf is refused, not taken as no limit); text that is no number is refused, not
+    read as 0; --set values 'true'/'false' are the booleans they say; no --config is the default preset."""
+    from mixcon.cli.common import DEFAULT_CONFIG, number_type, parse_value
+
+    for text in ("inf", "-inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"expected a finite number >= 0, got '{text}'"):
+            number_type(float, 0)(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected an integer >= 0, got 'two'"):
+        number_type(int, 0)("two")
+    assert (parse_value("True"), parse_value("false"), parse_value("none")) == (True, False, None)
+    config = config_from_args(argparse.Namespace(config=None, overrides=[]))
+    assert config == MixConConfig.preset(DEFAULT_CONFIG)
