@@ -576,3 +576,30 @@ def test_the_warmup_is_said_shortened_only_when_it_is(corpus, tmp_path, capsys):
     assert "warmup:" not in capsys.readouterr().out
     assert main([*argv, "--steps", "3", "--warmup-steps", "3", "--out", str(tmp_path / "longer")]) == 0
     assert "warmup: 3 steps shortened to 2, all but the last of --steps 3\n" in capsys.readouterr().out
+
+
+def test_a_new_run_given_steps_or_a_budget_is_not_limited_by_the_other(corpus, tmp_path, monkeypatch):
+    """The default time budget applies only when neither --steps nor --time-budget is given: --steps alone trains
+    them all (no 480 s cut), --time-budget alone trains for it (no step count)."""
+    seen = []
+
+    def record(self, **kwargs):
+        seen.append((self.options.steps, self.options.time_budget))
+        raise _Stop
+
+    monkeypatch.setattr(Trainer, "fit", record)
+    base = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2",
+            "--seq-len", "16", "--sample-tokens", "0", "--no-progress"]
+    for extra, name in ((["--steps", "5000"], "steps"), (["--time-budget", "60"], "budget")):
+        with pytest.raises(_Stop):
+            main([*base, *extra, "--out", str(tmp_path / name)])
+    assert seen == [(5000, None), (None, 60.0)]
+
+
+def test_a_resume_refuses_every_option_that_would_change_its_data(corpus, tmp_path, monkeypatch):
+    """--max-bytes and --val-fraction decide the shards as --corpus and --seed do: a resumed run keeps them (its
+    shards are reused, so a new value would be recorded but not used)."""
+    resumed_options(corpus, tmp_path, monkeypatch, [])
+    for flag, value in (("--max-bytes", "100"), ("--val-fraction", "0.5")):
+        with pytest.raises(SystemExit, match=rf"continues on the run's data; {flag} would change it"):
+            main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "3", flag, value])
