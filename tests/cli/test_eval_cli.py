@@ -196,29 +196,9 @@ def test_a_glob_corpus_leaves_out_the_results_file_it_holds(saved, tmp_path, cap
     assert results[0]["documents"] == results[1]["documents"] == 3 and results[0]["nll"] == results[1]["nll"]
 
 
-def test_eval_perplexity_hands_its_options_to_evaluate_texts(saved, monkeypatch):
-    from mixcon.cli import eval as eval_cli
-
-    class Stop(Exception):
-        pass
-
-    given = {}
-
-    def record(model, tok, texts, **kwargs):
-        given.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(eval_cli, "evaluate_texts", record)
-    model_dir, corpus = saved
-    with pytest.raises(Stop):
-        main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", f"{corpus}/**",
-              "--context", "16", "--stride", "8", "--batch-size", "3", "--no-progress"])
-    assert given == dict(context=16, stride=8, mode="window", batch_size=3, progress=False)
-
-
-def test_eval_perplexity_defaults_reach_evaluate_texts(saved, monkeypatch):
-    """Without options: --context 1024, disjoint windows, batches of 8, a progress bar, and an fp32 model, as --help
-    says."""
+def perplexity_options(saved, monkeypatch, *flags: str) -> dict:
+    """What `mixcon eval perplexity` with `flags` calls evaluate_texts with (its keywords and the model's dtype), the
+    command stopped there."""
     from mixcon.cli import eval as eval_cli
 
     class Stop(Exception):
@@ -233,7 +213,21 @@ def test_eval_perplexity_defaults_reach_evaluate_texts(saved, monkeypatch):
     monkeypatch.setattr(eval_cli, "evaluate_texts", record)
     model_dir, corpus = saved
     with pytest.raises(Stop):
-        main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", str(corpus)])
+        main(["eval", "perplexity", "--checkpoint", str(model_dir), "--tokenizer", "bytes", "--corpus", str(corpus),
+              *flags])
+    return given
+
+
+def test_eval_perplexity_hands_its_options_to_evaluate_texts(saved, monkeypatch):
+    given = perplexity_options(saved, monkeypatch, "--context", "16", "--stride", "8", "--batch-size", "3",
+                               "--no-progress")
+    assert given == dict(context=16, stride=8, mode="window", batch_size=3, progress=False, dtype=torch.float32)
+
+
+def test_eval_perplexity_defaults_reach_evaluate_texts(saved, monkeypatch):
+    """Without options: --context 1024, disjoint windows, batches of 8, a progress bar, and an fp32 model, as --help
+    says."""
+    given = perplexity_options(saved, monkeypatch)
     assert given == dict(context=1024, stride=None, mode="window", batch_size=8, progress=True, dtype=torch.float32)
 
 
