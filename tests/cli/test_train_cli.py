@@ -525,7 +525,9 @@ def test_a_switch_a_run_was_started_with_is_turned_off_on_resume_by_its_no_flag(
 
 def test_what_the_trainer_is_given_by_default_and_by_flags(corpus, tmp_path, monkeypatch):
     """With neither --steps nor --time-budget: the default budget, less the sample's reserve as the deadline; the
-    run directory runs/<config name>; the first 4 MB of the corpus, or with --max-bytes 0 all of it."""
+    run directory runs/<config name>; the first 4 MB of the corpus, or with --max-bytes 0 all of it. The default
+    budget only then: --steps alone trains them all (no 480 s cut), --time-budget alone trains for it (no step
+    count)."""
     import time
 
     from mixcon.cli import train
@@ -533,7 +535,8 @@ def test_what_the_trainer_is_given_by_default_and_by_flags(corpus, tmp_path, mon
     seen = []
 
     def record(self, **kwargs):
-        seen.append((self.options, kwargs["deadline"] - time.monotonic(), self.run_dir))
+        deadline = kwargs["deadline"]  # None: no time budget
+        seen.append((self.options, None if deadline is None else deadline - time.monotonic(), self.run_dir))
         raise _Stop
 
     monkeypatch.setattr(Trainer, "fit", record)
@@ -541,15 +544,19 @@ def test_what_the_trainer_is_given_by_default_and_by_flags(corpus, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     base = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2",
             "--seq-len", "16", "--no-progress"]
-    for extra in ([], ["--max-bytes", "0", "--sample-tokens", "0", "--out", "other"]):
+    for extra in ([], ["--max-bytes", "0", "--sample-tokens", "0", "--out", "other"],
+                  ["--steps", "5000", "--sample-tokens", "0", "--out", "steps"],
+                  ["--time-budget", "60", "--sample-tokens", "0", "--out", "budget"]):
         with pytest.raises(_Stop):
             main([*base, *extra])
-    (options, left, run_dir), (options0, left0, run_dir0) = seen
+    (options, left, run_dir), (options0, left0, run_dir0), (by_steps, no_deadline, _), (by_budget, _, _) = seen
     assert options.time_budget == train.DEFAULT_TIME_BUDGET == 480 and options.max_bytes == 4_000_000
     assert train.DEFAULT_TIME_BUDGET - 200 - 60 < left < train.DEFAULT_TIME_BUDGET - 200
     assert Path(run_dir) == Path("runs") / "tiny" and Path(run_dir0) == Path("other")
     assert options0.max_bytes is None and train.DEFAULT_TIME_BUDGET - 60 < left0 <= train.DEFAULT_TIME_BUDGET
     assert ShardDataset(tmp_path / "other" / "data").index["max_bytes"] is None
+    assert (by_steps.steps, by_steps.time_budget, no_deadline) == (5000, None, None)
+    assert (by_budget.steps, by_budget.time_budget) == (None, 60.0)
 
 
 def test_the_sample_is_seeded_by_the_run_and_prompted_from_the_validation_text(corpus, tmp_path, monkeypatch):
@@ -576,24 +583,6 @@ def test_the_warmup_is_said_shortened_only_when_it_is(corpus, tmp_path, capsys):
     assert "warmup:" not in capsys.readouterr().out
     assert main([*argv, "--steps", "3", "--warmup-steps", "3", "--out", str(tmp_path / "longer")]) == 0
     assert "warmup: 3 steps shortened to 2, all but the last of --steps 3\n" in capsys.readouterr().out
-
-
-def test_a_new_run_given_steps_or_a_budget_is_not_limited_by_the_other(corpus, tmp_path, monkeypatch):
-    """The default time budget applies only when neither --steps nor --time-budget is given: --steps alone trains
-    them all (no 480 s cut), --time-budget alone trains for it (no step count)."""
-    seen = []
-
-    def record(self, **kwargs):
-        seen.append((self.options.steps, self.options.time_budget))
-        raise _Stop
-
-    monkeypatch.setattr(Trainer, "fit", record)
-    base = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--batch-size", "2",
-            "--seq-len", "16", "--sample-tokens", "0", "--no-progress"]
-    for extra, name in ((["--steps", "5000"], "steps"), (["--time-budget", "60"], "budget")):
-        with pytest.raises(_Stop):
-            main([*base, *extra, "--out", str(tmp_path / name)])
-    assert seen == [(5000, None), (None, 60.0)]
 
 
 def test_a_resume_refuses_every_option_that_would_change_its_data(corpus, tmp_path, monkeypatch):
