@@ -265,6 +265,24 @@ def test_a_reset_or_a_huge_decay_mid_chunk_stays_exact(delta_rule, spike):
 
 
 @pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
+def test_a_strong_decay_above_the_floor_is_no_reset_fp64(delta_rule):
+    """A log decay of -80 lies above LOG_DECAY_FLOOR (-100): the chunked and step forms keep the exp(-80) it leaves
+    of the state, as the loop does (an initial state of size exp(80) makes that part O(1))."""
+    x, k, q, ld, beta, gain, S0 = make_inputs(T=12)
+    ld = ld.clone()
+    ld[:, 3] = -80.0
+    S0 = S0 * np.exp(80.0)
+    kw = dict(delta_rule=delta_rule, tau=2, delay_gain=gain, initial_state=S0)
+    y_ref, s_ref = conba_scan_reference(x, k, q, ld, beta, **kw)
+    y, s = conba_scan(x, k, q, ld, beta, chunk_size=8, **kw)
+    y_step, s_step = run_steps(x, k, q, ld, beta, delta_rule=delta_rule, tau=2, gain=gain, S0=S0)
+    for got in (y, y_step):
+        torch.testing.assert_close(got, y_ref, rtol=1e-9, atol=1e-9)
+    for got in (s, s_step):
+        torch.testing.assert_close(got, s_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
 @pytest.mark.parametrize("strong", [-16.0, -150.0])
 def test_weak_decays_after_strong_ones_keep_fp32_precision(delta_rule, strong):
     """Half a chunk of strong decays (Δ·A = 16 lies inside Mamba-2's initial range), then weak ones: the
