@@ -181,6 +181,27 @@ def test_process_noise_enters_only_what_is_written():
     torch.testing.assert_close(outputs[2], outputs[3], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["process", "observation"])
+def test_noise_has_the_configured_scale(kind):
+    """DESIGN.md §2 step 8: x_t += σ_w ε (what the scan writes), o_t += σ_v ε (what the gated norm reads): in
+    training they differ from eval by noise of standard deviation σ (1280 draws: within 10%)."""
+    torch.manual_seed(0)
+    sigma = 0.3
+    layer = Conba(conba_config(**{f"conba_{kind}_noise": sigma}), 0).double()
+    seen = []
+    if kind == "process":
+        scan = layer.scan_fn
+        layer.scan_fn = lambda x, *args, **kw: seen.append(x) or scan(x, *args, **kw)
+    else:
+        layer.norm.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    u = torch.randn(2, 10, 32, dtype=torch.float64)
+    with torch.no_grad():
+        layer.eval()(u)
+        layer.train()(u)
+    noise = seen[1] - seen[0]
+    assert noise.numel() == 1280 and abs(float(noise.std()) - sigma) < 0.1 * sigma
+
+
 def test_mamba2_initialisation_ranges():
     layer = Conba(conba_config(), 0)
     A = layer.A_log.exp()
