@@ -243,6 +243,19 @@ def test_triton_kernel_without_triton_is_a_clear_error(monkeypatch):
     assert layer(u).shape == (1, 5, 32)  # with autograd: the PyTorch chunked scan, no triton needed
 
 
+def test_an_fp64_layer_asking_for_the_triton_kernel_keeps_fp64_precision(monkeypatch):
+    """The kernel refuses fp64 (it computes in fp32): an fp64 forward without autograd scans with the PyTorch form
+    instead, and equals the layer with conba_kernel='torch' to fp64 precision."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the layer would take the kernel on a CPU
+    torch.manual_seed(0)
+    torch_layer = Conba(conba_config(), 0).double().eval()
+    triton_layer = Conba(conba_config(conba_kernel="triton"), 0).double().eval()
+    triton_layer.load_state_dict(torch_layer.state_dict())
+    u = torch.randn(1, 12, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(triton_layer(u), torch_layer(u), rtol=1e-12, atol=1e-12)
+
+
 def test_an_unbatched_input_is_refused_by_shape():
     layer = Conba(MixConConfig.preset("tiny"), 0)
     with pytest.raises(ValueError, match=r"Conba: input must be \(B, T, d_model=32\), got shape \(5, 32\)"):
