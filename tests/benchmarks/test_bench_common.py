@@ -41,6 +41,8 @@ def test_the_matmul_peak_and_the_copy_bandwidth_from_their_timings(monkeypatch):
     """The peak from the fastest of the repeats (2 n^3 FLOP each); a copy moves its bytes twice (read, write)."""
     monkeypatch.setattr(common, "wall_times", lambda fn, repeats, warmup: [0.5, 0.25, 0.4])
     assert common.matmul_peak_gflops(n=64) == pytest.approx(2 * 64**3 / 0.25 / 1e9)
+    # fp16 on a CPU at n <= 512
+    assert common.matmul_peak_gflops(n=2048, dtype=torch.float16) == pytest.approx(2 * 512**3 / 0.25 / 1e9)
     monkeypatch.setattr(common, "median_seconds", lambda fn, repeats, warmup: 0.5)
     assert common.copy_bandwidth_gbs(mbytes=1) == pytest.approx(2 * 2**20 / 0.5 / 1e9)
     assert common.stream_read_gbs(mbytes=1) == pytest.approx(2**20 / 0.5 / 1e9)  # a sum reads its bytes once
@@ -54,13 +56,31 @@ def test_twins_of_a_model_with_a_layer_pattern_are_pure():
 
 
 def test_timings_are_medians_and_memory_is_counted_in_kib_of_1024_bytes(monkeypatch):
-    times = iter([3.0, 1.0, 2.0])
+    times = iter([6.0, 1.0, 2.0])  # median 2, mean 3
     monkeypatch.setattr(common, "seconds_of", lambda fn: next(times))
     assert common.interleaved_median_seconds({"a": lambda: None}, repeats=3, warmup=0) == {"a": 2.0}
     if not sys.platform.startswith("linux"):
         pytest.skip("peak_memory reads /proc/self/status (Linux)")
     monkeypatch.setattr(common, "_status_kib", lambda key: {"VmRSS": 100, "VmHWM": 150}[key])
     assert common.peak_memory(lambda: None, "cpu") == 50 * 1024
+
+
+def test_wall_times_leave_out_the_warm_up_and_median_seconds_is_their_median(monkeypatch):
+    """Warm-up calls run untimed, then `repeats` timed calls (more while their total is under min_seconds)."""
+    warm, times = [], iter([6.0, 1.0, 2.0, 0.1, 0.1, 0.1, 0.1])
+    monkeypatch.setattr(common, "seconds_of", lambda fn: next(times))
+    assert common.median_seconds(lambda: warm.append(1), repeats=3, warmup=2) == 2.0 and len(warm) == 2
+    assert common.wall_times(lambda: None, repeats=1, warmup=0, min_seconds=0.25) == [0.1, 0.1, 0.1]
+
+
+def test_peak_memory_on_cuda_is_the_allocators_peak_above_what_was_allocated_before(monkeypatch):
+    """On a fake CUDA allocator holding 100 bytes after an earlier peak of 400: a call that peaks at 250 held 150."""
+    held = {"now": 100, "peak": 400}
+    monkeypatch.setattr(common, "sync", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: held.update(peak=held["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: held["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: held["peak"])
+    assert common.peak_memory(lambda: held.update(peak=max(held["peak"], 250)), "cuda") == 150
 
 
 def test_resume_refuses_results_written_without_a_setting(tmp_path):
@@ -100,6 +120,19 @@ def test_saved_bytes_counter_frees_what_it_counted():
     with SavedBytes(x, w) as counter:
         z = (x @ w).exp()  # the product saves x and w (held, not counted), exp its output (counted)
     assert counter.nbytes == z.nbytes
+
+
+def test_saved_bytes_count_each_storage_once_and_whole():
+    """A tensor saved twice counts once; a saved view counts the whole storage it keeps alive."""
+    x = torch.randn(100, requires_grad=True)
+    with SavedBytes() as counter:
+        y = x.exp()  # saves y
+        y * y  # saves y twice more
+    assert counter.nbytes == y.nbytes
+    with SavedBytes() as counter:
+        b = x * 2  # saves no tensor
+        b[:10].sin()  # saves a view of 10 of b's 100 elements
+    assert counter.nbytes == b.nbytes
 
 
 @pytest.mark.parametrize("bench", ["filler", "recall"])
