@@ -7,11 +7,14 @@ import sys
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mixcon.benchmarks import speed
 from mixcon.cli import main
+from mixcon.config import MixConConfig
 from mixcon.layers.conba import Conba
+from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops import conba_scan
 
 
@@ -34,39 +37,76 @@ def test_speed_benchmark_rows_and_files(tmp_path):
 
 
 def test_speed_rows_count_each_variants_flops_and_the_train_step_takes_the_better_peak(tmp_path, monkeypatch):
-    """With every layer timed at 10 ms: a fwd+bwd row counts 3x its forward's FLOPs, a compiled variant's row the
-    FLOPs of its own variant (not the SSD layer's), and the training step's peak is the better of two measurements."""
-    monkeypatch.setattr(speed, "interleaved_median_seconds", lambda fns, *a, **k: dict.fromkeys(fns, 0.01))
+    """With every call timed at 10 ms, 30 with a backward: a row's GFLOP/s are its layer's FLOPs at the row's shape
+    over its own mode's time (a fwd+bwd row 3x its forward's FLOPs), a compiled variant's row the FLOPs of its own
+    variant (not the SSD layer's), and the training step's peak is the better of two measurements (n = 2048 on a
+    CPU)."""
+    monkeypatch.setattr(speed, "layer_step", lambda module, u, backward: lambda: backward)  # says its mode
+    monkeypatch.setattr(speed, "interleaved_median_seconds", lambda fns, *a, **k: {
+        name: 0.03 if fn() else 0.01 for name, fn in fns.items()})
     monkeypatch.setattr(speed, "memory", lambda module, u, backward: (1, 2))
-    peaks = iter([100.0, 200.0])
-    monkeypatch.setattr(speed, "matmul_peak_gflops", lambda **kwargs: next(peaks))
+    peaks, sizes = iter([100.0, 200.0]), []
+    monkeypatch.setattr(speed, "matmul_peak_gflops", lambda n, **kwargs: sizes.append(n) or next(peaks))
     trained = []
     monkeypatch.setattr(speed, "train_step_row", lambda *args: trained.append(args) or dict(
         layer="small train step", T=16, B=2, mode="train", tokens_per_s=1.0, gflops=50.0, peak_frac=50.0 / args[3]))
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
-    rows = speed.run([32], [1], repeats=1, reference_max_T=0, out_dir=tmp_path, compiled=True, train_shape=(2, 16),
+    rows = speed.run([32], [2], repeats=1, reference_max_T=0, out_dir=tmp_path, compiled=True, train_shape=(2, 16),
                      triton=False)
+    assert sizes == [2048, 2048]
+    layer_rows = [r for r in rows if r["mode"] != "train"]
+    assert all((r["ms"], r["tokens_per_s"]) == pytest.approx((30.0, 2 * 32 / 0.03) if r["mode"] == "fwd+bwd" else
+                                                             (10.0, 2 * 32 / 0.01)) for r in layer_rows)
     gflops = {(r["layer"], r["mode"]): r["gflops"] for r in rows}
+    for variant, over in speed.VARIANTS.items():
+        config = speed.layer_config().replace(**over)
+        assert gflops[variant, "fwd"] == pytest.approx(speed.layer_flops(Conba(config, 0), config, 2, 32, False) / 1e7)
     for layer in ("transformers-mamba2", *speed.VARIANTS):
-        assert gflops[layer, "fwd+bwd"] == pytest.approx(3 * gflops[layer, "fwd"])
+        assert gflops[layer, "fwd+bwd"] == pytest.approx(gflops[layer, "fwd"])  # 3x the FLOPs in 3x the time
     for variant in speed.VARIANTS:
         assert gflops[f"{variant}+compile", "fwd"] == gflops[variant, "fwd"]
     assert gflops["conba-full", "fwd"] > gflops["conba-ssd", "fwd"]
     assert [args[3] for args in trained] == [200.0, 200.0]  # eager and compiled steps
-    layer_rows = [r for r in rows if r["mode"] != "train"]  # memory() said: 1 byte saved, a peak of 2
+    # memory() said: 1 byte saved, a peak of 2
     assert all((r["peak_MiB"], r["saved_MiB"]) == (2 / 2**20, 1 / 2**20 if r["mode"] == "fwd+bwd" else None)
                for r in layer_rows)
     assert json.loads((tmp_path / "speed.json").read_text())["train_matmul_peak_gflops"] == 200.0
 
 
+def test_train_step_row_counts_the_steps_forward_and_backward_flops_over_its_median(monkeypatch):
+    """With the step timed at 0.5 s and a peak of 1 MiB: tokens/s of the batch, and the FLOPs that torch's counter
+    sees in a forward and backward of the `small` preset, over the time and the peak given."""
+    monkeypatch.setattr(speed, "median_seconds", lambda fn, repeats, warmup: 0.5)
+    monkeypatch.setattr(speed, "peak_memory", lambda fn, device: 2**20)
+    row = speed.train_step_row(2, 16, 1, 100.0, "cpu", torch.float32)
+    model = MixConForCausalLM(MixConConfig.preset("small"))
+    ids = torch.randint(0, 100, (2, 17))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(ids[:, :-1], labels=ids[:, 1:], return_logits=False).loss.backward()
+    gflops = counter.get_total_flops() / 0.5 / 1e9
+    assert (row["tokens_per_s"], row["ms"], row["peak_MiB"]) == (2 * 16 / 0.5, 500.0, 1.0)
+    assert (row["gflops"], row["peak_frac"]) == pytest.approx((gflops, gflops / 100.0))
+
+
+def test_ratios_are_each_conba_variants_throughput_over_transformers_mamba2s(capsys):
+    rows = [dict(layer="transformers-mamba2", T=64, B=1, mode="fwd", tokens_per_s=100.0),
+            dict(layer="conba-ssd", T=64, B=1, mode="fwd", tokens_per_s=250.0),
+            dict(layer="conba-ssd", T=64, B=1, mode="fwd+bwd", tokens_per_s=50.0)]  # no Mamba2 row to compare
+    speed._ratios(rows)
+    assert capsys.readouterr().out.split() == ["conba-ssd", "T=", "64", "B=1", "fwd", "2.50x", "transformers-mamba2"]
+
+
 def test_speed_memory_runs_the_backward_and_counts_what_autograd_saves(monkeypatch):
-    """A fwd+bwd call's peak is that of forward and backward; its saved bytes leave out the input and weights."""
+    """A fwd+bwd call's peak is that of forward and backward (to the input too); its saved bytes leave out the input
+    and weights."""
     monkeypatch.setattr(speed, "peak_memory", lambda fn, device: fn() or 7)
     module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
+    inputs = []
+    module.register_forward_pre_hook(lambda m, args: inputs.append(args[0].requires_grad))
     u = torch.randn(2, 5, 8)
-    assert speed.memory(module, u, False) == (0, 7) and module[0].weight.grad is None
+    assert speed.memory(module, u, False) == (0, 7) and module[0].weight.grad is None and inputs == [False]
     assert speed.memory(module, u, True) == (2 * 5 * 16 * 4, 7)  # tanh's output, saved for its backward
-    assert module[0].weight.grad is not None
+    assert module[0].weight.grad is not None and inputs == [False, True, True]  # timed, then counted
 
 
 def test_speed_plot_draws_every_batch_size(tmp_path, monkeypatch):
@@ -127,6 +167,8 @@ def test_layer_flops_equal_torchs_flop_counter(variant, groups, T):
     assert speed.layer_flops(layer, config, B, T, backward=False) == pytest.approx(
         counter.get_total_flops() + solve, rel=1e-9)
     assert speed.layer_flops(layer, config, B, T, backward=True) == 3 * speed.layer_flops(layer, config, B, T, False)
+    compiled = torch.compile(layer)  # (an OptimizedModule wrapping the layer: compiled on its first call)
+    assert speed.layer_flops(compiled, config, B, T, False) == speed.layer_flops(layer, config, B, T, False)
 
 
 @pytest.mark.parametrize("T,tau", [(3, 5), (4, 2), (40, 3)])  # fewer steps than tau, and more
