@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import types
 
 import pytest
 import torch
 
-from mixcon.benchmarks import decode
+from mixcon.benchmarks import common, decode
 from mixcon.cli import main
 from mixcon.config import MixConConfig
 from mixcon.models.mixcon import MixConForCausalLM
@@ -15,7 +17,7 @@ from mixcon.models.mixcon import MixConForCausalLM
 
 def test_tensor_bytes_counts_each_storage_once():
     x = torch.zeros(10)
-    assert decode.tensor_bytes([x, x[1:], {"a": (x.view(2, 5),)}, torch.ones(3, dtype=torch.float64)]) == 40 + 24
+    assert decode.tensor_bytes([x[1:], x, {"a": (x.view(2, 5),)}, torch.ones(3, dtype=torch.float64)]) == 40 + 24
 
 
 def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
@@ -37,9 +39,9 @@ def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch, dtype):
-    """With the timings and bandwidths fixed: tokens/s, ms per token, and the bound, the active weights (in the
-    run's dtype) plus the cache that a generation allocates read once per token at the copy's read rate (half the
-    copy's traffic)."""
+    """With the timings and bandwidths fixed: tokens/s, ms per token (the medians over the repeats of the prefills
+    and of all their gaps), and the bound, the active weights (in the run's dtype) plus the cache that a generation
+    allocates read once per token at the copy's read rate (half the copy's traffic)."""
     from mixcon.generation.generate import generation_capacity
 
     base = MixConConfig.preset("small", d_model=64, vocab_size=512, n_blocks=1, n_experts=4, mlp_hidden=128,
@@ -47,11 +49,19 @@ def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch
     monkeypatch.setattr(decode, "copy_bandwidth_gbs", lambda device: 20.0)
     monkeypatch.setattr(decode, "stream_read_gbs", lambda device: 5.0)
     monkeypatch.setattr(decode, "hf_models", lambda base: {})
-    monkeypatch.setattr(decode, "time_generation", lambda model, ids, n: (0.5, [0.004] * n, None))
-    rows = decode.run([16], hf_max_context=16, new_tokens=2, repeats=1, out_dir=None, base=base, dtype=dtype)
+    # each model's three timed generations (of 3 new tokens; warm-ups take fewer): prefills of median 0.5 s (mean
+    # 0.6, least 0.4), gaps of median 4 ms (mean 5.4; the last repeat's alone, 2)
+    repeats = [(0.5, [0.004] * 3), (0.9, [0.010] * 3), (0.4, [0.001, 0.002, 0.004])]
+    timings: dict[int, list] = {}
+    monkeypatch.setattr(decode, "time_generation", lambda model, ids, n: (
+        (*timings.setdefault(id(model), list(repeats)).pop(0), None) if n == 3 else (1.0, [1.0] * n, None)))
+    monkeypatch.setattr(decode, "_plot", lambda rows, path: None)
+    rows = decode.run([16], hf_max_context=16, new_tokens=3, repeats=3, out_dir=tmp_path, base=base, dtype=dtype)
+    payload = json.loads((tmp_path / "decode.json").read_text())
+    assert (payload["read_bandwidth_gbs"], payload["stream_read_gbs"], payload["rows"]) == (10.0, 5.0, rows)
     ours = next(r for r in rows if r["model"] == "mixcon")
     model = MixConForCausalLM(base).to(dtype)
-    cache = model.new_cache(1, max_length=generation_capacity(16, 3)).nbytes()
+    cache = model.new_cache(1, max_length=generation_capacity(16, 4)).nbytes()
     read = model.num_parameters(active=True) * dtype.itemsize + cache
     assert (ours["prefill_tok_s"], ours["decode_ms"], ours["decode_tok_s"]) == pytest.approx((32.0, 4.0, 250.0))
     assert ours["cache_MiB"] == cache / 2**20
@@ -59,11 +69,35 @@ def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("new_tokens", [1, 3])
-def test_generation_is_timed_over_as_many_gaps_as_new_tokens(tiny_model, new_tokens):
-    """One token more than asked is generated: the first ends the prefill, each later one a decoding step."""
+def test_generation_is_timed_over_as_many_gaps_as_new_tokens(tiny_model, new_tokens, monkeypatch):
+    """One token more than asked is generated: the first ends the prefill, each later one a decoding step. On a
+    clock reading i² at its i-th reading (0 at the start): a prefill of 1, gaps of 3, 5, 7, ..."""
     model = tiny_model(dtype=torch.float32)
     prefill, gaps, cache_bytes = decode.time_generation(model, torch.randint(0, 300, (1, 5)), new_tokens)
     assert prefill > 0 and len(gaps) == new_tokens and all(g > 0 for g in gaps) and cache_bytes is None
+    squares_clock(monkeypatch)
+    assert decode.time_generation(model, torch.randint(0, 300, (1, 5)), new_tokens) == (
+        1.0, [2.0 * i + 1 for i in range(1, new_tokens + 1)], None)
+
+
+def squares_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's clock (and its token stamps') reads i² at its i-th reading, from 0."""
+    readings = (float(i * i) for i in itertools.count())
+    clock = types.SimpleNamespace(perf_counter=lambda: next(readings))
+    monkeypatch.setattr(decode, "time", clock)
+    monkeypatch.setattr(common, "time", clock)
+
+
+def test_a_transformers_generation_is_timed_from_its_prompts_stamp(monkeypatch):
+    """transformers' `generate` streams the prompt first: the prefill runs from that stamp (the second reading, 1) to
+    the first new token's (4); the cache bytes are those of the cache it returns (K and V of the 5 + 2 fed
+    positions)."""
+    transformers = pytest.importorskip("transformers", reason="transformers not installed")
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    squares_clock(monkeypatch)
+    assert decode.time_generation(model, torch.randint(0, 300, (1, 5)), 2) == (3.0, [5.0, 7.0], 2 * 7 * 8 * 4)
 
 
 def test_an_interrupted_decode_benchmark_keeps_the_contexts_it_finished(tmp_path, monkeypatch):
