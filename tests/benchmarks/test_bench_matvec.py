@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from mixcon.benchmarks import common, matvec
 
@@ -18,11 +21,24 @@ def test_matvec_benchmark_times_four_forms(tmp_path, have_c_compiler):
     assert (tmp_path / "matvec.png").stat().st_size > 0
 
 
-def test_matvec_weights_add_up_to_the_megabytes_asked(monkeypatch):
-    """Whole `small` decoding steps of weights (~4.3 MiB each), as many as come nearest --megabytes."""
+def test_matvec_weights_add_up_to_the_megabytes_asked(monkeypatch, tmp_path):
+    """Whole `small` decoding steps of weights (~4.3 MiB each), as many as come nearest --megabytes; the
+    `ops.linear` forms time `ops.linear` (the other two F.linear)."""
     monkeypatch.setattr(matvec.torch, "compile", lambda fn, **kw: fn)
     monkeypatch.setattr(common, "median_seconds", lambda fn, repeats, warmup: fn() is not None and 0.01)
+    monkeypatch.setattr(matvec, "_plot", lambda rows, path: None)
+    calls = []
+    monkeypatch.setattr(matvec, "linear", lambda x, w: calls.append(1) or torch.nn.functional.linear(x, w))
     per_step = sum(n * k for n, k in matvec.SMALL_STEP) * 4 / 2**20
     for megabytes, steps in ((9, 2), (21, 5), (1, 1)):
-        row = matvec.run([1], megabytes=megabytes, repeats=1, out_dir=None)[0]
+        row = matvec.run([1], megabytes=megabytes, repeats=1, out_dir=tmp_path)[0]
         assert row["F.linear eager GB/s"] == pytest.approx(steps * per_step * 2**20 / 0.01 / 1e9)
+        assert json.loads((tmp_path / "matvec.json").read_text())["weight_MiB"] == pytest.approx(steps * per_step)
+        assert len(calls) == 2 * steps * len(matvec.SMALL_STEP)  # one chain per ops.linear form
+        calls.clear()
+
+
+def test_matvec_chain_keeps_a_part_of_every_product():
+    """8 columns of each product in the output, so that a compiler cannot drop any product as unused."""
+    weights = [torch.randn(n, k) for n, k in matvec.SMALL_STEP[:3]]
+    assert matvec.chain(weights, torch.nn.functional.linear)(torch.randn(2, 256)).shape == (2, 8 * 3)
