@@ -64,3 +64,31 @@ def test_kernel_report_without_triton_names_itself(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     with pytest.raises(SystemExit, match=r"^mixcon bench kernel: needs triton: pip install 'mixcon\[triton\]'$"):
         main(["bench", "kernel"])
+
+
+def test_kernel_report_reads_ptxas_figures_and_passes_its_settings(monkeypatch):
+    """With Triton's compiler and ptxas faked: the figures of ptxas's report (stores and loads apart), shared memory
+    in KiB of 1024 bytes, x, k and q in the run's dtype (the rest fp32), and `run` hands each variant its tau."""
+    import types
+
+    from mixcon.benchmarks import kernel
+
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="this triton has no NVIDIA backend")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sources = []
+    monkeypatch.setattr(triton, "compile", lambda source, **kw: sources.append(source) or types.SimpleNamespace(
+        asm={"ptx": ""}, metadata=types.SimpleNamespace(shared=3072)))
+    report = "ptxas info: Used 96 registers, 16 bytes stack frame, 8 bytes spill stores, 24 bytes spill loads"
+    monkeypatch.setattr(kernel, "subprocess", types.SimpleNamespace(run=lambda *a, **kw: types.SimpleNamespace(
+        stderr=report)))
+    row = kernel.compile_kernel(90, torch.bfloat16, 32)
+    assert {k: row[k] for k in ("registers", "stack", "spill_stores", "spill_loads", "shared_KiB")} == dict(
+        registers=96, stack=16, spill_stores=8, spill_loads=24, shared_KiB=3.0)
+    pointers = {k: v for k, v in sources[0].signature.items() if k.endswith("_ptr")}
+    assert {k for k, v in pointers.items() if v == "*bf16"} == {"x_ptr", "k_ptr", "q_ptr"}
+    assert {v for k, v in pointers.items() if k not in ("x_ptr", "k_ptr", "q_ptr")} == {"*fp32"}
+    taus = []
+    monkeypatch.setattr(kernel, "compile_kernel", lambda *args, **kw: taus.append(args[5]) or dict(row))
+    kernel.run([90], [torch.bfloat16], [32], 64, 64, 3, None)
+    assert taus == [3]
