@@ -5,7 +5,8 @@ a GPU), its Transformer and pure-Conba twins (same widths), and transformers' Ja
 LlamaForCausalLM at the same width and depth. A streamer stamps each generated token: prefill is the
 time to the first, per-token latency the median gap after it; at each context the models take turns,
 one `generate` each per repeat, so that a slow phase of the machine hits all of them alike;
-the bandwidth bound is the bytes one token must read (active weights + the cache `generate` allocates)
+the bandwidth bound is the bytes one token must read (active weights, of an embedding table the LM head does
+not share only the token's row, + the cache `generate` allocates)
 over the measured copy bandwidth (the issue's definition; a step that only reads can beat it); the stream
 bound, the lower bound, divides by the measured read bandwidth of a sum over a large tensor instead (all
 threads; ~2× the copy's on a CPU). transformers' models report the bytes of the cache their `generate`
@@ -109,6 +110,15 @@ def tensor_bytes(obj: Any, seen: set[int] | None = None, depth: int = 0) -> int:
     return sum(tensor_bytes(item, seen, depth + 1) for item in obj)
 
 
+def weight_bytes_read(model: MixConForCausalLM, dtype: torch.dtype) -> int:
+    """Bytes of weights one decoding step reads in `dtype`: the active parameters, of which an embedding table
+    that the LM head does not share counts one row (the token's)."""
+    n = model.num_parameters(active=True)
+    if model.lm_head.weight is not model.embed.weight:
+        n -= model.embed.weight.numel() - model.embed.weight.shape[1]
+    return n * dtype.itemsize
+
+
 def _mixcon(model: torch.nn.Module) -> MixConForCausalLM | None:
     """The MixCon model that `model` is or wraps (transformers' wrapper), else None."""
     inner = getattr(model, "model", model)
@@ -188,7 +198,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
             if held is not None:
                 row["cache_MiB"] = held / 2**20
             if ours is not None:
-                read = ours.num_parameters(active=True) * torch.finfo(dtype).bits // 8 + held
+                read = weight_bytes_read(ours, dtype) + held
                 row["bound_ms"] = read / (bandwidth * 1e9) * 1e3
                 row["stream_bound_ms"] = read / (stream * 1e9) * 1e3
             rows.append(row)

@@ -37,15 +37,16 @@ def test_decode_benchmark_reports_cache_from_the_cache(tmp_path):
     assert (tmp_path / "decode.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,tie", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
+def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch, dtype, tie):
     """With the timings and bandwidths fixed: tokens/s, ms per token (the medians over the repeats of the prefills
-    and of all their gaps), and the bound, the active weights (in the run's dtype) plus the cache that a generation
-    allocates read once per token at the copy's read rate (half the copy's traffic)."""
+    and of all their gaps), and the bound, the active weights (in the run's dtype; of an untied embedding table
+    only the token's row) plus the cache that a generation allocates read once per token at the copy's read rate
+    (half the copy's traffic)."""
     from mixcon.generation.generate import generation_capacity
 
     base = MixConConfig.preset("small", d_model=64, vocab_size=512, n_blocks=1, n_experts=4, mlp_hidden=128,
-                               conba_head_dim=16, conba_state=16)
+                               conba_head_dim=16, conba_state=16, tie_embeddings=tie)
     monkeypatch.setattr(decode, "copy_bandwidth_gbs", lambda device: 20.0)
     monkeypatch.setattr(decode, "stream_read_gbs", lambda device: 5.0)
     monkeypatch.setattr(decode, "hf_models", lambda base: {})
@@ -62,7 +63,8 @@ def test_decode_benchmark_rows_from_timings_and_bandwidths(tmp_path, monkeypatch
     ours = next(r for r in rows if r["model"] == "mixcon")
     model = MixConForCausalLM(base).to(dtype)
     cache = model.new_cache(1, max_length=generation_capacity(16, 4)).nbytes()
-    read = model.num_parameters(active=True) * dtype.itemsize + cache
+    unread = 0 if tie else 511 * 64  # the embedding rows of the other 511 tokens
+    read = (model.num_parameters(active=True) - unread) * dtype.itemsize + cache
     assert (ours["prefill_tok_s"], ours["decode_ms"], ours["decode_tok_s"]) == pytest.approx((32.0, 4.0, 250.0))
     assert ours["cache_MiB"] == cache / 2**20
     assert (ours["bound_ms"], ours["stream_bound_ms"]) == pytest.approx((read / 10e9 * 1e3, read / 5e9 * 1e3))
