@@ -1,7 +1,7 @@
 """Few-row products x Wᵀ as in a decoding step: `mixcon.ops.linear` vs F.linear, side by side.
 
 One compiled function chains products through a set of weight matrices too large for the caches
-(by default the shapes of one `small` decoding step, repeated to ~70 MB), so every weight comes from
+(by default the shapes of one `small` decoding step, repeated to ~70 MiB), so every weight comes from
 memory (unless the CPU's last-level cache holds them). Rows are the decoding batch. Timed: F.linear
 eager, `ops.linear` eager (one row on a CPU whose BLAS is slow at it, `SLOW_BLAS_ROWS`: the multiply-sum
 in cache-sized blocks; else F.linear), F.linear compiled (the BLAS call inductor keeps) and `ops.linear`
@@ -44,7 +44,7 @@ def chain(weights: list[torch.Tensor], product: Callable[..., torch.Tensor]) -> 
 
 
 def run(rows: list[int], megabytes: int, repeats: int, out_dir: Path | None) -> list[dict[str, Any]]:
-    """Time the four forms for each row count over ~`megabytes` of fp32 weights."""
+    """Time the four forms for each row count over ~`megabytes` MiB of fp32 weights."""
     torch.manual_seed(0)
     per_step = sum(n * k for n, k in SMALL_STEP) * 4 / 2**20
     shapes = SMALL_STEP * max(1, round(megabytes / per_step))
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=number_type(int, 1, many=True), default="1,2,4,8,16,32",
                    help="rows per product (default: %(default)s)")
     p.add_argument("--megabytes", type=number_type(int, 1), default=70,
-                   help="total weight size, in whole decoding steps' weights (at least one: ~4.3 MB; "
+                   help="total weight size in MiB, in whole decoding steps' weights (at least one: ~4.3 MiB; "
                         "default: %(default)s)")
     p.add_argument("--repeats", type=number_type(int, 1), default=20,
                    help="timed calls after two warm-ups (median; default: %(default)s)")
