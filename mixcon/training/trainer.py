@@ -529,10 +529,19 @@ class Trainer:
                              device=self.env.device)  # NCCL reduces device tensors only
         return int(all_reduce(total, "max").item())
 
+    def _seconds_to_end_after_a_step(self, timer: _Timer) -> float:
+        """Seconds from now to the run's end if it stops after one more step: the step, the final validation and
+        checkpoint (`_reserve`) and, after a checkpoint step that is no validation step, the step's own checkpoint
+        (the final validation then changes what the checkpoint of that step holds: it is saved again)."""
+        step = self.step + 1
+        saved_twice = (self.eval_data is not None and step % self.options.save_every == 0
+                       and step % self.options.eval_every != 0)
+        return timer.seconds_per_step + self._reserve(timer) + (timer.save_seconds if saved_twice else 0.0)
+
     def _should_stop(self, deadline: float | None, timer: _Timer) -> str | None:
         """'SIGINT'/'SIGTERM' or 'time budget' when any rank (signals) or rank 0 (time) says so."""
         time_up = (deadline is not None and self.env.is_main
-                   and time.monotonic() + timer.seconds_per_step + self._reserve(timer) > deadline)
+                   and time.monotonic() + self._seconds_to_end_after_a_step(timer) > deadline)
         flags = torch.tensor([self._signal or 0, int(time_up)], device=self.env.device)
         signum, time_up = all_reduce(flags, "max").tolist()
         if signum:

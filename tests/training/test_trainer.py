@@ -6,7 +6,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -746,3 +748,28 @@ def test_a_process_with_fewer_validation_rows_than_pieces_runs_as_many_forwards(
     result = trainer.evaluate()
     assert rows == [1, 1]
     assert result == pytest.approx(solo.evaluate())
+
+
+def test_a_time_budget_run_ends_by_its_deadline_as_its_timed_steps_validations_and_checkpoints_say(
+        make_trainer, tmp_path, monkeypatch):
+    """On a clock that only steps (2 s), validations (3 s) and checkpoints (4 s) advance, a run stops in time for
+    what it has timed in its loop: its next step, the final validation and checkpoint, and the step's own
+    checkpoint before them (a checkpoint step that is no validation step is saved again with the final
+    validation). Resumed, it has no validation at its start to time."""
+    from mixcon.training import trainer as trainer_module
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock[0])
+    make_trainer(tmp_path).save()
+    trainer = make_trainer(tmp_path, steps=1000, eval_every=4, eval_batches=1, save_every=5, keep_last=1)
+
+    def taking(seconds: float, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def timed() -> Any:
+            clock[0] += seconds
+            return fn()
+        return timed
+
+    for name, seconds in (("train_step", 2.0), ("evaluate", 3.0), ("save", 4.0)):
+        setattr(trainer, name, taking(seconds, getattr(trainer, name)))
+    summary = trainer.fit(resume_from=tmp_path, deadline=40.0)
+    assert summary.stopped_by == "time budget" and 40.0 - (2.0 + 3.0 + 2 * 4.0 + 1.0) < clock[0] <= 40.0
