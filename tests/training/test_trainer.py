@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -365,8 +366,9 @@ def test_metrics_and_plot_are_written(make_trainer, shards, tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens", "tokens_per_s"):
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens", "tokens_per_s", "elapsed"):
         assert key in train[-1], key
+    assert 0 <= train[0]["elapsed"] <= train[-1]["elapsed"]
     assert train[-1]["tokens"] == 4 * 4 * 32
     load = train[-1]["expert_load"]  # tiny: 4 MoE layers of 4 experts
     assert len(load) == 4 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-3 for row in load)
@@ -507,6 +509,21 @@ def test_options_out_of_range_are_refused_naming_the_field(field, value):
         TrainOptions(**{field: value}).check()
 
 
+@pytest.mark.parametrize("field,value", [
+    ("min_lr_ratio", 1.0),  # a constant rate after the warmup
+    ("min_lr_ratio", 0.0), ("beta1", 0.0), ("beta2", 0.0), ("val_fraction", 0.0), ("lr", 0.0), ("weight_decay", 0.0),
+    ("warmup_steps", 0), ("keep_last", 0), ("steps", 1), ("micro_batch_size", 1), ("max_bytes", None),
+])
+def test_options_at_the_ends_of_their_ranges_are_accepted(field, value):
+    TrainOptions(**{field: value}).check()
+
+
+def test_options_read_from_a_checkpoint_leave_out_fields_this_version_lacks():
+    """A checkpoint written by a version with an option since removed still resumes."""
+    saved = {**dataclasses.asdict(TrainOptions(steps=7, lr=1e-3)), "an_option_since_removed": 1}
+    assert TrainOptions.from_dict(saved) == TrainOptions(steps=7, lr=1e-3)
+
+
 @pytest.mark.parametrize("options,world,message", [
     (dict(batch_size=6), 4, r"batch_size=6 must be divisible by the world size 4"),
     (dict(batch_size=6, micro_batch_size=2), 2, r"micro_batch_size=2 must be a divisor of the per-process batch "
@@ -618,6 +635,10 @@ def test_the_timer_leaves_out_the_first_step_and_what_it_excludes(monkeypatch):
     after(3.0)
     timer.tick(100)
     assert (timer.steps_timed, timer.seconds_per_step, timer.tokens_per_s) == (2, 2.5, 40.0)
+    for _ in range(20):  # the step time is that of the latest steps: a machine that got faster is seen as fast
+        after(1.0)
+        timer.tick(100)
+    assert timer.seconds_per_step == 1.0
 
 
 def test_the_schedule_fills_the_time_left_after_validation_and_the_last_checkpoint(make_trainer, tmp_path, monkeypatch):
@@ -645,6 +666,12 @@ def as_rank_1_of_2(trainer: Trainer) -> Trainer:
     trainer.local_batch = trainer.options.batch_size // 2
     trainer.micro = trainer.options.micro_batch_size or trainer.local_batch
     return trainer
+
+
+def test_rank_1_of_a_run_seeded_at_the_top_of_the_seed_range_trains(make_trainer, tmp_path):
+    """--seed takes up to 2**64 - 1: a process's seed, the run's plus its rank, wraps round within torch's range."""
+    trainer = as_rank_1_of_2(make_trainer(tmp_path, steps=1, seed=2**64 - 1, eval_every=100))
+    assert trainer.fit().steps == 1
 
 
 def test_steps_none_without_a_deadline_is_refused(make_trainer, tmp_path):
