@@ -116,7 +116,8 @@ def test_values_that_are_not_finite_numbers_are_written_as_null(tmp_path):
     """Strict JSON (jq, JavaScript, pandas' strict readers): NaN and Infinity are not JSON; the plot skips them."""
     log = MetricsLogger(tmp_path)
     log.log({"step": 1, "loss": 0.5, "lm_loss": float("nan"), "grad_norm": float("inf")})
-    log.log({"step": 2, "loss": float("nan"), "val_loss": 2.0, "expert_load": [[float("nan"), 1.0]]})
+    log.log({"step": 2, "loss": float("nan"), "val_loss": 2.0, "val_bpb": float("inf"),
+             "expert_load": [[float("nan"), 1.0]]})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON")) for line in lines]
     assert records[0] == {"step": 1, "loss": 0.5, "lm_loss": None, "grad_norm": None}
@@ -124,8 +125,8 @@ def test_values_that_are_not_finite_numbers_are_written_as_null(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == records
     log.plot()
     resumed = MetricsLogger(tmp_path, resume_step=2)
-    assert resumed.records == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": None, "val_loss": 2.0}]
-    resumed.plot()
+    assert resumed.records == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": None, "val_loss": 2.0, "val_bpb": None}]
+    resumed.plot()  # (a null bits per byte is no title)
 
 
 @pytest.mark.parametrize("line", ['{"note": "lr lowered here"}', "[1, 2]", '{"step": "3", "loss": 1.0}'])
