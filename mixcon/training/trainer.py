@@ -235,6 +235,7 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self._signal: int | None = None
         self._refit_pending = False  # a resumed run fits its schedule to this fit's deadline
+        self._eval_seconds: float | None = None  # a validation's duration: measured, or the resumed run's
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -244,7 +245,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
         return {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
                 "loader": self.loader.state_dict(), "rng": gather_objects(rng), "world_size": self.env.world_size,
-                "options": dataclasses.asdict(self.options), "last_val": self.last_val}
+                "options": dataclasses.asdict(self.options), "last_val": self.last_val,
+                "eval_seconds": self._eval_seconds}
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (all ranks take part; rank 0 writes)."""
@@ -274,6 +276,7 @@ class Trainer:
             group.update(own)  # (loading the state put back the saved run's settings with it)
         s = c.trainer_state
         self.step, self.tokens, self.last_val = s["step"], s["tokens"], s["last_val"]
+        self._eval_seconds = s.get("eval_seconds")  # (a time budget keeps it for the final validation)
         if self.options.steps is None:  # keep the schedule length the interrupted run settled on
             self.total_steps = s["total_steps"]
         self.loader.load_state_dict(s["loader"])
@@ -434,13 +437,14 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.env.is_main))
         timer = _Timer(save_seconds=1.0 + 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e8)
+        timer.eval_seconds = self._eval_seconds or 0.0
         self.module.train()
         stopped_by = "steps"
         unlogged: dict[str, Any] | None = None  # the latest step's record, when --log-every skipped it
         previous = self._install_signal_handlers()
         try:
             if resume_from is None and self.eval_data is not None:
-                timer.eval_seconds = timer.exclude(lambda: self._validate(metrics, bar))
+                self._timed_validation(timer, metrics, bar)
             while self.total_steps is None or self.step < self.total_steps or self._refit_pending:
                 if (reason := self._should_stop(deadline, timer)) is not None:
                     stopped_by = reason
@@ -462,7 +466,7 @@ class Trainer:
                 bar.set_postfix(shown, refresh=False)
                 validate = self.step % self.options.eval_every == 0 and self.eval_data is not None
                 if validate:
-                    timer.eval_seconds = timer.exclude(lambda: self._validate(metrics, bar))
+                    self._timed_validation(timer, metrics, bar)
                 if self._refit_schedule(deadline, timer, validate):
                     self.total_steps = self._budget_steps(deadline, timer)
                     bar.total = self.total_steps
@@ -502,6 +506,11 @@ class Trainer:
         if self.env.is_main and self.progress:
             bar.write(f"step {self.step}: validation loss {result['val_loss']:.4f}, "
                       f"perplexity {result['val_ppl']:.2f}{bpb}")
+
+    def _timed_validation(self, timer: _Timer, metrics: MetricsLogger | None, bar: Any) -> None:
+        """A validation off the training clock; its duration is what a time budget keeps for the final one (also
+        in the checkpoints, for a resumed run before its first validation)."""
+        timer.eval_seconds = self._eval_seconds = timer.exclude(lambda: self._validate(metrics, bar))
 
     def _refit_schedule(self, deadline: float | None, timer: _Timer, validated: bool) -> bool:
         """Without `options.steps`, the schedule length is fitted to the deadline once enough steps are timed

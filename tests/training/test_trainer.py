@@ -777,18 +777,12 @@ def test_a_process_with_fewer_validation_rows_than_pieces_runs_as_many_forwards(
     assert result == pytest.approx(solo.evaluate())
 
 
-def test_a_time_budget_run_ends_by_its_deadline_as_its_timed_steps_validations_and_checkpoints_say(
-        make_trainer, tmp_path, monkeypatch):
-    """On a clock that only steps (2 s), validations (3 s) and checkpoints (4 s) advance, a run stops in time for
-    what it has timed in its loop: its next step, the final validation and checkpoint, and the step's own
-    checkpoint before them (a checkpoint step that is no validation step is saved again with the final
-    validation). Resumed, it has no validation at its start to time."""
+def on_a_clock(monkeypatch: pytest.MonkeyPatch, clock: list[float], trainer: Trainer, **seconds: float) -> Trainer:
+    """`trainer` reading time.monotonic from `clock`, which only its methods named in `seconds` advance (by that
+    many seconds a call)."""
     from mixcon.training import trainer as trainer_module
 
-    clock = [0.0]
     monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock[0])
-    make_trainer(tmp_path).save()
-    trainer = make_trainer(tmp_path, steps=1000, eval_every=4, eval_batches=1, save_every=5, keep_last=1)
 
     def taking(seconds: float, fn: Callable[[], Any]) -> Callable[[], Any]:
         def timed() -> Any:
@@ -796,7 +790,35 @@ def test_a_time_budget_run_ends_by_its_deadline_as_its_timed_steps_validations_a
             return fn()
         return timed
 
-    for name, seconds in (("train_step", 2.0), ("evaluate", 3.0), ("save", 4.0)):
-        setattr(trainer, name, taking(seconds, getattr(trainer, name)))
+    for name, duration in seconds.items():
+        setattr(trainer, name, taking(duration, getattr(trainer, name)))
+    return trainer
+
+
+def test_a_time_budget_run_ends_by_its_deadline_as_its_timed_steps_validations_and_checkpoints_say(
+        make_trainer, tmp_path, monkeypatch):
+    """On a clock that only steps (2 s), validations (3 s) and checkpoints (4 s) advance, a run stops in time for
+    what it has timed in its loop: its next step, the final validation and checkpoint, and the step's own
+    checkpoint before them (a checkpoint step that is no validation step is saved again with the final
+    validation). Resumed from a checkpoint without validation, it has none at its start to time."""
+    clock = [0.0]
+    make_trainer(tmp_path).save()
+    trainer = on_a_clock(monkeypatch, clock, make_trainer(tmp_path, steps=1000, eval_every=4, eval_batches=1,
+                                                          save_every=5, keep_last=1),
+                         train_step=2.0, evaluate=3.0, save=4.0)
     summary = trainer.fit(resume_from=tmp_path, deadline=40.0)
     assert summary.stopped_by == "time budget" and 40.0 - (2.0 + 3.0 + 2 * 4.0 + 1.0) < clock[0] <= 40.0
+
+
+def test_a_resumed_time_budget_run_keeps_time_for_the_final_validation_before_its_first(make_trainer, tmp_path,
+                                                                                       monkeypatch):
+    """The checkpoint holds how long a validation took: a resumed run that validates only at its end keeps time
+    for it (it reserved nothing, and passed the deadline by the validation's duration less a second)."""
+    clock = [0.0]
+    on_a_clock(monkeypatch, clock, make_trainer(tmp_path, steps=2, eval_batches=1), evaluate=10.0).fit()
+    clock[0] = 0.0
+    trainer = on_a_clock(monkeypatch, clock, make_trainer(tmp_path, steps=1000, eval_every=100, eval_batches=1,
+                                                          save_every=100),
+                         train_step=1.0, evaluate=10.0, save=0.5)
+    summary = trainer.fit(resume_from=tmp_path, deadline=20.0)
+    assert summary.stopped_by == "time budget" and clock[0] <= 20.0
