@@ -10,7 +10,14 @@ import torch
 
 from mixcon.benchmarks.common import plot_file
 from mixcon.cli import build_parser, main
-from mixcon.cli.common import config_from_args, device_type, existing_folder, output_file, output_folder
+from mixcon.cli.common import (
+    check_cuda_graphs,
+    config_from_args,
+    device_type,
+    existing_folder,
+    output_file,
+    output_folder,
+)
 from mixcon.config import MixConConfig
 
 
@@ -270,3 +277,10 @@ def test_numbers_refuse_infinities_and_text_and_set_values_are_parsed():
     assert (parse_value("True"), parse_value("false"), parse_value("none")) == (True, False, None)
     config = config_from_args(argparse.Namespace(config=None, overrides=[]))
     assert config == MixConConfig.preset(DEFAULT_CONFIG)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0"])
+def test_cuda_graphs_are_refused_on_a_device_of_any_other_type_than_cuda(device: str) -> None:
+    with pytest.raises(SystemExit, match=rf"^mixcon generate: --cuda-graphs needs a CUDA --device, got {device}$"):
+        check_cuda_graphs("mixcon generate", argparse.Namespace(cuda_graphs=True, device=device))
+    check_cuda_graphs("mixcon generate", argparse.Namespace(cuda_graphs=False, device=device))  # without: fine
