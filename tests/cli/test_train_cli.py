@@ -104,7 +104,8 @@ def test_train_sample_generate_and_resume(corpus, tmp_path, capsys, have_c_compi
         main(["train", "--out", str(run), "--resume", "--no-progress"])  # its saved steps: nothing left to do
 
     capsys.readouterr()
-    assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--sample-tokens", "0", "--no-progress"]) == 0
+    # the run directory named by --resume is the run's --out
+    assert main(["train", "--resume", str(run), "--steps", "5", "--sample-tokens", "0", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "resume: steps changes from 3 to 5" in out
     assert "resume: time_budget changes from 900.0 to None" in out  # --steps alone: not the old run's budget
@@ -290,6 +291,9 @@ def test_a_time_budget_that_leaves_no_training_step_fails(corpus, tmp_path, monk
     out = capsys.readouterr().out
     assert "mixcon train: --time-budget 0.01 s ran out before a training step" in out and "sample (" not in out
     assert "continue with --resume and a larger --time-budget" in out
+    # resumed, no new step either: a failure too, though the run has steps
+    assert main(["train", "--out", str(tmp_path / "short"), "--resume", "--time-budget", "0.01", "--no-progress"]) == 1
+    assert "ran out before a training step" in capsys.readouterr().out
 
 
 def test_train_refuses_config_fields_the_tokenizer_sets(corpus, tmp_path, monkeypatch):
@@ -328,8 +332,9 @@ def test_the_runs_bpe_learns_from_the_training_split_only(corpus, tmp_path, monk
 
 def test_train_refuses_an_empty_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # (an empty --out was the current folder's runs/<config>)
-    with pytest.raises(SystemExit, match=r"^mixcon train: --out '': give a run directory"):
-        main(["train", "--config", "tiny", "--out", ""])
+    for out in ("", "  "):  # (a blank one too: a folder named by spaces)
+        with pytest.raises(SystemExit, match=r"^mixcon train: --out '': give a run directory"):
+            main(["train", "--config", "tiny", "--corpus", str(tmp_path / "none"), "--out", out])
     assert not list(tmp_path.iterdir())
 
 
@@ -571,6 +576,18 @@ def test_the_sample_is_seeded_by_the_run_and_prompted_from_the_validation_text(c
     ds, tok = ShardDataset(run / "data"), ByteTokenizer()
     val = tok.decode(ds.tokens("val")[:12].tolist())
     assert sampled == [(val, 5, 7)] and val != tok.decode(ds.tokens("train")[:12].tolist())
+
+
+def test_runs_of_one_seed_start_from_the_same_weights_whatever_drew_before(corpus, tmp_path):
+    """--seed decides the initial weights: two runs of it in one process (the first drew from torch's generator)
+    train the same model."""
+    models = []
+    for name in ("a", "b"):
+        assert main(["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--steps", "1",
+                     "--batch-size", "2", "--seq-len", "16", "--seed", "3", "--sample-tokens", "0", "--no-progress",
+                     "--out", str(tmp_path / name)]) == 0
+        models.append(MixConForCausalLM.from_pretrained(list_checkpoints(tmp_path / name)[-1]).state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
 
 def test_the_warmup_is_said_shortened_only_when_it_is(corpus, tmp_path, capsys):
