@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -75,7 +76,13 @@ def test_kernel_report_reads_ptxas_figures_and_passes_its_settings(monkeypatch):
 
     triton = pytest.importorskip("triton", reason="triton is not installed")
     pytest.importorskip("triton.backends.nvidia.compiler", reason="this triton has no NVIDIA backend")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import mixcon.ops.triton_chunk as interpreted  # (imported with the interpreter on, as the other tests take it)
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a copy of it as Triton's compiler takes it
+    spec = importlib.util.spec_from_file_location(interpreted.__name__, interpreted.__file__)
+    compiled = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compiled)
+    monkeypatch.setitem(sys.modules, interpreted.__name__, compiled)
     sources = []
     monkeypatch.setattr(triton, "compile", lambda source, **kw: sources.append(source) or types.SimpleNamespace(
         asm={"ptx": ""}, metadata=types.SimpleNamespace(shared=3072)))
