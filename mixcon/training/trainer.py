@@ -436,8 +436,8 @@ class Trainer:
                                  tensorboard=self.tensorboard) if self.env.is_main else None)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.env.is_main))
-        timer = _Timer(save_seconds=1.0 + 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e8)
-        timer.eval_seconds = self._eval_seconds or 0.0
+        timer = _Timer(save_seconds=1.0 + 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e8,
+                       eval_seconds=self._eval_seconds or 0.0)
         self.module.train()
         stopped_by = "steps"
         unlogged: dict[str, Any] | None = None  # the latest step's record, when --log-every skipped it
@@ -579,12 +579,13 @@ class _Timer:
     """Training throughput (validation and checkpoint time excluded, and the first step with its one-off
     costs) and the durations the time budget must reserve."""
 
-    def __init__(self, save_seconds: float) -> None:
+    def __init__(self, save_seconds: float, eval_seconds: float = 0.0) -> None:
         self.mark = time.monotonic()
         self.first = True
         self.train_seconds, self.steps_timed, self.tokens_timed = 0.0, 0, 0
         self.recent: deque[float] = deque(maxlen=20)  # the latest step durations
-        self.eval_seconds, self.save_seconds = 0.0, save_seconds  # until measured: weights + 2 AdamW moments
+        # until measured: the resumed run's validation, the weights + 2 AdamW moments' write
+        self.eval_seconds, self.save_seconds = eval_seconds, save_seconds
 
     def tick(self, tokens: int) -> None:
         now = time.monotonic()
