@@ -73,15 +73,20 @@ def test_one_token_path_equals_the_grouped_path():
 
 
 @pytest.mark.parametrize("M", [1, 3, 4, 9])
-def test_grouped_gathered_and_dense_combine_agree(M):
+def test_grouped_gathered_and_dense_combine_agree(M, monkeypatch):
     """The three ways to apply the routed experts give the same output (forward without statistics: the test
-    below)."""
+    below); the gathered one both ways: each pair's expert read in place (eager on a CPU) and the batched products
+    of gathered weights (where `static_shapes`: compiled, accelerators), which pair the M·K rows token-major."""
+    import mixcon.layers.moe as moe_module
+
     moe = make_moe()
     h = torch.randn(M, 16, dtype=torch.float64)
     _, _, weights, experts = moe.route(h)
     grouped = moe.combine(h, weights, experts)
     torch.testing.assert_close(moe.combine_gathered(h, weights, experts), grouped)
     torch.testing.assert_close(moe.combine_dense(h, weights, experts), grouped)
+    monkeypatch.setattr(moe_module, "static_shapes", lambda h: True)
+    torch.testing.assert_close(moe.combine_gathered(h, weights, experts), grouped)
 
 
 def test_load_balancing_loss_uniform_vs_collapsed():
@@ -114,6 +119,7 @@ def test_pads_skip_the_experts_and_count_in_no_statistic():
     torch.testing.assert_close(out[mask], alone)
     assert not out[~mask].any()
     assert torch.equal(stats.counts, expected.counts) and int(stats.counts.sum()) == 2 * int(mask.sum())
+    torch.testing.assert_close(stats.logits, expected.logits)  # the real tokens' logits, in order
     torch.testing.assert_close(stats.aux_loss, expected.aux_loss)
     torch.testing.assert_close(stats.z_loss, expected.z_loss)
     with torch.no_grad():
@@ -126,6 +132,19 @@ def test_gradients_reach_router_and_experts():
     (out.sum() + stats.aux_loss).backward()
     assert moe.router.weight.grad.abs().sum() > 0
     assert moe.w_gate_up.grad.abs().sum() > 0 and moe.w_down.grad.abs().sum() > 0
+
+
+def test_a_bf16_layer_routes_with_an_fp32_softmax():
+    """bf16 weights and input: the router's product in bf16, its logits taken to fp32 before the softmax (as
+    Mixtral's router, whose softmax is in fp32), so the routing weights and statistics are fp32 too."""
+    moe = make_moe().bfloat16()
+    h = torch.randn(6, 16, dtype=torch.bfloat16)
+    logits, probs, weights, _ = moe.route(h)
+    assert logits.dtype == probs.dtype == weights.dtype == torch.float32
+    torch.testing.assert_close(probs, moe.router(h).float().softmax(-1), rtol=0, atol=0)
+    out, stats = moe(h)
+    assert out.dtype == torch.bfloat16
+    assert stats.logits.dtype == stats.aux_loss.dtype == stats.z_loss.dtype == torch.float32
 
 
 def test_bf16_autocast_keeps_the_residual_dtype():
@@ -149,10 +168,24 @@ def test_a_decoding_step_on_many_tokens_runs_only_the_chosen_experts_on_a_cpu(mo
     expected = moe(h)[0]
     dense = moe.combine_dense
     monkeypatch.setattr(moe, "combine_dense", lambda *a: pytest.fail("all experts on every token"))
-    torch.testing.assert_close(moe(h, stats=False)[0], expected)
+    out, stats = moe(h, stats=False)
+    torch.testing.assert_close(out, expected)
+    assert stats is None  # the output alone
     monkeypatch.setattr(moe_module, "static_shapes", lambda h: True)
     monkeypatch.setattr(moe, "combine_dense", dense)
+    monkeypatch.setattr(moe, "combine", lambda *a: pytest.fail("grouped by expert: a host sync"))
     torch.testing.assert_close(moe(h, stats=False)[0], expected)
+
+
+def test_a_compiled_decoding_step_on_a_cpu_runs_in_one_graph():
+    """Compiled, shapes stay static on a CPU too: a decoding step's MoE on M·K > n pairs is one graph (grouping by
+    expert would read the counts on the host and break it), with the eager output."""
+    moe = make_moe()
+    h = torch.randn(12, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = moe(h)[0]
+        compiled = torch.compile(lambda x: moe(x, stats=False)[0], backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(h), expected)
 
 
 def test_a_moe_layer_alone_starts_from_seeded_finite_weights():
@@ -164,7 +197,8 @@ def test_a_moe_layer_alone_starts_from_seeded_finite_weights():
     b = MoE(32, 64, 4, 2)
     for name, param in a.named_parameters():
         assert torch.isfinite(param).all() and torch.equal(param, b.get_parameter(name)), name
-    assert abs(a.w_down.std().item() - 0.02) < 0.002
+    for w in (a.w_gate_up, a.w_down):
+        assert abs(w.std().item() - 0.02) < 0.002
     assert torch.isfinite(a(torch.randn(2, 5, 32))[0]).all()
 
 
