@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mixcon import MixConConfig
 from mixcon.layers.norm import GatedRMSNorm, RMSNorm
 
 
@@ -45,9 +46,18 @@ def test_gated_rms_norm_of_bf16_inputs_computes_in_fp32_and_returns_bf16():
 
 
 def test_norms_start_as_the_identity_scale():
-    """A norm built on its own (outside a model, whose reset_parameters sets them too) starts with weight one."""
+    """A norm built on its own (outside a model, whose reset_parameters sets them too) starts with weight one; by
+    default with the config's eps (1e-5) and, gated, one group over the whole width."""
     for norm in (RMSNorm(16), GatedRMSNorm(16, groups=4)):
         assert torch.equal(norm.weight, torch.ones(16))
+    assert RMSNorm(16).eps == GatedRMSNorm(16).eps == MixConConfig().norm_eps == 1e-5
+    assert GatedRMSNorm(16).groups == 1
+
+
+def test_gated_rms_norm_refuses_groups_that_do_not_divide_its_width():
+    for groups in (0, 3):
+        with pytest.raises(ValueError, match=rf"GatedRMSNorm: groups={groups} must be >= 1 and divide dim=16"):
+            GatedRMSNorm(16, groups=groups)
 
 
 def test_rms_norm_prints_its_width_and_eps():
