@@ -218,3 +218,42 @@ def test_default_chunks_hold_chunk_elements_logits(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "t", lambda self: calls.append(self.shape) or real_t(self))
     linear_token_scores(h, weight, labels)
     assert calls.count(weight.shape) == 3
+
+
+def test_a_vocabulary_wider_than_a_chunk_takes_one_row_at_a_time(monkeypatch):
+    """V above CHUNK_ELEMENTS: chunks of one row (not of zero, which would never end or score nothing)."""
+    from mixcon.ops import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 8)  # V = 16: 0.5 rows per chunk
+    h, weight, labels = inputs((5,), V=16, d=4, dtype=torch.float64)
+    want = grads(reference, h, weight, labels)
+    for g, w in zip(grads(linear_cross_entropy, h, weight, labels), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    nll, _ = linear_token_scores(h.detach(), weight.detach(), labels)
+    torch.testing.assert_close(nll.sum() / (labels != IGNORE).sum(), want[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_labels_of_a_narrow_integer_dtype_are_taken(dtype):
+    """Token ids as a data loader may keep them (int32, int16): the same loss and scores as int64 labels (the
+    gather needs int64 indices on older torch, int32 or int64 on newer)."""
+    h, weight, labels = inputs((2, 5), V=11, d=4, dtype=torch.float64)
+    want = grads(reference, h, weight, labels)
+    got = grads(lambda *a: linear_cross_entropy(*a, chunk_rows=3), h, weight, labels.to(dtype))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, weight, labels.to(dtype)), want[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(linear_token_scores(h, weight, labels.to(dtype)), linear_token_scores(h, weight, labels),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [-1, 7])
+@pytest.mark.parametrize("fn", [linear_cross_entropy, linear_token_scores])
+def test_labels_outside_the_vocabulary_are_an_error(fn, bad):
+    """As in F.cross_entropy, a label neither in [0, V) nor IGNORE is an error, not silently scored as some id."""
+    h, weight, labels = inputs((4,), V=7, d=4, dtype=torch.float64)
+    labels[2] = bad
+    with pytest.raises((RuntimeError, IndexError)):
+        fn(h, weight, labels)
