@@ -91,9 +91,20 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: i
             p.mul_(keep[:, None])  # (r, V) ∂sum/∂logits
             p = p.to(hc.dtype)
             grad_h[start: start + rows] = p @ weight.to(hc.dtype)
-            # A chunk's sum over its rows may pass fp16's range (65,504) where h is large: that product in fp32.
-            grad_w += p.t().to(dtype) @ hc.to(dtype) if hc.dtype == torch.float16 else (p.t() @ hc).to(dtype)
+            # A chunk's sum over its rows may pass fp16's range (65,504) where h is large: that product in fp32,
+            # for fp16 inputs and under fp16 autocast alike (which would cast it back to fp16).
+            if hc.dtype == torch.float16 or _fp16_autocast(hc):
+                with torch.autocast(hc.device.type, enabled=False):
+                    grad_w += p.t().to(dtype) @ hc.to(dtype)
+            else:
+                grad_w += (p.t() @ hc).to(dtype)
     return total, scored.sum().to(dtype), grad_h, grad_w  # a count of 0 makes the mean nan, as F.cross_entropy's
+
+
+def _fp16_autocast(t: torch.Tensor) -> bool:
+    """Whether autocast runs t's products in fp16."""
+    device = t.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

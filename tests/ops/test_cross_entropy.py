@@ -257,3 +257,20 @@ def test_labels_outside_the_vocabulary_are_an_error(fn, bad):
     labels[2] = bad
     with pytest.raises((RuntimeError, IndexError)):
         fn(h, weight, labels)
+
+
+def test_fp16_autocast_weight_gradients_stay_finite_where_only_their_fp32_product_fits():
+    """fp32 weights under fp16 autocast (mixed precision with a GradScaler): the head's products run in fp16, and
+    the weights' summed gradient over a chunk of 70,000 alike rows, before the mean's 1/count, is above fp16's
+    range; taken in fp32 as for fp16 weights, it is the mean's gradient (it was inf whatever the loss scale)."""
+    torch.manual_seed(0)
+    h, w = (torch.randn(1, 16) * 2).expand(70_000, 16).contiguous(), torch.randn(32, 16) * 0.05
+    labels = torch.full((70_000,), 3)
+    got, want = w.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = linear_cross_entropy(h, got, labels)
+        ref = F.cross_entropy((h[:1] @ want.T).float(), labels[:1])  # the mean of alike rows: one row's
+    loss.backward()
+    ref.backward()
+    assert got.grad.dtype == torch.float32 and got.grad.isfinite().all()
+    torch.testing.assert_close(got.grad, want.grad, rtol=2e-3, atol=2e-3)
