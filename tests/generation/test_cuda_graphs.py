@@ -126,6 +126,17 @@ def test_each_tensor_read_in_place_is_part_of_a_graphs_key(graph_stand_in):
     assert (len(graphs.graphs), graphs.replays) == (8, 1)
 
 
+def test_a_graph_reads_its_own_copies_of_the_tokens_and_the_position(graph_stand_in):
+    """Replays copy the tokens and the position into the graph's own inputs, never into the tensors the step was
+    captured on (the caller's: freed or reused after the call)."""
+    graphs = graph_stand_in()
+    positions, mask, caches = torch.tensor([2]), torch.ones(3, 3, dtype=torch.bool), [(torch.zeros(2),)]
+    ids, index = torch.tensor([[1]]), torch.tensor([3])
+    graphs(_toy_step, ids, positions, mask, index, caches, weights=())
+    graphs(_toy_step, torch.tensor([[5]]), positions, mask, torch.tensor([4]), caches, weights=())
+    assert graphs.replays == 1 and ids.tolist() == [[1]] and index.tolist() == [3]
+
+
 def test_a_step_that_cannot_be_captured_decodes_on_without_graphs(tiny_model, graph_stand_in, monkeypatch):
     """A failed capture: that step's result (it ran before) and every later step's as without graphs, one warning."""
     model = tiny_model()
