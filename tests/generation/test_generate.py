@@ -546,3 +546,80 @@ def test_a_max_length_the_prompt_just_fills_warns_too(tiny_model):
     with pytest.warns(UserWarning, match=r"max_length=5 leaves no room after the prompt's 5 tokens") as caught:
         assert torch.equal(model.generate(prompt, max_length=5), prompt)
     assert caught[0].filename == __file__
+
+
+def test_top_p_of_one_filters_nothing_however_unlikely_a_token():
+    """top_p=1 keeps every token, also those whose mass float rounding absorbs (the mass before them sums to 1.0 in
+    fp32): transformers' generate skips top-p at 1."""
+    logits = torch.tensor([[0.0, -30.0, -31.0], [2.0, 1.0, -40.0]])
+    assert filter_logits(logits, 1.0, None, 1.0).isfinite().all()
+    assert filter_logits(logits, 1.0, None, 0.999).isinf().any()  # a top_p under 1 drops them
+
+
+def test_the_bounds_of_the_sampling_arguments_are_accepted(tiny_model):
+    """top_p=1, min_p=0 and vocab_limit=vocab_size filter nothing; a temperature of 0 is fine for greedy decoding
+    (transformers' configs hold one), which never reads it."""
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.randint(0, 300, (2, 4))
+    sampled = dict(do_sample=True, seed=5)
+    expected = model.generate(prompt, 4, **sampled)
+    for kw in (dict(top_p=1.0), dict(min_p=0.0), dict(vocab_limit=300)):
+        assert torch.equal(model.generate(prompt, 4, **kw, **sampled), expected), kw
+    assert torch.equal(model.generate(prompt, 4, temperature=0.0), model.generate(prompt, 4))
+    for bad in (0, 301, 2.5):
+        with pytest.raises(ValueError, match=rf"vocab_limit={bad!r} must be None or an integer in \[1, vocab_size="):
+            model.generate(prompt, 3, vocab_limit=bad)
+
+
+def test_one_row_is_sampled_as_a_batch_of_one(tiny_model):
+    """sample_next gives (B,) tokens for B = 1 too, and generate samples a single prompt (no EOS nor pad id to fill
+    with)."""
+    logits = torch.randn(1, 50)
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, do_sample=True, temperature=1.0, top_k=None, top_p=None, generator=g).shape == (1,)
+    model = tiny_model(dtype=torch.float32)
+    assert model.config.eos_token_id is None and model.config.pad_token_id is None
+    prompt = torch.randint(0, 300, (1, 4))
+    out = model.generate(prompt, 5, do_sample=True, seed=0)
+    assert out.shape == (1, 9) and torch.equal(out[:, :4], prompt)
+
+
+def test_the_configs_eos_id_stops_generation(tiny_model):
+    """With no eos_token_id given, the config's ends a row, as transformers' generation config does."""
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    free = tiny_model(dtype=torch.float32).generate(prompt, 6)[0, 4:].tolist()
+    eos = free[1]
+    assert eos not in free[:1]
+    out = tiny_model(dtype=torch.float32, eos_token_id=eos).generate(prompt, 6)
+    assert out[0, 4:].tolist() == free[:2]
+
+
+def test_stopping_criteria_may_return_one_bool_for_all_rows(tiny_model):
+    """A criteria's plain True ends every row (transformers' StoppingCriteria may return a bool)."""
+    model = tiny_model(dtype=torch.float32, pad_token_id=0)
+    prompt = torch.randint(3, 300, (2, 4))
+    free = model.generate(prompt, 5)
+    calls = []
+    out = model.generate(prompt, 5, stopping_criteria=lambda ids, scores: calls.append(ids.shape[1]) or len(calls) == 2)
+    assert calls == [5, 6] and torch.equal(out, free[:, :6])
+
+
+def test_generation_reads_the_last_positions_logits_once_per_new_token(tiny_model):
+    """The prefill computes the logits of the prompt's last position only, and each new token needs one forward:
+    none after the last one (its logits would choose nothing)."""
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.randint(3, 300, (2, 7))
+    widths = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: widths.append(out.shape[1]))
+    model.generate(prompt, 4)
+    hook.remove()
+    assert widths == [1, 1, 1, 1]
+
+
+def test_a_training_model_generates_in_eval_mode_and_goes_on_training(tiny_model):
+    """generate runs the model in eval mode (no Conba noise: the tokens of the eval model) and leaves it training."""
+    model = tiny_model(dtype=torch.float32, conba_process_noise=0.5, conba_observation_noise=0.5)
+    prompt = torch.randint(3, 300, (2, 5))
+    expected = model.generate(prompt, 6)
+    model.train()
+    assert torch.equal(model.generate(prompt, 6), expected) and model.training
