@@ -81,6 +81,14 @@ def test_continuations_of_one_context_share_its_prefill_and_score_as_alone(lm, m
     assert prefills == [eos_context, [TOK.eos_id]] and branches == [2, 2, 2] and grown == []
 
 
+def test_an_empty_continuation_beside_others_of_its_context_is_certain(lm):
+    """An empty continuation has probability 1 and is greedy, also where other continuations share its context."""
+    pairs = [("Q:", ""), ("Q:", " a"), ("Q:", " bc")]
+    got = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs], disable_tqdm=True)
+    assert got[0] == (0.0, True)
+    assert [v for v, _ in got[1:]] == pytest.approx([logprob(lm.model, c, x)[0] for c, x in pairs[1:]], rel=1e-10)
+
+
 def test_one_token_continuations_of_one_context_are_scored_from_its_prefill_alone(lm, monkeypatch):
     """Multiple choice over single letters: the prefill's last hidden state scores each; no branch is made."""
     branches = []
@@ -245,21 +253,31 @@ def test_sampling_with_temperature_is_seeded(lm, tiny_model):
     assert len(set(repeats)) > 1
 
 
+def test_a_positive_temperature_asks_for_sampling_unless_do_sample_is_false(lm):
+    """Greedy unless a task asks for sampling: a temperature alone samples (the draws of do_sample=True);
+    do_sample=False keeps greedy decoding whatever the temperature."""
+    kwargs = {"max_gen_toks": 8, "until": ["never"], "temperature": 1.0}
+    sampled = lm.generate_until([request("generate_until", "x", {**kwargs, "do_sample": True})], disable_tqdm=True)
+    assert lm.generate_until([request("generate_until", "x", dict(kwargs))], disable_tqdm=True) == sampled
+    greedy = lm.generate_until([request("generate_until", "x", {**kwargs, "do_sample": False})], disable_tqdm=True)
+    assert greedy == [greedy_text(lm.model, "x", 8)] != sampled
+
 
 def test_generate_until_hands_min_p_and_the_repetition_penalty_to_generate(lm, monkeypatch):
-    """A task's repetition_penalty reaches generate greedy or sampled; min_p when sampling (greedy drops the
-    sampling arguments, as before)."""
+    """A task's repetition_penalty reaches generate greedy or sampled; min_p, top_k and top_p when sampling (greedy
+    drops the sampling arguments, as before)."""
     asked = []
     generate = lm.model.generate
     monkeypatch.setattr(lm.model, "generate", lambda ids, n, **kw: asked.append(kw) or generate(ids, n, **kw))
     greedy = {"max_gen_toks": 4, "repetition_penalty": 1.5, "min_p": 0.2}
-    sampled = {**greedy, "do_sample": True, "temperature": 1.0}
+    sampled = {**greedy, "do_sample": True, "temperature": 1.0, "top_k": 5, "top_p": 0.9}
     for kwargs in (greedy, sampled):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # neither argument is reported as ignored
             lm.generate_until([request("generate_until", "x", kwargs)], disable_tqdm=True)
     assert asked[0]["repetition_penalty"] == 1.5 and "min_p" not in asked[0]
     assert asked[1]["repetition_penalty"] == 1.5 and asked[1]["min_p"] == 0.2 and asked[1]["do_sample"]
+    assert (asked[1]["top_k"], asked[1]["top_p"], asked[1]["temperature"]) == (5, 0.9, 1.0)
     monkeypatch.undo()
     plain = lm.generate_until([request("generate_until", "x", {"max_gen_toks": 12})], disable_tqdm=True)
     ids = torch.tensor([[TOK.eos_id, *TOK.encode("x")]])
@@ -311,6 +329,8 @@ def test_loads_a_saved_model_from_arguments_and_rejects_bad_ones(tiny_model, tmp
     with pytest.raises(ValueError, match="batch_size='many' must be a positive integer"):
         MixConLM(model, tokenizer=TOK, batch_size="many")
     assert MixConLM(model, tokenizer=TOK, batch_size="auto:4").batch_size == 8  # lm-eval's --batch_size auto:N
+    for no_limit in (None, "None", ""):  # model_args "max_length=None" or "max_length=": no truncation
+        assert MixConLM(model, tokenizer=TOK, max_length=no_limit).max_length is None
     with pytest.raises(ValueError, match="seed='x' must be an integer"):
         MixConLM(model, tokenizer=TOK, seed="x")
     with pytest.raises(ValueError, match="give the tokenizer"):
