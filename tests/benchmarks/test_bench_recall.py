@@ -52,7 +52,7 @@ def test_recall_benchmark_scores_each_pair_count_on_held_out_seeds_with_the_task
         scored.append((model.config.vocab_size, num_pairs, sequences, seed))
         return num_pairs / 100
 
-    monkeypatch.setattr(recall, "train_on_recall", lambda *a, **kw: [1.0] * 30)
+    monkeypatch.setattr(recall, "train_on_recall", lambda *a, **kw: [5.0] * 10 + [1.0] * 10 + [3.0] * 10)
     monkeypatch.setattr(recall, "recall_accuracy", accuracy)
     task = RecallTask(vocab_size=16, seq_len=16)
     base = MixConConfig.preset("tiny", d_model=16)
@@ -60,6 +60,7 @@ def test_recall_benchmark_scores_each_pair_count_on_held_out_seeds_with_the_task
     rows = recall.run(base, task, [2, 4], models=["mixcon"], **settings)
     assert scored == [(16, 2, 6, 8), (16, 4, 6, 8)]  # every pair count, sequences from seed + 1, vocab the task's
     assert (rows[0]["acc@2"], rows[0]["acc@4"]) == (0.02, 0.04)
+    assert rows[0]["final_loss"] == 2.0  # the mean loss of the last 20 steps
     assert rows[0]["params"] == MixConForCausalLM(base.replace(vocab_size=16)).num_parameters()
     payload = json.loads((tmp_path / "recall.json").read_text())
     assert payload["task"] == dict(vocab_size=16, seq_len=16, keys=7, values=8)
