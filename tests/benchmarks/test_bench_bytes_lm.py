@@ -55,3 +55,30 @@ def test_training_and_scoring_start_from_the_seeds_init_and_report_bits_per_byte
     torch.manual_seed(5)
     fresh = MixConForCausalLM(config.replace(vocab_size=bytes_lm.TOKENIZER.vocab_size)).state_dict()
     assert all(torch.equal(seen["init"][k], v) for k, v in fresh.items())
+
+
+def test_training_windows_are_slices_of_the_training_part_up_to_its_last_one(monkeypatch):
+    """Each training row is a window of held_out's length starting anywhere in the training part, its last
+    possible start included, with round(ratio x length) fillers (PAD) that are never targets."""
+    from mixcon.benchmarks import bytes_lm
+
+    drawn = []
+
+    def briefly(model, batch, *, steps, lr, seed):
+        generator = torch.Generator().manual_seed(seed)
+        drawn.extend(batch(generator) for _ in range(steps))
+        return [1.0]
+
+    monkeypatch.setattr(bytes_lm.common, "train_briefly", briefly)
+    monkeypatch.setattr(bytes_lm, "filler_loss", lambda *a, **kw: 1.0)
+    train = torch.arange(10) + 100
+    bytes_lm.train_and_score(MixConConfig.preset("tiny", d_model=16), train, torch.zeros(2, 8, dtype=torch.long),
+                             ratio=0.25, steps=20, batch_size=4, lr=1e-3, seed=0, device="cpu")
+    starts = set()
+    for inputs, labels in drawn:
+        assert inputs.shape == labels.shape == (4, 10)  # 8 real bytes and 2 fillers
+        real = inputs[inputs != bytes_lm.TOKENIZER.pad_id].view(4, 8)
+        assert torch.equal(real - real[:, :1], torch.arange(8).expand(4, 8))  # consecutive bytes of `train`
+        assert torch.equal(labels[labels != -100].view(4, 7), real[:, 1:])
+        starts.update((real[:, 0] - 100).tolist())
+    assert starts == {0, 1, 2}  # 10 - 8 + 1 windows
