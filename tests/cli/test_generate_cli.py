@@ -77,6 +77,20 @@ def test_the_streamer_prints_whole_characters_as_they_arrive(tokenizer):
     assert all(not w or "\ufffd" not in w or w == "\ufffd" for w in writes)  # whole characters, or one U+FFFD
 
 
+def test_the_streamer_ends_an_unfinished_character_as_the_whole_texts_decode_does():
+    """Generation that stops inside a character (its first bytes only): end() prints the U+FFFD the whole text
+    decodes to, then the newline."""
+    tok = ByteTokenizer()
+    out = io.StringIO()
+    streamer = Utf8Printer(tok, out)
+    ids = tok.encode("ok é")[:-1]  # "ok " and the first byte of "é"
+    for i in ids:
+        streamer(torch.tensor([i]))
+    assert out.getvalue() == "ok "  # the unfinished character held back
+    assert streamer.end() == tok.decode(ids) == "ok \ufffd"
+    assert out.getvalue() == "ok \ufffd\n"
+
+
 def test_a_tokenizer_other_than_the_models_own_is_refused(tmp_path, tiny_model, capsys):
     """--tokenizer naming a tokenizer whose ids mean other text than the model's own is refused by name (the
     text would come out as garbage); a copy of the model's own, in another file, is taken."""
