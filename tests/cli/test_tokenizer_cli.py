@@ -97,3 +97,12 @@ def test_tokenizer_train_writes_into_its_corpus_folder(tmp_path, capsys):
     assert main(argv) == 0 and main([*argv, "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "tokenizer.json"]
     assert "1 file" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size", ["258", str(2**24 + 1)])
+def test_tokenizer_train_refuses_a_vocab_size_outside_its_range_before_reading(tmp_path, capsys, size):
+    """--vocab-size in [259, 2**24] (256 bytes and 3 specials at least) is a usage error, before the corpus is read."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tokenizer", "train", "--corpus", "/no/such/corpus", "--vocab-size", size, "--out", str(tmp_path / "t")])
+    assert exit_info.value.code == 2 and "argument --vocab-size" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
