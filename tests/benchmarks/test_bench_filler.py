@@ -20,6 +20,7 @@ def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(small_corpus
         (name, ratio, length) for ratio, length in ((0.0, 8), (1.5, 20))
         for name in ("mixcon", "transformer-twin", "conba-twin")]
     assert all(6 < r["bits_per_byte"] < 10 for r in rows)  # barely trained: near a uniform guess, log2(259) = 8.0
+    assert payload["ratios"] == [0.0, 1.5]  # those of the rows, in order
     assert payload["bytes"] == small_corpus.stat().st_size + 1  # every byte and one EOS
     assert (tmp_path / "out" / "filler.png").stat().st_size > 0
 
