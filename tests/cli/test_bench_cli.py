@@ -160,3 +160,13 @@ def test_benchmark_config_defaults(bench, config, capsys):
     with pytest.raises(SystemExit):
         main(["bench", bench, "--help"])
     assert f"(default: {config})" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("bench", ["speed", "scan", "matvec", "kernel"])
+def test_benchmarks_that_build_no_model_of_the_config_refuse_its_flags(bench, capsys, monkeypatch):
+    """--config / --set belong to the benchmarks that build their models from them: elsewhere they would be
+    ignored, so they are a usage error."""
+    monkeypatch.setattr(importlib.import_module(f"mixcon.benchmarks.{bench}"), "main", lambda *a, **kw: 0)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", bench, "--config", "tiny"])
+    assert e.value.code == 2 and "unrecognized arguments: --config tiny" in capsys.readouterr().err
