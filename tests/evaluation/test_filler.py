@@ -72,3 +72,11 @@ def test_bad_sizes_are_refused_by_name(tiny_model):
             filler_loss(model, windows, 1, FILLER, batch_size=bad)
     with pytest.raises(ValueError, match=r"filler_loss: windows must be \(N, R\) with N >= 1, got \(0, 10\)"):
         filler_loss(model, windows[:0], 1, FILLER)
+
+
+def test_a_training_model_is_scored_in_eval_mode_and_left_training(tiny_model, monkeypatch):
+    model = tiny_model(vocab_size=V).train()
+    modes, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: modes.append(model.training) or forward(*a, **kw))
+    filler_loss(model, torch.randint(0, FILLER, (5, 6)), 0.5, FILLER, batch_size=3)
+    assert modes == [False, False] and model.training

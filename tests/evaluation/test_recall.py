@@ -61,3 +61,11 @@ def test_bad_sizes_are_refused_by_name(tiny_model):
     with pytest.raises(ValueError, match=rf"the model's vocab_size={TASK.vocab_size - 1} is smaller than the task's "
                                          rf"{TASK.vocab_size}"):
         recall_accuracy(small, TASK, 2)
+
+
+def test_a_training_model_is_scored_in_eval_mode_and_left_training(tiny_model, monkeypatch):
+    model = tiny_model(vocab_size=TASK.vocab_size).train()
+    modes, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: modes.append(model.training) or forward(*a, **kw))
+    recall_accuracy(model, TASK, 4, sequences=6, batch_size=4)
+    assert modes == [False, False] and model.training
