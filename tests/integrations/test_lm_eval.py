@@ -329,6 +329,9 @@ def test_loads_a_saved_model_from_arguments_and_rejects_bad_ones(tiny_model, tmp
     with pytest.raises(ValueError, match="batch_size='many' must be a positive integer"):
         MixConLM(model, tokenizer=TOK, batch_size="many")
     assert MixConLM(model, tokenizer=TOK, batch_size="auto:4").batch_size == 8  # lm-eval's --batch_size auto:N
+    assert not MixConLM(copy.deepcopy(model).train(), tokenizer=TOK).model.training  # scored in eval mode
+    with pytest.raises(ValueError, match="context=0 must be a positive integer"):
+        MixConLM(model, tokenizer=TOK, context=0)
     for no_limit in (None, "None", ""):  # model_args "max_length=None" or "max_length=": no truncation
         assert MixConLM(model, tokenizer=TOK, max_length=no_limit).max_length is None
     with pytest.raises(ValueError, match="seed='x' must be an integer"):
