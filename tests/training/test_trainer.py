@@ -658,6 +658,29 @@ def test_the_schedule_fills_the_time_left_after_validation_and_the_last_checkpoi
                                                                                                               False)
 
 
+
+@pytest.mark.parametrize(("warmup", "needed"), [(50, 20), (5, 5), (0, 2)])
+def test_a_new_budget_run_fits_its_schedule_once_its_warmup_or_20_steps_are_timed(make_trainer, tmp_path, warmup,
+                                                                                   needed):
+    """The first fit waits for min(warmup, 20) timed steps (at least 2): within warmup the learning rate does not
+    depend on the schedule's length, and 20 steps time the machine well enough; a resumed run refits after 2."""
+    from mixcon.training import trainer as trainer_module
+
+    trainer = make_trainer(tmp_path / "run", steps=None, warmup_steps=warmup)
+    timer = trainer_module._Timer(save_seconds=1.0)
+    fits = []
+    for timed in range(1, 25):
+        timer.steps_timed = timed
+        fits.append(trainer._refit_schedule(1e9, timer, False))
+    assert fits.index(True) + 1 == needed and all(fits[needed - 1:])
+    trainer.total_steps, trainer._refit_pending = 100, True  # a resumed run, its old schedule pending
+    timer.steps_timed = 1
+    assert not trainer._refit_schedule(1e9, timer, False)
+    timer.steps_timed = 2
+    assert trainer._refit_schedule(1e9, timer, False) and not trainer._refit_pending
+    assert not trainer._refit_schedule(1e9, timer, False)  # then only at validations
+
+
 def as_rank_1_of_2(trainer: Trainer) -> Trainer:
     """`trainer` as the second of two processes runs it, without a process group (its collectives are no-ops)."""
     from mixcon.training.distributed import DistEnv
