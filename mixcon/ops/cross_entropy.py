@@ -78,6 +78,9 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: i
     total = torch.zeros((), dtype=dtype, device=h.device)
     grad_h = torch.empty_like(h) if grads else None
     grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if grads else None
+    # A chunk's sum over its rows may pass fp16's range (65,504) where h is large: that product in fp32, for fp16
+    # inputs and under fp16 autocast alike (which would cast it back to fp16).
+    grad_w_in_fp32 = h.dtype == torch.float16 or _fp16_autocast(h)
     for start in range(0, h.shape[0], rows):
         hc, yc, keep = h[start: start + rows], labels[start: start + rows], scored[start: start + rows]
         hc = hc.masked_fill(~keep[:, None], 0)  # ignored rows (pads) count nothing, even non-finite ones
@@ -91,9 +94,7 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: i
             p.mul_(keep[:, None])  # (r, V) ∂sum/∂logits
             p = p.to(hc.dtype)
             grad_h[start: start + rows] = p @ weight.to(hc.dtype)
-            # A chunk's sum over its rows may pass fp16's range (65,504) where h is large: that product in fp32,
-            # for fp16 inputs and under fp16 autocast alike (which would cast it back to fp16).
-            if hc.dtype == torch.float16 or _fp16_autocast(hc):
+            if grad_w_in_fp32:
                 with torch.autocast(hc.device.type, enabled=False):
                     grad_w += p.t().to(dtype) @ hc.to(dtype)
             else:
