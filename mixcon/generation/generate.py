@@ -255,8 +255,8 @@ def generate(
             if eos_ids:
                 finished |= torch.isin(token, eos)
             new_tokens.append(token)
-            if seen is not None:
-                seen.scatter_(1, token[:, None], True)
+            if seen is not None:  # only a finished row's fill may lie at or above vocab_limit (its penalty no longer
+                seen.scatter_(1, token.clamp(max=V - 1)[:, None], True)  # matters)
             if stopping_criteria is not None:
                 done = stopping_criteria(torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1), None)
                 done = torch.as_tensor(done, dtype=torch.bool, device=finished.device)

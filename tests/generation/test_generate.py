@@ -335,6 +335,20 @@ def test_integer_arguments_may_be_numpy_integers_or_0d_tensors(tiny_model):
     model.generate(prompt, 2, do_sample=True, seed=-1)  # torch.manual_seed takes negative seeds too
 
 
+def test_a_pad_id_at_or_above_vocab_limit_continues_a_finished_row_under_a_repetition_penalty(tiny_model):
+    """A finished row is continued with pad_token_id, which may lie at or above vocab_limit (it is not chosen, only
+    written): the penalty's record of the row's tokens leaves it out instead of failing; the other row goes on as
+    it would alone."""
+    model = tiny_model(dtype=torch.float32)
+    prompts = torch.tensor([[5, 6, 7], [9, 10, 11]])
+    first = model.generate(prompts, 1, vocab_limit=100)[:, -1].tolist()
+    assert first[0] != first[1]
+    kw = dict(vocab_limit=100, repetition_penalty=1.2, eos_token_id=first[0])
+    out = model.generate(prompts, 4, pad_token_id=250, **kw)
+    assert out[0, 3:].tolist() == [first[0], 250, 250, 250]
+    assert torch.equal(out[1], model.generate(prompts[1], 4, **kw)[0])
+
+
 def test_eos_outside_vocab_limit_runs_to_max_new_tokens(tiny_model):
     """EOS ids at or above vocab_limit cannot be chosen: generation ends at max_new_tokens."""
     model = tiny_model(dtype=torch.float32)
