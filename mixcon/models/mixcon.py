@@ -522,8 +522,9 @@ class MixConForCausalLM(nn.Module):
             if cache.batch_size != B:
                 raise ValueError(f"cache was made for batch_size={cache.batch_size}, {given} has B={B}")
             if cache.key_mask.is_inference() and not torch.is_inference_mode_enabled():
-                raise ValueError("cache was made under torch.inference_mode(), whose tensors cannot be updated "
-                                 "outside it: continue it under inference_mode, or make it outside (torch.no_grad)")
+                raise ValueError("cache holds tensors made under torch.inference_mode() (it was made there, or grew "
+                                 "or was reordered there), which cannot be updated outside it: continue it under "
+                                 "inference_mode, or make and fill it outside inference_mode (torch.no_grad)")
             if not cache.fits(self.config):
                 raise ValueError("cache was made for another model (its layers or their shapes differ from "
                                  "this model's): make it with model.new_cache")

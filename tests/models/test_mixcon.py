@@ -822,7 +822,7 @@ def test_an_empty_batch_and_caches_this_model_cannot_continue_raise(tiny_model):
     with torch.inference_mode():
         inference = model.new_cache(1)
         model(ids, cache=inference)
-    with pytest.raises(ValueError, match=r"cache was made under torch.inference_mode\(\), whose tensors cannot"):
+    with pytest.raises(ValueError, match=r"cache holds tensors made under torch.inference_mode\(\) \(it was made "):
         model(ids[:, :1], cache=inference)
     with torch.inference_mode():  # refused before anything moved: it continues where it was
         torch.testing.assert_close(model(ids[:, :1], cache=inference).logits[:, -1], model(
@@ -836,6 +836,21 @@ def test_an_empty_batch_and_caches_this_model_cannot_continue_raise(tiny_model):
         model(ids, cache=empty, seq_idx=torch.zeros_like(ids))
     with torch.no_grad():  # refused after it was claimed, still empty: any model's
         torch.testing.assert_close(tiny_model(seed=1)(ids, cache=empty).logits, tiny_model(seed=1)(ids).logits)
+
+
+def test_a_cache_made_outside_inference_mode_but_grown_there_is_refused_outside_it_for_what_it_is(tiny_model):
+    """A forward under inference_mode that grows a cache made outside it leaves inference tensors in it: continued
+    outside, it is refused, and the error says that it grew there (making it outside, as the error used to
+    advise, is what was done)."""
+    model = tiny_model()
+    ids = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        cache = model.new_cache(1, max_length=2)
+    with torch.inference_mode():
+        model(ids, cache=cache)  # 6 tokens: the cache grows, under inference_mode
+    with pytest.raises(ValueError, match=r"made under torch.inference_mode\(\) \(it was made there, or grew or "
+                                         r"was reordered there\)"):
+        model(ids[:, :1], cache=cache)
 
 def test_paper_preset_builds_on_meta_and_counts_parameters():
     config = MixConConfig.preset("mixcon-paper")
