@@ -852,6 +852,7 @@ def test_a_cache_made_outside_inference_mode_but_grown_there_is_refused_outside_
                                          r"was reordered there\)"):
         model(ids[:, :1], cache=cache)
 
+
 def test_paper_preset_builds_on_meta_and_counts_parameters():
     config = MixConConfig.preset("mixcon-paper")
     with torch.device("meta"):
