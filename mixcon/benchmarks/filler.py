@@ -21,6 +21,7 @@ import torch
 
 from mixcon.benchmarks import bytes_lm, common
 from mixcon.config import MixConConfig
+from mixcon.data.synthetic import filled_length
 
 COLUMNS = ["model", "ratio", "seq_len", "train_s", "final_loss", "bits_per_byte"]
 KEY = ("model", "ratio")  # of a run
@@ -46,7 +47,7 @@ def run(base: MixConConfig, stream: torch.Tensor, ratios: list[float], *, real_l
                 continue
             row = bytes_lm.train_and_score(config, train, held_out, ratio=ratio, steps=steps,
                                            batch_size=batch_size, lr=lr, seed=seed, device=device)
-            rows.append(dict(model=name, ratio=ratio, seq_len=real_len + round(ratio * real_len), **row))
+            rows.append(dict(model=name, ratio=ratio, seq_len=filled_length(real_len, ratio), **row))
             common.print_table(rows[-1:], COLUMNS)
             common.write_results(out_dir, "filler", _payload(settings, common.with_earlier(rows, done, KEY)),
                                  plot=None)
@@ -84,8 +85,11 @@ def main(args: argparse.Namespace, base: MixConConfig) -> int:
             ratios = sorted({float(r) for r in args.ratios.split(",")})
         except ValueError as e:
             raise ValueError(f"--ratios {args.ratios!r}: expected comma-separated numbers") from e
-        if not all(0 <= r < float("inf") for r in ratios):
-            raise ValueError(f"--ratios {args.ratios}: each must be a finite number >= 0")
+        for ratio in ratios:
+            try:
+                filled_length(args.real_len, ratio)
+            except ValueError as e:
+                raise ValueError(f"--ratios {args.ratios}: {e}") from None
         models = common.twin_names(args.models)
         stream = bytes_lm.byte_stream(args.corpus, args.max_bytes, [args.out])
     except (ValueError, FileNotFoundError) as e:

@@ -70,6 +70,17 @@ class RecallTask:
         return ids, labels
 
 
+def filled_length(R: int, ratio: float) -> int:
+    """The length of a row of R real tokens with round(ratio · R) fillers among them; a ratio that is not a finite
+    number >= 0, or so large that the row could not be indexed (more than 2^63 - 1 tokens), is a ValueError."""
+    if not 0 <= ratio < float("inf"):
+        raise ValueError(f"ratio={ratio} must be a finite number >= 0 (fillers per real token)")
+    T = R + round(ratio * R)
+    if T > torch.iinfo(torch.int64).max:
+        raise ValueError(f"ratio={ratio} gives rows of {T:.3g} tokens, more than a tensor can index")
+    return T
+
+
 def insert_filler(ids: torch.Tensor, ratio: float, filler_id: int,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of R real tokens (B, R) with round(ratio · R) `filler_id` tokens inserted at random places
@@ -77,13 +88,14 @@ def insert_filler(ids: torch.Tensor, ratio: float, filler_id: int,
     real token but the last, IGNORE at the fillers (they are never targets)."""
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"insert_filler: ids must be (B, R) with R >= 2 real tokens, got {tuple(ids.shape)}")
-    if not 0 <= ratio < float("inf"):
-        raise ValueError(f"insert_filler: ratio={ratio} must be a finite number >= 0 (fillers per real token)")
+    B, R = ids.shape
+    try:
+        T = filled_length(R, ratio)
+    except ValueError as e:
+        raise ValueError(f"insert_filler: {e}") from None
     if bool((ids == filler_id).any()):
         raise ValueError(f"insert_filler: filler_id={filler_id} occurs among the real tokens; use an id they "
                          "never take")
-    B, R = ids.shape
-    T = R + round(ratio * R)
     real = torch.rand(B, T, generator=generator).argsort(1)[:, :R].sort(1).values  # (B, R) places of the real tokens
     inputs = torch.full((B, T), filler_id, dtype=ids.dtype).scatter_(1, real, ids)
     labels = torch.full((B, T), IGNORE, dtype=torch.long).scatter_(1, real[:, :-1], ids[:, 1:].long())

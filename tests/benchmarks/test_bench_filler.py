@@ -26,9 +26,10 @@ def test_filler_benchmark_trains_and_scores_each_twin_at_each_ratio(small_corpus
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--ratios", "1,-2"], "each must be a finite number >= 0"),
-    (["--ratios", "inf"], "--ratios inf: each must be a finite number >= 0"),
-    (["--ratios", "nan"], "--ratios nan: each must be a finite number >= 0"),
+    (["--ratios", "1,-2"], r"--ratios 1,-2: ratio=-2.0 must be a finite number >= 0"),
+    (["--ratios", "inf"], "--ratios inf: ratio=inf must be a finite number >= 0"),
+    (["--ratios", "nan"], "--ratios nan: ratio=nan must be a finite number >= 0"),
+    (["--ratios", "0,1e30"], r"--ratios 0,1e30: ratio=1e\+30 gives rows of 6.4e\+31 tokens, more than"),
     (["--ratios", "one"], "comma-separated numbers"),
     (["--models", "llama"], "unknown llama"),
     (["--max-bytes", "1000", "--eval-windows", "64"], "needs at least 8,192"),

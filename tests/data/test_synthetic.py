@@ -102,6 +102,7 @@ def test_insert_filler_places_differ_between_rows_and_draws():
     (torch.zeros(2, 1, dtype=torch.long), 1, r"R >= 2"),
     (torch.zeros(2, 4, dtype=torch.long), -1, "ratio=-1"),
     (torch.zeros(2, 4, dtype=torch.long), float("inf"), "finite"),
+    (torch.zeros(2, 4, dtype=torch.long), 1e30, r"ratio=1e\+30 gives rows of 4e\+30 tokens, more than a tensor can"),
     (torch.full((2, 4), 99), 1, "filler_id=99 occurs among the real tokens"),
 ])
 def test_insert_filler_rejects_bad_input(ids, ratio, match):
