@@ -52,7 +52,7 @@ from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import DistEnv, barrier, gather_objects, init_distributed, shutdown
 from mixcon.training.metrics import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, require_tensorboard
 from mixcon.training.optim import warmup_steps
-from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions
+from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions, final_validation_due
 
 DEFAULT_TIME_BUDGET = 480.0  # seconds, when neither --steps nor --time-budget is given
 SAMPLE_SECONDS = 15.0  # kept from the time budget for loading the final checkpoint and printing a sample
@@ -222,7 +222,7 @@ def _train(args: argparse.Namespace, env: DistEnv, start: float, held: contextli
     config = _config(args, resume, tok, initial[1] if initial else None)
     if resume is not None:
         _check_config_changes(MixConConfig.load(resume / ckpt.CONFIG_NAME), config, say)
-        _check_steps_left(options, resume, state["step"])
+        _check_steps_left(options, resume, state)
     ds = _dataset(options, tok, out, env, state, progress=not args.no_progress)
     torch.manual_seed(options.seed)  # the same initial weights in every process
     model = MixConForCausalLM(config)
@@ -338,10 +338,13 @@ def _options(args: argparse.Namespace, resume: Path | None, state: dict[str, Any
     return options
 
 
-def _check_steps_left(options: TrainOptions, resume: Path, step: int) -> None:
-    """On --resume: --steps must lie beyond the checkpoint's `step` (checked after the config, whose refusal says
-    more about a command that cannot run)."""
-    if options.steps is not None and step >= options.steps:
+def _check_steps_left(options: TrainOptions, resume: Path, state: dict[str, Any]) -> None:
+    """On --resume: --steps must lie beyond the checkpoint's step (checked after the config, whose refusal says
+    more about a command that cannot run), or be that step when its final validation is missing (a run stopped
+    between the last step's checkpoint and the final validation's: resuming validates, saves and samples)."""
+    step = state["step"]
+    if options.steps is not None and step >= options.steps and not (
+            step == options.steps and final_validation_due(state.get("last_val") or {}, step)):
         raise SystemExit(f"mixcon train: --steps {options.steps}: the run resumed from {resume} is at step {step} "
                          "already; give more --steps to continue it")
 

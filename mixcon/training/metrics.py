@@ -22,14 +22,18 @@ class MetricsLogger:
     and plots the loss curves. `records` keep only the plotted fields (`PLOTTED`), so a long run's history stays
     small in memory."""
 
-    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, resume_validated: bool = True,
+                 tensorboard: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
-            # Keep the history up to the checkpoint; what a crashed run logged after it is redone.
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            # Keep the history up to the checkpoint; what a crashed run logged after it is redone: a validation of
+            # `resume_step` too, unless the checkpoint holds it (`resume_validated`; a final validation is logged
+            # before the checkpoint that records it).
+            kept = [r for r in read_metrics(self.path) if r["step"] < resume_step or (
+                r["step"] == resume_step and (resume_validated or "val_loss" not in r))]
             write_text_atomic(self.path, "".join(_json_line(r) for r in kept))
             self.records = [_plotted(r) for r in kept]
         else:

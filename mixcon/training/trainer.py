@@ -173,6 +173,13 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def final_validation_due(last_val: dict[str, Any], step: int) -> bool:
+    """Whether a checkpoint at a run's last `step`, with the trainer state's `last_val`, misses the final
+    validation (the run was stopped between the loop's checkpoint of that step and the one after the validation):
+    a run that validates at all (step 0 is validated) holds a `last_val`."""
+    return bool(last_val) and last_val.get("step") != step
+
+
 def _process_seed(seed: int, rank: int) -> int:
     """Process `rank`'s seed from the run's: within what torch.manual_seed takes (a seed near 2**64 plus a rank
     would overflow it)."""
@@ -270,7 +277,9 @@ class Trainer:
         c = ckpt.load_checkpoint(path, expected_config=None if config_changes else self.model.config,
                                  expected_tokenizer=self.tokenizer)
         ckpt.check_model_state(c.model_state, self.shapes, c.path)
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        # (the learning rate stays the checkpoint's: the schedule's at its step, until the next step sets it)
+        settings = [{k: v for k, v in group.items() if k not in ("params", "lr")}
+                    for group in self.optimizer.param_groups]
         load_full_state(self.model, self.optimizer, c.model_state, c.optimizer_state, self.aliases)
         for group, own in zip(self.optimizer.param_groups, settings, strict=True):
             group.update(own)  # (loading the state put back the saved run's settings with it)
@@ -422,7 +431,9 @@ class Trainer:
         start = time.monotonic()
         if resume_from is not None:
             self.resume(resume_from, config_changes=config_changes)
-            if self.options.steps is not None and self.step >= self.options.steps:
+            if self.options.steps is not None and self.step >= self.options.steps and not (
+                    self.step == self.options.steps and self.eval_data is not None
+                    and final_validation_due(self.last_val, self.step)):  # (a run stopped before validating it)
                 raise ValueError(f"TrainOptions.steps={self.options.steps}: the run resumed from "
                                  f"{self.last_checkpoint} is at step {self.step} already; give more steps to continue")
         else:
@@ -433,6 +444,7 @@ class Trainer:
         own = resumed is not None and ckpt.in_run(resumed, self.run_dir)  # else a new history here
         self._clear_later_checkpoints(discard_later, resumed)
         metrics = (MetricsLogger(self.run_dir, resume_step=self.step if own else None,
+                                 resume_validated=self.last_val.get("step") == self.step,
                                  tensorboard=self.tensorboard) if self.env.is_main else None)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.env.is_main))

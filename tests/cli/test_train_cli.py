@@ -414,6 +414,35 @@ def test_an_interrupted_run_saves_and_exits_as_the_signal_says(corpus, tmp_path,
     assert f"stopped by {signal.Signals(signum).name} after 2 steps" in out and "sample (" not in out
 
 
+def test_a_run_killed_in_its_final_validation_is_finished_by_resume(corpus, tmp_path, monkeypatch, capsys):
+    """Killed (SIGKILL: no save) in the final validation after the loop's checkpoint of the last step, which is no
+    validation step: --resume with the same --steps validates, saves and samples (it was refused as being at the
+    last step already)."""
+    class Killed(BaseException):
+        pass
+
+    validate = Trainer._validate
+
+    def killed(self: Trainer, *args: object) -> None:
+        if self.step == 4 and self.saved_step == 4:
+            raise Killed
+        validate(self, *args)
+
+    monkeypatch.setattr(Trainer, "_validate", killed)
+    run = tmp_path / "run"
+    argv = ["train", "--config", "tiny", "--tokenizer", "bytes", "--corpus", str(corpus), "--val-fraction", "0.2",
+            "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--save-every", "2", "--eval-every", "3",
+            "--eval-batches", "1", "--sample-tokens", "4", "--no-progress", "--out", str(run)]
+    with pytest.raises(Killed):
+        main(argv)
+    monkeypatch.setattr(Trainer, "_validate", validate)
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert "sample (4 tokens" in capsys.readouterr().out
+    assert read_trainer_state(run)["last_val"]["step"] == 4
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r] == [0, 3, 4]
+
+
 def test_a_single_text_file_trains_with_validation_by_default(tmp_path, capsys):
     """The commonest first run: one text file and the default --val-fraction (its end validates); with
     --no-progress, no progress bar at all (the data preparation's printed some)."""

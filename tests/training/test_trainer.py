@@ -142,6 +142,40 @@ def test_resuming_at_or_past_the_steps_asked_is_refused(make_trainer, tmp_path):
         make_trainer(tmp_path, steps=4).fit(resume_from=tmp_path)
 
 
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs, but the `finally` blocks (which write nothing a resume reads)."""
+
+
+@pytest.mark.parametrize("killed_in", ["evaluate", "save"])
+def test_a_run_killed_before_its_final_validation_is_saved_resumes_to_it(make_trainer, tmp_path, monkeypatch,
+                                                                          killed_in):
+    """Step 6 is a checkpoint step but not a validation step: a run killed after the loop's checkpoint of step 6,
+    in the final validation or in the checkpoint that records it, is resumed at step 6 to validate and save (it
+    was refused as being at step 6 already), its validation logged once, as in an uninterrupted run."""
+    make_trainer(tmp_path / "plain", steps=6, eval_every=4, save_every=3).fit()
+    original = getattr(Trainer, killed_in)
+
+    def killed(self: Trainer, *args: Any) -> Any:
+        if self.step == 6 and self.saved_step == 6 and not getattr(self, "_resumed", False):
+            raise Killed
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, killed_in, killed)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        make_trainer(run, steps=6, eval_every=4, save_every=3).fit()
+    assert load_checkpoint(run).trainer_state["last_val"]["step"] == 4
+    resumed = make_trainer(run, steps=6, eval_every=4, save_every=3)
+    resumed._resumed = True
+    summary = resumed.fit(resume_from=run)
+    assert summary.val_step == 6 and summary.new_steps == 0
+    got, want = load_checkpoint(run), load_checkpoint(tmp_path / "plain")
+    assert got.trainer_state["last_val"] == want.trainer_state["last_val"]
+    assert got.optimizer_state["param_groups"] == want.optimizer_state["param_groups"]  # lr: the schedule's, too
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r] == [0, 4, 6]
+    assert losses(run, "val_loss") == losses(tmp_path / "plain", "val_loss")
+
+
 def test_the_final_checkpoint_records_the_final_validation(make_trainer, tmp_path):
     """Step 6 is a checkpoint step but not a validation step: the validation after the loop is in its state."""
     summary = make_trainer(tmp_path, steps=6, eval_every=4, save_every=3).fit()
