@@ -8,7 +8,8 @@ Layout of `RUN/checkpoints/step-00000100/`:
     manifest.json                    written last: sha256 and size of every file above
 
 A checkpoint is first written to `.tmp-…` and renamed into place, so a crash mid-write leaves the previous
-checkpoints untouched; a directory without a manifest is never a checkpoint.
+checkpoints untouched; an old one is renamed to `.tmp-…` before it is deleted; a directory without a manifest is
+never a checkpoint.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 SWAPPED = ".tmp-old-"  # prefix of a directory swapped out by `publish_directory`
+# Prefix an old checkpoint is renamed to before it is deleted (keep_last): a crash mid-delete leaves no part of a
+# checkpoint under a checkpoint's name, and the next save removes it with the other `.tmp-` directories.
+PRUNED = ".tmp-pruned-"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
 TOKENIZER_DIR = "tokenizer"
@@ -253,11 +257,24 @@ def save_checkpoint(
     publish_directory(tmp, final)  # the same step saved again (e.g. after a resume) replaces the old copy
     for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         try:
-            shutil.rmtree(stale)
+            delete_checkpoint(stale)
         except OSError as e:  # the new one is written: training goes on
+            pruned = _pruned(stale)
+            where = f"; left as {pruned.name}, deleted at the next save" if pruned.exists() else ""
             warnings.warn(f"{final.name} written, but the old checkpoint {stale} could not be deleted (keep_last="
-                          f"{keep_last}): {e}", stacklevel=2)
+                          f"{keep_last}): {e}{where}", stacklevel=2)
     return final
+
+
+def _pruned(path: Path) -> Path:
+    return path.with_name(f"{PRUNED}{path.name}")
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory: renamed first, so that a crash mid-delete leaves no part of it as a checkpoint
+    (the next save removes the rest)."""
+    path.rename(_pruned(path))
+    shutil.rmtree(_pruned(path))
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import signal
 import threading
 import time
@@ -314,7 +313,7 @@ class Trainer:
         barrier()  # every process has listed them before rank 0 deletes them
         if self.env.is_main:
             for path in later:
-                shutil.rmtree(path)
+                ckpt.delete_checkpoint(path)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self) -> Any:

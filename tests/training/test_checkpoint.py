@@ -163,11 +163,40 @@ def test_a_checkpoints_folder_that_cannot_be_written_or_pruned_is_named(trained,
         return real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt.shutil, "rmtree", undeletable)
-    trainer.options = dataclasses.replace(trainer.options, keep_last=1)
+    trainer.options = dataclasses.replace(trainer.options, keep_last=2)
     with pytest.warns(UserWarning, match=r"step-00000006 written, but the old checkpoint .*step-00000002 could not "
-                                         r"be deleted \(keep_last=1\): \[Errno 13\] Permission denied"):
+                                         r"be deleted \(keep_last=2\): \[Errno 13\] Permission denied: .*; left as "
+                                         r"\.tmp-pruned-step-00000002, deleted at the next save"):
         trainer.save()
-    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000004", "step-00000006"]
+    monkeypatch.undo()
+    trainer.step = 8
+    trainer.save()
+    assert sorted(p.name for p in (run / ckpt.CHECKPOINTS).iterdir()) == ["step-00000006", "step-00000008"]
+
+
+def test_a_crash_while_an_old_checkpoint_is_deleted_leaves_no_part_of_it(trained, monkeypatch):
+    """keep_last deletes an old checkpoint under another name: a kill mid-delete leaves no partial checkpoint (under
+    its own name, without its manifest, nothing would ever delete it), and the next save removes what is left."""
+    trainer, run = trained
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_mid_delete(path, *args, **kwargs):
+        if not kwargs.get("ignore_errors"):
+            (Path(path) / ckpt.MANIFEST).unlink()
+            raise KeyboardInterrupt  # (a SIGKILL, as far as the folder can tell)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_mid_delete)
+    trainer.options = dataclasses.replace(trainer.options, keep_last=2)
+    trainer.step = 6
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000004", "step-00000006"]
+    trainer.step = 8
+    trainer.save()
+    assert sorted(p.name for p in (run / ckpt.CHECKPOINTS).iterdir()) == ["step-00000006", "step-00000008"]
 
 
 def test_crash_between_the_renames_of_a_replacement_loses_nothing(trained, monkeypatch):

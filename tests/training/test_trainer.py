@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mixcon import MixConConfig
 from mixcon.data import ByteTokenizer
 from mixcon.models.mixcon import IGNORE, MixConForCausalLM
+from mixcon.training import checkpoint as ckpt
 from mixcon.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from mixcon.training.metrics import read_metrics
 from mixcon.training.optim import lr_at
@@ -95,6 +96,27 @@ def test_resuming_an_earlier_checkpoint_discards_the_later_ones_only_when_told(m
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
     assert summary.checkpoint == latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-00000005"
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5]
+
+
+def test_a_kill_while_later_checkpoints_are_discarded_leaves_no_part_of_one_as_a_checkpoint(make_trainer, tmp_path,
+                                                                                          monkeypatch):
+    """Discarded checkpoints are deleted under another name: a kill mid-delete leaves no partial checkpoint (with its
+    manifest, it would be listed: a corrupt one among the run's) — those not reached stay whole."""
+    make_trainer(tmp_path, steps=6, save_every=2, keep_last=0).fit()
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_mid_delete(path, *args, **kwargs):
+        if not kwargs.get("ignore_errors"):
+            (Path(path) / ckpt.WEIGHTS_NAME).unlink()
+            raise KeyboardInterrupt  # (a SIGKILL, as far as the folder can tell)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path, steps=5).fit(resume_from=tmp_path / "checkpoints" / "step-00000002", discard_later=True)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000006"]
+    assert load_checkpoint(tmp_path).step == 6  # whole
 
 
 def test_a_new_run_discards_every_checkpoint_of_the_old_one_step_0_included(make_trainer, tiny_config, tmp_path):
