@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,3 +103,22 @@ def make_trainer(shards: ShardDataset) -> TrainerFactory:
                        token_bytes=ByteTokenizer().token_bytes())
 
     return factory
+
+
+@pytest.fixture
+def kill_mid_delete(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """kill_mid_delete(name): from then on, deleting a folder (shutil.rmtree, but for its ignore_errors clean-ups)
+    removes the folder's file `name`, then stops as a SIGKILL would, as far as the folder can tell
+    (KeyboardInterrupt)."""
+    real_rmtree = shutil.rmtree
+
+    def arm(name: str) -> None:
+        def killed_mid_delete(path: Path, *args: object, **kwargs: object) -> None:
+            if not kwargs.get("ignore_errors"):
+                (Path(path) / name).unlink()
+                raise KeyboardInterrupt
+            real_rmtree(path, *args, **kwargs)
+
+        monkeypatch.setattr(shutil, "rmtree", killed_mid_delete)
+
+    return arm

@@ -175,19 +175,11 @@ def test_a_checkpoints_folder_that_cannot_be_written_or_pruned_is_named(trained,
     assert sorted(p.name for p in (run / ckpt.CHECKPOINTS).iterdir()) == ["step-00000006", "step-00000008"]
 
 
-def test_a_crash_while_an_old_checkpoint_is_deleted_leaves_no_part_of_it(trained, monkeypatch):
+def test_a_crash_while_an_old_checkpoint_is_deleted_leaves_no_part_of_it(trained, kill_mid_delete, monkeypatch):
     """keep_last deletes an old checkpoint under another name: a kill mid-delete leaves no partial checkpoint (under
     its own name, without its manifest, nothing would ever delete it), and the next save removes what is left."""
     trainer, run = trained
-    real_rmtree = ckpt.shutil.rmtree
-
-    def killed_mid_delete(path, *args, **kwargs):
-        if not kwargs.get("ignore_errors"):
-            (Path(path) / ckpt.MANIFEST).unlink()
-            raise KeyboardInterrupt  # (a SIGKILL, as far as the folder can tell)
-        return real_rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_mid_delete)
+    kill_mid_delete(ckpt.MANIFEST)
     trainer.options = dataclasses.replace(trainer.options, keep_last=2)
     trainer.step = 6
     with pytest.raises(KeyboardInterrupt):

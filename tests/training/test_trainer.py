@@ -99,19 +99,11 @@ def test_resuming_an_earlier_checkpoint_discards_the_later_ones_only_when_told(m
 
 
 def test_a_kill_while_later_checkpoints_are_discarded_leaves_no_part_of_one_as_a_checkpoint(make_trainer, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          kill_mid_delete, monkeypatch):
     """Discarded checkpoints are deleted under another name: a kill mid-delete leaves no partial checkpoint (with its
     manifest, it would be listed: a corrupt one among the run's) — those not reached stay whole."""
     make_trainer(tmp_path, steps=6, save_every=2, keep_last=0).fit()
-    real_rmtree = ckpt.shutil.rmtree
-
-    def killed_mid_delete(path, *args, **kwargs):
-        if not kwargs.get("ignore_errors"):
-            (Path(path) / ckpt.WEIGHTS_NAME).unlink()
-            raise KeyboardInterrupt  # (a SIGKILL, as far as the folder can tell)
-        return real_rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_mid_delete)
+    kill_mid_delete(ckpt.WEIGHTS_NAME)
     with pytest.raises(KeyboardInterrupt):
         make_trainer(tmp_path, steps=5).fit(resume_from=tmp_path / "checkpoints" / "step-00000002", discard_later=True)
     monkeypatch.undo()
