@@ -52,7 +52,7 @@ from mixcon.training import checkpoint as ckpt
 from mixcon.training.distributed import DistEnv, barrier, gather_objects, init_distributed, shutdown
 from mixcon.training.metrics import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, require_tensorboard
 from mixcon.training.optim import warmup_steps
-from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions, final_validation_due
+from mixcon.training.trainer import NonFiniteLossError, Trainer, TrainOptions, nothing_left
 
 DEFAULT_TIME_BUDGET = 480.0  # seconds, when neither --steps nor --time-budget is given
 SAMPLE_SECONDS = 15.0  # kept from the time budget for loading the final checkpoint and printing a sample
@@ -343,8 +343,7 @@ def _check_steps_left(options: TrainOptions, resume: Path, state: dict[str, Any]
     more about a command that cannot run), or be that step when its final validation is missing (a run stopped
     between the last step's checkpoint and the final validation's: resuming validates, saves and samples)."""
     step = state["step"]
-    if options.steps is not None and step >= options.steps and not (
-            step == options.steps and final_validation_due(state.get("last_val") or {}, step)):
+    if nothing_left(options.steps, step, state.get("last_val") or {}):
         raise SystemExit(f"mixcon train: --steps {options.steps}: the run resumed from {resume} is at step {step} "
                          "already; give more --steps to continue it")
 

@@ -172,11 +172,13 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def final_validation_due(last_val: dict[str, Any], step: int) -> bool:
-    """Whether a checkpoint at a run's last `step`, with the trainer state's `last_val`, misses the final
-    validation (the run was stopped between the loop's checkpoint of that step and the one after the validation):
-    a run that validates at all (step 0 is validated) holds a `last_val`."""
-    return bool(last_val) and last_val.get("step") != step
+def nothing_left(steps: int | None, step: int, last_val: dict[str, Any]) -> bool:
+    """Whether a run resumed at `step`, with the trainer state's `last_val` ({} for a run without validation), has
+    nothing left to do for `steps`: it is past them, or at them with their final validation done (a run stopped
+    between the loop's checkpoint of its last step and the one after the final validation still has that left;
+    a run that validates at all holds a `last_val`: step 0 is validated)."""
+    return steps is not None and step >= steps and not (step == steps and bool(last_val)
+                                                        and last_val.get("step") != step)
 
 
 def _process_seed(seed: int, rank: int) -> int:
@@ -430,9 +432,7 @@ class Trainer:
         start = time.monotonic()
         if resume_from is not None:
             self.resume(resume_from, config_changes=config_changes)
-            if self.options.steps is not None and self.step >= self.options.steps and not (
-                    self.step == self.options.steps and self.eval_data is not None
-                    and final_validation_due(self.last_val, self.step)):  # (a run stopped before validating it)
+            if nothing_left(self.options.steps, self.step, self.last_val if self.eval_data is not None else {}):
                 raise ValueError(f"TrainOptions.steps={self.options.steps}: the run resumed from "
                                  f"{self.last_checkpoint} is at step {self.step} already; give more steps to continue")
         else:
