@@ -273,8 +273,9 @@ def _pruned(path: Path) -> Path:
 def delete_checkpoint(path: Path) -> None:
     """Delete a checkpoint directory: renamed first, so that a crash mid-delete leaves no part of it as a checkpoint
     (the next save removes the rest)."""
-    path.rename(_pruned(path))
-    shutil.rmtree(_pruned(path))
+    pruned = _pruned(path)
+    path.rename(pruned)
+    shutil.rmtree(pruned)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
