@@ -75,6 +75,49 @@ def test_ssd_mode_equals_transformers_mamba2(T, mamba2):
     assert rel_err(ours64, theirs) > 0  # a real comparison of two computations
 
 
+SHAPES = [  # d_model, expand, head_dim, state, groups, chunk, conv, B, T
+    (16, 2, 8, 16, 2, 16, 4, 2, 37),  # groups > 1, T not a multiple of the chunk
+    (24, 2, 48, 5, 1, 8, 5, 3, 69),  # one head, wider than the chunk
+    (12, 3, 4, 1, 9, 3, 2, 1, 20),  # state 1, one head per group, chunk 3
+    (8, 1, 2, 13, 1, 1, 6, 2, 11),  # chunk 1 (every step its own chunk), the widest conv
+    (32, 1, 16, 24, 2, 64, 3, 1, 5),  # T shorter than the conv's and the chunk's reach
+]
+
+
+@pytest.mark.parametrize("d,expand,P,N,G,chunk,conv,B,T", SHAPES)
+def test_gradients_equal_transformers_mamba2(d, expand, P, N, G, chunk, conv, B, T, mamba2):
+    """Forward, input gradient and the gradient of every weight the two layers share, against transformers'
+    Mamba2Mixer (torch path) in training mode, at shapes where heads, groups, chunks and conv taps line up in
+    different ways. Ours in fp64; theirs takes the scan in fp32 (`.float()`), hence rel 1e-5 / 1e-4: a wrong
+    term moves these by O(1)."""
+    torch.manual_seed(0)
+    cfg = conba_config(d_model=d, conba_expand=expand, conba_head_dim=P, conba_state=N, conba_groups=G,
+                       conba_chunk=chunk, conba_conv=conv, **SSD)
+    conba = Conba(cfg, 0)
+    with torch.no_grad():  # away from the initial values: D = 1, norm weight 1, conv bias and A, dt near theirs
+        conba.norm.weight.uniform_(0.5, 1.5)
+        conba.D.uniform_(-1, 1)
+        conba.dt_bias.add_(torch.randn_like(conba.dt_bias))
+        conba.A_log.add_(0.5 * torch.randn_like(conba.A_log))
+        conba.conv1d.bias.uniform_(-0.5, 0.5)
+    mixer = mamba2_twin(cfg, conba, mamba2).double().train()
+    conba.double().train()
+    u = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(B, T, d, dtype=torch.float64)
+    names = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
+             "out_proj.weight"]
+    results = []
+    for layer in (conba, mixer):
+        out = layer(u)
+        results.append((out, torch.autograd.grad((out * g).sum(), [u, *(layer.get_parameter(n) for n in names)])))
+    (ours, our_grads), (theirs, their_grads) = results
+    assert rel_err(ours.detach(), theirs.detach()) < 1e-5
+    assert rel_err(our_grads[0], their_grads[0]) < 1e-5
+    for name, a, b in zip(names, our_grads[1:], their_grads[1:], strict=True):
+        assert rel_err(a, b) < 1e-4, name
+        assert float(b.norm()) > 0, name  # the weight reaches the output
+
+
 def conba_by_the_equations(layer: Conba, cfg: MixConConfig, u: torch.Tensor) -> torch.Tensor:
     """DESIGN.md §2 steps 1-7 token by token, every switch on (SwiGLU Sel, state scaling, control, delay):
     an independent reference for the layer (the output RMSNorm per key group, as Mamba-2's)."""
