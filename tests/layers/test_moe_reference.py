@@ -103,6 +103,30 @@ def test_every_combine_path_equals_mixtral_experts_in_fp64(monkeypatch, path, d,
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["grouped", "gathered", "gathered-static"])
+@pytest.mark.parametrize("d,hidden,n,k", SHAPES)
+def test_gradients_equal_mixtral_sparse_moe_block(monkeypatch, path, d, hidden, n, k):
+    """Gradients of the input, the router and both stacked expert weights against Mixtral's block, through the
+    paths a forward with statistics (training) takes: grouped by expert, or for one token each pair's expert read
+    in place or gathered (`static_shapes`: compiled or on a GPU; forced here). Catches routing weights detached
+    from the router, a gradient lost in the gather/scatter of tokens, a backward that reads another expert.
+    Tolerance: Mixtral's router softmax is fp32."""
+    moe, ref, _ = _pair(d, hidden, n, k)
+    monkeypatch.setattr(moe_module, "static_shapes", lambda h: path == "gathered-static")
+    shape = (2, 9, d) if path == "grouped" else (1, 1, d)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape, dtype=torch.float64)
+    grads = []
+    for block, weights in ((moe, (moe.router.weight, moe.w_gate_up, moe.w_down)),
+                           (ref, (ref.gate.weight, ref.experts.gate_up_proj, ref.experts.down_proj))):
+        out = block(x)
+        out = out[0] if isinstance(out, tuple) else out
+        grads.append(torch.autograd.grad((out * g).sum(), [x, *weights]))
+    for name, ours, theirs in zip(["input", "router", "w_gate_up", "w_down"], *grads, strict=True):
+        assert float(theirs.norm()) > 0 or (name == "router" and k == 1), name  # K = 1: its weight is 1
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("d,hidden,n,k", SHAPES)
 def test_load_balancing_loss_is_transformers_divided_by_k(masked, d, hidden, n, k):
