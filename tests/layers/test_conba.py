@@ -136,36 +136,58 @@ def conba_by_the_equations(layer: Conba, cfg: MixConConfig, u: torch.Tensor) -> 
     beta = cfg.conba_beta_max * torch.sigmoid(beta_logit)
     group = [h * G // H for h in range(H)]
     states = [torch.zeros(B, H, P, N, dtype=u.dtype)]  # S_0
-    o = torch.zeros(B, T, H, P, dtype=u.dtype)
+    outputs = []  # o_t (B, H, P); nothing written in place, so autograd differentiates the equations too
     for t in range(T):
-        S = states[-1].clone()
+        S = []
         for h, g in enumerate(group):
-            decayed = gamma[:, t, h, None, None] * S[:, h]
+            decayed = gamma[:, t, h, None, None] * states[-1][:, h]
             error = x[:, t, h] - torch.einsum("bpn,bn->bp", decayed, k[:, t, g])
-            S[:, h] = decayed + beta[:, t, h, None, None] * torch.einsum("bp,bn->bpn", error, k[:, t, g])
-        states.append(S)
+            S.append(decayed + beta[:, t, h, None, None] * torch.einsum("bp,bn->bpn", error, k[:, t, g]))
+        states.append(torch.stack(S, 1))
         delayed = states[max(t + 1 - cfg.conba_delay, 0)]  # S_{t-τ}, S_0 before the start
-        for h, g in enumerate(group):
-            o[:, t, h] = (torch.einsum("bpn,bn->bp", S[:, h] + layer.delay_gain[h] * delayed[:, h], q[:, t, g])
-                          + layer.D[h] * x[:, t, h])
+        outputs.append(torch.stack([torch.einsum("bpn,bn->bp", S[h] + layer.delay_gain[h] * delayed[:, h], q[:, t, g])
+                                    + layer.D[h] * x[:, t, h] for h, g in enumerate(group)], 1))
+    o = torch.stack(outputs, 1)  # (B, T, H, P)
     y = (o.flatten(2) * F.silu(z)).unflatten(-1, (G, H * P // G))
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
     return (y.flatten(2) * layer.norm.weight) @ layer.out_proj.weight.T
 
 
-@pytest.mark.parametrize("beta_max", [1.0, 2.0])
-def test_full_layer_equals_the_design_equations(beta_max):
+def full_layer(beta_max: float) -> tuple[Conba, MixConConfig]:
+    """An fp64 layer with every switch on, its weights away from the initial values that hide terms (g = 0,
+    s ≈ 1, D = 1)."""
     torch.manual_seed(0)
     cfg = conba_config(conba_delay=2, conba_beta_max=beta_max, conba_chunk=4, conba_sel_hidden=6)
     layer = Conba(cfg, 0).double().eval()
-    with torch.no_grad():  # away from the initial values that hide terms: g = 0, s ≈ 1, D = 1
+    with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
         layer.delay_gain.normal_()
         layer.rho_bias.fill_(0.5)
+    return layer, cfg
+
+
+@pytest.mark.parametrize("beta_max", [1.0, 2.0])
+def test_full_layer_equals_the_design_equations(beta_max):
+    layer, cfg = full_layer(beta_max)
     u = torch.randn(2, 11, cfg.d_model, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(u), conba_by_the_equations(layer, cfg, u), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta_max", [1.0, 2.0])
+def test_full_layer_gradients_equal_the_design_equations(beta_max):
+    """The gradients of the input and of every weight, every switch on, against autograd through the token-by-token
+    equations: the chunked scan's and the conv's own backward passes included."""
+    layer, cfg = full_layer(beta_max)
+    u = torch.randn(2, 11, cfg.d_model, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 11, cfg.d_model, dtype=torch.float64)
+    names, weights = zip(*layer.named_parameters(), strict=True)
+    ours = torch.autograd.grad((layer(u) * g).sum(), [u, *weights])
+    want = torch.autograd.grad((conba_by_the_equations(layer, cfg, u) * g).sum(), [u, *weights])
+    for name, a, b in zip(["input", *names], ours, want, strict=True):
+        assert float(b.norm()) > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
 
 
 def test_every_switch_changes_the_layer():
