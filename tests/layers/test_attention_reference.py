@@ -106,6 +106,25 @@ def test_left_padding_equals_llama_attention_with_its_mask(nh, nkv, hd, rope, th
     torch.testing.assert_close(got[mask], want[mask], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("nh,nkv,hd,rope,theta", CASES)
+def test_gradients_of_a_left_padded_batch_equal_llama_attention(nh, nkv, hd, rope, theta):
+    """Gradients of the input and of both projections from the real tokens' outputs, left padding included (the
+    training forward, not `no_grad`). Catches a detached K/V or RoPE, pads that leak into real tokens' gradients."""
+    ours, ref = _pair(nh, nkv, hd, rope, theta)
+    mask, positions, allowed = _left_padded(2, 7)
+    x = torch.randn(2, 7, D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, D, dtype=torch.float64) * mask[..., None]  # real tokens' outputs only
+    got = torch.autograd.grad((ours(x, ForwardContext.build(mask, 2, 7, None, x.device)) * g).sum(),
+                              [x, ours.qkv.weight, ours.out_proj.weight])
+    out, _ = ref(x, position_embeddings=_cos_sin(positions, hd, theta, rope), attention_mask=allowed)
+    want = torch.autograd.grad((out * g).sum(), [x, ref.q_proj.weight, ref.k_proj.weight, ref.v_proj.weight,
+                                                 ref.o_proj.weight])
+    want = [want[0], torch.cat(want[1:4]), want[4]]  # mixcon's fused qkv rows are [q | k | v]
+    for name, a, b in zip(["input", "qkv", "out_proj"], got, want, strict=True):
+        assert float(b.norm()) > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)
+
+
 def test_rope_angles_equal_llama_rotary_embedding():
     """mixcon's angles against LlamaRotaryEmbedding's own cos/sin (fp32 there: tolerance 1e-6). Catches another
     inv_freq (theta^(-i/hd), the index not doubled, theta ignored) or a half-layout mismatch."""
