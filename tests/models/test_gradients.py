@@ -1,8 +1,8 @@
 """The model's gradients are the derivatives of its loss: for each weight alone, autograd's gradient along a random
 direction against a central finite difference of the loss, in fp64, through every mechanism at once (Conba with
-control, delay and state scaling, attention with RoPE, MoE with its router losses, the fused LM-head loss), with
-left padding or packed documents. Any backward pass of our own that is wrong, or a tensor detached on the way,
-moves one of these by O(1)."""
+control, delay and state scaling, or in Mamba-2's SSD mode; attention with RoPE, MoE with its router losses, the
+fused LM-head loss), with left padding, pads between tokens or packed documents. Any backward pass of our own that
+is wrong, or a tensor detached on the way, moves one of these by O(1)."""
 
 from __future__ import annotations
 
@@ -16,22 +16,28 @@ def loss_of(model, ids: torch.Tensor, labels: torch.Tensor, extra: dict) -> torc
     return model(ids, labels=labels, return_logits=False, **extra).loss
 
 
-@pytest.mark.parametrize("inputs", ["left-padded", "packed"])
-def test_each_weights_gradient_is_the_finite_difference_of_the_loss(inputs, tiny_model):
-    model = tiny_model(attn_rope=True, router_z_loss_coef=0.01, tie_embeddings=False).train()
+SSD = dict(conba_selective="linear", conba_state_scaling=False, conba_control=False, conba_delay=0)  # Mamba-2's
+
+
+@pytest.mark.parametrize("layers,inputs", [("every switch", "left-padded"), ("every switch", "gapped"),
+                                           ("every switch", "packed"), ("ssd", "plain")])
+def test_each_weights_gradient_is_the_finite_difference_of_the_loss(layers, inputs, tiny_model):
+    model = tiny_model(attn_rope=True, router_z_loss_coef=0.01, tie_embeddings=False,
+                       **(SSD if layers == "ssd" else {})).train()
     with torch.no_grad():  # away from initial values that hide terms (zero gains and biases, unit norms)
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=gen)
     labels = ids.clone()
-    if inputs == "left-padded":
+    extra = {}
+    if inputs in ("left-padded", "gapped"):  # gapped: pads between tokens, moved first and the outputs back
         mask = torch.ones_like(ids)
         mask[1, :4] = 0
-        labels[mask == 0] = -100
-        extra = {"attention_mask": mask}
-    else:
-        extra = {"seq_idx": torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [1] * 3])}
+        extra["attention_mask"] = mask if inputs == "left-padded" else mask.roll(3, 1)
+        labels[extra["attention_mask"] == 0] = -100
+    elif inputs == "packed":
+        extra["seq_idx"] = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [1] * 3])
     params = dict(model.named_parameters())
     grads = dict(zip(params, torch.autograd.grad(loss_of(model, ids, labels, extra), list(params.values())),
                      strict=True))
@@ -45,5 +51,5 @@ def test_each_weights_gradient_is_the_finite_difference_of_the_loss(inputs, tiny
             p.add_(EPS * v)
         numeric, analytic = float((up - down) / (2 * EPS)), float((grads[name] * v).sum())
         assert abs(numeric) > 1e-6, name  # the weight reaches the loss
-        # measured: <= 2.5e-8 apart, 1e-9 for the smallest (1e-5); a gradient 10 % off is 1e-6 apart or more
+        # measured: at most 1/11 of this bound apart; 10 % of the smallest gradient (1e-5) is 100 times the bound
         assert abs(numeric - analytic) <= 1e-6 * abs(numeric) + 1e-8, (name, numeric, analytic)
