@@ -79,8 +79,8 @@ SHAPES = [  # d_model, expand, head_dim, state, groups, chunk, conv, B, T
     (16, 2, 8, 16, 2, 16, 4, 2, 37),  # groups > 1, T not a multiple of the chunk
     (24, 2, 48, 5, 1, 8, 5, 3, 69),  # one head, wider than the chunk
     (12, 3, 4, 1, 9, 3, 2, 1, 20),  # state 1, one head per group, chunk 3
-    (8, 1, 2, 13, 1, 1, 6, 2, 11),  # chunk 1 (every step its own chunk), the widest conv
-    (32, 1, 16, 24, 2, 64, 3, 1, 5),  # T shorter than the conv's and the chunk's reach
+    (8, 1, 2, 13, 1, 1, 6, 2, 11),  # chunk 1 (every step its own chunk), a conv of 6 taps
+    (32, 1, 16, 24, 2, 64, 3, 1, 5),  # T shorter than one chunk
 ]
 
 
@@ -94,7 +94,7 @@ def test_gradients_equal_transformers_mamba2(d, expand, P, N, G, chunk, conv, B,
     cfg = conba_config(d_model=d, conba_expand=expand, conba_head_dim=P, conba_state=N, conba_groups=G,
                        conba_chunk=chunk, conba_conv=conv, **SSD)
     conba = Conba(cfg, 0)
-    with torch.no_grad():  # away from the initial values: D = 1, norm weight 1, conv bias and A, dt near theirs
+    with torch.no_grad():  # away from the initial values that hide terms (D = 1, norm weight 1)
         conba.norm.weight.uniform_(0.5, 1.5)
         conba.D.uniform_(-1, 1)
         conba.dt_bias.add_(torch.randn_like(conba.dt_bias))
