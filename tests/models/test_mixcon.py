@@ -1,5 +1,5 @@
-"""The assembled model: causality, cached decoding == full forward, save/load, sizes, errors (the cache itself:
-tests/generation/test_cache.py)."""
+"""The assembled model: causality, cached decoding == full forward, gradients, save/load, sizes, errors (the cache
+itself: tests/generation/test_cache.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mixcon import MixConCache, MixConConfig, MixConForCausalLM
+from mixcon.models.mixcon import IGNORE
 
 LAYOUTS = {
     "mixcon": {},
@@ -149,6 +151,51 @@ def test_gradients_through_cached_forwards_equal_those_of_the_full_forward(layou
     assert len(cached) == len(full) > 0
     for a, b in zip(cached, full, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def next_token_loss(model: MixConForCausalLM, ids: torch.Tensor, extra: dict) -> torch.Tensor:
+    labels = F.pad(ids[:, 1:], (0, 1), value=IGNORE)  # each token predicts the next (the model's labels are shifted)
+    return model(ids, labels=labels, return_logits=False, **extra).loss
+
+
+@pytest.mark.parametrize("layout,inputs", [("mixcon", "left-padded"), ("mixcon", "gapped"), ("mixcon", "packed"),
+                                           ("ssd-linear", "plain")])
+def test_each_weights_gradient_is_the_finite_difference_of_the_loss(layout, inputs, tiny_model):
+    """For each weight alone, autograd's gradient of the loss along a random direction against a central finite
+    difference, in fp64, through every mechanism at once (Conba with control, delay and state scaling, or in
+    Mamba-2's SSD mode; attention with RoPE, MoE with its router losses, the fused LM-head loss), with left padding,
+    pads between tokens or packed documents. Any backward pass of our own that is wrong, or a tensor detached on
+    the way, moves one of these by O(1)."""
+    eps = 1e-6  # truncation O(eps²), rounding O(1e-16 / eps)
+    model = tiny_model(attn_rope=True, router_z_loss_coef=0.01, tie_embeddings=False, **LAYOUTS[layout]).train()
+    with torch.no_grad():  # away from initial values that hide terms (zero gains and biases, unit norms)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=gen)
+    extra = {}
+    if inputs in ("left-padded", "gapped"):  # gapped: pads between tokens, moved first and the outputs back
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        extra["attention_mask"] = mask if inputs == "left-padded" else mask.roll(3, 1)  # pads score nothing
+    elif inputs == "packed":
+        extra["seq_idx"] = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [1] * 3])
+    params = dict(model.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(next_token_loss(model, ids, extra), list(params.values())),
+                     strict=True))
+    for name, p in params.items():
+        v = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+        with torch.no_grad():
+            saved = p.clone()
+            p.add_(eps * v)
+            up = next_token_loss(model, ids, extra)
+            p.copy_(saved - eps * v)
+            down = next_token_loss(model, ids, extra)
+            p.copy_(saved)
+        numeric, analytic = float((up - down) / (2 * eps)), float((grads[name] * v).sum())
+        assert abs(numeric) > 1e-6, name  # the weight reaches the loss
+        # measured: at most 1/7 of this bound apart; 10 % of the smallest gradient (1e-5) is 100 times the bound
+        assert abs(numeric - analytic) <= 1e-6 * abs(numeric) + 1e-8, (name, numeric, analytic)
 
 
 def test_pads_leave_as_zeros_and_pass_no_gradient_to_the_weights(tiny_model):
