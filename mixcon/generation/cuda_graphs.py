@@ -74,7 +74,8 @@ class DecodeGraphs:
         if graph is None:
             device = input_ids.device
             logits = self._warm_up(lambda: step(input_ids, positions, key_mask, index, caches), device)
-            ids, idx = input_ids.clone(), index.clone()
+            with torch.inference_mode(False):  # ordinary tensors: replays under no_grad write them too
+                ids, idx = input_ids.clone(), index.clone()
             try:
                 replay = self._capture(lambda: step(ids, positions, key_mask, idx, caches), device)
             except RuntimeError as e:  # the step just ran: its result stands, and the next steps run so too

@@ -137,6 +137,18 @@ def test_a_graph_reads_its_own_copies_of_the_tokens_and_the_position(graph_stand
     assert graphs.replays == 1 and ids.tolist() == [[1]] and index.tolist() == [3]
 
 
+def test_a_graph_captured_under_inference_mode_replays_outside_it(graph_stand_in):
+    """`generate` decodes under torch.inference_mode, transformers' generate under no_grad: a graph captured in
+    one mode replays in the other (its own inputs, written before each replay, are ordinary tensors)."""
+    graphs = graph_stand_in()
+    positions, mask, caches = torch.tensor([2]), torch.ones(3, 3, dtype=torch.bool), [(torch.zeros(2),)]
+    with torch.inference_mode():
+        graphs(_toy_step, torch.tensor([[1]]), positions, mask, torch.tensor([3]), caches, weights=())
+    with torch.no_grad():
+        logits = graphs(_toy_step, torch.tensor([[5]]), positions, mask, torch.tensor([4]), caches, weights=())
+    assert graphs.replays == 1 and logits.tolist() == [[5 + 2 + 3 + 4 + 4]]  # the state summed to 4
+
+
 def test_a_step_that_cannot_be_captured_decodes_on_without_graphs(tiny_model, graph_stand_in, monkeypatch):
     """A failed capture: that step's result (it ran before) and every later step's as without graphs, one warning."""
     model = tiny_model()
