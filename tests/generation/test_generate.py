@@ -637,3 +637,20 @@ def test_a_training_model_generates_in_eval_mode_and_goes_on_training(tiny_model
     expected = model.generate(prompt, 6)
     model.train()
     assert torch.equal(model.generate(prompt, 6), expected) and model.training
+
+
+def test_decoding_steps_run_under_inference_mode_and_what_generate_gives_back_trains(tiny_model):
+    """Each step after the prefill runs under torch.inference_mode (the prefill under no_grad, whose compiled graphs
+    the model's other forwards share); the sequences returned and the tokens streamed are ordinary tensors: a
+    model may train on them."""
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.randint(3, 300, (2, 5))
+    modes, streamed = [], []
+    hook = model.register_forward_pre_hook(
+        lambda module, args: modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled())))
+    out = model.generate(prompt, 4, streamer=streamed.append)
+    hook.remove()
+    assert modes == [(False, False)] + [(False, True)] * 3
+    assert not out.is_inference() and not any(t.is_inference() for t in streamed)
+    ids = torch.cat([out, torch.stack(streamed, 1)], 1)
+    model(ids, labels=ids).loss.backward()
