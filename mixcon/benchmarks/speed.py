@@ -113,7 +113,8 @@ def mamba2_mixer(config: MixConConfig) -> torch.nn.Module | None:
         return None
     mcfg = Mamba2Config(hidden_size=config.d_model, num_heads=config.conba_heads, head_dim=config.conba_head_dim,
                         state_size=config.conba_state, n_groups=config.conba_groups, expand=config.conba_expand,
-                        chunk_size=config.conba_chunk, num_hidden_layers=1)
+                        conv_kernel=config.conba_conv, chunk_size=config.conba_chunk, use_conv_bias=True,
+                        use_bias=False, layer_norm_epsilon=config.norm_eps, num_hidden_layers=1)
     return Mamba2Mixer(mcfg, layer_idx=0)
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mixcon import MixConConfig
+from mixcon.benchmarks.speed import mamba2_mixer
 from mixcon.layers.conba import Conba
 
 SSD = dict(conba_selective="linear", conba_state_scaling=False, conba_control=False, conba_delay=0)
@@ -31,22 +32,18 @@ def mamba2():
     return module
 
 
-def mamba2_twin(cfg: MixConConfig, conba: Conba, mamba2) -> torch.nn.Module:
-    """transformers' Mamba2Mixer (torch path) holding the same weights as `conba`."""
-    mcfg = mamba2.Mamba2Config(
-        hidden_size=cfg.d_model, num_heads=cfg.conba_heads, head_dim=cfg.conba_head_dim, state_size=cfg.conba_state,
-        n_groups=cfg.conba_groups, expand=cfg.conba_expand, conv_kernel=cfg.conba_conv, chunk_size=cfg.conba_chunk,
-        use_conv_bias=True, use_bias=False, layer_norm_epsilon=cfg.norm_eps, num_hidden_layers=1,
-    )
-    mixer = mamba2.Mamba2Mixer(mcfg, layer_idx=0)
+# The weights a Conba layer in SSD mode and transformers' Mamba2Mixer both have, under the same names.
+SHARED_WEIGHTS = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
+                  "out_proj.weight"]
+
+
+def mamba2_twin(cfg: MixConConfig, conba: Conba) -> torch.nn.Module:
+    """transformers' Mamba2Mixer (torch path) at `cfg`'s shapes, as `mixcon bench speed` builds it, holding the same
+    weights as `conba` (the tests that call it ask for the `mamba2` fixture, which skips them without it)."""
+    mixer = mamba2_mixer(cfg)
     with torch.no_grad():
-        mixer.in_proj.weight.copy_(conba.in_proj.weight)
-        mixer.conv1d.weight.copy_(conba.conv1d.weight)
-        mixer.conv1d.bias.copy_(conba.conv1d.bias)
-        for name in ("dt_bias", "A_log", "D"):
-            getattr(mixer, name).copy_(getattr(conba, name))
-        mixer.norm.weight.copy_(conba.norm.weight)
-        mixer.out_proj.weight.copy_(conba.out_proj.weight)
+        for name in SHARED_WEIGHTS:
+            mixer.get_parameter(name).copy_(conba.get_parameter(name))
     return mixer
 
 
@@ -64,7 +61,7 @@ def test_ssd_mode_equals_transformers_mamba2(T, mamba2):
     with torch.no_grad():  # non-trivial values everywhere
         conba.norm.weight.uniform_(0.5, 1.5)
         conba.D.uniform_(-1, 1)
-    mixer = mamba2_twin(cfg, conba, mamba2).eval()
+    mixer = mamba2_twin(cfg, conba).eval()
     u = torch.randn(2, T, cfg.d_model)
     with torch.no_grad():
         theirs = mixer(u)
@@ -100,20 +97,19 @@ def test_gradients_equal_transformers_mamba2(d, expand, P, N, G, chunk, conv, B,
         conba.dt_bias.add_(torch.randn_like(conba.dt_bias))
         conba.A_log.add_(0.5 * torch.randn_like(conba.A_log))
         conba.conv1d.bias.uniform_(-0.5, 0.5)
-    mixer = mamba2_twin(cfg, conba, mamba2).double().train()
+    mixer = mamba2_twin(cfg, conba).double().train()
     conba.double().train()
     u = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
     g = torch.randn(B, T, d, dtype=torch.float64)
-    names = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
-             "out_proj.weight"]
     results = []
     for layer in (conba, mixer):
         out = layer(u)
-        results.append((out, torch.autograd.grad((out * g).sum(), [u, *(layer.get_parameter(n) for n in names)])))
+        results.append((out, torch.autograd.grad((out * g).sum(),
+                                                 [u, *(layer.get_parameter(n) for n in SHARED_WEIGHTS)])))
     (ours, our_grads), (theirs, their_grads) = results
     assert rel_err(ours.detach(), theirs.detach()) < 1e-5
     assert rel_err(our_grads[0], their_grads[0]) < 1e-5
-    for name, a, b in zip(names, our_grads[1:], their_grads[1:], strict=True):
+    for name, a, b in zip(SHARED_WEIGHTS, our_grads[1:], their_grads[1:], strict=True):
         assert rel_err(a, b) < 1e-4, name
         assert float(b.norm()) > 0, name  # the weight reaches the output
 
