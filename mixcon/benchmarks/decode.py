@@ -3,8 +3,9 @@
 Models: the `small` preset (MixCon; any config with --config / --set, e.g. --set conba_kernel=triton on
 a GPU), its Transformer and pure-Conba twins (same widths), and transformers' JambaForCausalLM and
 LlamaForCausalLM at the same width and depth. A streamer stamps each generated token: prefill is the
-time to the first, per-token latency the median gap after it; at each context the models take turns,
-one `generate` each per repeat, so that a slow phase of the machine hits all of them alike;
+time to the first, per-token latency the median gap after it; each repeat is a round over every context in
+which the models take turns, one `generate` each, so that a slow phase of the machine hits all models and all
+contexts alike (the ratios between contexts as well as between models);
 the bandwidth bound is the bytes one token must read (active weights, of an embedding table the LM head does
 not share only the token's row, + the cache `generate` allocates)
 over the measured copy bandwidth (the issue's definition; a step that only reads can beat it); the stream
@@ -172,42 +173,50 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
         warm = torch.randint(0, base.vocab_size, (1, n), device=device)
         for model in models.values():
             time_generation(model, warm, 2)
-    rows = []
-    for context in contexts:
-        ids = torch.randint(0, base.vocab_size, (1, context), device=device)
-        timed = {name: model for name, model in models.items()
-                 if _mixcon(model) is not None or context <= hf_max_context}
-        for model in timed.values():
-            time_generation(model, ids, 1)  # warm-up at this length: first-touch of its activations, compiles
-        prefills: dict[str, list[float]] = {name: [] for name in timed}
-        gaps: dict[str, list[float]] = {name: [] for name in timed}
-        cache_bytes: dict[str, int | None] = {}
-        for _ in range(repeats):  # the models interleaved: a slow phase of the machine hits all alike
+    prompts = {context: torch.randint(0, base.vocab_size, (1, context), device=device) for context in contexts}
+    timed_at = {context: {name: model for name, model in models.items()
+                          if _mixcon(model) is not None or context <= hf_max_context} for context in contexts}
+    prefills: dict[tuple[int, str], list[float]] = {}
+    gaps: dict[tuple[int, str], list[float]] = {}
+    cache_bytes: dict[tuple[int, str], int | None] = {}
+
+    def row_of(context: int, name: str, model: torch.nn.Module) -> dict[str, Any]:
+        """One model's row at one context from its timings so far: medians of the prefills and of all gaps."""
+        ours = _mixcon(model)
+        prefill, per_token = statistics.median(prefills[context, name]), statistics.median(gaps[context, name])
+        row = dict(model=name, context=context, prefill_tok_s=context / prefill, decode_ms=per_token * 1e3,
+                   decode_tok_s=1 / per_token, cache_MiB=None, bound_ms=None, stream_bound_ms=None)
+        held = cache_bytes[context, name]  # the cache transformers' generate returned, after the last token
+        if ours is not None and held is None:  # the cache our generate allocates, all of which decoding reads
+            held = ours.new_cache(1, max_length=generation_capacity(context, new_tokens + 1)).nbytes()
+        if held is not None:
+            row["cache_MiB"] = held / 2**20
+        if ours is not None:
+            read = weight_bytes_read(ours, dtype) + held
+            row["bound_ms"] = read / (bandwidth * 1e9) * 1e3
+            row["stream_bound_ms"] = read / (stream * 1e9) * 1e3
+        return row
+
+    rows: list[dict[str, Any]] = []
+    for round_ in range(repeats):  # rounds over every context, the models in turn within each: a slow phase of
+        # the machine hits all models and all contexts alike
+        for context, timed in timed_at.items():
+            if round_ == 0:
+                for model in timed.values():  # warm-up at this length: first-touch of its activations, compiles
+                    time_generation(model, prompts[context], 1)
             for name, model in timed.items():
-                prefill, later, cache_bytes[name] = time_generation(model, ids, new_tokens)
-                prefills[name].append(prefill)
-                gaps[name] += later
-        for name, model in timed.items():
-            ours = _mixcon(model)
-            prefill, per_token = statistics.median(prefills[name]), statistics.median(gaps[name])
-            row = dict(model=name, context=context, prefill_tok_s=context / prefill, decode_ms=per_token * 1e3,
-                       decode_tok_s=1 / per_token, cache_MiB=None, bound_ms=None, stream_bound_ms=None)
-            held = cache_bytes[name]  # the cache transformers' generate returned, after the last token
-            if ours is not None and held is None:  # the cache our generate allocates, all of which decoding reads
-                held = ours.new_cache(1, max_length=generation_capacity(context, new_tokens + 1)).nbytes()
-            if held is not None:
-                row["cache_MiB"] = held / 2**20
-            if ours is not None:
-                read = weight_bytes_read(ours, dtype) + held
-                row["bound_ms"] = read / (bandwidth * 1e9) * 1e3
-                row["stream_bound_ms"] = read / (stream * 1e9) * 1e3
-            rows.append(row)
+                prefill, later, cache_bytes[context, name] = time_generation(model, prompts[context], new_tokens)
+                prefills.setdefault((context, name), []).append(prefill)
+                gaps.setdefault((context, name), []).extend(later)
+            rows = [row_of(c, name, model) for c, models_at in timed_at.items() for name, model in models_at.items()
+                    if (c, name) in prefills]
+            if out_dir is not None:  # after each context: an interrupted run keeps what it measured
+                payload = dict(device=device, dtype=str(dtype), read_bandwidth_gbs=bandwidth,
+                               stream_read_gbs=stream, rows=rows)
+                write_results(out_dir, "decode", payload, _plot)
+    for context in contexts:
         print_table([r for r in rows if r["context"] == context], list(rows[0]))
         print()
-        if out_dir is not None:  # after each context: an interrupted run keeps what it measured
-            payload = dict(device=device, dtype=str(dtype), read_bandwidth_gbs=bandwidth,
-                           stream_read_gbs=stream, rows=rows)
-            write_results(out_dir, "decode", payload, _plot)
     return rows
 
 

@@ -119,6 +119,28 @@ def test_an_interrupted_decode_benchmark_keeps_the_contexts_it_finished(tmp_path
     assert not list(tmp_path.glob("*.tmp*"))  # every file written whole, then renamed
 
 
+def test_each_repeat_of_the_decode_benchmark_is_a_round_over_every_context(monkeypatch):
+    """Contexts take turns as the models do: a context's warm-ups just before its first timed generations, then each
+    later repeat one more round over every context (a machine that slows down over the run does not make long
+    contexts look slow)."""
+    calls = []
+
+    def record(model, ids, new_tokens):
+        calls.append((ids.shape[1], new_tokens))
+        return 1.0, [1e-3] * new_tokens, None
+
+    monkeypatch.setattr(decode, "time_generation", record)
+    monkeypatch.setattr(decode, "hf_models", lambda base: {})
+    rows = decode.run([8, 12], hf_max_context=0, new_tokens=3, repeats=3, out_dir=None,
+                      base=MixConConfig.preset("tiny"))
+    models = 3  # MixCon and its two twins
+    after_warm_up = [call for call in calls if call[1] != 2]  # the first warm-ups: 8 and 16 tokens, 2 new ones
+    assert after_warm_up == ([(8, 1)] * models + [(8, 3)] * models + [(12, 1)] * models + [(12, 3)] * models
+                             + ([(8, 3)] * models + [(12, 3)] * models) * 2)
+    assert [(r["context"], r["model"]) for r in rows] == [
+        (c, m) for c in (8, 12) for m in ("mixcon", "transformer-twin", "conba-twin")]
+
+
 def test_decode_benchmark_command_takes_a_config(tmp_path):
     argv = ["bench", "decode", "--config", "tiny", "--set", "attn_per_block=2", "--contexts", "8",
             "--hf-max-context", "0", "--new-tokens", "2", "--repeats", "1", "--out", str(tmp_path)]
