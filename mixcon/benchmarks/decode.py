@@ -47,7 +47,7 @@ from mixcon.benchmarks.common import (
 )
 from mixcon.cli.common import check_cuda_graphs, number_type
 from mixcon.config import MixConConfig
-from mixcon.generation.cache import MixConCache
+from mixcon.generation.cache import MixConCache, cache_nbytes
 from mixcon.generation.generate import generation_capacity
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops.dtypes import DTYPES
@@ -188,7 +188,7 @@ def run(contexts: list[int], hf_max_context: int, new_tokens: int, repeats: int,
                    decode_tok_s=1 / per_token, cache_MiB=None, bound_ms=None, stream_bound_ms=None)
         held = cache_bytes[context, name]  # the cache transformers' generate returned, after the last token
         if ours is not None and held is None:  # the cache our generate allocates, all of which decoding reads
-            held = ours.new_cache(1, max_length=generation_capacity(context, new_tokens + 1)).nbytes()
+            held = cache_nbytes(ours.config, 1, generation_capacity(context, new_tokens + 1), dtype)
         if held is not None:
             row["cache_MiB"] = held / 2**20
         if ours is not None:
