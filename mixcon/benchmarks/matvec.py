@@ -6,7 +6,7 @@ memory (unless the CPU's last-level cache holds them). Rows are the decoding bat
 eager, `ops.linear` eager (one row on a CPU whose BLAS is slow at it, `SLOW_BLAS_ROWS`: the multiply-sum
 in cache-sized blocks; else F.linear), F.linear compiled (the BLAS call inductor keeps) and `ops.linear`
 compiled (the multiply-sum loop it uses up to FEW_ROWS rows: 16 where the BLAS is slow, else 1); GB/s =
-weight bytes / time.
+weight bytes / time. The forms are timed in rounds that call each once (`interleaved_median_seconds`).
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ def run(rows: list[int], megabytes: int, repeats: int, out_dir: Path | None) -> 
                  "ops.linear compiled": torch.compile(chain(weights, linear), dynamic=False)}
         x = torch.randn(m, shapes[0][1])
         row: dict[str, Any] = {"rows": m}
-        for name, fn in forms.items():
-            seconds = common.median_seconds(lambda fn=fn, x=x: fn(x), repeats=repeats, warmup=2)
+        medians = common.interleaved_median_seconds({name: lambda fn=fn, x=x: fn(x) for name, fn in forms.items()},
+                                                    repeats=repeats, warmup=2)
+        for name, seconds in medians.items():
             row[f"{name} ms"] = seconds * 1e3
             row[f"{name} GB/s"] = nbytes / seconds / 1e9
-            common.release_memory()
+        common.release_memory()
         row["speed-up"] = row["F.linear compiled ms"] / row["ops.linear compiled ms"]
         results.append(row)
         common.print_table(results[-1:], list(row))

@@ -7,7 +7,8 @@ or delta rule, τ = 0 or 2. Per row: median ms; GFLOP/s from the chunked algorit
 from the shapes, as in `bench speed`) and its fraction of the measured matmul peak; GB/s of the bytes
 the scan must move (x, k, q, decays and gains read; y and the final state written) and its fraction
 of the measured copy bandwidth; `x_roofline`, the time over max(FLOPs / peak, bytes / bandwidth); and
-`max_err`, the largest difference from the first form's output (the forms compute one function).
+`max_err`, the largest difference from the first form's output (the forms compute one function). The forms
+of one (variant, T, B) are timed in rounds that call each once (`interleaved_median_seconds`).
 """
 
 from __future__ import annotations
@@ -97,22 +98,28 @@ def run(lengths: list[int], batches: list[int], repeats: int, out_dir: Path | No
                 delta_rule, tau = VARIANTS[variant]
                 kw = dict(delta_rule=delta_rule, tau=tau,
                           delay_gain=torch.full((H,), 0.5, device=device) if tau else None)
-                first = None
+                calls: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {}
+                errors: dict[str, float] = {}
+                chunk_of: dict[str, int] = {}
+                first = y = None
                 for name, C, scan in implementations:
                     if name.startswith("triton") and not triton_chunk_ok(C, tau):
                         continue
-                    call = lambda scan=scan, inputs=inputs, kw=kw: scan(*inputs, **kw)  # noqa: E731
+                    calls[name] = lambda scan=scan, inputs=inputs, kw=kw: scan(*inputs, **kw)
                     with torch.no_grad():
-                        y = call()[0]
-                        seconds = common.median_seconds(call, repeats=repeats, warmup=2)
+                        y = calls[name]()[0]
                     first = y if first is None else first
-                    gflops = scan_flops(B, T, H, P, N, C, delta_rule, tau, G) / seconds / 1e9
+                    errors[name], chunk_of[name] = float((y.float() - first.float()).abs().max()), C
+                first = y = None  # not held while the forms are timed
+                with torch.no_grad():
+                    medians = common.interleaved_median_seconds(calls, repeats=repeats, warmup=2)
+                common.release_memory()
+                for name, seconds in medians.items():
+                    gflops = scan_flops(B, T, H, P, N, chunk_of[name], delta_rule, tau, G) / seconds / 1e9
                     gbs = moved / seconds / 1e9
                     rows.append(dict(variant=variant, T=T, B=B, form=name, ms=seconds * 1e3, gflops=gflops,
                                      peak_frac=gflops / peak, gbs=gbs, bw_frac=gbs / bandwidth,
-                                     x_roofline=min(peak / gflops, bandwidth / gbs),
-                                     max_err=float((y.float() - first.float()).abs().max())))
-                    common.release_memory()
+                                     x_roofline=min(peak / gflops, bandwidth / gbs), max_err=errors[name]))
                 common.print_table([r for r in rows if (r["variant"], r["T"], r["B"]) == (variant, T, B)], COLUMNS)
             print()
             if out_dir is not None:  # after every shape, so that a run stopped early keeps what it measured

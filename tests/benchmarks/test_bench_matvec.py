@@ -25,7 +25,8 @@ def test_matvec_weights_add_up_to_the_megabytes_asked(monkeypatch, tmp_path):
     """Whole `small` decoding steps of weights (~4.3 MiB each), as many as come nearest --megabytes; the
     `ops.linear` forms time `ops.linear` (the other two F.linear)."""
     monkeypatch.setattr(matvec.torch, "compile", lambda fn, **kw: fn)
-    monkeypatch.setattr(common, "median_seconds", lambda fn, repeats, warmup: fn() is not None and 0.01)
+    monkeypatch.setattr(common, "interleaved_median_seconds", lambda fns, repeats, warmup: {
+        name: fn() is not None and 0.01 for name, fn in fns.items()})
     monkeypatch.setattr(matvec, "_plot", lambda rows, path: None)
     calls = []
     monkeypatch.setattr(matvec, "linear", lambda x, w: calls.append(1) or torch.nn.functional.linear(x, w))
@@ -36,6 +37,25 @@ def test_matvec_weights_add_up_to_the_megabytes_asked(monkeypatch, tmp_path):
         assert json.loads((tmp_path / "matvec.json").read_text())["weight_MiB"] == pytest.approx(steps * per_step)
         assert len(calls) == 2 * steps * len(matvec.SMALL_STEP)  # one chain per ops.linear form
         calls.clear()
+
+
+def test_matvec_forms_are_timed_in_rounds(monkeypatch):
+    """Each form's two warm-ups, then rounds that call every form once: a machine's drift reaches all four alike
+    (timed one after the other, a form timed first on a warming machine read as 1.5x slower than its twin)."""
+    order: list[int] = []
+
+    def chain(weights, product):
+        form = len(made)
+        made.append(form)
+        return lambda x: order.append(form)
+
+    made: list[int] = []
+    monkeypatch.setattr(matvec, "chain", chain)
+    monkeypatch.setattr(matvec.torch, "compile", lambda fn, **kw: fn)
+    row = matvec.run([1], megabytes=1, repeats=3, out_dir=None)[0]
+    assert made == [0, 1, 2, 3] and order[:8] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [sorted(order[i:i + 4]) for i in (8, 12, 16)] == [[0, 1, 2, 3]] * 3 and len(order) == 20
+    assert all(row[f"{form} ms"] > 0 for form in matvec.FORMS)
 
 
 def test_matvec_chain_keeps_a_part_of_every_product():

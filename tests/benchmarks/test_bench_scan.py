@@ -97,7 +97,8 @@ def test_scan_benchmark_rows_from_fixed_timings_chunks_and_a_first_form(tmp_path
     monkeypatch.setattr(scan, "conba_scan", scan_spy)
     monkeypatch.setattr(common, "matmul_peak_gflops", lambda **kw: 100.0)
     monkeypatch.setattr(common, "copy_bandwidth_gbs", lambda **kw: 10.0)
-    monkeypatch.setattr(common, "median_seconds", lambda fn, repeats, warmup: fn() and 0.01)
+    monkeypatch.setattr(common, "interleaved_median_seconds", lambda fns, repeats, warmup: {
+        name: fn() and 0.01 for name, fn in fns.items()})
     B, T, H, P, N = 2, 40, 2, 4, 4
     rows = scan.run([T], [B], repeats=1, out_dir=tmp_path, heads=H, head_dim=P, state=N, chunks=(8, 16),
                     variants=("control-tau2",), triton=False, dtype=dtype)
@@ -113,6 +114,24 @@ def test_scan_benchmark_rows_from_fixed_timings_chunks_and_a_first_form(tmp_path
         assert row["x_roofline"] == pytest.approx(min(100 / gflops, 10 / row["gbs"]))
     payload = json.loads((tmp_path / "scan.json").read_text())
     assert (payload["matmul_peak_gflops"], payload["copy_gbs"]) == (100.0, 10.0)
+
+
+def test_scan_benchmark_times_the_forms_of_a_shape_in_rounds(monkeypatch):
+    """Each form's first call (its output, for max_err), then its two warm-ups, then rounds that call every form
+    once, in alternating order: a machine's drift reaches each form alike."""
+    chunks = []
+
+    def scan_spy(*args, chunk_size, **kw):
+        chunks.append(chunk_size)
+        return conba_scan(*args, chunk_size=chunk_size, **kw)
+
+    monkeypatch.setattr(scan, "conba_scan", scan_spy)
+    monkeypatch.setattr(common, "matmul_peak_gflops", lambda **kw: 100.0)
+    monkeypatch.setattr(common, "copy_bandwidth_gbs", lambda **kw: 10.0)
+    rows = scan.run([40], [1], repeats=3, out_dir=None, heads=2, head_dim=4, state=4, chunks=(8, 16),
+                    variants=("ssd",), triton=False)
+    assert chunks == [8, 16, 8, 8, 16, 16, 8, 16, 16, 8, 8, 16]
+    assert [r["form"] for r in rows] == ["torch c8", "torch c16"] and all(r["ms"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("value_blocks,message", [
