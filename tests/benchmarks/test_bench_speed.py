@@ -122,8 +122,16 @@ def test_speed_plot_draws_every_batch_size(tmp_path, monkeypatch):
     assert drawn == {"fwd": labels, "fwd+bwd": labels}
 
 
+@pytest.fixture
+def narrow_layers(monkeypatch):
+    """Narrower layers than the issue's (what a test checks does not depend on the width)."""
+    monkeypatch.setattr(speed, "layer_config", lambda: MixConConfig.preset(
+        "small", d_model=32, conba_head_dim=16, conba_state=16, conba_chunk=32))
+
+
 @pytest.mark.parametrize("fails_from_call", [1, 2, 4], ids=["warm-up", "first-round", "memory-pass"])
-def test_speed_benchmark_records_a_layer_out_of_memory_and_times_the_rest(monkeypatch, fails_from_call):
+def test_speed_benchmark_records_a_layer_out_of_memory_and_times_the_rest(monkeypatch, narrow_layers,
+                                                                          fails_from_call):
     calls = []
 
     def no_room(self, u, *args, **kwargs):
@@ -144,11 +152,9 @@ def test_speed_benchmark_records_a_layer_out_of_memory_and_times_the_rest(monkey
                                                           ("conba-ssd", "fwd"), ("conba-ssd", "fwd+bwd")]
 
 
-def test_speed_benchmark_times_the_triton_kernel_forward(tmp_path, monkeypatch):
+def test_speed_benchmark_times_the_triton_kernel_forward(narrow_layers):
     pytest.importorskip("triton", reason="triton is not installed")  # on a CPU: its interpreter (conftest.py)
-    # narrower layers than the issue's: the interpreter runs the kernel's products in Python (~100 s at full width)
-    monkeypatch.setattr(speed, "layer_config", lambda: MixConConfig.preset(
-        "small", d_model=32, conba_head_dim=16, conba_state=16, conba_chunk=32))
+    # (narrow layers: the interpreter runs the kernel's products in Python, ~100 s at full width)
     rows = speed.run([64], [1], repeats=1, reference_max_T=0, out_dir=None, train_shape=None, triton=True)
     triton_rows = [r for r in rows if r["layer"].endswith("+triton")]
     assert {r["layer"] for r in triton_rows} == {f"{name}+triton" for name in speed.VARIANTS}
