@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 SETTINGS = {"usual": "glibc.malloc.hugetlb=1",
             "raised": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=268435456"
@@ -24,7 +25,7 @@ def child() -> None:
     from mixcon.layers.conba import Conba
 
     def thp_faults() -> int:
-        return int(dict(line.split() for line in open("/proc/vmstat"))["thp_fault_alloc"])
+        return int(dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())["thp_fault_alloc"])
 
     torch.manual_seed(0)
     layers = {name: Conba(speed.layer_config().replace(**speed.VARIANTS[name]), 0)

@@ -3,8 +3,8 @@ huge-page faults (thp_fault_alloc, 2 MiB each) and all page faults (pgfault) of 
 the CPU time the hypervisor took from this VM meanwhile (steal, /proc/stat) (docs/benchmarks.md §38)."""
 
 import os
-
 import time
+from pathlib import Path
 
 import torch
 
@@ -13,8 +13,8 @@ from mixcon.layers.conba import Conba
 
 
 def vmstat() -> tuple[int, int, int, float]:
-    fields = dict(line.split() for line in open("/proc/vmstat"))
-    steal = int(open("/proc/stat").readline().split()[8]) / os.sysconf("SC_CLK_TCK")  # seconds, all CPUs
+    fields = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    steal = int(Path("/proc/stat").read_text().split()[8]) / os.sysconf("SC_CLK_TCK")  # seconds, all CPUs
     return int(fields["thp_fault_alloc"]), int(fields["thp_fault_fallback"]), int(fields["pgfault"]), steal
 
 
