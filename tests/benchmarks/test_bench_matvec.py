@@ -42,14 +42,14 @@ def test_matvec_weights_add_up_to_the_megabytes_asked(monkeypatch, tmp_path):
 def test_matvec_forms_are_timed_in_rounds(monkeypatch):
     """Each form's two warm-ups, then rounds that call every form once: a machine's drift reaches all four alike
     (timed one after the other, a form timed first on a warming machine read as 1.5x slower than its twin)."""
-    order: list[int] = []
+    made: list[int] = []  # the chains built, numbered
+    order: list[int] = []  # the chains called
 
     def chain(weights, product):
         form = len(made)
         made.append(form)
         return lambda x: order.append(form)
 
-    made: list[int] = []
     monkeypatch.setattr(matvec, "chain", chain)
     monkeypatch.setattr(matvec.torch, "compile", lambda fn, **kw: fn)
     row = matvec.run([1], megabytes=1, repeats=3, out_dir=None)[0]
