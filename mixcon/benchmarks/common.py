@@ -10,6 +10,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -350,8 +351,15 @@ def _mixcon_version() -> str:
     return f"{__version__} ({git('describe', '--always', '--dirty=+dirty', '--exclude=*')})"
 
 
+# Environment variables that change CPU timings: glibc's allocator (docs/benchmarks.md §38), a preloaded allocator and
+# its settings, the thread pools.
+TIMING_ENVIRONMENT = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                      "KMP_AFFINITY", "KMP_BLOCKTIME")
+
+
 def machine() -> dict[str, Any]:
-    """Where and how a result was measured: the machine, the software and the process's command line."""
+    """Where and how a result was measured: the machine, the software, the process's command line and those of the
+    `TIMING_ENVIRONMENT` variables that are set."""
     return {
         "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],  # `mixcon bench ...` as typed (a library call: its caller)
         "platform": platform.platform(),
@@ -364,6 +372,7 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "fp32_matmul_precision": torch.get_float32_matmul_precision(),
+        "environment": {name: os.environ[name] for name in TIMING_ENVIRONMENT if name in os.environ},
     }
 
 

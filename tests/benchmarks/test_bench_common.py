@@ -48,6 +48,20 @@ def test_the_matmul_peak_and_the_copy_bandwidth_from_their_timings(monkeypatch):
     assert common.stream_read_gbs(mbytes=1) == pytest.approx(2**20 / 0.5 / 1e9)  # a sum reads its bytes once
 
 
+def test_a_results_machine_records_the_environment_that_changes_timings(monkeypatch):
+    """glibc's allocator settings alone moved a layer's fwd+bwd 1.2-1.9x (docs/benchmarks.md §38): a result names
+    those of `TIMING_ENVIRONMENT` that are set, and nothing else of the environment."""
+    for name in common.TIMING_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("MIXCON_UNRELATED", "x")
+    assert common.machine()["environment"] == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "OMP_NUM_THREADS": "2"}
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert common.machine()["environment"] == {}
+
+
 def test_twins_of_a_model_with_a_layer_pattern_are_pure():
     base = MixConConfig.preset("tiny", layer_pattern="ACCC", conba_per_block=3)
     assert {name: c.layout_string() for name, c in common.twins(base).items()} == {
