@@ -3,11 +3,13 @@
 
 With autograd, the gradients are computed chunk by chunk during the forward (softmax − one-hot is at
 hand there) and only scaled in the backward, so the head's matmul runs once per chunk, as in
-`F.cross_entropy(F.linear(h, W).float(), labels)`. Each chunk's logits stay below glibc's mmap
-threshold, so their memory is reused rather than freshly faulted in at every step.
+`F.cross_entropy(F.linear(h, W).float(), labels)`. A chunk's logits take 16 MiB at most; in fp32 and fp64 every
+chunk writes them (and their softmax) over one buffer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -55,14 +57,10 @@ def linear_token_scores(h: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     flat_h, flat_labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1).long()  # (N, d), (N,) int64
     nll = torch.zeros(flat_labels.shape, dtype=compute_dtype(h), device=h.device)
     greedy = torch.ones(flat_labels.shape, dtype=torch.bool, device=h.device)
-    for start in range(0, flat_h.shape[0], rows):
-        logits = (flat_h[start: start + rows] @ weight.t()).to(nll.dtype)  # (r, V)
-        y = flat_labels[start: start + rows]
-        keep = y != IGNORE
-        logits = logits.masked_fill(~keep[:, None], 0)  # an ignored row's non-finite values stay out of its 0
-        target = y.masked_fill(~keep, 0)[:, None]  # (r, 1)
-        nll[start: start + rows] = (logits.logsumexp(-1) - logits.gather(1, target)[:, 0]) * keep
-        greedy[start: start + rows] = (logits[:, :vocab_limit].argmax(-1) == y) | ~keep
+    for part, _, keep, target, logits in _logit_chunks(flat_h, weight, flat_labels, rows, nll.dtype):
+        greedy[part] = (logits[:, :vocab_limit].argmax(-1) == target[:, 0]) | ~keep
+        picked = logits.gather(1, target)[:, 0]  # (r,)
+        nll[part] = (_exp_logsumexp_(logits)[2] - picked) * keep
     return nll.view(labels.shape), greedy.view(labels.shape)
 
 
@@ -81,25 +79,59 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: i
     # A chunk's sum over its rows may pass fp16's range (65,504) where h is large: that product in fp32, for fp16
     # inputs and under fp16 autocast alike (which would cast it back to fp16).
     grad_w_in_fp32 = h.dtype == torch.float16 or _fp16_autocast(h)
-    for start in range(0, h.shape[0], rows):
-        hc, yc, keep = h[start: start + rows], labels[start: start + rows], scored[start: start + rows]
-        hc = hc.masked_fill(~keep[:, None], 0)  # ignored rows (pads) count nothing, even non-finite ones
-        logits = (hc @ weight.t()).to(dtype)  # (r, V)
-        lse = logits.logsumexp(-1)  # (r,)
-        target = yc.masked_fill(~keep, 0)[:, None]  # (r, 1)
-        total += ((lse - logits.gather(1, target)[:, 0]) * keep).sum()
+    plain = _products_in(h, dtype)
+    for part, hc, keep, target, logits in _logit_chunks(h, weight, labels, rows, dtype):
+        picked = logits.gather(1, target)[:, 0]  # (r,)
+        e, sums, lse = _exp_logsumexp_(logits)  # e in place of the logits
+        total += ((lse - picked) * keep).sum()
         if grads:
-            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            p = e.div_(sums)  # softmax
             p.scatter_add_(1, target, -torch.ones_like(target, dtype=dtype))
             p.mul_(keep[:, None])  # (r, V) ∂sum/∂logits
             p = p.to(hc.dtype)
-            grad_h[start: start + rows] = p @ weight.to(hc.dtype)
+            grad_h[part] = p @ weight.to(hc.dtype)
             if grad_w_in_fp32:
                 with torch.autocast(hc.device.type, enabled=False):
                     grad_w += p.t().to(dtype) @ hc.to(dtype)
+            elif plain:
+                grad_w.addmm_(p.t(), hc)  # (V, d), accumulated in place: no (V, d) product per chunk
             else:
                 grad_w += (p.t() @ hc).to(dtype)
     return total, scored.sum().to(dtype), grad_h, grad_w  # a count of 0 makes the mean nan, as F.cross_entropy's
+
+
+def _logit_chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int, dtype: torch.dtype
+                  ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per chunk of `rows` rows of h (N, d): (its slice, its rows with ignored ones zeroed (r, d), which are scored
+    (r,), their labels with ignored ones 0 (r, 1), the logits (r, V) in `dtype`), which the caller may overwrite.
+    Products in `dtype` without autocast write every chunk's logits over one buffer: a large process would fault a
+    fresh one in at every chunk (20-30 ms per 16 MiB chunk in an eager training step of `small`)."""
+    buffer = h.new_empty(min(rows, h.shape[0]), weight.shape[0]) if _products_in(h, dtype) else None  # (r, V)
+    for start in range(0, h.shape[0], rows):
+        part = slice(start, start + rows)
+        keep = labels[part] != IGNORE  # (r,)
+        hc = h[part].masked_fill(~keep[:, None], 0)  # ignored rows (pads) count nothing, even non-finite ones
+        if buffer is not None:
+            logits = torch.mm(hc, weight.t(), out=buffer[: hc.shape[0]])
+        else:
+            logits = (hc @ weight.t()).to(dtype)
+        yield part, hc, keep, labels[part].masked_fill(~keep, 0)[:, None], logits
+
+
+def _exp_logsumexp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e = exp(logits − max) written over `logits`, e's row sums (r, 1), logsumexp (r,)), as `torch.logsumexp`
+    computes them (an infinite max counts as 0) but without its (r, V) temporary (faulted in afresh at every chunk,
+    as `_logit_chunks` says)."""
+    top = logits.amax(-1, keepdim=True)  # (r, 1)
+    top.masked_fill_(top.abs() == float("inf"), 0)
+    e = logits.sub_(top).exp_()
+    sums = e.sum(-1, keepdim=True)
+    return e, sums, sums.log()[:, 0] + top[:, 0]
+
+
+def _products_in(h: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether products of h run in `dtype` (h of that dtype, no autocast)."""
+    return h.dtype == dtype and not torch.is_autocast_enabled(h.device.type)
 
 
 def _fp16_autocast(t: torch.Tensor) -> bool:

@@ -1,7 +1,8 @@
 """In-process A/B on the Intel Xeon (docs/benchmarks.md §24): parts of `small` (fp32) at an earlier commit
 ("before") vs the working tree ("after"), on an eager training step (8 x 512 tokens, forward + backward + AdamW) and
 an eager prefill of 2,048 tokens without autograd. The old code is read from git and swapped in; variants alternate;
-medians after one warm-up round. Parts: `moe` (the MoE layer's methods) and `scan` (the chunked Conba scan).
+medians after one warm-up round. Parts: `moe` (the MoE layer's methods), `scan` (the chunked Conba scan) and
+`cross_entropy` (the LM head's loss, `linear_cross_entropy`).
 Usage (in a git checkout):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/bench/xeon/ab_train_step.py --before a0b08ed --part moe"""
 import argparse
@@ -14,11 +15,12 @@ from old_code import old_module
 
 import mixcon.layers.conba as conba
 import mixcon.layers.moe as moe
+import mixcon.models.mixcon as models
 from mixcon import MixConConfig, MixConForCausalLM
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--before", required=True, help="the commit whose code is 'before'")
-parser.add_argument("--part", required=True, choices=["moe", "scan"])
+parser.add_argument("--part", required=True, choices=["moe", "scan", "cross_entropy"])
 parser.add_argument("--rounds", type=int, default=8)
 args = parser.parse_args()
 
@@ -26,6 +28,9 @@ args = parser.parse_args()
 if args.part == "moe":
     owner, old = moe.MoE, old_module(args.before, "mixcon/layers/moe.py").MoE
     names = ("expert", "combine", "combine_gathered")
+elif args.part == "cross_entropy":
+    owner, old = models, old_module(args.before, "mixcon/ops/cross_entropy.py")
+    names = ("linear_cross_entropy",)
 else:
     old_scan = old_module(args.before, "mixcon/ops/chunk.py").conba_scan
     owner, old = conba.Conba, types.SimpleNamespace(scan_fn=staticmethod(old_scan))
