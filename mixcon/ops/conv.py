@@ -2,8 +2,8 @@
 
 Written as `width` shifted multiply-adds: no transposes around conv1d, elementwise work that torch.compile fuses.
 Autograd's gradient of that sum spends a zero-filled full-size tensor per tap on the shifted slices, and a full-size
-product per tap for addcmul's unit scale; this one is the conv of the padded gradient with the taps reversed,
-accumulated in one tensor.
+product per tap for addcmul's unit scale; this one accumulates every tap's share into shifted slices of one tensor,
+and the taps' gradients through one product buffer.
 """
 
 from __future__ import annotations
@@ -66,17 +66,16 @@ class _CausalConv(torch.autograd.Function):
         T = n - width + 1
         masks = _tap_masks(seq_idx, width, grad.dtype)
         grad_full = None
-        if ctx.needs_input_grad[0]:  # full[:, i] met tap j at output i - j: the conv of the padded gradient, reversed
-            padded = F.pad(grad, (0, 0, width - 1, width - 1))
+        if ctx.needs_input_grad[0]:  # full[:, t + j] met tap j at output t: summed into slices of one tensor
+            grad_full = grad.new_zeros(full.shape)  # (B, width - 1 + T, C)
             for j, mask in enumerate(masks):
-                g = padded[:, width - 1 - j:width - 1 - j + n]
-                if mask is not None:
-                    g = g * F.pad(mask, (0, 0, j, width - 1 - j))
-                grad_full = g * taps[j] if grad_full is None else grad_full.addcmul_(g, taps[j])
+                grad_full[:, j:j + T].addcmul_(grad if mask is None else grad * mask, taps[j])
         grad_taps = None
-        if ctx.needs_input_grad[1]:
-            grad_taps = torch.stack([((grad if mask is None else grad * mask) * full[:, j:j + T]).sum((0, 1))
-                                     for j, mask in enumerate(masks)])
+        if ctx.needs_input_grad[1]:  # one product buffer for every tap (a fresh one per tap would be faulted in;
+            # in-place products, which torch.func's batching rules take, out= ones they do not)
+            product = torch.empty_like(grad)
+            grad_taps = torch.stack([product.copy_(grad if mask is None else grad * mask).mul_(full[:, j:j + T])
+                                     .sum((0, 1)) for j, mask in enumerate(masks)])
         grad_bias = grad.sum((0, 1)) if ctx.needs_input_grad[2] else None
         return grad_full, grad_taps, grad_bias, None
 

@@ -1,8 +1,8 @@
 """In-process A/B on the Intel Xeon (docs/benchmarks.md §24): parts of `small` (fp32) at an earlier commit
 ("before") vs the working tree ("after"), on an eager training step (8 x 512 tokens, forward + backward + AdamW) and
 an eager prefill of 2,048 tokens without autograd. The old code is read from git and swapped in; variants alternate;
-medians after one warm-up round. Parts: `moe` (the MoE layer's methods), `scan` (the chunked Conba scan) and
-`cross_entropy` (the LM head's loss, `linear_cross_entropy`).
+medians after one warm-up round. Parts: `moe` (the MoE layer's methods), `scan` (the chunked Conba scan),
+`cross_entropy` (the LM head's loss, `linear_cross_entropy`) and `conv` (Conba's causal conv, `causal_conv`).
 Usage (in a git checkout):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/bench/xeon/ab_train_step.py --before a0b08ed --part moe"""
 import argparse
@@ -20,7 +20,7 @@ from mixcon import MixConConfig, MixConForCausalLM
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--before", required=True, help="the commit whose code is 'before'")
-parser.add_argument("--part", required=True, choices=["moe", "scan", "cross_entropy"])
+parser.add_argument("--part", required=True, choices=["moe", "scan", "cross_entropy", "conv"])
 parser.add_argument("--rounds", type=int, default=8)
 args = parser.parse_args()
 
@@ -31,6 +31,9 @@ if args.part == "moe":
 elif args.part == "cross_entropy":
     owner, old = models, old_module(args.before, "mixcon/ops/cross_entropy.py")
     names = ("linear_cross_entropy",)
+elif args.part == "conv":
+    owner, old = conba, old_module(args.before, "mixcon/ops/conv.py")
+    names = ("causal_conv",)
 else:
     old_scan = old_module(args.before, "mixcon/ops/chunk.py").conba_scan
     owner, old = conba.Conba, types.SimpleNamespace(scan_fn=staticmethod(old_scan))
