@@ -94,7 +94,8 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: i
                 with torch.autocast(hc.device.type, enabled=False):
                     grad_w += p.t().to(dtype) @ hc.to(dtype)
             elif plain:
-                grad_w.addmm_(p.t(), hc)  # (V, d), accumulated in place: no (V, d) product per chunk
+                # (V, d) accumulated in place, no (V, d) product per chunk; as out=, which FLOP counters see
+                torch.addmm(grad_w, p.t(), hc, out=grad_w)
             else:
                 grad_w += (p.t() @ hc).to(dtype)
     return total, scored.sum().to(dtype), grad_h, grad_w  # a count of 0 makes the mean nan, as F.cross_entropy's

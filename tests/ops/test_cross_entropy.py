@@ -316,3 +316,15 @@ def test_infinite_logits_take_logsumexps_rule(inf):
     want = (logits.logsumexp(-1) - logits.gather(1, labels[:, None])[:, 0]).mean()
     assert want.isinf() if inf > 0 else want.isfinite()
     torch.testing.assert_close(linear_cross_entropy(h, weight, labels, chunk_rows=4), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flop_counters_see_each_chunks_three_products(dtype):
+    """The logits, ∂h and ∂W of every chunk are products torch's FlopCounterMode counts (an in-place addmm_ it does
+    not: `bench speed`'s training step would understate its FLOP/s)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, weight, labels = inputs((4, 9), V=64, d=8, dtype=dtype)  # 36 rows: 5 chunks of 8
+    with FlopCounterMode(display=False) as counter:
+        linear_cross_entropy(h, weight, labels, chunk_rows=8)
+    assert counter.get_total_flops() == 3 * 2 * 36 * 64 * 8
