@@ -71,8 +71,8 @@ class _CausalConv(torch.autograd.Function):
             for j, mask in enumerate(masks):
                 grad_full[:, j:j + T].addcmul_(grad if mask is None else grad * mask, taps[j])
         grad_taps = None
-        if ctx.needs_input_grad[1]:  # one product buffer for every tap (a fresh one per tap would be faulted in;
-            # in-place products, which torch.func's batching rules take, out= ones they do not)
+        if ctx.needs_input_grad[1]:  # one product buffer for every tap, memory just touched (docs/benchmarks.md §39);
+            # in-place products, which torch.func's batching rules take (out= ones they do not)
             product = torch.empty_like(grad)
             grad_taps = torch.stack([product.copy_(grad if mask is None else grad * mask).mul_(full[:, j:j + T])
                                      .sum((0, 1)) for j, mask in enumerate(masks)])

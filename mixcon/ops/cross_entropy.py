@@ -105,8 +105,8 @@ def _logit_chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, r
                   ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per chunk of `rows` rows of h (N, d): (its slice, its rows with ignored ones zeroed (r, d), which are scored
     (r,), their labels with ignored ones 0 (r, 1), the logits (r, V) in `dtype`), which the caller may overwrite.
-    Products in `dtype` without autocast write every chunk's logits over one buffer: a large process would fault a
-    fresh one in at every chunk (20-30 ms per 16 MiB chunk in an eager training step of `small`)."""
+    Products in `dtype` without autocast write every chunk's logits over one buffer: fresh logits per chunk (and
+    logsumexp's temporary) cost an eager training step of `small` ~5 % (docs/benchmarks.md §39)."""
     buffer = h.new_empty(min(rows, h.shape[0]), weight.shape[0]) if _products_in(h, dtype) else None  # (r, V)
     for start in range(0, h.shape[0], rows):
         part = slice(start, start + rows)
@@ -121,8 +121,8 @@ def _logit_chunks(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, r
 
 def _exp_logsumexp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(e = exp(logits − max) written over `logits`, e's row sums (r, 1), logsumexp (r,)), as `torch.logsumexp`
-    computes them (an infinite max counts as 0) but without its (r, V) temporary (faulted in afresh at every chunk,
-    as `_logit_chunks` says)."""
+    computes them (an infinite max counts as 0) but without its (r, V) temporary (fresh memory at every chunk, as
+    `_logit_chunks` says)."""
     top = logits.amax(-1, keepdim=True)  # (r, 1)
     top.masked_fill_(top.abs() == float("inf"), 0)
     e = logits.sub_(top).exp_()

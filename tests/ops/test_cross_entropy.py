@@ -294,8 +294,8 @@ class _FreshLogits(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("score", ["loss with grad", "loss", "token scores"])
 def test_fp32_chunks_share_one_logits_buffer(score):
-    """Every chunk's (rows, V) logits (and their softmax) are written over one buffer: a large process would fault
-    a fresh one in at every chunk (20-30 ms per 16 MiB chunk in a training step of `small`)."""
+    """Every chunk's (rows, V) logits (and their softmax) are written over one buffer: fresh ones per chunk cost an
+    eager training step of `small` ~5 % (docs/benchmarks.md §39)."""
     h, weight, labels = inputs((4, 9), V=64, d=4, dtype=torch.float32)  # 36 rows: 5 chunks of 8
     with torch.set_grad_enabled(score == "loss with grad"), _FreshLogits(8 * 64) as fresh:
         if score == "token scores":
