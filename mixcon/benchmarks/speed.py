@@ -46,6 +46,7 @@ from mixcon.layers.conba import Conba
 from mixcon.models.mixcon import MixConForCausalLM
 from mixcon.ops import conba_scan_reference
 from mixcon.ops.dtypes import DTYPES
+from mixcon.training.optim import build_optimizer
 
 SSD = dict(conba_selective="linear", conba_state_scaling=False, conba_control=False, conba_delay=0)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -152,7 +153,7 @@ def memory(module: torch.nn.Module, u: torch.Tensor, backward: bool) -> tuple[in
 
 def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, dtype: torch.dtype,
                    compiled: bool = False) -> dict[str, Any]:
-    """One AdamW training step of the `small` preset as the trainer takes it (bf16 autocast when dtype is
+    """One AdamW training step of the `small` preset as the trainer takes it (its optimizer, bf16 autocast when dtype is
     bf16; `compiled`: each layer torch.compile'd, as `mixcon train --compile`): achieved FLOP/s.
 
     FLOPs are those PyTorch's FlopCounterMode counts in the step (matmuls, attention), not a formula.
@@ -160,7 +161,7 @@ def train_step_row(batch: int, T: int, repeats: int, peak: float, device: str, d
     torch.manual_seed(0)
     config = MixConConfig.preset("small")
     model = MixConForCausalLM(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.1)
     ids = torch.randint(0, config.vocab_size, (batch, T + 1), device=device)
     amp = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 

@@ -31,6 +31,25 @@ def test_optimizer_is_adamw_with_both_groups():
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert (opt.defaults["betas"], opt.defaults["eps"]) == ((0.9, 0.95), 1e-8)  # GPT-3 / Llama
+    assert opt.defaults["fused"]  # on a CPU too: ~3.5x faster than the foreach form for `small` on 2 threads
+
+
+def test_fused_steps_match_the_foreach_form():
+    """The fused kernel takes the same steps as torch's foreach AdamW (to rounding), weight decay per group."""
+    torch.manual_seed(0)
+    model = MixConForCausalLM(MixConConfig.preset("tiny"))
+    twin = MixConForCausalLM(MixConConfig.preset("tiny"))
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(param_groups(twin, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    for _ in range(3):
+        for m in (model, twin):
+            for p in m.parameters():
+                p.grad = torch.sin(p.detach() * 7 + 1)  # the same gradient for both
+        opt.step()
+        ref.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_frozen_parameters_are_left_out_of_the_optimizer():
