@@ -74,7 +74,7 @@ class _CausalConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # one product buffer for every tap, memory just touched (docs/benchmarks.md §39);
             # in-place products, which torch.func's batching rules take (out= ones they do not)
             product = torch.empty_like(grad)
-            grad_taps = torch.stack([product.copy_(grad if mask is None else grad * mask).mul_(full[:, j:j + T])
+            grad_taps = torch.stack([(product.copy_(grad) if mask is None else grad * mask).mul_(full[:, j:j + T])
                                      .sum((0, 1)) for j, mask in enumerate(masks)])
         grad_bias = grad.sum((0, 1)) if ctx.needs_input_grad[2] else None
         return grad_full, grad_taps, grad_bias, None
