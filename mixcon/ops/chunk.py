@@ -271,15 +271,26 @@ def conba_scan(
         Q2c = _chunks(q_later, T_pad, C, G).squeeze(2)[..., C - m :, :]  # (B, G, nc, m, N)
         rows = _readout(torch.cat([Qc, Q2c], dim=-2), Kc, torch.cat([decay_y, decay_mat[..., C - m :, :]], dim=-2),
                         torch.cat([eb_y, eb[..., C - m :]], dim=-1), U, S_starts)  # (B, G, hg, nc, C + m, P)
-        y = _unchunk(rows[..., :C, :], T)
-        r = _unchunk(F.pad(rows[..., C:, :], (0, 0, C - m, 0)), T)  # (B, T, H, P): S_{t-tau} q_t from earlier chunks
         early = early_delayed_readout(q, past0, hg)  # the first tau steps read the initial past states
-        delayed = torch.cat([early, r[:, : T - early.shape[1]]], dim=1)
-        if docs is not None:
-            seg = docs.seg.reshape(B, T_pad)[:, :T]
-            same = seg == F.pad(seg, (tau, 0))[:, :T]  # (B, T)
-            delayed = delayed * same[..., None, None].to(dt)
-        y = y + delay_gain.to(dt)[:, None] * delayed
+        gain = delay_gain.to(dt)
+        # rows taken apart by split, whose gradient is one concatenation (each slice's would fill a zero tensor of
+        # rows' size, and pad and cat in the sequence layout added four more passes over it).
+        if tau <= C:  # the first tau rows of chunk c + 1 read chunk c's `later` rows: added in the chunked layout
+            head, body, later = rows.split([tau, C - tau, m], dim=-2)
+            delayed = torch.cat([_chunks(early, tau, tau, G), later[:, :, :, :-1]], dim=3)  # (B, G, hg, nc, tau, P)
+            if docs is not None:  # S_{t-tau} is zero when t - tau lies before t's document
+                seg = docs.seg.reshape(B, T_pad)
+                same = (seg == F.pad(seg, (tau, 0))[:, :T_pad]).to(dt).view(B, 1, 1, -1, C)[..., :tau]
+                delayed = delayed * same.unsqueeze(-1)
+            y = _unchunk(torch.cat([head + gain.view(G, hg, 1, 1, 1) * delayed, body], dim=-2), T)
+        else:  # tau steps back lies chunks back (m = C): moved forward in the sequence layout
+            main, later = rows.split([C, m], dim=-2)
+            delayed = torch.cat([early, _unchunk(later, T)[:, : T - early.shape[1]]], dim=1)  # (B, T, H, P)
+            if docs is not None:
+                seg = docs.seg.reshape(B, T_pad)[:, :T]
+                same = seg == F.pad(seg, (tau, 0))[:, :T]  # (B, T)
+                delayed = delayed * same[..., None, None].to(dt)
+            y = _unchunk(main, T) + gain[:, None] * delayed
     y = y.to(out_dtype).contiguous()  # (B, T, H, P) in that order, as the reference's
     if not return_past_states:
         return y, final

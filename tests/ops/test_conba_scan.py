@@ -50,6 +50,7 @@ CASES = [
     (64, 16, 4, 1, None, 1.0),  # T a multiple of the chunk, G == H
     (20, 64, 1, 3, "state", 1.0),  # one chunk longer than T, G < H
     (9, 4, 2, 5, "state", 1.0),  # tau longer than a chunk
+    (21, 4, 2, 4, "past", 1.0),  # tau as long as a chunk
     (30, 8, 2, 3, "past", 2.0),  # the largest gain the layer allows
     (13, 1, 2, 2, "past", 2.0),  # chunks of one step
     (2, 8, 2, 4, "past", 1.0),  # fewer steps than tau: past states from the initial ones
@@ -85,7 +86,8 @@ def test_chunked_equals_reference_and_step_fp64(delta_rule, T, chunk, G, tau, in
 
 
 @pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
-@pytest.mark.parametrize("tau,chunk", [(2, 8), (5, 4)], ids=["tau-inside-chunks", "tau-past-a-chunk"])
+@pytest.mark.parametrize("tau,chunk", [(2, 8), (4, 4), (5, 4)],
+                         ids=["tau-inside-chunks", "tau-a-chunk", "tau-past-a-chunk"])
 def test_gradients_match_reference_fp64(delta_rule, tau, chunk):
     inputs = make_inputs(T=19, G=2, beta_max=2.0)
     inputs = [t.requires_grad_() for t in (*inputs, initial_past_states(inputs[-1], tau)[:, :-1].clone())]
@@ -496,7 +498,7 @@ def scan_alone(fn, inputs, lengths, S0, past0, **kw):
 
 
 @pytest.mark.parametrize("delta_rule", [False, True], ids=["ssd", "delta"])
-@pytest.mark.parametrize("tau,init", [(0, False), (2, True), (5, False), (3, True)])
+@pytest.mark.parametrize("tau,init", [(0, False), (2, True), (5, False), (3, True), (4, True)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_packed_equals_each_document_alone_fp64(layout, tau, init, delta_rule):
     lengths = LAYOUTS[layout]
