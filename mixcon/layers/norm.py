@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixcon.ops.dtypes import compute_dtype
+from mixcon.ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):
-    """x / RMS(x) · weight over the last dim (`F.rms_norm`)."""
+    """x / RMS(x) · weight over the last dim (`mixcon.ops.rms_norm`: `F.rms_norm`, or its CPU form)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -18,7 +19,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
