@@ -282,7 +282,9 @@ def conba_scan(
                 seg = docs.seg.reshape(B, T_pad)
                 same = (seg == F.pad(seg, (tau, 0))[:, :T_pad]).to(dt).view(B, 1, 1, -1, C)[..., :tau]
                 delayed = delayed * same.unsqueeze(-1)
-            y = _unchunk(torch.cat([head + gain.view(G, hg, 1, 1, 1) * delayed, body], dim=-2), T)
+            # concatenated in the sequence layout: one copy (in the chunked one, a second to move the heads)
+            pieces = [(t.flatten(1, 2).movedim(1, 3)) for t in (head + gain.view(G, hg, 1, 1, 1) * delayed, body)]
+            y = torch.cat(pieces, dim=2).reshape(B, T_pad, H, P)[:, :T]  # (B, nc, C, H, P) -> (B, T, H, P)
         else:  # tau steps back lies chunks back (m = C): moved forward in the sequence layout
             main, later = rows.split([C, m], dim=-2)
             delayed = torch.cat([early, _unchunk(later, T)[:, : T - early.shape[1]]], dim=1)  # (B, T, H, P)
