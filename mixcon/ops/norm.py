@@ -1,9 +1,9 @@
 """RMSNorm, x / RMS(x) · weight over the last dim: `F.rms_norm`, or on a CPU in eager mode a hand-written gradient.
 
 On a CPU, autograd's decomposition of `F.rms_norm` (pow, mean, rsqrt, two products, and their gradients) writes ~10
-full-size tensors per forward and backward; this one writes 5: the squared norm in one reduction without a
-temporary, and the gradient as gy·w·r - x·(Σ gy·w·x)·r³/d with r = 1/RMS(x) (2.3x faster alone on (8, 512, 256);
-a `small` training step 1.05x, docs/benchmarks.md §40). Elsewhere (GPUs, compiled graphs, autocast, other dtypes)
+full-size tensors per forward and backward; this one writes 7: the squared norm in one reduction without a
+temporary, and the gradient as gy·w·r - x·(Σ gy·w·x)·r³/d with r = 1/RMS(x) (~3x faster alone on (8, 512, 256);
+a `small` training step 1.04-1.06x, docs/benchmarks.md §40). Elsewhere (GPUs, compiled graphs, autocast, other dtypes)
 `F.rms_norm` keeps its fused kernels and autocast rule; so do forwards without autograd, whose steps are
 dispatch-bound when decoding (an autograd.Function call costs ~55 us more there).
 """
