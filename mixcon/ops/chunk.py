@@ -283,7 +283,7 @@ def conba_scan(
                 same = (seg == F.pad(seg, (tau, 0))[:, :T_pad]).to(dt).view(B, 1, 1, -1, C)[..., :tau]
                 delayed = delayed * same.unsqueeze(-1)
             # concatenated in the sequence layout: one copy (in the chunked one, a second to move the heads)
-            pieces = [(t.flatten(1, 2).movedim(1, 3)) for t in (head + gain.view(G, hg, 1, 1, 1) * delayed, body)]
+            pieces = [t.flatten(1, 2).movedim(1, 3) for t in (head + gain.view(G, hg, 1, 1, 1) * delayed, body)]
             y = torch.cat(pieces, dim=2).reshape(B, T_pad, H, P)[:, :T]  # (B, nc, C, H, P) -> (B, T, H, P)
         else:  # tau steps back lies chunks back (m = C): moved forward in the sequence layout
             main, later = rows.split([C, m], dim=-2)

@@ -5,12 +5,10 @@ slices, pad and cat) and `F.rms_norm` in the RMSNorm modules, against the workin
 after one warm-up round (it reads the old scan from git, in a git checkout).
 Usage: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/bench/xeon/ab_stop59.py --before 4db7886"""
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from old_code import old_module
+from old_code import alternating_medians, old_module
 
 import mixcon.layers.conba as conba
 import mixcon.layers.norm as norm
@@ -50,23 +48,11 @@ def conba_layer() -> None:
     layer(u).sum().backward()
 
 
-def medians(fn, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for r in range(rounds + 1):
-        for name in (list(VARIANTS) if r % 2 else list(VARIANTS)[::-1]):
-            use(name)
-            start = time.perf_counter()
-            fn()
-            if r:  # round 0 warms up
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; scan of {args.before} and F.rms_norm vs the "
       f"working tree")
 print("what                          before s  after s  ratio")
 for label, fn, rounds in [("Conba layer fwd+bwd 8x512", conba_layer, 3 * args.rounds),
                           ("train step 8x512", train_step, args.rounds)]:
-    r = medians(fn, rounds)
+    r = alternating_medians(list(VARIANTS), use, fn, rounds)
     print(f"{label:<29} {r['before']:8.3f} {r['after']:8.3f}  {r['before'] / r['after']:.3f}x")
 use("after")

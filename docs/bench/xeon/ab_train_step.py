@@ -6,12 +6,10 @@ medians after one warm-up round. Parts: `moe` (the MoE layer's methods), `scan` 
 Usage (in a git checkout):
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python docs/bench/xeon/ab_train_step.py --before a0b08ed --part moe"""
 import argparse
-import statistics
-import time
 import types
 
 import torch
-from old_code import old_module
+from old_code import alternating_medians, old_module
 
 import mixcon.layers.conba as conba
 import mixcon.layers.moe as moe
@@ -65,21 +63,9 @@ def prefill() -> None:
         model(prompt, logits_to_keep=1)
 
 
-def medians(fn, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for r in range(rounds + 1):
-        for name in (list(VARIANTS) if r % 2 else list(VARIANTS)[::-1]):
-            use(name)
-            start = time.perf_counter()
-            fn()
-            if r:  # round 0 warms up
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; {args.part} of {args.before} vs the working tree")
 print("what                      before s  after s  ratio")
 for label, fn in [("train step 8x512", train_step), ("prefill 2048 (no grad)", prefill)]:
-    r = medians(fn, args.rounds)
+    r = alternating_medians(list(VARIANTS), use, fn, args.rounds)
     print(f"{label:<25} {r['before']:8.3f} {r['after']:8.3f}  {r['before'] / r['after']:.3f}x")
 use("after")
