@@ -19,6 +19,12 @@ def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps).rsqrt()
 
 
+def _normalised_jvp(x: torch.Tensor, r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """d(x r) along v, with r = `_rstd(x)` (..., 1): v r - x r³ (x · v) / d."""
+    coef = (x * v).sum(-1, keepdim=True) * (r.pow(3) / x.shape[-1])  # (..., 1)
+    return torch.addcmul(v * r, x, coef, value=-1)
+
+
 class _RMSNorm(torch.autograd.Function):
     """x · r · w with r = `_rstd(x)`; the gradients written out (see the module's docstring)."""
 
@@ -43,21 +49,16 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # Σ over rows of grad · x · r
             grad_w = (grad * x).reshape(-1, d).t() @ r.reshape(-1)
         if ctx.needs_input_grad[0]:
-            gw = grad * weight
-            coef = (gw * x).sum(-1, keepdim=True) * (r.pow(3) / d)  # (..., 1)
-            grad_x = torch.addcmul(gw * r, x, coef, value=-1)
+            grad_x = _normalised_jvp(x, r, grad * weight)  # (x r's Jacobian is symmetric)
         return grad_x, grad_w, None
 
     @staticmethod
     def jvp(ctx: torch.autograd.function.FunctionCtx, dx: torch.Tensor | None, dw: torch.Tensor | None,
             _: None) -> torch.Tensor:
         x, weight = ctx.saved_tensors
-        d, r = x.shape[-1], _rstd(x, ctx.eps)
+        r = _rstd(x, ctx.eps)
         out = torch.zeros_like(x) if dw is None else x * r * dw
-        if dx is not None:  # d(x r) = dx r - x r³ (x · dx) / d
-            coef = (x * dx).sum(-1, keepdim=True) * (r.pow(3) / d)
-            out = out + torch.addcmul(dx * r, x, coef, value=-1) * weight
-        return out
+        return out if dx is None else out + _normalised_jvp(x, r, dx) * weight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
