@@ -273,25 +273,25 @@ def conba_scan(
                         torch.cat([eb_y, eb[..., C - m :]], dim=-1), U, S_starts)  # (B, G, hg, nc, C + m, P)
         early = early_delayed_readout(q, past0, hg)  # the first tau steps read the initial past states
         gain = delay_gain.to(dt)
+        same = None  # (B, T_pad): 0 where S_{t-tau} is zero, t - tau lying before t's document
+        if docs is not None:
+            seg = docs.seg.reshape(B, T_pad)
+            same = (seg == F.pad(seg, (tau, 0))[:, :T_pad]).to(dt)
         # rows taken apart by split, whose gradient is one concatenation (each slice's would fill a zero tensor of
         # rows' size, and pad and cat in the sequence layout added four more passes over it).
         if tau <= C:  # the first tau rows of chunk c + 1 read chunk c's `later` rows: added in the chunked layout
             head, body, later = rows.split([tau, C - tau, m], dim=-2)
             delayed = torch.cat([_chunks(early, tau, tau, G), later[:, :, :, :-1]], dim=3)  # (B, G, hg, nc, tau, P)
-            if docs is not None:  # S_{t-tau} is zero when t - tau lies before t's document
-                seg = docs.seg.reshape(B, T_pad)
-                same = (seg == F.pad(seg, (tau, 0))[:, :T_pad]).to(dt).view(B, 1, 1, -1, C)[..., :tau]
-                delayed = delayed * same.unsqueeze(-1)
+            if same is not None:
+                delayed = delayed * same.view(B, 1, 1, -1, C)[..., :tau, None]
             # concatenated in the sequence layout: one copy (in the chunked one, a second to move the heads)
             pieces = [t.flatten(1, 2).movedim(1, 3) for t in (head + gain.view(G, hg, 1, 1, 1) * delayed, body)]
             y = torch.cat(pieces, dim=2).reshape(B, T_pad, H, P)[:, :T]  # (B, nc, C, H, P) -> (B, T, H, P)
         else:  # tau steps back lies chunks back (m = C): moved forward in the sequence layout
             main, later = rows.split([C, m], dim=-2)
             delayed = torch.cat([early, _unchunk(later, T)[:, : T - early.shape[1]]], dim=1)  # (B, T, H, P)
-            if docs is not None:
-                seg = docs.seg.reshape(B, T_pad)[:, :T]
-                same = seg == F.pad(seg, (tau, 0))[:, :T]  # (B, T)
-                delayed = delayed * same[..., None, None].to(dt)
+            if same is not None:
+                delayed = delayed * same[:, :T, None, None]
             y = _unchunk(main, T) + gain[:, None] * delayed
     y = y.to(out_dtype).contiguous()  # (B, T, H, P) in that order, as the reference's
     if not return_past_states:
